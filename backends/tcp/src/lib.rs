@@ -1,0 +1,125 @@
+//! # comms-tcp: the TCP transport plugin
+//!
+//! Loaded by the comms host as `libcomms_tcp.so`. Configure it in the node's config file:
+//!
+//! ```toml
+//! [transports.tcp]
+//! listen = "127.0.0.1:7001"   # default 127.0.0.1:0 (any free port, loopback only)
+//! advertise = "10.0.0.5:7001" # what peers are told; default: the bound address
+//! max_frame_size = 16777216   # default 16 MiB
+//! ```
+//!
+//! All keys are those of [`StreamSettings`]; an unknown key is an error naming it.
+//!
+//! ## Wire format
+//!
+//! Length-prefixed frames (`u32` big-endian body length, then the body) carrying a hello, then
+//! envelopes in the documented wire encoding, then a goodbye: see
+//! [`comms_plugin_api::stream_transport::protocol`] and [`comms_plugin_api::wire`].
+//!
+//! ## Guarantees and limits
+//!
+//! - **Ordering**: per sender and receiver, in send order.
+//! - **Delivery**: at-most-once, except that a batch whose write failed is written again after
+//!   reconnecting (a duplicate then carries the same message id). A peer that stays unreachable
+//!   for `reconnect_attempts` tries loses what was queued for it and `send` reports it.
+//! - **Max message size**: `max_frame_size` (default 16 MiB) including the envelope header.
+//! - **Disconnect**: reconnect with exponential backoff on the next message.
+//! - **Connections**: one outgoing connection per peer address, reused; the listener serves
+//!   any number of peers, and a peer sending garbage only loses its own connection.
+//!
+//! TCP_NODELAY is on: batching happens in the writer, not in the kernel.
+
+use comms_plugin_api::{
+    async_trait, export_plugin,
+    stream_transport::{Acceptor, StreamMedium, StreamSettings, StreamTransport},
+    Envelope, Inbound, Plugin, PluginError, Provides, Setup, Transport, TransportInfo,
+};
+use std::{io, sync::Arc};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Listen address when the config names none: any free port on loopback.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:0";
+
+/// The plugin: provides a transport.
+#[derive(Debug)]
+pub struct TcpPlugin;
+
+#[async_trait]
+impl Plugin for TcpPlugin {
+    const NAME: &'static str = "tcp";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const DESCRIPTION: &'static str = "TCP transport: length-prefixed frames, batched writes, reconnect";
+    const PROVIDES: Provides = Provides::TRANSPORT;
+
+    async fn new_transport(setup: Setup) -> Result<Arc<dyn Transport>, PluginError> {
+        Ok(Arc::new(TcpTransport::bind(setup.node_id.clone(), setup.config()?).await?))
+    }
+}
+
+export_plugin!(TcpPlugin);
+
+/// A TCP transport: a [`StreamTransport`] over TCP sockets.
+#[derive(Debug)]
+pub struct TcpTransport {
+    inner: StreamTransport<TcpDialer>,
+}
+
+impl TcpTransport {
+    /// Binds the listener and starts serving. Must run inside a tokio runtime.
+    pub async fn bind(node_id: comms_plugin_api::NodeId, settings: StreamSettings) -> Result<Self, PluginError> {
+        let listen = settings.listen.clone().unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listener = TcpListener::bind(&listen).await.map_err(|error| {
+            PluginError::invalid_config(format!("key `listen`: cannot listen on {listen}: {error}"))
+        })?;
+        let local_address = listener.local_addr()?.to_string();
+        let inner =
+            StreamTransport::start("tcp", node_id, settings, TcpDialer, TcpAcceptor(listener), local_address)?;
+        Ok(Self { inner })
+    }
+}
+
+#[async_trait]
+impl Transport for TcpTransport {
+    fn info(&self) -> TransportInfo {
+        self.inner.info()
+    }
+
+    async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
+        self.inner.send(address, envelope).await
+    }
+
+    async fn receive(&self, max_batch: usize) -> Result<Vec<Inbound>, PluginError> {
+        self.inner.receive(max_batch).await
+    }
+
+    async fn close(&self) -> Result<(), PluginError> {
+        self.inner.close().await
+    }
+}
+
+/// Dials `host:port` addresses.
+#[derive(Debug)]
+pub struct TcpDialer;
+
+impl StreamMedium for TcpDialer {
+    type Stream = TcpStream;
+
+    async fn connect(&self, address: &str) -> io::Result<TcpStream> {
+        let stream = TcpStream::connect(address).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+struct TcpAcceptor(TcpListener);
+
+impl Acceptor for TcpAcceptor {
+    type Stream = TcpStream;
+
+    async fn accept(&mut self) -> io::Result<(TcpStream, String)> {
+        let (stream, peer) = self.0.accept().await?;
+        stream.set_nodelay(true)?;
+        Ok((stream, peer.to_string()))
+    }
+}

@@ -1,0 +1,133 @@
+//! Command-line interface of `comms`.
+
+mod demo;
+mod node_commands;
+mod plugins;
+
+use clap::{Parser, Subcommand};
+use comms_host::BuildError;
+use std::{path::PathBuf, process::ExitCode};
+
+#[derive(Debug, Parser)]
+#[command(name = "comms", version, about = "comms: transport-agnostic messaging with run-time loaded plugins")]
+pub(crate) struct Cli {
+    /// Print the long form of errors (e.g. the full plugin layout report).
+    #[arg(long, short, global = true)]
+    pub(crate) verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Plugin libraries: list what is found, inspect one file.
+    #[command(subcommand)]
+    Plugins(PluginsCommand),
+    /// Run a node until Ctrl-C, printing what it receives.
+    Run {
+        /// The node's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Send every received message back to its sender.
+        #[arg(long)]
+        echo: bool,
+    },
+    /// Send one text message to a node, then leave.
+    Send {
+        /// The node's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The destination node id.
+        #[arg(long)]
+        to: String,
+        /// The text to send.
+        text: String,
+    },
+    /// Print received text messages, one per line.
+    Recv {
+        /// The node's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Exit after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Two nodes exchanging messages over the TCP plugin on loopback; no setup needed.
+    Demo {
+        /// Directory holding libcomms_tcp.so (default: the plugin search path).
+        #[arg(long)]
+        plugin_dir: Option<PathBuf>,
+        /// Messages each way.
+        #[arg(long, default_value_t = 3)]
+        messages: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginsCommand {
+    /// List the plugin files found (and whether each loads).
+    List {
+        /// Directory to scan (repeatable); default: the plugin search path.
+        #[arg(long)]
+        dir: Vec<PathBuf>,
+    },
+    /// Load one file and describe it; exits non-zero if it cannot be loaded.
+    Inspect {
+        /// The plugin library file.
+        file: PathBuf,
+    },
+}
+
+/// An error for the user: one line, with an optional long form for `--verbose`.
+#[derive(Debug)]
+pub(crate) enum CliError {
+    Build(BuildError),
+    Load(comms_plugin_api::host_side::LoadError),
+    Other(String),
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CliError::Build(error) => write!(f, "{error}"),
+            CliError::Load(error) => write!(f, "{error}"),
+            CliError::Other(message) => f.write_str(message),
+        }
+    }
+}
+
+impl CliError {
+    pub(crate) fn details(&self) -> Option<&str> {
+        match self {
+            CliError::Build(BuildError::Load { source, .. }) | CliError::Load(source) => source.details(),
+            _ => None,
+        }
+    }
+}
+
+impl From<BuildError> for CliError {
+    fn from(error: BuildError) -> Self {
+        CliError::Build(error)
+    }
+}
+
+impl<E: std::fmt::Display> From<Box<E>> for CliError {
+    fn from(error: Box<E>) -> Self {
+        CliError::Other(error.to_string())
+    }
+}
+
+pub(crate) fn other(error: impl std::fmt::Display) -> CliError {
+    CliError::Other(error.to_string())
+}
+
+pub(crate) async fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    match cli.command {
+        Command::Plugins(PluginsCommand::List { dir }) => plugins::list(&dir),
+        Command::Plugins(PluginsCommand::Inspect { file }) => plugins::inspect(&file),
+        Command::Run { config, echo } => node_commands::run(&config, echo).await,
+        Command::Send { config, to, text } => node_commands::send(&config, &to, &text).await,
+        Command::Recv { config, count } => node_commands::recv(&config, count).await,
+        Command::Demo { plugin_dir, messages } => demo::run(plugin_dir, messages).await,
+    }
+}

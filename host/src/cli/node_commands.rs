@@ -1,0 +1,105 @@
+//! `comms run`, `comms send`, `comms recv`: a node driven from the command line.
+
+use super::{other, CliError};
+use comms_host::{codec::CONTENT_TYPE_HEADER, Codec, Envelope, Node, ReceiveError};
+use std::{io::Write, path::Path, process::ExitCode};
+
+/// A received payload as one line of text: the message decoded as a string when it is one.
+pub(crate) fn payload_text(node: &Node, envelope: &Envelope) -> String {
+    let codec = envelope.header(CONTENT_TYPE_HEADER).map_or(Ok(node.codec()), Codec::from_content_type);
+    match codec.and_then(|codec| codec.decode::<String>(envelope.payload.as_slice())) {
+        Ok(text) => text.replace('\n', "\\n"),
+        Err(_) => format!("<{} bytes, not text>", envelope.payload.len()),
+    }
+}
+
+fn print_addresses(node: &Node) {
+    for transport in node.transports() {
+        eprintln!(
+            "node `{}`: transport `{}` (plugin {}) at {}",
+            node.id(),
+            transport.name,
+            transport.plugin,
+            transport.local_address
+        );
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut terminate) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+pub(super) async fn run(config: &Path, echo: bool) -> Result<ExitCode, CliError> {
+    let node = Node::from_config(config).await?;
+    print_addresses(&node);
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    loop {
+        let envelope = tokio::select! {
+            received = node.receive_envelope() => received,
+            _ = &mut stop => break,
+        };
+        match envelope {
+            Ok(envelope) => {
+                println!("{}: {}", envelope.from, payload_text(&node, &envelope));
+                if echo {
+                    let Envelope { id, from, headers, payload, .. } = envelope;
+                    if let Err(error) = node.send_raw(from, headers, payload.into_vec(), Some(id)).await {
+                        eprintln!("warning: echo failed: {error}");
+                    }
+                }
+            }
+            Err(ReceiveError::Closed) => break,
+            Err(error) => eprintln!("warning: {error}"),
+        }
+    }
+    node.close().await.map_err(other)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) async fn send(config: &Path, to: &str, text: &str) -> Result<ExitCode, CliError> {
+    let node = Node::from_config(config).await?;
+    let sent = node.send(to, text).await;
+    // Close even after a failed send, so the transport is shut down cleanly.
+    let closed = node.close().await;
+    let id = sent.map_err(other)?;
+    closed.map_err(other)?;
+    println!("sent {id} to {to}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) async fn recv(config: &Path, count: Option<u64>) -> Result<ExitCode, CliError> {
+    let node = Node::from_config(config).await?;
+    print_addresses(&node);
+    let mut received = 0u64;
+    let mut stdout = std::io::stdout().lock();
+    while count.is_none_or(|count| received < count) {
+        match node.receive_envelope().await {
+            Ok(envelope) => {
+                received += 1;
+                writeln!(stdout, "{}", payload_text(&node, &envelope)).map_err(other)?;
+                if count.is_none() {
+                    stdout.flush().map_err(other)?;
+                }
+            }
+            Err(ReceiveError::Closed) => break,
+            Err(error) => eprintln!("warning: {error}"),
+        }
+    }
+    stdout.flush().map_err(other)?;
+    drop(stdout);
+    node.close().await.map_err(other)?;
+    Ok(ExitCode::SUCCESS)
+}

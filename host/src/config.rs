@@ -1,0 +1,176 @@
+//! The node config file.
+//!
+//! ```toml
+//! [node]
+//! id = "alice"                 # required: this node's id
+//! codec = "binary"             # "binary" (default, compact) or "json"
+//! plugin_dirs = ["plugins"]    # searched first; relative to this file
+//! receive_queue_capacity = 1024
+//!
+//! [transports.tcp]             # a transport named "tcp"; peers' addresses use this name
+//! plugin = "tcp"               # optional, defaults to the table name (libcomms_tcp.so)
+//! # path = "/opt/comms/libcomms_tcp.so"   # or an explicit file
+//! listen = "127.0.0.1:7001"    # every other key is the plugin's own config
+//!
+//! [discovery]                  # optional; defaults to static discovery with no peers
+//! plugin = "static"            # "static" is built in; any other name is a plugin
+//! peers = [
+//!   { id = "bob", addresses = { tcp = "127.0.0.1:7002" } },
+//! ]
+//! ```
+//!
+//! Every error names the file and the key: an unknown key, a wrong type, a plugin rejecting its
+//! own table.
+
+use crate::{codec::Codec, node::NodeBuilder, static_discovery::STATIC_DISCOVERY};
+use comms_plugin_api::config::parse_config;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// A config file that could not be used; `Display` names the file and the offending key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {message}", .file.display())]
+pub struct ConfigError {
+    /// The config file (or `(builder)` for a node built in code).
+    pub file: PathBuf,
+    /// What is wrong, naming the key.
+    pub message: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    node: NodeSection,
+    #[serde(default)]
+    transports: toml::Table,
+    #[serde(default)]
+    discovery: toml::Table,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeSection {
+    id: String,
+    #[serde(default)]
+    codec: Codec,
+    #[serde(default)]
+    plugin_dirs: Vec<PathBuf>,
+    receive_queue_capacity: Option<usize>,
+}
+
+/// Where a plugin comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginSource {
+    /// Searched for by name in the plugin directories.
+    Name(String),
+    /// An explicit file.
+    Path(PathBuf),
+}
+
+/// Reads `path` into a [`NodeBuilder`].
+pub fn load(path: &Path) -> Result<NodeBuilder, ConfigError> {
+    let error = |message: String| ConfigError { file: path.to_path_buf(), message };
+    let text = std::fs::read_to_string(path).map_err(|e| error(format!("cannot read: {e}")))?;
+    let file: ConfigFile = match toml::from_str::<toml::Table>(&text) {
+        Err(syntax) => return Err(error(syntax.message().to_string() + &line_of(&text, syntax.span()))),
+        Ok(_) => parse_config(&text).map_err(|e| error(e.message))?,
+    };
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut builder = NodeBuilder::new(file.node.id.as_str()).codec(file.node.codec).config_file(path);
+    for dir in file.node.plugin_dirs {
+        builder = builder.plugin_dir(base.join(dir));
+    }
+    if let Some(capacity) = file.node.receive_queue_capacity {
+        if capacity == 0 {
+            return Err(error("key `node.receive_queue_capacity`: must be greater than 0".into()));
+        }
+        builder = builder.receive_queue_capacity(capacity);
+    }
+    for (name, value) in file.transports {
+        let toml::Value::Table(table) = value else {
+            return Err(error(format!("key `transports.{name}`: must be a table like [transports.{name}]")));
+        };
+        let (source, config) = split_plugin_keys(table, &name, base, &format!("transports.{name}"))
+            .map_err(error)?;
+        builder = builder.transport_from(name, source, config);
+    }
+    let (source, config) =
+        split_plugin_keys(file.discovery, STATIC_DISCOVERY, base, "discovery").map_err(error)?;
+    builder = builder.discovery_from(source, config);
+    Ok(builder)
+}
+
+/// Takes the host's own keys (`plugin`, `path`) out of a plugin table; the rest is the plugin's.
+fn split_plugin_keys(
+    mut table: toml::Table,
+    default_name: &str,
+    base: &Path,
+    at: &str,
+) -> Result<(PluginSource, String), String> {
+    let text_key = |table: &mut toml::Table, key: &str| match table.remove(key) {
+        None => Ok(None),
+        Some(toml::Value::String(text)) => Ok(Some(text)),
+        Some(other) => Err(format!("key `{at}.{key}`: expected a string, found {}", other.type_str())),
+    };
+    let plugin = text_key(&mut table, "plugin")?;
+    let path = text_key(&mut table, "path")?;
+    let source = match (plugin, path) {
+        (Some(_), Some(_)) => return Err(format!("keys `{at}.plugin` and `{at}.path`: give one, not both")),
+        (_, Some(path)) => PluginSource::Path(base.join(path)),
+        (Some(name), None) => PluginSource::Name(name),
+        (None, None) => PluginSource::Name(default_name.to_string()),
+    };
+    let config = toml::to_string(&table).map_err(|e| format!("table `{at}`: {e}"))?;
+    Ok((source, config))
+}
+
+fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(span) => format!(" (line {})", text[..span.start.min(text.len())].lines().count().max(1)),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("comms-config-{}-{name}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn unknown_node_key_names_key_and_file() {
+        let path = write("unknown", "[node]\nid = \"a\"\nidd = \"b\"\n");
+        let error = load(&path).unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains("`idd`"), "{text}");
+        assert!(text.contains(&path.display().to_string()), "{text}");
+    }
+
+    #[test]
+    fn mistyped_key_names_the_key() {
+        let path = write("mistyped", "[node]\nid = 5\n");
+        let text = load(&path).unwrap_err().to_string();
+        assert!(text.contains("node.id"), "{text}");
+    }
+
+    #[test]
+    fn syntax_error_names_the_line() {
+        let path = write("syntax", "[node]\nid = \"a\"\nbroken = \n");
+        let text = load(&path).unwrap_err().to_string();
+        assert!(text.contains("line 3"), "{text}");
+    }
+
+    #[test]
+    fn plugin_and_path_keys_are_the_hosts() {
+        let mut table = toml::Table::new();
+        table.insert("path".into(), "lib/libcomms_x.so".into());
+        table.insert("listen".into(), "127.0.0.1:1".into());
+        let (source, config) = split_plugin_keys(table, "x", Path::new("/etc/comms"), "transports.x").unwrap();
+        assert_eq!(source, PluginSource::Path(PathBuf::from("/etc/comms/lib/libcomms_x.so")));
+        assert_eq!(config.trim(), "listen = \"127.0.0.1:1\"");
+    }
+}

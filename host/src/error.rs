@@ -1,0 +1,115 @@
+//! Errors, one type per operation.
+
+use crate::{codec::CodecError, config::ConfigError};
+use comms_plugin_api::{host_side::LoadError, MessageId, NodeId, PluginError};
+
+/// Why a node could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The configuration is wrong (the message names the file and the key).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// No plugin file with that name in any plugin directory.
+    #[error("{role}: plugin `{name}` not found: no {file} in {searched} (set [node] plugin_dirs or COMMS_PLUGIN_PATH, or give `path`)")]
+    PluginNotFound {
+        /// Which part of the node needed it (`transport \`tcp\``, `discovery`).
+        role: String,
+        /// The plugin name.
+        name: String,
+        /// The file name looked for.
+        file: String,
+        /// The directories searched.
+        searched: String,
+    },
+    /// The plugin file could not be loaded (incompatible, not a plugin, ...).
+    #[error("{role}: {source}")]
+    Load {
+        /// Which part of the node needed it.
+        role: String,
+        /// Why loading failed; `details()` has the long form.
+        #[source]
+        source: LoadError,
+    },
+    /// The plugin loaded but refused to start.
+    #[error("{role} (plugin `{plugin}`) failed to start: {error}")]
+    Start {
+        /// Which part of the node.
+        role: String,
+        /// The plugin name.
+        plugin: String,
+        /// What the plugin said.
+        error: PluginError,
+    },
+    /// The node has no transport at all.
+    #[error("no transport configured: add a [transports.NAME] table (e.g. [transports.tcp])")]
+    NoTransport,
+}
+
+/// Why a message could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// Discovery knows no node with this id.
+    #[error("unknown peer `{0}`: discovery has no record of it")]
+    UnknownPeer(NodeId),
+    /// The peer has no address on any transport this node has.
+    #[error("peer `{peer}` is reachable through [{peer_transports}] but this node has [{local_transports}]")]
+    NoCommonTransport {
+        /// The peer.
+        peer: NodeId,
+        /// Transports the peer listens on.
+        peer_transports: String,
+        /// Transports this node has.
+        local_transports: String,
+    },
+    /// The message could not be encoded.
+    #[error("encoding the message: {0}")]
+    Encode(#[from] CodecError),
+    /// The transport refused or failed.
+    #[error("transport `{transport}` could not send to `{peer}`: {error}")]
+    Transport {
+        /// The transport used.
+        transport: String,
+        /// The destination.
+        peer: NodeId,
+        /// What the transport said (see `error.retryable`).
+        error: PluginError,
+    },
+    /// The node is closed.
+    #[error("the node is closed")]
+    Closed,
+}
+
+/// Why nothing could be received.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// The node is closed and every received message has been handed out.
+    #[error("the node is closed")]
+    Closed,
+    /// A message arrived but does not decode as the requested type. It is consumed.
+    #[error("message {id} from `{from}` could not be decoded: {source}")]
+    Decode {
+        /// The sender.
+        from: NodeId,
+        /// The message.
+        id: MessageId,
+        /// The codec's complaint.
+        #[source]
+        source: CodecError,
+    },
+    /// A transport failed while receiving; the node keeps trying it with backoff.
+    #[error("transport `{transport}` failed while receiving: {error}")]
+    Transport {
+        /// The transport.
+        transport: String,
+        /// What it said.
+        error: PluginError,
+    },
+}
+
+/// Why `close` did not finish cleanly. The node is closed anyway.
+#[derive(Debug, thiserror::Error)]
+#[error("closing: {}", .failures.join("; "))]
+pub struct CloseError {
+    /// One line per part that failed to close.
+    pub failures: Vec<String>,
+}

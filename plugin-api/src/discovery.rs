@@ -1,0 +1,127 @@
+//! The discovery trait a plugin author implements, and the records it exchanges.
+
+use crate::{NodeId, PluginError};
+use async_trait::async_trait;
+use comms_core::abi_stable::std_types::RString;
+
+/// What a node announces about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeRecord {
+    /// The node.
+    pub id: NodeId,
+    /// `(transport name, address)` pairs, one per transport the node listens on.
+    pub addresses: Vec<(String, String)>,
+    /// Services the node serves.
+    pub services: Vec<String>,
+    /// Topic patterns it subscribes to.
+    pub topics: Vec<String>,
+    /// Free-form metadata.
+    pub metadata: Vec<(String, String)>,
+}
+
+impl NodeRecord {
+    /// The node's address for the transport called `transport`, if it has one.
+    pub fn address_for(&self, transport: &str) -> Option<&str> {
+        self.addresses.iter().find(|(name, _)| name == transport).map(|(_, address)| address.as_str())
+    }
+
+    /// To the boundary type.
+    pub fn into_abi(self) -> comms_core::NodeRecord {
+        let pairs = |pairs: Vec<(String, String)>| {
+            pairs
+                .into_iter()
+                .map(|(name, value)| comms_core::Header { name: name.into(), value: value.into() })
+                .collect()
+        };
+        comms_core::NodeRecord {
+            id: self.id.into_abi(),
+            addresses: self
+                .addresses
+                .into_iter()
+                .map(|(transport, address)| comms_core::TransportAddress {
+                    transport: transport.into(),
+                    address: address.into(),
+                })
+                .collect(),
+            services: self.services.into_iter().map(RString::from).collect(),
+            topics: self.topics.into_iter().map(RString::from).collect(),
+            metadata: pairs(self.metadata),
+        }
+    }
+
+    /// From the boundary type.
+    pub fn from_abi(record: comms_core::NodeRecord) -> Self {
+        Self {
+            id: NodeId::from_abi(record.id),
+            addresses: record
+                .addresses
+                .into_iter()
+                .map(|a| (a.transport.into_string(), a.address.into_string()))
+                .collect(),
+            services: record.services.into_iter().map(RString::into_string).collect(),
+            topics: record.topics.into_iter().map(RString::into_string).collect(),
+            metadata: record
+                .metadata
+                .into_iter()
+                .map(|h| (h.name.into_string(), h.value.into_string()))
+                .collect(),
+        }
+    }
+}
+
+/// Whether a peer joined, left or changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeerEventKind {
+    /// A node appeared.
+    Joined,
+    /// A node withdrew or expired.
+    Left,
+    /// A known node changed its record.
+    Updated,
+}
+
+/// A change in the set of known peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerEvent {
+    /// What happened.
+    pub kind: PeerEventKind,
+    /// The record (for `Left`, the last one known).
+    pub record: NodeRecord,
+}
+
+impl PeerEvent {
+    /// To the boundary type.
+    pub fn into_abi(self) -> comms_core::PeerEvent {
+        let kind = match self.kind {
+            PeerEventKind::Joined => comms_core::PeerEventKind::JOINED,
+            PeerEventKind::Left => comms_core::PeerEventKind::LEFT,
+            PeerEventKind::Updated => comms_core::PeerEventKind::UPDATED,
+        };
+        comms_core::PeerEvent { kind, record: self.record.into_abi() }
+    }
+
+    /// From the boundary type; an unknown kind from a newer plugin reads as `Updated`.
+    pub fn from_abi(event: comms_core::PeerEvent) -> Self {
+        let kind = match event.kind {
+            comms_core::PeerEventKind::JOINED => PeerEventKind::Joined,
+            comms_core::PeerEventKind::LEFT => PeerEventKind::Left,
+            _ => PeerEventKind::Updated,
+        };
+        Self { kind, record: NodeRecord::from_abi(event.record) }
+    }
+}
+
+/// Finds peers. Implement this, then export it with [`crate::export_plugin!`].
+#[async_trait]
+pub trait Discovery: Send + Sync + 'static {
+    /// Publishes or replaces this node's record.
+    async fn announce(&self, record: NodeRecord) -> Result<(), PluginError>;
+    /// Removes this node's record.
+    async fn withdraw(&self, node: NodeId) -> Result<(), PluginError>;
+    /// The peers known now, excluding this node.
+    async fn peers(&self) -> Result<Vec<NodeRecord>, PluginError>;
+    /// Waits for the next change; `None` once closed.
+    async fn next_event(&self) -> Result<Option<PeerEvent>, PluginError>;
+    /// Stops background work.
+    async fn close(&self) -> Result<(), PluginError>;
+}

@@ -1,0 +1,87 @@
+//! # comms-plugin-api: the plugin author's toolkit
+//!
+//! A comms plugin is a `cdylib` that depends on this crate alone. It implements the idiomatic
+//! async traits [`Transport`] and/or [`Discovery`], describes itself with [`Plugin`] and exports
+//! itself with [`export_plugin!`]. This crate takes care of everything the boundary demands:
+//!
+//! - **Runtime.** Each plugin library owns a tokio runtime ([`runtime`]); every call from the
+//!   host is polled inside it, so plugin I/O works whatever executor the host uses.
+//! - **Panics.** Every entry point runs under `catch_unwind`; a panic reaches the host as an
+//!   error with code [`ErrorCode::PANICKED`], never as an abort.
+//! - **Config.** [`Setup::config`] deserializes the plugin's TOML table into the plugin's own
+//!   struct; an unknown or mistyped key is an error that names the key.
+//! - **Shared wire logic.** [`framing`] (length-prefixed frames with a size limit), [`wire`]
+//!   (the documented envelope encoding), [`backoff`] and a complete [`stream_transport`] (hello,
+//!   batching writer, reconnect, bounded queues) so that backends do not each write their own.
+//!
+//! ## A minimal plugin
+//!
+//! ```no_run
+//! use comms_plugin_api::{async_trait, export_plugin, Capabilities, Envelope, Inbound, Plugin,
+//!     PluginError, Provides, Setup, Transport, TransportInfo};
+//! use std::sync::Arc;
+//!
+//! struct Loopback { queue: tokio::sync::Mutex<Vec<Envelope>> }
+//!
+//! #[async_trait]
+//! impl Transport for Loopback {
+//!     fn info(&self) -> TransportInfo {
+//!         TransportInfo { capabilities: Capabilities::NONE, local_address: "here".into(), max_message_size: 1 << 20 }
+//!     }
+//!     async fn send(&self, _address: &str, envelope: Envelope) -> Result<(), PluginError> {
+//!         self.queue.lock().await.push(envelope);
+//!         Ok(())
+//!     }
+//!     async fn receive(&self, max_batch: usize) -> Result<Vec<Inbound>, PluginError> {
+//!         let mut queue = self.queue.lock().await;
+//!         let n = queue.len().min(max_batch);
+//!         Ok(queue.drain(..n).map(|envelope| Inbound { envelope, delivery_tag: 0 }).collect())
+//!     }
+//!     async fn close(&self) -> Result<(), PluginError> { Ok(()) }
+//! }
+//!
+//! struct LoopbackPlugin;
+//!
+//! #[async_trait]
+//! impl Plugin for LoopbackPlugin {
+//!     const NAME: &'static str = "loopback";
+//!     const VERSION: &'static str = "0.1.0";
+//!     const DESCRIPTION: &'static str = "delivers every message to itself";
+//!     const PROVIDES: Provides = Provides::TRANSPORT;
+//!     async fn new_transport(_setup: Setup) -> Result<Arc<dyn Transport>, PluginError> {
+//!         Ok(Arc::new(Loopback { queue: Default::default() }))
+//!     }
+//! }
+//!
+//! export_plugin!(LoopbackPlugin);
+//! ```
+//!
+//! (A real `receive` waits for a message instead of returning an empty batch; see the TCP
+//! backend or `examples/third-party-plugin`.)
+
+pub mod backoff;
+pub mod config;
+mod discovery;
+mod envelope;
+mod error;
+pub mod export;
+pub mod framing;
+pub mod host_side;
+mod plugin;
+pub mod runtime;
+pub mod stream_transport;
+mod transport;
+pub mod wire;
+
+pub use async_trait::async_trait;
+pub use discovery::{Discovery, NodeRecord, PeerEvent, PeerEventKind};
+pub use envelope::{Destination, Envelope, MessageId, NodeId, Payload};
+pub use error::{ErrorCode, PluginError};
+pub use plugin::{Plugin, PluginDescription, Provides, Setup};
+pub use transport::{Capabilities, Inbound, Settlement, SettlementOutcome, Transport, TransportInfo};
+
+/// Used by [`export_plugin!`]; not part of the public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use comms_core::{abi_stable, PluginModuleRef};
+}

@@ -1,0 +1,252 @@
+//! A complete transport over any reliable byte stream (TCP, Unix-domain sockets, ...).
+//!
+//! A backend supplies a [`StreamMedium`] (how to dial an address) and an [`Acceptor`] (its
+//! listener); [`StreamTransport`] does the rest, identically for every medium:
+//!
+//! - [`protocol`]: hello handshake carrying the node id, envelope frames, goodbye;
+//! - one connection per destination address, reused for every message, dialled on first use;
+//! - a bounded queue per peer; a writer task gathers queued frames into one write of up to
+//!   `write_batch_bytes`, so many small messages do not cost one syscall each;
+//! - reconnect with exponential backoff; after `reconnect_attempts` failures the queued messages
+//!   for that peer are dropped (logged with their count) and `send` reports the peer unreachable;
+//! - a listener serving any number of peers at once; a malformed, oversized or unexpected frame
+//!   closes that one connection with a logged reason, every other connection keeps working;
+//! - graceful close: stop accepting, write what is queued (bounded by `close_timeout_ms`), say
+//!   goodbye.
+//!
+//! Guarantees: messages from one sender to one receiver arrive in order. Delivery is
+//! at-most-once except that a batch whose write failed is written again after reconnecting, so a
+//! message can arrive twice (with the same id) when a connection breaks mid-write. Nothing is
+//! acknowledged end to end: a message written to a peer that then crashes is lost.
+
+pub mod protocol;
+mod reader;
+mod settings;
+mod writer;
+
+pub use settings::StreamSettings;
+
+use crate::{Capabilities, Envelope, ErrorCode, Inbound, NodeId, PluginError, TransportInfo};
+use std::{
+    collections::HashMap,
+    future::Future,
+    io,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+
+/// A byte stream a [`StreamTransport`] can use.
+pub trait ByteStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> ByteStream for T {}
+
+/// How to reach an address: the only outgoing part a backend writes.
+pub trait StreamMedium: Send + Sync + 'static {
+    /// The connected stream type.
+    type Stream: ByteStream;
+    /// Opens a connection to `address` (the caller applies the timeout).
+    fn connect(&self, address: &str) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+}
+
+/// A listener: the only incoming part a backend writes.
+pub trait Acceptor: Send + 'static {
+    /// The accepted stream type.
+    type Stream: ByteStream;
+    /// Waits for the next connection; returns it with a label for logs (the peer address).
+    fn accept(&mut self) -> impl Future<Output = io::Result<(Self::Stream, String)>> + Send;
+}
+
+/// Shared state of the tasks of one transport.
+struct Shared {
+    /// Name of the backend, for logs ("tcp").
+    backend: &'static str,
+    local_node: NodeId,
+    settings: StreamSettings,
+    /// Flips to `true` once when the transport closes.
+    shutdown: watch::Sender<bool>,
+}
+
+/// One peer's outgoing queue and the error that ended its writer, if it ended.
+struct PeerLink {
+    queue: mpsc::Sender<Vec<u8>>,
+    failure: Arc<Mutex<Option<PluginError>>>,
+}
+
+/// The transport. Construct it with [`StreamTransport::start`] inside the plugin runtime.
+pub struct StreamTransport<M: StreamMedium> {
+    shared: Arc<Shared>,
+    medium: Arc<M>,
+    local_address: String,
+    links: Mutex<HashMap<String, PeerLink>>,
+    writers: Mutex<Vec<JoinHandle<()>>>,
+    inbound: tokio::sync::Mutex<mpsc::Receiver<Inbound>>,
+    closed: AtomicBool,
+}
+
+impl<M: StreamMedium> std::fmt::Debug for StreamTransport<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamTransport")
+            .field("backend", &self.shared.backend)
+            .field("local_address", &self.local_address)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: StreamMedium> StreamTransport<M> {
+    /// Starts serving `acceptor` and returns the transport. `local_address` is the bound address
+    /// (replaced by `settings.advertise` when set).
+    pub fn start<A: Acceptor>(
+        backend: &'static str,
+        local_node: NodeId,
+        settings: StreamSettings,
+        medium: M,
+        acceptor: A,
+        local_address: String,
+    ) -> Result<Self, PluginError> {
+        settings.validate()?;
+        let (shutdown, _) = watch::channel(false);
+        let (inbound_tx, inbound_rx) = mpsc::channel(settings.receive_queue_capacity);
+        let local_address = settings.advertise.clone().unwrap_or(local_address);
+        let shared = Arc::new(Shared { backend, local_node, settings, shutdown });
+        tokio::spawn(reader::accept_loop(Arc::clone(&shared), acceptor, inbound_tx));
+        Ok(Self {
+            shared,
+            medium: Arc::new(medium),
+            local_address,
+            links: Mutex::new(HashMap::new()),
+            writers: Mutex::new(Vec::new()),
+            inbound: tokio::sync::Mutex::new(inbound_rx),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// What to report from [`crate::Transport::info`].
+    pub fn info(&self) -> TransportInfo {
+        TransportInfo {
+            capabilities: Capabilities::ORDERED,
+            local_address: self.local_address.clone(),
+            max_message_size: u64::from(self.shared.settings.max_frame_size),
+        }
+    }
+
+    /// Queues `envelope` for the peer at `address`, dialling it on first use.
+    pub async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(PluginError::closed(&format!("{} transport", self.shared.backend)));
+        }
+        let frame = protocol::envelope_frame(&envelope, self.shared.settings.max_frame_size)?;
+        let (queue, failure) = self.link(address);
+        if queue.send(frame).await.is_ok() {
+            return Ok(());
+        }
+        // The writer gave up on this peer: forget the link so the next send dials afresh.
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        if links.get(address).is_some_and(|link| link.queue.same_channel(&queue)) {
+            links.remove(address);
+        }
+        let error = failure.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Err(error.unwrap_or_else(|| PluginError::closed(&format!("{} transport", self.shared.backend))))
+    }
+
+    fn link(&self, address: &str) -> (mpsc::Sender<Vec<u8>>, Arc<Mutex<Option<PluginError>>>) {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(link) = links.get(address).filter(|link| !link.queue.is_closed()) {
+            return (link.queue.clone(), Arc::clone(&link.failure));
+        }
+        let (queue, frames) = mpsc::channel(self.shared.settings.send_queue_capacity);
+        let failure = Arc::new(Mutex::new(None));
+        let writer = writer::PeerWriter {
+            shared: Arc::clone(&self.shared),
+            medium: Arc::clone(&self.medium),
+            address: address.to_string(),
+            failure: Arc::clone(&failure),
+        };
+        let handle = tokio::spawn(writer.run(frames));
+        let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        writers.retain(|handle| !handle.is_finished());
+        writers.push(handle);
+        links.insert(address.to_string(), PeerLink { queue: queue.clone(), failure: Arc::clone(&failure) });
+        (queue, failure)
+    }
+
+    /// Waits for at least one message; returns up to `max_batch`, or nothing once closed.
+    pub async fn receive(&self, max_batch: usize) -> Result<Vec<Inbound>, PluginError> {
+        let mut inbound = self.inbound.lock().await;
+        let mut shutdown = self.shared.shutdown.subscribe();
+        let mut batch = Vec::new();
+        tokio::select! {
+            message = inbound.recv() => match message {
+                Some(message) => batch.push(message),
+                None => return Ok(batch),
+            },
+            _ = shut_down(&mut shutdown) => {}
+        }
+        while batch.len() < max_batch {
+            match inbound.try_recv() {
+                Ok(message) => batch.push(message),
+                Err(_) => break,
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Stops accepting, flushes queued messages (up to `close_timeout_ms`), says goodbye.
+    pub async fn close(&self) -> Result<(), PluginError> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.shared.shutdown.send_replace(true);
+        // Dropping the queues lets each writer drain what is queued, then say goodbye.
+        self.links.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let writers = std::mem::take(&mut *self.writers.lock().unwrap_or_else(|p| p.into_inner()));
+        let deadline = Duration::from_millis(self.shared.settings.close_timeout_ms);
+        let pending = writers.len();
+        let all = futures_join_all(writers);
+        if tokio::time::timeout(deadline, all).await.is_err() {
+            tracing::warn!(
+                backend = self.shared.backend,
+                writers = pending,
+                "close: queued messages were not all written within close_timeout_ms; dropping them"
+            );
+            return Err(PluginError::new(
+                ErrorCode::TIMEOUT,
+                format!("close did not flush queued messages within {} ms", deadline.as_millis()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl<M: StreamMedium> Drop for StreamTransport<M> {
+    fn drop(&mut self) {
+        // Stops the listener and readers even if the host never called close.
+        self.shared.shutdown.send_replace(true);
+    }
+}
+
+/// Completes once the transport is closing (or its state is gone).
+async fn shut_down(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|closed| *closed).await;
+}
+
+/// Awaits every handle, aborting the remaining ones if the returned future is dropped.
+async fn futures_join_all(handles: Vec<JoinHandle<()>>) {
+    struct AbortOnDrop(Vec<JoinHandle<()>>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.iter().for_each(JoinHandle::abort);
+        }
+    }
+    let mut guard = AbortOnDrop(handles);
+    while let Some(handle) = guard.0.last_mut() {
+        let _ = handle.await;
+        guard.0.pop();
+    }
+}

@@ -1,0 +1,167 @@
+//! The task that owns one outgoing connection: batches queued frames, reconnects, says goodbye.
+
+use super::{protocol, Shared, StreamMedium};
+use crate::{framing::read_frame, ErrorCode, NodeId, PluginError};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use tokio::{
+    io::{split, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf},
+    sync::mpsc,
+};
+
+pub(super) struct PeerWriter<M: StreamMedium> {
+    pub(super) shared: Arc<Shared>,
+    pub(super) medium: Arc<M>,
+    pub(super) address: String,
+    pub(super) failure: Arc<Mutex<Option<PluginError>>>,
+}
+
+struct Connection<S> {
+    read: ReadHalf<S>,
+    write: WriteHalf<S>,
+    peer: NodeId,
+}
+
+/// What woke the writer while it had nothing to write.
+enum Wake {
+    Frame(Option<Vec<u8>>),
+    PeerClosed(String),
+}
+
+impl<M: StreamMedium> PeerWriter<M> {
+    pub(super) async fn run(self, mut frames: mpsc::Receiver<Vec<u8>>) {
+        let settings = &self.shared.settings;
+        let mut connection: Option<Connection<M::Stream>> = None;
+        let mut batch = Vec::with_capacity(settings.write_batch_bytes);
+        let mut batch_frames = 0usize;
+        let mut failed_writes = 0u32;
+        loop {
+            if batch.is_empty() {
+                let wake = match connection.as_mut() {
+                    Some(open) => tokio::select! {
+                        biased;
+                        frame = frames.recv() => Wake::Frame(frame),
+                        reason = peer_closed(&mut open.read) => Wake::PeerClosed(reason),
+                    },
+                    None => Wake::Frame(frames.recv().await),
+                };
+                match wake {
+                    Wake::Frame(Some(frame)) => {
+                        batch.extend_from_slice(&frame);
+                        batch_frames = 1;
+                    }
+                    Wake::Frame(None) => break,
+                    Wake::PeerClosed(reason) => {
+                        tracing::debug!(backend = self.shared.backend, peer = %self.address, %reason, "peer closed the connection");
+                        connection = None;
+                        continue;
+                    }
+                }
+                while batch.len() < settings.write_batch_bytes {
+                    match frames.try_recv() {
+                        Ok(frame) => {
+                            batch.extend_from_slice(&frame);
+                            batch_frames += 1;
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            if connection.is_none() {
+                match self.connect().await {
+                    Ok(open) => connection = Some(open),
+                    Err(error) => return self.give_up(error, frames, batch_frames),
+                }
+            }
+            let Some(open) = connection.as_mut() else { continue };
+            match open.write.write_all(&batch).await {
+                Ok(()) => {
+                    batch.clear();
+                    failed_writes = 0;
+                }
+                Err(error) => {
+                    failed_writes += 1;
+                    tracing::warn!(
+                        backend = self.shared.backend, peer = %self.address, node = %open.peer, %error,
+                        "write failed; reconnecting to write the batch again"
+                    );
+                    connection = None;
+                    if failed_writes >= settings.reconnect_attempts {
+                        let error = PluginError::retryable(
+                            ErrorCode::UNREACHABLE,
+                            format!("{} peer {}: {failed_writes} writes failed in a row: {error}", self.shared.backend, self.address),
+                        );
+                        return self.give_up(error, frames, batch_frames);
+                    }
+                }
+            }
+        }
+        if let Some(mut open) = connection {
+            let _ = open.write.write_all(&protocol::goodbye_frame()).await;
+            let _ = open.write.shutdown().await;
+        }
+    }
+
+    /// Dials with backoff and exchanges hellos.
+    async fn connect(&self) -> Result<Connection<M::Stream>, PluginError> {
+        let settings = &self.shared.settings;
+        let timeout = Duration::from_millis(settings.connect_timeout_ms);
+        let attempt = |number: u32| async move {
+            let result = match tokio::time::timeout(timeout, self.dial()).await {
+                Ok(result) => result,
+                Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+            };
+            if let Err(reason) = &result {
+                tracing::debug!(backend = self.shared.backend, peer = %self.address, attempt = number, %reason, "connect failed");
+            }
+            result
+        };
+        settings.reconnect_backoff().retry(attempt).await.map_err(|(reason, attempts)| {
+            PluginError::retryable(
+                ErrorCode::UNREACHABLE,
+                format!("{} peer {} unreachable after {attempts} attempts: {reason}", self.shared.backend, self.address),
+            )
+        })
+    }
+
+    async fn dial(&self) -> Result<Connection<M::Stream>, String> {
+        let stream = self.medium.connect(&self.address).await.map_err(|e| e.to_string())?;
+        let (mut read, mut write) = split(stream);
+        write.write_all(&protocol::hello_frame(&self.shared.local_node)).await.map_err(|e| e.to_string())?;
+        let body = read_frame(&mut read, protocol::MAX_HELLO_SIZE)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?
+            .ok_or_else(|| "connection closed during the handshake".to_string())?;
+        let peer = protocol::parse_hello(&body)?;
+        tracing::debug!(backend = self.shared.backend, peer = %self.address, node = %peer, "connected");
+        Ok(Connection { read, write, peer })
+    }
+
+    /// Records why this peer is unreachable and drops what was queued for it, so that senders
+    /// learn of the failure instead of waiting forever.
+    fn give_up(self, error: PluginError, mut frames: mpsc::Receiver<Vec<u8>>, in_batch: usize) {
+        frames.close();
+        let mut dropped = in_batch;
+        while frames.try_recv().is_ok() {
+            dropped += 1;
+        }
+        tracing::warn!(
+            backend = self.shared.backend, peer = %self.address, dropped, %error,
+            "giving up on peer; queued messages dropped"
+        );
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+    }
+}
+
+/// Completes when the peer closes the connection or says goodbye (an accepting side sends
+/// nothing else after its hello).
+async fn peer_closed<S: super::ByteStream>(read: &mut ReadHalf<S>) -> String {
+    let mut buffer = [0u8; 16];
+    match read.read(&mut buffer).await {
+        Ok(0) => "end of stream".to_string(),
+        Ok(_) => "goodbye".to_string(),
+        Err(error) => error.to_string(),
+    }
+}
