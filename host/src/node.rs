@@ -328,6 +328,8 @@ struct NodeInner {
     peers: Arc<RwLock<HashMap<NodeId, NodeRecord>>>,
     inbox: tokio::sync::Mutex<mpsc::Receiver<InboxItem>>,
     shutdown: watch::Sender<bool>,
+    /// Set when `close` starts: receive loops stop retrying a failing transport.
+    closing: watch::Sender<bool>,
     receive_loops: Mutex<Vec<JoinHandle<()>>>,
     closed: AtomicBool,
     id_prefix: u64,
@@ -360,12 +362,15 @@ impl Node {
         peers: Vec<NodeRecord>,
     ) -> Node {
         let (shutdown, _) = watch::channel(false);
+        let (closing, _) = watch::channel(false);
         let (inbox_tx, inbox_rx) = mpsc::channel(builder.receive_queue_capacity);
         let peers = Arc::new(RwLock::new(peers.into_iter().map(|p| (p.id.clone(), p)).collect()));
         let discovery = Arc::new(discovery);
         let receive_loops = transports
             .iter()
-            .map(|t| tokio::spawn(receive_loop(Arc::clone(t), inbox_tx.clone(), shutdown.subscribe())))
+            .map(|t| {
+                tokio::spawn(receive_loop(Arc::clone(t), inbox_tx.clone(), shutdown.subscribe(), closing.subscribe()))
+            })
             .collect();
         tokio::spawn(watch_peers(Arc::clone(&discovery), Arc::clone(&peers), shutdown.subscribe()));
         Node {
@@ -378,6 +383,7 @@ impl Node {
                 peers,
                 inbox: tokio::sync::Mutex::new(inbox_rx),
                 shutdown,
+                closing,
                 receive_loops: Mutex::new(receive_loops),
                 closed: AtomicBool::new(false),
                 id_prefix: rand::random(),
@@ -546,6 +552,7 @@ impl Node {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        self.inner.closing.send_replace(true);
         let mut failures = Vec::new();
         if let Err(error) = self.inner.discovery.withdraw(&self.inner.id).await {
             failures.push(format!("withdrawing from discovery: {error}"));
@@ -582,7 +589,12 @@ async fn closed(shutdown: &mut watch::Receiver<bool>) {
 }
 
 /// Moves messages from one transport into the node's bounded inbox and settles them.
-async fn receive_loop(transport: Arc<NodeTransport>, inbox: mpsc::Sender<InboxItem>, mut shutdown: watch::Receiver<bool>) {
+async fn receive_loop(
+    transport: Arc<NodeTransport>,
+    inbox: mpsc::Sender<InboxItem>,
+    mut shutdown: watch::Receiver<bool>,
+    mut closing: watch::Receiver<bool>,
+) {
     let acknowledges = transport.loaded.info().capabilities.contains(Capabilities::ACKNOWLEDGEMENTS);
     let mut failures = 0u32;
     loop {
@@ -613,7 +625,7 @@ async fn receive_loop(transport: Arc<NodeTransport>, inbox: mpsc::Sender<InboxIt
                     return;
                 }
             }
-            Err(error) if error.code == ErrorCode::CLOSED => return,
+            Err(error) if error.code == ErrorCode::CLOSED || *closing.borrow() => return,
             Err(error) => {
                 failures += 1;
                 tracing::warn!(transport = %transport.name, %error, failures, "receive failed; retrying");
@@ -624,7 +636,7 @@ async fn receive_loop(transport: Arc<NodeTransport>, inbox: mpsc::Sender<InboxIt
                 let delay = Duration::from_millis(50u64.saturating_mul(1 << failures.min(7)));
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = closed(&mut shutdown) => return,
+                    _ = closed(&mut closing) => return,
                 }
             }
         }

@@ -13,9 +13,11 @@ pub fn parse_config<T: DeserializeOwned>(toml_text: &str) -> Result<T, PluginErr
         let path = error.path().to_string();
         let message = error.inner().message().to_string();
         if path == "." || message.contains("unknown field") {
-            // For an unknown field serde reports the field in the message and the parent as
-            // the path; the message alone is clearer.
-            let at = if path == "." { String::new() } else { format!(" in `{path}`") };
+            // The message already names an unknown field; add the table it is in, if nested.
+            let at = match path.rsplit_once('.') {
+                Some((parent, _)) => format!(" in `{parent}`"),
+                None => String::new(),
+            };
             PluginError::invalid_config(format!("{message}{at}"))
         } else {
             PluginError::invalid_config(format!("key `{path}`: {message}"))
@@ -39,7 +41,8 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let error = parse_config::<Example>("port = 1\nprot = 2").unwrap_err();
-        assert!(error.message.contains("`prot`"), "{error}");
+        assert!(error.message.starts_with("unknown field `prot`"), "{error}");
+        assert!(!error.message.contains(" in `"), "a top-level key has no parent: {error}");
     }
 
     #[test]

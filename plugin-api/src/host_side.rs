@@ -97,12 +97,24 @@ impl LoadError {
         let path = path.to_path_buf();
         let expected = INTERFACE_VERSION.to_string();
         match error {
-            LibraryError::OpenError { err, .. } => Self::NotAPlugin { path, reason: err.to_string() },
+            LibraryError::OpenError { err, .. } => {
+                // The loader's message usually starts with the path again; say it once.
+                let reason = err.to_string();
+                let absolute = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+                let prefix = format!("{}: ", absolute.display());
+                let reason = reason.strip_prefix(&prefix).unwrap_or(&reason).to_string();
+                Self::NotAPlugin { path, reason }
+            }
             LibraryError::GetSymbolError { .. } => {
                 Self::NotAPlugin { path, reason: "it exports no abi_stable root module".to_string() }
             }
             LibraryError::IncompatibleVersionNumber { actual_version, .. } => {
                 Self::IncompatibleVersion { path, expected, found: actual_version.to_string() }
+            }
+            // abi_stable reports a version difference it finds inside the layout check as a
+            // layout error; to the user it is a version mismatch.
+            LibraryError::AbiInstability(_) if found.as_deref().is_some_and(|f| !same_interface(&expected, f)) => {
+                Self::IncompatibleVersion { path, expected, found: found.unwrap_or_default() }
             }
             LibraryError::AbiInstability(report) => {
                 let details = report.to_string();
@@ -123,21 +135,174 @@ impl LoadError {
     }
 }
 
-/// Picks the most useful line of abi_stable's layout report: the first one that says what
-/// differs, with the surrounding noise trimmed.
+/// Picks the most useful line of abi_stable's layout report, for [`LoadError::IncompatibleLayout`]:
+/// where the first mismatch is and what was expected and found, at most 200 characters, e.g.
+/// `` `TransportInfo.max_message_size`: mismatched type: expected `u64`, found `u32` ``.
+///
+/// The report (abi_stable 0.11's `AbiInstabilityErrors` display) is a dump of both root layouts
+/// followed by one block per checked type, starting at column 0 with `N error(s)`. A block
+/// lists the path of fields leading to the type (`field_name:` / `type:` pairs, four spaces in),
+/// both layouts, then each error as `Error:<what>`, `Expected:` and `Found:` with indented values.
+/// This takes the first block with errors, prefers an error that names something (an unexpected
+/// field, a mismatched type) over one that only counts (size, number of fields), and describes
+/// the place from the last steps of the path. A report it cannot parse gives its first `Error:`
+/// line, or else its first line that mentions an error or a mismatch.
 fn first_mismatch(report: &str) -> String {
-    let interesting = ["mismatched", "Mismatched", "different", "Different", "expected", "found"];
-    let line = report
-        .lines()
-        .map(str::trim)
-        .find(|line| interesting.iter().any(|word| line.contains(word)))
-        .or_else(|| report.lines().map(str::trim).find(|line| !line.is_empty()))
-        .unwrap_or("the layouts differ");
-    let mut line: String = line.chars().take(200).collect();
-    if line.len() < report.trim().len() && line.ends_with(':') {
-        line.pop();
+    const MAX_CHARS: usize = 200;
+    /// Errors that only count or measure, least useful last; any other error says more.
+    const VAGUE: [&str; 6] = [
+        "too many fields",
+        "too many variants",
+        "prefix-types have a different prefix",
+        "incompatible amount of generic parameters",
+        "incompatible type size",
+        "incompatible type alignment",
+    ];
+    /// Errors about the identity of the type at the end of the path rather than its contents.
+    const ABOUT_THE_FIELD: [&str; 6] = [
+        "mismatched type",
+        "mismatched package",
+        "incompatible primitive",
+        "function pointers",
+        "field references different lifetimes",
+        "mismatched non-zeroness",
+    ];
+    const FN_POINTER: &str = "AFunctionPointer";
+
+    struct Step<'a> {
+        field: &'a str,
+        ty: &'a str,
     }
-    line
+
+    /// One indented value of `Expected:`/`Found:` as a short phrase.
+    fn summary(lines: &[&str]) -> String {
+        let value = |key: &str| lines.iter().find_map(|l| l.trim().strip_prefix(key));
+        let signature = lines.iter().map(|l| l.trim()).find(|l| l.starts_with("fn(") || l.starts_with("extern"));
+        let text = match (value("field_name:"), value("type:")) {
+            (Some(name), Some(ty)) => {
+                let ty = if ty == FN_POINTER { signature.unwrap_or(ty) } else { ty };
+                format!("{name}: {ty}")
+            }
+            (None, Some(ty)) => ty.to_string(),
+            _ => lines.iter().map(|l| l.trim()).find(|l| !l.is_empty()).unwrap_or("?").to_string(),
+        };
+        // abi_stable prints parameters as `name,: Type`.
+        text.replace(",:", ":")
+    }
+
+    /// Where step `i` of the path is, e.g. `TransportInfo.max_message_size`.
+    fn place(path: &[Step<'_>], i: usize) -> String {
+        let step = &path[i];
+        match i.checked_sub(1).map(|p| &path[p]) {
+            None => step.ty.to_string(),
+            Some(parent) if parent.ty == FN_POINTER => {
+                if step.field == "__returns" {
+                    format!("the return type of `{}`", place(path, i - 1))
+                } else {
+                    format!("parameter `{}` of `{}`", step.field, place(path, i - 1))
+                }
+            }
+            Some(parent) => format!("{}.{}", parent.ty, step.field),
+        }
+    }
+
+    let is_count = |l: &str| l.split_once(" error(s)").is_some_and(|(n, _)| n.parse::<usize>().is_ok());
+    let lines: Vec<&str> = report.lines().collect();
+    let starts: Vec<usize> = (0..lines.len()).filter(|&i| is_count(lines[i])).collect();
+    let blocks = starts.iter().enumerate().map(|(k, &start)| {
+        let end = starts.get(k + 1).copied().unwrap_or(lines.len());
+        &lines[start..end]
+    });
+
+    let mut found = None;
+    for block in blocks {
+        if block[0].starts_with("0 ") {
+            continue;
+        }
+        // The path: `field_name:`/`type:` pairs indented by exactly four spaces, before the layouts.
+        let mut path = Vec::new();
+        let head = block.iter().take_while(|l| !l.starts_with("Layout of") && !l.starts_with("Error:"));
+        let mut pending_field = None;
+        for line in head {
+            if let Some(field) = line.strip_prefix("    field_name:") {
+                pending_field = Some(field);
+            } else if let (Some(ty), Some(field)) = (line.strip_prefix("    type:"), pending_field) {
+                path.push(Step { field, ty });
+                pending_field = None;
+            }
+        }
+        // The errors: `Error:<what>`, `Expected:`, values, `Found:`, values.
+        let mut errors: Vec<(&str, String, String)> = Vec::new();
+        let mut i = 0;
+        while i < block.len() {
+            if let Some(what) = block[i].strip_prefix("Error:") {
+                let values = |from: usize| -> (Vec<&str>, usize) {
+                    let end = (from..block.len()).find(|&j| !block[j].starts_with(' ')).unwrap_or(block.len());
+                    (block[from..end].to_vec(), end)
+                };
+                if block.get(i + 1) == Some(&"Expected:") {
+                    let (expected, end) = values(i + 2);
+                    if block.get(end) == Some(&"Found:") {
+                        let (found_lines, end2) = values(end + 1);
+                        errors.push((what, summary(&expected), summary(&found_lines)));
+                        i = end2;
+                        continue;
+                    }
+                }
+            } else if block[i] == "Extra:" {
+                if let Some(extra) = block[i + 1..].iter().map(|l| l.trim()).find(|l| !l.is_empty()) {
+                    errors.push(("", extra.to_string(), String::new()));
+                }
+            }
+            i += 1;
+        }
+        let vagueness = |what: &str| VAGUE.iter().position(|v| *v == what).map_or(0, |p| p + 1);
+        let Some((what, expected, found_text)) = errors.into_iter().min_by_key(|(what, ..)| vagueness(what)) else {
+            continue;
+        };
+        let location = match path.len() {
+            0 => String::new(),
+            n if path[n - 1].ty == FN_POINTER || ABOUT_THE_FIELD.iter().any(|a| what.starts_with(a)) => {
+                format!("`{}`: ", place(&path, n - 1))
+            }
+            1 => format!("`{}`: ", path[0].ty),
+            n => format!("`{}` ({}): ", path[n - 1].ty, place(&path, n - 1)),
+        };
+        found = Some(if what.is_empty() {
+            format!("{location}{expected}")
+        } else {
+            format!("{location}{what}: expected `{expected}`, found `{found_text}`")
+        });
+        break;
+    }
+
+    let line = found.unwrap_or_else(|| {
+        let trimmed = || report.lines().map(str::trim).filter(|l| !l.is_empty());
+        trimmed()
+            .find_map(|l| l.strip_prefix("Error:").filter(|what| !what.is_empty()))
+            .or_else(|| trimmed().find(|l| !is_count(l) && (l.contains("error") || l.contains("mismatch"))))
+            .unwrap_or("the layouts differ")
+            .trim_end_matches(':')
+            .to_string()
+    });
+    if line.chars().count() > MAX_CHARS {
+        let mut short: String = line.chars().take(MAX_CHARS - 1).collect();
+        short.push('…');
+        short
+    } else {
+        line
+    }
+}
+
+/// Whether two interface versions are compatible: same major, and while 0.x same minor.
+fn same_interface(expected: &str, found: &str) -> bool {
+    let parts = |v: &str| -> Vec<String> { v.split('.').take(2).map(str::to_string).collect() };
+    let (expected, found) = (parts(expected), parts(found));
+    match (expected.first().map(String::as_str), found.first().map(String::as_str)) {
+        (Some("0"), Some("0")) => expected.get(1) == found.get(1),
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
 }
 
 /// A loaded plugin library (or a plugin linked into this program), ready to construct
@@ -152,6 +317,9 @@ pub struct PluginLibrary {
 impl PluginLibrary {
     /// Loads the plugin library at `path` and checks that it is compatible with this host.
     pub fn load(path: &Path) -> Result<Self, LoadError> {
+        if path.is_dir() {
+            return Err(LoadError::NotAPlugin { path: path.to_path_buf(), reason: "it is a directory".into() });
+        }
         if !path.is_file() {
             return Err(LoadError::NotFound { path: path.to_path_buf() });
         }
@@ -159,6 +327,14 @@ impl PluginLibrary {
         let absolute = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         let header = lib_header_from_path(&absolute).map_err(|e| LoadError::from_library_error(path, None, e))?;
         let found = header.version_strings().version.to_string();
+        // abi_stable alone would accept a plugin with a *newer* 0.x minor; ours must match.
+        if !same_interface(INTERFACE_VERSION, &found) {
+            return Err(LoadError::IncompatibleVersion {
+                path: path.to_path_buf(),
+                expected: INTERFACE_VERSION.to_string(),
+                found,
+            });
+        }
         let module = header
             .init_root_module::<PluginModuleRef>()
             .map_err(|e| LoadError::from_library_error(path, Some(found), e))?;

@@ -1,0 +1,106 @@
+//! # comms-uds: a third-party comms plugin
+//!
+//! A transport over Unix-domain sockets, written the way anyone outside the comms repository
+//! would write a plugin: one crate, depending on `comms-plugin-api` only, built with
+//! `crate-type = ["cdylib"]`, loaded by the host as `libcomms_uds.so`.
+//!
+//! All of the protocol work (hello handshake, frames, batching, reconnect, bounded queues) comes
+//! from [`comms_plugin_api::stream_transport`]; this crate only says how to listen on and dial a
+//! socket path.
+//!
+//! ```toml
+//! [transports.uds]
+//! listen = "/tmp/alice.sock"   # default: $TMPDIR/comms-<node id>.sock
+//! ```
+//!
+//! An existing socket file at `listen` is replaced (a previous run that crashed leaves one
+//! behind); the file is removed again when the transport closes.
+
+use comms_plugin_api::{
+    async_trait, export_plugin,
+    stream_transport::{Acceptor, StreamMedium, StreamSettings, StreamTransport},
+    Envelope, Inbound, Plugin, PluginError, Provides, Setup, Transport, TransportInfo,
+};
+use std::{io, path::PathBuf, sync::Arc};
+use tokio::net::{UnixListener, UnixStream};
+
+/// The plugin.
+#[derive(Debug)]
+pub struct UdsPlugin;
+
+#[async_trait]
+impl Plugin for UdsPlugin {
+    const NAME: &'static str = "uds";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const DESCRIPTION: &'static str = "Unix-domain socket transport (example third-party plugin)";
+    const PROVIDES: Provides = Provides::TRANSPORT;
+
+    async fn new_transport(setup: Setup) -> Result<Arc<dyn Transport>, PluginError> {
+        let settings: StreamSettings = setup.config()?;
+        let path = match &settings.listen {
+            Some(path) => PathBuf::from(path),
+            None => std::env::temp_dir().join(format!("comms-{}.sock", setup.node_id)),
+        };
+        // A stale socket file from an earlier run would make bind fail.
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).map_err(|error| {
+            PluginError::invalid_config(format!("key `listen`: cannot listen on {}: {error}", path.display()))
+        })?;
+        let address = path.display().to_string();
+        let inner = StreamTransport::start("uds", setup.node_id, settings, UdsDialer, UdsAcceptor(listener), address)?;
+        Ok(Arc::new(UdsTransport { inner, path }))
+    }
+}
+
+export_plugin!(UdsPlugin);
+
+/// The transport: a stream transport over a socket file.
+#[derive(Debug)]
+pub struct UdsTransport {
+    inner: StreamTransport<UdsDialer>,
+    path: PathBuf,
+}
+
+#[async_trait]
+impl Transport for UdsTransport {
+    fn info(&self) -> TransportInfo {
+        self.inner.info()
+    }
+
+    async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
+        self.inner.send(address, envelope).await
+    }
+
+    async fn receive(&self, max_batch: usize) -> Result<Vec<Inbound>, PluginError> {
+        self.inner.receive(max_batch).await
+    }
+
+    async fn close(&self) -> Result<(), PluginError> {
+        let closed = self.inner.close().await;
+        let _ = std::fs::remove_file(&self.path);
+        closed
+    }
+}
+
+/// Dials socket paths.
+#[derive(Debug)]
+pub struct UdsDialer;
+
+impl StreamMedium for UdsDialer {
+    type Stream = UnixStream;
+
+    async fn connect(&self, address: &str) -> io::Result<UnixStream> {
+        UnixStream::connect(address).await
+    }
+}
+
+struct UdsAcceptor(UnixListener);
+
+impl Acceptor for UdsAcceptor {
+    type Stream = UnixStream;
+
+    async fn accept(&mut self) -> io::Result<(UnixStream, String)> {
+        let (stream, _) = self.0.accept().await?;
+        Ok((stream, "unix socket peer".to_string()))
+    }
+}

@@ -1,0 +1,117 @@
+//! Helpers shared by the cross-crate tests and benchmarks.
+//!
+//! The tests load plugin libraries exactly as users do, so they need the `.so` files and the
+//! `comms` binary on disk. [`artifacts`] builds them once per test binary with the same cargo
+//! and profile that runs the tests: the workspace plugins, the third-party example plugin (a
+//! separate cargo project) and the deliberately incompatible fixture.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        OnceLock,
+    },
+};
+
+/// Paths of everything the tests load or run.
+#[derive(Debug)]
+pub struct Artifacts {
+    /// Directory with the workspace's plugin libraries and the `comms` binary.
+    pub plugin_dir: PathBuf,
+    /// The `comms` command.
+    pub comms_bin: PathBuf,
+    /// `libcomms_tcp.so`.
+    pub tcp_plugin: PathBuf,
+    /// `libcomms_uds.so`, built from `examples/third-party-plugin` on its own.
+    pub uds_plugin: PathBuf,
+    /// `libcomms_fixture_panicking.so`.
+    pub panicking_plugin: PathBuf,
+    /// A plugin built against another interface version.
+    pub wrong_version_plugin: PathBuf,
+    /// A plugin whose interface version matches but whose types do not.
+    pub wrong_layout_plugin: PathBuf,
+}
+
+/// The repository root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+}
+
+fn profile() -> (&'static str, &'static [&'static str]) {
+    if cfg!(debug_assertions) {
+        ("debug", &[])
+    } else {
+        ("release", &["--release"])
+    }
+}
+
+fn cargo(args: &[&str], target: &Path) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let status = Command::new(&cargo)
+        .args(args)
+        .args(profile().1)
+        .arg("--target-dir")
+        .arg(target)
+        .current_dir(workspace_root())
+        .status()
+        .unwrap_or_else(|error| panic!("cannot run {cargo}: {error}"));
+    assert!(status.success(), "cargo {} failed", args.join(" "));
+}
+
+fn library(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{}{name}{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX))
+}
+
+/// Builds (once per process) and returns every artifact the tests need.
+pub fn artifacts() -> &'static Artifacts {
+    static ARTIFACTS: OnceLock<Artifacts> = OnceLock::new();
+    ARTIFACTS.get_or_init(|| {
+        let target = target_dir();
+        let (profile, _) = profile();
+        cargo(&["build", "-p", "comms-host", "-p", "comms-tcp", "-p", "comms-fixture-panicking"], &target);
+        cargo(&["build", "--manifest-path", "examples/third-party-plugin/Cargo.toml"], &target);
+        let fixture = "tests/fixtures/mismatched-plugin/Cargo.toml";
+        let wrong_version = target.join("fixtures/wrong-version");
+        let wrong_layout = target.join("fixtures/wrong-layout");
+        cargo(&["build", "--manifest-path", fixture, "--no-default-features", "--features", "wrong-version"], &wrong_version);
+        cargo(&["build", "--manifest-path", fixture, "--no-default-features", "--features", "wrong-layout"], &wrong_layout);
+        let plugin_dir = target.join(profile);
+        Artifacts {
+            comms_bin: plugin_dir.join(format!("comms{}", std::env::consts::EXE_SUFFIX)),
+            tcp_plugin: library(&plugin_dir, "comms_tcp"),
+            uds_plugin: library(&plugin_dir, "comms_uds"),
+            panicking_plugin: library(&plugin_dir, "comms_fixture_panicking"),
+            wrong_version_plugin: library(&wrong_version.join(profile), "comms_fixture_mismatched"),
+            wrong_layout_plugin: library(&wrong_layout.join(profile), "comms_fixture_mismatched"),
+            plugin_dir,
+        }
+    })
+}
+
+/// A fresh, empty directory for one test.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("comms-test-{}-{n}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// A loopback address with a port that is free right now.
+pub fn free_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local address").to_string()
+}
+
+/// Writes a config file and returns its path.
+pub fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write config");
+    path
+}

@@ -1,0 +1,75 @@
+//! A bad config gets an error that names the key and the file; nothing starts half-way.
+
+use comms_host::{BuildError, Node};
+use comms_tests::{artifacts, scratch_dir, write_config};
+
+fn plugin_dirs() -> String {
+    format!("plugin_dirs = [{:?}]", artifacts().plugin_dir.to_str().unwrap())
+}
+
+async fn build_error(name: &str, text: &str) -> (String, String) {
+    let dir = scratch_dir(name);
+    let path = write_config(&dir, "node.toml", text);
+    let error = Node::from_config(&path).await.expect_err("the config is bad");
+    (error.to_string(), path.display().to_string())
+}
+
+#[tokio::test]
+async fn unknown_host_key_names_key_and_file() {
+    let (message, file) = build_error("host-key", "[node]\nid = \"a\"\ncodecs = \"json\"\n").await;
+    assert!(message.contains("`codecs`") && message.contains(&file), "{message}");
+}
+
+#[tokio::test]
+async fn unknown_plugin_key_names_key_table_and_file() {
+    let text = format!("[node]\nid = \"a\"\n{}\n[transports.tcp]\nmax_frame_sise = 10\n", plugin_dirs());
+    let (message, file) = build_error("plugin-key", &text).await;
+    assert!(message.contains("`max_frame_sise`"), "{message}");
+    assert!(message.contains("[transports.tcp]") && message.contains(&file), "{message}");
+}
+
+#[tokio::test]
+async fn mistyped_plugin_key_names_the_key() {
+    let text = format!("[node]\nid = \"a\"\n{}\n[transports.tcp]\nmax_frame_size = \"big\"\n", plugin_dirs());
+    let (message, file) = build_error("plugin-type", &text).await;
+    assert!(message.contains("`max_frame_size`") && message.contains(&file), "{message}");
+}
+
+#[tokio::test]
+async fn bad_value_for_a_known_key_names_it() {
+    let text = format!("[node]\nid = \"a\"\n{}\n[transports.tcp]\nlisten = \"not an address\"\n", plugin_dirs());
+    let (message, _) = build_error("listen", &text).await;
+    assert!(message.contains("`listen`") && message.contains("not an address"), "{message}");
+}
+
+#[tokio::test]
+async fn missing_plugin_names_the_file_looked_for_and_where() {
+    let text = format!("[node]\nid = \"a\"\n{}\n[transports.carrier-pigeon]\n", plugin_dirs());
+    let dir = scratch_dir("missing");
+    let path = write_config(&dir, "node.toml", &text);
+    let error = Node::from_config(&path).await.unwrap_err();
+    assert!(matches!(error, BuildError::PluginNotFound { .. }), "{error}");
+    let message = error.to_string();
+    assert!(message.contains("libcomms_carrier_pigeon"), "{message}");
+    assert!(message.contains(artifacts().plugin_dir.to_str().unwrap()), "{message}");
+}
+
+#[tokio::test]
+async fn a_node_without_transports_is_refused() {
+    let (message, _) = build_error("no-transport", "[node]\nid = \"a\"\n").await;
+    assert!(message.contains("no transport configured"), "{message}");
+}
+
+#[test]
+fn the_cli_reports_a_bad_key_with_the_file_and_fails() {
+    let dir = scratch_dir("cli");
+    let path = write_config(&dir, "node.toml", "[node]\nidd = \"a\"\n");
+    let output = std::process::Command::new(&artifacts().comms_bin)
+        .args(["recv", "--count", "1", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("`idd`") && stderr.contains(&path.display().to_string()), "{stderr}");
+}
