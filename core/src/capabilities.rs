@@ -21,7 +21,7 @@ impl Capabilities {
     pub const ACKNOWLEDGEMENTS: Self = Self(1 << 1);
     /// Messages survive a restart of the process or the medium.
     pub const DURABLE: Self = Self(1 << 2);
-    /// The transport routes [`crate::Destination::Topic`] itself (broker pub/sub).
+    /// The transport routes topics ([`crate::Destination::TOPIC`]) itself (broker pub/sub).
     pub const NATIVE_TOPICS: Self = Self(1 << 3);
     /// A message accepted by `send` is delivered unless the receiver is gone for good
     /// (retransmission, reconnect with resend).
@@ -46,11 +46,7 @@ impl Capabilities {
             (Capabilities::NATIVE_TOPICS, "native-topics"),
             (Capabilities::RELIABLE, "reliable"),
         ];
-        NAMES
-            .iter()
-            .filter(|(flag, _)| self.contains(*flag))
-            .map(|(_, name)| *name)
-            .collect()
+        NAMES.iter().filter(|(flag, _)| self.contains(*flag)).map(|(_, name)| *name).collect()
     }
 }
 

@@ -28,6 +28,8 @@
 //! - Codes and flags are integers with named constants rather than Rust enums, so a newer peer
 //!   can send a value an older one does not know without breaking the layout.
 
+#![warn(missing_docs)]
+
 mod capabilities;
 mod discovery;
 mod envelope;

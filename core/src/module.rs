@@ -2,12 +2,8 @@
 
 use crate::{CommsResult, DiscoveryBox, NodeId, TransportBox};
 use abi_stable::{
-    declare_root_module_statics,
-    library::RootModule,
-    package_version_strings,
-    sabi_types::VersionStrings,
-    std_types::RString,
-    StableAbi,
+    declare_root_module_statics, library::RootModule, package_version_strings, sabi_types::VersionStrings,
+    std_types::RString, StableAbi,
 };
 use async_ffi::FfiFuture;
 

@@ -90,8 +90,8 @@ pub fn load(path: &Path) -> Result<NodeBuilder, ConfigError> {
         let toml::Value::Table(table) = value else {
             return Err(error(format!("key `transports.{name}`: must be a table like [transports.{name}]")));
         };
-        let (source, config) = split_plugin_keys(table, &name, base, &format!("transports.{name}"))
-            .map_err(error)?;
+        let (source, config) =
+            split_plugin_keys(table, &name, base, &format!("transports.{name}")).map_err(error)?;
         builder = builder.transport_from(name, source, config);
     }
     let (source, config) =
@@ -169,7 +169,8 @@ mod tests {
         let mut table = toml::Table::new();
         table.insert("path".into(), "lib/libcomms_x.so".into());
         table.insert("listen".into(), "127.0.0.1:1".into());
-        let (source, config) = split_plugin_keys(table, "x", Path::new("/etc/comms"), "transports.x").unwrap();
+        let (source, config) =
+            split_plugin_keys(table, "x", Path::new("/etc/comms"), "transports.x").unwrap();
         assert_eq!(source, PluginSource::Path(PathBuf::from("/etc/comms/lib/libcomms_x.so")));
         assert_eq!(config.trim(), "listen = \"127.0.0.1:1\"");
     }

@@ -28,7 +28,7 @@ pub enum BuildError {
         role: String,
         /// Why loading failed; `details()` has the long form.
         #[source]
-        source: LoadError,
+        source: Box<LoadError>,
     },
     /// The plugin loaded but refused to start.
     #[error("{role} (plugin `{plugin}`) failed to start: {error}")]

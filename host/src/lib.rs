@@ -23,6 +23,8 @@
 //! The host never sees `abi_stable` types: loading and calling plugins goes through
 //! [`comms_plugin_api::host_side`].
 
+#![warn(missing_docs)]
+
 pub mod codec;
 pub mod config;
 pub mod error;

@@ -9,8 +9,8 @@ use crate::{
 };
 use comms_plugin_api::{
     host_side::{LoadedDiscovery, LoadedTransport, PluginLibrary},
-    Capabilities, Destination, Envelope, ErrorCode, MessageId, NodeId, NodeRecord, PeerEventKind, PluginError,
-    Settlement, SettlementOutcome,
+    Capabilities, Destination, Envelope, ErrorCode, MessageId, NodeId, NodeRecord, PeerEventKind,
+    PluginError, Settlement, SettlementOutcome,
 };
 use futures::Stream;
 use serde::{de::DeserializeOwned, Serialize};
@@ -169,14 +169,27 @@ impl NodeBuilder {
 
     /// Adds a transport from a plugin library already loaded, or linked into this program with
     /// [`PluginLibrary::linked`].
-    pub fn transport_library(mut self, name: impl Into<String>, library: PluginLibrary, config_toml: &str) -> Self {
-        let spec = TransportSpec { name: name.into(), plugin: PluginChoice::Library(library), config_toml: config_toml.into() };
+    pub fn transport_library(
+        mut self,
+        name: impl Into<String>,
+        library: PluginLibrary,
+        config_toml: &str,
+    ) -> Self {
+        let spec = TransportSpec {
+            name: name.into(),
+            plugin: PluginChoice::Library(library),
+            config_toml: config_toml.into(),
+        };
         self.transports.push(spec);
         self
     }
 
     /// Adds a peer to static discovery: its id and `(transport, address)` pairs.
-    pub fn static_peer<'a>(mut self, id: &str, addresses: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+    pub fn static_peer<'a>(
+        mut self,
+        id: &str,
+        addresses: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Self {
         self.static_peers.push(StaticPeer {
             id: id.to_string(),
             addresses: addresses.into_iter().map(|(t, a)| (t.to_string(), a.to_string())).collect(),
@@ -197,10 +210,17 @@ impl NodeBuilder {
         BuildError::Config(ConfigError { file, message })
     }
 
-    fn resolve(&self, choice: PluginChoice, role: &str, dirs: &[PathBuf]) -> Result<PluginLibrary, BuildError> {
+    fn resolve(
+        &self,
+        choice: PluginChoice,
+        role: &str,
+        dirs: &[PathBuf],
+    ) -> Result<PluginLibrary, BuildError> {
         let path = match choice {
             PluginChoice::Library(library) => return Ok(library),
-            PluginChoice::Source(PluginSource::Name(name)) if name == STATIC_DISCOVERY && role == "discovery" => {
+            PluginChoice::Source(PluginSource::Name(name))
+                if name == STATIC_DISCOVERY && role == "discovery" =>
+            {
                 return Ok(PluginLibrary::linked::<StaticDiscoveryPlugin>())
             }
             PluginChoice::Source(PluginSource::Path(path)) => path,
@@ -213,7 +233,8 @@ impl NodeBuilder {
                 })?
             }
         };
-        PluginLibrary::load(&path).map_err(|source| BuildError::Load { role: role.to_string(), source })
+        PluginLibrary::load(&path)
+            .map_err(|source| BuildError::Load { role: role.to_string(), source: Box::new(source) })
     }
 
     /// A plugin's refusal: a config error (naming file and table) when the plugin says so.
@@ -241,8 +262,14 @@ impl NodeBuilder {
                     library
                         .new_transport(&self.id, &spec.name, &spec.config_toml)
                         .await
-                        .map(|loaded| NodeTransport { name: spec.name.clone(), plugin: plugin.clone(), loaded })
-                        .map_err(|error| self.start_error(&format!("transports.{}", spec.name), &role, &plugin, error))
+                        .map(|loaded| NodeTransport {
+                            name: spec.name.clone(),
+                            plugin: plugin.clone(),
+                            loaded,
+                        })
+                        .map_err(|error| {
+                            self.start_error(&format!("transports.{}", spec.name), &role, &plugin, error)
+                        })
                 }
                 Err(error) => Err(error),
             };
@@ -272,12 +299,14 @@ impl NodeBuilder {
             .discovery
             .take()
             .unwrap_or((PluginChoice::Source(PluginSource::Name(STATIC_DISCOVERY.into())), String::new()));
-        let is_static = matches!(&choice, PluginChoice::Source(PluginSource::Name(n)) if n == STATIC_DISCOVERY);
+        let is_static =
+            matches!(&choice, PluginChoice::Source(PluginSource::Name(n)) if n == STATIC_DISCOVERY);
         if is_static && !self.static_peers.is_empty() {
             let mut config: StaticDiscoveryConfig = comms_plugin_api::config::parse_config(&config_toml)
                 .map_err(|e| self.config_error(format!("[discovery] {}", e.message)))?;
             config.peers.append(&mut self.static_peers);
-            config_toml = toml::to_string(&config).map_err(|e| self.config_error(format!("[discovery] {e}")))?;
+            config_toml =
+                toml::to_string(&config).map_err(|e| self.config_error(format!("[discovery] {e}")))?;
         }
         let library = self.resolve(choice, "discovery", dirs)?;
         let plugin = library.description().name.clone();
@@ -287,10 +316,14 @@ impl NodeBuilder {
             .map_err(|error| self.start_error("discovery", "discovery", &plugin, error))?;
         let record = NodeRecord {
             id: self.id.clone(),
-            addresses: transports.iter().map(|t| (t.name.clone(), t.loaded.info().local_address.clone())).collect(),
+            addresses: transports
+                .iter()
+                .map(|t| (t.name.clone(), t.loaded.info().local_address.clone()))
+                .collect(),
             ..NodeRecord::default()
         };
-        let start_error = |error| BuildError::Start { role: "discovery".into(), plugin: plugin.clone(), error };
+        let start_error =
+            |error| BuildError::Start { role: "discovery".into(), plugin: plugin.clone(), error };
         discovery.announce(record.clone()).await.map_err(start_error)?;
         let peers = discovery.peers().await.map_err(start_error)?;
         Ok((discovery, record, peers))
@@ -369,7 +402,12 @@ impl Node {
         let receive_loops = transports
             .iter()
             .map(|t| {
-                tokio::spawn(receive_loop(Arc::clone(t), inbox_tx.clone(), shutdown.subscribe(), closing.subscribe()))
+                tokio::spawn(receive_loop(
+                    Arc::clone(t),
+                    inbox_tx.clone(),
+                    shutdown.subscribe(),
+                    closing.subscribe(),
+                ))
             })
             .collect();
         tokio::spawn(watch_peers(Arc::clone(&discovery), Arc::clone(&peers), shutdown.subscribe()));
@@ -435,7 +473,11 @@ impl Node {
 
     /// Sends `message` to node `to`. Completes when a transport has taken it; waits while that
     /// transport's queue is full.
-    pub async fn send<T: Serialize + ?Sized>(&self, to: impl Into<NodeId>, message: &T) -> Result<MessageId, SendError> {
+    pub async fn send<T: Serialize + ?Sized>(
+        &self,
+        to: impl Into<NodeId>,
+        message: &T,
+    ) -> Result<MessageId, SendError> {
         let to = to.into();
         let payload = self.inner.codec.encode(message)?;
         let envelope = Envelope {
@@ -483,11 +525,11 @@ impl Node {
         };
         let to = to.clone();
         let (transport, address) = self.route(&to)?;
-        transport
-            .loaded
-            .send(&address, envelope)
-            .await
-            .map_err(|error| SendError::Transport { transport: transport.name.clone(), peer: to, error })
+        transport.loaded.send(&address, envelope).await.map_err(|error| SendError::Transport {
+            transport: transport.name.clone(),
+            peer: to,
+            error,
+        })
     }
 
     /// The first transport (in config order) on which the peer has an address.
@@ -520,7 +562,9 @@ impl Node {
         };
         let decoded = codec.and_then(|codec| codec.decode(envelope.payload.as_slice()));
         match decoded {
-            Ok(message) => Ok(Received { from: envelope.from, id: envelope.id, headers: envelope.headers, message }),
+            Ok(message) => {
+                Ok(Received { from: envelope.from, id: envelope.id, headers: envelope.headers, message })
+            }
             Err(source) => Err(ReceiveError::Decode { from: envelope.from, id: envelope.id, source }),
         }
     }
@@ -530,13 +574,17 @@ impl Node {
         let mut inbox = self.inner.inbox.lock().await;
         match inbox.recv().await {
             Some(InboxItem::Message(envelope)) => Ok(envelope),
-            Some(InboxItem::TransportFailed { transport, error }) => Err(ReceiveError::Transport { transport, error }),
+            Some(InboxItem::TransportFailed { transport, error }) => {
+                Err(ReceiveError::Transport { transport, error })
+            }
             None => Err(ReceiveError::Closed),
         }
     }
 
     /// The received messages as a stream; it ends when the node is closed and drained.
-    pub fn messages<T: DeserializeOwned>(&self) -> impl Stream<Item = Result<Received<T>, ReceiveError>> + '_ {
+    pub fn messages<T: DeserializeOwned>(
+        &self,
+    ) -> impl Stream<Item = Result<Received<T>, ReceiveError>> + '_ {
         futures::stream::unfold(self, |node| async move {
             match node.receive::<T>().await {
                 Err(ReceiveError::Closed) => None,
@@ -612,7 +660,11 @@ async fn receive_loop(
                     let tag = inbound.delivery_tag;
                     inbox_open = inbox_open && inbox.send(InboxItem::Message(inbound.envelope)).await.is_ok();
                     if acknowledges {
-                        let outcome = if inbox_open { SettlementOutcome::ACCEPTED } else { SettlementOutcome::REJECTED_REQUEUE };
+                        let outcome = if inbox_open {
+                            SettlementOutcome::ACCEPTED
+                        } else {
+                            SettlementOutcome::REJECTED_REQUEUE
+                        };
                         settlements.push(Settlement { delivery_tag: tag, outcome });
                     }
                 }

@@ -68,9 +68,17 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn retry_returns_the_first_success_or_the_last_error() {
-        let backoff = Backoff { initial: Duration::from_millis(1), max: Duration::from_millis(1), attempts: 3 };
-        let ok: Result<u32, (&str, u32)> =
-            backoff.retry(|n| async move { if n == 2 { Ok(n) } else { Err("no") } }).await;
+        let backoff =
+            Backoff { initial: Duration::from_millis(1), max: Duration::from_millis(1), attempts: 3 };
+        let ok: Result<u32, (&str, u32)> = backoff
+            .retry(|n| async move {
+                if n == 2 {
+                    Ok(n)
+                } else {
+                    Err("no")
+                }
+            })
+            .await;
         assert_eq!(ok, Ok(2));
         let failed: Result<u32, (&str, u32)> = backoff.retry(|_| async { Err("down") }).await;
         assert_eq!(failed, Err(("down", 3)));

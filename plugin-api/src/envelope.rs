@@ -1,11 +1,11 @@
 //! Idiomatic message types, and their lossless conversion to and from the boundary's types.
 
 use crate::PluginError;
+pub use comms_core::MessageId;
 use comms_core::{
     abi_stable::std_types::{ROption, RString, RVec},
     ErrorCode,
 };
-pub use comms_core::MessageId;
 use std::fmt;
 
 /// The stable identity of a node.
@@ -160,10 +160,7 @@ impl Envelope {
         comms_core::Envelope {
             id: self.id,
             from: self.from.into_abi(),
-            to: comms_core::Destination {
-                kind: self.to.kind_code(),
-                name: RString::from(self.to.name()),
-            },
+            to: comms_core::Destination { kind: self.to.kind_code(), name: RString::from(self.to.name()) },
             correlation_id: self.correlation_id.into(),
             headers: self
                 .headers

@@ -1,7 +1,7 @@
 //! The error type plugin code returns, and its conversion to the boundary's `CommsError`.
 
-use comms_core::{abi_stable::std_types::RString, CommsError};
 pub use comms_core::ErrorCode;
+use comms_core::{abi_stable::std_types::RString, CommsError};
 use std::fmt;
 
 /// An error from a transport, a discovery or a plugin constructor: a code, a message and whether

@@ -24,8 +24,12 @@ use std::sync::Arc;
 /// The root module for plugin `P`. [`crate::export_plugin!`] exports it; a program that links a
 /// plugin crate statically can pass it to the host directly.
 pub fn plugin_module<P: Plugin>() -> PluginModuleRef {
-    PluginModule { info: plugin_info::<P>, new_transport: new_transport::<P>, new_discovery: new_discovery::<P> }
-        .leak_into_prefix()
+    PluginModule {
+        info: plugin_info::<P>,
+        new_transport: new_transport::<P>,
+        new_discovery: new_discovery::<P>,
+    }
+    .leak_into_prefix()
 }
 
 /// Wraps an idiomatic transport into the boundary's trait object.
@@ -83,7 +87,10 @@ impl comms_core::Transport for TransportAdapter {
 
     fn send(&self, address: RString, envelope: comms_core::Envelope) -> FfiFuture<CommsResult<()>> {
         let transport = Arc::clone(&self.0);
-        guard_future("send", async move { transport.send(address.as_str(), Envelope::from_abi(envelope)?).await })
+        guard_future(
+            "send",
+            async move { transport.send(address.as_str(), Envelope::from_abi(envelope)?).await },
+        )
     }
 
     fn receive(&self, max_batch: u32) -> FfiFuture<CommsResult<RVec<comms_core::Inbound>>> {
@@ -166,7 +173,8 @@ macro_rules! export_plugin {
 
         #[doc(hidden)]
         #[no_mangle]
-        pub static _1as_0lib_1header_0root_bmodule_bloader: $crate::__private::abi_stable::library::LibHeader = {
+        pub static _1as_0lib_1header_0root_bmodule_bloader:
+            $crate::__private::abi_stable::library::LibHeader = {
             extern "C" fn erased_root_module() -> $crate::__private::abi_stable::library::RootModuleResult {
                 $crate::__private::abi_stable::library::__call_root_module_loader(comms_plugin_module)
             }

@@ -43,7 +43,10 @@ pub fn append_frame(out: &mut Vec<u8>, body: &[u8]) {
 }
 
 /// Reads one frame body. `Ok(None)` means the stream ended cleanly between frames.
-pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, max: u32) -> Result<Option<Vec<u8>>, FrameError> {
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    max: u32,
+) -> Result<Option<Vec<u8>>, FrameError> {
     let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
     let mut filled = 0;
     while filled < prefix.len() {

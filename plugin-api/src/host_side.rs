@@ -113,7 +113,9 @@ impl LoadError {
             }
             // abi_stable reports a version difference it finds inside the layout check as a
             // layout error; to the user it is a version mismatch.
-            LibraryError::AbiInstability(_) if found.as_deref().is_some_and(|f| !same_interface(&expected, f)) => {
+            LibraryError::AbiInstability(_)
+                if found.as_deref().is_some_and(|f| !same_interface(&expected, f)) =>
+            {
                 Self::IncompatibleVersion { path, expected, found: found.unwrap_or_default() }
             }
             LibraryError::AbiInstability(report) => {
@@ -177,7 +179,8 @@ fn first_mismatch(report: &str) -> String {
     /// One indented value of `Expected:`/`Found:` as a short phrase.
     fn summary(lines: &[&str]) -> String {
         let value = |key: &str| lines.iter().find_map(|l| l.trim().strip_prefix(key));
-        let signature = lines.iter().map(|l| l.trim()).find(|l| l.starts_with("fn(") || l.starts_with("extern"));
+        let signature =
+            lines.iter().map(|l| l.trim()).find(|l| l.starts_with("fn(") || l.starts_with("extern"));
         let text = match (value("field_name:"), value("type:")) {
             (Some(name), Some(ty)) => {
                 let ty = if ty == FN_POINTER { signature.unwrap_or(ty) } else { ty };
@@ -237,7 +240,8 @@ fn first_mismatch(report: &str) -> String {
         while i < block.len() {
             if let Some(what) = block[i].strip_prefix("Error:") {
                 let values = |from: usize| -> (Vec<&str>, usize) {
-                    let end = (from..block.len()).find(|&j| !block[j].starts_with(' ')).unwrap_or(block.len());
+                    let end =
+                        (from..block.len()).find(|&j| !block[j].starts_with(' ')).unwrap_or(block.len());
                     (block[from..end].to_vec(), end)
                 };
                 if block.get(i + 1) == Some(&"Expected:") {
@@ -257,7 +261,8 @@ fn first_mismatch(report: &str) -> String {
             i += 1;
         }
         let vagueness = |what: &str| VAGUE.iter().position(|v| *v == what).map_or(0, |p| p + 1);
-        let Some((what, expected, found_text)) = errors.into_iter().min_by_key(|(what, ..)| vagueness(what)) else {
+        let Some((what, expected, found_text)) = errors.into_iter().min_by_key(|(what, ..)| vagueness(what))
+        else {
             continue;
         };
         let location = match path.len() {
@@ -318,14 +323,18 @@ impl PluginLibrary {
     /// Loads the plugin library at `path` and checks that it is compatible with this host.
     pub fn load(path: &Path) -> Result<Self, LoadError> {
         if path.is_dir() {
-            return Err(LoadError::NotAPlugin { path: path.to_path_buf(), reason: "it is a directory".into() });
+            return Err(LoadError::NotAPlugin {
+                path: path.to_path_buf(),
+                reason: "it is a directory".into(),
+            });
         }
         if !path.is_file() {
             return Err(LoadError::NotFound { path: path.to_path_buf() });
         }
         // An absolute path, so the dynamic loader never searches its library path instead.
         let absolute = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        let header = lib_header_from_path(&absolute).map_err(|e| LoadError::from_library_error(path, None, e))?;
+        let header =
+            lib_header_from_path(&absolute).map_err(|e| LoadError::from_library_error(path, None, e))?;
         let found = header.version_strings().version.to_string();
         // abi_stable alone would accept a plugin with a *newer* 0.x minor; ours must match.
         if !same_interface(INTERFACE_VERSION, &found) {
@@ -395,7 +404,8 @@ impl PluginLibrary {
             )));
         }
         let setup = Self::setup(node_id, instance_name, config_toml);
-        let inner = (self.module.new_transport())(setup).await.into_result().map_err(PluginError::from_abi)?;
+        let inner =
+            (self.module.new_transport())(setup).await.into_result().map_err(PluginError::from_abi)?;
         let info = inner.info().into_result().map_err(PluginError::from_abi)?;
         let info = TransportInfo {
             capabilities: info.capabilities,
@@ -419,7 +429,8 @@ impl PluginLibrary {
             )));
         }
         let setup = Self::setup(node_id, instance_name, config_toml);
-        let inner = (self.module.new_discovery())(setup).await.into_result().map_err(PluginError::from_abi)?;
+        let inner =
+            (self.module.new_discovery())(setup).await.into_result().map_err(PluginError::from_abi)?;
         Ok(LoadedDiscovery { inner })
     }
 }
@@ -444,7 +455,11 @@ impl LoadedTransport {
 
     /// See [`crate::Transport::send`].
     pub async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
-        self.inner.send(RString::from(address), envelope.into_abi()).await.into_result().map_err(PluginError::from_abi)
+        self.inner
+            .send(RString::from(address), envelope.into_abi())
+            .await
+            .into_result()
+            .map_err(PluginError::from_abi)
     }
 
     /// See [`crate::Transport::receive`]. A message this host cannot represent (a destination

@@ -59,6 +59,8 @@
 //! (A real `receive` waits for a message instead of returning an empty batch; see the TCP
 //! backend or `examples/third-party-plugin`.)
 
+#![warn(missing_docs)]
+
 pub mod backoff;
 pub mod config;
 mod discovery;

@@ -123,7 +123,10 @@ where
 }
 
 /// Runs a synchronous plugin entry point inside the plugin runtime, turning a panic into an error.
-pub fn guard_call<T>(place: &'static str, call: impl FnOnce() -> Result<T, PluginError>) -> RResult<T, CommsError> {
+pub fn guard_call<T>(
+    place: &'static str,
+    call: impl FnOnce() -> Result<T, PluginError>,
+) -> RResult<T, CommsError> {
     let _runtime = plugin_runtime().enter();
     match catch_unwind(AssertUnwindSafe(call)) {
         Ok(result) => result.map_err(PluginError::into_abi).into(),

@@ -1,1 +1,557 @@
-fn main() {}
+//! TCP throughput and latency of comms, compared with what a user would write by hand.
+//!
+//! Run it with
+//!
+//! ```text
+//! cargo bench -p comms-tests --bench tcp_throughput
+//! COMMS_BENCH_SCALE=0.1 cargo bench -p comms-tests --bench tcp_throughput   # quicker, noisier
+//! ```
+//!
+//! It prints a table (to stdout; progress goes to stderr) with three variants, each over
+//! loopback TCP, for payloads of 64 B and 1 KiB:
+//!
+//! - **a**: the TCP plugin as users get it, `libcomms_tcp.so` loaded with
+//!   [`PluginLibrary::load`], driven through the full [`Node`] API;
+//! - **b**: the same plugin crate linked statically ([`PluginLibrary::linked`]), through the same
+//!   `Node` API: the difference between a and b is the cost of loading it dynamically;
+//! - **c**: plain tokio, no comms: a `TcpStream` pair (`TCP_NODELAY` on, like the plugin), frames
+//!   written by hand as a `u32` big-endian length and the body, a 64 KiB `BufWriter` on the
+//!   sending side (flushed at the end of a burst, or after each ping), a 64 KiB `BufReader` on the
+//!   receiving side, each received body in its own `Vec<u8>` as an application would get it.
+//!
+//! Two measurements per variant and payload:
+//!
+//! - **one-way throughput**: one sender sends N messages as fast as it can, one receiver counts
+//!   them; the time runs from the first send to the last receive. The comms variants send with
+//!   [`Node::send_raw`] (raw bytes with a `content-type` header, no serialization) and receive with
+//!   [`Node::receive_envelope`] (no decoding), so both sides move the same bytes as the baseline.
+//!   Reported as messages per second and MB/s of payload (1 MB = 10^6 bytes), the median of
+//!   `ROUNDS` rounds;
+//! - **ping-pong latency**: send one message, wait for the reply (the same payload back, with the
+//!   request's id as correlation id for comms), repeat; reported as the 50th and 99th percentile
+//!   of the round-trip time in microseconds, over all rounds.
+//!
+//! Message counts per round: 200,000 (64 B) and 100,000 (1 KiB) for throughput, and 5,000
+//! ping-pongs in all, each multiplied by the environment variable `COMMS_BENCH_SCALE` (a float,
+//! default 1). Every variant first gets a short warm-up (connections dialled, buffers grown), and
+//! the rounds alternate between the variants so that a slow phase of the machine hits them all.
+//!
+//! Everything runs on a tokio multi-thread runtime with 2 workers. The comms plugins also run
+//! their own 2-worker runtime each, as they always do. Every step has a time limit: a stuck
+//! benchmark ends with a message naming the step instead of hanging.
+//!
+//! After the table come the throughput ratios a/b and a/c per payload size, against the aims
+//! a/b >= 0.95 (loading the plugin dynamically costs next to nothing) and a/c >= 0.8 (comms is
+//! not much slower than the hand-written baseline).
+
+use comms_host::{Node, NodeId, PluginLibrary};
+use std::{
+    future::Future,
+    io,
+    time::{Duration, Instant},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter},
+    net::{
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+        TcpListener, TcpStream,
+    },
+};
+
+/// Payload sizes measured, in bytes.
+const PAYLOAD_SIZES: [usize; 2] = [64, 1024];
+/// Throughput rounds per variant and payload; the median is reported.
+const ROUNDS: usize = 3;
+/// Buffer size of the hand-written baseline (the plugin batches writes up to 64 KiB and reads
+/// through a 64 KiB buffer too).
+const IO_BUFFER_BYTES: usize = 64 * 1024;
+/// Largest frame the baseline accepts.
+const MAX_FRAME_BYTES: u32 = 16 * 1024 * 1024;
+/// What the comms variants say their payload is.
+const CONTENT_TYPE: &str = "application/octet-stream";
+/// Time limit of one step (setup, one warm-up, one round), multiplied by the scale when above 1.
+const STEP_LIMIT: Duration = Duration::from_secs(60);
+
+/// Counts and limits, from the environment.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    scale: f64,
+    ping_pongs: usize,
+    step_limit: Duration,
+}
+
+impl Settings {
+    fn from_env() -> Self {
+        let scale = match std::env::var("COMMS_BENCH_SCALE") {
+            Err(_) => 1.0,
+            Ok(text) => match text.trim().parse::<f64>() {
+                Ok(scale) if scale.is_finite() && scale > 0.0 => scale,
+                _ => fail(&format!("COMMS_BENCH_SCALE must be a positive number, not `{text}`")),
+            },
+        };
+        Self { scale, ping_pongs: scaled(5_000, scale), step_limit: STEP_LIMIT.mul_f64(scale.max(1.0)) }
+    }
+
+    /// Messages per throughput round for one payload size.
+    fn throughput_messages(&self, payload: usize) -> usize {
+        scaled(if payload <= 64 { 200_000 } else { 100_000 }, self.scale)
+    }
+
+    /// Messages of a throughput warm-up.
+    fn throughput_warm_up(&self, payload: usize) -> usize {
+        (self.throughput_messages(payload) / 10).max(1_000)
+    }
+
+    /// Ping-pongs of a warm-up.
+    fn ping_pong_warm_up(&self) -> usize {
+        (self.ping_pongs / 10).max(200)
+    }
+
+    /// Ping-pongs in round `round` (the total spread over the rounds).
+    fn ping_pongs_in_round(&self, round: usize) -> usize {
+        self.ping_pongs / ROUNDS + usize::from(round < self.ping_pongs % ROUNDS)
+    }
+}
+
+fn scaled(count: usize, scale: f64) -> usize {
+    ((count as f64 * scale).round() as usize).max(1)
+}
+
+/// Ends the benchmark with a message, without waiting for tasks that may be stuck.
+fn fail(message: &str) -> ! {
+    eprintln!("tcp_throughput benchmark failed: {message}");
+    std::process::exit(1)
+}
+
+/// Runs one step under the time limit.
+async fn step<T>(
+    what: &str,
+    limit: Duration,
+    work: impl Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(limit, work).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(format!("{what}: {error}")),
+        Err(_) => Err(format!("{what}: not done within {} s; the benchmark is stuck", limit.as_secs())),
+    }
+}
+
+/// Two comms nodes over the TCP plugin: `sender` sends to `receiver`, which answers pings.
+struct CommsPair {
+    sender: Node,
+    receiver: Node,
+    receiver_id: NodeId,
+    headers: Vec<(String, String)>,
+}
+
+impl CommsPair {
+    async fn start(tag: &str, library: PluginLibrary) -> Result<Self, String> {
+        let sender_id = format!("{tag}-sender");
+        let receiver_id = format!("{tag}-receiver");
+        // The receiver's address is chosen first so that each node can name the other at build time.
+        let receiver_address = comms_tests::free_address();
+        let sender = Node::builder(sender_id.as_str())
+            .transport_library("tcp", library.clone(), r#"listen = "127.0.0.1:0""#)
+            .static_peer(&receiver_id, [("tcp", receiver_address.as_str())])
+            .build()
+            .await
+            .map_err(|error| format!("building node {sender_id}: {error}"))?;
+        let sender_address = sender.transports()[0].local_address.clone();
+        let receiver = Node::builder(receiver_id.as_str())
+            .transport_library("tcp", library, &format!("listen = \"{receiver_address}\""))
+            .static_peer(&sender_id, [("tcp", sender_address.as_str())])
+            .build()
+            .await
+            .map_err(|error| format!("building node {receiver_id}: {error}"))?;
+        let headers = vec![("content-type".to_string(), CONTENT_TYPE.to_string())];
+        Ok(Self { sender, receiver, receiver_id: NodeId::new(receiver_id), headers })
+    }
+
+    async fn throughput(&self, count: usize, payload: &[u8]) -> Result<Duration, String> {
+        let receiver = self.receiver.clone();
+        let expected = payload.len();
+        let counter = tokio::spawn(async move {
+            for n in 0..count {
+                let envelope = receiver
+                    .receive_envelope()
+                    .await
+                    .map_err(|error| format!("receiving message {n}: {error}"))?;
+                if envelope.payload.len() != expected {
+                    return Err(format!(
+                        "message {n} has {} bytes, expected {expected}",
+                        envelope.payload.len()
+                    ));
+                }
+            }
+            Ok(Instant::now())
+        });
+        let start = Instant::now();
+        for n in 0..count {
+            self.sender
+                .send_raw(self.receiver_id.clone(), self.headers.clone(), payload.to_vec(), None)
+                .await
+                .map_err(|error| format!("sending message {n}: {error}"))?;
+        }
+        let end = counter.await.map_err(|error| format!("receiving task: {error}"))??;
+        Ok(end - start)
+    }
+
+    async fn ping_pong(&self, count: usize, payload: &[u8], rtts: &mut Vec<Duration>) -> Result<(), String> {
+        let echo = {
+            let node = self.receiver.clone();
+            let headers = self.headers.clone();
+            tokio::spawn(async move {
+                for n in 0..count {
+                    let ping = node
+                        .receive_envelope()
+                        .await
+                        .map_err(|error| format!("receiving ping {n}: {error}"))?;
+                    node.send_raw(ping.from, headers.clone(), ping.payload.to_vec(), Some(ping.id))
+                        .await
+                        .map_err(|error| format!("sending pong {n}: {error}"))?;
+                }
+                Ok::<(), String>(())
+            })
+        };
+        for n in 0..count {
+            let start = Instant::now();
+            let id = self
+                .sender
+                .send_raw(self.receiver_id.clone(), self.headers.clone(), payload.to_vec(), None)
+                .await
+                .map_err(|error| format!("sending ping {n}: {error}"))?;
+            let pong = self
+                .sender
+                .receive_envelope()
+                .await
+                .map_err(|error| format!("receiving pong {n}: {error}"))?;
+            rtts.push(start.elapsed());
+            if pong.correlation_id != Some(id) || pong.payload.len() != payload.len() {
+                return Err(format!("pong {n} does not answer ping {n}"));
+            }
+        }
+        echo.await.map_err(|error| format!("echo task: {error}"))?
+    }
+
+    async fn close(&self) -> Result<(), String> {
+        self.sender.close().await.map_err(|error| format!("closing the sender: {error}"))?;
+        self.receiver.close().await.map_err(|error| format!("closing the receiver: {error}"))
+    }
+}
+
+type Reader = BufReader<OwnedReadHalf>;
+type Writer = BufWriter<OwnedWriteHalf>;
+
+/// The baseline: one TCP connection, frames written and read by hand.
+struct RawPair {
+    client_read: Reader,
+    client_write: Writer,
+    /// The accepting side; lent to a task for each measurement.
+    server: Option<(Reader, Writer)>,
+}
+
+impl RawPair {
+    async fn start() -> Result<Self, String> {
+        let listener =
+            TcpListener::bind("127.0.0.1:0").await.map_err(|error| format!("listening: {error}"))?;
+        let address = listener.local_addr().map_err(|error| error.to_string())?;
+        let (client, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+        let client = client.map_err(|error| format!("connecting: {error}"))?;
+        let (server, _) = accepted.map_err(|error| format!("accepting: {error}"))?;
+        let halves = |stream: TcpStream| -> io::Result<(Reader, Writer)> {
+            stream.set_nodelay(true)?;
+            let (read, write) = stream.into_split();
+            Ok((
+                BufReader::with_capacity(IO_BUFFER_BYTES, read),
+                BufWriter::with_capacity(IO_BUFFER_BYTES, write),
+            ))
+        };
+        let (client_read, client_write) = halves(client).map_err(|error| error.to_string())?;
+        let server = halves(server).map_err(|error| error.to_string())?;
+        Ok(Self { client_read, client_write, server: Some(server) })
+    }
+
+    fn take_server(&mut self) -> Result<(Reader, Writer), String> {
+        self.server.take().ok_or_else(|| "the server side was lost by an earlier failure".to_string())
+    }
+
+    async fn throughput(&mut self, count: usize, payload: &[u8]) -> Result<Duration, String> {
+        let (mut read, write) = self.take_server()?;
+        let expected = payload.len();
+        let counter = tokio::spawn(async move {
+            for n in 0..count {
+                let body =
+                    read_frame(&mut read).await.map_err(|error| format!("receiving message {n}: {error}"))?;
+                if body.len() != expected {
+                    return Err(format!("message {n} has {} bytes, expected {expected}", body.len()));
+                }
+            }
+            Ok((Instant::now(), read))
+        });
+        let start = Instant::now();
+        for n in 0..count {
+            write_frame(&mut self.client_write, payload)
+                .await
+                .map_err(|error| format!("sending message {n}: {error}"))?;
+        }
+        self.client_write.flush().await.map_err(|error| format!("flushing: {error}"))?;
+        let (end, read) = counter.await.map_err(|error| format!("receiving task: {error}"))??;
+        self.server = Some((read, write));
+        Ok(end - start)
+    }
+
+    async fn ping_pong(
+        &mut self,
+        count: usize,
+        payload: &[u8],
+        rtts: &mut Vec<Duration>,
+    ) -> Result<(), String> {
+        let (mut read, mut write) = self.take_server()?;
+        let echo = tokio::spawn(async move {
+            for n in 0..count {
+                let ping =
+                    read_frame(&mut read).await.map_err(|error| format!("receiving ping {n}: {error}"))?;
+                write_frame(&mut write, &ping).await.map_err(|error| format!("sending pong {n}: {error}"))?;
+                write.flush().await.map_err(|error| format!("sending pong {n}: {error}"))?;
+            }
+            Ok::<_, String>((read, write))
+        });
+        for n in 0..count {
+            let start = Instant::now();
+            write_frame(&mut self.client_write, payload)
+                .await
+                .map_err(|error| format!("sending ping {n}: {error}"))?;
+            self.client_write.flush().await.map_err(|error| format!("sending ping {n}: {error}"))?;
+            let pong = read_frame(&mut self.client_read)
+                .await
+                .map_err(|error| format!("receiving pong {n}: {error}"))?;
+            rtts.push(start.elapsed());
+            if pong.len() != payload.len() {
+                return Err(format!("pong {n} has {} bytes, expected {}", pong.len(), payload.len()));
+            }
+        }
+        self.server = Some(echo.await.map_err(|error| format!("echo task: {error}"))??);
+        Ok(())
+    }
+}
+
+async fn write_frame(writer: &mut Writer, body: &[u8]) -> io::Result<()> {
+    let length = u32::try_from(body.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too long"))?;
+    writer.write_all(&length.to_be_bytes()).await?;
+    writer.write_all(body).await
+}
+
+async fn read_frame(reader: &mut Reader) -> io::Result<Vec<u8>> {
+    let length = reader.read_u32().await?;
+    if length > MAX_FRAME_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {length} bytes is too large"),
+        ));
+    }
+    let mut body = vec![0; length as usize];
+    reader.read_exact(&mut body).await?;
+    Ok(body)
+}
+
+/// One column of the comparison.
+enum Harness {
+    Comms(CommsPair),
+    Raw(RawPair),
+}
+
+impl Harness {
+    async fn throughput(&mut self, count: usize, payload: &[u8]) -> Result<Duration, String> {
+        match self {
+            Self::Comms(pair) => pair.throughput(count, payload).await,
+            Self::Raw(pair) => pair.throughput(count, payload).await,
+        }
+    }
+
+    async fn ping_pong(
+        &mut self,
+        count: usize,
+        payload: &[u8],
+        rtts: &mut Vec<Duration>,
+    ) -> Result<(), String> {
+        match self {
+            Self::Comms(pair) => pair.ping_pong(count, payload, rtts).await,
+            Self::Raw(pair) => pair.ping_pong(count, payload, rtts).await,
+        }
+    }
+
+    async fn close(&self) -> Result<(), String> {
+        match self {
+            Self::Comms(pair) => pair.close().await,
+            Self::Raw(_) => Ok(()),
+        }
+    }
+}
+
+struct Variant {
+    label: &'static str,
+    harness: Harness,
+}
+
+/// One line of the table.
+#[derive(Debug)]
+struct Row {
+    variant: &'static str,
+    payload: usize,
+    messages_per_second: f64,
+    megabytes_per_second: f64,
+    p50_micros: f64,
+    p99_micros: f64,
+}
+
+/// The `percent` percentile (nearest rank) of sorted samples, in microseconds.
+fn percentile(sorted: &[Duration], percent: usize) -> f64 {
+    let rank = (sorted.len() * percent).div_ceil(100).max(1);
+    sorted[rank - 1].as_secs_f64() * 1e6
+}
+
+async fn run(settings: Settings, dynamic: PluginLibrary) -> Result<Vec<Row>, String> {
+    let limit = settings.step_limit;
+    let linked = PluginLibrary::linked::<comms_tcp::TcpPlugin>();
+    let mut variants = vec![
+        Variant {
+            label: "a: comms, loaded .so",
+            harness: Harness::Comms(
+                step("starting variant a", limit, CommsPair::start("loaded", dynamic)).await?,
+            ),
+        },
+        Variant {
+            label: "b: comms, linked",
+            harness: Harness::Comms(
+                step("starting variant b", limit, CommsPair::start("linked", linked)).await?,
+            ),
+        },
+        Variant {
+            label: "c: raw tokio",
+            harness: Harness::Raw(step("starting variant c", limit, RawPair::start()).await?),
+        },
+    ];
+    let mut rows = Vec::new();
+    for size in PAYLOAD_SIZES {
+        let payload: Vec<u8> = (0..size).map(|i| i as u8).collect();
+        let count = settings.throughput_messages(size);
+        for variant in &mut variants {
+            eprintln!("warming up {} with {size} B payloads", variant.label);
+            let what = format!("{}, {size} B: throughput warm-up", variant.label);
+            step(&what, limit, variant.harness.throughput(settings.throughput_warm_up(size), &payload))
+                .await?;
+            let what = format!("{}, {size} B: ping-pong warm-up", variant.label);
+            let mut ignored = Vec::new();
+            step(
+                &what,
+                limit,
+                variant.harness.ping_pong(settings.ping_pong_warm_up(), &payload, &mut ignored),
+            )
+            .await?;
+        }
+        let mut durations = vec![Vec::new(); variants.len()];
+        let mut rtts = vec![Vec::new(); variants.len()];
+        for round in 0..ROUNDS {
+            eprintln!("{size} B payloads: round {} of {ROUNDS}", round + 1);
+            for (i, variant) in variants.iter_mut().enumerate() {
+                let what = format!("{}, {size} B: throughput round {}", variant.label, round + 1);
+                durations[i].push(step(&what, limit, variant.harness.throughput(count, &payload)).await?);
+            }
+            for (i, variant) in variants.iter_mut().enumerate() {
+                let what = format!("{}, {size} B: ping-pong round {}", variant.label, round + 1);
+                let pings = settings.ping_pongs_in_round(round);
+                step(&what, limit, variant.harness.ping_pong(pings, &payload, &mut rtts[i])).await?;
+            }
+        }
+        for (i, variant) in variants.iter().enumerate() {
+            durations[i].sort();
+            rtts[i].sort();
+            let median = durations[i][durations[i].len() / 2].as_secs_f64();
+            let messages_per_second = count as f64 / median;
+            rows.push(Row {
+                variant: variant.label,
+                payload: size,
+                messages_per_second,
+                megabytes_per_second: messages_per_second * size as f64 / 1e6,
+                p50_micros: percentile(&rtts[i], 50),
+                p99_micros: percentile(&rtts[i], 99),
+            });
+        }
+    }
+    for variant in &variants {
+        step(&format!("closing {}", variant.label), limit, variant.harness.close()).await?;
+    }
+    Ok(rows)
+}
+
+fn print_report(settings: &Settings, rows: &[Row]) {
+    println!();
+    println!(
+        "TCP over loopback; throughput: median of {ROUNDS} rounds of {} (64 B) / {} (1 KiB) messages; \
+         latency: {} ping-pongs (COMMS_BENCH_SCALE={})",
+        settings.throughput_messages(64),
+        settings.throughput_messages(1024),
+        settings.ping_pongs,
+        settings.scale
+    );
+    println!();
+    println!(
+        "| {:<22} | {:>7} | {:>11} | {:>8} | {:>8} | {:>8} |",
+        "variant", "payload", "msg/s", "MB/s", "p50 µs", "p99 µs"
+    );
+    println!("|{:-<24}|{:->9}|{:->13}|{:->10}|{:->10}|{:->10}|", "", "", "", "", "", "");
+    for row in rows {
+        println!(
+            "| {:<22} | {:>5} B | {:>11.0} | {:>8.1} | {:>8.1} | {:>8.1} |",
+            row.variant,
+            row.payload,
+            row.messages_per_second,
+            row.megabytes_per_second,
+            row.p50_micros,
+            row.p99_micros
+        );
+    }
+    println!();
+    let rate = |prefix: &str, size: usize| {
+        rows.iter()
+            .find(|row| row.payload == size && row.variant.starts_with(prefix))
+            .map_or(f64::NAN, |row| row.messages_per_second)
+    };
+    let verdict = |ratio: f64, aim: f64| if ratio >= aim { "met" } else { "not met" };
+    for size in PAYLOAD_SIZES {
+        let (a, b, c) = (rate("a:", size), rate("b:", size), rate("c:", size));
+        println!(
+            "{size:>4} B throughput: a/b = {:.3} (aim >= 0.95: {}), a/c = {:.3} (aim >= 0.80: {})",
+            a / b,
+            verdict(a / b, 0.95),
+            a / c,
+            verdict(a / c, 0.8)
+        );
+    }
+}
+
+fn main() {
+    let settings = Settings::from_env();
+    eprintln!("building the plugin libraries (comms_tests::artifacts)...");
+    let tcp_plugin = &comms_tests::artifacts().tcp_plugin;
+    let dynamic = PluginLibrary::load(tcp_plugin)
+        .unwrap_or_else(|error| fail(&format!("loading {}: {error}", tcp_plugin.display())));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|error| fail(&format!("starting the tokio runtime: {error}")));
+    let started = Instant::now();
+    // Spawned, so that the benchmark itself runs on the two workers and not on the main thread.
+    let outcome = runtime.block_on(async move { tokio::spawn(run(settings, dynamic)).await });
+    let rows = match outcome {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(error)) => fail(&error),
+        Err(error) => fail(&format!("the benchmark task panicked: {error}")),
+    };
+    print_report(&settings, &rows);
+    println!();
+    println!("measured in {:.1} s", started.elapsed().as_secs_f64());
+    runtime.shutdown_timeout(Duration::from_secs(1));
+}

@@ -78,8 +78,14 @@ pub fn artifacts() -> &'static Artifacts {
         let fixture = "tests/fixtures/mismatched-plugin/Cargo.toml";
         let wrong_version = target.join("fixtures/wrong-version");
         let wrong_layout = target.join("fixtures/wrong-layout");
-        cargo(&["build", "--manifest-path", fixture, "--no-default-features", "--features", "wrong-version"], &wrong_version);
-        cargo(&["build", "--manifest-path", fixture, "--no-default-features", "--features", "wrong-layout"], &wrong_layout);
+        cargo(
+            &["build", "--manifest-path", fixture, "--no-default-features", "--features", "wrong-version"],
+            &wrong_version,
+        );
+        cargo(
+            &["build", "--manifest-path", fixture, "--no-default-features", "--features", "wrong-layout"],
+            &wrong_layout,
+        );
         let plugin_dir = target.join(profile);
         Artifacts {
             comms_bin: plugin_dir.join(format!("comms{}", std::env::consts::EXE_SUFFIX)),

@@ -37,7 +37,8 @@ async fn mistyped_plugin_key_names_the_key() {
 
 #[tokio::test]
 async fn bad_value_for_a_known_key_names_it() {
-    let text = format!("[node]\nid = \"a\"\n{}\n[transports.tcp]\nlisten = \"not an address\"\n", plugin_dirs());
+    let text =
+        format!("[node]\nid = \"a\"\n{}\n[transports.tcp]\nlisten = \"not an address\"\n", plugin_dirs());
     let (message, _) = build_error("listen", &text).await;
     assert!(message.contains("`listen`") && message.contains("not an address"), "{message}");
 }

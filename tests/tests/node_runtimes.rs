@@ -30,7 +30,10 @@ async fn exchange(codec: Codec) {
     for sequence in 0..500 {
         let received = receiver.receive::<Reading>().await.unwrap();
         assert_eq!(received.from.as_str(), "sender");
-        assert_eq!(received.message, Reading { sensor: "t1".into(), value: f64::from(sequence) / 2.0, sequence });
+        assert_eq!(
+            received.message,
+            Reading { sensor: "t1".into(), value: f64::from(sequence) / 2.0, sequence }
+        );
     }
     sender.close().await.unwrap();
     receiver.close().await.unwrap();
@@ -56,7 +59,8 @@ async fn json_codec_is_selectable_per_node_and_decoded_by_content_type() {
 #[tokio::test]
 async fn oversized_message_is_refused_and_the_node_keeps_sending() {
     let tcp = PluginLibrary::load(&artifacts().tcp_plugin).unwrap();
-    let node = Node::builder("small").transport_library("tcp", tcp, "max_frame_size = 1024").build().await.unwrap();
+    let node =
+        Node::builder("small").transport_library("tcp", tcp, "max_frame_size = 1024").build().await.unwrap();
     let error = node.send("small", &vec![7u8; 4096]).await.unwrap_err();
     assert!(error.to_string().contains("exceeds max_frame_size 1024"), "{error}");
     node.send("small", &vec![7u8; 100]).await.unwrap();

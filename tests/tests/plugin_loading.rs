@@ -118,7 +118,10 @@ async fn node_config_naming_an_incompatible_plugin_fails_with_the_path() {
     let config = write_config(
         &dir,
         "node.toml",
-        &format!("[node]\nid = \"x\"\n[transports.old]\npath = {:?}\n", artifacts.wrong_version_plugin.to_str().unwrap()),
+        &format!(
+            "[node]\nid = \"x\"\n[transports.old]\npath = {:?}\n",
+            artifacts.wrong_version_plugin.to_str().unwrap()
+        ),
     );
     let error = Node::from_config(&config).await.unwrap_err();
     assert!(matches!(error, BuildError::Load { .. }), "{error}");
@@ -139,10 +142,9 @@ fn comms_plugins_inspect_exits_zero_for_a_plugin_and_nonzero_with_the_reason_oth
     let stdout = String::from_utf8_lossy(&ok.stdout);
     assert!(stdout.contains("name:        uds"), "{stdout}");
 
-    for (path, expected) in [
-        (&artifacts.wrong_version_plugin, "0.7.0"),
-        (&artifacts.wrong_layout_plugin, "first mismatch"),
-    ] {
+    for (path, expected) in
+        [(&artifacts.wrong_version_plugin, "0.7.0"), (&artifacts.wrong_layout_plugin, "first mismatch")]
+    {
         let refused = std::process::Command::new(&artifacts.comms_bin)
             .args(["plugins", "inspect"])
             .arg(path)

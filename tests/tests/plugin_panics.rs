@@ -20,7 +20,9 @@ async fn node_panicking_in(place: &str) -> Result<Node, BuildError> {
 async fn panic_in_the_constructor_is_a_start_error() {
     for place in ["constructor", "info"] {
         let error = node_panicking_in(place).await.unwrap_err();
-        let BuildError::Start { error: plugin_error, .. } = &error else { panic!("expected a start error: {error}") };
+        let BuildError::Start { error: plugin_error, .. } = &error else {
+            panic!("expected a start error: {error}")
+        };
         assert_eq!(plugin_error.code, ErrorCode::PANICKED, "{error}");
         assert!(error.to_string().contains(&format!("deliberate panic in {place}")), "{error}");
     }
@@ -31,7 +33,9 @@ async fn panic_in_send_is_a_send_error() {
     let node = node_panicking_in("send").await.unwrap();
     for _ in 0..3 {
         let error = node.send(node.id().clone(), "boom").await.unwrap_err();
-        let SendError::Transport { error: plugin_error, .. } = &error else { panic!("expected a transport error: {error}") };
+        let SendError::Transport { error: plugin_error, .. } = &error else {
+            panic!("expected a transport error: {error}")
+        };
         assert_eq!(plugin_error.code, ErrorCode::PANICKED);
         assert!(error.to_string().contains("deliberate panic in send"), "{error}");
     }

@@ -40,7 +40,8 @@ async fn assert_closed_after(address: &str, what: &str, bytes: &[u8]) {
 async fn malformed_oversized_and_random_input_only_closes_that_connection() {
     let tcp = PluginLibrary::load(&artifacts().tcp_plugin).unwrap();
     let config = format!("max_frame_size = {MAX_FRAME}\nhandshake_timeout_ms = 2000");
-    let target = Node::builder("target").transport_library("tcp", tcp.clone(), &config).build().await.unwrap();
+    let target =
+        Node::builder("target").transport_library("tcp", tcp.clone(), &config).build().await.unwrap();
     let address = target.transports()[0].local_address.clone();
     let peer = Node::builder("peer")
         .transport_library("tcp", tcp, "")
@@ -85,7 +86,8 @@ async fn malformed_oversized_and_random_input_only_closes_that_connection() {
     expected += 1;
 
     for i in 0..expected {
-        let received = tokio::time::timeout(Duration::from_secs(10), target.receive::<u32>()).await.unwrap().unwrap();
+        let received =
+            tokio::time::timeout(Duration::from_secs(10), target.receive::<u32>()).await.unwrap().unwrap();
         assert_eq!(received.from.as_str(), "peer", "only the peer's messages reach the application");
         assert_eq!(received.message, i);
     }
@@ -118,7 +120,8 @@ async fn a_peer_that_comes_back_is_reconnected() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     sender.send("target", "after").await.unwrap();
-    let received = tokio::time::timeout(Duration::from_secs(10), second.receive::<String>()).await.unwrap().unwrap();
+    let received =
+        tokio::time::timeout(Duration::from_secs(10), second.receive::<String>()).await.unwrap().unwrap();
     assert_eq!(received.message, "after");
     sender.close().await.unwrap();
     second.close().await.unwrap();
@@ -129,7 +132,11 @@ async fn an_unreachable_peer_fails_the_send_after_the_retries_instead_of_hanging
     let tcp = PluginLibrary::load(&artifacts().tcp_plugin).unwrap();
     let closed_port = comms_tests::free_address();
     let sender = Node::builder("sender")
-        .transport_library("tcp", tcp, "reconnect_attempts = 3\nreconnect_initial_backoff_ms = 10\nsend_queue_capacity = 4")
+        .transport_library(
+            "tcp",
+            tcp,
+            "reconnect_attempts = 3\nreconnect_initial_backoff_ms = 10\nsend_queue_capacity = 4",
+        )
         .static_peer("ghost", [("tcp", closed_port.as_str())])
         .build()
         .await

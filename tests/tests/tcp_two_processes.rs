@@ -92,7 +92,9 @@ fn comms_send_and_comms_recv_talk_across_processes() {
     let receiver_config = write_config(
         &dir,
         "receiver.toml",
-        &format!("[node]\nid = \"receiver\"\n{plugin_dirs}\n[transports.tcp]\nlisten = {receiver_address:?}\n"),
+        &format!(
+            "[node]\nid = \"receiver\"\n{plugin_dirs}\n[transports.tcp]\nlisten = {receiver_address:?}\n"
+        ),
     );
     let sender_config = write_config(
         &dir,

@@ -30,6 +30,8 @@
 //!
 //! TCP_NODELAY is on: batching happens in the writer, not in the kernel.
 
+#![warn(missing_docs)]
+
 use comms_plugin_api::{
     async_trait, export_plugin,
     stream_transport::{Acceptor, StreamMedium, StreamSettings, StreamTransport},
@@ -67,14 +69,23 @@ pub struct TcpTransport {
 
 impl TcpTransport {
     /// Binds the listener and starts serving. Must run inside a tokio runtime.
-    pub async fn bind(node_id: comms_plugin_api::NodeId, settings: StreamSettings) -> Result<Self, PluginError> {
+    pub async fn bind(
+        node_id: comms_plugin_api::NodeId,
+        settings: StreamSettings,
+    ) -> Result<Self, PluginError> {
         let listen = settings.listen.clone().unwrap_or_else(|| DEFAULT_LISTEN.to_string());
         let listener = TcpListener::bind(&listen).await.map_err(|error| {
             PluginError::invalid_config(format!("key `listen`: cannot listen on {listen}: {error}"))
         })?;
         let local_address = listener.local_addr()?.to_string();
-        let inner =
-            StreamTransport::start("tcp", node_id, settings, TcpDialer, TcpAcceptor(listener), local_address)?;
+        let inner = StreamTransport::start(
+            "tcp",
+            node_id,
+            settings,
+            TcpDialer,
+            TcpAcceptor(listener),
+            local_address,
+        )?;
         Ok(Self { inner })
     }
 }

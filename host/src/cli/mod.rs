@@ -9,7 +9,11 @@ use comms_host::BuildError;
 use std::{path::PathBuf, process::ExitCode};
 
 #[derive(Debug, Parser)]
-#[command(name = "comms", version, about = "comms: transport-agnostic messaging with run-time loaded plugins")]
+#[command(
+    name = "comms",
+    version,
+    about = "comms: transport-agnostic messaging with run-time loaded plugins"
+)]
 pub(crate) struct Cli {
     /// Print the long form of errors (e.g. the full plugin layout report).
     #[arg(long, short, global = true)]
@@ -99,7 +103,8 @@ impl std::fmt::Display for CliError {
 impl CliError {
     pub(crate) fn details(&self) -> Option<&str> {
         match self {
-            CliError::Build(BuildError::Load { source, .. }) | CliError::Load(source) => source.details(),
+            CliError::Build(BuildError::Load { source, .. }) => source.details(),
+            CliError::Load(source) => source.details(),
             _ => None,
         }
     }

@@ -2,8 +2,11 @@
 
 use super::CliError;
 use comms_host::{plugin_search, PluginLibrary};
-use comms_plugin_api::{Provides, PluginDescription};
-use std::{path::{Path, PathBuf}, process::ExitCode};
+use comms_plugin_api::{PluginDescription, Provides};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 fn provides(description: &PluginDescription) -> String {
     let mut parts = Vec::new();

@@ -53,12 +53,16 @@ pub fn parse_hello(body: &[u8]) -> Result<NodeId, String> {
         [KIND_HELLO, rest @ ..] if rest.starts_with(MAGIC) => {
             let rest = &rest[MAGIC.len()..];
             match rest {
-                [PROTOCOL_VERSION, high, low, id @ ..] if id.len() == u16::from_be_bytes([*high, *low]) as usize => {
-                    std::str::from_utf8(id).map(NodeId::new).map_err(|_| "hello node id is not UTF-8".to_string())
+                [PROTOCOL_VERSION, high, low, id @ ..]
+                    if id.len() == u16::from_be_bytes([*high, *low]) as usize =>
+                {
+                    std::str::from_utf8(id)
+                        .map(NodeId::new)
+                        .map_err(|_| "hello node id is not UTF-8".to_string())
                 }
-                [version, ..] if *version != PROTOCOL_VERSION => {
-                    Err(format!("unsupported stream protocol version {version} (expected {PROTOCOL_VERSION})"))
-                }
+                [version, ..] if *version != PROTOCOL_VERSION => Err(format!(
+                    "unsupported stream protocol version {version} (expected {PROTOCOL_VERSION})"
+                )),
                 _ => Err("malformed hello".to_string()),
             }
         }

@@ -11,7 +11,11 @@ use tokio::{
 /// Read buffer per connection: large enough that small frames cost far less than a syscall each.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 
-pub(super) async fn accept_loop<A: Acceptor>(shared: Arc<Shared>, mut acceptor: A, inbound: mpsc::Sender<Inbound>) {
+pub(super) async fn accept_loop<A: Acceptor>(
+    shared: Arc<Shared>,
+    mut acceptor: A,
+    inbound: mpsc::Sender<Inbound>,
+) {
     let mut shutdown = shared.shutdown.subscribe();
     loop {
         let accepted = tokio::select! {
@@ -58,9 +62,20 @@ async fn serve_connection<S: super::ByteStream>(
             Ok(peer) => peer,
             Err(reason) => return log_closed(&shared, &label, None, Closed::Refused(reason)),
         },
-        Ok(Ok(None)) => return log_closed(&shared, &label, None, Closed::Clean("closed before the handshake")),
-        Ok(Err(error)) => return log_closed(&shared, &label, None, Closed::Refused(format!("handshake: {error}"))),
-        Err(_) => return log_closed(&shared, &label, None, Closed::Refused("no hello within handshake_timeout_ms".into())),
+        Ok(Ok(None)) => {
+            return log_closed(&shared, &label, None, Closed::Clean("closed before the handshake"))
+        }
+        Ok(Err(error)) => {
+            return log_closed(&shared, &label, None, Closed::Refused(format!("handshake: {error}")))
+        }
+        Err(_) => {
+            return log_closed(
+                &shared,
+                &label,
+                None,
+                Closed::Refused("no hello within handshake_timeout_ms".into()),
+            )
+        }
     };
     if let Err(error) = write.write_all(&protocol::hello_frame(&shared.local_node)).await {
         return log_closed(&shared, &label, Some(&peer), Closed::Refused(format!("writing hello: {error}")));
@@ -103,7 +118,9 @@ async fn serve_connection<S: super::ByteStream>(
 fn log_closed(shared: &Shared, label: &str, peer: Option<&crate::NodeId>, closed: Closed) {
     let node = peer.map(|p| p.as_str()).unwrap_or("(before hello)");
     match closed {
-        Closed::Clean(reason) => tracing::debug!(backend = shared.backend, from = label, node, reason, "connection closed"),
+        Closed::Clean(reason) => {
+            tracing::debug!(backend = shared.backend, from = label, node, reason, "connection closed")
+        }
         Closed::Refused(reason) => {
             tracing::warn!(backend = shared.backend, from = label, node, %reason, "closing connection")
         }

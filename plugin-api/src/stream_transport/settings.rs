@@ -83,7 +83,9 @@ impl StreamSettings {
             ("handshake_timeout_ms", self.handshake_timeout_ms),
         ];
         match positive.iter().find(|(_, value)| *value == 0) {
-            Some((key, _)) => Err(crate::PluginError::invalid_config(format!("key `{key}`: must be greater than 0"))),
+            Some((key, _)) => {
+                Err(crate::PluginError::invalid_config(format!("key `{key}`: must be greater than 0")))
+            }
             None => Ok(()),
         }
     }

@@ -91,7 +91,10 @@ impl<M: StreamMedium> PeerWriter<M> {
                     if failed_writes >= settings.reconnect_attempts {
                         let error = PluginError::retryable(
                             ErrorCode::UNREACHABLE,
-                            format!("{} peer {}: {failed_writes} writes failed in a row: {error}", self.shared.backend, self.address),
+                            format!(
+                                "{} peer {}: {failed_writes} writes failed in a row: {error}",
+                                self.shared.backend, self.address
+                            ),
                         );
                         return self.give_up(error, frames, batch_frames);
                     }
@@ -121,7 +124,10 @@ impl<M: StreamMedium> PeerWriter<M> {
         settings.reconnect_backoff().retry(attempt).await.map_err(|(reason, attempts)| {
             PluginError::retryable(
                 ErrorCode::UNREACHABLE,
-                format!("{} peer {} unreachable after {attempts} attempts: {reason}", self.shared.backend, self.address),
+                format!(
+                    "{} peer {} unreachable after {attempts} attempts: {reason}",
+                    self.shared.backend, self.address
+                ),
             )
         })
     }
