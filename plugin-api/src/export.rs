@@ -155,7 +155,7 @@ impl comms_core::Discovery for DiscoveryAdapter {
 ///
 /// Use it once, in a crate with `crate-type = ["cdylib", "rlib"]`:
 ///
-/// ```ignore
+/// ```text
 /// struct MyPlugin;
 /// impl comms_plugin_api::Plugin for MyPlugin { /* ... */ }
 /// comms_plugin_api::export_plugin!(MyPlugin);

@@ -35,7 +35,7 @@
 use comms_plugin_api::{
     async_trait, export_plugin,
     stream_transport::{Acceptor, StreamMedium, StreamSettings, StreamTransport},
-    Envelope, Inbound, Plugin, PluginError, Provides, Setup, Transport, TransportInfo,
+    Plugin, PluginError, Provides, Setup, Transport,
 };
 use std::{io, sync::Arc};
 use tokio::net::{TcpListener, TcpStream};
@@ -55,58 +55,27 @@ impl Plugin for TcpPlugin {
     const PROVIDES: Provides = Provides::TRANSPORT;
 
     async fn new_transport(setup: Setup) -> Result<Arc<dyn Transport>, PluginError> {
-        Ok(Arc::new(TcpTransport::bind(setup.node_id.clone(), setup.config()?).await?))
+        Ok(Arc::new(bind(setup.node_id.clone(), setup.config()?).await?))
     }
 }
 
 export_plugin!(TcpPlugin);
 
 /// A TCP transport: a [`StreamTransport`] over TCP sockets.
-#[derive(Debug)]
-pub struct TcpTransport {
-    inner: StreamTransport<TcpDialer>,
-}
+pub type TcpTransport = StreamTransport<TcpDialer>;
 
-impl TcpTransport {
-    /// Binds the listener and starts serving. Must run inside a tokio runtime.
-    pub async fn bind(
-        node_id: comms_plugin_api::NodeId,
-        settings: StreamSettings,
-    ) -> Result<Self, PluginError> {
-        let listen = settings.listen.clone().unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-        let listener = TcpListener::bind(&listen).await.map_err(|error| {
-            PluginError::invalid_config(format!("key `listen`: cannot listen on {listen}: {error}"))
-        })?;
-        let local_address = listener.local_addr()?.to_string();
-        let inner = StreamTransport::start(
-            "tcp",
-            node_id,
-            settings,
-            TcpDialer,
-            TcpAcceptor(listener),
-            local_address,
-        )?;
-        Ok(Self { inner })
-    }
-}
-
-#[async_trait]
-impl Transport for TcpTransport {
-    fn info(&self) -> TransportInfo {
-        self.inner.info()
-    }
-
-    async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
-        self.inner.send(address, envelope).await
-    }
-
-    async fn receive(&self, max_batch: usize) -> Result<Vec<Inbound>, PluginError> {
-        self.inner.receive(max_batch).await
-    }
-
-    async fn close(&self) -> Result<(), PluginError> {
-        self.inner.close().await
-    }
+/// Binds the listener `settings.listen` (default [`DEFAULT_LISTEN`]) and starts serving. Must
+/// run inside a tokio runtime.
+pub async fn bind(
+    node_id: comms_plugin_api::NodeId,
+    settings: StreamSettings,
+) -> Result<TcpTransport, PluginError> {
+    let listen = settings.listen.clone().unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    let listener = TcpListener::bind(&listen).await.map_err(|error| {
+        PluginError::invalid_config(format!("key `listen`: cannot listen on {listen}: {error}"))
+    })?;
+    let local_address = listener.local_addr()?.to_string();
+    StreamTransport::start("tcp", node_id, settings, TcpDialer, TcpAcceptor(listener), local_address)
 }
 
 /// Dials `host:port` addresses.

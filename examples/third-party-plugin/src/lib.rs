@@ -14,12 +14,12 @@
 //! ```
 //!
 //! An existing socket file at `listen` is replaced (a previous run that crashed leaves one
-//! behind); the file is removed again when the transport closes.
+//! behind); the file is removed again when the transport stops listening.
 
 use comms_plugin_api::{
     async_trait, export_plugin,
     stream_transport::{Acceptor, StreamMedium, StreamSettings, StreamTransport},
-    Envelope, Inbound, Plugin, PluginError, Provides, Setup, Transport, TransportInfo,
+    Plugin, PluginError, Provides, Setup, Transport,
 };
 use std::{io, path::PathBuf, sync::Arc};
 use tokio::net::{UnixListener, UnixStream};
@@ -47,40 +47,12 @@ impl Plugin for UdsPlugin {
             PluginError::invalid_config(format!("key `listen`: cannot listen on {}: {error}", path.display()))
         })?;
         let address = path.display().to_string();
-        let inner = StreamTransport::start("uds", setup.node_id, settings, UdsDialer, UdsAcceptor(listener), address)?;
-        Ok(Arc::new(UdsTransport { inner, path }))
+        let acceptor = UdsAcceptor { listener, path };
+        Ok(Arc::new(StreamTransport::start("uds", setup.node_id, settings, UdsDialer, acceptor, address)?))
     }
 }
 
 export_plugin!(UdsPlugin);
-
-/// The transport: a stream transport over a socket file.
-#[derive(Debug)]
-pub struct UdsTransport {
-    inner: StreamTransport<UdsDialer>,
-    path: PathBuf,
-}
-
-#[async_trait]
-impl Transport for UdsTransport {
-    fn info(&self) -> TransportInfo {
-        self.inner.info()
-    }
-
-    async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
-        self.inner.send(address, envelope).await
-    }
-
-    async fn receive(&self, max_batch: usize) -> Result<Vec<Inbound>, PluginError> {
-        self.inner.receive(max_batch).await
-    }
-
-    async fn close(&self) -> Result<(), PluginError> {
-        let closed = self.inner.close().await;
-        let _ = std::fs::remove_file(&self.path);
-        closed
-    }
-}
 
 /// Dials socket paths.
 #[derive(Debug)]
@@ -94,13 +66,23 @@ impl StreamMedium for UdsDialer {
     }
 }
 
-struct UdsAcceptor(UnixListener);
+/// The listener; owns the socket file and removes it when the transport stops listening.
+struct UdsAcceptor {
+    listener: UnixListener,
+    path: PathBuf,
+}
 
 impl Acceptor for UdsAcceptor {
     type Stream = UnixStream;
 
     async fn accept(&mut self) -> io::Result<(UnixStream, String)> {
-        let (stream, _) = self.0.accept().await?;
+        let (stream, _) = self.listener.accept().await?;
         Ok((stream, "unix socket peer".to_string()))
+    }
+}
+
+impl Drop for UdsAcceptor {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }

@@ -26,7 +26,9 @@ mod writer;
 
 pub use settings::StreamSettings;
 
-use crate::{Capabilities, Envelope, ErrorCode, Inbound, NodeId, PluginError, TransportInfo};
+use crate::{
+    async_trait, Capabilities, Envelope, ErrorCode, Inbound, NodeId, PluginError, Transport, TransportInfo,
+};
 use std::{
     collections::HashMap,
     future::Future,
@@ -86,6 +88,8 @@ pub struct StreamTransport<M: StreamMedium> {
     local_address: String,
     links: Mutex<HashMap<String, PeerLink>>,
     writers: Mutex<Vec<JoinHandle<()>>>,
+    /// The accept loop; `close` waits for it so that the listener is released on return.
+    acceptor: Mutex<Option<JoinHandle<()>>>,
     inbound: tokio::sync::Mutex<mpsc::Receiver<Inbound>>,
     closed: AtomicBool,
 }
@@ -115,13 +119,14 @@ impl<M: StreamMedium> StreamTransport<M> {
         let (inbound_tx, inbound_rx) = mpsc::channel(settings.receive_queue_capacity);
         let local_address = settings.advertise.clone().unwrap_or(local_address);
         let shared = Arc::new(Shared { backend, local_node, settings, shutdown });
-        tokio::spawn(reader::accept_loop(Arc::clone(&shared), acceptor, inbound_tx));
+        let acceptor = tokio::spawn(reader::accept_loop(Arc::clone(&shared), acceptor, inbound_tx));
         Ok(Self {
             shared,
             medium: Arc::new(medium),
             local_address,
             links: Mutex::new(HashMap::new()),
             writers: Mutex::new(Vec::new()),
+            acceptor: Mutex::new(Some(acceptor)),
             inbound: tokio::sync::Mutex::new(inbound_rx),
             closed: AtomicBool::new(false),
         })
@@ -203,6 +208,10 @@ impl<M: StreamMedium> StreamTransport<M> {
             return Ok(());
         }
         self.shared.shutdown.send_replace(true);
+        let acceptor = self.acceptor.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(acceptor) = acceptor {
+            let _ = acceptor.await;
+        }
         // Dropping the queues lets each writer drain what is queued, then say goodbye.
         self.links.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let writers = std::mem::take(&mut *self.writers.lock().unwrap_or_else(|p| p.into_inner()));
@@ -221,6 +230,26 @@ impl<M: StreamMedium> StreamTransport<M> {
             ));
         }
         Ok(())
+    }
+}
+
+/// A stream transport is a complete [`Transport`]: a backend returns it as is.
+#[async_trait]
+impl<M: StreamMedium> Transport for StreamTransport<M> {
+    fn info(&self) -> TransportInfo {
+        StreamTransport::info(self)
+    }
+
+    async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
+        StreamTransport::send(self, address, envelope).await
+    }
+
+    async fn receive(&self, max_batch: usize) -> Result<Vec<Inbound>, PluginError> {
+        StreamTransport::receive(self, max_batch).await
+    }
+
+    async fn close(&self) -> Result<(), PluginError> {
+        StreamTransport::close(self).await
     }
 }
 

@@ -148,6 +148,8 @@ impl<M: StreamMedium> PeerWriter<M> {
     /// Records why this peer is unreachable and drops what was queued for it, so that senders
     /// learn of the failure instead of waiting forever.
     fn give_up(self, error: PluginError, mut frames: mpsc::Receiver<Vec<u8>>, in_batch: usize) {
+        // Record the reason before closing the queue: a sender that sees the queue closed reads it.
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
         frames.close();
         let mut dropped = in_batch;
         while frames.try_recv().is_ok() {
@@ -157,7 +159,6 @@ impl<M: StreamMedium> PeerWriter<M> {
             backend = self.shared.backend, peer = %self.address, dropped, %error,
             "giving up on peer; queued messages dropped"
         );
-        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
     }
 }
 
