@@ -36,6 +36,8 @@ pub trait Transport: Send + Sync {
     fn info(&self) -> CommsResult<TransportInfo>;
 
     /// Sends `envelope` to the node reachable at `address` (an address this transport published).
+    /// For a topic destination on a [`Capabilities::NATIVE_TOPICS`] transport, `address` is empty
+    /// and the transport publishes to the topic.
     ///
     /// Completes when the transport has taken the message (queued or written); waits while its
     /// bounded queue is full, which is how backpressure reaches the sender.
@@ -47,6 +49,14 @@ pub trait Transport: Send + Sync {
 
     /// Tells the transport what the host did with messages it received.
     fn settle(&self, settlements: RVec<Settlement>) -> FfiFuture<CommsResult<()>>;
+
+    /// Starts delivering messages published to topics matching `pattern` (dot-separated
+    /// segments; `*` matches one segment, `>` the rest). Only for transports that declare
+    /// [`Capabilities::NATIVE_TOPICS`]; others return [`crate::ErrorCode::UNSUPPORTED`].
+    fn subscribe(&self, pattern: RString) -> FfiFuture<CommsResult<()>>;
+
+    /// Stops what [`Transport::subscribe`] started for the same `pattern`.
+    fn unsubscribe(&self, pattern: RString) -> FfiFuture<CommsResult<()>>;
 
     /// Stops accepting, flushes queued outgoing messages within the transport's own deadline and
     /// releases its resources. Later calls fail with [`crate::ErrorCode::CLOSED`].

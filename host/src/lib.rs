@@ -27,7 +27,9 @@
 
 pub mod codec;
 pub mod config;
+pub mod conformance;
 pub mod error;
+pub mod fault_injection;
 pub mod node;
 pub mod plugin_search;
 pub mod static_discovery;

@@ -112,6 +112,16 @@ impl comms_core::Transport for TransportAdapter {
         guard_future("settle", async move { transport.settle(settlements.to_vec()).await })
     }
 
+    fn subscribe(&self, pattern: RString) -> FfiFuture<CommsResult<()>> {
+        let transport = Arc::clone(&self.0);
+        guard_future("subscribe", async move { transport.subscribe(pattern.as_str()).await })
+    }
+
+    fn unsubscribe(&self, pattern: RString) -> FfiFuture<CommsResult<()>> {
+        let transport = Arc::clone(&self.0);
+        guard_future("unsubscribe", async move { transport.unsubscribe(pattern.as_str()).await })
+    }
+
     fn close(&self) -> FfiFuture<CommsResult<()>> {
         let transport = Arc::clone(&self.0);
         guard_future("close", async move { transport.close().await })

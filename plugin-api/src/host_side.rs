@@ -489,6 +489,16 @@ impl LoadedTransport {
         self.inner.settle(RVec::from(settlements)).await.into_result().map_err(PluginError::from_abi)
     }
 
+    /// See [`crate::Transport::subscribe`].
+    pub async fn subscribe(&self, pattern: &str) -> Result<(), PluginError> {
+        self.inner.subscribe(RString::from(pattern)).await.into_result().map_err(PluginError::from_abi)
+    }
+
+    /// See [`crate::Transport::unsubscribe`].
+    pub async fn unsubscribe(&self, pattern: &str) -> Result<(), PluginError> {
+        self.inner.unsubscribe(RString::from(pattern)).await.into_result().map_err(PluginError::from_abi)
+    }
+
     /// See [`crate::Transport::close`].
     pub async fn close(&self) -> Result<(), PluginError> {
         self.inner.close().await.into_result().map_err(PluginError::from_abi)

@@ -49,6 +49,17 @@ pub trait Transport: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Starts delivering messages published to topics matching `pattern`. Only transports that
+    /// declare [`Capabilities::NATIVE_TOPICS`] implement it; the default says unsupported.
+    async fn subscribe(&self, pattern: &str) -> Result<(), PluginError> {
+        Err(PluginError::unsupported(format!("this transport has no native topics (subscribe {pattern})")))
+    }
+
+    /// Undoes [`Transport::subscribe`].
+    async fn unsubscribe(&self, pattern: &str) -> Result<(), PluginError> {
+        Err(PluginError::unsupported(format!("this transport has no native topics (unsubscribe {pattern})")))
+    }
+
     /// Stops accepting, flushes what is queued (bounded by the transport's own deadline) and
     /// releases resources.
     async fn close(&self) -> Result<(), PluginError>;

@@ -1,5 +1,6 @@
 //! Command-line interface of `comms`.
 
+mod check;
 mod demo;
 mod node_commands;
 mod plugins;
@@ -55,6 +56,14 @@ enum Command {
         /// Exit after this many messages.
         #[arg(long)]
         count: Option<u64>,
+    },
+    /// Run the conformance suite against a transport plugin file.
+    Check {
+        /// The plugin library file.
+        file: PathBuf,
+        /// A TOML file with the plugin's config table (as under [transports.NAME]).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Two nodes exchanging messages over the TCP plugin on loopback; no setup needed.
     Demo {
@@ -134,5 +143,6 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Send { config, to, text } => node_commands::send(&config, &to, &text).await,
         Command::Recv { config, count } => node_commands::recv(&config, count).await,
         Command::Demo { plugin_dir, messages } => demo::run(plugin_dir, messages).await,
+        Command::Check { file, config } => check::run(&file, config.as_deref()).await,
     }
 }

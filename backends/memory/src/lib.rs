@@ -1,0 +1,1 @@
+//! # comms-memory: the in-memory transport plugin (work in progress)

@@ -1,0 +1,1 @@
+//! The conformance suite every transport must pass (work in progress).

@@ -1,0 +1,1 @@
+//! Fault injection around any transport (work in progress).
