@@ -6,11 +6,19 @@
 //! codec = "binary"             # "binary" (default, compact) or "json"
 //! plugin_dirs = ["plugins"]    # searched first; relative to this file
 //! receive_queue_capacity = 1024
+//! heartbeat_interval_ms = 1000 # 0 turns liveness off
+//! peer_timeout_ms = 5000       # silence after which a peer is down
+//! balancing = "least-outstanding"   # or "round-robin": how requests spread over replicas
+//! request_timeout_ms = 5000    # per attempt
+//! request_attempts = 3
+//! request_backoff_ms = 50      # before the 2nd attempt; doubles
+//! close_timeout_ms = 5000      # how long close waits for requests in flight
 //!
 //! [transports.tcp]             # a transport named "tcp"; peers' addresses use this name
 //! plugin = "tcp"               # optional, defaults to the table name (libcomms_tcp.so)
 //! # path = "/opt/comms/libcomms_tcp.so"   # or an explicit file
 //! listen = "127.0.0.1:7001"    # every other key is the plugin's own config
+//! # faults = { drop = 0.1, delay_ms = 5, jitter_ms = 5, duplicate = 0.01, reorder = 0.05, seed = 7 }
 //!
 //! [discovery]                  # optional; defaults to static discovery with no peers
 //! plugin = "static"            # "static" is built in; any other name is a plugin
@@ -22,7 +30,13 @@
 //! Every error names the file and the key: an unknown key, a wrong type, a plugin rejecting its
 //! own table.
 
-use crate::{codec::Codec, node::NodeBuilder, static_discovery::STATIC_DISCOVERY};
+use crate::{
+    builder::NodeBuilder,
+    codec::Codec,
+    fault_injection::FaultConfig,
+    request_response::{Balancing, RequestOptions},
+    static_discovery::STATIC_DISCOVERY,
+};
 use comms_plugin_api::config::parse_config;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -56,6 +70,14 @@ struct NodeSection {
     #[serde(default)]
     plugin_dirs: Vec<PathBuf>,
     receive_queue_capacity: Option<usize>,
+    heartbeat_interval_ms: Option<u64>,
+    peer_timeout_ms: Option<u64>,
+    #[serde(default)]
+    balancing: Balancing,
+    request_timeout_ms: Option<u64>,
+    request_attempts: Option<u32>,
+    request_backoff_ms: Option<u64>,
+    close_timeout_ms: Option<u64>,
 }
 
 /// Where a plugin comes from.
@@ -77,7 +99,7 @@ pub fn load(path: &Path) -> Result<NodeBuilder, ConfigError> {
     };
     let base = path.parent().unwrap_or(Path::new("."));
     let mut builder = NodeBuilder::new(file.node.id.as_str()).codec(file.node.codec).config_file(path);
-    for dir in file.node.plugin_dirs {
+    for dir in &file.node.plugin_dirs {
         builder = builder.plugin_dir(base.join(dir));
     }
     if let Some(capacity) = file.node.receive_queue_capacity {
@@ -86,13 +108,47 @@ pub fn load(path: &Path) -> Result<NodeBuilder, ConfigError> {
         }
         builder = builder.receive_queue_capacity(capacity);
     }
+    let node = &file.node;
+    let defaults = RequestOptions::default();
+    let millis = std::time::Duration::from_millis;
+    let default_heartbeat = crate::builder::DEFAULT_HEARTBEAT_INTERVAL.as_millis() as u64;
+    let heartbeat = millis(node.heartbeat_interval_ms.unwrap_or(default_heartbeat));
+    let peer_timeout = node.peer_timeout_ms.map(millis).unwrap_or(crate::builder::DEFAULT_PEER_TIMEOUT);
+    if !heartbeat.is_zero() && peer_timeout <= heartbeat {
+        return Err(error("key `node.peer_timeout_ms`: must be longer than heartbeat_interval_ms".into()));
+    }
+    if node.request_attempts == Some(0) {
+        return Err(error("key `node.request_attempts`: must be at least 1".into()));
+    }
+    builder = builder.liveness(Some(heartbeat), peer_timeout).balancing(node.balancing).request_options(
+        RequestOptions {
+            timeout: node.request_timeout_ms.map(millis).unwrap_or(defaults.timeout),
+            attempts: node.request_attempts.unwrap_or(defaults.attempts),
+            backoff: node.request_backoff_ms.map(millis).unwrap_or(defaults.backoff),
+        },
+    );
+    if let Some(close) = node.close_timeout_ms {
+        builder = builder.close_timeout(millis(close));
+    }
     for (name, value) in file.transports {
         let toml::Value::Table(table) = value else {
             return Err(error(format!("key `transports.{name}`: must be a table like [transports.{name}]")));
         };
-        let (source, config) =
-            split_plugin_keys(table, &name, base, &format!("transports.{name}")).map_err(error)?;
+        let at = format!("transports.{name}");
+        let mut table = table;
+        let faults = match table.remove("faults") {
+            None => None,
+            Some(value) => Some(
+                value
+                    .try_into::<FaultConfig>()
+                    .map_err(|e| error(format!("key `{at}.faults`: {}", e.message())))?,
+            ),
+        };
+        let (source, config) = split_plugin_keys(table, &name, base, &at).map_err(error)?;
         builder = builder.transport_from(name, source, config);
+        if let Some(faults) = faults {
+            builder = builder.faults(faults);
+        }
     }
     let (source, config) =
         split_plugin_keys(file.discovery, STATIC_DISCOVERY, base, "discovery").map_err(error)?;

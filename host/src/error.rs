@@ -74,6 +74,72 @@ pub enum SendError {
         /// What the transport said (see `error.retryable`).
         error: PluginError,
     },
+    /// A topic or pattern that is not valid.
+    #[error("{0}")]
+    InvalidTopic(String),
+    /// The node is closed.
+    #[error("the node is closed")]
+    Closed,
+}
+
+/// Why a request got no successful response.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// No attempt got an answer in time.
+    #[error("request to `{service}` timed out: {attempts} attempt(s) of {timeout:?} each")]
+    Timeout {
+        /// The service (or node) called.
+        service: String,
+        /// Attempts made.
+        attempts: u32,
+        /// Time allowed per attempt.
+        timeout: std::time::Duration,
+    },
+    /// The handler returned an error; it is not retried.
+    #[error("`{node}` answered with an error: {message}")]
+    Remote {
+        /// The replica that answered.
+        node: NodeId,
+        /// The handler's error, as text.
+        message: String,
+    },
+    /// No live node serves the service.
+    #[error("no live replica serves `{service}`")]
+    NoReplica {
+        /// The service.
+        service: String,
+    },
+    /// The last replica tried could not take the request (closing, or not serving it).
+    #[error("`{node}` could not take the request: {message}")]
+    Unavailable {
+        /// The replica.
+        node: NodeId,
+        /// Why.
+        message: String,
+    },
+    /// The last attempt could not be sent.
+    #[error(transparent)]
+    Send(SendError),
+    /// The request could not be encoded.
+    #[error("encoding the request: {0}")]
+    Encode(CodecError),
+    /// The response could not be decoded as the expected type.
+    #[error("decoding the response: {0}")]
+    Decode(CodecError),
+    /// The node is closed.
+    #[error("the node is closed")]
+    Closed,
+}
+
+/// Why a service could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// This node serves it already.
+    #[error("`{0}` is already served by this node")]
+    AlreadyServed(String),
+    /// An empty name.
+    #[error("invalid service name `{0}`")]
+    InvalidName(String),
     /// The node is closed.
     #[error("the node is closed")]
     Closed,

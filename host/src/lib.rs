@@ -16,26 +16,47 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Modules: [`config`] (the file format), [`node`] (the API), [`codec`] (binary or JSON),
-//! [`plugin_search`] (where plugin files are looked for), [`static_discovery`] (peers listed in
-//! config), [`error`] (one error type per operation). The `comms` command is in `main.rs`.
+//! Beyond point-to-point messages the node offers publish/subscribe with topic patterns
+//! ([`Node::publish`], [`Node::subscribe`], [`topics`]), request/response with timeouts, retries
+//! and replicas ([`Node::serve`], [`Node::request`], [`request_response`]), and liveness:
+//! heartbeats, peers declared down after a timeout, [`Node::peer_events`] ([`membership`]).
+//!
+//! Modules: [`config`] (the file format), [`builder`] and [`node`] (the API), [`codec`] (binary
+//! or JSON), [`control`] (framework messages on the wire), [`plugin_search`] (where plugin files
+//! are looked for), [`static_discovery`] (peers listed in config), [`fault_injection`] (a
+//! seeded faulty network around any transport), [`conformance`] (the suite every transport must
+//! pass), [`error`] (one error type per operation). The `comms` command is in `main.rs`.
 //!
 //! The host never sees `abi_stable` types: loading and calling plugins goes through
 //! [`comms_plugin_api::host_side`].
 
 #![warn(missing_docs)]
 
+pub mod builder;
 pub mod codec;
 pub mod config;
 pub mod conformance;
+pub mod control;
+mod dispatch;
 pub mod error;
 pub mod fault_injection;
+pub mod membership;
 pub mod node;
 pub mod plugin_search;
+pub mod request_response;
+mod service;
 pub mod static_discovery;
+pub mod subscription;
+pub mod topics;
 
+pub use builder::NodeBuilder;
 pub use codec::Codec;
-pub use comms_plugin_api::{host_side::PluginLibrary, Envelope, MessageId, NodeId, NodeRecord};
+pub use comms_plugin_api::{
+    host_side::PluginLibrary, Envelope, MessageId, NodeId, NodeRecord, PeerEvent, PeerEventKind,
+};
 pub use config::ConfigError;
-pub use error::{BuildError, CloseError, ReceiveError, SendError};
-pub use node::{Node, NodeBuilder, Received, TransportSummary};
+pub use error::{BuildError, CloseError, ReceiveError, RequestError, SendError, ServeError};
+pub use membership::{PeerInfo, PeerStatus};
+pub use node::{Node, Received, TransportSummary};
+pub use request_response::{Balancing, RequestOptions};
+pub use subscription::Subscription;

@@ -1,22 +1,29 @@
 //! The `Node`: what applications use.
 
 use crate::{
+    builder::NodeBuilder,
     codec::{Codec, CONTENT_TYPE_HEADER},
-    config::{self, ConfigError, PluginSource},
-    error::{BuildError, CloseError, ReceiveError, SendError},
-    plugin_search::{find_plugin, plugin_file_name, search_dirs},
-    static_discovery::{StaticDiscoveryConfig, StaticDiscoveryPlugin, StaticPeer, STATIC_DISCOVERY},
+    config,
+    control::{self, Announcement, KIND_HEADER, STATUS_HEADER},
+    dispatch,
+    error::{BuildError, CloseError, ReceiveError, RequestError, SendError, ServeError},
+    fault_injection::FaultInjector,
+    membership::{Membership, PeerInfo},
+    request_response::{Balancing, PendingRequests, RequestOptions},
+    service::{ServiceHandler, Services},
+    subscription::{Subscription, Subscriptions},
+    topics::{validate_pattern, validate_topic},
 };
 use comms_plugin_api::{
-    host_side::{LoadedDiscovery, LoadedTransport, PluginLibrary},
-    Capabilities, Destination, Envelope, ErrorCode, MessageId, NodeId, NodeRecord, PeerEventKind,
-    PluginError, Settlement, SettlementOutcome,
+    host_side::{LoadedDiscovery, LoadedTransport},
+    Capabilities, Destination, Envelope, MessageId, NodeId, NodeRecord, PeerEvent, PluginError,
 };
 use futures::Stream;
 use serde::{de::DeserializeOwned, Serialize};
 use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
+    collections::HashSet,
+    future::Future,
+    path::Path,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, RwLock,
@@ -27,13 +34,6 @@ use tokio::{
     sync::{mpsc, watch},
     task::JoinHandle,
 };
-
-/// Messages taken from a transport per call across the plugin boundary.
-const RECEIVE_BATCH: u32 = 256;
-/// Default capacity of the node's inbox (messages received but not yet taken by the application).
-pub const DEFAULT_RECEIVE_QUEUE_CAPACITY: usize = 1024;
-/// How long `close` waits for receive loops to hand over what their transports still had.
-const CLOSE_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A typed message as the application receives it.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,12 +48,38 @@ pub struct Received<T> {
     pub message: T,
 }
 
+/// Node-wide settings from the `[node]` table or the builder.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) codec: Codec,
+    pub(crate) receive_queue_capacity: usize,
+    pub(crate) heartbeat_interval: Option<Duration>,
+    pub(crate) peer_timeout: Duration,
+    pub(crate) balancing: Balancing,
+    pub(crate) request_options: RequestOptions,
+    pub(crate) close_timeout: Duration,
+}
+
 /// A transport as the node holds it.
 #[derive(Debug)]
-struct NodeTransport {
-    name: String,
-    plugin: String,
-    loaded: LoadedTransport,
+pub(crate) struct NodeTransport {
+    pub(crate) name: String,
+    pub(crate) plugin: String,
+    pub(crate) loaded: Arc<LoadedTransport>,
+    pub(crate) faults: Option<FaultInjector>,
+}
+
+impl NodeTransport {
+    pub(crate) async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
+        match &self.faults {
+            Some(faults) => faults.send(&self.loaded, address, envelope).await,
+            None => self.loaded.send(address, envelope).await,
+        }
+    }
+
+    fn has(&self, capability: Capabilities) -> bool {
+        self.loaded.info().capabilities.contains(capability)
+    }
 }
 
 /// What a transport of this node is, for display.
@@ -69,281 +95,21 @@ pub struct TransportSummary {
     pub capabilities: Capabilities,
 }
 
-enum InboxItem {
+pub(crate) enum InboxItem {
     Message(Envelope),
     TransportFailed { transport: String, error: PluginError },
 }
 
-enum PluginChoice {
-    Source(PluginSource),
-    Library(PluginLibrary),
-}
-
-struct TransportSpec {
-    name: String,
-    plugin: PluginChoice,
-    config_toml: String,
-}
-
-/// Builds a [`Node`] in code; [`Node::from_config`] builds one from a file.
-///
-/// ```no_run
-/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
-/// use comms_host::Node;
-/// let node = Node::builder("alice")
-///     .transport("tcp", "tcp", r#"listen = "127.0.0.1:7001""#)
-///     .static_peer("bob", [("tcp", "127.0.0.1:7002")])
-///     .build()
-///     .await?;
-/// node.send("bob", &"hello".to_string()).await?;
-/// node.close().await?;
-/// # Ok(()) }
-/// ```
-pub struct NodeBuilder {
-    id: NodeId,
-    codec: Codec,
-    config_file: Option<PathBuf>,
-    plugin_dirs: Vec<PathBuf>,
-    receive_queue_capacity: usize,
-    transports: Vec<TransportSpec>,
-    discovery: Option<(PluginChoice, String)>,
-    static_peers: Vec<StaticPeer>,
-}
-
-impl std::fmt::Debug for NodeBuilder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeBuilder").field("id", &self.id).finish_non_exhaustive()
-    }
-}
-
-impl NodeBuilder {
-    /// A builder for the node called `id`, with the binary codec and static discovery.
-    pub fn new(id: impl Into<NodeId>) -> Self {
-        Self {
-            id: id.into(),
-            codec: Codec::default(),
-            config_file: None,
-            plugin_dirs: Vec::new(),
-            receive_queue_capacity: DEFAULT_RECEIVE_QUEUE_CAPACITY,
-            transports: Vec::new(),
-            discovery: None,
-            static_peers: Vec::new(),
-        }
-    }
-
-    /// How this node encodes what it sends (it decodes whatever a message's content type says).
-    pub fn codec(mut self, codec: Codec) -> Self {
-        self.codec = codec;
-        self
-    }
-
-    /// The file errors refer to.
-    pub(crate) fn config_file(mut self, path: &Path) -> Self {
-        self.config_file = Some(path.to_path_buf());
-        self
-    }
-
-    /// A directory searched for plugins before the defaults.
-    pub fn plugin_dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.plugin_dirs.push(dir.into());
-        self
-    }
-
-    /// Received messages buffered before the node stops taking more from its transports.
-    pub fn receive_queue_capacity(mut self, capacity: usize) -> Self {
-        self.receive_queue_capacity = capacity.max(1);
-        self
-    }
-
-    /// Adds transport `name` from plugin `plugin` (searched for by name), configured by the
-    /// TOML text `config_toml`.
-    pub fn transport(self, name: impl Into<String>, plugin: &str, config_toml: &str) -> Self {
-        self.transport_from(name.into(), PluginSource::Name(plugin.to_string()), config_toml.to_string())
-    }
-
-    /// Adds a transport from a plugin name or file.
-    pub fn transport_from(mut self, name: String, source: PluginSource, config_toml: String) -> Self {
-        self.transports.push(TransportSpec { name, plugin: PluginChoice::Source(source), config_toml });
-        self
-    }
-
-    /// Adds a transport from a plugin library already loaded, or linked into this program with
-    /// [`PluginLibrary::linked`].
-    pub fn transport_library(
-        mut self,
-        name: impl Into<String>,
-        library: PluginLibrary,
-        config_toml: &str,
-    ) -> Self {
-        let spec = TransportSpec {
-            name: name.into(),
-            plugin: PluginChoice::Library(library),
-            config_toml: config_toml.into(),
-        };
-        self.transports.push(spec);
-        self
-    }
-
-    /// Adds a peer to static discovery: its id and `(transport, address)` pairs.
-    pub fn static_peer<'a>(
-        mut self,
-        id: &str,
-        addresses: impl IntoIterator<Item = (&'a str, &'a str)>,
-    ) -> Self {
-        self.static_peers.push(StaticPeer {
-            id: id.to_string(),
-            addresses: addresses.into_iter().map(|(t, a)| (t.to_string(), a.to_string())).collect(),
-            services: Vec::new(),
-            topics: Vec::new(),
-        });
-        self
-    }
-
-    /// Uses a discovery plugin (or `"static"`) configured by `config_toml`.
-    pub fn discovery_from(mut self, source: PluginSource, config_toml: String) -> Self {
-        self.discovery = Some((PluginChoice::Source(source), config_toml));
-        self
-    }
-
-    fn config_error(&self, message: String) -> BuildError {
-        let file = self.config_file.clone().unwrap_or_else(|| PathBuf::from("(builder)"));
-        BuildError::Config(ConfigError { file, message })
-    }
-
-    fn resolve(
-        &self,
-        choice: PluginChoice,
-        role: &str,
-        dirs: &[PathBuf],
-    ) -> Result<PluginLibrary, BuildError> {
-        let path = match choice {
-            PluginChoice::Library(library) => return Ok(library),
-            PluginChoice::Source(PluginSource::Name(name))
-                if name == STATIC_DISCOVERY && role == "discovery" =>
-            {
-                return Ok(PluginLibrary::linked::<StaticDiscoveryPlugin>())
-            }
-            PluginChoice::Source(PluginSource::Path(path)) => path,
-            PluginChoice::Source(PluginSource::Name(name)) => {
-                find_plugin(&name, dirs).ok_or_else(|| BuildError::PluginNotFound {
-                    role: role.to_string(),
-                    file: plugin_file_name(&name),
-                    name,
-                    searched: dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
-                })?
-            }
-        };
-        PluginLibrary::load(&path)
-            .map_err(|source| BuildError::Load { role: role.to_string(), source: Box::new(source) })
-    }
-
-    /// A plugin's refusal: a config error (naming file and table) when the plugin says so.
-    fn start_error(&self, table: &str, role: &str, plugin: &str, error: PluginError) -> BuildError {
-        if error.code == ErrorCode::INVALID_CONFIG {
-            self.config_error(format!("[{table}] {}", error.message))
-        } else {
-            BuildError::Start { role: role.to_string(), plugin: plugin.to_string(), error }
-        }
-    }
-
-    /// Loads the plugins, starts the transports and discovery, announces the node.
-    pub async fn build(mut self) -> Result<Node, BuildError> {
-        if self.transports.is_empty() {
-            return Err(BuildError::NoTransport);
-        }
-        let dirs = search_dirs(&self.plugin_dirs);
-        let mut transports: Vec<Arc<NodeTransport>> = Vec::new();
-        let specs = std::mem::take(&mut self.transports);
-        for spec in specs {
-            let role = format!("transport `{}`", spec.name);
-            let started = match self.resolve(spec.plugin, &role, &dirs) {
-                Ok(library) => {
-                    let plugin = library.description().name.clone();
-                    library
-                        .new_transport(&self.id, &spec.name, &spec.config_toml)
-                        .await
-                        .map(|loaded| NodeTransport {
-                            name: spec.name.clone(),
-                            plugin: plugin.clone(),
-                            loaded,
-                        })
-                        .map_err(|error| {
-                            self.start_error(&format!("transports.{}", spec.name), &role, &plugin, error)
-                        })
-                }
-                Err(error) => Err(error),
-            };
-            match started {
-                Ok(transport) => transports.push(Arc::new(transport)),
-                Err(error) => {
-                    close_all(&transports).await;
-                    return Err(error);
-                }
-            }
-        }
-        match self.start_discovery(&dirs, &transports).await {
-            Ok((discovery, record, peers)) => Ok(Node::start(self, transports, discovery, record, peers)),
-            Err(error) => {
-                close_all(&transports).await;
-                Err(error)
-            }
-        }
-    }
-
-    async fn start_discovery(
-        &mut self,
-        dirs: &[PathBuf],
-        transports: &[Arc<NodeTransport>],
-    ) -> Result<(LoadedDiscovery, NodeRecord, Vec<NodeRecord>), BuildError> {
-        let (choice, mut config_toml) = self
-            .discovery
-            .take()
-            .unwrap_or((PluginChoice::Source(PluginSource::Name(STATIC_DISCOVERY.into())), String::new()));
-        let is_static =
-            matches!(&choice, PluginChoice::Source(PluginSource::Name(n)) if n == STATIC_DISCOVERY);
-        if is_static && !self.static_peers.is_empty() {
-            let mut config: StaticDiscoveryConfig = comms_plugin_api::config::parse_config(&config_toml)
-                .map_err(|e| self.config_error(format!("[discovery] {}", e.message)))?;
-            config.peers.append(&mut self.static_peers);
-            config_toml =
-                toml::to_string(&config).map_err(|e| self.config_error(format!("[discovery] {e}")))?;
-        }
-        let library = self.resolve(choice, "discovery", dirs)?;
-        let plugin = library.description().name.clone();
-        let discovery = library
-            .new_discovery(&self.id, "discovery", &config_toml)
-            .await
-            .map_err(|error| self.start_error("discovery", "discovery", &plugin, error))?;
-        let record = NodeRecord {
-            id: self.id.clone(),
-            addresses: transports
-                .iter()
-                .map(|t| (t.name.clone(), t.loaded.info().local_address.clone()))
-                .collect(),
-            ..NodeRecord::default()
-        };
-        let start_error =
-            |error| BuildError::Start { role: "discovery".into(), plugin: plugin.clone(), error };
-        discovery.announce(record.clone()).await.map_err(start_error)?;
-        let peers = discovery.peers().await.map_err(start_error)?;
-        Ok((discovery, record, peers))
-    }
-}
-
-async fn close_all(transports: &[Arc<NodeTransport>]) {
-    for transport in transports {
-        let _ = transport.loaded.close().await;
-    }
-}
-
-/// A comms node: sends typed messages to other nodes and receives theirs, over whatever
-/// transports its configuration names.
+/// A comms node: sends typed messages to other nodes and receives theirs, publishes and
+/// subscribes, serves and calls services, over whatever transports its configuration names.
 ///
 /// Cheap to clone; all clones are the same node. Works on a tokio multi-thread or current-thread
-/// runtime. Call [`Node::close`] to leave gracefully (queued messages are flushed).
+/// runtime. Call [`Node::close`] to leave gracefully; dropping the last clone stops the node's
+/// background tasks without telling peers.
 #[derive(Clone)]
 pub struct Node {
     inner: Arc<NodeInner>,
+    _alive: Arc<StopOnDrop>,
 }
 
 impl std::fmt::Debug for Node {
@@ -352,28 +118,40 @@ impl std::fmt::Debug for Node {
     }
 }
 
-struct NodeInner {
-    id: NodeId,
-    codec: Codec,
-    record: NodeRecord,
-    transports: Vec<Arc<NodeTransport>>,
-    discovery: Arc<LoadedDiscovery>,
-    peers: Arc<RwLock<HashMap<NodeId, NodeRecord>>>,
+/// Held by the application's `Node` handles only (not by background tasks): when the last one
+/// goes, the tasks stop.
+struct StopOnDrop(Arc<NodeInner>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.shutdown.send_replace(true);
+    }
+}
+
+/// The node's state, shared with its background tasks.
+pub(crate) struct NodeInner {
+    pub(crate) id: NodeId,
+    pub(crate) settings: Settings,
+    pub(crate) record: RwLock<NodeRecord>,
+    pub(crate) transports: Vec<Arc<NodeTransport>>,
+    pub(crate) discovery: Arc<LoadedDiscovery>,
+    pub(crate) membership: Membership,
+    pub(crate) inbox_tx: mpsc::Sender<InboxItem>,
     inbox: tokio::sync::Mutex<mpsc::Receiver<InboxItem>>,
-    shutdown: watch::Sender<bool>,
-    /// Set when `close` starts: receive loops stop retrying a failing transport.
-    closing: watch::Sender<bool>,
+    pub(crate) subscriptions: Subscriptions,
+    pub(crate) services: Services,
+    pub(crate) pending: PendingRequests,
+    /// Peers this node has announced itself to (a heartbeat precedes the first message).
+    greeted: Mutex<HashSet<NodeId>>,
+    /// Set once when the node stops for good.
+    pub(crate) shutdown: watch::Sender<bool>,
+    /// Set when `close` starts: no new requests are served, failing transports are not retried.
+    pub(crate) closing: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
     receive_loops: Mutex<Vec<JoinHandle<()>>>,
     closed: AtomicBool,
     id_prefix: u64,
     id_counter: AtomicU64,
-}
-
-impl Drop for NodeInner {
-    fn drop(&mut self) {
-        // A node dropped without close: stop its background tasks.
-        self.shutdown.send_replace(true);
-    }
 }
 
 impl Node {
@@ -387,8 +165,9 @@ impl Node {
         config::load(path.as_ref())?.build().await
     }
 
-    fn start(
-        builder: NodeBuilder,
+    pub(crate) async fn start(
+        id: NodeId,
+        settings: Settings,
         transports: Vec<Arc<NodeTransport>>,
         discovery: LoadedDiscovery,
         record: NodeRecord,
@@ -396,38 +175,45 @@ impl Node {
     ) -> Node {
         let (shutdown, _) = watch::channel(false);
         let (closing, _) = watch::channel(false);
-        let (inbox_tx, inbox_rx) = mpsc::channel(builder.receive_queue_capacity);
-        let peers = Arc::new(RwLock::new(peers.into_iter().map(|p| (p.id.clone(), p)).collect()));
-        let discovery = Arc::new(discovery);
-        let receive_loops = transports
-            .iter()
-            .map(|t| {
-                tokio::spawn(receive_loop(
-                    Arc::clone(t),
-                    inbox_tx.clone(),
-                    shutdown.subscribe(),
-                    closing.subscribe(),
-                ))
-            })
-            .collect();
-        tokio::spawn(watch_peers(Arc::clone(&discovery), Arc::clone(&peers), shutdown.subscribe()));
-        Node {
-            inner: Arc::new(NodeInner {
-                id: builder.id,
-                codec: builder.codec,
-                record,
-                transports,
-                discovery,
-                peers,
-                inbox: tokio::sync::Mutex::new(inbox_rx),
-                shutdown,
-                closing,
-                receive_loops: Mutex::new(receive_loops),
-                closed: AtomicBool::new(false),
-                id_prefix: rand::random(),
-                id_counter: AtomicU64::new(0),
-            }),
+        let (inbox_tx, inbox_rx) = mpsc::channel(settings.receive_queue_capacity);
+        let timeout = settings.heartbeat_interval.map(|_| settings.peer_timeout);
+        let membership = Membership::new(id.clone(), timeout);
+        for peer in peers {
+            membership.discovered(peer);
         }
+        let inner = Arc::new(NodeInner {
+            id,
+            record: RwLock::new(record),
+            transports,
+            discovery: Arc::new(discovery),
+            membership,
+            inbox_tx,
+            inbox: tokio::sync::Mutex::new(inbox_rx),
+            subscriptions: Subscriptions::default(),
+            services: Services::default(),
+            pending: PendingRequests::default(),
+            greeted: Mutex::new(HashSet::new()),
+            shutdown,
+            closing,
+            tasks: Mutex::new(Vec::new()),
+            receive_loops: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
+            id_prefix: rand::random(),
+            id_counter: AtomicU64::new(0),
+            settings,
+        });
+        let receive_loops = inner
+            .transports
+            .iter()
+            .map(|t| tokio::spawn(dispatch::receive_loop(Arc::clone(&inner), Arc::clone(t))));
+        *inner.receive_loops.lock().unwrap_or_else(|p| p.into_inner()) = receive_loops.collect();
+        let tasks = vec![
+            tokio::spawn(dispatch::watch_discovery(Arc::clone(&inner))),
+            tokio::spawn(dispatch::heartbeats(Arc::clone(&inner))),
+        ];
+        *inner.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
+        let alive = Arc::new(StopOnDrop(Arc::clone(&inner)));
+        Node { inner, _alive: alive }
     }
 
     /// This node's id.
@@ -437,7 +223,7 @@ impl Node {
 
     /// The codec this node sends with.
     pub fn codec(&self) -> Codec {
-        self.inner.codec
+        self.inner.settings.codec
     }
 
     /// This node's transports, in preference order.
@@ -454,21 +240,42 @@ impl Node {
             .collect()
     }
 
-    /// This node's record as announced to discovery.
-    pub fn record(&self) -> &NodeRecord {
-        &self.inner.record
+    /// This node's record as announced (addresses, services, topic patterns).
+    pub fn record(&self) -> NodeRecord {
+        self.inner.record.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The peers discovery knows now.
-    pub fn peers(&self) -> Vec<NodeRecord> {
-        let peers = self.inner.peers.read().unwrap_or_else(|p| p.into_inner());
-        let mut list: Vec<NodeRecord> = peers.values().cloned().collect();
-        list.sort_by(|a, b| a.id.cmp(&b.id));
-        list
+    /// The peers this node knows, with liveness, sorted by id.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        self.inner.membership.snapshot()
     }
 
-    fn next_message_id(&self) -> MessageId {
-        MessageId { high: self.inner.id_prefix, low: self.inner.id_counter.fetch_add(1, Ordering::Relaxed) }
+    /// Peers joining, leaving (down or withdrawn) and changing, from now on. A consumer that
+    /// falls more than 256 events behind skips the oldest.
+    pub fn peer_events(&self) -> impl Stream<Item = PeerEvent> + Send + 'static {
+        let events = self.inner.membership.subscribe();
+        futures::stream::unfold(events, |mut events| async move {
+            loop {
+                match events.recv().await {
+                    Ok(event) => return Some((event, events)),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+    }
+
+    pub(crate) fn new_envelope(
+        &self,
+        to: Destination,
+        headers: Vec<(String, String)>,
+        payload: Vec<u8>,
+    ) -> Envelope {
+        self.inner.new_envelope(to, headers, payload)
+    }
+
+    fn content_type_header(&self) -> Vec<(String, String)> {
+        vec![(CONTENT_TYPE_HEADER.to_string(), self.inner.settings.codec.content_type().to_string())]
     }
 
     /// Sends `message` to node `to`. Completes when a transport has taken it; waits while that
@@ -478,19 +285,8 @@ impl Node {
         to: impl Into<NodeId>,
         message: &T,
     ) -> Result<MessageId, SendError> {
-        let to = to.into();
-        let payload = self.inner.codec.encode(message)?;
-        let envelope = Envelope {
-            id: self.next_message_id(),
-            from: self.inner.id.clone(),
-            to: Destination::Node(to),
-            correlation_id: None,
-            headers: vec![(CONTENT_TYPE_HEADER.to_string(), self.inner.codec.content_type().to_string())],
-            payload: payload.into(),
-        };
-        let id = envelope.id;
-        self.send_envelope(envelope).await?;
-        Ok(id)
+        let payload = self.inner.settings.codec.encode(message)?;
+        self.send_raw(to, self.content_type_header(), payload, None).await
     }
 
     /// Sends raw payload bytes to node `to`, with the given headers (include `content-type` so
@@ -502,74 +298,23 @@ impl Node {
         payload: Vec<u8>,
         correlation_id: Option<MessageId>,
     ) -> Result<MessageId, SendError> {
-        let envelope = Envelope {
-            id: self.next_message_id(),
-            from: self.inner.id.clone(),
-            to: Destination::Node(to.into()),
-            correlation_id,
-            headers,
-            payload: payload.into(),
-        };
+        let to = to.into();
+        let mut envelope = self.new_envelope(Destination::Node(to.clone()), headers, payload);
+        envelope.correlation_id = correlation_id;
         let id = envelope.id;
-        self.send_envelope(envelope).await?;
+        self.inner.check_open()?;
+        self.inner.send_to_node(&to, envelope).await?;
         Ok(id)
     }
 
-    /// Sends a ready-made envelope to the node it names.
-    pub async fn send_envelope(&self, envelope: Envelope) -> Result<(), SendError> {
-        if self.inner.closed.load(Ordering::Acquire) {
-            return Err(SendError::Closed);
-        }
-        let Destination::Node(to) = &envelope.to else {
-            return Err(SendError::UnknownPeer(NodeId::new(envelope.to.name())));
-        };
-        let to = to.clone();
-        let (transport, address) = self.route(&to)?;
-        transport.loaded.send(&address, envelope).await.map_err(|error| SendError::Transport {
-            transport: transport.name.clone(),
-            peer: to,
-            error,
-        })
-    }
-
-    /// The first transport (in config order) on which the peer has an address.
-    fn route(&self, to: &NodeId) -> Result<(Arc<NodeTransport>, String), SendError> {
-        let peers = self.inner.peers.read().unwrap_or_else(|p| p.into_inner());
-        let record = if *to == self.inner.id {
-            &self.inner.record
-        } else {
-            peers.get(to).ok_or_else(|| SendError::UnknownPeer(to.clone()))?
-        };
-        for transport in &self.inner.transports {
-            if let Some(address) = record.address_for(&transport.name) {
-                return Ok((Arc::clone(transport), address.to_string()));
-            }
-        }
-        let names = |list: Vec<&str>| list.join(", ");
-        Err(SendError::NoCommonTransport {
-            peer: to.clone(),
-            peer_transports: names(record.addresses.iter().map(|(t, _)| t.as_str()).collect()),
-            local_transports: names(self.inner.transports.iter().map(|t| t.name.as_str()).collect()),
-        })
-    }
-
-    /// Waits for the next message and decodes it as `T` (by the codec its content type names).
+    /// Waits for the next message sent to this node and decodes it as `T` (by the codec its
+    /// content type names).
     pub async fn receive<T: DeserializeOwned>(&self) -> Result<Received<T>, ReceiveError> {
         let envelope = self.receive_envelope().await?;
-        let codec = match envelope.header(CONTENT_TYPE_HEADER) {
-            Some(content_type) => Codec::from_content_type(content_type),
-            None => Ok(self.inner.codec),
-        };
-        let decoded = codec.and_then(|codec| codec.decode(envelope.payload.as_slice()));
-        match decoded {
-            Ok(message) => {
-                Ok(Received { from: envelope.from, id: envelope.id, headers: envelope.headers, message })
-            }
-            Err(source) => Err(ReceiveError::Decode { from: envelope.from, id: envelope.id, source }),
-        }
+        decode_received(self.inner.settings.codec, envelope)
     }
 
-    /// Waits for the next message, undecoded.
+    /// Waits for the next message sent to this node, undecoded.
     pub async fn receive_envelope(&self) -> Result<Envelope, ReceiveError> {
         let mut inbox = self.inner.inbox.lock().await;
         match inbox.recv().await {
@@ -593,25 +338,391 @@ impl Node {
         })
     }
 
-    /// Leaves gracefully: withdraws from discovery, stops the transports (each flushes what is
-    /// queued within its own deadline), hands over what they had received, stops discovery.
-    /// Messages already received can still be taken with `receive` afterwards.
+    /// Publishes `message` on `topic` to every subscriber: through a transport with native
+    /// topics when there is one, and directly to every live peer whose announced patterns match
+    /// otherwise; subscriptions of this node get it too. Returns how many nodes it was handed to
+    /// directly (a broker's fan-out is not counted).
+    pub async fn publish<T: Serialize + ?Sized>(&self, topic: &str, message: &T) -> Result<usize, SendError> {
+        validate_topic(topic).map_err(|e| SendError::InvalidTopic(e.to_string()))?;
+        self.inner.check_open()?;
+        let payload = self.inner.settings.codec.encode(message)?;
+        let envelope =
+            self.new_envelope(Destination::Topic(topic.to_string()), self.content_type_header(), payload);
+        self.inner.publish(topic, envelope).await
+    }
+
+    /// Subscribes to topics matching `pattern` (`*` one segment, `>` the rest). Peers learn of
+    /// it through discovery and the next heartbeat (sent at once). Dropping the subscription
+    /// unsubscribes.
+    ///
+    /// Messages wait in a bounded buffer; a subscription that is not read holds up delivery on
+    /// the transport that carries them once its buffer is full (backpressure, nothing dropped).
+    pub async fn subscribe<T: DeserializeOwned>(&self, pattern: &str) -> Result<Subscription<T>, SendError> {
+        validate_pattern(pattern).map_err(|e| SendError::InvalidTopic(e.to_string()))?;
+        self.inner.check_open()?;
+        let (id, receiver) = self.inner.subscriptions.add(pattern);
+        for transport in self.inner.transports.iter().filter(|t| t.has(Capabilities::NATIVE_TOPICS)) {
+            if let Err(error) = transport.loaded.subscribe(pattern).await {
+                self.inner.subscriptions.remove(id);
+                let peer = NodeId::new(format!("topic:{pattern}"));
+                return Err(SendError::Transport { transport: transport.name.clone(), peer, error });
+            }
+        }
+        self.inner.announce_changes().await;
+        Ok(Subscription::new(Arc::clone(&self.inner), id, pattern.to_string(), receiver))
+    }
+
+    /// Serves `service`: `handler` answers each request; its error goes back to the caller as a
+    /// remote error. Several nodes may serve the same service; callers spread requests over them.
+    /// At most 256 requests are handled at once per node (more wait, holding up the transport).
+    pub async fn serve<Req, Resp, E, F, Fut>(&self, service: &str, handler: F) -> Result<(), ServeError>
+    where
+        Req: DeserializeOwned + Send + 'static,
+        Resp: Serialize + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
+        F: Fn(Received<Req>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Resp, E>> + Send + 'static,
+    {
+        if service.is_empty() {
+            return Err(ServeError::InvalidName(service.to_string()));
+        }
+        self.inner.check_open().map_err(|_| ServeError::Closed)?;
+        let handler = ServiceHandler::new(self.inner.settings.codec, handler);
+        if !self.inner.services.add(service, handler) {
+            return Err(ServeError::AlreadyServed(service.to_string()));
+        }
+        self.inner.announce_changes().await;
+        Ok(())
+    }
+
+    /// Stops serving `service`; requests in flight still complete. `false` if it was not served.
+    pub async fn stop_serving(&self, service: &str) -> bool {
+        let removed = self.inner.services.remove(service);
+        if removed {
+            self.inner.announce_changes().await;
+        }
+        removed
+    }
+
+    /// Calls `service` on one of its live replicas with the node's default [`RequestOptions`].
+    pub async fn request<Req, Resp>(&self, service: &str, request: &Req) -> Result<Resp, RequestError>
+    where
+        Req: Serialize + ?Sized,
+        Resp: DeserializeOwned,
+    {
+        let options = self.inner.settings.request_options.clone();
+        self.request_with(service, request, &options).await
+    }
+
+    /// Calls `service` with explicit timeout and retries; a retry goes to another replica when
+    /// there is one. A handler's error is returned at once as [`RequestError::Remote`] (not
+    /// retried); timeouts, send failures and replicas that are closing are retried.
+    pub async fn request_with<Req, Resp>(
+        &self,
+        service: &str,
+        request: &Req,
+        options: &RequestOptions,
+    ) -> Result<Resp, RequestError>
+    where
+        Req: Serialize + ?Sized,
+        Resp: DeserializeOwned,
+    {
+        let payload = self.inner.settings.codec.encode(request).map_err(RequestError::Encode)?;
+        let response = self.inner.call(service, None, payload, options).await?;
+        decode_received(self.inner.settings.codec, response).map(|r| r.message).map_err(|e| match e {
+            ReceiveError::Decode { source, .. } => RequestError::Decode(source),
+            other => RequestError::Decode(crate::codec::CodecError::UnknownContentType(other.to_string())),
+        })
+    }
+
+    /// Calls `service` on node `node` only (retries go to the same node).
+    pub async fn request_node<Req, Resp>(
+        &self,
+        node: impl Into<NodeId>,
+        service: &str,
+        request: &Req,
+        options: &RequestOptions,
+    ) -> Result<Resp, RequestError>
+    where
+        Req: Serialize + ?Sized,
+        Resp: DeserializeOwned,
+    {
+        let payload = self.inner.settings.codec.encode(request).map_err(RequestError::Encode)?;
+        let response = self.inner.call(service, Some(node.into()), payload, options).await?;
+        decode_received(self.inner.settings.codec, response).map(|r| r.message).map_err(|e| match e {
+            ReceiveError::Decode { source, .. } => RequestError::Decode(source),
+            other => RequestError::Decode(crate::codec::CodecError::UnknownContentType(other.to_string())),
+        })
+    }
+
+    /// Leaves gracefully, within the close timeout: stops taking new requests and lets those in
+    /// flight finish, withdraws from discovery, tells every live peer (who marks this node down
+    /// at once), flushes the transports' queues and closes them. Messages already received can
+    /// still be taken with `receive` afterwards.
     pub async fn close(&self) -> Result<(), CloseError> {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        self.inner.closing.send_replace(true);
+        self.inner.close().await
+    }
+}
+
+/// Decodes an envelope by its content type (or `default` without one).
+pub(crate) fn decode_received<T: DeserializeOwned>(
+    default: Codec,
+    envelope: Envelope,
+) -> Result<Received<T>, ReceiveError> {
+    let codec = match envelope.header(CONTENT_TYPE_HEADER) {
+        Some(content_type) => Codec::from_content_type(content_type),
+        None => Ok(default),
+    };
+    match codec.and_then(|codec| codec.decode(envelope.payload.as_slice())) {
+        Ok(message) => {
+            Ok(Received { from: envelope.from, id: envelope.id, headers: envelope.headers, message })
+        }
+        Err(source) => Err(ReceiveError::Decode { from: envelope.from, id: envelope.id, source }),
+    }
+}
+
+impl NodeInner {
+    pub(crate) fn new_envelope(
+        &self,
+        to: Destination,
+        headers: Vec<(String, String)>,
+        payload: Vec<u8>,
+    ) -> Envelope {
+        Envelope {
+            id: MessageId { high: self.id_prefix, low: self.id_counter.fetch_add(1, Ordering::Relaxed) },
+            from: self.id.clone(),
+            to,
+            correlation_id: None,
+            headers,
+            payload: payload.into(),
+        }
+    }
+
+    fn check_open(&self) -> Result<(), SendError> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(SendError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The record of `node`: this node's own, or the latest a peer announced.
+    fn record_of(&self, node: &NodeId) -> Option<NodeRecord> {
+        if *node == self.id {
+            Some(self.record.read().unwrap_or_else(|p| p.into_inner()).clone())
+        } else {
+            self.membership.record(node)
+        }
+    }
+
+    /// The first transport (in config order) on which `record` has an address.
+    fn route(&self, record: &NodeRecord) -> Result<(Arc<NodeTransport>, String), SendError> {
+        for transport in &self.transports {
+            if let Some(address) = record.address_for(&transport.name) {
+                return Ok((Arc::clone(transport), address.to_string()));
+            }
+        }
+        let names = |list: Vec<&str>| list.join(", ");
+        Err(SendError::NoCommonTransport {
+            peer: record.id.clone(),
+            peer_transports: names(record.addresses.iter().map(|(t, _)| t.as_str()).collect()),
+            local_transports: names(self.transports.iter().map(|t| t.name.as_str()).collect()),
+        })
+    }
+
+    pub(crate) async fn send_to_node(&self, to: &NodeId, envelope: Envelope) -> Result<(), SendError> {
+        let record = self.record_of(to).ok_or_else(|| SendError::UnknownPeer(to.clone()))?;
+        self.send_to_record(&record, envelope).await
+    }
+
+    /// Sends to the node `record` describes, announcing this node first if it has not yet,
+    /// so the peer can answer even when it has never heard of this node.
+    pub(crate) async fn send_to_record(
+        &self,
+        record: &NodeRecord,
+        envelope: Envelope,
+    ) -> Result<(), SendError> {
+        let (transport, address) = self.route(record)?;
+        let first_contact = record.id != self.id
+            && self.greeted.lock().unwrap_or_else(|p| p.into_inner()).insert(record.id.clone());
+        if first_contact {
+            let hello = self.heartbeat_envelope(&record.id);
+            if let Err(error) = transport.loaded.send(&address, hello).await {
+                self.greeted.lock().unwrap_or_else(|p| p.into_inner()).remove(&record.id);
+                return Err(SendError::Transport {
+                    transport: transport.name.clone(),
+                    peer: record.id.clone(),
+                    error,
+                });
+            }
+        }
+        transport.send(&address, envelope).await.map_err(|error| SendError::Transport {
+            transport: transport.name.clone(),
+            peer: record.id.clone(),
+            error,
+        })
+    }
+
+    pub(crate) fn heartbeat_envelope(&self, to: &NodeId) -> Envelope {
+        let announcement = Announcement::of(&self.record.read().unwrap_or_else(|p| p.into_inner()));
+        let headers = vec![(KIND_HEADER.to_string(), control::HEARTBEAT.to_string())];
+        self.new_envelope(Destination::Node(to.clone()), headers, announcement.encode())
+    }
+
+    /// Re-announces this node's record after its services or topics changed: to discovery and,
+    /// with a heartbeat, to every known peer at once.
+    pub(crate) async fn announce_changes(&self) {
+        {
+            let mut record = self.record.write().unwrap_or_else(|p| p.into_inner());
+            record.services = self.services.names();
+            record.topics = self.subscriptions.patterns();
+        }
+        let record = self.record.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Err(error) = self.discovery.announce(record).await {
+            tracing::warn!(%error, "announcing the node's record to discovery failed");
+        }
+        dispatch::send_heartbeats(self).await;
+    }
+
+    async fn publish(&self, topic: &str, envelope: Envelope) -> Result<usize, SendError> {
+        let native = self.transports.iter().find(|t| t.has(Capabilities::NATIVE_TOPICS));
+        if let Some(native) = native {
+            native.send("", envelope.clone()).await.map_err(|error| SendError::Transport {
+                transport: native.name.clone(),
+                peer: NodeId::new(format!("topic:{topic}")),
+                error,
+            })?;
+        }
+        let mut delivered = 0;
+        let mut first_error = None;
+        let subscribers = self.membership.live(|record| {
+            record.topics.iter().any(|pattern| crate::topics::matches(pattern, topic))
+                && native.is_none_or(|native| record.address_for(&native.name).is_none())
+        });
+        for subscriber in subscribers {
+            match self.send_to_record(&subscriber, envelope.clone()).await {
+                Ok(()) => delivered += 1,
+                Err(error) => {
+                    tracing::debug!(%error, peer = %subscriber.id, "publishing to a subscriber failed");
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        if native.is_none() && self.subscriptions.deliver(topic, &envelope).await > 0 {
+            delivered += 1;
+        }
+        match first_error {
+            Some(error) if delivered == 0 => Err(error),
+            _ => Ok(delivered),
+        }
+    }
+
+    /// One request, with retries. Returns the successful response envelope.
+    async fn call(
+        &self,
+        service: &str,
+        node: Option<NodeId>,
+        payload: Vec<u8>,
+        options: &RequestOptions,
+    ) -> Result<Envelope, RequestError> {
+        self.check_open().map_err(|_| RequestError::Closed)?;
+        let mut tried = HashSet::new();
+        let mut last_error = None;
+        let attempts = options.attempts.max(1);
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                let pause = options.backoff.saturating_mul(1 << (attempt - 1).min(10));
+                tokio::time::sleep(pause).await;
+            }
+            let target = match &node {
+                Some(node) => self.record_of(node),
+                None => {
+                    let mut candidates = self.membership.live(|r| r.services.iter().any(|s| s == service));
+                    if self.services.contains(service) {
+                        candidates.push(self.record.read().unwrap_or_else(|p| p.into_inner()).clone());
+                    }
+                    self.pending.choose(&candidates, &tried, self.settings.balancing)
+                }
+            };
+            let Some(target) = target else {
+                last_error = Some(match &node {
+                    Some(node) => RequestError::Send(SendError::UnknownPeer(node.clone())),
+                    None => RequestError::NoReplica { service: service.to_string() },
+                });
+                continue;
+            };
+            tried.insert(target.id.clone());
+            let headers =
+                vec![(CONTENT_TYPE_HEADER.to_string(), self.settings.codec.content_type().to_string())];
+            let envelope =
+                self.new_envelope(Destination::Service(service.to_string()), headers, payload.clone());
+            let id = envelope.id;
+            let response = self.pending.expect(id);
+            let _in_flight = self.pending.start(&target.id);
+            if let Err(error) = self.send_to_record(&target, envelope).await {
+                self.pending.forget(id);
+                tracing::debug!(%error, replica = %target.id, attempt, "request send failed");
+                last_error = Some(RequestError::Send(error));
+                continue;
+            }
+            let response = match tokio::time::timeout(options.timeout, response).await {
+                Err(_) => {
+                    self.pending.forget(id);
+                    tracing::debug!(replica = %target.id, attempt, "request timed out");
+                    last_error = Some(RequestError::Timeout {
+                        service: service.to_string(),
+                        attempts: attempt + 1,
+                        timeout: options.timeout,
+                    });
+                    continue;
+                }
+                Ok(Err(_)) => return Err(RequestError::Closed),
+                Ok(Ok(response)) => response,
+            };
+            match response.header(STATUS_HEADER) {
+                Some(control::STATUS_OK) | None => return Ok(response),
+                Some(control::STATUS_ERROR) => {
+                    return Err(RequestError::Remote {
+                        node: response.from.clone(),
+                        message: String::from_utf8_lossy(response.payload.as_slice()).into_owned(),
+                    })
+                }
+                Some(_) => {
+                    let message = String::from_utf8_lossy(response.payload.as_slice()).into_owned();
+                    last_error = Some(RequestError::Unavailable { node: response.from.clone(), message });
+                }
+            }
+        }
+        Err(match last_error {
+            Some(RequestError::Timeout { service, timeout, .. }) => {
+                RequestError::Timeout { service, attempts, timeout }
+            }
+            Some(error) => error,
+            None => RequestError::NoReplica { service: service.to_string() },
+        })
+    }
+
+    async fn close(self: &Arc<Self>) -> Result<(), CloseError> {
+        let deadline = self.settings.close_timeout;
+        self.closing.send_replace(true);
         let mut failures = Vec::new();
-        if let Err(error) = self.inner.discovery.withdraw(&self.inner.id).await {
+        if !self.services.wait_idle(deadline).await {
+            failures.push("requests in flight did not finish within the close timeout".to_string());
+        }
+        if let Err(error) = self.discovery.withdraw(&self.id).await {
             failures.push(format!("withdrawing from discovery: {error}"));
         }
-        for transport in &self.inner.transports {
+        dispatch::send_goodbyes(self).await;
+        for transport in &self.transports {
             if let Err(error) = transport.loaded.close().await {
                 failures.push(format!("transport `{}`: {error}", transport.name));
             }
         }
-        let loops = std::mem::take(&mut *self.inner.receive_loops.lock().unwrap_or_else(|p| p.into_inner()));
-        let drained = tokio::time::timeout(CLOSE_DRAIN_TIMEOUT, async {
+        let loops = std::mem::take(&mut *self.receive_loops.lock().unwrap_or_else(|p| p.into_inner()));
+        let drained = tokio::time::timeout(deadline, async {
             for handle in loops {
                 let _ = handle.await;
             }
@@ -620,112 +731,19 @@ impl Node {
         if drained.is_err() {
             failures.push("received messages could not be handed over in time (inbox full)".to_string());
         }
-        self.inner.shutdown.send_replace(true);
-        if let Err(error) = self.inner.discovery.close().await {
+        self.shutdown.send_replace(true);
+        self.pending.abandon_all();
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
+            let _ = task.await;
+        }
+        if let Err(error) = self.discovery.close().await {
             failures.push(format!("discovery: {error}"));
         }
         if failures.is_empty() {
             Ok(())
         } else {
             Err(CloseError { failures })
-        }
-    }
-}
-
-async fn closed(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|closed| *closed).await;
-}
-
-/// Moves messages from one transport into the node's bounded inbox and settles them.
-async fn receive_loop(
-    transport: Arc<NodeTransport>,
-    inbox: mpsc::Sender<InboxItem>,
-    mut shutdown: watch::Receiver<bool>,
-    mut closing: watch::Receiver<bool>,
-) {
-    let acknowledges = transport.loaded.info().capabilities.contains(Capabilities::ACKNOWLEDGEMENTS);
-    let mut failures = 0u32;
-    loop {
-        let received = tokio::select! {
-            received = transport.loaded.receive(RECEIVE_BATCH) => received,
-            _ = closed(&mut shutdown) => return,
-        };
-        match received {
-            Ok(batch) if batch.is_empty() => return,
-            Ok(batch) => {
-                failures = 0;
-                let mut settlements = Vec::with_capacity(if acknowledges { batch.len() } else { 0 });
-                let mut inbox_open = true;
-                for inbound in batch {
-                    let tag = inbound.delivery_tag;
-                    inbox_open = inbox_open && inbox.send(InboxItem::Message(inbound.envelope)).await.is_ok();
-                    if acknowledges {
-                        let outcome = if inbox_open {
-                            SettlementOutcome::ACCEPTED
-                        } else {
-                            SettlementOutcome::REJECTED_REQUEUE
-                        };
-                        settlements.push(Settlement { delivery_tag: tag, outcome });
-                    }
-                }
-                if !settlements.is_empty() {
-                    if let Err(error) = transport.loaded.settle(settlements).await {
-                        tracing::warn!(transport = %transport.name, %error, "settling received messages failed");
-                    }
-                }
-                if !inbox_open {
-                    return;
-                }
-            }
-            Err(error) if error.code == ErrorCode::CLOSED || *closing.borrow() => return,
-            Err(error) => {
-                failures += 1;
-                tracing::warn!(transport = %transport.name, %error, failures, "receive failed; retrying");
-                let failed = InboxItem::TransportFailed { transport: transport.name.clone(), error };
-                if inbox.send(failed).await.is_err() {
-                    return;
-                }
-                let delay = Duration::from_millis(50u64.saturating_mul(1 << failures.min(7)));
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = closed(&mut closing) => return,
-                }
-            }
-        }
-    }
-}
-
-/// Keeps the peer table current from discovery events.
-async fn watch_peers(
-    discovery: Arc<LoadedDiscovery>,
-    peers: Arc<RwLock<HashMap<NodeId, NodeRecord>>>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let event = tokio::select! {
-            event = discovery.next_event() => event,
-            _ = closed(&mut shutdown) => return,
-        };
-        match event {
-            Ok(Some(event)) => {
-                let mut peers = peers.write().unwrap_or_else(|p| p.into_inner());
-                match event.kind {
-                    PeerEventKind::Left => {
-                        peers.remove(&event.record.id);
-                    }
-                    PeerEventKind::Joined | PeerEventKind::Updated => {
-                        peers.insert(event.record.id.clone(), event.record);
-                    }
-                }
-            }
-            Ok(None) => return,
-            Err(error) => {
-                tracing::warn!(%error, "discovery failed; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = closed(&mut shutdown) => return,
-                }
-            }
         }
     }
 }

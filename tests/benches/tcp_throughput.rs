@@ -26,7 +26,7 @@
 //!   [`Node::send_raw`] (raw bytes with a `content-type` header, no serialization) and receive with
 //!   [`Node::receive_envelope`] (no decoding), so both sides move the same bytes as the baseline.
 //!   Reported as messages per second and MB/s of payload (1 MB = 10^6 bytes), the median of
-//!   `ROUNDS` rounds;
+//!   7 rounds (the spread between rounds is printed too: on a small machine it is wide);
 //! - **ping-pong latency**: send one message, wait for the reply (the same payload back, with the
 //!   request's id as correlation id for comms), repeat; reported as the 50th and 99th percentile
 //!   of the round-trip time in microseconds, over all rounds.
@@ -61,7 +61,7 @@ use tokio::{
 /// Payload sizes measured, in bytes.
 const PAYLOAD_SIZES: [usize; 2] = [64, 1024];
 /// Throughput rounds per variant and payload; the median is reported.
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 7;
 /// Buffer size of the hand-written baseline (the plugin batches writes up to 64 KiB and reads
 /// through a 64 KiB buffer too).
 const IO_BUFFER_BYTES: usize = 64 * 1024;
@@ -403,6 +403,8 @@ struct Row {
     megabytes_per_second: f64,
     p50_micros: f64,
     p99_micros: f64,
+    /// Slowest and fastest throughput round, in messages per second.
+    round_range: (f64, f64),
 }
 
 /// The `percent` percentile (nearest rank) of sorted samples, in microseconds.
@@ -476,6 +478,10 @@ async fn run(settings: Settings, dynamic: PluginLibrary) -> Result<Vec<Row>, Str
                 megabytes_per_second: messages_per_second * size as f64 / 1e6,
                 p50_micros: percentile(&rtts[i], 50),
                 p99_micros: percentile(&rtts[i], 99),
+                round_range: (
+                    count as f64 / durations[i][durations[i].len() - 1].as_secs_f64(),
+                    count as f64 / durations[i][0].as_secs_f64(),
+                ),
             });
         }
     }
@@ -528,6 +534,12 @@ fn print_report(settings: &Settings, rows: &[Row]) {
             a / c,
             verdict(a / c, 0.8)
         );
+    }
+    println!();
+    println!("throughput spread between rounds (slowest .. fastest msg/s):");
+    for row in rows {
+        let (slowest, fastest) = row.round_range;
+        println!("  {:<22} {:>5} B: {slowest:>11.0} .. {fastest:.0}", row.variant, row.payload);
     }
 }
 

@@ -23,6 +23,8 @@ pub struct Artifacts {
     pub comms_bin: PathBuf,
     /// `libcomms_tcp.so`.
     pub tcp_plugin: PathBuf,
+    /// `libcomms_memory.so`.
+    pub memory_plugin: PathBuf,
     /// `libcomms_uds.so`, built from `examples/third-party-plugin` on its own.
     pub uds_plugin: PathBuf,
     /// `libcomms_fixture_panicking.so`.
@@ -73,7 +75,10 @@ pub fn artifacts() -> &'static Artifacts {
     ARTIFACTS.get_or_init(|| {
         let target = target_dir();
         let (profile, _) = profile();
-        cargo(&["build", "-p", "comms-host", "-p", "comms-tcp", "-p", "comms-fixture-panicking"], &target);
+        let packages = ["comms-host", "comms-tcp", "comms-memory", "comms-fixture-panicking"];
+        let mut build = vec!["build"];
+        build.extend(packages.into_iter().flat_map(|package| ["-p", package]));
+        cargo(&build, &target);
         cargo(&["build", "--manifest-path", "examples/third-party-plugin/Cargo.toml"], &target);
         let fixture = "tests/fixtures/mismatched-plugin/Cargo.toml";
         let wrong_version = target.join("fixtures/wrong-version");
@@ -90,6 +95,7 @@ pub fn artifacts() -> &'static Artifacts {
         Artifacts {
             comms_bin: plugin_dir.join(format!("comms{}", std::env::consts::EXE_SUFFIX)),
             tcp_plugin: library(&plugin_dir, "comms_tcp"),
+            memory_plugin: library(&plugin_dir, "comms_memory"),
             uds_plugin: library(&plugin_dir, "comms_uds"),
             panicking_plugin: library(&plugin_dir, "comms_fixture_panicking"),
             wrong_version_plugin: library(&wrong_version.join(profile), "comms_fixture_mismatched"),

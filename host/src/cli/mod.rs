@@ -3,6 +3,7 @@
 mod check;
 mod demo;
 mod node_commands;
+mod patterns;
 mod plugins;
 
 use clap::{Parser, Subcommand};
@@ -56,6 +57,64 @@ enum Command {
         /// Exit after this many messages.
         #[arg(long)]
         count: Option<u64>,
+    },
+    /// List the peers this node learns of (via discovery and heartbeats), with liveness.
+    Peers {
+        /// The node's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// How long to listen for heartbeats before printing, in milliseconds.
+        #[arg(long, default_value_t = 2500)]
+        wait_ms: u64,
+    },
+    /// Publish one text message on a topic.
+    Publish {
+        /// The node's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The topic, e.g. `orders.eu.created`.
+        topic: String,
+        /// The text to publish.
+        text: String,
+        /// Wait this long first, so that subscribers' heartbeats have arrived (milliseconds).
+        #[arg(long, default_value_t = 0)]
+        wait_ms: u64,
+    },
+    /// Print text messages published on topics matching a pattern, one per line.
+    Subscribe {
+        /// The node's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The pattern: `*` matches one segment, `>` the rest.
+        pattern: String,
+        /// Exit after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Call a service with a text request and print the text response.
+    Request {
+        /// The node's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The service.
+        service: String,
+        /// The request text.
+        text: String,
+        /// Time per attempt, in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        /// Attempts (each on another replica when there is one).
+        #[arg(long, default_value_t = 3)]
+        attempts: u32,
+    },
+    /// Serve a trivial echo service (answers every request with its own text) until Ctrl-C.
+    EchoService {
+        /// The node's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The service name.
+        #[arg(long, default_value = "echo")]
+        service: String,
     },
     /// Run the conformance suite against a transport plugin file.
     Check {
@@ -143,6 +202,15 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Send { config, to, text } => node_commands::send(&config, &to, &text).await,
         Command::Recv { config, count } => node_commands::recv(&config, count).await,
         Command::Demo { plugin_dir, messages } => demo::run(plugin_dir, messages).await,
+        Command::Peers { config, wait_ms } => patterns::peers(&config, wait_ms).await,
+        Command::Publish { config, topic, text, wait_ms } => {
+            patterns::publish(&config, &topic, &text, wait_ms).await
+        }
+        Command::Subscribe { config, pattern, count } => patterns::subscribe(&config, &pattern, count).await,
+        Command::Request { config, service, text, timeout_ms, attempts } => {
+            patterns::request(&config, &service, &text, timeout_ms, attempts).await
+        }
+        Command::EchoService { config, service } => patterns::echo_service(&config, &service).await,
         Command::Check { file, config } => check::run(&file, config.as_deref()).await,
     }
 }

@@ -13,7 +13,7 @@ pub(crate) fn payload_text(node: &Node, envelope: &Envelope) -> String {
     }
 }
 
-fn print_addresses(node: &Node) {
+pub(super) fn print_addresses(node: &Node) {
     for transport in node.transports() {
         eprintln!(
             "node `{}`: transport `{}` (plugin {}) at {}",
@@ -26,7 +26,7 @@ fn print_addresses(node: &Node) {
 }
 
 /// Completes on Ctrl-C or SIGTERM.
-async fn stop_signal() {
+pub(super) async fn stop_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

@@ -1,1 +1,92 @@
-//! The conformance suite every transport must pass (work in progress).
+//! The conformance suite: one set of cases every transport plugin must pass.
+//!
+//! It runs against a [`PluginLibrary`] (a loaded `.so` or a plugin linked into the program) and
+//! the plugin's config table as TOML text, exactly as `comms check FILE [--config F]` does and as
+//! the workspace's tests do for every in-tree backend:
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use comms_host::{conformance, PluginLibrary};
+//!
+//! let library = PluginLibrary::load("target/debug/libcomms_tcp.so".as_ref())?;
+//! let report = conformance::run_suite(&library, &conformance::SuiteConfig::default()).await;
+//! print!("{report}"); // `PASS name` / `FAIL name: reason` / `SKIP name: reason`, then a summary
+//! assert!(report.passed());
+//! # Ok(()) }
+//! ```
+//!
+//! ## What a plugin must allow
+//!
+//! Every case creates its own transport instances with the same config text, several at once
+//! (up to 50), each for a node id never used before (short, made of `[a-z0-9-]`). The plugin's
+//! config must therefore allow many instances side by side: listen on port 0, derive a socket
+//! path from the node id, and so on. Each case closes every instance it opened, also when it
+//! fails or times out.
+//!
+//! ## Cases
+//!
+//! [`cases`] lists them with the capabilities each needs; a case whose capability the transport
+//! does not declare is reported as skipped with the reason (`needs capability acknowledgements`).
+//! `create_transport` always runs first (the others depend on it) and reads the capabilities
+//! from the first instance. Messages go point to point with `send(address, envelope)`, `address`
+//! being the receiver's [`TransportInfo::local_address`](comms_plugin_api::TransportInfo); topic
+//! messages go with an empty address. Cases run one after the other.
+//!
+//! ## Limits of what it proves
+//!
+//! - Every case has a time limit ([`SuiteConfig::case_timeout`]); waits for messages end at 80%
+//!   of it so that a failure can say what was missing. A correct transport on one machine needs
+//!   a small fraction of the default 30 s.
+//! - "Nothing else arrives" is checked by waiting [`QUIET_PERIOD`]: a message delivered later
+//!   than that goes unnoticed.
+//! - The suite talks to the transport through its contract only: it cannot inject malformed
+//!   bytes or restart a broker, and it checks only that a send to a dead address returns or
+//!   queues without blocking other traffic, not that the message is eventually reported lost.
+
+mod cases;
+mod harness;
+mod report;
+mod runner;
+
+#[cfg(test)]
+mod reference_transport;
+
+pub use report::{CaseOutcome, CaseReport, SuiteReport};
+pub use runner::{cases, run_suite, run_suite_with_progress, CaseDescription};
+
+use std::time::Duration;
+
+/// How long a case waits to make sure that nothing (more) arrives.
+pub const QUIET_PERIOD: Duration = Duration::from_millis(500);
+
+/// How to run the suite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SuiteConfig {
+    /// The plugin's own config table as TOML text (what would be under `[transports.NAME]`),
+    /// used for every transport instance; empty for the plugin's defaults.
+    pub config_toml: String,
+    /// Time limit of one case, and separately of closing what it opened. A case that takes
+    /// longer fails with a reason saying so.
+    pub case_timeout: Duration,
+    /// Runs only the cases whose name contains this text (`create_transport` always runs).
+    pub filter: Option<String>,
+}
+
+impl SuiteConfig {
+    /// The default config with the given plugin config text.
+    pub fn new(config_toml: impl Into<String>) -> Self {
+        Self { config_toml: config_toml.into(), ..Self::default() }
+    }
+
+    /// Whether the case called `name` is selected by [`SuiteConfig::filter`].
+    pub fn selects(&self, name: &str) -> bool {
+        self.filter.as_deref().is_none_or(|filter| name.contains(filter))
+    }
+}
+
+impl Default for SuiteConfig {
+    /// Empty plugin config, 30 s per case, every case.
+    fn default() -> Self {
+        Self { config_toml: String::new(), case_timeout: Duration::from_secs(30), filter: None }
+    }
+}

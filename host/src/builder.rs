@@ -1,0 +1,346 @@
+//! Building a [`Node`]: from a config file ([`crate::config`]) or in code.
+
+use crate::{
+    codec::Codec,
+    config::{ConfigError, PluginSource},
+    error::BuildError,
+    fault_injection::{FaultConfig, FaultInjector},
+    node::{Node, NodeTransport, Settings},
+    plugin_search::{find_plugin, plugin_file_name, search_dirs},
+    request_response::{Balancing, RequestOptions},
+    static_discovery::{StaticDiscoveryConfig, StaticDiscoveryPlugin, StaticPeer, STATIC_DISCOVERY},
+};
+use comms_plugin_api::{
+    host_side::{LoadedDiscovery, PluginLibrary},
+    ErrorCode, NodeId, NodeRecord, PluginError,
+};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+/// Default capacity of the node's inbox (messages received but not yet taken by the application).
+pub const DEFAULT_RECEIVE_QUEUE_CAPACITY: usize = 1024;
+/// Default time between heartbeats.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Default silence after which a peer is declared down.
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
+
+enum PluginChoice {
+    Source(PluginSource),
+    Library(PluginLibrary),
+}
+
+struct TransportSpec {
+    name: String,
+    plugin: PluginChoice,
+    config_toml: String,
+    faults: Option<FaultConfig>,
+}
+
+/// Builds a [`Node`] in code; [`Node::from_config`] builds one from a file.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// use comms_host::Node;
+/// let node = Node::builder("alice")
+///     .transport("tcp", "tcp", r#"listen = "127.0.0.1:7001""#)
+///     .static_peer("bob", [("tcp", "127.0.0.1:7002")])
+///     .build()
+///     .await?;
+/// node.send("bob", &"hello".to_string()).await?;
+/// node.close().await?;
+/// # Ok(()) }
+/// ```
+pub struct NodeBuilder {
+    id: NodeId,
+    config_file: Option<PathBuf>,
+    plugin_dirs: Vec<PathBuf>,
+    settings: Settings,
+    transports: Vec<TransportSpec>,
+    discovery: Option<(PluginChoice, String)>,
+    static_peers: Vec<StaticPeer>,
+}
+
+impl std::fmt::Debug for NodeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeBuilder").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl NodeBuilder {
+    /// A builder for the node called `id`, with the binary codec and static discovery.
+    pub fn new(id: impl Into<NodeId>) -> Self {
+        Self {
+            id: id.into(),
+            config_file: None,
+            plugin_dirs: Vec::new(),
+            settings: Settings {
+                codec: Codec::default(),
+                receive_queue_capacity: DEFAULT_RECEIVE_QUEUE_CAPACITY,
+                heartbeat_interval: Some(DEFAULT_HEARTBEAT_INTERVAL),
+                peer_timeout: DEFAULT_PEER_TIMEOUT,
+                balancing: Balancing::default(),
+                request_options: RequestOptions::default(),
+                close_timeout: Duration::from_secs(5),
+            },
+            transports: Vec::new(),
+            discovery: None,
+            static_peers: Vec::new(),
+        }
+    }
+
+    /// How this node encodes what it sends (it decodes whatever a message's content type says).
+    pub fn codec(mut self, codec: Codec) -> Self {
+        self.settings.codec = codec;
+        self
+    }
+
+    /// The file errors refer to.
+    pub(crate) fn config_file(mut self, path: &Path) -> Self {
+        self.config_file = Some(path.to_path_buf());
+        self
+    }
+
+    /// A directory searched for plugins before the defaults.
+    pub fn plugin_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.plugin_dirs.push(dir.into());
+        self
+    }
+
+    /// Received messages buffered before the node stops taking more from its transports.
+    pub fn receive_queue_capacity(mut self, capacity: usize) -> Self {
+        self.settings.receive_queue_capacity = capacity.max(1);
+        self
+    }
+
+    /// Heartbeats every `interval`; a peer silent for `peer_timeout` is declared down.
+    /// `None` turns liveness off (peers never expire; announcements are still sent once).
+    pub fn liveness(mut self, interval: Option<Duration>, peer_timeout: Duration) -> Self {
+        self.settings.heartbeat_interval = interval.filter(|i| !i.is_zero());
+        self.settings.peer_timeout = peer_timeout;
+        self
+    }
+
+    /// How requests are spread over a service's replicas.
+    pub fn balancing(mut self, balancing: Balancing) -> Self {
+        self.settings.balancing = balancing;
+        self
+    }
+
+    /// Timeout and retries used by [`Node::request`].
+    pub fn request_options(mut self, options: RequestOptions) -> Self {
+        self.settings.request_options = options;
+        self
+    }
+
+    /// How long [`Node::close`] waits for in-flight requests to finish.
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.close_timeout = timeout;
+        self
+    }
+
+    /// Adds transport `name` from plugin `plugin` (searched for by name), configured by the
+    /// TOML text `config_toml`.
+    pub fn transport(self, name: impl Into<String>, plugin: &str, config_toml: &str) -> Self {
+        self.transport_from(name.into(), PluginSource::Name(plugin.to_string()), config_toml.to_string())
+    }
+
+    /// Adds a transport from a plugin name or file.
+    pub fn transport_from(mut self, name: String, source: PluginSource, config_toml: String) -> Self {
+        let plugin = PluginChoice::Source(source);
+        self.transports.push(TransportSpec { name, plugin, config_toml, faults: None });
+        self
+    }
+
+    /// Adds a transport from a plugin library already loaded, or linked into this program with
+    /// [`PluginLibrary::linked`].
+    pub fn transport_library(
+        mut self,
+        name: impl Into<String>,
+        library: PluginLibrary,
+        config_toml: &str,
+    ) -> Self {
+        let plugin = PluginChoice::Library(library);
+        self.transports.push(TransportSpec {
+            name: name.into(),
+            plugin,
+            config_toml: config_toml.into(),
+            faults: None,
+        });
+        self
+    }
+
+    /// Injects faults into what the most recently added transport sends (see
+    /// [`crate::fault_injection`]).
+    pub fn faults(mut self, faults: FaultConfig) -> Self {
+        if let Some(last) = self.transports.last_mut() {
+            last.faults = Some(faults);
+        }
+        self
+    }
+
+    /// Adds a peer to static discovery: its id and `(transport, address)` pairs.
+    pub fn static_peer<'a>(
+        mut self,
+        id: &str,
+        addresses: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Self {
+        self.static_peers.push(StaticPeer {
+            id: id.to_string(),
+            addresses: addresses.into_iter().map(|(t, a)| (t.to_string(), a.to_string())).collect(),
+            services: Vec::new(),
+            topics: Vec::new(),
+        });
+        self
+    }
+
+    /// Uses a discovery plugin (or `"static"`) configured by `config_toml`.
+    pub fn discovery_from(mut self, source: PluginSource, config_toml: String) -> Self {
+        self.discovery = Some((PluginChoice::Source(source), config_toml));
+        self
+    }
+
+    /// Uses a discovery from a plugin library already loaded or linked.
+    pub fn discovery_library(mut self, library: PluginLibrary, config_toml: &str) -> Self {
+        self.discovery = Some((PluginChoice::Library(library), config_toml.to_string()));
+        self
+    }
+
+    fn config_error(&self, message: String) -> BuildError {
+        let file = self.config_file.clone().unwrap_or_else(|| PathBuf::from("(builder)"));
+        BuildError::Config(ConfigError { file, message })
+    }
+
+    fn resolve(
+        &self,
+        choice: PluginChoice,
+        role: &str,
+        dirs: &[PathBuf],
+    ) -> Result<PluginLibrary, BuildError> {
+        let path = match choice {
+            PluginChoice::Library(library) => return Ok(library),
+            PluginChoice::Source(PluginSource::Name(name))
+                if name == STATIC_DISCOVERY && role == "discovery" =>
+            {
+                return Ok(PluginLibrary::linked::<StaticDiscoveryPlugin>())
+            }
+            PluginChoice::Source(PluginSource::Path(path)) => path,
+            PluginChoice::Source(PluginSource::Name(name)) => {
+                find_plugin(&name, dirs).ok_or_else(|| BuildError::PluginNotFound {
+                    role: role.to_string(),
+                    file: plugin_file_name(&name),
+                    name,
+                    searched: dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
+                })?
+            }
+        };
+        PluginLibrary::load(&path)
+            .map_err(|source| BuildError::Load { role: role.to_string(), source: Box::new(source) })
+    }
+
+    /// A plugin's refusal: a config error (naming file and table) when the plugin says so.
+    fn start_error(&self, table: &str, role: &str, plugin: &str, error: PluginError) -> BuildError {
+        if error.code == ErrorCode::INVALID_CONFIG {
+            self.config_error(format!("[{table}] {}", error.message))
+        } else {
+            BuildError::Start { role: role.to_string(), plugin: plugin.to_string(), error }
+        }
+    }
+
+    /// Loads the plugins, starts the transports and discovery, announces the node.
+    pub async fn build(mut self) -> Result<Node, BuildError> {
+        if self.transports.is_empty() {
+            return Err(BuildError::NoTransport);
+        }
+        let dirs = search_dirs(&self.plugin_dirs);
+        let mut transports: Vec<Arc<NodeTransport>> = Vec::new();
+        for spec in std::mem::take(&mut self.transports) {
+            match self.start_transport(spec, &dirs).await {
+                Ok(transport) => transports.push(Arc::new(transport)),
+                Err(error) => {
+                    close_all(&transports).await;
+                    return Err(error);
+                }
+            }
+        }
+        match self.start_discovery(&dirs, &transports).await {
+            Ok((discovery, record, peers)) => {
+                Ok(Node::start(self.id, self.settings, transports, discovery, record, peers).await)
+            }
+            Err(error) => {
+                close_all(&transports).await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn start_transport(
+        &self,
+        spec: TransportSpec,
+        dirs: &[PathBuf],
+    ) -> Result<NodeTransport, BuildError> {
+        let role = format!("transport `{}`", spec.name);
+        let table = format!("transports.{}", spec.name);
+        let faults = match spec.faults {
+            Some(faults) => Some(
+                FaultInjector::new(faults)
+                    .map_err(|message| self.config_error(format!("[{table}] faults: {message}")))?,
+            ),
+            None => None,
+        };
+        let library = self.resolve(spec.plugin, &role, dirs)?;
+        let plugin = library.description().name.clone();
+        let loaded = library
+            .new_transport(&self.id, &spec.name, &spec.config_toml)
+            .await
+            .map_err(|error| self.start_error(&table, &role, &plugin, error))?;
+        Ok(NodeTransport { name: spec.name, plugin, loaded: Arc::new(loaded), faults })
+    }
+
+    async fn start_discovery(
+        &mut self,
+        dirs: &[PathBuf],
+        transports: &[Arc<NodeTransport>],
+    ) -> Result<(LoadedDiscovery, NodeRecord, Vec<NodeRecord>), BuildError> {
+        let (choice, mut config_toml) = self
+            .discovery
+            .take()
+            .unwrap_or((PluginChoice::Source(PluginSource::Name(STATIC_DISCOVERY.into())), String::new()));
+        let is_static =
+            matches!(&choice, PluginChoice::Source(PluginSource::Name(n)) if n == STATIC_DISCOVERY);
+        if is_static && !self.static_peers.is_empty() {
+            let mut config: StaticDiscoveryConfig = comms_plugin_api::config::parse_config(&config_toml)
+                .map_err(|e| self.config_error(format!("[discovery] {}", e.message)))?;
+            config.peers.append(&mut self.static_peers);
+            config_toml =
+                toml::to_string(&config).map_err(|e| self.config_error(format!("[discovery] {e}")))?;
+        }
+        let library = self.resolve(choice, "discovery", dirs)?;
+        let plugin = library.description().name.clone();
+        let discovery = library
+            .new_discovery(&self.id, "discovery", &config_toml)
+            .await
+            .map_err(|error| self.start_error("discovery", "discovery", &plugin, error))?;
+        let record = NodeRecord {
+            id: self.id.clone(),
+            addresses: transports
+                .iter()
+                .map(|t| (t.name.clone(), t.loaded.info().local_address.clone()))
+                .collect(),
+            ..NodeRecord::default()
+        };
+        let start_error =
+            |error| BuildError::Start { role: "discovery".into(), plugin: plugin.clone(), error };
+        discovery.announce(record.clone()).await.map_err(start_error)?;
+        let peers = discovery.peers().await.map_err(start_error)?;
+        Ok((discovery, record, peers))
+    }
+}
+
+async fn close_all(transports: &[Arc<NodeTransport>]) {
+    for transport in transports {
+        let _ = transport.loaded.close().await;
+    }
+}

@@ -1,0 +1,196 @@
+//! The node's background work: taking messages from transports and routing each to where it
+//! belongs, heartbeats, and following discovery.
+//!
+//! Routing of an incoming envelope:
+//! - framework messages ([`crate::control`]): heartbeats and goodbyes update the peer table,
+//!   responses complete the request waiting for them (a late one is dropped);
+//! - to a node: the node's inbox (`Node::receive`);
+//! - to a topic: every matching subscription of this node;
+//! - to a service: the service's handler, whose answer goes back to the sender.
+//!
+//! Every message from a peer also counts as a sign of life.
+
+use crate::{
+    control::{self, Announcement, KIND_HEADER},
+    node::{InboxItem, NodeInner, NodeTransport},
+};
+use comms_plugin_api::{
+    Capabilities, Destination, Envelope, ErrorCode, PeerEventKind, Settlement, SettlementOutcome,
+};
+use std::{sync::Arc, time::Duration};
+use tokio::sync::watch;
+
+/// Messages taken from a transport per call across the plugin boundary.
+const RECEIVE_BATCH: u32 = 256;
+
+async fn flag_set(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|set| *set).await;
+}
+
+/// Moves messages from one transport to where they belong and settles them.
+pub(crate) async fn receive_loop(inner: Arc<NodeInner>, transport: Arc<NodeTransport>) {
+    let acknowledges = transport.loaded.info().capabilities.contains(Capabilities::ACKNOWLEDGEMENTS);
+    let mut shutdown = inner.shutdown.subscribe();
+    let mut closing = inner.closing.subscribe();
+    let mut failures = 0u32;
+    loop {
+        let received = tokio::select! {
+            received = transport.loaded.receive(RECEIVE_BATCH) => received,
+            _ = flag_set(&mut shutdown) => return,
+        };
+        match received {
+            Ok(batch) if batch.is_empty() => return,
+            Ok(batch) => {
+                failures = 0;
+                let mut settlements = Vec::with_capacity(if acknowledges { batch.len() } else { 0 });
+                let mut inbox_open = true;
+                for inbound in batch {
+                    let tag = inbound.delivery_tag;
+                    inbox_open = inbox_open && route_incoming(&inner, inbound.envelope).await;
+                    if acknowledges {
+                        let outcome = if inbox_open {
+                            SettlementOutcome::ACCEPTED
+                        } else {
+                            SettlementOutcome::REJECTED_REQUEUE
+                        };
+                        settlements.push(Settlement { delivery_tag: tag, outcome });
+                    }
+                }
+                if !settlements.is_empty() {
+                    if let Err(error) = transport.loaded.settle(settlements).await {
+                        tracing::warn!(transport = %transport.name, %error, "settling received messages failed");
+                    }
+                }
+                if !inbox_open {
+                    return;
+                }
+            }
+            Err(error) if error.code == ErrorCode::CLOSED || *closing.borrow() => return,
+            Err(error) => {
+                failures += 1;
+                tracing::warn!(transport = %transport.name, %error, failures, "receive failed; retrying");
+                let failed = InboxItem::TransportFailed { transport: transport.name.clone(), error };
+                if inner.inbox_tx.send(failed).await.is_err() {
+                    return;
+                }
+                let delay = Duration::from_millis(50u64.saturating_mul(1 << failures.min(7)));
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = flag_set(&mut closing) => return,
+                }
+            }
+        }
+    }
+}
+
+/// Routes one incoming envelope; `false` once the node's inbox is gone (node dropped).
+async fn route_incoming(inner: &Arc<NodeInner>, envelope: Envelope) -> bool {
+    inner.membership.heard_from(&envelope.from);
+    match envelope.header(KIND_HEADER) {
+        Some(control::HEARTBEAT) => {
+            match Announcement::decode(envelope.payload.as_slice()) {
+                Ok(announcement) => inner.membership.heartbeat(announcement.into_record(envelope.from)),
+                Err(error) => tracing::debug!(from = %envelope.from, %error, "undecodable heartbeat ignored"),
+            }
+            true
+        }
+        Some(control::GOODBYE) => {
+            inner.membership.goodbye(&envelope.from);
+            true
+        }
+        Some(control::RESPONSE) => {
+            let (from, id) = (envelope.from.clone(), envelope.correlation_id);
+            if !inner.pending.complete(envelope) {
+                tracing::debug!(%from, ?id, "response with no waiting request (late or duplicate) dropped");
+            }
+            true
+        }
+        Some(other) => {
+            tracing::debug!(kind = other, from = %envelope.from, "unknown framework message ignored");
+            true
+        }
+        None => match &envelope.to {
+            Destination::Node(_) => inner.inbox_tx.send(InboxItem::Message(envelope)).await.is_ok(),
+            Destination::Topic(topic) => {
+                let topic = topic.clone();
+                inner.subscriptions.deliver(&topic, &envelope).await;
+                true
+            }
+            Destination::Service(service) => {
+                let service = service.clone();
+                crate::service::handle_request(inner, &service, envelope).await;
+                true
+            }
+        },
+    }
+}
+
+/// Sends this node's record to every known peer (best effort, bounded in time).
+pub(crate) async fn send_heartbeats(inner: &NodeInner) {
+    let limit = inner.settings.heartbeat_interval.unwrap_or(Duration::from_secs(1));
+    for peer in inner.membership.all_records() {
+        let heartbeat = inner.heartbeat_envelope(&peer.id);
+        match tokio::time::timeout(limit, inner.send_to_record(&peer, heartbeat)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::debug!(peer = %peer.id, %error, "heartbeat not sent"),
+            Err(_) => tracing::debug!(peer = %peer.id, "heartbeat send timed out"),
+        }
+    }
+}
+
+/// Tells every live peer this node is leaving.
+pub(crate) async fn send_goodbyes(inner: &NodeInner) {
+    let limit = inner.settings.close_timeout.min(Duration::from_secs(1));
+    for peer in inner.membership.live(|_| true) {
+        let headers = vec![(KIND_HEADER.to_string(), control::GOODBYE.to_string())];
+        let goodbye = inner.new_envelope(Destination::Node(peer.id.clone()), headers, Vec::new());
+        if let Ok(Err(error)) = tokio::time::timeout(limit, inner.send_to_record(&peer, goodbye)).await {
+            tracing::debug!(peer = %peer.id, %error, "goodbye not sent");
+        }
+    }
+}
+
+/// Heartbeats and expiry, every `heartbeat_interval`; without liveness, one announcement at start.
+pub(crate) async fn heartbeats(inner: Arc<NodeInner>) {
+    let mut closing = inner.closing.subscribe();
+    let mut shutdown = inner.shutdown.subscribe();
+    send_heartbeats(&inner).await;
+    let Some(interval) = inner.settings.heartbeat_interval else { return };
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = flag_set(&mut closing) => return,
+            _ = flag_set(&mut shutdown) => return,
+        }
+        inner.membership.expire(tokio::time::Instant::now().into_std());
+        send_heartbeats(&inner).await;
+    }
+}
+
+/// Feeds discovery's events into the peer table.
+pub(crate) async fn watch_discovery(inner: Arc<NodeInner>) {
+    let mut shutdown = inner.shutdown.subscribe();
+    loop {
+        let event = tokio::select! {
+            event = inner.discovery.next_event() => event,
+            _ = flag_set(&mut shutdown) => return,
+        };
+        match event {
+            Ok(Some(event)) => match event.kind {
+                PeerEventKind::Left => inner.membership.withdrawn(&event.record.id),
+                PeerEventKind::Joined | PeerEventKind::Updated => inner.membership.discovered(event.record),
+            },
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(%error, "discovery failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = flag_set(&mut shutdown) => return,
+                }
+            }
+        }
+    }
+}
