@@ -271,12 +271,12 @@ impl FaultInjector {
         let mut message = Outgoing { envelope, duplicate };
         if hold {
             match Shared::hold(&self.shared, transport, address, message) {
-                Ok(()) => {
+                None => {
                     self.shared.reordered.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
                 // Another message is held here: this one is its "next message".
-                Err(refused) => message = refused,
+                Some(refused) => message = refused,
             }
         }
         let follower = self.shared.take_held(address, None);
@@ -323,16 +323,16 @@ impl FaultInjector {
 
 impl Shared {
     /// Holds `message` for `address`, with a timer that sends it after [`REORDER_HOLD`]; gives
-    /// the message back if one is already held there.
+    /// the message back (`Some`) if one is already held there.
     fn hold(
         shared: &Arc<Shared>,
         transport: &Arc<LoadedTransport>,
         address: &str,
         message: Outgoing,
-    ) -> Result<(), Outgoing> {
+    ) -> Option<Outgoing> {
         let mut held = lock(&shared.held);
         if held.contains_key(address) {
-            return Err(message);
+            return Some(message);
         }
         let ticket = shared.next_ticket.fetch_add(1, Ordering::Relaxed);
         let timer = tokio::spawn({
@@ -347,7 +347,7 @@ impl Shared {
         });
         let entry = Held { transport: Arc::clone(transport), message, ticket, timer: Some(timer) };
         held.insert(address.to_string(), entry);
-        Ok(())
+        None
     }
 
     /// Takes the message held for `address`: any (stopping its timer), or only the one with

@@ -429,10 +429,7 @@ impl Node {
     {
         let payload = self.inner.settings.codec.encode(request).map_err(RequestError::Encode)?;
         let response = self.inner.call(service, None, payload, options).await?;
-        decode_received(self.inner.settings.codec, response).map(|r| r.message).map_err(|e| match e {
-            ReceiveError::Decode { source, .. } => RequestError::Decode(source),
-            other => RequestError::Decode(crate::codec::CodecError::UnknownContentType(other.to_string())),
-        })
+        decode_response(self.inner.settings.codec, response)
     }
 
     /// Calls `service` on node `node` only (retries go to the same node).
@@ -449,10 +446,7 @@ impl Node {
     {
         let payload = self.inner.settings.codec.encode(request).map_err(RequestError::Encode)?;
         let response = self.inner.call(service, Some(node.into()), payload, options).await?;
-        decode_received(self.inner.settings.codec, response).map(|r| r.message).map_err(|e| match e {
-            ReceiveError::Decode { source, .. } => RequestError::Decode(source),
-            other => RequestError::Decode(crate::codec::CodecError::UnknownContentType(other.to_string())),
-        })
+        decode_response(self.inner.settings.codec, response)
     }
 
     /// Leaves gracefully, within the close timeout: stops taking new requests and lets those in
@@ -464,6 +458,15 @@ impl Node {
             return Ok(());
         }
         self.inner.close().await
+    }
+}
+
+/// Decodes a successful response as the type the caller expects.
+fn decode_response<T: DeserializeOwned>(default: Codec, response: Envelope) -> Result<T, RequestError> {
+    match decode_received(default, response) {
+        Ok(received) => Ok(received.message),
+        Err(ReceiveError::Decode { source, .. }) => Err(RequestError::Decode(source)),
+        Err(other) => Err(RequestError::Decode(crate::codec::CodecError::UnknownContentType(other.to_string()))),
     }
 }
 

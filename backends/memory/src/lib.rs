@@ -15,6 +15,29 @@
 //! node at its `address`, exactly as they would reach a TCP node at `ip:port` (list it under the
 //! node's static peers, or let a discovery plugin publish it).
 //!
+//! Below the node level, the transports can be driven through the host-side API, here with the
+//! plugin linked into the program instead of loaded (as this crate's own tests do):
+//!
+//! ```
+//! use comms_memory::MemoryPlugin;
+//! use comms_plugin_api::{host_side::PluginLibrary, Destination, Envelope, MessageId, NodeId};
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let memory = PluginLibrary::linked::<MemoryPlugin>();
+//! let alice = memory.new_transport(&NodeId::new("alice"), "memory", "").await?;
+//! let bob = memory.new_transport(&NodeId::new("bob"), "memory", r#"address = "memory://bob""#).await?;
+//! let envelope = Envelope {
+//!     id: MessageId::from_u128(1),
+//!     from: NodeId::new("alice"),
+//!     to: Destination::Node(NodeId::new("bob")),
+//!     correlation_id: None,
+//!     headers: Vec::new(),
+//!     payload: b"hello".as_slice().into(),
+//! };
+//! alice.send("memory://bob", envelope).await?;
+//! assert_eq!(bob.receive(10).await?[0].envelope.payload.as_slice(), b"hello");
+//! # Ok(()) }
+//! ```
+//!
 //! ## How it works
 //!
 //! Every transport instance owns one bounded inbound queue and registers it, under its address,

@@ -1,8 +1,55 @@
 //! `comms check PLUGIN_FILE [--config F]`: the conformance suite against any plugin file.
+//!
+//! `F` holds the plugin's own config table (what would be under `[transports.NAME]`); without
+//! it the plugin runs with its defaults, which must allow several instances at once. Prints a
+//! line per case as it finishes (`PASS name`, `FAIL name: reason`, `SKIP name: reason`), then
+//! `N passed, M failed, K skipped`. Exits 0 iff no case failed.
 
-use super::CliError;
-use std::{path::Path, process::ExitCode};
+use super::{other, CliError};
+use comms_host::{
+    conformance::{run_suite_with_progress, SuiteConfig},
+    PluginLibrary,
+};
+use comms_plugin_api::Provides;
+use std::{io::Write, path::Path, process::ExitCode};
 
-pub(super) async fn run(_file: &Path, _config: Option<&Path>) -> Result<ExitCode, CliError> {
-    Err(super::other("comms check is not implemented yet"))
+pub(super) async fn run(file: &Path, config: Option<&Path>) -> Result<ExitCode, CliError> {
+    let library = PluginLibrary::load(file).map_err(CliError::Load)?;
+    let description = library.description();
+    if !description.provides.contains(Provides::TRANSPORT) {
+        return Err(other(format!(
+            "{} (plugin `{}`) provides no transport; comms check tests transports",
+            file.display(),
+            description.name
+        )));
+    }
+    let config_toml = match config {
+        None => String::new(),
+        Some(path) => read_config(path)?,
+    };
+    let suite = SuiteConfig::new(config_toml);
+
+    println!("checking plugin `{}` {} from {}", description.name, description.version, file.display());
+    let report = run_suite_with_progress(&library, &suite, |case| {
+        println!("{case}");
+        let _ = std::io::stdout().flush();
+    })
+    .await;
+    println!("{}", report.summary());
+    Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// The config file's text, once it is known to be a TOML table (the plugin names bad keys).
+fn read_config(path: &Path) -> Result<String, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| other(format!("cannot read config file {}: {error}", path.display())))?;
+    text.parse::<toml::Table>().map_err(|error| {
+        let reason = error.message().to_string();
+        let line = error.span().map(|span| text[..span.start].lines().count().max(1));
+        match line {
+            Some(line) => other(format!("config file {} line {line}: {reason}", path.display())),
+            None => other(format!("config file {}: {reason}", path.display())),
+        }
+    })?;
+    Ok(text)
 }

@@ -369,7 +369,10 @@ impl Harness {
 
     /// Opens a transport instance for a new node; `role` names it in failures.
     pub(crate) async fn open(&self, role: &str) -> Result<Arc<Endpoint>, CaseError> {
-        let node = NodeId::new(unique_name(&role.replace(' ', "")));
+        // Short and plain: some transports build socket paths (at most 108 bytes) from it.
+        let label: String = role.split(' ').filter(|word| !matches!(*word, "the" | "a" | "an")).collect();
+        let label: String = label.chars().filter(char::is_ascii_alphanumeric).take(12).collect();
+        let node = NodeId::new(unique_name(&label.to_ascii_lowercase()));
         self.open_node(role, node).await
     }
 

@@ -107,29 +107,38 @@ impl<M: StreamMedium> PeerWriter<M> {
         }
     }
 
-    /// Dials with backoff and exchanges hellos.
+    /// Dials with backoff and exchanges hellos. Once the transport is closing, no more waiting:
+    /// one last attempt (so that what was queued just before `close` still goes out), then give up.
     async fn connect(&self) -> Result<Connection<M::Stream>, PluginError> {
         let settings = &self.shared.settings;
         let timeout = Duration::from_millis(settings.connect_timeout_ms);
-        let attempt = |number: u32| async move {
-            let result = match tokio::time::timeout(timeout, self.dial()).await {
-                Ok(result) => result,
-                Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+        let backoff = settings.reconnect_backoff();
+        let mut shutdown = self.shared.shutdown.subscribe();
+        let mut attempt = 1;
+        loop {
+            let reason = match tokio::time::timeout(timeout, self.dial()).await {
+                Ok(Ok(connection)) => return Ok(connection),
+                Ok(Err(reason)) => reason,
+                Err(_) => format!("no answer within {} ms", timeout.as_millis()),
             };
-            if let Err(reason) = &result {
-                tracing::debug!(backend = self.shared.backend, peer = %self.address, attempt = number, %reason, "connect failed");
+            tracing::debug!(backend = self.shared.backend, peer = %self.address, attempt, %reason, "connect failed");
+            let closing = *shutdown.borrow();
+            let delay = if closing { None } else { backoff.delay_after(attempt) };
+            let Some(delay) = delay else {
+                return Err(PluginError::retryable(
+                    ErrorCode::UNREACHABLE,
+                    format!(
+                        "{} peer {} unreachable after {attempt} attempts: {reason}",
+                        self.shared.backend, self.address
+                    ),
+                ));
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = super::shut_down(&mut shutdown) => {}
             }
-            result
-        };
-        settings.reconnect_backoff().retry(attempt).await.map_err(|(reason, attempts)| {
-            PluginError::retryable(
-                ErrorCode::UNREACHABLE,
-                format!(
-                    "{} peer {} unreachable after {attempts} attempts: {reason}",
-                    self.shared.backend, self.address
-                ),
-            )
-        })
+            attempt += 1;
+        }
     }
 
     async fn dial(&self) -> Result<Connection<M::Stream>, String> {

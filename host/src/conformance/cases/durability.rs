@@ -1,10 +1,10 @@
 //! Durable transports keep what a closed receiver had not taken yet.
 
 use crate::conformance::harness::{
-    describe_missing, envelope, failed, read_tag, tag_payload, unique_name, within, CaseResult, Harness,
-    Inbox, Settling,
+    describe_missing, ensure, envelope, failed, read_tag, tag_payload, unique_name, within, CaseResult,
+    Harness, Inbox, Settling,
 };
-use comms_plugin_api::{Destination, NodeId};
+use comms_plugin_api::{Capabilities, Destination, Inbound, NodeId, Settlement, SettlementOutcome};
 use std::collections::BTreeSet;
 
 /// Sent before the receiver closes.
