@@ -466,7 +466,9 @@ fn decode_response<T: DeserializeOwned>(default: Codec, response: Envelope) -> R
     match decode_received(default, response) {
         Ok(received) => Ok(received.message),
         Err(ReceiveError::Decode { source, .. }) => Err(RequestError::Decode(source)),
-        Err(other) => Err(RequestError::Decode(crate::codec::CodecError::UnknownContentType(other.to_string()))),
+        Err(other) => {
+            Err(RequestError::Decode(crate::codec::CodecError::UnknownContentType(other.to_string())))
+        }
     }
 }
 
@@ -720,6 +722,10 @@ impl NodeInner {
         }
         dispatch::send_goodbyes(self).await;
         for transport in &self.transports {
+            if let Some(faults) = &transport.faults {
+                // Held and delayed messages go out before the transport closes.
+                faults.flush().await;
+            }
             if let Err(error) = transport.loaded.close().await {
                 failures.push(format!("transport `{}`: {error}", transport.name));
             }

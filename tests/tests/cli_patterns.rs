@@ -9,8 +9,10 @@ use std::{
 };
 
 fn config(dir: &Path, id: &str, listen: &str, peers: &[(&str, &str)]) -> PathBuf {
-    let peers: Vec<String> =
-        peers.iter().map(|(id, address)| format!("{{ id = {id:?}, addresses = {{ tcp = {address:?} }} }}")).collect();
+    let peers: Vec<String> = peers
+        .iter()
+        .map(|(id, address)| format!("{{ id = {id:?}, addresses = {{ tcp = {address:?} }} }}"))
+        .collect();
     write_config(
         dir,
         &format!("{id}.toml"),
@@ -53,8 +55,12 @@ fn echo_service_request_publish_subscribe_and_peers_from_the_command_line() {
     let (server_address, listener_address, client_address) = (free_address(), free_address(), free_address());
     let server = config(&dir, "server", &server_address, &[]);
     let listener = config(&dir, "listener", &listener_address, &[]);
-    let client =
-        config(&dir, "client", &client_address, &[("server", &server_address), ("listener", &listener_address)]);
+    let client = config(
+        &dir,
+        "client",
+        &client_address,
+        &[("server", &server_address), ("listener", &listener_address)],
+    );
 
     let mut echo = spawn_until(&["echo-service", "--service", "echo"], &server, "serving `echo`");
     let answered = comms(&["request", "echo", "hello there"], &client);
@@ -83,7 +89,8 @@ fn echo_service_request_publish_subscribe_and_peers_from_the_command_line() {
     let server_line = table.lines().find(|l| l.starts_with("server")).unwrap_or_else(|| panic!("{table}"));
     assert!(server_line.contains(" up ") && server_line.contains("echo"), "{table}");
     assert!(server_line.contains(&format!("tcp={server_address}")), "{table}");
-    let listener_line = table.lines().find(|l| l.starts_with("listener")).unwrap_or_else(|| panic!("{table}"));
+    let listener_line =
+        table.lines().find(|l| l.starts_with("listener")).unwrap_or_else(|| panic!("{table}"));
     assert!(listener_line.contains(" down "), "the listener has exited: {table}");
 
     let _ = Command::new("kill").arg(echo.id().to_string()).status();

@@ -64,9 +64,13 @@ pub(crate) async fn within<T>(
         .map_err(|_| failed(format!("{what} did not finish within {}", seconds(limit))))
 }
 
-/// `2.5 s`.
+/// `2.5 s`, or `40 ms` below a second.
 pub(crate) fn seconds(duration: Duration) -> String {
-    format!("{} s", (duration.as_secs_f64() * 10.0).round() / 10.0)
+    if duration < Duration::from_secs(1) {
+        format!("{} ms", duration.as_millis())
+    } else {
+        format!("{} s", (duration.as_secs_f64() * 10.0).round() / 10.0)
+    }
 }
 
 /// Text unique to this process and run, safe in node ids, socket paths and topic segments.

@@ -1,6 +1,6 @@
 //! The conformance suite: one set of cases every transport plugin must pass.
 //!
-//! It runs against a [`PluginLibrary`] (a loaded `.so` or a plugin linked into the program) and
+//! It runs against a [`PluginLibrary`](crate::PluginLibrary) (a loaded `.so` or a plugin linked into the program) and
 //! the plugin's config table as TOML text, exactly as `comms check FILE [--config F]` does and as
 //! the workspace's tests do for every in-tree backend:
 //!
@@ -25,7 +25,7 @@
 //!
 //! ## Cases
 //!
-//! [`cases`] lists them with the capabilities each needs; a case whose capability the transport
+//! [`cases()`] lists them with the capabilities each needs; a case whose capability the transport
 //! does not declare is reported as skipped with the reason (`needs capability acknowledgements`).
 //! `create_transport` always runs first (the others depend on it) and reads the capabilities
 //! from the first instance. Messages go point to point with `send(address, envelope)`, `address`
