@@ -157,6 +157,16 @@ async fn requests_are_spread_over_replicas_and_skip_a_closed_one() {
 
     // A replica that leaves gracefully says goodbye: no request goes to it afterwards.
     replicas.remove(0).close().await.unwrap();
+    let started = tokio::time::Instant::now();
+    while client
+        .peers()
+        .iter()
+        .any(|p| p.record.id.as_str() == "replica-a" && p.status == comms_host::PeerStatus::Up)
+    {
+        // The goodbye is processed on arrival, long before the 1 s peer timeout could expire.
+        assert!(started.elapsed() < Duration::from_millis(500), "the goodbye did not mark replica-a down");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let mut served = HashMap::<String, u32>::new();
     for i in 0..30 {
         let options =

@@ -137,7 +137,7 @@ impl<M: StreamMedium> StreamTransport<M> {
         TransportInfo {
             capabilities: Capabilities::ORDERED,
             local_address: self.local_address.clone(),
-            max_message_size: u64::from(self.shared.settings.max_frame_size),
+            max_message_size: u64::from(max_payload(self.shared.settings.max_frame_size)),
         }
     }
 
@@ -146,8 +146,15 @@ impl<M: StreamMedium> StreamTransport<M> {
         if self.closed.load(Ordering::Acquire) {
             return Err(PluginError::closed(&format!("{} transport", self.shared.backend)));
         }
+        let max_payload = max_payload(self.shared.settings.max_frame_size);
+        if envelope.payload.len() > max_payload as usize {
+            return Err(PluginError::new(
+                ErrorCode::TOO_LARGE,
+                format!("payload of {} bytes exceeds max_message_size {max_payload}", envelope.payload.len()),
+            ));
+        }
         let frame = protocol::envelope_frame(&envelope, self.shared.settings.max_frame_size)?;
-        let (queue, failure) = self.link(address);
+        let (queue, failure) = self.link(address)?;
         if queue.send(frame).await.is_ok() {
             return Ok(());
         }
@@ -160,10 +167,24 @@ impl<M: StreamMedium> StreamTransport<M> {
         Err(error.unwrap_or_else(|| PluginError::closed(&format!("{} transport", self.shared.backend))))
     }
 
-    fn link(&self, address: &str) -> (mpsc::Sender<Vec<u8>>, Arc<Mutex<Option<PluginError>>>) {
+    /// The link to `address`, dialled on first use. If the writer of the previous link gave up,
+    /// its error is returned once (so the sender learns the peer is unreachable) and the next
+    /// call dials afresh.
+    #[allow(clippy::type_complexity)]
+    fn link(
+        &self,
+        address: &str,
+    ) -> Result<(mpsc::Sender<Vec<u8>>, Arc<Mutex<Option<PluginError>>>), PluginError> {
         let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(link) = links.get(address).filter(|link| !link.queue.is_closed()) {
-            return (link.queue.clone(), Arc::clone(&link.failure));
+        if let Some(link) = links.get(address) {
+            if !link.queue.is_closed() {
+                return Ok((link.queue.clone(), Arc::clone(&link.failure)));
+            }
+            let failure = link.failure.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            links.remove(address);
+            if let Some(failure) = failure {
+                return Err(failure);
+            }
         }
         let (queue, frames) = mpsc::channel(self.shared.settings.send_queue_capacity);
         let failure = Arc::new(Mutex::new(None));
@@ -178,7 +199,7 @@ impl<M: StreamMedium> StreamTransport<M> {
         writers.retain(|handle| !handle.is_finished());
         writers.push(handle);
         links.insert(address.to_string(), PeerLink { queue: queue.clone(), failure: Arc::clone(&failure) });
-        (queue, failure)
+        Ok((queue, failure))
     }
 
     /// Waits for at least one message; returns up to `max_batch`, or nothing once closed.
@@ -187,6 +208,8 @@ impl<M: StreamMedium> StreamTransport<M> {
         let mut shutdown = self.shared.shutdown.subscribe();
         let mut batch = Vec::new();
         tokio::select! {
+            // Messages already buffered are handed over before the end of the stream.
+            biased;
             message = inbound.recv() => match message {
                 Some(message) => batch.push(message),
                 None => return Ok(batch),
@@ -258,6 +281,14 @@ impl<M: StreamMedium> Drop for StreamTransport<M> {
         // Stops the listener and readers even if the host never called close.
         self.shared.shutdown.send_replace(true);
     }
+}
+
+/// The largest payload announced for a frame limit: the frame minus room for the envelope's
+/// header (ids, node names, headers), 1 KiB or half of a small frame. A message whose header
+/// needs more than that room can still be refused as too large.
+pub fn max_payload(max_frame_size: u32) -> u32 {
+    let reserved = 1024.min(max_frame_size / 2);
+    max_frame_size - reserved
 }
 
 /// Completes once the transport is closing (or its state is gone).
