@@ -70,6 +70,7 @@ pub mod export;
 pub mod framing;
 pub mod host_side;
 mod plugin;
+pub mod redact;
 pub mod runtime;
 pub mod stream_transport;
 mod transport;
