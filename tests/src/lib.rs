@@ -25,6 +25,10 @@ pub struct Artifacts {
     pub tcp_plugin: PathBuf,
     /// `libcomms_memory.so`.
     pub memory_plugin: PathBuf,
+    /// `libcomms_redis.so`.
+    pub redis_plugin: PathBuf,
+    /// `libcomms_amqp.so`.
+    pub amqp_plugin: PathBuf,
     /// `libcomms_uds.so`, built from `examples/third-party-plugin` on its own.
     pub uds_plugin: PathBuf,
     /// `libcomms_fixture_panicking.so`.
@@ -75,7 +79,14 @@ pub fn artifacts() -> &'static Artifacts {
     ARTIFACTS.get_or_init(|| {
         let target = target_dir();
         let (profile, _) = profile();
-        let packages = ["comms-host", "comms-tcp", "comms-memory", "comms-fixture-panicking"];
+        let packages = [
+            "comms-host",
+            "comms-tcp",
+            "comms-memory",
+            "comms-redis",
+            "comms-amqp",
+            "comms-fixture-panicking",
+        ];
         let mut build = vec!["build"];
         build.extend(packages.into_iter().flat_map(|package| ["-p", package]));
         cargo(&build, &target);
@@ -96,6 +107,8 @@ pub fn artifacts() -> &'static Artifacts {
             comms_bin: plugin_dir.join(format!("comms{}", std::env::consts::EXE_SUFFIX)),
             tcp_plugin: library(&plugin_dir, "comms_tcp"),
             memory_plugin: library(&plugin_dir, "comms_memory"),
+            redis_plugin: library(&plugin_dir, "comms_redis"),
+            amqp_plugin: library(&plugin_dir, "comms_amqp"),
             uds_plugin: library(&plugin_dir, "comms_uds"),
             panicking_plugin: library(&plugin_dir, "comms_fixture_panicking"),
             wrong_version_plugin: library(&wrong_version.join(profile), "comms_fixture_mismatched"),
@@ -126,4 +139,25 @@ pub fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write config");
     path
+}
+
+/// Whether the broker at `address` (`host:port`) answers a TCP connection. In CI (`CI=true`) an
+/// unreachable broker is a failure, never a silent skip; elsewhere the caller skips the test and
+/// this prints why.
+pub fn broker_available(name: &str, address: &str) -> bool {
+    let reachable = address
+        .parse::<std::net::SocketAddr>()
+        .ok()
+        .and_then(|socket| {
+            std::net::TcpStream::connect_timeout(&socket, std::time::Duration::from_secs(2)).ok()
+        })
+        .is_some();
+    if reachable {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|ci| ci == "true") {
+        panic!("{name} at {address} is not reachable, and in CI a broker test must not skip");
+    }
+    eprintln!("SKIPPED: {name} at {address} is not reachable (outside CI broker tests skip)");
+    false
 }

@@ -1,0 +1,1 @@
+//! # comms-redis: the Redis transport and discovery plugin (work in progress)
