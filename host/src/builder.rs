@@ -84,6 +84,7 @@ impl NodeBuilder {
                 balancing: Balancing::default(),
                 request_options: RequestOptions::default(),
                 close_timeout: Duration::from_secs(5),
+                relay: false,
             },
             transports: Vec::new(),
             discovery: None,
@@ -138,6 +139,14 @@ impl NodeBuilder {
     /// How long [`Node::close`] waits for in-flight requests to finish.
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
         self.settings.close_timeout = timeout;
+        self
+    }
+
+    /// Makes this node a relay: messages that arrive for another node are forwarded on whichever
+    /// of this node's transports reaches it. A relay with a transport on each of two backends
+    /// bridges them.
+    pub fn relay(mut self, relay: bool) -> Self {
+        self.settings.relay = relay;
         self
     }
 

@@ -13,6 +13,7 @@
 //! request_attempts = 3
 //! request_backoff_ms = 50      # before the 2nd attempt; doubles
 //! close_timeout_ms = 5000      # how long close waits for requests in flight
+//! relay = false                # forward messages for other nodes (a bridge between backends)
 //!
 //! [transports.tcp]             # a transport named "tcp"; peers' addresses use this name
 //! plugin = "tcp"               # optional, defaults to the table name (libcomms_tcp.so)
@@ -78,6 +79,8 @@ struct NodeSection {
     request_attempts: Option<u32>,
     request_backoff_ms: Option<u64>,
     close_timeout_ms: Option<u64>,
+    #[serde(default)]
+    relay: bool,
 }
 
 /// Where a plugin comes from.
@@ -127,6 +130,7 @@ pub fn load(path: &Path) -> Result<NodeBuilder, ConfigError> {
             backoff: node.request_backoff_ms.map(millis).unwrap_or(defaults.backoff),
         },
     );
+    builder = builder.relay(node.relay);
     if let Some(close) = node.close_timeout_ms {
         builder = builder.close_timeout(millis(close));
     }

@@ -86,6 +86,16 @@ pub(crate) async fn receive_loop(inner: Arc<NodeInner>, transport: Arc<NodeTrans
 /// Routes one incoming envelope; `false` once the node's inbox is gone (node dropped).
 async fn route_incoming(inner: &Arc<NodeInner>, envelope: Envelope) -> bool {
     inner.membership.heard_from(&envelope.from);
+    let kind = envelope.header(KIND_HEADER);
+    let describes_sender = matches!(kind, Some(control::HEARTBEAT) | Some(control::GOODBYE));
+    if let Destination::Node(to) = &envelope.to {
+        // A heartbeat or goodbye meant for a node behind this relay still tells this node
+        // about its direct neighbour, the sender; it is handled here and not forwarded.
+        if *to != inner.id && !describes_sender {
+            relay(inner, envelope).await;
+            return true;
+        }
+    }
     match envelope.header(KIND_HEADER) {
         Some(control::HEARTBEAT) => {
             match Announcement::decode(envelope.payload.as_slice()) {
@@ -122,6 +132,21 @@ async fn route_incoming(inner: &Arc<NodeInner>, envelope: Envelope) -> bool {
                 true
             }
         },
+    }
+}
+
+/// A message for another node. A relay node (`relay = true`) forwards it on whichever of its
+/// transports reaches that node, so that nodes on different backends can talk through it.
+/// (Heartbeats and goodbyes never get here: they describe routes valid one hop away only.)
+/// Any other node drops it with a warning: it was misaddressed.
+async fn relay(inner: &Arc<NodeInner>, envelope: Envelope) {
+    let Destination::Node(to) = envelope.to.clone() else { return };
+    if !inner.settings.relay {
+        tracing::warn!(from = %envelope.from, %to, "message for another node dropped (this node does not relay)");
+        return;
+    }
+    if let Err(error) = inner.send_to_node(&to, envelope).await {
+        tracing::warn!(%to, %error, "relaying a message failed");
     }
 }
 

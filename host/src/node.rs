@@ -58,6 +58,8 @@ pub(crate) struct Settings {
     pub(crate) balancing: Balancing,
     pub(crate) request_options: RequestOptions,
     pub(crate) close_timeout: Duration,
+    /// Forward messages addressed to other nodes (a bridge between backends).
+    pub(crate) relay: bool,
 }
 
 /// A transport as the node holds it.
