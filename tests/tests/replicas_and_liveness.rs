@@ -87,8 +87,16 @@ async fn a_replica_killed_mid_load_costs_no_request() {
     for caller in callers {
         caller.await.unwrap();
     }
-    let down = client.peers().into_iter().find(|p| p.record.id.as_str() == "replica-1").unwrap();
-    assert_eq!(down.status, comms_host::PeerStatus::Down, "the killed replica is down");
+    // Killed without a goodbye, the replica is declared down once its heartbeats stop.
+    let killed_at = tokio::time::Instant::now();
+    while client
+        .peers()
+        .iter()
+        .any(|p| p.record.id.as_str() == "replica-1" && p.status == comms_host::PeerStatus::Up)
+    {
+        assert!(killed_at.elapsed() < Duration::from_secs(5), "the killed replica was never declared down");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     client.close().await.unwrap();
     for mut child in children {

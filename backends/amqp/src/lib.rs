@@ -1,1 +1,1 @@
-//! # comms-amqp: the AMQP transport and discovery plugin (work in progress)
+//! stub
