@@ -29,6 +29,8 @@ pub struct Artifacts {
     pub redis_plugin: PathBuf,
     /// `libcomms_amqp.so`.
     pub amqp_plugin: PathBuf,
+    /// `libcomms_sqlite.so`.
+    pub sqlite_plugin: PathBuf,
     /// `libcomms_uds.so`, built from `examples/third-party-plugin` on its own.
     pub uds_plugin: PathBuf,
     /// `libcomms_fixture_panicking.so`.
@@ -109,6 +111,7 @@ pub fn artifacts() -> &'static Artifacts {
             memory_plugin: library(&plugin_dir, "comms_memory"),
             redis_plugin: library(&plugin_dir, "comms_redis"),
             amqp_plugin: library(&plugin_dir, "comms_amqp"),
+            sqlite_plugin: library(&plugin_dir, "comms_sqlite"),
             uds_plugin: library(&plugin_dir, "comms_uds"),
             panicking_plugin: library(&plugin_dir, "comms_fixture_panicking"),
             wrong_version_plugin: library(&wrong_version.join(profile), "comms_fixture_mismatched"),

@@ -1,0 +1,1 @@
+//! # comms-sqlite: the SQLite transport and discovery plugin (work in progress)
