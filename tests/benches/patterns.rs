@@ -423,24 +423,6 @@ async fn publish_phase(
             receiver.await.map_err(|error| format!("subscriber task: {error}"))??;
         phase.subscriptions.push(subscription);
         phase.delivery_time = phase.delivery_time.max(done - start);
-        if std::env::var_os("PATTERNS_DEBUG").is_some() {
-            let mut sorted = latencies.clone();
-            sorted.sort();
-            let (argmax, max) = latencies
-                .iter()
-                .enumerate()
-                .max_by_key(|(_, l)| **l)
-                .map(|(i, l)| (i, *l))
-                .unwrap_or_default();
-            let over: usize = latencies.iter().filter(|l| l.as_millis() > 50).count();
-            eprintln!(
-                "DEBUG sub done {:?} p50 {:.0} p99 {:.0} max {:?} at msg {argmax}, {over} over 50ms",
-                done - start,
-                percentile(&sorted, 50),
-                percentile(&sorted, 99),
-                max
-            );
-        }
         phase.latencies.extend(latencies);
         phase.out_of_order += out_of_order;
     }

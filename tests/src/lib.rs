@@ -87,6 +87,7 @@ pub fn artifacts() -> &'static Artifacts {
             "comms-memory",
             "comms-redis",
             "comms-amqp",
+            "comms-sqlite",
             "comms-fixture-panicking",
         ];
         let mut build = vec!["build"];
