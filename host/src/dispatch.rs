@@ -150,10 +150,11 @@ async fn relay(inner: &Arc<NodeInner>, envelope: Envelope) {
     }
 }
 
-/// Sends this node's record to every known peer (best effort, bounded in time).
+/// Sends this node's record to every live peer (best effort, bounded in time). A peer that is
+/// down is left alone until it is heard from again: it announces itself when it comes back.
 pub(crate) async fn send_heartbeats(inner: &NodeInner) {
     let limit = inner.settings.heartbeat_interval.unwrap_or(Duration::from_secs(1));
-    for peer in inner.membership.all_records() {
+    for peer in inner.membership.live(|_| true) {
         let heartbeat = inner.heartbeat_envelope(&peer.id);
         match tokio::time::timeout(limit, inner.send_to_record(&peer, heartbeat)).await {
             Ok(Ok(())) => {}

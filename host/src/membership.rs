@@ -165,16 +165,6 @@ impl Membership {
         live
     }
 
-    /// Every known peer's record (heartbeats go to all, so a peer that was down can come back).
-    pub(crate) fn all_records(&self) -> Vec<NodeRecord> {
-        self.peers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .map(|entry| entry.record.clone())
-            .collect()
-    }
-
     /// The table, sorted by id.
     pub(crate) fn snapshot(&self) -> Vec<PeerInfo> {
         let now = Instant::now();

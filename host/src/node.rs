@@ -305,6 +305,10 @@ impl Node {
         envelope.correlation_id = correlation_id;
         let id = envelope.id;
         self.inner.check_open()?;
+        // A plugin's future is ready at once while its queue has room, and tokio's fairness
+        // budget cannot see into the plugin's runtime: spend from it here, so that a tight send
+        // loop still lets the other tasks on this worker run.
+        tokio::task::consume_budget().await;
         self.inner.send_to_node(&to, envelope).await?;
         Ok(id)
     }
@@ -350,6 +354,7 @@ impl Node {
         let payload = self.inner.settings.codec.encode(message)?;
         let envelope =
             self.new_envelope(Destination::Topic(topic.to_string()), self.content_type_header(), payload);
+        tokio::task::consume_budget().await;
         self.inner.publish(topic, envelope).await
     }
 
