@@ -127,6 +127,7 @@ struct StopOnDrop(Arc<NodeInner>);
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
         self.0.shutdown.send_replace(true);
+        self.0.subscriptions.clear();
     }
 }
 
@@ -749,6 +750,7 @@ impl NodeInner {
         }
         self.shutdown.send_replace(true);
         self.pending.abandon_all();
+        self.subscriptions.clear();
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for task in tasks {
             let _ = task.await;

@@ -45,6 +45,11 @@ impl Subscriptions {
         (id, receiver)
     }
 
+    /// Ends every subscription's stream (the node stopped).
+    pub(crate) fn clear(&self) {
+        self.entries.write().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     pub(crate) fn remove(&self, id: u64) {
         self.entries.write().unwrap_or_else(|p| p.into_inner()).retain(|entry| entry.id != id);
     }
@@ -109,7 +114,7 @@ impl<T: DeserializeOwned> Subscription<T> {
         &self.pattern
     }
 
-    /// The next message; `None` once the node is gone. [`Subscription::next_envelope`] gives
+    /// The next message; `None` once the node is closed or dropped. [`Subscription::next_envelope`] gives
     /// the raw envelope, whose destination names the topic it was published on.
     pub async fn next(&mut self) -> Option<Result<Received<T>, ReceiveError>> {
         let envelope = self.receiver.recv().await?;

@@ -111,3 +111,16 @@ async fn topic_patterns_over_memory() {
     let memory = PluginLibrary::load(&artifacts().memory_plugin).unwrap();
     patterns_route_and_isolate(memory, |id| format!("address = \"memory://pubsub-{id}\"")).await;
 }
+
+#[tokio::test]
+async fn subscriptions_end_when_the_node_closes() {
+    let memory = PluginLibrary::load(&artifacts().memory_plugin).unwrap();
+    let node = Node::builder("ends").transport_library("wire", memory, "").build().await.unwrap();
+    let mut subscription = node.subscribe::<OrderEvent>("a.>").await.unwrap();
+    node.publish("a.b", &OrderEvent { order: 1, kind: "x".into() }).await.unwrap();
+    node.close().await.unwrap();
+    assert_eq!(next(&mut subscription).await.order, 1, "what arrived before close is still handed out");
+    let end =
+        tokio::time::timeout(WAIT, subscription.next()).await.expect("the stream ends, it does not hang");
+    assert!(end.is_none());
+}
