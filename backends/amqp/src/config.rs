@@ -1,0 +1,223 @@
+//! The config tables of the transport and the discovery. Every key is optional; an unknown key
+//! is an error naming it.
+
+use comms_plugin_api::{backoff::Backoff, redact::redact_url, PluginError};
+use serde::Deserialize;
+use std::time::Duration;
+
+/// Default broker URL: RabbitMQ's default user on this machine, default virtual host.
+pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Default of [`AmqpConfig::max_message_size`]: 16 MiB (RabbitMQ 4's own default limit; 3.x
+/// allows 128 MiB).
+pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 16 * 1024 * 1024;
+
+/// The `[transports.amqp]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    /// Broker URL, `amqp://` or `amqps://` (TLS), with credentials and virtual host
+    /// (`%2f` is `/`). Never logged with its password.
+    pub url: String,
+    /// The node's inbox queue is this prefix followed by the node id; it is also the address
+    /// peers send to.
+    pub queue_prefix: String,
+    /// Topic exchange for native topics (declared durable if missing).
+    pub topic_exchange: String,
+    /// Unacknowledged messages the broker pushes ahead per consuming queue (`basic.qos`).
+    pub prefetch: u16,
+    /// Largest payload in bytes this transport sends. Keep it at or below the broker's own
+    /// `max_message_size`.
+    pub max_message_size: u64,
+    /// Deletes an inbox the broker has seen unused (no consumer) for this long (`x-expires`),
+    /// with what is in it. Default: kept until deleted by hand. Every node sharing an inbox
+    /// must use the same value.
+    pub inbox_expires_ms: Option<u64>,
+    /// Exchange that messages settled REJECTED_DISCARD go to (`x-dead-letter-exchange`);
+    /// default: they are dropped. Same rule as `inbox_expires_ms`.
+    pub dead_letter_exchange: Option<String>,
+    /// Connection attempts at start before the transport reports the broker unreachable.
+    pub connect_attempts: u32,
+    /// First delay between connection attempts; doubles each time.
+    pub reconnect_initial_delay_ms: u64,
+    /// Longest delay between connection attempts (at start and after losing the connection).
+    pub reconnect_max_delay_ms: u64,
+    /// How long a `send` waits for the connection to come back and for the broker's confirm
+    /// before it fails (the message may then still arrive: at-least-once).
+    pub send_timeout_ms: u64,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: DEFAULT_URL.to_string(),
+            queue_prefix: "comms.inbox.".to_string(),
+            topic_exchange: "comms.topics".to_string(),
+            prefetch: 256,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            inbox_expires_ms: None,
+            dead_letter_exchange: None,
+            connect_attempts: 5,
+            reconnect_initial_delay_ms: 100,
+            reconnect_max_delay_ms: 5_000,
+            send_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl AmqpConfig {
+    /// Rejects values that cannot work, naming the key.
+    pub fn validate(&self) -> Result<(), PluginError> {
+        validate_url(&self.url)?;
+        positive("prefetch", u64::from(self.prefetch))?;
+        positive("max_message_size", self.max_message_size)?;
+        positive("connect_attempts", u64::from(self.connect_attempts))?;
+        positive("send_timeout_ms", self.send_timeout_ms)?;
+        if self.inbox_expires_ms == Some(0) {
+            return Err(PluginError::invalid_config("key `inbox_expires_ms`: must be greater than 0"));
+        }
+        if self.topic_exchange.is_empty() {
+            return Err(PluginError::invalid_config("key `topic_exchange`: must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// Delays between connection attempts at start.
+    pub fn backoff(&self) -> Backoff {
+        backoff(self.connect_attempts, self.reconnect_initial_delay_ms, self.reconnect_max_delay_ms)
+    }
+}
+
+/// The `[discovery]` table (with `plugin = "amqp"`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpDiscoveryConfig {
+    /// Broker URL, as for the transport.
+    pub url: String,
+    /// Fanout exchange the announcements go through (declared durable if missing).
+    pub exchange: String,
+    /// How often this node re-announces itself.
+    pub heartbeat_interval_ms: u64,
+    /// A peer not heard from for this long has left. Default: 3 heartbeat intervals. Peers
+    /// use the value each node states in its announcements.
+    pub expiry_ms: Option<u64>,
+    /// Connection attempts at start.
+    pub connect_attempts: u32,
+    /// First delay between connection attempts; doubles each time.
+    pub reconnect_initial_delay_ms: u64,
+    /// Longest delay between connection attempts.
+    pub reconnect_max_delay_ms: u64,
+}
+
+impl Default for AmqpDiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            url: DEFAULT_URL.to_string(),
+            exchange: "comms.discovery".to_string(),
+            heartbeat_interval_ms: 1_000,
+            expiry_ms: None,
+            connect_attempts: 5,
+            reconnect_initial_delay_ms: 100,
+            reconnect_max_delay_ms: 5_000,
+        }
+    }
+}
+
+impl AmqpDiscoveryConfig {
+    /// Rejects values that cannot work, naming the key.
+    pub fn validate(&self) -> Result<(), PluginError> {
+        validate_url(&self.url)?;
+        positive("heartbeat_interval_ms", self.heartbeat_interval_ms)?;
+        positive("connect_attempts", u64::from(self.connect_attempts))?;
+        if self.exchange.is_empty() {
+            return Err(PluginError::invalid_config("key `exchange`: must not be empty"));
+        }
+        if self.expiry().as_millis() as u64 <= self.heartbeat_interval_ms {
+            return Err(PluginError::invalid_config(
+                "key `expiry_ms`: must be longer than heartbeat_interval_ms",
+            ));
+        }
+        Ok(())
+    }
+
+    /// After this long without an announcement a peer has left.
+    pub fn expiry(&self) -> Duration {
+        Duration::from_millis(self.expiry_ms.unwrap_or(self.heartbeat_interval_ms.saturating_mul(3)))
+    }
+
+    /// Delays between connection attempts at start.
+    pub fn backoff(&self) -> Backoff {
+        backoff(self.connect_attempts, self.reconnect_initial_delay_ms, self.reconnect_max_delay_ms)
+    }
+}
+
+fn backoff(attempts: u32, initial_ms: u64, max_ms: u64) -> Backoff {
+    Backoff {
+        initial: Duration::from_millis(initial_ms),
+        max: Duration::from_millis(max_ms.max(initial_ms)),
+        attempts,
+    }
+}
+
+fn positive(key: &str, value: u64) -> Result<(), PluginError> {
+    if value == 0 {
+        return Err(PluginError::invalid_config(format!("key `{key}`: must be greater than 0")));
+    }
+    Ok(())
+}
+
+fn validate_url(url: &str) -> Result<(), PluginError> {
+    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+        return Err(PluginError::invalid_config(format!(
+            "key `url`: `{}` is not an amqp:// or amqps:// URL",
+            redact_url(url)
+        )));
+    }
+    url.parse::<lapin::uri::AMQPUri>().map_err(|error| {
+        PluginError::invalid_config(format!(
+            "key `url`: `{}` is not a valid AMQP URL: {}",
+            redact_url(url),
+            crate::connection::scrub(url, &error.to_string())
+        ))
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use comms_plugin_api::{config::parse_config, ErrorCode};
+
+    #[test]
+    fn defaults_are_valid_and_keys_are_checked() {
+        AmqpConfig::default().validate().unwrap();
+        AmqpDiscoveryConfig::default().validate().unwrap();
+        let config: AmqpConfig = parse_config("prefetch = 10\ninbox_expires_ms = 60000").unwrap();
+        assert_eq!((config.prefetch, config.inbox_expires_ms), (10, Some(60000)));
+        let error = parse_config::<AmqpConfig>("prefech = 10").unwrap_err();
+        assert!(error.message.contains("prefech"), "{error}");
+        let error = parse_config::<AmqpConfig>("prefetch = 0").unwrap().validate().unwrap_err();
+        assert_eq!(error.code, ErrorCode::INVALID_CONFIG);
+        assert!(error.message.contains("`prefetch`"), "{error}");
+    }
+
+    #[test]
+    fn bad_urls_are_refused_without_their_password() {
+        for url in ["redis://user:hunter2@host", "amqp://user:hunter2@host:notaport/%2f"] {
+            let config = AmqpConfig { url: url.to_string(), ..AmqpConfig::default() };
+            let error = config.validate().unwrap_err();
+            assert!(error.message.contains("key `url`"), "{error}");
+            assert!(!error.message.contains("hunter2"), "{error}");
+        }
+        let amqps = AmqpConfig { url: "amqps://u:p@broker.example:5671/%2f".into(), ..AmqpConfig::default() };
+        amqps.validate().unwrap();
+    }
+
+    #[test]
+    fn discovery_expiry_defaults_to_three_heartbeats_and_must_exceed_one() {
+        let config = AmqpDiscoveryConfig { heartbeat_interval_ms: 200, ..AmqpDiscoveryConfig::default() };
+        assert_eq!(config.expiry(), Duration::from_millis(600));
+        let short = AmqpDiscoveryConfig { expiry_ms: Some(100), ..config };
+        assert!(short.validate().unwrap_err().message.contains("expiry_ms"));
+    }
+}

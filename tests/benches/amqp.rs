@@ -1,0 +1,225 @@
+//! AMQP (RabbitMQ) throughput and latency of comms, against a raw lapin program doing the same
+//! broker operations.
+//!
+//! ```text
+//! cargo bench -p comms-tests --bench amqp
+//! COMMS_BENCH_SCALE=0.2 cargo bench -p comms-tests --bench amqp   # quicker, noisier
+//! ```
+//!
+//! Needs the RabbitMQ of this machine (127.0.0.1:5672, guest/guest). Two variants, payloads of
+//! 64 B and 1 KiB:
+//!
+//! - **comms**: two [`Node`]s on `libcomms_amqp.so` loaded dynamically; the sender calls
+//!   [`Node::send_raw`] with up to `WINDOW` sends in flight (each completes when the broker has
+//!   confirmed the message), the receiver takes them with [`Node::receive_envelope`] (the node
+//!   acknowledges each one to the broker once it is in its inbox);
+//! - **raw lapin**: the same operations by hand: a durable queue, a publishing channel in
+//!   confirm mode, `mandatory` persistent publishes with a `message_id`, `WINDOW` publishes
+//!   awaiting their confirms at once, a consumer with prefetch 256 and manual acks (one
+//!   `basic.ack` per message, as a straightforward program does).
+//!
+//! Each message carries its send time; the receiver reports one-way latency under that load
+//! (p50, p99) and throughput from the first send to the last receive. Messages per run: 20,000
+//! times `COMMS_BENCH_SCALE` (default 1), median of 3 runs.
+
+use comms_host::{Node, PluginLibrary};
+use futures::StreamExt;
+use lapin::{
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+        QueueDeclareOptions,
+    },
+    types::{AMQPValue, FieldTable},
+    BasicProperties, Connection, ConnectionProperties,
+};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// Sends in flight at once.
+const WINDOW: usize = 64;
+const RUNS: usize = 3;
+
+fn now_nanos() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+fn payload(size: usize) -> Vec<u8> {
+    let mut payload = vec![0x5a; size.max(8)];
+    payload[..8].copy_from_slice(&now_nanos().to_be_bytes());
+    payload
+}
+
+fn latency_of(payload: &[u8]) -> u64 {
+    let sent = u64::from_be_bytes(payload[..8].try_into().unwrap_or([0; 8]));
+    now_nanos().saturating_sub(sent)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    per_second: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn summarize(elapsed: Duration, messages: usize, mut latencies: Vec<u64>) -> Run {
+    latencies.sort_unstable();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize] as f64 / 1000.0;
+    Run { per_second: messages as f64 / elapsed.as_secs_f64(), p50_us: at(0.5), p99_us: at(0.99) }
+}
+
+async fn comms_run(library: &PluginLibrary, run: usize, size: usize, messages: usize) -> Run {
+    let id = |role: &str| format!("bench-{}-{run}-{size}-{role}", std::process::id());
+    let config = "inbox_expires_ms = 60000";
+    let receiver = Node::builder(id("receiver"))
+        .liveness(None, Duration::from_secs(5))
+        .transport_library("amqp", library.clone(), config)
+        .build()
+        .await
+        .expect("receiver node");
+    let address = receiver.transports()[0].local_address.clone();
+    let sender = Node::builder(id("sender"))
+        .liveness(None, Duration::from_secs(5))
+        .transport_library("amqp", library.clone(), config)
+        .static_peer(&id("receiver"), [("amqp", address.as_str())])
+        .build()
+        .await
+        .expect("sender node");
+    let started = std::time::Instant::now();
+    let receiving = tokio::spawn(async move {
+        let mut latencies = Vec::with_capacity(messages);
+        while latencies.len() < messages {
+            let envelope = receiver.receive_envelope().await.expect("receive");
+            if envelope.payload.len() >= 8 {
+                latencies.push(latency_of(envelope.payload.as_slice()));
+            }
+        }
+        receiver.close().await.expect("close receiver");
+        latencies
+    });
+    let to = id("receiver");
+    futures::stream::iter(0..messages)
+        .for_each_concurrent(WINDOW, |_| {
+            let (sender, to) = (&sender, to.as_str());
+            async move {
+                let headers = vec![("content-type".to_string(), "application/octet-stream".to_string())];
+                sender.send_raw(to, headers, payload(size), None).await.expect("send");
+            }
+        })
+        .await;
+    let latencies = receiving.await.expect("receiver task");
+    let elapsed = started.elapsed();
+    sender.close().await.expect("close sender");
+    summarize(elapsed, messages, latencies)
+}
+
+async fn raw_run(run: usize, size: usize, messages: usize) -> Run {
+    let queue = format!("bench-raw-{}-{run}-{size}", std::process::id());
+    let connect = || Connection::connect(URL, ConnectionProperties::default());
+    let (publisher_connection, consumer_connection) = (connect().await.unwrap(), connect().await.unwrap());
+    let publisher = publisher_connection.create_channel().await.unwrap();
+    publisher.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
+    let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    publisher.queue_declare(queue.as_str().into(), durable, arguments).await.unwrap();
+    let consumer_channel = consumer_connection.create_channel().await.unwrap();
+    consumer_channel.basic_qos(256, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = consumer_channel
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let receiving = tokio::spawn(async move {
+        let mut latencies = Vec::with_capacity(messages);
+        while latencies.len() < messages {
+            let delivery = consumer.next().await.expect("a delivery").expect("no consumer error");
+            latencies.push(latency_of(&delivery.data));
+            delivery.ack(BasicAckOptions::default()).await.unwrap();
+        }
+        latencies
+    });
+    let publisher = Arc::new(publisher);
+    futures::stream::iter(0..messages)
+        .for_each_concurrent(WINDOW, |n| {
+            let (publisher, queue) = (Arc::clone(&publisher), queue.as_str());
+            async move {
+                let properties = BasicProperties::default()
+                    .with_message_id(format!("{n:032x}").into())
+                    .with_delivery_mode(2);
+                let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+                let confirm = publisher
+                    .basic_publish("".into(), queue.into(), options, &payload(size), properties)
+                    .await;
+                assert!(confirm.unwrap().await.unwrap().is_ack());
+            }
+        })
+        .await;
+    let latencies = receiving.await.expect("receiver task");
+    let elapsed = started.elapsed();
+    let _ = publisher_connection.close(200, "done".into()).await;
+    let _ = consumer_connection.close(200, "done".into()).await;
+    summarize(elapsed, messages, latencies)
+}
+
+fn median(mut runs: Vec<Run>) -> (Run, f64, f64) {
+    runs.sort_by(|a, b| a.per_second.total_cmp(&b.per_second));
+    (runs[runs.len() / 2], runs[0].per_second, runs[runs.len() - 1].per_second)
+}
+
+fn main() {
+    if !comms_tests::broker_available("RabbitMQ", "127.0.0.1:5672") {
+        return;
+    }
+    let scale: f64 = std::env::var("COMMS_BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    let messages = ((20_000.0 * scale) as usize).max(100);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let library = PluginLibrary::load(&comms_tests::artifacts().amqp_plugin).expect("load libcomms_amqp.so");
+    println!("AMQP, {messages} messages per run, {WINDOW} sends in flight, median of {RUNS} runs\n");
+    println!("| variant | payload | msg/s (min-max) | MB/s | one-way p50 | one-way p99 |");
+    println!("|---|---|---|---|---|---|");
+    let mut ratios = Vec::new();
+    for size in [64usize, 1024] {
+        let mut comms = Vec::new();
+        let mut raw = Vec::new();
+        for run in 0..RUNS {
+            eprintln!("run {run}, {size} B: comms");
+            comms.push(runtime.block_on(async {
+                tokio::time::timeout(Duration::from_secs(300), comms_run(&library, run, size, messages))
+                    .await
+                    .expect("a comms run finished within 300 s")
+            }));
+            eprintln!("run {run}, {size} B: raw lapin");
+            raw.push(runtime.block_on(async {
+                tokio::time::timeout(Duration::from_secs(300), raw_run(run, size, messages))
+                    .await
+                    .expect("a raw run finished within 300 s")
+            }));
+        }
+        for (name, runs) in [("comms (plugin, Node API)", comms), ("raw lapin", raw)] {
+            let (run, low, high) = median(runs);
+            println!(
+                "| {name} | {size} B | {:.0} ({low:.0}-{high:.0}) | {:.1} | {:.0} µs | {:.0} µs |",
+                run.per_second,
+                run.per_second * size as f64 / 1e6,
+                run.p50_us,
+                run.p99_us
+            );
+            ratios.push((name, size, run.per_second));
+        }
+    }
+    println!();
+    for size in [64usize, 1024] {
+        let rate = |prefix: &str| {
+            ratios.iter().find(|(name, s, _)| *s == size && name.starts_with(prefix)).map_or(0.0, |r| r.2)
+        };
+        println!("{size} B: comms / raw lapin = {:.2} (aim >= 0.8)", rate("comms") / rate("raw"));
+    }
+}
