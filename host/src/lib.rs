@@ -47,9 +47,9 @@ pub mod request_response;
 mod service;
 pub mod static_discovery;
 pub mod subscription;
-pub mod topics;
 
 pub use builder::NodeBuilder;
+pub use comms_plugin_api::topics;
 pub use codec::Codec;
 pub use comms_plugin_api::{
     host_side::PluginLibrary, Envelope, MessageId, NodeId, NodeRecord, PeerEvent, PeerEventKind,

@@ -73,6 +73,7 @@ mod plugin;
 pub mod redact;
 pub mod runtime;
 pub mod stream_transport;
+pub mod topics;
 mod transport;
 pub mod wire;
 

@@ -1,4 +1,5 @@
-//! Topic names and subscription patterns.
+//! Topic names and subscription patterns, as every part of comms understands them: the host's
+//! fan-out and the backends that map patterns onto a broker's own syntax use this one definition.
 //!
 //! A topic is a dot-separated list of non-empty segments: `orders.eu.created`. A pattern may use
 //! two wildcards: `*` matches exactly one segment (`orders.*.created`), `>` as the last segment
