@@ -52,9 +52,9 @@
 //! task has started before it publishes.
 
 use comms_host::{Node, PeerStatus, PluginLibrary, Received, RequestOptions, Subscription};
+use comms_tests::bench::{percentile_micros, scaled, step};
 use std::{
     convert::Infallible,
-    future::Future,
     time::{Duration, Instant},
 };
 
@@ -98,13 +98,7 @@ struct Settings {
 
 impl Settings {
     fn from_env() -> Self {
-        let scale = match std::env::var("COMMS_BENCH_SCALE") {
-            Err(_) => 1.0,
-            Ok(text) => match text.trim().parse::<f64>() {
-                Ok(scale) if scale.is_finite() && scale > 0.0 => scale,
-                _ => fail(&format!("COMMS_BENCH_SCALE must be a positive number, not `{text}`")),
-            },
-        };
+        let scale = comms_tests::bench::scale("patterns");
         Self {
             scale,
             requests: scaled(20_000, scale),
@@ -119,29 +113,6 @@ impl Settings {
 
     fn warm_up_messages(&self) -> usize {
         (self.messages / 10).max(200)
-    }
-}
-
-fn scaled(count: usize, scale: f64) -> usize {
-    ((count as f64 * scale).round() as usize).max(1)
-}
-
-/// Ends the benchmark with a message, without waiting for tasks that may be stuck.
-fn fail(message: &str) -> ! {
-    eprintln!("patterns benchmark failed: {message}");
-    std::process::exit(1)
-}
-
-/// Runs one step under a time limit.
-async fn step<T>(
-    what: &str,
-    limit: Duration,
-    work: impl Future<Output = Result<T, String>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(limit, work).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(format!("{what}: {error}")),
-        Err(_) => Err(format!("{what}: not done within {} s; the benchmark is stuck", limit.as_secs())),
     }
 }
 
@@ -182,15 +153,6 @@ fn field(bytes: &[u8], index: usize) -> u64 {
     let mut word = [0; 8];
     word.copy_from_slice(&bytes[index * 8..index * 8 + 8]);
     u64::from_le_bytes(word)
-}
-
-/// The `percent` percentile (nearest rank) of sorted samples, in microseconds.
-fn percentile(sorted: &[Duration], percent: usize) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (sorted.len() * percent).div_ceil(100).max(1);
-    sorted[rank - 1].as_secs_f64() * 1e6
 }
 
 /// The rounds of one setting, pooled.
@@ -239,8 +201,8 @@ impl Row {
                 rounds.elapsed.last().map_or(f64::NAN, rate),
                 rounds.elapsed.first().map_or(f64::NAN, rate),
             ),
-            p50_micros: percentile(&rounds.latencies, 50),
-            p99_micros: percentile(&rounds.latencies, 99),
+            p50_micros: percentile_micros(&rounds.latencies, 50),
+            p99_micros: percentile_micros(&rounds.latencies, 99),
             out_of_order: rounds.out_of_order,
         }
     }
@@ -618,4 +580,9 @@ fn main() {
     println!();
     println!("measured in {:.1} s", started.elapsed().as_secs_f64());
     runtime.shutdown_timeout(Duration::from_secs(1));
+}
+
+/// Ends the benchmark with a message, without waiting for tasks that may be stuck.
+fn fail(message: &str) -> ! {
+    comms_tests::bench::fail("patterns", message)
 }

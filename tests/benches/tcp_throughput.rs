@@ -45,8 +45,8 @@
 //! not much slower than the hand-written baseline).
 
 use comms_host::{Node, NodeId, PluginLibrary};
+use comms_tests::bench::{percentile_micros, scaled, step};
 use std::{
-    future::Future,
     io,
     time::{Duration, Instant},
 };
@@ -82,13 +82,7 @@ struct Settings {
 
 impl Settings {
     fn from_env() -> Self {
-        let scale = match std::env::var("COMMS_BENCH_SCALE") {
-            Err(_) => 1.0,
-            Ok(text) => match text.trim().parse::<f64>() {
-                Ok(scale) if scale.is_finite() && scale > 0.0 => scale,
-                _ => fail(&format!("COMMS_BENCH_SCALE must be a positive number, not `{text}`")),
-            },
-        };
+        let scale = comms_tests::bench::scale("tcp_throughput");
         Self { scale, ping_pongs: scaled(5_000, scale), step_limit: STEP_LIMIT.mul_f64(scale.max(1.0)) }
     }
 
@@ -110,29 +104,6 @@ impl Settings {
     /// Ping-pongs in round `round` (the total spread over the rounds).
     fn ping_pongs_in_round(&self, round: usize) -> usize {
         self.ping_pongs / ROUNDS + usize::from(round < self.ping_pongs % ROUNDS)
-    }
-}
-
-fn scaled(count: usize, scale: f64) -> usize {
-    ((count as f64 * scale).round() as usize).max(1)
-}
-
-/// Ends the benchmark with a message, without waiting for tasks that may be stuck.
-fn fail(message: &str) -> ! {
-    eprintln!("tcp_throughput benchmark failed: {message}");
-    std::process::exit(1)
-}
-
-/// Runs one step under the time limit.
-async fn step<T>(
-    what: &str,
-    limit: Duration,
-    work: impl Future<Output = Result<T, String>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(limit, work).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(format!("{what}: {error}")),
-        Err(_) => Err(format!("{what}: not done within {} s; the benchmark is stuck", limit.as_secs())),
     }
 }
 
@@ -407,12 +378,6 @@ struct Row {
     round_range: (f64, f64),
 }
 
-/// The `percent` percentile (nearest rank) of sorted samples, in microseconds.
-fn percentile(sorted: &[Duration], percent: usize) -> f64 {
-    let rank = (sorted.len() * percent).div_ceil(100).max(1);
-    sorted[rank - 1].as_secs_f64() * 1e6
-}
-
 async fn run(settings: Settings, dynamic: PluginLibrary) -> Result<Vec<Row>, String> {
     let limit = settings.step_limit;
     let linked = PluginLibrary::linked::<comms_tcp::TcpPlugin>();
@@ -476,8 +441,8 @@ async fn run(settings: Settings, dynamic: PluginLibrary) -> Result<Vec<Row>, Str
                 payload: size,
                 messages_per_second,
                 megabytes_per_second: messages_per_second * size as f64 / 1e6,
-                p50_micros: percentile(&rtts[i], 50),
-                p99_micros: percentile(&rtts[i], 99),
+                p50_micros: percentile_micros(&rtts[i], 50),
+                p99_micros: percentile_micros(&rtts[i], 99),
                 round_range: (
                     count as f64 / durations[i][durations[i].len() - 1].as_secs_f64(),
                     count as f64 / durations[i][0].as_secs_f64(),
@@ -566,4 +531,9 @@ fn main() {
     println!();
     println!("measured in {:.1} s", started.elapsed().as_secs_f64());
     runtime.shutdown_timeout(Duration::from_secs(1));
+}
+
+/// Ends the benchmark with a message, without waiting for tasks that may be stuck.
+fn fail(message: &str) -> ! {
+    comms_tests::bench::fail("tcp_throughput", message)
 }

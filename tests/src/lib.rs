@@ -5,6 +5,8 @@
 //! and profile that runs the tests: the workspace plugins, the third-party example plugin (a
 //! separate cargo project) and the deliberately incompatible fixture.
 
+pub mod bench;
+
 use std::{
     path::{Path, PathBuf},
     process::Command,
