@@ -50,6 +50,10 @@
 //!   does not exist (no node ever read it) fails with `UNREACHABLE`.
 //! - **Disconnect**: commands are retried on a reconnecting connection; a receiver resumes
 //!   where the consumer group says it was.
+//! - **Cost** (benchmark `redis`, 2-core machine, Redis on loopback): one sequential sender
+//!   reaches about 7,500 msg/s with `confirm_sends = true` (a Redis round trip per message,
+//!   0.9-0.96x a raw redis-rs program) and about 88,000-98,000 msg/s with `false` (pipelined,
+//!   0.78-0.89x raw); a ping-pong round trip takes about 0.3 ms at p50.
 //!
 //! ## Topics: Redis pub/sub, at-most-once
 //!

@@ -1,0 +1,164 @@
+//! Opening connections to Redis: URL checks, TLS set-up, retries with backoff at start, and
+//! turning Redis errors into [`PluginError`]s that never contain a password.
+
+use comms_plugin_api::{backoff::Backoff, redact::redact_url, ErrorCode, PluginError};
+use redis::{
+    aio::{ConnectionManager, ConnectionManagerConfig},
+    Client, RedisError,
+};
+use std::time::Duration;
+
+/// A Redis URL with the secret parts kept apart, so that messages can name it safely.
+#[derive(Clone)]
+pub(crate) struct RedisUrl {
+    url: String,
+    redacted: String,
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+impl RedisUrl {
+    pub(crate) fn new(url: &str) -> Self {
+        Self { url: url.to_string(), redacted: redact_url(url) }
+    }
+
+    /// The URL with its password replaced by `***`.
+    pub(crate) fn redacted(&self) -> &str {
+        &self.redacted
+    }
+
+    /// `text` with the password (if any, and if it appears) replaced by `***`: Redis errors
+    /// may echo parts of what they were given.
+    pub(crate) fn scrub(&self, text: &str) -> String {
+        let mut text = text.replace(&self.url, &self.redacted);
+        if let Some(password) = password(&self.url) {
+            if password.len() >= 3 {
+                text = text.replace(&password, "***");
+            }
+        }
+        text
+    }
+
+    /// The client for this URL (no connection yet).
+    pub(crate) fn client(&self) -> Result<Client, PluginError> {
+        if self.url.starts_with("rediss://") {
+            // redis' rustls support needs a process-wide crypto provider; another part of the
+            // program may have installed one already, which is fine.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        Client::open(self.url.as_str()).map_err(|error| {
+            PluginError::invalid_config(format!(
+                "key `url`: `{}` is not a valid Redis URL: {}",
+                self.redacted,
+                self.scrub(&error.to_string())
+            ))
+        })
+    }
+
+    /// A reconnecting connection, tried `backoff.attempts` times before giving up with an
+    /// [`ErrorCode::UNREACHABLE`] error naming the (redacted) URL. `response_timeout` bounds
+    /// every command on it.
+    pub(crate) async fn connect(
+        &self,
+        what: &str,
+        backoff: &Backoff,
+        response_timeout: Duration,
+    ) -> Result<ConnectionManager, PluginError> {
+        let client = self.client()?;
+        // One attempt per (re)connection: the callers retry with their own backoff, and the
+        // manager's own retries start at a full second.
+        let config = ConnectionManagerConfig::new()
+            .set_number_of_retries(0)
+            .set_connection_timeout(Duration::from_secs(2))
+            .set_response_timeout(response_timeout);
+        let result = backoff
+            .retry(|attempt| {
+                let (client, config) = (client.clone(), config.clone());
+                async move {
+                    let connected = ConnectionManager::new_with_config(client, config).await;
+                    if let Err(error) = &connected {
+                        tracing::debug!(url = %self.redacted, attempt, error = %self.scrub(&error.to_string()),
+                            "connecting to Redis failed");
+                    }
+                    connected
+                }
+            })
+            .await;
+        result.map_err(|(error, attempts)| {
+            PluginError::new(
+                ErrorCode::UNREACHABLE,
+                format!(
+                    "{what}: cannot connect to Redis at {} after {attempts} attempts: {}",
+                    self.redacted,
+                    self.scrub(&error.to_string())
+                ),
+            )
+        })
+    }
+
+    /// A [`PluginError`] for a failed command: `what` failed, on this server, because of `error`.
+    pub(crate) fn error(&self, what: &str, error: &RedisError) -> PluginError {
+        let message =
+            format!("{what} on Redis at {} failed: {}", self.redacted, self.scrub(&error.to_string()));
+        if is_connection_error(error) {
+            PluginError::retryable(ErrorCode::UNREACHABLE, message)
+        } else {
+            PluginError::new(ErrorCode::OTHER, message)
+        }
+    }
+}
+
+/// The password of `url`, percent-decoding aside.
+fn password(url: &str) -> Option<String> {
+    let rest = &url[url.find("://")? + 3..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let userinfo = &authority[..authority.rfind('@')?];
+    Some(match userinfo.split_once(':') {
+        Some((_, password)) => password.to_string(),
+        None => userinfo.to_string(),
+    })
+    .filter(|password| !password.is_empty())
+}
+
+/// Whether retrying on another connection may help (the broker went away or timed out).
+pub(crate) fn is_connection_error(error: &RedisError) -> bool {
+    error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_timeout()
+        || error.is_unrecoverable_error()
+        || matches!(error.kind(), redis::ErrorKind::TryAgain | redis::ErrorKind::BusyLoadingError)
+        || error.code() == Some("LOADING")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_scrubbed_from_any_text() {
+        let url = RedisUrl::new("redis://user:hunter22@127.0.0.1:1/0");
+        assert_eq!(url.redacted(), "redis://user:***@127.0.0.1:1/0");
+        let text = url.scrub("failed for redis://user:hunter22@127.0.0.1:1/0 with hunter22");
+        assert!(!text.contains("hunter22"), "{text}");
+        assert_eq!(password("rediss://:token123@host"), Some("token123".into()));
+        assert_eq!(password("redis://host:6379"), None);
+    }
+
+    #[test]
+    fn tls_urls_with_credentials_are_accepted() {
+        // Builds the client (and installs the TLS crypto provider) without connecting.
+        RedisUrl::new("rediss://user:hunter22@127.0.0.1:6380/0").client().unwrap();
+    }
+
+    #[test]
+    fn an_invalid_url_is_a_config_error_without_the_password() {
+        let error = RedisUrl::new("redis://user:hunter22@[bad").client().unwrap_err();
+        assert_eq!(error.code, ErrorCode::INVALID_CONFIG);
+        assert!(!error.message.contains("hunter22"), "{error}");
+    }
+}

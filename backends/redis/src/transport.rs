@@ -1,0 +1,807 @@
+//! The Redis transport: an inbox stream per node read through a consumer group, a pipelining
+//! writer, and pub/sub for topics. See the crate documentation for the guarantees.
+
+use crate::{
+    config::RedisTransportConfig,
+    connect::{is_connection_error, RedisUrl},
+    stream_entry,
+    topics::TopicSubscriber,
+};
+use comms_plugin_api::{
+    async_trait, backoff::Backoff, wire, Capabilities, Destination, Envelope, ErrorCode, Inbound, NodeId,
+    PluginError, Settlement, SettlementOutcome, Transport, TransportInfo,
+};
+use redis::{
+    aio::ConnectionManager,
+    streams::{StreamAutoClaimReply, StreamClaimReply, StreamId, StreamReadReply},
+    Value,
+};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::Duration,
+};
+use tokio::{
+    sync::{mpsc, watch, Semaphore},
+    task::JoinHandle,
+    time::Instant,
+};
+
+/// Delivery tags of topic messages have this bit set: they are not stream entries and need no
+/// acknowledgement.
+pub(crate) const TOPIC_TAG: u64 = 1 << 63;
+
+/// Idle time given to the entries a closing consumer hands back, so that the next consumer of
+/// the inbox claims them at once (ten days, in milliseconds).
+const HANDED_BACK_IDLE_MS: u64 = 10 * 24 * 3600 * 1000;
+
+/// Most bytes of payload written in one pipeline.
+const PIPELINE_BYTES: usize = 4 * 1024 * 1024;
+
+/// What the process-wide consumer names end with, so that two instances never share one.
+static INSTANCE: AtomicU64 = AtomicU64::new(0);
+
+/// The inbox stream of `node`: also the transport's address.
+pub fn inbox_key(prefix: &str, node: &str) -> String {
+    format!("{prefix}:inbox:{node}")
+}
+
+/// One message on its way to Redis.
+enum Outgoing {
+    /// `XADD` to an inbox stream.
+    Entry { key: String, fields: Vec<(&'static str, Vec<u8>)> },
+    /// `PUBLISH` on a topic channel.
+    Publish { channel: String, bytes: Vec<u8> },
+}
+
+impl Outgoing {
+    fn size(&self) -> usize {
+        match self {
+            Self::Entry { fields, .. } => fields.iter().map(|(_, value)| value.len()).sum(),
+            Self::Publish { bytes, .. } => bytes.len(),
+        }
+    }
+
+    /// What the writer does with the result of a queued message: the sender is gone, so a
+    /// failure can only be logged.
+    fn finish(self, result: Result<(), PluginError>) {
+        if let Err(error) = result {
+            tracing::warn!(%error, "a queued message could not be written to Redis and is lost");
+        }
+    }
+}
+
+/// Entries handed to the host and not settled yet: delivery tag <-> stream entry id.
+#[derive(Debug, Default)]
+struct InFlight {
+    by_tag: HashMap<u64, String>,
+    by_entry: HashMap<String, u64>,
+}
+
+/// State shared by the transport, its reader and writer tasks and its topic subscriber.
+pub(crate) struct Shared {
+    pub(crate) url: RedisUrl,
+    pub(crate) config: RedisTransportConfig,
+    node: NodeId,
+    inbox: String,
+    dead_letter: String,
+    consumer: String,
+    commands: ConnectionManager,
+    in_flight: Mutex<InFlight>,
+    /// Entries settled `REJECTED_REQUEUE`, to be claimed again by the reader.
+    requeued: Mutex<Vec<String>>,
+    /// Messages the host may hold unsettled; the reader takes one per entry it delivers.
+    permits: Semaphore,
+    next_tag: AtomicU64,
+    pub(crate) inbound: mpsc::Sender<Inbound>,
+    pub(crate) shutdown: watch::Sender<bool>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every update is a few map operations that leave the data consistent, even after a panic.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Shared {
+    pub(crate) fn is_closed(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    pub(crate) fn closed_error(&self) -> PluginError {
+        PluginError::closed(&format!("the redis transport of node `{}`", self.node))
+    }
+
+    pub(crate) fn next_topic_tag(&self) -> u64 {
+        TOPIC_TAG | self.next_tag.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn command_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.command_timeout_ms)
+    }
+}
+
+/// Completes once `shutdown` is set.
+pub(crate) async fn closing(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|closed| *closed).await;
+}
+
+/// A Redis transport: see the crate documentation.
+pub struct RedisTransport {
+    shared: Arc<Shared>,
+    receiver: tokio::sync::Mutex<mpsc::Receiver<Inbound>>,
+    outgoing: Mutex<Option<mpsc::Sender<Outgoing>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+    topics: TopicSubscriber,
+}
+
+impl std::fmt::Debug for RedisTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTransport")
+            .field("url", &self.shared.url)
+            .field("inbox", &self.shared.inbox)
+            .field("consumer", &self.shared.consumer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisTransport {
+    /// Connects (retrying with backoff), creates the node's inbox stream and consumer group if
+    /// they do not exist, and starts reading. Must run inside a tokio runtime.
+    pub async fn connect(node: NodeId, config: RedisTransportConfig) -> Result<Self, PluginError> {
+        config.validate()?;
+        let url = RedisUrl::new(&config.url);
+        let what = format!("the redis transport of node `{node}`");
+        let backoff = config.connect_backoff();
+        let command_timeout = Duration::from_millis(config.command_timeout_ms);
+        let commands = url.connect(&what, &backoff, command_timeout).await?;
+        let blocking =
+            url.connect(&what, &backoff, command_timeout + Duration::from_millis(config.block_ms)).await?;
+        let inbox = inbox_key(&config.prefix, node.as_str());
+        let consumer =
+            format!("{node}-{:08x}{:x}", rand::random::<u32>(), INSTANCE.fetch_add(1, Ordering::Relaxed));
+        let (inbound, receiver) = mpsc::channel(config.max_unsettled + 256);
+        let (outgoing, queue) = mpsc::channel(config.send_queue);
+        let shared = Arc::new(Shared {
+            dead_letter: format!("{inbox}:dead-letter"),
+            permits: Semaphore::new(config.max_unsettled),
+            url,
+            node,
+            inbox,
+            consumer,
+            commands,
+            in_flight: Mutex::default(),
+            requeued: Mutex::default(),
+            next_tag: AtomicU64::new(1),
+            inbound,
+            shutdown: watch::channel(false).0,
+            config,
+        });
+        create_group(&shared, &mut shared.commands.clone()).await?;
+        let writer = tokio::spawn(write_loop(Arc::clone(&shared), queue));
+        let reader = tokio::spawn(read_loop(Arc::clone(&shared), blocking));
+        Ok(Self {
+            topics: TopicSubscriber::new(Arc::clone(&shared)),
+            shared,
+            receiver: tokio::sync::Mutex::new(receiver),
+            outgoing: Mutex::new(Some(outgoing)),
+            writer: Mutex::new(Some(writer)),
+            reader: Mutex::new(Some(reader)),
+        })
+    }
+
+    /// The inbox stream this transport reads (its address).
+    pub fn inbox(&self) -> &str {
+        &self.shared.inbox
+    }
+
+    /// This instance's consumer name in the inbox's consumer group.
+    pub fn consumer(&self) -> &str {
+        &self.shared.consumer
+    }
+
+    fn too_large(&self, size: usize) -> PluginError {
+        PluginError::new(
+            ErrorCode::TOO_LARGE,
+            format!(
+                "payload of {size} bytes exceeds max_message_size {} of the redis transport",
+                self.shared.config.max_message_size
+            ),
+        )
+    }
+
+    /// With `confirm_sends`: writes the message itself and returns Redis' answer, retrying
+    /// across reconnects until Redis answers or the transport closes (concurrent sends share
+    /// the connection's pipeline). Without: queues it for the writer task.
+    async fn enqueue(&self, outgoing: Outgoing) -> Result<(), PluginError> {
+        if !self.shared.config.confirm_sends {
+            let queue = lock(&self.outgoing).clone().ok_or_else(|| self.shared.closed_error())?;
+            return queue.send(outgoing).await.map_err(|_| self.shared.closed_error());
+        }
+        let command = command(&self.shared, &outgoing);
+        let mut connection = self.shared.commands.clone();
+        let mut delay = Duration::from_millis(20);
+        loop {
+            let result: Result<Value, redis::RedisError> = command.query_async(&mut connection).await;
+            match result {
+                Ok(reply) => return outcome(&outgoing, &reply),
+                Err(error) if is_connection_error(&error) => {
+                    if self.shared.is_closed() {
+                        return Err(PluginError::new(
+                            ErrorCode::CLOSED,
+                            "the redis transport closed before Redis confirmed the message; it may or may not \
+                             have been stored",
+                        ));
+                    }
+                    tracing::warn!(error = %self.shared.url.scrub(&error.to_string()), url = %self.shared.url.redacted(),
+                        "writing to Redis failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(error) => return Err(self.shared.url.error("writing a message", &error)),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for RedisTransport {
+    fn info(&self) -> TransportInfo {
+        TransportInfo {
+            capabilities: Capabilities::ORDERED
+                | Capabilities::ACKNOWLEDGEMENTS
+                | Capabilities::DURABLE
+                | Capabilities::NATIVE_TOPICS
+                | Capabilities::RELIABLE,
+            local_address: self.shared.inbox.clone(),
+            max_message_size: self.shared.config.max_message_size,
+        }
+    }
+
+    /// `XADD`s the envelope to the inbox stream `address`, or `PUBLISH`es a topic message when
+    /// `address` is empty.
+    async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
+        if self.shared.is_closed() {
+            return Err(self.shared.closed_error());
+        }
+        let size = envelope.payload.len();
+        if size as u64 > self.shared.config.max_message_size {
+            return Err(self.too_large(size));
+        }
+        if address.is_empty() {
+            let Destination::Topic(topic) = &envelope.to else {
+                return Err(PluginError::new(
+                    ErrorCode::INVALID_ADDRESS,
+                    "an empty address is only for topic messages; a node or service message needs the \
+                     receiver's inbox address",
+                ));
+            };
+            let channel = crate::topic_pattern::channel(&self.shared.config.prefix, topic);
+            let mut bytes = Vec::new();
+            wire::encode_envelope(&envelope, &mut bytes).map_err(|error| {
+                PluginError::new(ErrorCode::MALFORMED, format!("cannot encode the message: {error}"))
+            })?;
+            return self.enqueue(Outgoing::Publish { channel, bytes }).await;
+        }
+        let expected = format!("{}:inbox:", self.shared.config.prefix);
+        if !address.starts_with(&expected) || address.len() == expected.len() {
+            return Err(PluginError::new(
+                ErrorCode::INVALID_ADDRESS,
+                format!("`{address}` is not a redis inbox address (`{expected}<node id>`)"),
+            ));
+        }
+        let fields = stream_entry::encode(&envelope, &address[expected.len()..]);
+        let key = address.to_string();
+        self.enqueue(Outgoing::Entry { key, fields }).await
+    }
+
+    async fn receive(&self, max_batch: usize) -> Result<Vec<Inbound>, PluginError> {
+        if self.shared.is_closed() {
+            return Ok(Vec::new());
+        }
+        let mut receiver = self.receiver.lock().await;
+        let mut shutdown = self.shared.shutdown.subscribe();
+        let first = tokio::select! {
+            first = receiver.recv() => first,
+            _ = closing(&mut shutdown) => None,
+        };
+        let Some(first) = first else { return Ok(Vec::new()) };
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match receiver.try_recv() {
+                Ok(inbound) => batch.push(inbound),
+                Err(_) => break,
+            }
+        }
+        Ok(batch)
+    }
+
+    /// `ACCEPTED`: `XACK` and `XDEL`. `REJECTED_DISCARD`: the same, logged. `REJECTED_REQUEUE`:
+    /// the entry stays pending and is claimed and delivered again at once.
+    async fn settle(&self, settlements: Vec<Settlement>) -> Result<(), PluginError> {
+        let mut done = Vec::new();
+        let mut requeue = Vec::new();
+        {
+            let mut in_flight = lock(&self.shared.in_flight);
+            for settlement in settlements {
+                if settlement.delivery_tag & TOPIC_TAG != 0 {
+                    continue;
+                }
+                let Some(entry) = in_flight.by_tag.remove(&settlement.delivery_tag) else { continue };
+                in_flight.by_entry.remove(&entry);
+                match settlement.outcome {
+                    SettlementOutcome::REJECTED_REQUEUE => requeue.push(entry),
+                    SettlementOutcome::REJECTED_DISCARD => {
+                        tracing::warn!(inbox = %self.shared.inbox, %entry, "message discarded by the host");
+                        done.push(entry);
+                    }
+                    _ => done.push(entry),
+                }
+            }
+        }
+        let settled = done.len() + requeue.len();
+        if !requeue.is_empty() {
+            lock(&self.shared.requeued).extend(requeue);
+        }
+        let result = if done.is_empty() { Ok(()) } else { acknowledge(&self.shared, &done).await };
+        self.shared.permits.add_permits(settled);
+        result
+    }
+
+    async fn subscribe(&self, pattern: &str) -> Result<(), PluginError> {
+        if self.shared.is_closed() {
+            return Err(self.shared.closed_error());
+        }
+        self.topics.subscribe(pattern).await
+    }
+
+    async fn unsubscribe(&self, pattern: &str) -> Result<(), PluginError> {
+        if self.shared.is_closed() {
+            return Err(self.shared.closed_error());
+        }
+        self.topics.unsubscribe(pattern).await
+    }
+
+    /// Writes what is queued (within `close_timeout_ms`), stops reading, and hands the entries
+    /// the host has not settled back to the inbox, where the next consumer takes them at once.
+    async fn close(&self) -> Result<(), PluginError> {
+        if self.shared.shutdown.send_replace(true) {
+            return Ok(());
+        }
+        let mut problems = Vec::new();
+        drop(lock(&self.outgoing).take());
+        let writer = lock(&self.writer).take();
+        if let Some(mut writer) = writer {
+            let limit = Duration::from_millis(self.shared.config.close_timeout_ms);
+            if tokio::time::timeout(limit, &mut writer).await.is_err() {
+                writer.abort();
+                problems.push(format!(
+                    "queued messages could not be written to Redis within close_timeout_ms ({} ms) and are lost",
+                    limit.as_millis()
+                ));
+            }
+        }
+        let reader = lock(&self.reader).take();
+        if let Some(reader) = reader {
+            let _ = reader.await;
+        }
+        self.topics.close().await;
+        // Entries read but not settled, and entries waiting to be delivered again.
+        let mut handed_back: Vec<String> = {
+            let mut in_flight = lock(&self.shared.in_flight);
+            in_flight.by_entry.clear();
+            in_flight.by_tag.drain().map(|(_, entry)| entry).collect()
+        };
+        handed_back.extend(lock(&self.shared.requeued).drain(..));
+        self.receiver.lock().await.close();
+        if let Err(error) = hand_back(&self.shared, &handed_back).await {
+            problems.push(format!(
+                "{} unsettled messages could not be handed back and will be delivered again after \
+                 claim_idle_ms: {error}",
+                handed_back.len()
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(PluginError::new(
+                ErrorCode::OTHER,
+                format!(
+                    "closing the redis transport of node `{}`: {}",
+                    self.shared.node,
+                    problems.join("; ")
+                ),
+            ))
+        }
+    }
+}
+
+/// Creates the inbox stream and its consumer group, unless they exist.
+async fn create_group(shared: &Shared, connection: &mut ConnectionManager) -> Result<(), PluginError> {
+    let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&shared.inbox)
+        .arg(&shared.config.group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(connection)
+        .await;
+    match created {
+        Ok(()) => Ok(()),
+        Err(error) if error.code() == Some("BUSYGROUP") => Ok(()),
+        Err(error) => Err(shared.url.error(&format!("creating the inbox stream `{}`", shared.inbox), &error)),
+    }
+}
+
+/// `XACK` + `XDEL` for `entries`, retried a few times when the connection fails.
+async fn acknowledge(shared: &Shared, entries: &[String]) -> Result<(), PluginError> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("XACK").arg(&shared.inbox).arg(&shared.config.group).arg(entries).ignore();
+    pipe.cmd("XDEL").arg(&shared.inbox).arg(entries).ignore();
+    let backoff = Backoff { initial: Duration::from_millis(50), max: Duration::from_secs(1), attempts: 5 };
+    backoff
+        .retry(|_| {
+            let mut connection = shared.commands.clone();
+            let pipe = &pipe;
+            async move {
+                let result: Result<(), redis::RedisError> = pipe.query_async(&mut connection).await;
+                match result {
+                    Err(error) if is_connection_error(&error) => Err(error),
+                    other => Ok(other),
+                }
+            }
+        })
+        .await
+        .map_err(|(error, _)| error)
+        .and_then(|result| result)
+        .map_err(|error| {
+            shared.url.error(
+                &format!(
+                    "acknowledging {} messages of `{}` (they will be delivered again)",
+                    entries.len(),
+                    shared.inbox
+                ),
+                &error,
+            )
+        })
+}
+
+/// Makes `entries` claimable by the next consumer at once (`XCLAIM ... IDLE`), and removes this
+/// consumer from the group when it holds nothing.
+async fn hand_back(shared: &Shared, entries: &[String]) -> Result<(), PluginError> {
+    let mut connection = shared.commands.clone();
+    if !entries.is_empty() {
+        let result: Result<Value, _> = redis::cmd("XCLAIM")
+            .arg(&shared.inbox)
+            .arg(&shared.config.group)
+            .arg(&shared.consumer)
+            .arg(0)
+            .arg(entries)
+            .arg("IDLE")
+            .arg(HANDED_BACK_IDLE_MS)
+            .arg("JUSTID")
+            .query_async(&mut connection)
+            .await;
+        return result.map(drop).map_err(|error| shared.url.error("handing back unsettled messages", &error));
+    }
+    let pending: Result<Value, _> = redis::cmd("XPENDING")
+        .arg(&shared.inbox)
+        .arg(&shared.config.group)
+        .arg("-")
+        .arg("+")
+        .arg(1)
+        .arg(&shared.consumer)
+        .query_async(&mut connection)
+        .await;
+    if matches!(pending, Ok(Value::Array(ref entries)) if entries.is_empty()) {
+        let _: Result<Value, _> = redis::cmd("XGROUP")
+            .arg("DELCONSUMER")
+            .arg(&shared.inbox)
+            .arg(&shared.config.group)
+            .arg(&shared.consumer)
+            .query_async(&mut connection)
+            .await;
+    }
+    Ok(())
+}
+
+/// Takes queued messages and writes them in pipelines, retrying across reconnects until Redis
+/// has them or the transport is closed.
+async fn write_loop(shared: Arc<Shared>, mut queue: mpsc::Receiver<Outgoing>) {
+    let mut connection = shared.commands.clone();
+    let batch_limit = shared.config.send_queue.max(1);
+    while let Some(first) = queue.recv().await {
+        let mut bytes = first.size();
+        let mut batch = vec![first];
+        while batch.len() < batch_limit && bytes < PIPELINE_BYTES {
+            match queue.try_recv() {
+                Ok(next) => {
+                    bytes += next.size();
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        write_batch(&shared, &mut connection, batch).await;
+    }
+}
+
+fn command(shared: &Shared, outgoing: &Outgoing) -> redis::Cmd {
+    match outgoing {
+        Outgoing::Entry { key, fields, .. } => {
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(key).arg("NOMKSTREAM");
+            if shared.config.max_inbox_len > 0 {
+                cmd.arg("MAXLEN").arg("~").arg(shared.config.max_inbox_len);
+            }
+            cmd.arg("*");
+            for (name, value) in fields {
+                cmd.arg(*name).arg(value.as_slice());
+            }
+            cmd
+        }
+        Outgoing::Publish { channel, bytes, .. } => {
+            let mut cmd = redis::cmd("PUBLISH");
+            cmd.arg(channel).arg(bytes.as_slice());
+            cmd
+        }
+    }
+}
+
+fn outcome(outgoing: &Outgoing, reply: &Value) -> Result<(), PluginError> {
+    match (outgoing, reply) {
+        (Outgoing::Entry { key, .. }, Value::Nil) => Err(PluginError::retryable(
+            ErrorCode::UNREACHABLE,
+            format!("no inbox stream `{key}` in Redis: no node has ever received on it (or Redis lost it)"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+async fn write_batch(shared: &Shared, connection: &mut ConnectionManager, batch: Vec<Outgoing>) {
+    let mut pipe = redis::pipe();
+    for outgoing in &batch {
+        pipe.add_command(command(shared, outgoing));
+    }
+    let mut delay = Duration::from_millis(20);
+    loop {
+        let result: Result<Vec<Value>, redis::RedisError> = pipe.query_async(connection).await;
+        match result {
+            Ok(replies) => {
+                for (outgoing, reply) in
+                    batch.into_iter().zip(replies.iter().chain(std::iter::repeat(&Value::Okay)))
+                {
+                    let result = outcome(&outgoing, reply);
+                    outgoing.finish(result);
+                }
+                return;
+            }
+            Err(error) if is_connection_error(&error) => {
+                // Kept until Redis has it: a batch may be written twice (same message ids).
+                tracing::warn!(error = %shared.url.scrub(&error.to_string()), url = %shared.url.redacted(),
+                    messages = batch.len(), "writing to Redis failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            Err(_) => {
+                // A command was refused (wrong key type, out of memory, ...): find out which.
+                for outgoing in batch {
+                    let result: Result<Value, _> = command(shared, &outgoing).query_async(connection).await;
+                    let result = match result {
+                        Ok(reply) => outcome(&outgoing, &reply),
+                        Err(error) => Err(shared.url.error("writing a message", &error)),
+                    };
+                    outgoing.finish(result);
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Reads the inbox: entries handed back or left by crashed consumers first, then new ones.
+async fn read_loop(shared: Arc<Shared>, mut connection: ConnectionManager) {
+    let mut shutdown = shared.shutdown.subscribe();
+    let claim_every = Duration::from_millis((shared.config.claim_idle_ms / 2).max(50));
+    let mut next_claim = Instant::now();
+    let mut delay = Duration::from_millis(50);
+    while !shared.is_closed() {
+        // Prefetch limit: wait until the host settled something.
+        let permit = tokio::select! {
+            permit = shared.permits.acquire() => permit,
+            _ = closing(&mut shutdown) => return,
+        };
+        drop(permit);
+        let room = shared.permits.available_permits().min(shared.config.read_batch);
+        let read = async {
+            let mut entries = claim_requeued(&shared, &mut connection, room).await?;
+            if entries.len() < room && Instant::now() >= next_claim {
+                entries.extend(claim_idle(&shared, &mut connection, room - entries.len()).await?);
+                next_claim = Instant::now() + claim_every;
+            }
+            if entries.is_empty() {
+                entries = read_new(&shared, &mut connection, room).await?;
+            }
+            Ok::<_, redis::RedisError>(entries)
+        };
+        match read.await {
+            Ok(entries) => {
+                delay = Duration::from_millis(50);
+                if !deliver(&shared, entries, &mut shutdown).await {
+                    return;
+                }
+            }
+            Err(error) if error.code() == Some("NOGROUP") => {
+                // The stream or its group is gone (Redis restarted without persistence, or the key
+                // was deleted): make them again.
+                tracing::warn!(inbox = %shared.inbox, "the inbox stream or its consumer group vanished; recreating it");
+                if let Err(error) = create_group(&shared, &mut connection).await {
+                    tracing::warn!(%error, "recreating the inbox failed");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(inbox = %shared.inbox, url = %shared.url.redacted(),
+                    error = %shared.url.scrub(&error.to_string()), "reading the inbox failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = closing(&mut shutdown) => return,
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+async fn claim_requeued(
+    shared: &Shared,
+    connection: &mut ConnectionManager,
+    room: usize,
+) -> Result<Vec<StreamId>, redis::RedisError> {
+    let ids: Vec<String> = {
+        let mut requeued = lock(&shared.requeued);
+        let take = requeued.len().min(room);
+        requeued.drain(..take).collect()
+    };
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let reply: Result<StreamClaimReply, _> = redis::cmd("XCLAIM")
+        .arg(&shared.inbox)
+        .arg(&shared.config.group)
+        .arg(&shared.consumer)
+        .arg(0)
+        .arg(&ids)
+        .query_async(connection)
+        .await;
+    match reply {
+        Ok(reply) => Ok(reply.ids),
+        Err(error) => {
+            // Try again next time.
+            lock(&shared.requeued).extend(ids);
+            Err(error)
+        }
+    }
+}
+
+async fn claim_idle(
+    shared: &Shared,
+    connection: &mut ConnectionManager,
+    room: usize,
+) -> Result<Vec<StreamId>, redis::RedisError> {
+    let mut claimed = Vec::new();
+    let mut cursor = "0-0".to_string();
+    while claimed.len() < room {
+        let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+            .arg(&shared.inbox)
+            .arg(&shared.config.group)
+            .arg(&shared.consumer)
+            .arg(shared.config.claim_idle_ms)
+            .arg(&cursor)
+            .arg("COUNT")
+            .arg(room - claimed.len())
+            .query_async(connection)
+            .await?;
+        {
+            // Entries this consumer still has with the host are not lost, only slow.
+            let in_flight = lock(&shared.in_flight);
+            claimed.extend(
+                reply.claimed.into_iter().filter(|entry| !in_flight.by_entry.contains_key(&entry.id)),
+            );
+        }
+        if reply.next_stream_id == "0-0" {
+            break;
+        }
+        cursor = reply.next_stream_id;
+    }
+    if !claimed.is_empty() {
+        tracing::info!(inbox = %shared.inbox, count = claimed.len(), "claimed messages left pending by another consumer");
+    }
+    Ok(claimed)
+}
+
+async fn read_new(
+    shared: &Shared,
+    connection: &mut ConnectionManager,
+    room: usize,
+) -> Result<Vec<StreamId>, redis::RedisError> {
+    let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(&shared.config.group)
+        .arg(&shared.consumer)
+        .arg("COUNT")
+        .arg(room.max(1))
+        .arg("BLOCK")
+        .arg(shared.config.block_ms)
+        .arg("STREAMS")
+        .arg(&shared.inbox)
+        .arg(">")
+        .query_async(connection)
+        .await?;
+    Ok(reply.map(|reply| reply.keys.into_iter().flat_map(|key| key.ids).collect()).unwrap_or_default())
+}
+
+/// Registers and hands entries to the host's queue; `false` once the transport is closing.
+async fn deliver(shared: &Shared, entries: Vec<StreamId>, shutdown: &mut watch::Receiver<bool>) -> bool {
+    let mut malformed = Vec::new();
+    for entry in entries {
+        let envelope = match stream_entry::decode(&entry.map, &shared.node) {
+            Ok(envelope) => envelope,
+            Err(reason) => {
+                malformed.push((entry, reason));
+                continue;
+            }
+        };
+        let tag = shared.next_tag.fetch_add(1, Ordering::Relaxed) & !TOPIC_TAG;
+        {
+            let mut in_flight = lock(&shared.in_flight);
+            if in_flight.by_entry.contains_key(&entry.id) {
+                continue;
+            }
+            in_flight.by_entry.insert(entry.id.clone(), tag);
+            in_flight.by_tag.insert(tag, entry.id);
+        }
+        if let Ok(permit) = shared.permits.try_acquire() {
+            permit.forget();
+        }
+        let inbound = Inbound { envelope, delivery_tag: tag };
+        tokio::select! {
+            sent = shared.inbound.send(inbound) => if sent.is_err() { return false },
+            _ = closing(shutdown) => return false,
+        }
+    }
+    if !malformed.is_empty() {
+        dead_letter(shared, malformed).await;
+    }
+    true
+}
+
+/// Moves entries that are not comms messages to `<inbox>:dead-letter`, with the reason.
+async fn dead_letter(shared: &Shared, entries: Vec<(StreamId, String)>) {
+    let mut pipe = redis::pipe();
+    let ids: Vec<&str> = entries.iter().map(|(entry, _)| entry.id.as_str()).collect();
+    for (entry, reason) in &entries {
+        tracing::warn!(inbox = %shared.inbox, entry = %entry.id, %reason, dead_letter = %shared.dead_letter,
+            "malformed inbox entry moved to the dead-letter stream");
+        let cmd = pipe.cmd("XADD").arg(&shared.dead_letter).arg("MAXLEN").arg("~").arg(10_000).arg("*");
+        cmd.arg("error").arg(reason).arg("entry").arg(&entry.id);
+        for (name, value) in &entry.map {
+            if let Value::BulkString(bytes) = value {
+                cmd.arg(format!("field:{name}")).arg(bytes.as_slice());
+            }
+        }
+        cmd.ignore();
+    }
+    pipe.cmd("XACK").arg(&shared.inbox).arg(&shared.config.group).arg(&ids).ignore();
+    pipe.cmd("XDEL").arg(&shared.inbox).arg(&ids).ignore();
+    let mut connection = shared.commands.clone();
+    let result: Result<(), _> =
+        tokio::time::timeout(shared.command_timeout(), pipe.query_async(&mut connection))
+            .await
+            .unwrap_or_else(|_| Err(redis::RedisError::from((redis::ErrorKind::IoError, "timed out"))));
+    if let Err(error) = result {
+        tracing::warn!(error = %shared.url.scrub(&error.to_string()), "moving malformed entries to the dead-letter stream failed");
+    }
+}

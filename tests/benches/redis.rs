@@ -1,0 +1,383 @@
+//! Redis throughput and latency of comms, compared with a raw redis-rs program doing the same
+//! broker operations.
+//!
+//! ```text
+//! cargo bench -p comms-tests --bench redis
+//! COMMS_BENCH_SCALE=0.2 cargo bench -p comms-tests --bench redis   # quicker, noisier
+//! ```
+//!
+//! Needs the Redis at 127.0.0.1:6379 (keys under `comms-bench-<pid>:`, deleted at the end).
+//! Variants, each for payloads of 64 B and 1 KiB:
+//!
+//! - **comms confirm**: two [`Node`]s over `libcomms_redis.so` loaded at run time, default
+//!   config (`confirm_sends = true`: `send` returns once Redis answered the `XADD`), the
+//!   receiver reading with `XREADGROUP COUNT 256` and settling with `XACK` + `XDEL`;
+//! - **comms queued**: the same with `confirm_sends = false`: `send` returns once queued, the
+//!   plugin writes queued messages in pipelines;
+//! - **raw sequential**: redis-rs, a multiplexed connection, one `XADD` of the same fields the
+//!   plugin writes (`v`, `id`, `from`, `headers`, `payload`) awaited after the other (what
+//!   `confirm` does per message); the receiver on its own connection doing
+//!   `XREADGROUP COUNT 256 BLOCK` then `XACK` + `XDEL` in one pipeline per batch;
+//! - **raw pipelined**: the same receiver; the sender writes `XADD`s in pipelines of 256.
+//!
+//! Throughput: one sender sends N messages, one receiver takes them; time from the first send to
+//! the last receive, median of 3 rounds. Latency: ping-pong (send, the other side answers into
+//! the sender's inbox), p50 and p99 of the round trip. Counts: 50,000 (64 B) / 30,000 (1 KiB)
+//! per round and 2,000 ping-pongs, times `COMMS_BENCH_SCALE`. The aim is comms >= 0.8x raw.
+
+use comms_host::{Node, NodeId, PluginLibrary};
+use redis::{aio::MultiplexedConnection, streams::StreamReadReply, Value};
+use std::time::{Duration, Instant};
+
+const PAYLOAD_SIZES: [usize; 2] = [64, 1024];
+const ROUNDS: usize = 3;
+const BATCH: usize = 256;
+const URL: &str = "redis://127.0.0.1:6379";
+const STEP_LIMIT: Duration = Duration::from_secs(120);
+
+fn fail(message: &str) -> ! {
+    eprintln!("redis benchmark failed: {message}");
+    std::process::exit(1)
+}
+
+fn scale() -> f64 {
+    match std::env::var("COMMS_BENCH_SCALE") {
+        Err(_) => 1.0,
+        Ok(text) => match text.trim().parse::<f64>() {
+            Ok(scale) if scale.is_finite() && scale > 0.0 => scale,
+            _ => fail(&format!("COMMS_BENCH_SCALE must be a positive number, not `{text}`")),
+        },
+    }
+}
+
+fn scaled(count: usize) -> usize {
+    ((count as f64 * scale()).round() as usize).max(10)
+}
+
+async fn step<T>(what: &str, work: impl std::future::Future<Output = Result<T, String>>) -> T {
+    match tokio::time::timeout(STEP_LIMIT, work).await {
+        Ok(Ok(value)) => value,
+        Ok(Err(error)) => fail(&format!("{what}: {error}")),
+        Err(_) => fail(&format!("{what}: not done within {} s", STEP_LIMIT.as_secs())),
+    }
+}
+
+/// Two comms nodes over the Redis plugin.
+struct CommsPair {
+    sender: Node,
+    receiver: Node,
+    receiver_id: NodeId,
+    headers: Vec<(String, String)>,
+}
+
+impl CommsPair {
+    async fn start(library: &PluginLibrary, prefix: &str, tag: &str, confirm: bool) -> Result<Self, String> {
+        let config = format!("prefix = \"{prefix}\"\nconfirm_sends = {confirm}\n");
+        let (sender_id, receiver_id) = (format!("{tag}-sender"), format!("{tag}-receiver"));
+        let inbox = |id: &str| format!("{prefix}:inbox:{id}");
+        let build = |id: &str, peer: &str| {
+            Node::builder(id)
+                .transport_library("redis", library.clone(), &config)
+                .static_peer(peer, [("redis", inbox(peer).as_str())])
+                .build()
+        };
+        let receiver = build(&receiver_id, &sender_id).await.map_err(|e| e.to_string())?;
+        let sender = build(&sender_id, &receiver_id).await.map_err(|e| e.to_string())?;
+        let headers = vec![("content-type".to_string(), "application/octet-stream".to_string())];
+        Ok(Self { sender, receiver, receiver_id: NodeId::new(receiver_id), headers })
+    }
+
+    async fn throughput(&self, count: usize, payload: &[u8]) -> Result<Duration, String> {
+        let receiver = self.receiver.clone();
+        let counter = tokio::spawn(async move {
+            for n in 0..count {
+                receiver.receive_envelope().await.map_err(|error| format!("receiving {n}: {error}"))?;
+            }
+            Ok::<_, String>(Instant::now())
+        });
+        let start = Instant::now();
+        for n in 0..count {
+            self.sender
+                .send_raw(self.receiver_id.clone(), self.headers.clone(), payload.to_vec(), None)
+                .await
+                .map_err(|error| format!("sending {n}: {error}"))?;
+        }
+        let end = counter.await.map_err(|error| error.to_string())??;
+        Ok(end - start)
+    }
+
+    async fn ping_pong(&self, count: usize, payload: &[u8], rtts: &mut Vec<Duration>) -> Result<(), String> {
+        let echo = {
+            let (node, headers) = (self.receiver.clone(), self.headers.clone());
+            tokio::spawn(async move {
+                for n in 0..count {
+                    let ping = node.receive_envelope().await.map_err(|error| format!("ping {n}: {error}"))?;
+                    node.send_raw(ping.from, headers.clone(), ping.payload.to_vec(), Some(ping.id))
+                        .await
+                        .map_err(|error| format!("pong {n}: {error}"))?;
+                }
+                Ok::<(), String>(())
+            })
+        };
+        for n in 0..count {
+            let start = Instant::now();
+            self.sender
+                .send_raw(self.receiver_id.clone(), self.headers.clone(), payload.to_vec(), None)
+                .await
+                .map_err(|error| format!("ping {n}: {error}"))?;
+            self.sender.receive_envelope().await.map_err(|error| format!("pong {n}: {error}"))?;
+            rtts.push(start.elapsed());
+        }
+        echo.await.map_err(|error| error.to_string())?
+    }
+
+    async fn close(self) {
+        let _ = self.sender.close().await;
+        let _ = self.receiver.close().await;
+    }
+}
+
+/// What redis-rs gives a user who writes it by hand: an inbox stream with a consumer group.
+struct RawInbox {
+    key: String,
+    /// For `XADD`s to this inbox and `XACK`s.
+    commands: MultiplexedConnection,
+    /// For the blocking `XREADGROUP`.
+    reading: MultiplexedConnection,
+}
+
+impl RawInbox {
+    async fn open(client: &redis::Client, key: String) -> Result<Self, String> {
+        let commands = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
+        let mut reading = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
+        let _: Result<(), _> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&key)
+            .arg("g")
+            .arg("$")
+            .arg("MKSTREAM")
+            .query_async(&mut reading)
+            .await;
+        Ok(Self { key, commands, reading })
+    }
+
+    /// The same entry the plugin writes for a message to a node: version, id, sender, headers
+    /// (the content type) and payload.
+    fn xadd(&self, payload: &[u8]) -> redis::Cmd {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&self.key).arg("*").arg("v").arg("1");
+        cmd.arg("id").arg(format!("{:032x}", rand::random::<u128>())).arg("from").arg("raw-sender");
+        cmd.arg("headers").arg(r#"[["content-type","application/octet-stream"]]"#);
+        cmd.arg("payload").arg(payload);
+        cmd
+    }
+
+    /// Takes up to a batch, acknowledges and deletes it, returns the payloads.
+    async fn take(&mut self) -> Result<Vec<Vec<u8>>, String> {
+        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("g")
+            .arg("c")
+            .arg("COUNT")
+            .arg(BATCH)
+            .arg("BLOCK")
+            .arg(1000)
+            .arg("STREAMS")
+            .arg(&self.key)
+            .arg(">")
+            .query_async(&mut self.reading)
+            .await
+            .map_err(|e| e.to_string())?;
+        let entries: Vec<_> =
+            reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect()).unwrap_or_default();
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        let mut pipe = redis::pipe();
+        pipe.cmd("XACK").arg(&self.key).arg("g").arg(&ids).ignore();
+        pipe.cmd("XDEL").arg(&self.key).arg(&ids).ignore();
+        let () = pipe.query_async(&mut self.commands).await.map_err(|e| e.to_string())?;
+        Ok(entries
+            .into_iter()
+            .map(|e| match e.map.get("payload") {
+                Some(Value::BulkString(bytes)) => bytes.clone(),
+                _ => Vec::new(),
+            })
+            .collect())
+    }
+}
+
+async fn raw_throughput(
+    client: &redis::Client,
+    prefix: &str,
+    count: usize,
+    payload: &[u8],
+    pipelined: bool,
+) -> Result<Duration, String> {
+    let key = format!("{prefix}:raw:{}", rand::random::<u32>());
+    let mut inbox = RawInbox::open(client, key.clone()).await?;
+    let mut sender = RawInbox { key, commands: inbox.commands.clone(), reading: inbox.reading.clone() };
+    let counter = tokio::spawn(async move {
+        let mut received = 0;
+        while received < count {
+            received += inbox.take().await?.len();
+        }
+        Ok::<_, String>(Instant::now())
+    });
+    let start = Instant::now();
+    if pipelined {
+        for chunk in (0..count).collect::<Vec<_>>().chunks(BATCH) {
+            let mut pipe = redis::pipe();
+            for _ in chunk {
+                pipe.add_command(sender.xadd(payload)).ignore();
+            }
+            let () = pipe.query_async(&mut sender.commands).await.map_err(|e| e.to_string())?;
+        }
+    } else {
+        for _ in 0..count {
+            let _: String =
+                sender.xadd(payload).query_async(&mut sender.commands).await.map_err(|e| e.to_string())?;
+        }
+    }
+    let end = counter.await.map_err(|e| e.to_string())??;
+    Ok(end - start)
+}
+
+async fn raw_ping_pong(
+    client: &redis::Client,
+    prefix: &str,
+    count: usize,
+    payload: &[u8],
+    rtts: &mut Vec<Duration>,
+) -> Result<(), String> {
+    let mut ping_inbox =
+        RawInbox::open(client, format!("{prefix}:raw-ping:{}", rand::random::<u32>())).await?;
+    let mut pong_inbox =
+        RawInbox::open(client, format!("{prefix}:raw-pong:{}", rand::random::<u32>())).await?;
+    let (ping_cmd, pong_cmd) = (ping_inbox.xadd(payload), pong_inbox.xadd(payload));
+    let mut pong_writer = ping_inbox.commands.clone();
+    let echo = tokio::spawn(async move {
+        let mut answered = 0;
+        while answered < count {
+            for _ in ping_inbox.take().await? {
+                let _: String = pong_cmd.query_async(&mut pong_writer).await.map_err(|e| e.to_string())?;
+                answered += 1;
+            }
+        }
+        Ok::<(), String>(())
+    });
+    let mut writer = pong_inbox.commands.clone();
+    for _ in 0..count {
+        let start = Instant::now();
+        let _: String = ping_cmd.query_async(&mut writer).await.map_err(|e| e.to_string())?;
+        while pong_inbox.take().await?.is_empty() {}
+        rtts.push(start.elapsed());
+    }
+    echo.await.map_err(|e| e.to_string())?
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index].as_secs_f64() * 1e6
+}
+
+struct Row {
+    variant: &'static str,
+    payload: usize,
+    rate: f64,
+    p50: f64,
+    p99: f64,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if std::net::TcpStream::connect("127.0.0.1:6379").is_err() {
+        fail("no Redis at 127.0.0.1:6379");
+    }
+    let library =
+        PluginLibrary::load(&comms_tests::artifacts().redis_plugin).unwrap_or_else(|e| fail(&e.to_string()));
+    let client = redis::Client::open(URL).unwrap_or_else(|e| fail(&e.to_string()));
+    let prefix = format!("comms-bench-{}", std::process::id());
+    let mut rows = Vec::new();
+    for payload_size in PAYLOAD_SIZES {
+        let payload = vec![0xa5u8; payload_size];
+        let count = scaled(if payload_size <= 64 { 50_000 } else { 30_000 });
+        let pings = scaled(2_000);
+        for variant in ["comms confirm", "comms queued", "raw sequential", "raw pipelined"] {
+            eprintln!("{variant}, {payload_size} B: {count} messages x {ROUNDS} rounds, {pings} ping-pongs");
+            let mut durations = Vec::new();
+            let mut rtts = Vec::new();
+            if variant.starts_with("comms") {
+                let tag = format!("{}-{payload_size}", variant.replace(' ', "-"));
+                let pair = step(
+                    "starting nodes",
+                    CommsPair::start(&library, &prefix, &tag, variant == "comms confirm"),
+                )
+                .await;
+                step("warm-up", pair.throughput(count / 10, &payload)).await;
+                for _ in 0..ROUNDS {
+                    durations.push(step("throughput", pair.throughput(count, &payload)).await);
+                }
+                step("ping-pong", pair.ping_pong(pings, &payload, &mut rtts)).await;
+                pair.close().await;
+            } else {
+                let pipelined = variant == "raw pipelined";
+                step("warm-up", raw_throughput(&client, &prefix, count / 10, &payload, pipelined)).await;
+                for _ in 0..ROUNDS {
+                    durations.push(
+                        step("throughput", raw_throughput(&client, &prefix, count, &payload, pipelined))
+                            .await,
+                    );
+                }
+                step("ping-pong", raw_ping_pong(&client, &prefix, pings, &payload, &mut rtts)).await;
+            }
+            durations.sort();
+            rtts.sort();
+            let rate = count as f64 / durations[ROUNDS / 2].as_secs_f64();
+            rows.push(Row {
+                variant,
+                payload: payload_size,
+                rate,
+                p50: percentile(&rtts, 0.5),
+                p99: percentile(&rtts, 0.99),
+            });
+        }
+    }
+    // Delete what the benchmark left (streams of closed nodes, raw inboxes).
+    if let Ok(mut connection) = client.get_multiplexed_async_connection().await {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}:*"))
+            .query_async(&mut connection)
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<i64, _> = redis::cmd("DEL").arg(&keys).query_async(&mut connection).await;
+        }
+    }
+
+    println!("| variant | payload | msg/s | MB/s | p50 µs | p99 µs |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for row in &rows {
+        println!(
+            "| {} | {} B | {:.0} | {:.2} | {:.0} | {:.0} |",
+            row.variant,
+            row.payload,
+            row.rate,
+            row.rate * row.payload as f64 / 1e6,
+            row.p50,
+            row.p99
+        );
+    }
+    println!();
+    for payload in PAYLOAD_SIZES {
+        let rate = |variant: &str| {
+            rows.iter().find(|r| r.variant == variant && r.payload == payload).map_or(0.0, |r| r.rate)
+        };
+        println!(
+            "{payload} B: comms confirm / raw sequential = {:.2}, comms queued / raw pipelined = {:.2} (aim >= 0.8)",
+            rate("comms confirm") / rate("raw sequential"),
+            rate("comms queued") / rate("raw pipelined")
+        );
+    }
+}

@@ -1,0 +1,42 @@
+//! The conformance suite against the Redis plugin as users load it (`libcomms_redis.so`), with
+//! the Redis at 127.0.0.1:6379. Every case applies: the plugin declares ordered,
+//! acknowledgements, durable, native topics and reliable.
+
+use comms_host::{
+    conformance::{cases, run_suite, SuiteConfig},
+    PluginLibrary,
+};
+use comms_tests::{artifacts, broker_available};
+
+const REDIS: &str = "127.0.0.1:6379";
+
+/// Deletes every key under `prefix` (the inboxes the suite's instances leave behind).
+async fn delete_keys(prefix: &str) {
+    let client = redis::Client::open(format!("redis://{REDIS}")).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut connection).await.unwrap();
+    for chunk in keys.chunks(500) {
+        let _: i64 = redis::cmd("DEL").arg(chunk).query_async(&mut connection).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_plugin_loaded_dynamically_passes_every_case() {
+    if !broker_available("Redis", REDIS) {
+        return;
+    }
+    let library = PluginLibrary::load(&artifacts().redis_plugin).unwrap_or_else(|error| panic!("{error}"));
+    // A key prefix of this run's own (deleted at the end), and a short claim time so that
+    // nothing in the suite waits long for a redelivery.
+    let prefix =
+        format!("comms-test-{}-{:06x}-conformance", std::process::id(), rand::random::<u32>() & 0xff_ffff);
+    let config =
+        format!("url = \"redis://{REDIS}\"\nprefix = \"{prefix}\"\nclaim_idle_ms = 2000\nblock_ms = 200\n");
+    let report = run_suite(&library, &SuiteConfig::new(config)).await;
+    print!("{report}");
+    delete_keys(&prefix).await;
+    assert!(report.passed(), "{report}");
+    assert_eq!(report.cases.len(), cases().len(), "{report}");
+    assert!(report.skipped_names().is_empty(), "no case may be skipped: {report}");
+}

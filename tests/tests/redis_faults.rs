@@ -1,0 +1,314 @@
+//! Faults of the Redis transport, for real: Redis unreachable at start, and a Redis of the
+//! test's own (persistence on: `appendonly yes`, `appendfsync always`) killed and restarted in
+//! the middle of a stream. No message whose `send` returned may be lost, and the receiver must
+//! resume on its own.
+
+use comms_plugin_api::{
+    host_side::{LoadedTransport, PluginLibrary},
+    Destination, Envelope, ErrorCode, MessageId, NodeId, Payload, Settlement, SettlementOutcome,
+};
+use comms_tests::{artifacts, free_address, scratch_dir};
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+/// A `redis-server` child process with persistence on, on a port of its own.
+struct OwnRedis {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl OwnRedis {
+    /// Starts one, or returns `None` (and says why) when `redis-server` is not installed; in CI
+    /// that is a failure.
+    fn start(dir: &Path) -> Option<Self> {
+        let port = free_address().rsplit_once(':').unwrap().1.parse().unwrap();
+        let mut redis = Self { child: None, port, dir: dir.to_path_buf() };
+        match redis.spawn() {
+            Ok(()) => Some(redis),
+            Err(error) if std::env::var("CI").as_deref() != Ok("true") => {
+                eprintln!("SKIPPED: cannot start redis-server ({error})");
+                None
+            }
+            Err(error) => panic!("cannot start redis-server, and in CI a broker test must not skip: {error}"),
+        }
+    }
+
+    fn spawn(&mut self) -> std::io::Result<()> {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.child = Some(child);
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(10), "redis-server did not listen within 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Kills it as a crash would (SIGKILL: only what is on disk survives).
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn envelope(to: &str, n: u32) -> Envelope {
+    Envelope {
+        id: MessageId::from_u128(u128::from(n) + 1),
+        from: NodeId::new("restart-sender"),
+        to: Destination::Node(NodeId::new(to)),
+        correlation_id: None,
+        headers: Vec::new(),
+        payload: Payload::from(n.to_be_bytes().to_vec()),
+    }
+}
+
+async fn open(library: &PluginLibrary, node: &str, config: &str) -> LoadedTransport {
+    library.new_transport(&NodeId::new(node), "redis", config).await.unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// Messages sent in all; Redis is killed once this many sends have returned.
+const MESSAGES: u32 = 600;
+const KILL_AFTER: usize = 200;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_mid_stream_loses_no_acknowledged_message() {
+    let dir = scratch_dir("redis-restart");
+    let Some(redis) = OwnRedis::start(&dir) else { return };
+    let redis = Arc::new(Mutex::new(redis));
+    let url = redis.lock().unwrap().url();
+    let library = PluginLibrary::load(&artifacts().redis_plugin).unwrap_or_else(|error| panic!("{error}"));
+    let config = format!("url = \"{url}\"\nclaim_idle_ms = 1000\nblock_ms = 200\n");
+    let receiver = Arc::new(open(&library, "restart-receiver", &config).await);
+    let sender = open(&library, "restart-sender", &config).await;
+    let address = receiver.info().local_address.clone();
+    // A second inbox nobody reads until Redis is back: what it holds survives only on disk.
+    let parked = open(&library, "restart-parked", &config).await;
+    let parked_address = parked.info().local_address.clone();
+    parked.close().await.unwrap();
+    let mut parked_sent = Vec::new();
+
+    // The receiver takes everything and accepts it, as a host does.
+    let received = Arc::new(Mutex::new(HashSet::new()));
+    let duplicates = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let receiving = tokio::spawn({
+        let (receiver, received, duplicates, stop) =
+            (Arc::clone(&receiver), Arc::clone(&received), Arc::clone(&duplicates), Arc::clone(&stop));
+        async move {
+            while !stop.load(Ordering::Relaxed) {
+                let batch =
+                    match tokio::time::timeout(Duration::from_millis(200), receiver.receive(256)).await {
+                        Err(_) => continue,
+                        Ok(Ok(batch)) if batch.is_empty() => return,
+                        Ok(Ok(batch)) => batch,
+                        Ok(Err(error)) => {
+                            eprintln!("receive failed (expected while Redis is down): {error}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                let mut settlements = Vec::new();
+                for inbound in batch {
+                    let n = u32::from_be_bytes(inbound.envelope.payload.as_slice().try_into().unwrap());
+                    if !received.lock().unwrap().insert(n) {
+                        duplicates.fetch_add(1, Ordering::Relaxed);
+                    }
+                    settlements.push(Settlement {
+                        delivery_tag: inbound.delivery_tag,
+                        outcome: SettlementOutcome::ACCEPTED,
+                    });
+                }
+                if let Err(error) = receiver.settle(settlements).await {
+                    eprintln!("settle failed (those messages come again): {error}");
+                }
+            }
+        }
+    });
+
+    // Kill Redis once a third of the sends returned; bring it back half a second later.
+    let acknowledged = Arc::new(AtomicUsize::new(0));
+    let restarting = std::thread::spawn({
+        let (redis, acknowledged) = (Arc::clone(&redis), Arc::clone(&acknowledged));
+        move || {
+            let started = Instant::now();
+            while acknowledged.load(Ordering::Relaxed) < KILL_AFTER {
+                assert!(started.elapsed() < Duration::from_secs(30), "sends stalled before the restart");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            redis.lock().unwrap().kill();
+            std::thread::sleep(Duration::from_millis(500));
+            redis.lock().unwrap().spawn().unwrap();
+        }
+    });
+
+    let mut sent = Vec::new();
+    let mut refused = Vec::new();
+    for n in 0..MESSAGES {
+        match tokio::time::timeout(
+            Duration::from_secs(20),
+            sender.send(&address, envelope("restart-receiver", n)),
+        )
+        .await
+        {
+            Ok(Ok(())) => {
+                sent.push(n);
+                acknowledged.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Err(error)) => refused.push((n, error)),
+            Err(_) => panic!("send {n} did not return within 20 s (Redis down and never back?)"),
+        }
+        if n % 4 == 0 {
+            let to_parked = sender.send(&parked_address, envelope("restart-parked", n));
+            match tokio::time::timeout(Duration::from_secs(20), to_parked).await {
+                Ok(Ok(())) => parked_sent.push(n),
+                Ok(Err(error)) => refused.push((n, error)),
+                Err(_) => panic!("send {n} to the parked inbox did not return within 20 s"),
+            }
+        }
+    }
+    restarting.join().unwrap();
+
+    let started = Instant::now();
+    loop {
+        let missing: Vec<u32> = {
+            let received = received.lock().unwrap();
+            sent.iter().copied().filter(|n| !received.contains(n)).collect()
+        };
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{} of {} acknowledged messages never arrived after the restart (first: {:?})",
+            missing.len(),
+            sent.len(),
+            &missing[..missing.len().min(10)]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    receiving.await.unwrap();
+    eprintln!(
+        "{} sent and acknowledged, {} refused, {} duplicates (same message id, delivered again)",
+        sent.len(),
+        refused.len(),
+        duplicates.load(Ordering::Relaxed)
+    );
+    // Sends wait for the reconnect rather than fail.
+    assert!(refused.is_empty(), "sends failed across the restart: {:?}", &refused[..refused.len().min(3)]);
+    sender.close().await.unwrap();
+    receiver.close().await.unwrap();
+
+    // The parked node comes back after the crash and finds everything it was sent.
+    let parked = open(&library, "restart-parked", &config).await;
+    let mut parked_received = HashSet::new();
+    let started = Instant::now();
+    while parked_sent.iter().any(|n| !parked_received.contains(n)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the parked inbox lost {} of {} acknowledged messages in the Redis crash",
+            parked_sent.iter().filter(|n| !parked_received.contains(*n)).count(),
+            parked_sent.len()
+        );
+        if let Ok(Ok(batch)) = tokio::time::timeout(Duration::from_millis(500), parked.receive(256)).await {
+            let mut settlements = Vec::new();
+            for inbound in batch {
+                parked_received
+                    .insert(u32::from_be_bytes(inbound.envelope.payload.as_slice().try_into().unwrap()));
+                settlements.push(Settlement {
+                    delivery_tag: inbound.delivery_tag,
+                    outcome: SettlementOutcome::ACCEPTED,
+                });
+            }
+            parked.settle(settlements).await.unwrap();
+        }
+    }
+    parked.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn unreachable_redis_at_start_is_retried_then_named_without_the_password() {
+    // Nothing listens on this port.
+    let address = free_address();
+    let config = format!(
+        "url = \"redis://admin:t0p-s3cret@{address}/0\"\nconnect_attempts = 3\nconnect_backoff_ms = 100\n"
+    );
+    let library = PluginLibrary::load(&artifacts().redis_plugin).unwrap_or_else(|error| panic!("{error}"));
+    let started = Instant::now();
+    let error = library.new_transport(&NodeId::new("lonely"), "redis", &config).await.unwrap_err();
+    assert!(started.elapsed() >= Duration::from_millis(300), "no backoff between the attempts");
+    assert_eq!(error.code, ErrorCode::UNREACHABLE, "{error}");
+    assert!(error.message.contains(&format!("redis://admin:***@{address}/0")), "names the URL: {error}");
+    assert!(error.message.contains("after 3 attempts"), "{error}");
+    assert!(!error.to_string().contains("t0p-s3cret"), "leaks the password: {error}");
+    let error = library.new_discovery(&NodeId::new("lonely"), "redis", &config).await.unwrap_err();
+    assert!(!error.to_string().contains("t0p-s3cret"), "leaks the password: {error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_subscriptions_come_back_after_a_redis_restart() {
+    let dir = scratch_dir("redis-restart-topics");
+    let Some(mut redis) = OwnRedis::start(&dir) else { return };
+    let library = PluginLibrary::load(&artifacts().redis_plugin).unwrap_or_else(|error| panic!("{error}"));
+    let config = format!("url = \"{}\"\nblock_ms = 200\n", redis.url());
+    let subscriber = open(&library, "topic-subscriber", &config).await;
+    let publisher = open(&library, "topic-publisher", &config).await;
+    subscriber.subscribe("alerts.>").await.unwrap();
+    let alert = |n: u32| Envelope {
+        to: Destination::Topic("alerts.disk.full".into()),
+        from: NodeId::new("topic-publisher"),
+        ..envelope("topic-subscriber", n)
+    };
+    publisher.send("", alert(1)).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), subscriber.receive(10)).await.unwrap().unwrap();
+    assert_eq!(first[0].envelope, alert(1));
+
+    redis.kill();
+    redis.spawn().unwrap();
+    // Pub/sub keeps nothing: publish until the subscriber, re-subscribed on its own, gets one.
+    let started = Instant::now();
+    let mut n = 2;
+    let again = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the subscription never came back after the restart"
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), publisher.send("", alert(n))).await;
+        if let Ok(Ok(batch)) = tokio::time::timeout(Duration::from_millis(200), subscriber.receive(10)).await
+        {
+            break batch;
+        }
+        n += 1;
+    };
+    assert_eq!(again[0].envelope.to, Destination::Topic("alerts.disk.full".into()));
+    publisher.close().await.unwrap();
+    subscriber.close().await.unwrap();
+}
