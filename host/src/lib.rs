@@ -49,8 +49,8 @@ pub mod static_discovery;
 pub mod subscription;
 
 pub use builder::NodeBuilder;
-pub use comms_plugin_api::topics;
 pub use codec::Codec;
+pub use comms_plugin_api::topics;
 pub use comms_plugin_api::{
     host_side::PluginLibrary, Envelope, MessageId, NodeId, NodeRecord, PeerEvent, PeerEventKind,
 };
