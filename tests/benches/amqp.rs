@@ -178,7 +178,7 @@ fn main() {
     if !comms_tests::broker_available("RabbitMQ", "127.0.0.1:5672") {
         return;
     }
-    let scale: f64 = std::env::var("COMMS_BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    let scale = comms_tests::bench::scale("amqp");
     let messages = ((20_000.0 * scale) as usize).max(100);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let library = PluginLibrary::load(&comms_tests::artifacts().amqp_plugin).expect("load libcomms_amqp.so");

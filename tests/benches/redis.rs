@@ -36,30 +36,16 @@ const URL: &str = "redis://127.0.0.1:6379";
 const STEP_LIMIT: Duration = Duration::from_secs(120);
 
 fn fail(message: &str) -> ! {
-    eprintln!("redis benchmark failed: {message}");
-    std::process::exit(1)
-}
-
-fn scale() -> f64 {
-    match std::env::var("COMMS_BENCH_SCALE") {
-        Err(_) => 1.0,
-        Ok(text) => match text.trim().parse::<f64>() {
-            Ok(scale) if scale.is_finite() && scale > 0.0 => scale,
-            _ => fail(&format!("COMMS_BENCH_SCALE must be a positive number, not `{text}`")),
-        },
-    }
+    comms_tests::bench::fail("redis", message)
 }
 
 fn scaled(count: usize) -> usize {
-    ((count as f64 * scale()).round() as usize).max(10)
+    comms_tests::bench::scaled(count, comms_tests::bench::scale("redis")).max(10)
 }
 
+/// Runs one step under [`STEP_LIMIT`]; a failure ends the benchmark naming the step.
 async fn step<T>(what: &str, work: impl std::future::Future<Output = Result<T, String>>) -> T {
-    match tokio::time::timeout(STEP_LIMIT, work).await {
-        Ok(Ok(value)) => value,
-        Ok(Err(error)) => fail(&format!("{what}: {error}")),
-        Err(_) => fail(&format!("{what}: not done within {} s", STEP_LIMIT.as_secs())),
-    }
+    comms_tests::bench::step(what, STEP_LIMIT, work).await.unwrap_or_else(|error| fail(&error))
 }
 
 /// Two comms nodes over the Redis plugin.
