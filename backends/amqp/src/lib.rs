@@ -44,7 +44,7 @@
 //!   The host's settlement is the acknowledgement: ACCEPTED → `basic.ack` (a contiguous run
 //!   as one `multiple` ack), REJECTED_REQUEUE → `basic.nack(requeue)`, REJECTED_DISCARD →
 //!   `basic.reject` (to `dead_letter_exchange` if configured).
-//! - The broker-side format (properties and headers) is in [`format`] and `docs/amqp.md`.
+//! - The broker-side format (properties and headers) is in [`format`](mod@format) and `docs/amqp.md`.
 //!
 //! ## Guarantees and limits
 //!
