@@ -37,6 +37,11 @@ pub(crate) async fn receive_loop(inner: Arc<NodeInner>, transport: Arc<NodeTrans
         let received = tokio::select! {
             received = transport.loaded.receive(RECEIVE_BATCH) => received,
             _ = flag_set(&mut shutdown) => return,
+            // A transport with acknowledgements keeps what this node has not taken yet and
+            // hands it to the next consumer, so a closing node stops taking at once (and settles
+            // everything it took before its transport closes). Without acknowledgements the
+            // node drains instead: what the transport buffered is received after it closes.
+            _ = flag_set(&mut closing), if acknowledges => return,
         };
         match received {
             Ok(batch) if batch.is_empty() => return,

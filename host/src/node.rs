@@ -729,6 +729,22 @@ impl NodeInner {
             failures.push(format!("withdrawing from discovery: {error}"));
         }
         dispatch::send_goodbyes(self).await;
+        let loops = std::mem::take(&mut *self.receive_loops.lock().unwrap_or_else(|p| p.into_inner()));
+        let (acknowledging, draining): (Vec<_>, Vec<_>) = self
+            .transports
+            .iter()
+            .zip(loops)
+            .partition(|(transport, _)| transport.has(Capabilities::ACKNOWLEDGEMENTS));
+        // Everything taken from an acknowledging transport is settled before it closes.
+        let settled = tokio::time::timeout(deadline, async {
+            for (_, handle) in acknowledging {
+                let _ = handle.await;
+            }
+        })
+        .await;
+        if settled.is_err() {
+            failures.push("received messages could not be handed over in time (inbox full)".to_string());
+        }
         for transport in &self.transports {
             if let Some(faults) = &transport.faults {
                 // Held and delayed messages go out before the transport closes.
@@ -738,9 +754,8 @@ impl NodeInner {
                 failures.push(format!("transport `{}`: {error}", transport.name));
             }
         }
-        let loops = std::mem::take(&mut *self.receive_loops.lock().unwrap_or_else(|p| p.into_inner()));
         let drained = tokio::time::timeout(deadline, async {
-            for handle in loops {
+            for (_, handle) in draining {
                 let _ = handle.await;
             }
         })
