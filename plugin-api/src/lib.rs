@@ -69,6 +69,7 @@ mod error;
 pub mod export;
 pub mod framing;
 pub mod host_side;
+pub mod inbound;
 mod plugin;
 pub mod redact;
 pub mod runtime;

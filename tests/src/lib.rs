@@ -167,3 +167,19 @@ pub fn broker_available(name: &str, address: &str) -> bool {
     eprintln!("SKIPPED: {name} at {address} is not reachable (outside CI broker tests skip)");
     false
 }
+
+/// Starts `command` and returns once a line containing `ready` appears on its standard error
+/// (after which its standard error is discarded). Panics if the process ends first.
+pub fn start_and_wait_for(mut command: std::process::Command, ready: &str) -> std::process::Child {
+    use std::io::BufRead;
+    let mut child = command.stderr(std::process::Stdio::piped()).spawn().expect("start the process");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut line = String::new();
+    while !line.contains(ready) {
+        line.clear();
+        let read = stderr.read_line(&mut line).expect("read the process's stderr");
+        assert!(read > 0, "{command:?} exited before printing `{ready}`");
+    }
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    child
+}

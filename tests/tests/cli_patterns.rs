@@ -3,7 +3,6 @@
 
 use comms_tests::{artifacts, free_address, scratch_dir, write_config};
 use std::{
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
 };
@@ -28,25 +27,10 @@ fn config(dir: &Path, id: &str, listen: &str, peers: &[(&str, &str)]) -> PathBuf
 fn comms(args: &[&str], config: &Path) -> Output {
     Command::new(&artifacts().comms_bin).args(args).arg("--config").arg(config).output().unwrap()
 }
-
-/// Starts a long-running command and waits for `ready` on its stderr.
 fn spawn_until(args: &[&str], config: &Path, ready: &str) -> Child {
-    let mut child = Command::new(&artifacts().comms_bin)
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains(ready) {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "{args:?} exited before `{ready}`");
-    }
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    child
+    let mut command = Command::new(&artifacts().comms_bin);
+    command.args(args).arg("--config").arg(config).stdout(Stdio::piped());
+    comms_tests::start_and_wait_for(command, ready)
 }
 
 #[test]

@@ -4,27 +4,13 @@
 
 use comms_tests::{artifacts, broker_available, free_address, scratch_dir, write_config};
 use std::{
-    io::{BufRead, BufReader},
+    path::Path,
     process::{Child, Command, Stdio},
 };
-
-fn spawn_until(args: &[&str], config: &std::path::Path, ready: &str) -> Child {
-    let mut child = Command::new(&artifacts().comms_bin)
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains(ready) {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "{args:?} exited before `{ready}`");
-    }
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    child
+fn spawn_until(args: &[&str], config: &Path, ready: &str) -> Child {
+    let mut command = Command::new(&artifacts().comms_bin);
+    command.args(args).arg("--config").arg(config).stdout(Stdio::piped());
+    comms_tests::start_and_wait_for(command, ready)
 }
 
 #[test]

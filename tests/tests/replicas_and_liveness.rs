@@ -5,7 +5,6 @@ use comms_host::{Node, PeerEventKind, PluginLibrary, RequestOptions};
 use comms_tests::{artifacts, free_address, scratch_dir, write_config};
 use futures::StreamExt;
 use std::{
-    io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -22,21 +21,9 @@ fn start_replica(dir: &std::path::Path, id: &str, address: &str, client_address:
             artifacts().plugin_dir.to_str().unwrap()
         ),
     );
-    let mut child = Command::new(&artifacts().comms_bin)
-        .args(["echo-service", "--service", "echo", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("serving `echo`") {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "echo-service {id} exited early");
-    }
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    child
+    let mut command = Command::new(&artifacts().comms_bin);
+    command.args(["echo-service", "--service", "echo", "--config"]).arg(config).stdout(Stdio::null());
+    comms_tests::start_and_wait_for(command, "serving `echo`")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,6 @@
 use comms_host::{Node, PluginLibrary};
 use comms_tests::{artifacts, free_address, scratch_dir, write_config};
 use std::{
-    io::{BufRead, BufReader},
     process::{Command, Stdio},
     time::Duration,
 };
@@ -38,21 +37,12 @@ async fn ten_thousand_messages_between_two_processes_none_lost_order_kept() {
         ),
     );
     let output_path = dir.join("echo.out");
-    let mut child = Command::new(&artifacts.comms_bin)
+    let mut command = Command::new(&artifacts.comms_bin);
+    command
         .args(["run", "--echo", "--config"])
         .arg(&config)
-        .stdout(std::fs::File::create(&output_path).unwrap())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start `comms run`");
-    // Wait until the child says it is listening.
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("transport `tcp`") {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "comms run exited before listening");
-    }
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::stderr()));
+        .stdout(std::fs::File::create(&output_path).unwrap());
+    let mut child = comms_tests::start_and_wait_for(command, "transport `tcp`");
 
     let sender = tester.clone();
     let sending = tokio::spawn(async move {
@@ -104,19 +94,9 @@ fn comms_send_and_comms_recv_talk_across_processes() {
              peers = [{{ id = \"receiver\", addresses = {{ tcp = {receiver_address:?} }} }}]\n"
         ),
     );
-    let mut receiver = Command::new(&artifacts.comms_bin)
-        .args(["recv", "--count", "3", "--config"])
-        .arg(&receiver_config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(receiver.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("transport `tcp`") {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "comms recv exited before listening");
-    }
+    let mut command = Command::new(&artifacts.comms_bin);
+    command.args(["recv", "--count", "3", "--config"]).arg(&receiver_config).stdout(Stdio::piped());
+    let receiver = comms_tests::start_and_wait_for(command, "transport `tcp`");
     for text in ["one", "two words", "three"] {
         let sent = Command::new(&artifacts.comms_bin)
             .args(["send", "--to", "receiver", "--config"])

@@ -608,19 +608,7 @@ impl Transport for AmqpTransport {
         if *shutdown.borrow() {
             return Ok(Vec::new());
         }
-        let first = tokio::select! {
-            first = inbound.recv() => first,
-            _ = connection::closing(&mut shutdown) => None,
-        };
-        let Some(first) = first else { return Ok(Vec::new()) };
-        let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match inbound.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        Ok(batch)
+        Ok(comms_plugin_api::inbound::receive_batch(&mut inbound, max_batch, &mut shutdown).await)
     }
 
     /// ACCEPTED becomes `basic.ack` (one `multiple` ack for a contiguous run), REJECTED_REQUEUE

@@ -304,19 +304,7 @@ impl Transport for RedisTransport {
         }
         let mut receiver = self.receiver.lock().await;
         let mut shutdown = self.shared.shutdown.subscribe();
-        let first = tokio::select! {
-            first = receiver.recv() => first,
-            _ = closing(&mut shutdown) => None,
-        };
-        let Some(first) = first else { return Ok(Vec::new()) };
-        let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match receiver.try_recv() {
-                Ok(inbound) => batch.push(inbound),
-                Err(_) => break,
-            }
-        }
-        Ok(batch)
+        Ok(comms_plugin_api::inbound::receive_batch(&mut receiver, max_batch, &mut shutdown).await)
     }
 
     /// `ACCEPTED`: `XACK` and `XDEL`. `REJECTED_DISCARD`: the same, logged. `REJECTED_REQUEUE`:

@@ -206,23 +206,7 @@ impl<M: StreamMedium> StreamTransport<M> {
     pub async fn receive(&self, max_batch: usize) -> Result<Vec<Inbound>, PluginError> {
         let mut inbound = self.inbound.lock().await;
         let mut shutdown = self.shared.shutdown.subscribe();
-        let mut batch = Vec::new();
-        tokio::select! {
-            // Messages already buffered are handed over before the end of the stream.
-            biased;
-            message = inbound.recv() => match message {
-                Some(message) => batch.push(message),
-                None => return Ok(batch),
-            },
-            _ = shut_down(&mut shutdown) => {}
-        }
-        while batch.len() < max_batch {
-            match inbound.try_recv() {
-                Ok(message) => batch.push(message),
-                Err(_) => break,
-            }
-        }
-        Ok(batch)
+        Ok(crate::inbound::receive_batch(&mut inbound, max_batch, &mut shutdown).await)
     }
 
     /// Stops accepting, flushes queued messages (up to `close_timeout_ms`), says goodbye.
