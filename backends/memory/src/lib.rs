@@ -16,12 +16,12 @@
 //! node's static peers, or let a discovery plugin publish it).
 //!
 //! Below the node level, the transports can be driven through the host-side API, here with the
-//! plugin linked into the program instead of loaded (as this crate's own tests do):
+//! plugin linked into the program instead of loaded (as this crate's own tests do, in
+//! `src/tests.rs`):
 //!
-//! ```
+//! ```text
 //! use comms_memory::MemoryPlugin;
 //! use comms_plugin_api::{host_side::PluginLibrary, Destination, Envelope, MessageId, NodeId};
-//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let memory = PluginLibrary::linked::<MemoryPlugin>();
 //! let alice = memory.new_transport(&NodeId::new("alice"), "memory", "").await?;
 //! let bob = memory.new_transport(&NodeId::new("bob"), "memory", r#"address = "memory://bob""#).await?;
@@ -35,7 +35,6 @@
 //! };
 //! alice.send("memory://bob", envelope).await?;
 //! assert_eq!(bob.receive(10).await?[0].envelope.payload.as_slice(), b"hello");
-//! # Ok(()) }
 //! ```
 //!
 //! ## How it works

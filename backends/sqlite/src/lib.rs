@@ -30,14 +30,11 @@
 //!
 //! A node's address on this transport is its node id: the database file is the medium, and a
 //! message to a node is a row in `comms_mailbox` whose `recipient` is that id. The plugin linked
-//! into a program (as this crate's tests do) works the same as the loaded library:
+//! into a program (as this crate's tests in `src/tests.rs` do) works the same as the loaded library:
 //!
-//! ```
+//! ```text
 //! use comms_plugin_api::{host_side::PluginLibrary, Destination, Envelope, MessageId, NodeId};
 //! use comms_sqlite::SqlitePlugin;
-//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! # let dir = std::env::temp_dir().join(format!("comms-sqlite-doc-{}", std::process::id()));
-//! # std::fs::create_dir_all(&dir)?;
 //! let config = format!("database = {:?}", dir.join("comms.db"));
 //! let sqlite = PluginLibrary::linked::<SqlitePlugin>();
 //! let alice = sqlite.new_transport(&NodeId::new("alice"), "sqlite", &config).await?;
@@ -57,8 +54,6 @@
 //!     delivery_tag: received[0].delivery_tag,
 //!     outcome: comms_plugin_api::SettlementOutcome::ACCEPTED,
 //! }]).await?;
-//! # alice.close().await?; bob.close().await?; std::fs::remove_dir_all(&dir)?;
-//! # Ok(()) }
 //! ```
 //!
 //! ## Guarantees
