@@ -33,6 +33,8 @@ pub struct Artifacts {
     pub amqp_plugin: PathBuf,
     /// `libcomms_sqlite.so`.
     pub sqlite_plugin: PathBuf,
+    /// `libcomms_udp.so`.
+    pub udp_plugin: PathBuf,
     /// `libcomms_uds.so`, built from `examples/third-party-plugin` on its own.
     pub uds_plugin: PathBuf,
     /// `libcomms_fixture_panicking.so`.
@@ -90,6 +92,7 @@ pub fn artifacts() -> &'static Artifacts {
             "comms-redis",
             "comms-amqp",
             "comms-sqlite",
+            "comms-udp",
             "comms-fixture-panicking",
         ];
         let mut build = vec!["build"];
@@ -115,6 +118,7 @@ pub fn artifacts() -> &'static Artifacts {
             redis_plugin: library(&plugin_dir, "comms_redis"),
             amqp_plugin: library(&plugin_dir, "comms_amqp"),
             sqlite_plugin: library(&plugin_dir, "comms_sqlite"),
+            udp_plugin: library(&plugin_dir, "comms_udp"),
             uds_plugin: library(&plugin_dir, "comms_uds"),
             panicking_plugin: library(&plugin_dir, "comms_fixture_panicking"),
             wrong_version_plugin: library(&wrong_version.join(profile), "comms_fixture_mismatched"),

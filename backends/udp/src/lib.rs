@@ -1,1 +1,456 @@
-//! # comms-udp: the ad-hoc LAN transport and discovery plugin (work in progress)
+//! # comms-udp: the ad-hoc LAN transport over UDP datagrams, with multicast discovery
+//!
+//! Loaded by the comms host as `libcomms_udp.so`. No server, no broker: every node binds one UDP
+//! socket and sends datagrams straight to its peers. Configure it in the node's config file:
+//!
+//! ```toml
+//! [transports.udp]
+//! listen = "127.0.0.1:0"      # default: any free port on loopback; "0.0.0.0:7000" for a LAN
+//! advertise = "10.0.0.5:7000" # what peers are told; default: the bound address (for 0.0.0.0,
+//!                             # the IP of the interface that routes to the multicast group)
+//! mode = "reliable"           # or "best-effort"; default reliable
+//! max_datagram = 1400         # bytes per datagram including the 34-byte header; default 1400
+//! max_message_size = 4194304  # largest payload accepted; default 4 MiB
+//! ```
+//!
+//! An unknown key is an error naming it. With `[discovery.udp]` (no keys needed) nodes find each
+//! other by multicast beacons: see [`beacon`].
+//!
+//! ## How it works
+//!
+//! All protocol logic (fragmentation, reassembly, acks, retransmission, duplicate suppression,
+//! ordering and every memory bound) lives in the sans-IO state machine [`reliability`], which has
+//! its own datagram format documentation. This crate's transport only moves datagrams between
+//! a tokio UDP socket and that state machine, runs its retransmission timer, and encodes
+//! envelopes with [`comms_plugin_api::wire`].
+//!
+//! ## Guarantees and limits
+//!
+//! - **Reliable mode** (capabilities `reliable`, `ordered`): a message accepted by `send` is
+//!   delivered exactly once and in send order per sender and receiver, unless the receiver stops
+//!   acknowledging for the whole retransmission budget (12 sends with a doubling timeout capped at
+//!   2 s: about 15 to 20 s), in which case what was queued
+//!   for it is dropped. No acknowledgements to the application: a message is acked on the wire
+//!   when it reaches the receiving transport, not when the host settles it.
+//! - **Best-effort mode** (no capabilities): a message arrives whole or not at all, possibly
+//!   duplicated or reordered by the network.
+//! - **Max message size**: `max_message_size` of payload; the encoded envelope may add up to
+//!   64 KiB of names and headers.
+//! - **Memory**: bounded per peer and overall (see [`reliability`]); at most 1024 complete
+//!   messages wait for the host.
+//! - **Close**: waits up to 2 s for unacknowledged datagrams to be acknowledged.
+//! - Discovery: multicast beacons, see [`beacon`].
+
+#![warn(missing_docs)]
+
+pub mod beacon;
+pub mod reliability;
+
+use comms_plugin_api::{
+    async_trait, export_plugin, inbound::receive_batch, wire, Capabilities, Envelope, ErrorCode, Inbound,
+    NodeId, Plugin, PluginError, Provides, Setup, Transport, TransportInfo,
+};
+use reliability::{Endpoint, SendError, MIN_DATAGRAM};
+use serde::Deserialize;
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+use tokio::{
+    net::UdpSocket,
+    sync::{mpsc, watch, Notify},
+    task::JoinHandle,
+};
+
+/// Listen address when the config names none: any free port on loopback.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:0";
+/// Default largest payload.
+pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 4 << 20;
+/// The largest UDP payload over IPv4.
+pub const MAX_UDP_PAYLOAD: usize = 65_507;
+/// Room for the envelope's own fields beyond the payload.
+const ENVELOPE_ALLOWANCE: usize = 64 << 10;
+/// Complete messages waiting for the host.
+const INBOUND_CAPACITY: usize = 1024;
+/// How long `send` waits for room in a full send queue.
+const SEND_QUEUE_WAIT: Duration = Duration::from_secs(10);
+/// How long `close` waits for unacknowledged datagrams.
+const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+/// Requested kernel receive buffer of the transport socket.
+const RECEIVE_BUFFER: usize = 4 << 20;
+/// Datagrams written per turn of the driver before it reads the socket again.
+const TRANSMIT_BATCH: usize = 256;
+
+/// Reliable (acks, retransmission, ordering) or best-effort delivery.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Acks, retransmission, duplicate suppression, per-sender ordering.
+    #[default]
+    Reliable,
+    /// Fragments only.
+    BestEffort,
+}
+
+/// The plugin's config table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UdpSettings {
+    /// Address to bind; default [`DEFAULT_LISTEN`].
+    pub listen: Option<String>,
+    /// The address peers are told (`host:port`); default: the bound address, or, when bound to
+    /// an unspecified IP (`0.0.0.0`), the IP of the interface that routes to the LAN multicast
+    /// group, with the bound port.
+    pub advertise: Option<String>,
+    /// Delivery mode; default reliable.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Bytes per datagram including the header; default 1400.
+    pub max_datagram: Option<usize>,
+    /// Largest payload; default [`DEFAULT_MAX_MESSAGE_SIZE`].
+    pub max_message_size: Option<u64>,
+}
+
+impl UdpSettings {
+    /// The state machine's config, or an error naming the key that is out of range.
+    pub fn reliability_config(&self) -> Result<reliability::Config, PluginError> {
+        let defaults = reliability::Config::default();
+        let max_datagram = self.max_datagram.unwrap_or(defaults.max_datagram);
+        if !(MIN_DATAGRAM..=MAX_UDP_PAYLOAD).contains(&max_datagram) {
+            return Err(PluginError::invalid_config(format!(
+                "key `max_datagram`: {max_datagram} is outside {MIN_DATAGRAM}..={MAX_UDP_PAYLOAD}"
+            )));
+        }
+        let payload = self.max_message_size.unwrap_or(DEFAULT_MAX_MESSAGE_SIZE);
+        let fragment = max_datagram - reliability::DATA_HEADER;
+        let largest = (u16::MAX as u64) * fragment as u64 - ENVELOPE_ALLOWANCE as u64;
+        if payload == 0 || payload > largest.min(u32::MAX as u64 / 2) {
+            return Err(PluginError::invalid_config(format!(
+                "key `max_message_size`: {payload} must be between 1 and {} with max_datagram {max_datagram}",
+                largest.min(u32::MAX as u64 / 2)
+            )));
+        }
+        let message = payload as usize + ENVELOPE_ALLOWANCE;
+        Ok(reliability::Config {
+            reliable: self.mode == Mode::Reliable,
+            max_datagram,
+            max_message_size: message,
+            max_peer_reassembly_bytes: defaults.max_peer_reassembly_bytes.max(2 * message),
+            max_total_reassembly_bytes: defaults.max_total_reassembly_bytes.max(4 * message),
+            max_queued_bytes: defaults.max_queued_bytes.max(2 * message),
+            ..defaults
+        })
+    }
+}
+
+/// The plugin: provides a transport.
+#[derive(Debug)]
+pub struct UdpPlugin;
+
+#[async_trait]
+impl Plugin for UdpPlugin {
+    const NAME: &'static str = "udp";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const DESCRIPTION: &'static str = "UDP ad-hoc transport: fragments, acks and retransmission, no server";
+    const PROVIDES: Provides = Provides(Provides::TRANSPORT.0 | Provides::DISCOVERY.0);
+
+    async fn new_transport(setup: Setup) -> Result<Arc<dyn Transport>, PluginError> {
+        Ok(Arc::new(UdpTransport::bind(setup.node_id.clone(), setup.config()?).await?))
+    }
+
+    async fn new_discovery(setup: Setup) -> Result<Arc<dyn comms_plugin_api::Discovery>, PluginError> {
+        Ok(Arc::new(beacon::MulticastBeacon::start(setup.config()?)?))
+    }
+}
+
+export_plugin!(UdpPlugin);
+
+struct Shared {
+    endpoint: Mutex<Endpoint<SocketAddr>>,
+    /// Something was queued: the driver has datagrams to write.
+    wake: Notify,
+    /// Datagrams were acknowledged: a full send queue may have room.
+    space: Notify,
+    shutdown: watch::Sender<bool>,
+    closing: AtomicBool,
+}
+
+impl Shared {
+    fn endpoint(&self) -> std::sync::MutexGuard<'_, Endpoint<SocketAddr>> {
+        // The state machine has no invariant a panicking holder could break halfway that matters
+        // more than staying available.
+        self.endpoint.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A transport over one UDP socket.
+pub struct UdpTransport {
+    shared: Arc<Shared>,
+    inbound: tokio::sync::Mutex<mpsc::Receiver<Inbound>>,
+    info: TransportInfo,
+    driver: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for UdpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpTransport").field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
+impl UdpTransport {
+    /// Binds `settings.listen` and starts the driver task. Must run inside a tokio runtime.
+    pub async fn bind(node_id: NodeId, settings: UdpSettings) -> Result<Self, PluginError> {
+        let config = settings.reliability_config()?;
+        let listen = settings.listen.clone().unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let socket = bind_socket(&listen).await.map_err(|error| {
+            PluginError::invalid_config(format!("key `listen`: cannot bind UDP socket {listen}: {error}"))
+        })?;
+        let local_address = match &settings.advertise {
+            Some(advertise) => advertise.clone(),
+            None => advertised_address(socket.local_addr()?),
+        };
+        let capabilities =
+            if config.reliable { Capabilities::RELIABLE | Capabilities::ORDERED } else { Capabilities::NONE };
+        let info = TransportInfo {
+            capabilities,
+            local_address: local_address.clone(),
+            max_message_size: config.max_message_size as u64 - ENVELOPE_ALLOWANCE as u64,
+        };
+        let epoch = epoch_for(&node_id, &local_address);
+        let shared = Arc::new(Shared {
+            endpoint: Mutex::new(Endpoint::new(config, epoch)),
+            wake: Notify::new(),
+            space: Notify::new(),
+            shutdown: watch::channel(false).0,
+            closing: AtomicBool::new(false),
+        });
+        let (sender, receiver) = mpsc::channel(INBOUND_CAPACITY);
+        let driver = tokio::spawn(drive(socket, shared.clone(), sender, local_address));
+        Ok(Self {
+            shared,
+            inbound: tokio::sync::Mutex::new(receiver),
+            info,
+            driver: Mutex::new(Some(driver)),
+        })
+    }
+
+    /// Counters of the state machine (dropped, duplicated, retransmitted, delivered).
+    pub fn stats(&self) -> reliability::Stats {
+        self.shared.endpoint().stats().clone()
+    }
+}
+
+/// Binds a UDP socket with a large receive buffer: a burst of datagrams that overflows the
+/// kernel's buffer is lost (and, in reliable mode, retransmitted only after a timeout).
+async fn bind_socket(listen: &str) -> std::io::Result<UdpSocket> {
+    let address = tokio::net::lookup_host(listen)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::other("the address resolves to nothing"))?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // Capped by net.core.rmem_max; a smaller buffer still works, with more loss under bursts.
+    let _ = socket.set_recv_buffer_size(RECEIVE_BUFFER);
+    socket.bind(&address.into())?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// What to tell peers when no `advertise` is configured: an unspecified IP is replaced by the IP
+/// the kernel would send LAN multicast from (found by connecting a UDP socket, which sends nothing).
+fn advertised_address(bound: SocketAddr) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    let routed = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|probe| probe.connect("239.255.67.1:9").and_then(|()| probe.local_addr()));
+    match routed {
+        Ok(routed) if !routed.ip().is_unspecified() => SocketAddr::new(routed.ip(), bound.port()).to_string(),
+        _ => SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), bound.port()).to_string(),
+    }
+}
+
+/// A per-start number that differs between restarts of the same node on the same address.
+fn epoch_for(node_id: &NodeId, address: &str) -> u32 {
+    use std::hash::BuildHasher;
+    let state = std::collections::hash_map::RandomState::new();
+    state.hash_one((node_id.as_str(), address, std::time::SystemTime::now())) as u32
+}
+
+async fn resolve(address: &str) -> Result<SocketAddr, PluginError> {
+    if let Ok(socket) = address.parse() {
+        return Ok(socket);
+    }
+    let invalid = |why: String| {
+        PluginError::new(
+            ErrorCode::INVALID_ADDRESS,
+            format!("udp address `{address}` is not host:port: {why}"),
+        )
+    };
+    tokio::net::lookup_host(address)
+        .await
+        .map_err(|error| invalid(error.to_string()))?
+        .next()
+        .ok_or_else(|| invalid("it resolves to nothing".into()))
+}
+
+#[async_trait]
+impl Transport for UdpTransport {
+    fn info(&self) -> TransportInfo {
+        self.info.clone()
+    }
+
+    async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
+        if self.shared.closing.load(Ordering::Acquire) {
+            return Err(PluginError::closed("udp transport"));
+        }
+        let max = self.info.max_message_size;
+        if envelope.payload.len() as u64 > max {
+            return Err(PluginError::new(
+                ErrorCode::TOO_LARGE,
+                format!(
+                    "udp send to {address}: payload of {} bytes exceeds max_message_size {max}",
+                    envelope.payload.len()
+                ),
+            ));
+        }
+        let to = resolve(address).await?;
+        let mut bytes = Vec::new();
+        wire::encode_envelope(&envelope, &mut bytes).map_err(|error| {
+            PluginError::new(
+                ErrorCode::MALFORMED,
+                format!("udp send to {address}: cannot encode envelope: {error}"),
+            )
+        })?;
+        let deadline = tokio::time::Instant::now() + SEND_QUEUE_WAIT;
+        loop {
+            let result = self.shared.endpoint().send(Instant::now(), to, &bytes);
+            match result {
+                Ok(()) => {
+                    self.shared.wake.notify_one();
+                    return Ok(());
+                }
+                Err(SendError::TooLarge { size, max }) => {
+                    return Err(PluginError::new(
+                        ErrorCode::TOO_LARGE,
+                        format!("udp send to {address}: encoded envelope of {size} bytes exceeds {max}"),
+                    ))
+                }
+                Err(error @ (SendError::QueueFull | SendError::PeerLimit)) => {
+                    if tokio::time::Instant::now() >= deadline || self.shared.closing.load(Ordering::Acquire)
+                    {
+                        return Err(PluginError::retryable(
+                            ErrorCode::UNREACHABLE,
+                            format!("udp send to {address}: {error} for {} s", SEND_QUEUE_WAIT.as_secs()),
+                        ));
+                    }
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(20), self.shared.space.notified()).await;
+                }
+            }
+        }
+    }
+
+    async fn receive(&self, max_batch: usize) -> Result<Vec<Inbound>, PluginError> {
+        let mut closing = self.shared.shutdown.subscribe();
+        let mut inbound = self.inbound.lock().await;
+        Ok(receive_batch(&mut inbound, max_batch, &mut closing).await)
+    }
+
+    async fn close(&self) -> Result<(), PluginError> {
+        self.shared.closing.store(true, Ordering::Release);
+        let deadline = tokio::time::Instant::now() + CLOSE_FLUSH;
+        while self.shared.endpoint().has_pending_sends() && tokio::time::Instant::now() < deadline {
+            let _ = tokio::time::timeout(Duration::from_millis(10), self.shared.space.notified()).await;
+        }
+        self.shared.shutdown.send_replace(true);
+        let driver = self.driver.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        if let Some(driver) = driver {
+            let _ = driver.await;
+        }
+        Ok(())
+    }
+}
+
+/// Moves datagrams between the socket and the state machine until shutdown.
+async fn drive(socket: UdpSocket, shared: Arc<Shared>, inbound: mpsc::Sender<Inbound>, local: String) {
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut buffer = vec![0u8; MAX_UDP_PAYLOAD + 1];
+    loop {
+        let (transmits, messages, timeout) = {
+            let mut endpoint = shared.endpoint();
+            let now = Instant::now();
+            if endpoint.poll_timeout().is_some_and(|at| at <= now) {
+                endpoint.handle_timeout(now);
+            }
+            let mut transmits = Vec::new();
+            while transmits.len() < TRANSMIT_BATCH {
+                match endpoint.poll_transmit(now) {
+                    Some(transmit) => transmits.push(transmit),
+                    None => break,
+                }
+            }
+            let messages: Vec<_> = std::iter::from_fn(|| endpoint.poll_message()).collect();
+            (transmits, messages, endpoint.poll_timeout())
+        };
+        shared.space.notify_waiters();
+        let more = transmits.len() == TRANSMIT_BATCH;
+        for (to, datagram) in transmits {
+            if let Err(error) = socket.send_to(&datagram, to).await {
+                tracing::debug!("udp {local}: sending a datagram to {to} failed: {error}");
+            }
+        }
+        for (from, bytes) in messages {
+            let envelope = match wire::decode_envelope(&bytes) {
+                Ok(envelope) => envelope,
+                Err(error) => {
+                    tracing::warn!(
+                        "udp {local}: dropped a message from {from} that is not an envelope: {error}"
+                    );
+                    continue;
+                }
+            };
+            tokio::select! {
+                sent = inbound.send(Inbound { envelope, delivery_tag: 0 }) => if sent.is_err() { return },
+                _ = shutdown.wait_for(|closing| *closing) => return,
+            }
+        }
+        let sleep = async {
+            match timeout {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|closing| *closing) => return,
+            received = socket.recv_from(&mut buffer) => match received {
+                Ok((n, from)) => {
+                    let mut endpoint = shared.endpoint();
+                    endpoint.handle_datagram(Instant::now(), from, &buffer[..n]);
+                    // Take what else is waiting, so that one ack answers a burst.
+                    for _ in 0..64 {
+                        match socket.try_recv_from(&mut buffer) {
+                            Ok((n, from)) => endpoint.handle_datagram(Instant::now(), from, &buffer[..n]),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(error) => tracing::debug!("udp {local}: receiving failed: {error}"),
+            },
+            _ = sleep, if !more => {}
+            _ = shared.wake.notified(), if !more => {}
+            _ = std::future::ready(()), if more => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

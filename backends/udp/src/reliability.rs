@@ -1,0 +1,797 @@
+//! The sans-IO core of the UDP transport: fragmentation, reassembly, acknowledgements,
+//! retransmission, duplicate suppression and ordering as a pure state machine.
+//!
+//! [`Endpoint`] owns no socket and reads no clock: the caller hands it datagrams
+//! ([`Endpoint::handle_datagram`]), messages to send ([`Endpoint::send`]) and the current time,
+//! and takes out datagrams to transmit ([`Endpoint::poll_transmit`]), complete messages
+//! ([`Endpoint::poll_message`]) and the next instant it wants to be woken at
+//! ([`Endpoint::poll_timeout`], then [`Endpoint::handle_timeout`]). That makes every behaviour
+//! testable deterministically, loss and reordering included.
+//!
+//! ## Datagram format (version 1)
+//!
+//! All integers are big-endian.
+//!
+//! ```text
+//! u8   magic 0xCD
+//! u8   kind: 1 reliable data, 2 best-effort data, 3 ack
+//! u32  epoch: a random number the sending endpoint picked at start (a restart is a new epoch)
+//! data (kinds 1 and 2):
+//!   u64  sequence number of this datagram per (sender, receiver); 0 in best-effort mode
+//!   u64  base: every sequence number below it is settled (acked or abandoned) at the sender
+//!   u32  message number per (sender, receiver)
+//!   u16  fragment index
+//!   u16  fragment count (at least 1)
+//!   u32  message length in bytes
+//!   [..] the fragment's bytes (the rest of the datagram)
+//! ack (kind 3):
+//!   u32  the epoch being acknowledged (the data sender's)
+//!   u64  cumulative: every sequence number below it has been received
+//!   u16  bitmap length in bytes (at most 64)
+//!   [..] bitmap: bit i (byte i / 8, least significant bit first) = sequence cumulative + 1 + i
+//!        has been received (selective acknowledgement)
+//! ```
+//!
+//! A datagram that does not parse, or whose fields contradict each other or the limits, is
+//! dropped and counted in [`Stats::malformed`]; it never panics and never allocates beyond the
+//! bounds below.
+//!
+//! ## Guarantees and limits
+//!
+//! - **Reliable mode**: every datagram carries a per-peer sequence number; the receiver acks
+//!   (cumulative + selective) and passes datagrams to reassembly strictly in sequence order, so
+//!   messages from one sender arrive complete, once, and in send order. Unacked datagrams are
+//!   retransmitted after an RTT-based timeout (Jacobson/Karels, bounded by
+//!   [`Config::min_rto`] / [`Config::max_rto`], doubled on every timeout). After
+//!   [`Config::max_transmissions`] sends of one datagram the peer is taken for gone: what was
+//!   queued for it is dropped and counted in [`Stats::abandoned_messages`].
+//! - **Best-effort mode**: fragments without acks; a message arrives whole or not at all, at most
+//!   once per copy the network delivers (no duplicate suppression), in any order.
+//! - **Bounded**: at most [`Config::window`] datagrams in flight per peer and buffered out of
+//!   order per peer; reassembly holds at most [`Config::max_partial_messages`] partial messages
+//!   and [`Config::max_peer_reassembly_bytes`] per peer and [`Config::max_total_reassembly_bytes`]
+//!   overall (the oldest partial message is evicted; in reliable mode a datagram over budget is
+//!   dropped unacked instead, so the sender retransmits it later); at most [`Config::max_peers`]
+//!   peers are tracked (the one heard from least recently with nothing in flight is evicted); the
+//!   send queue per peer holds at most [`Config::max_queued_bytes`]. A flood from more than
+//!   `max_peers` strangers can evict the receive state of a peer that is only sending to us;
+//!   its next datagram starts a fresh state, and a message it was halfway through is lost.
+//! - Sequence numbers are 64 bits and never wrap in practice.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    fmt,
+    hash::Hash,
+    time::{Duration, Instant},
+};
+
+const MAGIC: u8 = 0xCD;
+const KIND_RELIABLE: u8 = 1;
+const KIND_BEST_EFFORT: u8 = 2;
+const KIND_ACK: u8 = 3;
+/// Bytes of a data datagram before the fragment.
+pub const DATA_HEADER: usize = 6 + 8 + 8 + 4 + 2 + 2 + 4;
+const BASE_OFFSET: usize = 6 + 8;
+const MAX_BITMAP_BYTES: usize = 64;
+/// The smallest `max_datagram` that leaves room for a fragment and an ack.
+pub const MIN_DATAGRAM: usize = 6 + 4 + 8 + 2 + MAX_BITMAP_BYTES + 16;
+
+/// Limits and timing of an [`Endpoint`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Reliable (acks, retransmission, ordering) or best-effort (fragments only).
+    pub reliable: bool,
+    /// The largest datagram written, header included; at least [`MIN_DATAGRAM`].
+    pub max_datagram: usize,
+    /// The largest message accepted by `send` and reassembled from a peer.
+    pub max_message_size: usize,
+    /// Datagrams in flight (sent, unacked) per peer, and buffered out of order per peer.
+    pub window: usize,
+    /// Peers tracked at once.
+    pub max_peers: usize,
+    /// Partial messages being reassembled per peer (best-effort mode; reliable mode has one).
+    pub max_partial_messages: usize,
+    /// Bytes of partial messages per peer (best-effort mode).
+    pub max_peer_reassembly_bytes: usize,
+    /// Bytes of partial messages and out-of-order datagrams over all peers.
+    pub max_total_reassembly_bytes: usize,
+    /// Bytes queued or in flight towards one peer before `send` reports [`SendError::QueueFull`].
+    pub max_queued_bytes: usize,
+    /// Retransmission timeout before the first RTT sample.
+    pub initial_rto: Duration,
+    /// Lower bound of the retransmission timeout.
+    pub min_rto: Duration,
+    /// Upper bound of the retransmission timeout.
+    pub max_rto: Duration,
+    /// Sends of one datagram before the peer is taken for gone.
+    pub max_transmissions: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            reliable: true,
+            max_datagram: 1400,
+            max_message_size: 4 << 20,
+            window: 128,
+            max_peers: 256,
+            max_partial_messages: 8,
+            max_peer_reassembly_bytes: 8 << 20,
+            max_total_reassembly_bytes: 64 << 20,
+            max_queued_bytes: 16 << 20,
+            initial_rto: Duration::from_millis(200),
+            min_rto: Duration::from_millis(30),
+            max_rto: Duration::from_secs(2),
+            max_transmissions: 12,
+        }
+    }
+}
+
+impl Config {
+    fn fragment_size(&self) -> usize {
+        self.max_datagram - DATA_HEADER
+    }
+}
+
+/// Why [`Endpoint::send`] refused a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendError {
+    /// The message is larger than [`Config::max_message_size`].
+    TooLarge {
+        /// The message's size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The queue towards this peer is full; try again once datagrams are acked.
+    QueueFull,
+    /// [`Config::max_peers`] peers are tracked and none can be evicted.
+    PeerLimit,
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooLarge { size, max } => {
+                write!(f, "message of {size} bytes exceeds max_message_size {max}")
+            }
+            Self::QueueFull => write!(f, "the send queue towards this peer is full"),
+            Self::PeerLimit => write!(f, "too many peers are tracked and none is idle"),
+        }
+    }
+}
+
+impl std::error::Error for SendError {}
+
+/// Counters of what the endpoint dropped or repeated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Datagrams that did not parse or contradicted the limits.
+    pub malformed: u64,
+    /// Reliable datagrams received again (suppressed, acked again).
+    pub duplicates: u64,
+    /// Reliable datagrams beyond the receive window (dropped unacked).
+    pub out_of_window: u64,
+    /// Datagrams dropped because the reassembly budget was spent.
+    pub over_budget: u64,
+    /// Partial messages evicted to stay within the reassembly bounds.
+    pub evicted_partials: u64,
+    /// Datagrams from a new peer dropped because the peer table was full.
+    pub refused_peers: u64,
+    /// Datagrams sent again after a timeout.
+    pub retransmissions: u64,
+    /// Datagrams abandoned because their peer stopped acknowledging.
+    pub abandoned_messages: u64,
+    /// Messages completed and handed out.
+    pub delivered: u64,
+}
+
+/// Jacobson/Karels round-trip estimation (RFC 6298).
+#[derive(Debug, Clone)]
+struct Rtt {
+    srtt: Option<Duration>,
+    rttvar: Duration,
+    rto: Duration,
+}
+
+impl Rtt {
+    fn new(config: &Config) -> Self {
+        Self { srtt: None, rttvar: Duration::ZERO, rto: config.initial_rto }
+    }
+
+    fn sample(&mut self, rtt: Duration, config: &Config) {
+        match self.srtt {
+            None => {
+                self.srtt = Some(rtt);
+                self.rttvar = rtt / 2;
+            }
+            Some(srtt) => {
+                let error = srtt.abs_diff(rtt);
+                self.rttvar = (self.rttvar * 3 + error) / 4;
+                self.srtt = Some((srtt * 7 + rtt) / 8);
+            }
+        }
+        let rto = self.srtt.unwrap_or(rtt) + (self.rttvar * 4).max(Duration::from_millis(1));
+        self.rto = rto.clamp(config.min_rto, config.max_rto);
+    }
+
+    fn back_off(&mut self, config: &Config) {
+        self.rto = (self.rto * 2).min(config.max_rto);
+    }
+}
+
+#[derive(Debug)]
+struct InFlight {
+    datagram: Vec<u8>,
+    sent_at: Option<Instant>,
+    transmissions: u32,
+}
+
+#[derive(Debug)]
+struct Fragment {
+    message: u32,
+    index: u16,
+    count: u16,
+    length: u32,
+    bytes: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Partial {
+    length: u32,
+    count: u16,
+    fragments: BTreeMap<u16, Vec<u8>>,
+    bytes: usize,
+    started: u64,
+}
+
+#[derive(Debug)]
+struct Peer {
+    last_heard: Instant,
+    rx_epoch: Option<u32>,
+    rx_next: u64,
+    rx_window: BTreeMap<u64, Fragment>,
+    ack_pending: bool,
+    partials: HashMap<u32, Partial>,
+    tx_next_seq: u64,
+    tx_next_message: u32,
+    queued: VecDeque<(u64, Vec<u8>)>,
+    in_flight: BTreeMap<u64, InFlight>,
+    retransmit: VecDeque<u64>,
+    queued_bytes: usize,
+    rtt: Rtt,
+}
+
+impl Peer {
+    fn new(now: Instant, config: &Config) -> Self {
+        Self {
+            last_heard: now,
+            rx_epoch: None,
+            rx_next: 0,
+            rx_window: BTreeMap::new(),
+            ack_pending: false,
+            partials: HashMap::new(),
+            tx_next_seq: 0,
+            tx_next_message: 0,
+            queued: VecDeque::new(),
+            in_flight: BTreeMap::new(),
+            retransmit: VecDeque::new(),
+            queued_bytes: 0,
+            rtt: Rtt::new(config),
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.queued.is_empty() && self.in_flight.is_empty()
+    }
+
+    fn base(&self) -> u64 {
+        self.in_flight
+            .keys()
+            .next()
+            .copied()
+            .or_else(|| self.queued.front().map(|(s, _)| *s))
+            .unwrap_or(self.tx_next_seq)
+    }
+
+    fn buffered_bytes(&self) -> usize {
+        self.partials.values().map(|p| p.bytes).sum::<usize>()
+            + self.rx_window.values().map(|f| f.bytes.len()).sum::<usize>()
+    }
+}
+
+/// The state machine: one per socket, tracking every peer it talks to. `A` is the peer's
+/// address (a `SocketAddr` in the plugin, anything in tests).
+#[derive(Debug)]
+pub struct Endpoint<A> {
+    config: Config,
+    epoch: u32,
+    peers: HashMap<A, Peer>,
+    delivered: VecDeque<(A, Vec<u8>)>,
+    buffered: usize,
+    tick: u64,
+    stats: Stats,
+}
+
+impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
+    /// A new endpoint. `epoch` should be random per start, so that peers notice a restart.
+    ///
+    /// # Panics
+    /// If `config.max_datagram` is below [`MIN_DATAGRAM`], the window or peer limit is 0, or
+    /// `max_message_size` does not fit the datagram format (the plugin validates its config first).
+    pub fn new(config: Config, epoch: u32) -> Self {
+        assert!(config.max_datagram >= MIN_DATAGRAM, "max_datagram below {MIN_DATAGRAM}");
+        assert!(config.window > 0 && config.max_peers > 0, "window and max_peers must be positive");
+        assert!(
+            config.max_message_size <= u32::MAX as usize
+                && config.max_message_size.div_ceil(config.fragment_size()) <= u16::MAX as usize,
+            "max_message_size must fit the u32 length and u16 fragment count of the datagram format"
+        );
+        Self {
+            config,
+            epoch,
+            peers: HashMap::new(),
+            delivered: VecDeque::new(),
+            buffered: 0,
+            tick: 0,
+            stats: Stats::default(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// What was dropped, repeated and delivered so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Peers currently tracked.
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Bytes held in reassembly and out-of-order buffers over all peers.
+    pub fn buffered_bytes(&self) -> usize {
+        self.buffered
+    }
+
+    /// Whether anything is queued or unacked towards any peer.
+    pub fn has_pending_sends(&self) -> bool {
+        self.peers.values().any(|peer| !peer.idle())
+    }
+
+    fn peer(&mut self, now: Instant, address: A) -> Option<&mut Peer> {
+        if !self.peers.contains_key(&address) {
+            if self.peers.len() >= self.config.max_peers {
+                let victim = self
+                    .peers
+                    .iter()
+                    .filter(|(_, peer)| peer.idle())
+                    .min_by_key(|(_, peer)| peer.last_heard)
+                    .map(|(address, _)| *address)?;
+                let gone = self.peers.remove(&victim).expect("victim is tracked");
+                self.buffered -= gone.buffered_bytes();
+            }
+            self.peers.insert(address, Peer::new(now, &self.config));
+        }
+        self.peers.get_mut(&address)
+    }
+
+    /// Queues `message` for `peer`, cut into fragments.
+    pub fn send(&mut self, now: Instant, peer: A, message: &[u8]) -> Result<(), SendError> {
+        let max = self.config.max_message_size;
+        if message.len() > max {
+            return Err(SendError::TooLarge { size: message.len(), max });
+        }
+        let fragment_size = self.config.fragment_size();
+        let (reliable, max_queued, epoch) = (self.config.reliable, self.config.max_queued_bytes, self.epoch);
+        let Some(state) = self.peer(now, peer) else { return Err(SendError::PeerLimit) };
+        if state.queued_bytes > 0 && state.queued_bytes + message.len() > max_queued {
+            return Err(SendError::QueueFull);
+        }
+        let count = message.len().div_ceil(fragment_size).max(1);
+        let number = state.tx_next_message;
+        state.tx_next_message = state.tx_next_message.wrapping_add(1);
+        for index in 0..count {
+            let chunk = &message[(index * fragment_size).min(message.len())
+                ..((index + 1) * fragment_size).min(message.len())];
+            let seq = if reliable { state.tx_next_seq } else { 0 };
+            state.tx_next_seq += 1;
+            let mut datagram = Vec::with_capacity(DATA_HEADER + chunk.len());
+            datagram.push(MAGIC);
+            datagram.push(if reliable { KIND_RELIABLE } else { KIND_BEST_EFFORT });
+            datagram.extend_from_slice(&epoch.to_be_bytes());
+            datagram.extend_from_slice(&seq.to_be_bytes());
+            datagram.extend_from_slice(&0u64.to_be_bytes());
+            datagram.extend_from_slice(&number.to_be_bytes());
+            datagram.extend_from_slice(&(index as u16).to_be_bytes());
+            datagram.extend_from_slice(&(count as u16).to_be_bytes());
+            datagram.extend_from_slice(&(message.len() as u32).to_be_bytes());
+            datagram.extend_from_slice(chunk);
+            state.queued_bytes += chunk.len();
+            state.queued.push_back((seq, datagram));
+        }
+        Ok(())
+    }
+
+    /// The next datagram to write, and where to. Call until `None` after every other call.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<(A, Vec<u8>)> {
+        let window = self.config.window;
+        let reliable = self.config.reliable;
+        // Acks first: they unblock the other side.
+        for (address, peer) in self.peers.iter_mut() {
+            if peer.ack_pending {
+                peer.ack_pending = false;
+                return Some((*address, encode_ack(self.epoch, peer)));
+            }
+        }
+        for (address, peer) in self.peers.iter_mut() {
+            while let Some(seq) = peer.retransmit.pop_front() {
+                let base = peer.base();
+                if let Some(flight) = peer.in_flight.get_mut(&seq) {
+                    flight.sent_at = Some(now);
+                    flight.transmissions += 1;
+                    self.stats.retransmissions += 1;
+                    flight.datagram[BASE_OFFSET..BASE_OFFSET + 8].copy_from_slice(&base.to_be_bytes());
+                    return Some((*address, flight.datagram.clone()));
+                }
+            }
+            if !reliable {
+                if let Some((_, datagram)) = peer.queued.pop_front() {
+                    peer.queued_bytes -= datagram.len() - DATA_HEADER;
+                    return Some((*address, datagram));
+                }
+                continue;
+            }
+            if peer.in_flight.len() < window {
+                if let Some((seq, mut datagram)) = peer.queued.pop_front() {
+                    let base = peer.in_flight.keys().next().copied().unwrap_or(seq);
+                    datagram[BASE_OFFSET..BASE_OFFSET + 8].copy_from_slice(&base.to_be_bytes());
+                    let copy = datagram.clone();
+                    peer.in_flight.insert(seq, InFlight { datagram, sent_at: Some(now), transmissions: 1 });
+                    return Some((*address, copy));
+                }
+            }
+        }
+        None
+    }
+
+    /// The next complete message and its sender.
+    pub fn poll_message(&mut self) -> Option<(A, Vec<u8>)> {
+        self.delivered.pop_front()
+    }
+
+    /// When [`Endpoint::handle_timeout`] should next be called, if anything waits for a timer.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.peers
+            .values()
+            .flat_map(|peer| {
+                let rto = peer.rtt.rto;
+                peer.in_flight.values().filter_map(move |flight| flight.sent_at.map(|at| at + rto))
+            })
+            .min()
+    }
+
+    /// Schedules retransmissions whose timeout has passed at `now`, and abandons peers that
+    /// stopped answering.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let config = &self.config;
+        for peer in self.peers.values_mut() {
+            let rto = peer.rtt.rto;
+            let expired: Vec<u64> = peer
+                .in_flight
+                .iter()
+                .filter(|(_, flight)| flight.sent_at.is_some_and(|at| at + rto <= now))
+                .map(|(seq, _)| *seq)
+                .collect();
+            if expired.is_empty() {
+                continue;
+            }
+            if expired.iter().any(|seq| peer.in_flight[seq].transmissions >= config.max_transmissions) {
+                self.stats.abandoned_messages += (peer.in_flight.len() + peer.queued.len()) as u64;
+                peer.in_flight.clear();
+                peer.queued.clear();
+                peer.retransmit.clear();
+                peer.queued_bytes = 0;
+                peer.rtt = Rtt::new(config);
+                continue;
+            }
+            peer.rtt.back_off(config);
+            for seq in expired {
+                if let Some(flight) = peer.in_flight.get_mut(&seq) {
+                    flight.sent_at = None;
+                    peer.retransmit.push_back(seq);
+                }
+            }
+        }
+    }
+
+    /// Processes one datagram from `from`.
+    pub fn handle_datagram(&mut self, now: Instant, from: A, datagram: &[u8]) {
+        let Some(parsed) = parse(datagram) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        match parsed {
+            Parsed::Ack { acked_epoch, cumulative, bitmap } => {
+                if acked_epoch != self.epoch {
+                    self.stats.malformed += 1;
+                    return;
+                }
+                let Some(peer) = self.peers.get_mut(&from) else { return };
+                peer.last_heard = now;
+                self.handle_ack(now, from, cumulative, bitmap);
+            }
+            Parsed::Data { reliable, epoch, seq, base, fragment } => {
+                if reliable != self.config.reliable || !self.valid_fragment(&fragment) {
+                    self.stats.malformed += 1;
+                    return;
+                }
+                if self.peer(now, from).is_none() {
+                    self.stats.refused_peers += 1;
+                    return;
+                }
+                if reliable {
+                    self.receive_reliable(now, from, epoch, seq, base, fragment);
+                } else {
+                    self.peers.get_mut(&from).expect("just added").last_heard = now;
+                    self.reassemble(from, fragment);
+                }
+            }
+        }
+    }
+
+    fn valid_fragment(&self, fragment: &Fragment) -> bool {
+        let length = fragment.length as usize;
+        fragment.count >= 1
+            && fragment.index < fragment.count
+            && length <= self.config.max_message_size
+            && fragment.bytes.len() <= length
+            && (fragment.count as usize) <= length.max(1)
+    }
+
+    fn handle_ack(&mut self, now: Instant, from: A, cumulative: u64, bitmap: &[u8]) {
+        let config = &self.config;
+        let peer = self.peers.get_mut(&from).expect("caller checked");
+        let mut acked: Vec<u64> = peer.in_flight.range(..cumulative).map(|(seq, _)| *seq).collect();
+        for (i, byte) in bitmap.iter().enumerate() {
+            for bit in 0..8 {
+                if byte & (1 << bit) != 0 {
+                    let seq = cumulative + 1 + (i * 8 + bit) as u64;
+                    if peer.in_flight.contains_key(&seq) {
+                        acked.push(seq);
+                    }
+                }
+            }
+        }
+        for seq in acked {
+            let flight = peer.in_flight.remove(&seq).expect("listed from in_flight");
+            peer.queued_bytes -= flight.datagram.len() - DATA_HEADER;
+            // Karn: only datagrams sent once give an unambiguous sample.
+            if let (1, Some(at)) = (flight.transmissions, flight.sent_at) {
+                peer.rtt.sample(now.saturating_duration_since(at), config);
+            }
+        }
+    }
+
+    fn receive_reliable(
+        &mut self,
+        now: Instant,
+        from: A,
+        epoch: u32,
+        seq: u64,
+        base: u64,
+        fragment: Fragment,
+    ) {
+        let window = self.config.window as u64;
+        let budget = self.config.max_total_reassembly_bytes;
+        let peer = self.peers.get_mut(&from).expect("caller added it");
+        peer.last_heard = now;
+        if peer.rx_epoch != Some(epoch) {
+            // A new sender behind this address (or its first datagram): start over.
+            self.buffered -= peer.buffered_bytes();
+            peer.rx_epoch = Some(epoch);
+            peer.rx_next = 0;
+            peer.rx_window.clear();
+            peer.partials.clear();
+        }
+        if base > peer.rx_next {
+            // The sender settled everything below `base` (it gave up on us, or we lost state).
+            let dropped = peer.buffered_bytes();
+            peer.rx_window = peer.rx_window.split_off(&base);
+            peer.partials.clear();
+            self.buffered = self.buffered - dropped + peer.buffered_bytes();
+            peer.rx_next = base;
+        }
+        peer.ack_pending = true;
+        if seq < peer.rx_next || peer.rx_window.contains_key(&seq) {
+            self.stats.duplicates += 1;
+            return;
+        }
+        if seq >= peer.rx_next + window {
+            self.stats.out_of_window += 1;
+            return;
+        }
+        if self.buffered + fragment.bytes.len() > budget {
+            self.stats.over_budget += 1;
+            return;
+        }
+        self.buffered += fragment.bytes.len();
+        peer.rx_window.insert(seq, fragment);
+        let mut ready = Vec::new();
+        while let Some(next) = peer.rx_window.remove(&peer.rx_next) {
+            peer.rx_next += 1;
+            self.buffered -= next.bytes.len();
+            ready.push(next);
+        }
+        for fragment in ready {
+            self.reassemble(from, fragment);
+        }
+    }
+
+    fn reassemble(&mut self, from: A, fragment: Fragment) {
+        if fragment.count == 1 {
+            if fragment.bytes.len() == fragment.length as usize {
+                self.stats.delivered += 1;
+                self.delivered.push_back((from, fragment.bytes));
+            } else {
+                self.stats.malformed += 1;
+            }
+            return;
+        }
+        let reliable = self.config.reliable;
+        let (per_peer_partials, per_peer_bytes) =
+            (self.config.max_partial_messages, self.config.max_peer_reassembly_bytes);
+        let total = self.config.max_total_reassembly_bytes;
+        let size = fragment.bytes.len();
+        if !reliable {
+            // Make room: per peer first, then overall, always evicting the oldest partial.
+            loop {
+                let peer = &self.peers[&from];
+                let new_partial = !peer.partials.contains_key(&fragment.message);
+                let peer_full = (new_partial && peer.partials.len() >= per_peer_partials)
+                    || peer.buffered_bytes() + size > per_peer_bytes;
+                let total_full = self.buffered + size > total;
+                if !peer_full && !total_full {
+                    break;
+                }
+                let victim = if peer_full {
+                    peer.partials.iter().min_by_key(|(_, p)| p.started).map(|(m, _)| (from, *m))
+                } else {
+                    self.peers
+                        .iter()
+                        .flat_map(|(a, p)| p.partials.iter().map(move |(m, part)| (part.started, *a, *m)))
+                        .min_by_key(|(started, ..)| *started)
+                        .map(|(_, a, m)| (a, m))
+                };
+                let Some((address, message)) = victim else {
+                    self.stats.over_budget += 1;
+                    return;
+                };
+                let gone = self.peers.get_mut(&address).and_then(|p| p.partials.remove(&message));
+                self.buffered -= gone.map_or(0, |p| p.bytes);
+                self.stats.evicted_partials += 1;
+            }
+        }
+        self.tick += 1;
+        let tick = self.tick;
+        let peer = self.peers.get_mut(&from).expect("caller added it");
+        if reliable && !peer.partials.contains_key(&fragment.message) && !peer.partials.is_empty() {
+            // Fragments arrive in sequence order: a new message means the old one cannot complete.
+            let gone: usize = peer.partials.drain().map(|(_, p)| p.bytes).sum();
+            self.buffered -= gone;
+            self.stats.evicted_partials += 1;
+        }
+        let partial = peer.partials.entry(fragment.message).or_insert_with(|| Partial {
+            length: fragment.length,
+            count: fragment.count,
+            fragments: BTreeMap::new(),
+            bytes: 0,
+            started: tick,
+        });
+        if partial.length != fragment.length || partial.count != fragment.count {
+            self.stats.malformed += 1;
+            return;
+        }
+        if partial.fragments.contains_key(&fragment.index) {
+            return; // a duplicate copy in best-effort mode
+        }
+        if partial.bytes + size > partial.length as usize {
+            self.stats.malformed += 1;
+            let gone = peer.partials.remove(&fragment.message).map_or(0, |p| p.bytes);
+            self.buffered -= gone;
+            return;
+        }
+        partial.bytes += size;
+        self.buffered += size;
+        partial.fragments.insert(fragment.index, fragment.bytes);
+        if partial.fragments.len() == partial.count as usize {
+            let partial = peer.partials.remove(&fragment.message).expect("just completed");
+            self.buffered -= partial.bytes;
+            if partial.bytes != partial.length as usize {
+                self.stats.malformed += 1;
+                return;
+            }
+            let mut message = Vec::with_capacity(partial.bytes);
+            for bytes in partial.fragments.into_values() {
+                message.extend_from_slice(&bytes);
+            }
+            self.stats.delivered += 1;
+            self.delivered.push_back((from, message));
+        }
+    }
+}
+
+fn encode_ack(own_epoch: u32, peer: &Peer) -> Vec<u8> {
+    let mut bitmap = [0u8; MAX_BITMAP_BYTES];
+    let mut used = 0;
+    for seq in peer.rx_window.keys() {
+        let bit = (seq - peer.rx_next - 1) as usize;
+        if bit < MAX_BITMAP_BYTES * 8 {
+            bitmap[bit / 8] |= 1 << (bit % 8);
+            used = used.max(bit / 8 + 1);
+        }
+    }
+    let mut datagram = Vec::with_capacity(20 + used);
+    datagram.push(MAGIC);
+    datagram.push(KIND_ACK);
+    datagram.extend_from_slice(&own_epoch.to_be_bytes());
+    datagram.extend_from_slice(&peer.rx_epoch.unwrap_or(0).to_be_bytes());
+    datagram.extend_from_slice(&peer.rx_next.to_be_bytes());
+    datagram.extend_from_slice(&(used as u16).to_be_bytes());
+    datagram.extend_from_slice(&bitmap[..used]);
+    datagram
+}
+
+enum Parsed<'a> {
+    Data { reliable: bool, epoch: u32, seq: u64, base: u64, fragment: Fragment },
+    Ack { acked_epoch: u32, cumulative: u64, bitmap: &'a [u8] },
+}
+
+fn parse(datagram: &[u8]) -> Option<Parsed<'_>> {
+    let mut r = datagram;
+    fn take<'a>(r: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if r.len() < n {
+            return None;
+        }
+        let (head, rest) = r.split_at(n);
+        *r = rest;
+        Some(head)
+    }
+    let u16_ = |r: &mut &[u8]| take(r, 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+    let u32_ = |r: &mut &[u8]| take(r, 4).map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
+    let u64_ = |r: &mut &[u8]| take(r, 8).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
+    let head = take(&mut r, 2)?;
+    if head[0] != MAGIC {
+        return None;
+    }
+    let epoch = u32_(&mut r)?;
+    match head[1] {
+        KIND_RELIABLE | KIND_BEST_EFFORT => {
+            let seq = u64_(&mut r)?;
+            let base = u64_(&mut r)?;
+            let message = u32_(&mut r)?;
+            let index = u16_(&mut r)?;
+            let count = u16_(&mut r)?;
+            let length = u32_(&mut r)?;
+            let fragment = Fragment { message, index, count, length, bytes: r.to_vec() };
+            Some(Parsed::Data { reliable: head[1] == KIND_RELIABLE, epoch, seq, base, fragment })
+        }
+        KIND_ACK => {
+            let acked_epoch = u32_(&mut r)?;
+            let cumulative = u64_(&mut r)?;
+            let used = u16_(&mut r)? as usize;
+            if used > MAX_BITMAP_BYTES || r.len() != used {
+                return None;
+            }
+            Some(Parsed::Ack { acked_epoch, cumulative, bitmap: r })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,331 @@
+use super::*;
+
+/// A deterministic PRNG (xorshift64*), so every simulated run is reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Faults {
+    loss_percent: u64,
+    duplicate_percent: u64,
+    max_delay_ms: u64,
+}
+
+const CLEAN: Faults = Faults { loss_percent: 0, duplicate_percent: 0, max_delay_ms: 1 };
+
+/// Two endpoints (addresses 1 and 2) joined by a simulated network with a simulated clock.
+struct Network {
+    now: Instant,
+    endpoints: [Endpoint<u8>; 2],
+    in_transit: Vec<(Instant, u8, u8, Vec<u8>)>,
+    rng: Rng,
+    faults: Faults,
+    received: [Vec<Vec<u8>>; 2],
+}
+
+impl Network {
+    fn new(config: Config, faults: Faults, seed: u64) -> Self {
+        Self {
+            now: Instant::now(),
+            endpoints: [Endpoint::new(config.clone(), 11), Endpoint::new(config, 22)],
+            in_transit: Vec::new(),
+            rng: Rng(seed | 1),
+            faults,
+            received: [Vec::new(), Vec::new()],
+        }
+    }
+
+    /// Advances 1 ms: transmits (with loss, duplication and random delay, hence reordering),
+    /// delivers what is due, fires timers.
+    fn step(&mut self) {
+        for side in 0..2u8 {
+            while let Some((to, datagram)) = self.endpoints[side as usize].poll_transmit(self.now) {
+                assert!(datagram.len() <= self.endpoints[0].config().max_datagram);
+                if self.rng.chance(self.faults.loss_percent) {
+                    continue;
+                }
+                let copies = if self.rng.chance(self.faults.duplicate_percent) { 2 } else { 1 };
+                for _ in 0..copies {
+                    let delay = Duration::from_millis(1 + self.rng.below(self.faults.max_delay_ms));
+                    self.in_transit.push((self.now + delay, to, side + 1, datagram.clone()));
+                }
+            }
+        }
+        self.now += Duration::from_millis(1);
+        let now = self.now;
+        let (due, later): (Vec<_>, Vec<_>) = self.in_transit.drain(..).partition(|(at, ..)| *at <= now);
+        self.in_transit = later;
+        for (_, to, from, datagram) in due {
+            self.endpoints[(to - 1) as usize].handle_datagram(now, from, &datagram);
+        }
+        for (side, endpoint) in self.endpoints.iter_mut().enumerate() {
+            if endpoint.poll_timeout().is_some_and(|at| at <= now) {
+                endpoint.handle_timeout(now);
+            }
+            while let Some((_, message)) = endpoint.poll_message() {
+                self.received[side].push(message);
+            }
+        }
+    }
+
+    fn run_until(&mut self, limit_ms: u64, done: impl Fn(&Self) -> bool) {
+        for _ in 0..limit_ms {
+            if done(self) {
+                return;
+            }
+            self.step();
+        }
+        assert!(done(self), "not done after {limit_ms} simulated ms");
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+#[test]
+fn a_one_mebibyte_message_survives_five_percent_loss_reordering_and_duplication() {
+    let faults = Faults { loss_percent: 5, duplicate_percent: 3, max_delay_ms: 8 };
+    let mut net = Network::new(Config::default(), faults, 7);
+    let message = pattern(1 << 20, 3);
+    net.endpoints[0].send(net.now, 2, &message).unwrap();
+    net.run_until(120_000, |net| !net.received[1].is_empty());
+    net.run_until(10_000, |net| !net.endpoints[0].has_pending_sends());
+    assert_eq!(net.received[1].len(), 1, "exactly once");
+    assert!(net.received[1][0] == message, "intact");
+    let stats = net.endpoints[0].stats();
+    assert!(stats.retransmissions > 0, "loss was repaired by retransmission: {stats:?}");
+    assert_eq!(net.endpoints[1].buffered_bytes(), 0, "nothing left in reassembly");
+}
+
+#[test]
+fn reliable_mode_delivers_every_message_once_and_in_order_despite_faults() {
+    for seed in 1..=5 {
+        let faults = Faults { loss_percent: 10, duplicate_percent: 10, max_delay_ms: 20 };
+        let mut net = Network::new(Config { max_datagram: 200, ..Config::default() }, faults, seed);
+        let messages: Vec<Vec<u8>> = (0..200).map(|i| pattern(i * 7 % 900, i as u8)).collect();
+        for message in &messages {
+            net.endpoints[0].send(net.now, 2, message).unwrap();
+        }
+        net.run_until(120_000, |net| net.received[1].len() == messages.len());
+        assert!(net.received[1] == messages, "seed {seed}: all, once, in order");
+        assert!(net.endpoints[1].stats().duplicates > 0, "seed {seed}: duplicates were suppressed");
+    }
+}
+
+#[test]
+fn both_directions_at_once() {
+    let faults = Faults { loss_percent: 5, duplicate_percent: 0, max_delay_ms: 5 };
+    let mut net = Network::new(Config::default(), faults, 99);
+    let a = pattern(100_000, 1);
+    let b = pattern(70_000, 2);
+    net.endpoints[0].send(net.now, 2, &a).unwrap();
+    net.endpoints[1].send(net.now, 1, &b).unwrap();
+    net.run_until(60_000, |net| net.received[0].len() == 1 && net.received[1].len() == 1);
+    assert!(net.received[1][0] == a && net.received[0][0] == b);
+}
+
+#[test]
+fn best_effort_mode_fragments_and_reassembles_without_acks() {
+    let config = Config { reliable: false, max_datagram: 300, ..Config::default() };
+    let mut net = Network::new(config, CLEAN, 5);
+    let messages: Vec<Vec<u8>> = (0..20).map(|i| pattern(i * 500, i as u8)).collect();
+    for message in &messages {
+        net.endpoints[0].send(net.now, 2, message).unwrap();
+    }
+    net.run_until(1_000, |net| net.received[1].len() == messages.len());
+    assert!(net.received[1] == messages);
+    assert_eq!(net.endpoints[0].stats().retransmissions, 0);
+    assert!(!net.endpoints[0].has_pending_sends(), "nothing waits for an ack");
+}
+
+#[test]
+fn best_effort_loss_loses_whole_messages_never_corrupts_them() {
+    let config = Config { reliable: false, max_datagram: 300, ..Config::default() };
+    let faults = Faults { loss_percent: 20, duplicate_percent: 10, max_delay_ms: 10 };
+    let mut net = Network::new(config, faults, 3);
+    let messages: Vec<Vec<u8>> = (0..100).map(|i| pattern(1000 + i, i as u8)).collect();
+    for message in &messages {
+        net.endpoints[0].send(net.now, 2, message).unwrap();
+    }
+    for _ in 0..100 {
+        net.step();
+    }
+    assert!(net.in_transit.is_empty());
+    for got in &net.received[1] {
+        assert!(messages.contains(got), "every delivered message is one that was sent, intact");
+    }
+    assert!(!net.received[1].is_empty() && net.received[1].len() < messages.len(), "20 % loss lost some");
+    assert!(net.endpoints[1].buffered_bytes() <= 8 * 1100, "at most max_partial_messages partials are kept");
+}
+
+#[test]
+fn the_rto_follows_the_measured_round_trip_within_bounds() {
+    let config = Config::default();
+    let mut rtt = Rtt::new(&config);
+    assert_eq!(rtt.rto, config.initial_rto);
+    for _ in 0..20 {
+        rtt.sample(Duration::from_millis(100), &config);
+    }
+    assert!(rtt.rto >= Duration::from_millis(100) && rtt.rto < Duration::from_millis(150), "{:?}", rtt.rto);
+    for _ in 0..50 {
+        rtt.sample(Duration::from_micros(10), &config);
+    }
+    assert_eq!(rtt.rto, config.min_rto, "clamped below");
+    for _ in 0..10 {
+        rtt.back_off(&config);
+    }
+    assert_eq!(rtt.rto, config.max_rto, "clamped above");
+}
+
+#[test]
+fn a_silent_peer_is_abandoned_after_max_transmissions_and_can_come_back() {
+    let config = Config { max_transmissions: 4, ..Config::default() };
+    let mut net = Network::new(config, Faults { loss_percent: 100, ..CLEAN }, 1);
+    net.endpoints[0].send(net.now, 2, b"into the void").unwrap();
+    net.run_until(60_000, |net| !net.endpoints[0].has_pending_sends());
+    let stats = net.endpoints[0].stats();
+    assert_eq!(stats.retransmissions, 3);
+    assert_eq!(stats.abandoned_messages, 1);
+    // The peer comes back: new messages flow, the receiver skips what was abandoned.
+    net.faults = CLEAN;
+    net.endpoints[0].send(net.now, 2, b"hello again").unwrap();
+    net.run_until(1_000, |net| !net.received[1].is_empty());
+    assert_eq!(net.received[1], vec![b"hello again".to_vec()]);
+}
+
+#[test]
+fn a_restarted_sender_is_recognised_by_its_new_epoch() {
+    let mut net = Network::new(Config::default(), CLEAN, 1);
+    for _ in 0..3 {
+        net.endpoints[0].send(net.now, 2, b"before").unwrap();
+    }
+    net.run_until(1_000, |net| net.received[1].len() == 3);
+    net.endpoints[0] = Endpoint::new(Config::default(), 33);
+    net.endpoints[0].send(net.now, 2, b"after restart").unwrap();
+    net.run_until(1_000, |net| net.received[1].len() == 4);
+    assert_eq!(net.received[1][3], b"after restart".to_vec());
+}
+
+#[test]
+fn send_enforces_the_message_size_and_the_queue_bound() {
+    let config = Config { max_message_size: 10_000, max_queued_bytes: 25_000, ..Config::default() };
+    let mut endpoint = Endpoint::new(config, 1);
+    let now = Instant::now();
+    assert_eq!(endpoint.send(now, 9u8, &[0; 10_001]), Err(SendError::TooLarge { size: 10_001, max: 10_000 }));
+    endpoint.send(now, 9, &[0; 10_000]).unwrap();
+    endpoint.send(now, 9, &[0; 10_000]).unwrap();
+    assert_eq!(endpoint.send(now, 9, &[0; 10_000]), Err(SendError::QueueFull));
+    endpoint.send(now, 8, &[0; 10_000]).expect("another peer has its own queue");
+}
+
+#[test]
+fn a_flood_of_bogus_fragments_from_strangers_stays_within_the_bounds() {
+    for reliable in [true, false] {
+        let config = Config {
+            reliable,
+            max_peers: 16,
+            max_partial_messages: 4,
+            max_peer_reassembly_bytes: 64 << 10,
+            max_total_reassembly_bytes: 256 << 10,
+            ..Config::default()
+        };
+        let mut endpoint: Endpoint<u32> = Endpoint::new(config.clone(), 1);
+        let mut rng = Rng(42);
+        let now = Instant::now();
+        for i in 0..50_000u32 {
+            let stranger = rng.below(1_000) as u32;
+            let mut datagram = vec![MAGIC, if reliable { KIND_RELIABLE } else { KIND_BEST_EFFORT }];
+            datagram.extend_from_slice(&(rng.below(3) as u32).to_be_bytes()); // epoch
+            datagram.extend_from_slice(&rng.below(200).to_be_bytes()); // seq
+            datagram.extend_from_slice(&0u64.to_be_bytes()); // base
+            datagram.extend_from_slice(&i.to_be_bytes()); // message number
+            datagram.extend_from_slice(&1u16.to_be_bytes()); // fragment 1 of ...
+            datagram.extend_from_slice(&1000u16.to_be_bytes()); // ... 1000
+            datagram.extend_from_slice(&(4u32 << 20).to_be_bytes()); // of a 4 MiB message
+            datagram.extend_from_slice(&[0xee; 1_000]);
+            endpoint.handle_datagram(now, stranger, &datagram);
+            assert!(endpoint.peer_count() <= config.max_peers);
+            assert!(endpoint.buffered_bytes() <= config.max_total_reassembly_bytes);
+        }
+        assert!(endpoint.poll_message().is_none(), "nothing bogus completes");
+        let stats = endpoint.stats();
+        assert!(stats.evicted_partials + stats.over_budget + stats.out_of_window > 0, "{stats:?}");
+    }
+}
+
+#[test]
+fn malformed_datagrams_are_counted_and_never_panic() {
+    let mut endpoint: Endpoint<u8> = Endpoint::new(Config::default(), 1);
+    let now = Instant::now();
+    let mut sender: Endpoint<u8> = Endpoint::new(Config::default(), 2);
+    sender.send(now, 1, b"a real message").unwrap();
+    let (_, real) = sender.poll_transmit(now).unwrap();
+    for cut in 0..DATA_HEADER {
+        endpoint.handle_datagram(now, 5, &real[..cut]);
+    }
+    assert_eq!(endpoint.stats().malformed, DATA_HEADER as u64, "every truncated header is counted");
+    let mut rng = Rng(1234);
+    for _ in 0..20_000 {
+        let len = rng.below(120) as usize;
+        let mut datagram: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        if rng.chance(50) && !datagram.is_empty() {
+            datagram[0] = MAGIC;
+        }
+        if rng.chance(50) && datagram.len() > 1 {
+            datagram[1] = 1 + rng.below(3) as u8;
+        }
+        endpoint.handle_datagram(now, rng.below(4) as u8, &datagram);
+        while endpoint.poll_transmit(now).is_some() {}
+        while endpoint.poll_message().is_some() {}
+    }
+    assert!(endpoint.stats().malformed > DATA_HEADER as u64);
+    assert!(endpoint.peer_count() <= Config::default().max_peers);
+    endpoint.handle_datagram(now, 1, &real);
+    assert_eq!(endpoint.poll_message(), Some((1, b"a real message".to_vec())), "still works");
+}
+
+#[test]
+fn selective_acks_spare_what_arrived_and_only_the_gap_is_retransmitted() {
+    let now = Instant::now();
+    let mut a: Endpoint<u8> = Endpoint::new(Config::default(), 1);
+    let mut b: Endpoint<u8> = Endpoint::new(Config::default(), 2);
+    for message in [b"one", b"two", b"six"] {
+        a.send(now, 2, message).unwrap();
+    }
+    let sent: Vec<Vec<u8>> = std::iter::from_fn(|| a.poll_transmit(now)).map(|(_, d)| d).collect();
+    assert_eq!(sent.len(), 3);
+    b.handle_datagram(now, 1, &sent[1]);
+    b.handle_datagram(now, 1, &sent[2]);
+    assert_eq!(b.poll_message(), None, "ordered: nothing before the first message");
+    let (to, ack) = b.poll_transmit(now).expect("an ack");
+    assert_eq!(to, 1);
+    assert_eq!(b.poll_transmit(now), None, "one ack answers both datagrams");
+    a.handle_datagram(now, 2, &ack);
+    let later = now + Duration::from_secs(1);
+    a.handle_timeout(later);
+    let resent: Vec<Vec<u8>> = std::iter::from_fn(|| a.poll_transmit(later)).map(|(_, d)| d).collect();
+    assert_eq!(resent.len(), 1, "only the missing datagram");
+    b.handle_datagram(later, 1, &resent[0]);
+    let got: Vec<Vec<u8>> = std::iter::from_fn(|| b.poll_message()).map(|(_, m)| m).collect();
+    assert_eq!(got, vec![b"one".to_vec(), b"two".to_vec(), b"six".to_vec()]);
+    let (_, ack) = b.poll_transmit(later).expect("an ack");
+    a.handle_datagram(later, 2, &ack);
+    assert!(!a.has_pending_sends());
+}

@@ -1,0 +1,88 @@
+use super::*;
+use comms_plugin_api::{host_side::PluginLibrary, Destination, MessageId, Payload};
+
+fn envelope(n: u128, payload: Vec<u8>) -> Envelope {
+    Envelope {
+        id: MessageId::from_u128(n),
+        from: NodeId::new("a"),
+        to: Destination::Node(NodeId::new("b")),
+        correlation_id: None,
+        headers: vec![],
+        payload: Payload::from(payload),
+    }
+}
+
+async fn transport(config: &str) -> UdpTransport {
+    let settings: UdpSettings = comms_plugin_api::config::parse_config(config).unwrap();
+    UdpTransport::bind(NodeId::new("n"), settings).await.unwrap()
+}
+
+#[tokio::test]
+async fn messages_cross_loopback_in_order_in_reliable_mode() {
+    let a = transport("").await;
+    let b = transport("max_datagram = 500").await;
+    assert_eq!(a.info().capabilities, Capabilities::RELIABLE | Capabilities::ORDERED);
+    let to = b.info().local_address;
+    for n in 0..50u128 {
+        a.send(&to, envelope(n, vec![n as u8; 3000 * n as usize])).await.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 50 {
+        got.extend(b.receive(16).await.unwrap());
+    }
+    for (n, inbound) in got.iter().enumerate() {
+        assert_eq!(inbound.envelope, envelope(n as u128, vec![n as u8; 3000 * n]));
+    }
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    assert!(b.receive(1).await.unwrap().is_empty(), "closed");
+    assert_eq!(a.send(&to, envelope(1, vec![])).await.unwrap_err().code, ErrorCode::CLOSED);
+}
+
+#[tokio::test]
+async fn best_effort_mode_declares_no_capabilities_and_delivers() {
+    let a = transport("mode = \"best-effort\"").await;
+    let b = transport("mode = \"best-effort\"").await;
+    assert_eq!(a.info().capabilities, Capabilities::NONE);
+    a.send(&b.info().local_address, envelope(7, vec![1; 10_000])).await.unwrap();
+    let got = b.receive(1).await.unwrap();
+    assert_eq!(got[0].envelope, envelope(7, vec![1; 10_000]));
+}
+
+#[tokio::test]
+async fn config_errors_name_the_key() {
+    let error = comms_plugin_api::config::parse_config::<UdpSettings>("mod = \"reliable\"").unwrap_err();
+    assert!(error.message.contains("mod"), "{error}");
+    let settings = UdpSettings { max_datagram: Some(20), ..Default::default() };
+    assert!(settings.reliability_config().unwrap_err().message.contains("max_datagram"));
+    let settings = UdpSettings { listen: Some("not an address".into()), ..Default::default() };
+    let error = UdpTransport::bind(NodeId::new("n"), settings).await.unwrap_err();
+    assert!(error.message.contains("listen"), "{error}");
+}
+
+#[tokio::test]
+async fn too_large_and_bad_addresses_are_refused() {
+    let a = transport("max_message_size = 1000").await;
+    let error = a.send("127.0.0.1:9", envelope(1, vec![0; 1001])).await.unwrap_err();
+    assert_eq!(error.code, ErrorCode::TOO_LARGE);
+    let error = a.send("no port here", envelope(1, vec![0; 10])).await.unwrap_err();
+    assert_eq!(error.code, ErrorCode::INVALID_ADDRESS);
+}
+
+#[test]
+fn the_plugin_describes_itself() {
+    let library = PluginLibrary::linked::<UdpPlugin>();
+    assert_eq!(library.description().name, "udp");
+}
+
+#[tokio::test]
+async fn an_unspecified_listen_address_advertises_a_routable_ip() {
+    let any = transport("listen = \"0.0.0.0:0\"").await;
+    let address: SocketAddr = any.info().local_address.parse().unwrap();
+    assert!(!address.ip().is_unspecified(), "{address}");
+    let explicit = transport("listen = \"0.0.0.0:0\"\nadvertise = \"10.1.2.3:4\"").await;
+    assert_eq!(explicit.info().local_address, "10.1.2.3:4");
+    let target = transport("").await;
+    any.send(&target.info().local_address, envelope(1, vec![1])).await.unwrap();
+    assert_eq!(target.receive(1).await.unwrap()[0].envelope, envelope(1, vec![1]));
+}
