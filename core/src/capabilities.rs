@@ -26,6 +26,10 @@ impl Capabilities {
     /// A message accepted by `send` is delivered unless the receiver is gone for good
     /// (retransmission, reconnect with resend).
     pub const RELIABLE: Self = Self(1 << 4);
+    /// Links are encrypted and every peer is authenticated by its public key before anything it
+    /// sends is delivered (Noise links, or TLS to a broker). Without it the host refuses to use
+    /// the transport when the node's config requires encrypted links.
+    pub const ENCRYPTED: Self = Self(1 << 5);
 
     /// Whether every flag in `other` is set in `self`.
     pub const fn contains(self, other: Self) -> bool {
@@ -39,12 +43,13 @@ impl Capabilities {
 
     /// Names of the flags that are set, for display.
     pub fn names(self) -> Vec<&'static str> {
-        const NAMES: [(Capabilities, &str); 5] = [
+        const NAMES: [(Capabilities, &str); 6] = [
             (Capabilities::ORDERED, "ordered"),
             (Capabilities::ACKNOWLEDGEMENTS, "acknowledgements"),
             (Capabilities::DURABLE, "durable"),
             (Capabilities::NATIVE_TOPICS, "native-topics"),
             (Capabilities::RELIABLE, "reliable"),
+            (Capabilities::ENCRYPTED, "encrypted"),
         ];
         NAMES.iter().filter(|(flag, _)| self.contains(*flag)).map(|(_, name)| *name).collect()
     }

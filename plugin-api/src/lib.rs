@@ -73,6 +73,7 @@ pub mod inbound;
 mod plugin;
 pub mod redact;
 pub mod runtime;
+pub mod security;
 pub mod stream_transport;
 pub mod topics;
 mod transport;

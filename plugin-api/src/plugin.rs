@@ -1,6 +1,10 @@
 //! The plugin as a whole: its description and constructors.
 
-use crate::{config::parse_config, Discovery, NodeId, PluginError, Transport};
+use crate::{
+    config::parse_config,
+    security::{LinkSecurity, LinkSecurityConfig, SETUP_KEY},
+    Discovery, NodeId, PluginError, Transport,
+};
 use async_trait::async_trait;
 pub use comms_core::Provides;
 use serde::de::DeserializeOwned;
@@ -18,9 +22,39 @@ pub struct Setup {
 }
 
 impl Setup {
-    /// Deserializes the plugin's table into its config struct; errors name the key.
+    /// Deserializes the plugin's table into its config struct; errors name the key. The key the
+    /// host reserves for link security ([`crate::security::SETUP_KEY`]) is left out.
     pub fn config<T: DeserializeOwned>(&self) -> Result<T, PluginError> {
-        parse_config(&self.config_toml)
+        let (own, _) = self.split_security()?;
+        parse_config(&own)
+    }
+
+    /// The link security the host asks for: `None` for plain links (the default), or the
+    /// loaded identity and allow-list for Noise links. A transport that supports encrypted links
+    /// must honour it and then declare [`crate::Capabilities::ENCRYPTED`].
+    pub fn link_security(&self) -> Result<Option<LinkSecurity>, PluginError> {
+        let (_, security) = self.split_security()?;
+        match security {
+            Some(table) => LinkSecurity::from_config(&parse_config::<LinkSecurityConfig>(&table)?),
+            None => Ok(None),
+        }
+    }
+
+    /// The plugin's own table and the host's security table, each as TOML text.
+    fn split_security(&self) -> Result<(String, Option<String>), PluginError> {
+        if !self.config_toml.contains(SETUP_KEY) {
+            return Ok((self.config_toml.clone(), None));
+        }
+        let mut table: toml::Table = toml::from_str(&self.config_toml)
+            .map_err(|error| PluginError::invalid_config(error.message().to_string()))?;
+        let security = match table.remove(SETUP_KEY) {
+            Some(toml::Value::Table(security)) => Some(security.to_string()),
+            Some(_) => {
+                return Err(PluginError::invalid_config(format!("key `{SETUP_KEY}`: reserved for the host")))
+            }
+            None => None,
+        };
+        Ok((table.to_string(), security))
     }
 }
 
