@@ -26,9 +26,10 @@ impl Capabilities {
     /// A message accepted by `send` is delivered unless the receiver is gone for good
     /// (retransmission, reconnect with resend).
     pub const RELIABLE: Self = Self(1 << 4);
-    /// Links are encrypted and every peer is authenticated by its public key before anything it
-    /// sends is delivered (Noise links, or TLS to a broker). Without it the host refuses to use
-    /// the transport when the node's config requires encrypted links.
+    /// Every link is encrypted and its far end authenticated before anything is delivered: a peer
+    /// by its identity key (Noise links), or a broker by its certificate (TLS; authenticity of
+    /// the senders behind a broker then comes from envelope signatures). The host refuses a
+    /// transport without it when the node's config requires encrypted links.
     pub const ENCRYPTED: Self = Self(1 << 5);
 
     /// Whether every flag in `other` is set in `self`.
