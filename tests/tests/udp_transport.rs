@@ -1,6 +1,7 @@
 //! The UDP ad-hoc plugin as users load it (`libcomms_udp.so`): the conformance suite in reliable
 //! mode, two nodes exchanging 1 MiB messages over loopback, and two nodes that find each other by
-//! multicast beacons with no config but the plugin name. (No network namespaces yet.)
+//! multicast beacons with no config but the plugin name. Across two network namespaces with packet
+//! loss: `udp_namespaces.rs`.
 
 use comms_host::{
     conformance::{run_suite, SuiteConfig, SuiteReport},
