@@ -119,3 +119,29 @@ async fn best_effort_mode_passes_the_conformance_suite_on_loopback() {
     assert!(report.passed(), "{report}");
     assert!(report.info.clone().expect("created").capabilities.names().is_empty(), "{report}");
 }
+
+/// A reliable send to a peer that vanished is reported, as with the stream transports: after
+/// `peer_timeout_ms` without acknowledgements the queue is dropped and the next send to that
+/// address fails once with a retryable `UNREACHABLE`; the one after starts afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_to_a_vanished_peer_is_reported_once() {
+    // A socket that receives and never answers: the peer's process is gone but nothing says so.
+    let vanished = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let address = vanished.local_addr().unwrap().to_string();
+    let a = Node::builder("sender")
+        .liveness(None, Duration::from_secs(60)) // no heartbeats: only our sends reach the peer
+        .transport_library("udp", library(), "peer_timeout_ms = 300")
+        .static_peer("vanished", [("udp", address.as_str())])
+        .build()
+        .await
+        .unwrap();
+    a.send_raw("vanished", vec![], vec![7; 100_000], None).await.expect("queued");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let error = a.send_raw("vanished", vec![], vec![8; 10], None).await.unwrap_err();
+    let comms_host::SendError::Transport { error, .. } = &error else { panic!("{error}") };
+    assert_eq!(error.code, comms_plugin_api::ErrorCode::UNREACHABLE, "{error}");
+    // Ours, and what the host itself sent the peer (its announcement).
+    assert!(error.retryable && error.message.contains("queued message(s)"), "{error}");
+    a.send_raw("vanished", vec![], vec![9; 10], None).await.expect("reported once, then afresh");
+    a.close().await.unwrap();
+}

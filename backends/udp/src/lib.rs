@@ -11,6 +11,8 @@
 //! mode = "reliable"           # or "best-effort"; default reliable
 //! max_datagram = 1400         # bytes per datagram including the 34-byte header; default 1400
 //! max_message_size = 4194304  # largest payload accepted; default 4 MiB
+//! peer_timeout_ms = 10000     # reliable mode: give up on a peer that acknowledges nothing for
+//!                             # this long; default 10 s
 //! ```
 //!
 //! An unknown key is an error naming it. With `[discovery.udp]` (no keys needed) nodes find each
@@ -27,11 +29,13 @@
 //! ## Guarantees and limits
 //!
 //! - **Reliable mode** (capabilities `reliable`, `ordered`): a message accepted by `send` is
-//!   delivered exactly once and in send order per sender and receiver, unless the receiver stops
-//!   acknowledging for the whole retransmission budget (12 sends with a doubling timeout capped at
-//!   2 s: about 15 to 20 s), in which case what was queued
-//!   for it is dropped. No acknowledgements to the application: a message is acked on the wire
-//!   when it reaches the receiving transport, not when the host settles it.
+//!   delivered exactly once and in send order per sender and receiver, unless the receiver
+//!   acknowledges nothing for `peer_timeout_ms` (default 10 s) while datagrams wait for it (or one
+//!   datagram was sent 12 times), in which case what was queued for it is dropped, a warning
+//!   with the dropped count is logged, and the next `send` to that address fails once with a
+//!   retryable `UNREACHABLE` error (that message is not sent; the send after it starts afresh).
+//!   No acknowledgements to the application: a message is acked on the wire when it reaches the
+//!   receiving transport, not when the host settles it.
 //! - **Best-effort mode** (no capabilities): a message arrives whole or not at all, possibly
 //!   duplicated or reordered by the network.
 //! - **Max message size**: `max_message_size` of payload; the encoded envelope may add up to
@@ -50,7 +54,7 @@ use comms_plugin_api::{
     async_trait, export_plugin, inbound::receive_batch, wire, Capabilities, Envelope, ErrorCode, Inbound,
     NodeId, Plugin, PluginError, Provides, Setup, Transport, TransportInfo,
 };
-use reliability::{Endpoint, SendError, MIN_DATAGRAM};
+use reliability::{Endpoint, Event, SendError, MIN_DATAGRAM};
 use serde::Deserialize;
 use std::{
     net::SocketAddr,
@@ -68,6 +72,11 @@ use tokio::{
 
 /// Listen address when the config names none: any free port on loopback.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:0";
+/// Default give-up time for a peer that acknowledges nothing, in milliseconds.
+pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 10_000;
+/// The shortest `peer_timeout_ms` accepted (the retransmission timeout is capped at a quarter
+/// of it, and never goes below 30 ms).
+pub const MIN_PEER_TIMEOUT_MS: u64 = 200;
 /// Default largest payload.
 pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 4 << 20;
 /// The largest UDP payload over IPv4.
@@ -113,6 +122,10 @@ pub struct UdpSettings {
     pub max_datagram: Option<usize>,
     /// Largest payload; default [`DEFAULT_MAX_MESSAGE_SIZE`].
     pub max_message_size: Option<u64>,
+    /// Reliable mode: milliseconds a peer may leave sent datagrams unacknowledged before it is
+    /// taken for gone (its queue dropped, the next send to it failing once with `UNREACHABLE`);
+    /// default [`DEFAULT_PEER_TIMEOUT_MS`].
+    pub peer_timeout_ms: Option<u64>,
 }
 
 impl UdpSettings {
@@ -134,6 +147,16 @@ impl UdpSettings {
                 largest.min(u32::MAX as u64 / 2)
             )));
         }
+        let peer_timeout_ms = self.peer_timeout_ms.unwrap_or(DEFAULT_PEER_TIMEOUT_MS);
+        if !(MIN_PEER_TIMEOUT_MS..=3_600_000).contains(&peer_timeout_ms) {
+            return Err(PluginError::invalid_config(format!(
+                "key `peer_timeout_ms`: {peer_timeout_ms} is outside {MIN_PEER_TIMEOUT_MS}..=3600000"
+            )));
+        }
+        // Room for several retransmissions before giving up: a lost retransmission must not
+        // make a live peer look gone.
+        let peer_timeout = Duration::from_millis(peer_timeout_ms);
+        let max_rto = defaults.max_rto.min(peer_timeout / 4);
         let message = payload as usize + ENVELOPE_ALLOWANCE;
         Ok(reliability::Config {
             reliable: self.mode == Mode::Reliable,
@@ -142,6 +165,9 @@ impl UdpSettings {
             max_peer_reassembly_bytes: defaults.max_peer_reassembly_bytes.max(2 * message),
             max_total_reassembly_bytes: defaults.max_total_reassembly_bytes.max(4 * message),
             max_queued_bytes: defaults.max_queued_bytes.max(2 * message),
+            peer_timeout,
+            max_rto,
+            initial_rto: defaults.initial_rto.min(max_rto),
             ..defaults
         })
     }
@@ -343,6 +369,12 @@ impl Transport for UdpTransport {
                         format!("udp send to {address}: encoded envelope of {size} bytes exceeds {max}"),
                     ))
                 }
+                Err(error @ SendError::Unreachable { .. }) => {
+                    return Err(PluginError::retryable(
+                        ErrorCode::UNREACHABLE,
+                        format!("udp send to {address}: {error}; this message was not sent"),
+                    ))
+                }
                 Err(error @ (SendError::QueueFull | SendError::PeerLimit)) => {
                     if tokio::time::Instant::now() >= deadline || self.shared.closing.load(Ordering::Acquire)
                     {
@@ -384,7 +416,7 @@ async fn drive(socket: UdpSocket, shared: Arc<Shared>, inbound: mpsc::Sender<Inb
     let mut shutdown = shared.shutdown.subscribe();
     let mut buffer = vec![0u8; MAX_UDP_PAYLOAD + 1];
     loop {
-        let (transmits, messages, timeout) = {
+        let (transmits, messages, events, timeout) = {
             let mut endpoint = shared.endpoint();
             let now = Instant::now();
             if endpoint.poll_timeout().is_some_and(|at| at <= now) {
@@ -398,8 +430,16 @@ async fn drive(socket: UdpSocket, shared: Arc<Shared>, inbound: mpsc::Sender<Inb
                 }
             }
             let messages: Vec<_> = std::iter::from_fn(|| endpoint.poll_message()).collect();
-            (transmits, messages, endpoint.poll_timeout())
+            let events: Vec<_> = std::iter::from_fn(|| endpoint.poll_event()).collect();
+            (transmits, messages, events, endpoint.poll_timeout())
         };
+        for Event::GaveUp { peer, dropped_messages, silent_for } in events {
+            tracing::warn!(
+                "udp {local}: giving up on peer {peer}: nothing acknowledged for {} ms; \
+                 {dropped_messages} queued message(s) dropped; the next send to it fails once",
+                silent_for.as_millis()
+            );
+        }
         shared.space.notify_waiters();
         let more = transmits.len() == TRANSMIT_BATCH;
         for (to, datagram) in transmits {

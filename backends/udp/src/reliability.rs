@@ -42,9 +42,13 @@
 //!   (cumulative + selective) and passes datagrams to reassembly strictly in sequence order, so
 //!   messages from one sender arrive complete, once, and in send order. Unacked datagrams are
 //!   retransmitted after an RTT-based timeout (Jacobson/Karels, bounded by
-//!   [`Config::min_rto`] / [`Config::max_rto`], doubled on every timeout). After
-//!   [`Config::max_transmissions`] sends of one datagram the peer is taken for gone: what was
-//!   queued for it is dropped and counted in [`Stats::abandoned_messages`].
+//!   [`Config::min_rto`] / [`Config::max_rto`], doubled on every timeout).
+//! - **Giving up**: when datagrams in flight towards a peer got no acknowledgement at all from it
+//!   for [`Config::peer_timeout`], or one datagram was sent [`Config::max_transmissions`] times, the
+//!   peer is taken for gone: what was queued for it is dropped (counted in
+//!   [`Stats::abandoned_messages`]), [`Endpoint::poll_event`] reports [`Event::GaveUp`] once,
+//!   and the next [`Endpoint::send`] to that peer fails once with [`SendError::Unreachable`]
+//!   (the message is not queued); the send after that starts afresh.
 //! - **Best-effort mode**: fragments without acks; a message arrives whole or not at all, at most
 //!   once per copy the network delivers (no duplicate suppression), in any order.
 //! - **Bounded**: at most [`Config::window`] datagrams in flight per peer and buffered out of
@@ -72,6 +76,7 @@ const KIND_ACK: u8 = 3;
 /// Bytes of a data datagram before the fragment.
 pub const DATA_HEADER: usize = 6 + 8 + 8 + 4 + 2 + 2 + 4;
 const BASE_OFFSET: usize = 6 + 8;
+const MESSAGE_OFFSET: usize = 6 + 8 + 8;
 const MAX_BITMAP_BYTES: usize = 64;
 /// The smallest `max_datagram` that leaves room for a fragment and an ack.
 pub const MIN_DATAGRAM: usize = 6 + 4 + 8 + 2 + MAX_BITMAP_BYTES + 16;
@@ -105,6 +110,10 @@ pub struct Config {
     pub max_rto: Duration,
     /// Sends of one datagram before the peer is taken for gone.
     pub max_transmissions: u32,
+    /// How long datagrams in flight towards a peer may go without any acknowledgement from it
+    /// before the peer is taken for gone. Should be several times [`Config::max_rto`], or a
+    /// single lost retransmission makes a live peer look gone.
+    pub peer_timeout: Duration,
 }
 
 impl Default for Config {
@@ -123,6 +132,7 @@ impl Default for Config {
             min_rto: Duration::from_millis(30),
             max_rto: Duration::from_secs(2),
             max_transmissions: 12,
+            peer_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -147,6 +157,14 @@ pub enum SendError {
     QueueFull,
     /// [`Config::max_peers`] peers are tracked and none can be evicted.
     PeerLimit,
+    /// The endpoint gave up on this peer since the last send to it (see [`Event::GaveUp`]); the
+    /// message was not queued. Reported once: the next send starts afresh.
+    Unreachable {
+        /// Messages that were queued or in flight and were dropped.
+        dropped_messages: u64,
+        /// How long the peer had left datagrams unacknowledged.
+        silent_for: Duration,
+    },
 }
 
 impl fmt::Display for SendError {
@@ -157,11 +175,30 @@ impl fmt::Display for SendError {
             }
             Self::QueueFull => write!(f, "the send queue towards this peer is full"),
             Self::PeerLimit => write!(f, "too many peers are tracked and none is idle"),
+            Self::Unreachable { dropped_messages, silent_for } => write!(
+                f,
+                "the peer acknowledged nothing for {} ms; {dropped_messages} queued message(s) to it were dropped",
+                silent_for.as_millis()
+            ),
         }
     }
 }
 
 impl std::error::Error for SendError {}
+
+/// Something the caller should report (log), taken out with [`Endpoint::poll_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event<A> {
+    /// `peer` stopped acknowledging: what was queued for it was dropped.
+    GaveUp {
+        /// The peer.
+        peer: A,
+        /// Messages that were queued or in flight and were dropped.
+        dropped_messages: u64,
+        /// How long the peer had left datagrams unacknowledged.
+        silent_for: Duration,
+    },
+}
 
 /// Counters of what the endpoint dropped or repeated.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -180,8 +217,10 @@ pub struct Stats {
     pub refused_peers: u64,
     /// Datagrams sent again after a timeout.
     pub retransmissions: u64,
-    /// Datagrams abandoned because their peer stopped acknowledging.
+    /// Messages (queued or in flight) abandoned because their peer stopped acknowledging.
     pub abandoned_messages: u64,
+    /// Times the endpoint gave up on a peer.
+    pub gave_up: u64,
     /// Messages completed and handed out.
     pub delivered: u64,
 }
@@ -260,6 +299,10 @@ struct Peer {
     retransmit: VecDeque<u64>,
     queued_bytes: usize,
     rtt: Rtt,
+    /// Since when datagrams have been in flight with no ack from the peer.
+    waiting_since: Option<Instant>,
+    /// Set when the endpoint gave up on this peer; taken by the next `send`.
+    gave_up: Option<(u64, Duration)>,
 }
 
 impl Peer {
@@ -278,6 +321,8 @@ impl Peer {
             retransmit: VecDeque::new(),
             queued_bytes: 0,
             rtt: Rtt::new(config),
+            waiting_since: None,
+            gave_up: None,
         }
     }
 
@@ -298,6 +343,35 @@ impl Peer {
         self.partials.values().map(|p| p.bytes).sum::<usize>()
             + self.rx_window.values().map(|f| f.bytes.len()).sum::<usize>()
     }
+
+    /// Messages with a datagram in flight or queued (their datagrams are consecutive).
+    fn pending_messages(&self) -> u64 {
+        let numbers =
+            self.in_flight.values().map(|flight| &flight.datagram).chain(self.queued.iter().map(|(_, d)| d));
+        let mut count = 0;
+        let mut last = None;
+        for datagram in numbers {
+            let number = datagram.get(MESSAGE_OFFSET..MESSAGE_OFFSET + 4);
+            if number != last {
+                count += 1;
+                last = number;
+            }
+        }
+        count
+    }
+
+    /// Drops everything queued or in flight and remembers why, for the next `send`.
+    fn give_up(&mut self, silent_for: Duration, config: &Config) -> u64 {
+        let dropped = self.pending_messages();
+        self.in_flight.clear();
+        self.queued.clear();
+        self.retransmit.clear();
+        self.queued_bytes = 0;
+        self.rtt = Rtt::new(config);
+        self.waiting_since = None;
+        self.gave_up = Some((dropped, silent_for));
+        dropped
+    }
 }
 
 /// The state machine: one per socket, tracking every peer it talks to. `A` is the peer's
@@ -308,6 +382,7 @@ pub struct Endpoint<A> {
     epoch: u32,
     peers: HashMap<A, Peer>,
     delivered: VecDeque<(A, Vec<u8>)>,
+    events: VecDeque<Event<A>>,
     buffered: usize,
     tick: u64,
     stats: Stats,
@@ -332,6 +407,7 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
             epoch,
             peers: HashMap::new(),
             delivered: VecDeque::new(),
+            events: VecDeque::new(),
             buffered: 0,
             tick: 0,
             stats: Stats::default(),
@@ -370,7 +446,8 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
                     .peers
                     .iter()
                     .filter(|(_, peer)| peer.idle())
-                    .min_by_key(|(_, peer)| peer.last_heard)
+                    // Keep a pending "gave up" report for its next send if possible.
+                    .min_by_key(|(_, peer)| (peer.gave_up.is_some(), peer.last_heard))
                     .map(|(address, _)| *address)?;
                 let gone = self.peers.remove(&victim).expect("victim is tracked");
                 self.buffered -= gone.buffered_bytes();
@@ -389,6 +466,9 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
         let fragment_size = self.config.fragment_size();
         let (reliable, max_queued, epoch) = (self.config.reliable, self.config.max_queued_bytes, self.epoch);
         let Some(state) = self.peer(now, peer) else { return Err(SendError::PeerLimit) };
+        if let Some((dropped_messages, silent_for)) = state.gave_up.take() {
+            return Err(SendError::Unreachable { dropped_messages, silent_for });
+        }
         if state.queued_bytes > 0 && state.queued_bytes + message.len() > max_queued {
             return Err(SendError::QueueFull);
         }
@@ -452,6 +532,7 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
                     datagram[BASE_OFFSET..BASE_OFFSET + 8].copy_from_slice(&base.to_be_bytes());
                     let copy = datagram.clone();
                     peer.in_flight.insert(seq, InFlight { datagram, sent_at: Some(now), transmissions: 1 });
+                    peer.waiting_since.get_or_insert(now);
                     return Some((*address, copy));
                 }
             }
@@ -464,13 +545,23 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
         self.delivered.pop_front()
     }
 
+    /// The next event to report (at most one per peer the endpoint gave up on).
+    pub fn poll_event(&mut self) -> Option<Event<A>> {
+        self.events.pop_front()
+    }
+
     /// When [`Endpoint::handle_timeout`] should next be called, if anything waits for a timer.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        let peer_timeout = self.config.peer_timeout;
         self.peers
             .values()
             .flat_map(|peer| {
                 let rto = peer.rtt.rto;
-                peer.in_flight.values().filter_map(move |flight| flight.sent_at.map(|at| at + rto))
+                let give_up = peer.waiting_since.map(|since| since + peer_timeout);
+                peer.in_flight
+                    .values()
+                    .filter_map(move |flight| flight.sent_at.map(|at| at + rto))
+                    .chain(give_up)
             })
             .min()
     }
@@ -479,24 +570,28 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
     /// stopped answering.
     pub fn handle_timeout(&mut self, now: Instant) {
         let config = &self.config;
-        for peer in self.peers.values_mut() {
+        for (address, peer) in self.peers.iter_mut() {
             let rto = peer.rtt.rto;
+            let silent_for =
+                peer.waiting_since.map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
             let expired: Vec<u64> = peer
                 .in_flight
                 .iter()
                 .filter(|(_, flight)| flight.sent_at.is_some_and(|at| at + rto <= now))
                 .map(|(seq, _)| *seq)
                 .collect();
-            if expired.is_empty() {
+            let exhausted =
+                expired.iter().any(|seq| peer.in_flight[seq].transmissions >= config.max_transmissions);
+            if exhausted || (peer.waiting_since.is_some() && silent_for >= config.peer_timeout) {
+                let dropped_messages = peer.give_up(silent_for, config);
+                self.stats.abandoned_messages += dropped_messages;
+                self.stats.gave_up += 1;
+                if self.events.len() < config.max_peers {
+                    self.events.push_back(Event::GaveUp { peer: *address, dropped_messages, silent_for });
+                }
                 continue;
             }
-            if expired.iter().any(|seq| peer.in_flight[seq].transmissions >= config.max_transmissions) {
-                self.stats.abandoned_messages += (peer.in_flight.len() + peer.queued.len()) as u64;
-                peer.in_flight.clear();
-                peer.queued.clear();
-                peer.retransmit.clear();
-                peer.queued_bytes = 0;
-                peer.rtt = Rtt::new(config);
+            if expired.is_empty() {
                 continue;
             }
             peer.rtt.back_off(config);
@@ -566,6 +661,11 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
                     }
                 }
             }
+        }
+        // Any ack shows the peer is there, even one that settles nothing new (it answers a
+        // retransmission of what it already had).
+        if !peer.in_flight.is_empty() {
+            peer.waiting_since = Some(now);
         }
         for seq in acked {
             let flight = peer.in_flight.remove(&seq).expect("listed from in_flight");

@@ -86,3 +86,49 @@ async fn an_unspecified_listen_address_advertises_a_routable_ip() {
     any.send(&target.info().local_address, envelope(1, vec![1])).await.unwrap();
     assert_eq!(target.receive(1).await.unwrap()[0].envelope, envelope(1, vec![1]));
 }
+
+#[tokio::test]
+async fn a_peer_that_stops_acknowledging_is_reported_by_the_next_send_once() {
+    // A socket that never reads: datagrams arrive, nothing is acknowledged, no ICMP comes back.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to = silent.local_addr().unwrap().to_string();
+    let a = transport("peer_timeout_ms = 300").await;
+    let started = Instant::now();
+    a.send(&to, envelope(1, vec![1; 5_000])).await.unwrap();
+    a.send(&to, envelope(2, vec![2; 10])).await.unwrap();
+    while a.stats().gave_up == 0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "never gave up: {:?}", a.stats());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_millis(300), "gave up after {:?}", started.elapsed());
+    assert_eq!(a.stats().abandoned_messages, 2);
+    let error = a.send(&to, envelope(3, vec![3])).await.unwrap_err();
+    assert_eq!(error.code, ErrorCode::UNREACHABLE, "{error}");
+    assert!(error.retryable, "{error}");
+    assert!(error.message.contains(&to) && error.message.contains("2 queued message(s)"), "{error}");
+    a.send(&to, envelope(4, vec![4])).await.expect("reported once, then afresh");
+    // A peer that answers is never given up, however long the exchange.
+    let b = transport("").await;
+    for n in 0..20u128 {
+        a.send(&b.info().local_address, envelope(n, vec![n as u8; 50_000])).await.unwrap();
+    }
+    let mut got = 0;
+    while got < 20 {
+        got += b.receive(20).await.unwrap().len();
+    }
+    assert_eq!(a.stats().gave_up, 1, "only the silent peer");
+}
+
+#[test]
+fn peer_timeout_ms_is_checked_and_caps_the_retransmission_timeout() {
+    let settings = UdpSettings { peer_timeout_ms: Some(50), ..Default::default() };
+    let error = settings.reliability_config().unwrap_err();
+    assert!(error.message.contains("peer_timeout_ms"), "{error}");
+    let config =
+        UdpSettings { peer_timeout_ms: Some(400), ..Default::default() }.reliability_config().unwrap();
+    assert_eq!(config.peer_timeout, Duration::from_millis(400));
+    assert_eq!(config.max_rto, Duration::from_millis(100), "several retransmissions fit in the timeout");
+    assert!(config.initial_rto <= config.max_rto);
+    let defaults = UdpSettings::default().reliability_config().unwrap();
+    assert_eq!(defaults.peer_timeout, Duration::from_millis(DEFAULT_PEER_TIMEOUT_MS));
+}

@@ -111,6 +111,7 @@ fn a_one_mebibyte_message_survives_five_percent_loss_reordering_and_duplication(
     assert!(net.received[1][0] == message, "intact");
     let stats = net.endpoints[0].stats();
     assert!(stats.retransmissions > 0, "loss was repaired by retransmission: {stats:?}");
+    assert_eq!(stats.gave_up, 0, "a lossy but live peer is never given up: {stats:?}");
     assert_eq!(net.endpoints[1].buffered_bytes(), 0, "nothing left in reassembly");
 }
 
@@ -202,9 +203,16 @@ fn a_silent_peer_is_abandoned_after_max_transmissions_and_can_come_back() {
     net.run_until(60_000, |net| !net.endpoints[0].has_pending_sends());
     let stats = net.endpoints[0].stats();
     assert_eq!(stats.retransmissions, 3);
-    assert_eq!(stats.abandoned_messages, 1);
-    // The peer comes back: new messages flow, the receiver skips what was abandoned.
+    assert_eq!((stats.abandoned_messages, stats.gave_up), (1, 1));
+    let Some(Event::GaveUp { peer: 2, dropped_messages: 1, .. }) = net.endpoints[0].poll_event() else {
+        panic!("the give-up is reported")
+    };
+    assert_eq!(net.endpoints[0].poll_event(), None, "once");
+    // The peer comes back: the first send learns it was given up, then messages flow and the
+    // receiver skips what was abandoned.
     net.faults = CLEAN;
+    let error = net.endpoints[0].send(net.now, 2, b"lost news").unwrap_err();
+    assert!(matches!(error, SendError::Unreachable { dropped_messages: 1, .. }), "{error}");
     net.endpoints[0].send(net.now, 2, b"hello again").unwrap();
     net.run_until(1_000, |net| !net.received[1].is_empty());
     assert_eq!(net.received[1], vec![b"hello again".to_vec()]);
@@ -328,4 +336,58 @@ fn selective_acks_spare_what_arrived_and_only_the_gap_is_retransmitted() {
     let (_, ack) = b.poll_transmit(later).expect("an ack");
     a.handle_datagram(later, 2, &ack);
     assert!(!a.has_pending_sends());
+}
+
+#[test]
+fn a_peer_silent_for_peer_timeout_is_given_up_reported_once_then_sends_start_afresh() {
+    let config = Config { peer_timeout: Duration::from_secs(1), max_datagram: 200, ..Config::default() };
+    let mut net = Network::new(config, Faults { loss_percent: 100, ..CLEAN }, 1);
+    let started = net.now;
+    for n in 0..3 {
+        net.endpoints[0].send(net.now, 2, &pattern(1_000, n)).unwrap();
+    }
+    net.run_until(60_000, |net| !net.endpoints[0].has_pending_sends());
+    let waited = net.now - started;
+    assert!(
+        waited >= Duration::from_secs(1) && waited < Duration::from_millis(1_100),
+        "gave up after {waited:?}"
+    );
+    let event = net.endpoints[0].poll_event().expect("the give-up is reported");
+    let Event::GaveUp { peer: 2, dropped_messages: 3, silent_for } = event else { panic!("{event:?}") };
+    assert!(silent_for >= Duration::from_secs(1), "{silent_for:?}");
+    assert_eq!(net.endpoints[0].poll_event(), None, "one report per give-up");
+    assert_eq!(net.endpoints[0].stats().abandoned_messages, 3, "counted in messages, not datagrams");
+    assert_eq!(net.endpoints[0].poll_timeout(), None, "nothing left to wait for");
+
+    // The next send fails once and is not queued; the one after starts afresh.
+    let error = net.endpoints[0].send(net.now, 2, b"not queued").unwrap_err();
+    assert_eq!(error, SendError::Unreachable { dropped_messages: 3, silent_for });
+    assert!(error.to_string().contains("3 queued message(s)"), "{error}");
+    assert!(!net.endpoints[0].has_pending_sends());
+    net.faults = CLEAN;
+    net.endpoints[0].send(net.now, 2, b"afresh").unwrap();
+    net.run_until(1_000, |net| !net.received[1].is_empty());
+    assert_eq!(net.received[1], vec![b"afresh".to_vec()]);
+    net.run_until(1_000, |net| !net.endpoints[0].has_pending_sends());
+    assert_eq!(net.endpoints[0].poll_event(), None, "a live peer is not given up again");
+}
+
+#[test]
+fn acknowledgements_that_keep_coming_keep_a_slow_peer_alive() {
+    // 10 % loss each way and a peer timeout far below the time the transfer takes: every ack
+    // restarts the clock, so the peer is never given up.
+    let peer_timeout = Duration::from_millis(500);
+    let config = Config { peer_timeout, max_rto: peer_timeout / 4, ..Config::default() };
+    let faults = Faults { loss_percent: 10, duplicate_percent: 0, max_delay_ms: 30 };
+    let mut net = Network::new(config, faults, 17);
+    let messages = [pattern(1 << 20, 9), pattern(1 << 20, 10)];
+    for message in &messages {
+        net.endpoints[0].send(net.now, 2, message).unwrap();
+    }
+    let started = net.now;
+    net.run_until(120_000, |net| net.received[1].len() == 2);
+    let took = net.now - started;
+    assert!(took > peer_timeout * 4, "the transfer ({took:?}) outlasts the peer timeout several times");
+    assert!(net.received[1] == messages);
+    assert_eq!(net.endpoints[0].stats().gave_up, 0);
 }
