@@ -1,5 +1,6 @@
 //! Building a [`Node`]: from a config file ([`crate::config`]) or in code.
 
+use crate::security::{Security, SignatureMode, Signatures};
 use crate::{
     codec::Codec,
     config::{ConfigError, PluginSource},
@@ -12,7 +13,8 @@ use crate::{
 };
 use comms_plugin_api::{
     host_side::{LoadedDiscovery, PluginLibrary},
-    ErrorCode, NodeId, NodeRecord, PluginError,
+    security::{AllowList, Identity, LinkMode, LinkSecurity, LinkSecurityConfig, PublicKey, SETUP_KEY},
+    Capabilities, ErrorCode, NodeId, NodeRecord, PluginError,
 };
 use std::{
     path::{Path, PathBuf},
@@ -61,6 +63,9 @@ pub struct NodeBuilder {
     transports: Vec<TransportSpec>,
     discovery: Option<(PluginChoice, String)>,
     static_peers: Vec<StaticPeer>,
+    key_file: Option<PathBuf>,
+    identity: Option<Identity>,
+    security: Security,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -89,7 +94,32 @@ impl NodeBuilder {
             transports: Vec::new(),
             discovery: None,
             static_peers: Vec::new(),
+            key_file: None,
+            identity: None,
+            security: Security::default(),
         }
+    }
+
+    /// This node's identity from a key file (`comms keygen`; refused if others can read it).
+    /// The node id is then bound to its public key: `<id>-<public key>`, or the key alone when
+    /// the builder's id is empty. Needed for encrypted links and signatures.
+    pub fn key_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.key_file = Some(path.into());
+        self
+    }
+
+    /// This node's identity, given in code (see [`NodeBuilder::key_file`] for the node id).
+    /// Enough for signatures; encrypted links need [`NodeBuilder::key_file`], since the
+    /// transport plugins load the key themselves.
+    pub fn identity(mut self, identity: Identity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// Security settings: encrypted links, who may connect, envelope signatures.
+    pub fn security(mut self, security: Security) -> Self {
+        self.security = security;
+        self
     }
 
     /// How this node encodes what it sends (it decodes whatever a message's content type says).
@@ -258,15 +288,88 @@ impl NodeBuilder {
         }
     }
 
+    /// Loads the identity, derives the node id from it, checks the security settings; returns
+    /// the `[comms_security]` table for transports (noise links only) and the signer.
+    fn resolve_security(&mut self) -> Result<(Option<toml::Table>, Option<Signatures>), BuildError> {
+        let security = self.security.clone();
+        let identity = match (self.identity.take(), &self.key_file) {
+            (Some(identity), _) => Some(identity),
+            (None, Some(path)) => Some(
+                Identity::load(path).map_err(|e| self.config_error(format!("key `node.key_file`: {e}")))?,
+            ),
+            (None, None) => None,
+        };
+        let allow =
+            AllowList::parse(&security.allow, "security.allow").map_err(|e| self.config_error(e.message))?;
+        if let Some(identity) = &identity {
+            let key = identity.public_key();
+            self.id = match PublicKey::of_node(&self.id) {
+                Some(bound) if bound == key => self.id.clone(),
+                Some(_) => {
+                    return Err(self.config_error(format!(
+                        "key `node.id`: `{}` is bound to another public key than this node's key file",
+                        self.id
+                    )))
+                }
+                None => key.node_id(Some(self.id.as_str())),
+            };
+        }
+        let link_table = if security.links == LinkMode::Noise {
+            let Some(key_file) = self.key_file.clone() else {
+                return Err(self.config_error(
+                    "key `node.key_file`: encrypted links (`security.links = \"noise\"`) need this node's key \
+                     file (create one with `comms keygen`)"
+                        .into(),
+                ));
+            };
+            let absolute = |path: &Path| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+            let config = LinkSecurityConfig {
+                links: LinkMode::Noise,
+                key_file: Some(absolute(&key_file)),
+                allow: security.allow.clone(),
+                network_key_file: security.network_key_file.as_deref().map(absolute),
+            };
+            // The same checks the plugins make, once, with the config file in the message.
+            LinkSecurity::from_config(&config).map_err(|e| self.config_error(e.message))?;
+            let mut table = toml::Table::new();
+            table.insert("links".into(), "noise".into());
+            let text = |path: &Path| toml::Value::String(path.display().to_string());
+            if let Some(path) = &config.key_file {
+                table.insert("key_file".into(), text(path));
+            }
+            if let Some(path) = &config.network_key_file {
+                table.insert("network_key_file".into(), text(path));
+            }
+            let allow = config.allow.iter().cloned().map(toml::Value::String).collect();
+            table.insert("allow".into(), toml::Value::Array(allow));
+            Some(table)
+        } else {
+            None
+        };
+        let signatures = match (security.signatures, identity) {
+            (SignatureMode::Off, _) => None,
+            (_, None) => {
+                return Err(self.config_error(
+                    "key `security.signatures`: signing needs this node's identity: set `node.key_file` \
+                     (create one with `comms keygen`)"
+                        .into(),
+                ))
+            }
+            (_, Some(identity)) => Some(Signatures::new(Arc::new(identity), &security, allow)),
+        };
+        Ok((link_table, signatures))
+    }
+
     /// Loads the plugins, starts the transports and discovery, announces the node.
     pub async fn build(mut self) -> Result<Node, BuildError> {
         if self.transports.is_empty() {
             return Err(BuildError::NoTransport);
         }
+        let (link_table, signatures) = self.resolve_security()?;
         let dirs = search_dirs(&self.plugin_dirs);
         let mut transports: Vec<Arc<NodeTransport>> = Vec::new();
         for spec in std::mem::take(&mut self.transports) {
-            match self.start_transport(spec, &dirs).await {
+            match self.start_transport(spec, &dirs, link_table.as_ref()).await {
                 Ok(transport) => transports.push(Arc::new(transport)),
                 Err(error) => {
                     close_all(&transports).await;
@@ -276,7 +379,8 @@ impl NodeBuilder {
         }
         match self.start_discovery(&dirs, &transports).await {
             Ok((discovery, record, peers)) => {
-                Ok(Node::start(self.id, self.settings, transports, discovery, record, peers).await)
+                Ok(Node::start(self.id, self.settings, transports, discovery, record, peers, signatures)
+                    .await)
             }
             Err(error) => {
                 close_all(&transports).await;
@@ -289,6 +393,7 @@ impl NodeBuilder {
         &self,
         spec: TransportSpec,
         dirs: &[PathBuf],
+        link_table: Option<&toml::Table>,
     ) -> Result<NodeTransport, BuildError> {
         let role = format!("transport `{}`", spec.name);
         let table = format!("transports.{}", spec.name);
@@ -299,12 +404,38 @@ impl NodeBuilder {
             ),
             None => None,
         };
+        let config_toml = match link_table {
+            None => spec.config_toml,
+            Some(link_table) => {
+                let mut config: toml::Table = toml::from_str(&spec.config_toml)
+                    .map_err(|e| self.config_error(format!("[{table}] {}", e.message())))?;
+                if config.contains_key(SETUP_KEY) {
+                    return Err(self.config_error(format!(
+                        "key `{table}.{SETUP_KEY}`: reserved for the host (set [security] instead)"
+                    )));
+                }
+                config.insert(SETUP_KEY.into(), toml::Value::Table(link_table.clone()));
+                toml::to_string(&config).map_err(|e| self.config_error(format!("[{table}] {e}")))?
+            }
+        };
         let library = self.resolve(spec.plugin, &role, dirs)?;
         let plugin = library.description().name.clone();
         let loaded = library
-            .new_transport(&self.id, &spec.name, &spec.config_toml)
+            .new_transport(&self.id, &spec.name, &config_toml)
             .await
             .map_err(|error| self.start_error(&table, &role, &plugin, error))?;
+        if link_table.is_some() && !loaded.info().capabilities.contains(Capabilities::ENCRYPTED) {
+            let _ = loaded.close().await;
+            let hint = match plugin.as_str() {
+                "redis" => "use a rediss:// URL",
+                "amqp" => "use an amqps:// URL",
+                _ => "use a transport that supports encrypted links (tcp, udp)",
+            };
+            return Err(self.config_error(format!(
+                "[{table}] transport `{}` does not encrypt its links: {hint}, or set security.links = \"plain\"",
+                spec.name
+            )));
+        }
         Ok(NodeTransport { name: spec.name, plugin, loaded: Arc::new(loaded), faults })
     }
 

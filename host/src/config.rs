@@ -2,7 +2,8 @@
 //!
 //! ```toml
 //! [node]
-//! id = "alice"                 # required: this node's id
+//! id = "alice"                 # this node's id (a label when key_file is set: "alice-<public key>")
+//! key_file = "alice.key"       # optional identity (`comms keygen`); relative to this file
 //! codec = "binary"             # "binary" (default, compact) or "json"
 //! plugin_dirs = ["plugins"]    # searched first; relative to this file
 //! receive_queue_capacity = 1024
@@ -21,6 +22,14 @@
 //! listen = "127.0.0.1:7001"    # every other key is the plugin's own config
 //! # faults = { drop = 0.1, delay_ms = 5, jitter_ms = 5, duplicate = 0.01, reorder = 0.05, seed = 7 }
 //!
+//! [security]                   # optional; see docs/security.md
+//! links = "plain"              # or "noise": every transport must encrypt and authenticate links
+//! allow = ["<public key>", "bob-<public key>"]   # or ["*"]: who may connect / send
+//! network_key_file = "net.key" # optional shared network key (Noise links)
+//! signatures = "off"           # "sign" or "require": end-to-end envelope signatures
+//! max_clock_skew_ms = 300000   # signatures: how old / early a signed-at may be
+//! replay_cache_size = 100000   # signatures: recent message ids remembered against replays
+//!
 //! [discovery]                  # optional; defaults to static discovery with no peers
 //! plugin = "static"            # "static" is built in; any other name is a plugin
 //! peers = [
@@ -36,9 +45,13 @@ use crate::{
     codec::Codec,
     fault_injection::FaultConfig,
     request_response::{Balancing, RequestOptions},
+    security::{Security, SignatureMode},
     static_discovery::STATIC_DISCOVERY,
 };
-use comms_plugin_api::config::parse_config;
+use comms_plugin_api::{
+    config::parse_config,
+    security::{AllowList, LinkMode},
+};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -60,12 +73,29 @@ struct ConfigFile {
     transports: toml::Table,
     #[serde(default)]
     discovery: toml::Table,
+    #[serde(default)]
+    security: SecuritySection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecuritySection {
+    #[serde(default)]
+    links: LinkMode,
+    #[serde(default)]
+    allow: Vec<String>,
+    network_key_file: Option<PathBuf>,
+    #[serde(default)]
+    signatures: SignatureMode,
+    max_clock_skew_ms: Option<u64>,
+    replay_cache_size: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NodeSection {
-    id: String,
+    id: Option<String>,
+    key_file: Option<PathBuf>,
     #[serde(default)]
     codec: Codec,
     #[serde(default)]
@@ -101,7 +131,39 @@ pub fn load(path: &Path) -> Result<NodeBuilder, ConfigError> {
         Ok(_) => parse_config(&text).map_err(|e| error(e.message))?,
     };
     let base = path.parent().unwrap_or(Path::new("."));
-    let mut builder = NodeBuilder::new(file.node.id.as_str()).codec(file.node.codec).config_file(path);
+    let absolute = |relative: &Path| {
+        let joined = base.join(relative);
+        std::path::absolute(&joined).unwrap_or(joined)
+    };
+    let label =
+        match (&file.node.id, &file.node.key_file) {
+            (Some(id), _) => id.clone(),
+            (None, Some(_)) => String::new(),
+            (None, None) => return Err(error(
+                "key `node.id`: missing (give the node an id, or `node.key_file` to derive it from a key)"
+                    .into(),
+            )),
+        };
+    let mut builder = NodeBuilder::new(label.as_str()).codec(file.node.codec).config_file(path);
+    if let Some(key_file) = &file.node.key_file {
+        builder = builder.key_file(absolute(key_file));
+    }
+    let section = &file.security;
+    AllowList::parse(&section.allow, "security.allow").map_err(|e| error(e.message))?;
+    if section.replay_cache_size == Some(0) {
+        return Err(error("key `security.replay_cache_size`: must be at least 1".into()));
+    }
+    builder = builder.security(Security {
+        links: section.links,
+        allow: section.allow.clone(),
+        network_key_file: section.network_key_file.as_deref().map(absolute),
+        signatures: section.signatures,
+        max_clock_skew: section
+            .max_clock_skew_ms
+            .map(std::time::Duration::from_millis)
+            .unwrap_or(crate::security::DEFAULT_MAX_CLOCK_SKEW),
+        replay_cache_size: section.replay_cache_size.unwrap_or(crate::security::DEFAULT_REPLAY_CACHE_SIZE),
+    });
     for dir in &file.node.plugin_dirs {
         builder = builder.plugin_dir(base.join(dir));
     }

@@ -51,13 +51,18 @@ pub(crate) async fn receive_loop(inner: Arc<NodeInner>, transport: Arc<NodeTrans
                 let mut inbox_open = true;
                 for inbound in batch {
                     let tag = inbound.delivery_tag;
-                    inbox_open = inbox_open && route_incoming(&inner, inbound.envelope).await;
-                    if acknowledges {
-                        let outcome = if inbox_open {
+                    let outcome = if !admitted(&inner, &transport, &inbound.envelope) {
+                        // Refused for good: never delivered again.
+                        SettlementOutcome::REJECTED_DISCARD
+                    } else {
+                        inbox_open = inbox_open && route_incoming(&inner, inbound.envelope).await;
+                        if inbox_open {
                             SettlementOutcome::ACCEPTED
                         } else {
                             SettlementOutcome::REJECTED_REQUEUE
-                        };
+                        }
+                    };
+                    if acknowledges {
                         settlements.push(Settlement { delivery_tag: tag, outcome });
                     }
                 }
@@ -84,6 +89,26 @@ pub(crate) async fn receive_loop(inner: Arc<NodeInner>, transport: Arc<NodeTrans
                     _ = flag_set(&mut closing) => return,
                 }
             }
+        }
+    }
+}
+
+/// Whether an incoming envelope passes the node's signature checks (always, unless
+/// `signatures = "require"`). A refused one is logged and counted.
+fn admitted(inner: &NodeInner, transport: &NodeTransport, envelope: &Envelope) -> bool {
+    let Some(signatures) = &inner.signatures else { return true };
+    match signatures.check(envelope) {
+        Ok(()) => true,
+        Err(reason) => {
+            inner.rejected.add();
+            tracing::warn!(
+                transport = %transport.name,
+                from = %envelope.from,
+                id = %envelope.id,
+                reason,
+                "incoming envelope refused"
+            );
+            false
         }
     }
 }

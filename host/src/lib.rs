@@ -25,7 +25,8 @@
 //! or JSON), [`control`] (framework messages on the wire), [`plugin_search`] (where plugin files
 //! are looked for), [`static_discovery`] (peers listed in config), [`fault_injection`] (a
 //! seeded faulty network around any transport), [`conformance`] (the suite every transport must
-//! pass), [`error`] (one error type per operation). The `comms` command is in `main.rs`.
+//! pass), [`security`] (identities, `[security]`, envelope signatures), [`error`] (one error
+//! type per operation). The `comms` command is in `main.rs`.
 //!
 //! The host never sees `abi_stable` types: loading and calling plugins goes through
 //! [`comms_plugin_api::host_side`].
@@ -44,6 +45,7 @@ pub mod membership;
 pub mod node;
 pub mod plugin_search;
 pub mod request_response;
+pub mod security;
 mod service;
 pub mod static_discovery;
 pub mod subscription;
@@ -59,4 +61,5 @@ pub use error::{BuildError, CloseError, ReceiveError, RequestError, SendError, S
 pub use membership::{PeerInfo, PeerStatus};
 pub use node::{Node, Received, TransportSummary};
 pub use request_response::{Balancing, RequestOptions};
+pub use security::{Security, SignatureMode};
 pub use subscription::Subscription;

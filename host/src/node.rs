@@ -10,6 +10,7 @@ use crate::{
     fault_injection::FaultInjector,
     membership::{Membership, PeerInfo},
     request_response::{Balancing, PendingRequests, RequestOptions},
+    security::{RejectedCounter, Signatures},
     service::{ServiceHandler, Services},
     subscription::{Subscription, Subscriptions},
     topics::{validate_pattern, validate_topic},
@@ -155,6 +156,10 @@ pub(crate) struct NodeInner {
     closed: AtomicBool,
     id_prefix: u64,
     id_counter: AtomicU64,
+    /// Envelope signatures (`[security] signatures`), if on.
+    pub(crate) signatures: Option<Signatures>,
+    /// Incoming envelopes refused (signature checks).
+    pub(crate) rejected: RejectedCounter,
 }
 
 impl Node {
@@ -175,6 +180,7 @@ impl Node {
         discovery: LoadedDiscovery,
         record: NodeRecord,
         peers: Vec<NodeRecord>,
+        signatures: Option<Signatures>,
     ) -> Node {
         let (shutdown, _) = watch::channel(false);
         let (closing, _) = watch::channel(false);
@@ -203,6 +209,8 @@ impl Node {
             closed: AtomicBool::new(false),
             id_prefix: rand::random(),
             id_counter: AtomicU64::new(0),
+            signatures,
+            rejected: RejectedCounter::default(),
             settings,
         });
         let receive_loops = inner
@@ -222,6 +230,12 @@ impl Node {
     /// This node's id.
     pub fn id(&self) -> &NodeId {
         &self.inner.id
+    }
+
+    /// How many incoming envelopes this node refused since it started: with
+    /// `signatures = "require"`, unsigned, badly signed, unlisted, stale and replayed ones.
+    pub fn rejected_count(&self) -> u64 {
+        self.inner.rejected.get()
     }
 
     /// The codec this node sends with.
@@ -561,8 +575,9 @@ impl NodeInner {
         let (transport, address) = self.route(record)?;
         let first_contact = record.id != self.id
             && self.greeted.lock().unwrap_or_else(|p| p.into_inner()).insert(record.id.clone());
+        let envelope = self.sealed(envelope);
         if first_contact {
-            let hello = self.heartbeat_envelope(&record.id);
+            let hello = self.sealed(self.heartbeat_envelope(&record.id));
             if let Err(error) = transport.loaded.send(&address, hello).await {
                 self.greeted.lock().unwrap_or_else(|p| p.into_inner()).remove(&record.id);
                 return Err(SendError::Transport {
@@ -600,7 +615,21 @@ impl NodeInner {
         dispatch::send_heartbeats(self).await;
     }
 
+    /// Signs an envelope this node sends, if signatures are on. Envelopes of other nodes
+    /// (relayed) and envelopes already signed (a publication sent to several subscribers) are
+    /// left as they are.
+    pub(crate) fn sealed(&self, mut envelope: Envelope) -> Envelope {
+        if let Some(signatures) = &self.signatures {
+            let signed = envelope.header(crate::security::SIGNATURE_HEADER).is_some();
+            if envelope.from == self.id && !signed {
+                signatures.seal(&mut envelope);
+            }
+        }
+        envelope
+    }
+
     async fn publish(&self, topic: &str, envelope: Envelope) -> Result<usize, SendError> {
+        let envelope = self.sealed(envelope);
         let native = self.transports.iter().find(|t| t.has(Capabilities::NATIVE_TOPICS));
         if let Some(native) = native {
             native.send("", envelope.clone()).await.map_err(|error| SendError::Transport {

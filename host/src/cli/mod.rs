@@ -2,6 +2,7 @@
 
 mod check;
 mod demo;
+mod keygen;
 mod node_commands;
 mod patterns;
 mod plugins;
@@ -124,6 +125,22 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Create a node identity (Ed25519 key file, owner-only) or a network key; prints the public
+    /// key and the node id bound to it, never the secret. Refuses to overwrite a file.
+    Keygen {
+        /// The file to write (default: comms.key, or network.key with --network).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Write a shared network key instead of a node identity.
+        #[arg(long, conflicts_with = "show")]
+        network: bool,
+        /// Print the public key and node id of this existing key file instead.
+        #[arg(long, conflicts_with = "out")]
+        show: Option<PathBuf>,
+        /// The label of the node id to print (`<label>-<public key>`), as `[node] id`.
+        #[arg(long)]
+        label: Option<String>,
+    },
     /// Two nodes exchanging messages over the TCP plugin on loopback; no setup needed.
     Demo {
         /// Directory holding libcomms_tcp.so (default: the plugin search path).
@@ -212,5 +229,9 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::EchoService { config, service } => patterns::echo_service(&config, &service).await,
         Command::Check { file, config } => check::run(&file, config.as_deref()).await,
+        Command::Keygen { out, network, show, label } => match show {
+            Some(file) => keygen::show(&file, label.as_deref()),
+            None => keygen::generate(out.as_deref(), network, label.as_deref()),
+        },
     }
 }

@@ -15,12 +15,14 @@ pub(crate) fn payload_text(node: &Node, envelope: &Envelope) -> String {
 
 pub(super) fn print_addresses(node: &Node) {
     for transport in node.transports() {
+        let encrypted = transport.capabilities.contains(comms_plugin_api::Capabilities::ENCRYPTED);
         eprintln!(
-            "node `{}`: transport `{}` (plugin {}) at {}",
+            "node `{}`: transport `{}` (plugin {}) at {}{}",
             node.id(),
             transport.name,
             transport.plugin,
-            transport.local_address
+            transport.local_address,
+            if encrypted { " (links encrypted)" } else { "" }
         );
     }
 }
