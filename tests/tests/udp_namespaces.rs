@@ -93,30 +93,36 @@ fn run(program: &str, args: &[&str]) -> Result<(), String> {
 /// the nftables tables inside them).
 struct Namespaces {
     names: [String; 2],
+    veths: [String; 2],
 }
 
 impl Namespaces {
-    /// `nsA` (10.77.0.1/24) and `nsB` (10.77.0.2/24), lo up, a multicast route on the veth, and
-    /// a rule in each that drops `LOSS_PERCENT` % of incoming UDP packets at random.
-    fn create() -> Result<Self, String> {
+    /// Namespaces A (10.77.0.1/24, fd77::1/64) and B (10.77.0.2/24, fd77::2/64), lo up, a
+    /// multicast route on the veth, and a rule in each that drops `LOSS_PERCENT` % of incoming
+    /// UDP packets at random. `tag` (one character) tells apart the tests of one process.
+    fn create(tag: char) -> Result<Self, String> {
         let pid = std::process::id();
-        let namespaces = Self { names: [format!("comms-udp-{pid}-a"), format!("comms-udp-{pid}-b")] };
-        let [a, b] = &namespaces.names;
         // Interface names are at most 15 bytes.
-        let (veth_a, veth_b) = (format!("cu{pid}a"), format!("cu{pid}b"));
+        let namespaces = Self {
+            names: [format!("comms-udp-{pid}{tag}-a"), format!("comms-udp-{pid}{tag}-b")],
+            veths: [format!("cu{pid}{tag}a"), format!("cu{pid}{tag}b")],
+        };
+        let [a, b] = &namespaces.names;
+        let [veth_a, veth_b] = &namespaces.veths;
         run("ip", &["netns", "add", a])?;
         run("ip", &["netns", "add", b])?;
-        run(
-            "ip",
-            &["link", "add", &veth_a, "netns", a, "type", "veth", "peer", "name", &veth_b, "netns", b],
-        )?;
+        run("ip", &["link", "add", veth_a, "netns", a, "type", "veth", "peer", "name", veth_b, "netns", b])?;
         let loss = format!(
             "table inet comms_udp_loss {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    \
              meta l4proto udp numgen random mod 100 < {LOSS_PERCENT} counter drop\n  }}\n}}\n"
         );
-        for (namespace, veth, address) in [(a, &veth_a, "10.77.0.1/24"), (b, &veth_b, "10.77.0.2/24")] {
+        for (namespace, veth, address, address6) in
+            [(a, veth_a, "10.77.0.1/24", "fd77::1/64"), (b, veth_b, "10.77.0.2/24", "fd77::2/64")]
+        {
             run("ip", &["-n", namespace, "link", "set", "lo", "up"])?;
             run("ip", &["-n", namespace, "addr", "add", address, "dev", veth])?;
+            // nodad: usable at once, not after duplicate address detection.
+            run("ip", &["-n", namespace, "-6", "addr", "add", address6, "dev", veth, "nodad"])?;
             run("ip", &["-n", namespace, "link", "set", veth, "up"])?;
             // No default route in a fresh namespace: without this, sending to the beacon group
             // (and finding the address to advertise) fails with "network unreachable".
@@ -168,7 +174,7 @@ impl Drop for Running {
 }
 
 /// Namespaces with the loss rules, or why they cannot be had. In CI that is a failure.
-fn namespaces_or_skip() -> Option<Namespaces> {
+fn namespaces_or_skip(tag: char) -> Option<Namespaces> {
     let missing = [("ip", "-V"), ("nft", "--version")].into_iter().find(|(tool, version)| {
         !Command::new(tool)
             .arg(version)
@@ -179,7 +185,7 @@ fn namespaces_or_skip() -> Option<Namespaces> {
     });
     let result = match missing {
         Some((tool, _)) => Err(format!("`{tool}` is not installed (.ci/run installs nftables)")),
-        None => Namespaces::create(),
+        None => Namespaces::create(tag),
     };
     match result {
         Ok(namespaces) => Some(namespaces),
@@ -201,7 +207,7 @@ fn tail(path: &Path) -> String {
 
 #[test]
 fn two_namespaces_discover_each_other_and_exchange_mebibyte_messages_under_loss() {
-    let Some(namespaces) = namespaces_or_skip() else { return };
+    let Some(namespaces) = namespaces_or_skip('4') else { return };
     let artifacts = artifacts();
     let dir = scratch_dir("udp-namespaces");
     let [namespace_a, namespace_b] = &namespaces.names;
@@ -272,6 +278,56 @@ fn two_namespaces_discover_each_other_and_exchange_mebibyte_messages_under_loss(
     let hashes: Vec<u64> = big.iter().map(|text| hash(text)).collect();
     let expected: Vec<u64> = (0..MESSAGES).map(|n| hash(&message(n))).collect();
     assert_eq!(hashes, expected, "the echo node received each 1 MiB message once, intact and in order");
+    drop(namespaces);
+}
+
+/// IPv6: beacons on the link-local group ff02::4353:1 of the veth interface, transports on
+/// `[::]`. Each side runs `comms peers`, which must list the other with its IPv6 address.
+#[test]
+fn ipv6_beacons_find_the_node_on_the_other_side_of_the_veth_pair() {
+    let Some(namespaces) = namespaces_or_skip('6') else { return };
+    let artifacts = artifacts();
+    let dir = scratch_dir("udp-namespaces-ipv6");
+    let ids = ["udp-ns6-a", "udp-ns6-b"];
+    let mut outputs = Vec::new();
+    let children: Vec<Child> = (0..2)
+        .map(|side| {
+            let config = write_config(
+                &dir,
+                &format!("{}.toml", ids[side]),
+                &format!(
+                    "[node]\nid = \"{}\"\n\n[transports.udp]\nlisten = \"[::]:0\"\n\n\
+                     [discovery]\nplugin = \"udp\"\ngroup = \"ff02::4353:1\"\ninterface = \"{}\"\n",
+                    ids[side], namespaces.veths[side]
+                ),
+            );
+            Command::new("ip")
+                .args(["netns", "exec", &namespaces.names[side]])
+                .arg(&artifacts.comms_bin)
+                .args(["peers", "--wait-ms", "3000", "--config"])
+                .arg(&config)
+                .env("COMMS_PLUGIN_PATH", &artifacts.plugin_dir)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        // `comms peers` ends by itself after its wait.
+        outputs.push(child.wait_with_output().unwrap());
+    }
+    for (side, output) in outputs.iter().enumerate() {
+        let (stdout, stderr) =
+            (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(output.status.success(), "comms peers in namespace {side}: {stderr}");
+        let other = ids[1 - side];
+        let line = stdout.lines().find(|line| line.starts_with(other));
+        let line =
+            line.unwrap_or_else(|| panic!("{} never heard of {other}:\n{stdout}\n{stderr}", ids[side]));
+        let address = format!("udp=[fd77::{}]:", 2 - side);
+        assert!(line.contains(&address), "{other} advertises {address}...: {line}");
+    }
     drop(namespaces);
 }
 

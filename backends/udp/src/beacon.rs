@@ -6,11 +6,13 @@
 //! or when `missed_beacons` beacons in a row did not arrive.
 //!
 //! ```toml
-//! [discovery.udp]
-//! group = "239.255.67.1"   # default
+//! [discovery]
+//! plugin = "udp"
+//! group = "239.255.67.1"   # default; an IPv6 group works too, e.g. "ff02::4353:1"
 //! port = 47800             # default
-//! interface = "0.0.0.0"    # IPv4 address of the interface to use; default: the kernel's choice
-//! ttl = 1                  # default 1: the local network only
+//! interface = "10.0.0.5"   # IPv4: the address of the interface to use; IPv6: its name ("eth0")
+//!                          # or index; default: the kernel's choice (name one for ff02:: groups)
+//! ttl = 1                  # TTL / hop limit; default 1: the local network only
 //! interval_ms = 250        # default 250
 //! missed_beacons = 4       # default 4, so a silent peer leaves after about a second
 //! ```
@@ -32,13 +34,15 @@
 //! Limits: a record must encode into one datagram ([`MAX_BEACON`] bytes); at most
 //! [`MAX_PEERS`] peers are tracked (beacons from further nodes are ignored until one leaves);
 //! at most [`EVENT_CAPACITY`] events wait for the host (further events are dropped and logged;
-//! [`Discovery::peers`] stays exact). IPv4 only.
+//! [`Discovery::peers`] stays exact). One address family per beacon: an IPv6 group needs nodes
+//! that listen on IPv6 too, and the transport addresses in the records are whatever the
+//! transports advertise (see the transport's `listen` and `advertise`).
 
 use comms_plugin_api::{async_trait, Discovery, NodeId, NodeRecord, PeerEvent, PeerEventKind, PluginError};
 use serde::Deserialize;
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -63,13 +67,14 @@ const KIND_WITHDRAW: u8 = 2;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BeaconSettings {
-    /// Multicast group.
-    pub group: Ipv4Addr,
+    /// Multicast group, IPv4 or IPv6.
+    pub group: IpAddr,
     /// UDP port of the group.
     pub port: u16,
-    /// Address of the interface to send and join on; `0.0.0.0` lets the kernel choose.
-    pub interface: Ipv4Addr,
-    /// Multicast TTL: 1 keeps beacons on the local network.
+    /// The interface to send and join on: for an IPv4 group its address, for an IPv6 group its
+    /// name or index. `None` (or `0.0.0.0`, or `0`) lets the kernel choose.
+    pub interface: Option<String>,
+    /// Multicast TTL (IPv4) or hop limit (IPv6): 1 keeps beacons on the local network.
     pub ttl: u32,
     /// Milliseconds between beacons.
     pub interval_ms: u64,
@@ -80,9 +85,9 @@ pub struct BeaconSettings {
 impl Default for BeaconSettings {
     fn default() -> Self {
         Self {
-            group: Ipv4Addr::new(239, 255, 67, 1),
+            group: IpAddr::V4(Ipv4Addr::new(239, 255, 67, 1)),
             port: 47800,
-            interface: Ipv4Addr::UNSPECIFIED,
+            interface: None,
             ttl: 1,
             interval_ms: 250,
             missed_beacons: 4,
@@ -137,23 +142,53 @@ impl MulticastBeacon {
         }
         let what = format!("multicast group {}:{}", settings.group, settings.port);
         let fail = |error: std::io::Error| PluginError::from(error).with_context(&what);
-        let socket =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
+        let (socket, target) = match settings.group {
+            IpAddr::V4(group) => {
+                let interface = ipv4_interface(settings.interface.as_deref())?;
+                let socket = socket2::Socket::new(
+                    socket2::Domain::IPV4,
+                    socket2::Type::DGRAM,
+                    Some(socket2::Protocol::UDP),
+                )
                 .map_err(fail)?;
-        socket.set_reuse_address(true).map_err(fail)?;
-        socket.set_reuse_port(true).map_err(fail)?;
-        socket.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, settings.port).into()).map_err(fail)?;
-        socket.join_multicast_v4(&settings.group, &settings.interface).map_err(fail)?;
-        socket.set_multicast_if_v4(&settings.interface).map_err(fail)?;
-        socket.set_multicast_ttl_v4(settings.ttl).map_err(fail)?;
-        socket.set_multicast_loop_v4(true).map_err(fail)?;
+                socket.set_reuse_address(true).map_err(fail)?;
+                socket.set_reuse_port(true).map_err(fail)?;
+                socket.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, settings.port).into()).map_err(fail)?;
+                socket.join_multicast_v4(&group, &interface).map_err(fail)?;
+                socket.set_multicast_if_v4(&interface).map_err(fail)?;
+                socket.set_multicast_ttl_v4(settings.ttl).map_err(fail)?;
+                socket.set_multicast_loop_v4(true).map_err(fail)?;
+                (socket, SocketAddr::V4(SocketAddrV4::new(group, settings.port)))
+            }
+            IpAddr::V6(group) => {
+                let index = ipv6_interface(settings.interface.as_deref())?;
+                let socket = socket2::Socket::new(
+                    socket2::Domain::IPV6,
+                    socket2::Type::DGRAM,
+                    Some(socket2::Protocol::UDP),
+                )
+                .map_err(fail)?;
+                socket.set_only_v6(true).map_err(fail)?;
+                socket.set_reuse_address(true).map_err(fail)?;
+                socket.set_reuse_port(true).map_err(fail)?;
+                socket
+                    .bind(&SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, settings.port, 0, 0).into())
+                    .map_err(fail)?;
+                socket.join_multicast_v6(&group, index).map_err(fail)?;
+                if index != 0 {
+                    socket.set_multicast_if_v6(index).map_err(fail)?;
+                }
+                socket.set_multicast_hops_v6(settings.ttl).map_err(fail)?;
+                socket.set_multicast_loop_v6(true).map_err(fail)?;
+                (socket, SocketAddr::V6(SocketAddrV6::new(group, settings.port, 0, index)))
+            }
+        };
         socket.set_nonblocking(true).map_err(fail)?;
         let socket = Arc::new(UdpSocket::from_std(socket.into()).map_err(fail)?);
         let interval = Duration::from_millis(settings.interval_ms);
         let state = Arc::new(Mutex::new(State { own: None, peers: HashMap::new() }));
         let (sender, receiver) = mpsc::channel(EVENT_CAPACITY);
         let shutdown = watch::channel(false).0;
-        let target = SocketAddr::V4(SocketAddrV4::new(settings.group, settings.port));
         let task = tokio::spawn(run(
             socket.clone(),
             target,
@@ -173,6 +208,38 @@ impl MulticastBeacon {
             task: Mutex::new(Some(task)),
         })
     }
+}
+
+/// The `interface` key for an IPv4 group: the interface's address.
+fn ipv4_interface(interface: Option<&str>) -> Result<Ipv4Addr, PluginError> {
+    match interface {
+        None => Ok(Ipv4Addr::UNSPECIFIED),
+        Some(text) => text.parse().map_err(|_| {
+            PluginError::invalid_config(format!(
+                "key `interface`: `{text}` is not an IPv4 address (with an IPv4 group, name the interface by its address)"
+            ))
+        }),
+    }
+}
+
+/// The `interface` key for an IPv6 group: an interface index, or a name looked up in
+/// `/sys/class/net`; 0 lets the kernel choose.
+fn ipv6_interface(interface: Option<&str>) -> Result<u32, PluginError> {
+    let Some(text) = interface else { return Ok(0) };
+    if let Ok(index) = text.parse::<u32>() {
+        return Ok(index);
+    }
+    // Interface names never contain '/'; "." and ".." would name other directories.
+    let valid_name = !text.is_empty() && !text.contains('/') && text != "." && text != "..";
+    let index = valid_name
+        .then(|| std::fs::read_to_string(format!("/sys/class/net/{text}/ifindex")).ok())
+        .flatten()
+        .and_then(|index| index.trim().parse::<u32>().ok());
+    index.ok_or_else(|| {
+        PluginError::invalid_config(format!(
+            "key `interface`: no network interface named `{text}` (with an IPv6 group, give an interface name or index)"
+        ))
+    })
 }
 
 trait WithContext {
@@ -477,9 +544,21 @@ mod tests {
 
     #[test]
     fn a_group_that_is_not_multicast_is_refused_naming_the_key() {
-        let settings = BeaconSettings { group: Ipv4Addr::new(10, 0, 0, 1), ..Default::default() };
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let error = runtime.block_on(async { MulticastBeacon::start(settings).unwrap_err() });
-        assert!(error.message.contains("group"), "{error}");
+        for group in ["10.0.0.1", "fd00::1"] {
+            let settings = BeaconSettings { group: group.parse().unwrap(), ..Default::default() };
+            let error = runtime.block_on(async { MulticastBeacon::start(settings).unwrap_err() });
+            assert!(error.message.contains("group"), "{error}");
+        }
+        for (group, interface) in [("239.255.67.1", "eth-that-is-not-there"), ("ff02::4353:1", "no/such/if")]
+        {
+            let settings = BeaconSettings {
+                group: group.parse().unwrap(),
+                interface: Some(interface.into()),
+                ..Default::default()
+            };
+            let error = runtime.block_on(async { MulticastBeacon::start(settings).unwrap_err() });
+            assert!(error.message.contains("interface") && error.message.contains(interface), "{error}");
+        }
     }
 }

@@ -6,8 +6,8 @@
 //! ```toml
 //! [transports.udp]
 //! listen = "127.0.0.1:0"      # default: any free port on loopback; "0.0.0.0:7000" for a LAN
-//! advertise = "10.0.0.5:7000" # what peers are told; default: the bound address (for 0.0.0.0,
-//!                             # the IP of the interface that routes to the multicast group)
+//! advertise = "10.0.0.5:7000" # what peers are told; default: the bound address (for 0.0.0.0
+//!                             # or [::], the IP of the interface that routes to multicast)
 //! mode = "reliable"           # or "best-effort"; default reliable
 //! max_datagram = 1400         # bytes per datagram including the 34-byte header; default 1400
 //! max_message_size = 4194304  # largest payload accepted; default 4 MiB
@@ -291,15 +291,26 @@ async fn bind_socket(listen: &str) -> std::io::Result<UdpSocket> {
 
 /// What to tell peers when no `advertise` is configured: an unspecified IP is replaced by the IP
 /// the kernel would send LAN multicast from (found by connecting a UDP socket, which sends nothing).
+/// For IPv6 that is the source address for a global-scope group, unless it is link-local (which
+/// would need the receiver's own interface index to be usable): then loopback, and `advertise`
+/// has to say what peers should use.
 fn advertised_address(bound: SocketAddr) -> String {
     if !bound.ip().is_unspecified() {
         return bound.to_string();
     }
-    let routed = std::net::UdpSocket::bind("0.0.0.0:0")
-        .and_then(|probe| probe.connect("239.255.67.1:9").and_then(|()| probe.local_addr()));
+    let (any, probe, loopback): (&str, &str, std::net::IpAddr) = match bound {
+        SocketAddr::V4(_) => ("0.0.0.0:0", "239.255.67.1:9", std::net::Ipv4Addr::LOCALHOST.into()),
+        SocketAddr::V6(_) => ("[::]:0", "[ff0e::4353:1]:9", std::net::Ipv6Addr::LOCALHOST.into()),
+    };
+    let routed = std::net::UdpSocket::bind(any)
+        .and_then(|socket| socket.connect(probe).and_then(|()| socket.local_addr()));
+    let usable = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(ip) => !ip.is_unspecified(),
+        std::net::IpAddr::V6(ip) => !ip.is_unspecified() && !ip.is_unicast_link_local(),
+    };
     match routed {
-        Ok(routed) if !routed.ip().is_unspecified() => SocketAddr::new(routed.ip(), bound.port()).to_string(),
-        _ => SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), bound.port()).to_string(),
+        Ok(routed) if usable(routed.ip()) => SocketAddr::new(routed.ip(), bound.port()).to_string(),
+        _ => SocketAddr::new(loopback, bound.port()).to_string(),
     }
 }
 
