@@ -1,12 +1,13 @@
 //! UDP plugin numbers: small-message throughput in reliable and best-effort mode over loopback,
-//! and the time for 20 nodes to all discover each other by multicast beacons.
+//! MB/s for 1 MiB messages in reliable mode, and the time for 20 nodes to all discover each other
+//! by multicast beacons.
 //!
 //! ```sh
 //! cargo bench -p comms-tests --bench udp
 //! ```
 //!
-//! Loopback has no loss; reliable mode still pays for acks and its window. (1 MiB messages in
-//! reliable mode are exchanged by `tests/tests/udp_transport.rs`.)
+//! Loopback has no loss; reliable mode still pays for acks and its window. (The rate under 5 %
+//! loss between two network namespaces is printed by `tests/tests/udp_namespaces.rs`.)
 
 use comms_host::{Node, PluginLibrary};
 use std::time::{Duration, Instant};
@@ -25,24 +26,54 @@ fn free_udp_address() -> String {
     socket.local_addr().unwrap_or_else(|e| fail(&e.to_string())).to_string()
 }
 
+/// Two nodes on loopback that know each other's address.
+async fn pair(mode: &str) -> (Node, Node) {
+    let (address_a, address_b) = (free_udp_address(), free_udp_address());
+    let config = |address: &str| format!("listen = \"{address}\"\nmode = \"{mode}\"");
+    let node = |id: &'static str, own: &str, peer: &'static str, theirs: &str| {
+        Node::builder(id)
+            .transport_library("udp", library(), &config(own))
+            .static_peer(peer, [("udp", theirs)])
+            .build()
+    };
+    let a = node("a", &address_a, "b", &address_b).await.unwrap_or_else(|e| fail(&e.to_string()));
+    let b = node("b", &address_b, "a", &address_a).await.unwrap_or_else(|e| fail(&e.to_string()));
+    (a, b)
+}
+
+/// 1 MiB messages from `a` to `b` in reliable mode: all must arrive.
+async fn mebibyte_messages() {
+    let count = comms_tests::bench::scaled(64, comms_tests::bench::scale("udp")) as usize;
+    let (a, b) = pair("reliable").await;
+    let payload = vec![0x5au8; 1 << 20];
+    let started = Instant::now();
+    let receiving = tokio::spawn(async move {
+        for _ in 0..count {
+            match tokio::time::timeout(Duration::from_secs(30), b.receive_envelope()).await {
+                Ok(Ok(envelope)) if envelope.payload.len() == 1 << 20 => {}
+                _ => fail("a 1 MiB message did not arrive in reliable mode"),
+            }
+        }
+        b
+    });
+    for _ in 0..count {
+        a.send_raw("b", vec![], payload.clone(), None).await.unwrap_or_else(|e| fail(&e.to_string()));
+    }
+    let b = receiving.await.unwrap_or_else(|e| fail(&e.to_string()));
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "reliable: {count} x 1 MiB messages, {:.1} MB/s ({:.1} msg/s)",
+        (count << 20) as f64 / 1e6 / seconds,
+        count as f64 / seconds
+    );
+    a.close().await.unwrap_or_else(|e| fail(&e.to_string()));
+    b.close().await.unwrap_or_else(|e| fail(&e.to_string()));
+}
+
 async fn measure() {
     let count = comms_tests::bench::scaled(20_000, comms_tests::bench::scale("udp")) as u32;
     for mode in ["reliable", "best-effort"] {
-        let (address_a, address_b) = (free_udp_address(), free_udp_address());
-        let config = |address: &str| format!("listen = \"{address}\"\nmode = \"{mode}\"");
-        let node = |id: &'static str, own: String, peer: &'static str, theirs: String| {
-            let config = config(&own);
-            async move {
-                Node::builder(id)
-                    .transport_library("udp", library(), &config)
-                    .static_peer(peer, [("udp", theirs.as_str())])
-                    .build()
-                    .await
-                    .unwrap_or_else(|e| fail(&e.to_string()))
-            }
-        };
-        let a = node("a", address_a.clone(), "b", address_b.clone()).await;
-        let b = node("b", address_b, "a", address_a).await;
+        let (a, b) = pair(mode).await;
         let started = Instant::now();
         let receiving = tokio::spawn(async move {
             let (mut got, mut last) = (0u32, Instant::now());
@@ -63,6 +94,7 @@ async fn measure() {
         a.close().await.unwrap_or_else(|e| fail(&e.to_string()));
         b.close().await.unwrap_or_else(|e| fail(&e.to_string()));
     }
+    mebibyte_messages().await;
 
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap_or_else(|e| fail(&e.to_string()))
