@@ -357,6 +357,12 @@ impl NodeBuilder {
             }
             (_, Some(identity)) => Some(Signatures::new(Arc::new(identity), &security, allow)),
         };
+        tracing::debug!(
+            node = %self.id,
+            links = ?security.links,
+            signatures = ?security.signatures,
+            "node security settings"
+        );
         Ok((link_table, signatures))
     }
 
