@@ -11,6 +11,13 @@
 //!
 //! All keys are those of [`StreamSettings`]; an unknown key is an error naming it.
 //!
+//! ## Encrypted links
+//!
+//! When the node's `[security]` says `links = "noise"`, the host passes it to this plugin and
+//! every connection starts with a Noise XX handshake that authenticates both nodes by their
+//! identity keys and the allow-list; everything after it is encrypted, and plaintext peers are
+//! refused. The transport then declares `ENCRYPTED`. See `docs/security-links.md`.
+//!
 //! ## Wire format
 //!
 //! Length-prefixed frames (`u32` big-endian body length, then the body) carrying a hello, then
@@ -34,6 +41,7 @@
 
 use comms_plugin_api::{
     async_trait, export_plugin,
+    security::LinkSecurity,
     stream_transport::{Acceptor, StreamMedium, StreamSettings, StreamTransport},
     Plugin, PluginError, Provides, Setup, Transport,
 };
@@ -55,7 +63,8 @@ impl Plugin for TcpPlugin {
     const PROVIDES: Provides = Provides::TRANSPORT;
 
     async fn new_transport(setup: Setup) -> Result<Arc<dyn Transport>, PluginError> {
-        Ok(Arc::new(bind(setup.node_id.clone(), setup.config()?).await?))
+        let security = setup.link_security()?;
+        Ok(Arc::new(bind(setup.node_id.clone(), setup.config()?, security).await?))
     }
 }
 
@@ -64,18 +73,27 @@ export_plugin!(TcpPlugin);
 /// A TCP transport: a [`StreamTransport`] over TCP sockets.
 pub type TcpTransport = StreamTransport<TcpDialer>;
 
-/// Binds the listener `settings.listen` (default [`DEFAULT_LISTEN`]) and starts serving. Must
-/// run inside a tokio runtime.
+/// Binds the listener `settings.listen` (default [`DEFAULT_LISTEN`]) and starts serving, with
+/// encrypted links when `security` is set. Must run inside a tokio runtime.
 pub async fn bind(
     node_id: comms_plugin_api::NodeId,
     settings: StreamSettings,
+    security: Option<LinkSecurity>,
 ) -> Result<TcpTransport, PluginError> {
     let listen = settings.listen.clone().unwrap_or_else(|| DEFAULT_LISTEN.to_string());
     let listener = TcpListener::bind(&listen).await.map_err(|error| {
         PluginError::invalid_config(format!("key `listen`: cannot listen on {listen}: {error}"))
     })?;
     let local_address = listener.local_addr()?.to_string();
-    StreamTransport::start("tcp", node_id, settings, TcpDialer, TcpAcceptor(listener), local_address)
+    StreamTransport::start(
+        "tcp",
+        node_id,
+        settings,
+        security,
+        TcpDialer,
+        TcpAcceptor(listener),
+        local_address,
+    )
 }
 
 /// Dials `host:port` addresses.

@@ -37,6 +37,8 @@ impl Plugin for UdsPlugin {
 
     async fn new_transport(setup: Setup) -> Result<Arc<dyn Transport>, PluginError> {
         let settings: StreamSettings = setup.config()?;
+        // Encrypted links come for free: the stream transport runs the Noise handshake.
+        let security = setup.link_security()?;
         let path = match &settings.listen {
             Some(path) => PathBuf::from(path),
             None => std::env::temp_dir().join(format!("comms-{}.sock", setup.node_id)),
@@ -48,7 +50,15 @@ impl Plugin for UdsPlugin {
         })?;
         let address = path.display().to_string();
         let acceptor = UdsAcceptor { listener, path };
-        Ok(Arc::new(StreamTransport::start("uds", setup.node_id, settings, UdsDialer, acceptor, address)?))
+        Ok(Arc::new(StreamTransport::start(
+            "uds",
+            setup.node_id,
+            settings,
+            security,
+            UdsDialer,
+            acceptor,
+            address,
+        )?))
     }
 }
 

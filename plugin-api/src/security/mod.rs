@@ -5,6 +5,8 @@
 //! - [`link`]: what the host tells a transport plugin about link security ([`LinkSecurity`]):
 //!   the mode in force (plain or Noise), this node's identity and the allow-list of peer keys
 //!   (or a shared network key).
+//! - [`noise`]: the Noise XX handshake that authenticates a link by those identities and keys
+//!   the encryption of everything after it; medium-independent (streams and datagrams).
 //!
 //! ## How the host passes link security to a plugin
 //!
@@ -18,6 +20,8 @@
 
 pub mod identity;
 pub mod link;
+pub mod noise;
 
 pub use identity::{Identity, KeyFileError, PublicKey};
 pub use link::{AllowList, LinkMode, LinkSecurity, LinkSecurityConfig, NetworkKey, SETUP_KEY};
+pub use noise::{HandshakeError, NoiseHandshake, NoiseIdentity};

@@ -4,6 +4,8 @@
 //! listener); [`StreamTransport`] does the rest, identically for every medium:
 //!
 //! - [`protocol`]: hello handshake carrying the node id, envelope frames, goodbye;
+//! - with link security ([`crate::security`]): a Noise handshake first, authenticating both
+//!   ends by their identity keys and the allow-list, then everything in [`encrypted`] records;
 //! - one connection per destination address, reused for every message, dialled on first use;
 //! - a bounded queue per peer; a writer task gathers queued frames into one write of up to
 //!   `write_batch_bytes`, so many small messages do not cost one syscall each;
@@ -19,6 +21,8 @@
 //! message can arrive twice (with the same id) when a connection breaks mid-write. Nothing is
 //! acknowledged end to end: a message written to a peer that then crashes is lost.
 
+pub mod encrypted;
+mod handshake;
 pub mod protocol;
 mod reader;
 mod settings;
@@ -27,7 +31,9 @@ mod writer;
 pub use settings::StreamSettings;
 
 use crate::{
-    async_trait, Capabilities, Envelope, ErrorCode, Inbound, NodeId, PluginError, Transport, TransportInfo,
+    async_trait,
+    security::{self, noise::NoiseIdentity, LinkSecurity},
+    Capabilities, Envelope, ErrorCode, Inbound, NodeId, PluginError, Transport, TransportInfo,
 };
 use std::{
     collections::HashMap,
@@ -73,6 +79,8 @@ struct Shared {
     settings: StreamSettings,
     /// Flips to `true` once when the transport closes.
     shutdown: watch::Sender<bool>,
+    /// Link security: `Some` when every link is a Noise-encrypted, authenticated one.
+    noise: Option<Arc<NoiseIdentity>>,
 }
 
 /// One peer's outgoing queue and the error that ended its writer, if it ended.
@@ -105,20 +113,43 @@ impl<M: StreamMedium> std::fmt::Debug for StreamTransport<M> {
 
 impl<M: StreamMedium> StreamTransport<M> {
     /// Starts serving `acceptor` and returns the transport. `local_address` is the bound address
-    /// (replaced by `settings.advertise` when set).
+    /// (replaced by `settings.advertise` when set). With `security` (from
+    /// [`crate::Setup::link_security`]) every link, incoming and outgoing, is encrypted and
+    /// authenticated, and plaintext peers are refused; without it links are plain.
     pub fn start<A: Acceptor>(
         backend: &'static str,
         local_node: NodeId,
         settings: StreamSettings,
+        security: Option<LinkSecurity>,
         medium: M,
         acceptor: A,
         local_address: String,
     ) -> Result<Self, PluginError> {
         settings.validate()?;
+        let noise = match &security {
+            Some(security) => {
+                // Peers check our hello against our key: refuse to start with an id they would refuse.
+                security::noise::verify_node_id(&local_node, &security.identity.public_key()).map_err(
+                    |_| {
+                        PluginError::invalid_config(format!(
+                        "key `node.id`: with encrypted links the node id must be bound to the node's key \
+                         (`{}` or `<label>-{}`), not `{local_node}`",
+                        security.identity.public_key(),
+                        security.identity.public_key()
+                    ))
+                    },
+                )?;
+                Some(
+                    NoiseIdentity::new(security)
+                        .map_err(|error| PluginError::new(ErrorCode::OTHER, error.to_string()))?,
+                )
+            }
+            None => None,
+        };
         let (shutdown, _) = watch::channel(false);
         let (inbound_tx, inbound_rx) = mpsc::channel(settings.receive_queue_capacity);
         let local_address = settings.advertise.clone().unwrap_or(local_address);
-        let shared = Arc::new(Shared { backend, local_node, settings, shutdown });
+        let shared = Arc::new(Shared { backend, local_node, settings, shutdown, noise });
         let acceptor = tokio::spawn(reader::accept_loop(Arc::clone(&shared), acceptor, inbound_tx));
         Ok(Self {
             shared,
@@ -135,7 +166,10 @@ impl<M: StreamMedium> StreamTransport<M> {
     /// What to report from [`crate::Transport::info`].
     pub fn info(&self) -> TransportInfo {
         TransportInfo {
-            capabilities: Capabilities::ORDERED,
+            capabilities: match self.shared.noise {
+                Some(_) => Capabilities::ORDERED | Capabilities::ENCRYPTED,
+                None => Capabilities::ORDERED,
+            },
             local_address: self.local_address.clone(),
             max_message_size: u64::from(max_payload(self.shared.settings.max_frame_size)),
         }

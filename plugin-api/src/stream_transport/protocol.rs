@@ -7,10 +7,20 @@
 //! | 1    | HELLO    | `b"COMMS"`, u8 protocol version (1), u16 length + UTF-8 node id |
 //! | 2    | ENVELOPE | one envelope in the [wire encoding](crate::wire)               |
 //! | 3    | GOODBYE  | nothing; the sender is closing gracefully                      |
+//! | 4    | NOISE    | one Noise handshake message (encrypted links only)            |
 //!
 //! The connecting side sends HELLO and waits for the accepting side's HELLO; after that only the
 //! connecting side sends ENVELOPEs (each node dials its own connection to every peer it sends
 //! to). Either side may send GOODBYE before closing. Anything else closes the connection.
+//!
+//! ## Encrypted links
+//!
+//! With link security on ([`crate::security`]), the connection opens with the three messages of
+//! the [Noise XX handshake](crate::security::noise), each in a NOISE frame (connecting side first).
+//! Everything after it (HELLO, ENVELOPEs, GOODBYE, unchanged) travels inside
+//! [encrypted records](super::encrypted). A HELLO's node id must then be bound to the key the
+//! handshake authenticated. A node with security on refuses a connection that starts with a
+//! HELLO; a node without refuses one that starts with a NOISE frame.
 
 use crate::{wire, Envelope, NodeId};
 
@@ -20,6 +30,10 @@ pub const KIND_HELLO: u8 = 1;
 pub const KIND_ENVELOPE: u8 = 2;
 /// Frame kind: goodbye.
 pub const KIND_GOODBYE: u8 = 3;
+/// Frame kind: Noise handshake message.
+pub const KIND_NOISE: u8 = 4;
+/// Largest NOISE frame body: the kind byte and a Noise message.
+pub const MAX_NOISE_SIZE: u32 = 1 + crate::security::noise::MAX_MESSAGE_BYTES as u32;
 
 const MAGIC: &[u8; 5] = b"COMMS";
 /// Version of this stream protocol.
@@ -39,6 +53,15 @@ pub fn hello_frame(node: &NodeId) -> Vec<u8> {
     body.extend_from_slice(id);
     let mut frame = Vec::with_capacity(4 + body.len());
     crate::framing::append_frame(&mut frame, &body);
+    frame
+}
+
+/// The complete frame (prefix included) carrying one Noise handshake message.
+pub fn noise_frame(message: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(5 + message.len());
+    frame.extend_from_slice(&(1 + message.len() as u32).to_be_bytes());
+    frame.push(KIND_NOISE);
+    frame.extend_from_slice(message);
     frame
 }
 

@@ -1,10 +1,13 @@
 //! The listener side: accepts connections and turns their frames into inbound messages.
 
-use super::{protocol, shut_down, Acceptor, Shared};
+use super::{
+    handshake::{self, OpenError, Opened},
+    protocol, shut_down, Acceptor, Shared,
+};
 use crate::{framing::read_frame, wire::decode_envelope, Inbound};
 use std::{sync::Arc, time::Duration};
 use tokio::{
-    io::{split, AsyncWriteExt, BufReader},
+    io::{split, AsyncWrite, AsyncWriteExt, BufReader},
     sync::mpsc,
 };
 
@@ -48,36 +51,38 @@ async fn serve_connection<S: super::ByteStream>(
     inbound: mpsc::Sender<Inbound>,
 ) {
     let mut shutdown = shared.shutdown.subscribe();
-    let (read, mut write) = split(stream);
-    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, read);
     let settings = &shared.settings;
-
-    let handshake = tokio::time::timeout(
+    let opened = tokio::time::timeout(
         Duration::from_millis(settings.handshake_timeout_ms),
-        read_frame(&mut reader, protocol::MAX_HELLO_SIZE),
+        handshake::accept(&shared, stream),
     )
     .await;
-    let peer = match handshake {
-        Ok(Ok(Some(body))) => match protocol::parse_hello(&body) {
-            Ok(peer) => peer,
-            Err(reason) => return log_closed(&shared, &label, None, Closed::Refused(reason)),
-        },
-        Ok(Ok(None)) => {
+    let Opened { stream, peer, key } = match opened {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(OpenError::ClosedEarly)) => {
             return log_closed(&shared, &label, None, Closed::Clean("closed before the handshake"))
         }
-        Ok(Err(error)) => {
-            return log_closed(&shared, &label, None, Closed::Refused(format!("handshake: {error}")))
+        Ok(Err(OpenError::Failed(reason) | OpenError::Refused(reason))) => {
+            // Nothing from this connection reached the application.
+            tracing::warn!(backend = shared.backend, from = %label, %reason, "connection refused");
+            return;
         }
         Err(_) => {
             return log_closed(
                 &shared,
                 &label,
                 None,
-                Closed::Refused("no hello within handshake_timeout_ms".into()),
+                Closed::Refused("handshake not completed within handshake_timeout_ms".into()),
             )
         }
     };
-    if let Err(error) = write.write_all(&protocol::hello_frame(&shared.local_node)).await {
+    if let Some(key) = &key {
+        tracing::debug!(backend = shared.backend, from = %label, node = %peer, %key, "encrypted link accepted");
+    }
+    let (read, mut write) = split(stream);
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, read);
+    let hello = protocol::hello_frame(&shared.local_node);
+    if let Err(error) = write_flushed(&mut write, &hello).await {
         return log_closed(&shared, &label, Some(&peer), Closed::Refused(format!("writing hello: {error}")));
     }
 
@@ -85,7 +90,7 @@ async fn serve_connection<S: super::ByteStream>(
         let frame = tokio::select! {
             frame = read_frame(&mut reader, settings.max_frame_size) => frame,
             _ = shut_down(&mut shutdown) => {
-                let _ = write.write_all(&protocol::goodbye_frame()).await;
+                let _ = write_flushed(&mut write, &protocol::goodbye_frame()).await;
                 break Closed::Clean("transport closed");
             }
         };
@@ -113,6 +118,12 @@ async fn serve_connection<S: super::ByteStream>(
         }
     };
     log_closed(&shared, &label, Some(&peer), closed);
+}
+
+/// Writes `bytes` and flushes (an encrypted stream buffers what it seals).
+pub(super) async fn write_flushed<W: AsyncWrite + Unpin>(write: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    write.write_all(bytes).await?;
+    write.flush().await
 }
 
 fn log_closed(shared: &Shared, label: &str, peer: Option<&crate::NodeId>, closed: Closed) {

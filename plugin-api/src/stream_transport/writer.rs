@@ -1,7 +1,13 @@
 //! The task that owns one outgoing connection: batches queued frames, reconnects, says goodbye.
 
-use super::{protocol, Shared, StreamMedium};
-use crate::{framing::read_frame, ErrorCode, NodeId, PluginError};
+use super::{
+    encrypted::LinkStream,
+    handshake::{self, OpenError, Opened},
+    protocol,
+    reader::write_flushed,
+    Shared, StreamMedium,
+};
+use crate::{ErrorCode, NodeId, PluginError};
 use std::{
     sync::{Arc, Mutex},
     time::Duration,
@@ -19,8 +25,8 @@ pub(super) struct PeerWriter<M: StreamMedium> {
 }
 
 struct Connection<S> {
-    read: ReadHalf<S>,
-    write: WriteHalf<S>,
+    read: ReadHalf<LinkStream<S>>,
+    write: WriteHalf<LinkStream<S>>,
     peer: NodeId,
 }
 
@@ -76,7 +82,7 @@ impl<M: StreamMedium> PeerWriter<M> {
                 }
             }
             let Some(open) = connection.as_mut() else { continue };
-            match open.write.write_all(&batch).await {
+            match write_flushed(&mut open.write, &batch).await {
                 Ok(()) => {
                     batch.clear();
                     failed_writes = 0;
@@ -102,7 +108,7 @@ impl<M: StreamMedium> PeerWriter<M> {
             }
         }
         if let Some(mut open) = connection {
-            let _ = open.write.write_all(&protocol::goodbye_frame()).await;
+            let _ = write_flushed(&mut open.write, &protocol::goodbye_frame()).await;
             let _ = open.write.shutdown().await;
         }
     }
@@ -118,7 +124,16 @@ impl<M: StreamMedium> PeerWriter<M> {
         loop {
             let reason = match tokio::time::timeout(timeout, self.dial()).await {
                 Ok(Ok(connection)) => return Ok(connection),
-                Ok(Err(reason)) => reason,
+                Ok(Err(OpenError::Refused(reason))) => {
+                    // A security check or a mode mismatch: another attempt would be refused too.
+                    tracing::warn!(backend = self.shared.backend, peer = %self.address, %reason, "connection refused");
+                    return Err(PluginError::new(
+                        ErrorCode::UNREACHABLE,
+                        format!("{} peer {} refused: {reason}", self.shared.backend, self.address),
+                    ));
+                }
+                Ok(Err(OpenError::Failed(reason))) => reason,
+                Ok(Err(OpenError::ClosedEarly)) => "connection closed".to_string(),
                 Err(_) => format!("no answer within {} ms", timeout.as_millis()),
             };
             tracing::debug!(backend = self.shared.backend, peer = %self.address, attempt, %reason, "connect failed");
@@ -141,16 +156,19 @@ impl<M: StreamMedium> PeerWriter<M> {
         }
     }
 
-    async fn dial(&self) -> Result<Connection<M::Stream>, String> {
-        let stream = self.medium.connect(&self.address).await.map_err(|e| e.to_string())?;
-        let (mut read, mut write) = split(stream);
-        write.write_all(&protocol::hello_frame(&self.shared.local_node)).await.map_err(|e| e.to_string())?;
-        let body = read_frame(&mut read, protocol::MAX_HELLO_SIZE)
-            .await
-            .map_err(|e| format!("handshake: {e}"))?
-            .ok_or_else(|| "connection closed during the handshake".to_string())?;
-        let peer = protocol::parse_hello(&body)?;
-        tracing::debug!(backend = self.shared.backend, peer = %self.address, node = %peer, "connected");
+    async fn dial(&self) -> Result<Connection<M::Stream>, OpenError> {
+        let stream =
+            self.medium.connect(&self.address).await.map_err(|e| OpenError::Failed(e.to_string()))?;
+        let Opened { stream, peer, key } = handshake::dial(&self.shared, stream).await?;
+        match key {
+            Some(key) => {
+                tracing::debug!(backend = self.shared.backend, peer = %self.address, node = %peer, %key, "connected (encrypted)")
+            }
+            None => {
+                tracing::debug!(backend = self.shared.backend, peer = %self.address, node = %peer, "connected")
+            }
+        }
+        let (read, write) = split(stream);
         Ok(Connection { read, write, peer })
     }
 
