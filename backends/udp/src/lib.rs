@@ -49,12 +49,17 @@
 
 pub mod beacon;
 pub mod reliability;
+pub mod secure;
 
 use comms_plugin_api::{
-    async_trait, export_plugin, inbound::receive_batch, wire, Capabilities, Envelope, ErrorCode, Inbound,
-    NodeId, Plugin, PluginError, Provides, Setup, Transport, TransportInfo,
+    async_trait, export_plugin,
+    inbound::receive_batch,
+    security::{noise::NoiseIdentity, LinkSecurity, PublicKey},
+    wire, Capabilities, Envelope, ErrorCode, Inbound, NodeId, Plugin, PluginError, Provides, Setup,
+    Transport, TransportInfo,
 };
 use reliability::{Endpoint, Event, SendError, MIN_DATAGRAM};
+use secure::{SecureConfig, SecureEvent, SecureLayer, SecureStats};
 use serde::Deserialize;
 use std::{
     net::SocketAddr,
@@ -129,15 +134,27 @@ pub struct UdpSettings {
 }
 
 impl UdpSettings {
-    /// The state machine's config, or an error naming the key that is out of range.
+    /// The state machine's config for plain links, or an error naming the key that is out of
+    /// range.
     pub fn reliability_config(&self) -> Result<reliability::Config, PluginError> {
+        self.reliability_config_for(false)
+    }
+
+    /// The state machine's config, for encrypted links if `encrypted` (each datagram then
+    /// carries [`secure::OVERHEAD`] more bytes, taken from `max_datagram`), or an error naming
+    /// the key that is out of range.
+    pub fn reliability_config_for(&self, encrypted: bool) -> Result<reliability::Config, PluginError> {
         let defaults = reliability::Config::default();
-        let max_datagram = self.max_datagram.unwrap_or(defaults.max_datagram);
-        if !(MIN_DATAGRAM..=MAX_UDP_PAYLOAD).contains(&max_datagram) {
+        let configured = self.max_datagram.unwrap_or(defaults.max_datagram);
+        let overhead = if encrypted { secure::OVERHEAD } else { 0 };
+        let smallest = MIN_DATAGRAM + overhead;
+        if !(smallest..=MAX_UDP_PAYLOAD).contains(&configured) {
+            let why = if encrypted { " with encrypted links" } else { "" };
             return Err(PluginError::invalid_config(format!(
-                "key `max_datagram`: {max_datagram} is outside {MIN_DATAGRAM}..={MAX_UDP_PAYLOAD}"
+                "key `max_datagram`: {configured} is outside {smallest}..={MAX_UDP_PAYLOAD}{why}"
             )));
         }
+        let max_datagram = configured - overhead;
         let payload = self.max_message_size.unwrap_or(DEFAULT_MAX_MESSAGE_SIZE);
         let fragment = max_datagram - reliability::DATA_HEADER;
         let largest = (u16::MAX as u64) * fragment as u64 - ENVELOPE_ALLOWANCE as u64;
@@ -185,7 +202,10 @@ impl Plugin for UdpPlugin {
     const PROVIDES: Provides = Provides(Provides::TRANSPORT.0 | Provides::DISCOVERY.0);
 
     async fn new_transport(setup: Setup) -> Result<Arc<dyn Transport>, PluginError> {
-        Ok(Arc::new(UdpTransport::bind(setup.node_id.clone(), setup.config()?).await?))
+        let security = setup.link_security()?;
+        Ok(Arc::new(
+            UdpTransport::bind_with_security(setup.node_id.clone(), setup.config()?, security).await?,
+        ))
     }
 
     async fn new_discovery(setup: Setup) -> Result<Arc<dyn comms_plugin_api::Discovery>, PluginError> {
@@ -197,6 +217,8 @@ export_plugin!(UdpPlugin);
 
 struct Shared {
     endpoint: Mutex<Endpoint<SocketAddr>>,
+    /// Encrypted links: below the endpoint. Locked after `endpoint` when both are needed.
+    secure: Option<Mutex<SecureLayer<SocketAddr>>>,
     /// Something was queued: the driver has datagrams to write.
     wake: Notify,
     /// Datagrams were acknowledged: a full send queue may have room.
@@ -210,6 +232,15 @@ impl Shared {
         // The state machine has no invariant a panicking holder could break halfway that matters
         // more than staying available.
         self.endpoint.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn secure(&self) -> Option<std::sync::MutexGuard<'_, SecureLayer<SocketAddr>>> {
+        let secure = self.secure.as_ref()?;
+        Some(secure.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+
+    fn has_pending_sends(&self) -> bool {
+        self.endpoint().has_pending_sends() || self.secure().is_some_and(|secure| secure.has_held())
     }
 }
 
@@ -228,9 +259,29 @@ impl std::fmt::Debug for UdpTransport {
 }
 
 impl UdpTransport {
-    /// Binds `settings.listen` and starts the driver task. Must run inside a tokio runtime.
+    /// Binds `settings.listen` and starts the driver task, with plain links. Must run inside a
+    /// tokio runtime.
     pub async fn bind(node_id: NodeId, settings: UdpSettings) -> Result<Self, PluginError> {
-        let config = settings.reliability_config()?;
+        Self::bind_with_security(node_id, settings, None).await
+    }
+
+    /// Like [`bind`](Self::bind), with encrypted and authenticated links when `security` is set
+    /// (see [`secure`]): the transport then declares [`Capabilities::ENCRYPTED`].
+    pub async fn bind_with_security(
+        node_id: NodeId,
+        settings: UdpSettings,
+        security: Option<LinkSecurity>,
+    ) -> Result<Self, PluginError> {
+        let config = settings.reliability_config_for(security.is_some())?;
+        let secure = match &security {
+            Some(security) => {
+                let noise = NoiseIdentity::new(security).map_err(|error| {
+                    PluginError::new(ErrorCode::OTHER, format!("udp: cannot set up encrypted links: {error}"))
+                })?;
+                Some(Mutex::new(SecureLayer::new(noise, SecureConfig::default())))
+            }
+            None => None,
+        };
         let listen = settings.listen.clone().unwrap_or_else(|| DEFAULT_LISTEN.to_string());
         let socket = bind_socket(&listen).await.map_err(|error| {
             PluginError::invalid_config(format!("key `listen`: cannot bind UDP socket {listen}: {error}"))
@@ -239,8 +290,11 @@ impl UdpTransport {
             Some(advertise) => advertise.clone(),
             None => advertised_address(socket.local_addr()?),
         };
-        let capabilities =
+        let mut capabilities =
             if config.reliable { Capabilities::RELIABLE | Capabilities::ORDERED } else { Capabilities::NONE };
+        if secure.is_some() {
+            capabilities = capabilities | Capabilities::ENCRYPTED;
+        }
         let info = TransportInfo {
             capabilities,
             local_address: local_address.clone(),
@@ -249,6 +303,7 @@ impl UdpTransport {
         let epoch = epoch_for(&node_id, &local_address);
         let shared = Arc::new(Shared {
             endpoint: Mutex::new(Endpoint::new(config, epoch)),
+            secure,
             wake: Notify::new(),
             space: Notify::new(),
             shutdown: watch::channel(false).0,
@@ -267,6 +322,12 @@ impl UdpTransport {
     /// Counters of the state machine (dropped, duplicated, retransmitted, delivered).
     pub fn stats(&self) -> reliability::Stats {
         self.shared.endpoint().stats().clone()
+    }
+
+    /// Counters of the encrypted links (handshakes, refusals, tampered and replayed datagrams);
+    /// `None` with plain links.
+    pub fn secure_stats(&self) -> Option<SecureStats> {
+        self.shared.secure().map(|secure| secure.stats().clone())
     }
 }
 
@@ -410,7 +471,7 @@ impl Transport for UdpTransport {
     async fn close(&self) -> Result<(), PluginError> {
         self.shared.closing.store(true, Ordering::Release);
         let deadline = tokio::time::Instant::now() + CLOSE_FLUSH;
-        while self.shared.endpoint().has_pending_sends() && tokio::time::Instant::now() < deadline {
+        while self.shared.has_pending_sends() && tokio::time::Instant::now() < deadline {
             let _ = tokio::time::timeout(Duration::from_millis(10), self.shared.space.notified()).await;
         }
         self.shared.shutdown.send_replace(true);
@@ -422,27 +483,32 @@ impl Transport for UdpTransport {
     }
 }
 
-/// Moves datagrams between the socket and the state machine until shutdown.
+/// Moves datagrams between the socket and the state machines until shutdown.
 async fn drive(socket: UdpSocket, shared: Arc<Shared>, inbound: mpsc::Sender<Inbound>, local: String) {
     let mut shutdown = shared.shutdown.subscribe();
     let mut buffer = vec![0u8; MAX_UDP_PAYLOAD + 1];
     loop {
         let (transmits, messages, events, timeout) = {
             let mut endpoint = shared.endpoint();
+            let mut secure = shared.secure();
             let now = Instant::now();
             if endpoint.poll_timeout().is_some_and(|at| at <= now) {
                 endpoint.handle_timeout(now);
             }
-            let mut transmits = Vec::new();
-            while transmits.len() < TRANSMIT_BATCH {
-                match endpoint.poll_transmit(now) {
-                    Some(transmit) => transmits.push(transmit),
-                    None => break,
+            if let Some(secure) = secure.as_mut() {
+                if secure.poll_timeout().is_some_and(|at| at <= now) {
+                    secure.handle_timeout(now);
                 }
             }
+            let transmits = collect_transmits(&mut endpoint, secure.as_deref_mut(), now);
             let messages: Vec<_> = std::iter::from_fn(|| endpoint.poll_message()).collect();
             let events: Vec<_> = std::iter::from_fn(|| endpoint.poll_event()).collect();
-            (transmits, messages, events, endpoint.poll_timeout())
+            let timeout = endpoint
+                .poll_timeout()
+                .into_iter()
+                .chain(secure.as_ref().and_then(|secure| secure.poll_timeout()))
+                .min();
+            (transmits, messages, events, timeout)
         };
         for Event::GaveUp { peer, dropped_messages, silent_for } in events {
             tracing::warn!(
@@ -468,11 +534,15 @@ async fn drive(socket: UdpSocket, shared: Arc<Shared>, inbound: mpsc::Sender<Inb
                     continue;
                 }
             };
+            if !sender_is_bound(&shared, from, &envelope) {
+                continue;
+            }
             tokio::select! {
                 sent = inbound.send(Inbound { envelope, delivery_tag: 0 }) => if sent.is_err() { return },
                 _ = shutdown.wait_for(|closing| *closing) => return,
             }
         }
+        log_secure_events(&shared, &local);
         let sleep = async {
             match timeout {
                 Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -485,11 +555,23 @@ async fn drive(socket: UdpSocket, shared: Arc<Shared>, inbound: mpsc::Sender<Inb
             received = socket.recv_from(&mut buffer) => match received {
                 Ok((n, from)) => {
                     let mut endpoint = shared.endpoint();
-                    endpoint.handle_datagram(Instant::now(), from, &buffer[..n]);
+                    let mut secure = shared.secure();
+                    let mut handle = |from: SocketAddr, datagram: &[u8]| {
+                        let now = Instant::now();
+                        match secure.as_mut() {
+                            None => endpoint.handle_datagram(now, from, datagram),
+                            Some(secure) => {
+                                if let Some(plaintext) = secure.handle_datagram(now, from, datagram) {
+                                    endpoint.handle_datagram(now, from, &plaintext);
+                                }
+                            }
+                        }
+                    };
+                    handle(from, &buffer[..n]);
                     // Take what else is waiting, so that one ack answers a burst.
                     for _ in 0..64 {
                         match socket.try_recv_from(&mut buffer) {
-                            Ok((n, from)) => endpoint.handle_datagram(Instant::now(), from, &buffer[..n]),
+                            Ok((n, from)) => handle(from, &buffer[..n]),
                             Err(_) => break,
                         }
                     }
@@ -499,6 +581,72 @@ async fn drive(socket: UdpSocket, shared: Arc<Shared>, inbound: mpsc::Sender<Inb
             _ = sleep, if !more => {}
             _ = shared.wake.notified(), if !more => {}
             _ = std::future::ready(()), if more => {}
+        }
+    }
+}
+
+/// Up to [`TRANSMIT_BATCH`] datagrams to write: the endpoint's, sealed by the secure layer if
+/// links are encrypted (which also adds its own handshake datagrams).
+fn collect_transmits(
+    endpoint: &mut Endpoint<SocketAddr>,
+    mut secure: Option<&mut SecureLayer<SocketAddr>>,
+    now: Instant,
+) -> Vec<(SocketAddr, Vec<u8>)> {
+    let mut transmits = Vec::new();
+    while transmits.len() < TRANSMIT_BATCH {
+        if let Some(transmit) = secure.as_mut().and_then(|secure| secure.poll_transmit()) {
+            transmits.push(transmit);
+            continue;
+        }
+        match (endpoint.poll_transmit(now), secure.as_mut()) {
+            (Some((to, datagram)), Some(secure)) => secure.send(now, to, &datagram),
+            (Some(transmit), None) => transmits.push(transmit),
+            (None, _) => break,
+        }
+    }
+    transmits
+}
+
+/// With encrypted links: whether the envelope's sender id is bound to the key the peer at `from`
+/// authenticated with (otherwise it is dropped, counted and reported).
+fn sender_is_bound(shared: &Shared, from: SocketAddr, envelope: &Envelope) -> bool {
+    let Some(mut secure) = shared.secure() else { return true };
+    match secure.peer_key(&from) {
+        Some(key) if PublicKey::of_node(&envelope.from) == Some(key) => true,
+        Some(key) => {
+            secure.refuse_node_id(Instant::now(), from, &envelope.from, key);
+            false
+        }
+        // The session ended between the datagram and its message: nothing to bind it to.
+        None => false,
+    }
+}
+
+fn log_secure_events(shared: &Shared, local: &str) {
+    let events: Vec<_> = match shared.secure() {
+        Some(mut secure) => std::iter::from_fn(|| secure.poll_event()).collect(),
+        None => return,
+    };
+    for event in events {
+        match event {
+            SecureEvent::Established { peer, key, initiator } => tracing::debug!(
+                "udp {local}: encrypted session with {peer} (key {key}, {})",
+                if initiator { "we dialled" } else { "they dialled" }
+            ),
+            SecureEvent::Refused { peer, key: Some(key), reason } => {
+                tracing::warn!("udp {local}: refused peer {peer} with key {key}: {reason}")
+            }
+            SecureEvent::Refused { peer, key: None, reason } => {
+                tracing::warn!("udp {local}: refused peer {peer}: {reason}")
+            }
+            SecureEvent::Plaintext { peer } => tracing::warn!(
+                "udp {local}: dropped plaintext datagrams from {peer}: this node requires encrypted links \
+                 (security.links = \"noise\")"
+            ),
+            SecureEvent::HandshakeTimeout { peer, tries, dropped } => tracing::warn!(
+                "udp {local}: no encrypted session with {peer} after {tries} handshake attempts; \
+                 {dropped} datagram(s) dropped"
+            ),
         }
     }
 }
