@@ -367,3 +367,142 @@ fn comms_processes_never_log_secret_keys() {
     runtime.block_on(clean_up(&prefix));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A relay forwards signed envelopes unchanged, so they verify at the far end; the relay and the
+/// receiver both check them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_forwards_signed_envelopes_unchanged() {
+    let memory = PluginLibrary::load(&artifacts().memory_plugin).unwrap();
+    let tcp = PluginLibrary::load(&artifacts().tcp_plugin).unwrap();
+    let keys = [Identity::generate(), Identity::generate(), Identity::generate()];
+    let [bridge_key, left_key, right_key] = &keys;
+    let allowed = allow(&[bridge_key, left_key, right_key]);
+    let security =
+        || Security { signatures: SignatureMode::Require, allow: allowed.clone(), ..Security::default() };
+    let (left_id, right_id) = (left_key.node_id(Some("left")), right_key.node_id(Some("right")));
+    let address = |name: &str| format!("memory://signed-relay-{}-{name}", std::process::id());
+    let bridge = Node::builder("bridge")
+        .identity(bridge_key.clone())
+        .security(security())
+        .relay(true)
+        .transport_library("memory", memory.clone(), &format!("address = \"{}\"", address("bridge")))
+        .transport_library("tcp", tcp.clone(), "")
+        .static_peer(left_id.as_str(), [("memory", address("left").as_str())])
+        .build()
+        .await
+        .unwrap();
+    let bridge_tcp = bridge.transports()[1].local_address.clone();
+    let left = Node::builder("left")
+        .identity(left_key.clone())
+        .security(security())
+        .transport_library("memory", memory, &format!("address = \"{}\"", address("left")))
+        .static_peer(right_id.as_str(), [("memory", address("bridge").as_str())])
+        .build()
+        .await
+        .unwrap();
+    let right = Node::builder("right")
+        .identity(right_key.clone())
+        .security(security())
+        .transport_library("tcp", tcp, "")
+        .static_peer(left_id.as_str(), [("tcp", bridge_tcp.as_str())])
+        .build()
+        .await
+        .unwrap();
+    until("the bridge hearing of right", || bridge.peers().iter().any(|p| p.record.id == right_id)).await;
+    for i in 0..20u32 {
+        left.send(right_id.clone(), &format!("across {i}")).await.unwrap();
+    }
+    for i in 0..20u32 {
+        let received = receive_text(&right).await;
+        assert_eq!((&received.from, received.message), (&left_id, format!("across {i}")));
+        right.send(left_id.clone(), &format!("back {i}")).await.unwrap();
+    }
+    for i in 0..20u32 {
+        let reply = receive_text(&left).await;
+        assert_eq!((&reply.from, reply.message), (&right_id, format!("back {i}")));
+    }
+    for node in [&left, &right, &bridge] {
+        assert_eq!(node.rejected_count(), 0, "{} refused a relayed envelope", node.id());
+    }
+    for node in [left, right, bridge] {
+        node.close().await.unwrap();
+    }
+}
+
+/// The same over a shared SQLite file, nodes from config files: rows inserted into a mailbox by
+/// someone who can write the file are refused unless signed by an allowed sender.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_forged_into_a_sqlite_mailbox_are_refused() {
+    let dir = scratch_dir("signed-sqlite");
+    let database = dir.join("comms.db");
+    let (alice_key, bob_key, mallory_key) =
+        (Identity::generate(), Identity::generate(), Identity::generate());
+    alice_key.save_new(&dir.join("alice.key")).unwrap();
+    bob_key.save_new(&dir.join("bob.key")).unwrap();
+    let config = |label: &str| {
+        let text = format!(
+            "[node]\nid = \"{label}\"\nkey_file = \"{label}.key\"\nplugin_dirs = [{:?}]\n\
+             heartbeat_interval_ms = 200\npeer_timeout_ms = 2000\n\n\
+             [security]\nsignatures = \"require\"\nallow = [\"alice-{}\", \"{}\"]\n\n\
+             [transports.sqlite]\ndatabase = {database:?}\npoll_max_ms = 50\n\n\
+             [discovery]\nplugin = \"sqlite\"\ndatabase = {database:?}\nheartbeat_ms = 100\npeer_timeout_ms = 1000\n",
+            artifacts().plugin_dir,
+            alice_key.public_key(),
+            bob_key.public_key(),
+        );
+        write_config(&dir, &format!("{label}.toml"), &text)
+    };
+    let alice = Node::from_config(config("alice")).await.unwrap_or_else(|error| panic!("{error}"));
+    let bob = Node::from_config(config("bob")).await.unwrap_or_else(|error| panic!("{error}"));
+    until("alice knowing bob", || alice.peers().iter().any(|peer| &peer.record.id == bob.id())).await;
+
+    let (alice_id, bob_id) = (alice.id().clone(), bob.id().clone());
+    let unsigned = text_envelope(&alice_id, &bob_id, "forged: unsigned row");
+    let mut wrong_key = text_envelope(&alice_id, &bob_id, "forged: signed by mallory");
+    sign_envelope(&mallory_key, &mut wrong_key, now_ms()).unwrap();
+    // Written by another process, as an intruder would (a second copy of SQLite in this process
+    // would break the plugin's file locks).
+    let mut statements = String::from("import sqlite3, sys\ndb = sqlite3.connect(sys.argv[1], timeout=5)\n");
+    for envelope in [&unsigned, &wrong_key] {
+        let mut bytes = Vec::new();
+        comms_plugin_api::wire::encode_envelope(envelope, &mut bytes).unwrap();
+        statements += &format!(
+            "db.execute('INSERT INTO comms_mailbox (recipient, envelope, enqueued_at) VALUES (?, ?, ?)', \
+             ('{bob_id}', bytes.fromhex('{}'), {}))\n",
+            hex_encode(&bytes),
+            now_ms()
+        );
+    }
+    statements += "db.commit()\n";
+    let inserted =
+        std::process::Command::new("python3").arg("-c").arg(&statements).arg(&database).output().unwrap();
+    assert!(inserted.status.success(), "{inserted:?}");
+    alice.send(bob_id.clone(), &"genuine".to_string()).await.unwrap();
+    let received = receive_text(&bob).await;
+    assert_eq!((&received.from, received.message.as_str()), (&alice_id, "genuine"));
+    until("bob refusing both rows", || bob.rejected_count() >= 2).await;
+    let more = tokio::time::timeout(Duration::from_millis(500), bob.receive::<String>()).await;
+    assert!(more.is_err(), "delivered although forged: {more:?}");
+    assert_eq!(bob.rejected_count(), 2);
+    alice.close().await.unwrap();
+    bob.close().await.unwrap();
+    // Settled for good: the transport moved both rows to the dead letters. (Looked at once the
+    // nodes are closed: this process's SQLite and the plugin's are two copies of the library.)
+    let file = rusqlite::Connection::open(&database).unwrap();
+    let discarded: i64 = file
+        .query_row(
+            "SELECT COUNT(*) FROM comms_dead_letter WHERE reason LIKE '%REJECTED_DISCARD%'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(discarded, 2, "both forged rows are dead letters");
+    let waiting: i64 = file
+        .query_row("SELECT COUNT(*) FROM comms_mailbox WHERE recipient = ?1", [bob_id.as_str()], |row| {
+            row.get(0)
+        })
+        .unwrap();
+    assert_eq!(waiting, 0, "nothing left in bob's mailbox");
+    drop(file);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
