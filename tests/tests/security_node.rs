@@ -268,3 +268,119 @@ async fn signatures_in_code_need_an_identity() {
     );
     assert!(error.contains("security.signatures") && error.contains("(builder)"), "{error}");
 }
+
+/// Writes `<label>.key` and a config with Noise links over tcp listening on `listen`, allowing
+/// `allow`, knowing `peers` (node id, tcp address). Returns the node id it will have.
+fn noise_node(
+    dir: &Path,
+    label: &str,
+    identity: &Identity,
+    listen: &str,
+    allow: &[String],
+    peers: &[(String, &str)],
+) -> String {
+    identity.save_new(&dir.join(format!("{label}.key"))).unwrap();
+    let allow: Vec<String> = allow.iter().map(|entry| format!("\"{entry}\"")).collect();
+    let peers: Vec<String> = peers
+        .iter()
+        .map(|(id, address)| format!("{{ id = \"{id}\", addresses = {{ tcp = \"{address}\" }} }}"))
+        .collect();
+    let text = format!(
+        "[node]\nid = \"{label}\"\nkey_file = \"{label}.key\"\nplugin_dirs = [{:?}]\n\n\
+         [security]\nlinks = \"noise\"\nallow = [{}]\n\n\
+         [transports.tcp]\nlisten = \"{listen}\"\n\n\
+         [discovery]\npeers = [{}]\n",
+        artifacts().plugin_dir,
+        allow.join(", "),
+        peers.join(", ")
+    );
+    write_config(dir, &format!("{label}.toml"), &text);
+    identity.node_id(Some(label)).to_string()
+}
+
+#[test]
+fn noise_links_from_config_files_carry_allowed_peers_and_refuse_others() {
+    let dir = scratch_dir("noise-config");
+    let (alice, bob, mallory) = (Identity::generate(), Identity::generate(), Identity::generate());
+    let (alice_address, bob_address, mallory_address) =
+        (comms_tests::free_address(), comms_tests::free_address(), comms_tests::free_address());
+    let (alice_id, bob_id) = (alice.node_id(Some("alice")).to_string(), bob.node_id(Some("bob")).to_string());
+    // Bob allows alice (by key) only; mallory allows bob and knows where he is.
+    noise_node(
+        &dir,
+        "bob",
+        &bob,
+        &bob_address,
+        &[alice.public_key().to_hex()],
+        &[(alice_id.clone(), &alice_address)],
+    );
+    noise_node(&dir, "alice", &alice, &alice_address, &[bob_id.clone()], &[(bob_id.clone(), &bob_address)]);
+    noise_node(
+        &dir,
+        "mallory",
+        &mallory,
+        &mallory_address,
+        &[bob_id.clone()],
+        &[(bob_id.clone(), &bob_address)],
+    );
+
+    let bob_log = dir.join("bob.log");
+    let receiver = Command::new(&artifacts().comms_bin)
+        .args(["recv", "--count", "2", "--config", "bob.toml"])
+        .current_dir(&dir)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&bob_log).unwrap())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(&bob_log).unwrap().contains("(links encrypted)") {
+        let log = std::fs::read_to_string(&bob_log).unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "bob did not start encrypted: {log}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Mallory first: had it got through, it would be one of the two lines bob prints.
+    let _ = comms(&["send", "--config", "mallory.toml", "--to", &bob_id, "from mallory"], &dir);
+    for n in 1..=2 {
+        let sent =
+            comms(&["send", "--config", "alice.toml", "--to", &bob_id, &format!("from alice {n}")], &dir);
+        assert!(sent.status.success(), "{sent:?}");
+    }
+    let output = receiver.wait_with_output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(stdout, "from alice 1\nfrom alice 2\n", "only alice's messages arrive");
+    let log = std::fs::read_to_string(&bob_log).unwrap();
+    assert!(
+        log.contains(&mallory.public_key().to_hex()) && log.contains("not allowed"),
+        "bob logs the refused key: {log}"
+    );
+    for key in [&alice, &bob, &mallory] {
+        assert!(!log.contains(&hex_encode(&key.secret_bytes())), "a secret key in the log");
+    }
+
+    // The same config files in process: request / response over the encrypted links.
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let bob = Node::from_config(dir.join("bob.toml")).await.unwrap();
+        let alice = Node::from_config(dir.join("alice.toml")).await.unwrap();
+        let encrypted = comms_plugin_api::Capabilities::ENCRYPTED;
+        assert!(alice.transports()[0].capabilities.contains(encrypted));
+        bob.serve("echo", |request: comms_host::Received<String>| async move {
+            Ok::<_, String>(format!("echo: {}", request.message))
+        })
+        .await
+        .unwrap();
+        let wait = std::time::Duration::from_secs(10);
+        let started = tokio::time::Instant::now();
+        while !alice.peers().iter().any(|peer| peer.record.services.iter().any(|s| s == "echo")) {
+            assert!(started.elapsed() < wait, "alice never learned of bob's service");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let answer: String = tokio::time::timeout(wait, alice.request("echo", "hi")).await.unwrap().unwrap();
+        assert_eq!(answer, "echo: hi");
+        alice.close().await.unwrap();
+        bob.close().await.unwrap();
+    });
+    std::fs::remove_dir_all(&dir).unwrap();
+}
