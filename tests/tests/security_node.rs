@@ -314,15 +314,9 @@ fn noise_links_from_config_files_carry_allowed_peers_and_refuse_others() {
         &[alice.public_key().to_hex()],
         &[(alice_id.clone(), &alice_address)],
     );
-    noise_node(&dir, "alice", &alice, &alice_address, &[bob_id.clone()], &[(bob_id.clone(), &bob_address)]);
-    noise_node(
-        &dir,
-        "mallory",
-        &mallory,
-        &mallory_address,
-        &[bob_id.clone()],
-        &[(bob_id.clone(), &bob_address)],
-    );
+    let allow_bob = [bob_id.clone()];
+    noise_node(&dir, "alice", &alice, &alice_address, &allow_bob, &[(bob_id.clone(), &bob_address)]);
+    noise_node(&dir, "mallory", &mallory, &mallory_address, &allow_bob, &[(bob_id.clone(), &bob_address)]);
 
     let bob_log = dir.join("bob.log");
     let receiver = Command::new(&artifacts().comms_bin)
