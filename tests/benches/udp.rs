@@ -1,6 +1,7 @@
 //! UDP plugin numbers: small-message throughput in reliable and best-effort mode over loopback,
-//! MB/s for 1 MiB messages in reliable mode, and the time for 20 nodes to all discover each other
-//! by multicast beacons.
+//! MB/s for 1 MiB messages in reliable mode, each with plain and with encrypted links
+//! (`security.links = "noise"`), and the time for 20 nodes to all discover each other by
+//! multicast beacons.
 //!
 //! ```sh
 //! cargo bench -p comms-tests --bench udp
@@ -9,7 +10,8 @@
 //! Loopback has no loss; reliable mode still pays for acks and its window. (The rate under 5 %
 //! loss between two network namespaces is printed by `tests/tests/udp_namespaces.rs`.)
 
-use comms_host::{Node, PluginLibrary};
+use comms_host::{Node, PluginLibrary, Security};
+use comms_plugin_api::security::{Identity, LinkMode};
 use std::time::{Duration, Instant};
 
 fn library() -> PluginLibrary {
@@ -26,25 +28,54 @@ fn free_udp_address() -> String {
     socket.local_addr().unwrap_or_else(|e| fail(&e.to_string())).to_string()
 }
 
-/// Two nodes on loopback that know each other's address.
-async fn pair(mode: &str) -> (Node, Node) {
+/// Two nodes on loopback that know each other's address, with encrypted links if `secure`;
+/// returns them and b's node id.
+async fn pair(mode: &str, secure: bool) -> (Node, Node, String) {
     let (address_a, address_b) = (free_udp_address(), free_udp_address());
     let config = |address: &str| format!("listen = \"{address}\"\nmode = \"{mode}\"");
-    let node = |id: &'static str, own: &str, peer: &'static str, theirs: &str| {
-        Node::builder(id)
+    let dir = comms_tests::scratch_dir("udp-bench");
+    let keys: Vec<(std::path::PathBuf, String)> = ["a", "b"]
+        .iter()
+        .map(|label| {
+            let path = dir.join(format!("{label}.key"));
+            let identity = Identity::generate();
+            identity.save_new(&path).unwrap_or_else(|e| fail(&e.to_string()));
+            let id = if secure { identity.node_id(Some(label)).to_string() } else { label.to_string() };
+            (path, id)
+        })
+        .collect();
+    let node = |i: usize, own: &str, theirs: &str| {
+        let mut builder = Node::builder(if i == 0 { "a" } else { "b" })
             .transport_library("udp", library(), &config(own))
-            .static_peer(peer, [("udp", theirs)])
-            .build()
+            .static_peer(keys[1 - i].1.as_str(), [("udp", theirs)]);
+        if secure {
+            let security = Security {
+                links: LinkMode::Noise,
+                allow: vec![keys[1 - i].1.clone()],
+                ..Security::default()
+            };
+            builder = builder.key_file(&keys[i].0).security(security);
+        }
+        builder.build()
     };
-    let a = node("a", &address_a, "b", &address_b).await.unwrap_or_else(|e| fail(&e.to_string()));
-    let b = node("b", &address_b, "a", &address_a).await.unwrap_or_else(|e| fail(&e.to_string()));
-    (a, b)
+    let a = node(0, &address_a, &address_b).await.unwrap_or_else(|e| fail(&e.to_string()));
+    let b = node(1, &address_b, &address_a).await.unwrap_or_else(|e| fail(&e.to_string()));
+    let _ = std::fs::remove_dir_all(&dir);
+    (a, b, keys[1].1.clone())
+}
+
+fn links(secure: bool) -> &'static str {
+    if secure {
+        "noise"
+    } else {
+        "plain"
+    }
 }
 
 /// 1 MiB messages from `a` to `b` in reliable mode: all must arrive.
-async fn mebibyte_messages() {
+async fn mebibyte_messages(secure: bool) {
     let count = comms_tests::bench::scaled(64, comms_tests::bench::scale("udp")) as usize;
-    let (a, b) = pair("reliable").await;
+    let (a, b, to) = pair("reliable", secure).await;
     let payload = vec![0x5au8; 1 << 20];
     let started = Instant::now();
     let receiving = tokio::spawn(async move {
@@ -57,12 +88,13 @@ async fn mebibyte_messages() {
         b
     });
     for _ in 0..count {
-        a.send_raw("b", vec![], payload.clone(), None).await.unwrap_or_else(|e| fail(&e.to_string()));
+        a.send_raw(to.as_str(), vec![], payload.clone(), None).await.unwrap_or_else(|e| fail(&e.to_string()));
     }
     let b = receiving.await.unwrap_or_else(|e| fail(&e.to_string()));
     let seconds = started.elapsed().as_secs_f64();
     eprintln!(
-        "reliable: {count} x 1 MiB messages, {:.1} MB/s ({:.1} msg/s)",
+        "reliable, {} links: {count} x 1 MiB messages, {:.1} MB/s ({:.1} msg/s)",
+        links(secure),
         (count << 20) as f64 / 1e6 / seconds,
         count as f64 / seconds
     );
@@ -72,8 +104,10 @@ async fn mebibyte_messages() {
 
 async fn measure() {
     let count = comms_tests::bench::scaled(20_000, comms_tests::bench::scale("udp")) as u32;
-    for mode in ["reliable", "best-effort"] {
-        let (a, b) = pair(mode).await;
+    for (mode, secure) in
+        [("reliable", false), ("reliable", true), ("best-effort", false), ("best-effort", true)]
+    {
+        let (a, b, to) = pair(mode, secure).await;
         let started = Instant::now();
         let receiving = tokio::spawn(async move {
             let (mut got, mut last) = (0u32, Instant::now());
@@ -86,15 +120,22 @@ async fn measure() {
             (got, last, b)
         });
         for _ in 0..count {
-            a.send_raw("b", vec![], vec![0u8; 64], None).await.unwrap_or_else(|e| fail(&e.to_string()));
+            a.send_raw(to.as_str(), vec![], vec![0u8; 64], None)
+                .await
+                .unwrap_or_else(|e| fail(&e.to_string()));
         }
         let (got, last, b) = receiving.await.unwrap_or_else(|e| fail(&e.to_string()));
         let seconds = (last - started).as_secs_f64();
-        eprintln!("{mode}: {got} of {count} 64-byte messages, {:.0} msg/s", f64::from(got) / seconds);
+        eprintln!(
+            "{mode}, {} links: {got} of {count} 64-byte messages, {:.0} msg/s",
+            links(secure),
+            f64::from(got) / seconds
+        );
         a.close().await.unwrap_or_else(|e| fail(&e.to_string()));
         b.close().await.unwrap_or_else(|e| fail(&e.to_string()));
     }
-    mebibyte_messages().await;
+    mebibyte_messages(false).await;
+    mebibyte_messages(true).await;
 
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap_or_else(|e| fail(&e.to_string()))

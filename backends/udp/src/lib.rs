@@ -18,6 +18,16 @@
 //! An unknown key is an error naming it. With `[discovery.udp]` (no keys needed) nodes find each
 //! other by multicast beacons: see [`beacon`].
 //!
+//! ## Encrypted links
+//!
+//! When the node's `[security]` says `links = "noise"`, the host passes the key file and
+//! allow-list (`[comms_security]`) and every pair of peers runs a Noise XX handshake over
+//! datagrams before any data is accepted; every datagram after it is sealed with an explicit
+//! nonce and checked against a replay window, plaintext peers and keys off the allow-list are
+//! refused and logged, and envelopes whose sender id is not bound to the peer's key are dropped.
+//! The transport then declares `ENCRYPTED`. Sealing adds [`secure::OVERHEAD`] bytes per datagram,
+//! taken from `max_datagram`. Beacons stay plaintext. See [`secure`].
+//!
 //! ## How it works
 //!
 //! All protocol logic (fragmentation, reassembly, acks, retransmission, duplicate suppression,
