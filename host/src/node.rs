@@ -10,7 +10,7 @@ use crate::{
     fault_injection::FaultInjector,
     membership::{Membership, PeerInfo},
     request_response::{Balancing, PendingRequests, RequestOptions},
-    security::{RejectedCounter, Signatures},
+    security::{RejectedCounter, Signatures, SIGNATURE_HEADER, SIGNED_AT_HEADER},
     service::{ServiceHandler, Services},
     subscription::{Subscription, Subscriptions},
     topics::{validate_pattern, validate_topic},
@@ -316,6 +316,11 @@ impl Node {
         correlation_id: Option<MessageId>,
     ) -> Result<MessageId, SendError> {
         let to = to.into();
+        let mut headers = headers;
+        if self.inner.signatures.is_some() {
+            // Only this node's signer writes these: an application's own would go out unchecked.
+            headers.retain(|(name, _)| name != SIGNATURE_HEADER && name != SIGNED_AT_HEADER);
+        }
         let mut envelope = self.new_envelope(Destination::Node(to.clone()), headers, payload);
         envelope.correlation_id = correlation_id;
         let id = envelope.id;
@@ -620,7 +625,7 @@ impl NodeInner {
     /// left as they are.
     pub(crate) fn sealed(&self, mut envelope: Envelope) -> Envelope {
         if let Some(signatures) = &self.signatures {
-            let signed = envelope.header(crate::security::SIGNATURE_HEADER).is_some();
+            let signed = envelope.header(SIGNATURE_HEADER).is_some();
             if envelope.from == self.id && !signed {
                 signatures.seal(&mut envelope);
             }

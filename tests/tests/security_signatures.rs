@@ -506,3 +506,43 @@ async fn rows_forged_into_a_sqlite_mailbox_are_refused() {
     drop(file);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A node's own envelopes come back to it (a request to a service it serves itself): they are
+/// checked like any other, but its key need not be on its own allow-list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_calls_its_own_service_without_allowing_itself() {
+    let memory = PluginLibrary::load(&artifacts().memory_plugin).unwrap();
+    let identity = Identity::generate();
+    let someone_else = Identity::generate();
+    let node = Node::builder("solo")
+        .identity(identity)
+        .security(Security {
+            signatures: SignatureMode::Require,
+            allow: allow(&[&someone_else]),
+            ..Security::default()
+        })
+        .transport_library(
+            "memory",
+            memory,
+            &format!("address = \"memory://signed-solo-{}\"", std::process::id()),
+        )
+        .build()
+        .await
+        .unwrap();
+    node.serve("shout", |request: Received<String>| async move {
+        Ok::<_, String>(request.message.to_uppercase())
+    })
+    .await
+    .unwrap();
+    let answer: String = tokio::time::timeout(WAIT, node.request("shout", "hey")).await.unwrap().unwrap();
+    assert_eq!(answer, "HEY");
+    node.send(node.id().clone(), &"note to self".to_string()).await.unwrap();
+    let received = receive_text(&node).await;
+    assert_eq!(received.message, "note to self");
+    assert!(
+        received.headers.iter().any(|(name, _)| name == SIGNATURE_HEADER),
+        "it went through the transport, signed"
+    );
+    assert_eq!(node.rejected_count(), 0);
+    node.close().await.unwrap();
+}
