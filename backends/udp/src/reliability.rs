@@ -40,15 +40,21 @@
 //!
 //! - **Reliable mode**: every datagram carries a per-peer sequence number; the receiver acks
 //!   (cumulative + selective) and passes datagrams to reassembly strictly in sequence order, so
-//!   messages from one sender arrive complete, once, and in send order. Unacked datagrams are
-//!   retransmitted after an RTT-based timeout (Jacobson/Karels, bounded by
-//!   [`Config::min_rto`] / [`Config::max_rto`], doubled on every timeout).
+//!   messages from one sender arrive complete, once, and in send order. The sender keeps every
+//!   datagram in flight within [`Config::window`] sequence numbers of the oldest unacknowledged
+//!   one, so that the receiver never has to drop one for lack of room.
+//! - **Loss recovery** (reliable mode), see "Loss recovery" below: a datagram is resent early
+//!   (fast retransmission) once acknowledgements show that [`DUP_THRESH`] datagrams sent after
+//!   it arrived and it has been out longer than the round trip allows; otherwise after the
+//!   retransmission timeout, which doubles per timeout round and collapses on progress.
 //! - **Giving up**: when datagrams in flight towards a peer got no acknowledgement at all from it
-//!   for [`Config::peer_timeout`], or one datagram was sent [`Config::max_transmissions`] times, the
-//!   peer is taken for gone: what was queued for it is dropped (counted in
-//!   [`Stats::abandoned_messages`]), [`Endpoint::poll_event`] reports [`Event::GaveUp`] once,
-//!   and the next [`Endpoint::send`] to that peer fails once with [`SendError::Unreachable`]
-//!   (the message is not queued); the send after that starts afresh.
+//!   for [`Config::peer_timeout`], or one datagram was sent [`Config::max_transmissions`] times
+//!   by its timer (its first send and its retransmissions after a timeout; fast retransmissions,
+//!   prompted by the peer's own acknowledgements, do not count), the peer is taken for gone:
+//!   what was queued for it is dropped (counted in [`Stats::abandoned_messages`]),
+//!   [`Endpoint::poll_event`] reports [`Event::GaveUp`] once, and the next [`Endpoint::send`] to
+//!   that peer fails once with [`SendError::Unreachable`] (the message is not queued); the send
+//!   after that starts afresh.
 //! - **Best-effort mode**: fragments without acks; a message arrives whole or not at all, at most
 //!   once per copy the network delivers (no duplicate suppression), in any order.
 //! - **Bounded**: at most [`Config::window`] datagrams in flight per peer and buffered out of
@@ -61,6 +67,40 @@
 //!   `max_peers` strangers can evict the receive state of a peer that is only sending to us;
 //!   its next datagram starts a fresh state, and a message it was halfway through is lost.
 //! - Sequence numbers are 64 bits and never wrap in practice.
+//!
+//! ## Loss recovery
+//!
+//! Per peer, the sender keeps a round-trip estimate (RFC 6298 `srtt` and `rttvar`). It takes one
+//! sample per acknowledgement that settles datagrams sent only once (Karn's algorithm: nothing
+//! from a retransmitted datagram): the longest round trip among them, so that a burst settled by
+//! one acknowledgement counts once and the estimate covers the slowest datagrams. From it:
+//!
+//! - the **retransmission timeout** (RTO) `srtt + 4 rttvar`, at least [`Config::min_rto`], at
+//!   most [`Config::max_rto`]. A datagram unacknowledged for an RTO is resent and the RTO
+//!   doubles (up to `max_rto`), at most once per timeout round: datagrams of one burst expiring
+//!   a few milliseconds apart double it once, not once each. An acknowledgement that advances
+//!   the cumulative acknowledgement, or a fresh sample, brings it back to `srtt + 4 rttvar`.
+//! - the **loss delay** `srtt + m * max(4 rttvar, srtt / 4, 1 ms)`, at most the RTO without
+//!   backoff. A datagram is taken for lost without waiting for its timeout when at least
+//!   [`DUP_THRESH`] datagrams with higher sequence numbers have been acknowledged (the
+//!   selective acknowledgement shows the hole) and it was sent a loss delay ago or more, so that
+//!   reordering by less than that never causes a resend. It is resent at once, without touching
+//!   the RTO. If that copy is lost too, the next fast retransmission waits twice as long (then 4,
+//!   8, ... times, up to `max_rto`; the RTO may fire first): a hole is resent about once per
+//!   round trip, never once per acknowledgement, and a receiver that keeps dropping one datagram
+//!   gets an exponentially slowing trickle, not a storm.
+//! - `m`, the reordering multiplier, starts at 1 and doubles (up to 8) whenever a retransmission
+//!   turns out spurious: its acknowledgement came back sooner than the shortest round trip
+//!   measured, so it was for the first copy, which the network had only delayed. It is kept for
+//!   the peer's lifetime (reset when the peer is given up).
+//!
+//! [`Stats::retransmissions`] counts every datagram sent again, [`Stats::fast_retransmissions`]
+//! the part of them sent on acknowledgements rather than by the timer, and
+//! [`Stats::spurious_retransmissions`] those detected as unnecessary. Without loss and with
+//! reordering within the loss delay, none of them grows.
+//!
+//! Memory: the loss detection adds a few words per datagram in flight and per peer; the
+//! retransmission queue holds each datagram in flight at most once.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -90,7 +130,12 @@ pub struct Config {
     pub max_datagram: usize,
     /// The largest message accepted by `send` and reassembled from a peer.
     pub max_message_size: usize,
-    /// Datagrams in flight (sent, unacked) per peer, and buffered out of order per peer.
+    /// Sequence numbers in flight per peer: the sender sends a datagram only if its sequence
+    /// number is below the oldest unacknowledged one plus `window`, and the receiver buffers out
+    /// of order only that far ahead of what it has delivered. Memory: up to `window` datagrams
+    /// of `max_datagram` bytes per peer on each side (the receive side also within
+    /// [`Config::max_total_reassembly_bytes`]). Up to 513 is covered by the selective
+    /// acknowledgement bitmap; beyond it datagrams are acked only cumulatively.
     pub window: usize,
     /// Peers tracked at once.
     pub max_peers: usize,
@@ -108,7 +153,9 @@ pub struct Config {
     pub min_rto: Duration,
     /// Upper bound of the retransmission timeout.
     pub max_rto: Duration,
-    /// Sends of one datagram before the peer is taken for gone.
+    /// Timer-driven sends of one datagram (its first send and its retransmissions after a
+    /// timeout) before the peer is taken for gone. Fast retransmissions do not count: they are
+    /// prompted by acknowledgements, so the peer is there.
     pub max_transmissions: u32,
     /// How long datagrams in flight towards a peer may go without any acknowledgement from it
     /// before the peer is taken for gone. Should be several times [`Config::max_rto`], or a
@@ -215,8 +262,14 @@ pub struct Stats {
     pub evicted_partials: u64,
     /// Datagrams from a new peer dropped because the peer table was full.
     pub refused_peers: u64,
-    /// Datagrams sent again after a timeout.
+    /// Datagrams sent again, after a timeout or as fast retransmissions.
     pub retransmissions: u64,
+    /// The part of [`Stats::retransmissions`] sent because acknowledgements of later datagrams
+    /// showed the datagram missing (see "Loss recovery" in the module docs), not after a timeout.
+    pub fast_retransmissions: u64,
+    /// Retransmissions shown unnecessary: the acknowledgement came back sooner than any round
+    /// trip, so it was for an earlier copy (a lower bound: later ones go unnoticed).
+    pub spurious_retransmissions: u64,
     /// Messages (queued or in flight) abandoned because their peer stopped acknowledging.
     pub abandoned_messages: u64,
     /// Times the endpoint gave up on a peer.
@@ -225,20 +278,72 @@ pub struct Stats {
     pub delivered: u64,
 }
 
-/// Jacobson/Karels round-trip estimation (RFC 6298).
+/// Acknowledged datagrams with higher sequence numbers that make a missing datagram a candidate
+/// for fast retransmission (TCP's three duplicate acks, counted from selective acknowledgements).
+pub const DUP_THRESH: u64 = 3;
+
+/// The largest multiplier of the reordering allowance (see "Loss recovery").
+const MAX_REORDER_MULT: u32 = 8;
+
+/// Jacobson/Karels round-trip estimation (RFC 6298), with the backoff kept apart so that it can
+/// collapse.
 #[derive(Debug, Clone)]
 struct Rtt {
     srtt: Option<Duration>,
     rttvar: Duration,
+    /// The timeout without backoff: `srtt + 4 rttvar` within the bounds.
+    base: Duration,
+    /// The timeout in force: `base`, doubled per timeout round since the last collapse.
     rto: Duration,
+    /// When the RTO was last doubled (None: not backed off).
+    backed_off_at: Option<Instant>,
+    /// The shortest round trip measured: an acknowledgement of a retransmission that comes back
+    /// sooner must be for the first copy, so the retransmission was spurious.
+    min_rtt: Option<Duration>,
+    /// Multiplier of the reordering allowance in the loss delay, doubled on every spurious
+    /// retransmission detected (at most [`MAX_REORDER_MULT`]).
+    reorder_mult: u32,
 }
 
 impl Rtt {
     fn new(config: &Config) -> Self {
-        Self { srtt: None, rttvar: Duration::ZERO, rto: config.initial_rto }
+        Self {
+            srtt: None,
+            rttvar: Duration::ZERO,
+            base: config.initial_rto,
+            rto: config.initial_rto,
+            backed_off_at: None,
+            min_rtt: None,
+            reorder_mult: 1,
+        }
+    }
+
+    /// How long a datagram is given before later datagrams' acknowledgements make it lost: the
+    /// RTO without its floor and backoff (before any sample: the initial RTO).
+    fn loss_delay(&self) -> Duration {
+        match self.srtt {
+            Some(srtt) => {
+                let allowance = (self.rttvar * 4).max(srtt / 4).max(Duration::from_millis(1));
+                (srtt + allowance.saturating_mul(self.reorder_mult)).min(self.base)
+            }
+            None => self.base,
+        }
+    }
+
+    /// An acknowledgement came back for a retransmitted datagram sooner than any round trip:
+    /// it was for an earlier copy, and the network reorders more than the loss delay allowed.
+    fn spurious(&mut self) {
+        self.reorder_mult = (self.reorder_mult * 2).min(MAX_REORDER_MULT);
+    }
+
+    /// Back to the timeout the estimate gives (after fresh evidence that the path delivers).
+    fn collapse(&mut self) {
+        self.rto = self.base;
+        self.backed_off_at = None;
     }
 
     fn sample(&mut self, rtt: Duration, config: &Config) {
+        self.min_rtt = Some(self.min_rtt.map_or(rtt, |min| min.min(rtt)));
         match self.srtt {
             None => {
                 self.srtt = Some(rtt);
@@ -251,19 +356,46 @@ impl Rtt {
             }
         }
         let rto = self.srtt.unwrap_or(rtt) + (self.rttvar * 4).max(Duration::from_millis(1));
-        self.rto = rto.clamp(config.min_rto, config.max_rto);
+        self.base = rto.clamp(config.min_rto, config.max_rto);
+        self.collapse();
     }
 
-    fn back_off(&mut self, config: &Config) {
+    /// Doubles the RTO after a timeout at `now`, unless it was doubled less than the previous
+    /// RTO ago: the datagrams of one burst expire a few milliseconds apart, and that is one
+    /// timeout round, not many.
+    fn back_off(&mut self, now: Instant, config: &Config) {
+        if self.backed_off_at.is_some_and(|at| now < at + self.rto / 2) {
+            return;
+        }
         self.rto = (self.rto * 2).min(config.max_rto);
+        self.backed_off_at = Some(now);
     }
 }
 
 #[derive(Debug)]
 struct InFlight {
     datagram: Vec<u8>,
+    /// When it was last sent; None while it waits in the retransmission queue.
     sent_at: Option<Instant>,
+    /// Sends so far, of any kind.
     transmissions: u32,
+    /// Sends by timer (the first and those after a timeout), for giving up.
+    timer_sends: u32,
+    /// Fast retransmissions so far (each doubles the wait before the next one).
+    fast_sends: u32,
+    /// At least [`DUP_THRESH`] datagrams with higher sequence numbers were acknowledged.
+    lost: bool,
+}
+
+impl InFlight {
+    /// When it becomes due for a fast retransmission, if acknowledgements showed it missing.
+    fn fast_deadline(&self, loss_delay: Duration, config: &Config) -> Option<Instant> {
+        if !self.lost {
+            return None;
+        }
+        let wait = loss_delay.saturating_mul(1 << self.fast_sends.min(16)).min(config.max_rto);
+        self.sent_at.map(|at| at + wait)
+    }
 }
 
 #[derive(Debug)]
@@ -296,7 +428,10 @@ struct Peer {
     tx_next_message: u32,
     queued: VecDeque<(u64, Vec<u8>)>,
     in_flight: BTreeMap<u64, InFlight>,
-    retransmit: VecDeque<u64>,
+    /// Datagrams to send again, and whether as a fast retransmission (else after a timeout).
+    retransmit: VecDeque<(u64, bool)>,
+    /// The highest sequence number the peer acknowledged (cumulatively or selectively).
+    highest_acked: Option<u64>,
     queued_bytes: usize,
     rtt: Rtt,
     /// Since when datagrams have been in flight with no ack from the peer.
@@ -319,6 +454,7 @@ impl Peer {
             queued: VecDeque::new(),
             in_flight: BTreeMap::new(),
             retransmit: VecDeque::new(),
+            highest_acked: None,
             queued_bytes: 0,
             rtt: Rtt::new(config),
             waiting_since: None,
@@ -360,12 +496,36 @@ impl Peer {
         count
     }
 
+    /// Marks as lost the datagrams in flight with at least [`DUP_THRESH`] acknowledged datagrams
+    /// above them. Every sequence number up to `highest_acked` was sent, so those above a
+    /// datagram that are not in flight were acknowledged.
+    fn mark_lost(&mut self) {
+        let Some(highest) = self.highest_acked else { return };
+        for (unacked_above, (seq, flight)) in self.in_flight.range_mut(..highest).rev().enumerate() {
+            if highest - seq - unacked_above as u64 >= DUP_THRESH {
+                flight.lost = true;
+            }
+        }
+    }
+
+    /// Queues for fast retransmission the lost datagrams whose wait has passed at `now`.
+    fn queue_fast_retransmissions(&mut self, now: Instant, config: &Config) {
+        let loss_delay = self.rtt.loss_delay();
+        for (seq, flight) in self.in_flight.iter_mut() {
+            if flight.fast_deadline(loss_delay, config).is_some_and(|at| at <= now) {
+                flight.sent_at = None;
+                self.retransmit.push_back((*seq, true));
+            }
+        }
+    }
+
     /// Drops everything queued or in flight and remembers why, for the next `send`.
     fn give_up(&mut self, silent_for: Duration, config: &Config) -> u64 {
         let dropped = self.pending_messages();
         self.in_flight.clear();
         self.queued.clear();
         self.retransmit.clear();
+        self.highest_acked = None;
         self.queued_bytes = 0;
         self.rtt = Rtt::new(config);
         self.waiting_since = None;
@@ -509,12 +669,18 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
             }
         }
         for (address, peer) in self.peers.iter_mut() {
-            while let Some(seq) = peer.retransmit.pop_front() {
+            while let Some((seq, fast)) = peer.retransmit.pop_front() {
                 let base = peer.base();
                 if let Some(flight) = peer.in_flight.get_mut(&seq) {
                     flight.sent_at = Some(now);
                     flight.transmissions += 1;
                     self.stats.retransmissions += 1;
+                    if fast {
+                        flight.fast_sends += 1;
+                        self.stats.fast_retransmissions += 1;
+                    } else {
+                        flight.timer_sends += 1;
+                    }
                     flight.datagram[BASE_OFFSET..BASE_OFFSET + 8].copy_from_slice(&base.to_be_bytes());
                     return Some((*address, flight.datagram.clone()));
                 }
@@ -526,12 +692,24 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
                 }
                 continue;
             }
-            if peer.in_flight.len() < window {
+            // Within `window` of the oldest unacknowledged datagram: the receiver buffers no
+            // further ahead, so anything beyond would be dropped and cost a timeout.
+            let oldest = peer.in_flight.keys().next().copied();
+            let next = peer.queued.front().map(|(seq, _)| *seq);
+            if next.is_some_and(|next| oldest.is_none_or(|oldest| next - oldest < window as u64)) {
                 if let Some((seq, mut datagram)) = peer.queued.pop_front() {
-                    let base = peer.in_flight.keys().next().copied().unwrap_or(seq);
+                    let base = oldest.unwrap_or(seq);
                     datagram[BASE_OFFSET..BASE_OFFSET + 8].copy_from_slice(&base.to_be_bytes());
                     let copy = datagram.clone();
-                    peer.in_flight.insert(seq, InFlight { datagram, sent_at: Some(now), transmissions: 1 });
+                    let flight = InFlight {
+                        datagram,
+                        sent_at: Some(now),
+                        transmissions: 1,
+                        timer_sends: 1,
+                        fast_sends: 0,
+                        lost: false,
+                    };
+                    peer.in_flight.insert(seq, flight);
                     peer.waiting_since.get_or_insert(now);
                     return Some((*address, copy));
                 }
@@ -552,25 +730,33 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
 
     /// When [`Endpoint::handle_timeout`] should next be called, if anything waits for a timer.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let peer_timeout = self.config.peer_timeout;
+        let config = &self.config;
         self.peers
             .values()
             .flat_map(|peer| {
                 let rto = peer.rtt.rto;
-                let give_up = peer.waiting_since.map(|since| since + peer_timeout);
+                let loss_delay = peer.rtt.loss_delay();
+                let give_up = peer.waiting_since.map(|since| since + config.peer_timeout);
                 peer.in_flight
                     .values()
-                    .filter_map(move |flight| flight.sent_at.map(|at| at + rto))
+                    .filter_map(move |flight| {
+                        let timeout = flight.sent_at.map(|at| at + rto);
+                        match flight.fast_deadline(loss_delay, config) {
+                            Some(fast) => Some(fast.min(timeout?)),
+                            None => timeout,
+                        }
+                    })
                     .chain(give_up)
             })
             .min()
     }
 
-    /// Schedules retransmissions whose timeout has passed at `now`, and abandons peers that
-    /// stopped answering.
+    /// Schedules retransmissions whose timeout (or fast retransmission wait) has passed at
+    /// `now`, and abandons peers that stopped answering.
     pub fn handle_timeout(&mut self, now: Instant) {
         let config = &self.config;
         for (address, peer) in self.peers.iter_mut() {
+            peer.queue_fast_retransmissions(now, config);
             let rto = peer.rtt.rto;
             let silent_for =
                 peer.waiting_since.map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
@@ -581,7 +767,7 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
                 .map(|(seq, _)| *seq)
                 .collect();
             let exhausted =
-                expired.iter().any(|seq| peer.in_flight[seq].transmissions >= config.max_transmissions);
+                expired.iter().any(|seq| peer.in_flight[seq].timer_sends >= config.max_transmissions);
             if exhausted || (peer.waiting_since.is_some() && silent_for >= config.peer_timeout) {
                 let dropped_messages = peer.give_up(silent_for, config);
                 self.stats.abandoned_messages += dropped_messages;
@@ -594,11 +780,11 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
             if expired.is_empty() {
                 continue;
             }
-            peer.rtt.back_off(config);
+            peer.rtt.back_off(now, config);
             for seq in expired {
                 if let Some(flight) = peer.in_flight.get_mut(&seq) {
                     flight.sent_at = None;
-                    peer.retransmit.push_back(seq);
+                    peer.retransmit.push_back((seq, false));
                 }
             }
         }
@@ -667,14 +853,41 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
         if !peer.in_flight.is_empty() {
             peer.waiting_since = Some(now);
         }
+        if acked.first().is_some_and(|seq| *seq < cumulative) {
+            // The cumulative acknowledgement moved: the path delivers, the backoff is over.
+            peer.rtt.collapse();
+        }
+        let any_acked = !acked.is_empty();
+        let mut rtt_sample: Option<Duration> = None;
         for seq in acked {
+            peer.highest_acked = peer.highest_acked.max(Some(seq));
             let flight = peer.in_flight.remove(&seq).expect("listed from in_flight");
             peer.queued_bytes -= flight.datagram.len() - DATA_HEADER;
             // Karn: only datagrams sent once give an unambiguous sample.
-            if let (1, Some(at)) = (flight.transmissions, flight.sent_at) {
-                peer.rtt.sample(now.saturating_duration_since(at), config);
+            match (flight.transmissions, flight.sent_at) {
+                (1, Some(at)) => {
+                    let rtt = now.saturating_duration_since(at);
+                    rtt_sample = Some(rtt_sample.map_or(rtt, |sample| sample.max(rtt)));
+                }
+                (_, Some(at))
+                    if peer.rtt.min_rtt.is_some_and(|min| now.saturating_duration_since(at) < min) =>
+                {
+                    self.stats.spurious_retransmissions += 1;
+                    peer.rtt.spurious();
+                }
+                _ => {}
             }
         }
+        // One sample per acknowledgement, not one per datagram it settles: a burst acked at once
+        // would otherwise count as many identical samples and drive `rttvar` to zero. The
+        // longest, so that the estimate covers the datagrams that took longest (reordering).
+        if let Some(rtt) = rtt_sample {
+            peer.rtt.sample(rtt, config);
+        }
+        if any_acked {
+            peer.mark_lost();
+        }
+        peer.queue_fast_retransmissions(now, config);
     }
 
     fn receive_reliable(
