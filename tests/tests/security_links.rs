@@ -485,7 +485,12 @@ async fn a_tampered_record_closes_the_link_and_is_not_delivered() {
     // Bob closed that connection; Alice's next message goes over a new one, untouched.
     a.send(&proxy.address, envelope(&alice.id, &bob.id, "after")).await.unwrap();
     assert_eq!(received(&b, 1, Duration::from_secs(5)).await, ["after"]);
-    assert!(proxy.upstream(0).len() > envelope_record + 22, "the flipped byte was on the first connection");
+    // The flipped byte was inside the first envelope record's ciphertext.
+    let up = proxy.upstream(0);
+    let frame_end = |at: usize| at + 4 + u32::from_be_bytes(up[at..at + 4].try_into().unwrap()) as usize;
+    let record_end = |at: usize| at + 2 + usize::from(u16::from_be_bytes([up[at], up[at + 1]]));
+    assert_eq!(record_end(frame_end(frame_end(0))), envelope_record, "handshake and hello as computed");
+    assert!(record_end(envelope_record) > envelope_record + 22, "the flip is inside the envelope record");
     assert_eq!(proxy.upstream.lock().unwrap().len(), 2, "the tampered connection was closed and replaced");
     for transport in [a, b] {
         let _ = transport.close().await;
