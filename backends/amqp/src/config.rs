@@ -3,7 +3,7 @@
 
 use comms_plugin_api::{backoff::Backoff, redact::redact_url, PluginError};
 use serde::Deserialize;
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 /// Default broker URL: RabbitMQ's default user on this machine, default virtual host.
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -19,6 +19,16 @@ pub struct AmqpConfig {
     /// Broker URL, `amqp://` or `amqps://` (TLS), with credentials and virtual host
     /// (`%2f` is `/`). Never logged with its password.
     pub url: String,
+    /// With `amqps://`: PEM file of the CA certificate(s) that signed the broker's certificate
+    /// (a private CA), trusted in addition to the system's roots and the bundled Mozilla roots.
+    /// A relative path is relative to the process' working directory.
+    pub ca_file: Option<PathBuf>,
+    /// With `amqps://`: PEM certificate (chain) this client presents, for brokers that
+    /// require client certificates (`ssl_options.fail_if_no_peer_cert`). Needs
+    /// `client_key_file`.
+    pub client_cert_file: Option<PathBuf>,
+    /// With `amqps://`: PEM private key of `client_cert_file`.
+    pub client_key_file: Option<PathBuf>,
     /// The node's inbox queue is this prefix followed by the node id; it is also the address
     /// peers send to.
     pub queue_prefix: String,
@@ -51,6 +61,9 @@ impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
             url: DEFAULT_URL.to_string(),
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
             queue_prefix: "comms.inbox.".to_string(),
             topic_exchange: "comms.topics".to_string(),
             prefetch: 256,
@@ -66,9 +79,19 @@ impl Default for AmqpConfig {
 }
 
 impl AmqpConfig {
+    /// The certificate files of an `amqps://` connection.
+    pub fn tls_files(&self) -> TlsFiles {
+        TlsFiles {
+            ca_file: self.ca_file.clone(),
+            client_cert_file: self.client_cert_file.clone(),
+            client_key_file: self.client_key_file.clone(),
+        }
+    }
+
     /// Rejects values that cannot work, naming the key.
     pub fn validate(&self) -> Result<(), PluginError> {
         validate_url(&self.url)?;
+        self.tls_files().validate(&self.url)?;
         positive("prefetch", u64::from(self.prefetch))?;
         positive("max_message_size", self.max_message_size)?;
         positive("connect_attempts", u64::from(self.connect_attempts))?;
@@ -94,6 +117,12 @@ impl AmqpConfig {
 pub struct AmqpDiscoveryConfig {
     /// Broker URL, as for the transport.
     pub url: String,
+    /// As for the transport.
+    pub ca_file: Option<PathBuf>,
+    /// As for the transport.
+    pub client_cert_file: Option<PathBuf>,
+    /// As for the transport.
+    pub client_key_file: Option<PathBuf>,
     /// Fanout exchange the announcements go through (declared durable if missing).
     pub exchange: String,
     /// How often this node re-announces itself.
@@ -113,6 +142,9 @@ impl Default for AmqpDiscoveryConfig {
     fn default() -> Self {
         Self {
             url: DEFAULT_URL.to_string(),
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
             exchange: "comms.discovery".to_string(),
             heartbeat_interval_ms: 1_000,
             expiry_ms: None,
@@ -124,9 +156,19 @@ impl Default for AmqpDiscoveryConfig {
 }
 
 impl AmqpDiscoveryConfig {
+    /// The certificate files of an `amqps://` connection.
+    pub fn tls_files(&self) -> TlsFiles {
+        TlsFiles {
+            ca_file: self.ca_file.clone(),
+            client_cert_file: self.client_cert_file.clone(),
+            client_key_file: self.client_key_file.clone(),
+        }
+    }
+
     /// Rejects values that cannot work, naming the key.
     pub fn validate(&self) -> Result<(), PluginError> {
         validate_url(&self.url)?;
+        self.tls_files().validate(&self.url)?;
         positive("heartbeat_interval_ms", self.heartbeat_interval_ms)?;
         positive("connect_attempts", u64::from(self.connect_attempts))?;
         if self.exchange.is_empty() {
@@ -148,6 +190,47 @@ impl AmqpDiscoveryConfig {
     /// Delays between connection attempts at start.
     pub fn backoff(&self) -> Backoff {
         backoff(self.connect_attempts, self.reconnect_initial_delay_ms, self.reconnect_max_delay_ms)
+    }
+}
+
+/// The certificate files of an `amqps://` connection (keys `ca_file`, `client_cert_file`,
+/// `client_key_file`); read when the transport or discovery starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The CA certificate(s) to trust.
+    pub ca_file: Option<PathBuf>,
+    /// The client's certificate (chain).
+    pub client_cert_file: Option<PathBuf>,
+    /// The client's private key.
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// Refuses certificate files with a plain `amqp://` URL (they would silently do nothing)
+    /// and a client certificate without its key or the other way round.
+    pub fn validate(&self, url: &str) -> Result<(), PluginError> {
+        if !url.starts_with("amqps://") {
+            let set = [
+                ("ca_file", &self.ca_file),
+                ("client_cert_file", &self.client_cert_file),
+                ("client_key_file", &self.client_key_file),
+            ];
+            if let Some((key, _)) = set.iter().find(|(_, path)| path.is_some()) {
+                return Err(PluginError::invalid_config(format!(
+                    "key `{key}`: only used with TLS, but `url` ({}) is not an amqps:// URL",
+                    redact_url(url)
+                )));
+            }
+        }
+        match (&self.client_cert_file, &self.client_key_file) {
+            (Some(_), None) => {
+                Err(PluginError::invalid_config("key `client_key_file`: needed with `client_cert_file`"))
+            }
+            (None, Some(_)) => {
+                Err(PluginError::invalid_config("key `client_cert_file`: needed with `client_key_file`"))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -211,6 +294,20 @@ mod tests {
         }
         let amqps = AmqpConfig { url: "amqps://u:p@broker.example:5671/%2f".into(), ..AmqpConfig::default() };
         amqps.validate().unwrap();
+    }
+
+    #[test]
+    fn certificate_files_need_a_tls_url_and_come_in_pairs() {
+        let config: AmqpConfig =
+            parse_config("url = \"amqp://u:secret@host/%2f\"\nca_file = \"ca.pem\"").unwrap();
+        let error = config.validate().unwrap_err();
+        assert!(error.message.contains("key `ca_file`") && error.message.contains("amqps://"), "{error}");
+        assert!(!error.message.contains("secret"), "{error}");
+        let config: AmqpDiscoveryConfig =
+            parse_config("url = \"amqps://host/%2f\"\nclient_key_file = \"key.pem\"").unwrap();
+        assert!(config.validate().unwrap_err().message.contains("key `client_cert_file`"));
+        let config: AmqpConfig = parse_config("url = \"amqps://host/%2f\"\nca_file = \"ca.pem\"").unwrap();
+        config.validate().unwrap();
     }
 
     #[test]

@@ -183,6 +183,8 @@ struct Inner {
     node: NodeId,
     config: AmqpDiscoveryConfig,
     url: String,
+    /// The broker URL and TLS settings, to connect with.
+    broker: connection::Broker,
     own: Mutex<Option<NodeRecord>>,
     table: Mutex<PeerTable>,
     events_tx: mpsc::Sender<PeerEvent>,
@@ -204,9 +206,11 @@ impl AmqpDiscovery {
     /// runtime.
     pub async fn connect(node: NodeId, config: AmqpDiscoveryConfig) -> Result<Self, PluginError> {
         config.validate()?;
+        let broker = connection::Broker::new(&config.url, &config.tls_files())?;
         let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
         let inner = Arc::new(Inner {
             url: redact_url(&config.url),
+            broker,
             node,
             config,
             own: Mutex::new(None),
@@ -218,11 +222,14 @@ impl AmqpDiscovery {
             shutdown: watch::channel(false).0,
         });
         let backoff = inner.config.backoff();
-        let session = backoff.retry(|_| open_session(&inner, 0)).await.map_err(|(error, attempts)| {
-            let mut error = error;
-            error.message = format!("{} ({attempts} attempts)", error.message);
-            error
-        })?;
+        let session = connection::retry(&backoff, |_| open_session(&inner, 0)).await.map_err(
+            |(mut error, attempts)| {
+                if !connection::is_fatal(&error) {
+                    error.message = format!("{} ({attempts} attempts)", error.message);
+                }
+                error
+            },
+        )?;
         inner.channel.send_replace(Some(session.channel.clone()));
         tokio::spawn(run(Arc::clone(&inner), session));
         Ok(Self { inner })
@@ -232,12 +239,7 @@ impl AmqpDiscovery {
 async fn open_session(inner: &Inner, generation: u64) -> Result<Session, PluginError> {
     let url = inner.config.url.as_str();
     let name = format!("comms {} discovery", inner.node);
-    let connection = connection::connect_once(url, &name).await.map_err(|cause| {
-        PluginError::retryable(
-            ErrorCode::UNREACHABLE,
-            format!("cannot connect to the AMQP broker at {}: {cause}", inner.url),
-        )
-    })?;
+    let connection = connection::connect_once(&inner.broker, &name).await?;
     let fail = |what: &'static str| move |error: lapin::Error| connection::amqp_error(url, what, &error);
     let set_up = async {
         let channel = connection.create_channel().await.map_err(fail("opening a channel"))?;
@@ -402,7 +404,11 @@ async fn run(inner: Arc<Inner>, mut session: Session) {
             match open_session(&inner, generation).await {
                 Ok(session) => break session,
                 Err(error) => {
-                    tracing::warn!(url = %inner.url, attempt, %error, "AMQP discovery could not reconnect");
+                    if connection::is_fatal(&error) {
+                        tracing::error!(url = %inner.url, attempt, %error, "AMQP discovery could not reconnect");
+                    } else {
+                        tracing::warn!(url = %inner.url, attempt, %error, "AMQP discovery could not reconnect");
+                    }
                     inner.expire();
                     let delay = backoff.delay_after(attempt).unwrap_or(backoff.max);
                     tokio::select! {

@@ -69,11 +69,22 @@
 //!   Settlements for deliveries of the lost connection are ignored: the broker redelivers them.
 //! - **Discovery**: announcements (JSON) on a fanout exchange; see [`discovery`].
 //!
+//! ## TLS
+//!
+//! An `amqps://` URL connects with TLS (rustls) and verifies the broker's certificate against
+//! the system's roots, the bundled Mozilla roots and the CA(s) in `ca_file` (a private CA);
+//! `client_cert_file` and `client_key_file` present a client certificate. The transport then
+//! declares `Capabilities::ENCRYPTED`. A certificate that does not verify fails at once, without
+//! the retries. TLS protects the link to the broker; anyone with broker credentials can still
+//! publish messages: `docs/security-brokers.md` in the repository says what else to turn on.
+//!
 //! ## Errors
 //!
 //! | case | code |
 //! |---|---|
 //! | broker unreachable after `connect_attempts` | [`ErrorCode::UNREACHABLE`], retryable |
+//! | broker's certificate not verified (`amqps://`), or ours refused | [`ErrorCode::UNREACHABLE`], not retryable, at the first attempt |
+//! | `ca_file` / `client_cert_file` / `client_key_file` unreadable | [`ErrorCode::INVALID_CONFIG`] naming the key and path |
 //! | no inbox queue at the address (node never started) | [`ErrorCode::UNREACHABLE`], retryable |
 //! | payload above `max_message_size` | [`ErrorCode::TOO_LARGE`] |
 //! | no connection within `send_timeout_ms` | [`ErrorCode::UNREACHABLE`] / [`ErrorCode::TIMEOUT`], retryable |
@@ -87,10 +98,11 @@ mod config;
 pub mod connection;
 pub mod discovery;
 pub mod format;
+mod tls;
 pub mod topics;
 mod transport;
 
-pub use config::{AmqpConfig, AmqpDiscoveryConfig, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_URL};
+pub use config::{AmqpConfig, AmqpDiscoveryConfig, TlsFiles, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_URL};
 pub use discovery::AmqpDiscovery;
 pub use transport::AmqpTransport;
 

@@ -97,6 +97,8 @@ struct Inner {
     config: AmqpConfig,
     /// The broker URL with its password redacted, for logs and errors.
     url: String,
+    /// The broker URL and TLS settings, to connect with.
+    broker: connection::Broker,
     /// The inbox queue: this transport's address.
     inbox_queue: String,
     link: watch::Sender<Option<Arc<Link>>>,
@@ -127,11 +129,13 @@ impl AmqpTransport {
                 "the inbox queue name (key `queue_prefix` + node id `{node}`) is longer than AMQP's 255 bytes"
             )));
         }
+        let broker = connection::Broker::new(&config.url, &config.tls_files())?;
         let capacity = usize::from(config.prefetch) * 2;
         let (inbound_tx, inbound_rx) = mpsc::channel(capacity);
         let (failures, failures_rx) = mpsc::channel(16);
         let inner = Arc::new(Inner {
             url: redact_url(&config.url),
+            broker,
             node,
             inbox_queue,
             link: watch::channel(None).0,
@@ -148,18 +152,18 @@ impl AmqpTransport {
             config,
         });
         let backoff = inner.config.backoff();
-        let first = backoff
-            .retry(|attempt| {
-                let inner = Arc::clone(&inner);
-                async move {
-                    establish(&inner).await.inspect_err(|error| {
-                        tracing::warn!(url = %inner.url, attempt, %error, "AMQP transport could not start");
-                    })
-                }
-            })
-            .await;
+        let first = connection::retry(&backoff, |attempt| {
+            let inner = Arc::clone(&inner);
+            async move {
+                establish(&inner).await.inspect_err(|error| {
+                    tracing::warn!(url = %inner.url, attempt, %error, "AMQP transport could not start");
+                })
+            }
+        })
+        .await;
         let link = match first {
             Ok(link) => link,
+            Err((error, _)) if connection::is_fatal(&error) => return Err(error),
             Err((error, attempts)) if error.code == ErrorCode::UNREACHABLE => {
                 return Err(PluginError::retryable(
                     ErrorCode::UNREACHABLE,
@@ -187,12 +191,8 @@ fn shortstr(text: &str, what: &str) -> Result<ShortString, PluginError> {
 
 /// Opens a connection and everything on it, and starts the consumers. One attempt.
 async fn establish(inner: &Arc<Inner>) -> Result<Arc<Link>, PluginError> {
-    let config = &inner.config;
-    let url = config.url.as_str();
     let name = format!("comms {} transport", inner.node);
-    let connection = connection::connect_once(url, &name).await.map_err(|cause| {
-        PluginError::retryable(ErrorCode::UNREACHABLE, format!("cannot connect to {}: {cause}", inner.url))
-    })?;
+    let connection = connection::connect_once(&inner.broker, &name).await?;
     let result = set_up(inner, &connection).await;
     if result.is_err() {
         connection::close(&connection).await;
@@ -447,7 +447,13 @@ async fn supervise(inner: Arc<Inner>, mut failures: mpsc::Receiver<u32>) {
                 }
                 Err(error) => {
                     let delay = reconnect_delay(&inner.config, attempt);
-                    tracing::warn!(url = %inner.url, attempt, %error, "reconnecting to the AMQP broker failed");
+                    if connection::is_fatal(&error) {
+                        // The broker's certificate changed under a running node: keep trying at
+                        // the longest delay (an operator may fix it) and say why at error level.
+                        tracing::error!(url = %inner.url, attempt, %error, "reconnecting to the AMQP broker failed");
+                    } else {
+                        tracing::warn!(url = %inner.url, attempt, %error, "reconnecting to the AMQP broker failed");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = connection::closing(&mut shutdown) => return,
@@ -491,13 +497,17 @@ impl Inner {
 
 #[async_trait]
 impl Transport for AmqpTransport {
+    /// `ENCRYPTED` with an `amqps://` URL: the link to the broker is TLS and the broker was
+    /// authenticated by its certificate.
     fn info(&self) -> TransportInfo {
+        let tls = if self.inner.broker.is_tls() { Capabilities::ENCRYPTED } else { Capabilities::NONE };
         TransportInfo {
             capabilities: Capabilities::ORDERED
                 | Capabilities::ACKNOWLEDGEMENTS
                 | Capabilities::DURABLE
                 | Capabilities::NATIVE_TOPICS
-                | Capabilities::RELIABLE,
+                | Capabilities::RELIABLE
+                | tls,
             local_address: self.inner.inbox_queue.clone(),
             max_message_size: self.inner.config.max_message_size,
         }

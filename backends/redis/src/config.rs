@@ -3,7 +3,7 @@
 
 use comms_plugin_api::{backoff::Backoff, PluginError};
 use serde::Deserialize;
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 /// Default of `url`: the local Redis.
 pub const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
@@ -20,6 +20,15 @@ pub const REDIS_MAX_BULK: u64 = 512 * 1024 * 1024;
 pub struct RedisTransportConfig {
     /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
     pub url: String,
+    /// With `rediss://`: PEM file of the CA certificate(s) that signed the server's certificate
+    /// (a private CA). They replace the system's trusted roots for this connection. Default:
+    /// the system's roots. A relative path is relative to the process' working directory.
+    pub ca_file: Option<PathBuf>,
+    /// With `rediss://`: PEM certificate (chain) this client presents, for servers that
+    /// require client certificates (`tls-auth-clients yes`). Needs `client_key_file`.
+    pub client_cert_file: Option<PathBuf>,
+    /// With `rediss://`: PEM private key of `client_cert_file`.
+    pub client_key_file: Option<PathBuf>,
     /// Namespace of every key and channel (`<prefix>:inbox:<node id>`, `<prefix>:topic:<topic>`).
     pub prefix: String,
     /// Consumer group of the inbox streams.
@@ -56,6 +65,9 @@ impl Default for RedisTransportConfig {
     fn default() -> Self {
         Self {
             url: DEFAULT_URL.to_string(),
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
             prefix: DEFAULT_PREFIX.to_string(),
             group: "comms".to_string(),
             max_message_size: 16 * 1024 * 1024,
@@ -97,6 +109,12 @@ fn url(value: &str) -> Result<(), PluginError> {
             comms_plugin_api::redact::redact_url(value)
         )));
     }
+    if value.contains('#') {
+        return Err(PluginError::invalid_config(
+            "key `url`: a URL fragment such as `#insecure` (TLS without certificate verification) is not \
+             supported; use `ca_file` for a private CA",
+        ));
+    }
     Ok(())
 }
 
@@ -104,6 +122,7 @@ impl RedisTransportConfig {
     /// Rejects values that cannot work, naming the key.
     pub fn validate(&self) -> Result<(), PluginError> {
         url(&self.url)?;
+        self.tls_files().validate(&self.url)?;
         name_part("prefix", &self.prefix)?;
         name_part("group", &self.group)?;
         positive("max_message_size", self.max_message_size)?;
@@ -127,6 +146,61 @@ impl RedisTransportConfig {
     pub fn connect_backoff(&self) -> Backoff {
         connect_backoff(self.connect_attempts, self.connect_backoff_ms)
     }
+
+    /// The certificate files of a `rediss://` connection.
+    pub fn tls_files(&self) -> TlsFiles {
+        TlsFiles {
+            ca_file: self.ca_file.clone(),
+            client_cert_file: self.client_cert_file.clone(),
+            client_key_file: self.client_key_file.clone(),
+        }
+    }
+}
+
+/// The certificate files of a `rediss://` connection (keys `ca_file`, `client_cert_file`,
+/// `client_key_file`); read when the connection is opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The CA certificate(s) to trust instead of the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// The client's certificate (chain).
+    pub client_cert_file: Option<PathBuf>,
+    /// The client's private key.
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// Whether no file is set.
+    pub fn is_empty(&self) -> bool {
+        self.ca_file.is_none() && self.client_cert_file.is_none() && self.client_key_file.is_none()
+    }
+
+    /// Refuses certificate files with a plain `redis://` URL (they would silently do nothing)
+    /// and a client certificate without its key or the other way round.
+    pub fn validate(&self, url: &str) -> Result<(), PluginError> {
+        if !url.starts_with("rediss://") {
+            let set = [
+                ("ca_file", &self.ca_file),
+                ("client_cert_file", &self.client_cert_file),
+                ("client_key_file", &self.client_key_file),
+            ];
+            if let Some((key, _)) = set.iter().find(|(_, path)| path.is_some()) {
+                return Err(PluginError::invalid_config(format!(
+                    "key `{key}`: only used with TLS, but `url` ({}) is not a rediss:// URL",
+                    comms_plugin_api::redact::redact_url(url)
+                )));
+            }
+        }
+        match (&self.client_cert_file, &self.client_key_file) {
+            (Some(_), None) => {
+                Err(PluginError::invalid_config("key `client_key_file`: needed with `client_cert_file`"))
+            }
+            (None, Some(_)) => {
+                Err(PluginError::invalid_config("key `client_cert_file`: needed with `client_key_file`"))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 fn connect_backoff(attempts: u32, initial_ms: u64) -> Backoff {
@@ -143,6 +217,15 @@ fn connect_backoff(attempts: u32, initial_ms: u64) -> Backoff {
 pub struct RedisDiscoveryConfig {
     /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
     pub url: String,
+    /// With `rediss://`: PEM file of the CA certificate(s) that signed the server's certificate
+    /// (a private CA). They replace the system's trusted roots for this connection. Default:
+    /// the system's roots. A relative path is relative to the process' working directory.
+    pub ca_file: Option<PathBuf>,
+    /// With `rediss://`: PEM certificate (chain) this client presents, for servers that
+    /// require client certificates (`tls-auth-clients yes`). Needs `client_key_file`.
+    pub client_cert_file: Option<PathBuf>,
+    /// With `rediss://`: PEM private key of `client_cert_file`.
+    pub client_key_file: Option<PathBuf>,
     /// Namespace: records are `<prefix>:node:<id>`, notifications go to `<prefix>:nodes`.
     pub prefix: String,
     /// Lifetime of a node record without a heartbeat, in milliseconds: a node that stops
@@ -165,6 +248,9 @@ impl Default for RedisDiscoveryConfig {
     fn default() -> Self {
         Self {
             url: DEFAULT_URL.to_string(),
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
             prefix: DEFAULT_PREFIX.to_string(),
             ttl_ms: 10_000,
             heartbeat_ms: None,
@@ -180,6 +266,7 @@ impl RedisDiscoveryConfig {
     /// Rejects values that cannot work, naming the key.
     pub fn validate(&self) -> Result<(), PluginError> {
         url(&self.url)?;
+        self.tls_files().validate(&self.url)?;
         name_part("prefix", &self.prefix)?;
         if self.ttl_ms < 100 {
             return Err(PluginError::invalid_config("key `ttl_ms`: must be at least 100"));
@@ -213,6 +300,15 @@ impl RedisDiscoveryConfig {
     pub fn connect_backoff(&self) -> Backoff {
         connect_backoff(self.connect_attempts, self.connect_backoff_ms)
     }
+
+    /// The certificate files of a `rediss://` connection.
+    pub fn tls_files(&self) -> TlsFiles {
+        TlsFiles {
+            ca_file: self.ca_file.clone(),
+            client_cert_file: self.client_cert_file.clone(),
+            client_key_file: self.client_key_file.clone(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -234,9 +330,30 @@ mod tests {
         let error = config.validate().unwrap_err();
         assert!(error.message.contains("key `url`"), "{error}");
         assert!(!error.message.contains("secret"), "{error}");
+        let config: RedisTransportConfig =
+            parse_config("url = \"rediss://u:secret@host/#insecure\"").unwrap();
+        let error = config.validate().unwrap_err();
+        assert!(error.message.contains("key `url`") && error.message.contains("#insecure"), "{error}");
         let config: RedisTransportConfig = parse_config("read_batch = 0").unwrap();
         assert!(config.validate().unwrap_err().message.contains("read_batch"));
         let config: RedisDiscoveryConfig = parse_config("ttl_ms = 1000\nheartbeat_ms = 1000").unwrap();
         assert!(config.validate().unwrap_err().message.contains("heartbeat_ms"));
+    }
+
+    #[test]
+    fn certificate_files_need_a_tls_url_and_come_in_pairs() {
+        let config: RedisTransportConfig =
+            parse_config("url = \"redis://u:secret@host\"\nca_file = \"ca.pem\"").unwrap();
+        let error = config.validate().unwrap_err();
+        assert!(error.message.contains("key `ca_file`") && error.message.contains("rediss://"), "{error}");
+        assert!(!error.message.contains("secret"), "{error}");
+        let config: RedisDiscoveryConfig =
+            parse_config("url = \"rediss://host\"\nclient_cert_file = \"client.pem\"").unwrap();
+        assert!(config.validate().unwrap_err().message.contains("key `client_key_file`"));
+        let config: RedisTransportConfig = parse_config(
+            "url = \"rediss://host\"\nca_file = \"ca.pem\"\nclient_cert_file = \"c.pem\"\nclient_key_file = \"k.pem\"",
+        )
+        .unwrap();
+        config.validate().unwrap();
     }
 }

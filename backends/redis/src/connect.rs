@@ -1,18 +1,23 @@
 //! Opening connections to Redis: URL checks, TLS set-up, retries with backoff at start, and
 //! turning Redis errors into [`PluginError`]s that never contain a password.
 
+use crate::{config::TlsFiles, tls};
 use comms_plugin_api::{backoff::Backoff, redact::redact_url, ErrorCode, PluginError};
 use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
-    Client, RedisError,
+    Client, RedisError, TlsCertificates,
 };
 use std::time::Duration;
 
-/// A Redis URL with the secret parts kept apart, so that messages can name it safely.
+/// A Redis URL with the secret parts kept apart, so that messages can name it safely, and the
+/// certificates of a `rediss://` connection.
 #[derive(Clone)]
 pub(crate) struct RedisUrl {
     url: String,
     redacted: String,
+    /// The `ca_file` / client certificate contents; `None`: the system's roots, no client
+    /// certificate.
+    certificates: Option<TlsCertificates>,
 }
 
 impl std::fmt::Debug for RedisUrl {
@@ -22,8 +27,16 @@ impl std::fmt::Debug for RedisUrl {
 }
 
 impl RedisUrl {
-    pub(crate) fn new(url: &str) -> Self {
-        Self { url: url.to_string(), redacted: redact_url(url) }
+    /// The URL (checked by the config's `validate`) and its certificate files, read now: an
+    /// unreadable file is an error naming its key and path.
+    pub(crate) fn new(url: &str, files: &TlsFiles) -> Result<Self, PluginError> {
+        Ok(Self { url: url.to_string(), redacted: redact_url(url), certificates: tls::load(files)? })
+    }
+
+    /// Whether the connection is TLS (`rediss://`): encrypted, and the server authenticated by
+    /// its certificate.
+    pub(crate) fn is_tls(&self) -> bool {
+        self.url.starts_with("rediss://")
     }
 
     /// The URL with its password replaced by `***`.
@@ -45,12 +58,16 @@ impl RedisUrl {
 
     /// The client for this URL (no connection yet).
     pub(crate) fn client(&self) -> Result<Client, PluginError> {
-        if self.url.starts_with("rediss://") {
+        if self.is_tls() {
             // redis' rustls support needs a process-wide crypto provider; another part of the
             // program may have installed one already, which is fine.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        Client::open(self.url.as_str()).map_err(|error| {
+        let client = match &self.certificates {
+            Some(certificates) => Client::build_with_tls(self.url.as_str(), certificates.clone()),
+            None => Client::open(self.url.as_str()),
+        };
+        client.map_err(|error| {
             PluginError::invalid_config(format!(
                 "key `url`: `{}` is not a valid Redis URL: {}",
                 self.redacted,
@@ -61,7 +78,8 @@ impl RedisUrl {
 
     /// A reconnecting connection, tried `backoff.attempts` times before giving up with an
     /// [`ErrorCode::UNREACHABLE`] error naming the (redacted) URL. `response_timeout` bounds
-    /// every command on it.
+    /// every command on it. A failed certificate verification is not tried again: the error
+    /// says so at once.
     pub(crate) async fn connect(
         &self,
         what: &str,
@@ -75,33 +93,54 @@ impl RedisUrl {
             .set_number_of_retries(0)
             .set_connection_timeout(Duration::from_secs(2))
             .set_response_timeout(response_timeout);
-        let result = backoff
-            .retry(|attempt| {
-                let (client, config) = (client.clone(), config.clone());
-                async move {
-                    let connected = ConnectionManager::new_with_config(client, config).await;
-                    if let Err(error) = &connected {
-                        tracing::debug!(url = %self.redacted, attempt, error = %self.scrub(&error.to_string()),
-                            "connecting to Redis failed");
-                    }
-                    connected
+        let mut attempt = 1;
+        loop {
+            let error = match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+                Ok(connection) => return Ok(connection),
+                Err(error) => error,
+            };
+            if let Some(cause) = tls::verification_failure(&error) {
+                return Err(self.tls_error(what, &cause));
+            }
+            tracing::debug!(url = %self.redacted, attempt, error = %self.scrub(&error.to_string()),
+                "connecting to Redis failed");
+            match backoff.delay_after(attempt) {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => {
+                    return Err(PluginError::new(
+                        ErrorCode::UNREACHABLE,
+                        format!(
+                            "{what}: cannot connect to Redis at {} after {attempt} attempts: {}",
+                            self.redacted,
+                            self.scrub(&error.to_string())
+                        ),
+                    ))
                 }
-            })
-            .await;
-        result.map_err(|(error, attempts)| {
-            PluginError::new(
-                ErrorCode::UNREACHABLE,
-                format!(
-                    "{what}: cannot connect to Redis at {} after {attempts} attempts: {}",
-                    self.redacted,
-                    self.scrub(&error.to_string())
-                ),
-            )
-        })
+            }
+            attempt += 1;
+        }
+    }
+
+    /// The error for a TLS handshake that failed over a certificate: not retryable, naming the
+    /// URL (password redacted) and what to check.
+    fn tls_error(&self, what: &str, cause: &str) -> PluginError {
+        PluginError::new(
+            ErrorCode::UNREACHABLE,
+            format!(
+                "{what}: TLS verification failed connecting to Redis at {}: {}; not retried. Check that \
+                 the host name in `url` is one the certificate names, and set `ca_file` to the CA that \
+                 signed it if it is a private one",
+                self.redacted,
+                self.scrub(cause)
+            ),
+        )
     }
 
     /// A [`PluginError`] for a failed command: `what` failed, on this server, because of `error`.
     pub(crate) fn error(&self, what: &str, error: &RedisError) -> PluginError {
+        if let Some(cause) = tls::verification_failure(error) {
+            return self.tls_error(what, &cause);
+        }
         let message =
             format!("{what} on Redis at {} failed: {}", self.redacted, self.scrub(&error.to_string()));
         if is_connection_error(error) {
@@ -124,8 +163,12 @@ fn password(url: &str) -> Option<String> {
     .filter(|password| !password.is_empty())
 }
 
-/// Whether retrying on another connection may help (the broker went away or timed out).
+/// Whether retrying on another connection may help (the broker went away or timed out); not
+/// for a failed certificate verification.
 pub(crate) fn is_connection_error(error: &RedisError) -> bool {
+    if tls::verification_failure(error).is_some() {
+        return false;
+    }
     error.is_io_error()
         || error.is_connection_dropped()
         || error.is_connection_refusal()
@@ -141,7 +184,7 @@ mod tests {
 
     #[test]
     fn passwords_are_scrubbed_from_any_text() {
-        let url = RedisUrl::new("redis://user:hunter22@127.0.0.1:1/0");
+        let url = RedisUrl::new("redis://user:hunter22@127.0.0.1:1/0", &TlsFiles::default()).unwrap();
         assert_eq!(url.redacted(), "redis://user:***@127.0.0.1:1/0");
         let text = url.scrub("failed for redis://user:hunter22@127.0.0.1:1/0 with hunter22");
         assert!(!text.contains("hunter22"), "{text}");
@@ -152,12 +195,15 @@ mod tests {
     #[test]
     fn tls_urls_with_credentials_are_accepted() {
         // Builds the client (and installs the TLS crypto provider) without connecting.
-        RedisUrl::new("rediss://user:hunter22@127.0.0.1:6380/0").client().unwrap();
+        let url = RedisUrl::new("rediss://user:hunter22@127.0.0.1:6380/0", &TlsFiles::default()).unwrap();
+        assert!(url.is_tls());
+        url.client().unwrap();
     }
 
     #[test]
     fn an_invalid_url_is_a_config_error_without_the_password() {
-        let error = RedisUrl::new("redis://user:hunter22@[bad").client().unwrap_err();
+        let error =
+            RedisUrl::new("redis://user:hunter22@[bad", &TlsFiles::default()).unwrap().client().unwrap_err();
         assert_eq!(error.code, ErrorCode::INVALID_CONFIG);
         assert!(!error.message.contains("hunter22"), "{error}");
     }

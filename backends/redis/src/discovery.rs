@@ -197,7 +197,7 @@ impl RedisDiscovery {
     /// Connects (retrying with backoff) and starts the heartbeat and the watcher.
     pub async fn connect(node: NodeId, config: RedisDiscoveryConfig) -> Result<Self, PluginError> {
         config.validate()?;
-        let url = RedisUrl::new(&config.url);
+        let url = RedisUrl::new(&config.url, &config.tls_files())?;
         let what = format!("the redis discovery of node `{node}`");
         let timeout = Duration::from_millis(config.command_timeout_ms);
         let connection = url.connect(&what, &config.connect_backoff(), timeout).await?;

@@ -68,6 +68,16 @@
 //! See [`discovery`]: records with a TTL refreshed by heartbeats, notifications on
 //! `<prefix>:nodes`, a scan every `scan_interval_ms` that notices expiries.
 //!
+//! ## TLS
+//!
+//! A `rediss://` URL connects with TLS (rustls) and checks the server's certificate against
+//! the system's roots, or against the CA(s) in `ca_file` (a private CA); `client_cert_file` and
+//! `client_key_file` present a client certificate. The transport then declares
+//! `Capabilities::ENCRYPTED`. A certificate that does not verify (unknown CA, host name not in
+//! the certificate, expired) fails at once, without the retries, with an error that says TLS
+//! verification failed. TLS protects the link to Redis; anyone with Redis credentials can still
+//! write messages: `docs/security-brokers.md` in the repository says what else to turn on.
+//!
 //! ## Errors
 //!
 //! Redis unreachable at start: the constructor retries `connect_attempts` times with doubling
@@ -81,11 +91,12 @@ pub mod config;
 mod connect;
 pub mod discovery;
 pub mod stream_entry;
+mod tls;
 pub mod topic_pattern;
 mod topics;
 mod transport;
 
-pub use config::{RedisDiscoveryConfig, RedisTransportConfig};
+pub use config::{RedisDiscoveryConfig, RedisTransportConfig, TlsFiles};
 pub use discovery::RedisDiscovery;
 pub use transport::{inbox_key, RedisTransport};
 

@@ -153,7 +153,7 @@ impl RedisTransport {
     /// they do not exist, and starts reading. Must run inside a tokio runtime.
     pub async fn connect(node: NodeId, config: RedisTransportConfig) -> Result<Self, PluginError> {
         config.validate()?;
-        let url = RedisUrl::new(&config.url);
+        let url = RedisUrl::new(&config.url, &config.tls_files())?;
         let what = format!("the redis transport of node `{node}`");
         let backoff = config.connect_backoff();
         let command_timeout = Duration::from_millis(config.command_timeout_ms);
@@ -249,13 +249,17 @@ impl RedisTransport {
 
 #[async_trait]
 impl Transport for RedisTransport {
+    /// `ENCRYPTED` with a `rediss://` URL: the link to Redis is TLS and Redis was
+    /// authenticated by its certificate.
     fn info(&self) -> TransportInfo {
+        let tls = if self.shared.url.is_tls() { Capabilities::ENCRYPTED } else { Capabilities::NONE };
         TransportInfo {
             capabilities: Capabilities::ORDERED
                 | Capabilities::ACKNOWLEDGEMENTS
                 | Capabilities::DURABLE
                 | Capabilities::NATIVE_TOPICS
-                | Capabilities::RELIABLE,
+                | Capabilities::RELIABLE
+                | tls,
             local_address: self.shared.inbox.clone(),
             max_message_size: self.shared.config.max_message_size,
         }
