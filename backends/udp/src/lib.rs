@@ -5,7 +5,8 @@
 //!
 //! ```toml
 //! [transports.udp]
-//! listen = "127.0.0.1:0"      # default: any free port on loopback; "0.0.0.0:7000" for a LAN
+//! listen = "0.0.0.0:0"        # default: any free port on every IPv4 interface (a LAN transport);
+//!                             # "127.0.0.1:0" keeps a node on this machine
 //! advertise = "10.0.0.5:7000" # what peers are told; default: the bound address (for 0.0.0.0
 //!                             # or [::], the IP of the interface that routes to multicast)
 //! mode = "reliable"           # or "best-effort"; default reliable
@@ -15,8 +16,11 @@
 //!                             # this long; default 10 s
 //! ```
 //!
-//! An unknown key is an error naming it. With `[discovery.udp]` (no keys needed) nodes find each
-//! other by multicast beacons: see [`beacon`].
+//! An unknown key is an error naming it. With `[discovery] plugin = "udp"` (no other key needed)
+//! nodes find each other by multicast beacons: see [`beacon`]. Zero config: a node whose config
+//! has nothing but `[transports.udp]` and that discovery line finds its peers on the LAN.
+//! Links are plaintext unless the node's `[security] links = "noise"` is set; on a network you do
+//! not trust, turn it on (see docs/security-links.md).
 //!
 //! ## Encrypted links
 //!
@@ -85,8 +89,9 @@ use tokio::{
     task::JoinHandle,
 };
 
-/// Listen address when the config names none: any free port on loopback.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:0";
+/// Listen address when the config names none: any free port on every IPv4 interface, because an
+/// ad-hoc LAN transport bound to loopback could not reach its LAN peers.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:0";
 /// Default give-up time for a peer that acknowledges nothing, in milliseconds.
 pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 10_000;
 /// The shortest `peer_timeout_ms` accepted (the retransmission timeout is capped at a quarter
