@@ -24,9 +24,9 @@
 //! Rounds alternate between the variants. After the table: the ratio noise/plain per payload
 //! size, against the aim noise/plain >= 0.7 at 1 KiB.
 
-use comms_host::{Node, NodeId, PluginLibrary};
+use comms_host::{Node, PluginLibrary};
 use comms_plugin_api::security::Identity;
-use comms_tests::bench::{percentile_micros, scaled, step};
+use comms_tests::bench::{percentile_micros, scaled, step, NodePair};
 use std::{
     path::Path,
     time::{Duration, Instant},
@@ -37,7 +37,6 @@ const PAYLOAD_SIZES: [usize; 2] = [64, 1024];
 /// Throughput rounds per variant and payload; the median is reported.
 const ROUNDS: usize = 7;
 /// What the nodes say their payload is.
-const CONTENT_TYPE: &str = "application/octet-stream";
 /// Time limit of one step, multiplied by the scale when above 1.
 const STEP_LIMIT: Duration = Duration::from_secs(60);
 /// The aim: encrypted links keep at least this share of plain throughput at 1 KiB.
@@ -105,120 +104,38 @@ fn sides(tag: &str, noise: bool, dir: &Path) -> Result<(Side, Side), String> {
     Ok((sender, receiver))
 }
 
-/// Two comms nodes over the TCP plugin: `sender` sends to `receiver`, which answers pings.
-struct Pair {
-    sender: Node,
-    receiver: Node,
-    receiver_id: NodeId,
-    headers: Vec<(String, String)>,
-}
-
-impl Pair {
-    async fn start(tag: &str, noise: bool, dir: &Path) -> Result<Self, String> {
-        let library = PluginLibrary::linked::<comms_tcp::TcpPlugin>();
-        let (sender_side, receiver_side) = sides(tag, noise, dir)?;
-        let receiver_address = comms_tests::free_address();
-        let sender = Node::builder(sender_side.id.as_str())
-            .transport_library(
-                "tcp",
-                library.clone(),
-                &format!("listen = \"127.0.0.1:0\"\n{}", sender_side.security),
-            )
-            .static_peer(&receiver_side.id, [("tcp", receiver_address.as_str())])
-            .build()
-            .await
-            .map_err(|error| format!("building node {}: {error}", sender_side.id))?;
-        let sender_address = sender.transports()[0].local_address.clone();
-        let receiver = Node::builder(receiver_side.id.as_str())
-            .transport_library(
-                "tcp",
-                library,
-                &format!("listen = \"{receiver_address}\"\n{}", receiver_side.security),
-            )
-            .static_peer(&sender_side.id, [("tcp", sender_address.as_str())])
-            .build()
-            .await
-            .map_err(|error| format!("building node {}: {error}", receiver_side.id))?;
-        let encrypted = |node: &Node| {
-            node.transports()[0].capabilities.contains(comms_plugin_api::Capabilities::ENCRYPTED)
-        };
-        if encrypted(&sender) != noise || encrypted(&receiver) != noise {
-            return Err(format!("variant {tag}: the transports do not say encrypted = {noise}"));
-        }
-        let headers = vec![("content-type".to_string(), CONTENT_TYPE.to_string())];
-        Ok(Self { sender, receiver, receiver_id: NodeId::new(receiver_side.id), headers })
+/// Two comms nodes over the TCP plugin: the sender sends to the receiver, which answers pings.
+async fn start_pair(tag: &str, noise: bool, dir: &Path) -> Result<NodePair, String> {
+    let library = PluginLibrary::linked::<comms_tcp::TcpPlugin>();
+    let (sender_side, receiver_side) = sides(tag, noise, dir)?;
+    let receiver_address = comms_tests::free_address();
+    let sender = Node::builder(sender_side.id.as_str())
+        .transport_library(
+            "tcp",
+            library.clone(),
+            &format!("listen = \"127.0.0.1:0\"\n{}", sender_side.security),
+        )
+        .static_peer(&receiver_side.id, [("tcp", receiver_address.as_str())])
+        .build()
+        .await
+        .map_err(|error| format!("building node {}: {error}", sender_side.id))?;
+    let sender_address = sender.transports()[0].local_address.clone();
+    let receiver = Node::builder(receiver_side.id.as_str())
+        .transport_library(
+            "tcp",
+            library,
+            &format!("listen = \"{receiver_address}\"\n{}", receiver_side.security),
+        )
+        .static_peer(&sender_side.id, [("tcp", sender_address.as_str())])
+        .build()
+        .await
+        .map_err(|error| format!("building node {}: {error}", receiver_side.id))?;
+    let encrypted =
+        |node: &Node| node.transports()[0].capabilities.contains(comms_plugin_api::Capabilities::ENCRYPTED);
+    if encrypted(&sender) != noise || encrypted(&receiver) != noise {
+        return Err(format!("variant {tag}: the transports do not say encrypted = {noise}"));
     }
-
-    async fn throughput(&self, count: usize, payload: &[u8]) -> Result<Duration, String> {
-        let receiver = self.receiver.clone();
-        let expected = payload.len();
-        let counter = tokio::spawn(async move {
-            for n in 0..count {
-                let envelope = receiver
-                    .receive_envelope()
-                    .await
-                    .map_err(|error| format!("receiving message {n}: {error}"))?;
-                if envelope.payload.len() != expected {
-                    return Err(format!(
-                        "message {n} has {} bytes, expected {expected}",
-                        envelope.payload.len()
-                    ));
-                }
-            }
-            Ok(Instant::now())
-        });
-        let start = Instant::now();
-        for n in 0..count {
-            self.sender
-                .send_raw(self.receiver_id.clone(), self.headers.clone(), payload.to_vec(), None)
-                .await
-                .map_err(|error| format!("sending message {n}: {error}"))?;
-        }
-        let end = counter.await.map_err(|error| format!("receiving task: {error}"))??;
-        Ok(end - start)
-    }
-
-    async fn ping_pong(&self, count: usize, payload: &[u8], rtts: &mut Vec<Duration>) -> Result<(), String> {
-        let echo = {
-            let node = self.receiver.clone();
-            let headers = self.headers.clone();
-            tokio::spawn(async move {
-                for n in 0..count {
-                    let ping = node
-                        .receive_envelope()
-                        .await
-                        .map_err(|error| format!("receiving ping {n}: {error}"))?;
-                    node.send_raw(ping.from, headers.clone(), ping.payload.to_vec(), Some(ping.id))
-                        .await
-                        .map_err(|error| format!("sending pong {n}: {error}"))?;
-                }
-                Ok::<(), String>(())
-            })
-        };
-        for n in 0..count {
-            let start = Instant::now();
-            let id = self
-                .sender
-                .send_raw(self.receiver_id.clone(), self.headers.clone(), payload.to_vec(), None)
-                .await
-                .map_err(|error| format!("sending ping {n}: {error}"))?;
-            let pong = self
-                .sender
-                .receive_envelope()
-                .await
-                .map_err(|error| format!("receiving pong {n}: {error}"))?;
-            rtts.push(start.elapsed());
-            if pong.correlation_id != Some(id) || pong.payload.len() != payload.len() {
-                return Err(format!("pong {n} does not answer ping {n}"));
-            }
-        }
-        echo.await.map_err(|error| format!("echo task: {error}"))?
-    }
-
-    async fn close(&self) -> Result<(), String> {
-        self.sender.close().await.map_err(|error| format!("closing the sender: {error}"))?;
-        self.receiver.close().await.map_err(|error| format!("closing the receiver: {error}"))
-    }
+    Ok(NodePair::new(sender, receiver, &receiver_side.id))
 }
 
 struct Row {
@@ -235,8 +152,8 @@ async fn run(settings: Settings) -> Result<Vec<Row>, String> {
     let limit = settings.step_limit;
     let dir = comms_tests::scratch_dir("bench-tcp-security");
     let variants = [
-        ("plain", step("starting plain", limit, Pair::start("plain", false, &dir)).await?),
-        ("noise", step("starting noise", limit, Pair::start("noise", true, &dir)).await?),
+        ("plain", step("starting plain", limit, start_pair("plain", false, &dir)).await?),
+        ("noise", step("starting noise", limit, start_pair("noise", true, &dir)).await?),
     ];
     let mut rows = Vec::new();
     for size in PAYLOAD_SIZES {

@@ -44,8 +44,8 @@
 //! a/b >= 0.95 (loading the plugin dynamically costs next to nothing) and a/c >= 0.8 (comms is
 //! not much slower than the hand-written baseline).
 
-use comms_host::{Node, NodeId, PluginLibrary};
-use comms_tests::bench::{percentile_micros, scaled, step};
+use comms_host::{Node, PluginLibrary};
+use comms_tests::bench::{percentile_micros, scaled, step, NodePair};
 use std::{
     io,
     time::{Duration, Instant},
@@ -67,8 +67,6 @@ const ROUNDS: usize = 7;
 const IO_BUFFER_BYTES: usize = 64 * 1024;
 /// Largest frame the baseline accepts.
 const MAX_FRAME_BYTES: u32 = 16 * 1024 * 1024;
-/// What the comms variants say their payload is.
-const CONTENT_TYPE: &str = "application/octet-stream";
 /// Time limit of one step (setup, one warm-up, one round), multiplied by the scale when above 1.
 const STEP_LIMIT: Duration = Duration::from_secs(60);
 
@@ -107,107 +105,26 @@ impl Settings {
     }
 }
 
-/// Two comms nodes over the TCP plugin: `sender` sends to `receiver`, which answers pings.
-struct CommsPair {
-    sender: Node,
-    receiver: Node,
-    receiver_id: NodeId,
-    headers: Vec<(String, String)>,
-}
-
-impl CommsPair {
-    async fn start(tag: &str, library: PluginLibrary) -> Result<Self, String> {
-        let sender_id = format!("{tag}-sender");
-        let receiver_id = format!("{tag}-receiver");
-        // The receiver's address is chosen first so that each node can name the other at build time.
-        let receiver_address = comms_tests::free_address();
-        let sender = Node::builder(sender_id.as_str())
-            .transport_library("tcp", library.clone(), r#"listen = "127.0.0.1:0""#)
-            .static_peer(&receiver_id, [("tcp", receiver_address.as_str())])
-            .build()
-            .await
-            .map_err(|error| format!("building node {sender_id}: {error}"))?;
-        let sender_address = sender.transports()[0].local_address.clone();
-        let receiver = Node::builder(receiver_id.as_str())
-            .transport_library("tcp", library, &format!("listen = \"{receiver_address}\""))
-            .static_peer(&sender_id, [("tcp", sender_address.as_str())])
-            .build()
-            .await
-            .map_err(|error| format!("building node {receiver_id}: {error}"))?;
-        let headers = vec![("content-type".to_string(), CONTENT_TYPE.to_string())];
-        Ok(Self { sender, receiver, receiver_id: NodeId::new(receiver_id), headers })
-    }
-
-    async fn throughput(&self, count: usize, payload: &[u8]) -> Result<Duration, String> {
-        let receiver = self.receiver.clone();
-        let expected = payload.len();
-        let counter = tokio::spawn(async move {
-            for n in 0..count {
-                let envelope = receiver
-                    .receive_envelope()
-                    .await
-                    .map_err(|error| format!("receiving message {n}: {error}"))?;
-                if envelope.payload.len() != expected {
-                    return Err(format!(
-                        "message {n} has {} bytes, expected {expected}",
-                        envelope.payload.len()
-                    ));
-                }
-            }
-            Ok(Instant::now())
-        });
-        let start = Instant::now();
-        for n in 0..count {
-            self.sender
-                .send_raw(self.receiver_id.clone(), self.headers.clone(), payload.to_vec(), None)
-                .await
-                .map_err(|error| format!("sending message {n}: {error}"))?;
-        }
-        let end = counter.await.map_err(|error| format!("receiving task: {error}"))??;
-        Ok(end - start)
-    }
-
-    async fn ping_pong(&self, count: usize, payload: &[u8], rtts: &mut Vec<Duration>) -> Result<(), String> {
-        let echo = {
-            let node = self.receiver.clone();
-            let headers = self.headers.clone();
-            tokio::spawn(async move {
-                for n in 0..count {
-                    let ping = node
-                        .receive_envelope()
-                        .await
-                        .map_err(|error| format!("receiving ping {n}: {error}"))?;
-                    node.send_raw(ping.from, headers.clone(), ping.payload.to_vec(), Some(ping.id))
-                        .await
-                        .map_err(|error| format!("sending pong {n}: {error}"))?;
-                }
-                Ok::<(), String>(())
-            })
-        };
-        for n in 0..count {
-            let start = Instant::now();
-            let id = self
-                .sender
-                .send_raw(self.receiver_id.clone(), self.headers.clone(), payload.to_vec(), None)
-                .await
-                .map_err(|error| format!("sending ping {n}: {error}"))?;
-            let pong = self
-                .sender
-                .receive_envelope()
-                .await
-                .map_err(|error| format!("receiving pong {n}: {error}"))?;
-            rtts.push(start.elapsed());
-            if pong.correlation_id != Some(id) || pong.payload.len() != payload.len() {
-                return Err(format!("pong {n} does not answer ping {n}"));
-            }
-        }
-        echo.await.map_err(|error| format!("echo task: {error}"))?
-    }
-
-    async fn close(&self) -> Result<(), String> {
-        self.sender.close().await.map_err(|error| format!("closing the sender: {error}"))?;
-        self.receiver.close().await.map_err(|error| format!("closing the receiver: {error}"))
-    }
+/// Two comms nodes over the TCP plugin: the sender sends to the receiver, which answers pings.
+async fn start_comms_pair(tag: &str, library: PluginLibrary) -> Result<NodePair, String> {
+    let sender_id = format!("{tag}-sender");
+    let receiver_id = format!("{tag}-receiver");
+    // The receiver's address is chosen first so that each node can name the other at build time.
+    let receiver_address = comms_tests::free_address();
+    let sender = Node::builder(sender_id.as_str())
+        .transport_library("tcp", library.clone(), r#"listen = "127.0.0.1:0""#)
+        .static_peer(&receiver_id, [("tcp", receiver_address.as_str())])
+        .build()
+        .await
+        .map_err(|error| format!("building node {sender_id}: {error}"))?;
+    let sender_address = sender.transports()[0].local_address.clone();
+    let receiver = Node::builder(receiver_id.as_str())
+        .transport_library("tcp", library, &format!("listen = \"{receiver_address}\""))
+        .static_peer(&sender_id, [("tcp", sender_address.as_str())])
+        .build()
+        .await
+        .map_err(|error| format!("building node {receiver_id}: {error}"))?;
+    Ok(NodePair::new(sender, receiver, &receiver_id))
 }
 
 type Reader = BufReader<OwnedReadHalf>;
@@ -328,7 +245,7 @@ async fn read_frame(reader: &mut Reader) -> io::Result<Vec<u8>> {
 
 /// One column of the comparison.
 enum Harness {
-    Comms(CommsPair),
+    Comms(NodePair),
     Raw(RawPair),
 }
 
@@ -385,13 +302,13 @@ async fn run(settings: Settings, dynamic: PluginLibrary) -> Result<Vec<Row>, Str
         Variant {
             label: "a: comms, loaded .so",
             harness: Harness::Comms(
-                step("starting variant a", limit, CommsPair::start("loaded", dynamic)).await?,
+                step("starting variant a", limit, start_comms_pair("loaded", dynamic)).await?,
             ),
         },
         Variant {
             label: "b: comms, linked",
             harness: Harness::Comms(
-                step("starting variant b", limit, CommsPair::start("linked", linked)).await?,
+                step("starting variant b", limit, start_comms_pair("linked", linked)).await?,
             ),
         },
         Variant {

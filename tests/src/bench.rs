@@ -62,3 +62,105 @@ mod tests {
         assert_eq!(scaled(1, 0.01), 1);
     }
 }
+
+/// The content type the node pairs' messages carry: raw bytes, no codec.
+pub const RAW_CONTENT_TYPE: &str = "application/octet-stream";
+
+/// Two comms nodes, built by the caller over any transport: `sender` sends to `receiver`, which
+/// answers pings. Shared by the benchmarks that compare variants of one transport.
+#[derive(Debug)]
+pub struct NodePair {
+    sender: comms_host::Node,
+    receiver: comms_host::Node,
+    receiver_id: comms_host::NodeId,
+    headers: Vec<(String, String)>,
+}
+
+impl NodePair {
+    /// A pair of built nodes; `sender` must reach `receiver_id`.
+    pub fn new(sender: comms_host::Node, receiver: comms_host::Node, receiver_id: &str) -> Self {
+        let headers = vec![("content-type".to_string(), RAW_CONTENT_TYPE.to_string())];
+        Self { sender, receiver, receiver_id: comms_host::NodeId::new(receiver_id), headers }
+    }
+
+    /// Sends `count` messages of `payload` one after another; the time until the receiver has
+    /// them all (each checked for its size).
+    pub async fn throughput(&self, count: usize, payload: &[u8]) -> Result<Duration, String> {
+        let receiver = self.receiver.clone();
+        let expected = payload.len();
+        let counter = tokio::spawn(async move {
+            for n in 0..count {
+                let envelope = receiver
+                    .receive_envelope()
+                    .await
+                    .map_err(|error| format!("receiving message {n}: {error}"))?;
+                if envelope.payload.len() != expected {
+                    return Err(format!(
+                        "message {n} has {} bytes, expected {expected}",
+                        envelope.payload.len()
+                    ));
+                }
+            }
+            Ok(std::time::Instant::now())
+        });
+        let start = std::time::Instant::now();
+        for n in 0..count {
+            self.sender
+                .send_raw(self.receiver_id.clone(), self.headers.clone(), payload.to_vec(), None)
+                .await
+                .map_err(|error| format!("sending message {n}: {error}"))?;
+        }
+        let end = counter.await.map_err(|error| format!("receiving task: {error}"))??;
+        Ok(end - start)
+    }
+
+    /// `count` round trips one at a time (the receiver answers each); appends each round-trip
+    /// time to `rtts`.
+    pub async fn ping_pong(
+        &self,
+        count: usize,
+        payload: &[u8],
+        rtts: &mut Vec<Duration>,
+    ) -> Result<(), String> {
+        let echo = {
+            let node = self.receiver.clone();
+            let headers = self.headers.clone();
+            tokio::spawn(async move {
+                for n in 0..count {
+                    let ping = node
+                        .receive_envelope()
+                        .await
+                        .map_err(|error| format!("receiving ping {n}: {error}"))?;
+                    node.send_raw(ping.from, headers.clone(), ping.payload.to_vec(), Some(ping.id))
+                        .await
+                        .map_err(|error| format!("sending pong {n}: {error}"))?;
+                }
+                Ok::<(), String>(())
+            })
+        };
+        for n in 0..count {
+            let start = std::time::Instant::now();
+            let id = self
+                .sender
+                .send_raw(self.receiver_id.clone(), self.headers.clone(), payload.to_vec(), None)
+                .await
+                .map_err(|error| format!("sending ping {n}: {error}"))?;
+            let pong = self
+                .sender
+                .receive_envelope()
+                .await
+                .map_err(|error| format!("receiving pong {n}: {error}"))?;
+            rtts.push(start.elapsed());
+            if pong.correlation_id != Some(id) || pong.payload.len() != payload.len() {
+                return Err(format!("pong {n} does not answer ping {n}"));
+            }
+        }
+        echo.await.map_err(|error| format!("echo task: {error}"))?
+    }
+
+    /// Closes both nodes.
+    pub async fn close(&self) -> Result<(), String> {
+        self.sender.close().await.map_err(|error| format!("closing the sender: {error}"))?;
+        self.receiver.close().await.map_err(|error| format!("closing the receiver: {error}"))
+    }
+}

@@ -151,21 +151,7 @@ impl Identity {
     /// Reads a key file, refusing one that others can read or whose halves do not match.
     pub fn load(path: &Path) -> Result<Self, KeyFileError> {
         let error = |reason: String| KeyFileError { path: path.display().to_string(), reason };
-        let metadata = std::fs::metadata(path).map_err(|e| error(format!("cannot read: {e}")))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = metadata.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(error(format!(
-                    "permissions {mode:03o} let others read the secret key; run `chmod 600 {}`",
-                    path.display()
-                )));
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = metadata;
-        let text = std::fs::read_to_string(path).map_err(|e| error(format!("cannot read: {e}")))?;
+        let text = super::secret_file::read_owner_only(path, "secret key")?;
         // Parse errors may quote the file; report only the key they name.
         let file: KeyFile = crate::config::parse_config(&text).map_err(|e| {
             let key = e.message.split('`').nth(1).unwrap_or("?").to_string();
@@ -184,22 +170,12 @@ impl Identity {
 
     /// Writes this identity to a new file with owner-only permissions; refuses to overwrite.
     pub fn save_new(&self, path: &Path) -> Result<(), KeyFileError> {
-        use std::io::Write;
-        let error = |reason: String| KeyFileError { path: path.display().to_string(), reason };
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut file = options.open(path).map_err(|e| error(format!("cannot create: {e}")))?;
         let text = format!(
             "# comms node identity (Ed25519). Keep this file secret.\npublic_key = \"{}\"\nsecret_key = \"{}\"\n",
             self.public_key().to_hex(),
             hex_encode(self.signing.as_bytes())
         );
-        file.write_all(text.as_bytes()).map_err(|e| error(format!("cannot write: {e}")))
+        super::secret_file::write_new_owner_only(path, &text)
     }
 
     /// The 32 secret bytes, for deriving link keys. Never log them.

@@ -98,19 +98,7 @@ impl NetworkKey {
     /// Reads a network key file (`network_key = "<64 hex digits>"`, owner-only).
     pub fn load(path: &std::path::Path) -> Result<Self, super::KeyFileError> {
         let error = |reason: String| super::KeyFileError { path: path.display().to_string(), reason };
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let metadata = std::fs::metadata(path).map_err(|e| error(format!("cannot read: {e}")))?;
-            let mode = metadata.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(error(format!(
-                    "permissions {mode:03o} let others read the network key; run `chmod 600 {}`",
-                    path.display()
-                )));
-            }
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| error(format!("cannot read: {e}")))?;
+        let text = super::secret_file::read_owner_only(path, "network key")?;
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct File {
@@ -126,21 +114,11 @@ impl NetworkKey {
 
     /// Writes a new owner-only network key file; refuses to overwrite.
     pub fn save_new(&self, path: &std::path::Path) -> Result<(), super::KeyFileError> {
-        use std::io::Write;
-        let error = |reason: String| super::KeyFileError { path: path.display().to_string(), reason };
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut file = options.open(path).map_err(|e| error(format!("cannot create: {e}")))?;
         let text = format!(
             "# comms network key: every node holding it may join. Keep this file secret.\nnetwork_key = \"{}\"\n",
             super::identity::hex_encode(&self.0)
         );
-        file.write_all(text.as_bytes()).map_err(|e| error(format!("cannot write: {e}")))
+        super::secret_file::write_new_owner_only(path, &text)
     }
 }
 

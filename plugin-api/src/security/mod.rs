@@ -21,6 +21,7 @@
 pub mod identity;
 pub mod link;
 pub mod noise;
+mod secret_file;
 
 pub use identity::{Identity, KeyFileError, PublicKey};
 pub use link::{AllowList, LinkMode, LinkSecurity, LinkSecurityConfig, NetworkKey, SETUP_KEY};
