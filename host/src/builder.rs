@@ -469,7 +469,7 @@ impl NodeBuilder {
             .new_discovery(&self.id, "discovery", &config_toml)
             .await
             .map_err(|error| self.start_error("discovery", "discovery", &plugin, error))?;
-        let record = NodeRecord {
+        let mut record = NodeRecord {
             id: self.id.clone(),
             addresses: transports
                 .iter()
@@ -477,6 +477,12 @@ impl NodeBuilder {
                 .collect(),
             ..NodeRecord::default()
         };
+        // Revisions start from the clock so that a restarted node's records are newer than
+        // those of its previous run that may still be in flight.
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_micros() as u64);
+        crate::membership::set_revision(&mut record, start);
         let start_error =
             |error| BuildError::Start { role: "discovery".into(), plugin: plugin.clone(), error };
         discovery.announce(record.clone()).await.map_err(start_error)?;

@@ -17,6 +17,22 @@ use tokio::sync::broadcast;
 /// Events buffered per `peer_events()` stream; a consumer that falls further behind skips.
 const EVENT_BUFFER: usize = 256;
 
+/// The metadata key of a node record's revision: a number the node raises whenever its record
+/// changes, so that an older copy arriving late (a heartbeat sent just before the node began
+/// serving, overtaken by the new discovery record) cannot replace a newer one.
+pub(crate) const REVISION_KEY: &str = "comms-revision";
+
+/// The revision a record carries, if any.
+pub(crate) fn revision(record: &NodeRecord) -> Option<u64> {
+    record.metadata.iter().find(|(key, _)| key == REVISION_KEY).and_then(|(_, value)| value.parse().ok())
+}
+
+/// Sets (or replaces) the revision of `record`.
+pub(crate) fn set_revision(record: &mut NodeRecord, revision: u64) {
+    record.metadata.retain(|(key, _)| key != REVISION_KEY);
+    record.metadata.push((REVISION_KEY.to_string(), revision.to_string()));
+}
+
 /// Whether a peer is considered alive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerStatus {
@@ -103,8 +119,11 @@ impl Membership {
             Some(entry) => {
                 entry.last_seen = now;
                 let came_back = entry.status == PeerStatus::Down;
-                let changed = entry.record != record;
-                entry.record = record;
+                let stale = matches!((revision(&entry.record), revision(&record)), (Some(known), Some(new)) if new < known);
+                let changed = !stale && entry.record != record;
+                if !stale {
+                    entry.record = record;
+                }
                 entry.status = PeerStatus::Up;
                 if came_back {
                     self.emit(PeerEventKind::Joined, &entry.record);
@@ -226,6 +245,25 @@ mod tests {
                 (Left, "a".into())
             ]
         );
+    }
+
+    #[test]
+    fn an_older_revision_arriving_late_does_not_replace_the_newer_record() {
+        let membership = Membership::new(NodeId::new("me"), None);
+        let mut old = record("peer", &[]);
+        set_revision(&mut old, 7);
+        let mut new = record("peer", &["svc"]);
+        set_revision(&mut new, 8);
+        membership.discovered(new.clone());
+        membership.heartbeat(old);
+        assert_eq!(membership.snapshot()[0].record, new, "the late, older heartbeat was ignored");
+        let mut newer = record("peer", &[]);
+        set_revision(&mut newer, 9);
+        membership.heartbeat(newer.clone());
+        assert_eq!(membership.snapshot()[0].record, newer);
+        // A record without a revision (an older host) still replaces what is known.
+        membership.heartbeat(record("peer", &["x"]));
+        assert_eq!(membership.snapshot()[0].record.services, vec!["x".to_string()]);
     }
 
     #[test]

@@ -612,6 +612,8 @@ impl NodeInner {
             let mut record = self.record.write().unwrap_or_else(|p| p.into_inner());
             record.services = self.services.names();
             record.topics = self.subscriptions.patterns();
+            let next = crate::membership::revision(&record).unwrap_or(0) + 1;
+            crate::membership::set_revision(&mut record, next);
         }
         let record = self.record.read().unwrap_or_else(|p| p.into_inner()).clone();
         if let Err(error) = self.discovery.announce(record).await {
