@@ -13,6 +13,9 @@
 //! - **Shared wire logic.** [`framing`] (length-prefixed frames with a size limit), [`wire`]
 //!   (the documented envelope encoding), [`backoff`] and a complete [`stream_transport`] (hello,
 //!   batching writer, reconnect, bounded queues) so that backends do not each write their own.
+//! - **TLS to servers** (cargo feature `tls`). Module `tls`: the `ca_file` / `client_cert_file`
+//!   / `client_key_file` keys of `rediss://`-style URLs, read and checked with errors naming
+//!   key and path, and telling a failed certificate verification from errors that retries fix.
 //!
 //! ## A minimal plugin
 //!
@@ -75,6 +78,8 @@ pub mod redact;
 pub mod runtime;
 pub mod security;
 pub mod stream_transport;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod topics;
 mod transport;
 pub mod wire;

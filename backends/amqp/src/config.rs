@@ -1,7 +1,7 @@
 //! The config tables of the transport and the discovery. Every key is optional; an unknown key
 //! is an error naming it.
 
-use comms_plugin_api::{backoff::Backoff, redact::redact_url, PluginError};
+use comms_plugin_api::{backoff::Backoff, redact::redact_url, tls::TlsFiles, PluginError};
 use serde::Deserialize;
 use std::{path::PathBuf, time::Duration};
 
@@ -91,7 +91,7 @@ impl AmqpConfig {
     /// Rejects values that cannot work, naming the key.
     pub fn validate(&self) -> Result<(), PluginError> {
         validate_url(&self.url)?;
-        self.tls_files().validate(&self.url)?;
+        self.tls_files().validate(&self.url, "amqps://")?;
         positive("prefetch", u64::from(self.prefetch))?;
         positive("max_message_size", self.max_message_size)?;
         positive("connect_attempts", u64::from(self.connect_attempts))?;
@@ -168,7 +168,7 @@ impl AmqpDiscoveryConfig {
     /// Rejects values that cannot work, naming the key.
     pub fn validate(&self) -> Result<(), PluginError> {
         validate_url(&self.url)?;
-        self.tls_files().validate(&self.url)?;
+        self.tls_files().validate(&self.url, "amqps://")?;
         positive("heartbeat_interval_ms", self.heartbeat_interval_ms)?;
         positive("connect_attempts", u64::from(self.connect_attempts))?;
         if self.exchange.is_empty() {
@@ -190,47 +190,6 @@ impl AmqpDiscoveryConfig {
     /// Delays between connection attempts at start.
     pub fn backoff(&self) -> Backoff {
         backoff(self.connect_attempts, self.reconnect_initial_delay_ms, self.reconnect_max_delay_ms)
-    }
-}
-
-/// The certificate files of an `amqps://` connection (keys `ca_file`, `client_cert_file`,
-/// `client_key_file`); read when the transport or discovery starts.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TlsFiles {
-    /// The CA certificate(s) to trust.
-    pub ca_file: Option<PathBuf>,
-    /// The client's certificate (chain).
-    pub client_cert_file: Option<PathBuf>,
-    /// The client's private key.
-    pub client_key_file: Option<PathBuf>,
-}
-
-impl TlsFiles {
-    /// Refuses certificate files with a plain `amqp://` URL (they would silently do nothing)
-    /// and a client certificate without its key or the other way round.
-    pub fn validate(&self, url: &str) -> Result<(), PluginError> {
-        if !url.starts_with("amqps://") {
-            let set = [
-                ("ca_file", &self.ca_file),
-                ("client_cert_file", &self.client_cert_file),
-                ("client_key_file", &self.client_key_file),
-            ];
-            if let Some((key, _)) = set.iter().find(|(_, path)| path.is_some()) {
-                return Err(PluginError::invalid_config(format!(
-                    "key `{key}`: only used with TLS, but `url` ({}) is not an amqps:// URL",
-                    redact_url(url)
-                )));
-            }
-        }
-        match (&self.client_cert_file, &self.client_key_file) {
-            (Some(_), None) => {
-                Err(PluginError::invalid_config("key `client_key_file`: needed with `client_cert_file`"))
-            }
-            (None, Some(_)) => {
-                Err(PluginError::invalid_config("key `client_cert_file`: needed with `client_key_file`"))
-            }
-            _ => Ok(()),
-        }
     }
 }
 
@@ -297,17 +256,22 @@ mod tests {
     }
 
     #[test]
-    fn certificate_files_need_a_tls_url_and_come_in_pairs() {
+    fn certificate_files_need_an_amqps_url() {
+        // The rules themselves (pairs, redaction) are tested in comms_plugin_api::tls.
         let config: AmqpConfig =
             parse_config("url = \"amqp://u:secret@host/%2f\"\nca_file = \"ca.pem\"").unwrap();
         let error = config.validate().unwrap_err();
-        assert!(error.message.contains("key `ca_file`") && error.message.contains("amqps://"), "{error}");
-        assert!(!error.message.contains("secret"), "{error}");
-        let config: AmqpDiscoveryConfig =
-            parse_config("url = \"amqps://host/%2f\"\nclient_key_file = \"key.pem\"").unwrap();
-        assert!(config.validate().unwrap_err().message.contains("key `client_cert_file`"));
-        let config: AmqpConfig = parse_config("url = \"amqps://host/%2f\"\nca_file = \"ca.pem\"").unwrap();
+        assert!(
+            error.message.contains("key `ca_file`") && error.message.contains("not an amqps:// URL"),
+            "{error}"
+        );
+        let config: AmqpDiscoveryConfig = parse_config(
+            "url = \"amqps://host/%2f\"\nclient_cert_file = \"c.pem\"\nclient_key_file = \"k.pem\"",
+        )
+        .unwrap();
         config.validate().unwrap();
+        let config: AmqpDiscoveryConfig = parse_config("client_key_file = \"k.pem\"").unwrap();
+        assert!(config.validate().unwrap_err().message.contains("key `client_key_file`"));
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Connecting to the broker: TLS settings, retries with backoff, errors that name the URL
 //! without its password, and whether a connection is still usable.
 
-use crate::{config::TlsFiles, tls};
-use comms_plugin_api::{backoff::Backoff, redact::redact_url, ErrorCode, PluginError};
+use crate::tls;
+use comms_plugin_api::{backoff::Backoff, redact::redact_url, tls::TlsFiles, ErrorCode, PluginError};
 use lapin::{tcp::OwnedTLSConfig, types::LongString, Channel, Connection, ConnectionProperties};
 use std::time::Duration;
 

@@ -102,7 +102,8 @@ mod tls;
 pub mod topics;
 mod transport;
 
-pub use config::{AmqpConfig, AmqpDiscoveryConfig, TlsFiles, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_URL};
+pub use comms_plugin_api::tls::TlsFiles;
+pub use config::{AmqpConfig, AmqpDiscoveryConfig, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_URL};
 pub use discovery::AmqpDiscovery;
 pub use transport::AmqpTransport;
 

@@ -1,7 +1,7 @@
 //! The config tables of the Redis transport and the Redis discovery, with their defaults and
 //! validation. Unknown keys are errors naming the key.
 
-use comms_plugin_api::{backoff::Backoff, PluginError};
+use comms_plugin_api::{backoff::Backoff, tls::TlsFiles, PluginError};
 use serde::Deserialize;
 use std::{path::PathBuf, time::Duration};
 
@@ -122,7 +122,7 @@ impl RedisTransportConfig {
     /// Rejects values that cannot work, naming the key.
     pub fn validate(&self) -> Result<(), PluginError> {
         url(&self.url)?;
-        self.tls_files().validate(&self.url)?;
+        self.tls_files().validate(&self.url, "rediss://")?;
         name_part("prefix", &self.prefix)?;
         name_part("group", &self.group)?;
         positive("max_message_size", self.max_message_size)?;
@@ -153,52 +153,6 @@ impl RedisTransportConfig {
             ca_file: self.ca_file.clone(),
             client_cert_file: self.client_cert_file.clone(),
             client_key_file: self.client_key_file.clone(),
-        }
-    }
-}
-
-/// The certificate files of a `rediss://` connection (keys `ca_file`, `client_cert_file`,
-/// `client_key_file`); read when the connection is opened.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TlsFiles {
-    /// The CA certificate(s) to trust instead of the system's roots.
-    pub ca_file: Option<PathBuf>,
-    /// The client's certificate (chain).
-    pub client_cert_file: Option<PathBuf>,
-    /// The client's private key.
-    pub client_key_file: Option<PathBuf>,
-}
-
-impl TlsFiles {
-    /// Whether no file is set.
-    pub fn is_empty(&self) -> bool {
-        self.ca_file.is_none() && self.client_cert_file.is_none() && self.client_key_file.is_none()
-    }
-
-    /// Refuses certificate files with a plain `redis://` URL (they would silently do nothing)
-    /// and a client certificate without its key or the other way round.
-    pub fn validate(&self, url: &str) -> Result<(), PluginError> {
-        if !url.starts_with("rediss://") {
-            let set = [
-                ("ca_file", &self.ca_file),
-                ("client_cert_file", &self.client_cert_file),
-                ("client_key_file", &self.client_key_file),
-            ];
-            if let Some((key, _)) = set.iter().find(|(_, path)| path.is_some()) {
-                return Err(PluginError::invalid_config(format!(
-                    "key `{key}`: only used with TLS, but `url` ({}) is not a rediss:// URL",
-                    comms_plugin_api::redact::redact_url(url)
-                )));
-            }
-        }
-        match (&self.client_cert_file, &self.client_key_file) {
-            (Some(_), None) => {
-                Err(PluginError::invalid_config("key `client_key_file`: needed with `client_cert_file`"))
-            }
-            (None, Some(_)) => {
-                Err(PluginError::invalid_config("key `client_cert_file`: needed with `client_key_file`"))
-            }
-            _ => Ok(()),
         }
     }
 }
@@ -266,7 +220,7 @@ impl RedisDiscoveryConfig {
     /// Rejects values that cannot work, naming the key.
     pub fn validate(&self) -> Result<(), PluginError> {
         url(&self.url)?;
-        self.tls_files().validate(&self.url)?;
+        self.tls_files().validate(&self.url, "rediss://")?;
         name_part("prefix", &self.prefix)?;
         if self.ttl_ms < 100 {
             return Err(PluginError::invalid_config("key `ttl_ms`: must be at least 100"));
@@ -341,19 +295,21 @@ mod tests {
     }
 
     #[test]
-    fn certificate_files_need_a_tls_url_and_come_in_pairs() {
+    fn certificate_files_need_a_rediss_url() {
+        // The rules themselves (pairs, redaction) are tested in comms_plugin_api::tls.
         let config: RedisTransportConfig =
             parse_config("url = \"redis://u:secret@host\"\nca_file = \"ca.pem\"").unwrap();
         let error = config.validate().unwrap_err();
-        assert!(error.message.contains("key `ca_file`") && error.message.contains("rediss://"), "{error}");
-        assert!(!error.message.contains("secret"), "{error}");
-        let config: RedisDiscoveryConfig =
-            parse_config("url = \"rediss://host\"\nclient_cert_file = \"client.pem\"").unwrap();
-        assert!(config.validate().unwrap_err().message.contains("key `client_key_file`"));
-        let config: RedisTransportConfig = parse_config(
+        assert!(
+            error.message.contains("key `ca_file`") && error.message.contains("not a rediss:// URL"),
+            "{error}"
+        );
+        let config: RedisDiscoveryConfig = parse_config(
             "url = \"rediss://host\"\nca_file = \"ca.pem\"\nclient_cert_file = \"c.pem\"\nclient_key_file = \"k.pem\"",
         )
         .unwrap();
         config.validate().unwrap();
+        let config: RedisDiscoveryConfig = parse_config("client_cert_file = \"c.pem\"").unwrap();
+        assert!(config.validate().unwrap_err().message.contains("key `client_cert_file`"));
     }
 }

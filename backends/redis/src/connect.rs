@@ -1,8 +1,8 @@
 //! Opening connections to Redis: URL checks, TLS set-up, retries with backoff at start, and
 //! turning Redis errors into [`PluginError`]s that never contain a password.
 
-use crate::{config::TlsFiles, tls};
-use comms_plugin_api::{backoff::Backoff, redact::redact_url, ErrorCode, PluginError};
+use crate::tls;
+use comms_plugin_api::{backoff::Backoff, redact::redact_url, tls::TlsFiles, ErrorCode, PluginError};
 use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
     Client, RedisError, TlsCertificates,

@@ -96,7 +96,8 @@ pub mod topic_pattern;
 mod topics;
 mod transport;
 
-pub use config::{RedisDiscoveryConfig, RedisTransportConfig, TlsFiles};
+pub use comms_plugin_api::tls::TlsFiles;
+pub use config::{RedisDiscoveryConfig, RedisTransportConfig};
 pub use discovery::RedisDiscovery;
 pub use transport::{inbox_key, RedisTransport};
 
