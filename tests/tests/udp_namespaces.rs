@@ -314,7 +314,60 @@ fn two_namespaces_discover_each_other_and_exchange_mebibyte_messages_under_loss(
     drop(namespaces);
 }
 
-/// The node in namespace A, started by the test above in its own process (a network namespace
+/// IPv6: beacons on the link-local group ff02::4353:1 of the veth interface, transports on
+/// `[::]`. A long-running node (`comms run`) in one namespace; `comms peers` in the other must
+/// list it with its IPv6 address; then the other way round. (Running `comms peers` on both sides
+/// at once would race: the side that finishes first withdraws before the other prints.)
+#[test]
+fn ipv6_beacons_find_the_node_on_the_other_side_of_the_veth_pair() {
+    let Some(namespaces) = namespaces_or_skip('6') else { return };
+    let artifacts = artifacts();
+    let dir = scratch_dir("udp-namespaces-ipv6");
+    let ids = ["udp-ns6-a", "udp-ns6-b"];
+    let config = |side: usize| {
+        write_config(
+            &dir,
+            &format!("{}.toml", ids[side]),
+            &format!(
+                "[node]\nid = \"{}\"\n\n[transports.udp]\nlisten = \"[::]:0\"\n\n\
+                 [discovery]\nplugin = \"udp\"\ngroup = \"ff02::4353:1\"\ninterface = \"{}\"\n",
+                ids[side], namespaces.veths[side]
+            ),
+        )
+    };
+    for side in 0..2 {
+        let other = 1 - side;
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &namespaces.names[other]])
+            .arg(&artifacts.comms_bin)
+            .args(["run", "--config"])
+            .arg(config(other))
+            .env("COMMS_PLUGIN_PATH", &artifacts.plugin_dir)
+            .stdout(Stdio::null());
+        let running = Running(start_and_wait_for(command, "transport `udp`"));
+        let output = Command::new("ip")
+            .args(["netns", "exec", &namespaces.names[side]])
+            .arg(&artifacts.comms_bin)
+            .args(["peers", "--wait-ms", "3000", "--config"])
+            .arg(config(side))
+            .env("COMMS_PLUGIN_PATH", &artifacts.plugin_dir)
+            .output()
+            .unwrap();
+        drop(running);
+        let (stdout, stderr) =
+            (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(output.status.success(), "comms peers in namespace {side}: {stderr}");
+        let line = stdout.lines().find(|line| line.starts_with(ids[other]));
+        let line = line
+            .unwrap_or_else(|| panic!("{} never heard of {}:\n{stdout}\n{stderr}", ids[side], ids[other]));
+        let address = format!("udp=[fd77::{}]:", other + 1);
+        assert!(line.contains(&address), "{} advertises {address}...: {line}", ids[other]);
+    }
+    drop(namespaces);
+}
+
+/// The node in namespace A, started by the mebibyte test in its own process (a network namespace
 /// belongs to a process, and the plugin's threads must all live in it). Does nothing when run
 /// on its own.
 #[test]
