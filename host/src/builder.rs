@@ -13,7 +13,7 @@ use crate::{
 };
 use comms_plugin_api::{
     host_side::{LoadedDiscovery, PluginLibrary},
-    security::{AllowList, Identity, LinkMode, LinkSecurity, LinkSecurityConfig, PublicKey, SETUP_KEY},
+    security::{AllowList, Identity, LinkMode, LinkSecurity, LinkSecurityConfig, PublicKey},
     Capabilities, ErrorCode, NodeId, NodeRecord, PluginError,
 };
 use std::{
@@ -322,27 +322,15 @@ impl NodeBuilder {
                         .into(),
                 ));
             };
-            let absolute = |path: &Path| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
             let config = LinkSecurityConfig {
                 links: LinkMode::Noise,
-                key_file: Some(absolute(&key_file)),
+                key_file: Some(key_file),
                 allow: security.allow.clone(),
-                network_key_file: security.network_key_file.as_deref().map(absolute),
+                network_key_file: security.network_key_file.clone(),
             };
             // The same checks the plugins make, once, with the config file in the message.
             LinkSecurity::from_config(&config).map_err(|e| self.config_error(e.message))?;
-            let mut table = toml::Table::new();
-            table.insert("links".into(), "noise".into());
-            let text = |path: &Path| toml::Value::String(path.display().to_string());
-            if let Some(path) = &config.key_file {
-                table.insert("key_file".into(), text(path));
-            }
-            if let Some(path) = &config.network_key_file {
-                table.insert("network_key_file".into(), text(path));
-            }
-            let allow = config.allow.iter().cloned().map(toml::Value::String).collect();
-            table.insert("allow".into(), toml::Value::Array(allow));
-            Some(table)
+            Some(crate::security::link_security_table(&config))
         } else {
             None
         };
@@ -412,17 +400,8 @@ impl NodeBuilder {
         };
         let config_toml = match link_table {
             None => spec.config_toml,
-            Some(link_table) => {
-                let mut config: toml::Table = toml::from_str(&spec.config_toml)
-                    .map_err(|e| self.config_error(format!("[{table}] {}", e.message())))?;
-                if config.contains_key(SETUP_KEY) {
-                    return Err(self.config_error(format!(
-                        "key `{table}.{SETUP_KEY}`: reserved for the host (set [security] instead)"
-                    )));
-                }
-                config.insert(SETUP_KEY.into(), toml::Value::Table(link_table.clone()));
-                toml::to_string(&config).map_err(|e| self.config_error(format!("[{table}] {e}")))?
-            }
+            Some(link_table) => crate::security::with_link_security(&spec.config_toml, link_table)
+                .map_err(|message| self.config_error(format!("[{table}] {message}")))?,
         };
         let library = self.resolve(spec.plugin, &role, dirs)?;
         let plugin = library.description().name.clone();

@@ -31,13 +31,16 @@
 //! transports with acknowledgements, settled `REJECTED_DISCARD` so it is not delivered again.
 
 use comms_plugin_api::{
-    security::{identity::hex_decode, identity::hex_encode, AllowList, Identity, LinkMode, PublicKey},
+    security::{
+        identity::hex_decode, identity::hex_encode, AllowList, Identity, LinkMode, LinkSecurityConfig,
+        PublicKey, SETUP_KEY,
+    },
     Envelope, MessageId, NodeId,
 };
 use serde::Deserialize;
 use std::{
     collections::{HashSet, VecDeque},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -101,6 +104,36 @@ impl Default for Security {
             replay_cache_size: DEFAULT_REPLAY_CACHE_SIZE,
         }
     }
+}
+
+/// The `[comms_security]` table the host hands a transport for Noise links: `config` with its
+/// paths made absolute (plugins do not know where the config file was).
+pub(crate) fn link_security_table(config: &LinkSecurityConfig) -> toml::Table {
+    let absolute = |path: &Path| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let text = |path: &Path| toml::Value::String(absolute(path).display().to_string());
+    let mut table = toml::Table::new();
+    table.insert("links".into(), "noise".into());
+    if let Some(path) = &config.key_file {
+        table.insert("key_file".into(), text(path));
+    }
+    if let Some(path) = &config.network_key_file {
+        table.insert("network_key_file".into(), text(path));
+    }
+    let allow = config.allow.iter().cloned().map(toml::Value::String).collect();
+    table.insert("allow".into(), toml::Value::Array(allow));
+    table
+}
+
+/// A transport's config text with the host's link security table added under
+/// [`SETUP_KEY`]. Errors (a TOML error, or the config already using the reserved key) are
+/// messages for the caller to prefix with the table or file they came from.
+pub(crate) fn with_link_security(config_toml: &str, link_table: &toml::Table) -> Result<String, String> {
+    let mut config: toml::Table = toml::from_str(config_toml).map_err(|e| e.message().to_string())?;
+    if config.contains_key(SETUP_KEY) {
+        return Err(format!("key `{SETUP_KEY}`: reserved for the host (set [security] instead)"));
+    }
+    config.insert(SETUP_KEY.into(), toml::Value::Table(link_table.clone()));
+    toml::to_string(&config).map_err(|e| e.to_string())
 }
 
 /// The bytes a signature covers: see the module documentation. `None` if the envelope cannot be

@@ -6,15 +6,14 @@
 //! the application; refusals are logged, and no secret appears in logs, errors or output.
 
 use comms_host::{
-    conformance::{run_suite, SuiteConfig},
+    conformance::{run_suite, SuiteConfig, SuiteReport},
     PluginLibrary,
 };
 use comms_plugin_api::{
-    async_trait,
     host_side::LoadedTransport,
     security::{identity::hex_encode, noise::NoiseHandshake, AllowList, Identity, LinkSecurity, NetworkKey},
     stream_transport::{encrypted::EncryptedStream, protocol},
-    Capabilities, Destination, Envelope, MessageId, NodeId, Plugin, PluginError, Provides, Setup, Transport,
+    Capabilities, Destination, Envelope, MessageId, NodeId, PluginError,
 };
 use comms_tests::{artifacts, free_address, scratch_dir, write_config};
 use std::{
@@ -525,43 +524,87 @@ async fn with_a_network_key_holders_get_in_and_others_do_not() {
     }
 }
 
-/// The TCP plugin's code behind a node id bound to the key in the config: the conformance
-/// harness names its nodes freely (`conf-...`), and encrypted links accept only key-bound ids.
-#[derive(Debug)]
-struct KeyBoundTcp;
-
-#[async_trait]
-impl Plugin for KeyBoundTcp {
-    const NAME: &'static str = "tcp";
-    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const DESCRIPTION: &'static str = "the TCP transport, node ids bound to the configured key";
-    const PROVIDES: Provides = Provides::TRANSPORT;
-
-    async fn new_transport(setup: Setup) -> Result<Arc<dyn Transport>, PluginError> {
-        let security = setup.link_security()?;
-        let node = match &security {
-            Some(security) => security.identity.public_key().node_id(Some(setup.node_id.as_str())),
-            None => setup.node_id.clone(),
-        };
-        Ok(Arc::new(comms_tcp::bind(node, setup.config()?, security).await?))
-    }
+/// The conformance suite over encrypted links, against the plugin files as users load them.
+async fn suite_with_noise_links(plugin: &Path, config_toml: &str) -> SuiteReport {
+    let dir = scratch_dir("links-conformance");
+    let node = Peer::new(&dir, "suite");
+    let config = SuiteConfig::new(config_toml).with_noise_links(&node.key_file).unwrap();
+    // Every instance shares the key; the allow-list names it, so each link is authenticated.
+    assert!(config.config_toml.contains(&node.key()), "{}", config.config_toml);
+    let library = PluginLibrary::load(plugin).unwrap_or_else(|error| panic!("{error}"));
+    let report = run_suite(&library, &config).await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    report
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_conformance_suite_passes_with_encrypted_links() {
-    let dir = scratch_dir("links-conformance");
-    let node = Peer::new(&dir, "suite");
-    // Every instance shares the key; the allow-list names it, so each link is authenticated.
-    let config = node.config_with("listen = \"127.0.0.1:0\"\n", &[&node.key()], None);
-    let report = run_suite(&PluginLibrary::linked::<KeyBoundTcp>(), &SuiteConfig::new(config)).await;
-    assert!(report.passed(), "{report}");
-    let info = report.info.as_ref().expect("the transport was created");
-    assert!(info.capabilities.contains(Capabilities::ENCRYPTED), "{report}");
-    assert_eq!(
-        report.skipped_names(),
-        ["redelivery_after_reject", "durable_resume", "topic_isolation", "topic_fan_out"],
-        "{report}"
+async fn the_conformance_suite_passes_with_encrypted_links_over_tcp_and_uds() {
+    for (plugin, config) in
+        [(&artifacts().tcp_plugin, "listen = \"127.0.0.1:0\"\n"), (&artifacts().uds_plugin, "")]
+    {
+        let report = suite_with_noise_links(plugin, config).await;
+        assert!(report.passed(), "{report}");
+        let info = report.info.as_ref().expect("the transport was created");
+        assert!(info.capabilities.contains(Capabilities::ENCRYPTED), "{report}");
+        assert_eq!(
+            report.skipped_names(),
+            ["redelivery_after_reject", "durable_resume", "topic_isolation", "topic_fan_out"],
+            "{report}"
+        );
+    }
+}
+
+/// A plugin that ignores the link security it is given (the memory bus encrypts nothing) fails
+/// the suite at `create_transport`, instead of passing without encrypting anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_suite_with_encrypted_links_fails_a_plugin_that_does_not_encrypt() {
+    let report = suite_with_noise_links(&artifacts().memory_plugin, "").await;
+    assert!(!report.passed(), "{report}");
+    let create = report.cases.iter().find(|case| case.name == "create_transport").expect("reported");
+    assert!(create.to_string().contains("does not declare the capability `encrypted`"), "{create}");
+}
+
+/// `comms check --key-file` runs the suite over encrypted links, and says so.
+#[test]
+fn comms_check_with_a_key_file_runs_over_encrypted_links() {
+    let dir = scratch_dir("links-check");
+    let node = Peer::new(&dir, "check");
+    let run = |plugin: &Path| {
+        let output = Command::new(&artifacts().comms_bin)
+            .arg("check")
+            .arg(plugin)
+            .arg("--key-file")
+            .arg(&node.key_file)
+            .output()
+            .expect("run comms check");
+        let text = |bytes: Vec<u8>| String::from_utf8(bytes).expect("UTF-8 output");
+        (output.status.success(), text(output.stdout), text(output.stderr))
+    };
+    let (success, stdout, stderr) = run(&artifacts().tcp_plugin);
+    assert!(success, "{stdout}\n{stderr}");
+    assert!(
+        stdout.lines().next().is_some_and(|line| line.ends_with("over encrypted links (noise)")),
+        "{stdout}"
     );
+    assert_eq!(stdout.lines().last(), Some("9 passed, 0 failed, 4 skipped"), "{stdout}");
+    assert!(!stdout.contains(&node.secret_hex()) && !stderr.contains(&node.secret_hex()));
+
+    let (success, stdout, _) = run(&artifacts().memory_plugin);
+    assert!(!success, "{stdout}");
+    assert!(stdout.contains("FAIL create_transport: "), "{stdout}");
+
+    let missing = dir.join("missing.key");
+    let output = Command::new(&artifacts().comms_bin)
+        .arg("check")
+        .arg(&artifacts().tcp_plugin)
+        .arg("--key-file")
+        .arg(&missing)
+        .output()
+        .expect("run comms check");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains(&missing.display().to_string()), "names the key file: {stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A `comms recv` process with encrypted links, its stdout and stderr collected.

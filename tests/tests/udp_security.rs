@@ -9,18 +9,16 @@ use comms_host::{
     Node, PluginLibrary, Security,
 };
 use comms_plugin_api::{
-    async_trait,
     host_side::LoadedTransport,
     security::{Identity, LinkMode, PublicKey},
-    Destination, Envelope, Inbound, MessageId, NodeId, Payload, Plugin, PluginError, Provides, Setup,
-    Transport, TransportInfo,
+    Destination, Envelope, Inbound, MessageId, NodeId, Payload,
 };
 use comms_tests::{artifacts, scratch_dir};
 use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc, Mutex, OnceLock,
+        Arc, Mutex,
     },
     time::Duration,
 };
@@ -338,84 +336,15 @@ async fn a_tampered_datagram_is_dropped_and_the_message_arrives_after_retransmis
 }
 
 // ---- The conformance suite with security on ----
-//
-// The suite names its nodes `conf-<nonce>-<n>-<role>`, ids not bound to any key, and the udp
-// transport drops every envelope whose sender id is not bound to the key of its session. This
-// test plugin (linked in, no dlopen of its own) wraps the real `libcomms_udp.so`: it creates each
-// real transport for the bound id `<suite id>-<key hex>` (all instances share the key file of
-// the config) and maps sender ids between the two forms, so the suite runs unchanged against the
-// real plugin with encrypted links, node id binding included.
 
-static SUITE_KEY: OnceLock<PublicKey> = OnceLock::new();
-
-fn bound(id: &NodeId) -> NodeId {
-    let key = SUITE_KEY.get().expect("the key is set before the suite runs");
-    match PublicKey::of_node(id) {
-        Some(_) => id.clone(),
-        None => key.node_id(Some(id.as_str())),
-    }
-}
-
-fn unbound(id: &NodeId) -> NodeId {
-    let key = SUITE_KEY.get().expect("the key is set before the suite runs").to_hex();
-    NodeId::new(id.as_str().strip_suffix(&format!("-{key}")).unwrap_or(id.as_str()))
-}
-
-struct BoundIds;
-
-struct BoundTransport(LoadedTransport);
-
-#[async_trait]
-impl Plugin for BoundIds {
-    const NAME: &'static str = "udp";
-    const VERSION: &'static str = "0.0.0";
-    const DESCRIPTION: &'static str = "the udp plugin with suite node ids bound to the suite's key";
-    const PROVIDES: Provides = Provides::TRANSPORT;
-
-    async fn new_transport(setup: Setup) -> Result<Arc<dyn Transport>, PluginError> {
-        static REAL: OnceLock<PluginLibrary> = OnceLock::new();
-        let real = REAL.get_or_init(library);
-        let transport =
-            real.new_transport(&bound(&setup.node_id), &setup.instance_name, &setup.config_toml).await?;
-        Ok(Arc::new(BoundTransport(transport)))
-    }
-}
-
-#[async_trait]
-impl Transport for BoundTransport {
-    fn info(&self) -> TransportInfo {
-        self.0.info().clone()
-    }
-
-    async fn send(&self, address: &str, mut envelope: Envelope) -> Result<(), PluginError> {
-        envelope.from = bound(&envelope.from);
-        self.0.send(address, envelope).await
-    }
-
-    async fn receive(&self, max_batch: usize) -> Result<Vec<Inbound>, PluginError> {
-        let mut batch = self.0.receive(max_batch.min(u32::MAX as usize) as u32).await?;
-        for inbound in &mut batch {
-            inbound.envelope.from = unbound(&inbound.envelope.from);
-        }
-        Ok(batch)
-    }
-
-    async fn close(&self) -> Result<(), PluginError> {
-        self.0.close().await
-    }
-}
-
+/// The real `libcomms_udp.so` under the suite with encrypted links: every instance uses the same
+/// key file, and the suite's node ids are bound to that key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reliable_mode_with_encrypted_links_passes_the_conformance_suite() {
     let dir = scratch_dir("udp-secure-suite");
-    let (key, public) = key_file(&dir, "suite");
-    SUITE_KEY.set(public).unwrap();
-    let config = format!(
-        "mode = \"reliable\"\n\n[comms_security]\nlinks = \"noise\"\nkey_file = \"{}\"\nallow = [\"{}\"]\n",
-        key.display(),
-        public.to_hex()
-    );
-    let report = run_suite(&PluginLibrary::linked::<BoundIds>(), &SuiteConfig::new(config)).await;
+    let (key, _) = key_file(&dir, "suite");
+    let config = SuiteConfig::new("mode = \"reliable\"\n").with_noise_links(&key).unwrap();
+    let report = run_suite(&library(), &config).await;
     assert!(report.passed(), "{report}");
     let info = report.info.clone().expect("the transport was created");
     assert_eq!(info.capabilities.names(), ["ordered", "reliable", "encrypted"], "{report}");

@@ -1,7 +1,10 @@
-//! `comms check PLUGIN_FILE [--config F]`: the conformance suite against any plugin file.
+//! `comms check PLUGIN_FILE [--config F] [--key-file K]`: the conformance suite against any
+//! plugin file.
 //!
 //! `F` holds the plugin's own config table (what would be under `[transports.NAME]`); without
-//! it the plugin runs with its defaults, which must allow several instances at once. Prints a
+//! it the plugin runs with its defaults, which must allow several instances at once. With `K` (a
+//! key file from `comms keygen`) the suite runs over encrypted links, as with `[security] links =
+//! "noise"`: see [`SuiteConfig::with_noise_links`]. Prints a
 //! line per case as it finishes (`PASS name`, `FAIL name: reason`, `SKIP name: reason`), then
 //! `N passed, M failed, K skipped`. Exits 0 iff no case failed.
 
@@ -13,7 +16,11 @@ use comms_host::{
 use comms_plugin_api::Provides;
 use std::{io::Write, path::Path, process::ExitCode};
 
-pub(super) async fn run(file: &Path, config: Option<&Path>) -> Result<ExitCode, CliError> {
+pub(super) async fn run(
+    file: &Path,
+    config: Option<&Path>,
+    key_file: Option<&Path>,
+) -> Result<ExitCode, CliError> {
     let library = PluginLibrary::load(file).map_err(CliError::Load)?;
     let description = library.description();
     if !description.provides.contains(Provides::TRANSPORT) {
@@ -27,9 +34,19 @@ pub(super) async fn run(file: &Path, config: Option<&Path>) -> Result<ExitCode, 
         None => String::new(),
         Some(path) => read_config(path)?,
     };
-    let suite = SuiteConfig::new(config_toml);
+    let mut suite = SuiteConfig::new(config_toml);
+    let mut links = "plain links";
+    if let Some(key_file) = key_file {
+        suite = suite.with_noise_links(key_file).map_err(other)?;
+        links = "encrypted links (noise)";
+    }
 
-    println!("checking plugin `{}` {} from {}", description.name, description.version, file.display());
+    println!(
+        "checking plugin `{}` {} from {} over {links}",
+        description.name,
+        description.version,
+        file.display()
+    );
     let report = run_suite_with_progress(&library, &suite, |case| {
         println!("{case}");
         let _ = std::io::stdout().flush();

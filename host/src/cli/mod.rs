@@ -124,6 +124,10 @@ enum Command {
         /// A TOML file with the plugin's config table (as under [transports.NAME]).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Run the suite over encrypted (Noise) links, every node using this key file (from
+        /// `comms keygen`); the plugin must then declare that it encrypts its links.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
     /// Create a node identity (Ed25519 key file, owner-only) or a network key; prints the public
     /// key and the node id bound to it, never the secret. Refuses to overwrite a file.
@@ -228,7 +232,9 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             patterns::request(&config, &service, &text, timeout_ms, attempts).await
         }
         Command::EchoService { config, service } => patterns::echo_service(&config, &service).await,
-        Command::Check { file, config } => check::run(&file, config.as_deref()).await,
+        Command::Check { file, config, key_file } => {
+            check::run(&file, config.as_deref(), key_file.as_deref()).await
+        }
         Command::Keygen { out, network, show, label } => match show {
             Some(file) => keygen::show(&file, label.as_deref()),
             None => keygen::generate(out.as_deref(), network, label.as_deref()),

@@ -2,8 +2,10 @@
 //! instance that hands its messages to the case ([`Inbox`]), unique names, and the case's
 //! deadlines. The harness remembers everything it opened and closes it after the case.
 
+use super::SuiteConfig;
 use comms_plugin_api::{
     host_side::{LoadedTransport, PluginLibrary},
+    security::PublicKey,
     Capabilities, Destination, Envelope, ErrorCode, Inbound, MessageId, NodeId, PluginError, Settlement,
     SettlementOutcome, TransportInfo,
 };
@@ -84,6 +86,20 @@ static SEQUENCE: AtomicU64 = AtomicU64::new(0);
 /// A name never handed out before in this process, `conf-<nonce>-<n>-<role>`.
 pub(crate) fn unique_name(role: &str) -> String {
     format!("conf-{}-{}-{role}", process_nonce(), SEQUENCE.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A node id never handed out before in this process: `conf-<nonce>-<n>-<role>`, or, bound to
+/// `key`, `conf-<nonce>-<n>-<hex>` (the role left out: socket paths derived from the id must
+/// stay under 108 bytes).
+pub(crate) fn unique_node_id(role: &str, key: Option<&PublicKey>) -> NodeId {
+    match key {
+        None => NodeId::new(unique_name(role)),
+        Some(key) => key.node_id(Some(&format!(
+            "conf-{}-{}",
+            process_nonce(),
+            SEQUENCE.fetch_add(1, Ordering::Relaxed)
+        ))),
+    }
 }
 
 /// A message id never used before in this process (random high half per process).
@@ -300,6 +316,7 @@ impl Inbox {
 pub(crate) struct Harness {
     library: PluginLibrary,
     config_toml: String,
+    node_key: Option<PublicKey>,
     info: Option<TransportInfo>,
     case_timeout: Duration,
     started: Instant,
@@ -312,17 +329,13 @@ pub(crate) struct Harness {
 impl Harness {
     /// A harness for one case. `info` is what the first instance declared (`None` while that
     /// is being found out).
-    pub(crate) fn new(
-        library: &PluginLibrary,
-        config_toml: &str,
-        info: Option<TransportInfo>,
-        case_timeout: Duration,
-    ) -> Self {
+    pub(crate) fn new(library: &PluginLibrary, config: &SuiteConfig, info: Option<TransportInfo>) -> Self {
         Self {
             library: library.clone(),
-            config_toml: config_toml.to_string(),
+            config_toml: config.config_toml.clone(),
+            node_key: config.node_key,
             info,
-            case_timeout,
+            case_timeout: config.case_timeout,
             started: Instant::now(),
             opened: Mutex::new(Vec::new()),
             receivers: Mutex::new(Vec::new()),
@@ -376,8 +389,18 @@ impl Harness {
         // Short and plain: some transports build socket paths (at most 108 bytes) from it.
         let label: String = role.split(' ').filter(|word| !matches!(*word, "the" | "a" | "an")).collect();
         let label: String = label.chars().filter(char::is_ascii_alphanumeric).take(12).collect();
-        let node = NodeId::new(unique_name(&label.to_ascii_lowercase()));
+        let node = self.new_node_id(&label.to_ascii_lowercase());
         self.open_node(role, node).await
+    }
+
+    /// A fresh node id for `role`, bound to [`SuiteConfig::node_key`](super::SuiteConfig) if set.
+    pub(crate) fn new_node_id(&self, role: &str) -> NodeId {
+        unique_node_id(role, self.node_key.as_ref())
+    }
+
+    /// Whether the suite runs over encrypted links ([`SuiteConfig::with_noise_links`]).
+    pub(crate) fn noise_links(&self) -> bool {
+        self.node_key.is_some()
     }
 
     /// Opens `count` instances at once, roles `"{role} 0"`, `"{role} 1"`, ...

@@ -34,6 +34,13 @@
 //!
 //! ## Limits of what it proves
 //!
+//! ## Encrypted links
+//!
+//! [`SuiteConfig::with_noise_links`] runs the same cases with Noise links, as a node with
+//! `[security] links = "noise"` would: the transport must then declare
+//! [`Capabilities::ENCRYPTED`](comms_plugin_api::Capabilities::ENCRYPTED) (`create_transport`
+//! fails otherwise), and the node ids are `<name>-<hex of the key>` (about 85 characters).
+//!
 //! - Every case has a time limit ([`SuiteConfig::case_timeout`]); waits for messages end at 80%
 //!   of it so that a failure can say what was missing. A correct transport on one machine needs
 //!   a small fraction of the default 30 s.
@@ -54,7 +61,8 @@ mod reference_transport;
 pub use report::{CaseOutcome, CaseReport, SuiteReport};
 pub use runner::{cases, run_suite, run_suite_with_progress, CaseDescription};
 
-use std::time::Duration;
+use comms_plugin_api::security::{Identity, LinkMode, LinkSecurityConfig, PublicKey};
+use std::{path::Path, time::Duration};
 
 /// How long a case waits to make sure that nothing (more) arrives.
 pub const QUIET_PERIOD: Duration = Duration::from_millis(500);
@@ -70,12 +78,36 @@ pub struct SuiteConfig {
     pub case_timeout: Duration,
     /// Runs only the cases whose name contains this text (`create_transport` always runs).
     pub filter: Option<String>,
+    /// When set, every node id the suite makes is bound to this key (`<name>-<hex>`), as a
+    /// transport with encrypted links requires of the nodes it connects. Set by
+    /// [`SuiteConfig::with_noise_links`].
+    pub node_key: Option<PublicKey>,
 }
 
 impl SuiteConfig {
     /// The default config with the given plugin config text.
     pub fn new(config_toml: impl Into<String>) -> Self {
         Self { config_toml: config_toml.into(), ..Self::default() }
+    }
+
+    /// The suite over encrypted links: every instance gets the link security the host would
+    /// give it with `[security] links = "noise"` and the identity in `key_file` (allowing only
+    /// that key: the suite's nodes all share it), and every node id the suite makes is bound to
+    /// that key. `comms check FILE --key-file K` runs this. Errors name the key file, or say
+    /// what is wrong with the config text.
+    pub fn with_noise_links(mut self, key_file: &Path) -> Result<Self, String> {
+        let identity = Identity::load(key_file).map_err(|error| error.to_string())?;
+        let config = LinkSecurityConfig {
+            links: LinkMode::Noise,
+            key_file: Some(key_file.to_path_buf()),
+            allow: vec![identity.public_key().to_hex()],
+            network_key_file: None,
+        };
+        let table = crate::security::link_security_table(&config);
+        self.config_toml = crate::security::with_link_security(&self.config_toml, &table)
+            .map_err(|message| format!("plugin config: {message}"))?;
+        self.node_key = Some(identity.public_key());
+        Ok(self)
     }
 
     /// Whether the case called `name` is selected by [`SuiteConfig::filter`].
@@ -87,6 +119,11 @@ impl SuiteConfig {
 impl Default for SuiteConfig {
     /// Empty plugin config, 30 s per case, every case.
     fn default() -> Self {
-        Self { config_toml: String::new(), case_timeout: Duration::from_secs(30), filter: None }
+        Self {
+            config_toml: String::new(),
+            case_timeout: Duration::from_secs(30),
+            filter: None,
+            node_key: None,
+        }
     }
 }

@@ -429,6 +429,7 @@ mod tests {
             config_toml: toml.to_string(),
             case_timeout: Duration::from_secs(4),
             filter: filter.map(str::to_string),
+            ..SuiteConfig::default()
         }
     }
 

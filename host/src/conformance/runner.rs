@@ -97,7 +97,7 @@ async fn run_case(
     info: Option<TransportInfo>,
 ) -> (CaseReport, Option<TransportInfo>) {
     let started = Instant::now();
-    let harness = Harness::new(library, &config.config_toml, info, config.case_timeout);
+    let harness = Harness::new(library, config, info);
     let run = AssertUnwindSafe((case.run)(&harness)).catch_unwind();
     let mut outcome = match tokio::time::timeout(config.case_timeout, run).await {
         Ok(Ok(Ok(()))) => CaseOutcome::Passed,

@@ -28,7 +28,7 @@ pub struct StreamSettings {
     pub receive_queue_capacity: usize,
     /// A writer gathers queued frames up to this many bytes into one write.
     pub write_batch_bytes: usize,
-    /// Time allowed for one connection attempt, handshake included.
+    /// Time allowed for one attempt to open a connection (the TCP connect, not the handshake).
     pub connect_timeout_ms: u64,
     /// First delay between reconnection attempts; doubles each time.
     pub reconnect_initial_backoff_ms: u64,
@@ -36,7 +36,9 @@ pub struct StreamSettings {
     pub reconnect_max_backoff_ms: u64,
     /// Attempts before queued messages for an unreachable peer are dropped and `send` fails.
     pub reconnect_attempts: u32,
-    /// Time an accepted connection has to send its hello.
+    /// Time the handshake (Noise, then hellos) may take once connected, on both sides. Separate
+    /// from `connect_timeout_ms` because a busy peer may be slow to answer handshakes (they cost
+    /// CPU) without being unreachable: giving up early would only add another handshake to do.
     pub handshake_timeout_ms: u64,
     /// Time `close` waits for queued messages to be written.
     pub close_timeout_ms: u64,

@@ -117,14 +117,13 @@ impl<M: StreamMedium> PeerWriter<M> {
     /// one last attempt (so that what was queued just before `close` still goes out), then give up.
     async fn connect(&self) -> Result<Connection<M::Stream>, PluginError> {
         let settings = &self.shared.settings;
-        let timeout = Duration::from_millis(settings.connect_timeout_ms);
         let backoff = settings.reconnect_backoff();
         let mut shutdown = self.shared.shutdown.subscribe();
         let mut attempt = 1;
         loop {
-            let reason = match tokio::time::timeout(timeout, self.dial()).await {
-                Ok(Ok(connection)) => return Ok(connection),
-                Ok(Err(OpenError::Refused(reason))) => {
+            let reason = match self.dial().await {
+                Ok(connection) => return Ok(connection),
+                Err(OpenError::Refused(reason)) => {
                     // A security check or a mode mismatch: another attempt would be refused too.
                     tracing::warn!(backend = self.shared.backend, peer = %self.address, %reason, "connection refused");
                     return Err(PluginError::new(
@@ -132,9 +131,8 @@ impl<M: StreamMedium> PeerWriter<M> {
                         format!("{} peer {} refused: {reason}", self.shared.backend, self.address),
                     ));
                 }
-                Ok(Err(OpenError::Failed(reason))) => reason,
-                Ok(Err(OpenError::ClosedEarly)) => "connection closed".to_string(),
-                Err(_) => format!("no answer within {} ms", timeout.as_millis()),
+                Err(OpenError::Failed(reason)) => reason,
+                Err(OpenError::ClosedEarly) => "connection closed".to_string(),
             };
             tracing::debug!(backend = self.shared.backend, peer = %self.address, attempt, %reason, "connect failed");
             let closing = *shutdown.borrow();
@@ -156,10 +154,22 @@ impl<M: StreamMedium> PeerWriter<M> {
         }
     }
 
+    /// One attempt: connect within `connect_timeout_ms`, then handshake within
+    /// `handshake_timeout_ms`.
     async fn dial(&self) -> Result<Connection<M::Stream>, OpenError> {
-        let stream =
-            self.medium.connect(&self.address).await.map_err(|e| OpenError::Failed(e.to_string()))?;
-        let Opened { stream, peer, key } = handshake::dial(&self.shared, stream).await?;
+        let settings = &self.shared.settings;
+        let connect_timeout = Duration::from_millis(settings.connect_timeout_ms);
+        let stream = match tokio::time::timeout(connect_timeout, self.medium.connect(&self.address)).await {
+            Ok(connected) => connected.map_err(|e| OpenError::Failed(e.to_string()))?,
+            Err(_) => {
+                return Err(OpenError::Failed(format!("no answer within {} ms", connect_timeout.as_millis())))
+            }
+        };
+        let handshake_timeout = Duration::from_millis(settings.handshake_timeout_ms);
+        let opened = tokio::time::timeout(handshake_timeout, handshake::dial(&self.shared, stream)).await;
+        let Opened { stream, peer, key } = opened.map_err(|_| {
+            OpenError::Failed(format!("handshake not completed within {} ms", handshake_timeout.as_millis()))
+        })??;
         match key {
             Some(key) => {
                 tracing::debug!(backend = self.shared.backend, peer = %self.address, node = %peer, %key, "connected (encrypted)")

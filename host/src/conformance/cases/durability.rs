@@ -1,10 +1,10 @@
 //! Durable transports keep what a closed receiver had not taken yet.
 
 use crate::conformance::harness::{
-    describe_missing, ensure, envelope, failed, read_tag, tag_payload, unique_name, within, CaseResult,
-    Harness, Inbox, Settling,
+    describe_missing, ensure, envelope, failed, read_tag, tag_payload, within, CaseResult, Harness, Inbox,
+    Settling,
 };
-use comms_plugin_api::{Capabilities, Destination, Inbound, NodeId, Settlement, SettlementOutcome};
+use comms_plugin_api::{Capabilities, Destination, Inbound, Settlement, SettlementOutcome};
 use std::collections::BTreeSet;
 
 /// Sent before the receiver closes.
@@ -42,7 +42,7 @@ fn record(role: &str, received: &mut BTreeSet<u32>, inbound: &Inbound) -> CaseRe
 
 pub(super) async fn durable_resume(h: &Harness) -> CaseResult {
     let limit = h.operation_limit();
-    let node = NodeId::new(unique_name("durable"));
+    let node = h.new_node_id("durable");
     let first = h.open_node("the receiver", node.clone()).await?;
     let sender = h.open("the sender").await?;
     let message = |i: u32| envelope(&sender, Destination::Node(node.clone()), tag_payload(&[i]));

@@ -3,7 +3,7 @@
 use crate::conformance::harness::{
     ensure, envelope, failed, read_tag, tag_payload, within, CaseResult, Endpoint, Harness, Settling,
 };
-use comms_plugin_api::{Destination, ErrorCode, PluginError};
+use comms_plugin_api::{Capabilities, Destination, ErrorCode, PluginError};
 use futures::future::join_all;
 use std::{sync::Arc, time::Duration};
 
@@ -28,6 +28,12 @@ pub(super) async fn create_transport(h: &Harness) -> CaseResult {
         "the transport reports an empty local_address: nobody could reach it"
     );
     ensure!(info.max_message_size > 0, "the transport reports a max_message_size of 0 bytes");
+    ensure!(
+        !h.noise_links() || info.capabilities.contains(Capabilities::ENCRYPTED),
+        "the suite runs with encrypted links, but the transport does not declare the capability \
+         `encrypted`: it ignored the link security it was given (a node with [security] links = \"noise\" \
+         refuses such a transport)"
+    );
 
     let second = h.open("a second instance").await?;
     ensure!(
