@@ -83,9 +83,14 @@ fn process_nonce() -> &'static str {
 
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);
 
+/// `conf-<nonce>-<n>`: never handed out before in this process.
+fn unique_prefix() -> String {
+    format!("conf-{}-{}", process_nonce(), SEQUENCE.fetch_add(1, Ordering::Relaxed))
+}
+
 /// A name never handed out before in this process, `conf-<nonce>-<n>-<role>`.
 pub(crate) fn unique_name(role: &str) -> String {
-    format!("conf-{}-{}-{role}", process_nonce(), SEQUENCE.fetch_add(1, Ordering::Relaxed))
+    format!("{}-{role}", unique_prefix())
 }
 
 /// A node id never handed out before in this process: `conf-<nonce>-<n>-<role>`, or, bound to
@@ -94,11 +99,7 @@ pub(crate) fn unique_name(role: &str) -> String {
 pub(crate) fn unique_node_id(role: &str, key: Option<&PublicKey>) -> NodeId {
     match key {
         None => NodeId::new(unique_name(role)),
-        Some(key) => key.node_id(Some(&format!(
-            "conf-{}-{}",
-            process_nonce(),
-            SEQUENCE.fetch_add(1, Ordering::Relaxed)
-        ))),
+        Some(key) => key.node_id(Some(&unique_prefix())),
     }
 }
 

@@ -32,14 +32,14 @@
 //! being the receiver's [`TransportInfo::local_address`](comms_plugin_api::TransportInfo); topic
 //! messages go with an empty address. Cases run one after the other.
 //!
-//! ## Limits of what it proves
-//!
 //! ## Encrypted links
 //!
 //! [`SuiteConfig::with_noise_links`] runs the same cases with Noise links, as a node with
 //! `[security] links = "noise"` would: the transport must then declare
 //! [`Capabilities::ENCRYPTED`](comms_plugin_api::Capabilities::ENCRYPTED) (`create_transport`
 //! fails otherwise), and the node ids are `<name>-<hex of the key>` (about 85 characters).
+//!
+//! ## Limits of what it proves
 //!
 //! - Every case has a time limit ([`SuiteConfig::case_timeout`]); waits for messages end at 80%
 //!   of it so that a failure can say what was missing. A correct transport on one machine needs
