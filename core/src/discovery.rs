@@ -1,6 +1,6 @@
 //! The `Discovery` object: who is out there and how to reach them.
 
-use crate::{CommsResult, Header, NodeId};
+use crate::{CommsResult, Extension, Header, NodeId};
 use abi_stable::{
     sabi_trait,
     std_types::{RBox, ROption, RString, RVec},
@@ -33,6 +33,9 @@ pub struct NodeRecord {
     pub topics: RVec<RString>,
     /// Free-form metadata (version, zone, ...).
     pub metadata: RVec<Header>,
+    /// Attributes added by later minor versions of the contract (none in 1.0). A discovery
+    /// stores and returns them with the rest of the record.
+    pub extensions: RVec<Extension>,
 }
 
 /// Whether a peer joined, left or changed its record.
@@ -61,6 +64,8 @@ pub struct PeerEvent {
 
 /// Announces this node, lists peers and streams changes. Independent of the transports: any
 /// discovery works with any transport whose addresses it carries.
+///
+/// Methods added after contract 1.0 go after [`Discovery::close`], each with a default body.
 #[sabi_trait]
 pub trait Discovery: Send + Sync {
     /// Publishes (or replaces) this node's record.

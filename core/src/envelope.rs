@@ -1,7 +1,8 @@
 //! The message as it crosses the plugin boundary, and its acknowledgement.
 
+use crate::{CommsError, Extension};
 use abi_stable::{
-    std_types::{ROption, RString, RVec},
+    std_types::{RArc, ROption, RString, RVec},
     StableAbi,
 };
 use std::fmt;
@@ -45,7 +46,8 @@ impl fmt::Display for MessageId {
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Destination {
-    /// [`Destination::NODE`], [`Destination::TOPIC`] or [`Destination::SERVICE`].
+    /// [`Destination::NODE`], [`Destination::TOPIC`] or [`Destination::SERVICE`]; a receiver
+    /// discards a kind it does not know.
     pub kind: u8,
     /// The node id, topic or service name.
     pub name: RString,
@@ -70,6 +72,68 @@ pub struct Header {
     pub value: RString,
 }
 
+/// Message bytes: a range of a shared, reference-counted buffer.
+///
+/// Crosses the boundary without a copy in either direction, and clones without a copy: a
+/// publication to many subscribers shares one buffer, and a transport that reads many frames
+/// into one buffer can hand out each payload as a range of it. The buffer is freed by the
+/// library that allocated it, whichever side drops the last reference.
+#[repr(C)]
+#[derive(StableAbi, Clone)]
+pub struct Payload {
+    buffer: RArc<RVec<u8>>,
+    start: u64,
+    end: u64,
+}
+
+impl Payload {
+    /// The whole of `bytes`, without copying them.
+    pub fn from_vec(bytes: Vec<u8>) -> Self {
+        let end = bytes.len() as u64;
+        Self { buffer: RArc::new(RVec::from(bytes)), start: 0, end }
+    }
+
+    /// `start..end` of `buffer`; `None` when the range is not inside it.
+    pub fn from_shared(buffer: RArc<RVec<u8>>, start: usize, end: usize) -> Option<Self> {
+        (start <= end && end <= buffer.len()).then(|| Self { buffer, start: start as u64, end: end as u64 })
+    }
+
+    /// The bytes. A range that does not fit its buffer (only a broken plugin makes one) reads
+    /// as empty.
+    pub fn as_slice(&self) -> &[u8] {
+        usize::try_from(self.start)
+            .ok()
+            .zip(usize::try_from(self.end).ok())
+            .and_then(|(start, end)| self.buffer.get(start..end))
+            .unwrap_or(&[])
+    }
+
+    /// The buffer and the range this payload covers, for sharing it further.
+    pub fn shared_parts(&self) -> (&RArc<RVec<u8>>, usize, usize) {
+        (&self.buffer, self.start as usize, self.end as usize)
+    }
+}
+
+impl Default for Payload {
+    fn default() -> Self {
+        Self::from_vec(Vec::new())
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Payload {}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Payload({} bytes)", self.as_slice().len())
+    }
+}
+
 /// A message with its addressing, as transports move it.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
@@ -84,8 +148,32 @@ pub struct Envelope {
     pub correlation_id: ROption<MessageId>,
     /// Application and framework headers, in order.
     pub headers: RVec<Header>,
-    /// The encoded message. Crosses the boundary without being copied.
-    pub payload: RVec<u8>,
+    /// The encoded message.
+    pub payload: Payload,
+    /// Per-message attributes added by later minor versions of the contract (none in 1.0). A
+    /// transport that carries envelopes between nodes carries these too.
+    pub extensions: RVec<Extension>,
+}
+
+/// An envelope the host hands to a transport with the address to send it to: one item of a
+/// batched send.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
+pub struct Outbound {
+    /// An address the transport published (empty for a topic on a native-topics transport).
+    pub address: RString,
+    /// The message.
+    pub envelope: Envelope,
+}
+
+/// Why one item of a batched send was not taken.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
+pub struct SendFailure {
+    /// The position of the item in the batch.
+    pub index: u32,
+    /// What went wrong.
+    pub error: CommsError,
 }
 
 /// An envelope a transport hands to the host, with the tag the host uses to settle it.
@@ -104,10 +192,10 @@ pub struct Inbound {
 pub struct SettlementOutcome(pub u8);
 
 impl SettlementOutcome {
-    /// The host took the message into its bounded queue; the transport may forget it (for a
-    /// broker: acknowledge it).
+    /// The host is done with the message; the transport may forget it (for a broker:
+    /// acknowledge it).
     pub const ACCEPTED: Self = Self(0);
-    /// The host could not take the message; the transport should deliver it again later.
+    /// The host could not take or handle the message; the transport should deliver it again.
     pub const REJECTED_REQUEUE: Self = Self(1);
     /// The host refuses the message for good (for example it cannot be decoded); the transport
     /// should not deliver it again (a broker may dead-letter it).
@@ -122,4 +210,27 @@ pub struct Settlement {
     pub delivery_tag: u64,
     /// Accepted or rejected.
     pub outcome: SettlementOutcome,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_ranges_share_one_buffer() {
+        let whole = Payload::from_vec(b"hello world".to_vec());
+        let (buffer, _, _) = whole.shared_parts();
+        let world = Payload::from_shared(buffer.clone(), 6, 11).unwrap();
+        assert_eq!(world.as_slice(), b"world");
+        assert_eq!(RArc::strong_count(buffer), 2, "no copy was made");
+        assert!(Payload::from_shared(buffer.clone(), 6, 12).is_none());
+        assert!(Payload::from_shared(buffer.clone(), 7, 6).is_none());
+    }
+
+    #[test]
+    fn a_range_outside_its_buffer_reads_as_empty() {
+        let mut broken = Payload::from_vec(vec![1, 2, 3]);
+        broken.end = 9;
+        assert_eq!(broken.as_slice(), b"");
+    }
 }

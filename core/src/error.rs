@@ -1,6 +1,10 @@
 //! The one error type that crosses the plugin boundary.
 
-use abi_stable::{std_types::RString, StableAbi};
+use crate::Extension;
+use abi_stable::{
+    std_types::{RString, RVec},
+    StableAbi,
+};
 use std::fmt;
 
 /// What kind of failure a [`CommsError`] reports.
@@ -65,12 +69,14 @@ pub struct CommsError {
     pub message: RString,
     /// Whether retrying the operation later may succeed (a peer that is restarting, a full queue).
     pub retryable: bool,
+    /// Details added by later minor versions of the contract (none in 1.0).
+    pub extensions: RVec<Extension>,
 }
 
 impl CommsError {
     /// An error that retrying will not fix.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: RString::from(message.into()), retryable: false }
+        Self { code, message: RString::from(message.into()), retryable: false, extensions: RVec::new() }
     }
 
     /// An error that may go away if the operation is tried again later.

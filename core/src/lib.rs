@@ -3,53 +3,64 @@
 //! This crate is the only thing the comms host and a dynamically loaded plugin must agree on.
 //! Everything here crosses a `cdylib` boundary, so every type is `#[repr(C)]` (or transparent) and
 //! derives [`abi_stable::StableAbi`]; the host checks the layout of all of it when it loads a
-//! plugin and refuses a plugin built against a different interface.
+//! plugin and refuses a plugin built against an incompatible contract.
 //!
 //! What is here, and nothing more:
 //!
-//! - [`PluginModule`]: the root module a plugin exports (plugin info and constructors).
-//! - [`Transport`] and [`Discovery`]: `#[sabi_trait]` objects whose async operations return
-//!   [`async_ffi::FfiFuture`]s.
-//! - [`Envelope`] and its parts ([`NodeId`], [`MessageId`], [`Destination`], [`Header`]),
-//!   [`Inbound`] and [`Settlement`] (delivery acknowledgement across the boundary).
+//! - [`PluginModule`]: the root module a plugin exports (plugin info, constructors, and the
+//!   hand-over of the host's services).
+//! - [`Transport`], [`Discovery`] and [`HostServices`]: `#[sabi_trait]` objects whose async
+//!   operations return [`async_ffi::FfiFuture`]s.
+//! - [`Envelope`] and its parts ([`NodeId`], [`MessageId`], [`Destination`], [`Header`],
+//!   [`Payload`]), [`Outbound`] and [`SendFailure`] (batched sends), [`Inbound`] and
+//!   [`Settlement`] (delivery acknowledgement across the boundary).
+//! - [`TransportStats`], [`LogRecord`]: what the host needs for metrics and logs.
 //! - [`CommsError`] with an [`ErrorCode`], a message and a retryable flag.
 //! - [`Capabilities`] flags a transport declares.
+//! - [`Extension`]: the extension area every by-value struct carries.
 //!
 //! Plugin authors do not use this crate directly: `comms-plugin-api` gives them idiomatic async
 //! traits and exports them as a [`PluginModule`]. Keeping every `abi_stable` type inside this
 //! crate and `comms-plugin-api` means a later change of ABI crate touches only those two.
 //!
-//! ## Compatibility rules
+//! ## Versioning
 //!
-//! - The interface version is this crate's package version ([`INTERFACE_VERSION`]); while it is
-//!   `0.x`, a plugin loads only if its minor version equals the host's.
-//! - Prefix types ([`PluginModule`] and the trait-object vtables) may only grow at their end, so an
-//!   older plugin keeps loading in a newer host of the same minor version.
-//! - Codes and flags are integers with named constants rather than Rust enums, so a newer peer
-//!   can send a value an older one does not know without breaking the layout.
-
+//! The contract has a version of its own, [`INTERFACE_VERSION`] (`major.minor`, now 1.0),
+//! independent of the crates' versions. Same major loads: a plugin built for an older minor
+//! always loads into a newer host, and a plugin built for a newer minor loads into an older host,
+//! which ignores what it does not know. A different major never loads.
+#![doc = include_str!("../COMPATIBILITY.md")]
 #![warn(missing_docs)]
 
 mod capabilities;
 mod discovery;
 mod envelope;
 mod error;
+mod extensions;
+mod host_services;
+mod interface_version;
 mod module;
 mod transport;
+mod version;
 
 pub use capabilities::Capabilities;
 pub use discovery::{
     Discovery, DiscoveryBox, Discovery_TO, NodeRecord, PeerEvent, PeerEventKind, TransportAddress,
 };
 pub use envelope::{
-    Destination, Envelope, Header, Inbound, MessageId, NodeId, Settlement, SettlementOutcome,
+    Destination, Envelope, Header, Inbound, MessageId, NodeId, Outbound, Payload, SendFailure, Settlement,
+    SettlementOutcome,
 };
 pub use error::{CommsError, ErrorCode};
-pub use module::{PluginInfo, PluginModule, PluginModuleRef, PluginSetup, Provides, INTERFACE_VERSION};
-pub use transport::{Transport, TransportBox, TransportInfo, Transport_TO};
+pub use extensions::Extension;
+pub use host_services::{HostServices, HostServicesBox, HostServices_TO, LogLevel, LogRecord};
+pub use interface_version::{INTERFACE_MAJOR, INTERFACE_MINOR};
+pub use module::{PluginInfo, PluginModule, PluginModuleRef, PluginSetup, Provides};
+pub use transport::{StatCounter, Transport, TransportBox, TransportInfo, TransportStats, Transport_TO};
+pub use version::{Compatibility, InterfaceVersion, INTERFACE_VERSION};
 
-/// Re-exported so that `comms-plugin-api` and the host use exactly the versions this contract was
-/// built with.
+/// Re-exported so that `comms-plugin-api` uses exactly the versions this contract was built
+/// with.
 pub use abi_stable;
 /// Re-exported for the same reason as [`abi_stable`].
 pub use async_ffi;

@@ -1,15 +1,15 @@
 //! The root module every plugin library exports.
 
-use crate::{CommsResult, DiscoveryBox, NodeId, TransportBox};
+use crate::{CommsResult, DiscoveryBox, Extension, HostServicesBox, InterfaceVersion, NodeId, TransportBox};
 use abi_stable::{
-    declare_root_module_statics, library::RootModule, package_version_strings, sabi_types::VersionStrings,
-    std_types::RString, StableAbi,
+    declare_root_module_statics,
+    library::RootModule,
+    package_version_strings,
+    sabi_types::VersionStrings,
+    std_types::{RString, RVec},
+    StableAbi,
 };
 use async_ffi::FfiFuture;
-
-/// The version of this interface: the package version of comms-core. A plugin built against a
-/// different minor version (while 0.x) is refused at load time.
-pub const INTERFACE_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// What a plugin library provides.
 #[repr(transparent)]
@@ -28,6 +28,13 @@ impl Provides {
     }
 }
 
+impl std::ops::BitOr for Provides {
+    type Output = Self;
+    fn bitor(self, rhs: Self) -> Self {
+        Self(self.0 | rhs.0)
+    }
+}
+
 /// Describes a plugin library.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
@@ -40,6 +47,8 @@ pub struct PluginInfo {
     pub description: RString,
     /// Transport, discovery or both.
     pub provides: Provides,
+    /// Attributes added by later minor versions of the contract (none in 1.0).
+    pub extensions: RVec<Extension>,
 }
 
 /// What the host passes to a plugin constructor.
@@ -52,28 +61,41 @@ pub struct PluginSetup {
     pub instance_name: RString,
     /// The plugin's configuration: its TOML table, re-serialized as TOML text.
     pub config_toml: RString,
+    /// The contract version of the host, so that a plugin built for a newer minor knows which
+    /// of its additions the host will use.
+    pub host_interface: InterfaceVersion,
+    /// Attributes added by later minor versions of the contract (none in 1.0).
+    pub extensions: RVec<Extension>,
 }
 
-/// The root module of a plugin library: exported once per library with
-/// `abi_stable::export_root_module` (comms-plugin-api's `export_plugin!` does it).
+/// The root module of a plugin library: exported once per library (comms-plugin-api's
+/// `export_plugin!` does it).
+///
+/// Fields after [`PluginModule::attach_host`] may be added by later minor versions; their
+/// accessors return `None` for a plugin built for an older one.
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = PluginModuleRef)))]
-#[sabi(missing_field(panic))]
+#[sabi(missing_field(option))]
 pub struct PluginModule {
     /// Name, version and what the plugin provides.
     pub info: extern "C" fn() -> PluginInfo,
     /// Constructs a transport from its configuration.
     pub new_transport: extern "C" fn(setup: PluginSetup) -> FfiFuture<CommsResult<TransportBox>>,
     /// Constructs a discovery from its configuration.
-    #[sabi(last_prefix_field)]
     pub new_discovery: extern "C" fn(setup: PluginSetup) -> FfiFuture<CommsResult<DiscoveryBox>>,
+    /// Hands the library the host's services (its log, its thread budget). Called once, right
+    /// after the library is loaded and before any constructor; never for a plugin linked into the
+    /// program (it shares the program's log already).
+    #[sabi(last_prefix_field)]
+    pub attach_host: extern "C" fn(host: HostServicesBox),
 }
 
 impl RootModule for PluginModuleRef {
     declare_root_module_statics! {PluginModuleRef}
     const BASE_NAME: &'static str = "comms_plugin";
     const NAME: &'static str = "comms plugin interface";
+    /// The contract version (`build.rs` makes the package version the contract's).
     const VERSION_STRINGS: VersionStrings = package_version_strings!();
 }
 

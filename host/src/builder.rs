@@ -448,14 +448,9 @@ impl NodeBuilder {
             .new_discovery(&self.id, "discovery", &config_toml)
             .await
             .map_err(|error| self.start_error("discovery", "discovery", &plugin, error))?;
-        let mut record = NodeRecord {
-            id: self.id.clone(),
-            addresses: transports
-                .iter()
-                .map(|t| (t.name.clone(), t.loaded.info().local_address.clone()))
-                .collect(),
-            ..NodeRecord::default()
-        };
+        let mut record = NodeRecord::new(self.id.clone());
+        record.addresses =
+            transports.iter().map(|t| (t.name.clone(), t.loaded.info().local_address.clone())).collect();
         // Revisions start from the clock so that a restarted node's records are newer than
         // those of its previous run that may still be in flight.
         let start = std::time::SystemTime::now()

@@ -20,6 +20,8 @@ pub const KIND_HEADER: &str = "comms-kind";
 /// Reserved header of a response: `ok` or `error`.
 pub const STATUS_HEADER: &str = "comms-status";
 
+/// `comms-kind` of a hello: the sender's record, and a request for the receiver's at once.
+pub const HELLO: &str = "hello";
 /// `comms-kind` of a heartbeat.
 pub const HEARTBEAT: &str = "heartbeat";
 /// `comms-kind` of a goodbye.
@@ -57,13 +59,12 @@ impl Announcement {
 
     /// The record of node `id` this announcement describes.
     pub fn into_record(self, id: NodeId) -> NodeRecord {
-        NodeRecord {
-            id,
-            addresses: self.addresses,
-            services: self.services,
-            topics: self.topics,
-            metadata: self.metadata,
-        }
+        let mut record = NodeRecord::new(id);
+        record.addresses = self.addresses;
+        record.services = self.services;
+        record.topics = self.topics;
+        record.metadata = self.metadata;
+        record
     }
 
     /// Encodes for a heartbeat payload.
@@ -74,5 +75,171 @@ impl Announcement {
     /// Decodes a heartbeat payload.
     pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
         postcard::from_bytes(bytes)
+    }
+}
+
+/// The metadata key of a node record's revision: a number the node raises whenever its record
+/// changes, so that an older copy arriving late (a heartbeat sent just before the node began
+/// serving, overtaken by the new discovery record) cannot replace a newer one.
+pub const REVISION_KEY: &str = "comms-revision";
+
+/// The metadata key saying a node is offline (`offline`): it closed cleanly and its durable
+/// transport keeps its inbox, so messages sent to it wait for it.
+pub const STATUS_KEY: &str = "comms-status";
+
+/// The revision a record carries, if any.
+pub fn revision(record: &NodeRecord) -> Option<u64> {
+    record.metadata.iter().find(|(key, _)| key == REVISION_KEY).and_then(|(_, value)| value.parse().ok())
+}
+
+/// Sets (or replaces) the revision of `record`.
+pub fn set_revision(record: &mut NodeRecord, revision: u64) {
+    record.metadata.retain(|(key, _)| key != REVISION_KEY);
+    record.metadata.push((REVISION_KEY.to_string(), revision.to_string()));
+}
+
+/// Whether `record` says its node is offline.
+pub fn record_is_offline(record: &NodeRecord) -> bool {
+    record.metadata.iter().any(|(key, value)| key == STATUS_KEY && value == "offline")
+}
+
+/// Marks `record` offline.
+pub fn mark_offline(record: &mut NodeRecord) {
+    record.metadata.retain(|(key, _)| key != STATUS_KEY);
+    record.metadata.push((STATUS_KEY.to_string(), "offline".to_string()));
+}
+
+/// The payload of a `hello`, a `heartbeat` and a `goodbye` since release 0.2: a JSON object, so
+/// that a field added later is ignored by a node that does not know it, with a version `v`.
+///
+/// ```json
+/// {"v":1,"addresses":[["tcp","10.0.0.7:7001"]],"services":["echo"],"topics":["orders.>"],
+///  "metadata":[["comms-revision","17"]],"reply":false,"offline":false}
+/// ```
+///
+/// `reply: true` (in a hello) asks the receiver to answer with its own record at once;
+/// `offline: true` (in a goodbye) says the sender's inbox keeps messages for it. A reader also
+/// accepts the postcard [`Announcement`] of release 0.1 (the test vector in
+/// `tests/vectors/heartbeat-postcard-v0.bin` keeps it honest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RecordMessage {
+    /// Format version: 1.
+    pub v: u32,
+    /// `(transport, address)` pairs.
+    #[serde(default)]
+    pub addresses: Vec<(String, String)>,
+    /// Services it serves.
+    #[serde(default)]
+    pub services: Vec<String>,
+    /// Topic patterns it subscribes to.
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// Free-form metadata (revision, offline status, ...).
+    #[serde(default)]
+    pub metadata: Vec<(String, String)>,
+    /// The sender asks for the receiver's record now.
+    #[serde(default)]
+    pub reply: bool,
+    /// The sender is leaving, and its inbox keeps what is sent to it.
+    #[serde(default)]
+    pub offline: bool,
+}
+
+/// The version of [`RecordMessage`] this release writes.
+pub const RECORD_MESSAGE_VERSION: u32 = 1;
+
+impl RecordMessage {
+    /// The message describing `record`.
+    pub fn of(record: &NodeRecord) -> Self {
+        Self {
+            v: RECORD_MESSAGE_VERSION,
+            addresses: record.addresses.clone(),
+            services: record.services.clone(),
+            topics: record.topics.clone(),
+            metadata: record.metadata.clone(),
+            reply: false,
+            offline: false,
+        }
+    }
+
+    /// The record of node `id` this message describes.
+    pub fn into_record(self, id: NodeId) -> NodeRecord {
+        let mut record = NodeRecord::new(id);
+        record.addresses = self.addresses;
+        record.services = self.services;
+        record.topics = self.topics;
+        record.metadata = self.metadata;
+        record
+    }
+
+    /// The JSON payload.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Reads a payload of any release: JSON, or release 0.1's postcard [`Announcement`].
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        if bytes.first() == Some(&b'{') {
+            let message: Self = serde_json::from_slice(bytes).map_err(|e| format!("record message: {e}"))?;
+            if message.v == 0 {
+                return Err("record message without a version".to_string());
+            }
+            return Ok(message);
+        }
+        let legacy = Announcement::decode(bytes).map_err(|e| format!("release 0.1 heartbeat: {e}"))?;
+        Ok(Self {
+            v: 0,
+            addresses: legacy.addresses,
+            services: legacy.services,
+            topics: legacy.topics,
+            metadata: legacy.metadata,
+            reply: false,
+            offline: false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn record_messages_round_trip_and_ignore_fields_they_do_not_know() {
+        let mut record = NodeRecord::new("alice");
+        record.addresses = pairs(&[("tcp", "127.0.0.1:7001")]);
+        record.services = vec!["echo".into()];
+        set_revision(&mut record, 3);
+        let message = RecordMessage { reply: true, ..RecordMessage::of(&record) };
+        let decoded = RecordMessage::decode(&message.encode()).unwrap();
+        assert_eq!(decoded, message);
+        assert_eq!(decoded.into_record(NodeId::new("alice")), record);
+        let from_the_future = br#"{"v":7,"services":["x"],"zones":["eu"],"weight":3}"#;
+        let read = RecordMessage::decode(from_the_future).expect("unknown fields are ignored");
+        assert_eq!(read.services, vec!["x".to_string()]);
+        assert!(RecordMessage::decode(br#"{"services":[]}"#).is_err(), "a version is required");
+    }
+
+    /// Bytes of a heartbeat as release 0.1 wrote them (postcard). Every later release must read
+    /// them: a cluster is upgraded one node at a time.
+    #[test]
+    fn reads_heartbeats_written_by_release_0_1() {
+        let bytes = include_bytes!("../tests/vectors/heartbeat-postcard-v0.bin");
+        let message = RecordMessage::decode(bytes).expect("a 0.1 heartbeat decodes");
+        assert_eq!(message.services, vec!["echo".to_string(), "math.add".to_string()]);
+        let bytes = include_bytes!("../tests/vectors/heartbeat-postcard-v0.bin");
+        let announcement = Announcement::decode(bytes).expect("a 0.1 heartbeat decodes");
+        assert_eq!(
+            announcement,
+            Announcement {
+                addresses: pairs(&[("tcp", "127.0.0.1:7001"), ("redis", "comms:inbox:alice")]),
+                services: vec!["echo".into(), "math.add".into()],
+                topics: vec!["orders.*.created".into(), ">".into()],
+                metadata: pairs(&[("comms-revision", "1764700000000001"), ("zone", "eu-1")]),
+            }
+        );
     }
 }

@@ -198,7 +198,7 @@ pub(crate) async fn send_heartbeats(inner: &NodeInner) {
 pub(crate) async fn send_goodbyes(inner: &NodeInner) {
     let limit = inner.settings.close_timeout.min(Duration::from_secs(1));
     for peer in inner.membership.live(|_| true) {
-        let headers = vec![(KIND_HEADER.to_string(), control::GOODBYE.to_string())];
+        let headers = [(KIND_HEADER, control::GOODBYE)].into_iter().collect();
         let goodbye = inner.new_envelope(Destination::Node(peer.id.clone()), headers, Vec::new());
         if let Ok(Err(error)) = tokio::time::timeout(limit, inner.send_to_record(&peer, goodbye)).await {
             tracing::debug!(peer = %peer.id, %error, "goodbye not sent");

@@ -510,11 +510,7 @@ mod tests {
     #[async_trait]
     impl Transport for Loopback {
         fn info(&self) -> TransportInfo {
-            TransportInfo {
-                capabilities: Capabilities::ORDERED,
-                local_address: "here".into(),
-                max_message_size: 1 << 20,
-            }
+            TransportInfo::new(Capabilities::ORDERED, "here", 1 << 20)
         }
         async fn send(&self, _address: &str, envelope: Envelope) -> Result<(), PluginError> {
             self.sender.send(envelope).await.map_err(|_| PluginError::closed("loopback"))
@@ -555,14 +551,12 @@ mod tests {
     }
 
     fn envelope(n: u128) -> Envelope {
-        Envelope {
-            id: MessageId::from_u128(n),
-            from: NodeId::new("a"),
-            to: Destination::Node(NodeId::new("b")),
-            correlation_id: None,
-            headers: Vec::new(),
-            payload: Payload::from(vec![1, 2, 3]),
-        }
+        Envelope::new(
+            MessageId::from_u128(n),
+            NodeId::new("a"),
+            Destination::Node(NodeId::new("b")),
+            Payload::from(vec![1, 2, 3]),
+        )
     }
 
     async fn received(transport: &LoadedTransport) -> Vec<u128> {

@@ -206,10 +206,11 @@ mod tests {
     use super::*;
 
     fn record(id: &str, services: &[&str]) -> NodeRecord {
-        NodeRecord {
-            id: NodeId::new(id),
-            services: services.iter().map(|s| s.to_string()).collect(),
-            ..NodeRecord::default()
+        {
+            let mut value = NodeRecord::default();
+            value.id = NodeId::new(id);
+            value.services = services.iter().map(|s| s.to_string()).collect();
+            value
         }
     }
 

@@ -17,7 +17,8 @@ use crate::{
 };
 use comms_plugin_api::{
     host_side::{LoadedDiscovery, LoadedTransport},
-    Capabilities, Destination, Envelope, MessageId, NodeId, NodeRecord, PeerEvent, PluginError,
+    Capabilities, Destination, Envelope, Headers, MessageId, NodeId, NodeRecord, Payload, PeerEvent,
+    PluginError,
 };
 use futures::Stream;
 use serde::{de::DeserializeOwned, Serialize};
@@ -44,7 +45,7 @@ pub struct Received<T> {
     /// Its id (the same if it is delivered twice).
     pub id: MessageId,
     /// Its headers.
-    pub headers: Vec<(String, String)>,
+    pub headers: Headers,
     /// The decoded message.
     pub message: T,
 }
@@ -285,14 +286,14 @@ impl Node {
     pub(crate) fn new_envelope(
         &self,
         to: Destination,
-        headers: Vec<(String, String)>,
-        payload: Vec<u8>,
+        headers: Headers,
+        payload: impl Into<Payload>,
     ) -> Envelope {
         self.inner.new_envelope(to, headers, payload)
     }
 
-    fn content_type_header(&self) -> Vec<(String, String)> {
-        vec![(CONTENT_TYPE_HEADER.to_string(), self.inner.settings.codec.content_type().to_string())]
+    fn content_type_header(&self) -> Headers {
+        self.inner.content_type_header()
     }
 
     /// Sends `message` to node `to`. Completes when a transport has taken it; waits while that
@@ -311,15 +312,15 @@ impl Node {
     pub async fn send_raw(
         &self,
         to: impl Into<NodeId>,
-        headers: Vec<(String, String)>,
-        payload: Vec<u8>,
+        headers: impl Into<Headers>,
+        payload: impl Into<Payload>,
         correlation_id: Option<MessageId>,
     ) -> Result<MessageId, SendError> {
         let to = to.into();
-        let mut headers = headers;
+        let mut headers = headers.into();
         if self.inner.signatures.is_some() {
             // Only this node's signer writes these: an application's own would go out unchecked.
-            headers.retain(|(name, _)| name != SIGNATURE_HEADER && name != SIGNED_AT_HEADER);
+            headers.retain(|name, _| name != SIGNATURE_HEADER && name != SIGNED_AT_HEADER);
         }
         let mut envelope = self.new_envelope(Destination::Node(to.clone()), headers, payload);
         envelope.correlation_id = correlation_id;
@@ -372,8 +373,7 @@ impl Node {
         validate_topic(topic).map_err(|e| SendError::InvalidTopic(e.to_string()))?;
         self.inner.check_open()?;
         let payload = self.inner.settings.codec.encode(message)?;
-        let envelope =
-            self.new_envelope(Destination::Topic(topic.to_string()), self.content_type_header(), payload);
+        let envelope = self.new_envelope(Destination::topic(topic), self.content_type_header(), payload);
         tokio::task::consume_budget().await;
         self.inner.publish(topic, envelope).await
     }
@@ -520,17 +520,16 @@ impl NodeInner {
     pub(crate) fn new_envelope(
         &self,
         to: Destination,
-        headers: Vec<(String, String)>,
-        payload: Vec<u8>,
+        headers: Headers,
+        payload: impl Into<Payload>,
     ) -> Envelope {
-        Envelope {
-            id: MessageId { high: self.id_prefix, low: self.id_counter.fetch_add(1, Ordering::Relaxed) },
-            from: self.id.clone(),
-            to,
-            correlation_id: None,
-            headers,
-            payload: payload.into(),
-        }
+        let id = MessageId { high: self.id_prefix, low: self.id_counter.fetch_add(1, Ordering::Relaxed) };
+        Envelope::new(id, self.id.clone(), to, payload).with_headers(headers)
+    }
+
+    /// The `content-type` header of this node's codec.
+    pub(crate) fn content_type_header(&self) -> Headers {
+        [(CONTENT_TYPE_HEADER, self.settings.codec.content_type())].into_iter().collect()
     }
 
     fn check_open(&self) -> Result<(), SendError> {
@@ -601,7 +600,7 @@ impl NodeInner {
 
     pub(crate) fn heartbeat_envelope(&self, to: &NodeId) -> Envelope {
         let announcement = Announcement::of(&self.record.read().unwrap_or_else(|p| p.into_inner()));
-        let headers = vec![(KIND_HEADER.to_string(), control::HEARTBEAT.to_string())];
+        let headers = [(KIND_HEADER, control::HEARTBEAT)].into_iter().collect();
         self.new_envelope(Destination::Node(to.clone()), headers, announcement.encode())
     }
 
@@ -681,6 +680,8 @@ impl NodeInner {
         let mut tried = HashSet::new();
         let mut last_error = None;
         let attempts = options.attempts.max(1);
+        // One buffer for every attempt: each retry shares it.
+        let payload = Payload::from_vec(payload);
         for attempt in 0..attempts {
             if attempt > 0 {
                 let pause = options.backoff.saturating_mul(1 << (attempt - 1).min(10));
@@ -704,10 +705,8 @@ impl NodeInner {
                 continue;
             };
             tried.insert(target.id.clone());
-            let headers =
-                vec![(CONTENT_TYPE_HEADER.to_string(), self.settings.codec.content_type().to_string())];
             let envelope =
-                self.new_envelope(Destination::Service(service.to_string()), headers, payload.clone());
+                self.new_envelope(Destination::service(service), self.content_type_header(), payload.clone());
             let id = envelope.id;
             let response = self.pending.expect(id);
             let _in_flight = self.pending.start(&target.id);

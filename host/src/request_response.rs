@@ -138,7 +138,13 @@ mod tests {
     use super::*;
 
     fn replicas(ids: &[&str]) -> Vec<NodeRecord> {
-        ids.iter().map(|id| NodeRecord { id: NodeId::new(*id), ..NodeRecord::default() }).collect()
+        ids.iter()
+            .map(|id| {
+                let mut value = NodeRecord::default();
+                value.id = NodeId::new(*id);
+                value
+            })
+            .collect()
     }
 
     #[test]
@@ -176,14 +182,13 @@ mod tests {
         let id = MessageId::from_u128(9);
         let receiver = pending.expect(id);
         pending.forget(id);
-        let response = Envelope {
-            id: MessageId::from_u128(10),
-            from: NodeId::new("s"),
-            to: comms_plugin_api::Destination::Node(NodeId::new("c")),
-            correlation_id: Some(id),
-            headers: vec![],
-            payload: Vec::new().into(),
-        };
+        let response = Envelope::new(
+            MessageId::from_u128(10),
+            NodeId::new("s"),
+            comms_plugin_api::Destination::Node(NodeId::new("c")),
+            Vec::new(),
+        )
+        .with_correlation_id(Some(id));
         assert!(!pending.complete(response));
         drop(receiver);
     }

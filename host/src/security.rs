@@ -144,8 +144,8 @@ pub fn signed_bytes(envelope: &Envelope) -> Option<Vec<u8>> {
         out.extend_from_slice(text.as_bytes());
         Some(())
     }
-    let headers: Vec<&(String, String)> =
-        envelope.headers.iter().filter(|(name, _)| name != SIGNATURE_HEADER).collect();
+    let headers: Vec<(&str, &str)> =
+        envelope.headers.iter().filter(|(name, _)| *name != SIGNATURE_HEADER).collect();
     let mut out = Vec::with_capacity(SIGNATURE_CONTEXT.len() + 128 + envelope.payload.len());
     out.extend_from_slice(SIGNATURE_CONTEXT);
     // The layout of `comms_plugin_api::wire` (version 1).
@@ -154,17 +154,23 @@ pub fn signed_bytes(envelope: &Envelope) -> Option<Vec<u8>> {
     out.push(envelope.to.kind_code());
     put(&mut out, envelope.to.name())?;
     put(&mut out, envelope.from.as_str())?;
-    match envelope.correlation_id {
-        Some(id) => {
-            out.push(1);
-            out.extend_from_slice(&id.as_u128().to_be_bytes());
-        }
-        None => out.push(0),
+    let has_extensions = !envelope.extensions.is_empty();
+    out.push(u8::from(envelope.correlation_id.is_some()) | (u8::from(has_extensions) << 1));
+    if let Some(id) = envelope.correlation_id {
+        out.extend_from_slice(&id.as_u128().to_be_bytes());
     }
     out.extend_from_slice(&u16::try_from(headers.len()).ok()?.to_be_bytes());
     for (name, value) in headers {
         put(&mut out, name)?;
         put(&mut out, value)?;
+    }
+    if has_extensions {
+        out.extend_from_slice(&u16::try_from(envelope.extensions.len()).ok()?.to_be_bytes());
+        for (key, value) in envelope.extensions.iter() {
+            put(&mut out, key)?;
+            out.extend_from_slice(&u32::try_from(value.len()).ok()?.to_be_bytes());
+            out.extend_from_slice(value);
+        }
     }
     out.extend_from_slice(&u32::try_from(envelope.payload.len()).ok()?.to_be_bytes());
     out.extend_from_slice(envelope.payload.as_slice());
@@ -174,10 +180,10 @@ pub fn signed_bytes(envelope: &Envelope) -> Option<Vec<u8>> {
 /// Signs `envelope` as `identity` at `signed_at_ms`: replaces any signature headers with fresh
 /// ones. Fails only if the envelope cannot be encoded.
 pub fn sign_envelope(identity: &Identity, envelope: &mut Envelope, signed_at_ms: u64) -> Result<(), String> {
-    envelope.headers.retain(|(name, _)| name != SIGNATURE_HEADER && name != SIGNED_AT_HEADER);
-    envelope.headers.push((SIGNED_AT_HEADER.to_string(), signed_at_ms.to_string()));
+    envelope.headers.retain(|name, _| name != SIGNATURE_HEADER && name != SIGNED_AT_HEADER);
+    envelope.headers.push(SIGNED_AT_HEADER, signed_at_ms.to_string());
     let bytes = signed_bytes(envelope).ok_or("the envelope is too large to sign")?;
-    envelope.headers.push((SIGNATURE_HEADER.to_string(), hex_encode(&identity.sign(&bytes))));
+    envelope.headers.push(SIGNATURE_HEADER, hex_encode(&identity.sign(&bytes)));
     Ok(())
 }
 
@@ -186,7 +192,7 @@ pub fn sign_envelope(identity: &Identity, envelope: &mut Envelope, signed_at_ms:
 pub fn verify_envelope(envelope: &Envelope) -> Result<(PublicKey, u64), &'static str> {
     let key = PublicKey::of_node(&envelope.from).ok_or("the sender id is not bound to a public key")?;
     let single = |name: &str| {
-        let mut values = envelope.headers.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_str());
+        let mut values = envelope.headers.iter().filter(|(n, _)| *n == name).map(|(_, v)| v);
         match (values.next(), values.next()) {
             (Some(value), None) => Ok(Some(value)),
             (None, _) => Ok(None),
@@ -336,19 +342,25 @@ mod tests {
     use comms_plugin_api::{Destination, Payload};
 
     fn envelope(from: &NodeId) -> Envelope {
-        Envelope {
-            id: MessageId::from_u128(42),
-            from: from.clone(),
-            to: Destination::Node(NodeId::new("bob")),
-            correlation_id: Some(MessageId::from_u128(7)),
-            headers: vec![("content-type".into(), "application/json".into()), ("x".into(), "1".into())],
-            payload: Payload::from(b"{\"n\":1}".to_vec()),
-        }
+        Envelope::new(
+            MessageId::from_u128(42),
+            from.clone(),
+            Destination::Node(NodeId::new("bob")),
+            Payload::from(b"{\"n\":1}".to_vec()),
+        )
+        .with_correlation_id(Some(MessageId::from_u128(7)))
+        .with_headers(vec![("content-type".into(), "application/json".into()), ("x".into(), "1".into())])
     }
 
     fn require(allow: AllowList) -> Signatures {
         let security = Security { signatures: SignatureMode::Require, ..Security::default() };
         Signatures::new(Arc::new(Identity::generate()), &security, allow)
+    }
+
+    fn edit_headers(envelope: &mut Envelope, edit: impl FnOnce(&mut Vec<(String, String)>)) {
+        let mut headers = envelope.headers.to_vec();
+        edit(&mut headers);
+        envelope.headers = headers.into();
     }
 
     #[test]
@@ -357,12 +369,12 @@ mod tests {
         let mut signed = envelope(&alice.node_id(Some("alice")));
         sign_envelope(&alice, &mut signed, 1_000).unwrap();
         let mut without = signed.clone();
-        without.headers.retain(|(n, _)| n != SIGNATURE_HEADER);
+        without.headers.retain(|n, _| n != SIGNATURE_HEADER);
         let mut wire = SIGNATURE_CONTEXT.to_vec();
         comms_plugin_api::wire::encode_envelope(&without, &mut wire).unwrap();
         assert_eq!(signed_bytes(&signed).unwrap(), wire);
         assert_eq!(signed_bytes(&signed), signed_bytes(&signed.clone()), "deterministic");
-        assert_eq!(signed.headers.last().unwrap().0, SIGNATURE_HEADER);
+        assert_eq!(signed.headers.iter().next_back().unwrap().0, SIGNATURE_HEADER);
     }
 
     #[test]
@@ -377,13 +389,15 @@ mod tests {
             Box::new(|e| e.to = Destination::Node(NodeId::new("carol"))),
             Box::new(|e| e.to = Destination::Service("bob".into())),
             Box::new(|e| e.correlation_id = None),
-            Box::new(|e| e.headers[1].1 = "2".into()),
-            Box::new(|e| e.headers.swap(0, 1)),
-            Box::new(|e| e.headers.insert(0, ("y".into(), "z".into()))),
+            Box::new(|e| edit_headers(e, |h| h[1].1 = "2".into())),
+            Box::new(|e| edit_headers(e, |h| h.swap(0, 1))),
+            Box::new(|e| edit_headers(e, |h| h.insert(0, ("y".into(), "z".into())))),
             Box::new(|e| e.payload = Payload::from(b"{\"n\":2}".to_vec())),
             Box::new(|e| {
-                let at = e.headers.iter().position(|(n, _)| n == SIGNED_AT_HEADER).unwrap();
-                e.headers[at].1 = "2000".into();
+                edit_headers(e, |h| {
+                    let at = h.iter().position(|(n, _)| n == SIGNED_AT_HEADER).unwrap();
+                    h[at].1 = "2000".into();
+                })
             }),
         ];
         for (n, change) in tampered.iter().enumerate() {

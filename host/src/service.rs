@@ -162,11 +162,10 @@ async fn respond(inner: &NodeInner, request: &Envelope, result: Result<(Vec<u8>,
         Ok((payload, content_type)) => (control::STATUS_OK, content_type, payload),
         Err((status, message)) => (status, "text/plain; charset=utf-8", message.into_bytes()),
     };
-    let headers = vec![
-        (KIND_HEADER.to_string(), control::RESPONSE.to_string()),
-        (STATUS_HEADER.to_string(), status.to_string()),
-        (CONTENT_TYPE_HEADER.to_string(), content_type.to_string()),
-    ];
+    let headers =
+        [(KIND_HEADER, control::RESPONSE), (STATUS_HEADER, status), (CONTENT_TYPE_HEADER, content_type)]
+            .into_iter()
+            .collect();
     let mut response = inner.new_envelope(Destination::Node(request.from.clone()), headers, payload);
     response.correlation_id = Some(request.id);
     if let Err(error) = inner.send_to_node(&request.from, response).await {
@@ -181,13 +180,7 @@ trait HeadersOnly {
 
 impl HeadersOnly for Envelope {
     fn clone_headers_only(&self) -> Envelope {
-        Envelope {
-            id: self.id,
-            from: self.from.clone(),
-            to: self.to.clone(),
-            correlation_id: self.correlation_id,
-            headers: Vec::new(),
-            payload: Vec::new().into(),
-        }
+        Envelope::new(self.id, self.from.clone(), self.to.clone(), Vec::new())
+            .with_correlation_id(self.correlation_id)
     }
 }

@@ -41,13 +41,11 @@ pub struct StaticPeer {
 
 impl StaticPeer {
     fn into_record(self) -> NodeRecord {
-        NodeRecord {
-            id: NodeId::new(self.id),
-            addresses: self.addresses.into_iter().collect(),
-            services: self.services,
-            topics: self.topics,
-            metadata: Vec::new(),
-        }
+        let mut record = NodeRecord::new(NodeId::new(self.id));
+        record.addresses = self.addresses.into_iter().collect();
+        record.services = self.services;
+        record.topics = self.topics;
+        record
     }
 }
 

@@ -1,11 +1,15 @@
 //! The discovery trait a plugin author implements, and the records it exchanges.
 
-use crate::{NodeId, PluginError};
+use crate::{Extensions, NodeId, PluginError};
 use async_trait::async_trait;
 use comms_core::abi_stable::std_types::RString;
 
 /// What a node announces about itself.
+///
+/// Build one with [`NodeRecord::new`] and set the fields (the struct is `#[non_exhaustive]` so
+/// that the contract can grow without breaking plugin source).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct NodeRecord {
     /// The node.
     pub id: NodeId,
@@ -17,16 +21,23 @@ pub struct NodeRecord {
     pub topics: Vec<String>,
     /// Free-form metadata.
     pub metadata: Vec<(String, String)>,
+    /// Attributes of later contract versions; a discovery stores and returns them.
+    pub extensions: Extensions,
 }
 
 impl NodeRecord {
+    /// A record with nothing but the node's id.
+    pub fn new(id: impl Into<NodeId>) -> Self {
+        Self { id: id.into(), ..Self::default() }
+    }
+
     /// The node's address for the transport called `transport`, if it has one.
     pub fn address_for(&self, transport: &str) -> Option<&str> {
         self.addresses.iter().find(|(name, _)| name == transport).map(|(_, address)| address.as_str())
     }
 
     /// To the boundary type.
-    pub fn into_abi(self) -> comms_core::NodeRecord {
+    pub(crate) fn into_abi(self) -> comms_core::NodeRecord {
         let pairs = |pairs: Vec<(String, String)>| {
             pairs
                 .into_iter()
@@ -46,25 +57,21 @@ impl NodeRecord {
             services: self.services.into_iter().map(RString::from).collect(),
             topics: self.topics.into_iter().map(RString::from).collect(),
             metadata: pairs(self.metadata),
+            extensions: self.extensions.into_abi(),
         }
     }
 
-    /// From the boundary type.
-    pub fn from_abi(record: comms_core::NodeRecord) -> Self {
+    /// From the boundary type. Records are small and rare, so the strings are copied into
+    /// plain `String`s.
+    pub(crate) fn from_abi(record: comms_core::NodeRecord) -> Self {
+        let text = |text: &RString| text.as_str().to_owned();
         Self {
             id: NodeId::from_abi(record.id),
-            addresses: record
-                .addresses
-                .into_iter()
-                .map(|a| (a.transport.into_string(), a.address.into_string()))
-                .collect(),
-            services: record.services.into_iter().map(RString::into_string).collect(),
-            topics: record.topics.into_iter().map(RString::into_string).collect(),
-            metadata: record
-                .metadata
-                .into_iter()
-                .map(|h| (h.name.into_string(), h.value.into_string()))
-                .collect(),
+            addresses: record.addresses.iter().map(|a| (text(&a.transport), text(&a.address))).collect(),
+            services: record.services.iter().map(text).collect(),
+            topics: record.topics.iter().map(text).collect(),
+            metadata: record.metadata.iter().map(|h| (text(&h.name), text(&h.value))).collect(),
+            extensions: Extensions::from_abi(record.extensions),
         }
     }
 }
@@ -91,7 +98,7 @@ pub struct PeerEvent {
 
 impl PeerEvent {
     /// To the boundary type.
-    pub fn into_abi(self) -> comms_core::PeerEvent {
+    pub(crate) fn into_abi(self) -> comms_core::PeerEvent {
         let kind = match self.kind {
             PeerEventKind::Joined => comms_core::PeerEventKind::JOINED,
             PeerEventKind::Left => comms_core::PeerEventKind::LEFT,
@@ -101,7 +108,7 @@ impl PeerEvent {
     }
 
     /// From the boundary type; an unknown kind from a newer plugin reads as `Updated`.
-    pub fn from_abi(event: comms_core::PeerEvent) -> Self {
+    pub(crate) fn from_abi(event: comms_core::PeerEvent) -> Self {
         let kind = match event.kind {
             comms_core::PeerEventKind::JOINED => PeerEventKind::Joined,
             comms_core::PeerEventKind::LEFT => PeerEventKind::Left,

@@ -1,7 +1,7 @@
 //! The error type plugin code returns, and its conversion to the boundary's `CommsError`.
 
+use comms_core::CommsError;
 pub use comms_core::ErrorCode;
-use comms_core::{abi_stable::std_types::RString, CommsError};
 use std::fmt;
 
 /// An error from a transport, a discovery or a plugin constructor: a code, a message and whether
@@ -53,13 +53,13 @@ impl PluginError {
     }
 
     /// For the boundary.
-    pub fn into_abi(self) -> CommsError {
-        CommsError { code: self.code, message: RString::from(self.message), retryable: self.retryable }
+    pub(crate) fn into_abi(self) -> CommsError {
+        CommsError { retryable: self.retryable, ..CommsError::new(self.code, self.message) }
     }
 
     /// From the boundary.
-    pub fn from_abi(error: CommsError) -> Self {
-        Self { code: error.code, message: error.message.into_string(), retryable: error.retryable }
+    pub(crate) fn from_abi(error: CommsError) -> Self {
+        Self { code: error.code, message: error.message.as_str().to_owned(), retryable: error.retryable }
     }
 }
 

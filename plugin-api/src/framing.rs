@@ -8,7 +8,13 @@
 //!
 //! `length` counts the body only. A reader refuses a frame whose length exceeds its configured
 //! maximum *before* reading or allocating the body, so a hostile length cannot exhaust memory.
+//!
+//! Two readers: [`read_frame`] reads one frame into a `Vec` of its own (handshakes, a few frames),
+//! and [`FrameReader`] reads a stream of frames in chunks and hands the frame bodies out as
+//! ranges of the chunk they were read into, without copying them (the data path).
 
+use crate::SharedBuffer;
+use std::ops::Range;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Bytes taken by the length prefix.
@@ -68,6 +74,207 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     Ok(Some(body))
 }
 
+/// Bytes a [`FrameReader`] reads into one chunk by default.
+pub const DEFAULT_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Reads length-prefixed frames in chunks and hands out their bodies without copying them.
+///
+/// Each read goes into the current chunk (a `Vec<u8>` of [`DEFAULT_CHUNK_BYTES`], or the size
+/// given to [`FrameReader::with_chunk_bytes`]) and returns every frame it completed:
+///
+/// - When the completed frames fill at least an eighth of a chunk, the chunk becomes a
+///   [`SharedBuffer`] and each frame is a range of it ([`Frame::shared`]): nothing is copied,
+///   and the bytes after the last complete frame (the start of the next one) move to a fresh
+///   chunk. A payload taken from such a buffer keeps the whole chunk alive until it is dropped.
+/// - Otherwise (a few small frames, as in request/response traffic) the frames are lent from
+///   the chunk ([`Frame::shared`] is `None`), which is kept and reused: copying a small message
+///   costs less than a chunk, and a payload kept by the application does not keep a chunk alive.
+///
+/// A frame larger than a chunk gets a chunk of its own size (plus room for the next length
+/// prefix, so that its reads end at the frame and nothing of it is copied again), never more
+/// than the maximum frame size the reader was created with, checked before anything is
+/// allocated.
+#[derive(Debug)]
+pub struct FrameReader {
+    /// Bytes read: `chunk[start..]` is not handed out yet (complete frames were lent up to `start`).
+    chunk: Vec<u8>,
+    start: usize,
+    chunk_bytes: usize,
+    max: u32,
+    /// Ranges of the complete frames found by the last read, reused.
+    ranges: Vec<Range<usize>>,
+}
+
+/// Where the frames of one read are.
+#[derive(Debug)]
+enum Source<'a> {
+    Shared(SharedBuffer),
+    Lent(&'a [u8]),
+}
+
+/// The frames completed by one [`FrameReader::read`], in order; never empty.
+#[derive(Debug)]
+pub struct Frames<'a> {
+    source: Source<'a>,
+    ranges: &'a [Range<usize>],
+}
+
+/// One frame of [`Frames`].
+#[derive(Debug, Clone, Copy)]
+pub struct Frame<'a> {
+    body: &'a [u8],
+    shared: Option<(&'a SharedBuffer, usize)>,
+}
+
+impl<'a> Frame<'a> {
+    /// The frame body (the length prefix excluded).
+    pub fn body(&self) -> &'a [u8] {
+        self.body
+    }
+
+    /// The buffer the body is part of, and the range of the body in it, when the frame can be
+    /// shared without copying (see [`FrameReader`]).
+    pub fn shared(&self) -> Option<(&'a SharedBuffer, Range<usize>)> {
+        self.shared.map(|(buffer, start)| (buffer, start..start + self.body.len()))
+    }
+}
+
+impl Frames<'_> {
+    /// How many frames there are.
+    pub fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    /// Whether there are none (never, for frames returned by [`FrameReader::read`]).
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// Whether the frames are ranges of a [`SharedBuffer`] (else they are lent from the chunk).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.source, Source::Shared(_))
+    }
+
+    /// The frames, in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = Frame<'_>> + '_ {
+        self.ranges.iter().map(move |range| match &self.source {
+            Source::Shared(buffer) => {
+                Frame { body: &buffer.as_slice()[range.clone()], shared: Some((buffer, range.start)) }
+            }
+            Source::Lent(bytes) => Frame { body: &bytes[range.clone()], shared: None },
+        })
+    }
+}
+
+/// Where the first incomplete frame of a chunk starts, and how many bytes it takes with its
+/// prefix when the prefix has been read.
+#[derive(Debug, Clone, Copy)]
+struct Partial {
+    at: usize,
+    needs: Option<usize>,
+}
+
+impl FrameReader {
+    /// A reader of frames of at most `max` body bytes, in chunks of [`DEFAULT_CHUNK_BYTES`].
+    pub fn new(max: u32) -> Self {
+        Self::with_chunk_bytes(max, DEFAULT_CHUNK_BYTES)
+    }
+
+    /// A reader of frames of at most `max` body bytes, in chunks of `chunk_bytes` (at least 64).
+    pub fn with_chunk_bytes(max: u32, chunk_bytes: usize) -> Self {
+        let chunk_bytes = chunk_bytes.max(64);
+        Self { chunk: Vec::with_capacity(chunk_bytes), start: 0, chunk_bytes, max, ranges: Vec::new() }
+    }
+
+    /// Reads until at least one frame is complete and returns every complete frame.
+    /// `Ok(None)` means the stream ended cleanly between frames. Cancel-safe: bytes read
+    /// before a cancelled call are kept for the next one.
+    pub async fn read<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+    ) -> Result<Option<Frames<'_>>, FrameError> {
+        if self.start > 0 {
+            // Frames were lent from this chunk: keep the rest (part of a frame) at its front.
+            self.chunk.copy_within(self.start.., 0);
+            self.chunk.truncate(self.chunk.len() - self.start);
+            self.start = 0;
+        }
+        loop {
+            let partial = self.scan()?;
+            if !self.ranges.is_empty() {
+                return Ok(Some(self.hand_out(partial)));
+            }
+            self.make_room(partial);
+            if reader.read_buf(&mut self.chunk).await? == 0 {
+                return match self.chunk.is_empty() {
+                    true => Ok(None),
+                    false => Err(FrameError::Truncated),
+                };
+            }
+        }
+    }
+
+    /// Finds the complete frames of the chunk (into `ranges`) and what follows them.
+    fn scan(&mut self) -> Result<Partial, FrameError> {
+        self.ranges.clear();
+        let bytes = self.chunk.as_slice();
+        let mut at = self.start;
+        loop {
+            let Some(prefix) = bytes.get(at..at + LENGTH_PREFIX_BYTES) else {
+                return Ok(Partial { at, needs: None });
+            };
+            let length = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+            if length > self.max {
+                // The frames before it are handed out first; the next read fails.
+                return match self.ranges.is_empty() {
+                    true => Err(FrameError::TooLarge { length, max: self.max }),
+                    false => Ok(Partial { at, needs: None }),
+                };
+            }
+            let needs = LENGTH_PREFIX_BYTES + length as usize;
+            if bytes.len() - at < needs {
+                return Ok(Partial { at, needs: Some(needs) });
+            }
+            self.ranges.push(at + LENGTH_PREFIX_BYTES..at + needs);
+            at += needs;
+        }
+    }
+
+    /// The size of a new chunk for a partial frame that needs `needs` bytes: the default, or
+    /// for a larger frame exactly the frame and the next frame's prefix.
+    fn chunk_for(&self, needs: Option<usize>) -> usize {
+        match needs {
+            Some(needs) if needs + LENGTH_PREFIX_BYTES > self.chunk_bytes => needs + LENGTH_PREFIX_BYTES,
+            _ => self.chunk_bytes,
+        }
+    }
+
+    /// Makes sure the chunk has room for more of the partial frame (which starts at 0 here).
+    fn make_room(&mut self, partial: Partial) {
+        let needs = partial.needs.unwrap_or(LENGTH_PREFIX_BYTES);
+        if self.chunk.capacity() >= needs && self.chunk.len() < self.chunk.capacity() {
+            return;
+        }
+        // Only at a change to larger frames: the part of the frame read so far is copied once.
+        let mut larger = Vec::with_capacity(self.chunk_for(partial.needs));
+        larger.extend_from_slice(&self.chunk);
+        self.chunk = larger;
+    }
+
+    fn hand_out(&mut self, partial: Partial) -> Frames<'_> {
+        let complete = partial.at - self.start;
+        if complete < self.chunk_bytes / 8 {
+            self.start = partial.at;
+            return Frames { source: Source::Lent(&self.chunk), ranges: &self.ranges };
+        }
+        let mut next = Vec::with_capacity(self.chunk_for(partial.needs));
+        next.extend_from_slice(&self.chunk[partial.at..]);
+        let mut full = std::mem::replace(&mut self.chunk, next);
+        full.truncate(partial.at);
+        Frames { source: Source::Shared(SharedBuffer::from(full)), ranges: &self.ranges }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +304,86 @@ mod tests {
         bytes.truncate(7);
         assert!(matches!(read_frame(&mut bytes.as_slice(), 10).await, Err(FrameError::Truncated)));
         assert!(matches!(read_frame(&mut &[0u8, 0][..], 10).await, Err(FrameError::Truncated)));
+    }
+
+    fn stream_of(bodies: &[Vec<u8>]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for body in bodies {
+            append_frame(&mut bytes, body);
+        }
+        bytes
+    }
+
+    /// Reads everything from `bytes`, given to the reader `step` bytes at a time; each frame's
+    /// body and whether it was shared.
+    async fn read_all(
+        bytes: &[u8],
+        step: usize,
+        reader: &mut FrameReader,
+    ) -> Result<Vec<(Vec<u8>, bool)>, FrameError> {
+        let (mut write, mut read) = tokio::io::duplex(step);
+        let bytes = bytes.to_vec();
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = write.write_all(&bytes).await;
+        });
+        let mut frames = Vec::new();
+        while let Some(read) = reader.read(&mut read).await? {
+            assert!(!read.is_empty());
+            for frame in read.iter() {
+                if let Some((buffer, range)) = frame.shared() {
+                    assert_eq!(&buffer.as_slice()[range], frame.body());
+                }
+                frames.push((frame.body().to_vec(), frame.shared().is_some()));
+            }
+        }
+        writer.await.unwrap();
+        Ok(frames)
+    }
+
+    #[tokio::test]
+    async fn a_frame_reader_returns_every_frame_whatever_the_read_sizes() {
+        let bodies: Vec<Vec<u8>> =
+            (0..60).map(|n| vec![n as u8; [0, 1, 63, 200, 1000, 5000, 70_000][n % 7]]).collect();
+        let bytes = stream_of(&bodies);
+        for step in [3, 100, 4096, 65_536, 1 << 20] {
+            for chunk in [64, 1000, DEFAULT_CHUNK_BYTES] {
+                let mut reader = FrameReader::with_chunk_bytes(100_000, chunk);
+                let frames = read_all(&bytes, step, &mut reader).await.unwrap();
+                let read: Vec<Vec<u8>> = frames.into_iter().map(|(body, _)| body).collect();
+                assert!(read == bodies, "read {step} bytes at a time in chunks of {chunk}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn bulk_frames_are_shared_and_a_few_small_ones_are_lent() {
+        let small: Vec<Vec<u8>> = (0..3).map(|n| vec![n; 64]).collect();
+        let mut reader = FrameReader::new(1 << 20);
+        let frames = read_all(&stream_of(&small), 1 << 20, &mut reader).await.unwrap();
+        assert!(frames.iter().all(|(_, shared)| !shared), "a few small frames are lent");
+
+        let bulk: Vec<Vec<u8>> = (0..2000).map(|n| vec![n as u8; 64]).collect();
+        let frames = read_all(&stream_of(&bulk), 1 << 20, &mut reader).await.unwrap();
+        let shared = frames.iter().filter(|(_, shared)| *shared).count();
+        assert!(shared > 1900, "bulk frames are shared ({shared} of 2000)");
+
+        let large: Vec<Vec<u8>> = (0..10).map(|n| vec![n; 200_000]).collect();
+        let frames = read_all(&stream_of(&large), 1 << 20, &mut reader).await.unwrap();
+        assert!(frames.iter().all(|(_, shared)| *shared), "large frames are shared");
+    }
+
+    #[tokio::test]
+    async fn a_frame_reader_refuses_an_oversized_length_and_a_truncated_frame() {
+        let mut bytes = stream_of(&[b"fine".to_vec()]);
+        bytes.extend_from_slice(&1025u32.to_be_bytes());
+        let mut reader = FrameReader::new(1024);
+        let error = read_all(&bytes, 4096, &mut reader).await.unwrap_err();
+        assert!(matches!(error, FrameError::TooLarge { length: 1025, max: 1024 }));
+
+        let mut bytes = stream_of(&[b"hello".to_vec()]);
+        bytes.truncate(7);
+        let error = read_all(&bytes, 4096, &mut FrameReader::new(1024)).await.unwrap_err();
+        assert!(matches!(error, FrameError::Truncated));
     }
 }

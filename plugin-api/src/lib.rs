@@ -9,13 +9,56 @@
 //! - **Panics.** Every entry point runs under `catch_unwind`; a panic reaches the host as an
 //!   error with code [`ErrorCode::PANICKED`], never as an abort.
 //! - **Config.** [`Setup::config`] deserializes the plugin's TOML table into the plugin's own
-//!   struct; an unknown or mistyped key is an error that names the key.
+//!   struct; an unknown or mistyped key is an error that names the key, whether or not the
+//!   struct has `#[serde(deny_unknown_fields)]` (see [`config`] and the example below).
 //! - **Shared wire logic.** [`framing`] (length-prefixed frames with a size limit), [`wire`]
 //!   (the documented envelope encoding), [`backoff`] and a complete [`stream_transport`] (hello,
 //!   batching writer, reconnect, bounded queues) so that backends do not each write their own.
+//! - **Encrypted links** (cargo feature `noise`). [`security`]: node identities, the Noise
+//!   handshake, and [`stream_transport`] links encrypted and authenticated by them when the host
+//!   asks for it.
 //! - **TLS to servers** (cargo feature `tls`). Module `tls`: the `ca_file` / `client_cert_file`
 //!   / `client_key_file` keys of `rediss://`-style URLs, read and checked with errors naming
 //!   key and path, and telling a failed certificate verification from errors that retries fix.
+//!
+//! ## Cargo features
+//!
+//! None is on by default, so that a plugin which needs neither builds no cryptography (no
+//! snow, ring, ed25519-dalek, rand or rustls):
+//!
+//! | feature | what it adds | who needs it |
+//! |---|---|---|
+//! | `noise` | identities ([`security`]), the Noise handshake, encrypted [`stream_transport`] links | a transport that declares [`Capabilities::ENCRYPTED`] |
+//! | `tls` | module `tls`: the certificate keys of TLS URLs and their checks | a plugin talking TLS to a server (a broker, a database) |
+//!
+//! Without `noise`, [`Setup::link_security`] returns `Ok(None)` when the host wants plain links
+//! and an error naming the feature when it asks for encrypted ones, and
+//! [`stream_transport::StreamTransport::start`] refuses link security with that error: the
+//! plugin fails to start instead of running in the clear.
+//!
+//! ## Config structs and serde
+//!
+//! serde is re-exported as [`comms_plugin_api::serde`](serde), so a plugin needs no serde
+//! dependency of its own. Point the derive at the re-export with `#[serde(crate = ...)]`:
+//!
+//! ```
+//! use comms_plugin_api::serde::Deserialize;
+//!
+//! #[derive(Debug, Deserialize)]
+//! #[serde(crate = "comms_plugin_api::serde")]
+//! struct MyConfig {
+//!     listen: Option<String>,
+//!     #[serde(default = "default_batch")]
+//!     batch: usize,
+//! }
+//!
+//! fn default_batch() -> usize { 64 }
+//!
+//! // In `Plugin::new_transport`: `let config: MyConfig = setup.config()?;`. No
+//! // `deny_unknown_fields` needed: a misspelt key is an error naming it and the keys expected.
+//! let error = comms_plugin_api::config::parse_config::<MyConfig>("lisen = \"0.0.0.0:7000\"").unwrap_err();
+//! assert_eq!(error.message, "unknown field `lisen`, expected `listen` or `batch`");
+//! ```
 //!
 //! ## A minimal plugin
 //!
@@ -29,7 +72,7 @@
 //! #[async_trait]
 //! impl Transport for Loopback {
 //!     fn info(&self) -> TransportInfo {
-//!         TransportInfo { capabilities: Capabilities::NONE, local_address: "here".into(), max_message_size: 1 << 20 }
+//!         TransportInfo::new(Capabilities::NONE, "here", 1 << 20)
 //!     }
 //!     async fn send(&self, _address: &str, envelope: Envelope) -> Result<(), PluginError> {
 //!         self.queue.lock().await.push(envelope);
@@ -73,11 +116,13 @@ pub mod export;
 pub mod framing;
 pub mod host_side;
 pub mod inbound;
+mod logging;
 mod plugin;
 pub mod redact;
 pub mod runtime;
 pub mod security;
 pub mod stream_transport;
+mod text;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod topics;
@@ -85,14 +130,16 @@ mod transport;
 pub mod wire;
 
 pub use async_trait::async_trait;
+pub use comms_core::{InterfaceVersion, INTERFACE_VERSION};
 pub use discovery::{Discovery, NodeRecord, PeerEvent, PeerEventKind};
-pub use envelope::{Destination, Envelope, MessageId, NodeId, Payload};
+pub use envelope::{
+    Destination, Envelope, Extensions, HeaderPairs, Headers, MessageId, NodeId, Payload, SharedBuffer,
+};
 pub use error::{ErrorCode, PluginError};
 pub use plugin::{Plugin, PluginDescription, Provides, Setup};
-pub use transport::{Capabilities, Inbound, Settlement, SettlementOutcome, Transport, TransportInfo};
-
-/// Used by [`export_plugin!`]; not part of the public API.
-#[doc(hidden)]
-pub mod __private {
-    pub use comms_core::{abi_stable, PluginModuleRef};
-}
+pub use serde;
+pub use text::Text;
+pub use transport::{
+    queued, Capabilities, Inbound, IncidentCounters, Outbound, SendFailure, Settlement, SettlementOutcome,
+    Transport, TransportInfo, TransportStats,
+};

@@ -3,15 +3,17 @@
 use crate::{
     config::parse_config,
     security::{LinkSecurity, LinkSecurityConfig, SETUP_KEY},
-    Discovery, NodeId, PluginError, Transport,
+    Discovery, Extensions, NodeId, PluginError, Transport,
 };
 use async_trait::async_trait;
+use comms_core::InterfaceVersion;
 pub use comms_core::Provides;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 
 /// What a constructor is given.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Setup {
     /// The node this instance serves.
     pub node_id: NodeId,
@@ -19,11 +21,18 @@ pub struct Setup {
     pub instance_name: String,
     /// The plugin's TOML table as text.
     pub config_toml: String,
+    /// The contract version the host speaks: a plugin built for a newer minor can tell which of
+    /// its additions the host will use.
+    pub host_interface: InterfaceVersion,
+    /// Attributes of later contract versions.
+    pub extensions: Extensions,
 }
 
 impl Setup {
-    /// Deserializes the plugin's table into its config struct; errors name the key. The key the
-    /// host reserves for link security ([`crate::security::SETUP_KEY`]) is left out.
+    /// Deserializes the plugin's table into its config struct with [`crate::config::parse_config`]:
+    /// errors name the key, and a key the struct does not read is an error (naming the keys it
+    /// does read) whether or not the struct has `#[serde(deny_unknown_fields)]`. The key the host
+    /// reserves for link security ([`crate::security::SETUP_KEY`]) is left out.
     pub fn config<T: DeserializeOwned>(&self) -> Result<T, PluginError> {
         let (own, _) = self.split_security()?;
         parse_config(&own)
@@ -60,6 +69,7 @@ impl Setup {
 
 /// Name, version and description of a plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PluginDescription {
     /// Short name; the library file is conventionally `libcomms_<name>.so`.
     pub name: String,
@@ -69,6 +79,8 @@ pub struct PluginDescription {
     pub description: String,
     /// Transport, discovery or both.
     pub provides: Provides,
+    /// The contract version the plugin was built for.
+    pub interface_version: InterfaceVersion,
 }
 
 /// A plugin library: implement this on a unit struct and pass it to [`crate::export_plugin!`].

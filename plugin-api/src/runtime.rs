@@ -16,25 +16,40 @@ use std::{
     future::Future,
     panic::{catch_unwind, AssertUnwindSafe},
     pin::Pin,
-    sync::OnceLock,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        OnceLock,
+    },
     task::{Context, Poll},
 };
 use tokio::runtime::{Builder, Handle, Runtime};
 
-/// Worker threads of the plugin runtime. Plugins do I/O, not computation, so two are plenty and
-/// leave the cores to the application.
-const PLUGIN_WORKER_THREADS: usize = 2;
+/// Worker threads of the plugin runtime when the host does not say: plugins do I/O, not
+/// computation, so two are plenty and leave the cores to the application.
+const DEFAULT_WORKER_THREADS: usize = 2;
 
-/// The runtime of this plugin library (one per loaded library), created on first use.
+/// The worker threads the host asked for (0: not asked), set before the runtime starts.
+static REQUESTED_WORKER_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets the number of worker threads of this library's runtime, if it has not started yet.
+pub(crate) fn request_worker_threads(threads: usize) {
+    REQUESTED_WORKER_THREADS.store(threads, Ordering::Relaxed);
+}
+
+/// The runtime of this plugin library (one per loaded library), created on first use with the
+/// number of worker threads the host asked for (default 2).
 pub fn plugin_runtime() -> &'static Handle {
     static RUNTIME: OnceLock<Runtime> = OnceLock::new();
     static HANDLE: OnceLock<Handle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        init_plugin_logging();
+        let threads = match REQUESTED_WORKER_THREADS.load(Ordering::Relaxed) {
+            0 => DEFAULT_WORKER_THREADS,
+            n => n,
+        };
         RUNTIME
             .get_or_init(|| {
                 Builder::new_multi_thread()
-                    .worker_threads(PLUGIN_WORKER_THREADS)
+                    .worker_threads(threads)
                     .thread_name("comms-plugin")
                     .enable_all()
                     .build()
@@ -43,20 +58,6 @@ pub fn plugin_runtime() -> &'static Handle {
             .handle()
             .clone()
     })
-}
-
-/// Sends this library's `tracing` events to stderr, filtered by `RUST_LOG` (default `warn`).
-///
-/// A dynamically loaded plugin has its own copy of `tracing`, whose global dispatcher the host's
-/// subscriber never sees, so without this a plugin's logs would vanish. When the plugin is linked
-/// into the program instead, the program's subscriber is already set and is kept.
-fn init_plugin_logging() {
-    if tracing::dispatcher::has_been_set() {
-        return;
-    }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 type BoxedResultFuture<T> = Pin<Box<dyn Future<Output = Result<T, PluginError>> + Send>>;
@@ -114,7 +115,7 @@ impl<T> Drop for Guarded<T> {
 }
 
 /// Wraps a plugin future for the boundary. `place` names the operation in a panic message.
-pub fn guard_future<T, F>(place: &'static str, future: F) -> FfiFuture<RResult<T, CommsError>>
+pub(crate) fn guard_future<T, F>(place: &'static str, future: F) -> FfiFuture<RResult<T, CommsError>>
 where
     T: Send + 'static,
     F: Future<Output = Result<T, PluginError>> + Send + 'static,
@@ -123,7 +124,7 @@ where
 }
 
 /// Runs a synchronous plugin entry point inside the plugin runtime, turning a panic into an error.
-pub fn guard_call<T>(
+pub(crate) fn guard_call<T>(
     place: &'static str,
     call: impl FnOnce() -> Result<T, PluginError>,
 ) -> RResult<T, CommsError> {

@@ -1,11 +1,13 @@
-//! The transport trait a plugin author implements.
+//! The transport trait a plugin author implements, and what it exchanges with the host.
 
-use crate::{Envelope, PluginError};
+use crate::{Envelope, Extensions, PluginError, Text};
 use async_trait::async_trait;
 pub use comms_core::{Capabilities, Settlement, SettlementOutcome};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What a transport tells the host about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TransportInfo {
     /// Guarantees beyond best-effort point-to-point delivery. Declare only what is true: the
     /// conformance suite tests every flag.
@@ -14,6 +16,20 @@ pub struct TransportInfo {
     pub local_address: String,
     /// The largest payload the transport accepts, in bytes.
     pub max_message_size: u64,
+    /// Attributes of later contract versions.
+    pub extensions: Extensions,
+}
+
+impl TransportInfo {
+    /// Info with no extensions.
+    pub fn new(capabilities: Capabilities, local_address: impl Into<String>, max_message_size: u64) -> Self {
+        Self {
+            capabilities,
+            local_address: local_address.into(),
+            max_message_size,
+            extensions: Extensions::new(),
+        }
+    }
 }
 
 /// A message handed to the host, with the tag the host settles it by.
@@ -26,10 +42,53 @@ pub struct Inbound {
     pub delivery_tag: u64,
 }
 
+/// One item of a batched send: an envelope and the address to send it to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outbound {
+    /// An address the transport published (empty for a topic on a native-topics transport).
+    pub address: Text,
+    /// The message.
+    pub envelope: Envelope,
+}
+
+/// One item of a batched send that was not taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendFailure {
+    /// Its position in the batch.
+    pub index: usize,
+    /// Why.
+    pub error: PluginError,
+}
+
+/// A transport's own contribution to its statistics.
+///
+/// The message and byte counts, and the errors of `send` and `receive`, are counted where the
+/// host calls the transport (by comms-plugin-api), so a transport reports only what happens
+/// inside it: queue depths, reconnects, its own errors and counters.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct TransportStats {
+    /// Messages queued for sending and not yet written or handed to the medium.
+    pub send_queue_depth: u64,
+    /// Messages received and waiting for the host's `receive`.
+    pub receive_queue_depth: u64,
+    /// Connections (to peers or a broker) opened again after they were lost.
+    pub reconnects: u64,
+    /// Failures inside the transport that no call returned (a connection dropped for bad input,
+    /// a write that failed in the background, ...).
+    pub errors: u64,
+    /// Named counters of the transport's own (`name`, value): lowercase, dot-separated, prefixed
+    /// with the plugin's name.
+    pub counters: Vec<(String, u64)>,
+}
+
 /// Moves envelopes between nodes. Implement this, then export it with [`crate::export_plugin!`].
 ///
 /// Every method is called from the plugin's own runtime (see [`crate::runtime`]), so tokio I/O,
-/// timers and `tokio::spawn` work inside them. Methods may be called concurrently.
+/// timers and `tokio::spawn` work inside them. Methods may be called concurrently. No method may
+/// block its thread (no `std::thread::sleep`, no blocking I/O or locks held for long): use
+/// `tokio::time` and `tokio::task::spawn_blocking`. The host measures every poll and names a
+/// transport that blocks.
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
     /// Capabilities, local address, limits. Called once, right after construction.
@@ -38,6 +97,19 @@ pub trait Transport: Send + Sync + 'static {
     /// Sends `envelope` to the node at `address`. Returns once the message is queued or written;
     /// waits while the outgoing queue is full.
     async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError>;
+
+    /// Sends every item of `batch` (in order per address) and returns the ones that failed;
+    /// an empty vector means all were taken. The default sends them one by one with
+    /// [`Transport::send`]; a transport that can write many messages at once should do better.
+    async fn send_batch(&self, batch: Vec<Outbound>) -> Vec<SendFailure> {
+        let mut failures = Vec::new();
+        for (index, outbound) in batch.into_iter().enumerate() {
+            if let Err(error) = self.send(&outbound.address, outbound.envelope).await {
+                failures.push(SendFailure { index, error });
+            }
+        }
+        failures
+    }
 
     /// Waits for at least one message and returns up to `max_batch`; an empty vector means the
     /// transport is closed and nothing more will arrive.
@@ -60,7 +132,51 @@ pub trait Transport: Send + Sync + 'static {
         Err(PluginError::unsupported(format!("this transport has no native topics (unsubscribe {pattern})")))
     }
 
+    /// Queue depths, reconnects and the transport's own counters. Must be cheap and must not
+    /// block: the host calls it for metrics. The default reports nothing beyond what the
+    /// boundary counts.
+    fn stats(&self) -> TransportStats {
+        TransportStats::default()
+    }
+
     /// Stops accepting, flushes what is queued (bounded by the transport's own deadline) and
     /// releases resources.
     async fn close(&self) -> Result<(), PluginError>;
+}
+
+/// What a transport counts for its own [`Transport::stats`]: reconnects and the failures no
+/// call returned. Cheap (two relaxed atomics); share it between a transport's tasks.
+#[derive(Debug, Default)]
+pub struct IncidentCounters {
+    reconnects: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl IncidentCounters {
+    /// A connection (to a peer or a broker) was opened again after it was lost.
+    pub fn reconnected(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Something failed in the background (a write that will be retried, a connection dropped
+    /// for bad input, a message moved to a dead-letter queue, ...).
+    pub fn failed(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Statistics with the reconnects and errors counted so far; the caller adds queue depths
+    /// and counters of its own.
+    pub fn stats(&self) -> TransportStats {
+        TransportStats {
+            reconnects: self.reconnects.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            ..TransportStats::default()
+        }
+    }
+}
+
+/// How many items wait in the bounded channel `sender` feeds, for the queue depths of
+/// [`Transport::stats`].
+pub fn queued<T>(sender: &tokio::sync::mpsc::Sender<T>) -> u64 {
+    (sender.max_capacity() - sender.capacity()) as u64
 }

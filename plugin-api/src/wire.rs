@@ -9,10 +9,13 @@
 //! u8      destination kind: 0 node, 1 topic, 2 service
 //! str     destination name
 //! str     sender node id
-//! u8      flags: bit 0 = a correlation id follows; other bits must be 0
+//! u8      flags: bit 0 = a correlation id follows; bit 1 = extensions follow the headers;
+//!         other bits must be 0
 //! [16]    correlation id (only if flag bit 0)
 //! u16     header count
 //!         (str name, str value) per header
+//! u16     extension count (only if flag bit 1)
+//!         (str key, u32 value length, value bytes) per extension
 //! u32     payload length
 //! [..]    payload
 //!
@@ -20,14 +23,21 @@
 //! ```
 //!
 //! Nothing may follow the payload. A decoder rejects unknown versions, unknown destination kinds,
-//! unknown flags, invalid UTF-8, truncation and trailing bytes with a [`WireError`].
+//! unknown flags, invalid UTF-8, truncation and trailing bytes with a [`WireError`]. An envelope
+//! without extensions (every envelope of contract 1.0) never sets flag bit 1, so it reads the
+//! same as before extensions existed.
+//!
+//! [`decode_envelope_shared`] decodes from a [`SharedBuffer`] without copying the payload: the
+//! envelope's payload is a range of the buffer that was read.
 
-use crate::{Destination, Envelope, MessageId, NodeId, Payload};
+use crate::{Destination, Envelope, Extensions, Headers, MessageId, NodeId, Payload, SharedBuffer};
+use std::ops::Range;
 
 /// The wire version this code writes and reads.
 pub const WIRE_VERSION: u8 = 1;
 
 const FLAG_CORRELATION: u8 = 1;
+const FLAG_EXTENSIONS: u8 = 2;
 
 /// Why bytes could not be decoded into an envelope.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -63,12 +73,16 @@ pub fn encode_envelope(envelope: &Envelope, out: &mut Vec<u8>) -> Result<(), Wir
     out.push(envelope.to.kind_code());
     put_str(out, envelope.to.name(), "destination")?;
     put_str(out, envelope.from.as_str(), "sender")?;
-    match envelope.correlation_id {
-        Some(id) => {
-            out.push(FLAG_CORRELATION);
-            out.extend_from_slice(&id.as_u128().to_be_bytes());
-        }
-        None => out.push(0),
+    let mut flags = 0;
+    if envelope.correlation_id.is_some() {
+        flags |= FLAG_CORRELATION;
+    }
+    if !envelope.extensions.is_empty() {
+        flags |= FLAG_EXTENSIONS;
+    }
+    out.push(flags);
+    if let Some(id) = envelope.correlation_id {
+        out.extend_from_slice(&id.as_u128().to_be_bytes());
     }
     let count = u16::try_from(envelope.headers.len()).map_err(|_| WireError::FieldTooLong("header count"))?;
     out.extend_from_slice(&count.to_be_bytes());
@@ -76,14 +90,75 @@ pub fn encode_envelope(envelope: &Envelope, out: &mut Vec<u8>) -> Result<(), Wir
         put_str(out, name, "header name")?;
         put_str(out, value, "header value")?;
     }
+    if !envelope.extensions.is_empty() {
+        let count = u16::try_from(envelope.extensions.len())
+            .map_err(|_| WireError::FieldTooLong("extension count"))?;
+        out.extend_from_slice(&count.to_be_bytes());
+        for (key, value) in envelope.extensions.iter() {
+            put_str(out, key, "extension key")?;
+            let length =
+                u32::try_from(value.len()).map_err(|_| WireError::FieldTooLong("extension value"))?;
+            out.extend_from_slice(&length.to_be_bytes());
+            out.extend_from_slice(value);
+        }
+    }
     let length = u32::try_from(envelope.payload.len()).map_err(|_| WireError::FieldTooLong("payload"))?;
     out.extend_from_slice(&length.to_be_bytes());
     out.extend_from_slice(envelope.payload.as_slice());
     Ok(())
 }
 
-/// Decodes one envelope that fills `bytes` exactly.
+/// The number of bytes [`encode_envelope`] appends for `envelope`, without encoding it; the
+/// same errors for a field that does not fit its length prefix.
+pub fn encoded_len(envelope: &Envelope) -> Result<usize, WireError> {
+    let text = |text: &str, field: &'static str| {
+        u16::try_from(text.len()).map(|_| 2 + text.len()).map_err(|_| WireError::FieldTooLong(field))
+    };
+    // Version, id, destination kind, flags.
+    let mut length = 1 + 16 + 1 + 1;
+    length += text(envelope.to.name(), "destination")?;
+    length += text(envelope.from.as_str(), "sender")?;
+    if envelope.correlation_id.is_some() {
+        length += 16;
+    }
+    u16::try_from(envelope.headers.len()).map_err(|_| WireError::FieldTooLong("header count"))?;
+    length += 2;
+    for (name, value) in &envelope.headers {
+        length += text(name, "header name")? + text(value, "header value")?;
+    }
+    if !envelope.extensions.is_empty() {
+        u16::try_from(envelope.extensions.len()).map_err(|_| WireError::FieldTooLong("extension count"))?;
+        length += 2;
+        for (key, value) in envelope.extensions.iter() {
+            u32::try_from(value.len()).map_err(|_| WireError::FieldTooLong("extension value"))?;
+            length += text(key, "extension key")? + 4 + value.len();
+        }
+    }
+    u32::try_from(envelope.payload.len()).map_err(|_| WireError::FieldTooLong("payload"))?;
+    Ok(length + 4 + envelope.payload.len())
+}
+
+/// Decodes one envelope that fills `bytes` exactly; the payload is copied out of `bytes`.
 pub fn decode_envelope(bytes: &[u8]) -> Result<Envelope, WireError> {
+    decode_with(bytes, |payload| Ok(Payload::copy_from_slice(&bytes[payload])))
+}
+
+/// Decodes one envelope that fills `range` of `buffer` exactly; the payload is that part of the
+/// buffer, shared, not copied.
+pub fn decode_envelope_shared(buffer: &SharedBuffer, range: Range<usize>) -> Result<Envelope, WireError> {
+    let bytes = buffer.as_slice().get(range.clone()).ok_or(WireError::Truncated("envelope"))?;
+    decode_with(bytes, |payload| {
+        buffer
+            .payload(range.start + payload.start..range.start + payload.end)
+            .ok_or(WireError::Truncated("payload"))
+    })
+}
+
+/// Decodes everything but the payload, which `payload` makes from its range in `bytes`.
+fn decode_with(
+    bytes: &[u8],
+    payload: impl FnOnce(Range<usize>) -> Result<Payload, WireError>,
+) -> Result<Envelope, WireError> {
     let mut reader = Reader { bytes };
     let version = reader.u8("version")?;
     if version != WIRE_VERSION {
@@ -95,7 +170,7 @@ pub fn decode_envelope(bytes: &[u8]) -> Result<Envelope, WireError> {
     let to = Destination::from_parts(kind, name).ok_or(WireError::UnknownDestination(kind))?;
     let from = NodeId::new(reader.string("sender")?);
     let flags = reader.u8("flags")?;
-    if flags & !FLAG_CORRELATION != 0 {
+    if flags & !(FLAG_CORRELATION | FLAG_EXTENSIONS) != 0 {
         return Err(WireError::UnknownFlags(flags));
     }
     let correlation_id = if flags & FLAG_CORRELATION != 0 {
@@ -104,16 +179,29 @@ pub fn decode_envelope(bytes: &[u8]) -> Result<Envelope, WireError> {
         None
     };
     let count = reader.u16("header count")?;
-    let mut headers = Vec::with_capacity(usize::from(count).min(64));
+    let mut headers = Headers::new();
     for _ in 0..count {
-        headers.push((reader.string("header name")?, reader.string("header value")?));
+        headers.push(reader.string("header name")?, reader.string("header value")?);
+    }
+    let mut extensions = Extensions::new();
+    if flags & FLAG_EXTENSIONS != 0 {
+        for _ in 0..reader.u16("extension count")? {
+            let key = reader.string("extension key")?;
+            let length = reader.u32("extension value length")? as usize;
+            extensions.set(key, reader.take(length, "extension value")?.to_vec());
+        }
     }
     let length = reader.u32("payload length")? as usize;
-    let payload = reader.take(length, "payload")?;
+    let start = bytes.len() - reader.bytes.len();
+    reader.take(length, "payload")?;
     if !reader.bytes.is_empty() {
         return Err(WireError::TrailingBytes(reader.bytes.len()));
     }
-    Ok(Envelope { id, from, to, correlation_id, headers, payload: Payload::from(payload) })
+    let envelope = Envelope::new(id, from, to, payload(start..start + length)?)
+        .with_correlation_id(correlation_id)
+        .with_headers(headers)
+        .with_extensions(extensions);
+    Ok(envelope)
 }
 
 fn put_str(out: &mut Vec<u8>, text: &str, field: &'static str) -> Result<(), WireError> {
@@ -171,14 +259,14 @@ mod tests {
     use super::*;
 
     fn sample() -> Envelope {
-        Envelope {
-            id: MessageId::from_u128(0x0123_4567_89ab_cdef_0011_2233_4455_6677),
-            from: NodeId::new("alice"),
-            to: Destination::Service("echo".into()),
-            correlation_id: Some(MessageId::from_u128(7)),
-            headers: vec![("content-type".into(), "application/json".into())],
-            payload: Payload::from(b"{\"n\":1}".to_vec()),
-        }
+        Envelope::new(
+            MessageId::from_u128(0x0123_4567_89ab_cdef_0011_2233_4455_6677),
+            "alice",
+            Destination::service("echo"),
+            b"{\"n\":1}".to_vec(),
+        )
+        .with_correlation_id(Some(MessageId::from_u128(7)))
+        .with_header("content-type", "application/json")
     }
 
     #[test]
@@ -189,21 +277,47 @@ mod tests {
     }
 
     #[test]
+    fn encoded_len_is_what_encoding_appends() {
+        let mut extensions = Extensions::new();
+        extensions.set("comms.test", vec![1, 2, 3]);
+        let plain = Envelope::new(MessageId::from_u128(1), "a", Destination::node("b"), Vec::new());
+        for envelope in [sample(), sample().with_extensions(extensions), plain] {
+            let mut bytes = vec![7];
+            encode_envelope(&envelope, &mut bytes).unwrap();
+            assert_eq!(encoded_len(&envelope).unwrap(), bytes.len() - 1);
+        }
+        let long = "x".repeat(70_000);
+        let too_long = sample().with_header("h", long.as_str());
+        assert_eq!(encoded_len(&too_long), Err(WireError::FieldTooLong("header value")));
+    }
+
+    #[test]
     fn layout_matches_the_documentation() {
-        let envelope = Envelope {
-            id: MessageId::from_u128(1),
-            from: NodeId::new("a"),
-            to: Destination::Node(NodeId::new("b")),
-            correlation_id: None,
-            headers: vec![],
-            payload: Payload::from(vec![0xff]),
-        };
+        let envelope = Envelope::new(MessageId::from_u128(1), "a", Destination::node("b"), vec![0xff]);
         let mut bytes = Vec::new();
         encode_envelope(&envelope, &mut bytes).unwrap();
         let mut expected = vec![1u8];
         expected.extend_from_slice(&1u128.to_be_bytes());
         expected.extend_from_slice(&[0, 0, 1, b'b', 0, 1, b'a', 0, 0, 0, 0, 0, 0, 1, 0xff]);
         assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn extensions_travel_and_a_shared_decode_does_not_copy_the_payload() {
+        let mut extensions = Extensions::new();
+        extensions.set("comms.test", vec![1, 2, 3]);
+        let envelope = sample().with_extensions(extensions);
+        let mut bytes = vec![9, 9];
+        encode_envelope(&envelope, &mut bytes).unwrap();
+        let buffer = SharedBuffer::from(bytes);
+        let decoded = decode_envelope_shared(&buffer, 2..buffer.as_slice().len()).unwrap();
+        assert_eq!(decoded, envelope);
+        let start = buffer.as_slice().len() - envelope.payload.len();
+        assert_eq!(
+            decoded.payload.as_slice().as_ptr(),
+            buffer.as_slice()[start..].as_ptr(),
+            "shared, not copied"
+        );
     }
 
     #[test]

@@ -81,14 +81,13 @@ fn transports() -> (
 }
 
 fn sample_envelope(payload: Vec<u8>) -> Envelope {
-    Envelope {
-        id: MessageId { high: 1, low: 2 },
-        from: NodeId::new("alice"),
-        to: Destination::Node(NodeId::new("bob")),
-        correlation_id: None,
-        headers: vec![("content-type".into(), "application/octet-stream".into())],
-        payload: payload.into(),
-    }
+    Envelope::new(
+        MessageId { high: 1, low: 2 },
+        NodeId::new("alice"),
+        Destination::Node(NodeId::new("bob")),
+        payload,
+    )
+    .with_headers(vec![("content-type".into(), "application/octet-stream".into())])
 }
 
 /// A mutation of a genuine input.

@@ -7,8 +7,13 @@
 //! COMMS_BENCH_SCALE=0.1 cargo bench -p comms-tests --bench tcp_throughput   # quicker, noisier
 //! ```
 //!
-//! It prints a table (to stdout; progress goes to stderr) with three variants, each over
-//! loopback TCP, for payloads of 64 B and 1 KiB:
+//! `COMMS_BENCH_TCP_PLUGIN=/path/to/libcomms_tcp.so` measures that build of the plugin as a, d
+//! and e instead of the one built from this tree (e.g. a copy made before a change, for a
+//! before/after comparison in one run; it must speak this host's contract); b stays the crate
+//! linked into the benchmark.
+//!
+//! It prints a table (to stdout; progress goes to stderr) with five variants, each over
+//! loopback TCP, for payloads of 64 B, 1 KiB and 64 KiB:
 //!
 //! - **a**: the TCP plugin as users get it, `libcomms_tcp.so` loaded with
 //!   [`PluginLibrary::load`], driven through the full [`Node`] API;
@@ -17,7 +22,17 @@
 //! - **c**: plain tokio, no comms: a `TcpStream` pair (`TCP_NODELAY` on, like the plugin), frames
 //!   written by hand as a `u32` big-endian length and the body, a 64 KiB `BufWriter` on the
 //!   sending side (flushed at the end of a burst, or after each ping), a 64 KiB `BufReader` on the
-//!   receiving side, each received body in its own `Vec<u8>` as an application would get it.
+//!   receiving side, each received body in its own `Vec<u8>` as an application would get it;
+//! - **d**: the loaded `libcomms_tcp.so` without a `Node`: two transports driven through the
+//!   host-side API ([`comms_plugin_api::host_side::LoadedTransport`]), one awaited `send` per
+//!   message, `receive` in batches of up to 1024;
+//! - **e**: as d, with batched sends: `LoadedTransport::send_batch` with [`BATCH`] messages per
+//!   call (one call across the plugin boundary, one wake of the connection's writer).
+//!
+//! d and e send one shared payload buffer in every message (as a program sending one prepared
+//! buffer would; the raw baseline writes from one slice too), so they measure the boundary and
+//! the transport, not the allocation of payloads; a and b copy the payload into each message
+//! (`send_raw` takes a `Vec<u8>`).
 //!
 //! Two measurements per variant and payload:
 //!
@@ -31,8 +46,8 @@
 //!   request's id as correlation id for comms), repeat; reported as the 50th and 99th percentile
 //!   of the round-trip time in microseconds, over all rounds.
 //!
-//! Message counts per round: 200,000 (64 B) and 100,000 (1 KiB) for throughput, and 5,000
-//! ping-pongs in all, each multiplied by the environment variable `COMMS_BENCH_SCALE` (a float,
+//! Message counts per round: 200,000 (64 B), 100,000 (1 KiB) and 10,000 (64 KiB) for
+//! throughput, and 5,000 ping-pongs in all (none for e: a batch of one is a single send), each multiplied by the environment variable `COMMS_BENCH_SCALE` (a float,
 //! default 1). Every variant first gets a short warm-up (connections dialled, buffers grown), and
 //! the rounds alternate between the variants so that a slow phase of the machine hits them all.
 //!
@@ -40,12 +55,12 @@
 //! their own 2-worker runtime each, as they always do. Every step has a time limit: a stuck
 //! benchmark ends with a message naming the step instead of hanging.
 //!
-//! After the table come the throughput ratios a/b and a/c per payload size, against the aims
-//! a/b >= 0.95 (loading the plugin dynamically costs next to nothing) and a/c >= 0.8 (comms is
-//! not much slower than the hand-written baseline).
+//! After the table come the throughput ratios per payload size: a/b against the aim >= 0.95
+//! (loading the plugin dynamically costs next to nothing), a/c against the aim >= 0.8 (comms is
+//! not much slower than the hand-written baseline), and d/c, e/c and e/d (what batching buys).
 
 use comms_host::{Node, PluginLibrary};
-use comms_tests::bench::{percentile_micros, scaled, step, NodePair};
+use comms_tests::bench::{percentile_micros, scaled, step, NodePair, TransportPair};
 use std::{
     io,
     time::{Duration, Instant},
@@ -59,7 +74,9 @@ use tokio::{
 };
 
 /// Payload sizes measured, in bytes.
-const PAYLOAD_SIZES: [usize; 2] = [64, 1024];
+const PAYLOAD_SIZES: [usize; 3] = [64, 1024, 64 * 1024];
+/// Messages per `send_batch` call of variant e.
+const BATCH: usize = 256;
 /// Throughput rounds per variant and payload; the median is reported.
 const ROUNDS: usize = 7;
 /// Buffer size of the hand-written baseline (the plugin batches writes up to 64 KiB and reads
@@ -86,7 +103,12 @@ impl Settings {
 
     /// Messages per throughput round for one payload size.
     fn throughput_messages(&self, payload: usize) -> usize {
-        scaled(if payload <= 64 { 200_000 } else { 100_000 }, self.scale)
+        let count = match payload {
+            0..=64 => 200_000,
+            65..=1024 => 100_000,
+            _ => 10_000,
+        };
+        scaled(count, self.scale)
     }
 
     /// Messages of a throughput warm-up.
@@ -247,6 +269,8 @@ async fn read_frame(reader: &mut Reader) -> io::Result<Vec<u8>> {
 enum Harness {
     Comms(NodePair),
     Raw(RawPair),
+    /// Transports without a node: single sends (`None`) or batches of that many.
+    Transport(TransportPair, Option<usize>),
 }
 
 impl Harness {
@@ -254,7 +278,13 @@ impl Harness {
         match self {
             Self::Comms(pair) => pair.throughput(count, payload).await,
             Self::Raw(pair) => pair.throughput(count, payload).await,
+            Self::Transport(pair, batch) => pair.throughput(count, payload, *batch).await,
         }
+    }
+
+    /// Whether round trips are measured (not for batched sends: a batch of one is a send).
+    fn pings(&self) -> bool {
+        !matches!(self, Self::Transport(_, Some(_)))
     }
 
     async fn ping_pong(
@@ -266,6 +296,8 @@ impl Harness {
         match self {
             Self::Comms(pair) => pair.ping_pong(count, payload, rtts).await,
             Self::Raw(pair) => pair.ping_pong(count, payload, rtts).await,
+            Self::Transport(pair, None) => pair.ping_pong(count, payload, rtts).await,
+            Self::Transport(_, Some(_)) => Ok(()),
         }
     }
 
@@ -273,6 +305,7 @@ impl Harness {
         match self {
             Self::Comms(pair) => pair.close().await,
             Self::Raw(_) => Ok(()),
+            Self::Transport(pair, _) => pair.close().await,
         }
     }
 }
@@ -298,6 +331,11 @@ struct Row {
 async fn run(settings: Settings, dynamic: PluginLibrary) -> Result<Vec<Row>, String> {
     let limit = settings.step_limit;
     let linked = PluginLibrary::linked::<comms_tcp::TcpPlugin>();
+    let listen = r#"listen = "127.0.0.1:0""#;
+    let single =
+        step("starting variant d", limit, TransportPair::start(&dynamic, "tcp", listen, listen)).await?;
+    let batched =
+        step("starting variant e", limit, TransportPair::start(&dynamic, "tcp", listen, listen)).await?;
     let mut variants = vec![
         Variant {
             label: "a: comms, loaded .so",
@@ -315,6 +353,8 @@ async fn run(settings: Settings, dynamic: PluginLibrary) -> Result<Vec<Row>, Str
             label: "c: raw tokio",
             harness: Harness::Raw(step("starting variant c", limit, RawPair::start()).await?),
         },
+        Variant { label: "d: transport, send", harness: Harness::Transport(single, None) },
+        Variant { label: "e: transport, batch", harness: Harness::Transport(batched, Some(BATCH)) },
     ];
     let mut rows = Vec::new();
     for size in PAYLOAD_SIZES {
@@ -325,6 +365,9 @@ async fn run(settings: Settings, dynamic: PluginLibrary) -> Result<Vec<Row>, Str
             let what = format!("{}, {size} B: throughput warm-up", variant.label);
             step(&what, limit, variant.harness.throughput(settings.throughput_warm_up(size), &payload))
                 .await?;
+            if !variant.harness.pings() {
+                continue;
+            }
             let what = format!("{}, {size} B: ping-pong warm-up", variant.label);
             let mut ignored = Vec::new();
             step(
@@ -342,7 +385,8 @@ async fn run(settings: Settings, dynamic: PluginLibrary) -> Result<Vec<Row>, Str
                 let what = format!("{}, {size} B: throughput round {}", variant.label, round + 1);
                 durations[i].push(step(&what, limit, variant.harness.throughput(count, &payload)).await?);
             }
-            for (i, variant) in variants.iter_mut().enumerate() {
+            for (i, variant) in variants.iter_mut().enumerate().filter(|(_, variant)| variant.harness.pings())
+            {
                 let what = format!("{}, {size} B: ping-pong round {}", variant.label, round + 1);
                 let pings = settings.ping_pongs_in_round(round);
                 step(&what, limit, variant.harness.ping_pong(pings, &payload, &mut rtts[i])).await?;
@@ -376,10 +420,11 @@ async fn run(settings: Settings, dynamic: PluginLibrary) -> Result<Vec<Row>, Str
 fn print_report(settings: &Settings, rows: &[Row]) {
     println!();
     println!(
-        "TCP over loopback; throughput: median of {ROUNDS} rounds of {} (64 B) / {} (1 KiB) messages; \
-         latency: {} ping-pongs (COMMS_BENCH_SCALE={})",
+        "TCP over loopback; throughput: median of {ROUNDS} rounds of {} (64 B) / {} (1 KiB) / {} (64 KiB) \
+         messages; latency: {} ping-pongs; e sends batches of {BATCH} (COMMS_BENCH_SCALE={})",
         settings.throughput_messages(64),
         settings.throughput_messages(1024),
+        settings.throughput_messages(64 * 1024),
         settings.ping_pongs,
         settings.scale
     );
@@ -391,13 +436,13 @@ fn print_report(settings: &Settings, rows: &[Row]) {
     println!("|{:-<24}|{:->9}|{:->13}|{:->10}|{:->10}|{:->10}|", "", "", "", "", "", "");
     for row in rows {
         println!(
-            "| {:<22} | {:>5} B | {:>11.0} | {:>8.1} | {:>8.1} | {:>8.1} |",
+            "| {:<22} | {:>7} | {:>11.0} | {:>8.1} | {:>8} | {:>8} |",
             row.variant,
-            row.payload,
+            size_label(row.payload),
             row.messages_per_second,
             row.megabytes_per_second,
-            row.p50_micros,
-            row.p99_micros
+            micros(row.p50_micros),
+            micros(row.p99_micros)
         );
     }
     println!();
@@ -409,27 +454,54 @@ fn print_report(settings: &Settings, rows: &[Row]) {
     let verdict = |ratio: f64, aim: f64| if ratio >= aim { "met" } else { "not met" };
     for size in PAYLOAD_SIZES {
         let (a, b, c) = (rate("a:", size), rate("b:", size), rate("c:", size));
+        let (d, e) = (rate("d:", size), rate("e:", size));
         println!(
-            "{size:>4} B throughput: a/b = {:.3} (aim >= 0.95: {}), a/c = {:.3} (aim >= 0.80: {})",
+            "{:>7} throughput: a/b = {:.3} (aim >= 0.95: {}), a/c = {:.3} (aim >= 0.80: {}); \
+             d/c = {:.3}, e/c = {:.3}, e/d = {:.2}",
+            size_label(size),
             a / b,
             verdict(a / b, 0.95),
             a / c,
-            verdict(a / c, 0.8)
+            verdict(a / c, 0.8),
+            d / c,
+            e / c,
+            e / d
         );
     }
     println!();
     println!("throughput spread between rounds (slowest .. fastest msg/s):");
     for row in rows {
         let (slowest, fastest) = row.round_range;
-        println!("  {:<22} {:>5} B: {slowest:>11.0} .. {fastest:.0}", row.variant, row.payload);
+        println!("  {:<22} {:>7}: {slowest:>11.0} .. {fastest:.0}", row.variant, size_label(row.payload));
+    }
+}
+
+/// A latency for the table; "-" where none was measured.
+fn micros(value: f64) -> String {
+    match value.is_nan() {
+        true => "-".to_string(),
+        false => format!("{value:.1}"),
+    }
+}
+
+/// "64 B", "1 KiB", "64 KiB".
+fn size_label(bytes: usize) -> String {
+    match bytes {
+        0..1024 => format!("{bytes} B"),
+        _ => format!("{} KiB", bytes / 1024),
     }
 }
 
 fn main() {
     let settings = Settings::from_env();
-    eprintln!("building the plugin libraries (comms_tests::artifacts)...");
-    let tcp_plugin = &comms_tests::artifacts().tcp_plugin;
-    let dynamic = PluginLibrary::load(tcp_plugin)
+    let tcp_plugin = match std::env::var_os("COMMS_BENCH_TCP_PLUGIN") {
+        Some(path) => std::path::PathBuf::from(path),
+        None => {
+            eprintln!("building the plugin libraries (comms_tests::artifacts)...");
+            comms_tests::artifacts().tcp_plugin.clone()
+        }
+    };
+    let dynamic = PluginLibrary::load(&tcp_plugin)
         .unwrap_or_else(|error| fail(&format!("loading {}: {error}", tcp_plugin.display())));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

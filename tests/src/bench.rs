@@ -164,3 +164,198 @@ impl NodePair {
         self.receiver.close().await.map_err(|error| format!("closing the receiver: {error}"))
     }
 }
+
+/// Two transports of one plugin driven directly through the host-side API
+/// ([`comms_plugin_api::host_side::LoadedTransport`]), without a `Node`: `sender` sends to
+/// `receiver`, which answers pings. It measures the plugin boundary and the transport alone,
+/// with single awaited sends or with batched sends
+/// ([`comms_plugin_api::host_side::LoadedTransport::send_batch`]).
+///
+/// Every message carries the same payload buffer (cloning a payload shares it), as a program
+/// sending one prepared buffer would; the envelope's ids and names are its own.
+#[derive(Debug)]
+pub struct TransportPair {
+    sender: std::sync::Arc<comms_plugin_api::host_side::LoadedTransport>,
+    receiver: std::sync::Arc<comms_plugin_api::host_side::LoadedTransport>,
+    sender_id: comms_host::NodeId,
+    receiver_id: comms_host::NodeId,
+    /// Where the sender reaches the receiver, and the receiver the sender.
+    receiver_address: String,
+    sender_address: String,
+    next_id: u128,
+}
+
+impl TransportPair {
+    /// Two transports of `library`, each with its own config table (TOML text).
+    pub async fn start(
+        library: &comms_host::PluginLibrary,
+        instance: &str,
+        sender_config: &str,
+        receiver_config: &str,
+    ) -> Result<Self, String> {
+        let sender_id = comms_host::NodeId::new(format!("{instance}-sender"));
+        let receiver_id = comms_host::NodeId::new(format!("{instance}-receiver"));
+        let sender = library
+            .new_transport(&sender_id, instance, sender_config)
+            .await
+            .map_err(|error| format!("starting the sending transport: {error}"))?;
+        let receiver = library
+            .new_transport(&receiver_id, instance, receiver_config)
+            .await
+            .map_err(|error| format!("starting the receiving transport: {error}"))?;
+        Ok(Self {
+            sender_address: sender.info().local_address.clone(),
+            receiver_address: receiver.info().local_address.clone(),
+            sender: std::sync::Arc::new(sender),
+            receiver: std::sync::Arc::new(receiver),
+            sender_id,
+            receiver_id,
+            next_id: 1,
+        })
+    }
+
+    fn envelope(&mut self, payload: &comms_host::Payload) -> comms_host::Envelope {
+        self.next_id += 1;
+        comms_host::Envelope::new(
+            comms_host::MessageId::from_u128(self.next_id),
+            self.sender_id.clone(),
+            comms_plugin_api::Destination::Node(self.receiver_id.clone()),
+            payload.clone(),
+        )
+    }
+
+    /// Sends `count` messages of `payload`, one awaited `send` each (`batch` `None`) or in
+    /// batches of `batch` items; the time until the receiver has them all (each checked for
+    /// its size).
+    pub async fn throughput(
+        &mut self,
+        count: usize,
+        payload: &[u8],
+        batch: Option<usize>,
+    ) -> Result<Duration, String> {
+        let receiver = std::sync::Arc::clone(&self.receiver);
+        let expected = payload.len();
+        let counter = tokio::spawn(async move {
+            let mut received = 0;
+            while received < count {
+                let batch = receiver
+                    .receive(1024)
+                    .await
+                    .map_err(|error| format!("receiving message {received}: {error}"))?;
+                if batch.is_empty() {
+                    return Err(format!("the receiver closed after {received} messages"));
+                }
+                for inbound in &batch {
+                    if inbound.envelope.payload.len() != expected {
+                        return Err(format!(
+                            "message {received} has {} bytes, expected {expected}",
+                            inbound.envelope.payload.len()
+                        ));
+                    }
+                    received += 1;
+                }
+            }
+            Ok(std::time::Instant::now())
+        });
+        let payload = comms_host::Payload::from(payload.to_vec());
+        let start = std::time::Instant::now();
+        match batch {
+            None => {
+                for n in 0..count {
+                    let envelope = self.envelope(&payload);
+                    self.sender
+                        .send(&self.receiver_address, envelope)
+                        .await
+                        .map_err(|error| format!("sending message {n}: {error}"))?;
+                }
+            }
+            Some(size) => {
+                let address = comms_plugin_api::Text::from(self.receiver_address.as_str());
+                let mut sent = 0;
+                while sent < count {
+                    let items: Vec<comms_plugin_api::Outbound> = (0..size.min(count - sent))
+                        .map(|_| comms_plugin_api::Outbound {
+                            address: address.clone(),
+                            envelope: self.envelope(&payload),
+                        })
+                        .collect();
+                    let items_in_batch = items.len();
+                    if let Some(failure) = self.sender.send_batch(items).await.first() {
+                        return Err(format!("sending message {}: {}", sent + failure.index, failure.error));
+                    }
+                    sent += items_in_batch;
+                }
+            }
+        }
+        let end = counter.await.map_err(|error| format!("receiving task: {error}"))??;
+        Ok(end - start)
+    }
+
+    /// `count` round trips one at a time (the receiver answers each with a message of the same
+    /// payload correlated to the ping); appends each round-trip time to `rtts`.
+    pub async fn ping_pong(
+        &mut self,
+        count: usize,
+        payload: &[u8],
+        rtts: &mut Vec<Duration>,
+    ) -> Result<(), String> {
+        let echo = {
+            let receiver = std::sync::Arc::clone(&self.receiver);
+            let address = self.sender_address.clone();
+            let (from, to) = (self.receiver_id.clone(), self.sender_id.clone());
+            tokio::spawn(async move {
+                let mut answered = 0;
+                while answered < count {
+                    let pings = receiver
+                        .receive(16)
+                        .await
+                        .map_err(|error| format!("receiving ping {answered}: {error}"))?;
+                    if pings.is_empty() {
+                        return Err(format!("the receiver closed after {answered} pings"));
+                    }
+                    for ping in pings {
+                        let pong = comms_host::Envelope::new(
+                            comms_host::MessageId::from_u128(u128::MAX - ping.envelope.id.as_u128()),
+                            from.clone(),
+                            comms_plugin_api::Destination::Node(to.clone()),
+                            ping.envelope.payload,
+                        )
+                        .with_correlation_id(Some(ping.envelope.id));
+                        receiver
+                            .send(&address, pong)
+                            .await
+                            .map_err(|error| format!("sending pong {answered}: {error}"))?;
+                        answered += 1;
+                    }
+                }
+                Ok::<(), String>(())
+            })
+        };
+        let payload = comms_host::Payload::from(payload.to_vec());
+        for n in 0..count {
+            let ping = self.envelope(&payload);
+            let id = ping.id;
+            let start = std::time::Instant::now();
+            self.sender
+                .send(&self.receiver_address, ping)
+                .await
+                .map_err(|error| format!("sending ping {n}: {error}"))?;
+            let pongs =
+                self.sender.receive(1).await.map_err(|error| format!("receiving pong {n}: {error}"))?;
+            rtts.push(start.elapsed());
+            match pongs.first() {
+                Some(pong)
+                    if pong.envelope.correlation_id == Some(id)
+                        && pong.envelope.payload.len() == payload.len() => {}
+                _ => return Err(format!("pong {n} does not answer ping {n}")),
+            }
+        }
+        echo.await.map_err(|error| format!("echo task: {error}"))?
+    }
+
+    /// Closes both transports.
+    pub async fn close(&self) -> Result<(), String> {
+        self.sender.close().await.map_err(|error| format!("closing the sender: {error}"))?;
+        self.receiver.close().await.map_err(|error| format!("closing the receiver: {error}"))
+    }
+}

@@ -2,8 +2,9 @@
 //!
 //! The tests load plugin libraries exactly as users do, so they need the `.so` files and the
 //! `comms` binary on disk. [`artifacts`] builds them once per test binary with the same cargo
-//! and profile that runs the tests: the workspace plugins, the third-party example plugin (a
-//! separate cargo project) and the deliberately incompatible fixture.
+//! and profile that runs the tests: the workspace plugins and the third-party example plugin (a
+//! separate cargo project); [`Artifacts::contract_fixtures`] builds, on first use, the plugins
+//! built against other versions of the plugin contract (`tests/fixtures`).
 
 pub mod bench;
 
@@ -39,10 +40,78 @@ pub struct Artifacts {
     pub uds_plugin: PathBuf,
     /// `libcomms_fixture_panicking.so`.
     pub panicking_plugin: PathBuf,
-    /// A plugin built against another interface version.
-    pub wrong_version_plugin: PathBuf,
-    /// A plugin whose interface version matches but whose types do not.
+    /// Built on first use: see [`Artifacts::contract_fixtures`].
+    contract_fixtures: OnceLock<ContractFixtures>,
+}
+
+/// Plugins built against other versions of the plugin contract than the workspace's
+/// `comms-core`, each a separate cargo project outside the workspace (`tests/fixtures`).
+#[derive(Debug)]
+pub struct ContractFixtures {
+    /// `libcomms_fixture_v1.so`: a transport built from the frozen contract 1.0
+    /// (`tests/fixtures/contract-v1`) alone, with its own lockfile. Must load and pass the
+    /// conformance suite in every 1.x host.
+    pub v1_plugin: PathBuf,
+    /// The same transport built for contract 1.1: one more optional `Transport` method
+    /// (`flush`) and root-module field (`config_help`). Loads; the host will not use those.
+    pub next_minor_plugin: PathBuf,
+    /// Built for contract 2.0: refused.
+    pub next_major_plugin: PathBuf,
+    /// Built for a contract 1.0 whose `Envelope` has one field more: refused.
     pub wrong_layout_plugin: PathBuf,
+}
+
+impl Artifacts {
+    /// Builds (once per process) and returns the contract fixtures.
+    ///
+    /// They share one target directory, `target/fixtures`, so that abi_stable is compiled once
+    /// for all of them (they share nothing with the workspace's lockfile). The three variants of
+    /// the mismatched fixture are one crate with different features and the same library name:
+    /// each is copied to `target/fixtures/<feature>/` right after its build.
+    pub fn contract_fixtures(&self) -> &ContractFixtures {
+        self.contract_fixtures.get_or_init(|| {
+            let fixtures = target_dir().join("fixtures");
+            let (profile, _) = profile();
+            cargo(
+                &["build", "--locked", "--manifest-path", "tests/fixtures/v1-plugin/Cargo.toml"],
+                &fixtures,
+            );
+            let variant = |feature: &str, plugin_name: &str| {
+                let manifest = "tests/fixtures/mismatched-plugin/Cargo.toml";
+                cargo(&["build", "--locked", "--manifest-path", manifest, "--features", feature], &fixtures);
+                let built = library(&fixtures.join(profile), "comms_fixture_mismatched");
+                let copy = library(&fixtures.join(feature), "comms_fixture_mismatched");
+                copy_library(&built, &copy, plugin_name);
+                copy
+            };
+            ContractFixtures {
+                v1_plugin: library(&fixtures.join(profile), "comms_fixture_v1"),
+                next_minor_plugin: variant("next-minor", "fixture-next-minor"),
+                next_major_plugin: variant("next-major", "fixture-next-major"),
+                wrong_layout_plugin: variant("wrong-layout", "fixture-wrong-layout"),
+            }
+        })
+    }
+}
+
+/// Copies the library `from` to `to`, checking that it is the variant named `plugin_name`.
+///
+/// The copy is written beside `to` and renamed over it, so that a process that has the old file
+/// loaded keeps its mapping.
+fn copy_library(from: &Path, to: &Path, plugin_name: &str) {
+    let bytes = std::fs::read(from).unwrap_or_else(|error| panic!("cannot read {}: {error}", from.display()));
+    assert!(
+        bytes.windows(plugin_name.len()).any(|window| window == plugin_name.as_bytes()),
+        "{} is not the `{plugin_name}` variant: did another build of the fixture run at the same time?",
+        from.display()
+    );
+    let dir = to.parent().expect("a library path has a directory");
+    std::fs::create_dir_all(dir).unwrap_or_else(|error| panic!("cannot create {}: {error}", dir.display()));
+    let partial = to.with_extension("partial");
+    std::fs::write(&partial, &bytes)
+        .unwrap_or_else(|error| panic!("cannot write {}: {error}", partial.display()));
+    std::fs::rename(&partial, to)
+        .unwrap_or_else(|error| panic!("cannot rename to {}: {error}", to.display()));
 }
 
 /// The repository root.
@@ -50,7 +119,8 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
-fn target_dir() -> PathBuf {
+/// The cargo target directory the tests build into (`$CARGO_TARGET_DIR` or `target/`).
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
 }
 
@@ -62,7 +132,9 @@ fn profile() -> (&'static str, &'static [&'static str]) {
     }
 }
 
-fn cargo(args: &[&str], target: &Path) {
+/// Runs the cargo that runs the tests, with the tests' profile, in the repository root; panics
+/// if it fails.
+pub fn cargo(args: &[&str], target: &Path) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let status = Command::new(&cargo)
         .args(args)
@@ -99,17 +171,6 @@ pub fn artifacts() -> &'static Artifacts {
         build.extend(packages.into_iter().flat_map(|package| ["-p", package]));
         cargo(&build, &target);
         cargo(&["build", "--manifest-path", "examples/third-party-plugin/Cargo.toml"], &target);
-        let fixture = "tests/fixtures/mismatched-plugin/Cargo.toml";
-        let wrong_version = target.join("fixtures/wrong-version");
-        let wrong_layout = target.join("fixtures/wrong-layout");
-        cargo(
-            &["build", "--manifest-path", fixture, "--no-default-features", "--features", "wrong-version"],
-            &wrong_version,
-        );
-        cargo(
-            &["build", "--manifest-path", fixture, "--no-default-features", "--features", "wrong-layout"],
-            &wrong_layout,
-        );
         let plugin_dir = target.join(profile);
         Artifacts {
             comms_bin: plugin_dir.join(format!("comms{}", std::env::consts::EXE_SUFFIX)),
@@ -121,8 +182,7 @@ pub fn artifacts() -> &'static Artifacts {
             udp_plugin: library(&plugin_dir, "comms_udp"),
             uds_plugin: library(&plugin_dir, "comms_uds"),
             panicking_plugin: library(&plugin_dir, "comms_fixture_panicking"),
-            wrong_version_plugin: library(&wrong_version.join(profile), "comms_fixture_mismatched"),
-            wrong_layout_plugin: library(&wrong_layout.join(profile), "comms_fixture_mismatched"),
+            contract_fixtures: OnceLock::new(),
             plugin_dir,
         }
     })

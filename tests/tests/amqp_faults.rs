@@ -19,14 +19,12 @@ fn library() -> PluginLibrary {
 }
 
 fn envelope(n: u128, to: &str) -> Envelope {
-    Envelope {
-        id: MessageId::from_u128(n),
-        from: NodeId::new("fault-sender"),
-        to: Destination::Node(NodeId::new(to)),
-        correlation_id: None,
-        headers: Vec::new(),
-        payload: Payload::from(n.to_be_bytes().to_vec()),
-    }
+    Envelope::new(
+        MessageId::from_u128(n),
+        NodeId::new("fault-sender"),
+        Destination::Node(NodeId::new(to)),
+        Payload::from(n.to_be_bytes().to_vec()),
+    )
 }
 
 #[tokio::test]

@@ -67,21 +67,18 @@ async fn a_python_program_speaks_the_documented_format_both_ways() {
     assert_eq!(got.id, MessageId::from_u128(0x0123456789abcdef0123456789abcdef));
     assert_eq!(got.from.as_str(), "python-node");
     assert_eq!(got.to, Destination::Node(NodeId::new(&node)));
-    assert_eq!(
-        got.headers,
-        vec![("content-type".into(), "application/json".into()), ("lang".into(), "python".into())]
-    );
+    assert_eq!(got.headers, [("content-type", "application/json"), ("lang", "python")].into_iter().collect());
     assert_eq!(got.payload.as_slice(), br#"{"hello":"from python"}"#);
 
     // comms -> Python: the queue exists once Python has declared it.
-    let reply = Envelope {
-        id: MessageId::from_u128(0xfeed),
-        from: NodeId::new(&node),
-        to: Destination::Node(NodeId::new("python-node")),
-        correlation_id: Some(got.id),
-        headers: vec![("content-type".into(), "application/json".into()), ("n".into(), "1".into())],
-        payload: Payload::from(br#"{"hello":"from rust"}"#.to_vec()),
-    };
+    let reply = Envelope::new(
+        MessageId::from_u128(0xfeed),
+        NodeId::new(&node),
+        Destination::Node(NodeId::new("python-node")),
+        Payload::from(br#"{"hello":"from rust"}"#.to_vec()),
+    )
+    .with_correlation_id(Some(got.id))
+    .with_headers(vec![("content-type".into(), "application/json".into()), ("n".into(), "1".into())]);
     let started = std::time::Instant::now();
     loop {
         match comms.send(&python_queue, reply.clone()).await {

@@ -19,14 +19,12 @@ async fn transport(node: &str) -> Arc<LoadedTransport> {
 }
 
 fn envelope(n: u128) -> Envelope {
-    Envelope {
-        id: MessageId::from_u128(n),
-        from: NodeId::new("sender"),
-        to: Destination::Node(NodeId::new("receiver")),
-        correlation_id: None,
-        headers: Vec::new(),
-        payload: Payload::from(n.to_be_bytes().to_vec()),
-    }
+    Envelope::new(
+        MessageId::from_u128(n),
+        NodeId::new("sender"),
+        Destination::Node(NodeId::new("receiver")),
+        Payload::from(n.to_be_bytes().to_vec()),
+    )
 }
 
 /// Sends `MESSAGES` envelopes through a new injector from a new sender to a new receiver, and

@@ -15,12 +15,13 @@ fn prefix() -> String {
 }
 
 fn record(id: &str, service: &str) -> NodeRecord {
-    NodeRecord {
-        id: NodeId::new(id),
-        addresses: vec![("redis".into(), format!("comms:inbox:{id}"))],
-        services: vec![service.into()],
-        topics: vec!["orders.>".into()],
-        metadata: vec![("zone".into(), "eu".into())],
+    {
+        let mut value = NodeRecord::new(NodeId::new(id));
+        value.addresses = vec![("redis".into(), format!("comms:inbox:{id}"))];
+        value.services = vec![service.into()];
+        value.topics = vec!["orders.>".into()];
+        value.metadata = vec![("zone".into(), "eu".into())];
+        value
     }
 }
 

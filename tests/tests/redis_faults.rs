@@ -80,14 +80,12 @@ impl Drop for OwnRedis {
 }
 
 fn envelope(to: &str, n: u32) -> Envelope {
-    Envelope {
-        id: MessageId::from_u128(u128::from(n) + 1),
-        from: NodeId::new("restart-sender"),
-        to: Destination::Node(NodeId::new(to)),
-        correlation_id: None,
-        headers: Vec::new(),
-        payload: Payload::from(n.to_be_bytes().to_vec()),
-    }
+    Envelope::new(
+        MessageId::from_u128(u128::from(n) + 1),
+        NodeId::new("restart-sender"),
+        Destination::Node(NodeId::new(to)),
+        Payload::from(n.to_be_bytes().to_vec()),
+    )
 }
 
 async fn open(library: &PluginLibrary, node: &str, config: &str) -> LoadedTransport {
@@ -282,10 +280,11 @@ async fn topic_subscriptions_come_back_after_a_redis_restart() {
     let subscriber = open(&library, "topic-subscriber", &config).await;
     let publisher = open(&library, "topic-publisher", &config).await;
     subscriber.subscribe("alerts.>").await.unwrap();
-    let alert = |n: u32| Envelope {
-        to: Destination::Topic("alerts.disk.full".into()),
-        from: NodeId::new("topic-publisher"),
-        ..envelope("topic-subscriber", n)
+    let alert = |n: u32| {
+        let mut value = envelope("topic-subscriber", n);
+        value.to = Destination::Topic("alerts.disk.full".into());
+        value.from = NodeId::new("topic-publisher");
+        value
     };
     publisher.send("", alert(1)).await.unwrap();
     let first = tokio::time::timeout(Duration::from_secs(5), subscriber.receive(10)).await.unwrap().unwrap();

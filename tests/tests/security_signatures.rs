@@ -88,19 +88,18 @@ async fn receive_text(node: &Node) -> Received<String> {
 
 /// A text message from `from` to `to` as a comms node would build it (unsigned).
 fn text_envelope(from: &NodeId, to: &NodeId, text: &str) -> Envelope {
-    Envelope {
-        id: MessageId::from_u128(rand::random()),
-        from: from.clone(),
-        to: Destination::Node(to.clone()),
-        correlation_id: None,
-        headers: vec![("content-type".into(), Codec::Binary.content_type().into())],
-        payload: Payload::from(Codec::Binary.encode(&text.to_string()).unwrap()),
-    }
+    Envelope::new(
+        MessageId::from_u128(rand::random()),
+        from.clone(),
+        Destination::Node(to.clone()),
+        Payload::from(Codec::Binary.encode(&text.to_string()).unwrap()),
+    )
+    .with_headers(vec![("content-type".into(), Codec::Binary.content_type().into())])
 }
 
 /// The stream entry fields of docs/redis.md for a message to the inbox's own node.
 fn entry_fields(envelope: &Envelope) -> Vec<(String, Vec<u8>)> {
-    let headers: Vec<[&str; 2]> = envelope.headers.iter().map(|(n, v)| [n.as_str(), v.as_str()]).collect();
+    let headers: Vec<[&str; 2]> = envelope.headers.iter().map(|(n, v)| [n, v]).collect();
     vec![
         ("v".into(), b"1".to_vec()),
         ("id".into(), envelope.id.to_string().into_bytes()),
@@ -156,7 +155,7 @@ async fn signed_nodes_exchange_messages_and_requests_over_redis() {
         let received = receive_text(&bob).await;
         assert_eq!(received.message, format!("hello {n}"));
         assert_eq!(&received.from, alice.id());
-        let names: Vec<&str> = received.headers.iter().map(|(n, _)| n.as_str()).collect();
+        let names: Vec<&str> = received.headers.iter().map(|(n, _)| n).collect();
         assert!(names.contains(&SIGNATURE_HEADER) && names.contains(&SIGNED_AT_HEADER), "{names:?}");
     }
     // Native topics (Redis pub/sub) carry signed publications too.
@@ -256,8 +255,8 @@ async fn messages_forged_with_broker_access_are_refused_and_never_delivered() {
     inject(&mut redis, &inbox, &entry_fields(&stale)).await;
     // 7. A signature that is not even hex.
     let mut garbage = text_envelope(&alice_id, &bob_id, "forged: garbage signature");
-    garbage.headers.push((SIGNED_AT_HEADER.into(), now_ms().to_string()));
-    garbage.headers.push((SIGNATURE_HEADER.into(), "zz".repeat(64)));
+    garbage.headers.push(SIGNED_AT_HEADER, now_ms().to_string());
+    garbage.headers.push(SIGNATURE_HEADER, "zz".repeat(64));
     inject(&mut redis, &inbox, &entry_fields(&garbage)).await;
 
     // Genuine messages still arrive, and they are the only thing that does.

@@ -32,14 +32,13 @@ fn config(path: &Path, extra: &str) -> String {
 /// A message whose id says who sent it and its number, and whose payload can be checked.
 fn message(from: &str, to: &str, producer: u32, sequence: u32, size: usize) -> Envelope {
     let id = (u128::from(producer) << 32) | u128::from(sequence);
-    Envelope {
-        id: MessageId::from_u128(id),
-        from: NodeId::new(from),
-        to: Destination::Node(NodeId::new(to)),
-        correlation_id: None,
-        headers: vec![("sequence".into(), sequence.to_string())],
-        payload: payload(id, size).into(),
-    }
+    Envelope::new(
+        MessageId::from_u128(id),
+        NodeId::new(from),
+        Destination::Node(NodeId::new(to)),
+        payload(id, size),
+    )
+    .with_headers(vec![("sequence".into(), sequence.to_string())])
 }
 
 fn payload(id: u128, size: usize) -> Vec<u8> {

@@ -161,14 +161,12 @@ async fn a_peer_with_an_unknown_key_is_refused_both_ways() {
 }
 
 fn envelope(from: &NodeId, to: &NodeId, payload: &[u8]) -> Envelope {
-    Envelope {
-        id: MessageId::from_u128(rand::random()),
-        from: from.clone(),
-        to: Destination::Node(to.clone()),
-        correlation_id: None,
-        headers: vec![],
-        payload: Payload::from(payload.to_vec()),
-    }
+    Envelope::new(
+        MessageId::from_u128(rand::random()),
+        from.clone(),
+        Destination::Node(to.clone()),
+        Payload::from(payload.to_vec()),
+    )
 }
 
 /// A transport of the real plugin for `id`, as the host would create it.

@@ -110,12 +110,14 @@ impl Announcement {
     }
 
     fn record(&self) -> NodeRecord {
-        NodeRecord {
-            id: NodeId::new(self.id.clone()),
-            addresses: self.addresses.iter().map(|a| (a.transport.clone(), a.address.clone())).collect(),
-            services: self.services.clone(),
-            topics: self.topics.clone(),
-            metadata: self.metadata.clone(),
+        {
+            let mut value = NodeRecord::new(NodeId::new(self.id.clone()));
+            value.addresses =
+                self.addresses.iter().map(|a| (a.transport.clone(), a.address.clone())).collect();
+            value.services = self.services.clone();
+            value.topics = self.topics.clone();
+            value.metadata = self.metadata.clone();
+            value
         }
     }
 }
@@ -485,12 +487,13 @@ mod tests {
     use super::*;
 
     fn record(id: &str, service: &str) -> NodeRecord {
-        NodeRecord {
-            id: NodeId::new(id),
-            addresses: vec![("amqp".into(), format!("comms.inbox.{id}"))],
-            services: vec![service.into()],
-            topics: vec!["orders.>".into()],
-            metadata: vec![("zone".into(), "eu".into())],
+        {
+            let mut value = NodeRecord::new(NodeId::new(id));
+            value.addresses = vec![("amqp".into(), format!("comms.inbox.{id}"))];
+            value.services = vec![service.into()];
+            value.topics = vec!["orders.>".into()];
+            value.metadata = vec![("zone".into(), "eu".into())];
+            value
         }
     }
 

@@ -173,8 +173,8 @@ pub fn envelope_from(
     let to = match (required_text(table, TO_KIND_HEADER)?, required_text(table, TO_HEADER)?) {
         (Some(kind), Some(name)) => match kind.as_str() {
             "node" => Destination::Node(NodeId::new(name)),
-            "topic" => Destination::Topic(name),
-            "service" => Destination::Service(name),
+            "topic" => Destination::topic(name),
+            "service" => Destination::service(name),
             other => return Err(format!("header `{TO_KIND_HEADER}` has the unknown kind `{other}`")),
         },
         (None, None) => default_to(),
@@ -198,7 +198,9 @@ pub fn envelope_from(
             headers
         }
     };
-    Ok(Envelope { id, from: NodeId::new(from), to, correlation_id, headers, payload: Payload::from(body) })
+    Ok(Envelope::new(id, NodeId::new(from), to, Payload::from(body))
+        .with_correlation_id(correlation_id)
+        .with_headers(headers))
 }
 
 #[cfg(test)]
@@ -206,19 +208,19 @@ mod tests {
     use super::*;
 
     fn sample() -> Envelope {
-        Envelope {
-            id: MessageId::from_u128(0x0123_4567_89ab_cdef_0011_2233_4455_6677),
-            from: NodeId::new("alice"),
-            to: Destination::Service("echo".into()),
-            correlation_id: Some(MessageId::from_u128(7)),
-            headers: vec![
-                ("content-type".into(), "application/json".into()),
-                ("repeated".into(), "1".into()),
-                ("a".into(), "grüße".into()),
-                ("repeated".into(), "2".into()),
-            ],
-            payload: Payload::from(b"{\"n\":1}".to_vec()),
-        }
+        Envelope::new(
+            MessageId::from_u128(0x0123_4567_89ab_cdef_0011_2233_4455_6677),
+            NodeId::new("alice"),
+            Destination::Service("echo".into()),
+            Payload::from(b"{\"n\":1}".to_vec()),
+        )
+        .with_correlation_id(Some(MessageId::from_u128(7)))
+        .with_headers(vec![
+            ("content-type".into(), "application/json".into()),
+            ("repeated".into(), "1".into()),
+            ("a".into(), "grüße".into()),
+            ("repeated".into(), "2".into()),
+        ])
     }
 
     #[test]
@@ -257,7 +259,9 @@ mod tests {
         assert_eq!(envelope.to, Destination::Node(NodeId::new("bob")));
         assert_eq!(
             envelope.headers,
-            vec![("content-type".into(), "application/json".into()), ("priority".into(), "5".into())]
+            [("content-type", "application/json"), ("priority", "5")]
+                .into_iter()
+                .collect::<comms_plugin_api::Headers>()
         );
     }
 

@@ -7,8 +7,8 @@ use crate::{
     connection, format, topics,
 };
 use comms_plugin_api::{
-    async_trait, redact::redact_url, Capabilities, Destination, Envelope, ErrorCode, Inbound, NodeId,
-    PluginError, Settlement, Transport, TransportInfo,
+    async_trait, queued, redact::redact_url, Capabilities, Destination, Envelope, ErrorCode, Inbound,
+    IncidentCounters, NodeId, PluginError, Settlement, Transport, TransportInfo, TransportStats,
 };
 use futures::StreamExt;
 use lapin::{
@@ -116,6 +116,8 @@ struct Inner {
     in_flight: tokio::sync::RwLock<()>,
     closed: AtomicBool,
     shutdown: watch::Sender<bool>,
+    /// Lost connections, failed reconnect attempts and restorations, for `stats()`.
+    incidents: IncidentCounters,
 }
 
 impl AmqpTransport {
@@ -149,6 +151,7 @@ impl AmqpTransport {
             in_flight: tokio::sync::RwLock::new(()),
             closed: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
+            incidents: IncidentCounters::default(),
             config,
         });
         let backoff = inner.config.backoff();
@@ -390,7 +393,7 @@ async fn inbound(inner: &Inner, link: &Link, source: Source, delivery: Delivery)
     let node = &inner.node;
     let default_to = || match source {
         Source::Inbox => Destination::Node(node.clone()),
-        Source::Topics => Destination::Topic(routing_key),
+        Source::Topics => Destination::topic(routing_key),
     };
     match format::envelope_from(&delivery.properties, delivery.data, default_to) {
         Ok(envelope) => {
@@ -429,6 +432,7 @@ async fn supervise(inner: Arc<Inner>, mut failures: mpsc::Receiver<u32>) {
             continue;
         }
         if let Some(link) = current {
+            inner.incidents.failed();
             tracing::warn!(url = %inner.url, node = %inner.node, "AMQP connection lost; reconnecting");
             inner.link.send_replace(None);
             connection::close(&link.connection).await;
@@ -441,11 +445,13 @@ async fn supervise(inner: Arc<Inner>, mut failures: mpsc::Receiver<u32>) {
             attempt += 1;
             match establish(&inner).await {
                 Ok(link) => {
+                    inner.incidents.reconnected();
                     tracing::info!(url = %inner.url, node = %inner.node, attempt, "AMQP connection restored");
                     inner.link.send_replace(Some(link));
                     break;
                 }
                 Err(error) => {
+                    inner.incidents.failed();
                     let delay = reconnect_delay(&inner.config, attempt);
                     if connection::is_fatal(&error) {
                         // The broker's certificate changed under a running node: keep trying at
@@ -501,16 +507,16 @@ impl Transport for AmqpTransport {
     /// authenticated by its certificate.
     fn info(&self) -> TransportInfo {
         let tls = if self.inner.broker.is_tls() { Capabilities::ENCRYPTED } else { Capabilities::NONE };
-        TransportInfo {
-            capabilities: Capabilities::ORDERED
+        TransportInfo::new(
+            Capabilities::ORDERED
                 | Capabilities::ACKNOWLEDGEMENTS
                 | Capabilities::DURABLE
                 | Capabilities::NATIVE_TOPICS
                 | Capabilities::RELIABLE
                 | tls,
-            local_address: self.inner.inbox_queue.clone(),
-            max_message_size: self.inner.config.max_message_size,
-        }
+            self.inner.inbox_queue.clone(),
+            self.inner.config.max_message_size,
+        )
     }
 
     /// Publishes with `mandatory` to the inbox queue `address` (through the default exchange),
@@ -735,6 +741,14 @@ impl Transport for AmqpTransport {
                 inner.report_failure(&link);
                 connection::amqp_error(&inner.config.url, &format!("unsubscribing from `{pattern}`"), &error)
             })
+    }
+
+    /// Deliveries waiting for `receive`, lost connections and failed reconnect attempts, and
+    /// restored connections.
+    fn stats(&self) -> TransportStats {
+        let mut stats = self.inner.incidents.stats();
+        stats.receive_queue_depth = queued(&self.inner.inbound_tx);
+        stats
     }
 
     /// Waits (up to 5 s) for sends in flight, then closes the connection. Messages received but

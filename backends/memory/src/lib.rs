@@ -43,7 +43,8 @@
 //! in a registry that is a `static` of this library. The dynamic loader maps a library once per
 //! process, so every node of the process that loads this plugin shares the registry, and `send`
 //! puts the envelope straight into the receiver's queue: nothing is encoded, and the payload
-//! buffer is moved, not copied.
+//! buffer is moved, not copied. A batched send looks each receiver up once. Its statistics report
+//! the receive queue's depth.
 //!
 //! ## Guarantees
 //!

@@ -3,19 +3,18 @@
 use crate::{MemoryPlugin, ADDRESS_SCHEME};
 use comms_plugin_api::{
     host_side::{LoadedTransport, PluginLibrary},
-    Capabilities, Destination, Envelope, ErrorCode, MessageId, NodeId, Payload, PluginError,
+    Capabilities, Destination, Envelope, ErrorCode, MessageId, NodeId, Outbound, Payload, PluginError,
 };
 use std::time::Duration;
 
 fn envelope(n: u128, size: usize) -> Envelope {
-    Envelope {
-        id: MessageId::from_u128(n),
-        from: NodeId::new("sender"),
-        to: Destination::Node(NodeId::new("receiver")),
-        correlation_id: None,
-        headers: vec![("n".to_string(), n.to_string())],
-        payload: Payload::from(vec![n as u8; size]),
-    }
+    Envelope::new(
+        MessageId::from_u128(n),
+        NodeId::new("sender"),
+        Destination::Node(NodeId::new("receiver")),
+        Payload::from(vec![n as u8; size]),
+    )
+    .with_headers(vec![("n".to_string(), n.to_string())])
 }
 
 async fn transport(node: &str, config: &str) -> Result<LoadedTransport, PluginError> {
@@ -208,5 +207,60 @@ async fn a_send_waiting_for_room_fails_when_either_side_closes() {
     sender.close().await.unwrap();
     let error = tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap().unwrap_err();
     assert_eq!(error.code, ErrorCode::CLOSED, "{error}");
+    receiver.close().await.unwrap();
+}
+
+fn outbound(address: &str, n: u128, size: usize) -> Outbound {
+    Outbound { address: address.into(), envelope: envelope(n, size) }
+}
+
+#[tokio::test]
+async fn a_batch_reaches_each_receiver_in_order_and_reports_failures_by_index() {
+    let sender = transport("sender", "max_message_size = 100").await.unwrap();
+    let left = at("memory://batch-left", "").await;
+    let right = at("memory://batch-right", "queue_capacity = 2").await;
+    let batch = vec![
+        outbound("memory://batch-left", 0, 3),
+        outbound("memory://batch-right", 1, 3),
+        outbound("memory://batch-nowhere", 2, 3),
+        outbound("memory://batch-left", 3, 101),
+        outbound("memory://batch-left", 4, 3),
+        outbound("memory://batch-right", 5, 3),
+        outbound("memory://batch-right", 6, 3),
+    ];
+    // `right` takes two at a time: the batch waits for room as `send` does.
+    let drain_right = async {
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            got.extend(ids(&right, 10).await);
+        }
+        got
+    };
+    let (failures, right_ids) = tokio::join!(sender.send_batch(batch), drain_right);
+    let failed: Vec<(usize, ErrorCode)> = failures.iter().map(|f| (f.index, f.error.code)).collect();
+    assert_eq!(failed, [(2, ErrorCode::UNREACHABLE), (3, ErrorCode::TOO_LARGE)]);
+    assert_eq!(ids(&left, 10).await, [0, 4]);
+    assert_eq!(right_ids, [1, 5, 6]);
+
+    let sent = sender.stats();
+    assert_eq!((sent.messages_sent, sent.bytes_sent, sent.send_errors), (5, 15, 2));
+    let received = left.stats();
+    assert_eq!((received.messages_received, received.bytes_received), (2, 6));
+    for transport in [sender, left, right] {
+        transport.close().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn stats_count_what_waits_in_the_queue() {
+    let sender = transport("sender", "").await.unwrap();
+    let receiver = at("memory://stats-depth", "").await;
+    let batch = (0..5).map(|n| outbound("memory://stats-depth", n, 10)).collect();
+    assert!(sender.send_batch(batch).await.is_empty());
+    assert_eq!(receiver.stats().transport.receive_queue_depth, 5);
+    assert_eq!(ids(&receiver, 3).await, [0, 1, 2]);
+    let stats = receiver.stats();
+    assert_eq!((stats.transport.receive_queue_depth, stats.messages_received), (2, 3));
+    sender.close().await.unwrap();
     receiver.close().await.unwrap();
 }

@@ -1,8 +1,12 @@
 //! One in-memory transport instance: a registered bounded inbound queue.
 
-use crate::{registry, registry::Registration, MemoryConfig};
+use crate::{
+    registry::{self, Mailbox, Registration},
+    MemoryConfig,
+};
 use comms_plugin_api::{
-    async_trait, Capabilities, Envelope, ErrorCode, Inbound, NodeId, PluginError, Transport, TransportInfo,
+    async_trait, queued, Capabilities, Envelope, ErrorCode, Inbound, NodeId, Outbound, PluginError,
+    SendFailure, Text, Transport, TransportInfo, TransportStats,
 };
 use tokio::sync::{
     mpsc::{self, error::TrySendError},
@@ -18,6 +22,8 @@ pub struct MemoryTransport {
     registration: Registration,
     max_message_size: u64,
     inbound: tokio::sync::Mutex<mpsc::Receiver<Envelope>>,
+    /// The sending side of `inbound`, kept only to count what waits in it.
+    inbound_depth: mpsc::Sender<Envelope>,
     /// Flips to `true` once, on `close`.
     shutdown: watch::Sender<bool>,
 }
@@ -30,12 +36,14 @@ impl MemoryTransport {
     pub fn register(node_id: &NodeId, config: MemoryConfig) -> Result<Self, PluginError> {
         config.validate()?;
         let (queue, inbound) = mpsc::channel(config.queue_capacity);
+        let inbound_depth = queue.clone();
         let registration =
             Registration::new(config.address.as_deref(), node_id, queue, config.max_message_size)?;
         Ok(Self {
             registration,
             max_message_size: config.max_message_size,
             inbound: tokio::sync::Mutex::new(inbound),
+            inbound_depth,
             shutdown: watch::channel(false).0,
         })
     }
@@ -59,21 +67,9 @@ impl MemoryTransport {
             format!("payload of {size} bytes exceeds max_message_size {limit} of {whose}"),
         )
     }
-}
 
-#[async_trait]
-impl Transport for MemoryTransport {
-    fn info(&self) -> TransportInfo {
-        TransportInfo {
-            capabilities: Capabilities::ORDERED | Capabilities::RELIABLE,
-            local_address: self.address().to_string(),
-            max_message_size: self.max_message_size,
-        }
-    }
-
-    /// Puts `envelope` into the queue of the instance registered at `address`, waiting while
-    /// that queue is full.
-    async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
+    /// What this side refuses, before looking for the receiver.
+    fn check_sendable(&self, envelope: &Envelope) -> Result<(), PluginError> {
         if self.is_closed() {
             return Err(self.closed_error());
         }
@@ -82,7 +78,12 @@ impl Transport for MemoryTransport {
             let whose = format!("the sending memory transport `{}`", self.address());
             return Err(Self::too_large(size, self.max_message_size, whose));
         }
-        let mailbox = registry::lookup(address)?;
+        Ok(())
+    }
+
+    /// Puts `envelope` into `mailbox` (registered at `address`), waiting while it is full.
+    async fn put(&self, address: &str, mailbox: &Mailbox, envelope: Envelope) -> Result<(), PluginError> {
+        let size = envelope.payload.len() as u64;
         if size > mailbox.max_message_size {
             let whose = format!("the receiving memory transport `{address}`");
             return Err(Self::too_large(size, mailbox.max_message_size, whose));
@@ -105,6 +106,50 @@ impl Transport for MemoryTransport {
             sent = mailbox.queue.send(envelope) => sent.map_err(|_| receiver_closed()),
             _ = closing(&mut shutdown) => Err(self.closed_error()),
         }
+    }
+}
+
+#[async_trait]
+impl Transport for MemoryTransport {
+    fn info(&self) -> TransportInfo {
+        TransportInfo::new(
+            Capabilities::ORDERED | Capabilities::RELIABLE,
+            self.address().to_string(),
+            self.max_message_size,
+        )
+    }
+
+    /// Puts `envelope` into the queue of the instance registered at `address`, waiting while
+    /// that queue is full.
+    async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
+        self.check_sendable(&envelope)?;
+        let mailbox = registry::lookup(address)?;
+        self.put(address, &mailbox, envelope).await
+    }
+
+    /// Like `send` for each item, in order, with one registry lookup per address.
+    async fn send_batch(&self, batch: Vec<Outbound>) -> Vec<SendFailure> {
+        let mut failures = Vec::new();
+        let mut mailboxes: Vec<(Text, Result<Mailbox, PluginError>)> = Vec::new();
+        for (index, Outbound { address, envelope }) in batch.into_iter().enumerate() {
+            if let Err(error) = self.check_sendable(&envelope) {
+                failures.push(SendFailure { index, error });
+                continue;
+            }
+            let known = mailboxes.iter().position(|(known, _)| *known == address);
+            let position = known.unwrap_or_else(|| {
+                mailboxes.push((address.clone(), registry::lookup(&address)));
+                mailboxes.len() - 1
+            });
+            let sent = match &mailboxes[position].1 {
+                Ok(mailbox) => self.put(&address, mailbox, envelope).await,
+                Err(error) => Err(error.clone()),
+            };
+            if let Err(error) = sent {
+                failures.push(SendFailure { index, error });
+            }
+        }
+        failures
     }
 
     async fn receive(&self, max_batch: usize) -> Result<Vec<Inbound>, PluginError> {
@@ -133,6 +178,13 @@ impl Transport for MemoryTransport {
             }
         }
         Ok(batch)
+    }
+
+    /// Messages waiting in this instance's queue (nothing waits on the sending side).
+    fn stats(&self) -> TransportStats {
+        let mut stats = TransportStats::default();
+        stats.receive_queue_depth = queued(&self.inbound_depth);
+        stats
     }
 
     /// Unregisters the address, fails sends waiting for room in this queue, and lets `receive`

@@ -62,13 +62,12 @@ impl From<&NodeRecord> for RecordJson {
 
 impl From<RecordJson> for NodeRecord {
     fn from(json: RecordJson) -> Self {
-        Self {
-            id: NodeId::new(json.id),
-            addresses: json.addresses,
-            services: json.services,
-            topics: json.topics,
-            metadata: json.metadata,
-        }
+        let mut record = NodeRecord::new(NodeId::new(json.id));
+        record.addresses = json.addresses;
+        record.services = json.services;
+        record.topics = json.topics;
+        record.metadata = json.metadata;
+        record
     }
 }
 

@@ -38,8 +38,7 @@ pub fn encode(envelope: &Envelope, inbox_node: &str) -> Vec<(&'static str, Vec<u
         fields.push(("correlation_id", correlation.to_string().into_bytes()));
     }
     if !envelope.headers.is_empty() {
-        let pairs: Vec<[&str; 2]> =
-            envelope.headers.iter().map(|(name, value)| [name.as_str(), value.as_str()]).collect();
+        let pairs: Vec<[&str; 2]> = envelope.headers.iter().map(|(name, value)| [name, value]).collect();
         // Serializing strings cannot fail.
         fields.push(("headers", serde_json::to_vec(&pairs).unwrap_or_default()));
     }
@@ -96,8 +95,8 @@ pub fn decode(fields: &HashMap<String, Value>, inbox_node: &NodeId) -> Result<En
     let name = text(fields, "to")?.map(str::to_string);
     let to = match text(fields, "to_kind")?.unwrap_or("node") {
         "node" => Destination::Node(name.map(NodeId::new).unwrap_or_else(|| inbox_node.clone())),
-        "service" => Destination::Service(name.ok_or("field `to` is missing for a service")?),
-        "topic" => Destination::Topic(name.ok_or("field `to` is missing for a topic")?),
+        "service" => Destination::service(name.ok_or("field `to` is missing for a service")?),
+        "topic" => Destination::topic(name.ok_or("field `to` is missing for a topic")?),
         other => return Err(format!("field `to_kind` ({other:?}) is not node, service or topic")),
     };
     let correlation_id = match text(fields, "correlation_id")? {
@@ -113,7 +112,9 @@ pub fn decode(fields: &HashMap<String, Value>, inbox_node: &NodeId) -> Result<En
         })?,
     };
     let payload = bytes(fields, "payload")?.ok_or("field `payload` is missing")?;
-    Ok(Envelope { id, from, to, correlation_id, headers, payload: Payload::from(payload) })
+    Ok(Envelope::new(id, from, to, Payload::from(payload))
+        .with_correlation_id(correlation_id)
+        .with_headers(headers))
 }
 
 #[cfg(test)]
@@ -125,31 +126,48 @@ mod tests {
     }
 
     fn sample() -> Envelope {
-        Envelope {
-            id: MessageId::from_u128(0xabc),
-            from: NodeId::new("alice"),
-            to: Destination::Service("echo".into()),
-            correlation_id: Some(MessageId::from_u128(u128::MAX)),
-            headers: vec![("a".into(), "1".into()), ("a".into(), "grüße".into()), ("".into(), "".into())],
-            payload: Payload::from(vec![0, 255, 10]),
-        }
+        Envelope::new(
+            MessageId::from_u128(0xabc),
+            NodeId::new("alice"),
+            Destination::Service("echo".into()),
+            Payload::from(vec![0, 255, 10]),
+        )
+        .with_correlation_id(Some(MessageId::from_u128(u128::MAX)))
+        .with_headers(vec![
+            ("a".into(), "1".into()),
+            ("a".into(), "grüße".into()),
+            ("".into(), "".into()),
+        ])
     }
 
     #[test]
     fn every_field_round_trips() {
         let inbox = NodeId::new("bob");
         assert_eq!(decode(&as_map(encode(&sample(), "bob")), &inbox).unwrap(), sample());
-        let bare = Envelope { correlation_id: None, headers: vec![], ..sample() };
+        let bare = {
+            let mut value = sample();
+            value.correlation_id = None;
+            value.headers = (vec![]).into();
+            value
+        };
         let fields = encode(&bare, "bob");
         assert!(!fields.iter().any(|(name, _)| *name == "headers" || *name == "correlation_id"));
         assert_eq!(decode(&as_map(fields), &inbox).unwrap(), bare);
         // To the inbox's own node: the destination is implied.
-        let direct = Envelope { to: Destination::Node(NodeId::new("bob")), ..sample() };
+        let direct = {
+            let mut value = sample();
+            value.to = Destination::Node(NodeId::new("bob"));
+            value
+        };
         let fields = encode(&direct, "bob");
         assert!(!fields.iter().any(|(name, _)| *name == "to" || *name == "to_kind"));
         assert_eq!(decode(&as_map(fields), &inbox).unwrap(), direct);
         // Relayed: for another node, through this inbox.
-        let relayed = Envelope { to: Destination::Node(NodeId::new("carol")), ..sample() };
+        let relayed = {
+            let mut value = sample();
+            value.to = Destination::Node(NodeId::new("carol"));
+            value
+        };
         assert_eq!(decode(&as_map(encode(&relayed, "bob")), &inbox).unwrap(), relayed);
     }
 

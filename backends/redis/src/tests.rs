@@ -34,14 +34,13 @@ async fn delete(inbox: &str) {
 }
 
 fn envelope(to: &str, n: u128) -> Envelope {
-    Envelope {
-        id: MessageId::from_u128(n),
-        from: NodeId::new("sender"),
-        to: Destination::Node(NodeId::new(to)),
-        correlation_id: None,
-        headers: vec![("n".into(), n.to_string())],
-        payload: Payload::from(vec![n as u8; 3]),
-    }
+    Envelope::new(
+        MessageId::from_u128(n),
+        NodeId::new("sender"),
+        Destination::Node(NodeId::new(to)),
+        Payload::from(vec![n as u8; 3]),
+    )
+    .with_headers(vec![("n".into(), n.to_string())])
 }
 
 async fn open(node: &str, config: &str) -> LoadedTransport {

@@ -8,8 +8,9 @@ use crate::{
     topics::TopicSubscriber,
 };
 use comms_plugin_api::{
-    async_trait, backoff::Backoff, wire, Capabilities, Destination, Envelope, ErrorCode, Inbound, NodeId,
-    PluginError, Settlement, SettlementOutcome, Transport, TransportInfo,
+    async_trait, backoff::Backoff, queued, wire, Capabilities, Destination, Envelope, ErrorCode, Inbound,
+    IncidentCounters, NodeId, PluginError, Settlement, SettlementOutcome, Transport, TransportInfo,
+    TransportStats,
 };
 use redis::{
     aio::ConnectionManager,
@@ -98,6 +99,8 @@ pub(crate) struct Shared {
     next_tag: AtomicU64,
     pub(crate) inbound: mpsc::Sender<Inbound>,
     pub(crate) shutdown: watch::Sender<bool>,
+    /// Failed commands (retried or not) and recoveries after them, for `stats()`.
+    pub(crate) incidents: IncidentCounters,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -178,6 +181,7 @@ impl RedisTransport {
             next_tag: AtomicU64::new(1),
             inbound,
             shutdown: watch::channel(false).0,
+            incidents: IncidentCounters::default(),
             config,
         });
         create_group(&shared, &mut shared.commands.clone()).await?;
@@ -224,11 +228,19 @@ impl RedisTransport {
         let command = command(&self.shared, &outgoing);
         let mut connection = self.shared.commands.clone();
         let mut delay = Duration::from_millis(20);
+        let mut failed = false;
         loop {
             let result: Result<Value, redis::RedisError> = command.query_async(&mut connection).await;
             match result {
-                Ok(reply) => return outcome(&outgoing, &reply),
+                Ok(reply) => {
+                    if failed {
+                        self.shared.incidents.reconnected();
+                    }
+                    return outcome(&outgoing, &reply);
+                }
                 Err(error) if is_connection_error(&error) => {
+                    failed = true;
+                    self.shared.incidents.failed();
                     if self.shared.is_closed() {
                         return Err(PluginError::new(
                             ErrorCode::CLOSED,
@@ -253,16 +265,16 @@ impl Transport for RedisTransport {
     /// authenticated by its certificate.
     fn info(&self) -> TransportInfo {
         let tls = if self.shared.url.is_tls() { Capabilities::ENCRYPTED } else { Capabilities::NONE };
-        TransportInfo {
-            capabilities: Capabilities::ORDERED
+        TransportInfo::new(
+            Capabilities::ORDERED
                 | Capabilities::ACKNOWLEDGEMENTS
                 | Capabilities::DURABLE
                 | Capabilities::NATIVE_TOPICS
                 | Capabilities::RELIABLE
                 | tls,
-            local_address: self.shared.inbox.clone(),
-            max_message_size: self.shared.config.max_message_size,
-        }
+            self.shared.inbox.clone(),
+            self.shared.config.max_message_size,
+        )
     }
 
     /// `XADD`s the envelope to the inbox stream `address`, or `PUBLISH`es a topic message when
@@ -355,6 +367,20 @@ impl Transport for RedisTransport {
             return Err(self.shared.closed_error());
         }
         self.topics.unsubscribe(pattern).await
+    }
+
+    /// Queued sends, received entries waiting for `receive`, failed Redis commands and the
+    /// recoveries after them; `redis.unsettled`: entries delivered and not yet settled.
+    fn stats(&self) -> TransportStats {
+        let mut stats = self.shared.incidents.stats();
+        if let Some(outgoing) = lock(&self.outgoing).as_ref() {
+            stats.send_queue_depth = queued(outgoing);
+        }
+        stats.receive_queue_depth = queued(&self.shared.inbound);
+        let unsettled =
+            self.shared.config.max_unsettled.saturating_sub(self.shared.permits.available_permits());
+        stats.counters.push(("redis.unsettled".to_string(), unsettled as u64));
+        stats
     }
 
     /// Writes what is queued (within `close_timeout_ms`), stops reading, and hands the entries
@@ -559,10 +585,14 @@ async fn write_batch(shared: &Shared, connection: &mut ConnectionManager, batch:
         pipe.add_command(command(shared, outgoing));
     }
     let mut delay = Duration::from_millis(20);
+    let mut failed = false;
     loop {
         let result: Result<Vec<Value>, redis::RedisError> = pipe.query_async(connection).await;
         match result {
             Ok(replies) => {
+                if failed {
+                    shared.incidents.reconnected();
+                }
                 for (outgoing, reply) in
                     batch.into_iter().zip(replies.iter().chain(std::iter::repeat(&Value::Okay)))
                 {
@@ -572,6 +602,8 @@ async fn write_batch(shared: &Shared, connection: &mut ConnectionManager, batch:
                 return;
             }
             Err(error) if is_connection_error(&error) => {
+                failed = true;
+                shared.incidents.failed();
                 // Kept until Redis has it: a batch may be written twice (same message ids).
                 tracing::warn!(error = %shared.url.scrub(&error.to_string()), url = %shared.url.redacted(),
                     messages = batch.len(), "writing to Redis failed; retrying");
@@ -635,6 +667,7 @@ async fn read_loop(shared: Arc<Shared>, mut connection: ConnectionManager) {
                 }
             }
             Err(error) => {
+                shared.incidents.failed();
                 tracing::warn!(inbox = %shared.inbox, url = %shared.url.redacted(),
                     error = %shared.url.scrub(&error.to_string()), "reading the inbox failed; retrying");
                 tokio::select! {
@@ -775,6 +808,7 @@ async fn dead_letter(shared: &Shared, entries: Vec<(StreamId, String)>) {
     let mut pipe = redis::pipe();
     let ids: Vec<&str> = entries.iter().map(|(entry, _)| entry.id.as_str()).collect();
     for (entry, reason) in &entries {
+        shared.incidents.failed();
         tracing::warn!(inbox = %shared.inbox, entry = %entry.id, %reason, dead_letter = %shared.dead_letter,
             "malformed inbox entry moved to the dead-letter stream");
         let cmd = pipe.cmd("XADD").arg(&shared.dead_letter).arg("MAXLEN").arg("~").arg(10_000).arg("*");

@@ -61,12 +61,13 @@ impl StoredRecord {
     }
 
     fn into_record(self, id: String) -> NodeRecord {
-        NodeRecord {
-            id: NodeId::new(id),
-            addresses: self.addresses.into_iter().map(|a| (a.transport, a.address)).collect(),
-            services: self.services,
-            topics: self.topics,
-            metadata: self.metadata,
+        {
+            let mut value = NodeRecord::new(NodeId::new(id));
+            value.addresses = self.addresses.into_iter().map(|a| (a.transport, a.address)).collect();
+            value.services = self.services;
+            value.topics = self.topics;
+            value.metadata = self.metadata;
+            value
         }
     }
 }

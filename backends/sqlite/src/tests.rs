@@ -26,14 +26,13 @@ fn database(name: &str, extra: &str) -> (PathBuf, String) {
 }
 
 fn envelope(n: u128, to: &str, size: usize) -> Envelope {
-    Envelope {
-        id: MessageId::from_u128(n),
-        from: NodeId::new("sender"),
-        to: Destination::Node(NodeId::new(to)),
-        correlation_id: None,
-        headers: vec![("n".to_string(), n.to_string())],
-        payload: Payload::from(vec![n as u8; size]),
-    }
+    Envelope::new(
+        MessageId::from_u128(n),
+        NodeId::new("sender"),
+        Destination::Node(NodeId::new(to)),
+        Payload::from(vec![n as u8; size]),
+    )
+    .with_headers(vec![("n".to_string(), n.to_string())])
 }
 
 async fn transport(node: &str, config: &str) -> Result<LoadedTransport, PluginError> {
@@ -369,12 +368,13 @@ async fn next_event(discovery: &LoadedDiscovery) -> comms_plugin_api::PeerEvent 
 }
 
 fn record(id: &str) -> NodeRecord {
-    NodeRecord {
-        id: NodeId::new(id),
-        addresses: vec![("sqlite".into(), id.into())],
-        services: vec!["billing".into()],
-        topics: vec!["orders.>".into()],
-        metadata: vec![("zone".into(), "eu".into())],
+    {
+        let mut value = NodeRecord::new(NodeId::new(id));
+        value.addresses = vec![("sqlite".into(), id.into())];
+        value.services = vec!["billing".into()];
+        value.topics = vec!["orders.>".into()];
+        value.metadata = vec![("zone".into(), "eu".into())];
+        value
     }
 }
 

@@ -10,8 +10,8 @@ use crate::{
     worker::{self, Command},
 };
 use comms_plugin_api::{
-    async_trait, wire, Capabilities, Destination, Envelope, ErrorCode, Inbound, NodeId, PluginError,
-    Settlement, Transport, TransportInfo,
+    async_trait, queued, wire, Capabilities, Destination, Envelope, ErrorCode, Inbound, NodeId, PluginError,
+    Settlement, Transport, TransportInfo, TransportStats,
 };
 use std::{
     sync::atomic::{AtomicU64, Ordering},
@@ -120,11 +120,7 @@ async fn closing(closed: &mut watch::Receiver<bool>) {
 #[async_trait]
 impl Transport for SqliteTransport {
     fn info(&self) -> TransportInfo {
-        TransportInfo {
-            capabilities: CAPABILITIES,
-            local_address: self.node.as_str().to_string(),
-            max_message_size: self.config.max_message_size,
-        }
+        TransportInfo::new(CAPABILITIES, self.node.as_str().to_string(), self.config.max_message_size)
     }
 
     /// Commits `envelope` to the mailbox of node `address` (or, for a topic and an empty
@@ -147,7 +143,7 @@ impl Transport for SqliteTransport {
         let outgoing = match (&envelope.to, address) {
             (Destination::Topic(topic), "") => {
                 topic_pattern::validate_topic(topic)?;
-                Outgoing::Topic { topic: topic.clone(), encoded }
+                Outgoing::Topic { topic: topic.to_string(), encoded }
             }
             (_, "") => {
                 return Err(PluginError::new(
@@ -239,6 +235,13 @@ impl Transport for SqliteTransport {
         }
         let change = SubscriptionChange { pattern: pattern.to_string(), subscribe: false };
         self.request(|reply| Command::Subscription { change, reply }).await
+    }
+
+    /// Commands (sends, settlements, polls) waiting for the database thread.
+    fn stats(&self) -> TransportStats {
+        let mut stats = TransportStats::default();
+        stats.send_queue_depth = queued(&self.commands);
+        stats
     }
 
     /// Wakes a waiting `receive` (it returns an empty batch), releases the leases of messages

@@ -35,7 +35,17 @@
 //! - **Connections**: one outgoing connection per peer address, reused; the listener serves
 //!   any number of peers, and a peer sending garbage only loses its own connection.
 //!
-//! TCP_NODELAY is on: batching happens in the writer, not in the kernel.
+//! TCP_NODELAY is on: batching happens in the writer, not in the kernel. Each message is encoded
+//! once, straight into the buffer that is written; a batched send (`send_batch`) queues all the
+//! items for one peer at once. Received payloads are ranges of the buffer they were read into
+//! (no copy) when messages arrive in bulk.
+//!
+//! ## Statistics
+//!
+//! Besides what the host counts (messages and bytes each way): the send and receive queue
+//! depths, reconnects, errors (connections refused or closed for bad input, failed writes, peers
+//! given up) and the counters `tcp.writes`, `tcp.connections.accepted`,
+//! `tcp.connections.refused` and `tcp.messages.dropped`.
 
 #![warn(missing_docs)]
 
@@ -121,3 +131,6 @@ impl Acceptor for TcpAcceptor {
         Ok((stream, peer.to_string()))
     }
 }
+
+#[cfg(test)]
+mod tests;

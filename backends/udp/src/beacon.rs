@@ -471,7 +471,7 @@ fn decode(bytes: &[u8]) -> Option<(u8, Duration, NodeRecord)> {
     let kind = take(&mut r, 1)?[0];
     let interval = Duration::from_millis(u32::from_be_bytes(take(&mut r, 4)?.try_into().ok()?) as u64);
     let id = NodeId::new(string(&mut r)?);
-    let mut record = NodeRecord { id, addresses: vec![], services: vec![], topics: vec![], metadata: vec![] };
+    let mut record = NodeRecord::new(id);
     match kind {
         KIND_WITHDRAW => {}
         KIND_ANNOUNCE => {
@@ -498,12 +498,13 @@ mod tests {
     use super::*;
 
     fn record(id: &str) -> NodeRecord {
-        NodeRecord {
-            id: NodeId::new(id),
-            addresses: vec![("udp".into(), "127.0.0.1:1234".into())],
-            services: vec!["echo".into()],
-            topics: vec!["news.>".into()],
-            metadata: vec![("k".into(), "v".into())],
+        {
+            let mut value = NodeRecord::new(NodeId::new(id));
+            value.addresses = vec![("udp".into(), "127.0.0.1:1234".into())];
+            value.services = vec!["echo".into()];
+            value.topics = vec!["news.>".into()];
+            value.metadata = vec![("k".into(), "v".into())];
+            value
         }
     }
 

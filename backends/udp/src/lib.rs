@@ -68,9 +68,10 @@ pub mod secure;
 use comms_plugin_api::{
     async_trait, export_plugin,
     inbound::receive_batch,
+    queued,
     security::{noise::NoiseIdentity, LinkSecurity, PublicKey},
-    wire, Capabilities, Envelope, ErrorCode, Inbound, NodeId, Plugin, PluginError, Provides, Setup,
-    Transport, TransportInfo,
+    wire, Capabilities, Envelope, ErrorCode, Inbound, IncidentCounters, NodeId, Outbound, Plugin,
+    PluginError, Provides, SendFailure, Setup, SharedBuffer, Transport, TransportInfo, TransportStats,
 };
 use reliability::{Endpoint, Event, SendError, MIN_DATAGRAM};
 use secure::{SecureConfig, SecureEvent, SecureLayer, SecureStats};
@@ -240,6 +241,8 @@ struct Shared {
     space: Notify,
     shutdown: watch::Sender<bool>,
     closing: AtomicBool,
+    /// Messages dropped by the driver because they are not envelopes.
+    incidents: IncidentCounters,
 }
 
 impl Shared {
@@ -263,6 +266,8 @@ impl Shared {
 pub struct UdpTransport {
     shared: Arc<Shared>,
     inbound: tokio::sync::Mutex<mpsc::Receiver<Inbound>>,
+    /// The sending side of `inbound`, kept only to count what waits in it.
+    inbound_depth: mpsc::Sender<Inbound>,
     info: TransportInfo,
     driver: Mutex<Option<JoinHandle<()>>>,
 }
@@ -310,11 +315,11 @@ impl UdpTransport {
         if secure.is_some() {
             capabilities = capabilities | Capabilities::ENCRYPTED;
         }
-        let info = TransportInfo {
+        let info = TransportInfo::new(
             capabilities,
-            local_address: local_address.clone(),
-            max_message_size: config.max_message_size as u64 - ENVELOPE_ALLOWANCE as u64,
-        };
+            local_address.clone(),
+            config.max_message_size as u64 - ENVELOPE_ALLOWANCE as u64,
+        );
         let epoch = epoch_for(&node_id, &local_address);
         let shared = Arc::new(Shared {
             endpoint: Mutex::new(Endpoint::new(config, epoch)),
@@ -323,12 +328,15 @@ impl UdpTransport {
             space: Notify::new(),
             shutdown: watch::channel(false).0,
             closing: AtomicBool::new(false),
+            incidents: IncidentCounters::default(),
         });
         let (sender, receiver) = mpsc::channel(INBOUND_CAPACITY);
+        let inbound_depth = sender.clone();
         let driver = tokio::spawn(drive(socket, shared.clone(), sender, local_address));
         Ok(Self {
             shared,
             inbound: tokio::sync::Mutex::new(receiver),
+            inbound_depth,
             info,
             driver: Mutex::new(Some(driver)),
         })
@@ -343,6 +351,75 @@ impl UdpTransport {
     /// `None` with plain links.
     pub fn secure_stats(&self) -> Option<SecureStats> {
         self.shared.secure().map(|secure| secure.stats().clone())
+    }
+
+    /// What `send` refuses before resolving the address.
+    fn check_sendable(&self, address: &str, envelope: &Envelope) -> Result<(), PluginError> {
+        if self.shared.closing.load(Ordering::Acquire) {
+            return Err(PluginError::closed("udp transport"));
+        }
+        let max = self.info.max_message_size;
+        if envelope.payload.len() as u64 > max {
+            return Err(PluginError::new(
+                ErrorCode::TOO_LARGE,
+                format!(
+                    "udp send to {address}: payload of {} bytes exceeds max_message_size {max}",
+                    envelope.payload.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Encodes `envelope` (into `bytes`, reused) and queues it in the endpoint for `to`, waiting
+    /// up to [`SEND_QUEUE_WAIT`] while the peer's queue is full (the driver is woken then; the
+    /// caller wakes it once the message is queued).
+    async fn enqueue(
+        &self,
+        address: &str,
+        to: SocketAddr,
+        envelope: &Envelope,
+        bytes: &mut Vec<u8>,
+    ) -> Result<(), PluginError> {
+        bytes.clear();
+        wire::encode_envelope(envelope, bytes).map_err(|error| {
+            PluginError::new(
+                ErrorCode::MALFORMED,
+                format!("udp send to {address}: cannot encode envelope: {error}"),
+            )
+        })?;
+        let deadline = tokio::time::Instant::now() + SEND_QUEUE_WAIT;
+        loop {
+            let result = self.shared.endpoint().send(Instant::now(), to, bytes);
+            match result {
+                Ok(()) => return Ok(()),
+                Err(SendError::TooLarge { size, max }) => {
+                    return Err(PluginError::new(
+                        ErrorCode::TOO_LARGE,
+                        format!("udp send to {address}: encoded envelope of {size} bytes exceeds {max}"),
+                    ))
+                }
+                Err(error @ SendError::Unreachable { .. }) => {
+                    return Err(PluginError::retryable(
+                        ErrorCode::UNREACHABLE,
+                        format!("udp send to {address}: {error}; this message was not sent"),
+                    ))
+                }
+                Err(error @ (SendError::QueueFull | SendError::PeerLimit)) => {
+                    if tokio::time::Instant::now() >= deadline || self.shared.closing.load(Ordering::Acquire)
+                    {
+                        return Err(PluginError::retryable(
+                            ErrorCode::UNREACHABLE,
+                            format!("udp send to {address}: {error} for {} s", SEND_QUEUE_WAIT.as_secs()),
+                        ));
+                    }
+                    // What is queued has to go out before there is room.
+                    self.shared.wake.notify_one();
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(20), self.shared.space.notified()).await;
+                }
+            }
+        }
     }
 }
 
@@ -421,60 +498,74 @@ impl Transport for UdpTransport {
     }
 
     async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
-        if self.shared.closing.load(Ordering::Acquire) {
-            return Err(PluginError::closed("udp transport"));
-        }
-        let max = self.info.max_message_size;
-        if envelope.payload.len() as u64 > max {
-            return Err(PluginError::new(
-                ErrorCode::TOO_LARGE,
-                format!(
-                    "udp send to {address}: payload of {} bytes exceeds max_message_size {max}",
-                    envelope.payload.len()
-                ),
-            ));
-        }
+        self.check_sendable(address, &envelope)?;
         let to = resolve(address).await?;
         let mut bytes = Vec::new();
-        wire::encode_envelope(&envelope, &mut bytes).map_err(|error| {
-            PluginError::new(
-                ErrorCode::MALFORMED,
-                format!("udp send to {address}: cannot encode envelope: {error}"),
-            )
-        })?;
-        let deadline = tokio::time::Instant::now() + SEND_QUEUE_WAIT;
-        loop {
-            let result = self.shared.endpoint().send(Instant::now(), to, &bytes);
-            match result {
+        self.enqueue(address, to, &envelope, &mut bytes).await?;
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Like `send` for each item, in order, resolving each address once and waking the driver
+    /// once for the whole batch.
+    async fn send_batch(&self, batch: Vec<Outbound>) -> Vec<SendFailure> {
+        let mut failures = Vec::new();
+        let mut resolved: Vec<(comms_plugin_api::Text, Result<SocketAddr, PluginError>)> = Vec::new();
+        let mut bytes = Vec::new();
+        for (index, Outbound { address, envelope }) in batch.into_iter().enumerate() {
+            let sent = match self.check_sendable(&address, &envelope) {
                 Ok(()) => {
-                    self.shared.wake.notify_one();
-                    return Ok(());
-                }
-                Err(SendError::TooLarge { size, max }) => {
-                    return Err(PluginError::new(
-                        ErrorCode::TOO_LARGE,
-                        format!("udp send to {address}: encoded envelope of {size} bytes exceeds {max}"),
-                    ))
-                }
-                Err(error @ SendError::Unreachable { .. }) => {
-                    return Err(PluginError::retryable(
-                        ErrorCode::UNREACHABLE,
-                        format!("udp send to {address}: {error}; this message was not sent"),
-                    ))
-                }
-                Err(error @ (SendError::QueueFull | SendError::PeerLimit)) => {
-                    if tokio::time::Instant::now() >= deadline || self.shared.closing.load(Ordering::Acquire)
-                    {
-                        return Err(PluginError::retryable(
-                            ErrorCode::UNREACHABLE,
-                            format!("udp send to {address}: {error} for {} s", SEND_QUEUE_WAIT.as_secs()),
-                        ));
+                    let position = match resolved.iter().position(|(known, _)| *known == address) {
+                        Some(position) => position,
+                        None => {
+                            let to = resolve(&address).await;
+                            resolved.push((address.clone(), to));
+                            resolved.len() - 1
+                        }
+                    };
+                    match &resolved[position].1 {
+                        Ok(to) => self.enqueue(&address, *to, &envelope, &mut bytes).await,
+                        Err(error) => Err(error.clone()),
                     }
-                    let _ =
-                        tokio::time::timeout(Duration::from_millis(20), self.shared.space.notified()).await;
                 }
+                Err(error) => Err(error),
+            };
+            if let Err(error) = sent {
+                failures.push(SendFailure { index, error });
             }
         }
+        self.shared.wake.notify_one();
+        failures
+    }
+
+    /// Queue depth of received messages; errors: malformed, tampered, replayed and refused
+    /// datagrams, messages that are not envelopes, peers given up; counters of the state
+    /// machine (`udp.retransmissions`, `udp.duplicates`, ...).
+    fn stats(&self) -> TransportStats {
+        let reliability = UdpTransport::stats(self);
+        let secure = self.secure_stats().unwrap_or_default();
+        let mut stats = self.shared.incidents.stats();
+        stats.receive_queue_depth = queued(&self.inbound_depth);
+        stats.errors += reliability.malformed
+            + reliability.gave_up
+            + secure.malformed
+            + secure.tampered
+            + secure.replayed
+            + secure.refused
+            + secure.unbound_node_id;
+        stats.counters = [
+            ("udp.delivered", reliability.delivered),
+            ("udp.retransmissions", reliability.retransmissions),
+            ("udp.duplicates", reliability.duplicates),
+            ("udp.abandoned_messages", reliability.abandoned_messages),
+            ("udp.out_of_window", reliability.out_of_window),
+            ("udp.over_budget", reliability.over_budget),
+            ("udp.handshakes", secure.handshakes),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_string(), value))
+        .collect();
+        stats
     }
 
     async fn receive(&self, max_batch: usize) -> Result<Vec<Inbound>, PluginError> {
@@ -540,9 +631,12 @@ async fn drive(socket: UdpSocket, shared: Arc<Shared>, inbound: mpsc::Sender<Inb
             }
         }
         for (from, bytes) in messages {
-            let envelope = match wire::decode_envelope(&bytes) {
+            // The payload stays in the reassembled message's buffer: no copy.
+            let length = bytes.len();
+            let envelope = match wire::decode_envelope_shared(&SharedBuffer::from(bytes), 0..length) {
                 Ok(envelope) => envelope,
                 Err(error) => {
+                    shared.incidents.failed();
                     tracing::warn!(
                         "udp {local}: dropped a message from {from} that is not an envelope: {error}"
                     );

@@ -2,14 +2,12 @@ use super::*;
 use comms_plugin_api::{host_side::PluginLibrary, Destination, MessageId, Payload};
 
 fn envelope(n: u128, payload: Vec<u8>) -> Envelope {
-    Envelope {
-        id: MessageId::from_u128(n),
-        from: NodeId::new("a"),
-        to: Destination::Node(NodeId::new("b")),
-        correlation_id: None,
-        headers: vec![],
-        payload: Payload::from(payload),
-    }
+    Envelope::new(
+        MessageId::from_u128(n),
+        NodeId::new("a"),
+        Destination::Node(NodeId::new("b")),
+        Payload::from(payload),
+    )
 }
 
 async fn transport(config: &str) -> UdpTransport {
@@ -131,4 +129,29 @@ fn peer_timeout_ms_is_checked_and_caps_the_retransmission_timeout() {
     assert!(config.initial_rto <= config.max_rto);
     let defaults = UdpSettings::default().reliability_config().unwrap();
     assert_eq!(defaults.peer_timeout, Duration::from_millis(DEFAULT_PEER_TIMEOUT_MS));
+}
+
+#[tokio::test]
+async fn a_batch_is_sent_in_order_and_failures_keep_their_index() {
+    let a = transport("max_message_size = 20000").await;
+    let b = transport("").await;
+    let to = b.info().local_address;
+    let mut batch: Vec<Outbound> = (0..40u128)
+        .map(|n| Outbound { address: to.as_str().into(), envelope: envelope(n, vec![n as u8; 500]) })
+        .collect();
+    batch[10].envelope = envelope(10, vec![0; 30_000]);
+    batch[20].address = "not an address".into();
+    let failed: Vec<(usize, ErrorCode)> =
+        Transport::send_batch(&a, batch).await.iter().map(|f| (f.index, f.error.code)).collect();
+    assert_eq!(failed, [(10, ErrorCode::TOO_LARGE), (20, ErrorCode::INVALID_ADDRESS)]);
+    let mut got = Vec::new();
+    while got.len() < 38 {
+        got.extend(b.receive(64).await.unwrap().into_iter().map(|inbound| inbound.envelope.id.as_u128()));
+    }
+    assert_eq!(got, (0..40).filter(|n| *n != 10 && *n != 20).collect::<Vec<_>>());
+    let stats = Transport::stats(&b);
+    assert_eq!((stats.receive_queue_depth, stats.errors), (0, 0));
+    assert!(stats.counters.iter().any(|(name, value)| name == "udp.delivered" && *value == 38));
+    a.close().await.unwrap();
+    b.close().await.unwrap();
 }

@@ -37,7 +37,8 @@ impl Plugin for UdsPlugin {
 
     async fn new_transport(setup: Setup) -> Result<Arc<dyn Transport>, PluginError> {
         let settings: StreamSettings = setup.config()?;
-        // Encrypted links come for free: the stream transport runs the Noise handshake.
+        // Encrypted links come for free: the stream transport runs the Noise handshake. Built
+        // without this crate's `noise` feature, a node asking for them gets an error naming it.
         let security = setup.link_security()?;
         let path = match &settings.listen {
             Some(path) => PathBuf::from(path),

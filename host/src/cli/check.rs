@@ -1,26 +1,52 @@
-//! `comms check PLUGIN_FILE [--config F] [--key-file K]`: the conformance suite against any
-//! plugin file.
+//! `comms check PLUGIN_FILE [--config F] [--key-file K] [--assume CAPS]`: the conformance suite
+//! against any plugin file; `comms check --list`: its cases as a Markdown table.
 //!
 //! `F` holds the plugin's own config table (what would be under `[transports.NAME]`); without
 //! it the plugin runs with its defaults, which must allow several instances at once. With `K` (a
 //! key file from `comms keygen`) the suite runs over encrypted links, as with `[security] links =
 //! "noise"`: see [`SuiteConfig::with_noise_links`]. Prints a
 //! line per case as it finishes (`PASS name`, `FAIL name: reason`, `SKIP name: reason`), then
-//! `N passed, M failed, K skipped`. Exits 0 iff no case failed.
+//! `N passed, M failed, K skipped`. Exits 0 iff no case failed. With `--assume reliable` (any
+//! capability names, comma separated) the cases of those capabilities run as if the plugin
+//! declared them: a way to see whether a transport would keep a promise before making it.
 
 use super::{other, CliError};
 use comms_host::{
-    conformance::{run_suite_with_progress, SuiteConfig},
+    conformance::{case_table, run_suite_with_progress, SuiteConfig},
     PluginLibrary,
 };
-use comms_plugin_api::Provides;
+use comms_plugin_api::{Capabilities, Provides};
 use std::{io::Write, path::Path, process::ExitCode};
+
+/// `comms check --list`.
+pub(super) fn list() -> ExitCode {
+    print!("{}", case_table());
+    ExitCode::SUCCESS
+}
+
+/// The flags named in `--assume`.
+fn assumed(names: &[String]) -> Result<Capabilities, CliError> {
+    let flags = (0..64).map(|bit| Capabilities(1 << bit)).filter(|flag| !flag.names().is_empty());
+    let known: Vec<(Capabilities, &str)> = flags.map(|flag| (flag, flag.names()[0])).collect();
+    names.iter().map(|name| name.trim()).filter(|name| !name.is_empty()).try_fold(
+        Capabilities::NONE,
+        |set, name| match known.iter().find(|(_, known)| *known == name) {
+            Some((flag, _)) => Ok(set | *flag),
+            None => Err(other(format!(
+                "--assume: no capability `{name}` (known: {})",
+                known.iter().map(|(_, name)| *name).collect::<Vec<_>>().join(", ")
+            ))),
+        },
+    )
+}
 
 pub(super) async fn run(
     file: &Path,
     config: Option<&Path>,
     key_file: Option<&Path>,
+    assume: &[String],
 ) -> Result<ExitCode, CliError> {
+    let assume = assumed(assume)?;
     let library = PluginLibrary::load(file).map_err(CliError::Load)?;
     let description = library.description();
     if !description.provides.contains(Provides::TRANSPORT) {
@@ -35,14 +61,19 @@ pub(super) async fn run(
         Some(path) => read_config(path)?,
     };
     let mut suite = SuiteConfig::new(config_toml);
+    suite.assume = assume;
     let mut links = "plain links";
     if let Some(key_file) = key_file {
         suite = suite.with_noise_links(key_file).map_err(other)?;
         links = "encrypted links (noise)";
     }
 
+    let assuming = match assume.names().as_slice() {
+        [] => String::new(),
+        names => format!(", assuming {}", names.join(" and ")),
+    };
     println!(
-        "checking plugin `{}` {} from {} over {links}",
+        "checking plugin `{}` {} from {} over {links}{assuming}",
         description.name,
         description.version,
         file.display()

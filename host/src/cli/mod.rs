@@ -3,6 +3,7 @@
 mod check;
 mod demo;
 mod keygen;
+mod new_plugin;
 mod node_commands;
 mod patterns;
 mod plugins;
@@ -27,8 +28,8 @@ pub(crate) struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Plugin libraries: list what is found, inspect one file.
-    #[command(subcommand)]
+    /// Plugin libraries: list what is found, inspect one file, start a new plugin crate.
+    #[command(subcommand, alias = "plugin")]
     Plugins(PluginsCommand),
     /// Run a node until Ctrl-C, printing what it receives.
     Run {
@@ -117,10 +118,19 @@ enum Command {
         #[arg(long, default_value = "echo")]
         service: String,
     },
-    /// Run the conformance suite against a transport plugin file.
+    /// Run the conformance suite against a transport plugin file (or list its cases).
     Check {
         /// The plugin library file.
-        file: PathBuf,
+        #[arg(required_unless_present = "list")]
+        file: Option<PathBuf>,
+        /// Print every case (name, what it checks, the capability that turns it on) as a
+        /// Markdown table, and run nothing.
+        #[arg(long, conflicts_with_all = ["config", "key_file", "assume"])]
+        list: bool,
+        /// Run the cases of these capabilities too, as if the plugin declared them (comma
+        /// separated: ordered, acknowledgements, durable, native-topics, reliable, encrypted).
+        #[arg(long, value_delimiter = ',')]
+        assume: Vec<String>,
         /// A TOML file with the plugin's config table (as under [transports.NAME]).
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -168,6 +178,19 @@ enum PluginsCommand {
     Inspect {
         /// The plugin library file.
         file: PathBuf,
+    },
+    /// Create a plugin crate `comms-NAME` (its own cargo workspace, a cdylib) holding a small
+    /// transport that passes `comms check` as generated. Never overwrites anything.
+    New {
+        /// The plugin's name: lowercase letters, digits, `-` and `_`, starting with a letter.
+        name: String,
+        /// The directory to create (default: ./comms-NAME); must not exist.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The comms-plugin-api crate to depend on (default: the plugin-api/ of the comms
+        /// checkout this binary was built from).
+        #[arg(long)]
+        plugin_api: Option<PathBuf>,
     },
 }
 
@@ -219,6 +242,9 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Plugins(PluginsCommand::List { dir }) => plugins::list(&dir),
         Command::Plugins(PluginsCommand::Inspect { file }) => plugins::inspect(&file),
+        Command::Plugins(PluginsCommand::New { name, dir, plugin_api }) => {
+            new_plugin::run(&name, dir.as_deref(), plugin_api.as_deref())
+        }
         Command::Run { config, echo } => node_commands::run(&config, echo).await,
         Command::Send { config, to, text } => node_commands::send(&config, &to, &text).await,
         Command::Recv { config, count } => node_commands::recv(&config, count).await,
@@ -232,9 +258,10 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             patterns::request(&config, &service, &text, timeout_ms, attempts).await
         }
         Command::EchoService { config, service } => patterns::echo_service(&config, &service).await,
-        Command::Check { file, config, key_file } => {
-            check::run(&file, config.as_deref(), key_file.as_deref()).await
-        }
+        Command::Check { file, list, assume, config, key_file } => match file {
+            Some(file) if !list => check::run(&file, config.as_deref(), key_file.as_deref(), &assume).await,
+            _ => Ok(check::list()),
+        },
         Command::Keygen { out, network, show, label } => match show {
             Some(file) => keygen::show(&file, label.as_deref()),
             None => keygen::generate(out.as_deref(), network, label.as_deref()),

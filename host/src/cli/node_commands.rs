@@ -58,7 +58,7 @@ pub(super) async fn run(config: &Path, echo: bool) -> Result<ExitCode, CliError>
                 println!("{}: {}", envelope.from, payload_text(&node, &envelope));
                 if echo {
                     let Envelope { id, from, headers, payload, .. } = envelope;
-                    if let Err(error) = node.send_raw(from, headers, payload.into_vec(), Some(id)).await {
+                    if let Err(error) = node.send_raw(from, headers, payload, Some(id)).await {
                         eprintln!("warning: echo failed: {error}");
                     }
                 }

@@ -2,8 +2,9 @@
 
 use super::CliError;
 use comms_host::{plugin_search, PluginLibrary};
-use comms_plugin_api::{PluginDescription, Provides};
+use comms_plugin_api::{host_side::layout_check, PluginDescription, Provides};
 use std::{
+    cmp::Ordering,
     path::{Path, PathBuf},
     process::ExitCode,
 };
@@ -41,6 +42,17 @@ pub(super) fn list(dirs: &[PathBuf]) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The plugin's contract version and how it relates to this host's: `1.0 (this host's)`.
+fn interface(description: &PluginDescription) -> String {
+    let (plugin, host) = (description.interface_version, PluginLibrary::interface_version());
+    let relation = match plugin.cmp(&host) {
+        Ordering::Equal => "this host's".to_string(),
+        Ordering::Less => format!("older than this host's {host}: what came later runs its defaults"),
+        Ordering::Greater => format!("newer than this host's {host}"),
+    };
+    format!("{plugin} ({relation})")
+}
+
 pub(super) fn inspect(file: &Path) -> Result<ExitCode, CliError> {
     let library = PluginLibrary::load(file).map_err(CliError::Load)?;
     let d = library.description();
@@ -48,7 +60,13 @@ pub(super) fn inspect(file: &Path) -> Result<ExitCode, CliError> {
     println!("name:        {}", d.name);
     println!("version:     {}", d.version);
     println!("provides:    {}", provides(d));
-    println!("interface:   {} (compatible with this host)", PluginLibrary::interface_version());
+    println!("interface:   {}", interface(d));
+    if d.interface_version > PluginLibrary::interface_version() {
+        // A newer minor (a newer major does not load): what it added, this host ignores.
+        let unused = layout_check::additions_in_library(file);
+        let unused = if unused.is_empty() { "nothing it can name".to_string() } else { unused.join(", ") };
+        println!("not used:    {unused} (unknown to this host)");
+    }
     println!("description: {}", d.description);
     Ok(ExitCode::SUCCESS)
 }

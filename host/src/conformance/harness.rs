@@ -4,7 +4,7 @@
 
 use super::SuiteConfig;
 use comms_plugin_api::{
-    host_side::{LoadedTransport, PluginLibrary},
+    host_side::{BlockingPoll, LoadedTransport, PluginLibrary},
     security::PublicKey,
     Capabilities, Destination, Envelope, ErrorCode, Inbound, MessageId, NodeId, PluginError, Settlement,
     SettlementOutcome, TransportInfo,
@@ -112,14 +112,7 @@ pub(crate) fn fresh_message_id() -> MessageId {
 
 /// An envelope from `from` to `to` with a fresh id, no correlation id and no headers.
 pub(crate) fn envelope(from: &Endpoint, to: Destination, payload: Vec<u8>) -> Envelope {
-    Envelope {
-        id: fresh_message_id(),
-        from: from.node.clone(),
-        to,
-        correlation_id: None,
-        headers: Vec::new(),
-        payload: payload.into(),
-    }
+    Envelope::new(fresh_message_id(), from.node.clone(), to, payload)
 }
 
 /// Payload made of big-endian `u32`s, so a receiver can tell who sent what to whom.
@@ -310,6 +303,21 @@ impl Inbox {
     pub(crate) fn role(&self) -> &str {
         &self.role
     }
+
+    /// Whether the transport ended the stream (returned an empty batch) or failed it.
+    pub(crate) fn ended(&self) -> bool {
+        self.ended
+    }
+}
+
+/// `plugin spool blocked a thread for 5.0 s in receive: use tokio::time or spawn_blocking`: what
+/// the host's poll watch logs, and what the suite reports.
+pub(crate) fn describe_blocking(plugin: &str, blocked: &BlockingPoll) -> String {
+    format!(
+        "plugin {plugin} blocked a thread for {:.1} s in {}: use tokio::time or spawn_blocking",
+        blocked.duration.as_secs_f64(),
+        blocked.operation
+    )
 }
 
 /// Everything one case uses; see the module docs.
@@ -319,12 +327,18 @@ pub(crate) struct Harness {
     config_toml: String,
     node_key: Option<PublicKey>,
     info: Option<TransportInfo>,
+    assume: Capabilities,
     case_timeout: Duration,
+    blocking_poll_limit: Duration,
     started: Instant,
     opened: Mutex<Vec<Arc<Endpoint>>>,
+    /// Every instance the case opened, closed or not: their poll watches.
+    every: Mutex<Vec<Arc<Endpoint>>>,
     receivers: Mutex<Vec<JoinHandle<()>>>,
     notes: Mutex<Vec<String>>,
     found: Mutex<Option<TransportInfo>>,
+    /// The longest blocking poll of the cases before this one, and the case.
+    earlier_blocking: Option<(BlockingPoll, &'static str)>,
 }
 
 impl Harness {
@@ -336,18 +350,58 @@ impl Harness {
             config_toml: config.config_toml.clone(),
             node_key: config.node_key,
             info,
+            assume: config.assume,
             case_timeout: config.case_timeout,
+            blocking_poll_limit: config.blocking_poll_limit,
             started: Instant::now(),
             opened: Mutex::new(Vec::new()),
+            every: Mutex::new(Vec::new()),
             receivers: Mutex::new(Vec::new()),
             notes: Mutex::new(Vec::new()),
             found: Mutex::new(None),
+            earlier_blocking: None,
         }
     }
 
-    /// Capabilities the transport declared.
+    /// Tells the harness the longest blocking poll of the cases that ran before it.
+    pub(crate) fn with_earlier_blocking(mut self, earlier: Option<(BlockingPoll, &'static str)>) -> Self {
+        self.earlier_blocking = earlier;
+        self
+    }
+
+    /// The longest blocking poll of the cases that ran before this one, and in which case.
+    pub(crate) fn earlier_blocking(&self) -> Option<(BlockingPoll, &'static str)> {
+        self.earlier_blocking
+    }
+
+    /// The plugin's name, as reports use it.
+    pub(crate) fn plugin_name(&self) -> &str {
+        &self.library.description().name
+    }
+
+    /// Capabilities the transport declared, and those the suite was told to assume.
     pub(crate) fn capabilities(&self) -> Capabilities {
-        self.info.as_ref().map_or(Capabilities::NONE, |info| info.capabilities)
+        self.info.as_ref().map_or(Capabilities::NONE, |info| info.capabilities) | self.assume
+    }
+
+    /// The poll that a case fails for: held a thread at least this long.
+    pub(crate) fn blocking_poll_limit(&self) -> Duration {
+        self.blocking_poll_limit
+    }
+
+    /// The longest poll of any instance this case opened that held the host's thread (over
+    /// the poll watch's threshold), if one did.
+    pub(crate) fn longest_blocking_poll(&self) -> Option<BlockingPoll> {
+        let every = self.every.lock().unwrap_or_else(|p| p.into_inner());
+        every
+            .iter()
+            .filter_map(|endpoint| endpoint.transport.blocking_poll())
+            .max_by_key(|blocked| blocked.duration)
+    }
+
+    /// The plugin config text every instance gets.
+    pub(crate) fn config_toml(&self) -> &str {
+        &self.config_toml
     }
 
     /// The largest payload the transport declared it accepts.
@@ -414,18 +468,26 @@ impl Harness {
 
     /// Opens an instance for `node` (again, for a case that reopens a node).
     pub(crate) async fn open_node(&self, role: &str, node: NodeId) -> Result<Arc<Endpoint>, CaseError> {
+        self.open_node_with_config(role, node, &self.config_toml).await
+    }
+
+    /// Opens an instance for `node` with a config text of the case's own.
+    pub(crate) async fn open_node_with_config(
+        &self,
+        role: &str,
+        node: NodeId,
+        config_toml: &str,
+    ) -> Result<Arc<Endpoint>, CaseError> {
         let what = format!("creating the transport for {role} (node {node})");
         let instance = self.library.description().name.clone();
-        let created = within(
-            &what,
-            self.operation_limit(),
-            self.library.new_transport(&node, &instance, &self.config_toml),
-        )
-        .await?;
+        let created =
+            within(&what, self.operation_limit(), self.library.new_transport(&node, &instance, config_toml))
+                .await?;
         let transport = created.map_err(|error| failed(format!("{what} failed: {error}")))?;
         let endpoint =
             Arc::new(Endpoint { node, role: role.to_string(), transport, closed: AtomicBool::new(false) });
         self.opened.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::clone(&endpoint));
+        self.every.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::clone(&endpoint));
         Ok(endpoint)
     }
 
@@ -437,6 +499,14 @@ impl Harness {
         let task = tokio::spawn(receive_loop(Arc::clone(endpoint), sender, accept));
         self.receivers.lock().unwrap_or_else(|p| p.into_inner()).push(task);
         Inbox { role: endpoint.role.clone(), messages, ended: false }
+    }
+
+    /// Stops the receive tasks at once (a plugin that blocks the host's thread in `receive`
+    /// would otherwise block it again for every call until the cleanup closes it).
+    pub(crate) fn stop_receiving(&self) {
+        for task in std::mem::take(&mut *self.receivers.lock().unwrap_or_else(|p| p.into_inner())) {
+            task.abort();
+        }
     }
 
     /// Closes every instance the case left open, all at once, each within `limit`, then stops
@@ -457,9 +527,7 @@ impl Harness {
             }
         }))
         .await;
-        for task in std::mem::take(&mut *self.receivers.lock().unwrap_or_else(|p| p.into_inner())) {
-            task.abort();
-        }
+        self.stop_receiving();
         problems.into_iter().flatten().collect()
     }
 }

@@ -25,12 +25,29 @@
 //!
 //! ## Cases
 //!
-//! [`cases()`] lists them with the capabilities each needs; a case whose capability the transport
-//! does not declare is reported as skipped with the reason (`needs capability acknowledgements`).
-//! `create_transport` always runs first (the others depend on it) and reads the capabilities
-//! from the first instance. Messages go point to point with `send(address, envelope)`, `address`
-//! being the receiver's [`TransportInfo::local_address`](comms_plugin_api::TransportInfo); topic
-//! messages go with an empty address. Cases run one after the other.
+//! [`cases()`] lists them with the capabilities each needs, and [`case_table()`] (printed by
+//! `comms check --list`) as a Markdown table; a case whose capability the transport does not
+//! declare is reported as skipped with the reason (`needs capability acknowledgements`). Every
+//! capability a plugin can declare turns on at least one case of its own (ordered:
+//! `order_per_sender`; acknowledgements: `redelivery_after_reject`; durable: `durable_resume`;
+//! reliable: `reliable_delivery`; native topics: `topic_isolation`, `topic_fan_out`; encrypted:
+//! `encrypted_links`), and [`SuiteConfig::assume`] runs a capability's cases before the plugin
+//! declares it. `create_transport` always runs first (the others depend on it) and reads the
+//! capabilities from the first instance. Messages go point to point with
+//! `send(address, envelope)`, `address` being the receiver's
+//! [`TransportInfo::local_address`](comms_plugin_api::TransportInfo); topic messages go with an
+//! empty address. Cases run one after the other.
+//!
+//! ## A plugin that blocks the host's thread
+//!
+//! The host times every poll of a plugin future
+//! ([`poll_watch`](comms_plugin_api::host_side::poll_watch)). While a case runs, the suite looks
+//! at those timings; a poll that held the thread for [`SuiteConfig::blocking_poll_limit`] (500 ms
+//! by default) ends the case at once, failing it with the poll watch's words (`plugin spool
+//! blocked a thread for 5.0 s in receive: use tokio::time or spawn_blocking`), the cases after
+//! it are not run, and the last case, `no_blocking_polls`, fails with the same words. Shorter
+//! polls over the host's 100 ms logging threshold are only noted there: a busy machine holds a
+//! thread that long by itself now and then.
 //!
 //! ## Encrypted links
 //!
@@ -49,9 +66,15 @@
 //! - The suite talks to the transport through its contract only: it cannot inject malformed
 //!   bytes or restart a broker, and it checks only that a send to a dead address returns or
 //!   queues without blocking other traffic, not that the message is eventually reported lost.
+//!   For addresses of the form `ip:port` it puts a loopback relay (TCP and UDP) between two
+//!   instances, to cut the link (`reliable_delivery`) and to look for payloads in the clear
+//!   (`encrypted_links`); other addresses skip those parts, with a note saying so.
+//! - A blocking poll is seen when it ends: a plugin that blocks a thread for ever is caught by
+//!   the case time limit only, and only when the runtime has another thread to run the suite.
 
 mod cases;
 mod harness;
+mod relay;
 mod report;
 mod runner;
 
@@ -59,13 +82,19 @@ mod runner;
 mod reference_transport;
 
 pub use report::{CaseOutcome, CaseReport, SuiteReport};
-pub use runner::{cases, run_suite, run_suite_with_progress, CaseDescription};
+pub use runner::{case_table, cases, run_suite, run_suite_with_progress, CaseDescription};
 
-use comms_plugin_api::security::{Identity, LinkMode, LinkSecurityConfig, PublicKey};
+use comms_plugin_api::{
+    security::{Identity, LinkMode, LinkSecurityConfig, PublicKey},
+    Capabilities,
+};
 use std::{path::Path, time::Duration};
 
 /// How long a case waits to make sure that nothing (more) arrives.
 pub const QUIET_PERIOD: Duration = Duration::from_millis(500);
+
+/// Default of [`SuiteConfig::blocking_poll_limit`].
+pub const BLOCKING_POLL_LIMIT: Duration = Duration::from_millis(500);
 
 /// How to run the suite.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +111,14 @@ pub struct SuiteConfig {
     /// transport with encrypted links requires of the nodes it connects. Set by
     /// [`SuiteConfig::with_noise_links`].
     pub node_key: Option<PublicKey>,
+    /// Capabilities to check as if the transport declared them: a plugin author can see
+    /// whether a transport would pass a capability's cases before declaring it.
+    pub assume: Capabilities,
+    /// A poll of a plugin future that holds the host's thread this long fails the suite
+    /// (`no_blocking_polls`) and stops it early; shorter ones over the host's logging threshold
+    /// ([`BLOCKING_POLL`](comms_plugin_api::host_side::poll_watch::BLOCKING_POLL), 100 ms) are
+    /// only noted, because a busy machine can hold a thread that long by itself.
+    pub blocking_poll_limit: Duration,
 }
 
 impl SuiteConfig {
@@ -117,13 +154,16 @@ impl SuiteConfig {
 }
 
 impl Default for SuiteConfig {
-    /// Empty plugin config, 30 s per case, every case.
+    /// Empty plugin config, 30 s per case, every case, nothing assumed, polls may hold a
+    /// thread up to [`BLOCKING_POLL_LIMIT`].
     fn default() -> Self {
         Self {
             config_toml: String::new(),
             case_timeout: Duration::from_secs(30),
             filter: None,
             node_key: None,
+            assume: Capabilities::NONE,
+            blocking_poll_limit: BLOCKING_POLL_LIMIT,
         }
     }
 }

@@ -1,8 +1,8 @@
 //! A reference transport for testing the suite itself (test builds only).
 //!
-//! In-process, with every capability the suite knows (so that the cases no in-tree backend can
-//! run yet — acknowledgements, durability, native topics — run here), and with faults chosen by
-//! config so that tests can prove each case notices what it is meant to notice:
+//! In-process, with every capability the suite knows but `encrypted` (so that each capability's
+//! cases run here too), and with faults chosen by config so that tests can prove each case
+//! notices what it is meant to notice:
 //!
 //! ```toml
 //! capabilities = ["ordered", "acknowledgements"]   # default: all of them
@@ -56,7 +56,17 @@ pub(crate) enum Fault {
     LoseOnClose,
     /// Subscriptions match topic names literally: no `*`, no `>`.
     ExactTopicsOnly,
+    /// The receiving mailbox holds 256 messages and drops what arrives while it is full (a
+    /// best-effort transport's socket buffer), although `send` succeeded.
+    DropWhenFull,
+    /// `receive` sleeps for a second on the host's thread before it waits for messages.
+    BlockInReceive,
+    /// A send to an address with no mailbox (a closed node) succeeds, and the message is lost.
+    AcceptWhileGone,
 }
+
+/// What a [`Fault::DropWhenFull`] mailbox holds.
+const DROPPING_CAPACITY: usize = 256;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -98,6 +108,9 @@ impl Mailbox {
             changed.as_mut().enable();
             {
                 let mut state = self.lock();
+                if state.owner_fault == Fault::DropWhenFull && state.queue.len() >= DROPPING_CAPACITY {
+                    return;
+                }
                 if state.queue.len() < MAILBOX_CAPACITY {
                     state.queue.push_back(envelope);
                     drop(state);
@@ -212,6 +225,7 @@ impl ReferenceTransport {
                 Ok(())
             }
             None if self.fault == Fault::HangOnDeadAddress => std::future::pending().await,
+            None if self.fault == Fault::AcceptWhileGone => Ok(()),
             None => Err(PluginError::new(ErrorCode::UNREACHABLE, format!("nobody at {address}"))),
         }
     }
@@ -245,11 +259,7 @@ impl ReferenceTransport {
 #[async_trait]
 impl Transport for ReferenceTransport {
     fn info(&self) -> TransportInfo {
-        TransportInfo {
-            capabilities: self.capabilities,
-            local_address: self.address.clone(),
-            max_message_size: MAX_MESSAGE_SIZE,
-        }
+        TransportInfo::new(self.capabilities, self.address.clone(), MAX_MESSAGE_SIZE)
     }
 
     async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
@@ -309,15 +319,21 @@ impl Transport for ReferenceTransport {
     }
 
     async fn receive(&self, max_batch: usize) -> Result<Vec<Inbound>, PluginError> {
+        if self.fault == Fault::BlockInReceive {
+            std::thread::sleep(Duration::from_secs(1));
+        }
         loop {
             let changed = self.mailbox.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if self.closed.load(Ordering::Acquire) {
-                return Ok(Vec::new());
-            }
+            let closed = self.closed.load(Ordering::Acquire);
             {
                 let mut state = self.mailbox.lock();
+                // After close, what the mailbox holds is still handed out, then an empty batch;
+                // a durable one keeps it for the node's next instance instead.
+                if closed && (state.queue.is_empty() || self.has(Capabilities::DURABLE)) {
+                    return Ok(Vec::new());
+                }
                 if !state.queue.is_empty() {
                     let count = state.queue.len().min(max_batch.max(1));
                     let acknowledging = self.has(Capabilities::ACKNOWLEDGEMENTS);
@@ -449,7 +465,76 @@ mod tests {
         let report = run_suite(&library(), &config("", None)).await;
         assert!(report.passed(), "{report}");
         assert_eq!(report.cases.len(), cases().len(), "{report}");
-        assert!(report.skipped_names().is_empty(), "{report}");
+        // It cannot encrypt: that case runs over the real plugins (tests/tests/security_links.rs).
+        assert_eq!(report.skipped_names(), ["encrypted_links"], "{report}");
+        let reliable = report.case("reliable_delivery").expect("reported");
+        assert!(
+            reliable
+                .notes
+                .iter()
+                .any(|note| note.contains("is not ip:port: the link outage was not checked")),
+            "the phase it cannot run is named: {reliable}"
+        );
+    }
+
+    /// A plugin that sleeps on the host's thread in `receive` fails `no_blocking_polls` with the
+    /// poll watch's words, and the suite stops early instead of waiting out every case.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transport_that_blocks_the_thread_fails_no_blocking_polls_quickly() {
+        let started = std::time::Instant::now();
+        let suite = SuiteConfig {
+            blocking_poll_limit: Duration::from_millis(300),
+            ..config("fault = \"block-in-receive\"", None)
+        };
+        let report = run_suite(&library(), &suite).await;
+        assert!(started.elapsed() < Duration::from_secs(20), "took {:?}:\n{report}", started.elapsed());
+        assert!(report.case("create_transport").is_some_and(|case| case.passed()), "{report}");
+        let CaseOutcome::Failed(why) = &report.case("no_blocking_polls").expect("reported").outcome else {
+            panic!("no_blocking_polls must fail:\n{report}");
+        };
+        assert!(
+            why.starts_with(
+                "plugin reference blocked a thread for 1.0 s in receive: use tokio::time or spawn_blocking"
+            ),
+            "{why}"
+        );
+        assert!(why.contains("(in envelope_round_trip; the cases after it were not run)"), "{why}");
+        let stopped = report.case("envelope_round_trip").expect("reported");
+        assert!(
+            matches!(&stopped.outcome, CaseOutcome::Failed(reason) if reason.starts_with("plugin reference blocked a thread")),
+            "{stopped}"
+        );
+        let not_run = report.case("concurrent_senders").expect("reported");
+        assert_eq!(
+            not_run.outcome,
+            CaseOutcome::Skipped(
+                "not run: plugin reference blocks the host's threads (see no_blocking_polls)".into()
+            )
+        );
+        assert_eq!(report.failed_names(), ["envelope_round_trip", "no_blocking_polls"], "{report}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_blocking_polls_runs_alone_and_notices_a_blocking_receive() {
+        let suite = SuiteConfig {
+            blocking_poll_limit: Duration::from_millis(300),
+            ..config("fault = \"block-in-receive\"", Some("no_blocking_polls"))
+        };
+        let report = run_suite(&library(), &suite).await;
+        assert_eq!(report.failed_names(), ["no_blocking_polls"], "{report}");
+        let report = run_suite(&library(), &config("", Some("no_blocking_polls"))).await;
+        assert!(report.passed(), "{report}");
+    }
+
+    /// A case gated by a capability runs when the suite is told to assume it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn assumed_capabilities_run_their_cases() {
+        let suite = SuiteConfig {
+            assume: Capabilities::RELIABLE,
+            ..config("capabilities = []\nfault = \"drop-when-full\"", Some("reliable"))
+        };
+        let report = run_suite(&library(), &suite).await;
+        assert_eq!(report.failed_names(), ["reliable_delivery"], "{report}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -462,8 +547,10 @@ mod tests {
                 "order_per_sender",
                 "redelivery_after_reject",
                 "durable_resume",
+                "reliable_delivery",
                 "topic_isolation",
-                "topic_fan_out"
+                "topic_fan_out",
+                "encrypted_links"
             ],
             "{report}"
         );
@@ -478,6 +565,14 @@ mod tests {
             Some(CaseOutcome::Skipped("needs capability native-topics".into()))
         );
         assert_eq!(reason("order_per_sender"), Some(CaseOutcome::Skipped("needs capability ordered".into())));
+        assert_eq!(
+            reason("reliable_delivery"),
+            Some(CaseOutcome::Skipped("needs capability reliable".into()))
+        );
+        assert_eq!(
+            reason("encrypted_links"),
+            Some(CaseOutcome::Skipped("needs capability encrypted".into()))
+        );
 
         let report = run_suite(&library(), &config(r#"capabilities = ["acknowledgements"]"#, None)).await;
         assert!(report.passed(), "{report}");
@@ -500,13 +595,14 @@ mod tests {
         let report = run_suite(&library(), &config("", Some("topic"))).await;
         let names: Vec<_> = report.cases.iter().map(|case| case.name).collect();
         assert_eq!(names, ["create_transport", "topic_isolation", "topic_fan_out"]);
+        assert!(report.passed(), "{report}");
     }
 
     /// Each deliberate defect makes the case meant to catch it fail, with a reason that says
     /// what went wrong.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn broken_transports_fail_the_cases_that_check_what_they_break() {
-        let expectations: [(&str, &str, &str, &str); 10] = [
+        let expectations: [(&str, &str, &str, &str); 12] = [
             ("drop-every-tenth", "", "concurrent_senders", "senders lost messages"),
             ("drop-every-tenth", "", "concurrent_receivers", "receivers are missing messages"),
             ("swap-pairs", "", "order_per_sender", "arrived after its message"),
@@ -522,6 +618,13 @@ mod tests {
             ("ignore-requeue", "", "redelivery_after_reject", "REJECTED_REQUEUE was not delivered again"),
             ("lose-on-close", "", "durable_resume", "missing"),
             ("exact-topics-only", "", "topic_isolation", "of `orders.*` got 0 of 1 messages"),
+            ("drop-when-full", "", "reliable_delivery", "did not call receive for the first 1 s"),
+            (
+                "accept-while-gone",
+                r#"capabilities = ["reliable"]"#,
+                "reliable_delivery",
+                "reopened at the same address",
+            ),
         ];
         let runs = expectations.iter().map(|(fault, extra, case, _)| async move {
             let toml = format!("fault = {fault:?}\n{extra}");

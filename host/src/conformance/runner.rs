@@ -2,13 +2,19 @@
 //! what each case opened and turns the result into a [`CaseReport`].
 
 use super::{
-    cases::{Case, CASES, CREATE_TRANSPORT},
-    harness::{CaseError, Harness},
+    cases::{Case, CASES, CREATE_TRANSPORT, NO_BLOCKING_POLLS},
+    harness::{describe_blocking, CaseError, Harness},
     CaseOutcome, CaseReport, SuiteConfig, SuiteReport,
 };
-use comms_plugin_api::{host_side::PluginLibrary, Capabilities, TransportInfo};
+use comms_plugin_api::{
+    host_side::{BlockingPoll, PluginLibrary},
+    Capabilities, TransportInfo,
+};
 use futures::FutureExt;
-use std::{panic::AssertUnwindSafe, time::Instant};
+use std::{
+    panic::AssertUnwindSafe,
+    time::{Duration, Instant},
+};
 
 /// A case as listed by [`cases`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,12 +35,31 @@ pub fn cases() -> Vec<CaseDescription> {
         .collect()
 }
 
+/// Every case as a Markdown table, in running order: its name, what it checks, and the
+/// capabilities a transport must declare for it to run (`comms check --list` prints it, and
+/// docs/writing-a-plugin.md carries a copy).
+pub fn case_table() -> String {
+    let mut table =
+        String::from("| case | what it checks | runs when the transport declares |\n|---|---|---|\n");
+    for case in cases() {
+        let needs = match case.needs.names().as_slice() {
+            [] => "always".to_string(),
+            names => names.iter().map(|name| format!("`{name}`")).collect::<Vec<_>>().join(" and "),
+        };
+        let summary = case.summary.replace('|', "\\|");
+        table.push_str(&format!("| `{}` | {summary} | {needs} |\n", case.name));
+    }
+    table
+}
+
 /// Runs the suite against `library`; see the [module docs](super).
 ///
 /// Must be awaited inside a tokio runtime, current-thread or multi-thread (it spawns one task
 /// per receiving instance and uses tokio timers). Never panics because of the plugin: whatever
-/// the plugin does shows up as a failed case. Takes about a second against the TCP plugin on a
-/// laptop; at worst, `case_timeout` twice (case, then cleanup) per case.
+/// the plugin does shows up as a failed case. Takes a few seconds against the TCP plugin on a
+/// laptop; at worst, `case_timeout` twice (case, then cleanup) per case. A plugin that holds the
+/// host's thread for [`SuiteConfig::blocking_poll_limit`] in one poll stops the suite early:
+/// the case fails at once, the later ones are not run, and `no_blocking_polls` fails.
 pub async fn run_suite(library: &PluginLibrary, config: &SuiteConfig) -> SuiteReport {
     run_suite_with_progress(library, config, |_| {}).await
 }
@@ -46,27 +71,68 @@ pub async fn run_suite_with_progress(
     config: &SuiteConfig,
     mut progress: impl FnMut(&CaseReport),
 ) -> SuiteReport {
-    let mut report =
-        SuiteReport { plugin: library.description().name.clone(), info: None, cases: Vec::new() };
+    let plugin = library.description().name.clone();
+    let mut report = SuiteReport { plugin: plugin.clone(), info: None, cases: Vec::new() };
+    let mut blocking = BlockingRecord::default();
 
-    let (create, info) = run_case(library, config, &CREATE_TRANSPORT, None).await;
+    let (create, info) = run_case(library, config, &CREATE_TRANSPORT, None, &mut blocking).await;
     progress(&create);
     let created = create.passed();
     report.info = info.clone();
     report.cases.push(create);
 
     for case in CASES.iter().filter(|case| case.name != CREATE_TRANSPORT.name && config.selects(case.name)) {
-        let case_report = match (&info, created) {
-            (Some(info), true) => match missing_capabilities(case.needs, info.capabilities) {
-                Some(reason) => skipped(case, reason),
-                None => run_case(library, config, case, Some(info.clone())).await.0,
+        let case_report = match (&blocking.stopped_by, &info, created) {
+            (Some((blocked, during)), _, _) if case.name == NO_BLOCKING_POLLS.name => CaseReport {
+                name: case.name,
+                outcome: CaseOutcome::Failed(format!(
+                    "{} (in {during}; the cases after it were not run)",
+                    describe_blocking(&plugin, blocked)
+                )),
+                notes: Vec::new(),
+                duration: Default::default(),
             },
-            _ => skipped(case, format!("no working transport instance (see {})", CREATE_TRANSPORT.name)),
+            (Some(_), _, _) => skipped(
+                case,
+                format!(
+                    "not run: plugin {plugin} blocks the host's threads (see {})",
+                    NO_BLOCKING_POLLS.name
+                ),
+            ),
+            (None, Some(info), true) => {
+                match missing_capabilities(case.needs, info.capabilities | config.assume) {
+                    Some(reason) => skipped(case, reason),
+                    None => run_case(library, config, case, Some(info.clone()), &mut blocking).await.0,
+                }
+            }
+            (None, _, _) => {
+                skipped(case, format!("no working transport instance (see {})", CREATE_TRANSPORT.name))
+            }
         };
         progress(&case_report);
         report.cases.push(case_report);
     }
     report
+}
+
+/// What the suite saw of polls that held the host's thread.
+#[derive(Debug, Default)]
+struct BlockingRecord {
+    /// The longest so far, and the case it happened in.
+    longest: Option<(BlockingPoll, &'static str)>,
+    /// The first at or over the limit, which stopped the suite.
+    stopped_by: Option<(BlockingPoll, &'static str)>,
+}
+
+impl BlockingRecord {
+    fn record(&mut self, blocked: BlockingPoll, case: &'static str, limit: Duration) {
+        if self.longest.is_none_or(|(longest, _)| longest.duration < blocked.duration) {
+            self.longest = Some((blocked, case));
+        }
+        if blocked.duration >= limit && self.stopped_by.is_none() {
+            self.stopped_by = Some((blocked, case));
+        }
+    }
 }
 
 /// Why a case does not apply to a transport with `declared` capabilities, if it does not:
@@ -89,26 +155,61 @@ fn skipped(case: &Case, reason: String) -> CaseReport {
     }
 }
 
+/// Resolves with the first poll of the case's instances that held a thread for the limit.
+async fn first_blocking_poll(harness: &Harness) -> BlockingPoll {
+    let mut tick = tokio::time::interval(WATCH_INTERVAL);
+    loop {
+        tick.tick().await;
+        if let Some(blocked) = harness.longest_blocking_poll() {
+            if blocked.duration >= harness.blocking_poll_limit() {
+                return blocked;
+            }
+        }
+    }
+}
+
+/// How a case stopped for a blocking poll ends its reason.
+const STOPPED: &str = " (the case was stopped there)";
+
+/// How often the runner looks at the poll watches of a running case.
+const WATCH_INTERVAL: Duration = Duration::from_millis(50);
+
 /// Runs one case and its cleanup; also returns what `create_transport` found out.
 async fn run_case(
     library: &PluginLibrary,
     config: &SuiteConfig,
     case: &Case,
     info: Option<TransportInfo>,
+    blocking: &mut BlockingRecord,
 ) -> (CaseReport, Option<TransportInfo>) {
     let started = Instant::now();
-    let harness = Harness::new(library, config, info);
+    let plugin = library.description().name.clone();
+    let harness = Harness::new(library, config, info).with_earlier_blocking(blocking.longest);
     let run = AssertUnwindSafe((case.run)(&harness)).catch_unwind();
-    let mut outcome = match tokio::time::timeout(config.case_timeout, run).await {
-        Ok(Ok(Ok(()))) => CaseOutcome::Passed,
-        Ok(Ok(Err(CaseError::Failed(reason)))) => CaseOutcome::Failed(reason),
-        Ok(Ok(Err(CaseError::Skipped(reason)))) => CaseOutcome::Skipped(reason),
-        Ok(Err(panic)) => CaseOutcome::Failed(format!("the case itself panicked: {}", panic_text(&*panic))),
-        Err(_) => CaseOutcome::Failed(format!(
-            "did not finish within the case time limit of {}",
-            super::harness::seconds(config.case_timeout)
-        )),
+    let mut outcome = tokio::select! {
+        biased;
+        result = tokio::time::timeout(config.case_timeout, run) => match result {
+            Ok(Ok(Ok(()))) => CaseOutcome::Passed,
+            Ok(Ok(Err(CaseError::Failed(reason)))) => CaseOutcome::Failed(reason),
+            Ok(Ok(Err(CaseError::Skipped(reason)))) => CaseOutcome::Skipped(reason),
+            Ok(Err(panic)) => {
+                CaseOutcome::Failed(format!("the case itself panicked: {}", panic_text(&*panic)))
+            }
+            Err(_) => CaseOutcome::Failed(format!(
+                "did not finish within the case time limit of {}",
+                super::harness::seconds(config.case_timeout)
+            )),
+        },
+        blocked = first_blocking_poll(&harness) => {
+            CaseOutcome::Failed(format!("{}{STOPPED}", describe_blocking(&plugin, &blocked)))
+        }
     };
+    let over_limit =
+        |h: &Harness| h.longest_blocking_poll().filter(|b| b.duration >= config.blocking_poll_limit);
+    if over_limit(&harness).is_some() {
+        // Each further receive would hold the thread again until the cleanup closes it.
+        harness.stop_receiving();
+    }
     let problems = harness.close_all(config.case_timeout).await;
     if !problems.is_empty() {
         let cleanup = format!("cleanup: {}", problems.join("; "));
@@ -117,9 +218,21 @@ async fn run_case(
             _ => CaseOutcome::Failed(cleanup),
         };
     }
+    let notes = harness.take_notes();
+    if let Some(blocked) = harness.longest_blocking_poll() {
+        blocking.record(blocked, case.name, config.blocking_poll_limit);
+        let described = describe_blocking(&plugin, &blocked);
+        if blocked.duration >= config.blocking_poll_limit {
+            outcome = match outcome {
+                CaseOutcome::Failed(reason) if reason.ends_with(STOPPED) => CaseOutcome::Failed(reason),
+                // What else went wrong is likely a consequence.
+                CaseOutcome::Failed(reason) => CaseOutcome::Failed(format!("{described}; {reason}")),
+                _ => CaseOutcome::Failed(described),
+            };
+        }
+    }
     let found = harness.found_info();
-    let report =
-        CaseReport { name: case.name, outcome, notes: harness.take_notes(), duration: started.elapsed() };
+    let report = CaseReport { name: case.name, outcome, notes, duration: started.elapsed() };
     (report, found)
 }
 
@@ -163,10 +276,28 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), list.len());
-        let needing = |flag| list.iter().filter(|case| case.needs.contains(flag)).count();
-        assert_eq!(needing(Capabilities::ACKNOWLEDGEMENTS), 1);
-        assert_eq!(needing(Capabilities::DURABLE), 1);
-        assert_eq!(needing(Capabilities::NATIVE_TOPICS), 2);
-        assert_eq!(needing(Capabilities::ORDERED), 1);
+        assert_eq!(list.last().map(|case| case.name), Some(NO_BLOCKING_POLLS.name), "it sums up the run");
+    }
+
+    /// Every flag a plugin can declare turns on at least one case of its own: a flag added to
+    /// `Capabilities` (and named in `Capabilities::names`) without a case fails here.
+    #[test]
+    fn every_capability_has_a_case() {
+        let list = cases();
+        let flags = (0..64).map(|bit| Capabilities(1 << bit)).filter(|flag| !flag.names().is_empty());
+        let mut seen = 0;
+        for flag in flags {
+            seen += 1;
+            let turned_on: Vec<_> =
+                list.iter().filter(|case| case.needs.contains(flag)).map(|case| case.name).collect();
+            assert!(!turned_on.is_empty(), "no conformance case checks the capability {:?}", flag.names());
+        }
+        assert_eq!(seen, 6, "ordered, acknowledgements, durable, native-topics, reliable, encrypted");
+        let table = case_table();
+        for case in &list {
+            assert!(table.contains(&format!("| `{}` |", case.name)), "{table}");
+        }
+        assert!(table.contains("| `reliable_delivery` | "), "{table}");
+        assert!(table.lines().all(|line| line.starts_with('|')), "{table}");
     }
 }

@@ -1,9 +1,12 @@
 //! Link security settings as a transport plugin receives them from the host.
 
+#[cfg(feature = "noise")]
 use super::identity::{hex_decode, Identity, PublicKey};
 use crate::PluginError;
 use serde::Deserialize;
-use std::{collections::BTreeSet, fmt, path::PathBuf, sync::Arc};
+use std::path::PathBuf;
+#[cfg(feature = "noise")]
+use std::{collections::BTreeSet, fmt, sync::Arc};
 
 /// The reserved key of a transport's config table under which the host passes
 /// [`LinkSecurityConfig`].
@@ -36,6 +39,7 @@ pub struct LinkSecurityConfig {
 }
 
 /// Which peers may connect.
+#[cfg(feature = "noise")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AllowList {
     /// Any authenticated key (with a network key: any holder of it).
@@ -44,6 +48,7 @@ pub enum AllowList {
     Keys(BTreeSet<PublicKey>),
 }
 
+#[cfg(feature = "noise")]
 impl AllowList {
     /// Parses config entries: public keys in hex, node ids bound to keys, or `"*"`.
     /// `key` names the config key in errors.
@@ -77,15 +82,18 @@ impl AllowList {
 }
 
 /// A 32-byte key shared by every node of a network. `Debug` never shows it.
+#[cfg(feature = "noise")]
 #[derive(Clone, PartialEq, Eq)]
 pub struct NetworkKey(pub [u8; 32]);
 
+#[cfg(feature = "noise")]
 impl fmt::Debug for NetworkKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("NetworkKey(..)")
     }
 }
 
+#[cfg(feature = "noise")]
 impl NetworkKey {
     /// A fresh random key.
     pub fn generate() -> Self {
@@ -124,6 +132,7 @@ impl NetworkKey {
 
 /// Link security in force for one transport, resolved from [`LinkSecurityConfig`]: present only
 /// in `noise` mode. Cheap to clone.
+#[cfg(feature = "noise")]
 #[derive(Debug, Clone)]
 pub struct LinkSecurity {
     /// This node's identity.
@@ -134,6 +143,7 @@ pub struct LinkSecurity {
     pub network_key: Option<NetworkKey>,
 }
 
+#[cfg(feature = "noise")]
 impl LinkSecurity {
     /// Resolves `config`: `None` in plain mode; loads the key files in noise mode. Errors name the
     /// `security.*` key and the file, never a secret.
@@ -175,7 +185,49 @@ impl LinkSecurity {
     }
 }
 
-#[cfg(test)]
+/// Link security in force for one transport. This build of comms-plugin-api has no
+/// encrypted-link support (cargo feature `noise`), so no value of this type exists:
+/// [`LinkSecurity::from_config`] returns `None` for plain links and an error for `noise`.
+#[cfg(not(feature = "noise"))]
+#[derive(Debug, Clone)]
+pub struct LinkSecurity {
+    _unavailable: Unavailable,
+}
+
+#[cfg(not(feature = "noise"))]
+#[derive(Debug, Clone)]
+enum Unavailable {}
+
+#[cfg(not(feature = "noise"))]
+impl LinkSecurity {
+    /// `None` in plain mode; in noise mode an error saying this plugin was built without the
+    /// cargo feature `noise` of comms-plugin-api.
+    pub fn from_config(config: &LinkSecurityConfig) -> Result<Option<Self>, PluginError> {
+        match config.links {
+            LinkMode::Plain => Ok(None),
+            LinkMode::Noise => Err(super::noise_unavailable()),
+        }
+    }
+}
+
+#[cfg(all(test, not(feature = "noise")))]
+mod tests_without_noise {
+    use super::*;
+
+    #[test]
+    fn plain_links_need_nothing_and_noise_links_name_the_missing_feature() {
+        assert!(LinkSecurity::from_config(&LinkSecurityConfig::default()).unwrap().is_none());
+        let noise = LinkSecurityConfig { links: LinkMode::Noise, ..Default::default() };
+        let error = LinkSecurity::from_config(&noise).unwrap_err();
+        assert_eq!(
+            error.message,
+            "this plugin was built without encrypted-link support (comms-plugin-api feature `noise`)"
+        );
+        assert_eq!(error.code, crate::ErrorCode::UNSUPPORTED);
+    }
+}
+
+#[cfg(all(test, feature = "noise"))]
 mod tests {
     use super::*;
 

@@ -13,22 +13,31 @@
 //! direction, so a record that is altered, dropped, reordered or replayed fails authentication;
 //! the stream then fails with [`std::io::ErrorKind::InvalidData`] for good, and nothing of that
 //! record or after it is returned. Writes are buffered: call `flush` after `write_all`.
+//!
+//! Needs the cargo feature `noise`; without it every link is plain.
 
+#[cfg(feature = "noise")]
 use crate::security::noise::{snow, MAX_MESSAGE_BYTES, MAX_PLAINTEXT_BYTES, TAG_BYTES};
+#[cfg(feature = "noise")]
+use std::task::ready;
 use std::{
     io,
     pin::Pin,
-    task::{ready, Context, Poll},
+    task::{Context, Poll},
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+#[cfg(feature = "noise")]
 /// Bytes of the record length prefix.
 pub const RECORD_PREFIX_BYTES: usize = 2;
+#[cfg(feature = "noise")]
 /// Ciphertext read from the stream per call, at most (several records).
 const READ_BUFFER_BYTES: usize = 4 * (RECORD_PREFIX_BYTES + MAX_MESSAGE_BYTES);
+#[cfg(feature = "noise")]
 /// Plaintext taken per `poll_write`, at most: a 64 KiB writer batch in one call.
 const WRITE_CHUNK_BYTES: usize = 2 * MAX_PLAINTEXT_BYTES;
 
+#[cfg(feature = "noise")]
 /// Why a record could not be opened.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RecordError {
@@ -40,6 +49,7 @@ pub enum RecordError {
     Decrypt,
 }
 
+#[cfg(feature = "noise")]
 /// Splits the first complete record off `buffer`: its ciphertext and the bytes it takes with
 /// its prefix. `None` until the buffer holds a whole record.
 pub fn split_record(buffer: &[u8]) -> Option<(&[u8], usize)> {
@@ -49,6 +59,7 @@ pub fn split_record(buffer: &[u8]) -> Option<(&[u8], usize)> {
     Some((record, RECORD_PREFIX_BYTES + length))
 }
 
+#[cfg(feature = "noise")]
 /// Decrypts one record's ciphertext into `out` (at least `ciphertext.len() - 16` bytes long);
 /// returns the plaintext length.
 pub fn open_record(
@@ -62,6 +73,7 @@ pub fn open_record(
     noise.read_message(ciphertext, out).map_err(|_| RecordError::Decrypt)
 }
 
+#[cfg(feature = "noise")]
 /// Appends `plaintext` to `out` as records.
 pub fn seal_records(
     noise: &mut snow::TransportState,
@@ -78,6 +90,7 @@ pub fn seal_records(
     Ok(())
 }
 
+#[cfg(feature = "noise")]
 /// A stream whose bytes travel as encrypted records.
 pub struct EncryptedStream<S> {
     inner: S,
@@ -97,12 +110,14 @@ pub struct EncryptedStream<S> {
     written: usize,
 }
 
+#[cfg(feature = "noise")]
 impl<S> std::fmt::Debug for EncryptedStream<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EncryptedStream").field("failed", &self.failed).finish_non_exhaustive()
     }
 }
 
+#[cfg(feature = "noise")]
 impl<S> EncryptedStream<S> {
     /// Wraps `inner`, whose handshake produced `noise`.
     pub fn new(inner: S, noise: snow::TransportState) -> Self {
@@ -122,10 +137,12 @@ impl<S> EncryptedStream<S> {
     }
 }
 
+#[cfg(feature = "noise")]
 fn invalid(error: &RecordError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, error.to_string())
 }
 
+#[cfg(feature = "noise")]
 impl<S: AsyncWrite + Unpin> EncryptedStream<S> {
     /// Writes out every sealed record.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -142,6 +159,7 @@ impl<S: AsyncWrite + Unpin> EncryptedStream<S> {
     }
 }
 
+#[cfg(feature = "noise")]
 impl<S: AsyncRead + Unpin> AsyncRead for EncryptedStream<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
@@ -201,6 +219,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for EncryptedStream<S> {
     }
 }
 
+#[cfg(feature = "noise")]
 impl<S: AsyncWrite + Unpin> AsyncWrite for EncryptedStream<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
@@ -235,6 +254,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for EncryptedStream<S> {
 #[derive(Debug)]
 pub(super) enum LinkStream<S> {
     Plain(S),
+    #[cfg(feature = "noise")]
     Encrypted(Box<EncryptedStream<S>>),
 }
 
@@ -242,6 +262,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for LinkStream<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             LinkStream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            #[cfg(feature = "noise")]
             LinkStream::Encrypted(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
         }
     }
@@ -251,6 +272,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for LinkStream<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             LinkStream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            #[cfg(feature = "noise")]
             LinkStream::Encrypted(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
         }
     }
@@ -258,6 +280,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for LinkStream<S> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             LinkStream::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            #[cfg(feature = "noise")]
             LinkStream::Encrypted(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
         }
     }
@@ -265,6 +288,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for LinkStream<S> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             LinkStream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            #[cfg(feature = "noise")]
             LinkStream::Encrypted(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
         }
     }

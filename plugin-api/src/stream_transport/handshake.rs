@@ -1,20 +1,62 @@
 //! Opening a connection: the Noise handshake (encrypted links) and the hello exchange, for the
 //! dialling and the accepting side.
 
-use super::{
-    encrypted::{EncryptedStream, LinkStream},
-    protocol, ByteStream, Shared,
-};
-use crate::{
-    framing::read_frame,
-    security::{
-        noise::{verify_node_id, NoiseHandshake, NoiseIdentity},
-        PublicKey,
-    },
-    NodeId,
-};
+#[cfg(feature = "noise")]
+use super::encrypted::EncryptedStream;
+use super::{encrypted::LinkStream, protocol, ByteStream, Shared};
+#[cfg(feature = "noise")]
+use crate::security::noise::{verify_node_id, NoiseHandshake};
+#[cfg(feature = "noise")]
+pub(super) use crate::security::{NoiseIdentity, PublicKey};
+use crate::{framing::read_frame, security::LinkSecurity, NodeId, PluginError};
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
+
+/// Built without the cargo feature `noise`: no link is ever encrypted, so no value exists of
+/// the Noise identity a transport would hold.
+#[cfg(not(feature = "noise"))]
+pub(super) enum NoiseIdentity {}
+
+/// Built without the cargo feature `noise`: no peer is ever authenticated by a key.
+#[cfg(not(feature = "noise"))]
+#[derive(Debug)]
+pub(super) enum PublicKey {}
+
+#[cfg(not(feature = "noise"))]
+impl std::fmt::Display for PublicKey {
+    fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {}
+    }
+}
+
+/// The Noise identity of a transport whose links `security` protects. Refuses a node id that
+/// peers would refuse, and (without the cargo feature `noise`) any security at all.
+#[cfg(feature = "noise")]
+pub(super) fn noise_identity(
+    local_node: &NodeId,
+    security: &LinkSecurity,
+) -> Result<Arc<NoiseIdentity>, PluginError> {
+    // Peers check our hello against our key: refuse to start with an id they would refuse.
+    verify_node_id(local_node, &security.identity.public_key()).map_err(|_| {
+        PluginError::invalid_config(format!(
+            "key `node.id`: with encrypted links the node id must be bound to the node's key \
+             (`{}` or `<label>-{}`), not `{local_node}`",
+            security.identity.public_key(),
+            security.identity.public_key()
+        ))
+    })?;
+    NoiseIdentity::new(security).map_err(|error| PluginError::new(crate::ErrorCode::OTHER, error.to_string()))
+}
+
+/// The Noise identity of a transport whose links `security` protects: always refused by this
+/// build, which has no encrypted-link support (cargo feature `noise`).
+#[cfg(not(feature = "noise"))]
+pub(super) fn noise_identity(
+    _local_node: &NodeId,
+    _security: &LinkSecurity,
+) -> Result<Arc<NoiseIdentity>, PluginError> {
+    Err(crate::security::noise_unavailable())
+}
 
 /// Why a connection could not be opened.
 #[derive(Debug)]
@@ -39,13 +81,17 @@ fn failed(context: &str) -> impl Fn(std::io::Error) -> OpenError + '_ {
 }
 
 /// The dialling side: handshake if link security is on, then hellos both ways.
+#[cfg_attr(not(feature = "noise"), allow(unused_mut))]
 pub(super) async fn dial<S: ByteStream>(shared: &Shared, mut stream: S) -> Result<Opened<S>, OpenError> {
     let (mut stream, key) = match &shared.noise {
         None => (LinkStream::Plain(stream), None),
+        #[cfg(feature = "noise")]
         Some(noise) => {
             let (key, encrypted) = initiate(noise, &mut stream).await?;
             (LinkStream::Encrypted(Box::new(EncryptedStream::new(stream, encrypted))), Some(key))
         }
+        #[cfg(not(feature = "noise"))]
+        Some(noise) => match **noise {},
     };
     stream.write_all(&protocol::hello_frame(&shared.local_node)).await.map_err(failed("writing hello"))?;
     stream.flush().await.map_err(failed("writing hello"))?;
@@ -55,11 +101,15 @@ pub(super) async fn dial<S: ByteStream>(shared: &Shared, mut stream: S) -> Resul
         .ok_or_else(|| OpenError::Failed("connection closed during the handshake".into()))?;
     let peer = protocol::parse_hello(&body).map_err(OpenError::Refused)?;
     if let Some(key) = &key {
+        #[cfg(feature = "noise")]
         verify_node_id(&peer, key).map_err(|error| OpenError::Refused(error.to_string()))?;
+        #[cfg(not(feature = "noise"))]
+        match *key {}
     }
     Ok(Opened { stream, peer, key })
 }
 
+#[cfg(feature = "noise")]
 async fn initiate<S: ByteStream>(
     noise: &Arc<NoiseIdentity>,
     stream: &mut S,
@@ -108,6 +158,7 @@ pub(super) async fn accept<S: ByteStream>(shared: &Shared, mut stream: S) -> Res
         (Some(&protocol::KIND_HELLO), Some(_)) => {
             Err(OpenError::Refused("plaintext peer refused: this node requires noise links".into()))
         }
+        #[cfg(feature = "noise")]
         (Some(&protocol::KIND_NOISE), Some(noise)) => {
             let refused = |error: crate::security::HandshakeError| OpenError::Refused(error.to_string());
             let mut handshake = NoiseHandshake::responder(noise).map_err(refused)?;
@@ -134,6 +185,8 @@ pub(super) async fn accept<S: ByteStream>(shared: &Shared, mut stream: S) -> Res
             verify_node_id(&peer, &key).map_err(|error| OpenError::Refused(error.to_string()))?;
             Ok(Opened { stream: LinkStream::Encrypted(Box::new(stream)), peer, key: Some(key) })
         }
+        #[cfg(not(feature = "noise"))]
+        (_, Some(noise)) => match **noise {},
         _ => {
             let peer = protocol::parse_hello(&first).map_err(OpenError::Refused)?;
             Ok(Opened { stream: LinkStream::Plain(stream), peer, key: None })

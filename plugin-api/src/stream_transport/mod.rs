@@ -7,14 +7,26 @@
 //! - with link security ([`crate::security`]): a Noise handshake first, authenticating both
 //!   ends by their identity keys and the allow-list, then everything in [`encrypted`] records;
 //! - one connection per destination address, reused for every message, dialled on first use;
-//! - a bounded queue per peer; a writer task gathers queued frames into one write of up to
-//!   `write_batch_bytes`, so many small messages do not cost one syscall each;
+//! - a bounded queue of envelopes per peer (`send_queue_capacity` messages; `send` waits while
+//!   it is full); the peer's writer task encodes what is queued straight into its write buffer,
+//!   up to `write_batch_bytes`, and writes it at once, so many small messages do not cost one
+//!   syscall each, and each message is encoded once, into the buffer that is written;
+//! - batched sends ([`StreamTransport::send_batch`]): the items for one peer are queued
+//!   together, with one wake of its writer;
+//! - receiving without copying payloads: frames are read in chunks ([`crate::framing::FrameReader`])
+//!   and a bulk of envelopes is decoded with payloads that are ranges of the chunk they were
+//!   read into (a payload the application keeps keeps its chunk, 64 KiB or one large frame,
+//!   alive; a few small messages per read are copied out instead);
 //! - reconnect with exponential backoff; after `reconnect_attempts` failures the queued messages
 //!   for that peer are dropped (logged with their count) and `send` reports the peer unreachable;
 //! - a listener serving any number of peers at once; a malformed, oversized or unexpected frame
 //!   closes that one connection with a logged reason, every other connection keeps working;
 //! - graceful close: stop accepting, write what is queued (bounded by `close_timeout_ms`), say
-//!   goodbye.
+//!   goodbye;
+//! - statistics ([`StreamTransport::stats`]): queue depths, reconnects, connections closed for
+//!   bad input and failed writes (errors), and counters `<backend>.writes`,
+//!   `<backend>.connections.accepted`, `<backend>.connections.refused`,
+//!   `<backend>.messages.dropped`.
 //!
 //! Guarantees: messages from one sender to one receiver arrive in order. Delivery is
 //! at-most-once except that a batch whose write failed is written again after reconnecting, so a
@@ -24,23 +36,29 @@
 pub mod encrypted;
 mod handshake;
 pub mod protocol;
+mod queue;
 mod reader;
 mod settings;
 mod writer;
 
 pub use settings::StreamSettings;
 
+use handshake::NoiseIdentity;
+
 use crate::{
     async_trait,
-    security::{self, noise::NoiseIdentity, LinkSecurity},
-    Capabilities, Envelope, ErrorCode, Inbound, NodeId, PluginError, Transport, TransportInfo,
+    security::LinkSecurity,
+    transport::{queued, IncidentCounters},
+    Capabilities, Envelope, ErrorCode, Inbound, NodeId, Outbound, PluginError, SendFailure, Transport,
+    TransportInfo, TransportStats,
 };
+use queue::{PeerQueue, Queued};
 use std::{
     collections::HashMap,
     future::Future,
     io,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering, Ordering::Relaxed},
         Arc, Mutex,
     },
     time::Duration,
@@ -81,12 +99,32 @@ struct Shared {
     shutdown: watch::Sender<bool>,
     /// Link security: `Some` when every link is a Noise-encrypted, authenticated one.
     noise: Option<Arc<NoiseIdentity>>,
+    counters: Counters,
 }
 
-/// One peer's outgoing queue and the error that ended its writer, if it ended.
-struct PeerLink {
-    queue: mpsc::Sender<Vec<u8>>,
-    failure: Arc<Mutex<Option<PluginError>>>,
+/// What the tasks of one transport count for [`StreamTransport::stats`].
+#[derive(Debug, Default)]
+struct Counters {
+    /// Reconnects; errors: connections closed for bad input, failed writes, peers given up.
+    incidents: IncidentCounters,
+    /// Messages queued for every peer and not yet written (or dropped).
+    send_queue_depth: AtomicU64,
+    /// Writes of a batch of frames.
+    writes: AtomicU64,
+    /// Connections accepted and past the handshake.
+    accepted: AtomicU64,
+    /// Connections refused or closed for bad input.
+    refused: AtomicU64,
+    /// Queued messages dropped because their peer stayed unreachable.
+    dropped_messages: AtomicU64,
+}
+
+impl Counters {
+    /// A connection was refused or closed for bad input.
+    fn refused(&self) {
+        self.refused.fetch_add(1, Relaxed);
+        self.incidents.failed();
+    }
 }
 
 /// The transport. Construct it with [`StreamTransport::start`] inside the plugin runtime.
@@ -94,11 +132,14 @@ pub struct StreamTransport<M: StreamMedium> {
     shared: Arc<Shared>,
     medium: Arc<M>,
     local_address: String,
-    links: Mutex<HashMap<String, PeerLink>>,
+    /// The queue of each peer address, and the writer task that empties it.
+    links: Mutex<HashMap<String, Arc<PeerQueue>>>,
     writers: Mutex<Vec<JoinHandle<()>>>,
     /// The accept loop; `close` waits for it so that the listener is released on return.
     acceptor: Mutex<Option<JoinHandle<()>>>,
     inbound: tokio::sync::Mutex<mpsc::Receiver<Inbound>>,
+    /// The sending side of `inbound`, kept only to count what waits in it.
+    inbound_depth: mpsc::Sender<Inbound>,
     closed: AtomicBool,
 }
 
@@ -115,7 +156,8 @@ impl<M: StreamMedium> StreamTransport<M> {
     /// Starts serving `acceptor` and returns the transport. `local_address` is the bound address
     /// (replaced by `settings.advertise` when set). With `security` (from
     /// [`crate::Setup::link_security`]) every link, incoming and outgoing, is encrypted and
-    /// authenticated, and plaintext peers are refused; without it links are plain.
+    /// authenticated, and plaintext peers are refused; without it links are plain. Encrypted links
+    /// need the cargo feature `noise`.
     pub fn start<A: Acceptor>(
         backend: &'static str,
         local_node: NodeId,
@@ -126,30 +168,21 @@ impl<M: StreamMedium> StreamTransport<M> {
         local_address: String,
     ) -> Result<Self, PluginError> {
         settings.validate()?;
-        let noise = match &security {
-            Some(security) => {
-                // Peers check our hello against our key: refuse to start with an id they would refuse.
-                security::noise::verify_node_id(&local_node, &security.identity.public_key()).map_err(
-                    |_| {
-                        PluginError::invalid_config(format!(
-                        "key `node.id`: with encrypted links the node id must be bound to the node's key \
-                         (`{}` or `<label>-{}`), not `{local_node}`",
-                        security.identity.public_key(),
-                        security.identity.public_key()
-                    ))
-                    },
-                )?;
-                Some(
-                    NoiseIdentity::new(security)
-                        .map_err(|error| PluginError::new(ErrorCode::OTHER, error.to_string()))?,
-                )
-            }
-            None => None,
-        };
+        // Refused by a build without the cargo feature `noise`.
+        let noise =
+            security.as_ref().map(|security| handshake::noise_identity(&local_node, security)).transpose()?;
         let (shutdown, _) = watch::channel(false);
         let (inbound_tx, inbound_rx) = mpsc::channel(settings.receive_queue_capacity);
         let local_address = settings.advertise.clone().unwrap_or(local_address);
-        let shared = Arc::new(Shared { backend, local_node, settings, shutdown, noise });
+        let shared = Arc::new(Shared {
+            backend,
+            local_node,
+            settings,
+            shutdown,
+            noise,
+            counters: Counters::default(),
+        });
+        let inbound_depth = inbound_tx.clone();
         let acceptor = tokio::spawn(reader::accept_loop(Arc::clone(&shared), acceptor, inbound_tx));
         Ok(Self {
             shared,
@@ -159,81 +192,184 @@ impl<M: StreamMedium> StreamTransport<M> {
             writers: Mutex::new(Vec::new()),
             acceptor: Mutex::new(Some(acceptor)),
             inbound: tokio::sync::Mutex::new(inbound_rx),
+            inbound_depth,
             closed: AtomicBool::new(false),
         })
     }
 
     /// What to report from [`crate::Transport::info`].
     pub fn info(&self) -> TransportInfo {
-        TransportInfo {
-            capabilities: match self.shared.noise {
-                Some(_) => Capabilities::ORDERED | Capabilities::ENCRYPTED,
-                None => Capabilities::ORDERED,
-            },
-            local_address: self.local_address.clone(),
-            max_message_size: u64::from(max_payload(self.shared.settings.max_frame_size)),
-        }
+        let capabilities = match self.shared.noise {
+            Some(_) => Capabilities::ORDERED | Capabilities::ENCRYPTED,
+            None => Capabilities::ORDERED,
+        };
+        TransportInfo::new(
+            capabilities,
+            self.local_address.clone(),
+            u64::from(max_payload(self.shared.settings.max_frame_size)),
+        )
     }
 
-    /// Queues `envelope` for the peer at `address`, dialling it on first use.
+    /// Queues `envelope` for the peer at `address`, dialling it on first use; waits while the
+    /// peer's queue is full. Fails with [`ErrorCode::TOO_LARGE`] for a message whose frame would
+    /// exceed `max_frame_size` (nothing is queued), with the writer's error once when it gave up
+    /// on the peer, and with [`ErrorCode::CLOSED`] once the transport is closing.
     pub async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(PluginError::closed(&format!("{} transport", self.shared.backend)));
+        let item = self.prepare(envelope)?;
+        let queue = self.link(address)?;
+        self.push(address, &queue, &mut std::iter::once(item)).await
+    }
+
+    /// Queues every item of `batch`, in order per address: the items for one peer are queued
+    /// together (in parts of at most `send_queue_capacity`) with one wake of its writer. Returns
+    /// the items that were not queued, by index, each with the error [`StreamTransport::send`]
+    /// would have returned for it.
+    pub async fn send_batch(&self, batch: Vec<Outbound>) -> Vec<SendFailure> {
+        let mut failures = Vec::new();
+        // Per address, in the order addresses first appear: its items' indexes and the items.
+        let mut peers: Vec<(crate::Text, Vec<usize>, Vec<Queued>)> = Vec::new();
+        for (index, Outbound { address, envelope }) in batch.into_iter().enumerate() {
+            let item = match self.prepare(envelope) {
+                Ok(item) => item,
+                Err(error) => {
+                    failures.push(SendFailure { index, error });
+                    continue;
+                }
+            };
+            // A batch usually goes to one peer or a few: a linear search beats hashing.
+            let position = match peers.iter().position(|(peer, _, _)| *peer == address) {
+                Some(position) => position,
+                None => {
+                    peers.push((address, Vec::new(), Vec::new()));
+                    peers.len() - 1
+                }
+            };
+            peers[position].1.push(index);
+            peers[position].2.push(item);
         }
-        let max_payload = max_payload(self.shared.settings.max_frame_size);
+        for (address, indexes, items) in peers {
+            // How many of the peer's items were queued before the error.
+            let (queued, error) = match self.link(&address) {
+                Ok(queue) => {
+                    let mut items = items.into_iter();
+                    match self.push(&address, &queue, &mut items).await {
+                        Ok(()) => continue,
+                        Err(error) => (indexes.len() - items.len(), error),
+                    }
+                }
+                Err(error) => (0, error),
+            };
+            failures
+                .extend(indexes[queued..].iter().map(|&index| SendFailure { index, error: error.clone() }));
+        }
+        failures.sort_by_key(|failure| failure.index);
+        failures
+    }
+
+    /// Checks `envelope` against the limits and sizes its frame: everything `send` can refuse
+    /// before queueing.
+    fn prepare(&self, envelope: Envelope) -> Result<Queued, PluginError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(self.closed_error());
+        }
+        let max_frame_size = self.shared.settings.max_frame_size;
+        let max_payload = max_payload(max_frame_size);
         if envelope.payload.len() > max_payload as usize {
             return Err(PluginError::new(
                 ErrorCode::TOO_LARGE,
                 format!("payload of {} bytes exceeds max_message_size {max_payload}", envelope.payload.len()),
             ));
         }
-        let frame = protocol::envelope_frame(&envelope, self.shared.settings.max_frame_size)?;
-        let (queue, failure) = self.link(address)?;
-        if queue.send(frame).await.is_ok() {
-            return Ok(());
-        }
-        // The writer gave up on this peer: forget the link so the next send dials afresh.
-        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        if links.get(address).is_some_and(|link| link.queue.same_channel(&queue)) {
-            links.remove(address);
-        }
-        let error = failure.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        Err(error.unwrap_or_else(|| PluginError::closed(&format!("{} transport", self.shared.backend))))
+        let frame_bytes = protocol::envelope_frame_len(&envelope, max_frame_size)?;
+        Ok(Queued { envelope, frame_bytes })
     }
 
-    /// The link to `address`, dialled on first use. If the writer of the previous link gave up,
-    /// its error is returned once (so the sender learns the peer is unreachable) and the next
-    /// call dials afresh.
-    #[allow(clippy::type_complexity)]
-    fn link(
+    /// Puts `items` into `queue` (the link to `address`). If the queue no longer takes sends,
+    /// the items left in `items` were not queued, and the error says why.
+    async fn push<I: ExactSizeIterator<Item = Queued>>(
         &self,
         address: &str,
-    ) -> Result<(mpsc::Sender<Vec<u8>>, Arc<Mutex<Option<PluginError>>>), PluginError> {
+        queue: &Arc<PeerQueue>,
+        items: &mut I,
+    ) -> Result<(), PluginError> {
+        let count = items.len();
+        let counters = &self.shared.counters;
+        counters.send_queue_depth.fetch_add(count as u64, Relaxed);
+        if queue.push(items).await.is_ok() {
+            return Ok(());
+        }
+        counters.send_queue_depth.fetch_sub(items.len() as u64, Relaxed);
+        // The writer gave up on this peer (or the transport is closing): forget the link so the
+        // next send dials afresh.
         let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(link) = links.get(address) {
-            if !link.queue.is_closed() {
-                return Ok((link.queue.clone(), Arc::clone(&link.failure)));
+        if links.get(address).is_some_and(|link| Arc::ptr_eq(link, queue)) {
+            links.remove(address);
+        }
+        Err(queue.failure().unwrap_or_else(|| self.closed_error()))
+    }
+
+    fn closed_error(&self) -> PluginError {
+        PluginError::closed(&format!("{} transport", self.shared.backend))
+    }
+
+    /// The queue of the link to `address`, dialled on first use. If the writer of the previous
+    /// link gave up, its error is returned once (so the sender learns the peer is unreachable)
+    /// and the next call dials afresh.
+    fn link(&self, address: &str) -> Result<Arc<PeerQueue>, PluginError> {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(queue) = links.get(address) {
+            if queue.is_open() {
+                return Ok(Arc::clone(queue));
             }
-            let failure = link.failure.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let failure = queue.failure();
             links.remove(address);
             if let Some(failure) = failure {
                 return Err(failure);
             }
         }
-        let (queue, frames) = mpsc::channel(self.shared.settings.send_queue_capacity);
-        let failure = Arc::new(Mutex::new(None));
+        // Checked under the lock `close` empties the links with: no writer starts after it.
+        if self.closed.load(Ordering::Acquire) {
+            return Err(self.closed_error());
+        }
+        let queue = Arc::new(PeerQueue::new(self.shared.settings.send_queue_capacity));
         let writer = writer::PeerWriter {
             shared: Arc::clone(&self.shared),
             medium: Arc::clone(&self.medium),
             address: address.to_string(),
-            failure: Arc::clone(&failure),
+            queue: Arc::clone(&queue),
         };
-        let handle = tokio::spawn(writer.run(frames));
+        let handle = tokio::spawn(writer.run());
         let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
         writers.retain(|handle| !handle.is_finished());
         writers.push(handle);
-        links.insert(address.to_string(), PeerLink { queue: queue.clone(), failure: Arc::clone(&failure) });
-        Ok((queue, failure))
+        links.insert(address.to_string(), Arc::clone(&queue));
+        Ok(queue)
+    }
+
+    /// Queue depths, reconnects (a connection to a peer dialled again after it was lost), errors
+    /// (connections refused or closed for bad input, failed writes, peers given up) and the
+    /// counters listed in the module documentation. Cheap: atomics and one channel's length.
+    pub fn stats(&self) -> TransportStats {
+        let counters = &self.shared.counters;
+        let mut stats = counters.incidents.stats();
+        stats.send_queue_depth = counters.send_queue_depth.load(Relaxed);
+        stats.receive_queue_depth = queued(&self.inbound_depth);
+        let backend = self.shared.backend;
+        stats.counters = vec![
+            (format!("{backend}.writes"), counters.writes.load(Relaxed)),
+            (format!("{backend}.connections.accepted"), counters.accepted.load(Relaxed)),
+            (format!("{backend}.connections.refused"), counters.refused.load(Relaxed)),
+            (format!("{backend}.messages.dropped"), counters.dropped_messages.load(Relaxed)),
+        ];
+        stats
+    }
+
+    /// Stops every writer once it has written what is queued for its peer.
+    fn finish_links(&self) {
+        let links = std::mem::take(&mut *self.links.lock().unwrap_or_else(|p| p.into_inner()));
+        for queue in links.values() {
+            queue.finish();
+        }
     }
 
     /// Waits for at least one message; returns up to `max_batch`, or nothing once closed.
@@ -245,16 +381,20 @@ impl<M: StreamMedium> StreamTransport<M> {
 
     /// Stops accepting, flushes queued messages (up to `close_timeout_ms`), says goodbye.
     pub async fn close(&self) -> Result<(), PluginError> {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return Ok(());
+        {
+            // Under the links' lock, so that no send starts a writer after this.
+            let _links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+            if self.closed.swap(true, Ordering::AcqRel) {
+                return Ok(());
+            }
         }
         self.shared.shutdown.send_replace(true);
         let acceptor = self.acceptor.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(acceptor) = acceptor {
             let _ = acceptor.await;
         }
-        // Dropping the queues lets each writer drain what is queued, then say goodbye.
-        self.links.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        // Each writer writes what is queued, then says goodbye.
+        self.finish_links();
         let writers = std::mem::take(&mut *self.writers.lock().unwrap_or_else(|p| p.into_inner()));
         let deadline = Duration::from_millis(self.shared.settings.close_timeout_ms);
         let pending = writers.len();
@@ -285,8 +425,16 @@ impl<M: StreamMedium> Transport for StreamTransport<M> {
         StreamTransport::send(self, address, envelope).await
     }
 
+    async fn send_batch(&self, batch: Vec<Outbound>) -> Vec<SendFailure> {
+        StreamTransport::send_batch(self, batch).await
+    }
+
     async fn receive(&self, max_batch: usize) -> Result<Vec<Inbound>, PluginError> {
         StreamTransport::receive(self, max_batch).await
+    }
+
+    fn stats(&self) -> TransportStats {
+        StreamTransport::stats(self)
     }
 
     async fn close(&self) -> Result<(), PluginError> {
@@ -296,8 +444,9 @@ impl<M: StreamMedium> Transport for StreamTransport<M> {
 
 impl<M: StreamMedium> Drop for StreamTransport<M> {
     fn drop(&mut self) {
-        // Stops the listener and readers even if the host never called close.
+        // Stops the listener, readers and writers even if the host never called close.
         self.shared.shutdown.send_replace(true);
+        self.finish_links();
     }
 }
 

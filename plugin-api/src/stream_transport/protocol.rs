@@ -93,20 +93,40 @@ pub fn parse_hello(body: &[u8]) -> Result<NodeId, String> {
     }
 }
 
-/// Encodes `envelope` as a complete ENVELOPE frame, refusing one above `max_frame_size`.
-pub fn envelope_frame(envelope: &Envelope, max_frame_size: u32) -> Result<Vec<u8>, crate::PluginError> {
-    let mut frame = Vec::with_capacity(64 + envelope.payload.len());
-    frame.extend_from_slice(&[0, 0, 0, 0, KIND_ENVELOPE]);
-    wire::encode_envelope(envelope, &mut frame)
-        .map_err(|error| crate::PluginError::new(crate::ErrorCode::TOO_LARGE, error.to_string()))?;
-    let body_length = frame.len() - crate::framing::LENGTH_PREFIX_BYTES;
+/// The size of the ENVELOPE frame (prefix included) that carries `envelope`, without encoding
+/// it. A [`crate::ErrorCode::TOO_LARGE`] error when the body would exceed `max_frame_size` or a
+/// field does not fit the wire encoding.
+pub fn envelope_frame_len(envelope: &Envelope, max_frame_size: u32) -> Result<usize, crate::PluginError> {
+    let too_large = |message: String| crate::PluginError::new(crate::ErrorCode::TOO_LARGE, message);
+    let body_length = 1 + wire::encoded_len(envelope).map_err(|error| too_large(error.to_string()))?;
     if body_length > max_frame_size as usize {
-        return Err(crate::PluginError::new(
-            crate::ErrorCode::TOO_LARGE,
-            format!("message of {body_length} bytes exceeds max_frame_size {max_frame_size}"),
-        ));
+        return Err(too_large(format!(
+            "message of {body_length} bytes exceeds max_frame_size {max_frame_size}"
+        )));
     }
-    frame[..4].copy_from_slice(&(body_length as u32).to_be_bytes());
+    Ok(crate::framing::LENGTH_PREFIX_BYTES + body_length)
+}
+
+/// Appends the complete ENVELOPE frame of `envelope` to `out` (which may hold other frames):
+/// the envelope is encoded straight into `out`. The caller checks the size first with
+/// [`envelope_frame_len`].
+pub fn append_envelope_frame(envelope: &Envelope, out: &mut Vec<u8>) -> Result<(), wire::WireError> {
+    let start = out.len();
+    out.extend_from_slice(&[0, 0, 0, 0, KIND_ENVELOPE]);
+    if let Err(error) = wire::encode_envelope(envelope, out) {
+        out.truncate(start);
+        return Err(error);
+    }
+    let body_length = (out.len() - start - crate::framing::LENGTH_PREFIX_BYTES) as u32;
+    out[start..start + crate::framing::LENGTH_PREFIX_BYTES].copy_from_slice(&body_length.to_be_bytes());
+    Ok(())
+}
+
+/// Encodes `envelope` as a complete ENVELOPE frame of its own, refusing one above `max_frame_size`.
+pub fn envelope_frame(envelope: &Envelope, max_frame_size: u32) -> Result<Vec<u8>, crate::PluginError> {
+    let mut frame = Vec::with_capacity(envelope_frame_len(envelope, max_frame_size)?);
+    append_envelope_frame(envelope, &mut frame)
+        .map_err(|error| crate::PluginError::new(crate::ErrorCode::TOO_LARGE, error.to_string()))?;
     Ok(frame)
 }
 
@@ -128,5 +148,23 @@ mod tests {
         assert!(parse_hello(&frame[4..]).unwrap_err().contains("version 9"));
         let frame = hello_frame(&NodeId::new("xyz"));
         assert!(parse_hello(&frame[4..frame.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn envelope_frames_are_as_long_as_announced_and_limited() {
+        let envelope =
+            Envelope::new(crate::MessageId::from_u128(5), "a", crate::Destination::node("b"), vec![1; 100])
+                .with_header("k", "v");
+        let frame = envelope_frame(&envelope, 1 << 20).unwrap();
+        assert_eq!(envelope_frame_len(&envelope, 1 << 20).unwrap(), frame.len());
+        assert_eq!(u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize, frame.len() - 4);
+        assert_eq!(frame[4], KIND_ENVELOPE);
+        assert_eq!(wire::decode_envelope(&frame[5..]).unwrap(), envelope);
+        let mut two = frame.clone();
+        append_envelope_frame(&envelope, &mut two).unwrap();
+        assert_eq!(two, [frame.clone(), frame.clone()].concat(), "appended after what is there");
+        let error = envelope_frame_len(&envelope, frame.len() as u32 - 5).unwrap_err();
+        assert_eq!(error.code, crate::ErrorCode::TOO_LARGE);
+        assert!(envelope_frame_len(&envelope, frame.len() as u32 - 4).is_ok(), "the limit counts the body");
     }
 }

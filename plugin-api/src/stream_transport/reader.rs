@@ -4,15 +4,19 @@ use super::{
     handshake::{self, OpenError, Opened},
     protocol, shut_down, Acceptor, Shared,
 };
-use crate::{framing::read_frame, wire::decode_envelope, Inbound};
-use std::{sync::Arc, time::Duration};
-use tokio::{
-    io::{split, AsyncWrite, AsyncWriteExt, BufReader},
-    sync::mpsc,
+use crate::{
+    framing::{FrameReader, Frames},
+    wire::{decode_envelope, decode_envelope_shared},
+    Inbound,
 };
-
-/// Read buffer per connection: large enough that small frames cost far less than a syscall each.
-const READ_BUFFER_BYTES: usize = 64 * 1024;
+use std::{
+    sync::{atomic::Ordering::Relaxed, Arc},
+    time::Duration,
+};
+use tokio::{
+    io::{split, AsyncWrite, AsyncWriteExt},
+    sync::{mpsc, watch},
+};
 
 pub(super) async fn accept_loop<A: Acceptor>(
     shared: Arc<Shared>,
@@ -64,6 +68,7 @@ async fn serve_connection<S: super::ByteStream>(
         }
         Ok(Err(OpenError::Failed(reason) | OpenError::Refused(reason))) => {
             // Nothing from this connection reached the application.
+            shared.counters.refused();
             tracing::warn!(backend = shared.backend, from = %label, %reason, "connection refused");
             return;
         }
@@ -79,45 +84,83 @@ async fn serve_connection<S: super::ByteStream>(
     if let Some(key) = &key {
         tracing::debug!(backend = shared.backend, from = %label, node = %peer, %key, "encrypted link accepted");
     }
-    let (read, mut write) = split(stream);
-    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, read);
+    let (mut read, mut write) = split(stream);
     let hello = protocol::hello_frame(&shared.local_node);
     if let Err(error) = write_flushed(&mut write, &hello).await {
         return log_closed(&shared, &label, Some(&peer), Closed::Refused(format!("writing hello: {error}")));
     }
+    shared.counters.accepted.fetch_add(1, Relaxed);
 
+    let mut reader = FrameReader::new(settings.max_frame_size);
+    let mut received = Vec::new();
     let closed = loop {
-        let frame = tokio::select! {
-            frame = read_frame(&mut reader, settings.max_frame_size) => frame,
+        let frames = tokio::select! {
+            frames = reader.read(&mut read) => frames,
             _ = shut_down(&mut shutdown) => {
                 let _ = write_flushed(&mut write, &protocol::goodbye_frame()).await;
                 break Closed::Clean("transport closed");
             }
         };
-        let body = match frame {
-            Ok(Some(body)) => body,
-            Ok(None) => break Closed::Clean("peer closed the connection"),
-            Err(error) => break Closed::Refused(error.to_string()),
+        let ended = match frames {
+            Ok(Some(frames)) => decode(&frames, &mut received),
+            Ok(None) => Some(Closed::Clean("peer closed the connection")),
+            Err(error) => Some(Closed::Refused(error.to_string())),
         };
-        match body.first() {
-            Some(&protocol::KIND_ENVELOPE) => match decode_envelope(&body[1..]) {
-                Ok(envelope) => {
-                    let delivered = tokio::select! {
-                        sent = inbound.send(Inbound { envelope, delivery_tag: 0 }) => sent.is_ok(),
-                        _ = shut_down(&mut shutdown) => false,
-                    };
-                    if !delivered {
-                        break Closed::Clean("transport closed");
-                    }
-                }
-                Err(error) => break Closed::Refused(format!("malformed envelope: {error}")),
-            },
-            Some(&protocol::KIND_GOODBYE) => break Closed::Clean("peer said goodbye"),
-            Some(kind) => break Closed::Refused(format!("unexpected frame kind {kind}")),
-            None => break Closed::Refused("empty frame".to_string()),
+        // What came before a bad frame or a goodbye is delivered.
+        if !deliver(&inbound, &mut received, &mut shutdown).await {
+            break Closed::Clean("transport closed");
+        }
+        if let Some(closed) = ended {
+            break closed;
         }
     };
     log_closed(&shared, &label, Some(&peer), closed);
+}
+
+/// Decodes the envelopes of `frames` into `out`, payloads sharing the buffer that was read when
+/// the frames are shared; stops at the first frame that ends the connection and says why.
+fn decode(frames: &Frames<'_>, out: &mut Vec<Inbound>) -> Option<Closed> {
+    out.reserve(frames.len());
+    for frame in frames.iter() {
+        match frame.body().first() {
+            Some(&protocol::KIND_ENVELOPE) => {
+                let decoded = match frame.shared() {
+                    Some((buffer, body)) => decode_envelope_shared(buffer, body.start + 1..body.end),
+                    None => decode_envelope(&frame.body()[1..]),
+                };
+                match decoded {
+                    Ok(envelope) => out.push(Inbound { envelope, delivery_tag: 0 }),
+                    Err(error) => return Some(Closed::Refused(format!("malformed envelope: {error}"))),
+                }
+            }
+            Some(&protocol::KIND_GOODBYE) => return Some(Closed::Clean("peer said goodbye")),
+            Some(kind) => return Some(Closed::Refused(format!("unexpected frame kind {kind}"))),
+            None => return Some(Closed::Refused("empty frame".to_string())),
+        }
+    }
+    None
+}
+
+/// Hands `received` to the receive queue, waiting for room (a whole batch at a time when it
+/// fits); `false` once the transport is closing.
+async fn deliver(
+    inbound: &mpsc::Sender<Inbound>,
+    received: &mut Vec<Inbound>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    let mut items = received.drain(..);
+    while items.len() > 0 {
+        let wanted = items.len().min(inbound.max_capacity());
+        let permits = tokio::select! {
+            permits = inbound.reserve_many(wanted) => permits,
+            _ = shut_down(shutdown) => return false,
+        };
+        let Ok(permits) = permits else { return false };
+        for (permit, item) in permits.zip(items.by_ref()) {
+            permit.send(item);
+        }
+    }
+    true
 }
 
 /// Writes `bytes` and flushes (an encrypted stream buffers what it seals).
@@ -133,6 +176,7 @@ fn log_closed(shared: &Shared, label: &str, peer: Option<&crate::NodeId>, closed
             tracing::debug!(backend = shared.backend, from = label, node, reason, "connection closed")
         }
         Closed::Refused(reason) => {
+            shared.counters.refused();
             tracing::warn!(backend = shared.backend, from = label, node, %reason, "closing connection")
         }
     }

@@ -21,12 +21,13 @@ pub struct StreamSettings {
     pub advertise: Option<String>,
     /// Largest frame body accepted or sent, in bytes.
     pub max_frame_size: u32,
-    /// Frames queued per peer before `send` waits.
+    /// Messages queued per peer before `send` waits.
     pub send_queue_capacity: usize,
     /// Received messages buffered before readers stop reading (TCP flow control then slows the
     /// senders).
     pub receive_queue_capacity: usize,
-    /// A writer gathers queued frames up to this many bytes into one write.
+    /// A writer encodes queued messages into one write of up to this many bytes (a larger
+    /// message is written alone).
     pub write_batch_bytes: usize,
     /// Time allowed for one attempt to open a connection (the TCP connect, not the handshake).
     pub connect_timeout_ms: u64,

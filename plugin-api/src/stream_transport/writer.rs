@@ -1,27 +1,26 @@
-//! The task that owns one outgoing connection: batches queued frames, reconnects, says goodbye.
+//! The task that owns one outgoing connection: encodes queued envelopes straight into its write
+//! buffer, writes them in batches, reconnects, says goodbye.
 
 use super::{
     encrypted::LinkStream,
     handshake::{self, OpenError, Opened},
     protocol,
+    queue::{PeerQueue, Queued, Take},
     reader::write_flushed,
     Shared, StreamMedium,
 };
 use crate::{ErrorCode, NodeId, PluginError};
 use std::{
-    sync::{Arc, Mutex},
+    sync::{atomic::Ordering::Relaxed, Arc},
     time::Duration,
 };
-use tokio::{
-    io::{split, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf},
-    sync::mpsc,
-};
+use tokio::io::{split, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 
 pub(super) struct PeerWriter<M: StreamMedium> {
     pub(super) shared: Arc<Shared>,
     pub(super) medium: Arc<M>,
     pub(super) address: String,
-    pub(super) failure: Arc<Mutex<Option<PluginError>>>,
+    pub(super) queue: Arc<PeerQueue>,
 }
 
 struct Connection<S> {
@@ -30,65 +29,84 @@ struct Connection<S> {
     peer: NodeId,
 }
 
-/// What woke the writer while it had nothing to write.
-enum Wake {
-    Frame(Option<Vec<u8>>),
-    PeerClosed(String),
-}
-
 impl<M: StreamMedium> PeerWriter<M> {
-    pub(super) async fn run(self, mut frames: mpsc::Receiver<Vec<u8>>) {
+    pub(super) async fn run(self) {
         let settings = &self.shared.settings;
         let mut connection: Option<Connection<M::Stream>> = None;
+        // The frames of one write, encoded in place; kept (and reused) until written.
         let mut batch = Vec::with_capacity(settings.write_batch_bytes);
         let mut batch_frames = 0usize;
+        let mut taken: Vec<Queued> = Vec::new();
         let mut failed_writes = 0u32;
+        let mut connected_before = false;
         loop {
             if batch.is_empty() {
-                let wake = match connection.as_mut() {
-                    Some(open) => tokio::select! {
-                        biased;
-                        frame = frames.recv() => Wake::Frame(frame),
-                        reason = peer_closed(&mut open.read) => Wake::PeerClosed(reason),
-                    },
-                    None => Wake::Frame(frames.recv().await),
-                };
-                match wake {
-                    Wake::Frame(Some(frame)) => {
-                        batch.extend_from_slice(&frame);
-                        batch_frames = 1;
-                    }
-                    Wake::Frame(None) => break,
-                    Wake::PeerClosed(reason) => {
-                        tracing::debug!(backend = self.shared.backend, peer = %self.address, %reason, "peer closed the connection");
-                        connection = None;
+                match self.queue.take(settings.write_batch_bytes, &mut taken) {
+                    Take::Taken => {}
+                    Take::Finished => break,
+                    Take::Empty => {
+                        let peer_closed = match connection.as_mut() {
+                            Some(open) => tokio::select! {
+                                biased;
+                                () = self.queue.ready() => None,
+                                reason = peer_closed(&mut open.read) => Some(reason),
+                            },
+                            None => {
+                                self.queue.ready().await;
+                                None
+                            }
+                        };
+                        if let Some(reason) = peer_closed {
+                            tracing::debug!(backend = self.shared.backend, peer = %self.address, %reason, "peer closed the connection");
+                            connection = None;
+                        }
                         continue;
                     }
                 }
-                while batch.len() < settings.write_batch_bytes {
-                    match frames.try_recv() {
-                        Ok(frame) => {
-                            batch.extend_from_slice(&frame);
-                            batch_frames += 1;
+                for item in taken.drain(..) {
+                    // `send` checked the frame size, so encoding cannot fail; if it did, that
+                    // one message is dropped, not the batch.
+                    match protocol::append_envelope_frame(&item.envelope, &mut batch) {
+                        Ok(()) => batch_frames += 1,
+                        Err(error) => {
+                            self.shared.counters.incidents.failed();
+                            self.shared.counters.send_queue_depth.fetch_sub(1, Relaxed);
+                            tracing::warn!(backend = self.shared.backend, peer = %self.address, %error, "message dropped: cannot encode it");
                         }
-                        Err(_) => break,
                     }
+                }
+                if batch.is_empty() {
+                    continue;
                 }
             }
             if connection.is_none() {
                 match self.connect().await {
-                    Ok(open) => connection = Some(open),
-                    Err(error) => return self.give_up(error, frames, batch_frames),
+                    Ok(open) => {
+                        if connected_before {
+                            self.shared.counters.incidents.reconnected();
+                        }
+                        connected_before = true;
+                        connection = Some(open);
+                    }
+                    Err(error) => return self.give_up(error, batch_frames),
                 }
             }
             let Some(open) = connection.as_mut() else { continue };
             match write_flushed(&mut open.write, &batch).await {
                 Ok(()) => {
+                    self.shared.counters.writes.fetch_add(1, Relaxed);
+                    self.shared.counters.send_queue_depth.fetch_sub(batch_frames as u64, Relaxed);
                     batch.clear();
+                    batch_frames = 0;
                     failed_writes = 0;
+                    // One huge message must not keep a huge buffer for the life of the link.
+                    if batch.capacity() > 4 * settings.write_batch_bytes {
+                        batch.shrink_to(settings.write_batch_bytes);
+                    }
                 }
                 Err(error) => {
                     failed_writes += 1;
+                    self.shared.counters.incidents.failed();
                     tracing::warn!(
                         backend = self.shared.backend, peer = %self.address, node = %open.peer, %error,
                         "write failed; reconnecting to write the batch again"
@@ -102,7 +120,7 @@ impl<M: StreamMedium> PeerWriter<M> {
                                 self.shared.backend, self.address
                             ),
                         );
-                        return self.give_up(error, frames, batch_frames);
+                        return self.give_up(error, batch_frames);
                     }
                 }
             }
@@ -184,14 +202,13 @@ impl<M: StreamMedium> PeerWriter<M> {
 
     /// Records why this peer is unreachable and drops what was queued for it, so that senders
     /// learn of the failure instead of waiting forever.
-    fn give_up(self, error: PluginError, mut frames: mpsc::Receiver<Vec<u8>>, in_batch: usize) {
-        // Record the reason before closing the queue: a sender that sees the queue closed reads it.
-        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
-        frames.close();
-        let mut dropped = in_batch;
-        while frames.try_recv().is_ok() {
-            dropped += 1;
-        }
+    fn give_up(self, error: PluginError, in_batch: usize) {
+        // The queue keeps the reason: a sender that finds it closed reads it.
+        let dropped = in_batch + self.queue.fail(error.clone());
+        let counters = &self.shared.counters;
+        counters.send_queue_depth.fetch_sub(dropped as u64, Relaxed);
+        counters.dropped_messages.fetch_add(dropped as u64, Relaxed);
+        counters.incidents.failed();
         tracing::warn!(
             backend = self.shared.backend, peer = %self.address, dropped, %error,
             "giving up on peer; queued messages dropped"

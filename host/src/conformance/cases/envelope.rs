@@ -77,9 +77,9 @@ pub(super) fn compare(sent: &Envelope, got: &Envelope) -> Result<(), String> {
         ));
     }
     if got.headers != sent.headers {
-        let first = sent.headers.iter().zip(&got.headers).position(|(a, b)| a != b);
-        return Err(match first {
-            Some(i) => format!("header {i} changed from {:?} to {:?}", sent.headers[i], got.headers[i]),
+        let changed = sent.headers.iter().zip(&got.headers).enumerate().find(|(_, (a, b))| a != b);
+        return Err(match changed {
+            Some((i, (a, b))) => format!("header {i} changed from {a:?} to {b:?}"),
             None => format!("{} headers sent, {} received", sent.headers.len(), got.headers.len()),
         });
     }

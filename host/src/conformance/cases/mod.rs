@@ -1,14 +1,21 @@
 //! The cases, one file per area: [`lifecycle`] (create, close, open/close at once),
 //! [`envelope`] (what a message carries), [`concurrency`] (many senders, many receivers, order),
-//! [`limits`] (oversized messages, dead addresses), [`acknowledgements`], [`durability`] and
-//! [`topics`]. Each case is an `async fn(&Harness) -> CaseResult`.
+//! [`batching`] (`send_batch`), [`limits`] (oversized messages, dead addresses), [`stats`],
+//! [`acknowledgements`], [`durability`], [`reliability`], [`topics`], [`encryption`] and
+//! [`blocking`] (polls that hold the host's thread). Each case is an
+//! `async fn(&Harness) -> CaseResult`.
 
 mod acknowledgements;
+mod batching;
+mod blocking;
 mod concurrency;
 mod durability;
+mod encryption;
 mod envelope;
 mod lifecycle;
 mod limits;
+mod reliability;
+mod stats;
 mod topics;
 
 use super::harness::{CaseResult, Harness};
@@ -53,8 +60,19 @@ pub(crate) const CREATE_TRANSPORT: Case = case!(
     "two instances open side by side with distinct addresses, declare sane info and close"
 );
 
+/// Runs last: whether any poll of the plugin's futures held the host's thread, in this case's
+/// own short workload or in any case before it. The runner also stops the suite at the first
+/// such poll and reports this case as failed without running it.
+pub(crate) const NO_BLOCKING_POLLS: Case = case!(
+    "no_blocking_polls",
+    Capabilities::NONE,
+    blocking::no_blocking_polls,
+    "no poll of the plugin's futures (constructor, send, send_batch, receive, settle, subscribe, close) \
+     holds the host's thread for the blocking-poll limit (500 ms by default), in any case of the suite"
+);
+
 /// Every case, in running order.
-pub(crate) const CASES: [Case; 13] = [
+pub(crate) const CASES: [Case; 18] = [
     CREATE_TRANSPORT,
     case!(
         "envelope_round_trip",
@@ -82,6 +100,13 @@ pub(crate) const CASES: [Case; 13] = [
         "50 receivers each get exactly their own 100 messages (5,000 in all): none lost or misdelivered"
     ),
     case!(
+        "batched_send",
+        Capabilities::NONE,
+        batching::batched_send,
+        "send_batch to two receivers: every item arrives intact (in batch order per address when \
+         ordered), and an oversized item fails alone, reported by its index"
+    ),
+    case!(
         "oversized_message",
         Capabilities::NONE,
         limits::oversized_message,
@@ -94,6 +119,13 @@ pub(crate) const CASES: [Case; 13] = [
         limits::unreachable_address,
         "a send to an address nobody listens on fails or queues without hanging, and does not hold up \
          messages to a live address"
+    ),
+    case!(
+        "transport_stats",
+        Capabilities::NONE,
+        stats::transport_stats,
+        "stats() counts what was sent (messages_sent, bytes_sent at least the payloads), received \
+         (messages_received, bytes_received exactly) and refused (send_errors), without blocking"
     ),
     case!(
         "close",
@@ -122,6 +154,14 @@ pub(crate) const CASES: [Case; 13] = [
         "a receiver closed mid-stream and reopened with the same node id and config loses nothing"
     ),
     case!(
+        "reliable_delivery",
+        Capabilities::RELIABLE,
+        reliability::reliable_delivery,
+        "every message send accepted arrives: while the receiver does not receive for 1 s, across a \
+         restart of the receiver when it comes back at the same address, and across a 1 s cut of the \
+         link (through a loopback relay, for ip:port addresses)"
+    ),
+    case!(
         "topic_isolation",
         Capabilities::NATIVE_TOPICS,
         topics::topic_isolation,
@@ -134,4 +174,13 @@ pub(crate) const CASES: [Case; 13] = [
         topics::topic_fan_out,
         "10 subscribers of one topic each get all 200 messages of 2 publishers"
     ),
+    case!(
+        "encrypted_links",
+        Capabilities::ENCRYPTED,
+        encryption::encrypted_links,
+        "with the suite's link security (comms check --key-file): a node whose key is not allowed can \
+         neither deliver nor receive, and (for ip:port addresses, through a relay) no payload crosses \
+         the wire in the clear"
+    ),
+    NO_BLOCKING_POLLS,
 ];

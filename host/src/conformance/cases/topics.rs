@@ -62,8 +62,8 @@ pub(super) async fn topic_isolation(h: &Harness) -> CaseResult {
         .enumerate()
         .map(|(i, topic)| {
             let mut message =
-                envelope(&publisher, Destination::Topic(format!("{p}.{topic}")), tag_payload(&[i as u32]));
-            message.headers.push(("topic-header".into(), format!("für {topic}")));
+                envelope(&publisher, Destination::topic(format!("{p}.{topic}")), tag_payload(&[i as u32]));
+            message.headers.push("topic-header", format!("für {topic}"));
             message
         })
         .collect();
@@ -123,7 +123,7 @@ pub(super) async fn topic_fan_out(h: &Harness) -> CaseResult {
         async move {
             for i in 0..FAN_OUT_MESSAGES {
                 let message =
-                    envelope(publisher, Destination::Topic(topic.clone()), tag_payload(&[p as u32, i]));
+                    envelope(publisher, Destination::topic(topic.clone()), tag_payload(&[p as u32, i]));
                 publish(publisher, message).await?;
             }
             Ok::<_, CaseError>(())

@@ -1,0 +1,425 @@
+//! Host side of the boundary: loading plugin libraries and calling into them with idiomatic types.
+//!
+//! The comms host uses this module; plugin authors do not need it. It is here, next to the
+//! plugin-side adapters, so that every `abi_stable` type stays inside comms-core and this crate.
+//!
+//! Loading checks, in order: the file exists; it is a shared library exporting an `abi_stable`
+//! root module; its contract version has this host's major ([`comms_core::Compatibility`]); the
+//! layout of every type reachable from the root module matches, checked in the direction the
+//! versions call for (the newer side must extend the older one: abi_stable's own check accepts
+//! only plugins at least as new as the host, see [`layout_check`]). Each failure is a
+//! [`LoadError`] whose `Display` is one sentence naming the file; [`LoadError::details`] keeps
+//! the longer form. Libraries are never unloaded (abi_stable leaks them by design).
+//!
+//! Once loaded, a library gets the host's services (its log, see `host_log`), and every future
+//! it returns is polled under a [`poll_watch`] that names a plugin blocking the host's thread.
+
+mod host_log;
+pub mod layout_check;
+mod load_error;
+pub mod poll_watch;
+
+pub use load_error::LoadError;
+pub use poll_watch::BlockingPoll;
+
+use crate::{
+    export::plugin_module, Envelope, Extensions, Inbound, NodeId, NodeRecord, Outbound, PeerEvent, Plugin,
+    PluginDescription, PluginError, Provides, SendFailure, TransportInfo, TransportStats,
+};
+use comms_core::{
+    abi_stable::{
+        library::lib_header_from_path,
+        std_types::{RString, RVec},
+        StableAbi,
+    },
+    Compatibility, DiscoveryBox, InterfaceVersion, PluginModuleRef, PluginSetup, Settlement,
+    SettlementOutcome, TransportBox, INTERFACE_VERSION,
+};
+use poll_watch::PollWatch;
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+/// A loaded plugin library (or a plugin linked into this program), ready to construct
+/// transports and discoveries.
+#[derive(Debug, Clone)]
+pub struct PluginLibrary {
+    path: Option<PathBuf>,
+    module: PluginModuleRef,
+    description: PluginDescription,
+}
+
+impl PluginLibrary {
+    /// Loads the plugin library at `path` and checks that it is compatible with this host.
+    pub fn load(path: &Path) -> Result<Self, LoadError> {
+        Self::load_with_threads(path, 0)
+    }
+
+    /// [`PluginLibrary::load`], asking the library's runtime for `worker_threads` threads (0:
+    /// the plugin's default). The first load of a library decides.
+    pub fn load_with_threads(path: &Path, worker_threads: u32) -> Result<Self, LoadError> {
+        if path.is_dir() {
+            return Err(LoadError::NotAPlugin {
+                path: path.to_path_buf(),
+                reason: "it is a directory".into(),
+            });
+        }
+        if !path.is_file() {
+            return Err(LoadError::NotFound { path: path.to_path_buf() });
+        }
+        // An absolute path, so the dynamic loader never searches its library path instead.
+        let absolute = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let header = lib_header_from_path(&absolute)
+            .map_err(|e| LoadError::from_library_error(path, INTERFACE_VERSION, e))?;
+        let recorded = header.version_strings().version.to_string();
+        let found = InterfaceVersion::parse(&recorded).ok_or_else(|| LoadError::IncompatibleVersion {
+            path: path.to_path_buf(),
+            expected: INTERFACE_VERSION,
+            found: recorded.clone(),
+        })?;
+        let compatibility = INTERFACE_VERSION.compatibility(found);
+        if compatibility == Compatibility::Incompatible {
+            return Err(LoadError::IncompatibleVersion {
+                path: path.to_path_buf(),
+                expected: INTERFACE_VERSION,
+                found: found.to_string(),
+            });
+        }
+        let Some(plugin_layout) = header.layout() else {
+            return Err(LoadError::NotAPlugin {
+                path: path.to_path_buf(),
+                reason: "its root module carries no layout to check".into(),
+            });
+        };
+        let host_layout = <PluginModuleRef as StableAbi>::LAYOUT;
+        layout_check::check(host_layout, plugin_layout, compatibility)
+            .map_err(|mismatch| mismatch.into_load_error(path, INTERFACE_VERSION, found))?;
+        // SAFETY: the layout was checked just above, in the direction the versions call for.
+        let module = unsafe { header.init_root_module_with_unchecked_layout::<PluginModuleRef>() }
+            .map_err(|e| LoadError::from_library_error(path, INTERFACE_VERSION, e))?;
+        (module.attach_host())(host_log::host_services(worker_threads));
+        let library = Self::from_module(Some(path.to_path_buf()), module, found);
+        if compatibility == Compatibility::PluginNewer {
+            let unused = layout_check::additions(host_layout, plugin_layout);
+            tracing::info!(
+                plugin = %library.description.name,
+                "{} was built for comms plugin interface {found}; this host speaks {INTERFACE_VERSION} and will not use {}",
+                path.display(),
+                if unused.is_empty() { "what it added".to_string() } else { unused.join(", ") }
+            );
+        }
+        Ok(library)
+    }
+
+    /// A plugin crate linked into this program (no shared library involved): the same
+    /// boundary, the same runtime separation, without `dlopen`.
+    pub fn linked<P: Plugin>() -> Self {
+        Self::from_module(None, plugin_module::<P>(), INTERFACE_VERSION)
+    }
+
+    fn from_module(
+        path: Option<PathBuf>,
+        module: PluginModuleRef,
+        interface_version: InterfaceVersion,
+    ) -> Self {
+        let info = (module.info())();
+        let description = PluginDescription {
+            name: info.name.as_str().to_owned(),
+            version: info.version.as_str().to_owned(),
+            description: info.description.as_str().to_owned(),
+            provides: info.provides,
+            interface_version,
+        };
+        Self { path, module, description }
+    }
+
+    /// The file it was loaded from; `None` for a linked plugin.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Name, version, description, what it provides.
+    pub fn description(&self) -> &PluginDescription {
+        &self.description
+    }
+
+    /// The contract version this host speaks.
+    pub fn interface_version() -> InterfaceVersion {
+        INTERFACE_VERSION
+    }
+
+    fn setup(node_id: &NodeId, instance_name: &str, config_toml: &str) -> PluginSetup {
+        PluginSetup {
+            node_id: node_id.clone().into_abi(),
+            instance_name: RString::from(instance_name),
+            config_toml: RString::from(config_toml),
+            host_interface: INTERFACE_VERSION,
+            extensions: RVec::new(),
+        }
+    }
+
+    fn watch(&self) -> Arc<PollWatch> {
+        PollWatch::new(&self.description.name)
+    }
+
+    /// Constructs a transport; `config_toml` is the plugin's own table as TOML text.
+    pub async fn new_transport(
+        &self,
+        node_id: &NodeId,
+        instance_name: &str,
+        config_toml: &str,
+    ) -> Result<LoadedTransport, PluginError> {
+        if !self.description.provides.contains(Provides::TRANSPORT) {
+            return Err(PluginError::unsupported(format!(
+                "plugin `{}` provides no transport",
+                self.description.name
+            )));
+        }
+        let setup = Self::setup(node_id, instance_name, config_toml);
+        let watch = self.watch();
+        let inner = watch
+            .watch("the transport constructor", (self.module.new_transport())(setup))
+            .await
+            .into_result()
+            .map_err(PluginError::from_abi)?;
+        let info = inner.info().into_result().map_err(PluginError::from_abi)?;
+        let mut idiomatic =
+            TransportInfo::new(info.capabilities, info.local_address.as_str(), info.max_message_size);
+        idiomatic.extensions = Extensions::from_abi(info.extensions);
+        Ok(LoadedTransport { inner, info: idiomatic, watch })
+    }
+
+    /// Constructs a discovery; `config_toml` is the plugin's own table as TOML text.
+    pub async fn new_discovery(
+        &self,
+        node_id: &NodeId,
+        instance_name: &str,
+        config_toml: &str,
+    ) -> Result<LoadedDiscovery, PluginError> {
+        if !self.description.provides.contains(Provides::DISCOVERY) {
+            return Err(PluginError::unsupported(format!(
+                "plugin `{}` provides no discovery",
+                self.description.name
+            )));
+        }
+        let setup = Self::setup(node_id, instance_name, config_toml);
+        let watch = self.watch();
+        let inner = watch
+            .watch("the discovery constructor", (self.module.new_discovery())(setup))
+            .await
+            .into_result()
+            .map_err(PluginError::from_abi)?;
+        Ok(LoadedDiscovery { inner, watch })
+    }
+}
+
+/// A transport constructed by a plugin, called with idiomatic types.
+pub struct LoadedTransport {
+    inner: TransportBox,
+    info: TransportInfo,
+    watch: Arc<PollWatch>,
+}
+
+impl std::fmt::Debug for LoadedTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedTransport").field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
+impl LoadedTransport {
+    /// What the transport declared when it was constructed.
+    pub fn info(&self) -> &TransportInfo {
+        &self.info
+    }
+
+    /// See [`crate::Transport::send`].
+    pub async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
+        let call = self.inner.send(RString::from(address), envelope.into_abi());
+        self.watch.watch("send", call).await.into_result().map_err(PluginError::from_abi)
+    }
+
+    /// See [`crate::Transport::send_batch`]: the items that failed, by their index in `batch`
+    /// (empty: every item was taken). A failure of the call as a whole fails every item.
+    pub async fn send_batch(&self, batch: Vec<Outbound>) -> Vec<SendFailure> {
+        let count = batch.len();
+        let batch: RVec<comms_core::Outbound> = batch
+            .into_iter()
+            .map(|item| comms_core::Outbound {
+                address: item.address.into_abi(),
+                envelope: item.envelope.into_abi(),
+            })
+            .collect();
+        match self.watch.watch("send_batch", self.inner.send_batch(batch)).await.into_result() {
+            Ok(failures) => failures
+                .into_iter()
+                .map(|failure| SendFailure {
+                    index: failure.index as usize,
+                    error: PluginError::from_abi(failure.error),
+                })
+                .collect(),
+            Err(error) => {
+                let error = PluginError::from_abi(error);
+                (0..count).map(|index| SendFailure { index, error: error.clone() }).collect()
+            }
+        }
+    }
+
+    /// See [`crate::Transport::receive`]. A message this host cannot represent (a destination
+    /// kind from a newer interface) is settled as discarded and logged, never handed on.
+    pub async fn receive(&self, max_batch: u32) -> Result<Vec<Inbound>, PluginError> {
+        let call = self.inner.receive(max_batch);
+        let batch = self.watch.watch("receive", call).await.into_result().map_err(PluginError::from_abi)?;
+        let mut accepted = Vec::with_capacity(batch.len());
+        let mut discarded = RVec::new();
+        for inbound in batch {
+            let delivery_tag = inbound.delivery_tag;
+            match Envelope::from_abi(inbound.envelope) {
+                Ok(envelope) => accepted.push(Inbound { envelope, delivery_tag }),
+                Err(error) => {
+                    tracing::warn!(%error, "discarding a message this host cannot represent");
+                    discarded.push(Settlement { delivery_tag, outcome: SettlementOutcome::REJECTED_DISCARD });
+                }
+            }
+        }
+        if !discarded.is_empty() {
+            self.watch
+                .watch("settle", self.inner.settle(discarded))
+                .await
+                .into_result()
+                .map_err(PluginError::from_abi)?;
+        }
+        Ok(accepted)
+    }
+
+    /// See [`crate::Transport::settle`].
+    pub async fn settle(&self, settlements: Vec<Settlement>) -> Result<(), PluginError> {
+        let call = self.inner.settle(RVec::from(settlements));
+        self.watch.watch("settle", call).await.into_result().map_err(PluginError::from_abi)
+    }
+
+    /// See [`crate::Transport::subscribe`].
+    pub async fn subscribe(&self, pattern: &str) -> Result<(), PluginError> {
+        let call = self.inner.subscribe(RString::from(pattern));
+        self.watch.watch("subscribe", call).await.into_result().map_err(PluginError::from_abi)
+    }
+
+    /// See [`crate::Transport::unsubscribe`].
+    pub async fn unsubscribe(&self, pattern: &str) -> Result<(), PluginError> {
+        let call = self.inner.unsubscribe(RString::from(pattern));
+        self.watch.watch("unsubscribe", call).await.into_result().map_err(PluginError::from_abi)
+    }
+
+    /// What the transport has done: the counts the boundary keeps and the transport's own.
+    pub fn stats(&self) -> TransportCounters {
+        TransportCounters::from_abi(self.inner.stats())
+    }
+
+    /// The longest poll of this transport's futures that blocked the host's thread (over
+    /// [`poll_watch::BLOCKING_POLL`]), if any did.
+    pub fn blocking_poll(&self) -> Option<BlockingPoll> {
+        self.watch.longest()
+    }
+
+    /// See [`crate::Transport::close`].
+    pub async fn close(&self) -> Result<(), PluginError> {
+        self.watch.watch("close", self.inner.close()).await.into_result().map_err(PluginError::from_abi)
+    }
+}
+
+/// A transport's statistics as the host sees them: what the boundary counted and what the
+/// transport reported ([`TransportStats`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct TransportCounters {
+    /// Messages taken by `send` and `send_batch`.
+    pub messages_sent: u64,
+    /// Payload bytes of those messages.
+    pub bytes_sent: u64,
+    /// Messages handed to the host.
+    pub messages_received: u64,
+    /// Payload bytes of those messages.
+    pub bytes_received: u64,
+    /// Sends (or batch items) that failed.
+    pub send_errors: u64,
+    /// Receives that failed, and the transport's own errors.
+    pub errors: u64,
+    /// What the transport reports of itself.
+    pub transport: TransportStats,
+}
+
+impl TransportCounters {
+    fn from_abi(stats: comms_core::TransportStats) -> Self {
+        let own = TransportStats {
+            send_queue_depth: stats.send_queue_depth,
+            receive_queue_depth: stats.receive_queue_depth,
+            reconnects: stats.reconnects,
+            counters: stats.counters.iter().map(|c| (c.name.as_str().to_owned(), c.value)).collect(),
+            ..TransportStats::default()
+        };
+        Self {
+            messages_sent: stats.messages_sent,
+            bytes_sent: stats.bytes_sent,
+            messages_received: stats.messages_received,
+            bytes_received: stats.bytes_received,
+            send_errors: stats.send_errors,
+            errors: stats.errors,
+            transport: own,
+        }
+    }
+}
+
+/// A discovery constructed by a plugin, called with idiomatic types.
+pub struct LoadedDiscovery {
+    inner: DiscoveryBox,
+    watch: Arc<PollWatch>,
+}
+
+impl std::fmt::Debug for LoadedDiscovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedDiscovery").finish_non_exhaustive()
+    }
+}
+
+impl LoadedDiscovery {
+    /// See [`crate::Discovery::announce`].
+    pub async fn announce(&self, record: NodeRecord) -> Result<(), PluginError> {
+        let call = self.inner.announce(record.into_abi());
+        self.watch.watch("announce", call).await.into_result().map_err(PluginError::from_abi)
+    }
+
+    /// See [`crate::Discovery::withdraw`].
+    pub async fn withdraw(&self, node: &NodeId) -> Result<(), PluginError> {
+        let call = self.inner.withdraw(node.clone().into_abi());
+        self.watch.watch("withdraw", call).await.into_result().map_err(PluginError::from_abi)
+    }
+
+    /// See [`crate::Discovery::peers`].
+    pub async fn peers(&self) -> Result<Vec<NodeRecord>, PluginError> {
+        let peers = self
+            .watch
+            .watch("peers", self.inner.peers())
+            .await
+            .into_result()
+            .map_err(PluginError::from_abi)?;
+        Ok(peers.into_iter().map(NodeRecord::from_abi).collect())
+    }
+
+    /// See [`crate::Discovery::next_event`].
+    pub async fn next_event(&self) -> Result<Option<PeerEvent>, PluginError> {
+        let call = self.inner.next_event();
+        let event =
+            self.watch.watch("next_event", call).await.into_result().map_err(PluginError::from_abi)?;
+        Ok(event.into_option().map(PeerEvent::from_abi))
+    }
+
+    /// The longest poll that blocked the host's thread, if any did.
+    pub fn blocking_poll(&self) -> Option<BlockingPoll> {
+        self.watch.longest()
+    }
+
+    /// See [`crate::Discovery::close`].
+    pub async fn close(&self) -> Result<(), PluginError> {
+        self.watch.watch("close", self.inner.close()).await.into_result().map_err(PluginError::from_abi)
+    }
+}
