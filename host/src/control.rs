@@ -1,13 +1,19 @@
-//! Framework messages that travel next to application messages: heartbeats, goodbyes, responses.
+//! Framework messages that travel next to application messages: hellos, heartbeats, goodbyes,
+//! responses.
 //!
 //! They are ordinary envelopes marked with the reserved header [`KIND_HEADER`], so every
 //! transport carries them unchanged and a non-Rust peer can produce them:
 //!
 //! | `comms-kind` | payload | meaning |
 //! |---|---|---|
-//! | `heartbeat` | [`Announcement`] (postcard) | the sender is alive; here is its current record |
-//! | `goodbye`   | empty | the sender is closing: mark it down now |
+//! | `hello`     | [`RecordMessage`] (JSON) with `reply: true` | the sender's record; answer with a `heartbeat` now. Sent to every peer discovery names, at start and when one is discovered, and before the first message to a peer |
+//! | `heartbeat` | [`RecordMessage`] (JSON) | the sender is alive; here is its current record |
+//! | `goodbye`   | [`RecordMessage`] (JSON), or empty (release 0.1) | the sender is closing: mark it down now |
 //! | `response`  | the response, or UTF-8 error text when `comms-status` is `error` | answers the request whose id is the envelope's correlation id |
+//!
+//! A `response` with `comms-status: unavailable` comes from a replica that could not take the
+//! request (closing, not serving it, or at its concurrency limit): the caller tries another.
+//! Release 0.1 wrote heartbeats as a postcard [`Announcement`]; every later release reads them.
 //!
 //! Requests are envelopes addressed to a [`Destination::Service`](comms_plugin_api::Destination);
 //! publications to a [`Destination::Topic`](comms_plugin_api::Destination).

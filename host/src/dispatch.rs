@@ -2,8 +2,10 @@
 //! belongs, heartbeats, and following discovery.
 //!
 //! Routing of an incoming envelope:
-//! - framework messages ([`crate::control`]): heartbeats and goodbyes update the peer table,
-//!   responses complete the request waiting for them (a late one is dropped);
+//! - framework messages ([`crate::control`]): hellos, heartbeats and goodbyes update the peer
+//!   table (a hello is answered with this node's record at once, so neither side waits for a
+//!   heartbeat to learn the other's services and topics), responses complete the request
+//!   waiting for them (a late one is dropped);
 //! - to a node: the node's inbox (`Node::receive`);
 //! - to a topic: every matching subscription of this node;
 //! - to a service: the service's handler, whose answer goes back to the sender.
@@ -11,11 +13,12 @@
 //! Every message from a peer also counts as a sign of life.
 
 use crate::{
-    control::{self, Announcement, KIND_HEADER},
+    control::{self, RecordMessage, KIND_HEADER},
     node::{InboxItem, NodeInner, NodeTransport},
+    subscription::Delivery,
 };
 use comms_plugin_api::{
-    Capabilities, Destination, Envelope, ErrorCode, PeerEventKind, Settlement, SettlementOutcome,
+    Capabilities, Destination, Envelope, ErrorCode, NodeRecord, PeerEventKind, Settlement, SettlementOutcome,
 };
 use std::{sync::Arc, time::Duration};
 use tokio::sync::watch;
@@ -55,7 +58,8 @@ pub(crate) async fn receive_loop(inner: Arc<NodeInner>, transport: Arc<NodeTrans
                         // Refused for good: never delivered again.
                         SettlementOutcome::REJECTED_DISCARD
                     } else {
-                        inbox_open = inbox_open && route_incoming(&inner, inbound.envelope).await;
+                        inbox_open =
+                            inbox_open && route_incoming(&inner, inbound.envelope, acknowledges).await;
                         if inbox_open {
                             SettlementOutcome::ACCEPTED
                         } else {
@@ -114,10 +118,10 @@ fn admitted(inner: &NodeInner, transport: &NodeTransport, envelope: &Envelope) -
 }
 
 /// Routes one incoming envelope; `false` once the node's inbox is gone (node dropped).
-async fn route_incoming(inner: &Arc<NodeInner>, envelope: Envelope) -> bool {
+async fn route_incoming(inner: &Arc<NodeInner>, envelope: Envelope, acknowledges: bool) -> bool {
     inner.membership.heard_from(&envelope.from);
     let kind = envelope.header(KIND_HEADER);
-    let describes_sender = matches!(kind, Some(control::HEARTBEAT) | Some(control::GOODBYE));
+    let describes_sender = matches!(kind, Some(control::HELLO | control::HEARTBEAT | control::GOODBYE));
     if let Destination::Node(to) = &envelope.to {
         // A heartbeat or goodbye meant for a node behind this relay still tells this node
         // about its direct neighbour, the sender; it is handled here and not forwarded.
@@ -127,10 +131,26 @@ async fn route_incoming(inner: &Arc<NodeInner>, envelope: Envelope) -> bool {
         }
     }
     match envelope.header(KIND_HEADER) {
-        Some(control::HEARTBEAT) => {
-            match Announcement::decode(envelope.payload.as_slice()) {
-                Ok(announcement) => inner.membership.heartbeat(announcement.into_record(envelope.from)),
-                Err(error) => tracing::debug!(from = %envelope.from, %error, "undecodable heartbeat ignored"),
+        Some(control::HELLO | control::HEARTBEAT) => {
+            match RecordMessage::decode(envelope.payload.as_slice()) {
+                Ok(message) => {
+                    let reply = message.reply;
+                    let record = message.into_record(envelope.from);
+                    inner.membership.heartbeat(record.clone());
+                    if reply {
+                        // Answered beside the receive loop: a slow link to this peer must not
+                        // hold up what the loop takes next.
+                        let inner = Arc::clone(inner);
+                        tokio::spawn(async move {
+                            if let Err(error) = inner.send_record(&record, control::HEARTBEAT, false).await {
+                                tracing::debug!(peer = %record.id, %error, "answering a hello failed");
+                            }
+                        });
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(from = %envelope.from, %error, "unreadable record message ignored")
+                }
             }
             true
         }
@@ -153,12 +173,13 @@ async fn route_incoming(inner: &Arc<NodeInner>, envelope: Envelope) -> bool {
             Destination::Node(_) => inner.inbox_tx.send(InboxItem::Message(envelope)).await.is_ok(),
             Destination::Topic(topic) => {
                 let topic = topic.clone();
-                inner.subscriptions.deliver(&topic, &envelope).await;
+                let delivery = if acknowledges { Delivery::Acknowledged } else { Delivery::AtMostOnce };
+                inner.subscriptions.deliver(&topic, &envelope, delivery).await;
                 true
             }
             Destination::Service(service) => {
                 let service = service.clone();
-                crate::service::handle_request(inner, &service, envelope).await;
+                crate::service::handle_request(inner, &service, envelope);
                 true
             }
         },
@@ -180,37 +201,45 @@ async fn relay(inner: &Arc<NodeInner>, envelope: Envelope) {
     }
 }
 
-/// Sends this node's record to every live peer (best effort, bounded in time). A peer that is
-/// down is left alone until it is heard from again: it announces itself when it comes back.
+/// Sends this node's record as a message of `kind` to each of `peers`, all at once, each send
+/// bounded by `limit` (a slow or unreachable peer holds up nobody else).
+async fn send_records(inner: &NodeInner, peers: Vec<NodeRecord>, kind: &str, reply: bool, limit: Duration) {
+    let sends = peers.into_iter().map(|peer| async move {
+        match tokio::time::timeout(limit, inner.send_record(&peer, kind, reply)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::debug!(peer = %peer.id, %error, kind, "record message not sent"),
+            Err(_) => tracing::debug!(peer = %peer.id, kind, "record message send timed out"),
+        }
+    });
+    futures::future::join_all(sends).await;
+}
+
+/// Sends this node's record to every live peer (best effort, concurrently, bounded in time). A
+/// peer that is down is left alone until it is heard from again: it announces itself when it
+/// comes back.
 pub(crate) async fn send_heartbeats(inner: &NodeInner) {
     let limit = inner.settings.heartbeat_interval.unwrap_or(Duration::from_secs(1));
-    for peer in inner.membership.live(|_| true) {
-        let heartbeat = inner.heartbeat_envelope(&peer.id);
-        match tokio::time::timeout(limit, inner.send_to_record(&peer, heartbeat)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::debug!(peer = %peer.id, %error, "heartbeat not sent"),
-            Err(_) => tracing::debug!(peer = %peer.id, "heartbeat send timed out"),
-        }
-    }
+    send_records(inner, inner.membership.live(|_| true), control::HEARTBEAT, false, limit).await;
+}
+
+/// Says hello to every peer discovery reported: they answer with their records at once.
+async fn send_hellos(inner: &NodeInner, peers: Vec<NodeRecord>) {
+    let limit = inner.settings.heartbeat_interval.unwrap_or(Duration::from_secs(1));
+    send_records(inner, peers, control::HELLO, true, limit).await;
 }
 
 /// Tells every live peer this node is leaving.
 pub(crate) async fn send_goodbyes(inner: &NodeInner) {
     let limit = inner.settings.close_timeout.min(Duration::from_secs(1));
-    for peer in inner.membership.live(|_| true) {
-        let headers = [(KIND_HEADER, control::GOODBYE)].into_iter().collect();
-        let goodbye = inner.new_envelope(Destination::Node(peer.id.clone()), headers, Vec::new());
-        if let Ok(Err(error)) = tokio::time::timeout(limit, inner.send_to_record(&peer, goodbye)).await {
-            tracing::debug!(peer = %peer.id, %error, "goodbye not sent");
-        }
-    }
+    send_records(inner, inner.membership.live(|_| true), control::GOODBYE, false, limit).await;
 }
 
-/// Heartbeats and expiry, every `heartbeat_interval`; without liveness, one announcement at start.
+/// Heartbeats and expiry, every `heartbeat_interval`. It starts with a hello to every peer known
+/// from discovery, so the node learns their records within a round trip (no cold start).
 pub(crate) async fn heartbeats(inner: Arc<NodeInner>) {
     let mut closing = inner.closing.subscribe();
     let mut shutdown = inner.shutdown.subscribe();
-    send_heartbeats(&inner).await;
+    send_hellos(&inner, inner.membership.live(|_| true)).await;
     let Some(interval) = inner.settings.heartbeat_interval else { return };
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -237,7 +266,14 @@ pub(crate) async fn watch_discovery(inner: Arc<NodeInner>) {
         match event {
             Ok(Some(event)) => match event.kind {
                 PeerEventKind::Left => inner.membership.withdrawn(&event.record.id),
-                PeerEventKind::Joined | PeerEventKind::Updated => inner.membership.discovered(event.record),
+                PeerEventKind::Joined | PeerEventKind::Updated => {
+                    let record = event.record;
+                    if inner.membership.discovered(record.clone()) {
+                        // A peer met for the first time: ask for its full record now.
+                        let inner = Arc::clone(&inner);
+                        tokio::spawn(async move { send_hellos(&inner, vec![record]).await });
+                    }
+                }
             },
             Ok(None) => return,
             Err(error) => {

@@ -172,6 +172,22 @@ pub enum ReceiveError {
     },
 }
 
+/// Why waiting for a peer, a service or a subscriber ended without it.
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    /// It did not appear within the time given.
+    #[error("{what} did not appear within {} ms", .waited.as_millis())]
+    TimedOut {
+        /// What was waited for, in words (`peer `bob``, `a replica of `echo``, ...).
+        what: String,
+        /// How long.
+        waited: std::time::Duration,
+    },
+    /// The node is closed.
+    #[error("the node is closed")]
+    Closed,
+}
+
 /// Why `close` did not finish cleanly. The node is closed anyway.
 #[derive(Debug, thiserror::Error)]
 #[error("closing: {}", .failures.join("; "))]

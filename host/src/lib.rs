@@ -57,11 +57,11 @@ pub use builder::NodeBuilder;
 pub use codec::Codec;
 pub use comms_plugin_api::topics;
 pub use comms_plugin_api::{
-    host_side::PluginLibrary, Envelope, Headers, MessageId, NodeId, NodeRecord, Payload, PeerEvent,
-    PeerEventKind,
+    host_side::PluginLibrary, Capabilities, Envelope, Headers, MessageId, NodeId, NodeRecord, Payload,
+    PeerEvent, PeerEventKind,
 };
 pub use config::ConfigError;
-pub use error::{BuildError, CloseError, ReceiveError, RequestError, SendError, ServeError};
+pub use error::{BuildError, CloseError, ReceiveError, RequestError, SendError, ServeError, WaitError};
 pub use membership::{PeerInfo, PeerStatus};
 pub use node::{Node, Received, TransportSummary};
 pub use request_response::{Balancing, RequestOptions};

@@ -85,12 +85,12 @@ impl Membership {
         self.events.subscribe()
     }
 
-    /// Discovery reports `record` (joined or updated).
-    pub(crate) fn discovered(&self, record: NodeRecord) {
+    /// Discovery reports `record` (joined or updated); `true` when the peer was not known.
+    pub(crate) fn discovered(&self, record: NodeRecord) -> bool {
         if record.id == self.local {
-            return;
+            return false;
         }
-        self.learn(record, Instant::now());
+        self.learn(record, Instant::now())
     }
 
     /// Discovery says `id` left (withdrew or expired).
@@ -109,12 +109,21 @@ impl Membership {
         self.learn(record, Instant::now());
     }
 
-    fn learn(&self, record: NodeRecord, now: Instant) {
+    /// Whether `id` is known and up.
+    pub(crate) fn is_up(&self, id: &NodeId) -> bool {
+        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+        peers.get(id).is_some_and(|entry| entry.status == PeerStatus::Up)
+    }
+
+    /// Takes `record` as the peer's latest (unless it is older than the one known); `true` when
+    /// the peer was not known before.
+    fn learn(&self, record: NodeRecord, now: Instant) -> bool {
         let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
         match peers.get_mut(&record.id) {
             None => {
                 self.emit(PeerEventKind::Joined, &record);
                 peers.insert(record.id.clone(), PeerEntry { record, status: PeerStatus::Up, last_seen: now });
+                true
             }
             Some(entry) => {
                 entry.last_seen = now;
@@ -130,6 +139,7 @@ impl Membership {
                 } else if changed {
                     self.emit(PeerEventKind::Updated, &entry.record);
                 }
+                false
             }
         }
     }

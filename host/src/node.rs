@@ -4,15 +4,15 @@ use crate::{
     builder::NodeBuilder,
     codec::{Codec, CONTENT_TYPE_HEADER},
     config,
-    control::{self, Announcement, KIND_HEADER, STATUS_HEADER},
+    control::{self, RecordMessage, KIND_HEADER, STATUS_HEADER},
     dispatch,
-    error::{BuildError, CloseError, ReceiveError, RequestError, SendError, ServeError},
+    error::{BuildError, CloseError, ReceiveError, RequestError, SendError, ServeError, WaitError},
     fault_injection::FaultInjector,
     membership::{Membership, PeerInfo},
     request_response::{Balancing, PendingRequests, RequestOptions},
     security::{RejectedCounter, Signatures, SIGNATURE_HEADER, SIGNED_AT_HEADER},
     service::{ServiceHandler, Services},
-    subscription::{Subscription, Subscriptions},
+    subscription::{Delivery, Subscription, Subscriptions},
     topics::{validate_pattern, validate_topic},
 };
 use comms_plugin_api::{
@@ -382,12 +382,14 @@ impl Node {
     /// it through discovery and the next heartbeat (sent at once). Dropping the subscription
     /// unsubscribes.
     ///
-    /// Messages wait in a bounded buffer; a subscription that is not read holds up delivery on
-    /// the transport that carries them once its buffer is full (backpressure, nothing dropped).
+    /// Messages wait in a bounded buffer ([`crate::subscription::SUBSCRIPTION_BUFFER`]); while it
+    /// is full, publications that come at most once are dropped and counted
+    /// ([`Subscription::dropped`]) so that a subscriber that stops reading holds up nothing else;
+    /// those from a transport with acknowledgements wait at the broker.
     pub async fn subscribe<T: DeserializeOwned>(&self, pattern: &str) -> Result<Subscription<T>, SendError> {
         validate_pattern(pattern).map_err(|e| SendError::InvalidTopic(e.to_string()))?;
         self.inner.check_open()?;
-        let (id, receiver) = self.inner.subscriptions.add(pattern);
+        let (id, receiver, dropped) = self.inner.subscriptions.add(pattern);
         for transport in self.inner.transports.iter().filter(|t| t.has(Capabilities::NATIVE_TOPICS)) {
             if let Err(error) = transport.loaded.subscribe(pattern).await {
                 self.inner.subscriptions.remove(id);
@@ -396,12 +398,13 @@ impl Node {
             }
         }
         self.inner.announce_changes().await;
-        Ok(Subscription::new(Arc::clone(&self.inner), id, pattern.to_string(), receiver))
+        Ok(Subscription::new(Arc::clone(&self.inner), id, pattern.to_string(), receiver, dropped))
     }
 
     /// Serves `service`: `handler` answers each request; its error goes back to the caller as a
     /// remote error. Several nodes may serve the same service; callers spread requests over them.
-    /// At most 256 requests are handled at once per node (more wait, holding up the transport).
+    /// At most 256 requests are handled at once per node; one more is answered `unavailable` at
+    /// once, and the caller retries another replica.
     pub async fn serve<Req, Resp, E, F, Fut>(&self, service: &str, handler: F) -> Result<(), ServeError>
     where
         Req: DeserializeOwned + Send + 'static,
@@ -474,6 +477,31 @@ impl Node {
         let payload = self.inner.settings.codec.encode(request).map_err(RequestError::Encode)?;
         let response = self.inner.call(service, Some(node.into()), payload, options).await?;
         decode_response(self.inner.settings.codec, response)
+    }
+
+    /// Waits until peer `node` is known and up (discovered, or heard from), for at most
+    /// `timeout`. A node that has just started knows only what discovery told it; this is how an
+    /// application waits for the node it is about to talk to.
+    pub async fn wait_for_peer(&self, node: impl Into<NodeId>, timeout: Duration) -> Result<(), WaitError> {
+        let node = node.into();
+        let what = || format!("peer `{node}`");
+        self.inner.wait_until(what, timeout, |inner| inner.membership.is_up(&node)).await
+    }
+
+    /// Waits until a live peer (or this node) serves `service`, for at most `timeout`.
+    /// [`Node::request`] waits like this on its first attempt by itself (for up to its attempt
+    /// timeout).
+    pub async fn wait_for_service(&self, service: &str, timeout: Duration) -> Result<(), WaitError> {
+        let what = || format!("a replica of `{service}`");
+        self.inner.wait_until(what, timeout, |inner| inner.has_replica(service)).await
+    }
+
+    /// Waits until a live peer (or a subscription of this node) subscribes to a pattern matching
+    /// `topic`, for at most `timeout`. Subscribers behind a broker with native topics are not
+    /// known to the node: for them, this waits for nothing it can see.
+    pub async fn wait_for_subscriber(&self, topic: &str, timeout: Duration) -> Result<(), WaitError> {
+        let what = || format!("a subscriber of `{topic}`");
+        self.inner.wait_until(what, timeout, |inner| inner.has_subscriber(topic)).await
     }
 
     /// Leaves gracefully, within the close timeout: stops taking new requests and lets those in
@@ -581,7 +609,9 @@ impl NodeInner {
             && self.greeted.lock().unwrap_or_else(|p| p.into_inner()).insert(record.id.clone());
         let envelope = self.sealed(envelope);
         if first_contact {
-            let hello = self.sealed(self.heartbeat_envelope(&record.id));
+            // A hello asks the peer for its record at once: this node learns its services and
+            // topics now, not at the peer's next heartbeat.
+            let hello = self.sealed(self.record_envelope(&record.id, control::HELLO, true));
             if let Err(error) = transport.loaded.send(&address, hello).await {
                 self.greeted.lock().unwrap_or_else(|p| p.into_inner()).remove(&record.id);
                 return Err(SendError::Transport {
@@ -598,10 +628,92 @@ impl NodeInner {
         })
     }
 
-    pub(crate) fn heartbeat_envelope(&self, to: &NodeId) -> Envelope {
-        let announcement = Announcement::of(&self.record.read().unwrap_or_else(|p| p.into_inner()));
-        let headers = [(KIND_HEADER, control::HEARTBEAT)].into_iter().collect();
-        self.new_envelope(Destination::Node(to.clone()), headers, announcement.encode())
+    /// A framework message of `kind` (hello, heartbeat, goodbye) carrying this node's record;
+    /// `reply` asks the receiver to answer with its own record at once.
+    pub(crate) fn record_envelope(&self, to: &NodeId, kind: &str, reply: bool) -> Envelope {
+        let record = self.record.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let message = RecordMessage { reply, ..RecordMessage::of(&record) };
+        let headers = [(KIND_HEADER, kind)].into_iter().collect();
+        self.new_envelope(Destination::Node(to.clone()), headers, message.encode())
+    }
+
+    /// Sends this node's record to `peer` as a message of `kind` (`reply`: asking for the peer's
+    /// at once). The peer counts as greeted: no hello goes before later messages.
+    /// A closing node sends nothing but goodbyes: a hello or heartbeat after its goodbye would
+    /// make peers take it for alive again.
+    pub(crate) async fn send_record(
+        &self,
+        peer: &NodeRecord,
+        kind: &str,
+        reply: bool,
+    ) -> Result<(), SendError> {
+        if kind != control::GOODBYE && *self.closing.borrow() {
+            return Err(SendError::Closed);
+        }
+        let (transport, address) = self.route(peer)?;
+        self.greeted.lock().unwrap_or_else(|p| p.into_inner()).insert(peer.id.clone());
+        let envelope = self.sealed(self.record_envelope(&peer.id, kind, reply));
+        transport.send(&address, envelope).await.map_err(|error| {
+            // Not greeted after all: the next message to the peer says hello first.
+            self.greeted.lock().unwrap_or_else(|p| p.into_inner()).remove(&peer.id);
+            SendError::Transport { transport: transport.name.clone(), peer: peer.id.clone(), error }
+        })
+    }
+
+    /// Waits until `ready` holds for the peer table (checked at once, then after every change),
+    /// for at most `limit`.
+    pub(crate) async fn wait_until(
+        &self,
+        what: impl FnOnce() -> String,
+        limit: Duration,
+        mut ready: impl FnMut(&Self) -> bool,
+    ) -> Result<(), WaitError> {
+        // Subscribe before the first check, so that no change between the two is missed.
+        let mut changes = self.membership.subscribe();
+        let waiting = async {
+            loop {
+                if self.closed.load(Ordering::Acquire) {
+                    return Err(WaitError::Closed);
+                }
+                if ready(self) {
+                    return Ok(());
+                }
+                match changes.recv().await {
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return Err(WaitError::Closed),
+                }
+            }
+        };
+        match tokio::time::timeout(limit, waiting).await {
+            Ok(result) => result,
+            Err(_) if ready(self) => Ok(()),
+            Err(_) => Err(WaitError::TimedOut { what: what(), waited: limit }),
+        }
+    }
+
+    /// The records of the live peers that serve `service`, and this node's if it does.
+    fn replicas(&self, service: &str) -> Vec<NodeRecord> {
+        let mut replicas = self.membership.live(|record| record.services.iter().any(|s| s == service));
+        if self.services.contains(service) {
+            replicas.push(self.record.read().unwrap_or_else(|p| p.into_inner()).clone());
+        }
+        replicas
+    }
+
+    /// Whether a live peer (or this node) serves `service`.
+    fn has_replica(&self, service: &str) -> bool {
+        self.services.contains(service)
+            || !self.membership.live(|record| record.services.iter().any(|s| s == service)).is_empty()
+    }
+
+    /// Whether a live peer (or a subscription of this node) subscribes to a pattern matching
+    /// `topic`.
+    fn has_subscriber(&self, topic: &str) -> bool {
+        self.subscriptions.patterns().iter().any(|pattern| crate::topics::matches(pattern, topic))
+            || !self
+                .membership
+                .live(|record| record.topics.iter().any(|pattern| crate::topics::matches(pattern, topic)))
+                .is_empty()
     }
 
     /// Re-announces this node's record after its services or topics changed: to discovery and,
@@ -659,7 +771,8 @@ impl NodeInner {
                 }
             }
         }
-        if native.is_none() && self.subscriptions.deliver(topic, &envelope).await > 0 {
+        // With native topics the broker delivers to this node's own subscriptions too.
+        if native.is_none() && self.subscriptions.deliver(topic, &envelope, Delivery::AtMostOnce).await > 0 {
             delivered += 1;
         }
         match first_error {
@@ -689,13 +802,21 @@ impl NodeInner {
             }
             let target = match &node {
                 Some(node) => self.record_of(node),
-                None => {
-                    let mut candidates = self.membership.live(|r| r.services.iter().any(|s| s == service));
-                    if self.services.contains(service) {
-                        candidates.push(self.record.read().unwrap_or_else(|p| p.into_inner()).clone());
+                None => self.pending.choose(&self.replicas(service), &tried, self.settings.balancing),
+            };
+            let target = match (target, &node) {
+                // A node that has just started may not have heard from the replicas yet (their
+                // hellos answer within a round trip): the first attempt waits for one.
+                (None, None) if attempt == 0 => {
+                    let what = || format!("a replica of `{service}`");
+                    match self.wait_until(what, options.timeout, |inner| inner.has_replica(service)).await {
+                        Ok(()) => {
+                            self.pending.choose(&self.replicas(service), &tried, self.settings.balancing)
+                        }
+                        Err(_) => None,
                     }
-                    self.pending.choose(&candidates, &tried, self.settings.balancing)
                 }
+                (target, _) => target,
             };
             let Some(target) = target else {
                 last_error = Some(match &node {

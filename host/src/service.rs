@@ -16,7 +16,9 @@ use std::{
 };
 use tokio::sync::{watch, Semaphore};
 
-/// Requests handled at once per node; more wait for a slot (holding up their transport).
+/// Requests handled at once per node. One more is answered `unavailable` at once (the caller
+/// tries another replica): a saturated service must not hold up the transport it came on, and
+/// with it the responses, heartbeats and other services behind it.
 pub(crate) const MAX_CONCURRENT_REQUESTS: usize = 256;
 
 /// `comms-status` of a response from a replica that cannot take the request (closing, or it
@@ -126,20 +128,24 @@ impl Services {
 }
 
 /// Answers one request: runs the handler in a task of its own and sends the response back.
-pub(crate) async fn handle_request(inner: &Arc<NodeInner>, service: &str, request: Envelope) {
+/// Never waits: a request the node cannot take now is refused (in a task of its own too).
+pub(crate) fn handle_request(inner: &Arc<NodeInner>, service: &str, request: Envelope) {
     let services = &inner.services;
     let closing = *inner.closing.borrow();
     let handler = if closing { None } else { services.handler(service) };
-    let Some(handler) = handler else {
+    let slot = handler.as_ref().and_then(|_| Arc::clone(&services.slots).try_acquire_owned().ok());
+    let (Some(handler), Some(slot)) = (handler, slot) else {
         let reason = if closing {
             format!("node `{}` is shutting down", inner.id)
+        } else if services.contains(service) {
+            format!("node `{}` is handling {MAX_CONCURRENT_REQUESTS} requests, its limit", inner.id)
         } else {
             format!("node `{}` does not serve `{service}`", inner.id)
         };
-        respond(inner, &request, Err((STATUS_UNAVAILABLE, reason))).await;
+        let inner = Arc::clone(inner);
+        tokio::spawn(async move { respond(&inner, &request, Err((STATUS_UNAVAILABLE, reason))).await });
         return;
     };
-    let Ok(slot) = Arc::clone(&services.slots).acquire_owned().await else { return };
     services.in_flight.send_modify(|n| *n += 1);
     let inner = Arc::clone(inner);
     tokio::spawn(async move {

@@ -19,7 +19,12 @@ use std::{
 };
 use tokio::sync::mpsc;
 
-/// Messages buffered per subscription before delivery waits for the application.
+/// Messages buffered per subscription. Publications that come at most once (TCP, UDP, memory,
+/// Redis pub/sub, this node's own) for a full subscription are dropped and counted
+/// ([`Subscription::dropped`]), as NATS and ZeroMQ do with a slow subscriber: a subscriber that
+/// stops reading must not hold up the transport its messages come on, and with it requests,
+/// responses and heartbeats. Publications from a transport with acknowledgements wait instead
+/// (the broker keeps them; nothing is lost).
 pub const SUBSCRIPTION_BUFFER: usize = 256;
 
 #[derive(Debug)]
@@ -27,6 +32,16 @@ struct Entry {
     id: u64,
     pattern: String,
     sender: mpsc::Sender<Envelope>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// How a publication reached this node, which decides what a full subscription does with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// From a transport with acknowledgements: it keeps the message until it is settled.
+    Acknowledged,
+    /// From a transport without them, or from this node itself: at most once.
+    AtMostOnce,
 }
 
 /// The node's subscriptions.
@@ -37,12 +52,14 @@ pub(crate) struct Subscriptions {
 }
 
 impl Subscriptions {
-    pub(crate) fn add(&self, pattern: &str) -> (u64, mpsc::Receiver<Envelope>) {
+    /// A new subscription: its id, its queue and its count of dropped publications.
+    pub(crate) fn add(&self, pattern: &str) -> (u64, mpsc::Receiver<Envelope>, Arc<AtomicU64>) {
         let (sender, receiver) = mpsc::channel(SUBSCRIPTION_BUFFER);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let entry = Entry { id, pattern: pattern.to_string(), sender };
+        let dropped = Arc::new(AtomicU64::new(0));
+        let entry = Entry { id, pattern: pattern.to_string(), sender, dropped: Arc::clone(&dropped) };
         self.entries.write().unwrap_or_else(|p| p.into_inner()).push(entry);
-        (id, receiver)
+        (id, receiver, dropped)
     }
 
     /// Ends every subscription's stream (the node stopped).
@@ -63,21 +80,43 @@ impl Subscriptions {
         patterns
     }
 
-    /// Hands `envelope` to every subscription matching `topic`, waiting while a buffer is full.
-    /// Returns how many subscriptions got it.
-    pub(crate) async fn deliver(&self, topic: &str, envelope: &Envelope) -> usize {
-        let senders: Vec<mpsc::Sender<Envelope>> = self
+    /// Hands `envelope` to every subscription matching `topic`. Returns how many got it.
+    ///
+    /// A full subscription makes this wait when `delivery` is [`Delivery::Acknowledged`] (the
+    /// message came from a transport that keeps it until settled: waiting holds it at the broker,
+    /// nothing is lost); otherwise the subscription drops it and counts (the first drop is
+    /// logged), and this never waits.
+    pub(crate) async fn deliver(&self, topic: &str, envelope: &Envelope, delivery: Delivery) -> usize {
+        let entries: Vec<(String, mpsc::Sender<Envelope>, Arc<AtomicU64>)> = self
             .entries
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .filter(|entry| matches(&entry.pattern, topic))
-            .map(|entry| entry.sender.clone())
+            .map(|entry| (entry.pattern.clone(), entry.sender.clone(), Arc::clone(&entry.dropped)))
             .collect();
         let mut delivered = 0;
-        for sender in senders {
-            if sender.send(envelope.clone()).await.is_ok() {
-                delivered += 1;
+        for (pattern, sender, dropped) in entries {
+            if delivery == Delivery::Acknowledged {
+                if sender.send(envelope.clone()).await.is_ok() {
+                    delivered += 1;
+                }
+                continue;
+            }
+            match sender.try_send(envelope.clone()) {
+                Ok(()) => delivered += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    if dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                        tracing::warn!(
+                            %pattern,
+                            %topic,
+                            buffer = SUBSCRIPTION_BUFFER,
+                            "a subscription is not read fast enough: publications for it are dropped \
+                             while its buffer is full (Subscription::dropped counts them)"
+                        );
+                    }
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
         delivered
@@ -90,6 +129,7 @@ pub struct Subscription<T> {
     id: u64,
     pattern: String,
     receiver: mpsc::Receiver<Envelope>,
+    dropped: Arc<AtomicU64>,
     _message: PhantomData<fn() -> T>,
 }
 
@@ -105,13 +145,20 @@ impl<T: DeserializeOwned> Subscription<T> {
         id: u64,
         pattern: String,
         receiver: mpsc::Receiver<Envelope>,
+        dropped: Arc<AtomicU64>,
     ) -> Self {
-        Self { node, id, pattern, receiver, _message: PhantomData }
+        Self { node, id, pattern, receiver, dropped, _message: PhantomData }
     }
 
     /// The pattern subscribed to.
     pub fn pattern(&self) -> &str {
         &self.pattern
+    }
+
+    /// How many publications this subscription missed because its buffer
+    /// ([`SUBSCRIPTION_BUFFER`] messages) was full when they arrived.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// The next message; `None` once the node is closed or dropped. [`Subscription::next_envelope`] gives

@@ -48,9 +48,7 @@ async fn plugin_records_reach_the_host_subscriber_filtered_by_the_host_rules() {
         .find(|line| line.contains("loop transport ready"))
         .unwrap_or_else(|| panic!("the plugin's debug record did not reach the host's log:\n{text}"));
     assert!(
-        line.contains(
-            "DEBUG comms_fixture_panicking: loop transport ready, panicking in Nothing node=\"logs\""
-        ),
+        line.contains("DEBUG comms_fixture_panicking: loop transport ready, panicking in Nothing node=logs"),
         "formatted like the host's own records, with the plugin's target and fields: {line}"
     );
     assert!(!text.contains("(trace)"), "a level the host's rule filters out is not forwarded:\n{text}");

@@ -50,6 +50,10 @@ enum Command {
         to: String,
         /// The text to send.
         text: String,
+        /// How long to wait for the destination to be known (discovered or heard from) before
+        /// failing, in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        wait_ms: u64,
     },
     /// Print received text messages, one per line.
     Recv {
@@ -78,8 +82,9 @@ enum Command {
         topic: String,
         /// The text to publish.
         text: String,
-        /// Wait this long first, so that subscribers' heartbeats have arrived (milliseconds).
-        #[arg(long, default_value_t = 0)]
+        /// How long to wait for a subscriber to be known before publishing to nobody, in
+        /// milliseconds (subscribers behind a broker with native topics are not waited for).
+        #[arg(long, default_value_t = 2000)]
         wait_ms: u64,
     },
     /// Print text messages published on topics matching a pattern, one per line.
@@ -108,6 +113,10 @@ enum Command {
         /// Attempts (each on another replica when there is one).
         #[arg(long, default_value_t = 3)]
         attempts: u32,
+        /// How long to wait for a replica of the service to be known before failing, in
+        /// milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        wait_ms: u64,
     },
     /// Serve a trivial echo service (answers every request with its own text) until Ctrl-C.
     EchoService {
@@ -246,7 +255,9 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             new_plugin::run(&name, dir.as_deref(), plugin_api.as_deref())
         }
         Command::Run { config, echo } => node_commands::run(&config, echo).await,
-        Command::Send { config, to, text } => node_commands::send(&config, &to, &text).await,
+        Command::Send { config, to, text, wait_ms } => {
+            node_commands::send(&config, &to, &text, wait_ms).await
+        }
         Command::Recv { config, count } => node_commands::recv(&config, count).await,
         Command::Demo { plugin_dir, messages } => demo::run(plugin_dir, messages).await,
         Command::Peers { config, wait_ms } => patterns::peers(&config, wait_ms).await,
@@ -254,8 +265,8 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             patterns::publish(&config, &topic, &text, wait_ms).await
         }
         Command::Subscribe { config, pattern, count } => patterns::subscribe(&config, &pattern, count).await,
-        Command::Request { config, service, text, timeout_ms, attempts } => {
-            patterns::request(&config, &service, &text, timeout_ms, attempts).await
+        Command::Request { config, service, text, timeout_ms, attempts, wait_ms } => {
+            patterns::request(&config, &service, &text, timeout_ms, attempts, wait_ms).await
         }
         Command::EchoService { config, service } => patterns::echo_service(&config, &service).await,
         Command::Check { file, list, assume, config, key_file } => match file {

@@ -2,7 +2,7 @@
 
 use super::{other, CliError};
 use comms_host::{codec::CONTENT_TYPE_HEADER, Codec, Envelope, Node, ReceiveError};
-use std::{io::Write, path::Path, process::ExitCode};
+use std::{io::Write, path::Path, process::ExitCode, time::Duration};
 
 /// A received payload as one line of text: the message decoded as a string when it is one.
 pub(crate) fn payload_text(node: &Node, envelope: &Envelope) -> String {
@@ -71,8 +71,11 @@ pub(super) async fn run(config: &Path, echo: bool) -> Result<ExitCode, CliError>
     Ok(ExitCode::SUCCESS)
 }
 
-pub(super) async fn send(config: &Path, to: &str, text: &str) -> Result<ExitCode, CliError> {
+pub(super) async fn send(config: &Path, to: &str, text: &str, wait_ms: u64) -> Result<ExitCode, CliError> {
     let node = Node::from_config(config).await?;
+    // A node that has just started may not know the destination yet (a broker's discovery
+    // announces it soon after): wait for it, then send (a failure then names what went wrong).
+    let _ = node.wait_for_peer(to, Duration::from_millis(wait_ms)).await;
     let sent = node.send(to, text).await;
     // Close even after a failed send, so the transport is shut down cleanly.
     let closed = node.close().await;

@@ -5,7 +5,7 @@ use super::{
     node_commands::{print_addresses, stop_signal},
     other, CliError,
 };
-use comms_host::{Node, PeerStatus, RequestOptions};
+use comms_host::{Capabilities, Node, PeerStatus, RequestOptions};
 use std::{io::Write, path::Path, process::ExitCode, time::Duration};
 
 pub(super) async fn peers(config: &Path, wait_ms: u64) -> Result<ExitCode, CliError> {
@@ -46,12 +46,27 @@ pub(super) async fn publish(
     wait_ms: u64,
 ) -> Result<ExitCode, CliError> {
     let node = Node::from_config(config).await?;
-    tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+    let broker = node
+        .transports()
+        .into_iter()
+        .find(|transport| transport.capabilities.contains(Capabilities::NATIVE_TOPICS));
+    if broker.is_none() {
+        // Subscribers are known from their records; one that has just been met may still be on
+        // its way. Publishing to nobody is not an error, so a timeout is not one either.
+        let _ = node.wait_for_subscriber(topic, Duration::from_millis(wait_ms)).await;
+    }
     let published = node.publish(topic, text).await;
     let closed = node.close().await;
     let count = published.map_err(other)?;
     closed.map_err(other)?;
-    println!("published on {topic} to {count} subscriber node(s)");
+    match broker {
+        Some(broker) => println!(
+            "published on {topic} through `{}`, which delivers it to its subscribers (the broker does not \
+             say how many); {count} more subscriber node(s) reached directly",
+            broker.name
+        ),
+        None => println!("published on {topic} to {count} subscriber node(s)"),
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -94,8 +109,10 @@ pub(super) async fn request(
     text: &str,
     timeout_ms: u64,
     attempts: u32,
+    wait_ms: u64,
 ) -> Result<ExitCode, CliError> {
     let node = Node::from_config(config).await?;
+    let _ = node.wait_for_service(service, Duration::from_millis(wait_ms)).await;
     let options =
         RequestOptions { timeout: Duration::from_millis(timeout_ms), attempts, ..RequestOptions::default() };
     let answer = node.request_with::<str, String>(service, text, &options).await;
