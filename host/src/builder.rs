@@ -2,6 +2,7 @@
 
 use crate::security::{Security, SignatureMode, Signatures};
 use crate::{
+    acknowledgement::SettleLane,
     codec::Codec,
     config::{ConfigError, PluginSource},
     error::BuildError,
@@ -90,6 +91,7 @@ impl NodeBuilder {
                 request_options: RequestOptions::default(),
                 close_timeout: Duration::from_secs(5),
                 relay: false,
+                dedup_window: 0,
             },
             transports: Vec::new(),
             discovery: None,
@@ -169,6 +171,19 @@ impl NodeBuilder {
     /// How long [`Node::close`] waits for in-flight requests to finish.
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
         self.settings.close_timeout = timeout;
+        self
+    }
+
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Remembers the ids of the last `window` application messages this node delivered and drops
+    /// a repeat (settling it accepted), so that the application sees each message once even from
+    /// at-least-once transports. 0 (the default) turns it off. Costs about 64 bytes per id and a
+    /// hash lookup per message; a repeat older than `window` newer messages is delivered again.
+    pub fn dedup_window(mut self, window: usize) -> Self {
+        self.settings.dedup_window = window;
         self
     }
 
@@ -356,6 +371,7 @@ impl NodeBuilder {
 
     /// Loads the plugins, starts the transports and discovery, announces the node.
     pub async fn build(mut self) -> Result<Node, BuildError> {
+        self.settings.validate().map_err(BuildError::InvalidSettings)?;
         if self.transports.is_empty() {
             return Err(BuildError::NoTransport);
         }
@@ -421,7 +437,9 @@ impl NodeBuilder {
                 spec.name
             )));
         }
-        Ok(NodeTransport { name: spec.name, plugin, loaded: Arc::new(loaded), faults })
+        let loaded = Arc::new(loaded);
+        let settle_lane = SettleLane::start(spec.name.clone(), Arc::clone(&loaded));
+        Ok(NodeTransport { name: spec.name, plugin, loaded, faults, settle_lane })
     }
 
     async fn start_discovery(

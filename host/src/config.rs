@@ -15,6 +15,7 @@
 //! request_backoff_ms = 50      # before the 2nd attempt; doubles
 //! close_timeout_ms = 5000      # how long close waits for requests in flight
 //! relay = false                # forward messages for other nodes (a bridge between backends)
+//! dedup_window = 0             # >0: drop repeats among the last N message ids (each message once)
 //!
 //! [transports.tcp]             # a transport named "tcp"; peers' addresses use this name
 //! plugin = "tcp"               # optional, defaults to the table name (libcomms_tcp.so)
@@ -111,6 +112,8 @@ struct NodeSection {
     close_timeout_ms: Option<u64>,
     #[serde(default)]
     relay: bool,
+    #[serde(default)]
+    dedup_window: usize,
 }
 
 /// Where a plugin comes from.
@@ -168,9 +171,6 @@ pub fn load(path: &Path) -> Result<NodeBuilder, ConfigError> {
         builder = builder.plugin_dir(base.join(dir));
     }
     if let Some(capacity) = file.node.receive_queue_capacity {
-        if capacity == 0 {
-            return Err(error("key `node.receive_queue_capacity`: must be greater than 0".into()));
-        }
         builder = builder.receive_queue_capacity(capacity);
     }
     let node = &file.node;
@@ -179,12 +179,6 @@ pub fn load(path: &Path) -> Result<NodeBuilder, ConfigError> {
     let default_heartbeat = crate::builder::DEFAULT_HEARTBEAT_INTERVAL.as_millis() as u64;
     let heartbeat = millis(node.heartbeat_interval_ms.unwrap_or(default_heartbeat));
     let peer_timeout = node.peer_timeout_ms.map(millis).unwrap_or(crate::builder::DEFAULT_PEER_TIMEOUT);
-    if !heartbeat.is_zero() && peer_timeout <= heartbeat {
-        return Err(error("key `node.peer_timeout_ms`: must be longer than heartbeat_interval_ms".into()));
-    }
-    if node.request_attempts == Some(0) {
-        return Err(error("key `node.request_attempts`: must be at least 1".into()));
-    }
     builder = builder.liveness(Some(heartbeat), peer_timeout).balancing(node.balancing).request_options(
         RequestOptions {
             timeout: node.request_timeout_ms.map(millis).unwrap_or(defaults.timeout),
@@ -192,7 +186,9 @@ pub fn load(path: &Path) -> Result<NodeBuilder, ConfigError> {
             backoff: node.request_backoff_ms.map(millis).unwrap_or(defaults.backoff),
         },
     );
-    builder = builder.relay(node.relay);
+    builder = builder.relay(node.relay).dedup_window(node.dedup_window);
+    // The same check the builder makes, here so that the error names the file.
+    builder.settings().validate().map_err(error)?;
     if let Some(close) = node.close_timeout_ms {
         builder = builder.close_timeout(millis(close));
     }

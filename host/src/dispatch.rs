@@ -13,13 +13,11 @@
 //! Every message from a peer also counts as a sign of life.
 
 use crate::{
+    acknowledgement::Acknowledgement,
     control::{self, RecordMessage, KIND_HEADER},
     node::{InboxItem, NodeInner, NodeTransport},
-    subscription::Delivery,
 };
-use comms_plugin_api::{
-    Capabilities, Destination, Envelope, ErrorCode, NodeRecord, PeerEventKind, Settlement, SettlementOutcome,
-};
+use comms_plugin_api::{Capabilities, Destination, Envelope, ErrorCode, NodeRecord, PeerEventKind};
 use std::{sync::Arc, time::Duration};
 use tokio::sync::watch;
 
@@ -50,30 +48,26 @@ pub(crate) async fn receive_loop(inner: Arc<NodeInner>, transport: Arc<NodeTrans
             Ok(batch) if batch.is_empty() => return,
             Ok(batch) => {
                 failures = 0;
-                let mut settlements = Vec::with_capacity(if acknowledges { batch.len() } else { 0 });
                 let mut inbox_open = true;
                 for inbound in batch {
-                    let tag = inbound.delivery_tag;
-                    let outcome = if !admitted(&inner, &transport, &inbound.envelope) {
-                        // Refused for good: never delivered again.
-                        SettlementOutcome::REJECTED_DISCARD
+                    // Settled when the message's destination is done with it: the application,
+                    // a service handler, every subscription it went to, or right here.
+                    let mut acknowledgement = if acknowledges {
+                        let remembered =
+                            inner.dedup.as_ref().map(|window| (Arc::clone(window), inbound.envelope.id));
+                        Acknowledgement::pending(&transport.settle_lane, inbound.delivery_tag, remembered)
                     } else {
-                        inbox_open =
-                            inbox_open && route_incoming(&inner, inbound.envelope, acknowledges).await;
-                        if inbox_open {
-                            SettlementOutcome::ACCEPTED
-                        } else {
-                            SettlementOutcome::REJECTED_REQUEUE
-                        }
+                        Acknowledgement::none()
                     };
-                    if acknowledges {
-                        settlements.push(Settlement { delivery_tag: tag, outcome });
+                    if !admitted(&inner, &transport, &inbound.envelope) {
+                        // Refused for good: never delivered again.
+                        acknowledgement.reject();
+                        continue;
                     }
-                }
-                if !settlements.is_empty() {
-                    if let Err(error) = transport.loaded.settle(settlements).await {
-                        tracing::warn!(transport = %transport.name, %error, "settling received messages failed");
-                    }
+                    // Once the inbox is gone (the node was dropped), whatever is left is
+                    // requeued by its dropped acknowledgement.
+                    inbox_open =
+                        inbox_open && route_incoming(&inner, inbound.envelope, acknowledgement).await;
                 }
                 if !inbox_open {
                     return;
@@ -118,7 +112,11 @@ fn admitted(inner: &NodeInner, transport: &NodeTransport, envelope: &Envelope) -
 }
 
 /// Routes one incoming envelope; `false` once the node's inbox is gone (node dropped).
-async fn route_incoming(inner: &Arc<NodeInner>, envelope: Envelope, acknowledges: bool) -> bool {
+async fn route_incoming(
+    inner: &Arc<NodeInner>,
+    envelope: Envelope,
+    mut acknowledgement: Acknowledgement,
+) -> bool {
     inner.membership.heard_from(&envelope.from);
     let kind = envelope.header(KIND_HEADER);
     let describes_sender = matches!(kind, Some(control::HELLO | control::HEARTBEAT | control::GOODBYE));
@@ -127,8 +125,17 @@ async fn route_incoming(inner: &Arc<NodeInner>, envelope: Envelope, acknowledges
         // about its direct neighbour, the sender; it is handled here and not forwarded.
         if *to != inner.id && !describes_sender {
             relay(inner, envelope).await;
+            acknowledgement.accept();
             return true;
         }
+    }
+    if envelope.header(KIND_HEADER).is_some() {
+        // Framework messages are handled here and now.
+        acknowledgement.accept();
+    }
+    if envelope.header(KIND_HEADER).is_none() && is_repeat(inner, &envelope) {
+        acknowledgement.accept();
+        return true;
     }
     match envelope.header(KIND_HEADER) {
         Some(control::HELLO | control::HEARTBEAT) => {
@@ -170,20 +177,33 @@ async fn route_incoming(inner: &Arc<NodeInner>, envelope: Envelope, acknowledges
             true
         }
         None => match &envelope.to {
-            Destination::Node(_) => inner.inbox_tx.send(InboxItem::Message(envelope)).await.is_ok(),
+            Destination::Node(_) => {
+                inner.inbox_tx.send(InboxItem::Message(envelope, acknowledgement)).await.is_ok()
+            }
             Destination::Topic(topic) => {
                 let topic = topic.clone();
-                let delivery = if acknowledges { Delivery::Acknowledged } else { Delivery::AtMostOnce };
-                inner.subscriptions.deliver(&topic, &envelope, delivery).await;
+                inner.subscriptions.deliver(&topic, &envelope, acknowledgement).await;
                 true
             }
             Destination::Service(service) => {
                 let service = service.clone();
-                crate::service::handle_request(inner, &service, envelope);
+                crate::service::handle_request(inner, &service, envelope, acknowledgement);
                 true
             }
         },
     }
+}
+
+/// Whether the node's dedup window (if on) has seen this application message already; a repeat
+/// is counted and logged.
+fn is_repeat(inner: &NodeInner, envelope: &Envelope) -> bool {
+    let Some(window) = &inner.dedup else { return false };
+    let repeat = window.lock().unwrap_or_else(|p| p.into_inner()).is_repeat(envelope.id);
+    if repeat {
+        inner.duplicates.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(from = %envelope.from, id = %envelope.id, "a message seen before was dropped (dedup_window)");
+    }
+    repeat
 }
 
 /// A message for another node. A relay node (`relay = true`) forwards it on whichever of its

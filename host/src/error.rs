@@ -43,6 +43,9 @@ pub enum BuildError {
     /// The node has no transport at all.
     #[error("no transport configured: add a [transports.NAME] table (e.g. [transports.tcp])")]
     NoTransport,
+    /// Node settings that cannot work together (the message names the config key).
+    #[error("{0}")]
+    InvalidSettings(String),
 }
 
 /// Why a message could not be sent.

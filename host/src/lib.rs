@@ -33,11 +33,13 @@
 
 #![warn(missing_docs)]
 
+mod acknowledgement;
 pub mod builder;
 pub mod codec;
 pub mod config;
 pub mod conformance;
 pub mod control;
+mod dedup;
 mod dispatch;
 // The sans-IO engine the node moves onto next (issue 13); tested on its own until then.
 #[allow(dead_code, unreachable_pub)]

@@ -1,10 +1,12 @@
 //! The `Node`: what applications use.
 
 use crate::{
+    acknowledgement::{Acknowledgement, SettleLane},
     builder::NodeBuilder,
     codec::{Codec, CONTENT_TYPE_HEADER},
     config,
     control::{self, RecordMessage, KIND_HEADER, STATUS_HEADER},
+    dedup::DedupWindow,
     dispatch,
     error::{BuildError, CloseError, ReceiveError, RequestError, SendError, ServeError, WaitError},
     fault_injection::FaultInjector,
@@ -12,7 +14,7 @@ use crate::{
     request_response::{Balancing, PendingRequests, RequestOptions},
     security::{RejectedCounter, Signatures, SIGNATURE_HEADER, SIGNED_AT_HEADER},
     service::{ServiceHandler, Services},
-    subscription::{Delivery, Subscription, Subscriptions},
+    subscription::{Subscription, Subscriptions},
     topics::{validate_pattern, validate_topic},
 };
 use comms_plugin_api::{
@@ -38,7 +40,19 @@ use tokio::{
 };
 
 /// A typed message as the application receives it.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// # Acknowledgement
+///
+/// A message from a transport with acknowledgements (Redis, RabbitMQ, SQLite: at-least-once)
+/// stays with the broker until the application is done with it. Call [`Received::ack`] when it
+/// is handled, [`Received::nack`] to have it delivered again later, or [`Received::reject`] to
+/// refuse it for good. A `Received` dropped without any of them (or whose `message` was moved
+/// out before) is delivered again, as if the process had crashed: nothing is lost, and a message
+/// may be handled twice. Service handlers need none of this: the node acknowledges a request
+/// when its handler returns. For transports without acknowledgements (TCP, UDP, memory) the
+/// three methods do nothing.
+///
+/// A clone carries the message but not the duty to acknowledge it.
 pub struct Received<T> {
     /// Who sent it.
     pub from: NodeId,
@@ -48,6 +62,72 @@ pub struct Received<T> {
     pub headers: Headers,
     /// The decoded message.
     pub message: T,
+    acknowledgement: Acknowledgement,
+}
+
+impl<T> Received<T> {
+    pub(crate) fn new(
+        envelope_parts: (NodeId, MessageId, Headers),
+        message: T,
+        acknowledgement: Acknowledgement,
+    ) -> Self {
+        let (from, id, headers) = envelope_parts;
+        Self { from, id, headers, message, acknowledgement }
+    }
+
+    /// Done with it: the broker forgets it.
+    pub fn ack(&mut self) {
+        self.acknowledgement.accept();
+    }
+
+    /// Not handled: the broker delivers it again (to this node or another consumer of its
+    /// inbox), after a delay that depends on the backend.
+    pub fn nack(&mut self) {
+        self.acknowledgement.requeue();
+    }
+
+    /// Refused for good (malformed, or poison): the broker discards it (or dead-letters it, where
+    /// the backend is set up for that).
+    pub fn reject(&mut self) {
+        self.acknowledgement.reject();
+    }
+
+    /// Whether this message still waits for [`Received::ack`], [`Received::nack`] or
+    /// [`Received::reject`] (always `false` for transports without acknowledgements).
+    pub fn needs_acknowledgement(&self) -> bool {
+        self.acknowledgement.is_pending()
+    }
+}
+
+impl<T: Clone> Clone for Received<T> {
+    fn clone(&self) -> Self {
+        Self {
+            from: self.from.clone(),
+            id: self.id,
+            headers: self.headers.clone(),
+            message: self.message.clone(),
+            acknowledgement: Acknowledgement::none(),
+        }
+    }
+}
+
+impl<T: PartialEq> PartialEq for Received<T> {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.from, self.id, &self.headers, &self.message)
+            == (&other.from, other.id, &other.headers, &other.message)
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Received<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Received")
+            .field("from", &self.from)
+            .field("id", &self.id)
+            .field("headers", &self.headers)
+            .field("message", &self.message)
+            .field("needs_acknowledgement", &self.needs_acknowledgement())
+            .finish()
+    }
 }
 
 /// Node-wide settings from the `[node]` table or the builder.
@@ -62,6 +142,25 @@ pub(crate) struct Settings {
     pub(crate) close_timeout: Duration,
     /// Forward messages addressed to other nodes (a bridge between backends).
     pub(crate) relay: bool,
+    /// Message ids remembered to give the application each message once; 0: off.
+    pub(crate) dedup_window: usize,
+}
+
+impl Settings {
+    /// The one check of node settings, for config files and builders alike; the message names
+    /// the config key.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.heartbeat_interval.is_some_and(|interval| self.peer_timeout <= interval) {
+            return Err("key `node.peer_timeout_ms`: must be longer than heartbeat_interval_ms".into());
+        }
+        if self.request_options.attempts == 0 {
+            return Err("key `node.request_attempts`: must be at least 1".into());
+        }
+        if self.receive_queue_capacity == 0 {
+            return Err("key `node.receive_queue_capacity`: must be greater than 0".into());
+        }
+        Ok(())
+    }
 }
 
 /// A transport as the node holds it.
@@ -71,6 +170,8 @@ pub(crate) struct NodeTransport {
     pub(crate) plugin: String,
     pub(crate) loaded: Arc<LoadedTransport>,
     pub(crate) faults: Option<FaultInjector>,
+    /// Where acknowledgements of received messages go (transports with acknowledgements).
+    pub(crate) settle_lane: SettleLane,
 }
 
 impl NodeTransport {
@@ -81,7 +182,7 @@ impl NodeTransport {
         }
     }
 
-    fn has(&self, capability: Capabilities) -> bool {
+    pub(crate) fn has(&self, capability: Capabilities) -> bool {
         self.loaded.info().capabilities.contains(capability)
     }
 }
@@ -100,7 +201,7 @@ pub struct TransportSummary {
 }
 
 pub(crate) enum InboxItem {
-    Message(Envelope),
+    Message(Envelope, Acknowledgement),
     TransportFailed { transport: String, error: PluginError },
 }
 
@@ -161,6 +262,10 @@ pub(crate) struct NodeInner {
     pub(crate) signatures: Option<Signatures>,
     /// Incoming envelopes refused (signature checks).
     pub(crate) rejected: RejectedCounter,
+    /// Recent application message ids (`dedup_window`), if on.
+    pub(crate) dedup: Option<Arc<Mutex<DedupWindow>>>,
+    /// Repeats the dedup window dropped.
+    pub(crate) duplicates: AtomicU64,
 }
 
 impl Node {
@@ -212,6 +317,9 @@ impl Node {
             id_counter: AtomicU64::new(0),
             signatures,
             rejected: RejectedCounter::default(),
+            dedup: (settings.dedup_window > 0)
+                .then(|| Arc::new(Mutex::new(DedupWindow::new(settings.dedup_window)))),
+            duplicates: AtomicU64::new(0),
             settings,
         });
         let receive_loops = inner
@@ -231,6 +339,12 @@ impl Node {
     /// This node's id.
     pub fn id(&self) -> &NodeId {
         &self.inner.id
+    }
+
+    /// How many repeated messages the dedup window (`dedup_window`) dropped since the node
+    /// started; always 0 when it is off.
+    pub fn duplicates_count(&self) -> u64 {
+        self.inner.duplicates.load(Ordering::Relaxed)
     }
 
     /// How many incoming envelopes this node refused since it started: with
@@ -336,16 +450,35 @@ impl Node {
 
     /// Waits for the next message sent to this node and decodes it as `T` (by the codec its
     /// content type names).
+    ///
+    /// Acknowledge it with [`Received::ack`] once handled (see [`Received`]); a message that
+    /// does not decode is rejected.
     pub async fn receive<T: DeserializeOwned>(&self) -> Result<Received<T>, ReceiveError> {
-        let envelope = self.receive_envelope().await?;
-        decode_received(self.inner.settings.codec, envelope)
+        let (envelope, acknowledgement) = self.next_inbox_item().await?;
+        decode_received(self.inner.settings.codec, envelope, acknowledgement)
     }
 
-    /// Waits for the next message sent to this node, undecoded.
+    /// Waits for the next message sent to this node, undecoded (the envelope is the message),
+    /// to be acknowledged like any [`Received`].
+    pub async fn receive_raw(&self) -> Result<Received<Envelope>, ReceiveError> {
+        let (envelope, acknowledgement) = self.next_inbox_item().await?;
+        let parts = (envelope.from.clone(), envelope.id, envelope.headers.clone());
+        Ok(Received::new(parts, envelope, acknowledgement))
+    }
+
+    /// Waits for the next message sent to this node, undecoded, and acknowledges it at once:
+    /// at-most-once to the application (a crash before it is handled loses it). Prefer
+    /// [`Node::receive_raw`] with brokers.
     pub async fn receive_envelope(&self) -> Result<Envelope, ReceiveError> {
+        let (envelope, mut acknowledgement) = self.next_inbox_item().await?;
+        acknowledgement.accept();
+        Ok(envelope)
+    }
+
+    async fn next_inbox_item(&self) -> Result<(Envelope, Acknowledgement), ReceiveError> {
         let mut inbox = self.inner.inbox.lock().await;
         match inbox.recv().await {
-            Some(InboxItem::Message(envelope)) => Ok(envelope),
+            Some(InboxItem::Message(envelope, acknowledgement)) => Ok((envelope, acknowledgement)),
             Some(InboxItem::TransportFailed { transport, error }) => {
                 Err(ReceiveError::Transport { transport, error })
             }
@@ -506,8 +639,10 @@ impl Node {
 
     /// Leaves gracefully, within the close timeout: stops taking new requests and lets those in
     /// flight finish, withdraws from discovery, tells every live peer (who marks this node down
-    /// at once), flushes the transports' queues and closes them. Messages already received can
-    /// still be taken with `receive` afterwards.
+    /// at once), hands the acknowledgements given so far to the transports, flushes their queues
+    /// and closes them. Messages already received can still be taken with `receive` afterwards;
+    /// from a transport with acknowledgements, those not acknowledged before the close are
+    /// delivered again later (at least once, never lost).
     pub async fn close(&self) -> Result<(), CloseError> {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
@@ -518,7 +653,7 @@ impl Node {
 
 /// Decodes a successful response as the type the caller expects.
 fn decode_response<T: DeserializeOwned>(default: Codec, response: Envelope) -> Result<T, RequestError> {
-    match decode_received(default, response) {
+    match decode_received(default, response, Acknowledgement::none()) {
         Ok(received) => Ok(received.message),
         Err(ReceiveError::Decode { source, .. }) => Err(RequestError::Decode(source)),
         Err(other) => {
@@ -527,10 +662,12 @@ fn decode_response<T: DeserializeOwned>(default: Codec, response: Envelope) -> R
     }
 }
 
-/// Decodes an envelope by its content type (or `default` without one).
+/// Decodes an envelope by its content type (or `default` without one). A message that does not
+/// decode is rejected (delivering it again would not help).
 pub(crate) fn decode_received<T: DeserializeOwned>(
     default: Codec,
     envelope: Envelope,
+    mut acknowledgement: Acknowledgement,
 ) -> Result<Received<T>, ReceiveError> {
     let codec = match envelope.header(CONTENT_TYPE_HEADER) {
         Some(content_type) => Codec::from_content_type(content_type),
@@ -538,9 +675,12 @@ pub(crate) fn decode_received<T: DeserializeOwned>(
     };
     match codec.and_then(|codec| codec.decode(envelope.payload.as_slice())) {
         Ok(message) => {
-            Ok(Received { from: envelope.from, id: envelope.id, headers: envelope.headers, message })
+            Ok(Received::new((envelope.from, envelope.id, envelope.headers), message, acknowledgement))
         }
-        Err(source) => Err(ReceiveError::Decode { from: envelope.from, id: envelope.id, source }),
+        Err(source) => {
+            acknowledgement.reject();
+            Err(ReceiveError::Decode { from: envelope.from, id: envelope.id, source })
+        }
     }
 }
 
@@ -772,7 +912,8 @@ impl NodeInner {
             }
         }
         // With native topics the broker delivers to this node's own subscriptions too.
-        if native.is_none() && self.subscriptions.deliver(topic, &envelope, Delivery::AtMostOnce).await > 0 {
+        if native.is_none() && self.subscriptions.deliver(topic, &envelope, Acknowledgement::none()).await > 0
+        {
             delivered += 1;
         }
         match first_error {
@@ -891,10 +1032,13 @@ impl NodeInner {
             .iter()
             .zip(loops)
             .partition(|(transport, _)| transport.has(Capabilities::ACKNOWLEDGEMENTS));
-        // Everything taken from an acknowledging transport is settled before it closes.
+        // The acknowledgements given so far reach each acknowledging transport before it closes.
+        // Messages the application still holds unacknowledged stay with the broker, which
+        // delivers them again (to this node when it comes back, or to another consumer).
         let settled = tokio::time::timeout(deadline, async {
-            for (_, handle) in acknowledging {
+            for (transport, handle) in acknowledging {
                 let _ = handle.await;
+                transport.settle_lane.flush().await;
             }
         })
         .await;

@@ -1,6 +1,7 @@
 //! Services this node serves: handlers, and answering requests.
 
 use crate::{
+    acknowledgement::Acknowledgement,
     codec::{Codec, CONTENT_TYPE_HEADER},
     control::{self, KIND_HEADER, STATUS_HEADER},
     node::{decode_received, NodeInner, Received},
@@ -50,7 +51,8 @@ impl ServiceHandler {
         ServiceHandler(Arc::new(move |envelope: Envelope| {
             let handler = Arc::clone(&handler);
             Box::pin(async move {
-                let request: Received<Req> = match decode_received(codec, envelope) {
+                // The node acknowledges the request when the handler is done (handle_request).
+                let request: Received<Req> = match decode_received(codec, envelope, Acknowledgement::none()) {
                     Ok(request) => request,
                     Err(error) => return Outcome::BadRequest(error.to_string()),
                 };
@@ -129,7 +131,14 @@ impl Services {
 
 /// Answers one request: runs the handler in a task of its own and sends the response back.
 /// Never waits: a request the node cannot take now is refused (in a task of its own too).
-pub(crate) fn handle_request(inner: &Arc<NodeInner>, service: &str, request: Envelope) {
+/// The request is acknowledged once its response is sent (or it is refused): a node killed
+/// while the handler runs leaves it with the broker, which delivers it again.
+pub(crate) fn handle_request(
+    inner: &Arc<NodeInner>,
+    service: &str,
+    request: Envelope,
+    mut acknowledgement: Acknowledgement,
+) {
     let services = &inner.services;
     let closing = *inner.closing.borrow();
     let handler = if closing { None } else { services.handler(service) };
@@ -143,7 +152,10 @@ pub(crate) fn handle_request(inner: &Arc<NodeInner>, service: &str, request: Env
             format!("node `{}` does not serve `{service}`", inner.id)
         };
         let inner = Arc::clone(inner);
-        tokio::spawn(async move { respond(&inner, &request, Err((STATUS_UNAVAILABLE, reason))).await });
+        tokio::spawn(async move {
+            respond(&inner, &request, Err((STATUS_UNAVAILABLE, reason))).await;
+            acknowledgement.accept();
+        });
         return;
     };
     services.in_flight.send_modify(|n| *n += 1);
@@ -157,6 +169,7 @@ pub(crate) fn handle_request(inner: &Arc<NodeInner>, service: &str, request: Env
             Outcome::BadRequest(message) => Err((control::STATUS_ERROR, format!("bad request: {message}"))),
         };
         respond(&inner, &reply_to, result).await;
+        acknowledgement.accept();
         inner.services.in_flight.send_modify(|n| *n -= 1);
         drop(slot);
     });

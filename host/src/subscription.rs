@@ -1,6 +1,7 @@
 //! Topic subscriptions of this node.
 
 use crate::{
+    acknowledgement::Acknowledgement,
     error::ReceiveError,
     node::{decode_received, NodeInner, Received},
     topics::matches,
@@ -31,18 +32,12 @@ pub const SUBSCRIPTION_BUFFER: usize = 256;
 struct Entry {
     id: u64,
     pattern: String,
-    sender: mpsc::Sender<Envelope>,
+    sender: mpsc::Sender<Queued>,
     dropped: Arc<AtomicU64>,
 }
 
-/// How a publication reached this node, which decides what a full subscription does with it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Delivery {
-    /// From a transport with acknowledgements: it keeps the message until it is settled.
-    Acknowledged,
-    /// From a transport without them, or from this node itself: at most once.
-    AtMostOnce,
-}
+/// A publication waiting in a subscription, with its share of the acknowledgement.
+type Queued = (Envelope, Acknowledgement);
 
 /// The node's subscriptions.
 #[derive(Debug, Default)]
@@ -53,7 +48,7 @@ pub(crate) struct Subscriptions {
 
 impl Subscriptions {
     /// A new subscription: its id, its queue and its count of dropped publications.
-    pub(crate) fn add(&self, pattern: &str) -> (u64, mpsc::Receiver<Envelope>, Arc<AtomicU64>) {
+    pub(crate) fn add(&self, pattern: &str) -> (u64, mpsc::Receiver<Queued>, Arc<AtomicU64>) {
         let (sender, receiver) = mpsc::channel(SUBSCRIPTION_BUFFER);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let dropped = Arc::new(AtomicU64::new(0));
@@ -80,14 +75,20 @@ impl Subscriptions {
         patterns
     }
 
-    /// Hands `envelope` to every subscription matching `topic`. Returns how many got it.
+    /// Hands `envelope` to every subscription matching `topic`, each with a share of its
+    /// acknowledgement. Returns how many got it.
     ///
-    /// A full subscription makes this wait when `delivery` is [`Delivery::Acknowledged`] (the
-    /// message came from a transport that keeps it until settled: waiting holds it at the broker,
-    /// nothing is lost); otherwise the subscription drops it and counts (the first drop is
-    /// logged), and this never waits.
-    pub(crate) async fn deliver(&self, topic: &str, envelope: &Envelope, delivery: Delivery) -> usize {
-        let entries: Vec<(String, mpsc::Sender<Envelope>, Arc<AtomicU64>)> = self
+    /// A full subscription makes this wait when the message is to be acknowledged (it came from
+    /// a transport that keeps it until settled: waiting holds it at the broker, nothing is
+    /// lost); otherwise the subscription drops it and counts (the first drop is logged), and
+    /// this never waits.
+    pub(crate) async fn deliver(
+        &self,
+        topic: &str,
+        envelope: &Envelope,
+        acknowledgement: Acknowledgement,
+    ) -> usize {
+        let entries: Vec<(String, mpsc::Sender<Queued>, Arc<AtomicU64>)> = self
             .entries
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -96,14 +97,16 @@ impl Subscriptions {
             .map(|entry| (entry.pattern.clone(), entry.sender.clone(), Arc::clone(&entry.dropped)))
             .collect();
         let mut delivered = 0;
+        let acknowledged = acknowledgement.is_pending();
         for (pattern, sender, dropped) in entries {
-            if delivery == Delivery::Acknowledged {
-                if sender.send(envelope.clone()).await.is_ok() {
+            let item = (envelope.clone(), acknowledgement.share());
+            if acknowledged {
+                if sender.send(item).await.is_ok() {
                     delivered += 1;
                 }
                 continue;
             }
-            match sender.try_send(envelope.clone()) {
+            match sender.try_send(item) {
                 Ok(()) => delivered += 1,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     if dropped.fetch_add(1, Ordering::Relaxed) == 0 {
@@ -119,6 +122,8 @@ impl Subscriptions {
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
+        // The shares decide; a message no subscription took is accepted.
+        acknowledgement.release();
         delivered
     }
 }
@@ -128,7 +133,7 @@ pub struct Subscription<T> {
     node: Arc<NodeInner>,
     id: u64,
     pattern: String,
-    receiver: mpsc::Receiver<Envelope>,
+    receiver: mpsc::Receiver<Queued>,
     dropped: Arc<AtomicU64>,
     _message: PhantomData<fn() -> T>,
 }
@@ -144,7 +149,7 @@ impl<T: DeserializeOwned> Subscription<T> {
         node: Arc<NodeInner>,
         id: u64,
         pattern: String,
-        receiver: mpsc::Receiver<Envelope>,
+        receiver: mpsc::Receiver<Queued>,
         dropped: Arc<AtomicU64>,
     ) -> Self {
         Self { node, id, pattern, receiver, dropped, _message: PhantomData }
@@ -161,16 +166,28 @@ impl<T: DeserializeOwned> Subscription<T> {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    /// The next message; `None` once the node is closed or dropped. [`Subscription::next_envelope`] gives
-    /// the raw envelope, whose destination names the topic it was published on.
+    /// The next message; `None` once the node is closed or dropped. Acknowledge it with
+    /// [`Received::ack`] once handled (see [`Received`]). [`Subscription::next_raw`] gives the
+    /// raw envelope, whose destination names the topic it was published on.
     pub async fn next(&mut self) -> Option<Result<Received<T>, ReceiveError>> {
-        let envelope = self.receiver.recv().await?;
-        Some(decode_received(self.node.settings.codec, envelope))
+        let (envelope, acknowledgement) = self.receiver.recv().await?;
+        Some(decode_received(self.node.settings.codec, envelope, acknowledgement))
     }
 
-    /// The next message undecoded, with its destination topic.
+    /// The next message undecoded (the envelope is the message, with its destination topic),
+    /// to be acknowledged like any [`Received`].
+    pub async fn next_raw(&mut self) -> Option<Received<Envelope>> {
+        let (envelope, acknowledgement) = self.receiver.recv().await?;
+        let parts = (envelope.from.clone(), envelope.id, envelope.headers.clone());
+        Some(Received::new(parts, envelope, acknowledgement))
+    }
+
+    /// The next message undecoded, with its destination topic, acknowledged at once
+    /// (at-most-once to the application; prefer [`Subscription::next_raw`] with brokers).
     pub async fn next_envelope(&mut self) -> Option<Envelope> {
-        self.receiver.recv().await
+        let (envelope, mut acknowledgement) = self.receiver.recv().await?;
+        acknowledgement.accept();
+        Some(envelope)
     }
 }
 
@@ -181,7 +198,7 @@ impl<T: DeserializeOwned> Stream for Subscription<T> {
         let this = self.get_mut();
         this.receiver
             .poll_recv(cx)
-            .map(|envelope| envelope.map(|e| decode_received(this.node.settings.codec, e)))
+            .map(|item| item.map(|(envelope, ack)| decode_received(this.node.settings.codec, envelope, ack)))
     }
 }
 

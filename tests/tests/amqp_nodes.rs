@@ -36,7 +36,10 @@ async fn node(id: &str, library: &PluginLibrary) -> Node {
 
 async fn next(subscription: &mut Subscription<Order>) -> Order {
     match tokio::time::timeout(Duration::from_secs(10), subscription.next()).await {
-        Ok(Some(Ok(received))) => received.message,
+        Ok(Some(Ok(mut received))) => {
+            received.ack();
+            received.message
+        }
         other => panic!("expected a published message, got {other:?}"),
     }
 }
@@ -76,8 +79,9 @@ async fn nodes_discover_each_other_call_services_and_publish_through_the_broker(
 
     // Point to point, both ways.
     client.send(server_id.as_str(), &orders[0]).await.unwrap();
-    let received: Received<Order> = server.receive().await.unwrap();
-    assert_eq!((received.message, received.from.as_str()), (orders[0].clone(), client_id.as_str()));
+    let mut received: Received<Order> = server.receive().await.unwrap();
+    received.ack();
+    assert_eq!((&received.message, received.from.as_str()), (&orders[0], client_id.as_str()));
 
     // Topics through the topic exchange: `>` and `*` patterns, each message once per node.
     let topic = |rest: &str| format!("{}.orders.{rest}", unique("t"));

@@ -228,7 +228,8 @@ async fn exchange(server: &Node, client: &Node, server_id: &str, topic: &str) {
         client.send(server_id, &Note { n, text: "direct".into() }).await.unwrap();
     }
     for n in 0..30 {
-        let received = tokio::time::timeout(WAIT, server.receive::<Note>()).await.unwrap().unwrap();
+        let mut received = tokio::time::timeout(WAIT, server.receive::<Note>()).await.unwrap().unwrap();
+        received.ack();
         assert_eq!(received.message, Note { n, text: "direct".into() }, "every message, in order");
     }
     let mut subscription = server.subscribe::<Note>(&format!("{topic}.*")).await.unwrap();
@@ -237,9 +238,10 @@ async fn exchange(server: &Node, client: &Node, server_id: &str, topic: &str) {
     let received = tokio::time::timeout(WAIT, async {
         loop {
             client.publish(&format!("{topic}.news"), &published).await.unwrap();
-            if let Ok(Some(Ok(received))) =
+            if let Ok(Some(Ok(mut received))) =
                 tokio::time::timeout(Duration::from_millis(200), subscription.next()).await
             {
+                received.ack();
                 return received.message;
             }
         }

@@ -61,6 +61,32 @@ async fn a_node_without_transports_is_refused() {
     assert!(message.contains("no transport configured"), "{message}");
 }
 
+/// A config file and a builder are checked by the same rules: before, the builder accepted a
+/// peer timeout shorter than the heartbeat interval, which the config file refused.
+#[tokio::test]
+async fn config_files_and_builders_refuse_the_same_settings() {
+    let text = format!(
+        "[node]\nid = \"a\"\n{}\nheartbeat_interval_ms = 1000\npeer_timeout_ms = 500\n[transports.tcp]\n",
+        plugin_dirs()
+    );
+    let (message, file) = build_error("liveness", &text).await;
+    assert!(message.contains("`node.peer_timeout_ms`") && message.contains(&file), "{message}");
+
+    let tcp = comms_host::PluginLibrary::load(&artifacts().tcp_plugin).unwrap();
+    let second = std::time::Duration::from_secs(1);
+    let error = Node::builder("a")
+        .liveness(Some(second), second / 2)
+        .transport_library("tcp", tcp, "")
+        .build()
+        .await
+        .unwrap_err();
+    assert!(matches!(error, BuildError::InvalidSettings(_)), "{error}");
+    assert!(
+        error.to_string().contains("`node.peer_timeout_ms`: must be longer than heartbeat_interval_ms"),
+        "{error}"
+    );
+}
+
 #[test]
 fn the_cli_reports_a_bad_key_with_the_file_and_fails() {
     let dir = scratch_dir("cli");

@@ -51,7 +51,10 @@ async fn node(library: &PluginLibrary, id: &str, prefix: &str) -> Node {
 }
 
 async fn next(subscription: &mut comms_host::Subscription<Event>) -> Event {
-    tokio::time::timeout(WAIT, subscription.next()).await.expect("a topic message").unwrap().unwrap().message
+    let mut received =
+        tokio::time::timeout(WAIT, subscription.next()).await.expect("a topic message").unwrap().unwrap();
+    received.ack();
+    received.message
 }
 
 async fn until(what: &str, condition: impl Fn() -> bool) {
@@ -96,7 +99,10 @@ async fn nodes_find_each_other_call_send_and_publish_over_redis() {
         client.send("server", &Event { n, topic: "direct".into() }).await.unwrap();
     }
     for n in 0..50 {
-        let received = tokio::time::timeout(WAIT, server.receive::<Event>()).await.unwrap().unwrap();
+        let mut received = tokio::time::timeout(WAIT, server.receive::<Event>()).await.unwrap().unwrap();
+        assert!(received.needs_acknowledgement(), "a Redis inbox entry waits for the application");
+        received.ack();
+        assert!(!received.needs_acknowledgement());
         assert_eq!(received.message, Event { n, topic: "direct".into() }, "in order, none lost");
         assert_eq!(received.from.as_str(), "client");
     }

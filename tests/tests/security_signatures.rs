@@ -83,7 +83,10 @@ async fn until(what: &str, condition: impl Fn() -> bool) {
 }
 
 async fn receive_text(node: &Node) -> Received<String> {
-    tokio::time::timeout(WAIT, node.receive::<String>()).await.expect("a message in time").unwrap()
+    let mut received =
+        tokio::time::timeout(WAIT, node.receive::<String>()).await.expect("a message in time").unwrap();
+    received.ack();
+    received
 }
 
 /// A text message from `from` to `to` as a comms node would build it (unsigned).

@@ -43,13 +43,16 @@ async fn nodes_from_config_files_discover_each_other_send_and_publish() {
 
     let greeting = Greeting { text: "hello über sqlite".into(), n: 1 };
     alice.send("bob", &greeting).await.unwrap();
-    let received = tokio::time::timeout(WAIT, bob.receive::<Greeting>()).await.expect("within 10 s").unwrap();
+    let mut received =
+        tokio::time::timeout(WAIT, bob.receive::<Greeting>()).await.expect("within 10 s").unwrap();
+    received.ack();
     assert_eq!((received.from.as_str(), &received.message), ("alice", &greeting));
 
     let mut orders = bob.subscribe::<Greeting>("orders.>").await.unwrap();
     alice.publish("orders.eu.created", &Greeting { text: "order".into(), n: 2 }).await.unwrap();
     alice.publish("billing.eu", &Greeting { text: "not for bob".into(), n: 3 }).await.unwrap();
-    let event = tokio::time::timeout(WAIT, orders.next()).await.expect("within 10 s").unwrap().unwrap();
+    let mut event = tokio::time::timeout(WAIT, orders.next()).await.expect("within 10 s").unwrap().unwrap();
+    event.ack();
     assert_eq!(event.message.n, 2);
     assert!(tokio::time::timeout(Duration::from_millis(300), orders.next()).await.is_err(), "only orders.>");
 
@@ -57,7 +60,9 @@ async fn nodes_from_config_files_discover_each_other_send_and_publish() {
     bob.close().await.unwrap();
     alice.send("bob", &Greeting { text: "while you were out".into(), n: 4 }).await.unwrap();
     let bob = Node::from_config(node_config(&dir, "bob")).await.unwrap();
-    let received = tokio::time::timeout(WAIT, bob.receive::<Greeting>()).await.expect("within 10 s").unwrap();
+    let mut received =
+        tokio::time::timeout(WAIT, bob.receive::<Greeting>()).await.expect("within 10 s").unwrap();
+    received.ack();
     assert_eq!(received.message.n, 4);
 
     alice.close().await.unwrap();

@@ -49,19 +49,22 @@ pub(super) async fn run(config: &Path, echo: bool) -> Result<ExitCode, CliError>
     let stop = stop_signal();
     tokio::pin!(stop);
     loop {
-        let envelope = tokio::select! {
-            received = node.receive_envelope() => received,
+        let received = tokio::select! {
+            received = node.receive_raw() => received,
             _ = &mut stop => break,
         };
-        match envelope {
-            Ok(envelope) => {
-                println!("{}: {}", envelope.from, payload_text(&node, &envelope));
+        match received {
+            Ok(mut received) => {
+                let envelope = &received.message;
+                println!("{}: {}", envelope.from, payload_text(&node, envelope));
                 if echo {
-                    let Envelope { id, from, headers, payload, .. } = envelope;
+                    let Envelope { id, from, headers, payload, .. } = envelope.clone();
                     if let Err(error) = node.send_raw(from, headers, payload, Some(id)).await {
                         eprintln!("warning: echo failed: {error}");
                     }
                 }
+                // Handled (printed, echoed): only now may a broker forget it.
+                received.ack();
             }
             Err(ReceiveError::Closed) => break,
             Err(error) => eprintln!("warning: {error}"),
@@ -85,26 +88,32 @@ pub(super) async fn send(config: &Path, to: &str, text: &str, wait_ms: u64) -> R
     Ok(ExitCode::SUCCESS)
 }
 
+/// Prints each message, then acknowledges it: a `recv` killed (or stopped with Ctrl-C, or done
+/// with its `--count`) leaves every message it has not printed with a broker, which delivers it
+/// again to the next consumer.
 pub(super) async fn recv(config: &Path, count: Option<u64>) -> Result<ExitCode, CliError> {
     let node = Node::from_config(config).await?;
     print_addresses(&node);
-    let mut received = 0u64;
-    let mut stdout = std::io::stdout().lock();
-    while count.is_none_or(|count| received < count) {
-        match node.receive_envelope().await {
-            Ok(envelope) => {
-                received += 1;
-                writeln!(stdout, "{}", payload_text(&node, &envelope)).map_err(other)?;
-                if count.is_none() {
-                    stdout.flush().map_err(other)?;
-                }
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    let mut taken = 0u64;
+    let mut stdout = std::io::stdout();
+    while count.is_none_or(|count| taken < count) {
+        let received = tokio::select! {
+            received = node.receive_raw() => received,
+            _ = &mut stop => break,
+        };
+        match received {
+            Ok(mut received) => {
+                taken += 1;
+                writeln!(stdout, "{}", payload_text(&node, &received.message)).map_err(other)?;
+                stdout.flush().map_err(other)?;
+                received.ack();
             }
             Err(ReceiveError::Closed) => break,
             Err(error) => eprintln!("warning: {error}"),
         }
     }
-    stdout.flush().map_err(other)?;
-    drop(stdout);
     node.close().await.map_err(other)?;
     Ok(ExitCode::SUCCESS)
 }

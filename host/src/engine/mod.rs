@@ -32,16 +32,15 @@
 //! a handler returns, when every subscription it went to is done with it (it is requeued if any
 //! asked for that, and accepted otherwise).
 
-mod dedup;
 pub mod membership;
 pub mod pending;
 
 use crate::control::{self, RecordMessage, KIND_HEADER};
+use crate::dedup::DedupWindow;
 use comms_plugin_api::{
     Destination, Envelope, Headers, MessageId, NodeId, NodeRecord, PeerEvent, PeerEventKind,
     SettlementOutcome,
 };
-use dedup::DedupWindow;
 use membership::{Learned, Membership, PeerStatus};
 use pending::{Balancing, PendingRequests};
 use std::{

@@ -2,7 +2,8 @@
 //!
 //! At-least-once transports deliver a message again after a crash, a reconnect or a lease that
 //! ran out; with `dedup_window = N` the node remembers the ids of the last N application messages
-//! it delivered and settles a repeat as accepted without delivering it. Cost: about 64 bytes per
+//! it delivered and settles a repeat as accepted without delivering it; a message handed back to
+//! its broker (nack, or dropped unacknowledged) is forgotten, so its redelivery is delivered. Cost: about 64 bytes per
 //! remembered id (N = 100,000: ~6 MB), one hash lookup per message. A duplicate that arrives after
 //! N newer messages is delivered again: the window bounds memory, not time.
 
@@ -20,6 +21,14 @@ pub(crate) struct DedupWindow {
 impl DedupWindow {
     pub(crate) fn new(capacity: usize) -> Self {
         Self { seen: HashSet::new(), order: VecDeque::new(), capacity: capacity.max(1) }
+    }
+
+    /// Forgets `id`: a message handed back to its broker (nack, or dropped unacknowledged)
+    /// must be delivered when it comes again.
+    pub(crate) fn forget(&mut self, id: MessageId) {
+        if self.seen.remove(&id) {
+            self.order.retain(|kept| *kept != id);
+        }
     }
 
     /// Whether `id` was seen within the window; records it if not.
@@ -54,5 +63,16 @@ mod tests {
         assert!(!window.is_repeat(id(1)), "pushed out of a window of 3");
         assert!(window.is_repeat(id(4)));
         assert_eq!(window.seen.len(), 3);
+    }
+
+    #[test]
+    fn a_forgotten_id_is_delivered_again() {
+        let mut window = DedupWindow::new(10);
+        let id = MessageId::from_u128(7);
+        assert!(!window.is_repeat(id));
+        window.forget(id);
+        assert!(!window.is_repeat(id), "a requeued message comes again and is delivered");
+        assert!(window.is_repeat(id));
+        assert_eq!(window.order.len(), 1);
     }
 }
