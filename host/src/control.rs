@@ -91,7 +91,7 @@ pub const REVISION_KEY: &str = "comms-revision";
 
 /// The metadata key saying a node is offline (`offline`): it closed cleanly and its durable
 /// transport keeps its inbox, so messages sent to it wait for it.
-pub const STATUS_KEY: &str = "comms-status";
+pub const STATUS_KEY: &str = comms_plugin_api::OFFLINE_KEY;
 
 /// The revision a record carries, if any.
 pub fn revision(record: &NodeRecord) -> Option<u64> {
@@ -104,15 +104,14 @@ pub fn set_revision(record: &mut NodeRecord, revision: u64) {
     record.metadata.push((REVISION_KEY.to_string(), revision.to_string()));
 }
 
-/// Whether `record` says its node is offline.
+/// Whether `record` says its node is offline ([`NodeRecord::is_offline`]).
 pub fn record_is_offline(record: &NodeRecord) -> bool {
-    record.metadata.iter().any(|(key, value)| key == STATUS_KEY && value == "offline")
+    record.is_offline()
 }
 
-/// Marks `record` offline.
+/// Marks `record` offline ([`NodeRecord::mark_offline`]).
 pub fn mark_offline(record: &mut NodeRecord) {
-    record.metadata.retain(|(key, _)| key != STATUS_KEY);
-    record.metadata.push((STATUS_KEY.to_string(), "offline".to_string()));
+    record.mark_offline();
 }
 
 /// The payload of a `hello`, a `heartbeat` and a `goodbye` since release 0.2: a JSON object, so

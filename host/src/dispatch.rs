@@ -162,7 +162,10 @@ async fn route_incoming(
             true
         }
         Some(control::GOODBYE) => {
-            inner.membership.goodbye(&envelope.from);
+            // Release 0.1 sent an empty goodbye: not offline.
+            let offline =
+                RecordMessage::decode(envelope.payload.as_slice()).is_ok_and(|message| message.offline);
+            inner.membership.goodbye(&envelope.from, offline);
             true
         }
         Some(control::RESPONSE) => {

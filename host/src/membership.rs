@@ -40,6 +40,9 @@ pub enum PeerStatus {
     Up,
     /// Silent for longer than the timeout, or said goodbye.
     Down,
+    /// Closed cleanly, and a durable transport keeps its inbox: messages sent to it wait there
+    /// until it comes back. Not a replica for requests, not a subscriber for publications.
+    Offline,
 }
 
 /// A peer as this node sees it.
@@ -121,14 +124,27 @@ impl Membership {
         let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
         match peers.get_mut(&record.id) {
             None => {
-                self.emit(PeerEventKind::Joined, &record);
-                peers.insert(record.id.clone(), PeerEntry { record, status: PeerStatus::Up, last_seen: now });
+                let status = if record.is_offline() { PeerStatus::Offline } else { PeerStatus::Up };
+                if status == PeerStatus::Up {
+                    self.emit(PeerEventKind::Joined, &record);
+                }
+                peers.insert(record.id.clone(), PeerEntry { record, status, last_seen: now });
                 true
             }
             Some(entry) => {
                 entry.last_seen = now;
-                let came_back = entry.status == PeerStatus::Down;
                 let stale = matches!((revision(&entry.record), revision(&record)), (Some(known), Some(new)) if new < known);
+                if !stale && record.is_offline() {
+                    // Its offline record (from discovery): it is gone, its inbox stays.
+                    let was_up = entry.status == PeerStatus::Up;
+                    entry.record = record;
+                    entry.status = PeerStatus::Offline;
+                    if was_up {
+                        self.emit(PeerEventKind::Left, &entry.record);
+                    }
+                    return false;
+                }
+                let came_back = entry.status != PeerStatus::Up;
                 let changed = !stale && entry.record != record;
                 if !stale {
                     entry.record = record;
@@ -149,19 +165,27 @@ impl Membership {
         let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
         if let Some(entry) = peers.get_mut(id) {
             entry.last_seen = Instant::now();
-            if entry.status == PeerStatus::Down {
+            if entry.status != PeerStatus::Up {
                 entry.status = PeerStatus::Up;
                 self.emit(PeerEventKind::Joined, &entry.record);
             }
         }
     }
 
-    /// `id` said goodbye: down now.
-    pub(crate) fn goodbye(&self, id: &NodeId) {
+    /// `id` said goodbye: down now, or offline (`offline`: its durable inbox keeps messages).
+    pub(crate) fn goodbye(&self, id: &NodeId, offline: bool) {
         let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = peers.get_mut(id).filter(|entry| entry.status == PeerStatus::Up) {
-            entry.status = PeerStatus::Down;
-            self.emit(PeerEventKind::Left, &entry.record);
+        if let Some(entry) = peers.get_mut(id) {
+            let was_up = entry.status == PeerStatus::Up;
+            if offline {
+                entry.status = PeerStatus::Offline;
+                entry.record.mark_offline();
+            } else if was_up {
+                entry.status = PeerStatus::Down;
+            }
+            if was_up {
+                self.emit(PeerEventKind::Left, &entry.record);
+            }
         }
     }
 
@@ -243,8 +267,8 @@ mod tests {
         membership.expire(Instant::now() + Duration::from_millis(150));
         assert!(membership.live(|_| true).is_empty());
         membership.heard_from(&NodeId::new("a"));
-        membership.goodbye(&NodeId::new("a"));
-        membership.goodbye(&NodeId::new("a"));
+        membership.goodbye(&NodeId::new("a"), false);
+        membership.goodbye(&NodeId::new("a"), false);
         use PeerEventKind::*;
         assert_eq!(
             kinds(&mut events),
@@ -256,6 +280,33 @@ mod tests {
                 (Left, "a".into())
             ]
         );
+    }
+
+    #[test]
+    fn an_offline_peer_keeps_its_record_and_comes_back() {
+        let membership = Membership::new(NodeId::new("me"), Some(Duration::from_millis(100)));
+        let mut events = membership.subscribe();
+        let status = |id: &str| {
+            membership.snapshot().into_iter().find(|p| p.record.id.as_str() == id).map(|p| p.status)
+        };
+        // Said goodbye with a durable inbox: offline, record kept, marked, never expired.
+        membership.discovered(record("a", &["echo"]));
+        membership.goodbye(&NodeId::new("a"), true);
+        assert_eq!(status("a"), Some(PeerStatus::Offline));
+        assert!(membership.record(&NodeId::new("a")).unwrap().is_offline());
+        assert!(membership.live(|_| true).is_empty(), "not a replica, not a subscriber");
+        membership.expire(Instant::now() + Duration::from_secs(60));
+        assert_eq!(status("a"), Some(PeerStatus::Offline));
+        // Learnt offline from discovery (a node started after it left): no Joined event.
+        let mut gone = record("b", &[]);
+        gone.mark_offline();
+        assert!(membership.discovered(gone));
+        assert_eq!(status("b"), Some(PeerStatus::Offline));
+        // Back: its fresh record makes it up again.
+        membership.heartbeat(record("a", &["echo"]));
+        assert_eq!(status("a"), Some(PeerStatus::Up));
+        use PeerEventKind::*;
+        assert_eq!(kinds(&mut events), vec![(Joined, "a".into()), (Left, "a".into()), (Joined, "a".into())]);
     }
 
     #[test]

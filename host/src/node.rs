@@ -717,8 +717,22 @@ impl NodeInner {
         }
     }
 
-    /// The first transport (in config order) on which `record` has an address.
+    /// Whether one of this node's transports keeps its inbox while it is away (`DURABLE`): then
+    /// a clean close leaves an offline record, and peers keep sending to it.
+    pub(crate) fn keeps_inbox(&self) -> bool {
+        self.transports.iter().any(|transport| transport.has(Capabilities::DURABLE))
+    }
+
+    /// The first transport (in config order) on which `record` has an address; for an offline
+    /// node, the first durable one (only its inbox is there to take the message).
     fn route(&self, record: &NodeRecord) -> Result<(Arc<NodeTransport>, String), SendError> {
+        if record.is_offline() {
+            for transport in self.transports.iter().filter(|t| t.has(Capabilities::DURABLE)) {
+                if let Some(address) = record.address_for(&transport.name) {
+                    return Ok((Arc::clone(transport), address.to_string()));
+                }
+            }
+        }
         for transport in &self.transports {
             if let Some(address) = record.address_for(&transport.name) {
                 return Ok((Arc::clone(transport), address.to_string()));
@@ -772,7 +786,9 @@ impl NodeInner {
     /// `reply` asks the receiver to answer with its own record at once.
     pub(crate) fn record_envelope(&self, to: &NodeId, kind: &str, reply: bool) -> Envelope {
         let record = self.record.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let message = RecordMessage { reply, ..RecordMessage::of(&record) };
+        // A goodbye of a node with a durable inbox says that messages sent to it will wait.
+        let offline = kind == control::GOODBYE && self.keeps_inbox();
+        let message = RecordMessage { reply, offline, ..RecordMessage::of(&record) };
         let headers = [(KIND_HEADER, kind)].into_iter().collect();
         self.new_envelope(Destination::Node(to.clone()), headers, message.encode())
     }
@@ -1022,7 +1038,14 @@ impl NodeInner {
         if !self.services.wait_idle(deadline).await {
             failures.push("requests in flight did not finish within the close timeout".to_string());
         }
-        if let Err(error) = self.discovery.withdraw(&self.id).await {
+        if self.keeps_inbox() {
+            // Still addressable: the durable inbox takes what is sent meanwhile.
+            let mut record = self.record.read().unwrap_or_else(|p| p.into_inner()).clone();
+            record.mark_offline();
+            if let Err(error) = self.discovery.announce(record).await {
+                failures.push(format!("announcing the offline record to discovery: {error}"));
+            }
+        } else if let Err(error) = self.discovery.withdraw(&self.id).await {
             failures.push(format!("withdrawing from discovery: {error}"));
         }
         dispatch::send_goodbyes(self).await;

@@ -25,6 +25,11 @@ pub struct NodeRecord {
     pub extensions: Extensions,
 }
 
+/// The metadata key and value of an offline record ([`NodeRecord::is_offline`]).
+pub const OFFLINE_KEY: &str = "comms-status";
+/// See [`OFFLINE_KEY`].
+pub const OFFLINE_VALUE: &str = "offline";
+
 impl NodeRecord {
     /// A record with nothing but the node's id.
     pub fn new(id: impl Into<NodeId>) -> Self {
@@ -34,6 +39,19 @@ impl NodeRecord {
     /// The node's address for the transport called `transport`, if it has one.
     pub fn address_for(&self, transport: &str) -> Option<&str> {
         self.addresses.iter().find(|(name, _)| name == transport).map(|(_, address)| address.as_str())
+    }
+
+    /// Whether the record says its node is offline: it closed cleanly and a durable transport
+    /// keeps its inbox, so messages sent to it wait for it. A discovery keeps such a record
+    /// (without expiry) until the node announces itself again or withdraws.
+    pub fn is_offline(&self) -> bool {
+        self.metadata.iter().any(|(key, value)| key == OFFLINE_KEY && value == OFFLINE_VALUE)
+    }
+
+    /// Marks the record offline (see [`NodeRecord::is_offline`]).
+    pub fn mark_offline(&mut self) {
+        self.metadata.retain(|(key, _)| key != OFFLINE_KEY);
+        self.metadata.push((OFFLINE_KEY.to_string(), OFFLINE_VALUE.to_string()));
     }
 
     /// To the boundary type.

@@ -2,7 +2,7 @@
 //! `libcomms_redis.so`. Request / response, point to point, native topics, join and leave.
 //! Every test uses its own key prefix and deletes its keys at the end.
 
-use comms_host::{Node, PluginLibrary, Received};
+use comms_host::{Node, PeerStatus, PluginLibrary, Received};
 use comms_tests::{artifacts, broker_available};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -121,12 +121,37 @@ async fn nodes_find_each_other_call_send_and_publish_over_redis() {
     let more = tokio::time::timeout(Duration::from_millis(300), everything.next()).await;
     assert!(more.is_err(), "`orders.>` got a message of another topic: {more:?}");
 
-    // Leave: the server withdraws on close and the client sees it go.
+    // Leave: the server closes cleanly, and since its inbox stream keeps what is sent to it, it
+    // leaves an offline record: peers see it go offline and can still send to it (before, its
+    // record was withdrawn and a send failed with "unknown peer").
     server.close().await.unwrap();
-    until("the client seeing the server leave (removed, not only down)", || {
-        client.peers().iter().all(|peer| peer.record.id.as_str() != "server")
+    let offline = |node: &Node| {
+        node.peers()
+            .iter()
+            .any(|peer| peer.record.id.as_str() == "server" && peer.status == PeerStatus::Offline)
+    };
+    until("the client seeing the server go offline", || offline(&client)).await;
+    client.send("server", &Event { n: 100, topic: "while away".into() }).await.unwrap();
+    // A node started after the server left learns its offline record from discovery.
+    let late = node(&library, "late", &prefix).await;
+    until("a node started later seeing the offline server", || offline(&late)).await;
+    late.send("server", &Event { n: 101, topic: "while away".into() }).await.unwrap();
+    // The server comes back to both.
+    let server = node(&library, "server", &prefix).await;
+    let mut back = Vec::new();
+    for _ in 0..2 {
+        let mut received = tokio::time::timeout(WAIT, server.receive::<Event>()).await.unwrap().unwrap();
+        received.ack();
+        back.push((received.from.to_string(), received.message.n));
+    }
+    back.sort();
+    assert_eq!(back, vec![("client".to_string(), 100), ("late".to_string(), 101)]);
+    until("the client seeing the server up again", || {
+        client.peers().iter().any(|peer| peer.record.id.as_str() == "server" && peer.status == PeerStatus::Up)
     })
     .await;
+    server.close().await.unwrap();
+    late.close().await.unwrap();
     client.close().await.unwrap();
     clean_up(&prefix).await;
 }

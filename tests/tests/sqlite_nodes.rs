@@ -2,7 +2,7 @@
 //! writes them: they find each other through the registry table, send to each other, publish
 //! through the plugin's native topics, and a message sent to a node that is down waits for it.
 
-use comms_host::Node;
+use comms_host::{Node, PeerStatus};
 use comms_tests::{artifacts, scratch_dir, write_config};
 use serde::{Deserialize, Serialize};
 use std::{path::Path, time::Duration};
@@ -24,6 +24,14 @@ fn node_config(dir: &Path, id: &str) -> std::path::PathBuf {
         artifacts().plugin_dir
     );
     write_config(dir, &format!("{id}.toml"), &text)
+}
+
+async fn until(node: &Node, what: &str, condition: impl Fn(&Node) -> bool) {
+    let started = tokio::time::Instant::now();
+    while !condition(node) {
+        assert!(started.elapsed() < WAIT, "{}: {what} did not happen: {:?}", node.id(), node.peers());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn until_peer(node: &Node, peer: &str) {
@@ -56,15 +64,30 @@ async fn nodes_from_config_files_discover_each_other_send_and_publish() {
     assert_eq!(event.message.n, 2);
     assert!(tokio::time::timeout(Duration::from_millis(300), orders.next()).await.is_err(), "only orders.>");
 
-    // bob goes away; what alice sends meanwhile waits in the file for the next bob.
+    // bob goes away cleanly and leaves an offline record (his mailbox keeps what is sent to him):
+    // alice, and carol who starts after he left, send meanwhile; it waits in the file for the
+    // next bob. Before, his record was withdrawn and carol's send failed with "unknown peer".
     bob.close().await.unwrap();
+    let offline = |node: &Node| {
+        node.peers().iter().any(|peer| peer.record.id.as_str() == "bob" && peer.status == PeerStatus::Offline)
+    };
+    until(&alice, "bob offline", offline).await;
     alice.send("bob", &Greeting { text: "while you were out".into(), n: 4 }).await.unwrap();
+    let carol = Node::from_config(node_config(&dir, "carol")).await.unwrap();
+    until(&carol, "bob offline", offline).await;
+    carol.send("bob", &Greeting { text: "from a newcomer".into(), n: 5 }).await.unwrap();
     let bob = Node::from_config(node_config(&dir, "bob")).await.unwrap();
-    let mut received =
-        tokio::time::timeout(WAIT, bob.receive::<Greeting>()).await.expect("within 10 s").unwrap();
-    received.ack();
-    assert_eq!(received.message.n, 4);
+    let mut numbers = Vec::new();
+    for _ in 0..2 {
+        let mut received =
+            tokio::time::timeout(WAIT, bob.receive::<Greeting>()).await.expect("within 10 s").unwrap();
+        received.ack();
+        numbers.push(received.message.n);
+    }
+    numbers.sort();
+    assert_eq!(numbers, vec![4, 5]);
 
+    carol.close().await.unwrap();
     alice.close().await.unwrap();
     bob.close().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);

@@ -107,15 +107,15 @@ impl Shared {
         *self.shutdown.borrow()
     }
 
-    async fn write_record(&self, key: &str, json: &str) -> Result<(), PluginError> {
+    /// Writes a record with the TTL, or without one (`expires: false`, an offline record).
+    async fn write_record(&self, key: &str, json: &str, expires: bool) -> Result<(), PluginError> {
         let mut connection = self.connection.clone();
-        let result: Result<(), _> = redis::cmd("SET")
-            .arg(key)
-            .arg(json)
-            .arg("PX")
-            .arg(self.config.ttl_ms)
-            .query_async(&mut connection)
-            .await;
+        let mut command = redis::cmd("SET");
+        command.arg(key).arg(json);
+        if expires {
+            command.arg("PX").arg(self.config.ttl_ms);
+        }
+        let result: Result<(), _> = command.query_async(&mut connection).await;
         result.map_err(|error| self.url.error(&format!("writing the node record `{key}`"), &error))
     }
 
@@ -224,7 +224,10 @@ impl RedisDiscovery {
 
 #[async_trait]
 impl Discovery for RedisDiscovery {
-    /// Writes the record with its TTL (refreshed by the heartbeat from now on) and notifies.
+    /// Writes the record with its TTL (refreshed by the heartbeat from now on) and notifies. An
+    /// offline record ([`NodeRecord::is_offline`]: the node closed, its inbox stream keeps its
+    /// messages) is written without a TTL and not refreshed: it stays until the node announces
+    /// itself again or withdraws.
     async fn announce(&self, record: NodeRecord) -> Result<(), PluginError> {
         if self.shared.is_closed() {
             return Err(self.closed());
@@ -234,10 +237,11 @@ impl Discovery for RedisDiscovery {
             PluginError::new(ErrorCode::MALFORMED, format!("cannot encode the node record: {error}"))
         })?;
         let key = self.shared.key(record.id.as_str());
+        let expires = !record.is_offline();
         if record.id == self.shared.node {
-            *lock(&self.shared.own) = Some(text.clone());
+            *lock(&self.shared.own) = expires.then(|| text.clone());
         }
-        self.shared.write_record(&key, &text).await?;
+        self.shared.write_record(&key, &text, expires).await?;
         self.shared.notify(&Notification::Announce { record: json }).await
     }
 
@@ -303,7 +307,7 @@ async fn heartbeat(shared: Arc<Shared>) {
         }
         let own = lock(&shared.own).clone();
         if let Some(json) = own {
-            if let Err(error) = shared.write_record(&shared.key(shared.node.as_str()), &json).await {
+            if let Err(error) = shared.write_record(&shared.key(shared.node.as_str()), &json, true).await {
                 tracing::warn!(%error, "refreshing this node's record failed; retrying at the next heartbeat");
             }
         }

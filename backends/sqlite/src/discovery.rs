@@ -146,7 +146,7 @@ impl Shared {
             return Ok(());
         }
         self.with_db("refreshing heartbeats in the node registry", move |connection, _| {
-            upsert(connection, &records)
+            upsert(connection, &records, now_ms())
         })
         .await
     }
@@ -173,15 +173,16 @@ fn immediate<T>(connection: &Connection, work: impl FnOnce() -> rusqlite::Result
     }
 }
 
-fn upsert(connection: &Connection, records: &[(String, String)]) -> rusqlite::Result<()> {
+/// Writes `records` with a fresh heartbeat (`now`), or with one that never goes stale
+/// (`i64::MAX`) for an offline record.
+fn upsert(connection: &Connection, records: &[(String, String)], heartbeat_at: i64) -> rusqlite::Result<()> {
     immediate(connection, || {
         let mut statement = connection.prepare_cached(
             "INSERT INTO comms_registry (node_id, record, heartbeat_at) VALUES (?1, ?2, ?3)
              ON CONFLICT (node_id) DO UPDATE SET record = excluded.record, heartbeat_at = excluded.heartbeat_at",
         )?;
-        let now = now_ms();
         for (id, record) in records {
-            statement.execute(params![id, record, now])?;
+            statement.execute(params![id, record, heartbeat_at])?;
         }
         Ok(())
     })
@@ -306,17 +307,26 @@ async fn watch(shared: Arc<Shared>, events: mpsc::Sender<PeerEvent>, mut closed:
 
 #[async_trait]
 impl Discovery for SqliteDiscovery {
-    /// Writes the record with a fresh heartbeat; the background task keeps it fresh.
+    /// Writes the record with a fresh heartbeat; the background task keeps it fresh. An offline
+    /// record ([`NodeRecord::is_offline`]: the node closed, its mailbox keeps its messages) is
+    /// written with a heartbeat that never goes stale and is not refreshed, nor removed on
+    /// close: it stays until the node announces itself again or withdraws.
     async fn announce(&self, record: NodeRecord) -> Result<(), PluginError> {
         self.check_open()?;
         let row = vec![(record.id.as_str().to_string(), encode(&record))];
+        let heartbeat_at = if record.is_offline() { i64::MAX } else { now_ms() };
+        {
+            let mut announced = self.shared.announced.lock().unwrap_or_else(|p| p.into_inner());
+            if record.is_offline() {
+                announced.remove(record.id.as_str());
+            } else {
+                announced.insert(record.id.as_str().to_string(), record);
+            }
+        }
         self.shared
-            .announced
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(record.id.as_str().to_string(), record);
-        self.shared
-            .with_db("announcing in the node registry", move |connection, _| upsert(connection, &row))
+            .with_db("announcing in the node registry", move |connection, _| {
+                upsert(connection, &row, heartbeat_at)
+            })
             .await
     }
 

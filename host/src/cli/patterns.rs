@@ -13,17 +13,18 @@ pub(super) async fn peers(config: &Path, wait_ms: u64) -> Result<ExitCode, CliEr
     tokio::time::sleep(Duration::from_millis(wait_ms)).await;
     let peers = node.peers();
     println!(
-        "{:<20} {:<6} {:>10}  {:<24} {:<24} addresses",
+        "{:<20} {:<7} {:>10}  {:<24} {:<24} addresses",
         "node", "status", "last seen", "services", "topics"
     );
     for peer in &peers {
         let status = match peer.status {
             PeerStatus::Up => "up",
             PeerStatus::Down => "down",
+            PeerStatus::Offline => "offline",
         };
         let addresses: Vec<String> = peer.record.addresses.iter().map(|(t, a)| format!("{t}={a}")).collect();
         println!(
-            "{:<20} {:<6} {:>8}ms  {:<24} {:<24} {}",
+            "{:<20} {:<7} {:>8}ms  {:<24} {:<24} {}",
             peer.record.id,
             status,
             peer.last_seen.as_millis(),
