@@ -68,4 +68,4 @@ pub use membership::{PeerInfo, PeerStatus};
 pub use node::{Node, Received, TransportSummary};
 pub use request_response::{Balancing, RequestOptions};
 pub use security::{Security, SignatureMode};
-pub use subscription::Subscription;
+pub use subscription::{HandlerSubscription, Subscription};

@@ -14,7 +14,7 @@ use crate::{
     request_response::{Balancing, PendingRequests, RequestOptions},
     security::{RejectedCounter, Signatures, SIGNATURE_HEADER, SIGNED_AT_HEADER},
     service::{ServiceHandler, Services},
-    subscription::{Subscription, Subscriptions},
+    subscription::{HandlerSubscription, Subscription, Subscriptions},
     topics::{validate_pattern, validate_topic},
 };
 use comms_plugin_api::{
@@ -90,6 +90,10 @@ impl<T> Received<T> {
     /// the backend is set up for that).
     pub fn reject(&mut self) {
         self.acknowledgement.reject();
+    }
+
+    pub(crate) fn acknowledgement_mut(&mut self) -> &mut Acknowledgement {
+        &mut self.acknowledgement
     }
 
     /// Whether this message still waits for [`Received::ack`], [`Received::nack`] or
@@ -532,6 +536,25 @@ impl Node {
         }
         self.inner.announce_changes().await;
         Ok(Subscription::new(Arc::clone(&self.inner), id, pattern.to_string(), receiver, dropped))
+    }
+
+    /// Subscribes to `pattern` and hands each message to `handler`, one at a time, in a task of
+    /// the node's. A message is acknowledged when the handler returns `Ok`, and delivered again
+    /// when it returns an error (transports with acknowledgements; at-most-once transports
+    /// drop it, logged). The subscription lasts as long as the returned handle.
+    pub async fn subscribe_with<T, E, F, Fut>(
+        &self,
+        pattern: &str,
+        handler: F,
+    ) -> Result<HandlerSubscription, SendError>
+    where
+        T: DeserializeOwned + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
+        F: Fn(Received<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+    {
+        let subscription = self.subscribe::<T>(pattern).await?;
+        Ok(HandlerSubscription::start(subscription, handler))
     }
 
     /// Serves `service`: `handler` answers each request; its error goes back to the caller as a

@@ -214,3 +214,66 @@ impl<T> Drop for Subscription<T> {
         }
     }
 }
+
+/// A subscription whose messages a handler takes, one at a time: see [`crate::Node::subscribe_with`].
+/// Dropping it (or [`HandlerSubscription::stop`]) unsubscribes; a message whose handler had not
+/// finished is delivered again (transports with acknowledgements).
+#[derive(Debug)]
+pub struct HandlerSubscription {
+    pattern: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HandlerSubscription {
+    pub(crate) fn start<T, E, F, Fut>(mut subscription: Subscription<T>, handler: F) -> Self
+    where
+        T: DeserializeOwned + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
+        F: Fn(Received<T>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    {
+        let pattern = subscription.pattern.clone();
+        let task = tokio::spawn(async move {
+            while let Some(item) = subscription.next().await {
+                let mut received = match item {
+                    Ok(received) => received,
+                    Err(error) => {
+                        // Rejected already: delivering it again would not decode it either.
+                        tracing::warn!(pattern = %subscription.pattern, %error, "a publication was dropped");
+                        continue;
+                    }
+                };
+                // The handler gets the message; the acknowledgement stays here.
+                let mut acknowledgement = std::mem::take(received.acknowledgement_mut());
+                match handler(received).await {
+                    Ok(()) => acknowledgement.accept(),
+                    Err(error) => {
+                        tracing::warn!(
+                            pattern = %subscription.pattern,
+                            %error,
+                            "a subscription handler failed: the message is delivered again (transports with \
+                             acknowledgements)"
+                        );
+                        acknowledgement.requeue();
+                    }
+                }
+            }
+        });
+        Self { pattern, task }
+    }
+
+    /// The pattern subscribed to.
+    pub fn pattern(&self) -> &str {
+        &self.pattern
+    }
+
+    /// Unsubscribes (as dropping it does).
+    pub fn stop(self) {}
+}
+
+impl Drop for HandlerSubscription {
+    fn drop(&mut self) {
+        // Dropping the task drops its Subscription, which unsubscribes.
+        self.task.abort();
+    }
+}
