@@ -65,12 +65,7 @@ impl Announcement {
 
     /// The record of node `id` this announcement describes.
     pub fn into_record(self, id: NodeId) -> NodeRecord {
-        let mut record = NodeRecord::new(id);
-        record.addresses = self.addresses;
-        record.services = self.services;
-        record.topics = self.topics;
-        record.metadata = self.metadata;
-        record
+        RecordMessage::from(self).into_record(id)
     }
 
     /// Encodes for a heartbeat payload.
@@ -89,10 +84,6 @@ impl Announcement {
 /// serving, overtaken by the new discovery record) cannot replace a newer one.
 pub const REVISION_KEY: &str = "comms-revision";
 
-/// The metadata key saying a node is offline (`offline`): it closed cleanly and its durable
-/// transport keeps its inbox, so messages sent to it wait for it.
-pub const STATUS_KEY: &str = comms_plugin_api::OFFLINE_KEY;
-
 /// The revision a record carries, if any.
 pub fn revision(record: &NodeRecord) -> Option<u64> {
     record.metadata.iter().find(|(key, _)| key == REVISION_KEY).and_then(|(_, value)| value.parse().ok())
@@ -102,16 +93,6 @@ pub fn revision(record: &NodeRecord) -> Option<u64> {
 pub fn set_revision(record: &mut NodeRecord, revision: u64) {
     record.metadata.retain(|(key, _)| key != REVISION_KEY);
     record.metadata.push((REVISION_KEY.to_string(), revision.to_string()));
-}
-
-/// Whether `record` says its node is offline ([`NodeRecord::is_offline`]).
-pub fn record_is_offline(record: &NodeRecord) -> bool {
-    record.is_offline()
-}
-
-/// Marks `record` offline ([`NodeRecord::mark_offline`]).
-pub fn mark_offline(record: &mut NodeRecord) {
-    record.mark_offline();
 }
 
 /// The payload of a `hello`, a `heartbeat` and a `goodbye` since release 0.2: a JSON object, so
@@ -192,7 +173,14 @@ impl RecordMessage {
             return Ok(message);
         }
         let legacy = Announcement::decode(bytes).map_err(|e| format!("release 0.1 heartbeat: {e}"))?;
-        Ok(Self {
+        Ok(Self::from(legacy))
+    }
+}
+
+impl From<Announcement> for RecordMessage {
+    /// A release 0.1 heartbeat as a record message (version 0).
+    fn from(legacy: Announcement) -> Self {
+        Self {
             v: 0,
             addresses: legacy.addresses,
             services: legacy.services,
@@ -200,7 +188,7 @@ impl RecordMessage {
             metadata: legacy.metadata,
             reply: false,
             offline: false,
-        })
+        }
     }
 }
 

@@ -129,13 +129,13 @@ async fn route_incoming(
             return true;
         }
     }
-    if envelope.header(KIND_HEADER).is_some() {
-        // Framework messages are handled here and now.
+    let framework = kind.is_some();
+    if framework || is_repeat(inner, &envelope) {
+        // Framework messages are handled here and now; a repeat goes no further.
         acknowledgement.accept();
-    }
-    if envelope.header(KIND_HEADER).is_none() && is_repeat(inner, &envelope) {
-        acknowledgement.accept();
-        return true;
+        if !framework {
+            return true;
+        }
     }
     match envelope.header(KIND_HEADER) {
         Some(control::HELLO | control::HEARTBEAT) => {

@@ -103,6 +103,14 @@ impl<T> Received<T> {
     }
 }
 
+impl Received<Envelope> {
+    /// An undecoded message: the envelope is the message.
+    pub(crate) fn raw(envelope: Envelope, acknowledgement: Acknowledgement) -> Self {
+        let parts = (envelope.from.clone(), envelope.id, envelope.headers.clone());
+        Self::new(parts, envelope, acknowledgement)
+    }
+}
+
 impl<T: Clone> Clone for Received<T> {
     fn clone(&self) -> Self {
         Self {
@@ -466,8 +474,7 @@ impl Node {
     /// to be acknowledged like any [`Received`].
     pub async fn receive_raw(&self) -> Result<Received<Envelope>, ReceiveError> {
         let (envelope, acknowledgement) = self.next_inbox_item().await?;
-        let parts = (envelope.from.clone(), envelope.id, envelope.headers.clone());
-        Ok(Received::new(parts, envelope, acknowledgement))
+        Ok(Received::raw(envelope, acknowledgement))
     }
 
     /// Waits for the next message sent to this node, undecoded, and acknowledges it at once:
@@ -881,8 +888,7 @@ impl NodeInner {
 
     /// Whether a live peer (or this node) serves `service`.
     fn has_replica(&self, service: &str) -> bool {
-        self.services.contains(service)
-            || !self.membership.live(|record| record.services.iter().any(|s| s == service)).is_empty()
+        !self.replicas(service).is_empty()
     }
 
     /// Whether a live peer (or a subscription of this node) subscribes to a pattern matching

@@ -178,8 +178,7 @@ impl<T: DeserializeOwned> Subscription<T> {
     /// to be acknowledged like any [`Received`].
     pub async fn next_raw(&mut self) -> Option<Received<Envelope>> {
         let (envelope, acknowledgement) = self.receiver.recv().await?;
-        let parts = (envelope.from.clone(), envelope.id, envelope.headers.clone());
-        Some(Received::new(parts, envelope, acknowledgement))
+        Some(Received::raw(envelope, acknowledgement))
     }
 
     /// The next message undecoded, with its destination topic, acknowledged at once

@@ -10,7 +10,7 @@
 //! withdrawn), `Updated` (its record changed: addresses, services, topics). The table is plain
 //! data: time is passed in, events are returned, nothing here waits or locks.
 
-use crate::control::{record_is_offline, revision};
+use crate::control::revision;
 use comms_plugin_api::{NodeId, NodeRecord, PeerEvent, PeerEventKind};
 use std::{
     collections::HashMap,
@@ -88,7 +88,7 @@ impl Membership {
         if record.id == self.local {
             return Learned::Nothing;
         }
-        let status = if record_is_offline(&record) { PeerStatus::Offline } else { PeerStatus::Up };
+        let status = if record.is_offline() { PeerStatus::Offline } else { PeerStatus::Up };
         match self.peers.get_mut(&record.id) {
             None => {
                 let kind = if status == PeerStatus::Up { PeerEventKind::Joined } else { PeerEventKind::Left };
@@ -224,7 +224,7 @@ impl Membership {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{mark_offline, set_revision};
+    use crate::control::set_revision;
 
     fn record(id: &str, services: &[&str]) -> NodeRecord {
         let mut record = NodeRecord::new(id);
@@ -302,7 +302,7 @@ mod tests {
         );
         // A record marked offline (from discovery) makes a new peer offline at once.
         let mut gone = record("e", &[]);
-        mark_offline(&mut gone);
+        gone.mark_offline();
         membership.learn(gone, now, &mut events);
         assert_eq!(membership.get(&NodeId::new("e")).map(|(_, s)| s), Some(PeerStatus::Offline));
         membership.heard_from(&NodeId::new("d"), now, &mut events);

@@ -869,7 +869,7 @@ impl Engine {
     /// This node's record as it leaves: marked offline (durable transports) or not.
     pub(crate) fn leaving_record(&self) -> NodeRecord {
         let mut record = self.record.clone();
-        control::mark_offline(&mut record);
+        record.mark_offline();
         let next = control::revision(&record).unwrap_or(0) + 1;
         control::set_revision(&mut record, next);
         record
