@@ -7,19 +7,18 @@
 //! that loses nothing: the broker delivers the message again.
 //!
 //! One received message can go to several places (a publication to several subscriptions of this
-//! node): each gets a share of its acknowledgement, and the message is settled once the last
-//! share is done, requeued if any share asked for it (or was dropped unsettled), discarded if
-//! every share rejected it, accepted otherwise.
+//! node): each copy gets an acknowledgement of its own, and the engine settles the message once
+//! the last copy is done: requeued if any asked for it (or was dropped unsettled), discarded if
+//! every copy rejected it, accepted otherwise.
 //!
 //! Settlements go to their transport through a [`SettleLane`]: a bounded queue and a task that
 //! settles in batches, beside the receive loop, so acknowledging never waits for application
 //! data and many acknowledgements cross the plugin boundary in one call.
 
-use crate::dedup::DedupWindow;
-use comms_plugin_api::{host_side::LoadedTransport, MessageId, Settlement, SettlementOutcome};
+use comms_plugin_api::{host_side::LoadedTransport, Settlement, SettlementOutcome};
 use std::sync::{
     atomic::{AtomicBool, Ordering},
-    Arc, Mutex,
+    Arc,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -94,7 +93,7 @@ impl SettleLane {
         }
     }
 
-    fn settle(&self, settlement: Settlement) {
+    pub(crate) fn settle(&self, settlement: Settlement) {
         match self.queue.try_send(LaneItem::Settle(settlement)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(item)) => {
@@ -111,39 +110,26 @@ impl SettleLane {
     }
 }
 
-/// One received message waiting to be settled; settles when the last share is gone.
-#[derive(Debug)]
-struct Unsettled {
-    lane: SettleLane,
-    tag: u64,
-    /// The node's dedup window and the message's id: a requeued message must be forgotten there,
-    /// or its redelivery would be dropped as a repeat.
-    remembered: Option<(Arc<Mutex<DedupWindow>>, MessageId)>,
-    requeue: AtomicBool,
-    accept: AtomicBool,
-    reject: AtomicBool,
-}
-
-impl Drop for Unsettled {
-    fn drop(&mut self) {
-        let outcome = if self.requeue.load(Ordering::Acquire) {
-            if let Some((window, id)) = &self.remembered {
-                window.lock().unwrap_or_else(|p| p.into_inner()).forget(*id);
-            }
-            SettlementOutcome::REJECTED_REQUEUE
-        } else if self.reject.load(Ordering::Acquire) && !self.accept.load(Ordering::Acquire) {
-            SettlementOutcome::REJECTED_DISCARD
-        } else {
-            SettlementOutcome::ACCEPTED
-        };
-        self.lane.settle(Settlement { delivery_tag: self.tag, outcome });
-    }
+/// Where an application's verdict on a received message goes: the node's engine, which settles
+/// the message with its transport once every local destination it went to is done with it.
+pub(crate) trait Settler: Send + Sync {
+    /// The holder of `delivery` is done with it.
+    fn settle(&self, delivery: u64, outcome: SettlementOutcome);
 }
 
 /// What the application owes the transport for one received message (see the module docs).
 /// Nothing for a message from a transport without acknowledgements.
-#[derive(Debug, Default)]
-pub(crate) struct Acknowledgement(Option<Arc<Unsettled>>);
+#[derive(Default)]
+pub(crate) struct Acknowledgement(Option<(Arc<dyn Settler>, u64)>);
+
+impl std::fmt::Debug for Acknowledgement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some((_, delivery)) => write!(f, "Acknowledgement(pending {delivery})"),
+            None => f.write_str("Acknowledgement(none)"),
+        }
+    }
+}
 
 impl Acknowledgement {
     /// Nothing to settle (a transport without acknowledgements, or this node's own message).
@@ -151,26 +137,10 @@ impl Acknowledgement {
         Self(None)
     }
 
-    /// The acknowledgement of the message `tag` of the transport `lane` settles; `remembered`:
-    /// where the node's dedup window remembers it.
-    pub(crate) fn pending(
-        lane: &SettleLane,
-        tag: u64,
-        remembered: Option<(Arc<Mutex<DedupWindow>>, MessageId)>,
-    ) -> Self {
-        Self(Some(Arc::new(Unsettled {
-            lane: lane.clone(),
-            tag,
-            remembered,
-            requeue: AtomicBool::new(false),
-            accept: AtomicBool::new(false),
-            reject: AtomicBool::new(false),
-        })))
-    }
-
-    /// Another share of the same message, for one more destination.
-    pub(crate) fn share(&self) -> Self {
-        Self(self.0.clone())
+    /// The acknowledgement of `delivery`, settled through `settler`; delivery 0 means nothing
+    /// to settle.
+    pub(crate) fn pending(settler: Arc<dyn Settler>, delivery: u64) -> Self {
+        Self((delivery != 0).then_some((settler, delivery)))
     }
 
     /// Whether there is something to settle.
@@ -178,43 +148,38 @@ impl Acknowledgement {
         self.0.is_some()
     }
 
-    /// This share is done with the message.
+    /// Done with the message.
     pub(crate) fn accept(&mut self) {
-        self.finish(|unsettled| &unsettled.accept);
+        self.finish(SettlementOutcome::ACCEPTED);
     }
 
-    /// This share wants the message delivered again.
+    /// The message should be delivered again.
     pub(crate) fn requeue(&mut self) {
-        self.finish(|unsettled| &unsettled.requeue);
+        self.finish(SettlementOutcome::REJECTED_REQUEUE);
     }
 
-    /// This share refuses the message for good.
+    /// The message is refused for good.
     pub(crate) fn reject(&mut self) {
-        self.finish(|unsettled| &unsettled.reject);
+        self.finish(SettlementOutcome::REJECTED_DISCARD);
     }
 
-    /// Gives up this share without a verdict (it went nowhere).
-    pub(crate) fn release(mut self) {
-        self.0 = None;
-    }
-
-    fn finish(&mut self, flag: impl FnOnce(&Unsettled) -> &AtomicBool) {
-        if let Some(unsettled) = self.0.take() {
-            flag(&unsettled).store(true, Ordering::Release);
+    fn finish(&mut self, outcome: SettlementOutcome) {
+        if let Some((settler, delivery)) = self.0.take() {
+            settler.settle(delivery, outcome);
         }
     }
 }
 
 impl Drop for Acknowledgement {
     fn drop(&mut self) {
-        if let Some(unsettled) = self.0.take() {
+        if let Some((settler, delivery)) = self.0.take() {
             if !WARNED_UNSETTLED.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     "a received message was dropped without ack(), nack() or reject(): it is delivered \
                      again (call ack() when done with a message from a transport with acknowledgements)"
                 );
             }
-            unsettled.requeue.store(true, Ordering::Release);
+            settler.settle(delivery, SettlementOutcome::REJECTED_REQUEUE);
         }
     }
 }

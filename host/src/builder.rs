@@ -2,14 +2,14 @@
 
 use crate::security::{Security, SignatureMode, Signatures};
 use crate::{
-    acknowledgement::SettleLane,
     codec::Codec,
-    config::{ConfigError, PluginSource},
-    error::BuildError,
+    driver::NodeTransport,
+    error::{BuildError, ConfigError},
     fault_injection::{FaultConfig, FaultInjector},
-    node::{Node, NodeTransport, Settings},
+    node::Node,
     plugin_search::{find_plugin, plugin_file_name, search_dirs},
     request_response::{Balancing, RequestOptions},
+    spec::NodeSpec,
     static_discovery::{StaticDiscoveryConfig, StaticDiscoveryPlugin, StaticPeer, STATIC_DISCOVERY},
 };
 use comms_plugin_api::{
@@ -22,6 +22,15 @@ use std::{
     sync::Arc,
     time::Duration,
 };
+
+/// Where a plugin comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginSource {
+    /// Searched for by name in the plugin directories.
+    Name(String),
+    /// An explicit file.
+    Path(PathBuf),
+}
 
 /// Default capacity of the node's inbox (messages received but not yet taken by the application).
 pub const DEFAULT_RECEIVE_QUEUE_CAPACITY: usize = 1024;
@@ -60,13 +69,20 @@ pub struct NodeBuilder {
     id: NodeId,
     config_file: Option<PathBuf>,
     plugin_dirs: Vec<PathBuf>,
-    settings: Settings,
+    settings: NodeSpec,
     transports: Vec<TransportSpec>,
     discovery: Option<(PluginChoice, String)>,
     static_peers: Vec<StaticPeer>,
     key_file: Option<PathBuf>,
     identity: Option<Identity>,
     security: Security,
+}
+
+impl Node {
+    /// Starts building a node in code.
+    pub fn builder(id: impl Into<NodeId>) -> NodeBuilder {
+        NodeBuilder::new(id)
+    }
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -82,7 +98,7 @@ impl NodeBuilder {
             id: id.into(),
             config_file: None,
             plugin_dirs: Vec::new(),
-            settings: Settings {
+            settings: NodeSpec {
                 codec: Codec::default(),
                 receive_queue_capacity: DEFAULT_RECEIVE_QUEUE_CAPACITY,
                 heartbeat_interval: Some(DEFAULT_HEARTBEAT_INTERVAL),
@@ -174,7 +190,7 @@ impl NodeBuilder {
         self
     }
 
-    pub(crate) fn settings(&self) -> &Settings {
+    pub(crate) fn settings(&self) -> &NodeSpec {
         &self.settings
     }
 
@@ -389,8 +405,7 @@ impl NodeBuilder {
         }
         match self.start_discovery(&dirs, &transports).await {
             Ok((discovery, record, peers)) => {
-                Ok(Node::start(self.id, self.settings, transports, discovery, record, peers, signatures)
-                    .await)
+                Ok(Node::start(self.settings, transports, discovery, record, peers, signatures))
             }
             Err(error) => {
                 close_all(&transports).await;
@@ -437,9 +452,7 @@ impl NodeBuilder {
                 spec.name
             )));
         }
-        let loaded = Arc::new(loaded);
-        let settle_lane = SettleLane::start(spec.name.clone(), Arc::clone(&loaded));
-        Ok(NodeTransport { name: spec.name, plugin, loaded, faults, settle_lane })
+        Ok(NodeTransport::new(spec.name, plugin, Arc::new(loaded), faults))
     }
 
     async fn start_discovery(
@@ -474,7 +487,7 @@ impl NodeBuilder {
         let start = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |since| since.as_micros() as u64);
-        crate::membership::set_revision(&mut record, start);
+        crate::control::set_revision(&mut record, start);
         let start_error =
             |error| BuildError::Start { role: "discovery".into(), plugin: plugin.clone(), error };
         discovery.announce(record.clone()).await.map_err(start_error)?;

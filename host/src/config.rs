@@ -41,6 +41,8 @@
 //! Every error names the file and the key: an unknown key, a wrong type, a plugin rejecting its
 //! own table.
 
+pub use crate::builder::PluginSource;
+pub use crate::error::ConfigError;
 use crate::{
     builder::NodeBuilder,
     codec::Codec,
@@ -55,16 +57,6 @@ use comms_plugin_api::{
 };
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
-
-/// A config file that could not be used; `Display` names the file and the offending key.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}: {message}", .file.display())]
-pub struct ConfigError {
-    /// The config file (or `(builder)` for a node built in code).
-    pub file: PathBuf,
-    /// What is wrong, naming the key.
-    pub message: String,
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,13 +108,11 @@ struct NodeSection {
     dedup_window: usize,
 }
 
-/// Where a plugin comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PluginSource {
-    /// Searched for by name in the plugin directories.
-    Name(String),
-    /// An explicit file.
-    Path(PathBuf),
+impl crate::Node {
+    /// Builds the node a config file describes (see [`crate::config`]).
+    pub async fn from_config(path: impl AsRef<Path>) -> Result<crate::Node, crate::BuildError> {
+        load(path.as_ref())?.build().await
+    }
 }
 
 /// Reads `path` into a [`NodeBuilder`].

@@ -1,7 +1,8 @@
 //! Errors, one type per operation.
 
-use crate::{codec::CodecError, config::ConfigError};
+use crate::codec::CodecError;
 use comms_plugin_api::{host_side::LoadError, MessageId, NodeId, PluginError};
+use std::path::PathBuf;
 
 /// Why a node could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -197,4 +198,14 @@ pub enum WaitError {
 pub struct CloseError {
     /// One line per part that failed to close.
     pub failures: Vec<String>,
+}
+
+/// A config file that could not be used; `Display` names the file and the offending key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {message}", .file.display())]
+pub struct ConfigError {
+    /// The config file (or `(builder)` for a node built in code).
+    pub file: PathBuf,
+    /// What is wrong, naming the key.
+    pub message: String,
 }

@@ -28,6 +28,12 @@
 //! pass), [`security`] (identities, `[security]`, envelope signatures), [`error`] (one error
 //! type per operation). The `comms` command is in `main.rs`.
 //!
+//! Inside, a node is three layers, each depending only on the next: the [`Node`] facade, the
+//! driver (`driver/`: thin I/O loops that take messages from transports, follow discovery, keep
+//! time and carry out sends) and the engine (`engine/`: every decision, with no I/O: the peer
+//! table, local queues and their settlement, services, requests in flight; driven as
+//! `handle(input, now) -> actions` and unit-tested with simulated time).
+//!
 //! The host never sees `abi_stable` types: loading and calling plugins goes through
 //! [`comms_plugin_api::host_side`].
 
@@ -40,18 +46,18 @@ pub mod config;
 pub mod conformance;
 pub mod control;
 mod dedup;
-mod dispatch;
-// The sans-IO engine the node moves onto next (issue 13); tested on its own until then.
-#[allow(dead_code, unreachable_pub)]
+mod driver;
 mod engine;
 pub mod error;
 pub mod fault_injection;
 pub mod membership;
 pub mod node;
 pub mod plugin_search;
+mod received;
 pub mod request_response;
 pub mod security;
 mod service;
+mod spec;
 pub mod static_discovery;
 pub mod subscription;
 
@@ -65,7 +71,8 @@ pub use comms_plugin_api::{
 pub use config::ConfigError;
 pub use error::{BuildError, CloseError, ReceiveError, RequestError, SendError, ServeError, WaitError};
 pub use membership::{PeerInfo, PeerStatus};
-pub use node::{Node, Received, TransportSummary};
+pub use node::{Node, TransportSummary};
+pub use received::Received;
 pub use request_response::{Balancing, RequestOptions};
 pub use security::{Security, SignatureMode};
 pub use subscription::{HandlerSubscription, Subscription};

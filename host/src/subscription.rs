@@ -1,10 +1,10 @@
 //! Topic subscriptions of this node.
 
 use crate::{
-    acknowledgement::Acknowledgement,
+    driver::{Driver, Queued},
+    engine::Local,
     error::ReceiveError,
-    node::{decode_received, NodeInner, Received},
-    topics::matches,
+    received::{decode_received, Received},
 };
 use comms_plugin_api::Envelope;
 use futures::Stream;
@@ -12,129 +12,19 @@ use serde::de::DeserializeOwned;
 use std::{
     marker::PhantomData,
     pin::Pin,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, RwLock,
-    },
+    sync::Arc,
     task::{Context, Poll},
 };
 use tokio::sync::mpsc;
 
-/// Messages buffered per subscription. Publications that come at most once (TCP, UDP, memory,
-/// Redis pub/sub, this node's own) for a full subscription are dropped and counted
-/// ([`Subscription::dropped`]), as NATS and ZeroMQ do with a slow subscriber: a subscriber that
-/// stops reading must not hold up the transport its messages come on, and with it requests,
-/// responses and heartbeats. Publications from a transport with acknowledgements wait instead
-/// (the broker keeps them; nothing is lost).
-pub const SUBSCRIPTION_BUFFER: usize = 256;
-
-#[derive(Debug)]
-struct Entry {
-    id: u64,
-    pattern: String,
-    sender: mpsc::Sender<Queued>,
-    dropped: Arc<AtomicU64>,
-}
-
-/// A publication waiting in a subscription, with its share of the acknowledgement.
-type Queued = (Envelope, Acknowledgement);
-
-/// The node's subscriptions.
-#[derive(Debug, Default)]
-pub(crate) struct Subscriptions {
-    next_id: AtomicU64,
-    entries: RwLock<Vec<Entry>>,
-}
-
-impl Subscriptions {
-    /// A new subscription: its id, its queue and its count of dropped publications.
-    pub(crate) fn add(&self, pattern: &str) -> (u64, mpsc::Receiver<Queued>, Arc<AtomicU64>) {
-        let (sender, receiver) = mpsc::channel(SUBSCRIPTION_BUFFER);
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let dropped = Arc::new(AtomicU64::new(0));
-        let entry = Entry { id, pattern: pattern.to_string(), sender, dropped: Arc::clone(&dropped) };
-        self.entries.write().unwrap_or_else(|p| p.into_inner()).push(entry);
-        (id, receiver, dropped)
-    }
-
-    /// Ends every subscription's stream (the node stopped).
-    pub(crate) fn clear(&self) {
-        self.entries.write().unwrap_or_else(|p| p.into_inner()).clear();
-    }
-
-    pub(crate) fn remove(&self, id: u64) {
-        self.entries.write().unwrap_or_else(|p| p.into_inner()).retain(|entry| entry.id != id);
-    }
-
-    /// The distinct patterns subscribed to, sorted.
-    pub(crate) fn patterns(&self) -> Vec<String> {
-        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
-        let mut patterns: Vec<String> = entries.iter().map(|entry| entry.pattern.clone()).collect();
-        patterns.sort();
-        patterns.dedup();
-        patterns
-    }
-
-    /// Hands `envelope` to every subscription matching `topic`, each with a share of its
-    /// acknowledgement. Returns how many got it.
-    ///
-    /// A full subscription makes this wait when the message is to be acknowledged (it came from
-    /// a transport that keeps it until settled: waiting holds it at the broker, nothing is
-    /// lost); otherwise the subscription drops it and counts (the first drop is logged), and
-    /// this never waits.
-    pub(crate) async fn deliver(
-        &self,
-        topic: &str,
-        envelope: &Envelope,
-        acknowledgement: Acknowledgement,
-    ) -> usize {
-        let entries: Vec<(String, mpsc::Sender<Queued>, Arc<AtomicU64>)> = self
-            .entries
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|entry| matches(&entry.pattern, topic))
-            .map(|entry| (entry.pattern.clone(), entry.sender.clone(), Arc::clone(&entry.dropped)))
-            .collect();
-        let mut delivered = 0;
-        let acknowledged = acknowledgement.is_pending();
-        for (pattern, sender, dropped) in entries {
-            let item = (envelope.clone(), acknowledgement.share());
-            if acknowledged {
-                if sender.send(item).await.is_ok() {
-                    delivered += 1;
-                }
-                continue;
-            }
-            match sender.try_send(item) {
-                Ok(()) => delivered += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    if dropped.fetch_add(1, Ordering::Relaxed) == 0 {
-                        tracing::warn!(
-                            %pattern,
-                            %topic,
-                            buffer = SUBSCRIPTION_BUFFER,
-                            "a subscription is not read fast enough: publications for it are dropped \
-                             while its buffer is full (Subscription::dropped counts them)"
-                        );
-                    }
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
-            }
-        }
-        // The shares decide; a message no subscription took is accepted.
-        acknowledgement.release();
-        delivered
-    }
-}
+pub use crate::spec::SUBSCRIPTION_BUFFER;
 
 /// A subscription to a topic pattern: a stream of typed messages. Dropping it unsubscribes.
 pub struct Subscription<T> {
-    node: Arc<NodeInner>,
+    node: Arc<Driver>,
     id: u64,
     pattern: String,
     receiver: mpsc::Receiver<Queued>,
-    dropped: Arc<AtomicU64>,
     _message: PhantomData<fn() -> T>,
 }
 
@@ -145,14 +35,15 @@ impl<T> std::fmt::Debug for Subscription<T> {
 }
 
 impl<T: DeserializeOwned> Subscription<T> {
-    pub(crate) fn new(
-        node: Arc<NodeInner>,
-        id: u64,
-        pattern: String,
-        receiver: mpsc::Receiver<Queued>,
-        dropped: Arc<AtomicU64>,
-    ) -> Self {
-        Self { node, id, pattern, receiver, dropped, _message: PhantomData }
+    pub(crate) fn new(node: Arc<Driver>, id: u64, pattern: String, receiver: mpsc::Receiver<Queued>) -> Self {
+        Self { node, id, pattern, receiver, _message: PhantomData }
+    }
+
+    /// The next queued message; the engine may hand over the next one.
+    async fn next_queued(&mut self) -> Option<Queued> {
+        let queued = self.receiver.recv().await?;
+        self.node.taken(Local::Subscription(self.id));
+        Some(queued)
     }
 
     /// The pattern subscribed to.
@@ -163,28 +54,28 @@ impl<T: DeserializeOwned> Subscription<T> {
     /// How many publications this subscription missed because its buffer
     /// ([`SUBSCRIPTION_BUFFER`] messages) was full when they arrived.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.node.engine().dropped_by(self.id)
     }
 
     /// The next message; `None` once the node is closed or dropped. Acknowledge it with
     /// [`Received::ack`] once handled (see [`Received`]). [`Subscription::next_raw`] gives the
     /// raw envelope, whose destination names the topic it was published on.
     pub async fn next(&mut self) -> Option<Result<Received<T>, ReceiveError>> {
-        let (envelope, acknowledgement) = self.receiver.recv().await?;
-        Some(decode_received(self.node.settings.codec, envelope, acknowledgement))
+        let (envelope, acknowledgement) = self.next_queued().await?;
+        Some(decode_received(self.node.spec.codec, envelope, acknowledgement))
     }
 
     /// The next message undecoded (the envelope is the message, with its destination topic),
     /// to be acknowledged like any [`Received`].
     pub async fn next_raw(&mut self) -> Option<Received<Envelope>> {
-        let (envelope, acknowledgement) = self.receiver.recv().await?;
+        let (envelope, acknowledgement) = self.next_queued().await?;
         Some(Received::raw(envelope, acknowledgement))
     }
 
     /// The next message undecoded, with its destination topic, acknowledged at once
     /// (at-most-once to the application; prefer [`Subscription::next_raw`] with brokers).
     pub async fn next_envelope(&mut self) -> Option<Envelope> {
-        let (envelope, mut acknowledgement) = self.receiver.recv().await?;
+        let (envelope, mut acknowledgement) = self.next_queued().await?;
         acknowledgement.accept();
         Some(envelope)
     }
@@ -195,9 +86,11 @@ impl<T: DeserializeOwned> Stream for Subscription<T> {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        this.receiver
-            .poll_recv(cx)
-            .map(|item| item.map(|(envelope, ack)| decode_received(this.node.settings.codec, envelope, ack)))
+        let polled = this.receiver.poll_recv(cx);
+        if let Poll::Ready(Some(_)) = &polled {
+            this.node.taken(Local::Subscription(this.id));
+        }
+        polled.map(|item| item.map(|(envelope, ack)| decode_received(this.node.spec.codec, envelope, ack)))
     }
 }
 
@@ -205,12 +98,8 @@ impl<T> Unpin for Subscription<T> {}
 
 impl<T> Drop for Subscription<T> {
     fn drop(&mut self) {
-        self.node.subscriptions.remove(self.id);
-        // Tell peers the topic is gone, if a runtime is there to do it.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let node = Arc::clone(&self.node);
-            runtime.spawn(async move { node.announce_changes().await });
-        }
+        // Peers hear that the topic is gone (if a runtime is there to tell them).
+        self.node.remove_subscription(self.id);
     }
 }
 

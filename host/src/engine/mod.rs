@@ -32,8 +32,8 @@
 //! a handler returns, when every subscription it went to is done with it (it is requeued if any
 //! asked for that, and accepted otherwise).
 
-pub mod membership;
-pub mod pending;
+pub(crate) mod membership;
+pub(crate) mod pending;
 
 use crate::control::{self, RecordMessage, KIND_HEADER};
 use crate::dedup::DedupWindow;
@@ -88,6 +88,10 @@ pub(crate) enum Local {
     /// A service's handler.
     Service(String),
 }
+
+/// Messages from one transport with acknowledgements that may wait for room in full local
+/// queues; past it the node stops taking from that transport (its broker keeps the rest).
+pub(crate) const PARK_LIMIT: usize = 256;
 
 /// The "transport" of a node's own publications to its own subscriptions.
 const LOCAL: usize = usize::MAX;
@@ -240,6 +244,9 @@ struct ServiceEntry {
 struct Unsettled {
     transport: usize,
     tag: u64,
+    /// The message's id, forgotten by the dedup window if it is requeued (or its redelivery
+    /// would be dropped as a repeat).
+    id: MessageId,
     remaining: usize,
     requeue: bool,
     all_rejected: bool,
@@ -379,7 +386,7 @@ impl Engine {
             // about its direct neighbour, the sender; it is handled here and not forwarded.
             if *to != self.spec.id && !describes_sender {
                 let to = to.clone();
-                let delivery = self.track(transport, tag, 1);
+                let delivery = self.track(transport, tag, envelope.id, 1);
                 return self.relay(to, envelope, delivery);
             }
         }
@@ -449,7 +456,7 @@ impl Engine {
         }
         match &envelope.to {
             Destination::Node(_) => {
-                let delivery = self.track(transport, tag, 1);
+                let delivery = self.track(transport, tag, envelope.id, 1);
                 self.deliver(Local::Inbox, envelope, delivery, transport, now);
             }
             Destination::Topic(topic) => {
@@ -462,7 +469,7 @@ impl Engine {
                 if matching.is_empty() {
                     return self.settle_now(transport, tag, SettlementOutcome::ACCEPTED);
                 }
-                let delivery = self.track(transport, tag, matching.len());
+                let delivery = self.track(transport, tag, envelope.id, matching.len());
                 for id in matching {
                     self.deliver(Local::Subscription(id), envelope.clone(), delivery, transport, now);
                 }
@@ -488,7 +495,7 @@ impl Engine {
                         if let Some(entry) = self.services.get_mut(&service) {
                             entry.in_flight.used += 1;
                         }
-                        let delivery = self.track(transport, tag, 1);
+                        let delivery = self.track(transport, tag, envelope.id, 1);
                         self.out.push(Action::Deliver { to: Local::Service(service), envelope, delivery });
                     }
                 }
@@ -525,7 +532,13 @@ impl Engine {
         let acknowledges = self.transports.get(transport).is_some_and(|t| t.acknowledges);
         if acknowledges {
             let until = Some(now + self.spec.requeue_after);
-            return self.parked.push_back(Parked { to, envelope, delivery, transport, until });
+            self.parked.push_back(Parked { to, envelope, delivery, transport, until });
+            // The broker keeps the rest: past PARK_LIMIT this node stops taking from it until
+            // there is room again (or the parked ones go back), so memory stays bounded.
+            if self.parked_from(transport) >= PARK_LIMIT && self.paused.insert(transport) {
+                self.out.push(Action::Pause { transport });
+            }
+            return;
         }
         match to {
             Local::Subscription(subscription) => {
@@ -544,6 +557,11 @@ impl Engine {
                 self.parked.push_back(Parked { to, envelope, delivery, transport, until: None });
             }
         }
+    }
+
+    /// How many messages of `transport` wait for room.
+    fn parked_from(&self, transport: usize) -> usize {
+        self.parked.iter().filter(|p| p.transport == transport).count()
     }
 
     fn relay(&mut self, to: NodeId, envelope: Envelope, delivery: DeliveryId) {
@@ -568,15 +586,15 @@ impl Engine {
     // ---- settlement ----------------------------------------------------------------------------
 
     /// Starts tracking a message that `copies` local destinations will settle.
-    fn track(&mut self, transport: usize, tag: u64, copies: usize) -> DeliveryId {
+    fn track(&mut self, transport: usize, tag: u64, id: MessageId, copies: usize) -> DeliveryId {
         if !self.transports.get(transport).is_some_and(|t| t.acknowledges) {
             return 0;
         }
-        let id = self.next_delivery;
+        let delivery = self.next_delivery;
         self.next_delivery += 1;
-        let entry = Unsettled { transport, tag, remaining: copies, requeue: false, all_rejected: true };
-        self.unsettled.insert(id, entry);
-        id
+        let entry = Unsettled { transport, tag, id, remaining: copies, requeue: false, all_rejected: true };
+        self.unsettled.insert(delivery, entry);
+        delivery
     }
 
     fn settle_now(&mut self, transport: usize, tag: u64, outcome: SettlementOutcome) {
@@ -595,6 +613,9 @@ impl Engine {
         }
         let Some(entry) = self.unsettled.remove(&delivery) else { return };
         let outcome = if entry.requeue {
+            if let Some(window) = &mut self.dedup {
+                window.forget(entry.id);
+            }
             SettlementOutcome::REJECTED_REQUEUE
         } else if entry.all_rejected {
             SettlementOutcome::REJECTED_DISCARD
@@ -640,8 +661,12 @@ impl Engine {
             }
         }
         self.parked = still;
-        let waiting: HashSet<usize> =
-            self.parked.iter().filter(|p| p.until.is_none()).map(|p| p.transport).collect();
+        let waiting: HashSet<usize> = self
+            .parked
+            .iter()
+            .filter(|p| p.until.is_none() || self.parked_from(p.transport) >= PARK_LIMIT)
+            .map(|p| p.transport)
+            .collect();
         let resumed: Vec<usize> = self.paused.iter().copied().filter(|t| !waiting.contains(t)).collect();
         for transport in resumed {
             self.paused.remove(&transport);
@@ -676,10 +701,13 @@ impl Engine {
             PeerEventKind::Left => self.membership.withdrawn(&event.record.id, &mut events),
             PeerEventKind::Joined | PeerEventKind::Updated => {
                 let id = event.record.id.clone();
+                let away = event.record.is_offline();
                 let learned = self.membership.learn(event.record, now, &mut events);
                 // A peer met through discovery gets this node's record at once, and is asked for
-                // its own: neither waits for the other's heartbeat.
-                if learned == Learned::New && !self.closing {
+                // its own: neither waits for the other's heartbeat. A node that is away is asked
+                // nothing (it announces itself when it is back; the first message sent to its
+                // inbox meanwhile carries this node's record).
+                if learned == Learned::New && !self.closing && !away {
                     self.send_record(&id, control::HELLO, true);
                 }
             }
@@ -740,7 +768,10 @@ impl Engine {
                 .map(|(record, _)| record)
                 .ok_or_else(|| RouteError::UnknownPeer(node.clone()))?
         };
-        for (index, transport) in self.transports.iter().enumerate() {
+        // An offline node is reachable only through a durable inbox, which keeps what is sent.
+        let offline = record.is_offline();
+        let preferred = self.transports.iter().enumerate().filter(|(_, t)| !offline || t.durable);
+        for (index, transport) in preferred.chain(self.transports.iter().enumerate()) {
             if let Some(address) = record.address_for(&transport.name) {
                 return Ok(Route { transport: index, address: address.to_string(), peer: node.clone() });
             }
@@ -757,9 +788,11 @@ impl Engine {
     /// if `node` has not had it yet (so that it can answer a node it has never heard of).
     pub(crate) fn prepare_send(&mut self, node: &NodeId) -> Result<(Route, Option<Envelope>), RouteError> {
         let route = self.route(node)?;
+        // A hello asks the peer for its record at once: this node learns its services and topics
+        // now, not at the peer's next heartbeat.
         let greeting = (*node != self.spec.id && self.greeted.insert(node.clone())).then(|| {
-            let message = RecordMessage::of(&self.record);
-            self.control_envelope(node, control::HEARTBEAT, message.encode())
+            let message = RecordMessage { reply: true, ..RecordMessage::of(&self.record) };
+            self.control_envelope(node, control::HELLO, message.encode())
         });
         Ok((route, greeting))
     }
@@ -853,10 +886,10 @@ impl Engine {
         self.counters
     }
 
-    /// Whether this node's transports all keep its inbox while it is away (so it can leave a
-    /// record marked offline instead of withdrawing).
+    /// Whether one of this node's transports keeps its inbox while it is away (so it leaves a
+    /// record marked offline instead of withdrawing, and peers keep sending to that inbox).
     pub(crate) fn durable(&self) -> bool {
-        !self.transports.is_empty() && self.transports.iter().all(|t| t.durable)
+        self.transports.iter().any(|t| t.durable)
     }
 
     /// The goodbye to `peer`; `offline`: this node's inbox keeps what is sent to it.

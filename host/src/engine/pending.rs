@@ -5,20 +5,9 @@
 //! (timed out, failed to send) finds no entry and is dropped: it can never be taken for the
 //! answer to a later request or a later attempt.
 
+pub(crate) use crate::request_response::Balancing;
 use comms_plugin_api::{MessageId, NodeId};
-use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
-
-/// How requests to a service are spread over its replicas.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Balancing {
-    /// Each request to the next replica in turn.
-    RoundRobin,
-    /// The replica with the fewest requests in flight from this node (ties: in turn).
-    #[default]
-    LeastOutstanding,
-}
 
 /// Attempts waiting for a response, and attempts in flight per replica.
 #[derive(Debug, Default)]
@@ -48,7 +37,8 @@ impl PendingRequests {
     }
 
     /// How many attempts are waiting.
-    pub(crate) fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.waiting.len()
     }
 

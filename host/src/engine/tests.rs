@@ -393,3 +393,64 @@ fn serving_or_subscribing_raises_the_revision_and_tells_discovery_and_peers() {
     assert_eq!(control::revision(record), Some(2));
     let _ = Payload::default();
 }
+
+#[test]
+fn an_inbox_nobody_reads_parks_a_bounded_number_and_hands_them_back_in_time() {
+    let now = Instant::now();
+    let mut engine = engine(now);
+    let mut paused = false;
+    let mut parked = 0;
+    for n in 0..(PARK_LIMIT as u128 + 2) {
+        let actions =
+            engine.handle(received(AT_LEAST_ONCE, from("a", Destination::node("me"), n), n as u64), now);
+        parked += usize::from(delivered(&actions).is_empty());
+        paused |= actions.contains(&Action::Pause { transport: AT_LEAST_ONCE });
+    }
+    // The inbox holds 2; the broker keeps the rest once PARK_LIMIT wait here.
+    assert_eq!(parked, PARK_LIMIT);
+    assert!(paused, "the node stops taking from a broker whose messages wait for room");
+    // A heartbeat on the same transport is still handled at once (the control lane).
+    let heartbeat = control("a", HEARTBEAT, RecordMessage::of(&peer_record("a", &["echo"], &[])).encode());
+    engine.handle(received(AT_LEAST_ONCE, heartbeat, 9999), now);
+    assert!(engine.serves("echo"));
+    let deadline = engine.next_deadline().expect("parked messages have a deadline");
+    assert!(deadline <= now + spec().requeue_after);
+    let actions = engine.handle(Input::Tick, now + spec().requeue_after);
+    let requeued = settled(&actions)
+        .iter()
+        .filter(|(_, outcome)| *outcome == SettlementOutcome::REJECTED_REQUEUE)
+        .count();
+    assert_eq!(requeued, PARK_LIMIT, "every parked message goes back to the broker, none is lost");
+    assert!(actions.contains(&Action::Resume { transport: AT_LEAST_ONCE }));
+}
+
+#[test]
+fn a_requeued_message_is_not_taken_for_a_repeat_when_it_comes_back() {
+    let now = Instant::now();
+    let mut engine = engine_with(EngineSpec { dedup_window: 100, inbox_capacity: 100, ..spec() }, now);
+    let message = from("a", Destination::node("me"), 5);
+    let actions = engine.handle(received(AT_LEAST_ONCE, message.clone(), 1), now);
+    let delivery = delivered(&actions)[0].1;
+    engine.handle(Input::Settled { delivery, outcome: SettlementOutcome::REJECTED_REQUEUE }, now);
+    let again = engine.handle(received(AT_LEAST_ONCE, message, 2), now);
+    assert_eq!(delivered(&again).len(), 1, "the broker's redelivery reaches the application");
+    assert_eq!(engine.counters().duplicates, 0);
+}
+
+#[test]
+fn an_offline_peer_is_reached_through_its_durable_inbox_and_a_first_message_says_hello() {
+    let now = Instant::now();
+    let mut engine = engine(now);
+    let mut offline = peer_record("d", &[], &[]);
+    offline.mark_offline();
+    engine.handle(joined(offline), now);
+    assert_eq!(engine.status(&NodeId::new("d")), Some(PeerStatus::Offline));
+    let (route, greeting) = engine.prepare_send(&NodeId::new("d")).unwrap();
+    assert_eq!((route.transport, route.address.as_str()), (AT_LEAST_ONCE, "inbox:d"), "not the tcp address");
+    // Discovery's report of a node that is away asks it nothing; the first message to it goes
+    // with this node's record, which it reads (and answers) when it is back.
+    let greeting = greeting.expect("the first message to a peer is preceded by this node's record");
+    assert_eq!(greeting.header(KIND_HEADER), Some(HELLO));
+    assert!(RecordMessage::decode(greeting.payload.as_slice()).unwrap().reply, "and asks for the peer's");
+    assert!(engine.prepare_send(&NodeId::new("d")).unwrap().1.is_none(), "once");
+}

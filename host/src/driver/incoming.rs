@@ -1,0 +1,147 @@
+//! What comes in: messages from each transport, discovery's events, the passing of time. Each
+//! loop turns what happened into engine inputs and carries out the answer; none of them waits
+//! for the application (the engine parks or pauses instead).
+
+use super::{now, Driver};
+use crate::engine::Input;
+use comms_plugin_api::{Capabilities, Envelope, ErrorCode, Settlement, SettlementOutcome};
+use std::{sync::Arc, time::Duration};
+use tokio::sync::watch;
+
+/// Messages taken from a transport per call across the plugin boundary.
+const RECEIVE_BATCH: u32 = 256;
+
+async fn flag_set(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|set| *set).await;
+}
+
+/// Moves messages from the transport `index` into the engine.
+pub(super) async fn receive_loop(driver: Arc<Driver>, index: usize) {
+    let transport = Arc::clone(&driver.transports[index]);
+    let acknowledges = transport.has(Capabilities::ACKNOWLEDGEMENTS);
+    let mut shutdown = driver.shutdown.subscribe();
+    let mut closing = driver.closing.subscribe();
+    let mut paused = transport.paused.subscribe();
+    let mut failures = 0u32;
+    loop {
+        // Backpressure: the engine has no room for more from this transport yet.
+        tokio::select! {
+            _ = paused.wait_for(|paused| !*paused) => {}
+            _ = flag_set(&mut shutdown) => return,
+            _ = flag_set(&mut closing), if acknowledges => return,
+        }
+        let received = tokio::select! {
+            received = transport.loaded.receive(RECEIVE_BATCH) => received,
+            _ = flag_set(&mut shutdown) => return,
+            // A transport with acknowledgements keeps what this node has not taken yet and
+            // hands it to the next consumer, so a closing node stops taking at once (and settles
+            // everything it took before its transport closes). Without acknowledgements the
+            // node drains instead: what the transport buffered is received after it closes.
+            _ = flag_set(&mut closing), if acknowledges => return,
+        };
+        match received {
+            Ok(batch) if batch.is_empty() => return,
+            Ok(batch) => {
+                failures = 0;
+                let inputs: Vec<Input> = batch
+                    .into_iter()
+                    .filter(|inbound| {
+                        let admitted = admitted(&driver, &transport.name, &inbound.envelope);
+                        if !admitted && acknowledges {
+                            // Refused for good: never delivered again.
+                            let outcome = SettlementOutcome::REJECTED_DISCARD;
+                            transport
+                                .settle_lane
+                                .settle(Settlement { delivery_tag: inbound.delivery_tag, outcome });
+                        }
+                        admitted
+                    })
+                    .map(|inbound| Input::Received {
+                        transport: index,
+                        envelope: inbound.envelope,
+                        tag: inbound.delivery_tag,
+                    })
+                    .collect();
+                driver.run_received(driver.handle_all(inputs)).await;
+            }
+            Err(error) if error.code == ErrorCode::CLOSED || *closing.borrow() => return,
+            Err(error) => {
+                failures += 1;
+                tracing::warn!(transport = %transport.name, %error, failures, "receive failed; retrying");
+                driver.report_failure(&transport.name, error);
+                let delay = Duration::from_millis(50u64.saturating_mul(1 << failures.min(7)));
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = flag_set(&mut closing) => return,
+                    _ = flag_set(&mut shutdown) => return,
+                }
+            }
+        }
+    }
+}
+
+/// Whether an incoming envelope passes the node's signature checks (always, unless
+/// `signatures = "require"`). A refused one is logged and counted.
+fn admitted(driver: &Driver, transport: &str, envelope: &Envelope) -> bool {
+    let Some(signatures) = &driver.signatures else { return true };
+    match signatures.check(envelope) {
+        Ok(()) => true,
+        Err(reason) => {
+            driver.rejected.add();
+            tracing::warn!(
+                transport,
+                from = %envelope.from,
+                id = %envelope.id,
+                reason,
+                "incoming envelope refused"
+            );
+            false
+        }
+    }
+}
+
+/// Ticks the engine at its deadlines: heartbeats, peers' expiry, parked messages going back.
+pub(super) async fn timer(driver: Arc<Driver>) {
+    let mut closing = driver.closing.subscribe();
+    let mut shutdown = driver.shutdown.subscribe();
+    loop {
+        let deadline = driver.engine().next_deadline();
+        let sleep = async {
+            match deadline {
+                Some(deadline) => {
+                    let wait = deadline.saturating_duration_since(now());
+                    tokio::time::sleep(wait).await;
+                }
+                None => futures::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sleep => driver.run(driver.handle(Input::Tick)),
+            _ = driver.timer.notified() => {}
+            _ = flag_set(&mut closing) => return,
+            _ = flag_set(&mut shutdown) => return,
+        }
+    }
+}
+
+/// Feeds discovery's events into the engine.
+pub(super) async fn watch_discovery(driver: Arc<Driver>) {
+    let mut shutdown = driver.shutdown.subscribe();
+    loop {
+        let event = tokio::select! {
+            event = driver.discovery.next_event() => event,
+            _ = flag_set(&mut shutdown) => return,
+        };
+        match event {
+            Ok(Some(event)) => driver.run(driver.handle(Input::Discovery(event))),
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(%error, "discovery failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = flag_set(&mut shutdown) => return,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,713 @@
+//! # The node's I/O: thin loops around the engine
+//!
+//! The [`Engine`] makes every decision; this module feeds it and carries out what it says. It
+//! owns what the engine must not: the transports and discovery (plugins), the local queues the
+//! application reads (the inbox, one per subscription), the service handlers and their tasks,
+//! the callers waiting for responses, and the clock.
+//!
+//! - [`incoming`]: one receive loop per transport, the discovery loop and the timer. Each turns
+//!   what happened into an [`Input`].
+//! - [`outgoing`]: sending, publishing, requests with retries, answering requests.
+//! - here: [`Driver::run`] carries out the engine's [`Action`]s. Local deliveries and
+//!   settlements happen at once; sends to peers (control messages, forwards, refusals) go out
+//!   in a task of their own, so that a slow link never holds up the loop that took the message
+//!   (the control lane).
+//!
+//! The engine sits behind a plain mutex, held only while it decides (never across an await).
+
+mod incoming;
+mod outgoing;
+
+use crate::{
+    acknowledgement::{Acknowledgement, SettleLane, Settler},
+    control,
+    engine::{Action, DropReason, Engine, IdSource, Input, Local, Route, TransportFacts},
+    error::{CloseError, SendError, WaitError},
+    fault_injection::FaultInjector,
+    security::{RejectedCounter, Signatures, SIGNATURE_HEADER},
+    service::Handler,
+    spec::NodeSpec,
+};
+use comms_plugin_api::{
+    host_side::{LoadedDiscovery, LoadedTransport},
+    Capabilities, Destination, Envelope, Headers, MessageId, NodeId, NodeRecord, Payload, PeerEvent,
+    PeerEventKind, PluginError, Settlement, SettlementOutcome,
+};
+use futures::future::BoxFuture;
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard, RwLock, Weak,
+    },
+    time::{Duration, Instant},
+};
+use tokio::{
+    sync::{broadcast, mpsc, oneshot, watch, Notify},
+    task::JoinHandle,
+};
+
+pub(crate) use outgoing::STATUS_UNAVAILABLE;
+
+/// Peer events buffered per `peer_events()` stream; a consumer that falls further behind skips.
+const EVENT_BUFFER: usize = 256;
+
+/// Room in the inbox beyond the engine's count of messages, for transport failures reported to
+/// the application.
+const INBOX_SLACK: usize = 16;
+
+/// Logged once per process: a subscription dropped a publication because it was full.
+static WARNED_SUBSCRIPTION_FULL: AtomicBool = AtomicBool::new(false);
+
+/// A transport as the node holds it.
+#[derive(Debug)]
+pub(crate) struct NodeTransport {
+    pub(crate) name: String,
+    pub(crate) plugin: String,
+    pub(crate) loaded: Arc<LoadedTransport>,
+    pub(crate) faults: Option<FaultInjector>,
+    /// Where settlements of received messages go (transports with acknowledgements).
+    pub(crate) settle_lane: SettleLane,
+    /// Set while the engine wants no more messages from this transport (backpressure).
+    pub(crate) paused: watch::Sender<bool>,
+}
+
+impl NodeTransport {
+    pub(crate) fn new(
+        name: String,
+        plugin: String,
+        loaded: Arc<LoadedTransport>,
+        faults: Option<FaultInjector>,
+    ) -> Self {
+        let settle_lane = SettleLane::start(name.clone(), Arc::clone(&loaded));
+        Self { name, plugin, loaded, faults, settle_lane, paused: watch::channel(false).0 }
+    }
+
+    pub(crate) async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
+        match &self.faults {
+            Some(faults) => faults.send(&self.loaded, address, envelope).await,
+            None => self.loaded.send(address, envelope).await,
+        }
+    }
+
+    pub(crate) fn has(&self, capability: Capabilities) -> bool {
+        self.loaded.info().capabilities.contains(capability)
+    }
+
+    fn facts(&self) -> TransportFacts {
+        TransportFacts {
+            name: self.name.clone(),
+            acknowledges: self.has(Capabilities::ACKNOWLEDGEMENTS),
+            durable: self.has(Capabilities::DURABLE),
+        }
+    }
+}
+
+/// What waits in the inbox for `Node::receive`.
+pub(crate) enum InboxItem {
+    Message(Envelope, Acknowledgement),
+    TransportFailed { transport: String, error: PluginError },
+}
+
+/// A publication waiting in a subscription's queue.
+pub(crate) type Queued = (Envelope, Acknowledgement);
+
+/// Hands the application's verdicts to the engine; weak, so that messages still queued do not
+/// keep a dropped node alive.
+struct EngineSettler(Weak<Driver>);
+
+impl Settler for EngineSettler {
+    fn settle(&self, delivery: u64, outcome: SettlementOutcome) {
+        if let Some(driver) = self.0.upgrade() {
+            driver.run(driver.handle(Input::Settled { delivery, outcome }));
+        }
+    }
+}
+
+/// The node's state and I/O, shared by the `Node` facade and the background tasks.
+pub(crate) struct Driver {
+    pub(crate) id: NodeId,
+    pub(crate) spec: NodeSpec,
+    engine: Mutex<Engine>,
+    ids: Arc<IdSource>,
+    pub(crate) transports: Vec<Arc<NodeTransport>>,
+    pub(crate) discovery: Arc<LoadedDiscovery>,
+    settler: Arc<dyn Settler>,
+    inbox_tx: mpsc::Sender<InboxItem>,
+    inbox: tokio::sync::Mutex<mpsc::Receiver<InboxItem>>,
+    subscriptions: Mutex<HashMap<u64, mpsc::Sender<Queued>>>,
+    next_subscription: AtomicU64,
+    services: RwLock<HashMap<String, Handler>>,
+    /// Requests being handled by this node's services.
+    in_flight: watch::Sender<usize>,
+    /// Callers waiting for a response, by the id of their attempt.
+    waiting: Mutex<HashMap<MessageId, oneshot::Sender<Envelope>>>,
+    events: broadcast::Sender<PeerEvent>,
+    /// Wakes the timer when the engine's next deadline moved earlier.
+    timer: Notify,
+    /// One announcement to discovery at a time, always of the latest record.
+    announcing: tokio::sync::Mutex<u64>,
+    /// Set once when the node stops for good.
+    pub(crate) shutdown: watch::Sender<bool>,
+    /// Set when `close` starts: no new requests are served, failing transports are not retried.
+    pub(crate) closing: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    receive_loops: Mutex<Vec<JoinHandle<()>>>,
+    pub(crate) closed: AtomicBool,
+    /// Envelope signatures (`[security] signatures`), if on.
+    pub(crate) signatures: Option<Signatures>,
+    /// Incoming envelopes refused (signature checks).
+    pub(crate) rejected: RejectedCounter,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The engine's clock: tokio's, so that tests with paused time see it too.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+impl Driver {
+    /// Starts the engine and the background tasks of node `id`; `peers`: what discovery knew at
+    /// start (each is greeted and asked for its record at once).
+    pub(crate) fn start(
+        id: NodeId,
+        spec: NodeSpec,
+        transports: Vec<Arc<NodeTransport>>,
+        discovery: LoadedDiscovery,
+        record: NodeRecord,
+        peers: Vec<NodeRecord>,
+        signatures: Option<Signatures>,
+    ) -> Arc<Self> {
+        let ids = Arc::new(IdSource::new(rand::random()));
+        let facts = transports.iter().map(|t| t.facts()).collect();
+        let engine = Engine::new(spec.engine_spec(id.clone()), facts, record, Arc::clone(&ids), now());
+        let (inbox_tx, inbox_rx) = mpsc::channel(spec.receive_queue_capacity + INBOX_SLACK);
+        let driver = Arc::new_cyclic(|me: &Weak<Driver>| Driver {
+            id,
+            spec,
+            engine: Mutex::new(engine),
+            ids,
+            transports,
+            discovery: Arc::new(discovery),
+            settler: Arc::new(EngineSettler(me.clone())),
+            inbox_tx,
+            inbox: tokio::sync::Mutex::new(inbox_rx),
+            subscriptions: Mutex::new(HashMap::new()),
+            next_subscription: AtomicU64::new(1),
+            services: RwLock::new(HashMap::new()),
+            in_flight: watch::channel(0).0,
+            waiting: Mutex::new(HashMap::new()),
+            events: broadcast::channel(EVENT_BUFFER).0,
+            timer: Notify::new(),
+            announcing: tokio::sync::Mutex::new(0),
+            shutdown: watch::channel(false).0,
+            closing: watch::channel(false).0,
+            tasks: Mutex::new(Vec::new()),
+            receive_loops: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
+            signatures,
+            rejected: RejectedCounter::default(),
+        });
+        let loops = driver
+            .transports
+            .iter()
+            .enumerate()
+            .map(|(index, _)| tokio::spawn(incoming::receive_loop(Arc::clone(&driver), index)))
+            .collect();
+        *lock(&driver.receive_loops) = loops;
+        let tasks = vec![
+            tokio::spawn(incoming::watch_discovery(Arc::clone(&driver))),
+            tokio::spawn(incoming::timer(Arc::clone(&driver))),
+        ];
+        *lock(&driver.tasks) = tasks;
+        for record in peers {
+            driver.run(driver.handle(Input::Discovery(PeerEvent { kind: PeerEventKind::Joined, record })));
+        }
+        driver
+    }
+
+    // ---- the engine ------------------------------------------------------------------------------
+
+    /// The engine, for a query (never held across an await).
+    pub(crate) fn engine(&self) -> MutexGuard<'_, Engine> {
+        lock(&self.engine)
+    }
+
+    /// Hands `input` to the engine; returns what to do.
+    pub(crate) fn handle(&self, input: Input) -> Vec<Action> {
+        self.handle_all(std::iter::once(input))
+    }
+
+    /// Hands several inputs to the engine at once (a received batch): one lock.
+    pub(crate) fn handle_all(&self, inputs: impl IntoIterator<Item = Input>) -> Vec<Action> {
+        let now = now();
+        let mut engine = self.engine();
+        let before = engine.next_deadline();
+        let mut actions = Vec::new();
+        for input in inputs {
+            actions.extend(engine.handle(input, now));
+        }
+        let after = engine.next_deadline();
+        drop(engine);
+        if after.is_some_and(|after| before.is_none_or(|before| after < before)) {
+            self.timer.notify_one();
+        }
+        actions
+    }
+
+    /// Carries out `actions`; sends to peers go out in tasks of their own (they never hold up
+    /// the caller).
+    pub(crate) fn run(self: &Arc<Self>, actions: Vec<Action>) {
+        let Sends { concurrent, in_order } = self.execute(actions);
+        if concurrent.is_empty() && in_order.is_empty() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                if !concurrent.is_empty() {
+                    drop(runtime.spawn(futures::future::join_all(concurrent)));
+                }
+                if !in_order.is_empty() {
+                    drop(runtime.spawn(one_after_another(in_order)));
+                }
+            }
+            // The application's runtime is gone (a node dropped outside it): nobody to tell.
+            Err(_) => tracing::debug!("no runtime: messages to peers not sent"),
+        }
+    }
+
+    /// Carries out the engine's answer to a received batch: framework messages go out beside
+    /// the loop, while forwarded messages (relay) go out before the loop takes more, in the
+    /// order they came (a slow next hop slows the relay's intake, and nothing is reordered).
+    pub(crate) async fn run_received(self: &Arc<Self>, actions: Vec<Action>) {
+        let Sends { concurrent, in_order } = self.execute(actions);
+        if !concurrent.is_empty() {
+            tokio::spawn(futures::future::join_all(concurrent));
+        }
+        one_after_another(in_order).await;
+    }
+
+    /// Carries out `actions` and waits for their sends (bounded in time each).
+    pub(crate) async fn run_and_wait(self: &Arc<Self>, actions: Vec<Action>) {
+        let Sends { concurrent, in_order } = self.execute(actions);
+        futures::future::join(futures::future::join_all(concurrent), one_after_another(in_order)).await;
+    }
+
+    /// Carries out what can be done at once; returns the sends to peers.
+    fn execute(self: &Arc<Self>, actions: Vec<Action>) -> Sends {
+        let mut sends: Vec<BoxFuture<'static, ()>> = Vec::new();
+        let mut in_order: Vec<BoxFuture<'static, ()>> = Vec::new();
+        for action in actions {
+            match action {
+                Action::Deliver { to, envelope, delivery } => self.deliver(to, envelope, delivery),
+                Action::Settle { transport, tag, outcome } => {
+                    if let Some(transport) = self.transports.get(transport) {
+                        transport.settle_lane.settle(Settlement { delivery_tag: tag, outcome });
+                    }
+                }
+                Action::SendControl { route, envelope } => {
+                    let driver = Arc::clone(self);
+                    sends.push(Box::pin(async move { driver.send_control(route, envelope).await }));
+                }
+                Action::Forward { route, envelope, delivery } => {
+                    let driver = Arc::clone(self);
+                    in_order.push(Box::pin(async move {
+                        if let Err(error) = driver.send_to_node(&route.peer, envelope).await {
+                            tracing::warn!(to = %route.peer, %error, "relaying a message failed");
+                        }
+                        driver.run(
+                            driver.handle(Input::Settled { delivery, outcome: SettlementOutcome::ACCEPTED }),
+                        );
+                    }));
+                }
+                Action::Refuse { request, reason } => {
+                    let driver = Arc::clone(self);
+                    sends.push(Box::pin(async move {
+                        driver.respond(&request, Err((STATUS_UNAVAILABLE, reason))).await;
+                    }));
+                }
+                Action::CompleteRequest { id, response } => {
+                    if let Some(waiter) = lock(&self.waiting).remove(&id) {
+                        let _ = waiter.send(response);
+                    }
+                }
+                Action::PeerEvent(event) => {
+                    let _ = self.events.send(event);
+                }
+                Action::Announce(_) => {
+                    let driver = Arc::clone(self);
+                    sends.push(Box::pin(async move { driver.announce_latest().await }));
+                }
+                Action::Pause { transport } => {
+                    if let Some(transport) = self.transports.get(transport) {
+                        tracing::debug!(transport = %transport.name, "local queues full: taking no more for now");
+                        transport.paused.send_replace(true);
+                    }
+                }
+                Action::Resume { transport } => {
+                    if let Some(transport) = self.transports.get(transport) {
+                        transport.paused.send_replace(false);
+                    }
+                }
+                Action::Dropped { from, id, reason } => log_dropped(&from, id, reason),
+            }
+        }
+        Sends { concurrent: sends, in_order }
+    }
+
+    /// Puts a message in a local queue (the engine counted the room) or starts its handler.
+    fn deliver(self: &Arc<Self>, to: Local, envelope: Envelope, delivery: u64) {
+        let mut acknowledgement = Acknowledgement::pending(Arc::clone(&self.settler), delivery);
+        match to {
+            Local::Inbox => {
+                if let Err(error) = self.inbox_tx.try_send(InboxItem::Message(envelope, acknowledgement)) {
+                    // Only when the node is gone: its dropped acknowledgement requeues it.
+                    tracing::debug!(%error, "inbox closed; message handed back");
+                }
+            }
+            Local::Subscription(id) => {
+                let queue = lock(&self.subscriptions).get(&id).cloned();
+                match queue {
+                    Some(queue) => {
+                        if queue.try_send((envelope, acknowledgement)).is_err() {
+                            tracing::debug!(subscription = id, "subscription ended; publication dropped");
+                        }
+                    }
+                    // Unsubscribed meanwhile: nobody will read it.
+                    None => acknowledgement.accept(),
+                }
+            }
+            Local::Service(name) => self.start_handler(name, envelope, acknowledgement),
+        }
+    }
+
+    /// Runs the handler of `service` for one request in a task of its own; the request is
+    /// settled once the response is sent.
+    fn start_handler(
+        self: &Arc<Self>,
+        service: String,
+        request: Envelope,
+        mut acknowledgement: Acknowledgement,
+    ) {
+        let handler = self.services.read().unwrap_or_else(|p| p.into_inner()).get(&service).cloned();
+        self.in_flight.send_modify(|n| *n += 1);
+        let driver = Arc::clone(self);
+        tokio::spawn(async move {
+            let reply_to = Envelope::new(request.id, request.from.clone(), request.to.clone(), Vec::new());
+            let result = match handler {
+                Some(handler) => handler(request).await.into_result(),
+                None => Err((STATUS_UNAVAILABLE, format!("node `{}` does not serve `{service}`", driver.id))),
+            };
+            driver.respond(&reply_to, result).await;
+            acknowledgement.accept();
+            driver.run(driver.handle(Input::Taken(Local::Service(service))));
+            driver.in_flight.send_modify(|n| *n -= 1);
+        });
+    }
+
+    /// Sends a framework message, bounded in time (a slow or unreachable peer holds up nobody).
+    async fn send_control(&self, route: Route, envelope: Envelope) {
+        let Some(transport) = self.transports.get(route.transport) else { return };
+        let limit = self.spec.heartbeat_interval.unwrap_or(Duration::from_secs(1));
+        let kind = envelope.header(control::KIND_HEADER).unwrap_or("").to_string();
+        let sent = tokio::time::timeout(limit, transport.send(&route.address, self.sealed(envelope))).await;
+        let failure = match sent {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => format!("timed out after {limit:?}"),
+        };
+        tracing::debug!(peer = %route.peer, kind, failure, "framework message not sent");
+        // Not greeted after all: the next message to the peer says hello first.
+        self.engine().greeting_failed(&route.peer);
+    }
+
+    /// Announces this node's latest record to discovery, unless a newer one went already.
+    async fn announce_latest(&self) {
+        let mut announced = self.announcing.lock().await;
+        let record = self.engine().record().clone();
+        let revision = control::revision(&record).unwrap_or(0);
+        if revision <= *announced || *self.closing.borrow() {
+            return;
+        }
+        match self.discovery.announce(record).await {
+            Ok(()) => *announced = revision,
+            Err(error) => tracing::warn!(%error, "announcing the node's record to discovery failed"),
+        }
+    }
+
+    // ---- local queues --------------------------------------------------------------------------
+
+    /// The next item of the inbox; `None` once the node is gone.
+    pub(crate) async fn next_inbox_item(self: &Arc<Self>) -> Option<InboxItem> {
+        let item = self.inbox.lock().await.recv().await?;
+        if matches!(item, InboxItem::Message(..)) {
+            self.run(self.handle(Input::Taken(Local::Inbox)));
+        }
+        Some(item)
+    }
+
+    /// Reports a transport's failure to the application (dropped if the inbox is full: then
+    /// the application is not reading anyway, and the log has it).
+    pub(crate) fn report_failure(&self, transport: &str, error: PluginError) {
+        let _ =
+            self.inbox_tx.try_send(InboxItem::TransportFailed { transport: transport.to_string(), error });
+    }
+
+    /// A new subscription's id and queue.
+    pub(crate) fn add_subscription(&self) -> (u64, mpsc::Receiver<Queued>) {
+        let id = self.next_subscription.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = mpsc::channel(crate::spec::SUBSCRIPTION_BUFFER);
+        lock(&self.subscriptions).insert(id, sender);
+        (id, receiver)
+    }
+
+    /// Ends a subscription; what waits for it is settled.
+    pub(crate) fn remove_subscription(self: &Arc<Self>, id: u64) {
+        if lock(&self.subscriptions).remove(&id).is_some() {
+            self.run(self.handle(Input::Unsubscribed { id }));
+        }
+    }
+
+    /// Ends every subscription's stream (the node stopped).
+    pub(crate) fn clear_subscriptions(&self) {
+        lock(&self.subscriptions).clear();
+    }
+
+    /// `false` if `name` is served already.
+    pub(crate) fn add_service(&self, name: &str, handler: Handler) -> bool {
+        let mut services = self.services.write().unwrap_or_else(|p| p.into_inner());
+        if services.contains_key(name) {
+            return false;
+        }
+        services.insert(name.to_string(), handler);
+        true
+    }
+
+    pub(crate) fn remove_service(&self, name: &str) -> bool {
+        self.services.write().unwrap_or_else(|p| p.into_inner()).remove(name).is_some()
+    }
+
+    /// Peer events from now on.
+    pub(crate) fn peer_events(&self) -> broadcast::Receiver<PeerEvent> {
+        self.events.subscribe()
+    }
+
+    // ---- envelopes -----------------------------------------------------------------------------
+
+    pub(crate) fn new_envelope(
+        &self,
+        to: Destination,
+        headers: Headers,
+        payload: impl Into<Payload>,
+    ) -> Envelope {
+        Envelope::new(self.ids.next(), self.id.clone(), to, payload).with_headers(headers)
+    }
+
+    /// Signs an envelope this node sends, if signatures are on. Envelopes of other nodes
+    /// (relayed) and envelopes already signed (a publication sent to several subscribers) are
+    /// left as they are.
+    pub(crate) fn sealed(&self, mut envelope: Envelope) -> Envelope {
+        if let Some(signatures) = &self.signatures {
+            let signed = envelope.header(SIGNATURE_HEADER).is_some();
+            if envelope.from == self.id && !signed {
+                signatures.seal(&mut envelope);
+            }
+        }
+        envelope
+    }
+
+    pub(crate) fn check_open(&self) -> Result<(), SendError> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(SendError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    // ---- waiting -------------------------------------------------------------------------------
+
+    /// Waits until `ready` holds for the engine (checked at once, then after every peer event),
+    /// for at most `limit`.
+    pub(crate) async fn wait_until(
+        &self,
+        what: impl FnOnce() -> String,
+        limit: Duration,
+        mut ready: impl FnMut(&Engine) -> bool,
+    ) -> Result<(), WaitError> {
+        // Subscribe before the first check, so that no change between the two is missed.
+        let mut changes = self.events.subscribe();
+        let mut check = || ready(&self.engine());
+        let waiting = async {
+            loop {
+                if self.closed.load(Ordering::Acquire) {
+                    return Err(WaitError::Closed);
+                }
+                if check() {
+                    return Ok(());
+                }
+                match changes.recv().await {
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return Err(WaitError::Closed),
+                }
+            }
+        };
+        match tokio::time::timeout(limit, waiting).await {
+            Ok(result) => result,
+            Err(_) if ready(&self.engine()) => Ok(()),
+            Err(_) => Err(WaitError::TimedOut { what: what(), waited: limit }),
+        }
+    }
+
+    // ---- closing -------------------------------------------------------------------------------
+
+    /// Leaves gracefully (see `Node::close`).
+    pub(crate) async fn close(self: &Arc<Self>) -> Result<(), CloseError> {
+        let deadline = self.spec.close_timeout;
+        self.closing.send_replace(true);
+        self.run(self.handle(Input::Closing));
+        let mut failures = Vec::new();
+        let mut in_flight = self.in_flight.subscribe();
+        if tokio::time::timeout(deadline, in_flight.wait_for(|n| *n == 0)).await.is_err() {
+            failures.push("requests in flight did not finish within the close timeout".to_string());
+        }
+        let offline = self.engine().durable();
+        {
+            let _turn = self.announcing.lock().await;
+            if offline {
+                // Still addressable: the durable inbox takes what is sent meanwhile.
+                let record = self.engine().leaving_record();
+                if let Err(error) = self.discovery.announce(record).await {
+                    failures.push(format!("announcing the offline record to discovery: {error}"));
+                }
+            } else if let Err(error) = self.discovery.withdraw(&self.id).await {
+                failures.push(format!("withdrawing from discovery: {error}"));
+            }
+        }
+        self.say_goodbye(offline).await;
+        let loops = std::mem::take(&mut *lock(&self.receive_loops));
+        let (mut acknowledging, draining): (Vec<_>, Vec<_>) = self
+            .transports
+            .iter()
+            .zip(loops)
+            .partition(|(transport, _)| transport.has(Capabilities::ACKNOWLEDGEMENTS));
+        // The settlements given so far reach each acknowledging transport before it closes;
+        // messages still waiting for room go back. Messages the application still holds
+        // unacknowledged stay with the broker, which delivers them again.
+        let settled = tokio::time::timeout(deadline, async {
+            for (_, handle) in acknowledging.iter_mut() {
+                let _ = handle.await;
+            }
+            self.run(self.engine().drain_parked());
+            for (transport, _) in &acknowledging {
+                transport.settle_lane.flush().await;
+            }
+        })
+        .await;
+        if settled.is_err() {
+            failures.push("received messages could not be handed back in time".to_string());
+        }
+        for transport in &self.transports {
+            if let Some(faults) = &transport.faults {
+                // Held and delayed messages go out before the transport closes.
+                faults.flush().await;
+            }
+            if let Err(error) = transport.loaded.close().await {
+                failures.push(format!("transport `{}`: {error}", transport.name));
+            }
+        }
+        let drained = tokio::time::timeout(deadline, async {
+            for (_, handle) in draining {
+                let _ = handle.await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            failures.push("received messages could not be handed over in time (inbox full)".to_string());
+        }
+        self.shutdown.send_replace(true);
+        // Callers still waiting for a response see it abandoned.
+        lock(&self.waiting).clear();
+        self.clear_subscriptions();
+        let tasks = std::mem::take(&mut *lock(&self.tasks));
+        for task in tasks {
+            let _ = task.await;
+        }
+        if let Err(error) = self.discovery.close().await {
+            failures.push(format!("discovery: {error}"));
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(CloseError { failures })
+        }
+    }
+
+    /// Tells every live peer this node is leaving, all at once, each bounded in time.
+    async fn say_goodbye(&self, offline: bool) {
+        let goodbyes: Vec<(Route, Envelope)> = {
+            let engine = self.engine();
+            engine.live_peers().iter().filter_map(|peer| engine.goodbye(peer, offline)).collect()
+        };
+        let limit = self.spec.close_timeout.min(Duration::from_secs(1));
+        let sends = goodbyes.into_iter().map(|(route, envelope)| async move {
+            let Some(transport) = self.transports.get(route.transport) else { return };
+            let sent =
+                tokio::time::timeout(limit, transport.send(&route.address, self.sealed(envelope))).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                tracing::debug!(peer = %route.peer, "goodbye not sent");
+            }
+        });
+        futures::future::join_all(sends).await;
+    }
+
+    /// Stops the background tasks without telling peers (the last `Node` handle was dropped).
+    pub(crate) fn stop(&self) {
+        self.shutdown.send_replace(true);
+        self.clear_subscriptions();
+    }
+}
+
+/// Sends the engine asked for: framework messages (any order, all at once) and application
+/// data passing through (in the order it came).
+struct Sends {
+    concurrent: Vec<BoxFuture<'static, ()>>,
+    in_order: Vec<BoxFuture<'static, ()>>,
+}
+
+async fn one_after_another(sends: Vec<BoxFuture<'static, ()>>) {
+    for send in sends {
+        send.await;
+    }
+}
+
+/// Logs a message the engine did not deliver.
+fn log_dropped(from: &NodeId, id: MessageId, reason: DropReason) {
+    match reason {
+        DropReason::NotForThisNode(to) => {
+            tracing::warn!(%from, %to, %id, "message for another node dropped (this node does not relay)")
+        }
+        DropReason::NoRoute(why) => tracing::warn!(%from, %id, why, "relaying a message failed"),
+        DropReason::Duplicate => {
+            tracing::debug!(%from, %id, "a message seen before was dropped (dedup_window)")
+        }
+        DropReason::SubscriptionFull { subscription } => {
+            if !WARNED_SUBSCRIPTION_FULL.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    subscription,
+                    buffer = crate::spec::SUBSCRIPTION_BUFFER,
+                    "a subscription is not read fast enough: publications for it are dropped while its \
+                     buffer is full (Subscription::dropped counts them)"
+                );
+            }
+        }
+        DropReason::LateResponse => {
+            tracing::debug!(%from, %id, "response with no waiting request (late or duplicate) dropped")
+        }
+        DropReason::UnknownControl(kind) => {
+            tracing::debug!(%from, %id, kind, "unknown framework message ignored")
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! What goes out: messages to a node, publications, requests with retries, and the answers of
+//! this node's services. The engine says where (routes, replicas, subscribers); this sends.
+
+use super::Driver;
+use crate::{
+    codec::CONTENT_TYPE_HEADER,
+    control::{self, KIND_HEADER, STATUS_HEADER},
+    engine::{Action, Input, Local, RouteError},
+    error::{RequestError, SendError},
+    request_response::RequestOptions,
+};
+use comms_plugin_api::{Capabilities, Destination, Envelope, NodeId, Payload};
+use std::{collections::HashSet, sync::Arc};
+
+/// `comms-status` of a response from a replica that cannot take the request (closing, busy, or
+/// it does not serve the service): the caller tries another replica.
+pub(crate) const STATUS_UNAVAILABLE: &str = "unavailable";
+
+fn send_error(error: RouteError) -> SendError {
+    match error {
+        RouteError::UnknownPeer(peer) => SendError::UnknownPeer(peer),
+        RouteError::NoCommonTransport { peer, peer_transports, local_transports } => {
+            SendError::NoCommonTransport { peer, peer_transports, local_transports }
+        }
+    }
+}
+
+impl Driver {
+    /// Sends to node `to` on the first transport both have (a durable one if `to` is offline),
+    /// greeting it first if it has not had this node's record yet, so that it can answer even a
+    /// node it has never heard of.
+    pub(crate) async fn send_to_node(&self, to: &NodeId, envelope: Envelope) -> Result<(), SendError> {
+        let (route, greeting) = self.engine().prepare_send(to).map_err(send_error)?;
+        let transport = &self.transports[route.transport];
+        let failed =
+            |error| SendError::Transport { transport: transport.name.clone(), peer: to.clone(), error };
+        if let Some(hello) = greeting {
+            if let Err(error) = transport.loaded.send(&route.address, self.sealed(hello)).await {
+                self.engine().greeting_failed(to);
+                return Err(failed(error));
+            }
+        }
+        transport.send(&route.address, self.sealed(envelope)).await.map_err(failed)
+    }
+
+    /// Publishes through a transport with native topics when there is one, directly to every
+    /// live peer whose patterns match otherwise, and to this node's own subscriptions. Returns
+    /// how many nodes it was handed to directly.
+    pub(crate) async fn publish(
+        self: &Arc<Self>,
+        topic: &str,
+        envelope: Envelope,
+    ) -> Result<usize, SendError> {
+        let envelope = self.sealed(envelope);
+        let native = self.transports.iter().position(|t| t.has(Capabilities::NATIVE_TOPICS));
+        if let Some(native) = native {
+            let transport = &self.transports[native];
+            transport.send("", envelope.clone()).await.map_err(|error| SendError::Transport {
+                transport: transport.name.clone(),
+                peer: NodeId::new(format!("topic:{topic}")),
+                error,
+            })?;
+        }
+        let subscribers: Vec<NodeId> =
+            self.engine().subscribers(topic, native).into_iter().map(|route| route.peer).collect();
+        let mut delivered = 0;
+        let mut first_error = None;
+        for subscriber in subscribers {
+            match self.send_to_node(&subscriber, envelope.clone()).await {
+                Ok(()) => delivered += 1,
+                Err(error) => {
+                    tracing::debug!(%error, peer = %subscriber, "publishing to a subscriber failed");
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        // With native topics the broker delivers to this node's own subscriptions too.
+        if native.is_none() {
+            let actions = self.handle(Input::Local(envelope));
+            if actions.iter().any(|action| matches!(action, Action::Deliver { .. })) {
+                delivered += 1;
+            }
+            self.run(actions);
+        }
+        match first_error {
+            Some(error) if delivered == 0 => Err(error),
+            _ => Ok(delivered),
+        }
+    }
+
+    /// One request, with retries: to `node`, or to a replica of `service` the engine chooses
+    /// (another one on each retry when there is one). Returns the successful response.
+    pub(crate) async fn call(
+        &self,
+        service: &str,
+        node: Option<NodeId>,
+        payload: Vec<u8>,
+        options: &RequestOptions,
+    ) -> Result<Envelope, RequestError> {
+        self.check_open().map_err(|_| RequestError::Closed)?;
+        let mut tried = HashSet::new();
+        let mut last_error = None;
+        let attempts = options.attempts.max(1);
+        // One buffer for every attempt: each retry shares it.
+        let payload = Payload::from_vec(payload);
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                let pause = options.backoff.saturating_mul(1 << (attempt - 1).min(10));
+                tokio::time::sleep(pause).await;
+            }
+            let choose = |tried: &HashSet<NodeId>| match &node {
+                Some(node) => self.engine().knows(node).then(|| node.clone()),
+                None => self.engine().choose_replica(service, tried).map(|route| route.peer),
+            };
+            let mut target = choose(&tried);
+            if target.is_none() && node.is_none() && attempt == 0 {
+                // A node that has just started may not have heard from the replicas yet (their
+                // answers to its hellos come within a round trip): the first attempt waits.
+                let what = || format!("a replica of `{service}`");
+                if self.wait_until(what, options.timeout, |engine| engine.serves(service)).await.is_ok() {
+                    target = choose(&tried);
+                }
+            }
+            let Some(target) = target else {
+                last_error = Some(match &node {
+                    Some(node) => RequestError::Send(SendError::UnknownPeer(node.clone())),
+                    None => RequestError::NoReplica { service: service.to_string() },
+                });
+                continue;
+            };
+            tried.insert(target.clone());
+            let headers = [(CONTENT_TYPE_HEADER, self.spec.codec.content_type())].into_iter().collect();
+            let envelope = self.new_envelope(Destination::service(service), headers, payload.clone());
+            let id = envelope.id;
+            let (waiter, response) = tokio::sync::oneshot::channel();
+            super::lock(&self.waiting).insert(id, waiter);
+            let _ = self.handle(Input::RequestStarted { id, replica: target.clone() });
+            let ended = || {
+                super::lock(&self.waiting).remove(&id);
+                let _ = self.handle(Input::RequestEnded { id });
+            };
+            if let Err(error) = self.send_to_node(&target, envelope).await {
+                ended();
+                tracing::debug!(%error, replica = %target, attempt, "request send failed");
+                last_error = Some(RequestError::Send(error));
+                continue;
+            }
+            let response = match tokio::time::timeout(options.timeout, response).await {
+                Err(_) => {
+                    ended();
+                    tracing::debug!(replica = %target, attempt, "request timed out");
+                    last_error = Some(RequestError::Timeout {
+                        service: service.to_string(),
+                        attempts: attempt + 1,
+                        timeout: options.timeout,
+                    });
+                    continue;
+                }
+                Ok(Err(_)) => return Err(RequestError::Closed),
+                Ok(Ok(response)) => response,
+            };
+            match response.header(STATUS_HEADER) {
+                Some(control::STATUS_OK) | None => return Ok(response),
+                Some(control::STATUS_ERROR) => {
+                    return Err(RequestError::Remote {
+                        node: response.from.clone(),
+                        message: String::from_utf8_lossy(response.payload.as_slice()).into_owned(),
+                    })
+                }
+                Some(_) => {
+                    let message = String::from_utf8_lossy(response.payload.as_slice()).into_owned();
+                    last_error = Some(RequestError::Unavailable { node: response.from.clone(), message });
+                }
+            }
+        }
+        Err(match last_error {
+            Some(RequestError::Timeout { service, timeout, .. }) => {
+                RequestError::Timeout { service, attempts, timeout }
+            }
+            Some(error) => error,
+            None => RequestError::NoReplica { service: service.to_string() },
+        })
+    }
+
+    /// Sends the response to `request` back to its sender.
+    pub(super) async fn respond(&self, request: &Envelope, result: Result<(Vec<u8>, &str), (&str, String)>) {
+        let (status, content_type, payload) = match result {
+            Ok((payload, content_type)) => (control::STATUS_OK, content_type, payload),
+            Err((status, message)) => (status, "text/plain; charset=utf-8", message.into_bytes()),
+        };
+        let headers =
+            [(KIND_HEADER, control::RESPONSE), (STATUS_HEADER, status), (CONTENT_TYPE_HEADER, content_type)]
+                .into_iter()
+                .collect();
+        let mut response = self.new_envelope(Destination::Node(request.from.clone()), headers, payload);
+        response.correlation_id = Some(request.id);
+        if let Err(error) = self.send_to_node(&request.from, response).await {
+            tracing::warn!(to = %request.from, %error, "could not send a response");
+        }
+    }
+
+    /// A subscription took one message from its queue: the engine may hand it the next.
+    pub(crate) fn taken(self: &Arc<Self>, local: Local) {
+        self.run(self.handle(Input::Taken(local)));
+    }
+}
