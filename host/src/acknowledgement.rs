@@ -163,6 +163,12 @@ impl Acknowledgement {
         self.finish(SettlementOutcome::REJECTED_DISCARD);
     }
 
+    /// Takes the duty away without settling (the caller settles `delivery` itself, e.g. while
+    /// it holds the engine the settler would call).
+    pub(crate) fn defuse(mut self) -> Option<u64> {
+        self.0.take().map(|(_, delivery)| delivery)
+    }
+
     fn finish(&mut self, outcome: SettlementOutcome) {
         if let Some((settler, delivery)) = self.0.take() {
             settler.settle(delivery, outcome);

@@ -3,7 +3,7 @@
 use crate::security::{Security, SignatureMode, Signatures};
 use crate::{
     codec::Codec,
-    driver::NodeTransport,
+    driver::{Driver, NodeTransport},
     error::{BuildError, ConfigError},
     fault_injection::{FaultConfig, FaultInjector},
     node::Node,
@@ -76,6 +76,7 @@ pub struct NodeBuilder {
     key_file: Option<PathBuf>,
     identity: Option<Identity>,
     security: Security,
+    plugin_threads: u32,
 }
 
 impl Node {
@@ -115,6 +116,7 @@ impl NodeBuilder {
             key_file: None,
             identity: None,
             security: Security::default(),
+            plugin_threads: 0,
         }
     }
 
@@ -200,6 +202,16 @@ impl NodeBuilder {
     /// hash lookup per message; a repeat older than `window` newer messages is delivered again.
     pub fn dedup_window(mut self, window: usize) -> Self {
         self.settings.dedup_window = window;
+        self
+    }
+
+    /// Worker threads of each plugin library's runtime (0, the default: the plugin's own
+    /// default, 2 for plugins built with comms-plugin-api). Plugins do I/O, not computation: 1
+    /// keeps a node with every backend loaded to a handful of threads. The first node of a
+    /// process that loads a library decides for that library. Plugins linked into the host
+    /// (static discovery) run on the application's runtime and start no threads.
+    pub fn plugin_threads(mut self, threads: u32) -> Self {
+        self.plugin_threads = threads;
         self
     }
 
@@ -306,7 +318,7 @@ impl NodeBuilder {
                 })?
             }
         };
-        PluginLibrary::load(&path)
+        PluginLibrary::load_with_threads(&path, self.plugin_threads)
             .map_err(|source| BuildError::Load { role: role.to_string(), source: Box::new(source) })
     }
 
@@ -405,7 +417,16 @@ impl NodeBuilder {
         }
         match self.start_discovery(&dirs, &transports).await {
             Ok((discovery, record, peers)) => {
-                Ok(Node::start(self.settings, transports, discovery, record, peers, signatures))
+                let id = self.id.clone();
+                Ok(Node::new(Driver::start(
+                    id,
+                    self.settings,
+                    transports,
+                    discovery,
+                    record,
+                    peers,
+                    signatures,
+                )))
             }
             Err(error) => {
                 close_all(&transports).await;

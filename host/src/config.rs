@@ -16,6 +16,7 @@
 //! close_timeout_ms = 5000      # how long close waits for requests in flight
 //! relay = false                # forward messages for other nodes (a bridge between backends)
 //! dedup_window = 0             # >0: drop repeats among the last N message ids (each message once)
+//! plugin_threads = 0           # worker threads per plugin library (0: the plugin's default, 2)
 //!
 //! [transports.tcp]             # a transport named "tcp"; peers' addresses use this name
 //! plugin = "tcp"               # optional, defaults to the table name (libcomms_tcp.so)
@@ -106,6 +107,8 @@ struct NodeSection {
     relay: bool,
     #[serde(default)]
     dedup_window: usize,
+    #[serde(default)]
+    plugin_threads: u32,
 }
 
 impl crate::Node {
@@ -176,7 +179,7 @@ pub fn load(path: &Path) -> Result<NodeBuilder, ConfigError> {
             backoff: node.request_backoff_ms.map(millis).unwrap_or(defaults.backoff),
         },
     );
-    builder = builder.relay(node.relay).dedup_window(node.dedup_window);
+    builder = builder.relay(node.relay).dedup_window(node.dedup_window).plugin_threads(node.plugin_threads);
     // The same check the builder makes, here so that the error names the file.
     builder.settings().validate().map_err(error)?;
     if let Some(close) = node.close_timeout_ms {

@@ -78,6 +78,16 @@ pub enum SendError {
         /// What the transport said (see `error.retryable`).
         error: PluginError,
     },
+    /// Some messages of a batch ([`crate::Node::send_raw_many`]) were not taken; the others were.
+    #[error("{} of {total} messages not sent (indexes {failed:?}); the first failure: {first}", failed.len())]
+    Batch {
+        /// Messages in the batch.
+        total: usize,
+        /// The positions of those not sent, ascending.
+        failed: Vec<usize>,
+        /// Why the first of them was not.
+        first: Box<SendError>,
+    },
     /// A topic or pattern that is not valid.
     #[error("{0}")]
     InvalidTopic(String),

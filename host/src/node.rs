@@ -4,20 +4,19 @@
 use crate::{
     acknowledgement::Acknowledgement,
     codec::{Codec, CONTENT_TYPE_HEADER},
-    driver::{Driver, InboxItem, NodeTransport},
+    driver::{Driver, InboxItem},
     engine::{membership::PeerInfo, membership::PeerStatus, Input},
     error::{CloseError, ReceiveError, RequestError, SendError, ServeError, WaitError},
     received::{decode_received, decode_response, Received},
     request_response::RequestOptions,
-    security::{Signatures, SIGNATURE_HEADER, SIGNED_AT_HEADER},
+    security::{SIGNATURE_HEADER, SIGNED_AT_HEADER},
     service::ServiceHandler,
-    spec::{NodeSpec, MAX_CONCURRENT_REQUESTS},
+    spec::MAX_CONCURRENT_REQUESTS,
     subscription::{HandlerSubscription, Subscription},
     topics::{validate_pattern, validate_topic},
 };
 use comms_plugin_api::{
-    host_side::LoadedDiscovery, Capabilities, Destination, Envelope, Headers, MessageId, NodeId, NodeRecord,
-    Payload, PeerEvent,
+    Capabilities, Destination, Envelope, Headers, MessageId, NodeId, NodeRecord, Payload, PeerEvent,
 };
 use futures::Stream;
 use serde::{de::DeserializeOwned, Serialize};
@@ -69,16 +68,8 @@ impl Drop for StopOnDrop {
 }
 
 impl Node {
-    /// Starts a node whose plugins are loaded and started (see [`crate::builder`]).
-    pub(crate) fn start(
-        spec: NodeSpec,
-        transports: Vec<Arc<NodeTransport>>,
-        discovery: LoadedDiscovery,
-        record: NodeRecord,
-        peers: Vec<NodeRecord>,
-        signatures: Option<Signatures>,
-    ) -> Node {
-        let inner = Driver::start(record.id.clone(), spec, transports, discovery, record, peers, signatures);
+    /// The facade of a started node (see [`crate::builder`]).
+    pub(crate) fn new(inner: Arc<Driver>) -> Node {
         let alive = Arc::new(StopOnDrop(Arc::clone(&inner)));
         Node { inner, _alive: alive }
     }
@@ -193,6 +184,45 @@ impl Node {
         tokio::task::consume_budget().await;
         self.inner.send_to_node(&to, envelope).await?;
         Ok(id)
+    }
+
+    /// Sends every message of `messages` to node `to`, in order, handing them to the transport
+    /// in one call (one wake of the connection's writer, one crossing of the plugin boundary):
+    /// the way to send a burst. Returns their ids. [`SendError::Batch`] says which were not
+    /// sent; the others were.
+    pub async fn send_many<T: Serialize>(
+        &self,
+        to: impl Into<NodeId>,
+        messages: impl IntoIterator<Item = T>,
+    ) -> Result<Vec<MessageId>, SendError> {
+        let mut payloads = Vec::new();
+        for message in messages {
+            payloads.push(self.inner.spec.codec.encode(&message)?);
+        }
+        self.send_raw_many(to, self.content_type_header(), payloads).await
+    }
+
+    /// Sends raw payloads to node `to` as [`Node::send_many`] does, each with `headers`.
+    pub async fn send_raw_many<P: Into<Payload>>(
+        &self,
+        to: impl Into<NodeId>,
+        headers: impl Into<Headers>,
+        payloads: impl IntoIterator<Item = P>,
+    ) -> Result<Vec<MessageId>, SendError> {
+        let to = to.into();
+        let mut headers = headers.into();
+        if self.inner.signatures.is_some() {
+            headers.retain(|name, _| name != SIGNATURE_HEADER && name != SIGNED_AT_HEADER);
+        }
+        let envelopes: Vec<Envelope> = payloads
+            .into_iter()
+            .map(|payload| self.new_envelope(Destination::Node(to.clone()), headers.clone(), payload))
+            .collect();
+        let ids = envelopes.iter().map(|envelope| envelope.id).collect();
+        self.inner.check_open()?;
+        tokio::task::consume_budget().await;
+        self.inner.send_batch_to_node(&to, envelopes).await?;
+        Ok(ids)
     }
 
     /// Waits for the next message sent to this node and decodes it as `T` (by the codec its

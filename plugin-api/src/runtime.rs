@@ -6,6 +6,10 @@
 //! runtime. The host can then poll plugin futures from any executor: tokio multi-thread,
 //! current-thread, or none at all.
 //!
+//! A plugin linked into the host program (no shared library: the same tokio copy), when polled
+//! from inside the host's runtime, runs on that runtime: no second runtime, no extra threads.
+//! (Static discovery is such a plugin.)
+//!
 //! The same guard catches panics: a panic inside a plugin becomes a
 //! [`ErrorCode::PANICKED`](crate::ErrorCode::PANICKED) error value at the host, never an abort
 //! or a host-side panic.
@@ -60,6 +64,17 @@ pub fn plugin_runtime() -> &'static Handle {
     })
 }
 
+/// Enters the plugin runtime, unless a runtime of this library's tokio is current already: the
+/// plugin runtime's own workers, or (for a plugin linked into the host, which shares the host's
+/// tokio) the host's runtime. A plugin in a shared library never sees the host's runtime (its
+/// tokio is another copy), so it always runs on its own.
+fn enter_runtime() -> Option<tokio::runtime::EnterGuard<'static>> {
+    match Handle::try_current() {
+        Ok(_) => None,
+        Err(_) => Some(plugin_runtime().enter()),
+    }
+}
+
 type BoxedResultFuture<T> = Pin<Box<dyn Future<Output = Result<T, PluginError>> + Send>>;
 
 /// A plugin future made safe to hand to the host: polled and dropped inside the plugin runtime,
@@ -80,7 +95,7 @@ impl<T> Future for Guarded<T> {
             ));
         };
         let outcome = {
-            let _runtime = plugin_runtime().enter();
+            let _runtime = enter_runtime();
             catch_unwind(AssertUnwindSafe(|| inner.as_mut().poll(cx)))
         };
         match outcome {
@@ -101,7 +116,7 @@ impl<T> Future for Guarded<T> {
 impl<T> Guarded<T> {
     fn drop_inner(&mut self) {
         if let Some(inner) = self.inner.take() {
-            let _runtime = plugin_runtime().enter();
+            let _runtime = enter_runtime();
             // A panic while dropping plugin state must not unwind into the host either.
             let _ = catch_unwind(AssertUnwindSafe(move || drop(inner)));
         }
@@ -128,7 +143,7 @@ pub(crate) fn guard_call<T>(
     place: &'static str,
     call: impl FnOnce() -> Result<T, PluginError>,
 ) -> RResult<T, CommsError> {
-    let _runtime = plugin_runtime().enter();
+    let _runtime = enter_runtime();
     match catch_unwind(AssertUnwindSafe(call)) {
         Ok(result) => result.map_err(PluginError::into_abi).into(),
         Err(panic) => RResult::RErr(PluginError::panicked(place, panic.as_ref()).into_abi()),

@@ -7,6 +7,9 @@
 //! COMMS_BENCH_SCALE=0.1 cargo bench -p comms-tests --bench tcp_throughput   # quicker, noisier
 //! ```
 //!
+//! `COMMS_BENCH_PLUGIN_THREADS=N` gives the loaded plugin's runtime N worker threads (default:
+//! the plugin's own default).
+//!
 //! `COMMS_BENCH_TCP_PLUGIN=/path/to/libcomms_tcp.so` measures that build of the plugin as a, d
 //! and e instead of the one built from this tree (e.g. a copy made before a change, for a
 //! before/after comparison in one run; it must speak this host's contract); b stays the crate
@@ -27,7 +30,12 @@
 //!   host-side API ([`comms_plugin_api::host_side::LoadedTransport`]), one awaited `send` per
 //!   message, `receive` in batches of up to 1024;
 //! - **e**: as d, with batched sends: `LoadedTransport::send_batch` with [`BATCH`] messages per
-//!   call (one call across the plugin boundary, one wake of the connection's writer).
+//!   call (one call across the plugin boundary, one wake of the connection's writer);
+//! - **f**: as a, the sender handing [`BATCH`] messages at a time to [`Node::send_raw_many`]
+//!   (what an application producing bursts would do);
+//! - **z**: libzmq 4.3 through the `zmq` crate, the peer a user would pick instead: PUSH/PULL
+//!   for throughput, REQ/REP for round trips, each socket driven by a thread of its own (its API
+//!   blocks), default high-water marks, each received message in its own `Vec<u8>`.
 //!
 //! d and e send one shared payload buffer in every message (as a program sending one prepared
 //! buffer would; the raw baseline writes from one slice too), so they measure the boundary and
@@ -56,8 +64,11 @@
 //! benchmark ends with a message naming the step instead of hanging.
 //!
 //! After the table come the throughput ratios per payload size: a/b against the aim >= 0.95
-//! (loading the plugin dynamically costs next to nothing), a/c against the aim >= 0.8 (comms is
-//! not much slower than the hand-written baseline), and d/c, e/c and e/d (what batching buys).
+//! (loading the plugin dynamically costs next to nothing), f/z and a/z against libzmq (aim for
+//! f: >= 1.0 at 64 B and 1 KiB), f/c and a/c against the hand-written baseline (aim >= 0.8 at
+//! 64 KiB), d/c, e/c and e/d (what batching buys at the boundary); then the round-trip ratios
+//! (comms p50 against raw tokio, aim <= 2, and against libzmq, aim <= 1); then the threads of
+//! the process, by name.
 
 use comms_host::{Node, PluginLibrary};
 use comms_tests::bench::{percentile_micros, scaled, step, NodePair, TransportPair};
@@ -265,10 +276,125 @@ async fn read_frame(reader: &mut Reader) -> io::Result<Vec<u8>> {
     Ok(body)
 }
 
+/// libzmq: PUSH/PULL and REQ/REP socket pairs over loopback TCP. The sockets are lent to
+/// blocking threads for each measurement.
+struct ZmqPair {
+    _context: zmq::Context,
+    // In mutexes only so that the pair can be shared like the other harnesses (a libzmq socket
+    // may move between threads, not be shared); never contended.
+    push_pull: std::sync::Mutex<Option<(zmq::Socket, zmq::Socket)>>,
+    req_rep: std::sync::Mutex<Option<(zmq::Socket, zmq::Socket)>>,
+}
+
+fn zmq_error(what: &str) -> impl Fn(zmq::Error) -> String + '_ {
+    move |error| format!("libzmq, {what}: {error}")
+}
+
+impl ZmqPair {
+    fn start() -> Result<Self, String> {
+        let context = zmq::Context::new();
+        let connected = |server: zmq::SocketType, client: zmq::SocketType| -> Result<_, String> {
+            let bound = context.socket(server).map_err(zmq_error("socket"))?;
+            bound.bind("tcp://127.0.0.1:*").map_err(zmq_error("bind"))?;
+            let endpoint = bound
+                .get_last_endpoint()
+                .map_err(zmq_error("endpoint"))?
+                .map_err(|_| "libzmq: endpoint is not UTF-8".to_string())?;
+            let connecting = context.socket(client).map_err(zmq_error("socket"))?;
+            connecting.connect(&endpoint).map_err(zmq_error("connect"))?;
+            Ok((connecting, bound))
+        };
+        let push_pull = connected(zmq::PULL, zmq::PUSH)?;
+        let req_rep = connected(zmq::REP, zmq::REQ)?;
+        Ok(Self {
+            _context: context,
+            push_pull: std::sync::Mutex::new(Some(push_pull)),
+            req_rep: std::sync::Mutex::new(Some(req_rep)),
+        })
+    }
+
+    async fn throughput(&mut self, count: usize, payload: &[u8]) -> Result<Duration, String> {
+        let taken = self.push_pull.lock().map_err(|_| "libzmq sockets poisoned")?.take();
+        let (push, pull) = taken.ok_or("libzmq sockets lost by an earlier failure")?;
+        let expected = payload.len();
+        let counter = tokio::task::spawn_blocking(move || {
+            for n in 0..count {
+                let body = pull.recv_bytes(0).map_err(zmq_error("receiving"))?;
+                if body.len() != expected {
+                    return Err(format!("message {n} has {} bytes, expected {expected}", body.len()));
+                }
+            }
+            Ok((Instant::now(), pull))
+        });
+        let payload = payload.to_vec();
+        let sender = tokio::task::spawn_blocking(move || {
+            let start = Instant::now();
+            for _ in 0..count {
+                push.send(&payload[..], 0).map_err(zmq_error("sending"))?;
+            }
+            Ok::<_, String>((start, push))
+        });
+        let (start, push) = sender.await.map_err(|error| format!("libzmq sender: {error}"))??;
+        let (end, pull) = counter.await.map_err(|error| format!("libzmq receiver: {error}"))??;
+        *self.push_pull.lock().map_err(|_| "libzmq sockets poisoned")? = Some((push, pull));
+        Ok(end - start)
+    }
+
+    async fn ping_pong(
+        &mut self,
+        count: usize,
+        payload: &[u8],
+        rtts: &mut Vec<Duration>,
+    ) -> Result<(), String> {
+        let taken = self.req_rep.lock().map_err(|_| "libzmq sockets poisoned")?.take();
+        let (req, rep) = taken.ok_or("libzmq sockets lost by an earlier failure")?;
+        let echo = tokio::task::spawn_blocking(move || {
+            for _ in 0..count {
+                let ping = rep.recv_bytes(0).map_err(zmq_error("receiving a ping"))?;
+                rep.send(ping, 0).map_err(zmq_error("sending a pong"))?;
+            }
+            Ok::<_, String>(rep)
+        });
+        let payload = payload.to_vec();
+        let pinger = tokio::task::spawn_blocking(move || {
+            let mut times = Vec::with_capacity(count);
+            for n in 0..count {
+                let start = Instant::now();
+                req.send(&payload[..], 0).map_err(zmq_error("sending a ping"))?;
+                let pong = req.recv_bytes(0).map_err(zmq_error("receiving a pong"))?;
+                times.push(start.elapsed());
+                if pong.len() != payload.len() {
+                    return Err(format!("pong {n} has {} bytes, expected {}", pong.len(), payload.len()));
+                }
+            }
+            Ok((times, req))
+        });
+        let (times, req) = pinger.await.map_err(|error| format!("libzmq pinger: {error}"))??;
+        let rep = echo.await.map_err(|error| format!("libzmq echo: {error}"))??;
+        rtts.extend(times);
+        *self.req_rep.lock().map_err(|_| "libzmq sockets poisoned")? = Some((req, rep));
+        Ok(())
+    }
+}
+
+/// The threads of this process, by name, from `/proc/self/task` (Linux).
+fn threads_by_name() -> Vec<(String, usize)> {
+    let mut counts = std::collections::BTreeMap::new();
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for task in tasks.flatten() {
+            let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            *counts.entry(name.trim().to_string()).or_insert(0) += 1;
+        }
+    }
+    counts.into_iter().collect()
+}
+
 /// One column of the comparison.
 enum Harness {
-    Comms(NodePair),
+    /// Two nodes: single awaited sends (`None`) or `send_raw_many` batches of that many.
+    Comms(NodePair, Option<usize>),
     Raw(RawPair),
+    Zmq(ZmqPair),
     /// Transports without a node: single sends (`None`) or batches of that many.
     Transport(TransportPair, Option<usize>),
 }
@@ -276,15 +402,17 @@ enum Harness {
 impl Harness {
     async fn throughput(&mut self, count: usize, payload: &[u8]) -> Result<Duration, String> {
         match self {
-            Self::Comms(pair) => pair.throughput(count, payload).await,
+            Self::Comms(pair, None) => pair.throughput(count, payload).await,
+            Self::Comms(pair, Some(batch)) => pair.throughput_batched(count, payload, *batch).await,
             Self::Raw(pair) => pair.throughput(count, payload).await,
+            Self::Zmq(pair) => pair.throughput(count, payload).await,
             Self::Transport(pair, batch) => pair.throughput(count, payload, *batch).await,
         }
     }
 
     /// Whether round trips are measured (not for batched sends: a batch of one is a send).
     fn pings(&self) -> bool {
-        !matches!(self, Self::Transport(_, Some(_)))
+        !matches!(self, Self::Transport(_, Some(_)) | Self::Comms(_, Some(_)))
     }
 
     async fn ping_pong(
@@ -294,17 +422,18 @@ impl Harness {
         rtts: &mut Vec<Duration>,
     ) -> Result<(), String> {
         match self {
-            Self::Comms(pair) => pair.ping_pong(count, payload, rtts).await,
+            Self::Comms(pair, None) => pair.ping_pong(count, payload, rtts).await,
             Self::Raw(pair) => pair.ping_pong(count, payload, rtts).await,
+            Self::Zmq(pair) => pair.ping_pong(count, payload, rtts).await,
             Self::Transport(pair, None) => pair.ping_pong(count, payload, rtts).await,
-            Self::Transport(_, Some(_)) => Ok(()),
+            Self::Transport(_, Some(_)) | Self::Comms(_, Some(_)) => Ok(()),
         }
     }
 
     async fn close(&self) -> Result<(), String> {
         match self {
-            Self::Comms(pair) => pair.close().await,
-            Self::Raw(_) => Ok(()),
+            Self::Comms(pair, _) => pair.close().await,
+            Self::Raw(_) | Self::Zmq(_) => Ok(()),
             Self::Transport(pair, _) => pair.close().await,
         }
     }
@@ -328,7 +457,7 @@ struct Row {
     round_range: (f64, f64),
 }
 
-async fn run(settings: Settings, dynamic: PluginLibrary) -> Result<Vec<Row>, String> {
+async fn run(settings: Settings, dynamic: PluginLibrary) -> Result<(Vec<Row>, Vec<(String, usize)>), String> {
     let limit = settings.step_limit;
     let linked = PluginLibrary::linked::<comms_tcp::TcpPlugin>();
     let listen = r#"listen = "127.0.0.1:0""#;
@@ -340,13 +469,15 @@ async fn run(settings: Settings, dynamic: PluginLibrary) -> Result<Vec<Row>, Str
         Variant {
             label: "a: comms, loaded .so",
             harness: Harness::Comms(
-                step("starting variant a", limit, start_comms_pair("loaded", dynamic)).await?,
+                step("starting variant a", limit, start_comms_pair("loaded", dynamic.clone())).await?,
+                None,
             ),
         },
         Variant {
             label: "b: comms, linked",
             harness: Harness::Comms(
                 step("starting variant b", limit, start_comms_pair("linked", linked)).await?,
+                None,
             ),
         },
         Variant {
@@ -355,7 +486,16 @@ async fn run(settings: Settings, dynamic: PluginLibrary) -> Result<Vec<Row>, Str
         },
         Variant { label: "d: transport, send", harness: Harness::Transport(single, None) },
         Variant { label: "e: transport, batch", harness: Harness::Transport(batched, Some(BATCH)) },
+        Variant {
+            label: "f: comms, send_many",
+            harness: Harness::Comms(
+                step("starting variant f", limit, start_comms_pair("batched", dynamic)).await?,
+                Some(BATCH),
+            ),
+        },
+        Variant { label: "z: libzmq", harness: Harness::Zmq(ZmqPair::start()?) },
     ];
+    let threads = threads_by_name();
     let mut rows = Vec::new();
     for size in PAYLOAD_SIZES {
         let payload: Vec<u8> = (0..size).map(|i| i as u8).collect();
@@ -411,13 +551,14 @@ async fn run(settings: Settings, dynamic: PluginLibrary) -> Result<Vec<Row>, Str
             });
         }
     }
-    for variant in &variants {
+    // By `&mut`: a libzmq socket may move between threads but not be shared.
+    for variant in &mut variants {
         step(&format!("closing {}", variant.label), limit, variant.harness.close()).await?;
     }
-    Ok(rows)
+    Ok((rows, threads))
 }
 
-fn print_report(settings: &Settings, rows: &[Row]) {
+fn print_report(settings: &Settings, rows: &[Row], threads: &[(String, usize)]) {
     println!();
     println!(
         "TCP over loopback; throughput: median of {ROUNDS} rounds of {} (64 B) / {} (1 KiB) / {} (64 KiB) \
@@ -454,20 +595,43 @@ fn print_report(settings: &Settings, rows: &[Row]) {
     let verdict = |ratio: f64, aim: f64| if ratio >= aim { "met" } else { "not met" };
     for size in PAYLOAD_SIZES {
         let (a, b, c) = (rate("a:", size), rate("b:", size), rate("c:", size));
-        let (d, e) = (rate("d:", size), rate("e:", size));
+        let (d, e, f, z) = (rate("d:", size), rate("e:", size), rate("f:", size), rate("z:", size));
         println!(
-            "{:>7} throughput: a/b = {:.3} (aim >= 0.95: {}), a/c = {:.3} (aim >= 0.80: {}); \
+            "{:>7} throughput: f/z = {:.3}, a/z = {:.3} (libzmq; aim f >= 1.0 at 64 B and 1 KiB); \
+             f/c = {:.3}, a/c = {:.3} (raw tokio; aim >= 0.8 at 64 KiB); a/b = {:.3} (aim >= 0.95: {}); \
              d/c = {:.3}, e/c = {:.3}, e/d = {:.2}",
             size_label(size),
+            f / z,
+            a / z,
+            f / c,
+            a / c,
             a / b,
             verdict(a / b, 0.95),
-            a / c,
-            verdict(a / c, 0.8),
             d / c,
             e / c,
             e / d
         );
     }
+    let p50 = |prefix: &str, size: usize| {
+        rows.iter()
+            .find(|row| row.payload == size && row.variant.starts_with(prefix))
+            .map_or(f64::NAN, |row| row.p50_micros)
+    };
+    for size in PAYLOAD_SIZES {
+        let (a, c, z) = (p50("a:", size), p50("c:", size), p50("z:", size));
+        println!(
+            "{:>7} round trip p50: a/c = {:.2} (aim <= 2: {}), a/z = {:.2} (aim <= 1: {})",
+            size_label(size),
+            a / c,
+            verdict(2.0 / (a / c), 1.0),
+            a / z,
+            verdict(1.0 / (a / z), 1.0)
+        );
+    }
+    println!();
+    let total: usize = threads.iter().map(|(_, count)| count).sum();
+    let list: Vec<String> = threads.iter().map(|(name, count)| format!("{name} x{count}")).collect();
+    println!("threads in this process with every variant running: {total} ({})", list.join(", "));
     println!();
     println!("throughput spread between rounds (slowest .. fastest msg/s):");
     for row in rows {
@@ -501,7 +665,10 @@ fn main() {
             comms_tests::artifacts().tcp_plugin.clone()
         }
     };
-    let dynamic = PluginLibrary::load(&tcp_plugin)
+    // COMMS_BENCH_PLUGIN_THREADS: workers of the loaded plugin's runtime (0: its default).
+    let plugin_threads =
+        std::env::var("COMMS_BENCH_PLUGIN_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let dynamic = PluginLibrary::load_with_threads(&tcp_plugin, plugin_threads)
         .unwrap_or_else(|error| fail(&format!("loading {}: {error}", tcp_plugin.display())));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -511,12 +678,12 @@ fn main() {
     let started = Instant::now();
     // Spawned, so that the benchmark itself runs on the two workers and not on the main thread.
     let outcome = runtime.block_on(async move { tokio::spawn(run(settings, dynamic)).await });
-    let rows = match outcome {
-        Ok(Ok(rows)) => rows,
+    let (rows, threads) = match outcome {
+        Ok(Ok(outcome)) => outcome,
         Ok(Err(error)) => fail(&error),
         Err(error) => fail(&format!("the benchmark task panicked: {error}")),
     };
-    print_report(&settings, &rows);
+    print_report(&settings, &rows, &threads);
     println!();
     println!("measured in {:.1} s", started.elapsed().as_secs_f64());
     runtime.shutdown_timeout(Duration::from_secs(1));

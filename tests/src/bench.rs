@@ -114,6 +114,46 @@ impl NodePair {
         Ok(end - start)
     }
 
+    /// As [`NodePair::throughput`], the sender handing `batch` messages at a time to
+    /// [`comms_host::Node::send_raw_many`] (one crossing of the plugin boundary per batch).
+    pub async fn throughput_batched(
+        &self,
+        count: usize,
+        payload: &[u8],
+        batch: usize,
+    ) -> Result<Duration, String> {
+        let receiver = self.receiver.clone();
+        let expected = payload.len();
+        let counter = tokio::spawn(async move {
+            for n in 0..count {
+                let envelope = receiver
+                    .receive_envelope()
+                    .await
+                    .map_err(|error| format!("receiving message {n}: {error}"))?;
+                if envelope.payload.len() != expected {
+                    return Err(format!(
+                        "message {n} has {} bytes, expected {expected}",
+                        envelope.payload.len()
+                    ));
+                }
+            }
+            Ok(std::time::Instant::now())
+        });
+        let start = std::time::Instant::now();
+        let mut sent = 0;
+        while sent < count {
+            let now = batch.min(count - sent);
+            let payloads = (0..now).map(|_| payload.to_vec());
+            self.sender
+                .send_raw_many(self.receiver_id.clone(), self.headers.clone(), payloads)
+                .await
+                .map_err(|error| format!("sending messages {sent}..{}: {error}", sent + now))?;
+            sent += now;
+        }
+        let end = counter.await.map_err(|error| format!("receiving task: {error}"))??;
+        Ok(end - start)
+    }
+
     /// `count` round trips one at a time (the receiver answers each); appends each round-trip
     /// time to `rtts`.
     pub async fn ping_pong(

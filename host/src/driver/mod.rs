@@ -35,7 +35,7 @@ use comms_plugin_api::{
 };
 use futures::future::BoxFuture;
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, MutexGuard, RwLock, Weak,
@@ -119,7 +119,8 @@ struct EngineSettler(Weak<Driver>);
 impl Settler for EngineSettler {
     fn settle(&self, delivery: u64, outcome: SettlementOutcome) {
         if let Some(driver) = self.0.upgrade() {
-            driver.run(driver.handle(Input::Settled { delivery, outcome }));
+            let sends = driver.handle(Input::Settled { delivery, outcome });
+            driver.run(sends);
         }
     }
 }
@@ -236,32 +237,67 @@ impl Driver {
         lock(&self.engine)
     }
 
-    /// Hands `input` to the engine; returns what to do.
-    pub(crate) fn handle(&self, input: Input) -> Vec<Action> {
+    /// Hands `input` to the engine and carries out at once what can be (see
+    /// [`Driver::handle_all`]); returns the sends to peers, for [`Driver::run`] or
+    /// [`Driver::run_and_wait`].
+    pub(crate) fn handle(self: &Arc<Self>, input: Input) -> Sends {
         self.handle_all(std::iter::once(input))
     }
 
-    /// Hands several inputs to the engine at once (a received batch): one lock.
-    pub(crate) fn handle_all(&self, inputs: impl IntoIterator<Item = Input>) -> Vec<Action> {
-        let now = now();
+    /// Hands several inputs to the engine under one lock (a received batch).
+    ///
+    /// What happens locally (deliveries to queues, settlements, pausing a transport, completing
+    /// a request, peer events) is carried out before the lock is released: so it happens in the
+    /// order the engine decided it, whichever threads feed the engine. (Carried out after, a
+    /// Pause could land after the Resume that followed it, or a parked message after a newer
+    /// one.) Nothing done under the lock waits or calls back into the engine.
+    pub(crate) fn handle_all(self: &Arc<Self>, inputs: impl IntoIterator<Item = Input>) -> Sends {
+        let inputs: Vec<Input> = inputs.into_iter().collect();
+        // Only these can bring the engine's next deadline forward (a parked message, a new peer
+        // to expire); the others never wake the timer, and skip the check.
+        let may_advance = inputs.iter().any(|input| {
+            matches!(input, Input::Received { .. } | Input::Local(_) | Input::Discovery(_) | Input::Closing)
+        });
+        self.process(may_advance, |engine, now, queue| {
+            for input in inputs {
+                queue.push_back(engine.handle(input, now));
+            }
+        })
+    }
+
+    /// Runs `decide` on the engine, carries out the local actions it returns under the same
+    /// lock, and returns the sends.
+    fn process(
+        self: &Arc<Self>,
+        may_advance_deadline: bool,
+        decide: impl FnOnce(&mut Engine, Instant, &mut VecDeque<Vec<Action>>),
+    ) -> Sends {
         let mut engine = self.engine();
-        let before = engine.next_deadline();
-        let mut actions = Vec::new();
-        for input in inputs {
-            actions.extend(engine.handle(input, now));
+        // Read under the lock, so that the engine sees time only move forward.
+        let now = now();
+        let before = if may_advance_deadline { engine.next_deadline() } else { None };
+        let mut pending = VecDeque::new();
+        decide(&mut engine, now, &mut pending);
+        let mut sends = Sends::default();
+        // A delivery that finds its queue gone is settled here, under the same lock.
+        let mut settle_later = Vec::new();
+        while let Some(actions) = pending.pop_front() {
+            self.execute(actions, &mut sends, &mut settle_later);
+            for (delivery, outcome) in settle_later.drain(..) {
+                pending.push_back(engine.handle(Input::Settled { delivery, outcome }, now));
+            }
         }
-        let after = engine.next_deadline();
+        let after = if may_advance_deadline { engine.next_deadline() } else { None };
         drop(engine);
         if after.is_some_and(|after| before.is_none_or(|before| after < before)) {
             self.timer.notify_one();
         }
-        actions
+        sends
     }
 
-    /// Carries out `actions`; sends to peers go out in tasks of their own (they never hold up
-    /// the caller).
-    pub(crate) fn run(self: &Arc<Self>, actions: Vec<Action>) {
-        let Sends { concurrent, in_order } = self.execute(actions);
+    /// Sends to peers go out in tasks of their own (they never hold up the caller).
+    pub(crate) fn run(self: &Arc<Self>, sends: Sends) {
+        let Sends { concurrent, in_order } = sends;
         if concurrent.is_empty() && in_order.is_empty() {
             return;
         }
@@ -279,30 +315,38 @@ impl Driver {
         }
     }
 
-    /// Carries out the engine's answer to a received batch: framework messages go out beside
-    /// the loop, while forwarded messages (relay) go out before the loop takes more, in the
-    /// order they came (a slow next hop slows the relay's intake, and nothing is reordered).
-    pub(crate) async fn run_received(self: &Arc<Self>, actions: Vec<Action>) {
-        let Sends { concurrent, in_order } = self.execute(actions);
+    /// The sends for a received batch: framework messages go out beside the loop, while
+    /// forwarded messages (relay) go out before the loop takes more, in the order they came (a
+    /// slow next hop slows the relay's intake, and nothing is reordered).
+    pub(crate) async fn run_received(self: &Arc<Self>, sends: Sends) {
+        let Sends { concurrent, in_order } = sends;
         if !concurrent.is_empty() {
             tokio::spawn(futures::future::join_all(concurrent));
         }
         one_after_another(in_order).await;
     }
 
-    /// Carries out `actions` and waits for their sends (bounded in time each).
-    pub(crate) async fn run_and_wait(self: &Arc<Self>, actions: Vec<Action>) {
-        let Sends { concurrent, in_order } = self.execute(actions);
+    /// Waits for the sends (each bounded in time).
+    pub(crate) async fn run_and_wait(self: &Arc<Self>, sends: Sends) {
+        let Sends { concurrent, in_order } = sends;
         futures::future::join(futures::future::join_all(concurrent), one_after_another(in_order)).await;
     }
 
-    /// Carries out what can be done at once; returns the sends to peers.
-    fn execute(self: &Arc<Self>, actions: Vec<Action>) -> Sends {
-        let mut sends: Vec<BoxFuture<'static, ()>> = Vec::new();
-        let mut in_order: Vec<BoxFuture<'static, ()>> = Vec::new();
+    /// Carries out the local actions; adds the sends to peers to `sends`, and to `settle_later`
+    /// the deliveries whose queue is gone.
+    fn execute(
+        self: &Arc<Self>,
+        actions: Vec<Action>,
+        sends: &mut Sends,
+        settle_later: &mut Vec<(u64, SettlementOutcome)>,
+    ) {
         for action in actions {
             match action {
-                Action::Deliver { to, envelope, delivery } => self.deliver(to, envelope, delivery),
+                Action::Deliver { to, envelope, delivery } => {
+                    if let Some(outcome) = self.deliver(to, envelope, delivery) {
+                        settle_later.push((delivery, outcome));
+                    }
+                }
                 Action::Settle { transport, tag, outcome } => {
                     if let Some(transport) = self.transports.get(transport) {
                         transport.settle_lane.settle(Settlement { delivery_tag: tag, outcome });
@@ -310,22 +354,23 @@ impl Driver {
                 }
                 Action::SendControl { route, envelope } => {
                     let driver = Arc::clone(self);
-                    sends.push(Box::pin(async move { driver.send_control(route, envelope).await }));
+                    sends
+                        .concurrent
+                        .push(Box::pin(async move { driver.send_control(route, envelope).await }));
                 }
                 Action::Forward { route, envelope, delivery } => {
                     let driver = Arc::clone(self);
-                    in_order.push(Box::pin(async move {
+                    sends.in_order.push(Box::pin(async move {
                         if let Err(error) = driver.send_to_node(&route.peer, envelope).await {
                             tracing::warn!(to = %route.peer, %error, "relaying a message failed");
                         }
-                        driver.run(
-                            driver.handle(Input::Settled { delivery, outcome: SettlementOutcome::ACCEPTED }),
-                        );
+                        let accepted = Input::Settled { delivery, outcome: SettlementOutcome::ACCEPTED };
+                        driver.run(driver.handle(accepted));
                     }));
                 }
                 Action::Refuse { request, reason } => {
                     let driver = Arc::clone(self);
-                    sends.push(Box::pin(async move {
+                    sends.concurrent.push(Box::pin(async move {
                         driver.respond(&request, Err((STATUS_UNAVAILABLE, reason))).await;
                     }));
                 }
@@ -339,7 +384,7 @@ impl Driver {
                 }
                 Action::Announce(_) => {
                     let driver = Arc::clone(self);
-                    sends.push(Box::pin(async move { driver.announce_latest().await }));
+                    sends.concurrent.push(Box::pin(async move { driver.announce_latest().await }));
                 }
                 Action::Pause { transport } => {
                     if let Some(transport) = self.transports.get(transport) {
@@ -355,32 +400,36 @@ impl Driver {
                 Action::Dropped { from, id, reason } => log_dropped(&from, id, reason),
             }
         }
-        Sends { concurrent: sends, in_order }
     }
 
     /// Puts a message in a local queue (the engine counted the room) or starts its handler.
-    fn deliver(self: &Arc<Self>, to: Local, envelope: Envelope, delivery: u64) {
-        let mut acknowledgement = Acknowledgement::pending(Arc::clone(&self.settler), delivery);
+    /// Returns how to settle it when its queue is gone (the node was dropped, or the
+    /// subscription ended meanwhile).
+    fn deliver(self: &Arc<Self>, to: Local, envelope: Envelope, delivery: u64) -> Option<SettlementOutcome> {
+        let acknowledgement = Acknowledgement::pending(Arc::clone(&self.settler), delivery);
         match to {
-            Local::Inbox => {
-                if let Err(error) = self.inbox_tx.try_send(InboxItem::Message(envelope, acknowledgement)) {
-                    // Only when the node is gone: its dropped acknowledgement requeues it.
-                    tracing::debug!(%error, "inbox closed; message handed back");
+            Local::Inbox => match self.inbox_tx.try_send(InboxItem::Message(envelope, acknowledgement)) {
+                Ok(()) => None,
+                Err(refused) => {
+                    tracing::debug!("inbox closed; message handed back");
+                    let InboxItem::Message(_, acknowledgement) = refused.into_inner() else { return None };
+                    acknowledgement.defuse().map(|_| SettlementOutcome::REJECTED_REQUEUE)
                 }
-            }
+            },
             Local::Subscription(id) => {
                 let queue = lock(&self.subscriptions).get(&id).cloned();
-                match queue {
-                    Some(queue) => {
-                        if queue.try_send((envelope, acknowledgement)).is_err() {
-                            tracing::debug!(subscription = id, "subscription ended; publication dropped");
-                        }
-                    }
-                    // Unsubscribed meanwhile: nobody will read it.
-                    None => acknowledgement.accept(),
-                }
+                let refused = match queue {
+                    Some(queue) => queue.try_send((envelope, acknowledgement)).err()?.into_inner().1,
+                    None => acknowledgement,
+                };
+                // Nobody will read it.
+                tracing::debug!(subscription = id, "subscription ended; publication dropped");
+                refused.defuse().map(|_| SettlementOutcome::ACCEPTED)
             }
-            Local::Service(name) => self.start_handler(name, envelope, acknowledgement),
+            Local::Service(name) => {
+                self.start_handler(name, envelope, acknowledgement);
+                None
+            }
         }
     }
 
@@ -600,7 +649,8 @@ impl Driver {
             for (_, handle) in acknowledging.iter_mut() {
                 let _ = handle.await;
             }
-            self.run(self.engine().drain_parked());
+            let sends = self.process(false, |engine, _, pending| pending.push_back(engine.drain_parked()));
+            self.run(sends);
             for (transport, _) in &acknowledging {
                 transport.settle_lane.flush().await;
             }
@@ -672,7 +722,8 @@ impl Driver {
 
 /// Sends the engine asked for: framework messages (any order, all at once) and application
 /// data passing through (in the order it came).
-struct Sends {
+#[derive(Default)]
+pub(crate) struct Sends {
     concurrent: Vec<BoxFuture<'static, ()>>,
     in_order: Vec<BoxFuture<'static, ()>>,
 }

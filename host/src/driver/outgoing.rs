@@ -5,11 +5,11 @@ use super::Driver;
 use crate::{
     codec::CONTENT_TYPE_HEADER,
     control::{self, KIND_HEADER, STATUS_HEADER},
-    engine::{Action, Input, Local, RouteError},
+    engine::{Input, Local, RouteError},
     error::{RequestError, SendError},
     request_response::RequestOptions,
 };
-use comms_plugin_api::{Capabilities, Destination, Envelope, NodeId, Payload};
+use comms_plugin_api::{Capabilities, Destination, Envelope, NodeId, Outbound, Payload, SendFailure, Text};
 use std::{collections::HashSet, sync::Arc};
 
 /// `comms-status` of a response from a replica that cannot take the request (closing, busy, or
@@ -41,6 +41,46 @@ impl Driver {
             }
         }
         transport.send(&route.address, self.sealed(envelope)).await.map_err(failed)
+    }
+
+    /// Sends `envelopes` to node `to` in one call across the plugin boundary (the transport's
+    /// `send_batch`: one wake of the connection's writer for all of them), in order. The route
+    /// and the greeting are settled once for the whole batch.
+    pub(crate) async fn send_batch_to_node(
+        &self,
+        to: &NodeId,
+        envelopes: Vec<Envelope>,
+    ) -> Result<(), SendError> {
+        let total = envelopes.len();
+        let (route, greeting) = self.engine().prepare_send(to).map_err(send_error)?;
+        let transport = &self.transports[route.transport];
+        let failed =
+            |error| SendError::Transport { transport: transport.name.clone(), peer: to.clone(), error };
+        if let Some(hello) = greeting {
+            if let Err(error) = transport.loaded.send(&route.address, self.sealed(hello)).await {
+                self.engine().greeting_failed(to);
+                return Err(failed(error));
+            }
+        }
+        let mut failures = Vec::new();
+        if transport.faults.is_some() {
+            // The fault injector works message by message.
+            for (index, envelope) in envelopes.into_iter().enumerate() {
+                if let Err(error) = transport.send(&route.address, self.sealed(envelope)).await {
+                    failures.push(SendFailure { index, error });
+                }
+            }
+        } else {
+            let address = Text::from(route.address.as_str());
+            let batch = envelopes
+                .into_iter()
+                .map(|envelope| Outbound { address: address.clone(), envelope: self.sealed(envelope) })
+                .collect();
+            failures = transport.loaded.send_batch(batch).await;
+        }
+        let Some(first) = failures.first() else { return Ok(()) };
+        let first = Box::new(failed(first.error.clone()));
+        Err(SendError::Batch { total, failed: failures.iter().map(|f| f.index).collect(), first })
     }
 
     /// Publishes through a transport with native topics when there is one, directly to every
@@ -75,12 +115,9 @@ impl Driver {
             }
         }
         // With native topics the broker delivers to this node's own subscriptions too.
-        if native.is_none() {
-            let actions = self.handle(Input::Local(envelope));
-            if actions.iter().any(|action| matches!(action, Action::Deliver { .. })) {
-                delivered += 1;
-            }
-            self.run(actions);
+        if native.is_none() && !self.engine().subscribed_locally(topic).is_empty() {
+            delivered += 1;
+            self.run(self.handle(Input::Local(envelope)));
         }
         match first_error {
             Some(error) if delivered == 0 => Err(error),
@@ -91,7 +128,7 @@ impl Driver {
     /// One request, with retries: to `node`, or to a replica of `service` the engine chooses
     /// (another one on each retry when there is one). Returns the successful response.
     pub(crate) async fn call(
-        &self,
+        self: &Arc<Self>,
         service: &str,
         node: Option<NodeId>,
         payload: Vec<u8>,

@@ -33,6 +33,7 @@
 //! asked for that, and accepted otherwise).
 
 pub(crate) mod membership;
+mod parked;
 pub(crate) mod pending;
 
 use crate::control::{self, RecordMessage, KIND_HEADER};
@@ -42,9 +43,10 @@ use comms_plugin_api::{
     SettlementOutcome,
 };
 use membership::{Learned, Membership, PeerStatus};
+use parked::{Parked, ParkedQueue};
 use pending::{Balancing, PendingRequests};
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
@@ -252,18 +254,6 @@ struct Unsettled {
     all_rejected: bool,
 }
 
-/// A message waiting for room in a full destination.
-#[derive(Debug)]
-struct Parked {
-    to: Local,
-    envelope: Envelope,
-    delivery: DeliveryId,
-    transport: usize,
-    /// When it goes back to its transport (transports with acknowledgements); `None`: it waits
-    /// for room, its transport paused meanwhile.
-    until: Option<Instant>,
-}
-
 /// Counts of what the engine did not deliver, for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct EngineCounters {
@@ -288,7 +278,7 @@ pub(crate) struct Engine {
     services: BTreeMap<String, ServiceEntry>,
     unsettled: HashMap<DeliveryId, Unsettled>,
     next_delivery: DeliveryId,
-    parked: VecDeque<Parked>,
+    parked: ParkedQueue,
     paused: HashSet<usize>,
     /// Peers this node has sent its record to (a heartbeat precedes the first message).
     greeted: HashSet<NodeId>,
@@ -322,7 +312,7 @@ impl Engine {
             services: BTreeMap::new(),
             unsettled: HashMap::new(),
             next_delivery: 1,
-            parked: VecDeque::new(),
+            parked: ParkedQueue::default(),
             paused: HashSet::new(),
             greeted: HashSet::new(),
             closing: false,
@@ -337,7 +327,7 @@ impl Engine {
             Input::Received { transport, envelope, tag } => self.received(transport, envelope, tag, now),
             Input::Discovery(event) => self.discovery(event, now),
             Input::Tick => self.tick(now),
-            Input::Taken(local) => self.taken(local, now),
+            Input::Taken(local) => self.taken(local),
             Input::Settled { delivery, outcome } => self.settled(delivery, outcome),
             Input::Subscribed { id, pattern } => {
                 let depth = Depth::new(self.spec.subscription_capacity);
@@ -346,12 +336,8 @@ impl Engine {
             }
             Input::Unsubscribed { id } => {
                 self.subscriptions.remove(&id);
-                let (gone, kept): (Vec<Parked>, Vec<Parked>) =
-                    self.parked.drain(..).partition(|p| p.to == Local::Subscription(id));
-                self.parked = kept.into();
-                for parked in gone {
-                    self.settled(parked.delivery, SettlementOutcome::ACCEPTED);
-                }
+                // What waited for it goes nowhere now; the rest may move on.
+                self.unpark(now);
                 self.record_changed();
             }
             Input::Served { name, limit } => {
@@ -520,7 +506,7 @@ impl Engine {
         transport: usize,
         now: Instant,
     ) {
-        let waiting_before = self.parked.iter().any(|p| p.to == to);
+        let waiting_before = self.parked.waits_for(&to);
         let Some(depth) = self.depth_mut(&to) else {
             return self.settled(delivery, SettlementOutcome::ACCEPTED);
         };
@@ -532,10 +518,10 @@ impl Engine {
         let acknowledges = self.transports.get(transport).is_some_and(|t| t.acknowledges);
         if acknowledges {
             let until = Some(now + self.spec.requeue_after);
-            self.parked.push_back(Parked { to, envelope, delivery, transport, until });
+            self.parked.push(Parked { to, envelope, delivery, transport, until });
             // The broker keeps the rest: past PARK_LIMIT this node stops taking from it until
             // there is room again (or the parked ones go back), so memory stays bounded.
-            if self.parked_from(transport) >= PARK_LIMIT && self.paused.insert(transport) {
+            if self.parked.count_from(transport) >= PARK_LIMIT && self.paused.insert(transport) {
                 self.out.push(Action::Pause { transport });
             }
             return;
@@ -554,14 +540,9 @@ impl Engine {
                 if self.paused.insert(transport) {
                     self.out.push(Action::Pause { transport });
                 }
-                self.parked.push_back(Parked { to, envelope, delivery, transport, until: None });
+                self.parked.push(Parked { to, envelope, delivery, transport, until: None });
             }
         }
-    }
-
-    /// How many messages of `transport` wait for room.
-    fn parked_from(&self, transport: usize) -> usize {
-        self.parked.iter().filter(|p| p.transport == transport).count()
     }
 
     fn relay(&mut self, to: NodeId, envelope: Envelope, delivery: DeliveryId) {
@@ -625,18 +606,35 @@ impl Engine {
         self.out.push(Action::Settle { transport: entry.transport, tag: entry.tag, outcome });
     }
 
-    /// One message left a local queue: the next parked one for it, if any, takes its place.
-    fn taken(&mut self, local: Local, now: Instant) {
-        if let Some(depth) = self.depth_mut(&local) {
-            depth.used = depth.used.saturating_sub(1);
+    /// One message left a local queue: the oldest parked one for it, if any, takes its place.
+    fn taken(&mut self, local: Local) {
+        let Some(depth) = self.depth_mut(&local) else { return };
+        depth.used = depth.used.saturating_sub(1);
+        while self.depth_mut(&local).is_some_and(|depth| depth.has_room()) {
+            let Some(parked) = self.parked.take_first_for(&local) else { break };
+            if let Some(depth) = self.depth_mut(&local) {
+                depth.used += 1;
+            }
+            let transport = parked.transport;
+            self.out.push(Action::Deliver {
+                to: parked.to,
+                envelope: parked.envelope,
+                delivery: parked.delivery,
+            });
+            self.resume_if_clear(transport);
         }
-        self.unpark(now);
     }
 
+    /// Goes through every parked message: moves in those that have room now, settles those whose
+    /// destination is gone, hands back those whose wait is over.
     fn unpark(&mut self, now: Instant) {
-        let mut still = VecDeque::new();
+        if self.parked.is_empty() {
+            return;
+        }
         let mut blocked: HashSet<Local> = HashSet::new();
-        while let Some(parked) = self.parked.pop_front() {
+        let mut transports = HashSet::new();
+        for parked in self.parked.take_all() {
+            transports.insert(parked.transport);
             let due = parked.until.is_some_and(|until| until <= now);
             let room =
                 !blocked.contains(&parked.to) && self.depth_mut(&parked.to).is_some_and(|d| d.has_room());
@@ -657,18 +655,21 @@ impl Engine {
                 self.settled(parked.delivery, SettlementOutcome::REJECTED_REQUEUE);
             } else {
                 blocked.insert(parked.to.clone());
-                still.push_back(parked);
+                self.parked.push(parked);
             }
         }
-        self.parked = still;
-        let waiting: HashSet<usize> = self
-            .parked
-            .iter()
-            .filter(|p| p.until.is_none() || self.parked_from(p.transport) >= PARK_LIMIT)
-            .map(|p| p.transport)
-            .collect();
-        let resumed: Vec<usize> = self.paused.iter().copied().filter(|t| !waiting.contains(t)).collect();
-        for transport in resumed {
+        for transport in transports {
+            self.resume_if_clear(transport);
+        }
+    }
+
+    /// Takes messages from `transport` again once nothing of it waits without a deadline and
+    /// fewer than [`PARK_LIMIT`] wait in all.
+    fn resume_if_clear(&mut self, transport: usize) {
+        if self.paused.contains(&transport)
+            && !self.parked.holds(transport)
+            && self.parked.count_from(transport) < PARK_LIMIT
+        {
             self.paused.remove(&transport);
             self.out.push(Action::Resume { transport });
         }
@@ -691,7 +692,7 @@ impl Engine {
 
     /// When the engine next needs a [`Input::Tick`].
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        let parked = self.parked.iter().filter_map(|p| p.until).min();
+        let parked = self.parked.earliest_deadline();
         [self.next_heartbeat, self.membership.next_expiry(), parked].into_iter().flatten().min()
     }
 
@@ -910,8 +911,7 @@ impl Engine {
 
     /// Every message still waiting for room: the node is closing and hands them back.
     pub(crate) fn drain_parked(&mut self) -> Vec<Action> {
-        let parked: Vec<Parked> = self.parked.drain(..).collect();
-        for parked in parked {
+        for parked in self.parked.take_all() {
             self.settled(parked.delivery, SettlementOutcome::REJECTED_REQUEUE);
         }
         std::mem::take(&mut self.out)

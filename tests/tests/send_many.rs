@@ -1,0 +1,94 @@
+//! Bursts through the `Node` API and the thread budget, with the TCP plugin loaded at run time.
+
+use comms_host::{Node, SendError};
+use comms_tests::artifacts;
+use std::time::Duration;
+
+/// Threads of this process whose name starts with `prefix` (Linux: `/proc/self/task`).
+fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|name| name.starts_with(prefix))
+        })
+        .count()
+}
+
+/// Two nodes over TCP; the builder loads the plugin by name with `plugin_threads`.
+async fn pair(threads: u32) -> (Node, Node) {
+    let dir = artifacts().tcp_plugin.parent().expect("plugin directory").to_path_buf();
+    let receiver_address = comms_tests::free_address();
+    let sender = Node::builder("burst-sender")
+        .plugin_dir(&dir)
+        .plugin_threads(threads)
+        .transport("tcp", "tcp", r#"listen = "127.0.0.1:0""#)
+        .static_peer("burst-receiver", [("tcp", receiver_address.as_str())])
+        .build()
+        .await
+        .unwrap();
+    let sender_address = sender.transports()[0].local_address.clone();
+    let receiver = Node::builder("burst-receiver")
+        .plugin_dir(&dir)
+        .plugin_threads(threads)
+        .transport("tcp", "tcp", &format!("listen = \"{receiver_address}\""))
+        .static_peer("burst-sender", [("tcp", sender_address.as_str())])
+        .build()
+        .await
+        .unwrap();
+    (sender, receiver)
+}
+
+// One test per process area: the thread budget is decided by the first load of the library, so
+// both checks share one pair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_arrives_whole_and_in_order_and_plugins_keep_to_their_thread_budget() {
+    let (sender, receiver) = pair(1).await;
+    // The TCP plugin's runtime has the one worker asked for; static discovery, linked into the
+    // host, runs on the host's runtime and starts none of its own.
+    assert_eq!(threads_named("comms-plugin"), 1, "plugin runtime workers in this process");
+
+    let messages: Vec<u32> = (0..5_000).collect();
+    let ids = sender.send_many("burst-receiver", messages.chunks(1_000).flatten()).await.unwrap();
+    assert_eq!(ids.len(), 5_000);
+    let mut distinct = ids.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 5_000, "every message has its own id");
+    for (n, id) in ids.iter().enumerate() {
+        let received = tokio::time::timeout(Duration::from_secs(10), receiver.receive::<u32>())
+            .await
+            .expect("message in time")
+            .unwrap();
+        assert_eq!((received.message, received.id), (n as u32, *id), "in order, none lost");
+    }
+
+    // A burst to a node nobody knows is refused as a whole, naming it.
+    let error = sender.send_many("nobody", [1u32, 2, 3]).await.unwrap_err();
+    assert!(matches!(error, SendError::UnknownPeer(ref peer) if peer.as_str() == "nobody"), "{error}");
+
+    // A burst whose messages the transport refuses in part says which; the others go.
+    let dir = artifacts().tcp_plugin.parent().expect("plugin directory").to_path_buf();
+    let small = Node::builder("small-frames")
+        .plugin_dir(&dir)
+        .transport("tcp", "tcp", "max_frame_size = 1024")
+        .build()
+        .await
+        .unwrap();
+    let payloads = [vec![1u8; 10], vec![2u8; 4096], vec![3u8; 10], vec![4u8; 4096]];
+    let error =
+        small.send_raw_many("small-frames", Vec::<(String, String)>::new(), payloads).await.unwrap_err();
+    let SendError::Batch { total, failed, first } = error else {
+        panic!("expected a batch failure: {error}")
+    };
+    assert_eq!((total, failed), (4, vec![1, 3]));
+    assert!(first.to_string().contains("exceeds max_message_size"), "{first}");
+    for expected in [1u8, 3] {
+        let received =
+            tokio::time::timeout(Duration::from_secs(10), small.receive_envelope()).await.unwrap().unwrap();
+        assert_eq!(received.payload.as_slice(), &[expected; 10][..]);
+    }
+    small.close().await.unwrap();
+    receiver.close().await.unwrap();
+    sender.close().await.unwrap();
+}
