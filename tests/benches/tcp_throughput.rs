@@ -7,6 +7,8 @@
 //! COMMS_BENCH_SCALE=0.1 cargo bench -p comms-tests --bench tcp_throughput   # quicker, noisier
 //! ```
 //!
+//! `COMMS_BENCH_ONLY=az` runs only the variants with those letters (e.g. under a profiler).
+//!
 //! `COMMS_BENCH_PLUGIN_THREADS=N` gives the loaded plugin's runtime N worker threads (default:
 //! the plugin's own default).
 //!
@@ -495,6 +497,10 @@ async fn run(settings: Settings, dynamic: PluginLibrary) -> Result<(Vec<Row>, Ve
         },
         Variant { label: "z: libzmq", harness: Harness::Zmq(ZmqPair::start()?) },
     ];
+    // COMMS_BENCH_ONLY=af: only the variants whose letters are listed (for a profile of one).
+    if let Ok(only) = std::env::var("COMMS_BENCH_ONLY") {
+        variants.retain(|variant| only.contains(&variant.label[..1]));
+    }
     let threads = threads_by_name();
     let mut rows = Vec::new();
     for size in PAYLOAD_SIZES {

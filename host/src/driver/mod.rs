@@ -35,7 +35,7 @@ use comms_plugin_api::{
 };
 use futures::future::BoxFuture;
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, MutexGuard, RwLock, Weak,
@@ -258,9 +258,9 @@ impl Driver {
         let may_advance = inputs.iter().any(|input| {
             matches!(input, Input::Received { .. } | Input::Local(_) | Input::Discovery(_) | Input::Closing)
         });
-        self.process(may_advance, |engine, now, queue| {
+        self.process(may_advance, |engine, now, actions| {
             for input in inputs {
-                queue.push_back(engine.handle(input, now));
+                engine.handle_into(input, now, actions);
             }
         })
     }
@@ -270,21 +270,21 @@ impl Driver {
     fn process(
         self: &Arc<Self>,
         may_advance_deadline: bool,
-        decide: impl FnOnce(&mut Engine, Instant, &mut VecDeque<Vec<Action>>),
+        decide: impl FnOnce(&mut Engine, Instant, &mut Vec<Action>),
     ) -> Sends {
         let mut engine = self.engine();
         // Read under the lock, so that the engine sees time only move forward.
         let now = now();
         let before = if may_advance_deadline { engine.next_deadline() } else { None };
-        let mut pending = VecDeque::new();
-        decide(&mut engine, now, &mut pending);
+        let mut actions = Vec::new();
+        decide(&mut engine, now, &mut actions);
         let mut sends = Sends::default();
         // A delivery that finds its queue gone is settled here, under the same lock.
         let mut settle_later = Vec::new();
-        while let Some(actions) = pending.pop_front() {
-            self.execute(actions, &mut sends, &mut settle_later);
+        while !actions.is_empty() {
+            self.execute(std::mem::take(&mut actions), &mut sends, &mut settle_later);
             for (delivery, outcome) in settle_later.drain(..) {
-                pending.push_back(engine.handle(Input::Settled { delivery, outcome }, now));
+                engine.handle_into(Input::Settled { delivery, outcome }, now, &mut actions);
             }
         }
         let after = if may_advance_deadline { engine.next_deadline() } else { None };
@@ -649,7 +649,7 @@ impl Driver {
             for (_, handle) in acknowledging.iter_mut() {
                 let _ = handle.await;
             }
-            let sends = self.process(false, |engine, _, pending| pending.push_back(engine.drain_parked()));
+            let sends = self.process(false, |engine, _, actions| actions.extend(engine.drain_parked()));
             self.run(sends);
             for (transport, _) in &acknowledging {
                 transport.settle_lane.flush().await;

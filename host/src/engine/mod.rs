@@ -322,7 +322,21 @@ impl Engine {
     }
 
     /// Handles one input at `now`; returns what to do, in order.
+    /// (The tests' form; the driver appends into one buffer with [`Engine::handle_into`].)
+    #[cfg(test)]
     pub(crate) fn handle(&mut self, input: Input, now: Instant) -> Vec<Action> {
+        self.apply(input, now);
+        std::mem::take(&mut self.out)
+    }
+
+    /// As [`Engine::handle`], appending the actions to `actions` (no allocation per input on
+    /// the hot path).
+    pub(crate) fn handle_into(&mut self, input: Input, now: Instant, actions: &mut Vec<Action>) {
+        self.apply(input, now);
+        actions.append(&mut self.out);
+    }
+
+    fn apply(&mut self, input: Input, now: Instant) {
         match input {
             Input::Received { transport, envelope, tag } => self.received(transport, envelope, tag, now),
             Input::Discovery(event) => self.discovery(event, now),
@@ -355,7 +369,6 @@ impl Engine {
             Input::Closing => self.closing = true,
             Input::Local(envelope) => self.application_message(LOCAL, envelope, 0, now),
         }
-        std::mem::take(&mut self.out)
     }
 
     // ---- incoming envelopes ------------------------------------------------------------------
@@ -791,7 +804,9 @@ impl Engine {
         let route = self.route(node)?;
         // A hello asks the peer for its record at once: this node learns its services and topics
         // now, not at the peer's next heartbeat.
-        let greeting = (*node != self.spec.id && self.greeted.insert(node.clone())).then(|| {
+        // Looked up before it is inserted: no copy of the id on every message.
+        let first_contact = *node != self.spec.id && !self.greeted.contains(node);
+        let greeting = (first_contact && self.greeted.insert(node.clone())).then(|| {
             let message = RecordMessage { reply: true, ..RecordMessage::of(&self.record) };
             self.control_envelope(node, control::HELLO, message.encode())
         });
