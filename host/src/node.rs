@@ -135,15 +135,6 @@ impl Node {
         })
     }
 
-    pub(crate) fn new_envelope(
-        &self,
-        to: Destination,
-        headers: Headers,
-        payload: impl Into<Payload>,
-    ) -> Envelope {
-        self.inner.new_envelope(to, headers, payload)
-    }
-
     fn content_type_header(&self) -> Headers {
         [(CONTENT_TYPE_HEADER, self.inner.spec.codec.content_type())].into_iter().collect()
     }
@@ -174,7 +165,7 @@ impl Node {
             // Only this node's signer writes these: an application's own would go out unchecked.
             headers.retain(|name, _| name != SIGNATURE_HEADER && name != SIGNED_AT_HEADER);
         }
-        let mut envelope = self.new_envelope(Destination::Node(to.clone()), headers, payload);
+        let mut envelope = self.inner.new_envelope(Destination::Node(to.clone()), headers, payload);
         envelope.correlation_id = correlation_id;
         let id = envelope.id;
         self.inner.check_open()?;
@@ -216,7 +207,7 @@ impl Node {
         }
         let envelopes: Vec<Envelope> = payloads
             .into_iter()
-            .map(|payload| self.new_envelope(Destination::Node(to.clone()), headers.clone(), payload))
+            .map(|payload| self.inner.new_envelope(Destination::Node(to.clone()), headers.clone(), payload))
             .collect();
         let ids = envelopes.iter().map(|envelope| envelope.id).collect();
         self.inner.check_open()?;
@@ -281,7 +272,8 @@ impl Node {
         validate_topic(topic).map_err(|e| SendError::InvalidTopic(e.to_string()))?;
         self.inner.check_open()?;
         let payload = self.inner.spec.codec.encode(message)?;
-        let envelope = self.new_envelope(Destination::topic(topic), self.content_type_header(), payload);
+        let envelope =
+            self.inner.new_envelope(Destination::topic(topic), self.content_type_header(), payload);
         tokio::task::consume_budget().await;
         self.inner.publish(topic, envelope).await
     }

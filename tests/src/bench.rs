@@ -83,12 +83,15 @@ impl NodePair {
         Self { sender, receiver, receiver_id: comms_host::NodeId::new(receiver_id), headers }
     }
 
-    /// Sends `count` messages of `payload` one after another; the time until the receiver has
-    /// them all (each checked for its size).
-    pub async fn throughput(&self, count: usize, payload: &[u8]) -> Result<Duration, String> {
+    /// A task that takes `count` messages at the receiver, each checked for its size; it ends
+    /// with the time the last one arrived.
+    fn count_received(
+        &self,
+        count: usize,
+        expected: usize,
+    ) -> tokio::task::JoinHandle<Result<std::time::Instant, String>> {
         let receiver = self.receiver.clone();
-        let expected = payload.len();
-        let counter = tokio::spawn(async move {
+        tokio::spawn(async move {
             for n in 0..count {
                 let envelope = receiver
                     .receive_envelope()
@@ -102,7 +105,13 @@ impl NodePair {
                 }
             }
             Ok(std::time::Instant::now())
-        });
+        })
+    }
+
+    /// Sends `count` messages of `payload` one after another; the time until the receiver has
+    /// them all (each checked for its size).
+    pub async fn throughput(&self, count: usize, payload: &[u8]) -> Result<Duration, String> {
+        let counter = self.count_received(count, payload.len());
         let start = std::time::Instant::now();
         for n in 0..count {
             self.sender
@@ -122,23 +131,7 @@ impl NodePair {
         payload: &[u8],
         batch: usize,
     ) -> Result<Duration, String> {
-        let receiver = self.receiver.clone();
-        let expected = payload.len();
-        let counter = tokio::spawn(async move {
-            for n in 0..count {
-                let envelope = receiver
-                    .receive_envelope()
-                    .await
-                    .map_err(|error| format!("receiving message {n}: {error}"))?;
-                if envelope.payload.len() != expected {
-                    return Err(format!(
-                        "message {n} has {} bytes, expected {expected}",
-                        envelope.payload.len()
-                    ));
-                }
-            }
-            Ok(std::time::Instant::now())
-        });
+        let counter = self.count_received(count, payload.len());
         let start = std::time::Instant::now();
         let mut sent = 0;
         while sent < count {

@@ -1,7 +1,7 @@
 //! What goes out: messages to a node, publications, requests with retries, and the answers of
 //! this node's services. The engine says where (routes, replicas, subscribers); this sends.
 
-use super::Driver;
+use super::{Driver, NodeTransport};
 use crate::{
     codec::CONTENT_TYPE_HEADER,
     control::{self, KIND_HEADER, STATUS_HEADER},
@@ -9,7 +9,9 @@ use crate::{
     error::{RequestError, SendError},
     request_response::RequestOptions,
 };
-use comms_plugin_api::{Capabilities, Destination, Envelope, NodeId, Outbound, Payload, SendFailure, Text};
+use comms_plugin_api::{
+    Capabilities, Destination, Envelope, NodeId, Outbound, Payload, PluginError, SendFailure, Text,
+};
 use std::{collections::HashSet, sync::Arc};
 
 /// `comms-status` of a response from a replica that cannot take the request (closing, busy, or
@@ -25,22 +27,31 @@ fn send_error(error: RouteError) -> SendError {
     }
 }
 
+fn transport_error(transport: &NodeTransport, peer: &NodeId, error: PluginError) -> SendError {
+    SendError::Transport { transport: transport.name.clone(), peer: peer.clone(), error }
+}
+
 impl Driver {
-    /// Sends to node `to` on the first transport both have (a durable one if `to` is offline),
-    /// greeting it first if it has not had this node's record yet, so that it can answer even a
-    /// node it has never heard of.
-    pub(crate) async fn send_to_node(&self, to: &NodeId, envelope: Envelope) -> Result<(), SendError> {
+    /// The route to node `to` (the first transport both have; a durable one if `to` is
+    /// offline), after greeting it if it has not had this node's record yet, so that it can
+    /// answer even a node it has never heard of.
+    async fn greeted_route(&self, to: &NodeId) -> Result<(&NodeTransport, String), SendError> {
         let (route, greeting) = self.engine().prepare_send(to).map_err(send_error)?;
         let transport = &self.transports[route.transport];
-        let failed =
-            |error| SendError::Transport { transport: transport.name.clone(), peer: to.clone(), error };
         if let Some(hello) = greeting {
             if let Err(error) = transport.loaded.send(&route.address, self.sealed(hello)).await {
                 self.engine().greeting_failed(to);
-                return Err(failed(error));
+                return Err(transport_error(transport, to, error));
             }
         }
-        transport.send(&route.address, self.sealed(envelope)).await.map_err(failed)
+        Ok((transport, route.address))
+    }
+
+    /// Sends to node `to` (see [`Driver::greeted_route`]).
+    pub(crate) async fn send_to_node(&self, to: &NodeId, envelope: Envelope) -> Result<(), SendError> {
+        let (transport, address) = self.greeted_route(to).await?;
+        let sent = transport.send(&address, self.sealed(envelope)).await;
+        sent.map_err(|error| transport_error(transport, to, error))
     }
 
     /// Sends `envelopes` to node `to` in one call across the plugin boundary (the transport's
@@ -52,26 +63,17 @@ impl Driver {
         envelopes: Vec<Envelope>,
     ) -> Result<(), SendError> {
         let total = envelopes.len();
-        let (route, greeting) = self.engine().prepare_send(to).map_err(send_error)?;
-        let transport = &self.transports[route.transport];
-        let failed =
-            |error| SendError::Transport { transport: transport.name.clone(), peer: to.clone(), error };
-        if let Some(hello) = greeting {
-            if let Err(error) = transport.loaded.send(&route.address, self.sealed(hello)).await {
-                self.engine().greeting_failed(to);
-                return Err(failed(error));
-            }
-        }
+        let (transport, address) = self.greeted_route(to).await?;
         let mut failures = Vec::new();
         if transport.faults.is_some() {
             // The fault injector works message by message.
             for (index, envelope) in envelopes.into_iter().enumerate() {
-                if let Err(error) = transport.send(&route.address, self.sealed(envelope)).await {
+                if let Err(error) = transport.send(&address, self.sealed(envelope)).await {
                     failures.push(SendFailure { index, error });
                 }
             }
         } else {
-            let address = Text::from(route.address.as_str());
+            let address = Text::from(address.as_str());
             let batch = envelopes
                 .into_iter()
                 .map(|envelope| Outbound { address: address.clone(), envelope: self.sealed(envelope) })
@@ -79,7 +81,7 @@ impl Driver {
             failures = transport.loaded.send_batch(batch).await;
         }
         let Some(first) = failures.first() else { return Ok(()) };
-        let first = Box::new(failed(first.error.clone()));
+        let first = Box::new(transport_error(transport, to, first.error.clone()));
         Err(SendError::Batch { total, failed: failures.iter().map(|f| f.index).collect(), first })
     }
 

@@ -1,6 +1,6 @@
 //! # The node's engine: every decision a node makes, with no I/O
 //!
-//! [`Engine::handle`] takes an [`Input`] (an envelope a transport received, a discovery event,
+//! [`Engine::handle`] (or [`Engine::handle_into`], which appends to a buffer) takes an [`Input`] (an envelope a transport received, a discovery event,
 //! the passing of time, something the application did) with the current time, and returns the
 //! [`Action`]s the node must carry out (deliver to a local queue, settle with a transport, send a
 //! control message, report a peer event). It owns the peer table ([`membership`]), the local
@@ -17,7 +17,9 @@
 //!
 //! - from a transport with acknowledgements, the message is parked for up to `requeue_after`
 //!   and then handed back to the transport (`REJECTED_REQUEUE`: the broker delivers it again
-//!   later), so a subscriber that stopped reading holds no more than its queue;
+//!   later); once [`PARK_LIMIT`] of one transport wait, the node stops taking from it until
+//!   there is room (its broker keeps the rest), so a subscriber that stopped reading holds no
+//!   more than its queue and the parked ones;
 //! - from a transport without them (TCP, UDP, memory), a message for a full subscription is
 //!   dropped and counted (as NATS and ZeroMQ do with slow subscribers: these transports are
 //!   at-most-once), and a message for the full inbox is parked while the node stops taking
