@@ -1,8 +1,9 @@
 //! # The node's engine: every decision a node makes, with no I/O
 //!
-//! [`Engine::handle`] (or [`Engine::handle_into`], which appends to a buffer) takes an [`Input`] (an envelope a transport received, a discovery event,
-//! the passing of time, something the application did) with the current time, and returns the
-//! [`Action`]s the node must carry out (deliver to a local queue, settle with a transport, send a
+//! [`Engine::handle`] (or [`Engine::handle_into`], which appends to a buffer) takes an
+//! [`Input`] (an envelope a transport received, a discovery event, the passing of time,
+//! something the application did) with the current time, and returns the [`Action`]s the node
+//! must carry out (deliver to a local queue, settle with a transport, send a
 //! control message, report a peer event). It owns the peer table ([`membership`]), the local
 //! destinations (the inbox, subscriptions, services) with their queue depths, the settlement of
 //! every received message, the requests in flight, and the node's own record. It never waits,
