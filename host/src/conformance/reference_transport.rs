@@ -153,6 +153,10 @@ struct ReferenceTransport {
     sent: AtomicU64,
     /// For [`Fault::SwapPairs`]: the message waiting for the next one to the same address.
     held: Arc<Mutex<Option<(String, Envelope)>>>,
+    /// For [`Fault::Misdeliver`]: the addresses this instance has sent to, so that a misdelivered
+    /// message reaches another of its destinations (a receiver that can tell), never a mailbox
+    /// nobody reads.
+    sent_to: Mutex<Vec<String>>,
 }
 
 impl ReferenceTransport {
@@ -197,6 +201,7 @@ impl ReferenceTransport {
             closed: AtomicBool::new(false),
             sent: AtomicU64::new(0),
             held: Arc::default(),
+            sent_to: Mutex::default(),
         })
     }
 
@@ -205,17 +210,16 @@ impl ReferenceTransport {
     }
 
     async fn deliver(&self, address: &str, envelope: Envelope, nth: u64) -> Result<(), PluginError> {
-        let target = if self.fault == Fault::Misdeliver && nth % 10 == 9 {
-            // Only among misdelivering instances: other suites may run in this process.
-            let registry = registry();
-            let others = registry.iter().filter(|(a, _)| *a != address);
-            others
-                .map(|(_, m)| m)
-                .find(|m| {
-                    let state = m.lock();
-                    state.owner_fault == Fault::Misdeliver && state.open
-                })
-                .cloned()
+        let target = if self.fault == Fault::Misdeliver {
+            let wrong = {
+                let mut sent_to = self.sent_to.lock().unwrap_or_else(|p| p.into_inner());
+                if !sent_to.iter().any(|known| known == address) {
+                    sent_to.push(address.to_string());
+                }
+                // Every tenth message goes to another address this instance sends to.
+                sent_to.iter().find(|known| *known != address).filter(|_| nth % 10 == 9).cloned()
+            };
+            registry().get(wrong.as_deref().unwrap_or(address)).cloned()
         } else {
             registry().get(address).cloned()
         };
