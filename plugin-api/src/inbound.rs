@@ -2,6 +2,18 @@
 
 use tokio::sync::{mpsc, watch};
 
+/// Why a received message is refused for its size, or `None` if it fits: the limit is
+/// enforced where messages arrive, not only where they are sent, because a program that is not
+/// comms (or a peer with a larger limit) can put anything on a broker or into a table.
+///
+/// Every backend uses this reason text for the dead-letter entry (or the rejection) of an
+/// oversized message, so that operators see one wording whatever the transport.
+pub fn oversized_reason(payload_len: usize, max_message_size: u64) -> Option<String> {
+    (payload_len as u64 > max_message_size).then(|| {
+        format!("message too large: {payload_len} bytes of payload, this transport accepts at most {max_message_size}")
+    })
+}
+
 /// Waits for at least one item from `queue` and returns it with up to `max_batch - 1` more that
 /// are already waiting. Returns an empty batch once `queue` is closed and drained, or once
 /// `closing` turns `true` with nothing buffered (buffered items are handed over first).
@@ -33,6 +45,13 @@ pub async fn receive_batch<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oversized_reason_names_both_sizes_and_only_refuses_above_the_limit() {
+        assert_eq!(oversized_reason(16, 16), None);
+        let reason = oversized_reason(17, 16).expect("one byte over is refused");
+        assert!(reason.contains("17 bytes") && reason.contains("at most 16"), "{reason}");
+    }
 
     #[tokio::test]
     async fn batches_what_is_waiting_and_ends_when_closing() {
