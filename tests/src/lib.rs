@@ -247,3 +247,25 @@ pub fn start_and_wait_for(mut command: std::process::Command, ready: &str) -> st
     std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
     child
 }
+
+/// Whether `python3` runs and can import every module of `modules` (e.g. `["redis"]`). In CI
+/// (`CI=true`) a missing interpreter or module is a failure, never a silent skip; elsewhere the
+/// caller skips the test and this prints why.
+pub fn python_available(modules: &[&str]) -> bool {
+    let imports =
+        if modules.is_empty() { "pass".to_string() } else { format!("import {}", modules.join(", ")) };
+    let problem = match Command::new("python3").arg("-c").arg(&imports).output() {
+        Err(error) => format!("cannot run python3 ({error})"),
+        Ok(output) if output.status.success() => return true,
+        Ok(output) => format!(
+            "python3 cannot `{imports}` ({}); `python3 -m pip install {}` installs them",
+            String::from_utf8_lossy(&output.stderr).trim().lines().last().unwrap_or_default(),
+            modules.join(" ")
+        ),
+    };
+    if std::env::var("CI").is_ok_and(|ci| ci == "true") {
+        panic!("{problem}, and in CI a Python interoperability test must not skip");
+    }
+    eprintln!("SKIPPED: {problem} (outside CI these tests skip)");
+    false
+}

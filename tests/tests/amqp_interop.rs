@@ -3,7 +3,7 @@
 
 use comms_host::PluginLibrary;
 use comms_plugin_api::{Destination, Envelope, ErrorCode, MessageId, NodeId, Payload};
-use comms_tests::{artifacts, broker_available};
+use comms_tests::{artifacts, broker_available, python_available};
 use std::{
     process::{Command, Stdio},
     time::Duration,
@@ -43,7 +43,7 @@ connection.close()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_program_speaks_the_documented_format_both_ways() {
-    if !broker_available("RabbitMQ", "127.0.0.1:5672") {
+    if !broker_available("RabbitMQ", "127.0.0.1:5672") || !python_available(&["pika"]) {
         return;
     }
     let library = PluginLibrary::load(&artifacts().amqp_plugin).unwrap_or_else(|error| panic!("{error}"));

@@ -31,7 +31,7 @@ enum Command {
     /// Plugin libraries: list what is found, inspect one file, start a new plugin crate.
     #[command(subcommand, alias = "plugin")]
     Plugins(PluginsCommand),
-    /// Run a node until Ctrl-C, printing what it receives.
+    /// Run a node until Ctrl-C, printing what it receives (a JSON payload as JSON, on one line).
     Run {
         /// The node's config file.
         #[arg(long, short)]
@@ -55,7 +55,7 @@ enum Command {
         #[arg(long, default_value_t = 5000)]
         wait_ms: u64,
     },
-    /// Print received text messages, one per line.
+    /// Print received messages, one per line (a JSON payload as JSON, text as text).
     Recv {
         /// The node's config file.
         #[arg(long, short)]

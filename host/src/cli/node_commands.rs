@@ -4,13 +4,59 @@ use super::{other, CliError};
 use comms_host::{codec::CONTENT_TYPE_HEADER, Codec, Envelope, Node, ReceiveError};
 use std::{io::Write, path::Path, process::ExitCode, time::Duration};
 
-/// A received payload as one line of text: the message decoded as a string when it is one.
-pub(crate) fn payload_text(node: &Node, envelope: &Envelope) -> String {
-    let codec = envelope.header(CONTENT_TYPE_HEADER).map_or(Ok(node.codec()), Codec::from_content_type);
-    match codec.and_then(|codec| codec.decode::<String>(envelope.payload.as_slice())) {
-        Ok(text) => text.replace('\n', "\\n"),
-        Err(_) => format!("<{} bytes, not text>", envelope.payload.len()),
+/// A received payload as one line of text, for `comms run` and `comms recv`:
+///
+/// - JSON (`content-type: application/json`, or no content type on a node whose codec is JSON):
+///   a JSON string is printed as its text, anything else (object, array, number, ...) as compact
+///   JSON on one line, so that `comms recv | jq` reads what a JSON sender sent;
+/// - postcard (the binary codec): the message decoded as a string when it is one;
+/// - any `text/...` content type: the payload as UTF-8;
+/// - anything else: `<N bytes, not text>`.
+///
+/// Newlines inside a text are printed as `\n`, so that every message is one line.
+pub(crate) fn payload_text(default: Codec, envelope: &Envelope) -> String {
+    let payload = envelope.payload.as_slice();
+    let content_type = envelope.header(CONTENT_TYPE_HEADER);
+    let text = match content_type.map_or(Ok(default), Codec::from_content_type) {
+        Ok(Codec::Json) => match serde_json::from_slice::<serde_json::Value>(payload) {
+            Ok(serde_json::Value::String(text)) => Some(text),
+            // Valid JSON, hence UTF-8: printed as sent (key order, number forms), on one line.
+            Ok(_) => return compact_json(payload),
+            Err(_) => None,
+        },
+        Ok(codec) => codec.decode::<String>(payload).ok(),
+        Err(_) if content_type.is_some_and(|t| t.starts_with("text/")) => {
+            std::str::from_utf8(payload).ok().map(str::to_owned)
+        }
+        Err(_) => None,
+    };
+    match text {
+        Some(text) => text.replace('\n', "\\n"),
+        None => format!("<{} bytes, not text>", payload.len()),
     }
+}
+
+/// `json` (valid JSON) without the whitespace between its tokens: one line, nothing reordered.
+fn compact_json(json: &[u8]) -> String {
+    let mut out = Vec::with_capacity(json.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for &byte in json {
+        if in_string {
+            // Inside a string a newline is always escaped (`\n`), so one line is kept.
+            (escaped, in_string) = match (escaped, byte) {
+                (true, _) => (false, true),
+                (false, b'\\') => (true, true),
+                (false, b'"') => (false, false),
+                _ => (false, true),
+            };
+        } else if byte == b'"' {
+            in_string = true;
+        } else if byte.is_ascii_whitespace() {
+            continue;
+        }
+        out.push(byte);
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 pub(super) fn print_addresses(node: &Node) {
@@ -56,7 +102,7 @@ pub(super) async fn run(config: &Path, echo: bool) -> Result<ExitCode, CliError>
         match received {
             Ok(mut received) => {
                 let envelope = &received.message;
-                println!("{}: {}", envelope.from, payload_text(&node, envelope));
+                println!("{}: {}", envelope.from, payload_text(node.codec(), envelope));
                 if echo {
                     let Envelope { id, from, headers, payload, .. } = envelope.clone();
                     if let Err(error) = node.send_raw(from, headers, payload, Some(id)).await {
@@ -106,7 +152,7 @@ pub(super) async fn recv(config: &Path, count: Option<u64>) -> Result<ExitCode, 
         match received {
             Ok(mut received) => {
                 taken += 1;
-                writeln!(stdout, "{}", payload_text(&node, &received.message)).map_err(other)?;
+                writeln!(stdout, "{}", payload_text(node.codec(), &received.message)).map_err(other)?;
                 stdout.flush().map_err(other)?;
                 received.ack();
             }
@@ -116,4 +162,55 @@ pub(super) async fn recv(config: &Path, count: Option<u64>) -> Result<ExitCode, 
     }
     node.close().await.map_err(other)?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use comms_host::MessageId;
+    use comms_plugin_api::Destination;
+
+    fn envelope(content_type: Option<&str>, payload: &[u8]) -> Envelope {
+        let envelope = Envelope::new(MessageId::from_u128(1), "a", Destination::node("b"), payload.to_vec());
+        match content_type {
+            Some(content_type) => envelope.with_header(CONTENT_TYPE_HEADER, content_type),
+            None => envelope,
+        }
+    }
+
+    #[test]
+    fn json_payloads_print_as_json_and_json_strings_as_their_text() {
+        let json = Some("application/json");
+        let object = envelope(
+            json,
+            br#"{"order": 42, "items": ["tea", "milk"],
+            "note": "two\nlines"}"#,
+        );
+        assert_eq!(
+            payload_text(Codec::Binary, &object),
+            r#"{"order":42,"items":["tea","milk"],"note":"two\nlines"}"#
+        );
+        assert_eq!(payload_text(Codec::Binary, &envelope(json, b" [1, 2.50, null]\n")), "[1,2.50,null]");
+        let spaced = envelope(json, br#"{"a b": "c \" d"}"#);
+        assert_eq!(payload_text(Codec::Binary, &spaced), r#"{"a b":"c \" d"}"#, "strings untouched");
+        assert_eq!(payload_text(Codec::Binary, &envelope(json, br#""hello\nthere""#)), "hello\\nthere");
+        assert_eq!(payload_text(Codec::Json, &envelope(None, b"17")), "17", "the node's codec by default");
+        assert_eq!(payload_text(Codec::Binary, &envelope(json, b"{not json")), "<9 bytes, not text>");
+    }
+
+    #[test]
+    fn postcard_strings_and_plain_text_print_as_text() {
+        let postcard = Codec::Binary.encode("tea for two").unwrap();
+        assert_eq!(
+            payload_text(Codec::Binary, &envelope(Some("application/x-postcard"), &postcard)),
+            "tea for two"
+        );
+        assert_eq!(payload_text(Codec::Binary, &envelope(None, &postcard)), "tea for two");
+        let text = envelope(Some("text/plain; charset=utf-8"), b"no replica");
+        assert_eq!(payload_text(Codec::Binary, &text), "no replica");
+        assert_eq!(
+            payload_text(Codec::Binary, &envelope(Some("image/png"), &[0x89, 0x50])),
+            "<2 bytes, not text>"
+        );
+    }
 }
