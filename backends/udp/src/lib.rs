@@ -49,7 +49,10 @@
 //!   with the dropped count is logged, and the next `send` to that address fails once with a
 //!   retryable `UNREACHABLE` error (that message is not sent; the send after it starts afresh).
 //!   No acknowledgements to the application: a message is acked on the wire when it reaches the
-//!   receiving transport, not when the host settles it.
+//!   receiving transport, not when the host settles it. Datagrams forged with a peer's address
+//!   and a fresh epoch cause no loss and no duplicates: a new epoch needs a proof that its
+//!   sender receives at the address (see "Epoch changes" in [`reliability`]); a forger that
+//!   reads the traffic can still interfere unless links are encrypted.
 //! - **Best-effort mode** (no capabilities): a message arrives whole or not at all, possibly
 //!   duplicated or reordered by the network.
 //! - **Max message size**: `max_message_size` of payload; the encoded envelope may add up to
@@ -548,6 +551,7 @@ impl Transport for UdpTransport {
         stats.receive_queue_depth = queued(&self.inbound_depth);
         stats.errors += reliability.malformed
             + reliability.gave_up
+            + reliability.bad_proofs
             + secure.malformed
             + secure.tampered
             + secure.replayed
@@ -560,7 +564,10 @@ impl Transport for UdpTransport {
             ("udp.abandoned_messages", reliability.abandoned_messages),
             ("udp.out_of_window", reliability.out_of_window),
             ("udp.over_budget", reliability.over_budget),
+            ("udp.unproven_epoch", reliability.unproven_epoch),
+            ("udp.epoch_changes", reliability.epoch_changes),
             ("udp.handshakes", secure.handshakes),
+            ("udp.plaintext_dropped", secure.plaintext),
         ]
         .into_iter()
         .map(|(name, value)| (name.to_string(), value))

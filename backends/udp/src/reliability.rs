@@ -8,13 +8,13 @@
 //! ([`Endpoint::poll_timeout`], then [`Endpoint::handle_timeout`]). That makes every behaviour
 //! testable deterministically, loss and reordering included.
 //!
-//! ## Datagram format (version 1)
+//! ## Datagram format (version 2)
 //!
 //! All integers are big-endian.
 //!
 //! ```text
 //! u8   magic 0xCD
-//! u8   kind: 1 reliable data, 2 best-effort data, 3 ack
+//! u8   kind: 1 reliable data, 2 best-effort data, 3 ack, 4 epoch challenge, 5 epoch proof
 //! u32  epoch: a random number the sending endpoint picked at start (a restart is a new epoch)
 //! data (kinds 1 and 2):
 //!   u64  sequence number of this datagram per (sender, receiver); 0 in best-effort mode
@@ -30,7 +30,17 @@
 //!   u16  bitmap length in bytes (at most 64)
 //!   [..] bitmap: bit i (byte i / 8, least significant bit first) = sequence cumulative + 1 + i
 //!        has been received (selective acknowledgement)
+//! epoch challenge (kind 4), version 2, sent by a receiver to an address whose reliable data
+//! arrives in a new epoch (see "Epoch changes"):
+//!   u64  cookie: a keyed hash of the address under a secret of the challenger
+//! epoch proof (kind 5), version 2, the answer; the header's epoch is the one proved (the
+//! answering endpoint's own):
+//!   u64  the cookie of the challenge, echoed
 //! ```
+//!
+//! Version 2 added kinds 4 and 5 and changed nothing else; the magic byte is the same. A
+//! version 1 node drops kinds 4 and 5 as malformed. What that means for mixed networks is in
+//! "Epoch changes" below.
 //!
 //! A datagram that does not parse, or whose fields contradict each other or the limits, is
 //! dropped and counted in [`Stats::malformed`]; it never panics and never allocates beyond the
@@ -68,6 +78,53 @@
 //!   its next datagram starts a fresh state, and a message it was halfway through is lost.
 //! - Sequence numbers are 64 bits and never wrap in practice.
 //!
+//! ## Epoch changes
+//!
+//! The receive state of a peer (next sequence number expected, out-of-order datagrams, the
+//! message being reassembled) belongs to one epoch of the sender. Before version 2, reliable
+//! data in a new epoch from a known address reset that state at once, so a datagram forged with
+//! the peer's address and a made-up epoch (it needs no knowledge of the traffic) wiped it: the
+//! real sender's next datagram reset it again and skipped to its `base`, and messages that had
+//! been acknowledged but not completed were lost, and ones delivered but not yet acknowledged
+//! were delivered twice. Version 2 adopts a new epoch only with proof that whoever sends it can
+//! receive at that address:
+//!
+//! - The **first** epoch heard from an address is adopted at once: there is no state to lose.
+//! - Reliable data in another epoch than the adopted one is dropped unacknowledged (counted in
+//!   [`Stats::unproven_epoch`]) and answered with an **epoch challenge** to that address (at
+//!   most one per [`Config::min_rto`] per address, and smaller than a data datagram, so it
+//!   amplifies nothing). The cookie is a keyed hash (SipHash, 128-bit random key per endpoint)
+//!   of the address: the challenger keeps no state per challenge.
+//! - The challenge asks whoever **receives** at the address which epoch it sends in, not
+//!   whether a given epoch is right: the endpoint there answers any challenge from a peer it
+//!   talks to with a **proof** carrying its own epoch and echoing the cookie. So a flood of
+//!   forged epochs cannot crowd out a real one: every challenge it provokes is answered with
+//!   the real epoch. A proof whose cookie matches switches the receive state to the proved
+//!   epoch if it is not the adopted one already (counted in [`Stats::epoch_changes`]); one
+//!   whose cookie does not match is dropped ([`Stats::bad_proofs`]). The restarted sender's
+//!   dropped datagrams come again at its retransmission timeout (200 ms before its first
+//!   round-trip sample): a restart costs about that much once.
+//! - **Fallback**: once the adopted epoch has been silent (no data, no ack in it) for
+//!   [`Config::peer_timeout`], a new epoch is adopted without proof. By then the old sender has
+//!   either been acknowledged for everything it sent or given up on this receiver (and reported
+//!   it), so resetting the state loses and repeats nothing it counted as delivered. This is also
+//!   how a version 1 sender, which cannot answer a challenge, gets through after a restart: its
+//!   datagrams are dropped until its old epoch has been silent for `peer_timeout` (it may give
+//!   up meanwhile and report `Unreachable` once). Version 1 receivers never challenge, so a
+//!   version 2 sender works with them as before, and they stay exposed to forged epochs.
+//!
+//! What this protects against, in plaintext: a forger **off the path** (it can send datagrams
+//! with any source address but not read what is sent to that address) cannot answer a
+//! challenge (it would have to guess a 64-bit cookie), so forged epochs from a known peer's
+//! address cause neither loss nor duplicates. It can still deliver messages of its own from an
+//! address with no state yet, and, if it guesses the current 32-bit epoch of a stream
+//! (one chance in 2^32 per datagram), inject into it. A flood from more than
+//! [`Config::max_peers`] forged addresses can evict an idle peer's receive state (see
+//! "Bounded"). A forger **on the path** (it reads the datagrams) can answer challenges, forge
+//! acknowledgements and data in the current epoch, and so lose, repeat or alter messages:
+//! plaintext mode cannot stop it. Encrypted links (the secure layer below this core,
+//! `secure.rs`) authenticate every datagram, so nothing forged reaches this state machine at all.
+//!
 //! ## Loss recovery
 //!
 //! Per peer, the sender keeps a round-trip estimate (RFC 6298 `srtt` and `rttvar`). It takes one
@@ -103,9 +160,9 @@
 //! retransmission queue holds each datagram in flight at most once.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{hash_map::RandomState, BTreeMap, HashMap, VecDeque},
     fmt,
-    hash::Hash,
+    hash::{BuildHasher, Hash},
     time::{Duration, Instant},
 };
 
@@ -113,6 +170,8 @@ const MAGIC: u8 = 0xCD;
 const KIND_RELIABLE: u8 = 1;
 const KIND_BEST_EFFORT: u8 = 2;
 const KIND_ACK: u8 = 3;
+const KIND_CHALLENGE: u8 = 4;
+const KIND_PROOF: u8 = 5;
 /// Bytes of a data datagram before the fragment.
 pub const DATA_HEADER: usize = 6 + 8 + 8 + 4 + 2 + 2 + 4;
 const BASE_OFFSET: usize = 6 + 8;
@@ -276,6 +335,18 @@ pub struct Stats {
     pub gave_up: u64,
     /// Messages completed and handed out.
     pub delivered: u64,
+    /// Reliable datagrams dropped unacknowledged because their epoch differs from the one
+    /// adopted for their address and was not proved yet (see "Epoch changes").
+    pub unproven_epoch: u64,
+    /// Epoch challenges sent.
+    pub challenges: u64,
+    /// Times a peer's receive state switched to a new epoch (proved, or after the old one was
+    /// silent for [`Config::peer_timeout`]); not counting the first epoch of an address.
+    pub epoch_changes: u64,
+    /// Epoch proofs whose cookie did not match (forged).
+    pub bad_proofs: u64,
+    /// Epoch challenges answered with a proof.
+    pub proofs: u64,
 }
 
 /// Acknowledged datagrams with higher sequence numbers that make a missing datagram a candidate
@@ -420,6 +491,15 @@ struct Partial {
 struct Peer {
     last_heard: Instant,
     rx_epoch: Option<u32>,
+    /// When a datagram in `rx_epoch` (data, or an ack sent in it) last arrived: the fallback
+    /// of "Epoch changes" adopts a new epoch without proof once this is `peer_timeout` ago.
+    rx_heard: Instant,
+    /// A challenge is due (queued for `poll_transmit`).
+    challenge: bool,
+    /// When the last challenge was queued (at most one per `min_rto`).
+    challenged_at: Option<Instant>,
+    /// The cookie of a challenge from this peer, to echo in a proof (queued for `poll_transmit`).
+    proof: Option<u64>,
     rx_next: u64,
     rx_window: BTreeMap<u64, Fragment>,
     ack_pending: bool,
@@ -445,6 +525,10 @@ impl Peer {
         Self {
             last_heard: now,
             rx_epoch: None,
+            rx_heard: now,
+            challenge: false,
+            challenged_at: None,
+            proof: None,
             rx_next: 0,
             rx_window: BTreeMap::new(),
             ack_pending: false,
@@ -546,10 +630,15 @@ pub struct Endpoint<A> {
     buffered: usize,
     tick: u64,
     stats: Stats,
+    /// Keys the cookies of epoch challenges (SipHash with a random 128-bit key).
+    cookie_key: RandomState,
 }
 
 impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
     /// A new endpoint. `epoch` should be random per start, so that peers notice a restart.
+    /// The key of its epoch challenge cookies is random (std's `RandomState`, seeded by the
+    /// operating system): the only thing the endpoint does not take from its caller, and one
+    /// that no test needs to know (a proof echoes the cookie it was sent).
     ///
     /// # Panics
     /// If `config.max_datagram` is below [`MIN_DATAGRAM`], the window or peer limit is 0, or
@@ -571,7 +660,14 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
             buffered: 0,
             tick: 0,
             stats: Stats::default(),
+            cookie_key: RandomState::new(),
         }
+    }
+
+    /// The cookie of a challenge to `address`: unguessable without the key, and the same every
+    /// time, so that no state is kept per challenge.
+    fn cookie(&self, address: &A) -> u64 {
+        self.cookie_key.hash_one(address)
     }
 
     /// The configuration.
@@ -661,11 +757,20 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
     pub fn poll_transmit(&mut self, now: Instant) -> Option<(A, Vec<u8>)> {
         let window = self.config.window;
         let reliable = self.config.reliable;
-        // Acks first: they unblock the other side.
+        // Acks, proofs and challenges first: they unblock the other side.
         for (address, peer) in self.peers.iter_mut() {
             if peer.ack_pending {
                 peer.ack_pending = false;
                 return Some((*address, encode_ack(self.epoch, peer)));
+            }
+            if let Some(cookie) = peer.proof.take() {
+                self.stats.proofs += 1;
+                return Some((*address, encode_epoch_check(KIND_PROOF, self.epoch, cookie)));
+            }
+            if std::mem::take(&mut peer.challenge) {
+                self.stats.challenges += 1;
+                let cookie = self.cookie_key.hash_one(address);
+                return Some((*address, encode_epoch_check(KIND_CHALLENGE, self.epoch, cookie)));
             }
         }
         for (address, peer) in self.peers.iter_mut() {
@@ -797,14 +902,37 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
             return;
         };
         match parsed {
-            Parsed::Ack { acked_epoch, cumulative, bitmap } => {
+            Parsed::Ack { epoch, acked_epoch, cumulative, bitmap } => {
                 if acked_epoch != self.epoch {
                     self.stats.malformed += 1;
                     return;
                 }
                 let Some(peer) = self.peers.get_mut(&from) else { return };
                 peer.last_heard = now;
+                if peer.rx_epoch == Some(epoch) {
+                    peer.rx_heard = now;
+                }
                 self.handle_ack(now, from, cumulative, bitmap);
+            }
+            Parsed::Challenge { cookie } => {
+                // Only a peer we talk to challenges us; a stranger gets no state and no answer.
+                if let Some(peer) = self.peers.get_mut(&from) {
+                    peer.proof = Some(cookie);
+                }
+            }
+            Parsed::Proof { epoch, cookie } => {
+                if !self.config.reliable || !self.peers.contains_key(&from) {
+                    return; // nothing challenged: best-effort mode has no receive state
+                }
+                if cookie != self.cookie(&from) {
+                    self.stats.bad_proofs += 1;
+                    return;
+                }
+                let peer = self.peers.get_mut(&from).expect("checked above");
+                peer.last_heard = now;
+                if peer.rx_epoch != Some(epoch) {
+                    self.adopt_epoch(now, from, epoch);
+                }
             }
             Parsed::Data { reliable, epoch, seq, base, fragment } => {
                 if reliable != self.config.reliable || !self.valid_fragment(&fragment) {
@@ -823,6 +951,22 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
                 }
             }
         }
+    }
+
+    /// Starts a fresh receive state for `from` in `epoch` (see "Epoch changes").
+    fn adopt_epoch(&mut self, now: Instant, from: A, epoch: u32) {
+        let peer = self.peers.get_mut(&from).expect("caller checked");
+        if peer.rx_epoch.is_some() {
+            self.stats.epoch_changes += 1;
+        }
+        self.buffered -= peer.buffered_bytes();
+        peer.rx_epoch = Some(epoch);
+        peer.rx_heard = now;
+        peer.rx_next = 0;
+        peer.rx_window.clear();
+        peer.partials.clear();
+        peer.challenge = false;
+        peer.challenged_at = None;
     }
 
     fn valid_fragment(&self, fragment: &Fragment) -> bool {
@@ -901,16 +1045,28 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
     ) {
         let window = self.config.window as u64;
         let budget = self.config.max_total_reassembly_bytes;
+        let (peer_timeout, min_rto) = (self.config.peer_timeout, self.config.min_rto);
         let peer = self.peers.get_mut(&from).expect("caller added it");
         peer.last_heard = now;
-        if peer.rx_epoch != Some(epoch) {
-            // A new sender behind this address (or its first datagram): start over.
-            self.buffered -= peer.buffered_bytes();
-            peer.rx_epoch = Some(epoch);
-            peer.rx_next = 0;
-            peer.rx_window.clear();
-            peer.partials.clear();
+        match peer.rx_epoch {
+            Some(current) if current == epoch => peer.rx_heard = now,
+            // The first datagram from this address: no state to lose.
+            None => self.adopt_epoch(now, from, epoch),
+            // The adopted epoch went quiet long enough that its sender is done or gave up.
+            Some(_) if now.saturating_duration_since(peer.rx_heard) >= peer_timeout => {
+                self.adopt_epoch(now, from, epoch)
+            }
+            Some(_) => {
+                // Unproven: whoever sent it must show it receives at this address first.
+                self.stats.unproven_epoch += 1;
+                if peer.challenged_at.is_none_or(|at| now >= at + min_rto) {
+                    peer.challenge = true;
+                    peer.challenged_at = Some(now);
+                }
+                return;
+            }
         }
+        let peer = self.peers.get_mut(&from).expect("caller added it");
         if base > peer.rx_next {
             // The sender settled everything below `base` (it gave up on us, or we lost state).
             let dropped = peer.buffered_bytes();
@@ -1059,9 +1215,21 @@ fn encode_ack(own_epoch: u32, peer: &Peer) -> Vec<u8> {
     datagram
 }
 
+/// An epoch challenge (`KIND_CHALLENGE`) or proof (`KIND_PROOF`): the same layout.
+fn encode_epoch_check(kind: u8, own_epoch: u32, cookie: u64) -> Vec<u8> {
+    let mut datagram = Vec::with_capacity(14);
+    datagram.push(MAGIC);
+    datagram.push(kind);
+    datagram.extend_from_slice(&own_epoch.to_be_bytes());
+    datagram.extend_from_slice(&cookie.to_be_bytes());
+    datagram
+}
+
 enum Parsed<'a> {
     Data { reliable: bool, epoch: u32, seq: u64, base: u64, fragment: Fragment },
-    Ack { acked_epoch: u32, cumulative: u64, bitmap: &'a [u8] },
+    Ack { epoch: u32, acked_epoch: u32, cumulative: u64, bitmap: &'a [u8] },
+    Challenge { cookie: u64 },
+    Proof { epoch: u32, cookie: u64 },
 }
 
 fn parse(datagram: &[u8]) -> Option<Parsed<'_>> {
@@ -1100,7 +1268,15 @@ fn parse(datagram: &[u8]) -> Option<Parsed<'_>> {
             if used > MAX_BITMAP_BYTES || r.len() != used {
                 return None;
             }
-            Some(Parsed::Ack { acked_epoch, cumulative, bitmap: r })
+            Some(Parsed::Ack { epoch, acked_epoch, cumulative, bitmap: r })
+        }
+        KIND_CHALLENGE => {
+            let cookie = u64_(&mut r)?;
+            r.is_empty().then_some(Parsed::Challenge { cookie })
+        }
+        KIND_PROOF => {
+            let cookie = u64_(&mut r)?;
+            r.is_empty().then_some(Parsed::Proof { epoch, cookie })
         }
         _ => None,
     }

@@ -311,8 +311,10 @@ fn malformed_datagrams_are_counted_and_never_panic() {
     }
     assert!(endpoint.stats().malformed > DATA_HEADER as u64);
     assert!(endpoint.peer_count() <= Config::default().max_peers);
-    endpoint.handle_datagram(now, 1, &real);
-    assert_eq!(endpoint.poll_message(), Some((1, b"a real message".to_vec())), "still works");
+    // From an address the garbage did not come from: one it came from may have had a random but
+    // valid datagram adopt an epoch, and a new one then needs a proof (see "Epoch changes").
+    endpoint.handle_datagram(now, 5, &real);
+    assert_eq!(endpoint.poll_message(), Some((5, b"a real message".to_vec())), "still works");
 }
 
 #[test]
@@ -556,4 +558,177 @@ fn a_hole_is_resent_once_per_loss_delay_not_once_per_acknowledgement() {
     assert_eq!(a.stats().retransmissions, 1);
     assert_eq!(a.poll_timeout(), Some(due + ms(25)), "the next resend waits twice the loss delay");
     assert_eq!(b.poll_message(), None);
+}
+
+// ---- Epoch changes (see "Epoch changes" in the module docs) ----
+
+/// A reliable data datagram as a forger writes it: a whole one-fragment message `bytes` in
+/// `epoch`, with the given sequence number and base.
+fn forged_data(epoch: u32, seq: u64, base: u64, bytes: &[u8]) -> Vec<u8> {
+    let mut datagram = vec![MAGIC, KIND_RELIABLE];
+    datagram.extend_from_slice(&epoch.to_be_bytes());
+    datagram.extend_from_slice(&seq.to_be_bytes());
+    datagram.extend_from_slice(&base.to_be_bytes());
+    datagram.extend_from_slice(&0u32.to_be_bytes()); // message number
+    datagram.extend_from_slice(&0u16.to_be_bytes()); // fragment 0 ...
+    datagram.extend_from_slice(&1u16.to_be_bytes()); // ... of 1
+    datagram.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    datagram.extend_from_slice(bytes);
+    datagram
+}
+
+fn kind(datagram: &[u8]) -> u8 {
+    datagram[1]
+}
+
+#[test]
+fn forged_fresh_epochs_from_the_senders_address_cause_no_loss_and_no_duplicates() {
+    // Small datagrams: every message is several fragments, so a reset of the receive state
+    // would cut messages in half; loss and reordering keep datagrams buffered out of order and
+    // acks in flight, which a reset would lose or repeat.
+    let config = Config { max_datagram: 200, ..Config::default() };
+    let faults = Faults { loss_percent: 5, duplicate_percent: 2, max_delay_ms: 8, base_delay_ms: 0 };
+    let mut net = Network::new(config, faults, 99);
+    let messages: Vec<Vec<u8>> = (0..300u32)
+        .map(|n| {
+            let mut message = n.to_be_bytes().to_vec();
+            message.extend(pattern(300 + (n as usize % 7) * 50, n as u8));
+            message
+        })
+        .collect();
+    for message in &messages {
+        net.endpoints[0].send(net.now, 2, message).unwrap();
+    }
+    // Once the stream runs (endpoint 2 adopted endpoint 1's epoch), every simulated ms the
+    // forger sends endpoint 2 a datagram that claims to come from endpoint 1 (address 1) in an
+    // epoch of its own, with a whole message at the start of it.
+    net.run_until(1_000, |net| !net.received[1].is_empty());
+    let mut forger = Rng(5);
+    let mut forged = 0;
+    for _ in 0..120_000 {
+        if net.received[1].len() == messages.len() && !net.endpoints[0].has_pending_sends() {
+            break;
+        }
+        {
+            let epoch = forger.next() as u32;
+            let (seq, base) = (forger.below(4), forger.below(4));
+            net.endpoints[1].handle_datagram(net.now, 1, &forged_data(epoch, seq, base, b"forged"));
+            forged += 1;
+        }
+        net.step();
+    }
+    // Let whatever is still in transit land: nothing more may arrive.
+    for _ in 0..2_000 {
+        net.step();
+    }
+    assert!(forged > 200, "the forger was busy: {forged}");
+    let received = &net.received[1];
+    let (forgeries, real): (Vec<&Vec<u8>>, Vec<&Vec<u8>>) =
+        received.iter().partition(|m| m.as_slice() == b"forged");
+    let numbers: Vec<u32> =
+        real.iter().map(|m| u32::from_be_bytes(m[..4].try_into().expect("4 bytes"))).collect();
+    assert_eq!(numbers, (0..messages.len() as u32).collect::<Vec<_>>(), "all, once, in order");
+    assert_eq!(forgeries.len(), 0, "nothing forged delivered");
+    assert!(*received == messages, "intact");
+    let stats = net.endpoints[1].stats();
+    assert!(stats.unproven_epoch >= forged, "every forged datagram was held back: {stats:?}");
+    assert!(stats.challenges > 0, "{stats:?}");
+    assert_eq!(stats.epoch_changes, 0, "the forger never proved an epoch: {stats:?}");
+    let sender = net.endpoints[0].stats();
+    assert!(sender.proofs > 0, "the real sender answered the challenges with its own epoch");
+    assert_eq!(sender.gave_up, 0, "{sender:?}");
+}
+
+#[test]
+fn a_new_epoch_is_adopted_only_after_its_sender_proves_it_receives_at_the_address() {
+    let config = Config::default();
+    let now = Instant::now();
+    let mut a: Endpoint<u8> = Endpoint::new(config.clone(), 1);
+    let mut b: Endpoint<u8> = Endpoint::new(config.clone(), 2);
+    a.send(now, 2, b"before").unwrap();
+    let (_, first) = a.poll_transmit(now).unwrap();
+    b.handle_datagram(now, 1, &first);
+    assert_eq!(b.poll_message(), Some((1, b"before".to_vec())), "the first epoch needs no proof");
+    let (_, ack) = b.poll_transmit(now).unwrap();
+    a.handle_datagram(now, 2, &ack);
+
+    // a restarts at the same address: a new epoch.
+    let mut restarted: Endpoint<u8> = Endpoint::new(config.clone(), 3);
+    restarted.send(now, 2, b"after").unwrap();
+    let (_, after) = restarted.poll_transmit(now).unwrap();
+    b.handle_datagram(now, 1, &after);
+    assert_eq!(b.poll_message(), None, "not delivered before the proof");
+    let (to, challenge) = b.poll_transmit(now).expect("a challenge");
+    assert_eq!((to, kind(&challenge)), (1, KIND_CHALLENGE), "a challenge, not an ack");
+    assert_eq!(b.poll_transmit(now), None);
+    b.handle_datagram(now, 1, &after);
+    assert_eq!(b.poll_transmit(now), None, "one challenge per min_rto");
+    assert_eq!(b.stats().unproven_epoch, 2);
+
+    // A proof with a guessed cookie switches nothing.
+    let mut guessed = vec![MAGIC, KIND_PROOF];
+    guessed.extend_from_slice(&3u32.to_be_bytes());
+    guessed.extend_from_slice(&0x1234_5678_9abc_def0u64.to_be_bytes());
+    b.handle_datagram(now, 1, &guessed);
+    assert_eq!(b.stats().bad_proofs, 1);
+    b.handle_datagram(now, 1, &after);
+    assert_eq!(b.poll_message(), None, "still unproven");
+
+    // Had the old process (epoch 1) got the challenge, its proof would change nothing.
+    a.handle_datagram(now, 2, &challenge);
+    let (_, old_proof) = a.poll_transmit(now).expect("a proof of epoch 1");
+    b.handle_datagram(now, 1, &old_proof);
+    assert_eq!(b.stats().epoch_changes, 0);
+    b.handle_datagram(now, 1, &after);
+    assert_eq!(b.poll_message(), None, "still unproven");
+
+    // The restarted one does, before anything else it sends.
+    restarted.handle_datagram(now, 2, &challenge);
+    let (to, proof) = restarted.poll_transmit(now).expect("a proof");
+    assert_eq!((to, kind(&proof)), (2, KIND_PROOF));
+    b.handle_datagram(now, 1, &proof);
+    assert_eq!(b.stats().epoch_changes, 1);
+    assert_eq!(b.poll_transmit(now), None, "the proof itself is not answered");
+
+    // The datagram b dropped comes again at the retransmission timeout and is delivered once.
+    let later = now + config.initial_rto;
+    restarted.handle_timeout(later);
+    let (_, again) = restarted.poll_transmit(later).expect("the retransmission");
+    b.handle_datagram(later, 1, &again);
+    assert_eq!(b.poll_message(), Some((1, b"after".to_vec())));
+    b.handle_datagram(later, 1, &again);
+    assert_eq!(b.poll_message(), None, "once");
+    // Old-epoch datagrams (a stale copy of the first one) now need a proof in turn.
+    b.handle_datagram(later, 1, &first);
+    assert_eq!(b.poll_message(), None);
+}
+
+#[test]
+fn without_proof_a_new_epoch_is_adopted_once_the_old_one_was_silent_for_peer_timeout() {
+    // A version 1 sender cannot answer a challenge: after a restart it gets through once its
+    // old epoch has been quiet for peer_timeout.
+    let config = Config { peer_timeout: Duration::from_secs(2), ..Config::default() };
+    let start = Instant::now();
+    let mut a: Endpoint<u8> = Endpoint::new(config.clone(), 1);
+    let mut b: Endpoint<u8> = Endpoint::new(config.clone(), 2);
+    a.send(start, 2, b"old").unwrap();
+    let (_, old) = a.poll_transmit(start).unwrap();
+    b.handle_datagram(start, 1, &old);
+    assert_eq!(b.poll_message(), Some((1, b"old".to_vec())));
+    let heard = start + Duration::from_millis(500);
+    b.handle_datagram(heard, 1, &old); // a retransmission: the old epoch is alive at `heard`
+    while b.poll_transmit(heard).is_some() {}
+
+    let mut v1 = Endpoint::new(config.clone(), 7);
+    v1.send(start, 2, b"new").unwrap();
+    let (_, new) = v1.poll_transmit(start).unwrap();
+    let almost = heard + config.peer_timeout - Duration::from_millis(1);
+    b.handle_datagram(almost, 1, &new);
+    assert_eq!(b.poll_message(), None, "the old epoch was heard less than peer_timeout ago");
+    assert_eq!(kind(&b.poll_transmit(almost).expect("a challenge").1), KIND_CHALLENGE);
+    let silent = heard + config.peer_timeout;
+    b.handle_datagram(silent, 1, &new);
+    assert_eq!(b.poll_message(), Some((1, b"new".to_vec())), "adopted after peer_timeout of silence");
+    assert_eq!(kind(&b.poll_transmit(silent).expect("an ack").1), KIND_ACK);
+    assert_eq!(b.stats().epoch_changes, 1);
 }
