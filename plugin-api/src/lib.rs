@@ -136,6 +136,7 @@ pub use envelope::{
     Destination, Envelope, Extensions, HeaderPairs, Headers, MessageId, NodeId, Payload, SharedBuffer,
 };
 pub use error::{ErrorCode, PluginError};
+pub use logging::demote_to_debug;
 pub use plugin::{Plugin, PluginDescription, Provides, Setup};
 pub use serde;
 pub use text::Text;

@@ -25,6 +25,39 @@ use tracing::{
     span, Event, Level, Metadata, Subscriber,
 };
 
+/// Targets (prefixes) of dependencies whose records are forwarded at `DEBUG` at most.
+static DEMOTED: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+
+/// Forwards the records of `target` (a module path prefix, e.g. `lapin::returned_messages`) at
+/// `DEBUG` level at most: for a dependency that logs, at `WARN`, what the plugin reports better
+/// itself (lapin logs every returned message with its whole body). They stay visible with
+/// `RUST_LOG=<target>=debug`.
+///
+/// Applies to a plugin loaded from its library file; a plugin linked into the program shares
+/// the program's `tracing`, whose subscriber decides.
+pub fn demote_to_debug(target: &'static str) {
+    let mut demoted = DEMOTED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !demoted.contains(&target) {
+        demoted.push(target);
+        drop(demoted);
+        // Callsites already registered cached their interest under the old level.
+        tracing::callsite::rebuild_interest_cache();
+    }
+}
+
+/// The level a record of `target` is forwarded at.
+fn forwarded_level(level: Level, target: &str) -> Level {
+    if level >= Level::DEBUG {
+        return level;
+    }
+    let demoted = DEMOTED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if demoted.iter().any(|prefix| target.starts_with(prefix)) {
+        Level::DEBUG
+    } else {
+        level
+    }
+}
+
 /// Called once by the host right after loading the library.
 pub(crate) fn attach_host(plugin: &'static str, host: HostServicesBox) {
     let threads = host.worker_threads();
@@ -97,9 +130,10 @@ impl Subscriber for HostLog {
     }
 
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        let level = forwarded_level(*metadata.level(), metadata.target());
         metadata.is_event()
-            && *metadata.level() <= self.max_level
-            && self.host.log_enabled(log_level(metadata.level()), RStr::from(metadata.target()))
+            && level <= self.max_level
+            && self.host.log_enabled(log_level(&level), RStr::from(metadata.target()))
     }
 
     fn max_level_hint(&self) -> Option<LevelFilter> {
@@ -119,7 +153,7 @@ impl Subscriber for HostLog {
         event.record(&mut message);
         let metadata = event.metadata();
         self.host.log(LogRecord {
-            level: log_level(metadata.level()),
+            level: log_level(&forwarded_level(*metadata.level(), metadata.target())),
             target: RString::from(metadata.target()),
             message: RString::from(message.0),
             extensions: RVec::new(),
@@ -153,5 +187,19 @@ impl Visit for MessageText {
         } else {
             let _ = write!(self.0, " {}={value:?}", field.name());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demoted_targets_are_forwarded_at_debug_at_most() {
+        demote_to_debug("noisy_dependency::returns");
+        assert_eq!(forwarded_level(Level::WARN, "noisy_dependency::returns"), Level::DEBUG);
+        assert_eq!(forwarded_level(Level::ERROR, "noisy_dependency::returns::inner"), Level::DEBUG);
+        assert_eq!(forwarded_level(Level::TRACE, "noisy_dependency::returns"), Level::TRACE);
+        assert_eq!(forwarded_level(Level::WARN, "noisy_dependency::other"), Level::WARN);
     }
 }

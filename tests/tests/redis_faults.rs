@@ -311,3 +311,110 @@ async fn topic_subscriptions_come_back_after_a_redis_restart() {
     publisher.close().await.unwrap();
     subscriber.close().await.unwrap();
 }
+
+/// A consumer that took 200 entries and died (a redis-rs client that reads them and never
+/// acknowledges, as a crashed node would leave them) on the Redis of this machine: a new
+/// instance of the node gets all of them in one claim pass, once they are idle for
+/// `claim_idle_ms`, however many `read_batch`es that takes, and the dead consumer is removed from
+/// the group once it holds nothing and has been idle for `consumer_idle_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_consumers_messages_come_back_in_one_pass_and_the_consumer_is_removed() {
+    if !comms_tests::broker_available("Redis", "127.0.0.1:6379") {
+        return;
+    }
+    const ENTRIES: usize = 200;
+    let prefix = format!("t-claim-{}-{:08x}", std::process::id(), rand::random::<u32>());
+    let inbox = format!("{prefix}:inbox:receiver");
+    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&inbox)
+        .arg("comms")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let mut pipe = redis::pipe();
+    for n in 0..ENTRIES {
+        pipe.cmd("XADD").arg(&inbox).arg("*").arg("id").arg(format!("{:x}", n + 1)).arg("from").arg("sender");
+        pipe.arg("payload").arg((n as u32).to_be_bytes().to_vec()).ignore();
+    }
+    let _: () = pipe.query_async(&mut raw).await.unwrap();
+    // The instance that crashes: it takes everything and never acknowledges.
+    let taken: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("comms")
+        .arg("receiver-crashed")
+        .arg("COUNT")
+        .arg(ENTRIES * 2)
+        .arg("STREAMS")
+        .arg(&inbox)
+        .arg(">")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(taken.keys[0].ids.len(), ENTRIES);
+
+    // 10 read batches of 20: the old reader claimed one batch per claim_idle_ms / 2.
+    let config = format!(
+        "prefix = \"{prefix}\"\nclaim_idle_ms = 1000\nconsumer_idle_ms = 1500\nread_batch = 20\nblock_ms = 100\n"
+    );
+    let library = PluginLibrary::load(&artifacts().redis_plugin).unwrap_or_else(|error| panic!("{error}"));
+    let receiver = open(&library, "receiver", &config).await;
+    let mut arrivals = Vec::new();
+    let mut seen = HashSet::new();
+    let started = Instant::now();
+    while seen.len() < ENTRIES {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{} of {ENTRIES} entries of the crashed consumer came back within 20 s",
+            seen.len()
+        );
+        let Ok(batch) = tokio::time::timeout(Duration::from_millis(200), receiver.receive(256)).await else {
+            continue;
+        };
+        let mut settlements = Vec::new();
+        for inbound in batch.unwrap() {
+            let n = u32::from_be_bytes(inbound.envelope.payload.as_slice().try_into().unwrap());
+            assert!(seen.insert(n), "entry {n} delivered twice");
+            arrivals.push(Instant::now());
+            settlements.push(Settlement {
+                delivery_tag: inbound.delivery_tag,
+                outcome: SettlementOutcome::ACCEPTED,
+            });
+        }
+        receiver.settle(settlements).await.unwrap();
+    }
+    let spread = *arrivals.last().unwrap() - arrivals[0];
+    assert!(
+        spread < Duration::from_millis(1000),
+        "the {ENTRIES} entries came back over {spread:?}, not in one claim pass"
+    );
+
+    // The crashed consumer holds nothing now; it goes once idle for consumer_idle_ms.
+    let started = Instant::now();
+    let consumers = loop {
+        let info: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&inbox)
+            .arg("comms")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        let names: Vec<String> = info.consumers.into_iter().map(|consumer| consumer.name).collect();
+        if !names.iter().any(|name| name == "receiver-crashed") {
+            break names;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the crashed consumer is still in the group: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(consumers.len(), 1, "the live consumer stays: {consumers:?}");
+    assert!(consumers[0].starts_with("receiver-"), "{consumers:?}");
+    receiver.close().await.unwrap();
+    let _: i64 = redis::cmd("DEL").arg(&inbox).query_async(&mut raw).await.unwrap();
+}

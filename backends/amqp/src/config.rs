@@ -12,6 +12,12 @@ pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// allows 128 MiB).
 pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 16 * 1024 * 1024;
 
+/// Default of [`AmqpConfig::dead_letter_exchange`] and [`AmqpConfig::dead_letter_queue`].
+pub const DEFAULT_DEAD_LETTER: &str = "comms.dead-letter";
+
+/// Default of [`AmqpConfig::discovery_exchange`] and [`AmqpDiscoveryConfig::exchange`].
+pub const DEFAULT_DISCOVERY_EXCHANGE: &str = "comms.discovery";
+
 /// The `[transports.amqp]` table.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -43,9 +49,22 @@ pub struct AmqpConfig {
     /// with what is in it. Default: kept until deleted by hand. Every node sharing an inbox
     /// must use the same value.
     pub inbox_expires_ms: Option<u64>,
-    /// Exchange that messages settled REJECTED_DISCARD go to (`x-dead-letter-exchange`);
-    /// default: they are dropped. Same rule as `inbox_expires_ms`.
-    pub dead_letter_exchange: Option<String>,
+    /// Exchange that dead letters go to (a message refused for good: not a comms message,
+    /// above `max_message_size`, or settled REJECTED_DISCARD), declared at start (`fanout`,
+    /// durable) if missing. It is also the inbox's `x-dead-letter-exchange`, so the broker's own
+    /// dead letters (TTL, length limits) go there too: same rule as `inbox_expires_ms`. Empty:
+    /// no dead-lettering, refused messages are dropped (logged).
+    pub dead_letter_exchange: String,
+    /// Queue bound to `dead_letter_exchange` (declared at start, durable) so that dead letters
+    /// are kept until someone reads them. Empty: none (bind your own).
+    pub dead_letter_queue: String,
+    /// Cap of `dead_letter_queue` (`x-max-length`): past it the broker drops the oldest dead
+    /// letters.
+    pub dead_letter_queue_max_length: u64,
+    /// Fanout exchange of AMQP discovery, declared at start (durable) so that programs that are
+    /// not comms can publish announcements to it before any comms node with AMQP discovery ran.
+    /// Empty: not declared.
+    pub discovery_exchange: String,
     /// Connection attempts at start before the transport reports the broker unreachable.
     pub connect_attempts: u32,
     /// First delay between connection attempts; doubles each time.
@@ -69,7 +88,10 @@ impl Default for AmqpConfig {
             prefetch: 256,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             inbox_expires_ms: None,
-            dead_letter_exchange: None,
+            dead_letter_exchange: DEFAULT_DEAD_LETTER.to_string(),
+            dead_letter_queue: DEFAULT_DEAD_LETTER.to_string(),
+            dead_letter_queue_max_length: 100_000,
+            discovery_exchange: DEFAULT_DISCOVERY_EXCHANGE.to_string(),
             connect_attempts: 5,
             reconnect_initial_delay_ms: 100,
             reconnect_max_delay_ms: 5_000,
@@ -101,6 +123,23 @@ impl AmqpConfig {
         }
         if self.topic_exchange.is_empty() {
             return Err(PluginError::invalid_config("key `topic_exchange`: must not be empty"));
+        }
+        if !self.dead_letter_queue.is_empty() && self.dead_letter_exchange.is_empty() {
+            return Err(PluginError::invalid_config(
+                "key `dead_letter_queue`: needs a `dead_letter_exchange` to be bound to",
+            ));
+        }
+        positive("dead_letter_queue_max_length", self.dead_letter_queue_max_length)?;
+        for (key, name) in [
+            ("dead_letter_exchange", &self.dead_letter_exchange),
+            ("dead_letter_queue", &self.dead_letter_queue),
+            ("discovery_exchange", &self.discovery_exchange),
+        ] {
+            if name.len() > 255 {
+                return Err(PluginError::invalid_config(format!(
+                    "key `{key}`: longer than AMQP's 255 bytes"
+                )));
+            }
         }
         Ok(())
     }
@@ -145,7 +184,7 @@ impl Default for AmqpDiscoveryConfig {
             ca_file: None,
             client_cert_file: None,
             client_key_file: None,
-            exchange: "comms.discovery".to_string(),
+            exchange: DEFAULT_DISCOVERY_EXCHANGE.to_string(),
             heartbeat_interval_ms: 1_000,
             expiry_ms: None,
             connect_attempts: 5,

@@ -32,6 +32,10 @@ pub const TO_KIND_HEADER: &str = "comms-to-kind";
 pub const TO_HEADER: &str = "comms-to";
 /// Header with the envelope's headers as an array of `[name, value]` arrays.
 pub const HEADERS_HEADER: &str = "comms-headers";
+/// Header of a dead letter: why it was refused (see `docs/amqp.md` for the texts).
+pub const DEAD_LETTER_REASON_HEADER: &str = "comms-dead-letter-reason";
+/// Header of a dead letter: the queue it was refused from.
+pub const DEAD_LETTER_QUEUE_HEADER: &str = "comms-dead-letter-queue";
 /// The envelope header mirrored into the `content_type` property.
 pub const CONTENT_TYPE_HEADER: &str = "content-type";
 /// Sender used for a foreign message that names none.
@@ -144,9 +148,12 @@ fn header_pairs(value: &AMQPValue) -> Result<Vec<(String, String)>, String> {
 /// Rebuilds an envelope from a delivered message. `default_to` is the destination when the
 /// message names none (this node for the inbox, the routing key's topic for the topic queue).
 /// The error says what is wrong with the message.
+///
+/// The body is taken out of `body` only when the message is valid, so that a refused one can be
+/// dead-lettered as it came.
 pub fn envelope_from(
     properties: &BasicProperties,
-    body: Vec<u8>,
+    body: &mut Vec<u8>,
     default_to: impl FnOnce() -> Destination,
 ) -> Result<Envelope, String> {
     let id = match properties.message_id() {
@@ -198,7 +205,7 @@ pub fn envelope_from(
             headers
         }
     };
-    Ok(Envelope::new(id, NodeId::new(from), to, Payload::from(body))
+    Ok(Envelope::new(id, NodeId::new(from), to, Payload::from(std::mem::take(body)))
         .with_correlation_id(correlation_id)
         .with_headers(headers))
 }
@@ -226,7 +233,7 @@ mod tests {
     #[test]
     fn round_trip_keeps_order_repeats_and_every_field() {
         let properties = properties(&sample(), "comms.inbox.alice");
-        let back = envelope_from(&properties, sample().payload.to_vec(), || unreachable!()).unwrap();
+        let back = envelope_from(&properties, &mut sample().payload.to_vec(), || unreachable!()).unwrap();
         assert_eq!(back, sample());
     }
 
@@ -253,7 +260,8 @@ mod tests {
             .with_message_id("550e8400-e29b-41d4-a716-446655440000".into())
             .with_content_type("application/json".into())
             .with_headers(table);
-        let envelope = envelope_from(&p, b"{}".to_vec(), || Destination::Node(NodeId::new("bob"))).unwrap();
+        let envelope =
+            envelope_from(&p, &mut b"{}".to_vec(), || Destination::Node(NodeId::new("bob"))).unwrap();
         assert_eq!(envelope.id.as_u128(), 0x550e8400_e29b_41d4_a716_446655440000);
         assert_eq!(envelope.from.as_str(), ANONYMOUS_SENDER);
         assert_eq!(envelope.to, Destination::Node(NodeId::new("bob")));
@@ -268,19 +276,19 @@ mod tests {
     #[test]
     fn malformed_messages_are_refused_with_a_reason() {
         let none = BasicProperties::default();
-        assert!(envelope_from(&none, vec![], || unreachable!()).unwrap_err().contains("message_id"));
+        assert!(envelope_from(&none, &mut vec![], || unreachable!()).unwrap_err().contains("message_id"));
         let bad_id = BasicProperties::default().with_message_id("not hex".into());
-        assert!(envelope_from(&bad_id, vec![], || unreachable!()).unwrap_err().contains("not hex"));
+        assert!(envelope_from(&bad_id, &mut vec![], || unreachable!()).unwrap_err().contains("not hex"));
         let mut table = FieldTable::default();
         table.insert(HEADERS_HEADER.into(), long("not an array"));
         let bad_headers = BasicProperties::default().with_message_id("1".into()).with_headers(table);
-        let error = envelope_from(&bad_headers, vec![], || Destination::Topic("t".into())).unwrap_err();
+        let error = envelope_from(&bad_headers, &mut vec![], || Destination::Topic("t".into())).unwrap_err();
         assert!(error.contains(HEADERS_HEADER), "{error}");
         let mut table = FieldTable::default();
         table.insert(TO_KIND_HEADER.into(), long("planet"));
         table.insert(TO_HEADER.into(), long("mars"));
         let bad_kind = BasicProperties::default().with_message_id("1".into()).with_headers(table);
-        assert!(envelope_from(&bad_kind, vec![], || unreachable!()).unwrap_err().contains("planet"));
+        assert!(envelope_from(&bad_kind, &mut vec![], || unreachable!()).unwrap_err().contains("planet"));
     }
 
     #[test]

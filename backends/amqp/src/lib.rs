@@ -9,9 +9,11 @@
 //! queue_prefix = "comms.inbox."   # inbox queue = prefix + node id; also the node's address
 //! topic_exchange = "comms.topics" # topic exchange for publish/subscribe
 //! prefetch = 256                  # unacknowledged messages pushed ahead per queue (basic.qos)
-//! max_message_size = 16777216     # largest payload sent, bytes
+//! max_message_size = 16777216     # largest payload sent and received, bytes
 //! # inbox_expires_ms = 86400000   # x-expires: delete an inbox unused this long (default: keep)
-//! # dead_letter_exchange = "dlx"  # where REJECTED_DISCARD messages go (default: dropped)
+//! dead_letter_exchange = "comms.dead-letter"  # refused messages go here, with the reason
+//! dead_letter_queue = "comms.dead-letter"     # and are kept in this queue
+//! discovery_exchange = "comms.discovery"      # declared at start, for foreign announcements
 //! connect_attempts = 5            # at start, before "unreachable"
 //! reconnect_initial_delay_ms = 100
 //! reconnect_max_delay_ms = 5000
@@ -43,7 +45,10 @@
 //!   prefetch `prefetch`; deliveries wait in a bounded buffer (2 x `prefetch`) for `receive`.
 //!   The host's settlement is the acknowledgement: ACCEPTED → `basic.ack` (a contiguous run
 //!   as one `multiple` ack), REJECTED_REQUEUE → `basic.nack(requeue)`, REJECTED_DISCARD →
-//!   `basic.reject` (to `dead_letter_exchange` if configured).
+//!   `basic.reject` (the broker dead-letters it to `dead_letter_exchange`).
+//! - **Dead letters**: a message that is not a comms message, or above `max_message_size`, is
+//!   never delivered: a copy with the reason in header `comms-dead-letter-reason` goes to
+//!   `dead_letter_exchange` and the queue `dead_letter_queue` keeps it ([`dead_letter`]).
 //! - The broker-side format (properties and headers) is in [`format`](mod@format) and `docs/amqp.md`.
 //!
 //! ## Guarantees and limits
@@ -59,8 +64,9 @@
 //! - **Ordering** ([`Capabilities::ORDERED`]): messages one sender sends one after the other
 //!   arrive in that order (one publishing channel per instance, one consumer per queue). A
 //!   message requeued by REJECTED_REQUEUE or by a lost connection comes again after later ones.
-//! - **Max message size**: `max_message_size` payload bytes (default 16 MiB); keep it at or
-//!   below the broker's `max_message_size` (RabbitMQ 4: 16 MiB, 3.x: 128 MiB).
+//! - **Max message size**: `max_message_size` payload bytes (default 16 MiB), on `send` and
+//!   on receipt (a larger message is dead-lettered); keep it at or below the broker's
+//!   `max_message_size` (RabbitMQ 4: 16 MiB, 3.x: 128 MiB).
 //! - **Disconnect**: unreachable at start → `connect_attempts` tries with backoff, then an
 //!   [`ErrorCode::UNREACHABLE`] error naming the URL (password redacted). Lost mid-run →
 //!   reconnect with backoff for as long as the transport is open, re-declare, re-subscribe,
@@ -85,10 +91,10 @@
 //! | broker unreachable after `connect_attempts` | [`ErrorCode::UNREACHABLE`], retryable |
 //! | broker's certificate not verified (`amqps://`), or ours refused | [`ErrorCode::UNREACHABLE`], not retryable, at the first attempt |
 //! | `ca_file` / `client_cert_file` / `client_key_file` unreadable | [`ErrorCode::INVALID_CONFIG`] naming the key and path |
-//! | no inbox queue at the address (node never started) | [`ErrorCode::UNREACHABLE`], retryable |
+//! | no inbox queue at the address (node never started) | [`ErrorCode::UNREACHABLE`], retryable; logged once per address |
 //! | payload above `max_message_size` | [`ErrorCode::TOO_LARGE`] |
 //! | no connection within `send_timeout_ms` | [`ErrorCode::UNREACHABLE`] / [`ErrorCode::TIMEOUT`], retryable |
-//! | inbox exists with other `x-expires` / dead-letter arguments | [`ErrorCode::INVALID_CONFIG`] |
+//! | inbox exists with other `x-expires` / dead-letter arguments, or a dead-letter exchange / queue declared otherwise | [`ErrorCode::INVALID_CONFIG`] |
 //! | operations after `close` | [`ErrorCode::CLOSED`] |
 
 #![warn(missing_docs)]
@@ -96,14 +102,19 @@
 pub mod acks;
 mod config;
 pub mod connection;
+pub mod dead_letter;
 pub mod discovery;
 pub mod format;
 mod tls;
 pub mod topics;
 mod transport;
+mod unroutable;
 
 pub use comms_plugin_api::tls::TlsFiles;
-pub use config::{AmqpConfig, AmqpDiscoveryConfig, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_URL};
+pub use config::{
+    AmqpConfig, AmqpDiscoveryConfig, DEFAULT_DEAD_LETTER, DEFAULT_DISCOVERY_EXCHANGE,
+    DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_URL,
+};
 pub use discovery::AmqpDiscovery;
 pub use transport::AmqpTransport;
 

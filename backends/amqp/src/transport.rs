@@ -4,7 +4,8 @@
 use crate::{
     acks::{self, AckAction, AckTracker, Source},
     config::AmqpConfig,
-    connection, format, topics,
+    connection, dead_letter, format, topics,
+    unroutable::{self, UnroutableLog},
 };
 use comms_plugin_api::{
     async_trait, queued, redact::redact_url, Capabilities, Destination, Envelope, ErrorCode, Inbound,
@@ -18,7 +19,7 @@ use lapin::{
         BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
         QueueDeclareOptions,
     },
-    types::{AMQPValue, FieldTable, LongString, ShortString},
+    types::{AMQPValue, FieldTable, ShortString},
     Channel, Confirmation, Connection, ExchangeKind,
 };
 use std::{
@@ -118,6 +119,8 @@ struct Inner {
     shutdown: watch::Sender<bool>,
     /// Lost connections, failed reconnect attempts and restorations, for `stats()`.
     incidents: IncidentCounters,
+    /// Addresses whose sends came back (no queue), each logged once.
+    unroutable: UnroutableLog,
 }
 
 impl AmqpTransport {
@@ -152,8 +155,10 @@ impl AmqpTransport {
             closed: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
             incidents: IncidentCounters::default(),
+            unroutable: UnroutableLog::default(),
             config,
         });
+        comms_plugin_api::demote_to_debug(unroutable::LAPIN_RETURNS_TARGET);
         let backoff = inner.config.backoff();
         let first = connection::retry(&backoff, |attempt| {
             let inner = Arc::clone(&inner);
@@ -237,17 +242,27 @@ async fn set_up(inner: &Inner, connection: &Connection) -> Result<(LinkParts, Co
         .await
         .map_err(fail(&format!("declaring the topic exchange `{}`", config.topic_exchange)))?;
 
+    dead_letter::declare(&publisher, config).await?;
+    if !config.discovery_exchange.is_empty() {
+        // So that a program that is not comms can announce itself before any comms node with
+        // AMQP discovery ran (publishing to a missing exchange closes the publisher's channel).
+        publisher
+            .exchange_declare(
+                shortstr(&config.discovery_exchange, "key `discovery_exchange`")?,
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(fail(&format!("declaring the discovery exchange `{}`", config.discovery_exchange)))?;
+    }
+
     let inbox = connection.create_channel().await.map_err(fail("opening a channel"))?;
     let mut arguments = FieldTable::default();
     if let Some(expires) = config.inbox_expires_ms {
         arguments.insert("x-expires".into(), AMQPValue::LongLongInt(expires as i64));
     }
-    if let Some(exchange) = &config.dead_letter_exchange {
-        arguments.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(LongString::from(exchange.as_str())),
-        );
-    }
+    dead_letter::queue_arguments(config, &mut arguments);
     let queue = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
     inbox.queue_declare(inner.inbox_queue.as_str().into(), queue, arguments).await.map_err(|error| {
         let mut error = connection::amqp_error(url, &format!("declaring the inbox queue `{}`", inner.inbox_queue), &error);
@@ -256,7 +271,8 @@ async fn set_up(inner: &Inner, connection: &Connection) -> Result<(LinkParts, Co
             error.retryable = false;
             error.message.push_str(
                 " (the queue exists with other arguments: keys `inbox_expires_ms` and `dead_letter_exchange` must \
-                 match how it was first declared)",
+                 match how it was first declared; an inbox made before comms declared a dead-letter exchange \
+                 by default needs `dead_letter_exchange = \"\"`, or delete the queue)",
             );
         }
         error
@@ -273,8 +289,10 @@ async fn set_up(inner: &Inner, connection: &Connection) -> Result<(LinkParts, Co
     let topic_queue = format!("comms.topics.{}.{:x}.{generation}", inner.node, std::process::id());
     let private =
         QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() };
+    let mut arguments = FieldTable::default();
+    dead_letter::queue_arguments(config, &mut arguments);
     topics
-        .queue_declare(shortstr(&topic_queue, "the topic queue name")?, private, FieldTable::default())
+        .queue_declare(shortstr(&topic_queue, "the topic queue name")?, private, arguments)
         .await
         .map_err(fail("declaring the topic queue"))?;
     topics
@@ -386,16 +404,26 @@ async fn consume(inner: Arc<Inner>, link: Arc<Link>, source: Source, mut consume
     }
 }
 
-/// The delivery as the host gets it, or `None` (after rejecting it) for a malformed message.
-async fn inbound(inner: &Inner, link: &Link, source: Source, delivery: Delivery) -> Option<Inbound> {
+/// The delivery as the host gets it, or `None` (after dead-lettering it) for a message that is
+/// not a comms message or is too large.
+async fn inbound(inner: &Inner, link: &Link, source: Source, mut delivery: Delivery) -> Option<Inbound> {
     let tag = delivery.delivery_tag;
-    let routing_key = delivery.routing_key.as_str().to_string();
-    let node = &inner.node;
-    let default_to = || match source {
-        Source::Inbox => Destination::Node(node.clone()),
-        Source::Topics => Destination::topic(routing_key),
+    // A program that is not comms (or a node with a larger limit) can publish any size.
+    let refused =
+        comms_plugin_api::inbound::oversized_reason(delivery.data.len(), inner.config.max_message_size);
+    let parsed = match refused {
+        Some(reason) => Err(reason),
+        None => {
+            let routing_key = delivery.routing_key.as_str().to_string();
+            let node = &inner.node;
+            let default_to = || match source {
+                Source::Inbox => Destination::Node(node.clone()),
+                Source::Topics => Destination::topic(routing_key),
+            };
+            format::envelope_from(&delivery.properties, &mut delivery.data, default_to)
+        }
     };
-    match format::envelope_from(&delivery.properties, delivery.data, default_to) {
+    match parsed {
         Ok(envelope) => {
             let mut trackers = inner.trackers.lock().unwrap_or_else(|p| p.into_inner());
             if trackers.generation != link.generation {
@@ -405,8 +433,16 @@ async fn inbound(inner: &Inner, link: &Link, source: Source, delivery: Delivery)
             Some(Inbound { envelope, delivery_tag: acks::encode(link.generation, source, tag) })
         }
         Err(reason) => {
-            tracing::warn!(queue = ?source, %reason, "malformed AMQP message rejected (dead-lettered if configured)");
-            let _ = link.channel(source).basic_reject(tag, BasicRejectOptions { requeue: false }).await;
+            let refusal = dead_letter::Refusal {
+                publisher: &link.publisher,
+                consumer: link.channel(source),
+                queue: match source {
+                    Source::Inbox => &inner.inbox_queue,
+                    Source::Topics => &link.topic_queue,
+                },
+                exchange: &inner.config.dead_letter_exchange,
+            };
+            dead_letter::refuse(refusal, delivery, &reason).await;
             None
         }
     }
@@ -585,8 +621,18 @@ impl Transport for AmqpTransport {
                 }
             };
             match outcome {
-                Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => return Ok(()),
+                Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => {
+                    if mandatory {
+                        inner.unroutable.routed(routing_key.as_str());
+                    }
+                    return Ok(());
+                }
                 Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned))) => {
+                    if inner.unroutable.returned(routing_key.as_str()) {
+                        tracing::warn!(queue = routing_key.as_str(), url = %inner.url,
+                            "no queue at this address: sends to it fail (UNREACHABLE) until it exists; \
+                             logged once per address");
+                    }
                     return Err(PluginError::retryable(
                         ErrorCode::UNREACHABLE,
                         format!(
@@ -595,7 +641,7 @@ impl Transport for AmqpTransport {
                             inner.url,
                             returned.reply_text.as_str()
                         ),
-                    ))
+                    ));
                 }
                 Ok(Confirmation::Nack(None)) => {
                     return Err(PluginError::retryable(

@@ -11,6 +11,11 @@ pub const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
 /// Default of `prefix`: every key and channel the plugin uses starts with `comms:`.
 pub const DEFAULT_PREFIX: &str = "comms";
 
+/// Default of `claim_idle_ms`: what a crashed consumer took is delivered again 5 to 7.5 s
+/// later. The cost of a short value: a live instance that holds a message longer than this may
+/// see another instance of the same node take it too (a duplicate, with the same message id).
+pub const DEFAULT_CLAIM_IDLE_MS: u64 = 5_000;
+
 /// Largest payload Redis itself can store in one field (its `proto-max-bulk-len` default).
 pub const REDIS_MAX_BULK: u64 = 512 * 1024 * 1024;
 
@@ -47,8 +52,15 @@ pub struct RedisTransportConfig {
     /// Whether `send` returns only once Redis stored the message (`true`) or once it is queued.
     pub confirm_sends: bool,
     /// Pending entries idle this long (taken by a consumer that crashed, or whose
-    /// acknowledgement was lost) are claimed and delivered again, in milliseconds.
+    /// acknowledgement was lost) are claimed and delivered again, in milliseconds. Every
+    /// claimable entry is claimed in one pass (as fast as `max_unsettled` lets the host take
+    /// them), and a pass runs every `claim_idle_ms / 2`.
     pub claim_idle_ms: u64,
+    /// Consumers of the inbox's group (other instances of this node, usually crashed ones) that
+    /// have not read for this long and have nothing pending are removed from the group
+    /// (`XGROUP DELCONSUMER`), in milliseconds; 0 keeps them. Their pending entries are claimed
+    /// first (after `claim_idle_ms`), so removing one loses nothing.
+    pub consumer_idle_ms: u64,
     /// Approximate cap on the entries of an inbox stream (`XADD MAXLEN ~`); 0 for none.
     pub max_inbox_len: u64,
     /// Connection attempts at start before the transport gives up.
@@ -76,7 +88,8 @@ impl Default for RedisTransportConfig {
             max_unsettled: 1024,
             send_queue: 1024,
             confirm_sends: true,
-            claim_idle_ms: 30_000,
+            claim_idle_ms: DEFAULT_CLAIM_IDLE_MS,
+            consumer_idle_ms: 60_000,
             max_inbox_len: 1_000_000,
             connect_attempts: 5,
             connect_backoff_ms: 200,
@@ -137,6 +150,14 @@ impl RedisTransportConfig {
         positive("max_unsettled", self.max_unsettled as u64)?;
         positive("send_queue", self.send_queue as u64)?;
         positive("claim_idle_ms", self.claim_idle_ms)?;
+        // A live consumer reads at least every `block_ms`; leave it ample room.
+        if self.consumer_idle_ms != 0 && self.consumer_idle_ms < 4 * self.block_ms {
+            return Err(PluginError::invalid_config(format!(
+                "key `consumer_idle_ms`: {} is too short for block_ms = {} (at least 4 x block_ms, or 0 to keep \
+                 idle consumers)",
+                self.consumer_idle_ms, self.block_ms
+            )));
+        }
         positive("connect_attempts", u64::from(self.connect_attempts))?;
         positive("command_timeout_ms", self.command_timeout_ms)?;
         Ok(())

@@ -7,7 +7,7 @@
 //! url = "redis://127.0.0.1:6379"   # or rediss://user:password@host:6380/0 (TLS)
 //! prefix = "comms"                 # keys: comms:inbox:<node id>, channels: comms:topic:<topic>
 //! confirm_sends = true             # send returns once Redis stored the message
-//! claim_idle_ms = 15000            # redeliver what a crashed consumer took after this long
+//! claim_idle_ms = 5000             # redeliver what a crashed consumer took after this long
 //!
 //! [discovery]
 //! plugin = "redis"
@@ -31,10 +31,13 @@
 //!   host settles it `ACCEPTED`, i.e. after it is in the host's queue. `REJECTED_REQUEUE`
 //!   delivers it again at once (`XCLAIM`); entries a consumer took and never settled (it
 //!   crashed, or the acknowledgement was lost) are claimed by a consumer of the same inbox
-//!   after `claim_idle_ms` (`XAUTOCLAIM`); a consumer that closes hands its unsettled entries
-//!   back so that the next one takes them at once. A redelivered message keeps its message id.
-//!   `REJECTED_DISCARD` acknowledges and deletes (logged); an entry that is not a comms message
-//!   goes to `<inbox>:dead-letter`.
+//!   after `claim_idle_ms` (`XAUTOCLAIM`, every idle entry in one pass); a consumer that
+//!   closes hands its unsettled entries back so that the next one takes them at once. A
+//!   redelivered message keeps its message id. Consumers idle past `consumer_idle_ms` with
+//!   nothing pending (crashed instances) are removed from the group.
+//! - **Dead letters**: an entry that is not a comms message, one whose payload is above
+//!   `max_message_size`, and one the host settles `REJECTED_DISCARD` go to
+//!   `<inbox>:dead-letter` with the reason ([`dead_letter`]); none is delivered again.
 //! - **Sends**: with `confirm_sends = true` (default) `send` returns once Redis answered the
 //!   `XADD`; with `false` once queued (faster; a process crash loses what was queued). Either
 //!   way a write that fails because the connection dropped is retried until Redis takes it or
@@ -44,7 +47,9 @@
 //!   snapshotting, a crash of Redis loses the last seconds. A receiver that is closed keeps
 //!   its inbox; messages sent meanwhile wait for it.
 //! - **Ordering**: per sender and receiver, in send order, except for a message delivered again.
-//! - **Max message size**: `max_message_size` (default 16 MiB) of payload.
+//! - **Max message size**: `max_message_size` (default 16 MiB) of payload, enforced on `send`
+//!   and again on receipt (a larger entry written by another program goes to the dead-letter
+//!   stream).
 //! - **Limits**: an inbox is capped near `max_inbox_len` entries (default 1,000,000; 0 for no
 //!   cap): past it Redis drops the oldest entries, delivered or not. A send to an inbox that
 //!   does not exist (no node ever read it) fails with `UNREACHABLE`.
@@ -89,6 +94,7 @@
 
 pub mod config;
 mod connect;
+pub mod dead_letter;
 pub mod discovery;
 pub mod stream_entry;
 mod tls;

@@ -80,6 +80,12 @@ fn text<'a>(fields: &'a HashMap<String, Value>, name: &str) -> Result<Option<&'a
     }
 }
 
+/// The length of the `payload` field, if there is one: checked against the size limit before
+/// the entry is decoded (and its payload copied).
+pub fn payload_len(fields: &HashMap<String, Value>) -> Option<usize> {
+    bytes(fields, "payload").ok().flatten().map(<[u8]>::len)
+}
+
 /// The envelope in an inbox entry's fields; `inbox_node` is the destination when `to` is absent.
 /// The error says which field is wrong.
 pub fn decode(fields: &HashMap<String, Value>, inbox_node: &NodeId) -> Result<Envelope, String> {

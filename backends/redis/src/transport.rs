@@ -8,13 +8,13 @@ use crate::{
     topics::TopicSubscriber,
 };
 use comms_plugin_api::{
-    async_trait, backoff::Backoff, queued, wire, Capabilities, Destination, Envelope, ErrorCode, Inbound,
-    IncidentCounters, NodeId, PluginError, Settlement, SettlementOutcome, Transport, TransportInfo,
+    async_trait, backoff::Backoff, inbound, queued, wire, Capabilities, Destination, Envelope, ErrorCode,
+    Inbound, IncidentCounters, NodeId, PluginError, Settlement, SettlementOutcome, Transport, TransportInfo,
     TransportStats,
 };
 use redis::{
     aio::ConnectionManager,
-    streams::{StreamAutoClaimReply, StreamClaimReply, StreamId, StreamReadReply},
+    streams::{StreamAutoClaimReply, StreamClaimReply, StreamId, StreamInfoConsumersReply, StreamReadReply},
     Value,
 };
 use std::{
@@ -38,6 +38,9 @@ pub(crate) const TOPIC_TAG: u64 = 1 << 63;
 /// Idle time given to the entries a closing consumer hands back, so that the next consumer of
 /// the inbox claims them at once (ten days, in milliseconds).
 const HANDED_BACK_IDLE_MS: u64 = 10 * 24 * 3600 * 1000;
+
+/// The cursor that starts (and, returned, ends) an `XAUTOCLAIM` scan.
+const STREAM_START: &str = "0-0";
 
 /// Most bytes of payload written in one pipeline.
 const PIPELINE_BYTES: usize = 4 * 1024 * 1024;
@@ -320,14 +323,16 @@ impl Transport for RedisTransport {
         }
         let mut receiver = self.receiver.lock().await;
         let mut shutdown = self.shared.shutdown.subscribe();
-        Ok(comms_plugin_api::inbound::receive_batch(&mut receiver, max_batch, &mut shutdown).await)
+        Ok(inbound::receive_batch(&mut receiver, max_batch, &mut shutdown).await)
     }
 
-    /// `ACCEPTED`: `XACK` and `XDEL`. `REJECTED_DISCARD`: the same, logged. `REJECTED_REQUEUE`:
-    /// the entry stays pending and is claimed and delivered again at once.
+    /// `ACCEPTED`: `XACK` and `XDEL`. `REJECTED_DISCARD`: moved to the dead-letter stream
+    /// (copied, then `XACK` and `XDEL`), logged. `REJECTED_REQUEUE`: the entry stays pending and
+    /// is claimed and delivered again at once.
     async fn settle(&self, settlements: Vec<Settlement>) -> Result<(), PluginError> {
         let mut done = Vec::new();
         let mut requeue = Vec::new();
+        let mut discarded = Vec::new();
         {
             let mut in_flight = lock(&self.shared.in_flight);
             for settlement in settlements {
@@ -339,18 +344,22 @@ impl Transport for RedisTransport {
                 match settlement.outcome {
                     SettlementOutcome::REJECTED_REQUEUE => requeue.push(entry),
                     SettlementOutcome::REJECTED_DISCARD => {
-                        tracing::warn!(inbox = %self.shared.inbox, %entry, "message discarded by the host");
-                        done.push(entry);
+                        discarded.push((entry, crate::dead_letter::DISCARDED_BY_HOST.to_string()))
                     }
                     _ => done.push(entry),
                 }
             }
         }
-        let settled = done.len() + requeue.len();
+        let settled = done.len() + requeue.len() + discarded.len();
         if !requeue.is_empty() {
             lock(&self.shared.requeued).extend(requeue);
         }
-        let result = if done.is_empty() { Ok(()) } else { acknowledge(&self.shared, &done).await };
+        let mut result = if done.is_empty() { Ok(()) } else { acknowledge(&self.shared, &done).await };
+        if !discarded.is_empty() {
+            // On failure the entries stay pending: claimed after claim_idle_ms and delivered again.
+            let moved = dead_letter(&self.shared, discarded).await;
+            result = result.and(moved);
+        }
         self.shared.permits.add_permits(settled);
         result
     }
@@ -631,6 +640,9 @@ async fn read_loop(shared: Arc<Shared>, mut connection: ConnectionManager) {
     let mut shutdown = shared.shutdown.subscribe();
     let claim_every = Duration::from_millis((shared.config.claim_idle_ms / 2).max(50));
     let mut next_claim = Instant::now();
+    // Where an unfinished claim pass goes on: a pass claims every idle entry before the reader
+    // waits `claim_every` again, however many `read_batch`es that takes.
+    let mut claim_cursor: Option<String> = None;
     let mut delay = Duration::from_millis(50);
     while !shared.is_closed() {
         // Prefetch limit: wait until the host settled something.
@@ -642,11 +654,24 @@ async fn read_loop(shared: Arc<Shared>, mut connection: ConnectionManager) {
         let room = shared.permits.available_permits().min(shared.config.read_batch);
         let read = async {
             let mut entries = claim_requeued(&shared, &mut connection, room).await?;
-            if entries.len() < room && Instant::now() >= next_claim {
-                entries.extend(claim_idle(&shared, &mut connection, room - entries.len()).await?);
-                next_claim = Instant::now() + claim_every;
+            let mut claiming = false;
+            if entries.len() < room && (claim_cursor.is_some() || Instant::now() >= next_claim) {
+                let cursor = claim_cursor.take().unwrap_or_else(|| STREAM_START.to_string());
+                let pass = claim_idle(&shared, &mut connection, room - entries.len(), cursor).await?;
+                entries.extend(pass.claimed);
+                match pass.next_cursor {
+                    Some(cursor) => {
+                        claim_cursor = Some(cursor);
+                        claiming = true;
+                    }
+                    None => {
+                        next_claim = Instant::now() + claim_every;
+                        remove_idle_consumers(&shared, &mut connection).await;
+                    }
+                }
             }
-            if entries.is_empty() {
+            // While a claim pass is unfinished, go on with it rather than block on new entries.
+            if entries.is_empty() && !claiming {
                 entries = read_new(&shared, &mut connection, room).await?;
             }
             Ok::<_, redis::RedisError>(entries)
@@ -661,6 +686,7 @@ async fn read_loop(shared: Arc<Shared>, mut connection: ConnectionManager) {
             Err(error) if error.code() == Some("NOGROUP") => {
                 // The stream or its group is gone (Redis restarted without persistence, or the key
                 // was deleted): make them again.
+                claim_cursor = None;
                 tracing::warn!(inbox = %shared.inbox, "the inbox stream or its consumer group vanished; recreating it");
                 if let Err(error) = create_group(&shared, &mut connection).await {
                     tracing::warn!(%error, "recreating the inbox failed");
@@ -711,14 +737,31 @@ async fn claim_requeued(
     }
 }
 
+/// What one call of [`claim_idle`] took, and where the pass goes on (`None`: it is finished).
+struct ClaimPass {
+    claimed: Vec<StreamId>,
+    next_cursor: Option<String>,
+}
+
+/// Most `XAUTOCLAIM`s per call: each scans at most 10 x `COUNT` pending entries (Redis' own
+/// bound), so that a long pending list of a live consumer is scanned over several calls and
+/// never holds up the reader.
+const CLAIMS_PER_CALL: usize = 16;
+
+/// Claims up to `room` entries pending for longer than `claim_idle_ms`, from `cursor` on.
 async fn claim_idle(
     shared: &Shared,
     connection: &mut ConnectionManager,
     room: usize,
-) -> Result<Vec<StreamId>, redis::RedisError> {
+    mut cursor: String,
+) -> Result<ClaimPass, redis::RedisError> {
     let mut claimed = Vec::new();
-    let mut cursor = "0-0".to_string();
-    while claimed.len() < room {
+    let mut calls = 0;
+    let finished = loop {
+        if claimed.len() >= room || calls == CLAIMS_PER_CALL {
+            break false;
+        }
+        calls += 1;
         let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
             .arg(&shared.inbox)
             .arg(&shared.config.group)
@@ -736,15 +779,72 @@ async fn claim_idle(
                 reply.claimed.into_iter().filter(|entry| !in_flight.by_entry.contains_key(&entry.id)),
             );
         }
-        if reply.next_stream_id == "0-0" {
-            break;
-        }
         cursor = reply.next_stream_id;
-    }
+        if cursor == STREAM_START {
+            break true;
+        }
+    };
     if !claimed.is_empty() {
         tracing::info!(inbox = %shared.inbox, count = claimed.len(), "claimed messages left pending by another consumer");
     }
-    Ok(claimed)
+    Ok(ClaimPass { claimed, next_cursor: (!finished).then_some(cursor) })
+}
+
+/// Removes `consumer` (in `ARGV[2]`) from group `ARGV[1]` of stream `KEYS[1]` only if it has
+/// nothing pending, in one step: `XGROUP DELCONSUMER` forgets a consumer's pending entries,
+/// which would then never be delivered again.
+const DELETE_IF_NOTHING_PENDING: &str = r"
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+    return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
+";
+
+/// Removes the group's consumers idle past `consumer_idle_ms` with nothing pending (crashed
+/// instances whose entries were claimed). Failures are logged: the next pass tries again.
+async fn remove_idle_consumers(shared: &Shared, connection: &mut ConnectionManager) {
+    let bound = shared.config.consumer_idle_ms;
+    if bound == 0 {
+        return;
+    }
+    let consumers: Result<StreamInfoConsumersReply, _> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(&shared.inbox)
+        .arg(&shared.config.group)
+        .query_async(connection)
+        .await;
+    let consumers = match consumers {
+        Ok(reply) => reply.consumers,
+        Err(error) => {
+            tracing::debug!(inbox = %shared.inbox, error = %shared.url.scrub(&error.to_string()),
+                "listing the consumers of the inbox failed");
+            return;
+        }
+    };
+    for consumer in consumers {
+        if consumer.name == shared.consumer || consumer.pending > 0 || (consumer.idle as u64) < bound {
+            continue;
+        }
+        let removed: Result<i64, _> = redis::cmd("EVAL")
+            .arg(DELETE_IF_NOTHING_PENDING)
+            .arg(1)
+            .arg(&shared.inbox)
+            .arg(&shared.config.group)
+            .arg(&consumer.name)
+            .query_async(connection)
+            .await;
+        match removed {
+            Ok(0) => {
+                tracing::info!(inbox = %shared.inbox, consumer = %consumer.name, idle_ms = consumer.idle,
+                "removed a consumer of the inbox that was idle with nothing pending")
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::debug!(inbox = %shared.inbox, error = %shared.url.scrub(&error.to_string()),
+                "removing an idle consumer failed")
+            }
+        }
+    }
 }
 
 async fn read_new(
@@ -770,12 +870,18 @@ async fn read_new(
 
 /// Registers and hands entries to the host's queue; `false` once the transport is closing.
 async fn deliver(shared: &Shared, entries: Vec<StreamId>, shutdown: &mut watch::Receiver<bool>) -> bool {
-    let mut malformed = Vec::new();
+    let mut refused = Vec::new();
     for entry in entries {
+        // A program that is not comms (or a node with a larger limit) can write any size.
+        let size = stream_entry::payload_len(&entry.map).unwrap_or(0);
+        if let Some(reason) = inbound::oversized_reason(size, shared.config.max_message_size) {
+            refused.push((entry.id, reason));
+            continue;
+        }
         let envelope = match stream_entry::decode(&entry.map, &shared.node) {
             Ok(envelope) => envelope,
             Err(reason) => {
-                malformed.push((entry, reason));
+                refused.push((entry.id, reason));
                 continue;
             }
         };
@@ -797,37 +903,41 @@ async fn deliver(shared: &Shared, entries: Vec<StreamId>, shutdown: &mut watch::
             _ = closing(shutdown) => return false,
         }
     }
-    if !malformed.is_empty() {
-        dead_letter(shared, malformed).await;
+    if !refused.is_empty() {
+        for _ in &refused {
+            shared.incidents.failed();
+        }
+        if let Err(error) = dead_letter(shared, refused).await {
+            tracing::warn!(%error, "refused inbox entries not moved yet");
+        }
     }
     true
 }
 
-/// Moves entries that are not comms messages to `<inbox>:dead-letter`, with the reason.
-async fn dead_letter(shared: &Shared, entries: Vec<(StreamId, String)>) {
-    let mut pipe = redis::pipe();
-    let ids: Vec<&str> = entries.iter().map(|(entry, _)| entry.id.as_str()).collect();
+/// Moves entries to `<inbox>:dead-letter` with their reasons (see [`crate::dead_letter`]).
+async fn dead_letter(shared: &Shared, entries: Vec<(String, String)>) -> Result<(), PluginError> {
     for (entry, reason) in &entries {
-        shared.incidents.failed();
-        tracing::warn!(inbox = %shared.inbox, entry = %entry.id, %reason, dead_letter = %shared.dead_letter,
-            "malformed inbox entry moved to the dead-letter stream");
-        let cmd = pipe.cmd("XADD").arg(&shared.dead_letter).arg("MAXLEN").arg("~").arg(10_000).arg("*");
-        cmd.arg("error").arg(reason).arg("entry").arg(&entry.id);
-        for (name, value) in &entry.map {
-            if let Value::BulkString(bytes) = value {
-                cmd.arg(format!("field:{name}")).arg(bytes.as_slice());
-            }
-        }
-        cmd.ignore();
+        tracing::warn!(inbox = %shared.inbox, %entry, %reason, dead_letter = %shared.dead_letter,
+            "inbox entry moved to the dead-letter stream");
     }
-    pipe.cmd("XACK").arg(&shared.inbox).arg(&shared.config.group).arg(&ids).ignore();
-    pipe.cmd("XDEL").arg(&shared.inbox).arg(&ids).ignore();
     let mut connection = shared.commands.clone();
-    let result: Result<(), _> =
-        tokio::time::timeout(shared.command_timeout(), pipe.query_async(&mut connection))
-            .await
-            .unwrap_or_else(|_| Err(redis::RedisError::from((redis::ErrorKind::IoError, "timed out"))));
-    if let Err(error) = result {
-        tracing::warn!(error = %shared.url.scrub(&error.to_string()), "moving malformed entries to the dead-letter stream failed");
-    }
+    crate::dead_letter::move_entries(
+        &mut connection,
+        &shared.inbox,
+        &shared.dead_letter,
+        &shared.config.group,
+        &entries,
+        shared.command_timeout(),
+    )
+    .await
+    .map_err(|error| {
+        shared.url.error(
+            &format!(
+                "moving {} entries of `{}` to the dead-letter stream (they stay pending and are tried again)",
+                entries.len(),
+                shared.inbox
+            ),
+            &error,
+        )
+    })
 }

@@ -1,0 +1,231 @@
+//! What the AMQP transport refuses, on the RabbitMQ of this machine: a message that is not a
+//! comms message, or above `max_message_size`, is republished to the dead-letter exchange with
+//! its reason in `comms-dead-letter-reason` and kept in the dead-letter queue; one the host
+//! discards is dead-lettered by the broker into the same queue. And the exchanges a program
+//! that is not comms publishes to exist as soon as a transport started.
+//!
+//! The foreign messages are published with lapin, as any AMQP program could.
+
+use comms_plugin_api::{
+    host_side::{LoadedTransport, PluginLibrary},
+    inbound::oversized_reason,
+    NodeId, Settlement, SettlementOutcome,
+};
+use comms_tests::{artifacts, broker_available};
+use lapin::{
+    message::BasicGetMessage,
+    options::{
+        BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+        ExchangeDeleteOptions, QueueDeleteOptions,
+    },
+    types::{AMQPValue, FieldTable, ShortString},
+    BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind,
+};
+use std::time::{Duration, Instant};
+
+const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Names of this test's own: node, dead-letter exchange and queue, discovery exchange.
+struct Names {
+    node: String,
+    exchange: String,
+    queue: String,
+    discovery: String,
+}
+
+impl Names {
+    fn new(test: &str) -> Self {
+        let tag = format!("{test}-{}-{:08x}", std::process::id(), rand::random::<u32>());
+        Self {
+            node: format!("t-{tag}"),
+            exchange: format!("t-dlx-{tag}"),
+            queue: format!("t-dlq-{tag}"),
+            discovery: format!("t-discovery-{tag}"),
+        }
+    }
+
+    fn config(&self, extra: &str) -> String {
+        format!(
+            "inbox_expires_ms = 60000\ndead_letter_exchange = \"{}\"\ndead_letter_queue = \"{}\"\n\
+             discovery_exchange = \"{}\"\n{extra}",
+            self.exchange, self.queue, self.discovery
+        )
+    }
+
+    async fn open(&self, extra: &str) -> LoadedTransport {
+        let library = PluginLibrary::load(&artifacts().amqp_plugin).unwrap_or_else(|error| panic!("{error}"));
+        library
+            .new_transport(&NodeId::new(&self.node), "amqp", &self.config(extra))
+            .await
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    async fn clean_up(&self, channel: &Channel) {
+        for queue in [&self.queue, &format!("comms.inbox.{}", self.node)] {
+            let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+        }
+        for exchange in [&self.exchange, &self.discovery] {
+            let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
+        }
+    }
+}
+
+async fn channel() -> (Connection, Channel) {
+    let connection = Connection::connect(URL, ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    (connection, channel)
+}
+
+/// Publishes `body` to `queue` through the default exchange and waits for the broker's confirm.
+async fn publish(channel: &Channel, queue: &str, body: &[u8], properties: BasicProperties) {
+    let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+    let confirm = channel.basic_publish("".into(), queue.into(), options, body, properties).await.unwrap();
+    assert!(confirm.await.unwrap().is_ack());
+}
+
+/// Waits for a message in `queue` and takes it.
+async fn get(channel: &Channel, queue: &str) -> BasicGetMessage {
+    let started = Instant::now();
+    loop {
+        let options = BasicGetOptions { no_ack: true };
+        if let Some(message) = channel.basic_get(queue.into(), options).await.unwrap() {
+            return message;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "nothing arrived in `{queue}` within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn header(message: &BasicGetMessage, name: &str) -> String {
+    match message.properties.headers().as_ref().and_then(|headers| headers.inner().get(name)) {
+        Some(AMQPValue::LongString(text)) => String::from_utf8_lossy(text.as_bytes()).into_owned(),
+        other => panic!("header `{name}`: {other:?} in {:?}", message.properties.headers()),
+    }
+}
+
+fn with_id(id: &str) -> BasicProperties {
+    BasicProperties::default().with_message_id(ShortString::from(id))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_messages_are_kept_in_the_dead_letter_queue_with_their_reason() {
+    if !broker_available("RabbitMQ", "127.0.0.1:5672") {
+        return;
+    }
+    let names = Names::new("refused");
+    let (_connection, channel) = channel().await;
+    let receiver = names.open("max_message_size = 1024\n").await;
+    let inbox = receiver.info().local_address.clone();
+
+    // Not a comms message (no message_id), one above the limit, then one that fits.
+    publish(&channel, &inbox, b"anonymous", BasicProperties::default()).await;
+    publish(&channel, &inbox, &[b'x'; 2048], with_id("a1")).await;
+    publish(&channel, &inbox, b"fits", with_id("a2")).await;
+    let batch = tokio::time::timeout(Duration::from_secs(10), receiver.receive(10)).await.unwrap().unwrap();
+    assert_eq!(batch.len(), 1, "only the comms message that fits is delivered");
+    assert_eq!(batch[0].envelope.payload.as_slice(), b"fits");
+    let accept = Settlement { delivery_tag: batch[0].delivery_tag, outcome: SettlementOutcome::ACCEPTED };
+    receiver.settle(vec![accept]).await.unwrap();
+
+    let first = get(&channel, &names.queue).await;
+    assert_eq!(first.delivery.data, b"anonymous");
+    assert_eq!(header(&first, "comms-dead-letter-reason"), "the message has no message_id property");
+    assert_eq!(header(&first, "comms-dead-letter-queue"), inbox);
+    let second = get(&channel, &names.queue).await;
+    assert_eq!(second.delivery.data.len(), 2048, "kept whole");
+    assert_eq!(second.properties.message_id().as_ref().map(|id| id.as_str()), Some("a1"));
+    assert_eq!(header(&second, "comms-dead-letter-reason"), oversized_reason(2048, 1024).unwrap());
+
+    // Nothing left in the inbox: the refused ones were acknowledged after their copy was kept.
+    let nothing = tokio::time::timeout(Duration::from_millis(300), receiver.receive(10)).await;
+    assert!(nothing.is_err(), "a refused message came after all: {nothing:?}");
+    receiver.close().await.unwrap();
+    assert!(channel
+        .basic_get(inbox.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .is_none());
+    names.clean_up(&channel).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_host_discards_is_kept_in_the_dead_letter_queue() {
+    if !broker_available("RabbitMQ", "127.0.0.1:5672") {
+        return;
+    }
+    let names = Names::new("discarded");
+    let (_connection, channel) = channel().await;
+    let receiver = names.open("").await;
+    let inbox = receiver.info().local_address.clone();
+    publish(&channel, &inbox, b"refuse me", with_id("b1")).await;
+    let batch = tokio::time::timeout(Duration::from_secs(10), receiver.receive(10)).await.unwrap().unwrap();
+    assert_eq!(batch.len(), 1);
+    let discard =
+        Settlement { delivery_tag: batch[0].delivery_tag, outcome: SettlementOutcome::REJECTED_DISCARD };
+    receiver.settle(vec![discard]).await.unwrap();
+
+    let dead = get(&channel, &names.queue).await;
+    assert_eq!(dead.delivery.data, b"refuse me");
+    // The broker dead-lettered it: its x-death header says why and where from.
+    let headers = dead.properties.headers().clone().unwrap_or_default();
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+        panic!("no x-death header: {headers:?}")
+    };
+    let Some(AMQPValue::FieldTable(death)) = deaths.as_slice().first() else { panic!("{deaths:?}") };
+    let field = |name: &str| match death.inner().get(name) {
+        Some(AMQPValue::LongString(text)) => text.to_string(),
+        other => panic!("x-death `{name}`: {other:?}"),
+    };
+    assert_eq!((field("reason"), field("queue")), ("rejected".to_string(), inbox.clone()));
+    receiver.close().await.unwrap();
+    names.clean_up(&channel).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_program_can_announce_itself_once_a_transport_started() {
+    if !broker_available("RabbitMQ", "127.0.0.1:5672") {
+        return;
+    }
+    let names = Names::new("discovery");
+    let (connection, channel) = channel().await;
+    let passive =
+        ExchangeDeclareOptions { passive: true, durable: true, ..ExchangeDeclareOptions::default() };
+    let before = channel
+        .exchange_declare(
+            names.discovery.as_str().into(),
+            ExchangeKind::Fanout,
+            passive,
+            FieldTable::default(),
+        )
+        .await;
+    assert!(before.is_err(), "the discovery exchange existed before the test");
+    // A failed passive declaration closes the channel.
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+
+    let transport = names.open("").await;
+    channel
+        .exchange_declare(
+            names.discovery.as_str().into(),
+            ExchangeKind::Fanout,
+            passive,
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|error| panic!("the transport did not declare the discovery exchange: {error}"));
+    let announcement = br#"{"v":1,"kind":"announce","id":"python-node","addresses":[],"expires_in_ms":3000}"#;
+    let confirm = channel
+        .basic_publish(
+            names.discovery.as_str().into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            announcement,
+            BasicProperties::default().with_content_type("application/json".into()),
+        )
+        .await
+        .unwrap();
+    assert!(confirm.await.unwrap().is_ack());
+    transport.close().await.unwrap();
+    names.clean_up(&channel).await;
+}

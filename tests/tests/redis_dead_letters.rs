@@ -1,0 +1,163 @@
+//! What the Redis transport refuses on receipt, on the Redis of this machine: entries written
+//! by another program with a payload above `max_message_size`, and entries the host discards,
+//! go to `<inbox>:dead-letter` with their reason and never reach the application.
+//!
+//! The foreign entries are written with redis-rs, as any program could.
+
+use comms_plugin_api::{
+    host_side::{LoadedTransport, PluginLibrary},
+    inbound::oversized_reason,
+    Destination, Envelope, MessageId, NodeId, Payload, Settlement, SettlementOutcome,
+};
+use comms_tests::{artifacts, broker_available};
+use redis::{aio::MultiplexedConnection, streams::StreamRangeReply, Value};
+use std::time::{Duration, Instant};
+
+const URL: &str = "redis://127.0.0.1:6379";
+
+/// A prefix of this run's own, so that nothing here meets another test's keys.
+fn unique_prefix() -> String {
+    format!("t-dead-{}-{:08x}", std::process::id(), rand::random::<u32>())
+}
+
+async fn raw() -> MultiplexedConnection {
+    redis::Client::open(URL).unwrap().get_multiplexed_async_connection().await.unwrap()
+}
+
+async fn open(node: &str, config: &str) -> LoadedTransport {
+    let library = PluginLibrary::load(&artifacts().redis_plugin).unwrap_or_else(|error| panic!("{error}"));
+    library.new_transport(&NodeId::new(node), "redis", config).await.unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// Deletes every key under `prefix`.
+async fn clean(connection: &mut MultiplexedConnection, prefix: &str) {
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(connection).await.unwrap();
+    if !keys.is_empty() {
+        let _: i64 = redis::cmd("DEL").arg(&keys).query_async(connection).await.unwrap();
+    }
+}
+
+/// Waits until the dead-letter stream of `inbox` holds `count` entries and returns them.
+async fn dead_letters(connection: &mut MultiplexedConnection, inbox: &str, count: usize) -> StreamRangeReply {
+    let started = Instant::now();
+    loop {
+        let reply: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(format!("{inbox}:dead-letter"))
+            .arg("-")
+            .arg("+")
+            .query_async(connection)
+            .await
+            .unwrap();
+        if reply.ids.len() >= count {
+            assert_eq!(reply.ids.len(), count, "more dead letters than expected");
+            return reply;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no {count} dead letters within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn text(fields: &std::collections::HashMap<String, Value>, name: &str) -> String {
+    match fields.get(name) {
+        Some(Value::BulkString(bytes)) => String::from_utf8_lossy(bytes).into_owned(),
+        other => panic!("field `{name}`: {other:?}"),
+    }
+}
+
+/// Waits for the inbox to hold no entry and nothing pending: everything settled.
+async fn settled(connection: &mut MultiplexedConnection, inbox: &str) {
+    let started = Instant::now();
+    loop {
+        let length: usize = redis::cmd("XLEN").arg(inbox).query_async(connection).await.unwrap();
+        let pending: Vec<Value> =
+            redis::cmd("XPENDING").arg(inbox).arg("comms").query_async(connection).await.unwrap();
+        if length == 0 && pending.first() == Some(&Value::Int(0)) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "inbox not settled: {length} entries, {pending:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_entry_is_dead_lettered_with_the_shared_reason_and_never_delivered() {
+    if !broker_available("Redis", "127.0.0.1:6379") {
+        return;
+    }
+    let prefix = unique_prefix();
+    let mut connection = raw().await;
+    let receiver =
+        open("receiver", &format!("prefix = \"{prefix}\"\nmax_message_size = 1024\nblock_ms = 100\n")).await;
+    let inbox = receiver.info().local_address.clone();
+
+    // 2 KiB from a program that ignores the 1 KiB limit, then a message that fits.
+    for (id, size) in [("a1", 2048usize), ("a2", 16)] {
+        let _: String = redis::cmd("XADD")
+            .arg(&inbox)
+            .arg("*")
+            .arg("id")
+            .arg(id)
+            .arg("from")
+            .arg("foreign")
+            .arg("payload")
+            .arg(vec![b'x'; size])
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    }
+    let batch = tokio::time::timeout(Duration::from_secs(10), receiver.receive(10)).await.unwrap().unwrap();
+    assert_eq!(batch.len(), 1, "only the message that fits is delivered");
+    assert_eq!((batch[0].envelope.id, batch[0].envelope.payload.len()), (MessageId::from_u128(0xa2), 16));
+    let accept = Settlement { delivery_tag: batch[0].delivery_tag, outcome: SettlementOutcome::ACCEPTED };
+    receiver.settle(vec![accept]).await.unwrap();
+
+    let dead = dead_letters(&mut connection, &inbox, 1).await;
+    let fields = &dead.ids[0].map;
+    assert_eq!(text(fields, "error"), oversized_reason(2048, 1024).unwrap());
+    assert_eq!(text(fields, "field:id"), "a1");
+    assert_eq!(text(fields, "field:payload").len(), 2048, "kept whole for whoever looks into it");
+    settled(&mut connection, &inbox).await;
+    let nothing = tokio::time::timeout(Duration::from_millis(300), receiver.receive(10)).await;
+    assert!(nothing.is_err(), "a refused entry came after all: {nothing:?}");
+    receiver.close().await.unwrap();
+    clean(&mut connection, &prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_the_host_discards_goes_to_the_dead_letter_stream() {
+    if !broker_available("Redis", "127.0.0.1:6379") {
+        return;
+    }
+    let prefix = unique_prefix();
+    let mut connection = raw().await;
+    let config = format!("prefix = \"{prefix}\"\nblock_ms = 100\n");
+    let receiver = open("receiver", &config).await;
+    let sender = open("sender", &config).await;
+    let inbox = receiver.info().local_address.clone();
+    let envelope = Envelope::new(
+        MessageId::from_u128(7),
+        NodeId::new("sender"),
+        Destination::Node(NodeId::new("receiver")),
+        Payload::from(b"refuse me".to_vec()),
+    );
+    sender.send(&inbox, envelope).await.unwrap();
+    let batch = tokio::time::timeout(Duration::from_secs(10), receiver.receive(10)).await.unwrap().unwrap();
+    assert_eq!(batch.len(), 1);
+    let discard =
+        Settlement { delivery_tag: batch[0].delivery_tag, outcome: SettlementOutcome::REJECTED_DISCARD };
+    receiver.settle(vec![discard]).await.unwrap();
+
+    let dead = dead_letters(&mut connection, &inbox, 1).await;
+    let fields = &dead.ids[0].map;
+    assert!(text(fields, "error").contains("REJECTED_DISCARD"), "{fields:?}");
+    assert_eq!(text(fields, "field:payload"), "refuse me");
+    assert_eq!(text(fields, "field:id"), format!("{:032x}", 7));
+    settled(&mut connection, &inbox).await;
+    sender.close().await.unwrap();
+    receiver.close().await.unwrap();
+    clean(&mut connection, &prefix).await;
+}
