@@ -404,6 +404,13 @@ impl NodeBuilder {
             return Err(BuildError::NoTransport);
         }
         let (link_table, signatures) = self.resolve_security()?;
+        // The id it ends up with (a key file may have derived it).
+        if let Err(message) = NodeSpec::validate_id(&self.id) {
+            return Err(match self.config_file {
+                Some(_) => self.config_error(message),
+                None => BuildError::InvalidSettings(message),
+            });
+        }
         let dirs = search_dirs(&self.plugin_dirs);
         let mut transports: Vec<Arc<NodeTransport>> = Vec::new();
         for spec in std::mem::take(&mut self.transports) {

@@ -50,6 +50,7 @@ use crate::{
     fault_injection::FaultConfig,
     request_response::{Balancing, RequestOptions},
     security::{Security, SignatureMode},
+    spec::NodeSpec,
     static_discovery::STATIC_DISCOVERY,
 };
 use comms_plugin_api::{
@@ -140,6 +141,11 @@ pub fn load(path: &Path) -> Result<NodeBuilder, ConfigError> {
                     .into(),
             )),
         };
+    if file.node.id.is_some() {
+        // Checked here too (the builder checks the id it ends up with), so that an explicit
+        // `id = ""` is refused even with a key file.
+        NodeSpec::validate_id(&label.as_str().into()).map_err(error)?;
+    }
     let mut builder = NodeBuilder::new(label.as_str()).codec(file.node.codec).config_file(path);
     if let Some(key_file) = &file.node.key_file {
         builder = builder.key_file(absolute(key_file));

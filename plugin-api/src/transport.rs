@@ -78,8 +78,37 @@ pub struct TransportStats {
     /// a write that failed in the background, ...).
     pub errors: u64,
     /// Named counters of the transport's own (`name`, value): lowercase, dot-separated, prefixed
-    /// with the plugin's name.
+    /// with the plugin's name; and, unprefixed, [`UNDELIVERED_COUNTER`].
     pub counters: Vec<(String, u64)>,
+}
+
+/// The counter (in [`TransportStats::counters`]) of application messages the transport took
+/// (its `send` or `send_batch` said `Ok`) and then gave up on: dropped unwritten because the
+/// peer stayed unreachable, or because they could not be encoded. A total since the transport
+/// was built.
+///
+/// The host reads it after waiting for the send queues to empty: `Node::flush` and
+/// `Node::close` report the messages counted here since the last report as an error, so a
+/// send that was given up on is never silent. A transport that queues messages and can lose
+/// them after `send` returned counts them here, with [`IncidentCounters::undelivered`] (whose
+/// [`IncidentCounters::stats`] reports it). A transport whose `send` returns only once the
+/// medium took the message (a broker that confirmed it) has nothing to count.
+///
+/// Framework messages ([`is_framework_message`]: hellos, heartbeats, goodbyes, responses) are
+/// not counted: the node sends heartbeats again every interval, a goodbye to a peer that is
+/// gone needs no delivery, and a requester whose response is lost retries. Counting them would
+/// make every close after a peer died an error.
+pub const UNDELIVERED_COUNTER: &str = "undelivered";
+
+/// The header that marks a node's own framework messages (`comms-kind`: hello, heartbeat,
+/// goodbye, response; the host's `control` module documents them).
+pub const FRAMEWORK_KIND_HEADER: &str = "comms-kind";
+
+/// Whether `envelope` is one of the node's framework messages (it carries
+/// [`FRAMEWORK_KIND_HEADER`]) rather than an application message; only application messages
+/// count in [`UNDELIVERED_COUNTER`].
+pub fn is_framework_message(envelope: &Envelope) -> bool {
+    envelope.header(FRAMEWORK_KIND_HEADER).is_some()
 }
 
 /// Moves envelopes between nodes. Implement this, then export it with [`crate::export_plugin!`].
@@ -144,12 +173,14 @@ pub trait Transport: Send + Sync + 'static {
     async fn close(&self) -> Result<(), PluginError>;
 }
 
-/// What a transport counts for its own [`Transport::stats`]: reconnects and the failures no
-/// call returned. Cheap (two relaxed atomics); share it between a transport's tasks.
+/// What a transport counts for its own [`Transport::stats`]: reconnects, the failures no
+/// call returned, and messages given up on after `send` took them. Cheap (relaxed atomics);
+/// share it between a transport's tasks.
 #[derive(Debug, Default)]
 pub struct IncidentCounters {
     reconnects: AtomicU64,
     errors: AtomicU64,
+    undelivered: AtomicU64,
 }
 
 impl IncidentCounters {
@@ -164,12 +195,19 @@ impl IncidentCounters {
         self.errors.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Statistics with the reconnects and errors counted so far; the caller adds queue depths
-    /// and counters of its own.
+    /// `count` application messages that `send` took were dropped unwritten (see
+    /// [`UNDELIVERED_COUNTER`]; leave out framework messages, [`is_framework_message`]).
+    pub fn undelivered(&self, count: u64) {
+        self.undelivered.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// Statistics with the reconnects, errors and [`UNDELIVERED_COUNTER`] counted so far; the
+    /// caller adds queue depths and extends `counters` with its own.
     pub fn stats(&self) -> TransportStats {
         TransportStats {
             reconnects: self.reconnects.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
+            counters: vec![(UNDELIVERED_COUNTER.to_string(), self.undelivered.load(Ordering::Relaxed))],
             ..TransportStats::default()
         }
     }

@@ -355,12 +355,12 @@ impl<M: StreamMedium> StreamTransport<M> {
         stats.send_queue_depth = counters.send_queue_depth.load(Relaxed);
         stats.receive_queue_depth = queued(&self.inbound_depth);
         let backend = self.shared.backend;
-        stats.counters = vec![
+        stats.counters.extend([
             (format!("{backend}.writes"), counters.writes.load(Relaxed)),
             (format!("{backend}.connections.accepted"), counters.accepted.load(Relaxed)),
             (format!("{backend}.connections.refused"), counters.refused.load(Relaxed)),
             (format!("{backend}.messages.dropped"), counters.dropped_messages.load(Relaxed)),
-        ];
+        ]);
         stats
     }
 
