@@ -186,7 +186,8 @@ impl NodeBuilder {
         self
     }
 
-    /// How long [`Node::close`] waits for in-flight requests to finish.
+    /// How long [`Node::close`] waits for in-flight requests to finish, and [`Node::flush`]
+    /// for the transports' queues to empty.
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
         self.settings.close_timeout = timeout;
         self

@@ -2,7 +2,8 @@
 //!
 //! ```toml
 //! [node]
-//! id = "alice"                 # this node's id (a label when key_file is set: "alice-<public key>")
+//! id = "alice"                 # this node's id (a label when key_file is set: "alice-<public key>");
+//!                              # 1 to 255 bytes, no control character
 //! key_file = "alice.key"       # optional identity (`comms keygen`); relative to this file
 //! codec = "binary"             # "binary" (default, compact) or "json"
 //! plugin_dirs = ["plugins"]    # searched first; relative to this file
@@ -13,7 +14,7 @@
 //! request_timeout_ms = 5000    # per attempt
 //! request_attempts = 3
 //! request_backoff_ms = 50      # before the 2nd attempt; doubles
-//! close_timeout_ms = 5000      # how long close waits for requests in flight
+//! close_timeout_ms = 5000      # how long close waits for requests in flight, and flush for sends
 //! relay = false                # forward messages for other nodes (a bridge between backends)
 //! dedup_window = 0             # >0: drop repeats among the last N message ids (each message once)
 //! plugin_threads = 0           # worker threads per plugin library (0: the plugin's default, 2)
