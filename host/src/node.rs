@@ -435,9 +435,12 @@ impl Node {
     /// on, for at most the close timeout (`close_timeout_ms`, 5 s by default).
     ///
     /// `Ok` when the transports' send queues emptied and none gave up on a message.
-    /// [`FlushError::Undelivered`] counts the messages that `send` had taken (it returned `Ok`)
-    /// and a transport then dropped (e.g. TCP after `reconnect_attempts` to a peer that stayed
-    /// unreachable); each is reported once, by the first flush or [`Node::close`] after it. What
+    /// [`FlushError::Undelivered`] counts the messages to a node that `send` (or `send_many`)
+    /// had taken (it returned `Ok`) and a transport then dropped (e.g. TCP after
+    /// `reconnect_attempts` to a peer that stayed unreachable); each is reported once, by the
+    /// first flush or [`Node::close`] after it. Requests (their caller gets a timeout and
+    /// retries) and publications (at most once to each subscriber alive then) are not counted:
+    /// see [`comms_plugin_api::counts_as_undelivered`]. What
     /// "written" means is the transport's: for TCP, handed to the operating system's socket (a
     /// peer that crashes after it may still lose it); for a broker, confirmed by the broker.
     /// A transport that does not report its queue or what it gave up on (see

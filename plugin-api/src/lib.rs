@@ -142,6 +142,7 @@ pub use plugin::{Plugin, PluginDescription, Provides, Setup};
 pub use serde;
 pub use text::Text;
 pub use transport::{
-    is_framework_message, queued, Capabilities, Inbound, IncidentCounters, Outbound, SendFailure, Settlement,
-    SettlementOutcome, Transport, TransportInfo, TransportStats, FRAMEWORK_KIND_HEADER, UNDELIVERED_COUNTER,
+    counts_as_undelivered, queued, Capabilities, Inbound, IncidentCounters, Outbound, SendFailure,
+    Settlement, SettlementOutcome, Transport, TransportInfo, TransportStats, FRAMEWORK_KIND_HEADER,
+    UNDELIVERED_COUNTER,
 };

@@ -26,7 +26,7 @@
 //! - statistics ([`StreamTransport::stats`]): queue depths, reconnects, connections closed for
 //!   bad input and failed writes (errors), and counters `<backend>.writes`,
 //!   `<backend>.connections.accepted`, `<backend>.connections.refused`,
-//!   `<backend>.messages.dropped`, and the contract's `undelivered` (application messages taken
+//!   `<backend>.messages.dropped`, and the contract's `undelivered` (messages to a node taken
 //!   by `send` and then given up on, which the host's `flush` and `close` report).
 //!
 //! Guarantees: messages from one sender to one receiver arrive in order. Delivery is
