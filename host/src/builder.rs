@@ -186,7 +186,8 @@ impl NodeBuilder {
         self
     }
 
-    /// How long [`Node::close`] waits for in-flight requests to finish.
+    /// How long [`Node::close`] waits for in-flight requests to finish, and [`Node::flush`]
+    /// for the transports' queues to empty.
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
         self.settings.close_timeout = timeout;
         self
@@ -404,6 +405,13 @@ impl NodeBuilder {
             return Err(BuildError::NoTransport);
         }
         let (link_table, signatures) = self.resolve_security()?;
+        // The id it ends up with (a key file may have derived it).
+        if let Err(message) = NodeSpec::validate_id(&self.id) {
+            return Err(match self.config_file {
+                Some(_) => self.config_error(message),
+                None => BuildError::InvalidSettings(message),
+            });
+        }
         let dirs = search_dirs(&self.plugin_dirs);
         let mut transports: Vec<Arc<NodeTransport>> = Vec::new();
         for spec in std::mem::take(&mut self.transports) {

@@ -2,7 +2,8 @@
 //!
 //! ```toml
 //! [node]
-//! id = "alice"                 # this node's id (a label when key_file is set: "alice-<public key>")
+//! id = "alice"                 # this node's id (a label when key_file is set: "alice-<public key>");
+//!                              # 1 to 255 bytes, no control character
 //! key_file = "alice.key"       # optional identity (`comms keygen`); relative to this file
 //! codec = "binary"             # "binary" (default, compact) or "json"
 //! plugin_dirs = ["plugins"]    # searched first; relative to this file
@@ -13,7 +14,7 @@
 //! request_timeout_ms = 5000    # per attempt
 //! request_attempts = 3
 //! request_backoff_ms = 50      # before the 2nd attempt; doubles
-//! close_timeout_ms = 5000      # how long close waits for requests in flight
+//! close_timeout_ms = 5000      # how long close waits for requests in flight, and flush for sends
 //! relay = false                # forward messages for other nodes (a bridge between backends)
 //! dedup_window = 0             # >0: drop repeats among the last N message ids (each message once)
 //! plugin_threads = 0           # worker threads per plugin library (0: the plugin's default, 2)
@@ -50,6 +51,7 @@ use crate::{
     fault_injection::FaultConfig,
     request_response::{Balancing, RequestOptions},
     security::{Security, SignatureMode},
+    spec::NodeSpec,
     static_discovery::STATIC_DISCOVERY,
 };
 use comms_plugin_api::{
@@ -140,6 +142,11 @@ pub fn load(path: &Path) -> Result<NodeBuilder, ConfigError> {
                     .into(),
             )),
         };
+    if file.node.id.is_some() {
+        // Checked here too (the builder checks the id it ends up with), so that an explicit
+        // `id = ""` is refused even with a key file.
+        NodeSpec::validate_id(&label.as_str().into()).map_err(error)?;
+    }
     let mut builder = NodeBuilder::new(label.as_str()).codec(file.node.codec).config_file(path);
     if let Some(key_file) = &file.node.key_file {
         builder = builder.key_file(absolute(key_file));

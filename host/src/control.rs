@@ -22,7 +22,9 @@ use comms_plugin_api::{NodeId, NodeRecord};
 use serde::{Deserialize, Serialize};
 
 /// Reserved header naming a framework message's kind.
-pub const KIND_HEADER: &str = "comms-kind";
+/// (The plugin contract's [`FRAMEWORK_KIND_HEADER`](comms_plugin_api::FRAMEWORK_KIND_HEADER):
+/// transports leave these messages out of what they report undelivered.)
+pub const KIND_HEADER: &str = comms_plugin_api::FRAMEWORK_KIND_HEADER;
 /// Reserved header of a response: `ok` or `error`.
 pub const STATUS_HEADER: &str = "comms-status";
 

@@ -206,8 +206,52 @@ pub enum WaitError {
 #[derive(Debug, thiserror::Error)]
 #[error("closing: {}", .failures.join("; "))]
 pub struct CloseError {
-    /// One line per part that failed to close.
+    /// One line per part that failed to close (the undelivered messages among them).
     pub failures: Vec<String>,
+    /// Messages `send` had taken that a transport gave up on (a peer stayed unreachable) and
+    /// that no [`crate::Node::flush`] reported before.
+    pub undelivered: u64,
+}
+
+/// Why [`crate::Node::flush`] did not end with every message written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FlushError {
+    /// Transports gave up on messages that `send` had taken: `count` were not delivered
+    /// (`by_transport`: how many each transport gave up on).
+    #[error("{}", undelivered_sentence(*.count, .by_transport))]
+    Undelivered {
+        /// Messages given up on since the last report.
+        count: u64,
+        /// `(transport, count)` for each transport that gave some up.
+        by_transport: Vec<(String, u64)>,
+    },
+    /// `queued` messages were still waiting to be written when the deadline passed; they may
+    /// still go out (or be reported by the next flush or close).
+    #[error("{queued} messages were still queued after {} ms{}", .waited.as_millis(),
+        if *.undelivered > 0 { format!("; {}", undelivered_sentence(*.undelivered, &[])) } else { String::new() })]
+    TimedOut {
+        /// Messages the transports still held.
+        queued: u64,
+        /// How long flush waited.
+        waited: std::time::Duration,
+        /// Messages given up on meanwhile (reported here, not again).
+        undelivered: u64,
+    },
+    /// The node is closed.
+    #[error("the node is closed")]
+    Closed,
+}
+
+/// `3 messages were sent but not delivered: transport `tcp` gave up on 3 (peer unreachable)`.
+pub(crate) fn undelivered_sentence(count: u64, by_transport: &[(String, u64)]) -> String {
+    let messages = if count == 1 { "1 message was".to_string() } else { format!("{count} messages were") };
+    let transports: Vec<String> =
+        by_transport.iter().map(|(name, count)| format!("transport `{name}` gave up on {count}")).collect();
+    if transports.is_empty() {
+        format!("{messages} sent but not delivered (their transport gave up on them)")
+    } else {
+        format!("{messages} sent but not delivered: {} (peer unreachable)", transports.join(", "))
+    }
 }
 
 /// A config file that could not be used; `Display` names the file and the offending key.

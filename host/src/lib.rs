@@ -69,7 +69,9 @@ pub use comms_plugin_api::{
     PeerEvent, PeerEventKind,
 };
 pub use config::ConfigError;
-pub use error::{BuildError, CloseError, ReceiveError, RequestError, SendError, ServeError, WaitError};
+pub use error::{
+    BuildError, CloseError, FlushError, ReceiveError, RequestError, SendError, ServeError, WaitError,
+};
 pub use membership::{PeerInfo, PeerStatus};
 pub use node::{Node, TransportSummary};
 pub use received::Received;

@@ -7,5 +7,11 @@
 //! Every change is published as a [`crate::PeerEvent`] (`Node::peer_events`): `Joined` (up),
 //! `Left` (down, offline or withdrawn), `Updated` (its record changed). The peer table itself is
 //! part of the node's engine.
+//!
+//! The table is bounded, whatever peers send: a record over
+//! [`MAX_RECORD_BYTES`](comms_plugin_api::node_limits::MAX_RECORD_BYTES) or with an invalid id
+//! is refused; a peer known only from its own hellos and heartbeats is removed once it has been
+//! down for 10 peer timeouts, and at most 1,024 such peers are kept; peers reported by discovery
+//! stay while discovery reports them (16,384 peers in all).
 
 pub use crate::engine::membership::{PeerInfo, PeerStatus};

@@ -6,7 +6,7 @@ use crate::{
     codec::{Codec, CONTENT_TYPE_HEADER},
     driver::{Driver, InboxItem},
     engine::{membership::PeerInfo, membership::PeerStatus, Input},
-    error::{CloseError, ReceiveError, RequestError, SendError, ServeError, WaitError},
+    error::{CloseError, FlushError, ReceiveError, RequestError, SendError, ServeError, WaitError},
     received::{decode_received, decode_response, Received},
     request_response::RequestOptions,
     security::{SIGNATURE_HEADER, SIGNED_AT_HEADER},
@@ -431,12 +431,37 @@ impl Node {
             .await
     }
 
+    /// Waits until every message sent so far has been written by its transport, or given up
+    /// on, for at most the close timeout (`close_timeout_ms`, 5 s by default).
+    ///
+    /// `Ok` when the transports' send queues emptied and none gave up on a message.
+    /// [`FlushError::Undelivered`] counts the messages to a node that `send` (or `send_many`)
+    /// had taken (it returned `Ok`) and a transport then dropped (e.g. TCP after
+    /// `reconnect_attempts` to a peer that stayed unreachable); each is reported once, by the
+    /// first flush or [`Node::close`] after it. Requests (their caller gets a timeout and
+    /// retries) and publications (at most once to each subscriber alive then) are not counted:
+    /// see [`comms_plugin_api::counts_as_undelivered`]. What
+    /// "written" means is the transport's: for TCP, handed to the operating system's socket (a
+    /// peer that crashes after it may still lose it); for a broker, confirmed by the broker.
+    /// A transport that does not report its queue or what it gave up on (see
+    /// [`comms_plugin_api::UNDELIVERED_COUNTER`]) is taken at its word.
+    pub async fn flush(&self) -> Result<(), FlushError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(FlushError::Closed);
+        }
+        self.inner.flush(self.inner.spec.close_timeout).await
+    }
+
     /// Leaves gracefully, within the close timeout: stops taking new requests and lets those in
     /// flight finish, withdraws from discovery, tells every live peer (who marks this node down
     /// at once), hands the acknowledgements given so far to the transports, flushes their queues
     /// and closes them. Messages already received can still be taken with `receive` afterwards;
     /// from a transport with acknowledgements, those not acknowledged before the close are
     /// delivered again later (at least once, never lost).
+    ///
+    /// Messages this node sent that a transport gave up on, and that no [`Node::flush`]
+    /// reported, make it an error ([`CloseError::undelivered`] counts them): a send that did
+    /// not reach its peer is never silent.
     pub async fn close(&self) -> Result<(), CloseError> {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return Ok(());

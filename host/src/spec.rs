@@ -59,6 +59,20 @@ impl NodeSpec {
         Ok(())
     }
 
+    /// The one check of a node's own id, for config files and builders alike (the same rule
+    /// every node applies to the ids of its peers: [`NodeId::check`]); the message names the
+    /// config key. An id with a newline would forge log lines, an empty one names nothing.
+    pub(crate) fn validate_id(id: &NodeId) -> Result<(), String> {
+        id.check().map_err(|problem| {
+            format!(
+                "key `node.id`: {:?} {problem} (a node id is 1 to {} bytes of text with no control \
+                 character)",
+                id.as_str(),
+                comms_plugin_api::node_limits::MAX_NODE_ID_BYTES
+            )
+        })
+    }
+
     /// What the engine of node `id` needs of it.
     pub(crate) fn engine_spec(&self, id: NodeId) -> EngineSpec {
         EngineSpec {

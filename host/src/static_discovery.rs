@@ -62,6 +62,14 @@ impl Plugin for StaticDiscoveryPlugin {
 
     async fn new_discovery(setup: Setup) -> Result<Arc<dyn Discovery>, PluginError> {
         let config: StaticDiscoveryConfig = setup.config()?;
+        for (index, peer) in config.peers.iter().enumerate() {
+            if let Err(problem) = NodeId::new(peer.id.as_str()).check() {
+                return Err(PluginError::invalid_config(format!(
+                    "key `peers[{index}].id`: {:?} {problem}",
+                    peer.id
+                )));
+            }
+        }
         let peers = config
             .peers
             .into_iter()

@@ -116,7 +116,9 @@ pub mod export;
 pub mod framing;
 pub mod host_side;
 pub mod inbound;
+pub mod log_rate;
 mod logging;
+pub mod node_limits;
 mod plugin;
 pub mod redact;
 pub mod runtime;
@@ -141,6 +143,7 @@ pub use plugin::{Plugin, PluginDescription, Provides, Setup};
 pub use serde;
 pub use text::Text;
 pub use transport::{
-    queued, Capabilities, Inbound, IncidentCounters, Outbound, SendFailure, Settlement, SettlementOutcome,
-    Transport, TransportInfo, TransportStats,
+    counts_as_undelivered, queued, Capabilities, Inbound, IncidentCounters, Outbound, SendFailure,
+    Settlement, SettlementOutcome, Transport, TransportInfo, TransportStats, FRAMEWORK_KIND_HEADER,
+    UNDELIVERED_COUNTER,
 };

@@ -1,6 +1,6 @@
 //! The transport trait a plugin author implements, and what it exchanges with the host.
 
-use crate::{Envelope, Extensions, PluginError, Text};
+use crate::{Destination, Envelope, Extensions, PluginError, Text};
 use async_trait::async_trait;
 pub use comms_core::{Capabilities, Settlement, SettlementOutcome};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,8 +78,42 @@ pub struct TransportStats {
     /// a write that failed in the background, ...).
     pub errors: u64,
     /// Named counters of the transport's own (`name`, value): lowercase, dot-separated, prefixed
-    /// with the plugin's name.
+    /// with the plugin's name; and, unprefixed, [`UNDELIVERED_COUNTER`].
     pub counters: Vec<(String, u64)>,
+}
+
+/// The counter (in [`TransportStats::counters`]) of messages sent to a node that the transport
+/// took (its `send` or `send_batch` said `Ok`) and then gave up on: dropped unwritten because the
+/// peer stayed unreachable, or because they could not be encoded. A total since the transport
+/// was built. Which messages count: [`counts_as_undelivered`].
+///
+/// The host reads it after waiting for the send queues to empty: `Node::flush` and
+/// `Node::close` report the messages counted here since the last report as an error, so a
+/// send that was given up on is never silent. A transport that queues messages and can lose
+/// them after `send` returned counts them here, with [`IncidentCounters::undelivered`] (whose
+/// [`IncidentCounters::stats`] reports it). A transport whose `send` returns only once the
+/// medium took the message (a broker that confirmed it) has nothing to count.
+pub const UNDELIVERED_COUNTER: &str = "undelivered";
+
+/// The header that marks a node's own framework messages (`comms-kind`: hello, heartbeat,
+/// goodbye, response; the host's `control` module documents them).
+pub const FRAMEWORK_KIND_HEADER: &str = "comms-kind";
+
+/// Whether losing `envelope` after `send` took it counts in [`UNDELIVERED_COUNTER`]: an
+/// application message to a node does. These do not, because the node learns of their loss
+/// otherwise or needs no delivery:
+///
+/// - framework messages (they carry [`FRAMEWORK_KIND_HEADER`]): heartbeats go again every
+///   interval, a goodbye to a peer that is gone needs none, a lost response makes its
+///   requester retry;
+/// - requests (to a service): the requester's timeout and retries on another replica cover
+///   them, and its `request` call reports what they could not;
+/// - publications (to a topic): each reaches the subscribers alive at the time, at most once,
+///   as with NATS (a subscriber that dies takes the loss).
+///
+/// Counting them would make every close after a peer died an error.
+pub fn counts_as_undelivered(envelope: &Envelope) -> bool {
+    matches!(envelope.to, Destination::Node(_)) && envelope.header(FRAMEWORK_KIND_HEADER).is_none()
 }
 
 /// Moves envelopes between nodes. Implement this, then export it with [`crate::export_plugin!`].
@@ -144,12 +178,14 @@ pub trait Transport: Send + Sync + 'static {
     async fn close(&self) -> Result<(), PluginError>;
 }
 
-/// What a transport counts for its own [`Transport::stats`]: reconnects and the failures no
-/// call returned. Cheap (two relaxed atomics); share it between a transport's tasks.
+/// What a transport counts for its own [`Transport::stats`]: reconnects, the failures no
+/// call returned, and messages given up on after `send` took them. Cheap (relaxed atomics);
+/// share it between a transport's tasks.
 #[derive(Debug, Default)]
 pub struct IncidentCounters {
     reconnects: AtomicU64,
     errors: AtomicU64,
+    undelivered: AtomicU64,
 }
 
 impl IncidentCounters {
@@ -164,12 +200,19 @@ impl IncidentCounters {
         self.errors.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Statistics with the reconnects and errors counted so far; the caller adds queue depths
-    /// and counters of its own.
+    /// `count` messages that `send` took were dropped unwritten, counting only those for which
+    /// [`counts_as_undelivered`] holds (see [`UNDELIVERED_COUNTER`]).
+    pub fn undelivered(&self, count: u64) {
+        self.undelivered.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// Statistics with the reconnects, errors and [`UNDELIVERED_COUNTER`] counted so far; the
+    /// caller adds queue depths and extends `counters` with its own.
     pub fn stats(&self) -> TransportStats {
         TransportStats {
             reconnects: self.reconnects.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
+            counters: vec![(UNDELIVERED_COUNTER.to_string(), self.undelivered.load(Ordering::Relaxed))],
             ..TransportStats::default()
         }
     }
@@ -179,4 +222,24 @@ impl IncidentCounters {
 /// [`Transport::stats`].
 pub fn queued<T>(sender: &tokio::sync::mpsc::Sender<T>) -> u64 {
     (sender.max_capacity() - sender.capacity()) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MessageId;
+
+    #[test]
+    fn only_application_messages_to_a_node_count_as_undelivered() {
+        let to = |destination: Destination| Envelope::new(MessageId::from_u128(1), "a", destination, vec![1]);
+        assert!(counts_as_undelivered(&to(Destination::node("b"))));
+        assert!(!counts_as_undelivered(
+            &to(Destination::node("b")).with_header(FRAMEWORK_KIND_HEADER, "heartbeat")
+        ));
+        assert!(!counts_as_undelivered(&to(Destination::service("echo"))), "requests: the requester retries");
+        assert!(!counts_as_undelivered(&to(Destination::topic("news"))), "publications: at most once");
+        let counters = IncidentCounters::default();
+        counters.undelivered(3);
+        assert_eq!(counters.stats().counters, vec![(UNDELIVERED_COUNTER.to_string(), 3)]);
+    }
 }

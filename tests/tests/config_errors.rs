@@ -100,3 +100,33 @@ fn the_cli_reports_a_bad_key_with_the_file_and_fails() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("`idd`") && stderr.contains(&path.display().to_string()), "{stderr}");
 }
+
+/// Issue 18: ids `""` and with a newline or NUL were accepted (forged log lines, broker names
+/// that fail later). Refused at configuration, naming the key and the file, by config files
+/// and builders alike, for the node and for the peers of static discovery.
+#[tokio::test]
+async fn an_invalid_node_id_is_refused_naming_the_key_and_the_file() {
+    for (name, id) in [("empty", r#""""#), ("newline", r#""a\nINFO forged""#), ("nul", r#""nul\u0000""#)] {
+        let text = format!("[node]\nid = {id}\n{}\n[transports.tcp]\n", plugin_dirs());
+        let (message, file) = build_error(&format!("id-{name}"), &text).await;
+        assert!(message.contains("key `node.id`") && message.contains(&file), "{name}: {message}");
+    }
+    let (message, _) = build_error("id-control", "[node]\nid = \"a\\u001b[31m\"\n").await;
+    assert!(message.contains("control character U+001B"), "{message}");
+
+    let tcp = comms_host::PluginLibrary::load(&artifacts().tcp_plugin).unwrap();
+    let error = Node::builder("a\nb").transport_library("tcp", tcp, "").build().await.unwrap_err();
+    assert!(matches!(error, BuildError::InvalidSettings(_)), "{error}");
+    assert!(
+        error.to_string().contains("key `node.id`: \"a\\nb\" contains the control character U+000A"),
+        "{error}"
+    );
+
+    let text = format!(
+        "[node]\nid = \"a\"\n{}\n[transports.tcp]\n[discovery]\npeers = [{{ id = \"\", addresses = {{ tcp = \"127.0.0.1:1\" }} }}]\n",
+        plugin_dirs()
+    );
+    let (message, file) = build_error("peer-id", &text).await;
+    assert!(message.contains("`peers[0].id`") && message.contains("is empty"), "{message}");
+    assert!(message.contains("[discovery]") && message.contains(&file), "{message}");
+}

@@ -4,7 +4,9 @@
 
 use super::{now, Driver};
 use crate::engine::Input;
-use comms_plugin_api::{Capabilities, Envelope, ErrorCode, Settlement, SettlementOutcome};
+use comms_plugin_api::{
+    log_rate::LogRateLimit, Capabilities, Envelope, ErrorCode, Settlement, SettlementOutcome,
+};
 use std::{sync::Arc, time::Duration};
 use tokio::sync::watch;
 
@@ -80,6 +82,10 @@ pub(super) async fn receive_loop(driver: Arc<Driver>, index: usize) {
     }
 }
 
+/// One line per refused envelope would let a forger fill the log: a few per interval, then a
+/// count (`Node::rejected_count` has the total).
+static SIGNATURE_REFUSED: LogRateLimit = LogRateLimit::standard();
+
 /// Whether an incoming envelope passes the node's signature checks (always, unless
 /// `signatures = "require"`). A refused one is logged and counted.
 fn admitted(driver: &Driver, transport: &str, envelope: &Envelope) -> bool {
@@ -88,13 +94,16 @@ fn admitted(driver: &Driver, transport: &str, envelope: &Envelope) -> bool {
         Ok(()) => true,
         Err(reason) => {
             driver.rejected.add();
-            tracing::warn!(
-                transport,
-                from = %envelope.from,
-                id = %envelope.id,
-                reason,
-                "incoming envelope refused"
-            );
+            if let Some(repeats) = SIGNATURE_REFUSED.check() {
+                tracing::warn!(
+                    transport,
+                    // Debug-quoted: not checked yet, it may hold a newline.
+                    from = ?envelope.from.as_str(),
+                    id = %envelope.id,
+                    reason,
+                    "incoming envelope refused{repeats}"
+                );
+            }
             false
         }
     }

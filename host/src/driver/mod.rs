@@ -21,17 +21,18 @@ mod outgoing;
 use crate::{
     acknowledgement::{Acknowledgement, SettleLane, Settler},
     control,
-    engine::{Action, DropReason, Engine, IdSource, Input, Local, Route, TransportFacts},
-    error::{CloseError, SendError, WaitError},
+    engine::{membership::Source, Action, DropReason, Engine, IdSource, Input, Local, Route, TransportFacts},
+    error::{undelivered_sentence, CloseError, FlushError, SendError, WaitError},
     fault_injection::FaultInjector,
     security::{RejectedCounter, Signatures, SIGNATURE_HEADER},
     service::Handler,
     spec::NodeSpec,
 };
+use comms_plugin_api::log_rate::LogRateLimit;
 use comms_plugin_api::{
     host_side::{LoadedDiscovery, LoadedTransport},
     Capabilities, Destination, Envelope, Headers, MessageId, NodeId, NodeRecord, Payload, PeerEvent,
-    PeerEventKind, PluginError, Settlement, SettlementOutcome,
+    PeerEventKind, PluginError, Settlement, SettlementOutcome, UNDELIVERED_COUNTER,
 };
 use futures::future::BoxFuture;
 use std::{
@@ -159,6 +160,9 @@ pub(crate) struct Driver {
     pub(crate) signatures: Option<Signatures>,
     /// Incoming envelopes refused (signature checks).
     pub(crate) rejected: RejectedCounter,
+    /// Per transport, its `undelivered` counter as last reported by a flush or close (each
+    /// message given up on is reported once).
+    reported_undelivered: Mutex<Vec<u64>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -211,6 +215,7 @@ impl Driver {
             closed: AtomicBool::new(false),
             signatures,
             rejected: RejectedCounter::default(),
+            reported_undelivered: Mutex::new(Vec::new()),
         });
         let loops = driver
             .transports
@@ -362,7 +367,9 @@ impl Driver {
                     let driver = Arc::clone(self);
                     sends.in_order.push(Box::pin(async move {
                         if let Err(error) = driver.send_to_node(&route.peer, envelope).await {
-                            tracing::warn!(to = %route.peer, %error, "relaying a message failed");
+                            if let Some(repeats) = RELAY_FAILED.check() {
+                                tracing::warn!(to = %route.peer, %error, "relaying a message failed{repeats}");
+                            }
                         }
                         let accepted = Input::Settled { delivery, outcome: SettlementOutcome::ACCEPTED };
                         driver.run(driver.handle(accepted));
@@ -398,6 +405,7 @@ impl Driver {
                     }
                 }
                 Action::Dropped { from, id, reason } => log_dropped(&from, id, reason),
+                Action::RecordRefused { source, reason } => log_record_refused(source, &reason),
             }
         }
     }
@@ -610,7 +618,64 @@ impl Driver {
         }
     }
 
-    // ---- closing -------------------------------------------------------------------------------
+    // ---- flushing and closing ---------------------------------------------------------------
+
+    /// Waits until every transport's send queue is empty (written, or given up on), for at
+    /// most `limit`; reports the messages given up on since the last report.
+    ///
+    /// The v1 contract has no "queue drained" event: the queue depths of `stats()` (cheap, by
+    /// contract) are read again after a pause that grows from 1 to 50 ms.
+    pub(crate) async fn flush(&self, limit: Duration) -> Result<(), FlushError> {
+        let started = tokio::time::Instant::now();
+        for transport in &self.transports {
+            if let Some(faults) = &transport.faults {
+                // Held and delayed messages go to the transport first.
+                faults.flush().await;
+            }
+        }
+        let mut pause = Duration::from_millis(1);
+        let queued = loop {
+            let queued: u64 =
+                self.transports.iter().map(|t| t.loaded.stats().transport.send_queue_depth).sum();
+            let waited = started.elapsed();
+            if queued == 0 || waited >= limit {
+                break queued;
+            }
+            tokio::time::sleep(pause.min(limit - waited)).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        };
+        let by_transport = self.take_undelivered();
+        let count = by_transport.iter().map(|(_, count)| count).sum();
+        if queued > 0 {
+            return Err(FlushError::TimedOut { queued, waited: limit, undelivered: count });
+        }
+        if count > 0 {
+            return Err(FlushError::Undelivered { count, by_transport });
+        }
+        Ok(())
+    }
+
+    /// The messages each transport gave up on (its [`UNDELIVERED_COUNTER`]) since the last call,
+    /// for the transports that gave some up.
+    fn take_undelivered(&self) -> Vec<(String, u64)> {
+        let mut reported = lock(&self.reported_undelivered);
+        reported.resize(self.transports.len(), 0);
+        let mut news = Vec::new();
+        for (transport, reported) in self.transports.iter().zip(reported.iter_mut()) {
+            let stats = transport.loaded.stats();
+            let total = stats
+                .transport
+                .counters
+                .iter()
+                .find(|(name, _)| name == UNDELIVERED_COUNTER)
+                .map_or(0, |(_, value)| *value);
+            if total > *reported {
+                news.push((transport.name.clone(), total - *reported));
+                *reported = total;
+            }
+        }
+        news
+    }
 
     /// Leaves gracefully (see `Node::close`).
     pub(crate) async fn close(self: &Arc<Self>) -> Result<(), CloseError> {
@@ -677,6 +742,12 @@ impl Driver {
         if drained.is_err() {
             failures.push("received messages could not be handed over in time (inbox full)".to_string());
         }
+        // Closed transports have written or given up on everything they took.
+        let by_transport = self.take_undelivered();
+        let undelivered = by_transport.iter().map(|(_, count)| count).sum();
+        if undelivered > 0 {
+            failures.push(undelivered_sentence(undelivered, &by_transport));
+        }
         self.shutdown.send_replace(true);
         // Callers still waiting for a response see it abandoned.
         lock(&self.waiting).clear();
@@ -691,7 +762,7 @@ impl Driver {
         if failures.is_empty() {
             Ok(())
         } else {
-            Err(CloseError { failures })
+            Err(CloseError { failures, undelivered })
         }
     }
 
@@ -734,13 +805,52 @@ async fn one_after_another(sends: Vec<BoxFuture<'static, ()>>) {
     }
 }
 
+// Warnings that a peer can repeat once per message it sends: each written at most
+// `LogRateLimit::standard()` times per interval, then counted in the next line.
+static NOT_FOR_THIS_NODE: LogRateLimit = LogRateLimit::standard();
+static RELAY_FAILED: LogRateLimit = LogRateLimit::standard();
+static INVALID_SENDER: LogRateLimit = LogRateLimit::standard();
+static HEARD_RECORD_REFUSED: LogRateLimit = LogRateLimit::standard();
+static DISCOVERY_RECORD_REFUSED: LogRateLimit = LogRateLimit::standard();
+
+/// Logs a peer's record the engine did not take.
+fn log_record_refused(source: Source, reason: &str) {
+    match source {
+        Source::Heard => {
+            if let Some(repeats) = HEARD_RECORD_REFUSED.check() {
+                tracing::warn!(reason, "a peer's hello or heartbeat was refused{repeats}");
+            }
+        }
+        Source::Discovery => {
+            if let Some(repeats) = DISCOVERY_RECORD_REFUSED.check() {
+                tracing::warn!(reason, "a peer reported by discovery was refused{repeats}");
+            }
+        }
+    }
+}
+
 /// Logs a message the engine did not deliver.
 fn log_dropped(from: &NodeId, id: MessageId, reason: DropReason) {
     match reason {
         DropReason::NotForThisNode(to) => {
-            tracing::warn!(%from, %to, %id, "message for another node dropped (this node does not relay)")
+            if let Some(repeats) = NOT_FOR_THIS_NODE.check() {
+                tracing::warn!(
+                    %from, %to, %id,
+                    "message for another node dropped (this node does not relay){repeats}"
+                )
+            }
         }
-        DropReason::NoRoute(why) => tracing::warn!(%from, %id, why, "relaying a message failed"),
+        DropReason::NoRoute(why) => {
+            if let Some(repeats) = RELAY_FAILED.check() {
+                tracing::warn!(%from, %id, why, "relaying a message failed{repeats}")
+            }
+        }
+        DropReason::InvalidSender(problem) => {
+            if let Some(repeats) = INVALID_SENDER.check() {
+                // Debug-quoted: the id may hold a newline that would forge a log line.
+                tracing::warn!(from = ?from.as_str(), %id, problem, "message from an invalid node id refused{repeats}")
+            }
+        }
         DropReason::Duplicate => {
             tracing::debug!(%from, %id, "a message seen before was dropped (dedup_window)")
         }

@@ -9,6 +9,23 @@
 //! Every change is reported as a [`PeerEvent`]: `Joined` (up), `Left` (down, offline or
 //! withdrawn), `Updated` (its record changed: addresses, services, topics). The table is plain
 //! data: time is passed in, events are returned, nothing here waits or locks.
+//!
+//! ## Bounds
+//!
+//! Anyone who can reach a node can send it a hello or a heartbeat, under any id: what they
+//! make the table hold is bounded.
+//!
+//! - A record larger than [`MAX_RECORD_BYTES`](comms_plugin_api::node_limits::MAX_RECORD_BYTES) or with an invalid id ([`NodeRecord::check`])
+//!   is refused, whoever reports it.
+//! - A peer known only from its own hellos and heartbeats (**heard**, not reported by
+//!   discovery) is removed once it has been down or offline for [`FORGET_AFTER_TIMEOUTS`]
+//!   peer timeouts (it is learnt again from its next heartbeat). At most [`HEARD_PEER_LIMIT`]
+//!   are kept: when that many are known, a new one takes the place of the one down the
+//!   longest, and is refused if all are up.
+//! - A peer reported by discovery (the static list of the config file, a discovery plugin) is
+//!   kept while discovery reports it, down or offline, so that it stays addressable (a durable
+//!   inbox takes what is sent to it). At most [`PEER_LIMIT`] peers are known in all; discovery
+//!   reporting more is refused.
 
 use crate::control::revision;
 use comms_plugin_api::{NodeId, NodeRecord, PeerEvent, PeerEventKind};
@@ -16,6 +33,15 @@ use std::{
     collections::HashMap,
     time::{Duration, Instant},
 };
+
+/// Peers known only from their own hellos and heartbeats (see the module documentation).
+pub(crate) const HEARD_PEER_LIMIT: usize = 1024;
+
+/// Peers known in all, discovery's included.
+pub(crate) const PEER_LIMIT: usize = 16 * 1024;
+
+/// A heard peer down (or offline) for this many peer timeouts is removed.
+pub(crate) const FORGET_AFTER_TIMEOUTS: u32 = 10;
 
 /// Whether a peer is considered alive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +81,30 @@ struct PeerEntry {
     record: NodeRecord,
     status: PeerStatus,
     last_seen: Instant,
+    /// Reported by discovery (kept while discovery reports it), not only heard from.
+    announced: bool,
+    /// When it last went down or offline; `None` while up.
+    down_since: Option<Instant>,
+}
+
+impl PeerEntry {
+    fn set_status(&mut self, status: PeerStatus, now: Instant) {
+        if status == PeerStatus::Up {
+            self.down_since = None;
+        } else if self.status == PeerStatus::Up || self.down_since.is_none() {
+            self.down_since = Some(now);
+        }
+        self.status = status;
+    }
+}
+
+/// Who reports a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// Discovery (the config file's static list, a discovery plugin).
+    Discovery,
+    /// The peer itself (a hello or heartbeat): anyone can send one, under any id.
+    Heard,
 }
 
 /// What learning a record changed.
@@ -73,45 +123,72 @@ pub(crate) enum Learned {
 pub(crate) struct Membership {
     local: NodeId,
     peers: HashMap<NodeId, PeerEntry>,
+    /// How many entries of `peers` are not `announced`.
+    heard: usize,
     /// `None`: liveness is off, peers never expire.
     timeout: Option<Duration>,
 }
 
 impl Membership {
     pub(crate) fn new(local: NodeId, timeout: Option<Duration>) -> Self {
-        Self { local, peers: HashMap::new(), timeout }
+        Self { local, peers: HashMap::new(), heard: 0, timeout }
     }
 
-    /// Discovery reports `record`, or a peer sent it (hello, heartbeat): a record that says the
-    /// node is offline makes it offline, any other makes it up.
-    pub(crate) fn learn(&mut self, record: NodeRecord, now: Instant, events: &mut Vec<PeerEvent>) -> Learned {
+    /// How long a heard peer stays in the table once down; `None`: liveness is off, peers
+    /// are never down (the heard ones stay bounded by [`HEARD_PEER_LIMIT`]).
+    fn forget_after(&self) -> Option<Duration> {
+        self.timeout.map(|timeout| timeout * FORGET_AFTER_TIMEOUTS)
+    }
+
+    /// `source` reports `record`: a record that says the node is offline makes it offline, any
+    /// other makes it up. `Err` with the reason (for the log) when it is refused: an invalid id,
+    /// a record over `MAX_RECORD_BYTES`, or no room (see the module documentation).
+    pub(crate) fn learn(
+        &mut self,
+        record: NodeRecord,
+        source: Source,
+        now: Instant,
+        events: &mut Vec<PeerEvent>,
+    ) -> Result<Learned, String> {
         if record.id == self.local {
-            return Learned::Nothing;
+            return Ok(Learned::Nothing);
         }
+        record.check()?;
         let status = if record.is_offline() { PeerStatus::Offline } else { PeerStatus::Up };
         match self.peers.get_mut(&record.id) {
             None => {
+                self.make_room(&record.id, source)?;
                 let kind = if status == PeerStatus::Up { PeerEventKind::Joined } else { PeerEventKind::Left };
                 events.push(PeerEvent { kind, record: record.clone() });
-                self.peers.insert(record.id.clone(), PeerEntry { record, status, last_seen: now });
-                Learned::New
+                let announced = source == Source::Discovery;
+                let down_since = (status != PeerStatus::Up).then_some(now);
+                if !announced {
+                    self.heard += 1;
+                }
+                let entry = PeerEntry { record, status, last_seen: now, announced, down_since };
+                self.peers.insert(entry.record.id.clone(), entry);
+                Ok(Learned::New)
             }
             Some(entry) => {
+                if source == Source::Discovery && !entry.announced {
+                    entry.announced = true;
+                    self.heard -= 1;
+                }
                 let stale = matches!((revision(&entry.record), revision(&record)), (Some(known), Some(new)) if new < known);
                 if stale {
                     // An older copy arriving late still says the peer is alive.
                     if status == PeerStatus::Up {
                         entry.last_seen = now;
-                        return Self::revive(entry, events);
+                        return Ok(Self::revive(entry, events));
                     }
-                    return Learned::Nothing;
+                    return Ok(Learned::Nothing);
                 }
                 entry.last_seen = now;
                 let changed = entry.record != record;
                 entry.record = record;
                 let before = entry.status;
-                entry.status = status;
-                match (before, status) {
+                entry.set_status(status, now);
+                Ok(match (before, status) {
                     (PeerStatus::Up, PeerStatus::Up) if changed => {
                         events.push(PeerEvent { kind: PeerEventKind::Updated, record: entry.record.clone() });
                         Learned::Changed
@@ -127,9 +204,53 @@ impl Membership {
                     }
                     _ if changed => Learned::Changed,
                     _ => Learned::Nothing,
-                }
+                })
             }
         }
+    }
+
+    /// Makes room for a new peer `id` from `source`, or says why there is none.
+    fn make_room(&mut self, id: &NodeId, source: Source) -> Result<(), String> {
+        if self.peers.len() >= PEER_LIMIT {
+            // Room is made from heard peers only: discovery's are kept while it reports them.
+            if self.forget_longest_down_heard().is_none() {
+                return Err(format!(
+                    "peer `{id}` not added: the node knows {PEER_LIMIT} peers, its limit (none of them \
+                     down and known only from its heartbeats)"
+                ));
+            }
+        }
+        if source == Source::Heard
+            && self.heard >= HEARD_PEER_LIMIT
+            && self.forget_longest_down_heard().is_none()
+        {
+            return Err(format!(
+                "peer `{id}` not added: {HEARD_PEER_LIMIT} peers known only from their own heartbeats are up, \
+                 the limit (a peer reported by discovery is always added)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Removes the heard peer that has been down (or offline) the longest, if any is.
+    fn forget_longest_down_heard(&mut self) -> Option<NodeId> {
+        let id = self
+            .peers
+            .values()
+            .filter(|entry| !entry.announced)
+            .filter_map(|entry| entry.down_since.map(|since| (since, &entry.record.id)))
+            .min()
+            .map(|(_, id)| id.clone())?;
+        self.remove(&id);
+        Some(id)
+    }
+
+    fn remove(&mut self, id: &NodeId) -> Option<PeerEntry> {
+        let entry = self.peers.remove(id)?;
+        if !entry.announced {
+            self.heard -= 1;
+        }
+        Some(entry)
     }
 
     fn revive(entry: &mut PeerEntry, events: &mut Vec<PeerEvent>) -> Learned {
@@ -137,6 +258,7 @@ impl Membership {
             return Learned::Nothing;
         }
         entry.status = PeerStatus::Up;
+        entry.down_since = None;
         events.push(PeerEvent { kind: PeerEventKind::Joined, record: entry.record.clone() });
         Learned::Changed
     }
@@ -154,10 +276,10 @@ impl Membership {
     }
 
     /// `id` said goodbye: down now, or offline if it said its inbox keeps messages for it.
-    pub(crate) fn goodbye(&mut self, id: &NodeId, offline: bool, events: &mut Vec<PeerEvent>) {
+    pub(crate) fn goodbye(&mut self, id: &NodeId, offline: bool, now: Instant, events: &mut Vec<PeerEvent>) {
         if let Some(entry) = self.peers.get_mut(id) {
             let was_up = entry.status == PeerStatus::Up;
-            entry.status = if offline { PeerStatus::Offline } else { PeerStatus::Down };
+            entry.set_status(if offline { PeerStatus::Offline } else { PeerStatus::Down }, now);
             if was_up {
                 events.push(PeerEvent { kind: PeerEventKind::Left, record: entry.record.clone() });
             }
@@ -166,26 +288,53 @@ impl Membership {
 
     /// Discovery says `id` left (withdrew or expired): forgotten.
     pub(crate) fn withdrawn(&mut self, id: &NodeId, events: &mut Vec<PeerEvent>) {
-        if let Some(entry) = self.peers.remove(id).filter(|entry| entry.status == PeerStatus::Up) {
+        if let Some(entry) = self.remove(id).filter(|entry| entry.status == PeerStatus::Up) {
             events.push(PeerEvent { kind: PeerEventKind::Left, record: entry.record });
         }
     }
 
-    /// Marks down every up peer silent for longer than the timeout.
-    pub(crate) fn expire(&mut self, now: Instant, events: &mut Vec<PeerEvent>) {
-        let Some(timeout) = self.timeout else { return };
+    /// Marks down every up peer silent for longer than the timeout, and removes the heard
+    /// peers down for [`FORGET_AFTER_TIMEOUTS`] timeouts; returns the ids removed.
+    pub(crate) fn expire(&mut self, now: Instant, events: &mut Vec<PeerEvent>) -> Vec<NodeId> {
+        let (Some(timeout), Some(forget_after)) = (self.timeout, self.forget_after()) else {
+            return Vec::new();
+        };
+        let mut forgotten = Vec::new();
         for entry in self.peers.values_mut() {
             if entry.status == PeerStatus::Up && now.saturating_duration_since(entry.last_seen) > timeout {
-                entry.status = PeerStatus::Down;
+                entry.set_status(PeerStatus::Down, now);
                 events.push(PeerEvent { kind: PeerEventKind::Left, record: entry.record.clone() });
             }
+            let forget =
+                entry.down_since.is_some_and(|since| now.saturating_duration_since(since) >= forget_after);
+            if forget && !entry.announced {
+                forgotten.push(entry.record.id.clone());
+            }
         }
+        for id in &forgotten {
+            self.remove(id);
+        }
+        forgotten
     }
 
-    /// When the next peer would expire, if any can.
+    /// When the next peer would go down or be removed, if any can.
     pub(crate) fn next_expiry(&self) -> Option<Instant> {
         let timeout = self.timeout?;
-        self.peers.values().filter(|e| e.status == PeerStatus::Up).map(|e| e.last_seen + timeout).min()
+        let forget_after = self.forget_after()?;
+        self.peers
+            .values()
+            .filter_map(|entry| match entry.down_since {
+                None => Some(entry.last_seen + timeout),
+                Some(since) if !entry.announced => Some(since + forget_after),
+                Some(_) => None,
+            })
+            .min()
+    }
+
+    /// How many peers are known, and how many of them only from their own heartbeats.
+    #[cfg(test)]
+    pub(crate) fn size(&self) -> (usize, usize) {
+        (self.peers.len(), self.heard)
     }
 
     /// The latest record of `id` and its status.
@@ -241,16 +390,25 @@ mod tests {
         let start = Instant::now();
         let mut membership = Membership::new(NodeId::new("me"), Some(Duration::from_millis(100)));
         let mut events = Vec::new();
-        assert_eq!(membership.learn(record("a", &[]), start, &mut events), Learned::New);
-        assert_eq!(membership.learn(record("a", &[]), start, &mut events), Learned::Nothing);
-        assert_eq!(membership.learn(record("a", &["echo"]), start, &mut events), Learned::Changed);
+        assert_eq!(
+            membership.learn(record("a", &[]), Source::Discovery, start, &mut events),
+            Ok(Learned::New)
+        );
+        assert_eq!(
+            membership.learn(record("a", &[]), Source::Discovery, start, &mut events),
+            Ok(Learned::Nothing)
+        );
+        assert_eq!(
+            membership.learn(record("a", &["echo"]), Source::Discovery, start, &mut events),
+            Ok(Learned::Changed)
+        );
         assert_eq!(membership.live(|r| r.services.contains(&"echo".to_string())).len(), 1);
         assert_eq!(membership.next_expiry(), Some(start + Duration::from_millis(100)));
-        membership.expire(start + Duration::from_millis(150), &mut events);
+        let _ = membership.expire(start + Duration::from_millis(150), &mut events);
         assert!(membership.live(|_| true).is_empty());
         membership.heard_from(&NodeId::new("a"), start + Duration::from_millis(160), &mut events);
-        membership.goodbye(&NodeId::new("a"), false, &mut events);
-        membership.goodbye(&NodeId::new("a"), false, &mut events);
+        membership.goodbye(&NodeId::new("a"), false, start, &mut events);
+        membership.goodbye(&NodeId::new("a"), false, start, &mut events);
         use PeerEventKind::*;
         assert_eq!(
             kinds(&events),
@@ -273,15 +431,15 @@ mod tests {
         set_revision(&mut old, 7);
         let mut new = record("peer", &["svc"]);
         set_revision(&mut new, 8);
-        membership.learn(new.clone(), now, &mut events);
-        assert_eq!(membership.learn(old, now, &mut events), Learned::Nothing);
+        membership.learn(new.clone(), Source::Discovery, now, &mut events).unwrap();
+        assert_eq!(membership.learn(old, Source::Discovery, now, &mut events), Ok(Learned::Nothing));
         assert_eq!(membership.snapshot(now)[0].record, new, "the late, older heartbeat was ignored");
         let mut newer = record("peer", &[]);
         set_revision(&mut newer, 9);
-        membership.learn(newer.clone(), now, &mut events);
+        membership.learn(newer.clone(), Source::Discovery, now, &mut events).unwrap();
         assert_eq!(membership.snapshot(now)[0].record, newer);
         // A record without a revision (an older host) still replaces what is known.
-        membership.learn(record("peer", &["x"]), now, &mut events);
+        membership.learn(record("peer", &["x"]), Source::Discovery, now, &mut events).unwrap();
         assert_eq!(membership.snapshot(now)[0].record.services, vec!["x".to_string()]);
     }
 
@@ -290,11 +448,11 @@ mod tests {
         let now = Instant::now();
         let mut membership = Membership::new(NodeId::new("me"), Some(Duration::from_secs(1)));
         let mut events = Vec::new();
-        membership.learn(record("d", &[]), now, &mut events);
-        membership.goodbye(&NodeId::new("d"), true, &mut events);
+        membership.learn(record("d", &[]), Source::Discovery, now, &mut events).unwrap();
+        membership.goodbye(&NodeId::new("d"), true, now, &mut events);
         assert_eq!(membership.get(&NodeId::new("d")).map(|(_, s)| s), Some(PeerStatus::Offline));
         assert!(membership.live(|_| true).is_empty(), "offline is not live");
-        membership.expire(now + Duration::from_secs(10), &mut events);
+        let _ = membership.expire(now + Duration::from_secs(10), &mut events);
         assert_eq!(
             membership.get(&NodeId::new("d")).map(|(_, s)| s),
             Some(PeerStatus::Offline),
@@ -303,7 +461,7 @@ mod tests {
         // A record marked offline (from discovery) makes a new peer offline at once.
         let mut gone = record("e", &[]);
         gone.mark_offline();
-        membership.learn(gone, now, &mut events);
+        membership.learn(gone, Source::Discovery, now, &mut events).unwrap();
         assert_eq!(membership.get(&NodeId::new("e")).map(|(_, s)| s), Some(PeerStatus::Offline));
         membership.heard_from(&NodeId::new("d"), now, &mut events);
         assert_eq!(membership.get(&NodeId::new("d")).map(|(_, s)| s), Some(PeerStatus::Up));
@@ -319,9 +477,9 @@ mod tests {
         let now = Instant::now();
         let mut membership = Membership::new(NodeId::new("me"), None);
         let mut events = Vec::new();
-        membership.learn(record("me", &[]), now, &mut events);
-        membership.learn(record("b", &[]), now, &mut events);
-        membership.expire(now + Duration::from_secs(3600), &mut events);
+        membership.learn(record("me", &[]), Source::Discovery, now, &mut events).unwrap();
+        membership.learn(record("b", &[]), Source::Discovery, now, &mut events).unwrap();
+        let _ = membership.expire(now + Duration::from_secs(3600), &mut events);
         assert_eq!(membership.live(|_| true).len(), 1, "no timeout: never expires");
         membership.withdrawn(&NodeId::new("b"), &mut events);
         assert!(membership.snapshot(now).is_empty());

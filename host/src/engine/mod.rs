@@ -42,10 +42,10 @@ pub(crate) mod pending;
 use crate::control::{self, RecordMessage, KIND_HEADER};
 use crate::dedup::DedupWindow;
 use comms_plugin_api::{
-    Destination, Envelope, Headers, MessageId, NodeId, NodeRecord, PeerEvent, PeerEventKind,
-    SettlementOutcome,
+    node_limits::MAX_RECORD_BYTES, Destination, Envelope, Headers, MessageId, NodeId, NodeRecord, PeerEvent,
+    PeerEventKind, SettlementOutcome,
 };
-use membership::{Learned, Membership, PeerStatus};
+use membership::{Learned, Membership, PeerStatus, Source};
 use parked::{Parked, ParkedQueue};
 use pending::{Balancing, PendingRequests};
 use std::{
@@ -179,6 +179,9 @@ pub(crate) enum Action {
     Resume { transport: usize },
     /// A message was not delivered, for the log and the counters.
     Dropped { from: NodeId, id: MessageId, reason: DropReason },
+    /// A peer's record was not taken into the peer table (invalid, oversized, or no room),
+    /// for the log.
+    RecordRefused { source: Source, reason: String },
 }
 
 /// Why a message was not delivered.
@@ -196,6 +199,9 @@ pub(crate) enum DropReason {
     LateResponse,
     /// A framework message this release does not know, or cannot read.
     UnknownControl(String),
+    /// The sender's id cannot name a node (empty, a control character, too long): nothing
+    /// from it is taken.
+    InvalidSender(String),
 }
 
 /// Message ids of one node: a random prefix and a counter, shared by everything that sends.
@@ -264,6 +270,8 @@ pub(crate) struct EngineCounters {
     pub(crate) dropped: u64,
     pub(crate) requeued: u64,
     pub(crate) refused: u64,
+    /// Records (from hellos, heartbeats or discovery) and envelopes from invalid ids refused.
+    pub(crate) records_refused: u64,
 }
 
 /// The node's state machine: see the module documentation.
@@ -377,6 +385,14 @@ impl Engine {
     // ---- incoming envelopes ------------------------------------------------------------------
 
     fn received(&mut self, transport: usize, envelope: Envelope, tag: u64, now: Instant) {
+        // Refused before anything else: such an id would be added to the peer table, written
+        // into logs and names (a newline forges a log line), and cannot be answered anyway.
+        if let Err(problem) = envelope.from.check() {
+            self.counters.records_refused += 1;
+            let reason = DropReason::InvalidSender(problem);
+            self.out.push(Action::Dropped { from: envelope.from.clone(), id: envelope.id, reason });
+            return self.settle_now(transport, tag, SettlementOutcome::REJECTED_DISCARD);
+        }
         let mut events = Vec::new();
         self.membership.heard_from(&envelope.from, now, &mut events);
         self.report(events);
@@ -400,7 +416,7 @@ impl Engine {
             Some(control::GOODBYE) => {
                 let offline = RecordMessage::decode(envelope.payload.as_slice()).is_ok_and(|m| m.offline);
                 let mut events = Vec::new();
-                self.membership.goodbye(&envelope.from, offline, &mut events);
+                self.membership.goodbye(&envelope.from, offline, now, &mut events);
                 self.report(events);
                 self.settle_now(transport, tag, SettlementOutcome::ACCEPTED);
             }
@@ -427,6 +443,16 @@ impl Engine {
     /// A hello or heartbeat: learn the sender's record; answer a hello (or a peer met for the
     /// first time) with this node's own record at once, so neither side waits for a heartbeat.
     fn record_message(&mut self, envelope: &Envelope, now: Instant) {
+        // Not even decoded: a record this large would be refused once decoded (its encoding is
+        // at most about as large as the record), and decoding it would cost as much again.
+        if envelope.payload.len() > 2 * MAX_RECORD_BYTES {
+            let reason = format!(
+                "record of node `{}` refused unread: {} bytes, at most {MAX_RECORD_BYTES}",
+                envelope.from,
+                envelope.payload.len()
+            );
+            return self.record_refused(Source::Heard, reason);
+        }
         let message = match RecordMessage::decode(envelope.payload.as_slice()) {
             Ok(message) => message,
             Err(error) => {
@@ -437,11 +463,21 @@ impl Engine {
         };
         let asks = message.reply;
         let mut events = Vec::new();
-        let learned = self.membership.learn(message.into_record(envelope.from.clone()), now, &mut events);
+        let record = message.into_record(envelope.from.clone());
+        let learned = self.membership.learn(record, Source::Heard, now, &mut events);
         self.report(events);
-        if asks || learned == Learned::New {
-            self.send_record(&envelope.from, control::HEARTBEAT, false);
+        match learned {
+            Ok(learned) if asks || learned == Learned::New => {
+                self.send_record(&envelope.from, control::HEARTBEAT, false)
+            }
+            Ok(_) => {}
+            Err(reason) => self.record_refused(Source::Heard, reason),
         }
+    }
+
+    fn record_refused(&mut self, source: Source, reason: String) {
+        self.counters.records_refused += 1;
+        self.out.push(Action::RecordRefused { source, reason });
     }
 
     fn application_message(&mut self, transport: usize, envelope: Envelope, tag: u64, now: Instant) {
@@ -695,7 +731,10 @@ impl Engine {
 
     fn tick(&mut self, now: Instant) {
         let mut events = Vec::new();
-        self.membership.expire(now, &mut events);
+        for forgotten in self.membership.expire(now, &mut events) {
+            // Greeted again (with a hello before the first message) if it comes back.
+            self.greeted.remove(&forgotten);
+        }
         self.report(events);
         if let (Some(due), Some(interval)) = (self.next_heartbeat, self.spec.heartbeat_interval) {
             if due <= now && !self.closing {
@@ -715,11 +754,20 @@ impl Engine {
     fn discovery(&mut self, event: PeerEvent, now: Instant) {
         let mut events = Vec::new();
         match event.kind {
-            PeerEventKind::Left => self.membership.withdrawn(&event.record.id, &mut events),
+            PeerEventKind::Left => {
+                self.membership.withdrawn(&event.record.id, &mut events);
+                self.greeted.remove(&event.record.id);
+            }
             PeerEventKind::Joined | PeerEventKind::Updated => {
                 let id = event.record.id.clone();
                 let away = event.record.is_offline();
-                let learned = self.membership.learn(event.record, now, &mut events);
+                let learned = match self.membership.learn(event.record, Source::Discovery, now, &mut events) {
+                    Ok(learned) => learned,
+                    Err(reason) => {
+                        self.report(events);
+                        return self.record_refused(Source::Discovery, reason);
+                    }
+                };
                 // A peer met through discovery gets this node's record at once, and is asked for
                 // its own: neither waits for the other's heartbeat. A node that is away is asked
                 // nothing (it announces itself when it is back; the first message sent to its

@@ -454,3 +454,124 @@ fn an_offline_peer_is_reached_through_its_durable_inbox_and_a_first_message_says
     assert!(RecordMessage::decode(greeting.payload.as_slice()).unwrap().reply, "and asks for the peer's");
     assert!(engine.prepare_send(&NodeId::new("d")).unwrap().1.is_none(), "once");
 }
+
+fn heartbeat(record: &NodeRecord) -> Input {
+    let id = record.id.as_str();
+    received(AT_MOST_ONCE, control(id, HEARTBEAT, RecordMessage::of(record).encode()), 0)
+}
+
+fn refusals(actions: &[Action]) -> usize {
+    actions.iter().filter(|a| matches!(a, Action::RecordRefused { .. })).count()
+}
+
+/// Issue 18: 100,000 forged heartbeat ids took a node from 20 to 112 MB, for good. Peers known
+/// only from their heartbeats are now bounded, and removed once down for a while; peers from
+/// discovery stay.
+#[test]
+fn forged_heartbeat_ids_cannot_grow_the_peer_table_past_its_bound_and_are_forgotten() {
+    use membership::{FORGET_AFTER_TIMEOUTS, HEARD_PEER_LIMIT};
+    let start = Instant::now();
+    let mut engine = engine(start);
+    engine.handle(joined(peer_record("static", &[], &[])), start);
+    let forged = 3 * HEARD_PEER_LIMIT;
+    let mut refused = 0;
+    for n in 0..forged {
+        refused += refusals(&engine.handle(heartbeat(&peer_record(&format!("forged-{n}"), &[], &[])), start));
+    }
+    assert_eq!(engine.membership.size(), (1 + HEARD_PEER_LIMIT, HEARD_PEER_LIMIT), "bounded");
+    assert_eq!(refused, forged - HEARD_PEER_LIMIT, "every one past the bound refused, for the log");
+    assert_eq!(engine.counters().records_refused, refused as u64);
+    assert!(engine.greeted.len() <= 1 + HEARD_PEER_LIMIT, "the ids greeted are bounded too");
+
+    // Silent: down after the timeout, removed FORGET_AFTER_TIMEOUTS timeouts later.
+    let timeout = spec().peer_timeout;
+    let down = start + timeout + Duration::from_millis(1);
+    engine.handle(Input::Tick, down);
+    assert_eq!(engine.membership.size(), (1 + HEARD_PEER_LIMIT, HEARD_PEER_LIMIT), "down, still listed");
+    let deadline = engine.next_deadline().expect("the removal is scheduled");
+    assert!(deadline <= down + timeout * FORGET_AFTER_TIMEOUTS, "the timer wakes for it");
+    engine.handle(Input::Tick, down + timeout * FORGET_AFTER_TIMEOUTS);
+    assert_eq!(engine.membership.size(), (1, 0), "heard peers removed; the discovery peer stays");
+    assert_eq!(engine.status(&NodeId::new("static")), Some(PeerStatus::Down));
+    assert_eq!(engine.greeted.len(), 1, "forgotten peers are forgotten as greeted too");
+
+    // A forgotten peer that speaks again is learnt again, and answered.
+    let actions = engine.handle(heartbeat(&peer_record("forged-1", &[], &[])), down + timeout * 11);
+    assert_eq!(control_sent(&actions).len(), 1, "a new peer gets this node's record");
+    assert_eq!(engine.status(&NodeId::new("forged-1")), Some(PeerStatus::Up));
+}
+
+#[test]
+fn when_heard_peers_are_at_their_bound_a_new_one_takes_the_place_of_the_one_down_longest() {
+    use membership::HEARD_PEER_LIMIT;
+    let start = Instant::now();
+    let mut engine = engine(start);
+    engine.handle(heartbeat(&peer_record("oldest", &[], &[])), start);
+    let later = start + Duration::from_secs(1);
+    for n in 1..HEARD_PEER_LIMIT {
+        engine.handle(heartbeat(&peer_record(&format!("p{n}"), &[], &[])), later);
+    }
+    // "oldest" goes down first; the others stay up (heard again).
+    let check = start + spec().peer_timeout + Duration::from_millis(500);
+    for n in 1..HEARD_PEER_LIMIT {
+        engine.handle(heartbeat(&peer_record(&format!("p{n}"), &[], &[])), check);
+    }
+    engine.handle(Input::Tick, check);
+    assert_eq!(engine.status(&NodeId::new("oldest")), Some(PeerStatus::Down));
+    let actions = engine.handle(heartbeat(&peer_record("newcomer", &[], &[])), check);
+    assert_eq!(refusals(&actions), 0);
+    assert_eq!(engine.status(&NodeId::new("newcomer")), Some(PeerStatus::Up));
+    assert_eq!(engine.status(&NodeId::new("oldest")), None, "the down one made room");
+    // All up: the next stranger is refused.
+    let actions = engine.handle(heartbeat(&peer_record("one-too-many", &[], &[])), check);
+    assert_eq!(refusals(&actions), 1);
+    assert_eq!(engine.status(&NodeId::new("one-too-many")), None);
+    // Discovery is not bounded by the heard peers.
+    engine.handle(joined(peer_record("announced", &[], &[])), check);
+    assert_eq!(engine.status(&NodeId::new("announced")), Some(PeerStatus::Up));
+}
+
+/// Issue 18: 300 ids with 1 MiB of metadata each took a node to 607 MB.
+#[test]
+fn an_oversized_record_is_refused_from_a_heartbeat_and_from_discovery() {
+    use comms_plugin_api::node_limits::MAX_RECORD_BYTES;
+    let now = Instant::now();
+    let mut engine = engine(now);
+    let mut fat = peer_record("fat", &[], &[]);
+    fat.metadata.push(("blob".into(), "x".repeat(1 << 20)));
+    let actions = engine.handle(heartbeat(&fat), now);
+    assert_eq!(refusals(&actions), 1, "{actions:?}");
+    assert!(control_sent(&actions).is_empty(), "not answered");
+    // Just over the limit once decoded (the payload alone would pass the unread check).
+    let mut over = peer_record("over", &[], &[]);
+    over.metadata.push(("blob".into(), "x".repeat(MAX_RECORD_BYTES)));
+    assert_eq!(refusals(&engine.handle(heartbeat(&over), now)), 1);
+    assert_eq!(refusals(&engine.handle(joined(fat.clone()), now)), 1);
+    assert_eq!(engine.membership.size(), (0, 0));
+    assert_eq!(engine.counters().records_refused, 3);
+    // A known peer whose record grows too large keeps its last good record.
+    engine.handle(joined(peer_record("fat", &["svc"], &[])), now);
+    engine.handle(heartbeat(&fat), now);
+    assert!(engine.serves("svc"), "the last good record stays");
+}
+
+/// Issue 18: ids `""` and with a newline or NUL were accepted (forged log lines).
+#[test]
+fn invalid_ids_on_the_wire_are_refused_and_never_become_peers() {
+    let now = Instant::now();
+    let mut engine = engine(now);
+    for bad in ["", "eve\nINFO comms: forged", "nul\0byte"] {
+        let actions = engine.handle(heartbeat(&peer_record(bad, &[], &[])), now);
+        assert!(
+            matches!(actions.as_slice(), [Action::Dropped { reason: DropReason::InvalidSender(_), .. }]),
+            "{bad:?}: {actions:?}"
+        );
+        let message = from(bad, Destination::node("me"), 1);
+        let actions = engine.handle(received(AT_LEAST_ONCE, message, 7), now);
+        assert!(delivered(&actions).is_empty(), "{bad:?}: nothing from it is delivered");
+        assert_eq!(settled(&actions), vec![(7, SettlementOutcome::REJECTED_DISCARD)], "dead-lettered");
+        assert_eq!(refusals(&engine.handle(joined(peer_record(bad, &[], &[])), now)), 1, "{bad:?}");
+    }
+    assert_eq!(engine.membership.size(), (0, 0));
+    assert!(engine.greeted.is_empty());
+}

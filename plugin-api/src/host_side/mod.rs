@@ -277,7 +277,12 @@ impl LoadedTransport {
             match Envelope::from_abi(inbound.envelope) {
                 Ok(envelope) => accepted.push(Inbound { envelope, delivery_tag }),
                 Err(error) => {
-                    tracing::warn!(%error, "discarding a message this host cannot represent");
+                    // One per message a newer peer sends: rate-limited.
+                    static UNREPRESENTABLE: crate::log_rate::LogRateLimit =
+                        crate::log_rate::LogRateLimit::standard();
+                    if let Some(repeats) = UNREPRESENTABLE.check() {
+                        tracing::warn!(%error, "discarding a message this host cannot represent{repeats}");
+                    }
                     discarded.push(Settlement { delivery_tag, outcome: SettlementOutcome::REJECTED_DISCARD });
                 }
             }

@@ -26,7 +26,8 @@
 //! - statistics ([`StreamTransport::stats`]): queue depths, reconnects, connections closed for
 //!   bad input and failed writes (errors), and counters `<backend>.writes`,
 //!   `<backend>.connections.accepted`, `<backend>.connections.refused`,
-//!   `<backend>.messages.dropped`.
+//!   `<backend>.messages.dropped`, and the contract's `undelivered` (messages to a node taken
+//!   by `send` and then given up on, which the host's `flush` and `close` report).
 //!
 //! Guarantees: messages from one sender to one receiver arrive in order. Delivery is
 //! at-most-once except that a batch whose write failed is written again after reconnecting, so a
@@ -355,12 +356,12 @@ impl<M: StreamMedium> StreamTransport<M> {
         stats.send_queue_depth = counters.send_queue_depth.load(Relaxed);
         stats.receive_queue_depth = queued(&self.inbound_depth);
         let backend = self.shared.backend;
-        stats.counters = vec![
+        stats.counters.extend([
             (format!("{backend}.writes"), counters.writes.load(Relaxed)),
             (format!("{backend}.connections.accepted"), counters.accepted.load(Relaxed)),
             (format!("{backend}.connections.refused"), counters.refused.load(Relaxed)),
             (format!("{backend}.messages.dropped"), counters.dropped_messages.load(Relaxed)),
-        ];
+        ]);
         stats
     }
 

@@ -129,8 +129,8 @@ impl PeerQueue {
     }
 
     /// The writer gave up: records why (senders read it once the queue no longer takes sends)
-    /// and drops what is queued. Returns how many were dropped.
-    pub(super) fn fail(&self, error: PluginError) -> usize {
+    /// and returns what was queued (for the writer to count, then drop).
+    pub(super) fn fail(&self, error: PluginError) -> VecDeque<Queued> {
         let dropped = {
             let mut state = self.lock();
             state.open = false;
@@ -138,7 +138,7 @@ impl PeerQueue {
             std::mem::take(&mut state.items)
         };
         self.room.close();
-        dropped.len()
+        dropped
     }
 
     /// Whether sends are still taken.
@@ -219,7 +219,7 @@ mod tests {
             })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(queue.fail(PluginError::closed("test")), 2);
+        assert_eq!(queue.fail(PluginError::closed("test")).len(), 2);
         assert_eq!(waiting.await.unwrap(), (Err(()), 2), "the waiting batch was not queued");
         assert!(!queue.is_open());
         assert!(queue.failure().is_some());

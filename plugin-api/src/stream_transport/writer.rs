@@ -9,7 +9,7 @@ use super::{
     reader::write_flushed,
     Shared, StreamMedium,
 };
-use crate::{ErrorCode, NodeId, PluginError};
+use crate::{log_rate::LogRateLimit, ErrorCode, NodeId, PluginError};
 use std::{
     sync::{atomic::Ordering::Relaxed, Arc},
     time::Duration,
@@ -36,6 +36,8 @@ impl<M: StreamMedium> PeerWriter<M> {
         // The frames of one write, encoded in place; kept (and reused) until written.
         let mut batch = Vec::with_capacity(settings.write_batch_bytes);
         let mut batch_frames = 0usize;
+        // Of them, those `undelivered` counts if the batch is given up (`counts_as_undelivered`).
+        let mut batch_counted = 0usize;
         let mut taken: Vec<Queued> = Vec::new();
         let mut failed_writes = 0u32;
         let mut connected_before = false;
@@ -66,10 +68,15 @@ impl<M: StreamMedium> PeerWriter<M> {
                 for item in taken.drain(..) {
                     // `send` checked the frame size, so encoding cannot fail; if it did, that
                     // one message is dropped, not the batch.
+                    let counted = crate::counts_as_undelivered(&item.envelope);
                     match protocol::append_envelope_frame(&item.envelope, &mut batch) {
-                        Ok(()) => batch_frames += 1,
+                        Ok(()) => {
+                            batch_frames += 1;
+                            batch_counted += usize::from(counted);
+                        }
                         Err(error) => {
                             self.shared.counters.incidents.failed();
+                            self.shared.counters.incidents.undelivered(u64::from(counted));
                             self.shared.counters.send_queue_depth.fetch_sub(1, Relaxed);
                             tracing::warn!(backend = self.shared.backend, peer = %self.address, %error, "message dropped: cannot encode it");
                         }
@@ -88,7 +95,7 @@ impl<M: StreamMedium> PeerWriter<M> {
                         connected_before = true;
                         connection = Some(open);
                     }
-                    Err(error) => return self.give_up(error, batch_frames),
+                    Err(error) => return self.give_up(error, batch_frames, batch_counted),
                 }
             }
             let Some(open) = connection.as_mut() else { continue };
@@ -98,6 +105,7 @@ impl<M: StreamMedium> PeerWriter<M> {
                     self.shared.counters.send_queue_depth.fetch_sub(batch_frames as u64, Relaxed);
                     batch.clear();
                     batch_frames = 0;
+                    batch_counted = 0;
                     failed_writes = 0;
                     // One huge message must not keep a huge buffer for the life of the link.
                     if batch.capacity() > 4 * settings.write_batch_bytes {
@@ -120,7 +128,7 @@ impl<M: StreamMedium> PeerWriter<M> {
                                 self.shared.backend, self.address
                             ),
                         );
-                        return self.give_up(error, batch_frames);
+                        return self.give_up(error, batch_frames, batch_counted);
                     }
                 }
             }
@@ -201,18 +209,29 @@ impl<M: StreamMedium> PeerWriter<M> {
     }
 
     /// Records why this peer is unreachable and drops what was queued for it, so that senders
-    /// learn of the failure instead of waiting forever.
-    fn give_up(self, error: PluginError, in_batch: usize) {
+    /// learn of the failure instead of waiting forever. `in_batch` frames were encoded and not
+    /// written, `counted` of them counted as undelivered if lost.
+    fn give_up(self, error: PluginError, in_batch: usize, counted: usize) {
         // The queue keeps the reason: a sender that finds it closed reads it.
-        let dropped = in_batch + self.queue.fail(error.clone());
+        let queued = self.queue.fail(error.clone());
+        let dropped = in_batch + queued.len();
+        let undelivered =
+            counted + queued.iter().filter(|item| crate::counts_as_undelivered(&item.envelope)).count();
         let counters = &self.shared.counters;
-        counters.send_queue_depth.fetch_sub(dropped as u64, Relaxed);
+        // Counted before the queue depth falls: the host's flush, which waits for the depth to
+        // reach 0, then reads this count, so a message `send` took is never lost silently.
+        counters.incidents.undelivered(undelivered as u64);
         counters.dropped_messages.fetch_add(dropped as u64, Relaxed);
+        counters.send_queue_depth.fetch_sub(dropped as u64, Relaxed);
         counters.incidents.failed();
-        tracing::warn!(
-            backend = self.shared.backend, peer = %self.address, dropped, %error,
-            "giving up on peer; queued messages dropped"
-        );
+        // One per unreachable address, which a peer's forged record can name: rate-limited.
+        static GAVE_UP: LogRateLimit = LogRateLimit::standard();
+        if let Some(repeats) = GAVE_UP.check() {
+            tracing::warn!(
+                backend = self.shared.backend, peer = %self.address, dropped, undelivered, %error,
+                "giving up on peer; queued messages dropped{repeats}"
+            );
+        }
     }
 }
 
