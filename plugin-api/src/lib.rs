@@ -113,6 +113,7 @@ mod discovery;
 mod envelope;
 mod error;
 pub mod export;
+pub mod framework;
 pub mod framing;
 pub mod host_side;
 pub mod inbound;

@@ -42,7 +42,9 @@ pub struct SqliteConfig {
     /// Longest interval between two polls: the bound on latency added to a message from another
     /// process when the mailbox has been idle.
     pub poll_max_ms: u64,
-    /// Largest payload in bytes `send` accepts.
+    /// Largest payload in bytes `send` accepts, and `receive` delivers: a larger one found in
+    /// the mailbox (written by a node with a larger limit, or by another program) goes to the
+    /// dead-letter table.
     pub max_message_size: u64,
     /// `normal` (default) or `full`; see [`Synchronous`].
     pub synchronous: Synchronous,

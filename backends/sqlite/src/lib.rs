@@ -66,12 +66,20 @@
 //!   when the host settles it `ACCEPTED`, which the host does after routing it into its own queue.
 //!   A message received but not settled (the process crashed, or took longer than `lease_ms`) is
 //!   delivered again after the lease, with the same message id. `REJECTED_REQUEUE` makes it
-//!   available again at once; `REJECTED_DISCARD`, an undecodable row, or a message delivered
-//!   `max_attempts` times without being accepted moves it to the `comms_dead_letter` table.
+//!   available again at once; `REJECTED_DISCARD`, a row that cannot be delivered (a column of
+//!   an unexpected type, bytes that are not a wire envelope, a payload over this transport's
+//!   `max_message_size`), or a message delivered `max_attempts` times without being accepted
+//!   moves it to the `comms_dead_letter` table with a reason naming the cause; the rows behind it
+//!   keep flowing.
+//! - **Framework messages are bounded**: a `hello`, `heartbeat` or `goodbye` replaces an older
+//!   unclaimed one of the same kind from the same sender in the same mailbox
+//!   ([`comms_plugin_api::framework::replacement_key`]), so heartbeats to a node that never runs
+//!   do not pile up. Application messages are never replaced.
 //! - **Ordering**: messages from one sender to one node are claimed in commit order (row id). A
 //!   redelivered message (requeued, or after a lease expired) comes after newer ones, and several
 //!   instances consuming the same node id share its mailbox without any order between them.
-//! - **Max message size**: `max_message_size` payload bytes (default 8 MiB, at most 512 MiB).
+//! - **Max message size**: `max_message_size` payload bytes (default 8 MiB, at most 512 MiB),
+//!   refused by `send` and dead-lettered on receipt (another writer may have a larger limit).
 //! - **Disconnect**: there is no connection to lose. A receiver that is down keeps its mailbox:
 //!   messages wait in the file until a node with that id reads them. `close` releases the leases
 //!   of received, unsettled messages so the next instance gets them at once.

@@ -4,8 +4,14 @@
 //! async worker. One [`SqliteMailbox`] per transport instance: one connection, one lease owner.
 
 use crate::{config::SqliteConfig, schema::now_ms, topic_pattern};
-use comms_plugin_api::{wire, Inbound, Settlement, SettlementOutcome};
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+#[cfg(doc)]
+use comms_plugin_api::framework;
+use comms_plugin_api::{inbound, wire, Envelope, Inbound, Settlement, SettlementOutcome};
+use rusqlite::{
+    params,
+    types::{Type, ValueRef},
+    Connection, OptionalExtension, TransactionBehavior,
+};
 use std::collections::BTreeSet;
 
 /// One message to write.
@@ -17,6 +23,9 @@ pub(crate) enum Outgoing {
         recipient: String,
         /// The envelope in wire encoding.
         encoded: Vec<u8>,
+        /// [`framework::replacement_key`]: the message replaces an older unclaimed one with the
+        /// same key in the same mailbox.
+        replace_key: Option<String>,
     },
     /// One row per node subscribed to a pattern that matches the topic.
     Topic {
@@ -67,6 +76,56 @@ const REASON_ATTEMPTS: &str = "delivered max_attempts times without being accept
 const REASON_DISCARDED: &str = "rejected by the receiving host (REJECTED_DISCARD)";
 const REASON_MALFORMED: &str = "not a valid wire-encoded envelope";
 
+/// What a claimed row must satisfy to be delivered.
+#[derive(Debug, Clone, Copy)]
+struct RowLimits {
+    max_attempts: i64,
+    max_message_size: u64,
+}
+
+/// The envelope of a claimed row, or why the row goes to the dead-letter table instead. Any
+/// program can write into the table, so nothing is assumed about the values' types. The reason
+/// names what is wrong: an operator reading `comms_dead_letter` can tell a broken writer
+/// (wrong column type), a writer of another wire version, an oversized message and a message
+/// that kept failing apart.
+fn check_row(
+    envelope: ValueRef<'_>,
+    attempts: ValueRef<'_>,
+    locked_until: ValueRef<'_>,
+    limits: &RowLimits,
+) -> Result<Envelope, String> {
+    let attempts = match attempts {
+        ValueRef::Integer(attempts) => attempts,
+        other => return Err(format!("attempts column holds {}, not an INTEGER", sql_type(other))),
+    };
+    if !matches!(locked_until, ValueRef::Integer(_)) {
+        return Err(format!("locked_until column holds {}, not an INTEGER", sql_type(locked_until)));
+    }
+    // This claim would be delivery number `attempts + 1`.
+    if attempts.saturating_add(1) > limits.max_attempts {
+        return Err(REASON_ATTEMPTS.to_string());
+    }
+    let ValueRef::Blob(bytes) = envelope else {
+        return Err(format!("envelope column holds {}, not a BLOB in the wire encoding", sql_type(envelope)));
+    };
+    let envelope = wire::decode_envelope(bytes).map_err(|error| format!("{REASON_MALFORMED}: {error}"))?;
+    match inbound::oversized_reason(envelope.payload.len(), limits.max_message_size) {
+        Some(reason) => Err(reason),
+        None => Ok(envelope),
+    }
+}
+
+/// The SQL name of a value's type, as `typeof()` would say it (upper case).
+fn sql_type(value: ValueRef<'_>) -> &'static str {
+    match value.data_type() {
+        Type::Null => "NULL",
+        Type::Integer => "INTEGER",
+        Type::Real => "REAL",
+        Type::Text => "TEXT",
+        Type::Blob => "BLOB",
+    }
+}
+
 impl SqliteMailbox {
     pub(crate) fn new(
         connection: Connection,
@@ -114,12 +173,21 @@ impl SqliteMailbox {
         let mut subscriptions: Option<Vec<(String, String)>> = None;
         {
             let mut insert = transaction.prepare_cached(
-                "INSERT INTO comms_mailbox (recipient, envelope, enqueued_at) VALUES (?1, ?2, ?3)",
+                "INSERT INTO comms_mailbox (recipient, envelope, enqueued_at, replace_key) VALUES (?1, ?2, ?3, ?4)",
             )?;
             for message in outgoing {
                 match message {
-                    Outgoing::Direct { recipient, encoded } => {
-                        insert.execute(params![recipient, encoded, now])?;
+                    Outgoing::Direct { recipient, encoded, replace_key } => {
+                        if let Some(key) = replace_key {
+                            // Only unclaimed rows: one being handled is settled by its receiver.
+                            transaction
+                                .prepare_cached(
+                                    "DELETE FROM comms_mailbox
+                                     WHERE recipient = ?1 AND replace_key = ?2 AND locked_until <= ?3",
+                                )?
+                                .execute(params![recipient, key, now])?;
+                        }
+                        insert.execute(params![recipient, encoded, now, replace_key])?;
                         recipients.insert(recipient.clone());
                     }
                     Outgoing::Topic { topic, encoded } => {
@@ -136,7 +204,7 @@ impl SqliteMailbox {
                             .map(|(node, _)| node)
                             .collect();
                         for node in subscribers {
-                            insert.execute(params![node, encoded, now])?;
+                            insert.execute(params![node, encoded, now, None::<&str>])?;
                             recipients.insert(node.clone());
                         }
                     }
@@ -204,7 +272,8 @@ impl SqliteMailbox {
         let available: bool = self
             .connection
             .prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM comms_mailbox WHERE recipient = ?1 AND locked_until <= ?2)",
+                "SELECT EXISTS (SELECT 1 FROM comms_mailbox WHERE recipient = ?1
+                 AND (locked_until <= ?2 OR typeof(locked_until) <> 'integer'))",
             )?
             .query_row(params![self.recipient, now], |row| row.get(0))?;
         if !available {
@@ -212,44 +281,66 @@ impl SqliteMailbox {
             return Ok(Claimed { data_version, looked: true, next_lease_expiry, ..Claimed::default() });
         }
 
-        let max_attempts = i64::from(self.config.max_attempts);
+        let limits = RowLimits {
+            max_attempts: i64::from(self.config.max_attempts),
+            max_message_size: self.config.max_message_size,
+        };
         let limit = i64::try_from(max.min(self.config.batch_size)).unwrap_or(i64::MAX);
         let transaction = self.connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let now = now_ms();
         let locked_until = now.saturating_add(i64::try_from(self.config.lease_ms).unwrap_or(i64::MAX));
-        let mut rows: Vec<(i64, Vec<u8>, i64)> = transaction
-            .prepare_cached(
-                "UPDATE comms_mailbox SET owner = ?1, locked_until = ?2, attempts = attempts + 1
-                 WHERE id IN (SELECT id FROM comms_mailbox WHERE recipient = ?3 AND locked_until <= ?4
-                              ORDER BY id LIMIT ?5)
-                 RETURNING id, envelope, attempts",
-            )?
-            .query_map(params![self.owner, locked_until, self.recipient, now, limit], |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        rows.sort_unstable_by_key(|(id, _, _)| *id);
         let mut claimed = Claimed { data_version, looked: true, ..Claimed::default() };
-        for (id, encoded, attempts) in rows {
-            if attempts > max_attempts {
-                dead_letter(&transaction, id, None, now, REASON_ATTEMPTS)?;
-                claimed.dead_lettered += 1;
-                continue;
-            }
-            match wire::decode_envelope(&encoded) {
-                Ok(envelope) => claimed.messages.push(Inbound { envelope, delivery_tag: id as u64 }),
-                Err(error) => {
-                    tracing::warn!(row = id, %error, "undecodable message moved to comms_dead_letter");
-                    dead_letter(&transaction, id, None, now, REASON_MALFORMED)?;
-                    claimed.dead_lettered += 1;
+        // Every column is read as whatever SQLite holds (`ValueRef`), never converted: a value of
+        // an unexpected type is a reason to dead-letter its row, not an error that fails the
+        // claim (and so every later claim, for ever).
+        let mut refused: Vec<(i64, String)> = Vec::new();
+        {
+            let mut select = transaction.prepare_cached(
+                "SELECT id, envelope, attempts, locked_until FROM comms_mailbox
+                 WHERE recipient = ?1 AND (locked_until <= ?2 OR typeof(locked_until) <> 'integer')
+                 ORDER BY id LIMIT ?3",
+            )?;
+            let mut rows = select.query(params![self.recipient, now, limit])?;
+            while let Some(row) = rows.next()? {
+                let id: i64 = row.get(0)?;
+                match check_row(row.get_ref(1)?, row.get_ref(2)?, row.get_ref(3)?, &limits) {
+                    Ok(envelope) => claimed.messages.push(Inbound { envelope, delivery_tag: id as u64 }),
+                    Err(reason) => refused.push((id, reason)),
                 }
             }
         }
+        for (id, reason) in &refused {
+            tracing::debug!(row = id, %reason, "message moved to comms_dead_letter");
+            claimed.dead_lettered += dead_letter(&transaction, *id, None, now, reason)?;
+        }
+        if let (Some(first), Some(last)) = (claimed.messages.first(), claimed.messages.last()) {
+            // One statement for the whole batch. The free rows of this mailbox between the first
+            // and the last good one are exactly the good ones: the SELECT took every free row up
+            // to `last` (oldest first, same `now`), the refused ones were just moved out, and the
+            // write lock keeps everyone else out.
+            let leased = transaction
+                .prepare_cached(
+                    "UPDATE comms_mailbox SET owner = ?1, locked_until = ?2, attempts = attempts + 1
+                     WHERE recipient = ?3 AND id BETWEEN ?4 AND ?5
+                     AND (locked_until <= ?6 OR typeof(locked_until) <> 'integer')",
+                )?
+                .execute(params![
+                    self.owner,
+                    locked_until,
+                    self.recipient,
+                    first.delivery_tag as i64,
+                    last.delivery_tag as i64,
+                    now
+                ])?;
+            debug_assert_eq!(leased, claimed.messages.len(), "the range held other rows");
+        }
         transaction.commit()?;
-        if claimed.dead_lettered > 0 {
+        if let Some((_, reason)) = refused.first() {
+            // One line per claim, not per row: a flood of bad rows must not flood the log.
             tracing::warn!(
                 node = %self.recipient,
                 count = claimed.dead_lettered,
+                first_reason = %reason,
                 "messages moved to the dead-letter table comms_dead_letter"
             );
         }
@@ -259,7 +350,8 @@ impl SqliteMailbox {
     fn next_lease_expiry(&self, now: i64) -> rusqlite::Result<Option<i64>> {
         self.connection
             .prepare_cached(
-                "SELECT MIN(locked_until) FROM comms_mailbox WHERE recipient = ?1 AND locked_until > ?2",
+                "SELECT MIN(locked_until) FROM comms_mailbox
+                 WHERE recipient = ?1 AND typeof(locked_until) = 'integer' AND locked_until > ?2",
             )?
             .query_row(params![self.recipient, now], |row| row.get(0))
             .optional()
@@ -287,13 +379,69 @@ fn dead_letter(
 ) -> rusqlite::Result<usize> {
     let moved = transaction
         .prepare_cached(
+            // IFNULL: the columns are NOT NULL in both tables, but a row the schema did not
+            // guard must still be moved rather than fail the claim.
             "INSERT INTO comms_dead_letter (id, recipient, envelope, enqueued_at, attempts, dead_at, reason)
-             SELECT id, recipient, envelope, enqueued_at, attempts, ?3, ?4 FROM comms_mailbox
-             WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)",
+             SELECT id, recipient, IFNULL(envelope, x''), IFNULL(enqueued_at, 0), IFNULL(attempts, 0), ?3, ?4
+             FROM comms_mailbox WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)",
         )?
         .execute(params![id, owner, now, reason])?;
     if moved > 0 {
         transaction.prepare_cached("DELETE FROM comms_mailbox WHERE id = ?1")?.execute(params![id])?;
     }
     Ok(moved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use comms_plugin_api::{Destination, MessageId, NodeId};
+
+    const LIMITS: RowLimits = RowLimits { max_attempts: 3, max_message_size: 4 };
+
+    fn encoded(payload: &[u8]) -> Vec<u8> {
+        let envelope = Envelope::new(
+            MessageId::from_u128(1),
+            NodeId::new("a"),
+            Destination::Node(NodeId::new("b")),
+            payload.to_vec(),
+        );
+        let mut bytes = Vec::new();
+        wire::encode_envelope(&envelope, &mut bytes).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn every_kind_of_bad_row_has_its_own_reason() {
+        let good = encoded(b"1234");
+        let blob = ValueRef::Blob(&good);
+        let zero = ValueRef::Integer(0);
+        assert_eq!(check_row(blob, zero, zero, &LIMITS).unwrap().payload.as_slice(), b"1234");
+        fn reason(envelope: ValueRef<'_>, attempts: ValueRef<'_>, locked_until: ValueRef<'_>) -> String {
+            check_row(envelope, attempts, locked_until, &LIMITS).unwrap_err()
+        }
+        // NULL cannot be written into the v1 schema's NOT NULL columns, but a table that lost the
+        // constraint must not stop the node either.
+        assert_eq!(
+            reason(ValueRef::Null, zero, zero),
+            "envelope column holds NULL, not a BLOB in the wire encoding"
+        );
+        assert_eq!(reason(blob, ValueRef::Null, zero), "attempts column holds NULL, not an INTEGER");
+        assert_eq!(reason(blob, zero, ValueRef::Null), "locked_until column holds NULL, not an INTEGER");
+        assert_eq!(
+            reason(ValueRef::Text(b"x"), zero, zero),
+            "envelope column holds TEXT, not a BLOB in the wire encoding"
+        );
+        assert_eq!(reason(blob, ValueRef::Integer(3), zero), REASON_ATTEMPTS, "a fourth delivery of three");
+        assert!(check_row(blob, ValueRef::Integer(2), zero, &LIMITS).is_ok(), "the third delivery");
+        assert_eq!(reason(blob, ValueRef::Integer(i64::MAX), zero), REASON_ATTEMPTS, "no overflow");
+        assert_eq!(
+            reason(ValueRef::Blob(&encoded(b"12345")), zero, zero),
+            inbound::oversized_reason(5, 4).unwrap()
+        );
+        assert_eq!(
+            reason(ValueRef::Blob(&good[..good.len() - 1]), zero, zero),
+            "not a valid wire-encoded envelope: envelope truncated while reading payload"
+        );
+    }
 }

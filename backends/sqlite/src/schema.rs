@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 /// Migration `i` takes the schema from version `i` to `i + 1`. Append only: a released
 /// migration is never edited.
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     // Version 1.
     "CREATE TABLE comms_mailbox (
         id           INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -43,6 +43,15 @@ const MIGRATIONS: &[&str] = &[
         record       TEXT    NOT NULL,
         heartbeat_at INTEGER NOT NULL
     ) WITHOUT ROWID;",
+    // Version 2: a hello, heartbeat or goodbye replaces an older unclaimed one with the same
+    // key (`framework::replacement_key`, e.g. `heartbeat:alice`) in the same mailbox, so that
+    // the mailbox of a node that never runs does not grow by a heartbeat a second for ever.
+    // NULL (application messages, and rows written by programs that do not set it): never
+    // replaced. The partial index holds only the keyed rows, so the lookup costs the same
+    // however many application messages wait.
+    "ALTER TABLE comms_mailbox ADD COLUMN replace_key TEXT;
+    CREATE INDEX comms_mailbox_replaceable ON comms_mailbox (recipient, replace_key)
+        WHERE replace_key IS NOT NULL;",
 ];
 
 /// The schema version this plugin writes and reads.

@@ -97,7 +97,10 @@ async fn a_new_file_gets_the_schema_and_a_newer_schema_is_refused() {
     rusqlite::Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 99").unwrap();
     let error = transport("a", &config).await.unwrap_err();
     assert_eq!(error.code, ErrorCode::UNSUPPORTED, "{error}");
-    assert!(error.message.contains("schema version 99, newer than version 1"), "{error}");
+    assert!(
+        error.message.contains(&format!("schema version 99, newer than version {SCHEMA_VERSION}")),
+        "{error}"
+    );
     assert!(error.message.contains(&path.display().to_string()), "names the file: {error}");
     assert_eq!(count(&path, "PRAGMA user_version"), 99, "the file was left untouched");
 }
@@ -427,4 +430,235 @@ async fn a_node_whose_heartbeat_stops_is_gone_after_the_timeout() {
     assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
     assert!(watcher.peers().await.unwrap().is_empty());
     watcher.close().await.unwrap();
+}
+
+/// Inserts a mailbox row for `recipient` as a program that is not comms might: any values, any
+/// types, straight into the table.
+fn insert_raw(path: &PathBuf, recipient: &str, envelope: rusqlite::types::Value) -> i64 {
+    insert_raw_with(path, recipient, envelope, "0", "0")
+}
+
+/// Like [`insert_raw`], with SQL expressions for `attempts` and `locked_until`.
+fn insert_raw_with(
+    path: &PathBuf,
+    recipient: &str,
+    envelope: rusqlite::types::Value,
+    attempts: &str,
+    locked_until: &str,
+) -> i64 {
+    let connection = rusqlite::Connection::open(path).unwrap();
+    connection
+        .execute(
+            &format!(
+                "INSERT INTO comms_mailbox (recipient, envelope, enqueued_at, attempts, locked_until)
+                 VALUES (?1, ?2, 0, {attempts}, {locked_until})"
+            ),
+            rusqlite::params![recipient, envelope],
+        )
+        .unwrap();
+    connection.last_insert_rowid()
+}
+
+fn encoded(envelope: &Envelope) -> rusqlite::types::Value {
+    let mut bytes = Vec::new();
+    comms_plugin_api::wire::encode_envelope(envelope, &mut bytes).unwrap();
+    rusqlite::types::Value::Blob(bytes)
+}
+
+/// `(row id, reason)` of every dead letter, by row id.
+fn dead_letters(path: &PathBuf) -> Vec<(i64, String)> {
+    let connection = rusqlite::Connection::open(path).unwrap();
+    let mut select = connection.prepare("SELECT id, reason FROM comms_dead_letter ORDER BY id").unwrap();
+    let rows = select.query_map([], |row| Ok((row.get(0)?, row.get(1)?))).unwrap();
+    rows.collect::<rusqlite::Result<_>>().unwrap()
+}
+
+async fn accept_all(transport: &LoadedTransport, received: &[(u128, u64)]) {
+    let accept = received
+        .iter()
+        .map(|(_, tag)| Settlement { delivery_tag: *tag, outcome: SettlementOutcome::ACCEPTED })
+        .collect();
+    transport.settle(accept).await.unwrap();
+}
+
+#[tokio::test]
+async fn undecodable_rows_of_every_type_are_dead_lettered_with_their_reason_and_later_rows_flow() {
+    // Before: the TEXT envelope made every claim fail ("Invalid column type Text") and roll back,
+    // so attempts stayed 0 and nothing behind it was ever delivered.
+    use rusqlite::types::Value;
+    let (path, config) = database("hostile-rows", "");
+    let receiver = transport("receiver", &config).await.unwrap();
+    let valid = || encoded(&envelope(1, "receiver", 3));
+    let hostile = [
+        (
+            insert_raw(&path, "receiver", Value::Text("hello".into())),
+            "envelope column holds TEXT, not a BLOB in the wire encoding".to_string(),
+        ),
+        (
+            insert_raw(&path, "receiver", Value::Integer(42)),
+            "envelope column holds INTEGER, not a BLOB in the wire encoding".into(),
+        ),
+        (
+            insert_raw(&path, "receiver", Value::Real(1.5)),
+            "envelope column holds REAL, not a BLOB in the wire encoding".into(),
+        ),
+        (
+            insert_raw(&path, "receiver", Value::Blob(vec![9, 0xFF, 0xFF])),
+            "not a valid wire-encoded envelope: unsupported wire version 9 (this node speaks version 1)"
+                .into(),
+        ),
+        (
+            insert_raw(&path, "receiver", Value::Blob(Vec::new())),
+            "not a valid wire-encoded envelope: envelope truncated while reading version".into(),
+        ),
+        (
+            insert_raw_with(&path, "receiver", valid(), "'many'", "0"),
+            "attempts column holds TEXT, not an INTEGER".into(),
+        ),
+        (
+            insert_raw_with(&path, "receiver", valid(), "2.5", "0"),
+            "attempts column holds REAL, not an INTEGER".into(),
+        ),
+        (
+            insert_raw_with(&path, "receiver", valid(), "0", "'soon'"),
+            "locked_until column holds TEXT, not an INTEGER".into(),
+        ),
+        (
+            insert_raw_with(&path, "receiver", valid(), "0", "0.5"),
+            "locked_until column holds REAL, not an INTEGER".into(),
+        ),
+        (
+            insert_raw_with(&path, "receiver", valid(), "0", "x'00'"),
+            "locked_until column holds BLOB, not an INTEGER".into(),
+        ),
+    ];
+    // NULL cannot get in: the schema refuses it (and a row that had one would be dead-lettered
+    // like the others, see `mailbox::tests`).
+    let null = rusqlite::Connection::open(&path).unwrap().execute(
+        "INSERT INTO comms_mailbox (recipient, envelope, enqueued_at) VALUES ('receiver', NULL, 0)",
+        [],
+    );
+    assert!(null.is_err(), "the schema refuses a NULL envelope");
+    let raw_valid = insert_raw(&path, "receiver", encoded(&envelope(2, "receiver", 3)));
+    let sender = transport("sender", &config).await.unwrap();
+    sender.send("receiver", envelope(3, "receiver", 3)).await.unwrap();
+
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        got.extend(receive_ids(&receiver, 10).await);
+    }
+    assert_eq!(got.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [2, 3], "the valid rows, in order");
+    assert_eq!(got[0].1, raw_valid as u64);
+    accept_all(&receiver, &got).await;
+    assert_eq!(dead_letters(&path), hostile.to_vec(), "each row with its own reason");
+    assert_eq!(count(&path, "SELECT COUNT(*) FROM comms_mailbox"), 0);
+    // The dead letter keeps the row as it was written, for the operator to look at.
+    let kept: String = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row("SELECT envelope FROM comms_dead_letter WHERE id = ?1", [hostile[0].0], |row| row.get(0))
+        .unwrap();
+    assert_eq!(kept, "hello");
+    sender.close().await.unwrap();
+    receiver.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_oversized_message_is_dead_lettered_on_receipt_with_the_shared_reason() {
+    // The sender's limit (4096) is larger than the receiver's (1024): before, the receiver
+    // delivered whatever the table held.
+    let (path, config) = database("oversized", "");
+    let receiver = transport("receiver", &format!("{config}\nmax_message_size = 1024")).await.unwrap();
+    let sender = transport("sender", &format!("{config}\nmax_message_size = 4096")).await.unwrap();
+    sender.send("receiver", envelope(1, "receiver", 2000)).await.unwrap();
+    let raw = insert_raw(&path, "receiver", encoded(&envelope(2, "receiver", 5000)));
+    sender.send("receiver", envelope(3, "receiver", 1024)).await.unwrap();
+
+    let got = receive_ids(&receiver, 10).await;
+    assert_eq!(got.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [3], "only the one that fits");
+    accept_all(&receiver, &got).await;
+    let reason = |len| comms_plugin_api::inbound::oversized_reason(len, 1024).unwrap();
+    let dead = dead_letters(&path);
+    assert_eq!(
+        dead.iter().map(|(_, reason)| reason.clone()).collect::<Vec<_>>(),
+        [reason(2000), reason(5000)]
+    );
+    assert_eq!(dead[1].0, raw);
+    assert_eq!(count(&path, "SELECT COUNT(*) FROM comms_mailbox"), 0);
+    sender.close().await.unwrap();
+    receiver.close().await.unwrap();
+}
+
+fn framework_message(n: u128, from: &str, to: &str, kind: &str) -> Envelope {
+    Envelope::new(
+        MessageId::from_u128(n),
+        NodeId::new(from),
+        Destination::Node(NodeId::new(to)),
+        b"{}".to_vec(),
+    )
+    .with_header(comms_plugin_api::framework::KIND_HEADER, kind)
+}
+
+#[tokio::test]
+async fn a_heartbeat_replaces_an_older_unclaimed_one_and_application_messages_are_all_kept() {
+    // Before: one row per heartbeat, for ever, in the mailbox of a node that never runs.
+    let (path, config) = database("replace", "");
+    let alice = transport("alice", &config).await.unwrap();
+    let carol = transport("carol", &config).await.unwrap();
+    for n in 100..110 {
+        alice.send("ghost", framework_message(n, "alice", "ghost", "heartbeat")).await.unwrap();
+    }
+    alice.send("ghost", envelope(1, "ghost", 5)).await.unwrap();
+    alice.send("ghost", framework_message(200, "alice", "ghost", "hello")).await.unwrap();
+    for n in 110..120 {
+        alice.send("ghost", framework_message(n, "alice", "ghost", "heartbeat")).await.unwrap();
+    }
+    alice.send("ghost", envelope(2, "ghost", 5)).await.unwrap();
+    for n in 300..305 {
+        carol.send("ghost", framework_message(n, "carol", "ghost", "heartbeat")).await.unwrap();
+    }
+    alice.send("ghost", framework_message(201, "alice", "ghost", "hello")).await.unwrap();
+    alice.send("ghost", framework_message(400, "alice", "ghost", "response")).await.unwrap();
+    alice.send("ghost", framework_message(401, "alice", "ghost", "response")).await.unwrap();
+    alice.send("ghost", envelope(3, "ghost", 5)).await.unwrap();
+    assert_eq!(
+        count(&path, "SELECT COUNT(*) FROM comms_mailbox WHERE recipient = 'ghost'"),
+        8,
+        "3 application messages, 2 responses, the newest heartbeat of each sender, the newest hello"
+    );
+
+    let ghost = transport("ghost", &config).await.unwrap();
+    let got = receive_ids(&ghost, 100).await;
+    assert_eq!(
+        got.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        [1, 119, 2, 304, 201, 400, 401, 3],
+        "what was sent, minus older copies of the same kind from the same sender, in order"
+    );
+    // A heartbeat that is claimed (being handled) is not replaced: only unclaimed ones are.
+    alice.send("ghost", framework_message(120, "alice", "ghost", "heartbeat")).await.unwrap();
+    assert_eq!(
+        count(&path, "SELECT COUNT(*) FROM comms_mailbox WHERE recipient = 'ghost' AND replace_key = 'heartbeat:alice'"),
+        2
+    );
+    accept_all(&ghost, &got).await;
+    assert_eq!(receive_ids(&ghost, 100).await.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [120]);
+    for t in [alice, carol, ghost] {
+        t.close().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_version_1_file_is_migrated_and_keeps_its_messages() {
+    let (path, config) = database("migrate-v1", "");
+    {
+        let connection = rusqlite::Connection::open(&path).unwrap();
+        connection.execute_batch(crate::schema::MIGRATIONS[0]).unwrap();
+        connection.execute_batch("PRAGMA user_version = 1").unwrap();
+    }
+    insert_raw(&path, "receiver", encoded(&envelope(1, "receiver", 3)));
+    let receiver = transport("receiver", &config).await.unwrap();
+    assert_eq!(count(&path, "PRAGMA user_version"), SCHEMA_VERSION);
+    let got = receive_ids(&receiver, 10).await;
+    assert_eq!(got.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [1]);
+    accept_all(&receiver, &got).await;
+    receiver.close().await.unwrap();
 }

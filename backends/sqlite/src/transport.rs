@@ -10,8 +10,8 @@ use crate::{
     worker::{self, Command},
 };
 use comms_plugin_api::{
-    async_trait, queued, wire, Capabilities, Destination, Envelope, ErrorCode, Inbound, NodeId, PluginError,
-    Settlement, Transport, TransportInfo, TransportStats,
+    async_trait, framework, queued, wire, Capabilities, Destination, Envelope, ErrorCode, Inbound, NodeId,
+    PluginError, Settlement, Transport, TransportInfo, TransportStats,
 };
 use std::{
     sync::atomic::{AtomicU64, Ordering},
@@ -151,7 +151,11 @@ impl Transport for SqliteTransport {
                     "an empty address is only for publishing to a topic; a node's address is its node id",
                 ))
             }
-            (_, recipient) => Outgoing::Direct { recipient: recipient.to_string(), encoded },
+            (_, recipient) => Outgoing::Direct {
+                recipient: recipient.to_string(),
+                encoded,
+                replace_key: framework::replacement_key(&envelope),
+            },
         };
         self.request(|reply| Command::Send { outgoing, reply }).await
     }
