@@ -22,9 +22,10 @@ use comms_plugin_api::{NodeId, NodeRecord};
 use serde::{Deserialize, Serialize};
 
 /// Reserved header naming a framework message's kind.
-/// (The plugin contract's [`FRAMEWORK_KIND_HEADER`](comms_plugin_api::FRAMEWORK_KIND_HEADER):
-/// transports leave these messages out of what they report undelivered.)
-pub const KIND_HEADER: &str = comms_plugin_api::FRAMEWORK_KIND_HEADER;
+/// (Defined for plugins too, in [`comms_plugin_api::framework`]: durable transports replace
+/// older heartbeats by it, and every transport leaves these messages out of what it reports
+/// undelivered.)
+pub const KIND_HEADER: &str = comms_plugin_api::framework::KIND_HEADER;
 /// Reserved header of a response: `ok` or `error`.
 pub const STATUS_HEADER: &str = "comms-status";
 

@@ -145,6 +145,5 @@ pub use serde;
 pub use text::Text;
 pub use transport::{
     counts_as_undelivered, queued, Capabilities, Inbound, IncidentCounters, Outbound, SendFailure,
-    Settlement, SettlementOutcome, Transport, TransportInfo, TransportStats, FRAMEWORK_KIND_HEADER,
-    UNDELIVERED_COUNTER,
+    Settlement, SettlementOutcome, Transport, TransportInfo, TransportStats, UNDELIVERED_COUNTER,
 };

@@ -95,15 +95,11 @@ pub struct TransportStats {
 /// medium took the message (a broker that confirmed it) has nothing to count.
 pub const UNDELIVERED_COUNTER: &str = "undelivered";
 
-/// The header that marks a node's own framework messages (`comms-kind`: hello, heartbeat,
-/// goodbye, response; the host's `control` module documents them).
-pub const FRAMEWORK_KIND_HEADER: &str = "comms-kind";
-
 /// Whether losing `envelope` after `send` took it counts in [`UNDELIVERED_COUNTER`]: an
 /// application message to a node does. These do not, because the node learns of their loss
 /// otherwise or needs no delivery:
 ///
-/// - framework messages (they carry [`FRAMEWORK_KIND_HEADER`]): heartbeats go again every
+/// - framework messages (they carry [`framework::KIND_HEADER`](crate::framework::KIND_HEADER)): heartbeats go again every
 ///   interval, a goodbye to a peer that is gone needs none, a lost response makes its
 ///   requester retry;
 /// - requests (to a service): the requester's timeout and retries on another replica cover
@@ -113,7 +109,7 @@ pub const FRAMEWORK_KIND_HEADER: &str = "comms-kind";
 ///
 /// Counting them would make every close after a peer died an error.
 pub fn counts_as_undelivered(envelope: &Envelope) -> bool {
-    matches!(envelope.to, Destination::Node(_)) && envelope.header(FRAMEWORK_KIND_HEADER).is_none()
+    matches!(envelope.to, Destination::Node(_)) && envelope.header(crate::framework::KIND_HEADER).is_none()
 }
 
 /// Moves envelopes between nodes. Implement this, then export it with [`crate::export_plugin!`].
@@ -234,7 +230,7 @@ mod tests {
         let to = |destination: Destination| Envelope::new(MessageId::from_u128(1), "a", destination, vec![1]);
         assert!(counts_as_undelivered(&to(Destination::node("b"))));
         assert!(!counts_as_undelivered(
-            &to(Destination::node("b")).with_header(FRAMEWORK_KIND_HEADER, "heartbeat")
+            &to(Destination::node("b")).with_header(crate::framework::KIND_HEADER, "heartbeat")
         ));
         assert!(!counts_as_undelivered(&to(Destination::service("echo"))), "requests: the requester retries");
         assert!(!counts_as_undelivered(&to(Destination::topic("news"))), "publications: at most once");
