@@ -134,7 +134,8 @@ impl FrameBudget {
 ///
 /// A frame larger than a chunk grows the chunk as its bytes arrive, not on its declared length:
 /// each time the chunk is full it doubles, never past the frame and the next length prefix (so
-/// the last read ends at the frame). A peer that declares 16 MiB and sends 1 KiB costs one
+/// the last read ends at the frame). (Only a frame of up to two chunks whose prefix came with
+/// the frames before it gets its size at once, so that mid-size messages are not copied.) A peer that declares 16 MiB and sends 1 KiB costs one
 /// chunk, not 16 MiB. A declared length above the maximum frame size is refused before anything
 /// is allocated, and with a [`FrameBudget`] ([`FrameReader::with_budget`]) the growth of every
 /// reader of a node together is bounded.
@@ -391,6 +392,20 @@ impl FrameReader {
         Ok(())
     }
 
+    /// Holds `bytes` of the budget (none held before) if it has them now.
+    fn try_reserve(&mut self, bytes: usize) -> bool {
+        let Some(budget) = &self.budget else { return true };
+        let Ok(count) = u32::try_from(bytes) else { return false };
+        match budget.available.try_acquire_many(count) {
+            Ok(permit) => {
+                permit.forget();
+                self.reserved = bytes;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     /// Gives back what the budget lent (the chunk is back to its usual size).
     fn release(&mut self) {
         if let Some(budget) = &self.budget {
@@ -405,12 +420,23 @@ impl FrameReader {
             return Frames { source: Source::Lent(&self.chunk), ranges: &self.ranges };
         }
         // What follows the complete frames is less than a chunk: at most the next prefix after
-        // a grown chunk, which ends there.
-        let mut next = Vec::with_capacity(self.chunk_bytes);
+        // a grown chunk, which ends there. A next frame of up to two chunks (its prefix read)
+        // gets its size at once, when the budget has it now, so that mid-size messages are
+        // read without being copied again: a declared length costs at most one extra chunk.
+        self.release();
+        let capacity = match partial.needs.map(|needs| needs + LENGTH_PREFIX_BYTES) {
+            Some(wanted) if wanted > self.chunk_bytes && wanted <= 2 * self.chunk_bytes => {
+                match self.try_reserve(wanted - self.chunk_bytes) {
+                    true => wanted,
+                    false => self.chunk_bytes,
+                }
+            }
+            _ => self.chunk_bytes,
+        };
+        let mut next = Vec::with_capacity(capacity);
         next.extend_from_slice(&self.chunk[partial.at..]);
         let mut full = std::mem::replace(&mut self.chunk, next);
         full.truncate(partial.at);
-        self.release();
         Frames { source: Source::Shared(SharedBuffer::from(full)), ranges: &self.ranges }
     }
 }
