@@ -37,6 +37,14 @@ pub enum FrameError {
     /// The stream ended in the middle of a frame.
     #[error("connection closed in the middle of a frame")]
     Truncated,
+    /// The frame needs more memory than the whole [`FrameBudget`] of its reader.
+    #[error("a frame needing {needed} bytes of buffer cannot fit the budget of {budget} bytes for partly received frames")]
+    OverBudget {
+        /// Bytes the frame needs beyond the reader's chunk.
+        needed: usize,
+        /// The budget's size.
+        budget: usize,
+    },
     /// The stream failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -77,6 +85,40 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
 /// Bytes a [`FrameReader`] reads into one chunk by default.
 pub const DEFAULT_CHUNK_BYTES: usize = 64 * 1024;
 
+/// Bytes that partly received frames may hold, shared by every [`FrameReader`] of one node.
+///
+/// A reader reads into a chunk of its own ([`DEFAULT_CHUNK_BYTES`]); only a frame larger than
+/// that grows the chunk, and every byte of growth is taken from the budget first. A reader
+/// that finds the budget used up waits (it stops reading, so TCP flow control slows its
+/// sender) until another reader completes or drops its frame. The bytes are returned when the
+/// frame is complete (it is then the application's message, counted by the receive queue) or
+/// the reader is dropped. So however many peers declare large frames and send them slowly, the
+/// memory they hold beyond one chunk each stays below the budget; a caller bounds the wait
+/// (a read timeout) so that a reader stuck for budget does not wait for ever.
+#[derive(Debug)]
+pub struct FrameBudget {
+    available: tokio::sync::Semaphore,
+    total: usize,
+}
+
+impl FrameBudget {
+    /// A budget of `bytes` (at most [`tokio::sync::Semaphore::MAX_PERMITS`]).
+    pub fn new(bytes: usize) -> Self {
+        let total = bytes.min(tokio::sync::Semaphore::MAX_PERMITS);
+        Self { available: tokio::sync::Semaphore::new(total), total }
+    }
+
+    /// The size of the budget, in bytes.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Bytes held by readers right now.
+    pub fn in_use(&self) -> usize {
+        self.total - self.available.available_permits()
+    }
+}
+
 /// Reads length-prefixed frames in chunks and hands out their bodies without copying them.
 ///
 /// Each read goes into the current chunk (a `Vec<u8>` of [`DEFAULT_CHUNK_BYTES`], or the size
@@ -90,10 +132,13 @@ pub const DEFAULT_CHUNK_BYTES: usize = 64 * 1024;
 ///   the chunk ([`Frame::shared`] is `None`), which is kept and reused: copying a small message
 ///   costs less than a chunk, and a payload kept by the application does not keep a chunk alive.
 ///
-/// A frame larger than a chunk gets a chunk of its own size (plus room for the next length
-/// prefix, so that its reads end at the frame and nothing of it is copied again), never more
-/// than the maximum frame size the reader was created with, checked before anything is
-/// allocated.
+/// A frame larger than a chunk grows the chunk as its bytes arrive, not on its declared length:
+/// each time the chunk is full it doubles, never past the frame and the next length prefix (so
+/// the last read ends at the frame). (Only a frame of up to two chunks whose prefix came with
+/// the frames before it gets its size at once, so that mid-size messages are not copied.) A peer that declares 16 MiB and sends 1 KiB costs one
+/// chunk, not 16 MiB. A declared length above the maximum frame size is refused before anything
+/// is allocated, and with a [`FrameBudget`] ([`FrameReader::with_budget`]) the growth of every
+/// reader of a node together is bounded.
 #[derive(Debug)]
 pub struct FrameReader {
     /// Bytes read: `chunk[start..]` is not handed out yet (complete frames were lent up to `start`).
@@ -103,6 +148,21 @@ pub struct FrameReader {
     max: u32,
     /// Ranges of the complete frames found by the last read, reused.
     ranges: Vec<Range<usize>>,
+    /// Where the growth of the chunk beyond `chunk_bytes` is taken from, and how much is taken.
+    budget: Option<std::sync::Arc<FrameBudget>>,
+    reserved: usize,
+}
+
+/// What one [`FrameReader::read_step`] found.
+#[derive(Debug)]
+pub enum ReadStep<'a> {
+    /// At least one frame is complete: these are all the complete ones.
+    Frames(Frames<'a>),
+    /// Bytes arrived, no frame is complete yet ([`FrameReader::pending_bytes`] says how many are
+    /// waiting).
+    More,
+    /// The stream ended cleanly between frames.
+    End,
 }
 
 /// Where the frames of one read are.
@@ -174,6 +234,13 @@ struct Partial {
     needs: Option<usize>,
 }
 
+/// What one read into the chunk led to (no borrow of the reader, so that a loop can go on).
+enum Advance {
+    Complete(Partial),
+    More,
+    End,
+}
+
 impl FrameReader {
     /// A reader of frames of at most `max` body bytes, in chunks of [`DEFAULT_CHUNK_BYTES`].
     pub fn new(max: u32) -> Self {
@@ -183,7 +250,28 @@ impl FrameReader {
     /// A reader of frames of at most `max` body bytes, in chunks of `chunk_bytes` (at least 64).
     pub fn with_chunk_bytes(max: u32, chunk_bytes: usize) -> Self {
         let chunk_bytes = chunk_bytes.max(64);
-        Self { chunk: Vec::with_capacity(chunk_bytes), start: 0, chunk_bytes, max, ranges: Vec::new() }
+        Self {
+            chunk: Vec::with_capacity(chunk_bytes),
+            start: 0,
+            chunk_bytes,
+            max,
+            ranges: Vec::new(),
+            budget: None,
+            reserved: 0,
+        }
+    }
+
+    /// This reader, taking what its chunk grows beyond its usual size from `budget` (waiting
+    /// while the budget is used up). A frame that could never fit the budget is refused with
+    /// [`FrameError::OverBudget`].
+    pub fn with_budget(mut self, budget: std::sync::Arc<FrameBudget>) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Bytes read of a frame that is not complete yet (0 between frames).
+    pub fn pending_bytes(&self) -> usize {
+        self.chunk.len() - self.start
     }
 
     /// Reads until at least one frame is complete and returns every complete frame.
@@ -193,25 +281,53 @@ impl FrameReader {
         &mut self,
         reader: &mut R,
     ) -> Result<Option<Frames<'_>>, FrameError> {
+        loop {
+            match self.advance(reader).await? {
+                Advance::Complete(partial) => return Ok(Some(self.hand_out(partial))),
+                Advance::More => {}
+                Advance::End => return Ok(None),
+            }
+        }
+    }
+
+    /// Reads once (or hands out frames completed earlier) and says what came of it, so that the
+    /// caller can time a frame from its first byte ([`FrameReader::pending_bytes`]). Cancel-safe
+    /// like [`FrameReader::read`].
+    pub async fn read_step<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+    ) -> Result<ReadStep<'_>, FrameError> {
+        Ok(match self.advance(reader).await? {
+            Advance::Complete(partial) => ReadStep::Frames(self.hand_out(partial)),
+            Advance::More => ReadStep::More,
+            Advance::End => ReadStep::End,
+        })
+    }
+
+    /// Hands out complete frames if there are any, else reads once.
+    async fn advance<R: AsyncRead + Unpin>(&mut self, reader: &mut R) -> Result<Advance, FrameError> {
         if self.start > 0 {
             // Frames were lent from this chunk: keep the rest (part of a frame) at its front.
             self.chunk.copy_within(self.start.., 0);
             self.chunk.truncate(self.chunk.len() - self.start);
             self.start = 0;
         }
-        loop {
-            let partial = self.scan()?;
-            if !self.ranges.is_empty() {
-                return Ok(Some(self.hand_out(partial)));
-            }
-            self.make_room(partial);
-            if reader.read_buf(&mut self.chunk).await? == 0 {
-                return match self.chunk.is_empty() {
-                    true => Ok(None),
-                    false => Err(FrameError::Truncated),
-                };
-            }
+        let partial = self.scan()?;
+        if !self.ranges.is_empty() {
+            return Ok(Advance::Complete(partial));
         }
+        self.make_room(partial).await?;
+        if reader.read_buf(&mut self.chunk).await? == 0 {
+            return match self.chunk.is_empty() {
+                true => Ok(Advance::End),
+                false => Err(FrameError::Truncated),
+            };
+        }
+        let partial = self.scan()?;
+        Ok(match self.ranges.is_empty() {
+            true => Advance::More,
+            false => Advance::Complete(partial),
+        })
     }
 
     /// Finds the complete frames of the chunk (into `ranges`) and what follows them.
@@ -240,25 +356,61 @@ impl FrameReader {
         }
     }
 
-    /// The size of a new chunk for a partial frame that needs `needs` bytes: the default, or
-    /// for a larger frame exactly the frame and the next frame's prefix.
-    fn chunk_for(&self, needs: Option<usize>) -> usize {
-        match needs {
-            Some(needs) if needs + LENGTH_PREFIX_BYTES > self.chunk_bytes => needs + LENGTH_PREFIX_BYTES,
-            _ => self.chunk_bytes,
+    /// Makes sure the chunk has room for more of the partial frame (which starts at 0 here):
+    /// a full chunk doubles, up to the frame and the next prefix, with the growth taken from
+    /// the budget first.
+    async fn make_room(&mut self, partial: Partial) -> Result<(), FrameError> {
+        if self.chunk.len() < self.chunk.capacity() {
+            return Ok(());
+        }
+        // The chunk is full and holds no complete frame, so the frame's prefix is in it and the
+        // frame needs more than the chunk holds: the target is always larger than the chunk.
+        let needs = partial.needs.unwrap_or(LENGTH_PREFIX_BYTES) + LENGTH_PREFIX_BYTES;
+        let target = needs.min(self.chunk.capacity().saturating_mul(2)).max(self.chunk_bytes);
+        self.reserve(target.saturating_sub(self.chunk_bytes)).await?;
+        // Realloc, which the allocator can often do in place (large blocks are remapped).
+        self.chunk.reserve_exact(target - self.chunk.len());
+        Ok(())
+    }
+
+    /// Holds `bytes` of the budget (if there is one), waiting for them.
+    async fn reserve(&mut self, bytes: usize) -> Result<(), FrameError> {
+        let Some(budget) = &self.budget else { return Ok(()) };
+        if bytes <= self.reserved {
+            return Ok(());
+        }
+        let over = || FrameError::OverBudget { needed: bytes, budget: budget.total };
+        if bytes > budget.total {
+            return Err(over());
+        }
+        let more = u32::try_from(bytes - self.reserved).map_err(|_| over())?;
+        // The semaphore is never closed.
+        if let Ok(permit) = budget.available.acquire_many(more).await {
+            permit.forget();
+            self.reserved = bytes;
+        }
+        Ok(())
+    }
+
+    /// Holds `bytes` of the budget (none held before) if it has them now.
+    fn try_reserve(&mut self, bytes: usize) -> bool {
+        let Some(budget) = &self.budget else { return true };
+        let Ok(count) = u32::try_from(bytes) else { return false };
+        match budget.available.try_acquire_many(count) {
+            Ok(permit) => {
+                permit.forget();
+                self.reserved = bytes;
+                true
+            }
+            Err(_) => false,
         }
     }
 
-    /// Makes sure the chunk has room for more of the partial frame (which starts at 0 here).
-    fn make_room(&mut self, partial: Partial) {
-        let needs = partial.needs.unwrap_or(LENGTH_PREFIX_BYTES);
-        if self.chunk.capacity() >= needs && self.chunk.len() < self.chunk.capacity() {
-            return;
+    /// Gives back what the budget lent (the chunk is back to its usual size).
+    fn release(&mut self) {
+        if let Some(budget) = &self.budget {
+            budget.available.add_permits(std::mem::take(&mut self.reserved));
         }
-        // Only at a change to larger frames: the part of the frame read so far is copied once.
-        let mut larger = Vec::with_capacity(self.chunk_for(partial.needs));
-        larger.extend_from_slice(&self.chunk);
-        self.chunk = larger;
     }
 
     fn hand_out(&mut self, partial: Partial) -> Frames<'_> {
@@ -267,7 +419,21 @@ impl FrameReader {
             self.start = partial.at;
             return Frames { source: Source::Lent(&self.chunk), ranges: &self.ranges };
         }
-        let mut next = Vec::with_capacity(self.chunk_for(partial.needs));
+        // What follows the complete frames is less than a chunk: at most the next prefix after
+        // a grown chunk, which ends there. A next frame of up to two chunks (its prefix read)
+        // gets its size at once, when the budget has it now, so that mid-size messages are
+        // read without being copied again: a declared length costs at most one extra chunk.
+        self.release();
+        let capacity = match partial.needs.map(|needs| needs + LENGTH_PREFIX_BYTES) {
+            Some(wanted) if wanted > self.chunk_bytes && wanted <= 2 * self.chunk_bytes => {
+                match self.try_reserve(wanted - self.chunk_bytes) {
+                    true => wanted,
+                    false => self.chunk_bytes,
+                }
+            }
+            _ => self.chunk_bytes,
+        };
+        let mut next = Vec::with_capacity(capacity);
         next.extend_from_slice(&self.chunk[partial.at..]);
         let mut full = std::mem::replace(&mut self.chunk, next);
         full.truncate(partial.at);
@@ -275,9 +441,16 @@ impl FrameReader {
     }
 }
 
+impl Drop for FrameReader {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn frames_round_trip_and_end_cleanly() {
@@ -385,5 +558,86 @@ mod tests {
         bytes.truncate(7);
         let error = read_all(&bytes, 4096, &mut FrameReader::new(1024)).await.unwrap_err();
         assert!(matches!(error, FrameError::Truncated));
+    }
+
+    /// A reader and the writing end of its stream, which stays open.
+    fn stream() -> (tokio::io::DuplexStream, tokio::io::DuplexStream) {
+        tokio::io::duplex(1 << 20)
+    }
+
+    /// Writes `bytes` and reads until they are all in `reader` (no frame completes).
+    async fn feed(
+        reader: &mut FrameReader,
+        write: &mut tokio::io::DuplexStream,
+        read: &mut tokio::io::DuplexStream,
+        bytes: &[u8],
+    ) {
+        use tokio::io::AsyncWriteExt;
+        let target = reader.pending_bytes() + bytes.len();
+        write.write_all(bytes).await.unwrap();
+        while reader.pending_bytes() < target {
+            assert!(matches!(reader.read_step(read).await.unwrap(), ReadStep::More));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_grows_its_chunk_as_its_bytes_arrive_not_on_its_declared_length() {
+        let (mut write, mut read) = stream();
+        let mut reader = FrameReader::new(DEFAULT_MAX_FRAME_SIZE);
+        let mut bytes = DEFAULT_MAX_FRAME_SIZE.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&[7; 1000]);
+        feed(&mut reader, &mut write, &mut read, &bytes).await;
+        assert_eq!(reader.chunk.capacity(), DEFAULT_CHUNK_BYTES, "1 KiB of a 16 MiB frame costs one chunk");
+        feed(&mut reader, &mut write, &mut read, &vec![7; 300_000]).await;
+        let capacity = reader.chunk.capacity();
+        assert!((301_004..=2 * 301_004).contains(&capacity), "grown with what arrived: {capacity}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn readers_share_one_budget_and_wait_while_it_is_used_up() {
+        // A's 200 KB of a 250 KB frame hold all but 1,016 bytes of the budget: B cannot grow
+        // its 1 KiB chunk until A is done.
+        let budget = std::sync::Arc::new(FrameBudget::new(250_000));
+        let (mut write_a, mut read_a) = stream();
+        let (mut write_b, mut read_b) = stream();
+        let mut a = FrameReader::with_chunk_bytes(1 << 20, 1024).with_budget(budget.clone());
+        let mut b = FrameReader::with_chunk_bytes(1 << 20, 1024).with_budget(budget.clone());
+        let mut frame = 250_000u32.to_be_bytes().to_vec();
+        frame.extend_from_slice(&[1; 200_000]);
+        feed(&mut a, &mut write_a, &mut read_a, &frame).await;
+        let held = budget.in_use();
+        assert!(held >= 200_000 - 1024 && held <= budget.total(), "{held}");
+
+        use tokio::io::AsyncWriteExt;
+        write_b.write_all(&frame).await.unwrap();
+        let mut stalled = 0;
+        // B reads its first chunk, then waits for budget: time passes (paused clock), no read.
+        while tokio::time::timeout(Duration::from_secs(1), b.read_step(&mut read_b)).await.is_ok() {
+            stalled += 1;
+            assert!(stalled < 100, "b kept reading without budget");
+        }
+        assert_eq!(b.pending_bytes(), 1024, "b waits with its own chunk full");
+        assert!(budget.in_use() <= budget.total());
+
+        drop(a);
+        feed(&mut b, &mut write_b, &mut read_b, &[]).await;
+        while b.pending_bytes() < frame.len() {
+            assert!(matches!(b.read_step(&mut read_b).await.unwrap(), ReadStep::More));
+        }
+        write_b.write_all(&[2; 50_000]).await.unwrap();
+        while !matches!(b.read_step(&mut read_b).await.unwrap(), ReadStep::Frames(_)) {}
+        assert_eq!(budget.in_use(), 0, "a complete frame gives its budget back");
+    }
+
+    #[tokio::test]
+    async fn a_frame_larger_than_the_whole_budget_is_refused() {
+        let budget = std::sync::Arc::new(FrameBudget::new(100_000));
+        let mut reader = FrameReader::with_chunk_bytes(1 << 20, 1024).with_budget(budget.clone());
+        let mut bytes = 500_000u32.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&[0; 200_000]);
+        let error = read_all(&bytes, 4096, &mut reader).await.unwrap_err();
+        assert!(matches!(error, FrameError::OverBudget { budget: 100_000, .. }), "{error}");
+        drop(reader);
+        assert_eq!(budget.in_use(), 0, "a dropped reader gives its budget back");
     }
 }

@@ -7,9 +7,17 @@
 //! listen = "127.0.0.1:7001"   # default 127.0.0.1:0 (any free port, loopback only)
 //! advertise = "10.0.0.5:7001" # what peers are told; default: the bound address
 //! max_frame_size = 16777216   # default 16 MiB
+//! # What an unauthenticated peer can make the node hold (defaults shown):
+//! partial_frames_budget_bytes = 67108864 # partly received frames, all connections: 4 frames
+//! frame_read_timeout_ms = 30000          # a started frame must arrive whole within this
+//! idle_timeout_ms = 60000                # incoming connection without a frame: closed
+//! max_connections = 512                  # incoming connections in all (keep below `ulimit -n`)
+//! max_connections_per_address = 128      # incoming connections from one IP address
 //! ```
 //!
-//! All keys are those of [`StreamSettings`]; an unknown key is an error naming it.
+//! All keys are those of [`StreamSettings`]; an unknown key is an error naming it, and a value
+//! that cannot work (0 for a limit or a timeout, a budget below `max_frame_size`) is an error
+//! naming its key.
 //!
 //! ## Encrypted links
 //!
@@ -33,7 +41,17 @@
 //! - **Max message size**: `max_frame_size` (default 16 MiB) including the envelope header.
 //! - **Disconnect**: reconnect with exponential backoff on the next message.
 //! - **Connections**: one outgoing connection per peer address, reused; the listener serves
-//!   any number of peers, and a peer sending garbage only loses its own connection.
+//!   up to `max_connections` peers (`max_connections_per_address` per IP address), and a peer
+//!   sending garbage only loses its own connection.
+//! - **Hostile peers** (see [`StreamSettings`] for the details): a frame's buffer grows as its
+//!   bytes arrive, and partly received frames of all connections together hold at most
+//!   `partial_frames_budget_bytes` beyond 64 KiB each (a connection over it stops being read
+//!   until budget is free); a frame must arrive whole within `frame_read_timeout_ms` of its first
+//!   byte; an incoming connection without a frame for `idle_timeout_ms` is closed with a goodbye
+//!   (with heartbeats on, a live peer sends one every second); a new connection over a
+//!   connection limit evicts the one idle longest (of its own address if that address is over
+//!   its limit); out of file descriptors (`EMFILE`), the idlest connection
+//!   is closed to make room, and accepting backs off with one log line every 10 s at most.
 //!
 //! TCP_NODELAY is on: batching happens in the writer, not in the kernel. Each message is encoded
 //! once, straight into the buffer that is written; a batched send (`send_batch`) queues all the
@@ -45,7 +63,10 @@
 //! Besides what the host counts (messages and bytes each way): the send and receive queue
 //! depths, reconnects, errors (connections refused or closed for bad input, failed writes, peers
 //! given up) and the counters `tcp.writes`, `tcp.connections.accepted`,
-//! `tcp.connections.refused` and `tcp.messages.dropped`.
+//! `tcp.connections.refused`, `tcp.messages.dropped`, `tcp.connections.evicted`,
+//! `tcp.connections.idle_closed`, `tcp.connections.frame_timeouts`, and the gauges
+//! `tcp.connections.open` (incoming connections now) and `tcp.frames.partial_bytes` (budget held
+//! by partly received frames now).
 
 #![warn(missing_docs)]
 

@@ -19,14 +19,22 @@
 //!   alive; a few small messages per read are copied out instead);
 //! - reconnect with exponential backoff; after `reconnect_attempts` failures the queued messages
 //!   for that peer are dropped (logged with their count) and `send` reports the peer unreachable;
-//! - a listener serving any number of peers at once; a malformed, oversized or unexpected frame
+//! - a listener serving many peers at once; a malformed, oversized or unexpected frame
 //!   closes that one connection with a logged reason, every other connection keeps working;
+//! - bounds on what peers that are not trusted can make a node hold: memory of partly received
+//!   frames (grown as bytes arrive, within one budget per transport), time (a frame must arrive
+//!   whole within a bound, an idle incoming connection is closed) and incoming connections (in
+//!   all and per IP address, the idlest evicted to make room); see [`StreamSettings`];
 //! - graceful close: stop accepting, write what is queued (bounded by `close_timeout_ms`), say
 //!   goodbye;
 //! - statistics ([`StreamTransport::stats`]): queue depths, reconnects, connections closed for
 //!   bad input and failed writes (errors), and counters `<backend>.writes`,
 //!   `<backend>.connections.accepted`, `<backend>.connections.refused`,
-//!   `<backend>.messages.dropped`, and the contract's `undelivered` (messages to a node taken
+//!   `<backend>.messages.dropped`, `<backend>.connections.evicted` (to stay within the
+//!   connection limits), `<backend>.connections.idle_closed`,
+//!   `<backend>.connections.frame_timeouts`, and two gauges: `<backend>.connections.open`
+//!   (incoming connections now) and `<backend>.frames.partial_bytes` (budget held by partly
+//!   received frames now), and the contract's `undelivered` (messages to a node taken
 //!   by `send` and then given up on, which the host's `flush` and `close` report).
 //!
 //! Guarantees: messages from one sender to one receiver arrive in order. Delivery is
@@ -34,6 +42,7 @@
 //! message can arrive twice (with the same id) when a connection breaks mid-write. Nothing is
 //! acknowledged end to end: a message written to a peer that then crashes is lost.
 
+mod connections;
 pub mod encrypted;
 mod handshake;
 pub mod protocol;
@@ -101,6 +110,10 @@ struct Shared {
     /// Link security: `Some` when every link is a Noise-encrypted, authenticated one.
     noise: Option<Arc<NoiseIdentity>>,
     counters: Counters,
+    /// The incoming connections, kept within `max_connections` and `max_connections_per_address`.
+    connections: Arc<connections::ConnectionTable>,
+    /// What partly received frames of every incoming connection may hold beyond one chunk each.
+    frame_budget: Arc<crate::framing::FrameBudget>,
 }
 
 /// What the tasks of one transport count for [`StreamTransport::stats`].
@@ -118,6 +131,12 @@ struct Counters {
     refused: AtomicU64,
     /// Queued messages dropped because their peer stayed unreachable.
     dropped_messages: AtomicU64,
+    /// Incoming connections closed to stay within the connection limits.
+    evicted: AtomicU64,
+    /// Incoming connections closed after `idle_timeout_ms` without a frame.
+    idle_closed: AtomicU64,
+    /// Incoming connections closed because a frame took longer than `frame_read_timeout_ms`.
+    frame_timeouts: AtomicU64,
 }
 
 impl Counters {
@@ -175,6 +194,11 @@ impl<M: StreamMedium> StreamTransport<M> {
         let (shutdown, _) = watch::channel(false);
         let (inbound_tx, inbound_rx) = mpsc::channel(settings.receive_queue_capacity);
         let local_address = settings.advertise.clone().unwrap_or(local_address);
+        let connections = Arc::new(connections::ConnectionTable::new(
+            settings.max_connections,
+            settings.max_connections_per_address,
+        ));
+        let budget = usize::try_from(settings.partial_frames_budget()).unwrap_or(usize::MAX);
         let shared = Arc::new(Shared {
             backend,
             local_node,
@@ -182,6 +206,8 @@ impl<M: StreamMedium> StreamTransport<M> {
             shutdown,
             noise,
             counters: Counters::default(),
+            connections,
+            frame_budget: Arc::new(crate::framing::FrameBudget::new(budget)),
         });
         let inbound_depth = inbound_tx.clone();
         let acceptor = tokio::spawn(reader::accept_loop(Arc::clone(&shared), acceptor, inbound_tx));
@@ -361,6 +387,11 @@ impl<M: StreamMedium> StreamTransport<M> {
             (format!("{backend}.connections.accepted"), counters.accepted.load(Relaxed)),
             (format!("{backend}.connections.refused"), counters.refused.load(Relaxed)),
             (format!("{backend}.messages.dropped"), counters.dropped_messages.load(Relaxed)),
+            (format!("{backend}.connections.evicted"), counters.evicted.load(Relaxed)),
+            (format!("{backend}.connections.idle_closed"), counters.idle_closed.load(Relaxed)),
+            (format!("{backend}.connections.frame_timeouts"), counters.frame_timeouts.load(Relaxed)),
+            (format!("{backend}.connections.open"), self.shared.connections.len() as u64),
+            (format!("{backend}.frames.partial_bytes"), self.shared.frame_budget.in_use() as u64),
         ]);
         stats
     }

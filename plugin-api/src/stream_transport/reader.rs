@@ -1,11 +1,12 @@
 //! The listener side: accepts connections and turns their frames into inbound messages.
 
 use super::{
+    connections::{address_key, Admission},
     handshake::{self, OpenError, Opened},
     protocol, shut_down, Acceptor, Shared,
 };
 use crate::{
-    framing::{FrameReader, Frames},
+    framing::{FrameReader, Frames, ReadStep},
     wire::{decode_envelope, decode_envelope_shared},
     Inbound,
 };
@@ -16,6 +17,7 @@ use std::{
 use tokio::{
     io::{split, AsyncWrite, AsyncWriteExt},
     sync::{mpsc, watch},
+    time::Instant,
 };
 
 pub(super) async fn accept_loop<A: Acceptor>(
@@ -24,6 +26,7 @@ pub(super) async fn accept_loop<A: Acceptor>(
     inbound: mpsc::Sender<Inbound>,
 ) {
     let mut shutdown = shared.shutdown.subscribe();
+    let mut failures = AcceptFailures::default();
     loop {
         let accepted = tokio::select! {
             accepted = acceptor.accept() => accepted,
@@ -31,14 +34,72 @@ pub(super) async fn accept_loop<A: Acceptor>(
         };
         match accepted {
             Ok((stream, label)) => {
-                tokio::spawn(serve_connection(Arc::clone(&shared), stream, label, inbound.clone()));
+                failures.recovered();
+                let (admission, evicted) = shared.connections.admit(address_key(&label));
+                shared.counters.evicted.fetch_add(evicted, Relaxed);
+                let connection =
+                    serve_connection(Arc::clone(&shared), stream, label, admission, inbound.clone());
+                tokio::spawn(connection);
             }
             Err(error) => {
-                // Out of file descriptors and the like: keep serving the connections we have.
-                tracing::warn!(backend = shared.backend, %error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Out of file descriptors: close the idlest connection so that the next accept
+                // (a peer that may well be legitimate, waiting in the backlog) finds one.
+                if is_out_of_files(&error) && shared.connections.evict_one() {
+                    shared.counters.evicted.fetch_add(1, Relaxed);
+                }
+                let delay = failures.failed(&shared, &error);
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    _ = shut_down(&mut shutdown) => return,
+                }
             }
         }
+    }
+}
+
+/// `EMFILE` or `ENFILE` (the same numbers on Linux, the BSDs and macOS).
+fn is_out_of_files(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(23 | 24))
+}
+
+/// Failed accepts: each streak backs off (so that a persistent failure does not spin), and
+/// the failures are logged at most once every [`AcceptFailures::LOG_EVERY`], with their count
+/// (a node out of file descriptors fails and recovers many times a second).
+#[derive(Debug, Default)]
+struct AcceptFailures {
+    /// Failures since the last accepted connection.
+    streak: u32,
+    /// Failures not logged yet, and when failures were last logged.
+    unlogged: u64,
+    logged_at: Option<Instant>,
+}
+
+impl AcceptFailures {
+    const FIRST_DELAY: Duration = Duration::from_millis(10);
+    const MAX_DELAY: Duration = Duration::from_secs(1);
+    const LOG_EVERY: Duration = Duration::from_secs(10);
+
+    /// Counts a failure; the delay before accepting again.
+    fn failed(&mut self, shared: &Shared, error: &std::io::Error) -> Duration {
+        self.streak = self.streak.saturating_add(1);
+        self.unlogged += 1;
+        if self.logged_at.is_none_or(|at| at.elapsed() >= Self::LOG_EVERY) {
+            tracing::warn!(
+                backend = shared.backend,
+                %error,
+                failures = self.unlogged,
+                "accept failed; backing off (logged at most every 10 s, with the count since)"
+            );
+            self.unlogged = 0;
+            self.logged_at = Some(Instant::now());
+        }
+        let doublings = (self.streak - 1).min(16);
+        Self::FIRST_DELAY.saturating_mul(1 << doublings).min(Self::MAX_DELAY)
+    }
+
+    /// A connection was accepted: the next failure starts a new streak.
+    fn recovered(&mut self) {
+        self.streak = 0;
     }
 }
 
@@ -48,19 +109,34 @@ enum Closed {
     Refused(String),
 }
 
+/// Which bound the read loop of a connection waits against.
+#[derive(Clone, Copy)]
+enum Deadline {
+    /// No frame is under way: the connection is idle.
+    Idle,
+    /// A frame has started and must end.
+    Frame,
+}
+
 async fn serve_connection<S: super::ByteStream>(
     shared: Arc<Shared>,
     stream: S,
     label: String,
+    admission: Admission,
     inbound: mpsc::Sender<Inbound>,
 ) {
     let mut shutdown = shared.shutdown.subscribe();
     let settings = &shared.settings;
-    let opened = tokio::time::timeout(
+    let handshake = tokio::time::timeout(
         Duration::from_millis(settings.handshake_timeout_ms),
         handshake::accept(&shared, stream),
-    )
-    .await;
+    );
+    let opened = tokio::select! {
+        opened = handshake => opened,
+        () = admission.slot().evicted() => {
+            return log_closed(&shared, &label, None, Closed::Clean("evicted during its handshake (connection limit)"));
+        }
+    };
     let Opened { stream, peer, key } = match opened {
         Ok(Ok(opened)) => opened,
         Ok(Err(OpenError::ClosedEarly)) => {
@@ -84,6 +160,7 @@ async fn serve_connection<S: super::ByteStream>(
     if let Some(key) = &key {
         tracing::debug!(backend = shared.backend, from = %label, node = %peer, %key, "encrypted link accepted");
     }
+    admission.active();
     let (mut read, mut write) = split(stream);
     let hello = protocol::hello_frame(&shared.local_node);
     if let Err(error) = write_flushed(&mut write, &hello).await {
@@ -91,21 +168,57 @@ async fn serve_connection<S: super::ByteStream>(
     }
     shared.counters.accepted.fetch_add(1, Relaxed);
 
-    let mut reader = FrameReader::new(settings.max_frame_size);
+    let idle_timeout = Duration::from_millis(settings.idle_timeout_ms);
+    let frame_timeout = Duration::from_millis(settings.frame_read_timeout_ms);
+    let mut reader = FrameReader::new(settings.max_frame_size).with_budget(Arc::clone(&shared.frame_budget));
     let mut received = Vec::new();
+    // When the frame under way (if any) started, and when the last one ended.
+    let mut frame_started: Option<Instant> = None;
+    let mut last_frame = Instant::now();
+    let timer = tokio::time::sleep_until(last_frame + idle_timeout);
+    tokio::pin!(timer);
     let closed = loop {
-        let frames = tokio::select! {
-            frames = reader.read(&mut read) => frames,
+        let deadline = match frame_started {
+            Some(started) => (started + frame_timeout, Deadline::Frame),
+            None => (last_frame + idle_timeout, Deadline::Idle),
+        };
+        timer.as_mut().reset(deadline.0);
+        let step = tokio::select! {
+            step = reader.read_step(&mut read) => step,
+            () = &mut timer => match deadline.1 {
+                Deadline::Idle => {
+                    shared.counters.idle_closed.fetch_add(1, Relaxed);
+                    let _ = write_flushed(&mut write, &protocol::goodbye_frame()).await;
+                    break Closed::Clean("idle for idle_timeout_ms");
+                }
+                Deadline::Frame => {
+                    shared.counters.frame_timeouts.fetch_add(1, Relaxed);
+                    break Closed::Refused(format!(
+                        "a frame was not received whole within frame_read_timeout_ms ({} bytes of it arrived)",
+                        reader.pending_bytes()
+                    ));
+                }
+            },
+            () = admission.slot().evicted() => {
+                let _ = write_flushed(&mut write, &protocol::goodbye_frame()).await;
+                break Closed::Clean("evicted to make room for another connection (connection limit)");
+            }
             _ = shut_down(&mut shutdown) => {
                 let _ = write_flushed(&mut write, &protocol::goodbye_frame()).await;
                 break Closed::Clean("transport closed");
             }
         };
-        let ended = match frames {
-            Ok(Some(frames)) => decode(&frames, &mut received),
-            Ok(None) => Some(Closed::Clean("peer closed the connection")),
+        let ended = match step {
+            Ok(ReadStep::Frames(frames)) => decode(&frames, &mut received),
+            Ok(ReadStep::More) => {
+                // The first bytes of a frame start its clock.
+                frame_started.get_or_insert_with(Instant::now);
+                continue;
+            }
+            Ok(ReadStep::End) => Some(Closed::Clean("peer closed the connection")),
             Err(error) => Some(Closed::Refused(error.to_string())),
         };
+        admission.active();
         // What came before a bad frame or a goodbye is delivered.
         if !deliver(&inbound, &mut received, &mut shutdown).await {
             break Closed::Clean("transport closed");
@@ -113,6 +226,9 @@ async fn serve_connection<S: super::ByteStream>(
         if let Some(closed) = ended {
             break closed;
         }
+        // Clocks start after the delivery: waiting for the application is not the peer's fault.
+        last_frame = Instant::now();
+        frame_started = (reader.pending_bytes() > 0).then_some(last_frame);
     };
     log_closed(&shared, &label, Some(&peer), closed);
 }
