@@ -7,7 +7,7 @@ import os
 import sqlite3
 import time
 
-from . import topics
+from . import control, topics
 from .transport import Delivery
 from .wire import Envelope, WireError, decode_envelope, encode_envelope
 
@@ -21,7 +21,19 @@ RETURNING id, envelope, attempts"""
 DEAD_LETTER = """INSERT INTO comms_dead_letter (id, recipient, envelope, enqueued_at, attempts, dead_at, reason)
 SELECT id, recipient, envelope, enqueued_at, attempts, ?2, ?3 FROM comms_mailbox WHERE id = ?1"""
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Framework messages that carry the sender's whole record: a newer one replaces an older one of the
+# same kind from the same sender that nobody has claimed yet (docs/sqlite.md "Retention").
+RECORD_KINDS = (control.HELLO, control.HEARTBEAT, control.GOODBYE)
+
+
+def replacement_key(envelope: Envelope):
+    """'<kind>:<sender>' for a hello, heartbeat or goodbye to a node; None for every other message."""
+    kind = envelope.header(control.KIND_HEADER)
+    if envelope.to_kind != "node" or kind not in RECORD_KINDS:
+        return None
+    return "%s:%s" % (kind, envelope.sender)
 
 
 def now_ms() -> int:
@@ -62,9 +74,17 @@ class SqliteTransport:
 
     def send(self, address: str, envelope: Envelope) -> None:
         encoded = encode_envelope(envelope)
-        self._immediate(lambda: self.db.execute(
-            "INSERT INTO comms_mailbox (recipient, envelope, enqueued_at) VALUES (?, ?, ?)",
-            (address, encoded, now_ms())))
+        key = replacement_key(envelope)
+
+        def write():
+            now = now_ms()
+            if key is not None:
+                self.db.execute("DELETE FROM comms_mailbox WHERE recipient = ? AND replace_key = ?"
+                                " AND locked_until <= ?", (address, key, now))
+            self.db.execute(
+                "INSERT INTO comms_mailbox (recipient, envelope, enqueued_at, replace_key) VALUES (?, ?, ?, ?)",
+                (address, encoded, now, key))
+        self._immediate(write)
 
     def publish(self, envelope: Envelope) -> None:
         encoded = encode_envelope(envelope)
