@@ -61,7 +61,8 @@
 //!   for [`Config::peer_timeout`], or one datagram was sent [`Config::max_transmissions`] times
 //!   by its timer (its first send and its retransmissions after a timeout; fast retransmissions,
 //!   prompted by the peer's own acknowledgements, do not count), the peer is taken for gone:
-//!   what was queued for it is dropped (counted in [`Stats::abandoned_messages`]),
+//!   what was queued for it is dropped (counted in [`Stats::abandoned_messages`], and in
+//!   [`Stats::undelivered`] if it was sent with `counted` set, see [`Endpoint::send_counted`]),
 //!   [`Endpoint::poll_event`] reports [`Event::GaveUp`] once, and the next [`Endpoint::send`] to
 //!   that peer fails once with [`SendError::Unreachable`] (the message is not queued); the send
 //!   after that starts afresh.
@@ -301,6 +302,9 @@ pub enum Event<A> {
         peer: A,
         /// Messages that were queued or in flight and were dropped.
         dropped_messages: u64,
+        /// The part of `dropped_messages` sent with `counted` set ([`Endpoint::send_counted`]):
+        /// those whose loss the caller has to report.
+        undelivered: u64,
         /// How long the peer had left datagrams unacknowledged.
         silent_for: Duration,
     },
@@ -331,6 +335,9 @@ pub struct Stats {
     pub spurious_retransmissions: u64,
     /// Messages (queued or in flight) abandoned because their peer stopped acknowledging.
     pub abandoned_messages: u64,
+    /// The part of [`Stats::abandoned_messages`] sent with `counted` set
+    /// ([`Endpoint::send_counted`]).
+    pub undelivered: u64,
     /// Times the endpoint gave up on a peer.
     pub gave_up: u64,
     /// Messages completed and handed out.
@@ -456,6 +463,8 @@ struct InFlight {
     fast_sends: u32,
     /// At least [`DUP_THRESH`] datagrams with higher sequence numbers were acknowledged.
     lost: bool,
+    /// Its message was sent with `counted` set (see [`Queued::counted`]).
+    counted: bool,
 }
 
 impl InFlight {
@@ -467,6 +476,16 @@ impl InFlight {
         let wait = loss_delay.saturating_mul(1 << self.fast_sends.min(16)).min(config.max_rto);
         self.sent_at.map(|at| at + wait)
     }
+}
+
+/// A datagram waiting for its first send.
+#[derive(Debug)]
+struct Queued {
+    seq: u64,
+    datagram: Vec<u8>,
+    /// Its message counts in [`Stats::undelivered`] if the peer is given up on. Carried by every
+    /// datagram of the message, so that nothing has to be looked up or cleaned up on an ack.
+    counted: bool,
 }
 
 #[derive(Debug)]
@@ -506,7 +525,7 @@ struct Peer {
     partials: HashMap<u32, Partial>,
     tx_next_seq: u64,
     tx_next_message: u32,
-    queued: VecDeque<(u64, Vec<u8>)>,
+    queued: VecDeque<Queued>,
     in_flight: BTreeMap<u64, InFlight>,
     /// Datagrams to send again, and whether as a fast retransmission (else after a timeout).
     retransmit: VecDeque<(u64, bool)>,
@@ -555,7 +574,7 @@ impl Peer {
             .keys()
             .next()
             .copied()
-            .or_else(|| self.queued.front().map(|(s, _)| *s))
+            .or_else(|| self.queued.front().map(|queued| queued.seq))
             .unwrap_or(self.tx_next_seq)
     }
 
@@ -564,20 +583,25 @@ impl Peer {
             + self.rx_window.values().map(|f| f.bytes.len()).sum::<usize>()
     }
 
-    /// Messages with a datagram in flight or queued (their datagrams are consecutive).
-    fn pending_messages(&self) -> u64 {
-        let numbers =
-            self.in_flight.values().map(|flight| &flight.datagram).chain(self.queued.iter().map(|(_, d)| d));
-        let mut count = 0;
+    /// Messages with a datagram in flight or queued (their datagrams are consecutive), and how
+    /// many of them were sent with `counted` set.
+    fn pending_messages(&self) -> (u64, u64) {
+        let datagrams = self
+            .in_flight
+            .values()
+            .map(|flight| (&flight.datagram, flight.counted))
+            .chain(self.queued.iter().map(|queued| (&queued.datagram, queued.counted)));
+        let (mut count, mut counted) = (0, 0);
         let mut last = None;
-        for datagram in numbers {
+        for (datagram, counts) in datagrams {
             let number = datagram.get(MESSAGE_OFFSET..MESSAGE_OFFSET + 4);
             if number != last {
                 count += 1;
+                counted += u64::from(counts);
                 last = number;
             }
         }
-        count
+        (count, counted)
     }
 
     /// Marks as lost the datagrams in flight with at least [`DUP_THRESH`] acknowledged datagrams
@@ -603,9 +627,10 @@ impl Peer {
         }
     }
 
-    /// Drops everything queued or in flight and remembers why, for the next `send`.
-    fn give_up(&mut self, silent_for: Duration, config: &Config) -> u64 {
-        let dropped = self.pending_messages();
+    /// Drops everything queued or in flight and remembers why, for the next `send`. Returns the
+    /// messages dropped and how many of them were counted.
+    fn give_up(&mut self, silent_for: Duration, config: &Config) -> (u64, u64) {
+        let (dropped, counted) = self.pending_messages();
         self.in_flight.clear();
         self.queued.clear();
         self.retransmit.clear();
@@ -614,7 +639,7 @@ impl Peer {
         self.rtt = Rtt::new(config);
         self.waiting_since = None;
         self.gave_up = Some((dropped, silent_for));
-        dropped
+        (dropped, counted)
     }
 }
 
@@ -713,8 +738,23 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
         self.peers.get_mut(&address)
     }
 
-    /// Queues `message` for `peer`, cut into fragments.
+    /// Queues `message` for `peer`, cut into fragments. If the endpoint gives up on it, it counts
+    /// in [`Stats::undelivered`]: the same as [`Endpoint::send_counted`] with `counted` set.
     pub fn send(&mut self, now: Instant, peer: A, message: &[u8]) -> Result<(), SendError> {
+        self.send_counted(now, peer, message, true)
+    }
+
+    /// Queues `message` for `peer`, cut into fragments. `counted` says whether giving up on it
+    /// counts in [`Stats::undelivered`] (and [`Event::GaveUp`]'s `undelivered`): the caller
+    /// clears it for messages whose loss it learns of otherwise or that need no delivery, so
+    /// that the counter holds only losses it has to report.
+    pub fn send_counted(
+        &mut self,
+        now: Instant,
+        peer: A,
+        message: &[u8],
+        counted: bool,
+    ) -> Result<(), SendError> {
         let max = self.config.max_message_size;
         if message.len() > max {
             return Err(SendError::TooLarge { size: message.len(), max });
@@ -748,7 +788,7 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
             datagram.extend_from_slice(&(message.len() as u32).to_be_bytes());
             datagram.extend_from_slice(chunk);
             state.queued_bytes += chunk.len();
-            state.queued.push_back((seq, datagram));
+            state.queued.push_back(Queued { seq, datagram, counted });
         }
         Ok(())
     }
@@ -791,7 +831,7 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
                 }
             }
             if !reliable {
-                if let Some((_, datagram)) = peer.queued.pop_front() {
+                if let Some(Queued { datagram, .. }) = peer.queued.pop_front() {
                     peer.queued_bytes -= datagram.len() - DATA_HEADER;
                     return Some((*address, datagram));
                 }
@@ -800,9 +840,9 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
             // Within `window` of the oldest unacknowledged datagram: the receiver buffers no
             // further ahead, so anything beyond would be dropped and cost a timeout.
             let oldest = peer.in_flight.keys().next().copied();
-            let next = peer.queued.front().map(|(seq, _)| *seq);
+            let next = peer.queued.front().map(|queued| queued.seq);
             if next.is_some_and(|next| oldest.is_none_or(|oldest| next - oldest < window as u64)) {
-                if let Some((seq, mut datagram)) = peer.queued.pop_front() {
+                if let Some(Queued { seq, mut datagram, counted }) = peer.queued.pop_front() {
                     let base = oldest.unwrap_or(seq);
                     datagram[BASE_OFFSET..BASE_OFFSET + 8].copy_from_slice(&base.to_be_bytes());
                     let copy = datagram.clone();
@@ -813,6 +853,7 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
                         timer_sends: 1,
                         fast_sends: 0,
                         lost: false,
+                        counted,
                     };
                     peer.in_flight.insert(seq, flight);
                     peer.waiting_since.get_or_insert(now);
@@ -874,11 +915,13 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
             let exhausted =
                 expired.iter().any(|seq| peer.in_flight[seq].timer_sends >= config.max_transmissions);
             if exhausted || (peer.waiting_since.is_some() && silent_for >= config.peer_timeout) {
-                let dropped_messages = peer.give_up(silent_for, config);
+                let (dropped_messages, undelivered) = peer.give_up(silent_for, config);
                 self.stats.abandoned_messages += dropped_messages;
+                self.stats.undelivered += undelivered;
                 self.stats.gave_up += 1;
                 if self.events.len() < config.max_peers {
-                    self.events.push_back(Event::GaveUp { peer: *address, dropped_messages, silent_for });
+                    let event = Event::GaveUp { peer: *address, dropped_messages, undelivered, silent_for };
+                    self.events.push_back(event);
                 }
                 continue;
             }

@@ -361,7 +361,9 @@ fn a_peer_silent_for_peer_timeout_is_given_up_reported_once_then_sends_start_afr
         "gave up after {waited:?}"
     );
     let event = net.endpoints[0].poll_event().expect("the give-up is reported");
-    let Event::GaveUp { peer: 2, dropped_messages: 3, silent_for } = event else { panic!("{event:?}") };
+    let Event::GaveUp { peer: 2, dropped_messages: 3, undelivered: 3, silent_for } = event else {
+        panic!("{event:?}")
+    };
     assert!(silent_for >= Duration::from_secs(1), "{silent_for:?}");
     assert_eq!(net.endpoints[0].poll_event(), None, "one report per give-up");
     assert_eq!(net.endpoints[0].stats().abandoned_messages, 3, "counted in messages, not datagrams");
@@ -378,6 +380,23 @@ fn a_peer_silent_for_peer_timeout_is_given_up_reported_once_then_sends_start_afr
     assert_eq!(net.received[1], vec![b"afresh".to_vec()]);
     net.run_until(1_000, |net| !net.endpoints[0].has_pending_sends());
     assert_eq!(net.endpoints[0].poll_event(), None, "a live peer is not given up again");
+}
+
+#[test]
+fn giving_up_reports_as_undelivered_only_the_messages_sent_counted() {
+    // A window of 4 datagrams and messages of 5 fragments each: at the give-up, the first
+    // message is partly in flight and partly queued, the others are queued only.
+    let config =
+        Config { peer_timeout: Duration::from_secs(1), max_datagram: 200, window: 4, ..Config::default() };
+    let mut net = Network::new(config, Faults { loss_percent: 100, ..CLEAN }, 1);
+    for (n, counted) in [true, false, true, false, true].into_iter().enumerate() {
+        net.endpoints[0].send_counted(net.now, 2, &pattern(800, n as u8), counted).unwrap();
+    }
+    net.run_until(60_000, |net| !net.endpoints[0].has_pending_sends());
+    let event = net.endpoints[0].poll_event().expect("the give-up is reported");
+    assert!(matches!(event, Event::GaveUp { peer: 2, dropped_messages: 5, undelivered: 3, .. }), "{event:?}");
+    let stats = net.endpoints[0].stats();
+    assert_eq!((stats.abandoned_messages, stats.undelivered), (5, 3));
 }
 
 #[test]
