@@ -594,6 +594,17 @@ impl Transport for UdpTransport {
         while self.shared.has_pending_sends() && tokio::time::Instant::now() < deadline {
             let _ = tokio::time::timeout(Duration::from_millis(10), self.shared.space.notified()).await;
         }
+        // What is still pending will never be acknowledged: give up on it here, so that the host,
+        // which reads `undelivered` after `close`, hears of it. The driver may take some of these
+        // events first; either way each is reported once.
+        let events: Vec<_> = {
+            let mut endpoint = self.shared.endpoint();
+            endpoint.give_up_all(Instant::now());
+            std::iter::from_fn(|| endpoint.poll_event()).collect()
+        };
+        for event in events {
+            report(&self.shared, &self.info.local_address, event);
+        }
         self.shared.shutdown.send_replace(true);
         let driver = self.driver.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
         if let Some(driver) = driver {
@@ -601,6 +612,18 @@ impl Transport for UdpTransport {
         }
         Ok(())
     }
+}
+
+/// Counts and logs an event of the endpoint.
+fn report(shared: &Shared, local: &str, event: Event<SocketAddr>) {
+    let Event::GaveUp { peer, dropped_messages, undelivered, silent_for } = event;
+    // `send` returned Ok for these: `Node::flush` and `close` report them through `stats`.
+    shared.incidents.undelivered(undelivered);
+    tracing::warn!(
+        "udp {local}: giving up on peer {peer}: nothing acknowledged for {} ms; \
+         {dropped_messages} queued message(s) dropped; the next send to it fails once",
+        silent_for.as_millis()
+    );
 }
 
 /// Moves datagrams between the socket and the state machines until shutdown.
@@ -630,14 +653,8 @@ async fn drive(socket: UdpSocket, shared: Arc<Shared>, inbound: mpsc::Sender<Inb
                 .min();
             (transmits, messages, events, timeout)
         };
-        for Event::GaveUp { peer, dropped_messages, undelivered, silent_for } in events {
-            // `send` returned Ok for these: `Node::flush` and `close` report them through `stats`.
-            shared.incidents.undelivered(undelivered);
-            tracing::warn!(
-                "udp {local}: giving up on peer {peer}: nothing acknowledged for {} ms; \
-                 {dropped_messages} queued message(s) dropped; the next send to it fails once",
-                silent_for.as_millis()
-            );
+        for event in events {
+            report(&shared, &local, event);
         }
         shared.space.notify_waiters();
         let more = transmits.len() == TRANSMIT_BATCH;

@@ -65,7 +65,8 @@
 //!   [`Stats::undelivered`] if it was sent with `counted` set, see [`Endpoint::send_counted`]),
 //!   [`Endpoint::poll_event`] reports [`Event::GaveUp`] once, and the next [`Endpoint::send`] to
 //!   that peer fails once with [`SendError::Unreachable`] (the message is not queued); the send
-//!   after that starts afresh.
+//!   after that starts afresh. [`Endpoint::give_up_all`] does the same at once for every peer
+//!   with something pending (for a caller that is closing).
 //! - **Best-effort mode**: fragments without acks; a message arrives whole or not at all, at most
 //!   once per copy the network delivers (no duplicate suppression), in any order.
 //! - **Bounded**: at most [`Config::window`] datagrams in flight per peer and buffered out of
@@ -915,14 +916,7 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
             let exhausted =
                 expired.iter().any(|seq| peer.in_flight[seq].timer_sends >= config.max_transmissions);
             if exhausted || (peer.waiting_since.is_some() && silent_for >= config.peer_timeout) {
-                let (dropped_messages, undelivered) = peer.give_up(silent_for, config);
-                self.stats.abandoned_messages += dropped_messages;
-                self.stats.undelivered += undelivered;
-                self.stats.gave_up += 1;
-                if self.events.len() < config.max_peers {
-                    let event = Event::GaveUp { peer: *address, dropped_messages, undelivered, silent_for };
-                    self.events.push_back(event);
-                }
+                Self::abandon(&mut self.stats, &mut self.events, config, *address, peer, silent_for);
                 continue;
             }
             if expired.is_empty() {
@@ -935,6 +929,36 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
                     peer.retransmit.push_back((seq, false));
                 }
             }
+        }
+    }
+
+    /// Gives up on every peer with something queued or in flight, counted and reported like a
+    /// peer that stopped answering: for a caller that closes and waits for no more
+    /// acknowledgements, so that what it drops is not lost silently.
+    pub fn give_up_all(&mut self, now: Instant) {
+        for (address, peer) in self.peers.iter_mut().filter(|(_, peer)| !peer.idle()) {
+            let silent_for =
+                peer.waiting_since.map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
+            Self::abandon(&mut self.stats, &mut self.events, &self.config, *address, peer, silent_for);
+        }
+    }
+
+    /// Gives up on `peer`: drops what is queued for it, counts it and reports it. Takes the
+    /// endpoint's fields apart so that callers can hold a peer borrowed from `peers`.
+    fn abandon(
+        stats: &mut Stats,
+        events: &mut VecDeque<Event<A>>,
+        config: &Config,
+        address: A,
+        peer: &mut Peer,
+        silent_for: Duration,
+    ) {
+        let (dropped_messages, undelivered) = peer.give_up(silent_for, config);
+        stats.abandoned_messages += dropped_messages;
+        stats.undelivered += undelivered;
+        stats.gave_up += 1;
+        if events.len() < config.max_peers {
+            events.push_back(Event::GaveUp { peer: address, dropped_messages, undelivered, silent_for });
         }
     }
 

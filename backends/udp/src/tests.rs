@@ -151,6 +151,24 @@ async fn messages_to_a_node_that_is_given_up_on_count_as_undelivered() {
     a.close().await.unwrap();
 }
 
+#[tokio::test]
+async fn close_counts_what_it_could_not_deliver_as_undelivered() {
+    // The default peer timeout (10 s) outlasts the close's wait for acknowledgements (2 s): the
+    // peer is not given up before close, close gives up on what is still pending.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to = silent.local_addr().unwrap().to_string();
+    let a = transport("").await;
+    for n in 0..2 {
+        a.send(&to, envelope(n, vec![n as u8; 100])).await.unwrap();
+    }
+    let publication =
+        Envelope::new(MessageId::from_u128(9), NodeId::new("a"), Destination::topic("news"), vec![1]);
+    a.send(&to, publication).await.unwrap();
+    a.close().await.unwrap();
+    assert_eq!(counter(&Transport::stats(&a), UNDELIVERED_COUNTER), Some(2));
+    assert_eq!(a.stats().abandoned_messages, 3);
+}
+
 #[test]
 fn peer_timeout_ms_is_checked_and_caps_the_retransmission_timeout() {
     let settings = UdpSettings { peer_timeout_ms: Some(50), ..Default::default() };

@@ -400,6 +400,31 @@ fn giving_up_reports_as_undelivered_only_the_messages_sent_counted() {
 }
 
 #[test]
+fn give_up_all_abandons_every_pending_peer_and_counts_like_a_give_up() {
+    let now = Instant::now();
+    let mut a = Endpoint::new(Config::default(), 11);
+    a.send_counted(now, 2, b"in flight, counted", true).unwrap();
+    while a.poll_transmit(now).is_some() {}
+    a.send_counted(now, 2, b"queued, not counted", false).unwrap();
+    a.send_counted(now, 3, b"queued, counted", true).unwrap();
+    a.give_up_all(now + Duration::from_millis(5));
+    assert!(!a.has_pending_sends());
+    let stats = a.stats();
+    assert_eq!((stats.gave_up, stats.abandoned_messages, stats.undelivered), (2, 3, 2));
+    let mut events: Vec<_> = std::iter::from_fn(|| a.poll_event()).collect();
+    events.sort_by_key(|Event::GaveUp { peer, .. }| *peer);
+    let counts: Vec<_> = events
+        .iter()
+        .map(|Event::GaveUp { peer, dropped_messages, undelivered, .. }| {
+            (*peer, *dropped_messages, *undelivered)
+        })
+        .collect();
+    assert_eq!(counts, [(2, 2, 1), (3, 1, 1)]);
+    a.give_up_all(now + Duration::from_millis(6));
+    assert_eq!((a.stats().gave_up, a.poll_event()), (2, None), "idle peers are left alone");
+}
+
+#[test]
 fn acknowledgements_that_keep_coming_keep_a_slow_peer_alive() {
     // 10 % loss each way and a peer timeout far below the time the transfer takes: every ack
     // restarts the clock, so the peer is never given up.
