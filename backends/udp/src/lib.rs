@@ -69,7 +69,7 @@ pub mod reliability;
 pub mod secure;
 
 use comms_plugin_api::{
-    async_trait, export_plugin,
+    async_trait, counts_as_undelivered, export_plugin,
     inbound::receive_batch,
     queued,
     security::{noise::NoiseIdentity, LinkSecurity, PublicKey},
@@ -244,7 +244,8 @@ struct Shared {
     space: Notify,
     shutdown: watch::Sender<bool>,
     closing: AtomicBool,
-    /// Messages dropped by the driver because they are not envelopes.
+    /// Messages dropped by the driver because they are not envelopes, and messages `send` took
+    /// and the endpoint gave up on (undelivered).
     incidents: IncidentCounters,
 }
 
@@ -393,7 +394,10 @@ impl UdpTransport {
         })?;
         let deadline = tokio::time::Instant::now() + SEND_QUEUE_WAIT;
         loop {
-            let result = self.shared.endpoint().send(Instant::now(), to, bytes);
+            // Only application messages to a node count as undelivered if the peer is given up
+            // on: the host learns of the others' loss otherwise (see `counts_as_undelivered`).
+            let counted = counts_as_undelivered(envelope);
+            let result = self.shared.endpoint().send_counted(Instant::now(), to, bytes, counted);
             match result {
                 Ok(()) => return Ok(()),
                 Err(SendError::TooLarge { size, max }) => {
@@ -542,8 +546,9 @@ impl Transport for UdpTransport {
     }
 
     /// Queue depth of received messages; errors: malformed, tampered, replayed and refused
-    /// datagrams, messages that are not envelopes, peers given up; counters of the state
-    /// machine (`udp.retransmissions`, `udp.duplicates`, ...).
+    /// datagrams, messages that are not envelopes, peers given up; the `undelivered` counter
+    /// (application messages to a node dropped when their peer was given up); counters of the
+    /// state machine (`udp.retransmissions`, `udp.duplicates`, ...).
     fn stats(&self) -> TransportStats {
         let reliability = UdpTransport::stats(self);
         let secure = self.secure_stats().unwrap_or_default();
@@ -557,21 +562,23 @@ impl Transport for UdpTransport {
             + secure.replayed
             + secure.refused
             + secure.unbound_node_id;
-        stats.counters = [
-            ("udp.delivered", reliability.delivered),
-            ("udp.retransmissions", reliability.retransmissions),
-            ("udp.duplicates", reliability.duplicates),
-            ("udp.abandoned_messages", reliability.abandoned_messages),
-            ("udp.out_of_window", reliability.out_of_window),
-            ("udp.over_budget", reliability.over_budget),
-            ("udp.unproven_epoch", reliability.unproven_epoch),
-            ("udp.epoch_changes", reliability.epoch_changes),
-            ("udp.handshakes", secure.handshakes),
-            ("udp.plaintext_dropped", secure.plaintext),
-        ]
-        .into_iter()
-        .map(|(name, value)| (name.to_string(), value))
-        .collect();
+        // Extend: `incidents.stats()` already put the `undelivered` counter there.
+        stats.counters.extend(
+            [
+                ("udp.delivered", reliability.delivered),
+                ("udp.retransmissions", reliability.retransmissions),
+                ("udp.duplicates", reliability.duplicates),
+                ("udp.abandoned_messages", reliability.abandoned_messages),
+                ("udp.out_of_window", reliability.out_of_window),
+                ("udp.over_budget", reliability.over_budget),
+                ("udp.unproven_epoch", reliability.unproven_epoch),
+                ("udp.epoch_changes", reliability.epoch_changes),
+                ("udp.handshakes", secure.handshakes),
+                ("udp.plaintext_dropped", secure.plaintext),
+            ]
+            .into_iter()
+            .map(|(name, value)| (name.to_string(), value)),
+        );
         stats
     }
 
@@ -587,6 +594,17 @@ impl Transport for UdpTransport {
         while self.shared.has_pending_sends() && tokio::time::Instant::now() < deadline {
             let _ = tokio::time::timeout(Duration::from_millis(10), self.shared.space.notified()).await;
         }
+        // What is still pending will never be acknowledged: give up on it here, so that the host,
+        // which reads `undelivered` after `close`, hears of it. The driver may take some of these
+        // events first; either way each is reported once.
+        let events: Vec<_> = {
+            let mut endpoint = self.shared.endpoint();
+            endpoint.give_up_all(Instant::now());
+            std::iter::from_fn(|| endpoint.poll_event()).collect()
+        };
+        for event in events {
+            report(&self.shared, &self.info.local_address, event);
+        }
         self.shared.shutdown.send_replace(true);
         let driver = self.driver.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
         if let Some(driver) = driver {
@@ -594,6 +612,18 @@ impl Transport for UdpTransport {
         }
         Ok(())
     }
+}
+
+/// Counts and logs an event of the endpoint.
+fn report(shared: &Shared, local: &str, event: Event<SocketAddr>) {
+    let Event::GaveUp { peer, dropped_messages, undelivered, silent_for } = event;
+    // `send` returned Ok for these: `Node::flush` and `close` report them through `stats`.
+    shared.incidents.undelivered(undelivered);
+    tracing::warn!(
+        "udp {local}: giving up on peer {peer}: nothing acknowledged for {} ms; \
+         {dropped_messages} queued message(s) dropped; the next send to it fails once",
+        silent_for.as_millis()
+    );
 }
 
 /// Moves datagrams between the socket and the state machines until shutdown.
@@ -623,12 +653,8 @@ async fn drive(socket: UdpSocket, shared: Arc<Shared>, inbound: mpsc::Sender<Inb
                 .min();
             (transmits, messages, events, timeout)
         };
-        for Event::GaveUp { peer, dropped_messages, silent_for } in events {
-            tracing::warn!(
-                "udp {local}: giving up on peer {peer}: nothing acknowledged for {} ms; \
-                 {dropped_messages} queued message(s) dropped; the next send to it fails once",
-                silent_for.as_millis()
-            );
+        for event in events {
+            report(&shared, &local, event);
         }
         shared.space.notify_waiters();
         let more = transmits.len() == TRANSMIT_BATCH;

@@ -61,10 +61,12 @@
 //!   for [`Config::peer_timeout`], or one datagram was sent [`Config::max_transmissions`] times
 //!   by its timer (its first send and its retransmissions after a timeout; fast retransmissions,
 //!   prompted by the peer's own acknowledgements, do not count), the peer is taken for gone:
-//!   what was queued for it is dropped (counted in [`Stats::abandoned_messages`]),
+//!   what was queued for it is dropped (counted in [`Stats::abandoned_messages`], and in
+//!   [`Stats::undelivered`] if it was sent with `counted` set, see [`Endpoint::send_counted`]),
 //!   [`Endpoint::poll_event`] reports [`Event::GaveUp`] once, and the next [`Endpoint::send`] to
 //!   that peer fails once with [`SendError::Unreachable`] (the message is not queued); the send
-//!   after that starts afresh.
+//!   after that starts afresh. [`Endpoint::give_up_all`] does the same at once for every peer
+//!   with something pending (for a caller that is closing).
 //! - **Best-effort mode**: fragments without acks; a message arrives whole or not at all, at most
 //!   once per copy the network delivers (no duplicate suppression), in any order.
 //! - **Bounded**: at most [`Config::window`] datagrams in flight per peer and buffered out of
@@ -301,6 +303,9 @@ pub enum Event<A> {
         peer: A,
         /// Messages that were queued or in flight and were dropped.
         dropped_messages: u64,
+        /// The part of `dropped_messages` sent with `counted` set ([`Endpoint::send_counted`]):
+        /// those whose loss the caller has to report.
+        undelivered: u64,
         /// How long the peer had left datagrams unacknowledged.
         silent_for: Duration,
     },
@@ -331,6 +336,9 @@ pub struct Stats {
     pub spurious_retransmissions: u64,
     /// Messages (queued or in flight) abandoned because their peer stopped acknowledging.
     pub abandoned_messages: u64,
+    /// The part of [`Stats::abandoned_messages`] sent with `counted` set
+    /// ([`Endpoint::send_counted`]).
+    pub undelivered: u64,
     /// Times the endpoint gave up on a peer.
     pub gave_up: u64,
     /// Messages completed and handed out.
@@ -456,6 +464,8 @@ struct InFlight {
     fast_sends: u32,
     /// At least [`DUP_THRESH`] datagrams with higher sequence numbers were acknowledged.
     lost: bool,
+    /// Its message was sent with `counted` set (see [`Queued::counted`]).
+    counted: bool,
 }
 
 impl InFlight {
@@ -467,6 +477,16 @@ impl InFlight {
         let wait = loss_delay.saturating_mul(1 << self.fast_sends.min(16)).min(config.max_rto);
         self.sent_at.map(|at| at + wait)
     }
+}
+
+/// A datagram waiting for its first send.
+#[derive(Debug)]
+struct Queued {
+    seq: u64,
+    datagram: Vec<u8>,
+    /// Its message counts in [`Stats::undelivered`] if the peer is given up on. Carried by every
+    /// datagram of the message, so that nothing has to be looked up or cleaned up on an ack.
+    counted: bool,
 }
 
 #[derive(Debug)]
@@ -506,7 +526,7 @@ struct Peer {
     partials: HashMap<u32, Partial>,
     tx_next_seq: u64,
     tx_next_message: u32,
-    queued: VecDeque<(u64, Vec<u8>)>,
+    queued: VecDeque<Queued>,
     in_flight: BTreeMap<u64, InFlight>,
     /// Datagrams to send again, and whether as a fast retransmission (else after a timeout).
     retransmit: VecDeque<(u64, bool)>,
@@ -555,7 +575,7 @@ impl Peer {
             .keys()
             .next()
             .copied()
-            .or_else(|| self.queued.front().map(|(s, _)| *s))
+            .or_else(|| self.queued.front().map(|queued| queued.seq))
             .unwrap_or(self.tx_next_seq)
     }
 
@@ -564,20 +584,25 @@ impl Peer {
             + self.rx_window.values().map(|f| f.bytes.len()).sum::<usize>()
     }
 
-    /// Messages with a datagram in flight or queued (their datagrams are consecutive).
-    fn pending_messages(&self) -> u64 {
-        let numbers =
-            self.in_flight.values().map(|flight| &flight.datagram).chain(self.queued.iter().map(|(_, d)| d));
-        let mut count = 0;
+    /// Messages with a datagram in flight or queued (their datagrams are consecutive), and how
+    /// many of them were sent with `counted` set.
+    fn pending_messages(&self) -> (u64, u64) {
+        let datagrams = self
+            .in_flight
+            .values()
+            .map(|flight| (&flight.datagram, flight.counted))
+            .chain(self.queued.iter().map(|queued| (&queued.datagram, queued.counted)));
+        let (mut count, mut counted) = (0, 0);
         let mut last = None;
-        for datagram in numbers {
+        for (datagram, counts) in datagrams {
             let number = datagram.get(MESSAGE_OFFSET..MESSAGE_OFFSET + 4);
             if number != last {
                 count += 1;
+                counted += u64::from(counts);
                 last = number;
             }
         }
-        count
+        (count, counted)
     }
 
     /// Marks as lost the datagrams in flight with at least [`DUP_THRESH`] acknowledged datagrams
@@ -603,9 +628,10 @@ impl Peer {
         }
     }
 
-    /// Drops everything queued or in flight and remembers why, for the next `send`.
-    fn give_up(&mut self, silent_for: Duration, config: &Config) -> u64 {
-        let dropped = self.pending_messages();
+    /// Drops everything queued or in flight and remembers why, for the next `send`. Returns the
+    /// messages dropped and how many of them were counted.
+    fn give_up(&mut self, silent_for: Duration, config: &Config) -> (u64, u64) {
+        let (dropped, counted) = self.pending_messages();
         self.in_flight.clear();
         self.queued.clear();
         self.retransmit.clear();
@@ -614,7 +640,7 @@ impl Peer {
         self.rtt = Rtt::new(config);
         self.waiting_since = None;
         self.gave_up = Some((dropped, silent_for));
-        dropped
+        (dropped, counted)
     }
 }
 
@@ -713,8 +739,23 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
         self.peers.get_mut(&address)
     }
 
-    /// Queues `message` for `peer`, cut into fragments.
+    /// Queues `message` for `peer`, cut into fragments. If the endpoint gives up on it, it counts
+    /// in [`Stats::undelivered`]: the same as [`Endpoint::send_counted`] with `counted` set.
     pub fn send(&mut self, now: Instant, peer: A, message: &[u8]) -> Result<(), SendError> {
+        self.send_counted(now, peer, message, true)
+    }
+
+    /// Queues `message` for `peer`, cut into fragments. `counted` says whether giving up on it
+    /// counts in [`Stats::undelivered`] (and [`Event::GaveUp`]'s `undelivered`): the caller
+    /// clears it for messages whose loss it learns of otherwise or that need no delivery, so
+    /// that the counter holds only losses it has to report.
+    pub fn send_counted(
+        &mut self,
+        now: Instant,
+        peer: A,
+        message: &[u8],
+        counted: bool,
+    ) -> Result<(), SendError> {
         let max = self.config.max_message_size;
         if message.len() > max {
             return Err(SendError::TooLarge { size: message.len(), max });
@@ -748,7 +789,7 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
             datagram.extend_from_slice(&(message.len() as u32).to_be_bytes());
             datagram.extend_from_slice(chunk);
             state.queued_bytes += chunk.len();
-            state.queued.push_back((seq, datagram));
+            state.queued.push_back(Queued { seq, datagram, counted });
         }
         Ok(())
     }
@@ -791,7 +832,7 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
                 }
             }
             if !reliable {
-                if let Some((_, datagram)) = peer.queued.pop_front() {
+                if let Some(Queued { datagram, .. }) = peer.queued.pop_front() {
                     peer.queued_bytes -= datagram.len() - DATA_HEADER;
                     return Some((*address, datagram));
                 }
@@ -800,9 +841,9 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
             // Within `window` of the oldest unacknowledged datagram: the receiver buffers no
             // further ahead, so anything beyond would be dropped and cost a timeout.
             let oldest = peer.in_flight.keys().next().copied();
-            let next = peer.queued.front().map(|(seq, _)| *seq);
+            let next = peer.queued.front().map(|queued| queued.seq);
             if next.is_some_and(|next| oldest.is_none_or(|oldest| next - oldest < window as u64)) {
-                if let Some((seq, mut datagram)) = peer.queued.pop_front() {
+                if let Some(Queued { seq, mut datagram, counted }) = peer.queued.pop_front() {
                     let base = oldest.unwrap_or(seq);
                     datagram[BASE_OFFSET..BASE_OFFSET + 8].copy_from_slice(&base.to_be_bytes());
                     let copy = datagram.clone();
@@ -813,6 +854,7 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
                         timer_sends: 1,
                         fast_sends: 0,
                         lost: false,
+                        counted,
                     };
                     peer.in_flight.insert(seq, flight);
                     peer.waiting_since.get_or_insert(now);
@@ -874,12 +916,7 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
             let exhausted =
                 expired.iter().any(|seq| peer.in_flight[seq].timer_sends >= config.max_transmissions);
             if exhausted || (peer.waiting_since.is_some() && silent_for >= config.peer_timeout) {
-                let dropped_messages = peer.give_up(silent_for, config);
-                self.stats.abandoned_messages += dropped_messages;
-                self.stats.gave_up += 1;
-                if self.events.len() < config.max_peers {
-                    self.events.push_back(Event::GaveUp { peer: *address, dropped_messages, silent_for });
-                }
+                Self::abandon(&mut self.stats, &mut self.events, config, *address, peer, silent_for);
                 continue;
             }
             if expired.is_empty() {
@@ -892,6 +929,36 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
                     peer.retransmit.push_back((seq, false));
                 }
             }
+        }
+    }
+
+    /// Gives up on every peer with something queued or in flight, counted and reported like a
+    /// peer that stopped answering: for a caller that closes and waits for no more
+    /// acknowledgements, so that what it drops is not lost silently.
+    pub fn give_up_all(&mut self, now: Instant) {
+        for (address, peer) in self.peers.iter_mut().filter(|(_, peer)| !peer.idle()) {
+            let silent_for =
+                peer.waiting_since.map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
+            Self::abandon(&mut self.stats, &mut self.events, &self.config, *address, peer, silent_for);
+        }
+    }
+
+    /// Gives up on `peer`: drops what is queued for it, counts it and reports it. Takes the
+    /// endpoint's fields apart so that callers can hold a peer borrowed from `peers`.
+    fn abandon(
+        stats: &mut Stats,
+        events: &mut VecDeque<Event<A>>,
+        config: &Config,
+        address: A,
+        peer: &mut Peer,
+        silent_for: Duration,
+    ) {
+        let (dropped_messages, undelivered) = peer.give_up(silent_for, config);
+        stats.abandoned_messages += dropped_messages;
+        stats.undelivered += undelivered;
+        stats.gave_up += 1;
+        if events.len() < config.max_peers {
+            events.push_back(Event::GaveUp { peer: address, dropped_messages, undelivered, silent_for });
         }
     }
 

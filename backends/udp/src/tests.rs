@@ -1,5 +1,5 @@
 use super::*;
-use comms_plugin_api::{host_side::PluginLibrary, Destination, MessageId, Payload};
+use comms_plugin_api::{host_side::PluginLibrary, Destination, MessageId, Payload, UNDELIVERED_COUNTER};
 
 fn envelope(n: u128, payload: Vec<u8>) -> Envelope {
     Envelope::new(
@@ -115,6 +115,58 @@ async fn a_peer_that_stops_acknowledging_is_reported_by_the_next_send_once() {
         got += b.receive(20).await.unwrap().len();
     }
     assert_eq!(a.stats().gave_up, 1, "only the silent peer");
+}
+
+fn counter(stats: &TransportStats, name: &str) -> Option<u64> {
+    stats.counters.iter().find(|(counter, _)| counter == name).map(|(_, value)| *value)
+}
+
+#[tokio::test]
+async fn messages_to_a_node_that_is_given_up_on_count_as_undelivered() {
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to = silent.local_addr().unwrap().to_string();
+    let a = transport("peer_timeout_ms = 300").await;
+    for n in 0..3 {
+        a.send(&to, envelope(n, vec![n as u8; 3_000])).await.unwrap();
+    }
+    // Their loss is reported otherwise or needs no report (see `counts_as_undelivered`).
+    let request =
+        Envelope::new(MessageId::from_u128(10), NodeId::new("a"), Destination::service("echo"), vec![1]);
+    let publication =
+        Envelope::new(MessageId::from_u128(11), NodeId::new("a"), Destination::topic("news"), vec![1]);
+    let heartbeat = envelope(12, vec![1]).with_header(comms_plugin_api::FRAMEWORK_KIND_HEADER, "heartbeat");
+    for envelope in [request, publication, heartbeat] {
+        a.send(&to, envelope).await.unwrap();
+    }
+    let started = Instant::now();
+    // The driver counts them just after the endpoint gave up, outside its lock: wait for both.
+    while a.stats().gave_up == 0 || counter(&Transport::stats(&a), UNDELIVERED_COUNTER) == Some(0) {
+        assert!(started.elapsed() < Duration::from_secs(5), "not counted: {:?}", Transport::stats(&a));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stats = Transport::stats(&a);
+    assert_eq!(counter(&stats, UNDELIVERED_COUNTER), Some(3), "{stats:?}");
+    assert_eq!(counter(&stats, "udp.abandoned_messages"), Some(6), "{stats:?}");
+    assert_eq!(a.stats().undelivered, 3);
+    a.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn close_counts_what_it_could_not_deliver_as_undelivered() {
+    // The default peer timeout (10 s) outlasts the close's wait for acknowledgements (2 s): the
+    // peer is not given up before close, close gives up on what is still pending.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to = silent.local_addr().unwrap().to_string();
+    let a = transport("").await;
+    for n in 0..2 {
+        a.send(&to, envelope(n, vec![n as u8; 100])).await.unwrap();
+    }
+    let publication =
+        Envelope::new(MessageId::from_u128(9), NodeId::new("a"), Destination::topic("news"), vec![1]);
+    a.send(&to, publication).await.unwrap();
+    a.close().await.unwrap();
+    assert_eq!(counter(&Transport::stats(&a), UNDELIVERED_COUNTER), Some(2));
+    assert_eq!(a.stats().abandoned_messages, 3);
 }
 
 #[test]

@@ -361,7 +361,9 @@ fn a_peer_silent_for_peer_timeout_is_given_up_reported_once_then_sends_start_afr
         "gave up after {waited:?}"
     );
     let event = net.endpoints[0].poll_event().expect("the give-up is reported");
-    let Event::GaveUp { peer: 2, dropped_messages: 3, silent_for } = event else { panic!("{event:?}") };
+    let Event::GaveUp { peer: 2, dropped_messages: 3, undelivered: 3, silent_for } = event else {
+        panic!("{event:?}")
+    };
     assert!(silent_for >= Duration::from_secs(1), "{silent_for:?}");
     assert_eq!(net.endpoints[0].poll_event(), None, "one report per give-up");
     assert_eq!(net.endpoints[0].stats().abandoned_messages, 3, "counted in messages, not datagrams");
@@ -378,6 +380,48 @@ fn a_peer_silent_for_peer_timeout_is_given_up_reported_once_then_sends_start_afr
     assert_eq!(net.received[1], vec![b"afresh".to_vec()]);
     net.run_until(1_000, |net| !net.endpoints[0].has_pending_sends());
     assert_eq!(net.endpoints[0].poll_event(), None, "a live peer is not given up again");
+}
+
+#[test]
+fn giving_up_reports_as_undelivered_only_the_messages_sent_counted() {
+    // A window of 4 datagrams and messages of 5 fragments each: at the give-up, the first
+    // message is partly in flight and partly queued, the others are queued only.
+    let config =
+        Config { peer_timeout: Duration::from_secs(1), max_datagram: 200, window: 4, ..Config::default() };
+    let mut net = Network::new(config, Faults { loss_percent: 100, ..CLEAN }, 1);
+    for (n, counted) in [true, false, true, false, true].into_iter().enumerate() {
+        net.endpoints[0].send_counted(net.now, 2, &pattern(800, n as u8), counted).unwrap();
+    }
+    net.run_until(60_000, |net| !net.endpoints[0].has_pending_sends());
+    let event = net.endpoints[0].poll_event().expect("the give-up is reported");
+    assert!(matches!(event, Event::GaveUp { peer: 2, dropped_messages: 5, undelivered: 3, .. }), "{event:?}");
+    let stats = net.endpoints[0].stats();
+    assert_eq!((stats.abandoned_messages, stats.undelivered), (5, 3));
+}
+
+#[test]
+fn give_up_all_abandons_every_pending_peer_and_counts_like_a_give_up() {
+    let now = Instant::now();
+    let mut a = Endpoint::new(Config::default(), 11);
+    a.send_counted(now, 2, b"in flight, counted", true).unwrap();
+    while a.poll_transmit(now).is_some() {}
+    a.send_counted(now, 2, b"queued, not counted", false).unwrap();
+    a.send_counted(now, 3, b"queued, counted", true).unwrap();
+    a.give_up_all(now + Duration::from_millis(5));
+    assert!(!a.has_pending_sends());
+    let stats = a.stats();
+    assert_eq!((stats.gave_up, stats.abandoned_messages, stats.undelivered), (2, 3, 2));
+    let mut events: Vec<_> = std::iter::from_fn(|| a.poll_event()).collect();
+    events.sort_by_key(|Event::GaveUp { peer, .. }| *peer);
+    let counts: Vec<_> = events
+        .iter()
+        .map(|Event::GaveUp { peer, dropped_messages, undelivered, .. }| {
+            (*peer, *dropped_messages, *undelivered)
+        })
+        .collect();
+    assert_eq!(counts, [(2, 2, 1), (3, 1, 1)]);
+    a.give_up_all(now + Duration::from_millis(6));
+    assert_eq!((a.stats().gave_up, a.poll_event()), (2, None), "idle peers are left alone");
 }
 
 #[test]
