@@ -2,6 +2,13 @@
 
 use tokio::sync::{mpsc, watch};
 
+/// The reason a backend records with a dead letter the receiving node refused for good (it
+/// settled it `REJECTED_DISCARD`: not admitted by its security settings, from an invalid sender
+/// id, or a message it cannot represent); the node's log says which. One wording on every
+/// backend that keeps dead letters.
+pub const DISCARDED_BY_RECEIVER: &str =
+    "refused by the receiving node (settled REJECTED_DISCARD; its log says why)";
+
 /// Why a received message is refused for its size, or `None` if it fits: the limit is
 /// enforced where messages arrive, not only where they are sent, because a program that is not
 /// comms (or a peer with a larger limit) can put anything on a broker or into a table.

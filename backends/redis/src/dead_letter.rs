@@ -5,7 +5,7 @@
 //! |---|---|
 //! | not a comms message (a field missing or malformed) | names the field, e.g. ``field `id` is missing`` |
 //! | payload above `max_message_size` | [`comms_plugin_api::inbound::oversized_reason`] |
-//! | refused by the receiving node (settled `REJECTED_DISCARD`) | [`DISCARDED_BY_HOST`] |
+//! | refused by the receiving node (settled `REJECTED_DISCARD`) | [`comms_plugin_api::inbound::DISCARDED_BY_RECEIVER`] |
 //!
 //! A dead-letter entry has the fields `error` (the reason), `entry` (the id the entry had in
 //! the inbox) and `field:<name>` for each field of the entry (the first [`MAX_FIELDS`]). The
@@ -13,11 +13,6 @@
 
 use redis::{aio::ConnectionManager, RedisError};
 use std::time::Duration;
-
-/// Reason of an entry the host settled `REJECTED_DISCARD` (a message it refuses for good: not
-/// admitted by its security settings, or one it cannot represent); the host's log says which.
-pub const DISCARDED_BY_HOST: &str =
-    "refused by the receiving node (settled REJECTED_DISCARD; its log says why)";
 
 /// Approximate cap of a dead-letter stream.
 pub const MAX_LEN: u64 = 10_000;

@@ -344,7 +344,7 @@ impl Transport for RedisTransport {
                 match settlement.outcome {
                     SettlementOutcome::REJECTED_REQUEUE => requeue.push(entry),
                     SettlementOutcome::REJECTED_DISCARD => {
-                        discarded.push((entry, crate::dead_letter::DISCARDED_BY_HOST.to_string()))
+                        discarded.push((entry, comms_plugin_api::inbound::DISCARDED_BY_RECEIVER.to_string()))
                     }
                     _ => done.push(entry),
                 }

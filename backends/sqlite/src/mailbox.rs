@@ -73,7 +73,6 @@ pub(crate) struct SqliteMailbox {
 }
 
 const REASON_ATTEMPTS: &str = "delivered max_attempts times without being accepted";
-const REASON_DISCARDED: &str = "rejected by the receiving host (REJECTED_DISCARD)";
 const REASON_MALFORMED: &str = "not a valid wire-encoded envelope";
 
 /// What a claimed row must satisfy to be delivered.
@@ -237,7 +236,7 @@ fn settle_one(
             .prepare_cached("DELETE FROM comms_mailbox WHERE id = ?1 AND owner = ?2")?
             .execute(params![id, owner])?,
         SettlementOutcome::REJECTED_DISCARD => {
-            dead_letter(transaction, id, Some(owner), now, REASON_DISCARDED)?
+            dead_letter(transaction, id, Some(owner), now, comms_plugin_api::inbound::DISCARDED_BY_RECEIVER)?
         }
         // REJECTED_REQUEUE, and any outcome a newer host may invent: deliver it again.
         _ => {
