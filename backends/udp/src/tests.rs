@@ -134,7 +134,7 @@ async fn messages_to_a_node_that_is_given_up_on_count_as_undelivered() {
         Envelope::new(MessageId::from_u128(10), NodeId::new("a"), Destination::service("echo"), vec![1]);
     let publication =
         Envelope::new(MessageId::from_u128(11), NodeId::new("a"), Destination::topic("news"), vec![1]);
-    let heartbeat = envelope(12, vec![1]).with_header(comms_plugin_api::FRAMEWORK_KIND_HEADER, "heartbeat");
+    let heartbeat = envelope(12, vec![1]).with_header(comms_plugin_api::framework::KIND_HEADER, "heartbeat");
     for envelope in [request, publication, heartbeat] {
         a.send(&to, envelope).await.unwrap();
     }
