@@ -129,8 +129,9 @@ async fn a_plaintext_peer_and_a_secure_node_exchange_nothing() {
     secure.send_raw("plain", vec![], b"sealed".to_vec(), None).await.unwrap();
     nothing_arrives(&secure, Duration::from_millis(1500)).await;
     nothing_arrives(&plain, Duration::from_millis(200)).await;
-    secure.close().await.unwrap();
-    plain.close().await.unwrap();
+    // Neither message can get through, and each sender says so when it closes.
+    close_reporting_undelivered(secure, 1).await;
+    close_reporting_undelivered(plain, 1).await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -155,10 +156,20 @@ async fn a_peer_with_an_unknown_key_is_refused_both_ways() {
     b.send_raw(a_id.as_str(), vec![], b"allowed".to_vec(), None).await.unwrap();
     let got = tokio::time::timeout(Duration::from_secs(10), a.receive_envelope()).await.unwrap().unwrap();
     assert_eq!(got.payload.as_slice(), b"allowed");
-    for node in [a, b, c] {
-        node.close().await.unwrap();
-    }
+    b.close().await.unwrap();
+    // The refused messages are reported by their senders, not lost in silence.
+    close_reporting_undelivered(a, 1).await;
+    close_reporting_undelivered(c, 1).await;
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Closes `node` and checks that it reports exactly `count` messages it could not deliver.
+async fn close_reporting_undelivered(node: Node, count: u64) {
+    let id = node.id().clone();
+    match node.close().await {
+        Err(error) => assert_eq!(error.undelivered, count, "{id}: {error}"),
+        Ok(()) => panic!("{id} closed without reporting its {count} undelivered message(s)"),
+    }
 }
 
 fn envelope(from: &NodeId, to: &NodeId, payload: &[u8]) -> Envelope {
