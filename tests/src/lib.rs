@@ -7,6 +7,9 @@
 //! built against other versions of the plugin contract (`tests/fixtures`).
 
 pub mod bench;
+mod logs;
+
+pub use logs::{capture_logs, CapturedLogs};
 
 use std::{
     path::{Path, PathBuf},

@@ -6,31 +6,8 @@
 //! through the host, as in a real node.
 
 use comms_host::{Node, PluginLibrary};
-use comms_tests::{artifacts, broker_available};
-use std::{
-    io::Write,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use comms_tests::{artifacts, broker_available, capture_logs};
+use std::time::{Duration, Instant};
 
 const HEARTBEAT: Duration = Duration::from_millis(50);
 
@@ -39,14 +16,7 @@ async fn a_static_peer_without_a_queue_is_logged_once_in_one_short_line() {
     if !broker_available("RabbitMQ", "127.0.0.1:5672") {
         return;
     }
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    tracing::subscriber::set_global_default(subscriber).expect("the only subscriber of this test binary");
+    let captured = capture_logs("warn");
 
     let tag = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
     let (node_id, ghost) = (format!("t-logs-{tag}"), format!("t-ghost-{tag}"));

@@ -6,43 +6,19 @@
 //! std are its own, so nothing but the forwarding of the contract can bring its records here.
 
 use comms_host::{Node, PluginLibrary};
-use comms_tests::artifacts;
-use std::{
-    io::Write,
-    process::Command,
-    sync::{Arc, Mutex},
-};
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use comms_tests::{artifacts, capture_logs};
+use std::process::Command;
 
 #[tokio::test]
 async fn plugin_records_reach_the_host_subscriber_filtered_by_the_host_rules() {
-    let captured = Captured::default();
-    let writer = captured.clone();
     // The rule names the plugin's own target: debug for it, warn for everything else.
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("warn,comms_fixture_panicking=debug"))
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    tracing::subscriber::set_global_default(subscriber).expect("the only subscriber of this test binary");
+    let captured = capture_logs("warn,comms_fixture_panicking=debug");
 
     let library = PluginLibrary::load(&artifacts().panicking_plugin).unwrap();
     let node = Node::builder("logs").transport_library("loop", library, "").build().await.unwrap();
     node.close().await.unwrap();
 
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let text = captured.text();
     let line = text
         .lines()
         .find(|line| line.contains("loop transport ready"))
