@@ -25,7 +25,7 @@
 //!
 //! ## Versioning
 //!
-//! The contract has a version of its own, [`INTERFACE_VERSION`] (`major.minor`, now 1.0),
+//! The contract has a version of its own, [`INTERFACE_VERSION`] (`major.minor`, now 1.1),
 //! independent of the crates' versions. Same major loads: a plugin built for an older minor
 //! always loads into a newer host, and a plugin built for a newer minor loads into an older host,
 //! which ignores what it does not know. A different major never loads.
@@ -53,7 +53,10 @@ pub use envelope::{
 };
 pub use error::{CommsError, ErrorCode};
 pub use extensions::Extension;
-pub use host_services::{HostServices, HostServicesBox, HostServices_TO, LogLevel, LogRecord};
+pub use host_services::{
+    HostServices, HostServicesBox, HostServices_TO, HostSocket, HostSocketBox, HostSocket_TO, LogLevel,
+    LogRecord, SocketResult,
+};
 pub use interface_version::{INTERFACE_MAJOR, INTERFACE_MINOR};
 pub use module::{PluginInfo, PluginModule, PluginModuleRef, PluginSetup, Provides};
 pub use transport::{StatCounter, Transport, TransportBox, TransportInfo, TransportStats, Transport_TO};

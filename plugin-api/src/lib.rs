@@ -115,6 +115,7 @@ mod error;
 pub mod export;
 pub mod framework;
 pub mod framing;
+pub mod host_driven;
 pub mod host_side;
 pub mod inbound;
 pub mod log_rate;

@@ -60,6 +60,7 @@ fn forwarded_level(level: Level, target: &str) -> Level {
 
 /// Called once by the host right after loading the library.
 pub(crate) fn attach_host(plugin: &'static str, host: HostServicesBox) {
+    let host = crate::host_driven::attach(host);
     let threads = host.worker_threads();
     if threads > 0 {
         crate::runtime::request_worker_threads(threads as usize);
@@ -116,7 +117,7 @@ fn log_level(level: &Level) -> LogLevel {
 
 /// The library's global subscriber once the host is attached: forwards events, ignores spans.
 struct HostLog {
-    host: HostServicesBox,
+    host: &'static HostServicesBox,
     max_level: LevelFilter,
 }
 

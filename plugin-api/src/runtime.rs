@@ -149,3 +149,120 @@ pub(crate) fn guard_call<T>(
         Err(panic) => RResult::RErr(PluginError::panicked(place, panic.as_ref()).into_abi()),
     }
 }
+
+/// A task started with [`spawn`]: wait for its end, or stop it. Dropping it lets the task run on.
+#[derive(Debug)]
+pub struct Task {
+    /// Sending stops the task; dropping it does not.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Closed (its sender dropped) when the task has ended, whatever the executor.
+    ended: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Task {
+    /// Whether the task has ended (finished, stopped, panicked or dropped with its executor).
+    pub fn is_finished(&mut self) -> bool {
+        matches!(self.ended.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Closed))
+    }
+
+    /// Stops the task at its next await point (dropping its future).
+    pub fn abort(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Waits for the task to end.
+    pub async fn wait(&mut self) {
+        let _ = (&mut self.ended).await;
+    }
+}
+
+/// Runs `future` as a task of this plugin: on the host's executor when the host runs plugin
+/// tasks (contract 1.1, and the caller is on a host runtime thread: a future the host polls, or
+/// a task already on the host's executor), else on this library's runtime (on the host's own
+/// runtime for a plugin linked into the program). Either way the future runs inside the plugin
+/// runtime's context (its timers and its own sockets work) and a panic in it ends the task with
+/// a logged error, never the host.
+///
+/// Tasks on the host's executor are woken by the host's threads: with sockets the host drives
+/// ([`crate::host_driven`]), a connection's reader and writer then never wait for a thread of
+/// the plugin's runtime.
+pub fn spawn<F>(future: F) -> Task
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (ended_sender, ended) = tokio::sync::oneshot::channel::<()>();
+    let task = async move {
+        // Dropped when the task ends or its future is dropped: either way `Task` sees the end.
+        let _ended = ended_sender;
+        let stopped = async move {
+            if stopped.await.is_err() {
+                // The `Task` was dropped without stopping it: run on.
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            biased;
+            () = stopped => {}
+            () = future => {}
+        }
+    };
+    let task = FfiFuture::new(GuardedTask { inner: Some(Box::pin(task)) });
+    let task = match crate::host_driven::host() {
+        Some(host) => host.spawn(task).into_option(),
+        None => Some(task),
+    };
+    if let Some(task) = task {
+        let _runtime = enter_runtime();
+        drop(tokio::spawn(task));
+    }
+    Task { stop: Some(stop), ended }
+}
+
+/// A task's future made safe for any executor: polled and dropped inside the plugin runtime, a
+/// panic logged and turned into the end of the task.
+struct GuardedTask {
+    inner: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl Future for GuardedTask {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(()) };
+        let outcome = {
+            let _runtime = enter_runtime();
+            catch_unwind(AssertUnwindSafe(|| inner.as_mut().poll(cx)))
+        };
+        match outcome {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(())) => {
+                this.drop_inner();
+                Poll::Ready(())
+            }
+            Err(panic) => {
+                tracing::error!("{}", PluginError::panicked("a task", panic.as_ref()).message);
+                this.drop_inner();
+                Poll::Ready(())
+            }
+        }
+    }
+}
+
+impl GuardedTask {
+    fn drop_inner(&mut self) {
+        if let Some(inner) = self.inner.take() {
+            let _runtime = enter_runtime();
+            let _ = catch_unwind(AssertUnwindSafe(move || drop(inner)));
+        }
+    }
+}
+
+impl Drop for GuardedTask {
+    fn drop(&mut self) {
+        self.drop_inner();
+    }
+}

@@ -55,7 +55,7 @@ pub struct ContractFixtures {
     /// (`tests/fixtures/contract-v1`) alone, with its own lockfile. Must load and pass the
     /// conformance suite in every 1.x host.
     pub v1_plugin: PathBuf,
-    /// The same transport built for contract 1.1: one more optional `Transport` method
+    /// The same transport built for contract 1.2 (the next minor): one more optional `Transport` method
     /// (`flush`) and root-module field (`config_help`). Loads; the host will not use those.
     pub next_minor_plugin: PathBuf,
     /// Built for contract 2.0: refused.

@@ -80,8 +80,9 @@ async fn reliable_delivery(plugin: &Path, config_toml: &str, assume: Capabilitie
 }
 
 /// UDP in reliable mode declares `reliable` and keeps it through a cut link (its address is
-/// ip:port, so the relay phase runs), where the same plugin in best-effort mode, and TCP (which
-/// does not declare it), fail the case when told to assume it.
+/// ip:port, so the relay phase runs), where the same plugin in best-effort mode fails the case
+/// when told to assume it (and TCP, which does not declare it, fails it whenever the cut took
+/// messages in flight).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reliable_delivery_passes_reliable_udp_and_fails_best_effort_transports() {
     let report =
@@ -90,16 +91,28 @@ async fn reliable_delivery_passes_reliable_udp_and_fails_best_effort_transports(
     assert!(case.passed(), "{report}");
     assert!(!case.notes.iter().any(|note| note.contains("link outage was not checked")), "{case}");
 
-    for (plugin, config) in [
-        (&artifacts().udp_plugin, "listen = \"127.0.0.1:0\"\nmode = \"best-effort\""),
-        (&artifacts().tcp_plugin, "listen = \"127.0.0.1:0\""),
-    ] {
-        let report = reliable_delivery(plugin, config, Capabilities::RELIABLE).await;
-        let case = report.case("reliable_delivery").expect("reported");
-        match &case.outcome {
-            CaseOutcome::Failed(why) => assert!(why.contains("missing"), "{why}"),
-            other => panic!("{}: reliable_delivery should fail, got {other:?}\n{report}", report.plugin),
-        }
+    // Best-effort UDP loses every datagram the relay drops during the outage: the case must see it.
+    let report = reliable_delivery(
+        &artifacts().udp_plugin,
+        "listen = \"127.0.0.1:0\"\nmode = \"best-effort\"",
+        Capabilities::RELIABLE,
+    )
+    .await;
+    let case = report.case("reliable_delivery").expect("reported");
+    match &case.outcome {
+        CaseOutcome::Failed(why) => assert!(why.contains("missing"), "{why}"),
+        other => panic!("{}: reliable_delivery should fail, got {other:?}\n{report}", report.plugin),
+    }
+
+    // TCP loses what was in flight when the link was cut, if anything was: on a loaded machine
+    // the receiver may have taken everything in before the cut (its reader drains the socket
+    // even while the host does not receive), and the messages after it are written again after
+    // reconnecting. When it does lose, the case must say what is missing.
+    let report =
+        reliable_delivery(&artifacts().tcp_plugin, "listen = \"127.0.0.1:0\"", Capabilities::RELIABLE).await;
+    let case = report.case("reliable_delivery").expect("reported");
+    if let CaseOutcome::Failed(why) = &case.outcome {
+        assert!(why.contains("missing"), "{why}");
     }
 }
 

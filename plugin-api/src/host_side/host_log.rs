@@ -7,8 +7,12 @@
 //! decides about plugin records exactly as about its own, and formats them the same.
 
 use comms_core::{
-    abi_stable::{sabi_trait::TD_Opaque, std_types::RStr},
-    HostServices, HostServicesBox, HostServices_TO, LogLevel, LogRecord,
+    abi_stable::{
+        sabi_trait::TD_Opaque,
+        std_types::{ROption, RStr},
+    },
+    async_ffi::FfiFuture,
+    HostServices, HostServicesBox, HostServices_TO, HostSocketBox, LogLevel, LogRecord,
 };
 use std::{
     collections::HashMap,
@@ -23,7 +27,8 @@ use tracing::{
     Event, Level, Metadata,
 };
 
-/// The services this host gives a plugin library.
+/// The services this host gives a plugin library: its log (this module), its thread budget and
+/// its executor and reactor ([`super::host_reactor`]).
 pub(crate) fn host_services(worker_threads: u32) -> HostServicesBox {
     HostServices_TO::from_value(HostLog { worker_threads }, TD_Opaque)
 }
@@ -52,6 +57,14 @@ impl HostServices for HostLog {
 
     fn worker_threads(&self) -> u32 {
         self.worker_threads
+    }
+
+    fn spawn(&self, task: FfiFuture<()>) -> ROption<FfiFuture<()>> {
+        super::host_reactor::spawn(task)
+    }
+
+    fn adopt_socket(&self, fd: i32) -> ROption<HostSocketBox> {
+        super::host_reactor::adopt_socket(fd)
     }
 
     fn log(&self, record: LogRecord) {

@@ -45,7 +45,7 @@ use std::{collections::HashSet, path::Path};
 ///
 /// `#[sabi_trait]` records a method's parameters as `_self, param_0, param_1, ...`, so the names
 /// a message should use are kept here. A test checks this table against the real vtables, both
-/// ways: every method of `Transport`, `Discovery` and `HostServices` is listed with its number of
+/// ways: every method of `Transport`, `Discovery`, `HostServices` and `HostSocket` is listed with its number of
 /// parameters, and nothing else is. (The root module's functions keep their names.)
 const PARAMETER_NAMES: &[(&str, &str, &[&str])] = &[
     ("Transport", "info", &[]),
@@ -66,6 +66,11 @@ const PARAMETER_NAMES: &[(&str, &str, &[&str])] = &[
     ("HostServices", "log_enabled", &["level", "target"]),
     ("HostServices", "worker_threads", &[]),
     ("HostServices", "log", &["record"]),
+    ("HostServices", "spawn", &["task"]),
+    ("HostServices", "adopt_socket", &["fd"]),
+    ("HostSocket", "poll_read", &["cx", "buffer"]),
+    ("HostSocket", "poll_write", &["cx", "bytes"]),
+    ("HostSocket", "shutdown_write", &[]),
 ];
 
 /// Most lines of [`LoadError::IncompatibleLayout`]'s `details`.
@@ -1194,7 +1199,7 @@ mod tests {
     fn parameter_names_cover_exactly_the_methods_of_the_real_contract() {
         let objects = objects(<PluginModuleRef as StableAbi>::LAYOUT);
         let names: Vec<&str> = objects.keys().map(String::as_str).collect();
-        assert_eq!(names, ["Discovery", "HostServices", "PluginModule", "Transport"]);
+        assert_eq!(names, ["Discovery", "HostServices", "HostSocket", "PluginModule", "Transport"]);
         let mut methods = Vec::new();
         for (object, layout) in objects.iter().filter(|(object, _)| *object != "PluginModule") {
             for field in fields_of(layout).iter().filter(|field| !field.name().starts_with("_sabi")) {

@@ -15,6 +15,7 @@
 //! it returns is polled under a [`poll_watch`] that names a plugin blocking the host's thread.
 
 mod host_log;
+mod host_reactor;
 pub mod layout_check;
 mod load_error;
 pub mod poll_watch;

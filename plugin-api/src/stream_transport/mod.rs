@@ -35,7 +35,12 @@
 //!   `<backend>.connections.frame_timeouts`, and two gauges: `<backend>.connections.open`
 //!   (incoming connections now) and `<backend>.frames.partial_bytes` (budget held by partly
 //!   received frames now), and the contract's `undelivered` (messages to a node taken
-//!   by `send` and then given up on, which the host's `flush` and `close` report).
+//!   by `send` and then given up on, which the host's `flush` and `close` report), and
+//!   `io.host_driven_sockets`: sockets of this plugin library the host's reactor drives now
+//!   (all its transports together; see [`crate::host_driven`]);
+//! - tasks on the host's executor ([`crate::runtime::spawn`]): with a host that offers it
+//!   (contract 1.1) and a medium whose streams it can drive ([`crate::host_driven::adopt`]), a
+//!   connection's reader and writer run on the host's threads, woken by the host's reactor.
 //!
 //! Guarantees: messages from one sender to one receiver arrive in order. Delivery is
 //! at-most-once except that a batch whose write failed is written again after reconnecting, so a
@@ -55,6 +60,7 @@ pub use settings::StreamSettings;
 
 use handshake::NoiseIdentity;
 
+use crate::runtime::Task;
 use crate::{
     async_trait,
     security::LinkSecurity,
@@ -76,7 +82,6 @@ use std::{
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     sync::{mpsc, watch},
-    task::JoinHandle,
 };
 
 /// A byte stream a [`StreamTransport`] can use.
@@ -154,9 +159,9 @@ pub struct StreamTransport<M: StreamMedium> {
     local_address: String,
     /// The queue of each peer address, and the writer task that empties it.
     links: Mutex<HashMap<String, Arc<PeerQueue>>>,
-    writers: Mutex<Vec<JoinHandle<()>>>,
+    writers: Mutex<Vec<Task>>,
     /// The accept loop; `close` waits for it so that the listener is released on return.
-    acceptor: Mutex<Option<JoinHandle<()>>>,
+    acceptor: Mutex<Option<Task>>,
     inbound: tokio::sync::Mutex<mpsc::Receiver<Inbound>>,
     /// The sending side of `inbound`, kept only to count what waits in it.
     inbound_depth: mpsc::Sender<Inbound>,
@@ -210,7 +215,7 @@ impl<M: StreamMedium> StreamTransport<M> {
             frame_budget: Arc::new(crate::framing::FrameBudget::new(budget)),
         });
         let inbound_depth = inbound_tx.clone();
-        let acceptor = tokio::spawn(reader::accept_loop(Arc::clone(&shared), acceptor, inbound_tx));
+        let acceptor = crate::runtime::spawn(reader::accept_loop(Arc::clone(&shared), acceptor, inbound_tx));
         Ok(Self {
             shared,
             medium: Arc::new(medium),
@@ -365,9 +370,9 @@ impl<M: StreamMedium> StreamTransport<M> {
             address: address.to_string(),
             queue: Arc::clone(&queue),
         };
-        let handle = tokio::spawn(writer.run());
+        let handle = crate::runtime::spawn(writer.run());
         let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
-        writers.retain(|handle| !handle.is_finished());
+        writers.retain_mut(|handle| !handle.is_finished());
         writers.push(handle);
         links.insert(address.to_string(), Arc::clone(&queue));
         Ok(queue)
@@ -392,6 +397,7 @@ impl<M: StreamMedium> StreamTransport<M> {
             (format!("{backend}.connections.frame_timeouts"), counters.frame_timeouts.load(Relaxed)),
             (format!("{backend}.connections.open"), self.shared.connections.len() as u64),
             (format!("{backend}.frames.partial_bytes"), self.shared.frame_budget.in_use() as u64),
+            ("io.host_driven_sockets".to_string(), crate::host_driven::host_driven_sockets()),
         ]);
         stats
     }
@@ -422,8 +428,8 @@ impl<M: StreamMedium> StreamTransport<M> {
         }
         self.shared.shutdown.send_replace(true);
         let acceptor = self.acceptor.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(acceptor) = acceptor {
-            let _ = acceptor.await;
+        if let Some(mut acceptor) = acceptor {
+            acceptor.wait().await;
         }
         // Each writer writes what is queued, then says goodbye.
         self.finish_links();
@@ -495,17 +501,17 @@ async fn shut_down(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|closed| *closed).await;
 }
 
-/// Awaits every handle, aborting the remaining ones if the returned future is dropped.
-async fn futures_join_all(handles: Vec<JoinHandle<()>>) {
-    struct AbortOnDrop(Vec<JoinHandle<()>>);
+/// Awaits every task, stopping the remaining ones if the returned future is dropped.
+async fn futures_join_all(tasks: Vec<Task>) {
+    struct AbortOnDrop(Vec<Task>);
     impl Drop for AbortOnDrop {
         fn drop(&mut self) {
-            self.0.iter().for_each(JoinHandle::abort);
+            self.0.iter_mut().for_each(Task::abort);
         }
     }
-    let mut guard = AbortOnDrop(handles);
-    while let Some(handle) = guard.0.last_mut() {
-        let _ = handle.await;
+    let mut guard = AbortOnDrop(tasks);
+    while let Some(task) = guard.0.last_mut() {
+        task.wait().await;
         guard.0.pop();
     }
 }

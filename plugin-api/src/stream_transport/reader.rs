@@ -39,7 +39,7 @@ pub(super) async fn accept_loop<A: Acceptor>(
                 shared.counters.evicted.fetch_add(evicted, Relaxed);
                 let connection =
                     serve_connection(Arc::clone(&shared), stream, label, admission, inbound.clone());
-                tokio::spawn(connection);
+                drop(crate::runtime::spawn(connection));
             }
             Err(error) => {
                 // Out of file descriptors: close the idlest connection so that the next accept

@@ -1,0 +1,84 @@
+//! Contract 1.1's host-driven I/O with the loaded TCP plugin: polled from a host tokio runtime,
+//! the plugin hands its connected sockets to the host's reactor (and its tasks to the host's
+//! executor); polled from anywhere else, it keeps them; messages flow, in order, either way.
+//!
+//! One test, in steps: the count of host-driven sockets belongs to the plugin library, which
+//! this process loads once.
+
+use comms_plugin_api::{
+    host_side::{LoadedTransport, PluginLibrary},
+    Destination, Envelope, MessageId, NodeId,
+};
+use comms_tests::artifacts;
+
+const MESSAGES: u32 = 300;
+
+/// The plugin library's count of sockets the host drives, as a transport reports it.
+fn host_driven_sockets(transport: &LoadedTransport) -> u64 {
+    let stats = transport.stats();
+    stats
+        .transport
+        .counters
+        .iter()
+        .find(|(name, _)| name == "io.host_driven_sockets")
+        .map(|(_, value)| *value)
+        .expect("the TCP transport reports io.host_driven_sockets")
+}
+
+/// Opens two transports, sends [`MESSAGES`] from one to the other and checks they all arrive in
+/// order. Returns the count of host-driven sockets seen while both were open, after closing them.
+async fn exchange(library: &PluginLibrary) -> u64 {
+    let config = "listen = \"127.0.0.1:0\"";
+    let receiver = library.new_transport(&NodeId::new("receiver"), "tcp", config).await.unwrap();
+    let sender = library.new_transport(&NodeId::new("sender"), "tcp", config).await.unwrap();
+    let address = receiver.info().local_address.clone();
+    for i in 0..MESSAGES {
+        let envelope = Envelope::new(
+            MessageId::from_u128(u128::from(i) + 1),
+            "sender",
+            Destination::node("receiver"),
+            i.to_be_bytes().to_vec(),
+        );
+        sender.send(&address, envelope).await.unwrap();
+    }
+    let mut next = 0;
+    while next < MESSAGES {
+        for inbound in receiver.receive(64).await.unwrap() {
+            assert_eq!(inbound.envelope.payload.as_ref(), next.to_be_bytes(), "in order");
+            next += 1;
+        }
+    }
+    let during = host_driven_sockets(&receiver);
+    sender.close().await.unwrap();
+    receiver.close().await.unwrap();
+    during
+}
+
+#[test]
+fn sockets_go_to_the_host_reactor_only_from_a_host_runtime_and_messages_flow_either_way() {
+    let library = PluginLibrary::load(&artifacts().tcp_plugin).unwrap();
+
+    // Polled by an executor that is not a tokio runtime: the host declines, the plugin's own
+    // runtime drives everything.
+    let during = futures::executor::block_on(exchange(&library));
+    assert_eq!(during, 0, "no host runtime: the plugin keeps its sockets");
+
+    // Polled from a host runtime: the sender's outgoing and the receiver's incoming socket are
+    // the host's while they are open, and closed (the count back to 0) once the transports are.
+    for runtime in [
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap(),
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap(),
+    ] {
+        let during = runtime.block_on(exchange(&library));
+        assert_eq!(during, 2, "the host drives both ends of the connection");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let check = runtime
+            .block_on(library.new_transport(&NodeId::new("check"), "tcp", "listen = \"127.0.0.1:0\""))
+            .unwrap();
+        while host_driven_sockets(&check) != 0 {
+            assert!(std::time::Instant::now() < deadline, "host-driven sockets were not closed");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        runtime.block_on(check.close()).unwrap();
+    }
+}
