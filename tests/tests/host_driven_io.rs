@@ -1,9 +1,10 @@
 //! Contract 1.1's host-driven I/O with the loaded TCP plugin: polled from a host tokio runtime,
 //! the plugin hands its connected sockets to the host's reactor (and its tasks to the host's
-//! executor); polled from anywhere else, it keeps them; messages flow, in order, either way.
+//! executor); polled from anywhere else, it keeps them; messages flow, in order, either way. The
+//! third-party Unix-socket plugin, built on its own, does the same.
 //!
-//! One test, in steps: the count of host-driven sockets belongs to the plugin library, which
-//! this process loads once.
+//! The count of host-driven sockets belongs to a plugin library, which this process loads once:
+//! each library is checked by one test, in steps.
 
 use comms_plugin_api::{
     host_side::{LoadedTransport, PluginLibrary},
@@ -28,9 +29,8 @@ fn host_driven_sockets(transport: &LoadedTransport) -> u64 {
 /// Opens two transports, sends [`MESSAGES`] from one to the other and checks they all arrive in
 /// order. Returns the count of host-driven sockets seen while both were open, after closing them.
 async fn exchange(library: &PluginLibrary) -> u64 {
-    let config = "listen = \"127.0.0.1:0\"";
-    let receiver = library.new_transport(&NodeId::new("receiver"), "tcp", config).await.unwrap();
-    let sender = library.new_transport(&NodeId::new("sender"), "tcp", config).await.unwrap();
+    let receiver = library.new_transport(&NodeId::new("receiver"), "t", &listen(library, "r")).await.unwrap();
+    let sender = library.new_transport(&NodeId::new("sender"), "t", &listen(library, "s")).await.unwrap();
     let address = receiver.info().local_address.clone();
     for i in 0..MESSAGES {
         let envelope = Envelope::new(
@@ -52,6 +52,17 @@ async fn exchange(library: &PluginLibrary) -> u64 {
     sender.close().await.unwrap();
     receiver.close().await.unwrap();
     during
+}
+
+/// A `listen` key for a transport of `library`: any free port, or a fresh socket path.
+fn listen(library: &PluginLibrary, name: &str) -> String {
+    match library.description().name.as_str() {
+        "uds" => {
+            let path = comms_tests::scratch_dir("host-driven-uds").join(format!("{name}.sock"));
+            format!("listen = {:?}", path.display().to_string())
+        }
+        _ => "listen = \"127.0.0.1:0\"".to_string(),
+    }
 }
 
 #[test]
@@ -81,4 +92,10 @@ fn sockets_go_to_the_host_reactor_only_from_a_host_runtime_and_messages_flow_eit
         }
         runtime.block_on(check.close()).unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_third_party_unix_socket_plugin_hands_its_sockets_to_the_host_too() {
+    let library = PluginLibrary::load(&artifacts().uds_plugin).unwrap();
+    assert_eq!(exchange(&library).await, 2, "both ends of the Unix-socket connection");
 }

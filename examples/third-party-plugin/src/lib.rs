@@ -6,7 +6,9 @@
 //!
 //! All of the protocol work (hello handshake, frames, batching, reconnect, bounded queues) comes
 //! from [`comms_plugin_api::stream_transport`]; this crate only says how to listen on and dial a
-//! socket path.
+//! socket path. Its connected sockets go to the host's reactor when the host drives plugin
+//! sockets (contract 1.1, [`comms_plugin_api::host_driven`]), so a message wakes the host's
+//! thread only.
 //!
 //! ```toml
 //! [transports.uds]
@@ -18,6 +20,7 @@
 
 use comms_plugin_api::{
     async_trait, export_plugin,
+    host_driven::{self, HostDrivenStream},
     stream_transport::{Acceptor, StreamMedium, StreamSettings, StreamTransport},
     Plugin, PluginError, Provides, Setup, Transport,
 };
@@ -70,10 +73,10 @@ export_plugin!(UdsPlugin);
 pub struct UdsDialer;
 
 impl StreamMedium for UdsDialer {
-    type Stream = UnixStream;
+    type Stream = HostDrivenStream<UnixStream>;
 
-    async fn connect(&self, address: &str) -> io::Result<UnixStream> {
-        UnixStream::connect(address).await
+    async fn connect(&self, address: &str) -> io::Result<Self::Stream> {
+        host_driven::adopt(UnixStream::connect(address).await?)
     }
 }
 
@@ -84,11 +87,11 @@ struct UdsAcceptor {
 }
 
 impl Acceptor for UdsAcceptor {
-    type Stream = UnixStream;
+    type Stream = HostDrivenStream<UnixStream>;
 
-    async fn accept(&mut self) -> io::Result<(UnixStream, String)> {
+    async fn accept(&mut self) -> io::Result<(Self::Stream, String)> {
         let (stream, _) = self.listener.accept().await?;
-        Ok((stream, "unix socket peer".to_string()))
+        Ok((host_driven::adopt(stream)?, "unix socket peer".to_string()))
     }
 }
 
