@@ -259,6 +259,12 @@ impl SharedBuffer {
     pub fn payload(&self, range: Range<usize>) -> Option<Payload> {
         comms_core::Payload::from_shared(self.0.clone(), range.start, range.end).map(Payload)
     }
+
+    /// The bytes, when nothing else holds the buffer any more (no payload, no clone): for
+    /// reading into again. Without copying when the buffer was made in this library.
+    pub(crate) fn reclaim(mut self) -> Option<Vec<u8>> {
+        RArc::get_mut(&mut self.0).map(|bytes| std::mem::take(bytes).into_vec())
+    }
 }
 
 impl From<Vec<u8>> for SharedBuffer {

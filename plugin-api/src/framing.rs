@@ -128,6 +128,10 @@ impl FrameBudget {
 ///   [`SharedBuffer`] and each frame is a range of it ([`Frame::shared`]): nothing is copied,
 ///   and the bytes after the last complete frame (the start of the next one) move to a fresh
 ///   chunk. A payload taken from such a buffer keeps the whole chunk alive until it is dropped.
+///   The reader keeps the last such buffer and, once every payload of it has been dropped,
+///   reads into it again: under steady traffic two chunks take turns, instead of a fresh chunk
+///   (and fresh pages) for every read. An incoming connection therefore holds at most two
+///   chunks of its own.
 /// - Otherwise (a few small frames, as in request/response traffic) the frames are lent from
 ///   the chunk ([`Frame::shared`] is `None`), which is kept and reused: copying a small message
 ///   costs less than a chunk, and a payload kept by the application does not keep a chunk alive.
@@ -151,6 +155,11 @@ pub struct FrameReader {
     /// Where the growth of the chunk beyond `chunk_bytes` is taken from, and how much is taken.
     budget: Option<std::sync::Arc<FrameBudget>>,
     reserved: usize,
+    /// The last chunk handed out as a shared buffer, read into again once nothing else holds it.
+    spare: Option<SharedBuffer>,
+    /// Chunks allocated to replace one handed out as a shared buffer (none when the spare is
+    /// free): what recycling saves, counted for the tests.
+    fresh_chunks: u64,
 }
 
 /// What one [`FrameReader::read_step`] found.
@@ -258,6 +267,8 @@ impl FrameReader {
             ranges: Vec::new(),
             budget: None,
             reserved: 0,
+            spare: None,
+            fresh_chunks: 0,
         }
     }
 
@@ -433,11 +444,24 @@ impl FrameReader {
             }
             _ => self.chunk_bytes,
         };
-        let mut next = Vec::with_capacity(capacity);
+        let mut next = match self.spare.take().and_then(SharedBuffer::reclaim) {
+            Some(mut spare) if spare.capacity() >= capacity => {
+                spare.clear();
+                spare
+            }
+            _ => {
+                self.fresh_chunks += 1;
+                Vec::with_capacity(capacity)
+            }
+        };
         next.extend_from_slice(&self.chunk[partial.at..]);
         let mut full = std::mem::replace(&mut self.chunk, next);
         full.truncate(partial.at);
-        Frames { source: Source::Shared(SharedBuffer::from(full)), ranges: &self.ranges }
+        let recyclable = full.capacity() == self.chunk_bytes;
+        let shared = SharedBuffer::from(full);
+        // A grown chunk is not kept: it was taken from the budget for one large frame.
+        self.spare = recyclable.then(|| shared.clone());
+        Frames { source: Source::Shared(shared), ranges: &self.ranges }
     }
 }
 
@@ -544,6 +568,33 @@ mod tests {
         let large: Vec<Vec<u8>> = (0..10).map(|n| vec![n; 200_000]).collect();
         let frames = read_all(&stream_of(&large), 1 << 20, &mut reader).await.unwrap();
         assert!(frames.iter().all(|(_, shared)| *shared), "large frames are shared");
+    }
+
+    #[tokio::test]
+    async fn a_shared_chunk_is_read_into_again_once_released_and_never_while_held() {
+        let bulk = stream_of(&(0..64).map(|n| vec![n as u8; 10]).collect::<Vec<_>>());
+        let mut stream = bulk.as_slice();
+        let mut reader = FrameReader::with_chunk_bytes(1 << 10, 64);
+        // Frames dropped after each read: the two chunks take turns, one allocated in all.
+        for _ in 0..5 {
+            let frames = reader.read(&mut stream).await.unwrap().unwrap();
+            assert!(frames.is_shared(), "bulk frames are shared");
+        }
+        assert_eq!(reader.fresh_chunks, 1, "released chunks are read into again");
+
+        // A payload kept from a chunk keeps that chunk: a fresh one replaces it, and the kept
+        // bytes stay as they were while later reads go on.
+        let kept = {
+            let frames = reader.read(&mut stream).await.unwrap().unwrap();
+            let frame = frames.iter().next().unwrap();
+            let (buffer, range) = frame.shared().unwrap();
+            (buffer.payload(range).unwrap(), frame.body().to_vec())
+        };
+        for _ in 0..4 {
+            reader.read(&mut stream).await.unwrap().unwrap();
+        }
+        assert_eq!(reader.fresh_chunks, 2, "one chunk allocated in place of the one still held");
+        assert_eq!(kept.0.as_slice(), kept.1.as_slice(), "a kept payload is never overwritten");
     }
 
     #[tokio::test]
