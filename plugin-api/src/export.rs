@@ -74,7 +74,7 @@ extern "C" fn plugin_info<P: Plugin>() -> PluginInfo {
 
 extern "C" fn attach_host<P: Plugin>(host: HostServicesBox) {
     // Nothing may unwind out of an `extern "C"` function.
-    let _ = std::panic::catch_unwind(move || crate::logging::attach_host(P::NAME, host));
+    let _ = std::panic::catch_unwind(move || crate::logging::attach_host(P::NAME, P::WORKER_THREADS, host));
 }
 
 fn setup_from_abi(setup: PluginSetup) -> Setup {

@@ -59,12 +59,14 @@ fn forwarded_level(level: Level, target: &str) -> Level {
 }
 
 /// Called once by the host right after loading the library.
-pub(crate) fn attach_host(plugin: &'static str, host: HostServicesBox) {
+/// `default_threads` sizes the plugin's runtime unless the host asks for a number.
+pub(crate) fn attach_host(plugin: &'static str, default_threads: usize, host: HostServicesBox) {
     let host = crate::host_driven::attach(host);
-    let threads = host.worker_threads();
-    if threads > 0 {
-        crate::runtime::request_worker_threads(threads as usize);
-    }
+    let threads = match host.worker_threads() {
+        0 => default_threads,
+        asked => asked as usize,
+    };
+    crate::runtime::request_worker_threads(threads);
     let max_level = level_filter(host.max_log_level());
     let forwarder = HostLog { host, max_level };
     if tracing::subscriber::set_global_default(forwarder).is_ok() {

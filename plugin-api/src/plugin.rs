@@ -94,6 +94,11 @@ pub trait Plugin: Send + Sync + 'static {
     const DESCRIPTION: &'static str;
     /// What the constructors below provide.
     const PROVIDES: Provides;
+    /// Worker threads of this library's runtime when the host's configuration leaves it to the
+    /// plugin (`[node] plugin_threads = 0`, the default). Two suit a plugin whose client library
+    /// does its I/O on this runtime; a plugin whose sockets the host drives
+    /// ([`crate::host_driven`]) only connects, accepts and keeps timers here, and one is enough.
+    const WORKER_THREADS: usize = crate::runtime::DEFAULT_WORKER_THREADS;
 
     /// Builds a transport. The default says the plugin has none.
     async fn new_transport(setup: Setup) -> Result<Arc<dyn Transport>, PluginError> {

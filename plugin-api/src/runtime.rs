@@ -28,9 +28,10 @@ use std::{
 };
 use tokio::runtime::{Builder, Handle, Runtime};
 
-/// Worker threads of the plugin runtime when the host does not say: plugins do I/O, not
-/// computation, so two are plenty and leave the cores to the application.
-const DEFAULT_WORKER_THREADS: usize = 2;
+/// Worker threads of the plugin runtime when neither the host nor the plugin
+/// ([`crate::Plugin::WORKER_THREADS`]) says: plugins do I/O, not computation, so two are plenty
+/// and leave the cores to the application.
+pub const DEFAULT_WORKER_THREADS: usize = 2;
 
 /// The worker threads the host asked for (0: not asked), set before the runtime starts.
 static REQUESTED_WORKER_THREADS: AtomicUsize = AtomicUsize::new(0);
@@ -41,7 +42,8 @@ pub(crate) fn request_worker_threads(threads: usize) {
 }
 
 /// The runtime of this plugin library (one per loaded library), created on first use with the
-/// number of worker threads the host asked for (default 2).
+/// number of worker threads the host asked for, else the plugin's
+/// [`crate::Plugin::WORKER_THREADS`] (else [`DEFAULT_WORKER_THREADS`]).
 pub fn plugin_runtime() -> &'static Handle {
     static RUNTIME: OnceLock<Runtime> = OnceLock::new();
     static HANDLE: OnceLock<Handle> = OnceLock::new();

@@ -43,9 +43,10 @@ async fn pair(threads: u32) -> (Node, Node) {
 // both checks share one pair.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_arrives_whole_and_in_order_and_plugins_keep_to_their_thread_budget() {
-    let (sender, receiver) = pair(1).await;
-    // The TCP plugin's runtime has the one worker asked for; static discovery, linked into the
-    // host, runs on the host's runtime and starts none of its own.
+    let (sender, receiver) = pair(0).await;
+    // `plugin_threads = 0` leaves it to the plugin: the TCP plugin asks for one worker
+    // (`Plugin::WORKER_THREADS`; the host drives its sockets), not the general default of two.
+    // Static discovery, linked into the host, runs on the host's runtime and starts none.
     assert_eq!(threads_named("comms-plugin"), 1, "plugin runtime workers in this process");
 
     let messages: Vec<u32> = (0..5_000).collect();

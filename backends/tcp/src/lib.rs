@@ -93,6 +93,9 @@ impl Plugin for TcpPlugin {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str = "TCP transport: length-prefixed frames, batched writes, reconnect";
     const PROVIDES: Provides = Provides::TRANSPORT;
+    // The host's reactor drives the connections (host_driven::adopt): this library's runtime
+    // only dials, accepts and keeps timers.
+    const WORKER_THREADS: usize = 1;
 
     async fn new_transport(setup: Setup) -> Result<Arc<dyn Transport>, PluginError> {
         let security = setup.link_security()?;

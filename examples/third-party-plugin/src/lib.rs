@@ -37,6 +37,8 @@ impl Plugin for UdsPlugin {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str = "Unix-domain socket transport (example third-party plugin)";
     const PROVIDES: Provides = Provides::TRANSPORT;
+    // The host drives the sockets (host_driven::adopt): this runtime only accepts and dials.
+    const WORKER_THREADS: usize = 1;
 
     async fn new_transport(setup: Setup) -> Result<Arc<dyn Transport>, PluginError> {
         let settings: StreamSettings = setup.config()?;
