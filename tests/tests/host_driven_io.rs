@@ -1,16 +1,19 @@
 //! Contract 1.1's host-driven I/O with the loaded TCP plugin: polled from a host tokio runtime,
 //! the plugin hands its connected sockets to the host's reactor (and its tasks to the host's
 //! executor); polled from anywhere else, it keeps them; messages flow, in order, either way. The
-//! third-party Unix-socket plugin, built on its own, does the same.
+//! third-party Unix-socket plugin, built on its own, does the same, and so does the Redis plugin
+//! with its connections to Redis.
 //!
 //! The count of host-driven sockets belongs to a plugin library, which this process loads once:
 //! each library is checked by one test, in steps.
 
 use comms_plugin_api::{
     host_side::{LoadedTransport, PluginLibrary},
-    Destination, Envelope, MessageId, NodeId,
+    Destination, Envelope, MessageId, NodeId, Settlement, SettlementOutcome,
 };
-use comms_tests::artifacts;
+use comms_tests::{artifacts, broker_available};
+
+const REDIS: &str = "127.0.0.1:6379";
 
 const MESSAGES: u32 = 300;
 
@@ -23,7 +26,7 @@ fn host_driven_sockets(transport: &LoadedTransport) -> u64 {
         .iter()
         .find(|(name, _)| name == "io.host_driven_sockets")
         .map(|(_, value)| *value)
-        .expect("the TCP transport reports io.host_driven_sockets")
+        .expect("the transport reports io.host_driven_sockets")
 }
 
 /// Opens two transports, sends [`MESSAGES`] from one to the other and checks they all arrive in
@@ -98,4 +101,80 @@ fn sockets_go_to_the_host_reactor_only_from_a_host_runtime_and_messages_flow_eit
 async fn the_third_party_unix_socket_plugin_hands_its_sockets_to_the_host_too() {
     let library = PluginLibrary::load(&artifacts().uds_plugin).unwrap();
     assert_eq!(exchange(&library).await, 2, "both ends of the Unix-socket connection");
+}
+
+/// Opens two Redis transports under `prefix`, sends [`MESSAGES`] from one to the other (settling
+/// them) and checks they all arrive in order. Returns the count of host-driven sockets seen
+/// while both were open, after closing them.
+async fn redis_exchange(library: &PluginLibrary, prefix: &str) -> u64 {
+    let config = format!("url = \"redis://{REDIS}\"\nprefix = \"{prefix}\"\nblock_ms = 200\n");
+    let receiver = library.new_transport(&NodeId::new("receiver"), "redis", &config).await.unwrap();
+    let sender = library.new_transport(&NodeId::new("sender"), "redis", &config).await.unwrap();
+    let address = receiver.info().local_address.clone();
+    for i in 0..MESSAGES {
+        let envelope = Envelope::new(
+            MessageId::from_u128(u128::from(i) + 1),
+            "sender",
+            Destination::node("receiver"),
+            i.to_be_bytes().to_vec(),
+        );
+        sender.send(&address, envelope).await.unwrap();
+    }
+    let mut next = 0;
+    while next < MESSAGES {
+        let mut settlements = Vec::new();
+        for inbound in receiver.receive(64).await.unwrap() {
+            assert_eq!(inbound.envelope.payload.as_ref(), next.to_be_bytes(), "in order");
+            next += 1;
+            settlements.push(Settlement {
+                delivery_tag: inbound.delivery_tag,
+                outcome: SettlementOutcome::ACCEPTED,
+            });
+        }
+        receiver.settle(settlements).await.unwrap();
+    }
+    let during = host_driven_sockets(&receiver);
+    sender.close().await.unwrap();
+    receiver.close().await.unwrap();
+    during
+}
+
+/// Deletes every key under `prefix`.
+async fn delete_keys(prefix: &str) {
+    let client = redis::Client::open(format!("redis://{REDIS}")).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut connection).await.unwrap();
+    if !keys.is_empty() {
+        let _: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut connection).await.unwrap();
+    }
+}
+
+#[test]
+fn the_redis_plugin_hands_its_connections_to_the_host_from_a_host_runtime() {
+    if !broker_available("Redis", REDIS) {
+        return;
+    }
+    let library = PluginLibrary::load(&artifacts().redis_plugin).unwrap();
+    let prefix =
+        format!("comms-test-{}-{:06x}-host-driven", std::process::id(), rand::random::<u32>() & 0xff_ffff);
+
+    // No host runtime: the plugin keeps its connections, and messages flow all the same.
+    let during = futures::executor::block_on(redis_exchange(&library, &prefix));
+    assert_eq!(during, 0, "no host runtime: the plugin keeps its sockets");
+
+    // From a host runtime: each transport's command connection and its connection for blocking
+    // reads are the host's while open; closed (the count back to 0) once the transports are.
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let during = runtime.block_on(redis_exchange(&library, &prefix));
+    assert_eq!(during, 4, "the host drives both connections of both transports");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let config = format!("url = \"redis://{REDIS}\"\nprefix = \"{prefix}\"\n");
+    let check = runtime.block_on(library.new_transport(&NodeId::new("check"), "redis", &config)).unwrap();
+    while host_driven_sockets(&check) != 2 {
+        assert!(std::time::Instant::now() < deadline, "host-driven sockets were not closed");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    runtime.block_on(check.close()).unwrap();
+    runtime.block_on(delete_keys(&prefix));
 }

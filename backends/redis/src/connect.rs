@@ -1,13 +1,19 @@
 //! Opening connections to Redis: URL checks, TLS set-up, retries with backoff at start, and
 //! turning Redis errors into [`PluginError`]s that never contain a password.
 
-use crate::tls;
+use crate::{
+    connection::{Connection, Direct},
+    tls,
+};
 use comms_plugin_api::{backoff::Backoff, redact::redact_url, tls::TlsFiles, ErrorCode, PluginError};
 use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
     Client, RedisError, TlsCertificates,
 };
 use std::time::Duration;
+
+/// Most time one connection attempt may take, the Redis handshake included.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A Redis URL with the secret parts kept apart, so that messages can name it safely, and the
 /// certificates of a `rediss://` connection.
@@ -79,23 +85,34 @@ impl RedisUrl {
     /// A reconnecting connection, tried `backoff.attempts` times before giving up with an
     /// [`ErrorCode::UNREACHABLE`] error naming the (redacted) URL. `response_timeout` bounds
     /// every command on it. A failed certificate verification is not tried again: the error
-    /// says so at once.
+    /// says so at once. A plain TCP or Unix-socket connection is the plugin's own, driven by the
+    /// host when it offers to ([`crate::connection`]); a TLS one is redis-rs' manager.
     pub(crate) async fn connect(
         &self,
         what: &str,
         backoff: &Backoff,
         response_timeout: Duration,
-    ) -> Result<ConnectionManager, PluginError> {
+    ) -> Result<Connection, PluginError> {
         let client = self.client()?;
         // One attempt per (re)connection: the callers retry with their own backoff, and the
         // manager's own retries start at a full second.
         let config = ConnectionManagerConfig::new()
             .set_number_of_retries(0)
-            .set_connection_timeout(Duration::from_secs(2))
+            .set_connection_timeout(CONNECT_TIMEOUT)
             .set_response_timeout(response_timeout);
+        let direct = Connection::is_direct(client.get_connection_info());
         let mut attempt = 1;
         loop {
-            let error = match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+            let opened = if direct {
+                Direct::open(client.get_connection_info().clone(), CONNECT_TIMEOUT, response_timeout)
+                    .await
+                    .map(Connection::Direct)
+            } else {
+                ConnectionManager::new_with_config(client.clone(), config.clone())
+                    .await
+                    .map(Connection::Managed)
+            };
+            let error = match opened {
                 Ok(connection) => return Ok(connection),
                 Err(error) => error,
             };

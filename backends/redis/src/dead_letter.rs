@@ -11,7 +11,8 @@
 //! the inbox) and `field:<name>` for each field of the entry (the first [`MAX_FIELDS`]). The
 //! stream is capped near [`MAX_LEN`] entries (`MAXLEN ~`): the oldest dead letters go first.
 
-use redis::{aio::ConnectionManager, RedisError};
+use crate::connection::Connection;
+use redis::RedisError;
 use std::time::Duration;
 
 /// Approximate cap of a dead-letter stream.
@@ -49,7 +50,7 @@ return 0
 /// Moves `entries` (entry id, reason) of `inbox` to `dead_letter`. On failure nothing is
 /// acknowledged: the entries stay pending and are claimed, and moved, again.
 pub(crate) async fn move_entries(
-    connection: &mut ConnectionManager,
+    connection: &mut Connection,
     inbox: &str,
     dead_letter: &str,
     group: &str,

@@ -7,14 +7,14 @@
 //!   `{"event":"withdraw","id":".."}`.
 
 use crate::{
-    config::RedisDiscoveryConfig, connect::RedisUrl, topic_pattern::escape_into, transport::closing,
+    config::RedisDiscoveryConfig, connect::RedisUrl, connection::Connection, topic_pattern::escape_into,
+    transport::closing,
 };
 use comms_plugin_api::{
     async_trait, backoff::Backoff, Discovery, ErrorCode, NodeId, NodeRecord, PeerEvent, PeerEventKind,
     PluginError,
 };
 use futures::StreamExt;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use std::{
     collections::HashMap,
@@ -83,7 +83,7 @@ struct Shared {
     url: RedisUrl,
     config: RedisDiscoveryConfig,
     node: NodeId,
-    connection: ConnectionManager,
+    connection: Connection,
     /// This node's record while announced; the heartbeat re-writes it.
     own: Mutex<Option<String>>,
     events: mpsc::Sender<PeerEvent>,

@@ -94,6 +94,7 @@
 
 pub mod config;
 mod connect;
+mod connection;
 pub mod dead_letter;
 pub mod discovery;
 pub mod stream_entry;

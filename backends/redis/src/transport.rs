@@ -4,16 +4,19 @@
 use crate::{
     config::RedisTransportConfig,
     connect::{is_connection_error, RedisUrl},
+    connection::Connection,
     stream_entry,
     topics::TopicSubscriber,
 };
 use comms_plugin_api::{
-    async_trait, backoff::Backoff, inbound, queued, wire, Capabilities, Destination, Envelope, ErrorCode,
-    Inbound, IncidentCounters, NodeId, PluginError, Settlement, SettlementOutcome, Transport, TransportInfo,
-    TransportStats,
+    async_trait,
+    backoff::Backoff,
+    host_driven, inbound, queued,
+    runtime::{self, Task},
+    wire, Capabilities, Destination, Envelope, ErrorCode, Inbound, IncidentCounters, NodeId, PluginError,
+    Settlement, SettlementOutcome, Transport, TransportInfo, TransportStats,
 };
 use redis::{
-    aio::ConnectionManager,
     streams::{StreamAutoClaimReply, StreamClaimReply, StreamId, StreamInfoConsumersReply, StreamReadReply},
     Value,
 };
@@ -27,7 +30,6 @@ use std::{
 };
 use tokio::{
     sync::{mpsc, watch, Semaphore},
-    task::JoinHandle,
     time::Instant,
 };
 
@@ -93,7 +95,7 @@ pub(crate) struct Shared {
     inbox: String,
     dead_letter: String,
     consumer: String,
-    commands: ConnectionManager,
+    commands: Connection,
     in_flight: Mutex<InFlight>,
     /// Entries settled `REJECTED_REQUEUE`, to be claimed again by the reader.
     requeued: Mutex<Vec<String>>,
@@ -139,8 +141,8 @@ pub struct RedisTransport {
     shared: Arc<Shared>,
     receiver: tokio::sync::Mutex<mpsc::Receiver<Inbound>>,
     outgoing: Mutex<Option<mpsc::Sender<Outgoing>>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
-    reader: Mutex<Option<JoinHandle<()>>>,
+    writer: Mutex<Option<Task>>,
+    reader: Mutex<Option<Task>>,
     topics: TopicSubscriber,
 }
 
@@ -188,8 +190,11 @@ impl RedisTransport {
             config,
         });
         create_group(&shared, &mut shared.commands.clone()).await?;
-        let writer = tokio::spawn(write_loop(Arc::clone(&shared), queue));
-        let reader = tokio::spawn(read_loop(Arc::clone(&shared), blocking));
+        // On the host's executor when it offers to run plugin tasks: with the connections'
+        // sockets on the host's reactor, a reply then wakes the host thread that handles it,
+        // never a plugin thread first.
+        let writer = runtime::spawn(write_loop(Arc::clone(&shared), queue));
+        let reader = runtime::spawn(read_loop(Arc::clone(&shared), blocking));
         Ok(Self {
             topics: TopicSubscriber::new(Arc::clone(&shared)),
             shared,
@@ -379,7 +384,8 @@ impl Transport for RedisTransport {
     }
 
     /// Queued sends, received entries waiting for `receive`, failed Redis commands and the
-    /// recoveries after them; `redis.unsettled`: entries delivered and not yet settled.
+    /// recoveries after them; `redis.unsettled`: entries delivered and not yet settled;
+    /// `io.host_driven_sockets`: sockets of this plugin library the host's reactor drives now.
     fn stats(&self) -> TransportStats {
         let mut stats = self.shared.incidents.stats();
         if let Some(outgoing) = lock(&self.outgoing).as_ref() {
@@ -389,6 +395,7 @@ impl Transport for RedisTransport {
         let unsettled =
             self.shared.config.max_unsettled.saturating_sub(self.shared.permits.available_permits());
         stats.counters.push(("redis.unsettled".to_string(), unsettled as u64));
+        stats.counters.push(("io.host_driven_sockets".to_string(), host_driven::host_driven_sockets()));
         stats
     }
 
@@ -403,7 +410,7 @@ impl Transport for RedisTransport {
         let writer = lock(&self.writer).take();
         if let Some(mut writer) = writer {
             let limit = Duration::from_millis(self.shared.config.close_timeout_ms);
-            if tokio::time::timeout(limit, &mut writer).await.is_err() {
+            if tokio::time::timeout(limit, writer.wait()).await.is_err() {
                 writer.abort();
                 problems.push(format!(
                     "queued messages could not be written to Redis within close_timeout_ms ({} ms) and are lost",
@@ -412,8 +419,8 @@ impl Transport for RedisTransport {
             }
         }
         let reader = lock(&self.reader).take();
-        if let Some(reader) = reader {
-            let _ = reader.await;
+        if let Some(mut reader) = reader {
+            reader.wait().await;
         }
         self.topics.close().await;
         // Entries read but not settled, and entries waiting to be delivered again.
@@ -447,7 +454,7 @@ impl Transport for RedisTransport {
 }
 
 /// Creates the inbox stream and its consumer group, unless they exist.
-async fn create_group(shared: &Shared, connection: &mut ConnectionManager) -> Result<(), PluginError> {
+async fn create_group(shared: &Shared, connection: &mut Connection) -> Result<(), PluginError> {
     let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(&shared.inbox)
@@ -588,7 +595,7 @@ fn outcome(outgoing: &Outgoing, reply: &Value) -> Result<(), PluginError> {
     }
 }
 
-async fn write_batch(shared: &Shared, connection: &mut ConnectionManager, batch: Vec<Outgoing>) {
+async fn write_batch(shared: &Shared, connection: &mut Connection, batch: Vec<Outgoing>) {
     let mut pipe = redis::pipe();
     for outgoing in &batch {
         pipe.add_command(command(shared, outgoing));
@@ -636,7 +643,7 @@ async fn write_batch(shared: &Shared, connection: &mut ConnectionManager, batch:
 }
 
 /// Reads the inbox: entries handed back or left by crashed consumers first, then new ones.
-async fn read_loop(shared: Arc<Shared>, mut connection: ConnectionManager) {
+async fn read_loop(shared: Arc<Shared>, mut connection: Connection) {
     let mut shutdown = shared.shutdown.subscribe();
     let claim_every = Duration::from_millis((shared.config.claim_idle_ms / 2).max(50));
     let mut next_claim = Instant::now();
@@ -708,7 +715,7 @@ async fn read_loop(shared: Arc<Shared>, mut connection: ConnectionManager) {
 
 async fn claim_requeued(
     shared: &Shared,
-    connection: &mut ConnectionManager,
+    connection: &mut Connection,
     room: usize,
 ) -> Result<Vec<StreamId>, redis::RedisError> {
     let ids: Vec<String> = {
@@ -751,7 +758,7 @@ const CLAIMS_PER_CALL: usize = 16;
 /// Claims up to `room` entries pending for longer than `claim_idle_ms`, from `cursor` on.
 async fn claim_idle(
     shared: &Shared,
-    connection: &mut ConnectionManager,
+    connection: &mut Connection,
     room: usize,
     mut cursor: String,
 ) -> Result<ClaimPass, redis::RedisError> {
@@ -802,7 +809,7 @@ return -1
 
 /// Removes the group's consumers idle past `consumer_idle_ms` with nothing pending (crashed
 /// instances whose entries were claimed). Failures are logged: the next pass tries again.
-async fn remove_idle_consumers(shared: &Shared, connection: &mut ConnectionManager) {
+async fn remove_idle_consumers(shared: &Shared, connection: &mut Connection) {
     let bound = shared.config.consumer_idle_ms;
     if bound == 0 {
         return;
@@ -849,7 +856,7 @@ async fn remove_idle_consumers(shared: &Shared, connection: &mut ConnectionManag
 
 async fn read_new(
     shared: &Shared,
-    connection: &mut ConnectionManager,
+    connection: &mut Connection,
     room: usize,
 ) -> Result<Vec<StreamId>, redis::RedisError> {
     let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
