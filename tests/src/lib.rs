@@ -235,6 +235,21 @@ pub fn broker_available(name: &str, address: &str) -> bool {
     false
 }
 
+/// The Redis server of the broker tests.
+pub const REDIS: &str = "127.0.0.1:6379";
+
+/// Deletes every key under `prefix` on [`REDIS`] (the streams and records a Redis test leaves
+/// behind), in chunks of 500 so that a suite's thousands of keys fit a command.
+pub async fn delete_redis_keys(prefix: &str) {
+    let client = redis::Client::open(format!("redis://{REDIS}")).expect("a valid Redis URL");
+    let mut connection = client.get_multiplexed_async_connection().await.expect("Redis connection");
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut connection).await.expect("KEYS");
+    for chunk in keys.chunks(500) {
+        let _: i64 = redis::cmd("DEL").arg(chunk).query_async(&mut connection).await.expect("DEL");
+    }
+}
+
 /// Starts `command` and returns once a line containing `ready` appears on its standard error
 /// (after which its standard error is discarded). Panics if the process ends first.
 pub fn start_and_wait_for(mut command: std::process::Command, ready: &str) -> std::process::Child {

@@ -288,16 +288,6 @@ fn redis_prefix(test: &str) -> String {
     format!("comms-test-{}-{:06x}-{test}", std::process::id(), rand::random::<u32>() & 0xff_ffff)
 }
 
-async fn delete_redis_keys(prefix: &str) {
-    let client = redis::Client::open(format!("redis://{REDIS}")).unwrap();
-    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> =
-        redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut connection).await.unwrap();
-    for chunk in keys.chunks(500) {
-        let _: i64 = redis::cmd("DEL").arg(chunk).query_async(&mut connection).await.unwrap();
-    }
-}
-
 /// The `url` and `ca_file` lines of a TLS connection to `proxy`.
 fn rediss(proxy: &TlsProxy, ca_file: &Path) -> String {
     format!("url = \"rediss://localhost:{}\"\nca_file = {}\n", proxy.port, toml_path(ca_file))
@@ -345,7 +335,7 @@ async fn redis_nodes_exchange_messages_over_rediss_with_a_private_ca() {
     assert_eq!(proxy.failed_handshakes(), 0);
     server.close().await.unwrap();
     client.close().await.unwrap();
-    delete_redis_keys(&prefix).await;
+    comms_tests::delete_redis_keys(&prefix).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -414,7 +404,7 @@ async fn redis_declares_encrypted_for_rediss_only_and_names_an_unreadable_ca_fil
     assert!(proxy.sessions() >= 1);
     tls.close().await.unwrap();
     plain.close().await.unwrap();
-    delete_redis_keys(&prefix).await;
+    comms_tests::delete_redis_keys(&prefix).await;
 
     let missing = dir.join("no-such-ca.pem");
     let config = format!("url = \"rediss://localhost:{}\"\nca_file = {}", proxy.port, toml_path(&missing));
@@ -445,7 +435,7 @@ async fn redis_with_client_certificates_needs_them() {
     assert!(transport.info().capabilities.contains(Capabilities::ENCRYPTED));
     assert!(proxy.sessions() >= 1);
     transport.close().await.unwrap();
-    delete_redis_keys(&prefix).await;
+    comms_tests::delete_redis_keys(&prefix).await;
 
     let started = Instant::now();
     let error = library
@@ -471,7 +461,7 @@ async fn redis_conformance_suite_passes_over_rediss() {
         format!("{}prefix = \"{prefix}\"\nclaim_idle_ms = 2000\nblock_ms = 200\n", rediss(&proxy, &ca_file));
     let report = run_suite(&redis_library(), &SuiteConfig::new(config)).await;
     print!("{report}");
-    delete_redis_keys(&prefix).await;
+    comms_tests::delete_redis_keys(&prefix).await;
     assert!(report.passed(), "{report}");
     assert_eq!(report.cases.len(), cases().len(), "{report}");
     assert!(proxy.sessions() > 0);

@@ -29,11 +29,13 @@ fn host_driven_sockets(transport: &LoadedTransport) -> u64 {
         .expect("the transport reports io.host_driven_sockets")
 }
 
-/// Opens two transports, sends [`MESSAGES`] from one to the other and checks they all arrive in
-/// order. Returns the count of host-driven sockets seen while both were open, after closing them.
-async fn exchange(library: &PluginLibrary) -> u64 {
-    let receiver = library.new_transport(&NodeId::new("receiver"), "t", &listen(library, "r")).await.unwrap();
-    let sender = library.new_transport(&NodeId::new("sender"), "t", &listen(library, "s")).await.unwrap();
+/// Opens two transports of `library` (the receiver with `receiver_config`, the sender with
+/// `sender_config`), sends [`MESSAGES`] from one to the other, settles them as they arrive (as the
+/// host does; transports without acknowledgements ignore it) and checks they all arrive in order.
+/// Returns the count of host-driven sockets seen while both were open, after closing them.
+async fn exchange_with(library: &PluginLibrary, receiver_config: &str, sender_config: &str) -> u64 {
+    let receiver = library.new_transport(&NodeId::new("receiver"), "t", receiver_config).await.unwrap();
+    let sender = library.new_transport(&NodeId::new("sender"), "t", sender_config).await.unwrap();
     let address = receiver.info().local_address.clone();
     for i in 0..MESSAGES {
         let envelope = Envelope::new(
@@ -46,15 +48,26 @@ async fn exchange(library: &PluginLibrary) -> u64 {
     }
     let mut next = 0;
     while next < MESSAGES {
+        let mut settlements = Vec::new();
         for inbound in receiver.receive(64).await.unwrap() {
             assert_eq!(inbound.envelope.payload.as_ref(), next.to_be_bytes(), "in order");
             next += 1;
+            settlements.push(Settlement {
+                delivery_tag: inbound.delivery_tag,
+                outcome: SettlementOutcome::ACCEPTED,
+            });
         }
+        receiver.settle(settlements).await.unwrap();
     }
     let during = host_driven_sockets(&receiver);
     sender.close().await.unwrap();
     receiver.close().await.unwrap();
     during
+}
+
+/// [`exchange_with`] between two listening transports of a stream plugin (TCP or Unix sockets).
+async fn exchange(library: &PluginLibrary) -> u64 {
+    exchange_with(library, &listen(library, "r"), &listen(library, "s")).await
 }
 
 /// A `listen` key for a transport of `library`: any free port, or a fresh socket path.
@@ -103,51 +116,10 @@ async fn the_third_party_unix_socket_plugin_hands_its_sockets_to_the_host_too() 
     assert_eq!(exchange(&library).await, 2, "both ends of the Unix-socket connection");
 }
 
-/// Opens two Redis transports under `prefix`, sends [`MESSAGES`] from one to the other (settling
-/// them) and checks they all arrive in order. Returns the count of host-driven sockets seen
-/// while both were open, after closing them.
+/// [`exchange_with`] between two Redis transports under `prefix`.
 async fn redis_exchange(library: &PluginLibrary, prefix: &str) -> u64 {
     let config = format!("url = \"redis://{REDIS}\"\nprefix = \"{prefix}\"\nblock_ms = 200\n");
-    let receiver = library.new_transport(&NodeId::new("receiver"), "redis", &config).await.unwrap();
-    let sender = library.new_transport(&NodeId::new("sender"), "redis", &config).await.unwrap();
-    let address = receiver.info().local_address.clone();
-    for i in 0..MESSAGES {
-        let envelope = Envelope::new(
-            MessageId::from_u128(u128::from(i) + 1),
-            "sender",
-            Destination::node("receiver"),
-            i.to_be_bytes().to_vec(),
-        );
-        sender.send(&address, envelope).await.unwrap();
-    }
-    let mut next = 0;
-    while next < MESSAGES {
-        let mut settlements = Vec::new();
-        for inbound in receiver.receive(64).await.unwrap() {
-            assert_eq!(inbound.envelope.payload.as_ref(), next.to_be_bytes(), "in order");
-            next += 1;
-            settlements.push(Settlement {
-                delivery_tag: inbound.delivery_tag,
-                outcome: SettlementOutcome::ACCEPTED,
-            });
-        }
-        receiver.settle(settlements).await.unwrap();
-    }
-    let during = host_driven_sockets(&receiver);
-    sender.close().await.unwrap();
-    receiver.close().await.unwrap();
-    during
-}
-
-/// Deletes every key under `prefix`.
-async fn delete_keys(prefix: &str) {
-    let client = redis::Client::open(format!("redis://{REDIS}")).unwrap();
-    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> =
-        redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut connection).await.unwrap();
-    if !keys.is_empty() {
-        let _: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut connection).await.unwrap();
-    }
+    exchange_with(library, &config, &config).await
 }
 
 #[test]
@@ -176,5 +148,5 @@ fn the_redis_plugin_hands_its_connections_to_the_host_from_a_host_runtime() {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     runtime.block_on(check.close()).unwrap();
-    runtime.block_on(delete_keys(&prefix));
+    runtime.block_on(comms_tests::delete_redis_keys(&prefix));
 }

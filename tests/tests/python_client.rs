@@ -141,13 +141,7 @@ async fn python_client_and_node_exchange_everything_over_redis() {
     let config = format!("prefix = \"{prefix}\"\nblock_ms = 200\n");
     exchange("redis", &artifacts().redis_plugin, &config, vec![format!("prefix={prefix}")]).await;
 
-    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
-    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> =
-        redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut connection).await.unwrap();
-    if !keys.is_empty() {
-        let _: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut connection).await.unwrap();
-    }
+    comms_tests::delete_redis_keys(&prefix).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,17 +10,6 @@ use comms_tests::{artifacts, broker_available};
 
 const REDIS: &str = "127.0.0.1:6379";
 
-/// Deletes every key under `prefix` (the inboxes the suite's instances leave behind).
-async fn delete_keys(prefix: &str) {
-    let client = redis::Client::open(format!("redis://{REDIS}")).unwrap();
-    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> =
-        redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut connection).await.unwrap();
-    for chunk in keys.chunks(500) {
-        let _: i64 = redis::cmd("DEL").arg(chunk).query_async(&mut connection).await.unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_plugin_loaded_dynamically_passes_every_case() {
     if !broker_available("Redis", REDIS) {
@@ -35,7 +24,7 @@ async fn redis_plugin_loaded_dynamically_passes_every_case() {
         format!("url = \"redis://{REDIS}\"\nprefix = \"{prefix}\"\nclaim_idle_ms = 2000\nblock_ms = 200\n");
     let report = run_suite(&library, &SuiteConfig::new(config)).await;
     print!("{report}");
-    delete_keys(&prefix).await;
+    comms_tests::delete_redis_keys(&prefix).await;
     assert!(report.passed(), "{report}");
     assert_eq!(report.cases.len(), cases().len(), "{report}");
     // Encryption is checked only with link security of the suite's own (TLS: broker_tls.rs).

@@ -122,11 +122,5 @@ async fn a_python_program_sends_to_a_node_and_reads_its_answer() {
     assert!(printed.contains(r#"["lang", "rust"]"#), "{printed}");
     node.close().await.unwrap();
 
-    let client = redis::Client::open(format!("redis://{REDIS}")).unwrap();
-    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> =
-        redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut connection).await.unwrap();
-    if !keys.is_empty() {
-        let _: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut connection).await.unwrap();
-    }
+    comms_tests::delete_redis_keys(&prefix).await;
 }

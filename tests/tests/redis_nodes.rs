@@ -26,17 +26,6 @@ fn prefix(test: &str) -> String {
     format!("comms-test-{}-{:06x}-{test}", std::process::id(), rand::random::<u32>() & 0xff_ffff)
 }
 
-/// Deletes every key under `prefix`.
-async fn clean_up(prefix: &str) {
-    let client = redis::Client::open(format!("redis://{REDIS}")).unwrap();
-    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> =
-        redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut connection).await.unwrap();
-    if !keys.is_empty() {
-        let _: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut connection).await.unwrap();
-    }
-}
-
 async fn node(library: &PluginLibrary, id: &str, prefix: &str) -> Node {
     let transport = format!("prefix = \"{prefix}\"\nblock_ms = 200\n");
     let discovery =
@@ -153,5 +142,5 @@ async fn nodes_find_each_other_call_send_and_publish_over_redis() {
     server.close().await.unwrap();
     late.close().await.unwrap();
     client.close().await.unwrap();
-    clean_up(&prefix).await;
+    comms_tests::delete_redis_keys(&prefix).await;
 }

@@ -36,15 +36,6 @@ async fn connection() -> MultiplexedConnection {
     client.get_multiplexed_async_connection().await.unwrap()
 }
 
-async fn clean_up(prefix: &str) {
-    let mut connection = connection().await;
-    let keys: Vec<String> =
-        redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut connection).await.unwrap();
-    if !keys.is_empty() {
-        let _: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut connection).await.unwrap();
-    }
-}
-
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
 }
@@ -170,7 +161,7 @@ async fn signed_nodes_exchange_messages_and_requests_over_redis() {
     assert_eq!((alice.rejected_count(), bob.rejected_count()), (0, 0), "nothing genuine was refused");
     alice.close().await.unwrap();
     bob.close().await.unwrap();
-    clean_up(&prefix).await;
+    comms_tests::delete_redis_keys(&prefix).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,7 +275,7 @@ async fn messages_forged_with_broker_access_are_refused_and_never_delivered() {
     }
     alice.close().await.unwrap();
     bob.close().await.unwrap();
-    clean_up(&prefix).await;
+    comms_tests::delete_redis_keys(&prefix).await;
 }
 
 #[test]
@@ -366,7 +357,7 @@ fn comms_processes_never_log_secret_keys() {
         assert!(!everything.contains(secret.as_str()), "a secret key was logged");
         assert!(!everything.contains(&secret[..16]), "part of a secret key was logged");
     }
-    runtime.block_on(clean_up(&prefix));
+    runtime.block_on(comms_tests::delete_redis_keys(&prefix));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
