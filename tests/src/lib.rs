@@ -45,6 +45,10 @@ pub struct Artifacts {
     pub panicking_plugin: PathBuf,
     /// Built on first use: see [`Artifacts::contract_fixtures`].
     contract_fixtures: OnceLock<ContractFixtures>,
+    /// Built on first use: see [`Artifacts::nats_plugin`].
+    nats_plugin: OnceLock<PathBuf>,
+    /// Built on first use: see [`Artifacts::postgres_plugin`].
+    postgres_plugin: OnceLock<PathBuf>,
 }
 
 /// Plugins built against other versions of the plugin contract than the workspace's
@@ -65,6 +69,18 @@ pub struct ContractFixtures {
 }
 
 impl Artifacts {
+    /// Builds (once per process) and returns `libcomms_nats.so` from `plugins/nats`: a plugin
+    /// crate outside the workspace with its own lockfile, built on its own as its users build it.
+    pub fn nats_plugin(&self) -> &Path {
+        self.nats_plugin.get_or_init(|| build_shipped_plugin("nats", "comms_nats"))
+    }
+
+    /// Builds (once per process) and returns `libcomms_postgres.so` from `plugins/postgres`,
+    /// like [`Artifacts::nats_plugin`].
+    pub fn postgres_plugin(&self) -> &Path {
+        self.postgres_plugin.get_or_init(|| build_shipped_plugin("postgres", "comms_postgres"))
+    }
+
     /// Builds (once per process) and returns the contract fixtures.
     ///
     /// They share one target directory, `target/fixtures`, so that abi_stable is compiled once
@@ -95,6 +111,14 @@ impl Artifacts {
             }
         })
     }
+}
+
+/// Builds `plugins/<directory>` with its own lockfile (`--locked`) into the shared target
+/// directory, where it reuses whatever the workspace already compiled with the same versions.
+fn build_shipped_plugin(directory: &str, library_name: &str) -> PathBuf {
+    let manifest = format!("plugins/{directory}/Cargo.toml");
+    cargo(&["build", "--locked", "--manifest-path", &manifest], &target_dir());
+    library(&target_dir().join(profile().0), library_name)
 }
 
 /// Copies the library `from` to `to`, checking that it is the variant named `plugin_name`.
@@ -186,6 +210,8 @@ pub fn artifacts() -> &'static Artifacts {
             uds_plugin: library(&plugin_dir, "comms_uds"),
             panicking_plugin: library(&plugin_dir, "comms_fixture_panicking"),
             contract_fixtures: OnceLock::new(),
+            nats_plugin: OnceLock::new(),
+            postgres_plugin: OnceLock::new(),
             plugin_dir,
         }
     })
@@ -237,6 +263,12 @@ pub fn broker_available(name: &str, address: &str) -> bool {
 
 /// The Redis server of the broker tests.
 pub const REDIS: &str = "127.0.0.1:6379";
+
+/// The NATS server (with JetStream) of the NATS plugin's tests.
+pub const NATS: &str = "127.0.0.1:4222";
+
+/// The PostgreSQL server of the PostgreSQL plugin's tests (trust authentication, database `test`).
+pub const POSTGRES: &str = "127.0.0.1:5432";
 
 /// Deletes every key under `prefix` on [`REDIS`] (the streams and records a Redis test leaves
 /// behind), in chunks of 500 so that a suite's thousands of keys fit a command.
