@@ -1,0 +1,100 @@
+//! Subjects and names derived from node ids and topics.
+//!
+//! | what | subject |
+//! |---|---|
+//! | inbox of node `n` (the transport's address) | `<prefix>.inbox.<token(n)>` |
+//! | dead letters of node `n` | `<prefix>.dead-letter.<token(n)>` |
+//! | topic `t` (and pattern `p`, wildcards unchanged) | `<prefix>.topic.<t>` |
+//!
+//! A node id may hold any character but control characters; [`token`] turns it into one
+//! subject token (and key-value key, and consumer name).
+
+use comms_plugin_api::{topics, ErrorCode, PluginError};
+
+/// Most bytes of a [`token`] before the id is shortened to a prefix and a hash.
+const MAX_TOKEN: usize = 120;
+
+/// `id` as one subject token: letters, digits, `-` and `_` stay, every other byte becomes
+/// `=XX` (upper-case hex). Ids whose token would be longer than 120 bytes keep their first 100
+/// bytes of token and end with `=H` and a 64-bit FNV-1a hash of the whole id.
+pub fn token(id: &str) -> String {
+    let mut token = String::with_capacity(id.len());
+    for byte in id.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_' {
+            token.push(char::from(byte));
+        } else {
+            token.push_str(&format!("={byte:02X}"));
+        }
+    }
+    if token.len() > MAX_TOKEN {
+        let mut cut = 100;
+        // Never cut inside an `=XX` escape.
+        while token.as_bytes()[cut - 1] == b'=' || (cut >= 2 && token.as_bytes()[cut - 2] == b'=') {
+            cut -= 1;
+        }
+        let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        token.truncate(cut);
+        token.push_str(&format!("=H{hash:016x}"));
+    }
+    token
+}
+
+/// The inbox subject of `node`: its address.
+pub fn inbox(prefix: &str, node: &str) -> String {
+    format!("{prefix}.inbox.{}", token(node))
+}
+
+/// The dead-letter subject of `node`.
+pub fn dead_letter(prefix: &str, node: &str) -> String {
+    format!("{prefix}.dead-letter.{}", token(node))
+}
+
+/// The subject of `topic` or of a pattern (`*` and `>` mean on NATS what they mean in comms).
+/// Refuses what NATS subjects cannot carry: whitespace.
+pub fn topic(prefix: &str, topic_or_pattern: &str) -> Result<String, PluginError> {
+    if topic_or_pattern.chars().any(char::is_whitespace) {
+        return Err(PluginError::new(
+            ErrorCode::INVALID_ADDRESS,
+            format!("topic `{topic_or_pattern}` contains whitespace, which NATS subjects cannot carry"),
+        ));
+    }
+    topics::validate_pattern(topic_or_pattern)
+        .map_err(|error| PluginError::new(ErrorCode::INVALID_ADDRESS, error.to_string()))?;
+    Ok(format!("{prefix}.topic.{topic_or_pattern}"))
+}
+
+/// The topic of a subject received on a topic subscription, if it has the prefix.
+pub fn topic_of<'a>(prefix: &str, subject: &'a str) -> Option<&'a str> {
+    subject.strip_prefix(prefix)?.strip_prefix(".topic.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_keep_plain_ids_and_escape_the_rest() {
+        assert_eq!(token("node-1_a"), "node-1_a");
+        assert_eq!(token("a.b c*>"), "a=2Eb=20c=2A=3E");
+        assert_eq!(token("é"), "=C3=A9");
+        assert_ne!(token("a.b"), token("a_b"), "distinct ids, distinct tokens");
+        let long = "x.".repeat(200);
+        let shortened = token(&long);
+        assert!(shortened.len() <= MAX_TOKEN && shortened.contains("=H"), "{shortened}");
+        assert_ne!(shortened, token(&"x.".repeat(201)));
+        assert!(shortened.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_=".contains(&b)));
+    }
+
+    #[test]
+    fn subjects() {
+        assert_eq!(inbox("comms", "a.b"), "comms.inbox.a=2Eb");
+        assert_eq!(dead_letter("comms", "a"), "comms.dead-letter.a");
+        assert_eq!(topic("comms", "orders.*").ok(), Some("comms.topic.orders.*".to_string()));
+        assert!(topic("comms", "orders eu").is_err());
+        assert!(topic("comms", "a..b").is_err());
+        assert_eq!(topic_of("comms", "comms.topic.orders.eu"), Some("orders.eu"));
+        assert_eq!(topic_of("comms", "other.topic.orders"), None);
+    }
+}
