@@ -6,6 +6,7 @@ use crate::{
     driver::{Driver, NodeTransport},
     error::{BuildError, ConfigError},
     fault_injection::{FaultConfig, FaultInjector},
+    metrics::MetricsEndpoint,
     node::Node,
     plugin_search::{find_plugin, plugin_file_name, search_dirs},
     request_response::{Balancing, RequestOptions},
@@ -18,6 +19,7 @@ use comms_plugin_api::{
     Capabilities, ErrorCode, NodeId, NodeRecord, PluginError,
 };
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -77,6 +79,7 @@ pub struct NodeBuilder {
     identity: Option<Identity>,
     security: Security,
     plugin_threads: u32,
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl Node {
@@ -117,6 +120,7 @@ impl NodeBuilder {
             identity: None,
             security: Security::default(),
             plugin_threads: 0,
+            metrics_listen: None,
         }
     }
 
@@ -203,6 +207,14 @@ impl NodeBuilder {
     /// hash lookup per message; a repeat older than `window` newer messages is delivered again.
     pub fn dedup_window(mut self, window: usize) -> Self {
         self.settings.dedup_window = window;
+        self
+    }
+
+    /// Serves this node's metrics at `http://<address>/metrics` (Prometheus / OpenMetrics text,
+    /// see [`crate::metrics`]); port 0 picks a free port ([`Node::metrics_address`] says which).
+    /// Off by default. A port that cannot be bound fails [`NodeBuilder::build`].
+    pub fn metrics_listen(mut self, address: SocketAddr) -> Self {
+        self.metrics_listen = Some(address);
         self
     }
 
@@ -412,6 +424,17 @@ impl NodeBuilder {
                 None => BuildError::InvalidSettings(message),
             });
         }
+        // Bound before anything starts, so that a port in use fails the build cleanly.
+        let metrics = match self.metrics_listen {
+            None => None,
+            Some(address) => Some(MetricsEndpoint::bind(address).await.map_err(|error| {
+                let message = format!("key `metrics.listen`: cannot listen on {address}: {error}");
+                match self.config_file {
+                    Some(_) => self.config_error(message),
+                    None => BuildError::InvalidSettings(message),
+                }
+            })?),
+        };
         let dirs = search_dirs(&self.plugin_dirs);
         let mut transports: Vec<Arc<NodeTransport>> = Vec::new();
         for spec in std::mem::take(&mut self.transports) {
@@ -426,15 +449,15 @@ impl NodeBuilder {
         match self.start_discovery(&dirs, &transports).await {
             Ok((discovery, record, peers)) => {
                 let id = self.id.clone();
-                Ok(Node::new(Driver::start(
-                    id,
-                    self.settings,
-                    transports,
-                    discovery,
-                    record,
-                    peers,
-                    signatures,
-                )))
+                let driver =
+                    Driver::start(id, self.settings, transports, discovery, record, peers, signatures);
+                if let Some(endpoint) = metrics {
+                    let _ = driver.metrics_address.set(endpoint.address());
+                    tracing::info!(address = %endpoint.address(), "serving metrics at /metrics");
+                    // It ends by itself when the node stops.
+                    drop(endpoint.serve(&driver));
+                }
+                Ok(Node::new(driver))
             }
             Err(error) => {
                 close_all(&transports).await;

@@ -33,6 +33,9 @@
 //! max_clock_skew_ms = 300000   # signatures: how old / early a signed-at may be
 //! replay_cache_size = 100000   # signatures: recent message ids remembered against replays
 //!
+//! [metrics]                    # optional; see comms_host::metrics
+//! listen = "127.0.0.1:9464"    # serve Prometheus metrics at http://127.0.0.1:9464/metrics
+//!
 //! [discovery]                  # optional; defaults to static discovery with no peers
 //! plugin = "static"            # "static" is built in; any other name is a plugin
 //! peers = [
@@ -71,6 +74,14 @@ struct ConfigFile {
     discovery: toml::Table,
     #[serde(default)]
     security: SecuritySection,
+    #[serde(default)]
+    metrics: MetricsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsSection {
+    listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -167,6 +178,9 @@ pub fn load(path: &Path) -> Result<NodeBuilder, ConfigError> {
             .unwrap_or(crate::security::DEFAULT_MAX_CLOCK_SKEW),
         replay_cache_size: section.replay_cache_size.unwrap_or(crate::security::DEFAULT_REPLAY_CACHE_SIZE),
     });
+    if let Some(address) = file.metrics.listen {
+        builder = builder.metrics_listen(address);
+    }
     for dir in &file.node.plugin_dirs {
         builder = builder.plugin_dir(base.join(dir));
     }
@@ -280,6 +294,14 @@ mod tests {
         let path = write("syntax", "[node]\nid = \"a\"\nbroken = \n");
         let text = load(&path).unwrap_err().to_string();
         assert!(text.contains("line 3"), "{text}");
+    }
+
+    #[test]
+    fn a_metrics_address_that_is_not_one_names_the_key() {
+        let path = write("metrics", "[node]\nid = \"a\"\n[metrics]\nlisten = \"localhost\"\n");
+        let text = load(&path).unwrap_err().to_string();
+        assert!(text.contains("metrics.listen"), "{text}");
+        assert!(text.contains(&path.display().to_string()), "{text}");
     }
 
     #[test]

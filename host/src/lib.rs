@@ -25,8 +25,9 @@
 //! or JSON), [`control`] (framework messages on the wire), [`plugin_search`] (where plugin files
 //! are looked for), [`static_discovery`] (peers listed in config), [`fault_injection`] (a
 //! seeded faulty network around any transport), [`conformance`] (the suite every transport must
-//! pass), [`security`] (identities, `[security]`, envelope signatures), [`error`] (one error
-//! type per operation). The `comms` command is in `main.rs`.
+//! pass), [`security`] (identities, `[security]`, envelope signatures), [`metrics`] (what a node
+//! reports to Prometheus, `[metrics]`), [`error`] (one error type per operation). The `comms`
+//! command is in `main.rs`.
 //!
 //! Inside, a node is three layers, each depending only on the next: the [`Node`] facade, the
 //! driver (`driver/`: thin I/O loops that take messages from transports, follow discovery, keep
@@ -51,6 +52,7 @@ mod engine;
 pub mod error;
 pub mod fault_injection;
 pub mod membership;
+pub mod metrics;
 pub mod node;
 pub mod plugin_search;
 mod received;

@@ -110,6 +110,18 @@ impl Node {
             .collect()
     }
 
+    /// This node's metrics in the OpenMetrics text format that Prometheus scrapes (see
+    /// [`crate::metrics`]), for an application that serves them itself.
+    pub fn metrics_text(&self) -> String {
+        crate::metrics::render(&self.inner)
+    }
+
+    /// Where this node serves its metrics (`[metrics] listen`, or
+    /// [`crate::NodeBuilder::metrics_listen`]), if it does.
+    pub fn metrics_address(&self) -> Option<std::net::SocketAddr> {
+        self.inner.metrics_address.get().copied()
+    }
+
     /// This node's record as announced (addresses, services, topic patterns).
     pub fn record(&self) -> NodeRecord {
         self.inner.engine().record().clone()

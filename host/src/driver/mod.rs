@@ -24,6 +24,7 @@ use crate::{
     engine::{membership::Source, Action, DropReason, Engine, IdSource, Input, Local, Route, TransportFacts},
     error::{undelivered_sentence, CloseError, FlushError, SendError, WaitError},
     fault_injection::FaultInjector,
+    metrics::RequestMetrics,
     security::{RejectedCounter, Signatures, SIGNATURE_HEADER},
     service::Handler,
     spec::NodeSpec,
@@ -37,9 +38,10 @@ use comms_plugin_api::{
 use futures::future::BoxFuture;
 use std::{
     collections::HashMap,
+    net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard, RwLock, Weak,
+        Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak,
     },
     time::{Duration, Instant},
 };
@@ -163,6 +165,21 @@ pub(crate) struct Driver {
     /// Per transport, its `undelivered` counter as last reported by a flush or close (each
     /// message given up on is reported once).
     reported_undelivered: Mutex<Vec<u64>>,
+    /// Request latencies (the other metrics are read at scrape time: [`crate::metrics`]).
+    pub(crate) request_metrics: RequestMetrics,
+    /// Where `[metrics] listen` serves, once the endpoint is up.
+    pub(crate) metrics_address: OnceLock<SocketAddr>,
+}
+
+/// The lengths of the node's own queues, for the metrics.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueDepths {
+    /// Received messages the application has not taken yet.
+    pub(crate) inbox: u64,
+    /// This node's calls waiting for a response.
+    pub(crate) requests_waiting: u64,
+    /// Requests this node's services are handling.
+    pub(crate) requests_being_served: u64,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -216,6 +233,8 @@ impl Driver {
             signatures,
             rejected: RejectedCounter::default(),
             reported_undelivered: Mutex::new(Vec::new()),
+            request_metrics: RequestMetrics::default(),
+            metrics_address: OnceLock::new(),
         });
         let loops = driver
             .transports
@@ -233,6 +252,26 @@ impl Driver {
             driver.run(driver.handle(Input::Discovery(PeerEvent { kind: PeerEventKind::Joined, record })));
         }
         driver
+    }
+
+    /// The peers this node knows, with liveness, sorted by id.
+    pub(crate) fn peers(&self) -> Vec<crate::PeerInfo> {
+        self.engine().peers(now())
+    }
+
+    /// Repeated messages the dedup window dropped.
+    pub(crate) fn duplicates(&self) -> u64 {
+        self.engine().counters().duplicates
+    }
+
+    /// The lengths of the node's own queues now.
+    pub(crate) fn queue_depths(&self) -> QueueDepths {
+        let free = self.inbox_tx.capacity();
+        QueueDepths {
+            inbox: self.inbox_tx.max_capacity().saturating_sub(free) as u64,
+            requests_waiting: lock(&self.waiting).len() as u64,
+            requests_being_served: *self.in_flight.borrow() as u64,
+        }
     }
 
     // ---- the engine ------------------------------------------------------------------------------

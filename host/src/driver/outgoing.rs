@@ -136,6 +136,20 @@ impl Driver {
         payload: Vec<u8>,
         options: &RequestOptions,
     ) -> Result<Envelope, RequestError> {
+        let started = tokio::time::Instant::now();
+        let result = self.call_with_retries(service, node, payload, options).await;
+        self.request_metrics.record(service, &result, started.elapsed());
+        result
+    }
+
+    /// [`Driver::call`] without the metrics.
+    async fn call_with_retries(
+        self: &Arc<Self>,
+        service: &str,
+        node: Option<NodeId>,
+        payload: Vec<u8>,
+        options: &RequestOptions,
+    ) -> Result<Envelope, RequestError> {
         self.check_open().map_err(|_| RequestError::Closed)?;
         let mut tried = HashSet::new();
         let mut last_error = None;
