@@ -1,0 +1,332 @@
+//! One connection to PostgreSQL that outlives the server's connections: connects with backoff,
+//! listens to this instance's notification channels, and reconnects when the connection is lost
+//! (a server restart, `pg_terminate_backend`, a network cut).
+//!
+//! One connection per transport or discovery instance, shared by all of its operations:
+//! tokio-postgres pipelines concurrent queries on it, every statement the plugin runs is a
+//! transaction of its own, and the server's `max_connections` (100 by default) is then a bound
+//! on instances, not on concurrent operations. The connection is also the one that `LISTEN`s, so
+//! a notification and the rows it announces come the same way.
+
+use crate::config::{describe, PostgresConfig};
+use comms_plugin_api::{backoff::Backoff, ErrorCode, IncidentCounters, PluginError};
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{Arc, Mutex},
+};
+use tokio::sync::Notify;
+use tokio_postgres::{types::ToSql, AsyncMessage, Client, NoTls, Row, Statement};
+
+/// A connection with the statements prepared on it: each of the plugin's statements is parsed
+/// and planned once per connection, not once per call (which would also cost a round trip).
+#[derive(Debug)]
+pub(crate) struct Connection {
+    client: Client,
+    /// Bounded by the plugin's own statements (a fixed set of texts), never by input.
+    prepared: Mutex<HashMap<String, Statement>>,
+}
+
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+impl Connection {
+    async fn statement(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(statement) = self.prepared.lock().unwrap_or_else(|p| p.into_inner()).get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql).await?;
+        self.prepared.lock().unwrap_or_else(|p| p.into_inner()).insert(sql.to_string(), statement.clone());
+        Ok(statement)
+    }
+
+    /// Runs a statement, returning the number of rows it changed.
+    pub(crate) async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        self.client.execute(&statement, params).await
+    }
+
+    /// Runs a statement, returning its rows.
+    pub(crate) async fn query(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        self.client.query(&statement, params).await
+    }
+
+    /// Runs a statement that returns exactly one row.
+    pub(crate) async fn query_one(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Row, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        self.client.query_one(&statement, params).await
+    }
+
+    /// Runs statements without parameters (simple query protocol).
+    pub(crate) async fn batch_execute(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
+        self.client.batch_execute(sql).await
+    }
+
+    fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+}
+
+/// The connection of one instance; see the module docs.
+#[derive(Debug)]
+pub(crate) struct Link {
+    settings: tokio_postgres::Config,
+    described: String,
+    backoff: Backoff,
+    current: Mutex<Option<Arc<Connection>>>,
+    /// Held while (re)connecting, so that concurrent operations that all lost the connection
+    /// open one new connection, not one each.
+    reconnecting: tokio::sync::Mutex<()>,
+    /// Channels to `LISTEN` on, again after each reconnect.
+    channels: Mutex<Vec<String>>,
+    /// Woken by every notification on those channels, and after each reconnect (notifications
+    /// sent while disconnected are lost, so a waiting receiver must look for itself).
+    wake: Arc<Notify>,
+    counters: Arc<IncidentCounters>,
+    /// Set once closed: no reconnect after that.
+    closed: std::sync::atomic::AtomicBool,
+    /// See [`Link::lazy`].
+    durable_commits: bool,
+}
+
+/// Whether `error` means the connection is gone (and a new one may succeed), as opposed to an
+/// error of the statement itself.
+fn connection_lost(error: &tokio_postgres::Error, client: &Connection) -> bool {
+    if error.is_closed() || client.is_closed() {
+        return true;
+    }
+    // 08: connection exception; 57P01-57P03: the server is shutting down or terminated us.
+    error.code().is_some_and(|state| {
+        let code = state.code();
+        code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+    })
+}
+
+/// An error naming what failed and where; never the password.
+pub(crate) fn db_error(link: &Link, what: &str, error: tokio_postgres::Error) -> PluginError {
+    // `Display` of a server error is only "db error"; the server's message is the useful part.
+    let detail = match error.as_db_error() {
+        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
+        None => error.to_string(),
+    };
+    let message = format!("{what} on PostgreSQL {}: {detail}", link.described);
+    if error.is_closed() || error.code().is_some_and(|state| state.code().starts_with("08")) {
+        PluginError::retryable(ErrorCode::UNREACHABLE, message)
+    } else {
+        PluginError::new(ErrorCode::OTHER, message)
+    }
+}
+
+impl Link {
+    /// A link that connects on first use (with backoff: `connect_attempts` tries).
+    ///
+    /// `durable_commits`: whether a statement returns only once its commit is flushed to the
+    /// server's disk (`synchronous_commit`, the server's default) or as soon as it is committed
+    /// (`synchronous_commit = off`). The second is for statements whose loss in a crash of the
+    /// server only means a message is delivered again (claims, settlements, heartbeats): a
+    /// flush costs milliseconds, and every message would otherwise cost three.
+    pub(crate) fn lazy(
+        config: &PostgresConfig,
+        durable_commits: bool,
+        counters: Arc<IncidentCounters>,
+    ) -> Result<Self, PluginError> {
+        let settings = config.validate()?;
+        Ok(Self {
+            described: describe(&settings),
+            settings,
+            backoff: config.backoff(),
+            current: Mutex::new(None),
+            reconnecting: tokio::sync::Mutex::new(()),
+            channels: Mutex::new(Vec::new()),
+            wake: Arc::new(Notify::new()),
+            counters,
+            closed: std::sync::atomic::AtomicBool::new(false),
+            durable_commits,
+        })
+    }
+
+    /// A link that is connected now, so that a server that cannot be reached fails the open.
+    pub(crate) async fn open(
+        config: &PostgresConfig,
+        durable_commits: bool,
+        counters: Arc<IncidentCounters>,
+    ) -> Result<Self, PluginError> {
+        let link = Self::lazy(config, durable_commits, counters)?;
+        link.client().await?;
+        Ok(link)
+    }
+
+    /// `user@host:port/dbname`, for messages.
+    pub(crate) fn described(&self) -> &str {
+        &self.described
+    }
+
+    /// Woken by notifications and reconnects; see the field.
+    pub(crate) fn wake(&self) -> &Notify {
+        &self.wake
+    }
+
+    /// Adds a channel to listen to, now and after every reconnect.
+    pub(crate) async fn listen(&self, channel: String) -> Result<(), PluginError> {
+        {
+            let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+            if channels.contains(&channel) {
+                return Ok(());
+            }
+            channels.push(channel.clone());
+        }
+        let statement = format!("LISTEN \"{channel}\"");
+        self.run("listening for notifications", move |client| {
+            let statement = statement.clone();
+            async move { client.batch_execute(&statement).await }
+        })
+        .await
+    }
+
+    /// Stops reconnecting and drops the connection (which closes it).
+    pub(crate) fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.current.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A separate connection, not shared and not listening: for a transaction.
+    pub(crate) async fn dedicated(&self) -> Result<Client, PluginError> {
+        self.connect_with_backoff(false).await
+    }
+
+    /// The current connection, or a new one if it was lost.
+    pub(crate) async fn client(&self) -> Result<Arc<Connection>, PluginError> {
+        if let Some(client) = self.live() {
+            return Ok(client);
+        }
+        let _reconnecting = self.reconnecting.lock().await;
+        // Another operation may have reconnected while this one waited.
+        if let Some(client) = self.live() {
+            return Ok(client);
+        }
+        if self.is_closed() {
+            return Err(PluginError::closed(&format!("the PostgreSQL connection to {}", self.described)));
+        }
+        let first = self.current.lock().unwrap_or_else(|p| p.into_inner()).is_none();
+        let client = self.connect_with_backoff(true).await?;
+        let client = Arc::new(Connection { client, prepared: Mutex::new(HashMap::new()) });
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&client));
+        if !first {
+            self.counters.reconnected();
+            tracing::info!(server = %self.described, "reconnected to PostgreSQL");
+        }
+        // Whatever was announced while disconnected was not heard.
+        self.wake.notify_one();
+        Ok(client)
+    }
+
+    fn live(&self) -> Option<Arc<Connection>> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner()).clone().filter(|client| !client.is_closed())
+    }
+
+    /// Forgets `client` if it is still the current one (it lost its connection).
+    fn forget(&self, client: &Arc<Connection>) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().is_some_and(|held| Arc::ptr_eq(held, client)) {
+            *current = None;
+        }
+    }
+
+    async fn connect_with_backoff(&self, listening: bool) -> Result<Client, PluginError> {
+        let result = self
+            .backoff
+            .retry(|attempt| async move {
+                let connected = self.connect_once(listening).await;
+                if let Err(error) = &connected {
+                    tracing::debug!(server = %self.described, attempt, %error, "connecting to PostgreSQL failed");
+                }
+                connected
+            })
+            .await;
+        result.map_err(|(error, attempts)| {
+            PluginError::retryable(
+                ErrorCode::UNREACHABLE,
+                format!(
+                    "cannot connect to PostgreSQL at {} after {attempts} attempts: {error}",
+                    self.described
+                ),
+            )
+        })
+    }
+
+    async fn connect_once(&self, listening: bool) -> Result<Client, String> {
+        let (client, mut connection) = self
+            .settings
+            .connect(NoTls)
+            .await
+            .map_err(|error| db_error(self, "connecting", error).message)?;
+        let wake = Arc::clone(&self.wake);
+        // The connection's own task: it carries every query of the client and hands
+        // notifications over as wake-ups (a Notify holds at most one: nothing queues up).
+        tokio::spawn(async move {
+            loop {
+                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(AsyncMessage::Notification(_))) => wake.notify_one(),
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => {
+                        tracing::debug!(%error, "PostgreSQL connection ended");
+                        return;
+                    }
+                    None => return,
+                }
+            }
+        });
+        // The plugin notifies receivers itself, after its writes commit (see the mailbox
+        // trigger in schema.rs for why).
+        let mut statement = String::from("SET comms.notify = 'off';");
+        if !self.durable_commits {
+            statement.push_str("SET synchronous_commit = off;");
+        }
+        if listening {
+            let channels = self.channels.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            statement.extend(channels.iter().map(|channel| format!("LISTEN \"{channel}\";")));
+        }
+        client
+            .batch_execute(&statement)
+            .await
+            .map_err(|error| db_error(self, "setting up the connection", error).message)?;
+        Ok(client)
+    }
+
+    /// Runs `operation` on the connection; if the connection was lost, reconnects (with
+    /// backoff) and runs it once more. So an operation may run twice: every statement the
+    /// plugin runs this way is safe to repeat, or (a send) leaves at worst a duplicate, which
+    /// at-least-once delivery allows.
+    pub(crate) async fn run<T, F, Fut>(&self, what: &str, operation: F) -> Result<T, PluginError>
+    where
+        F: Fn(Arc<Connection>) -> Fut,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        let mut retried = false;
+        loop {
+            let client = self.client().await?;
+            match operation(Arc::clone(&client)).await {
+                Ok(value) => return Ok(value),
+                Err(error) if !retried && !self.is_closed() && connection_lost(&error, &client) => {
+                    tracing::info!(server = %self.described, %error, "PostgreSQL connection lost; reconnecting");
+                    self.counters.failed();
+                    self.forget(&client);
+                    retried = true;
+                }
+                Err(error) => return Err(db_error(self, what, error)),
+            }
+        }
+    }
+}

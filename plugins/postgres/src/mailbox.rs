@@ -1,0 +1,365 @@
+//! The statements of the transport, one per operation. Each is a single SQL statement, so each
+//! is a transaction of its own (autocommit) and safe on a connection that other operations
+//! share; and each is safe to run again after a lost connection (see [`Link::run`]).
+
+use crate::{
+    lease::{self, RowLimits},
+    link::Link,
+};
+use comms_plugin_api::{Inbound, PluginError};
+
+/// One message to write.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    /// To the mailbox of one node.
+    Direct {
+        /// The node id (the address the sender was given).
+        recipient: String,
+        /// The envelope in wire encoding.
+        encoded: Vec<u8>,
+        /// `framework::replacement_key`: replaces an older unclaimed row with the same key in the
+        /// same mailbox.
+        replace_key: Option<String>,
+    },
+    /// One row per node subscribed to a matching pattern, at the time of the write.
+    Topic {
+        /// The topic published to.
+        topic: String,
+        /// The envelope in wire encoding.
+        encoded: Vec<u8>,
+    },
+}
+
+/// What a claim found.
+#[derive(Debug, Default)]
+pub(crate) struct Claimed {
+    /// Messages leased to this instance, oldest first; each `delivery_tag` is the row id.
+    pub(crate) messages: Vec<Inbound>,
+    /// Rows moved to the dead-letter table by this claim.
+    pub(crate) dead_lettered: u64,
+    /// When nothing was claimed: milliseconds until the earliest lease on the mailbox ends.
+    pub(crate) next_expiry_ms: Option<f64>,
+}
+
+/// The SQL of one schema, written once.
+#[derive(Debug)]
+pub(crate) struct Statements {
+    insert_direct: String,
+    insert_topic: String,
+    claim: String,
+    dead_letter: String,
+    accept: String,
+    requeue: String,
+    release: String,
+    subscribe: String,
+    unsubscribe: String,
+    notify: String,
+}
+
+impl Statements {
+    pub(crate) fn new(schema: &str) -> Self {
+        let mailbox = format!("\"{schema}\".comms_mailbox");
+        Self {
+            // One statement for a whole batch: replaced framework messages go, the new rows come,
+            // in batch order (identity values are drawn in the order of `ORDER BY n`).
+            insert_direct: format!(
+                "WITH batch AS (
+                     SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[])
+                         WITH ORDINALITY AS b(recipient, envelope, replace_key, n)),
+                 replaced AS (
+                     DELETE FROM {mailbox} m USING batch b
+                     WHERE b.replace_key IS NOT NULL AND m.recipient = b.recipient
+                       AND m.replace_key = b.replace_key AND m.locked_until <= now())
+                 INSERT INTO {mailbox} (recipient, envelope, replace_key)
+                 SELECT recipient, envelope, replace_key FROM batch ORDER BY n"
+            ),
+            // After the write committed, in a transaction that writes nothing: see schema.rs.
+            notify: format!(
+                "SELECT pg_notify(\"{schema}\".comms_mailbox_channel(r), '')
+                 FROM (SELECT DISTINCT unnest($1::text[]) AS r) recipients"
+            ),
+            insert_topic: format!(
+                "WITH batch AS (
+                     SELECT * FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS b(topic, envelope, n))
+                 INSERT INTO {mailbox} (recipient, envelope)
+                 SELECT s.node_id, b.envelope FROM batch b
+                 CROSS JOIN LATERAL (
+                     SELECT DISTINCT node_id FROM \"{schema}\".comms_subscription
+                     WHERE b.topic ~ pattern_regex) s
+                 ORDER BY b.n, s.node_id
+                 RETURNING recipient"
+            ),
+            // SKIP LOCKED: concurrent receivers of one node id take different rows instead of
+            // waiting for each other; `attempts` counts this delivery.
+            // SKIP LOCKED: concurrent receivers of one node id take different rows instead of
+            // waiting for each other; `attempts` counts this delivery. When nothing is claimed,
+            // one row with a NULL id says in how many milliseconds the earliest lease held by
+            // someone else on this mailbox ends (NULL if none), saving a round trip.
+            claim: format!(
+                "WITH claimed AS (
+                     UPDATE {mailbox} m
+                     SET owner = $2, locked_until = now() + $3::float8 * interval '1 millisecond',
+                         attempts = m.attempts + 1
+                     FROM (SELECT id FROM {mailbox}
+                           WHERE recipient = $1 AND locked_until <= now()
+                           ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED) free
+                     WHERE m.id = free.id
+                     RETURNING m.id, m.envelope, m.attempts)
+                 SELECT id, envelope, attempts, NULL::float8 FROM claimed
+                 UNION ALL
+                 SELECT NULL, NULL, NULL,
+                        (SELECT (extract(epoch FROM min(locked_until) - clock_timestamp()) * 1000)::float8
+                         FROM {mailbox} WHERE recipient = $1 AND locked_until > now())
+                 WHERE NOT EXISTS (SELECT 1 FROM claimed)"
+            ),
+            dead_letter: format!(
+                "WITH refused AS (
+                     SELECT * FROM unnest($1::bigint[], $2::text[]) AS r(id, reason)),
+                 moved AS (
+                     DELETE FROM {mailbox} m USING refused r WHERE m.id = r.id AND m.owner = $3
+                     RETURNING m.id, m.recipient, m.envelope, m.enqueued_at, m.attempts, r.reason)
+                 INSERT INTO \"{schema}\".comms_dead_letter (id, recipient, envelope, enqueued_at, attempts, reason)
+                 SELECT id, recipient, envelope, enqueued_at, attempts, reason FROM moved
+                 ON CONFLICT (id) DO NOTHING"
+            ),
+            accept: format!("DELETE FROM {mailbox} WHERE id = ANY($1) AND owner = $2"),
+            requeue: format!(
+                "UPDATE {mailbox} SET owner = NULL, locked_until = '-infinity' WHERE id = ANY($1) AND owner = $2"
+            ),
+            release: format!("UPDATE {mailbox} SET owner = NULL, locked_until = '-infinity' WHERE owner = $1"),
+            subscribe: format!(
+                "INSERT INTO \"{schema}\".comms_subscription (node_id, pattern, pattern_regex)
+                 VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
+            ),
+            unsubscribe: format!("DELETE FROM \"{schema}\".comms_subscription WHERE node_id = $1 AND pattern = $2"),
+        }
+    }
+}
+
+/// The mailbox of one node, seen through one transport instance's connection.
+#[derive(Debug)]
+pub(crate) struct Mailbox {
+    /// Claims and settlements (commits not flushed: their loss means a redelivery), `LISTEN`.
+    link: Link,
+    /// Sends and subscriptions: `send` returns once the commit is flushed.
+    writer: Link,
+    statements: Statements,
+    /// The node whose mailbox this is.
+    recipient: String,
+    /// Written into `owner` of claimed rows: unique per transport instance, so a settlement
+    /// never touches a row that has since been claimed by someone else.
+    owner: String,
+    limits: RowLimits,
+    lease_ms: f64,
+}
+
+impl Mailbox {
+    pub(crate) fn new(
+        link: Link,
+        writer: Link,
+        schema: &str,
+        recipient: String,
+        owner: String,
+        limits: RowLimits,
+        lease_ms: u64,
+    ) -> Self {
+        Self {
+            link,
+            writer,
+            statements: Statements::new(schema),
+            recipient,
+            owner,
+            limits,
+            lease_ms: lease_ms as f64,
+        }
+    }
+
+    /// Woken by notifications for this node and by reconnects of the receiving connection.
+    pub(crate) fn wake(&self) -> &tokio::sync::Notify {
+        self.link.wake()
+    }
+
+    /// Closes both connections.
+    pub(crate) fn close(&self) {
+        self.link.close();
+        self.writer.close();
+    }
+
+    /// Writes `outgoing`: all direct messages in one statement, all publications in another.
+    /// Returns the nodes that got messages, for [`Mailbox::notify`].
+    pub(crate) async fn write(&self, outgoing: &[&Outgoing]) -> Result<Vec<String>, PluginError> {
+        let mut recipients = Vec::new();
+        let mut envelopes: Vec<&[u8]> = Vec::new();
+        let mut keys = Vec::new();
+        let mut topics = Vec::new();
+        let mut published: Vec<&[u8]> = Vec::new();
+        for message in outgoing {
+            match message {
+                Outgoing::Direct { recipient, encoded, replace_key } => {
+                    recipients.push(recipient.as_str());
+                    envelopes.push(encoded);
+                    keys.push(replace_key.as_deref());
+                }
+                Outgoing::Topic { topic, encoded } => {
+                    topics.push(topic.as_str());
+                    published.push(encoded);
+                }
+            }
+        }
+        if !recipients.is_empty() {
+            let (recipients, envelopes, keys) = (&recipients, &envelopes, &keys);
+            self.writer
+                .run("writing messages", |client| async move {
+                    client.execute(&self.statements.insert_direct, &[recipients, envelopes, keys]).await
+                })
+                .await?;
+        }
+        let mut woken: Vec<String> = recipients.iter().map(|recipient| recipient.to_string()).collect();
+        if !topics.is_empty() {
+            let (topics, published) = (&topics, &published);
+            let rows = self
+                .writer
+                .run("publishing messages", |client| async move {
+                    client.query(&self.statements.insert_topic, &[topics, published]).await
+                })
+                .await?;
+            woken.extend(rows.iter().map(|row| row.get::<_, String>(0)));
+        }
+        Ok(woken)
+    }
+
+    /// Wakes the receivers of `recipients`. A failure only delays them until their safety
+    /// poll: the messages are committed.
+    pub(crate) async fn notify(&self, recipients: Vec<String>) {
+        if recipients.is_empty() {
+            return;
+        }
+        let recipients = &recipients;
+        let notified = self
+            .writer
+            .run("notifying receivers", |client| async move {
+                client.execute(&self.statements.notify, &[recipients]).await
+            })
+            .await;
+        if let Err(error) = notified {
+            tracing::debug!(%error, "notifying receivers failed; they find the messages at their next poll");
+        }
+    }
+
+    /// Leases up to `max` free messages, oldest first; rows that cannot be delivered go to the
+    /// dead-letter table with their reason.
+    pub(crate) async fn claim(&self, max: usize) -> Result<Claimed, PluginError> {
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let rows = self
+            .link
+            .run("claiming messages", |client| async move {
+                client
+                    .query(&self.statements.claim, &[&self.recipient, &self.owner, &self.lease_ms, &limit])
+                    .await
+            })
+            .await?;
+        let mut claimed = Claimed::default();
+        let mut refused_ids = Vec::new();
+        let mut reasons = Vec::new();
+        let mut rows: Vec<(i64, &[u8], i32)> = rows
+            .iter()
+            .filter_map(|row| match row.get::<_, Option<i64>>(0) {
+                Some(id) => Some((id, row.get(1), row.get(2))),
+                None => {
+                    claimed.next_expiry_ms = row.get(3);
+                    None
+                }
+            })
+            .collect();
+        // RETURNING gives no order.
+        rows.sort_unstable_by_key(|(id, _, _)| *id);
+        for (id, envelope, attempts) in rows {
+            match lease::check_row(envelope, attempts, &self.limits) {
+                Ok(envelope) => claimed.messages.push(Inbound { envelope, delivery_tag: id as u64 }),
+                Err(reason) => {
+                    refused_ids.push(id);
+                    reasons.push(reason);
+                }
+            }
+        }
+        if !refused_ids.is_empty() {
+            claimed.dead_lettered = self.dead_letter(&refused_ids, &reasons).await?;
+            // One line per claim, not per row: a flood of bad rows must not flood the log.
+            tracing::warn!(
+                node = %self.recipient,
+                count = claimed.dead_lettered,
+                first_reason = %reasons[0],
+                "messages moved to the dead-letter table comms_dead_letter"
+            );
+        }
+        Ok(claimed)
+    }
+
+    /// Moves rows leased to this instance to the dead-letter table, each with its reason.
+    pub(crate) async fn dead_letter(&self, ids: &[i64], reasons: &[String]) -> Result<u64, PluginError> {
+        self.link
+            .run("moving messages to the dead-letter table", |client| async move {
+                client.execute(&self.statements.dead_letter, &[&ids, &reasons, &self.owner]).await
+            })
+            .await
+    }
+
+    /// Deletes accepted messages.
+    pub(crate) async fn accept(&self, ids: &[i64]) -> Result<(), PluginError> {
+        self.link
+            .run("settling messages", |client| async move {
+                client.execute(&self.statements.accept, &[&ids, &self.owner]).await
+            })
+            .await
+            .map(drop)
+    }
+
+    /// Frees rejected messages at once (their node's receivers are notified).
+    pub(crate) async fn requeue(&self, ids: &[i64]) -> Result<(), PluginError> {
+        let requeued = self
+            .link
+            .run("requeueing messages", |client| async move {
+                client.execute(&self.statements.requeue, &[&ids, &self.owner]).await
+            })
+            .await?;
+        if requeued > 0 {
+            self.notify(vec![self.recipient.clone()]).await;
+        }
+        Ok(())
+    }
+
+    /// Frees every message leased to this instance and not settled.
+    pub(crate) async fn release(&self) -> Result<u64, PluginError> {
+        let released = self
+            .link
+            .run("releasing leases", |client| async move {
+                client.execute(&self.statements.release, &[&self.owner]).await
+            })
+            .await?;
+        if released > 0 {
+            self.notify(vec![self.recipient.clone()]).await;
+        }
+        Ok(released)
+    }
+
+    /// Adds or removes a subscription of this node.
+    pub(crate) async fn subscription(&self, pattern: &str, subscribe: bool) -> Result<(), PluginError> {
+        if subscribe {
+            let regex = lease::pattern_regex(pattern);
+            let regex = &regex;
+            self.writer
+                .run("subscribing", |client| async move {
+                    client.execute(&self.statements.subscribe, &[&self.recipient, &pattern, regex]).await
+                })
+                .await
+                .map(drop)
+        } else {
+            self.writer
+                .run("unsubscribing", |client| async move {
+                    client.execute(&self.statements.unsubscribe, &[&self.recipient, &pattern]).await
+                })
+                .await
+                .map(drop)
+        }
+    }
+}

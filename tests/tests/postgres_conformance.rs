@@ -1,0 +1,182 @@
+//! The conformance suite against the PostgreSQL plugin as users load it
+//! (`libcomms_postgres.so`, built on its own from `plugins/postgres`), with the PostgreSQL at
+//! 127.0.0.1:5432 (database `test`, trust authentication). Every case applies: the plugin
+//! declares ordered, acknowledgements, durable, native topics and reliable. Each test works in a
+//! schema of its own and drops it at the end.
+
+use comms_host::{
+    conformance::{cases, run_suite, SuiteConfig},
+    PluginLibrary,
+};
+use comms_plugin_api::{Capabilities, ErrorCode, NodeId};
+use comms_tests::{artifacts, broker_available, scratch_dir, write_config, POSTGRES};
+use std::process::Command;
+
+/// Runs `sql` with psql on the test database; panics with psql's error if it fails.
+fn psql(sql: &str) -> String {
+    let output = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "test",
+            "-X",
+            "-q",
+            "-t",
+            "-A",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
+        .output()
+        .expect("run psql");
+    assert!(output.status.success(), "psql -c {sql}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// A schema of this test's own, dropped (with everything in it) when the test ends, passed or not.
+struct Schema(String);
+
+impl Schema {
+    fn new(name: &str) -> Self {
+        Self(format!("comms_test_{}_{:06x}_{name}", std::process::id(), rand::random::<u32>() & 0xff_ffff))
+    }
+
+    fn config(&self, extra: &str) -> String {
+        format!("url = \"postgres://postgres@{POSTGRES}/test\"\nschema = \"{}\"\n{extra}", self.0)
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-X", "-q", "-c"])
+            .arg(format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.0))
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_plugin_loaded_dynamically_passes_every_case() {
+    if !broker_available("PostgreSQL", POSTGRES) {
+        return;
+    }
+    let library =
+        PluginLibrary::load(artifacts().postgres_plugin()).unwrap_or_else(|error| panic!("{error}"));
+    let schema = Schema::new("conformance");
+    // A safety poll of 1 s: every wake-up the suite waits for must come from LISTEN/NOTIFY or a
+    // lease, or the cases would be slow.
+    let report = run_suite(&library, &SuiteConfig::new(schema.config("poll_ms = 1000\n"))).await;
+    print!("{report}");
+    assert!(report.passed(), "{report}");
+    assert_eq!(report.cases.len(), cases().len(), "every case is reported:\n{report}");
+    // A database connection has no links of comms' own to encrypt.
+    assert_eq!(report.skipped_names(), ["encrypted_links"], "no other case may be skipped:\n{report}");
+    let info = report.info.clone().expect("create_transport found the capabilities");
+    for flag in [
+        Capabilities::ORDERED,
+        Capabilities::ACKNOWLEDGEMENTS,
+        Capabilities::DURABLE,
+        Capabilities::NATIVE_TOPICS,
+        Capabilities::RELIABLE,
+    ] {
+        assert!(info.capabilities.contains(flag), "{:?} lacks {:?}", info.capabilities, flag.names());
+    }
+    assert_eq!(
+        psql(&format!("SELECT count(*) FROM \"{}\".comms_mailbox WHERE owner IS NOT NULL", schema.0)),
+        "0",
+        "every transport released its leases on close"
+    );
+}
+
+#[test]
+fn comms_check_passes_on_the_plugin() {
+    if !broker_available("PostgreSQL", POSTGRES) {
+        return;
+    }
+    let schema = Schema::new("check");
+    let dir = scratch_dir("postgres-check");
+    let config = write_config(&dir, "postgres.toml", &schema.config(""));
+    let output = Command::new(&artifacts().comms_bin)
+        .arg("check")
+        .arg(artifacts().postgres_plugin())
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run comms");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains(" 0 failed, 1 skipped"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_schema_is_refused_and_left_untouched() {
+    if !broker_available("PostgreSQL", POSTGRES) {
+        return;
+    }
+    let library =
+        PluginLibrary::load(artifacts().postgres_plugin()).unwrap_or_else(|error| panic!("{error}"));
+    let schema = Schema::new("newer");
+    let config = schema.config("");
+    let node = NodeId::new("alice");
+    let transport =
+        library.new_transport(&node, "postgres", &config).await.unwrap_or_else(|error| panic!("{error}"));
+    transport.close().await.unwrap();
+    assert_eq!(psql(&format!("SELECT version FROM \"{}\".comms_schema_version", schema.0)), "1");
+    psql(&format!("UPDATE \"{}\".comms_schema_version SET version = 99", schema.0));
+    let error = match library.new_transport(&node, "postgres", &config).await {
+        Ok(_) => panic!("a schema of version 99 was opened"),
+        Err(error) => error,
+    };
+    assert_eq!(error.code, ErrorCode::UNSUPPORTED, "{error}");
+    assert!(error.message.contains("version 99") && error.message.contains("upgrade the plugin"), "{error}");
+    assert!(error.message.contains(&schema.0), "names the schema: {error}");
+    assert_eq!(
+        psql(&format!("SELECT version FROM \"{}\".comms_schema_version", schema.0)),
+        "99",
+        "untouched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_errors_name_the_key_and_an_unreachable_server_fails_clearly_without_the_password() {
+    let library =
+        PluginLibrary::load(artifacts().postgres_plugin()).unwrap_or_else(|error| panic!("{error}"));
+    let node = NodeId::new("alice");
+    let open = |config: String| {
+        let library = &library;
+        let node = &node;
+        async move {
+            match library.new_transport(node, "postgres", &config).await {
+                Ok(_) => panic!("opened with {config}"),
+                Err(error) => error,
+            }
+        }
+    };
+    let error = open("lease = 5\n".into()).await;
+    assert!(error.message.contains("`lease`"), "{error}");
+    let error = open("schema = \"no-dashes\"\n".into()).await;
+    assert_eq!(error.code, ErrorCode::INVALID_CONFIG);
+    assert!(error.message.contains("key `schema`"), "{error}");
+    let error = open("url = \"postgres://u@h:notaport/db\"\n".into()).await;
+    assert!(error.message.contains("key `url`"), "{error}");
+
+    // Nothing listens on port 9 of loopback: refused at once, so the attempts are quick.
+    let closed_port = "postgres://app:s3cret-password@127.0.0.1:9/test";
+    let started = std::time::Instant::now();
+    let error = open(format!("url = \"{closed_port}\"\nconnect_attempts = 3\n")).await;
+    assert_eq!(error.code, ErrorCode::UNREACHABLE, "{error}");
+    assert!(error.retryable, "{error}");
+    assert!(error.message.contains("after 3 attempts") && error.message.contains("127.0.0.1:9"), "{error}");
+    assert!(!error.message.contains("s3cret"), "the password leaked: {error}");
+    // Backoff: 100 ms then 200 ms between the three attempts.
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(300),
+        "no backoff: {:?}",
+        started.elapsed()
+    );
+}
