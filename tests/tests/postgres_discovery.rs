@@ -1,0 +1,169 @@
+//! The PostgreSQL discovery plugin on its own (`libcomms_postgres.so` from `plugins/postgres`):
+//! two nodes find each other, joins, updates and withdrawals arrive through LISTEN/NOTIFY (long
+//! before the next heartbeat tick could show them), and a node that stops refreshing its row
+//! disappears after `peer_timeout_ms`.
+
+use comms_plugin_api::{
+    host_side::{LoadedDiscovery, PluginLibrary},
+    NodeId, NodeRecord, PeerEvent, PeerEventKind,
+};
+use comms_tests::{artifacts, broker_available, POSTGRES};
+use std::{process::Command, time::Duration};
+
+/// Runs `sql` with psql on the test database; panics with psql's error if it fails.
+fn psql(sql: &str) {
+    let output = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "test",
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
+        .output()
+        .expect("run psql");
+    assert!(output.status.success(), "psql -c {sql}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// A schema of this test's own, dropped when the test ends, passed or not.
+struct Schema(String);
+
+impl Schema {
+    fn new(name: &str) -> Self {
+        Self(format!("comms_test_{}_{:06x}_{name}", std::process::id(), rand::random::<u32>() & 0xff_ffff))
+    }
+
+    fn config(&self, extra: &str) -> String {
+        format!("url = \"postgres://postgres@{POSTGRES}/test\"\nschema = \"{}\"\n{extra}", self.0)
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-X", "-q", "-c"])
+            .arg(format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.0))
+            .output();
+    }
+}
+
+fn record(id: &str, service: &str) -> NodeRecord {
+    let mut value = NodeRecord::new(NodeId::new(id));
+    value.addresses = vec![("postgres".into(), id.into())];
+    value.services = vec![service.into()];
+    value.topics = vec!["orders.>".into()];
+    value.metadata = vec![("zone".into(), "eu".into())];
+    value
+}
+
+async fn open(library: &PluginLibrary, id: &str, config: &str) -> LoadedDiscovery {
+    library
+        .new_discovery(&NodeId::new(id), "postgres", config)
+        .await
+        .unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// The next event about `id` (events about other nodes of the test are skipped).
+async fn next_about(discovery: &LoadedDiscovery, id: &str, limit: Duration) -> PeerEvent {
+    tokio::time::timeout(limit, async {
+        loop {
+            let event = discovery.next_event().await.unwrap().expect("discovery open");
+            if event.record.id.as_str() == id {
+                return event;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no event about {id} within {limit:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_find_each_other_and_changes_arrive_by_notification() {
+    if !broker_available("PostgreSQL", POSTGRES) {
+        return;
+    }
+    let library =
+        PluginLibrary::load(artifacts().postgres_plugin()).unwrap_or_else(|error| panic!("{error}"));
+    let schema = Schema::new("discovery");
+    // Heartbeat ticks 10 s apart: every event below must come from a notification, within 3 s.
+    let config = schema.config("heartbeat_ms = 10000\npeer_timeout_ms = 30000\n");
+    let alice = open(&library, "alice", &config).await;
+    let bob = open(&library, "bob", &config).await;
+    let soon = Duration::from_secs(3);
+
+    alice.announce(record("alice", "billing")).await.unwrap();
+    bob.announce(record("bob", "search")).await.unwrap();
+    let joined = next_about(&bob, "alice", soon).await;
+    assert_eq!(joined.kind, PeerEventKind::Joined);
+    assert_eq!(joined.record, record("alice", "billing"), "the record arrives intact");
+    assert_eq!(next_about(&alice, "bob", soon).await.kind, PeerEventKind::Joined);
+    assert_eq!(alice.peers().await.unwrap(), vec![record("bob", "search")]);
+    assert_eq!(bob.peers().await.unwrap(), vec![record("alice", "billing")], "a node is not its own peer");
+
+    alice.announce(record("alice", "shipping")).await.unwrap();
+    let updated = next_about(&bob, "alice", soon).await;
+    assert_eq!(
+        (updated.kind, updated.record.services),
+        (PeerEventKind::Updated, vec!["shipping".to_string()])
+    );
+
+    alice.withdraw(&NodeId::new("alice")).await.unwrap();
+    let left = next_about(&bob, "alice", soon).await;
+    assert_eq!(left.kind, PeerEventKind::Left, "withdraw is seen at once");
+    assert!(bob.peers().await.unwrap().is_empty());
+
+    // Closing removes the node's row: its peers see it leave at once.
+    alice.announce(record("alice", "billing")).await.unwrap();
+    assert_eq!(next_about(&bob, "alice", soon).await.kind, PeerEventKind::Joined);
+    alice.close().await.unwrap();
+    assert_eq!(next_about(&bob, "alice", soon).await.kind, PeerEventKind::Left);
+
+    bob.close().await.unwrap();
+    assert!(bob.next_event().await.unwrap().is_none(), "next_event ends once closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stops_refreshing_its_row_expires_and_a_live_one_does_not() {
+    if !broker_available("PostgreSQL", POSTGRES) {
+        return;
+    }
+    let library =
+        PluginLibrary::load(artifacts().postgres_plugin()).unwrap_or_else(|error| panic!("{error}"));
+    let schema = Schema::new("expiry");
+    let config = schema.config("heartbeat_ms = 200\npeer_timeout_ms = 800\n");
+    let watcher = open(&library, "watcher", &config).await;
+    let alice = open(&library, "alice", &config).await;
+    alice.announce(record("alice", "billing")).await.unwrap();
+    assert_eq!(next_about(&watcher, "alice", Duration::from_secs(3)).await.kind, PeerEventKind::Joined);
+
+    // Carol is a node that crashed: her row was written once (as any program may write it) and
+    // is never refreshed.
+    psql(&format!(
+        "INSERT INTO \"{}\".comms_registry (node_id, record, heartbeat_at) VALUES ('carol', \
+         '{{\"addresses\":[{{\"transport\":\"postgres\",\"address\":\"carol\"}}],\"services\":[\"search\"],\
+         \"topics\":[],\"metadata\":[]}}', now())",
+        schema.0
+    ));
+    let joined = next_about(&watcher, "carol", Duration::from_secs(3)).await;
+    assert_eq!(
+        (joined.kind, joined.record.services.clone()),
+        (PeerEventKind::Joined, vec!["search".to_string()])
+    );
+    let started = tokio::time::Instant::now();
+    let left = next_about(&watcher, "carol", Duration::from_secs(5)).await;
+    assert_eq!(left.kind, PeerEventKind::Left);
+    assert!(started.elapsed() >= Duration::from_millis(400), "carol left before her row could expire");
+    assert_eq!(left.record, joined.record, "Left carries the last record");
+
+    // Alice's heartbeat kept her row fresh all along, well past the peer timeout.
+    assert_eq!(watcher.peers().await.unwrap(), vec![record("alice", "billing")]);
+    alice.close().await.unwrap();
+    watcher.close().await.unwrap();
+}
