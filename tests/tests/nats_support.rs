@@ -12,20 +12,20 @@ use std::{
 };
 
 /// A stream, subject prefix and key-value bucket of one test's own.
-pub struct Deployment {
+pub(crate) struct Deployment {
     /// JetStream stream of the transport (`stream` key).
-    pub stream: String,
+    pub(crate) stream: String,
     /// Subject prefix (`prefix` key).
-    pub prefix: String,
+    pub(crate) prefix: String,
     /// Key-value bucket of the discovery (`bucket` key).
-    pub bucket: String,
+    pub(crate) bucket: String,
     /// The server: `host:port`.
-    pub server: String,
+    pub(crate) server: String,
 }
 
 impl Deployment {
     /// Fresh names for the test `name` on the server at `server`.
-    pub fn new(server: &str, name: &str) -> Self {
+    pub(crate) fn new(server: &str, name: &str) -> Self {
         let unique = format!("{}_{:06x}_{name}", std::process::id(), rand::random::<u32>() & 0xff_ffff);
         Self {
             stream: format!("comms_test_{unique}"),
@@ -36,7 +36,7 @@ impl Deployment {
     }
 
     /// A transport table: url, stream and prefix, then `extra`.
-    pub fn transport_config(&self, extra: &str) -> String {
+    pub(crate) fn transport_config(&self, extra: &str) -> String {
         format!(
             "url = \"nats://{}\"\nstream = \"{}\"\nprefix = \"{}\"\n{extra}",
             self.server, self.stream, self.prefix
@@ -44,7 +44,7 @@ impl Deployment {
     }
 
     /// A discovery table (without `plugin`): url and bucket, then `extra`.
-    pub fn discovery_config(&self, extra: &str) -> String {
+    pub(crate) fn discovery_config(&self, extra: &str) -> String {
         format!("url = \"nats://{}\"\nbucket = \"{}\"\n{extra}", self.server, self.bucket)
     }
 }
@@ -58,7 +58,7 @@ impl Drop for Deployment {
 }
 
 /// Sends one JetStream API request (`subject`, JSON `body`) and returns the JSON answer.
-pub fn jetstream_api(server: &str, subject: &str, body: &str) -> std::io::Result<String> {
+pub(crate) fn jetstream_api(server: &str, subject: &str, body: &str) -> std::io::Result<String> {
     let stream = TcpStream::connect(server)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut writer = stream.try_clone()?;

@@ -1,4 +1,4 @@
-//! # comms-nats: the NATS JetStream transport plugin
+//! # comms-nats: the NATS JetStream transport and discovery plugin
 //!
 //! Loaded by the comms host as `libcomms_nats.so`; built on its own, outside the comms
 //! workspace (see `README.md`).
@@ -59,6 +59,19 @@
 //! Nothing is stored: a subscriber that is disconnected, or too slow (the client drops
 //! messages for a full subscription), misses what is published meanwhile.
 //!
+//! ## Discovery
+//!
+//! See [`discovery`]: records in a JetStream key-value bucket, rewritten by heartbeats and
+//! watched for changes; a record not rewritten for `ttl_ms` is a leave.
+//!
+//! ```toml
+//! [discovery]
+//! plugin = "nats"
+//! url = "nats://127.0.0.1:4222"
+//! bucket = "comms_nodes"
+//! ttl_ms = 10000
+//! ```
+//!
 //! ## Errors and credentials
 //!
 //! NATS unreachable at start: the constructor retries `connect_attempts` times with doubling
@@ -70,17 +83,21 @@
 
 pub mod config;
 mod connect;
+pub mod discovery;
 pub mod format;
 pub mod subject;
 mod transport;
 
 pub use config::{NatsDiscoveryConfig, NatsTransportConfig};
+pub use discovery::NatsDiscovery;
 pub use transport::NatsTransport;
 
-use comms_plugin_api::{async_trait, export_plugin, Plugin, PluginError, Provides, Setup, Transport};
+use comms_plugin_api::{
+    async_trait, export_plugin, Discovery, Plugin, PluginError, Provides, Setup, Transport,
+};
 use std::sync::Arc;
 
-/// The plugin: a transport (and a discovery).
+/// The plugin: a transport and a discovery.
 #[derive(Debug)]
 pub struct NatsPlugin;
 
@@ -89,11 +106,15 @@ impl Plugin for NatsPlugin {
     const NAME: &'static str = "nats";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str =
-        "NATS JetStream: a stream per deployment with a durable consumer per node (at-least-once), core NATS topics";
-    const PROVIDES: Provides = Provides::TRANSPORT;
+        "NATS JetStream: a stream per deployment with a durable consumer per node (at-least-once), core NATS topics, node records in a key-value bucket";
+    const PROVIDES: Provides = Provides(Provides::TRANSPORT.0 | Provides::DISCOVERY.0);
 
     async fn new_transport(setup: Setup) -> Result<Arc<dyn Transport>, PluginError> {
         Ok(Arc::new(NatsTransport::connect(setup.node_id.clone(), setup.config()?).await?))
+    }
+
+    async fn new_discovery(setup: Setup) -> Result<Arc<dyn Discovery>, PluginError> {
+        Ok(Arc::new(NatsDiscovery::connect(setup.node_id.clone(), setup.config()?).await?))
     }
 }
 
