@@ -133,7 +133,11 @@ impl PostgresConfig {
             connection.user(std::env::var("USER").unwrap_or_else(|_| "postgres".to_string()));
         }
         connection.connect_timeout(Duration::from_millis(self.connect_timeout_ms));
-        connection.application_name("comms");
+        // Operators find the plugin's connections in pg_stat_activity by this name, unless the
+        // url names one.
+        if connection.get_application_name().is_none() {
+            connection.application_name("comms");
+        }
         Ok(connection)
     }
 

@@ -282,11 +282,14 @@ impl Link {
                     Some(Ok(_)) => {}
                     Some(Err(error)) => {
                         tracing::debug!(%error, "PostgreSQL connection ended");
-                        return;
+                        break;
                     }
-                    None => return,
+                    None => break,
                 }
             }
+            // A waiting receiver would hear nothing more: wake it, so that it reconnects (or
+            // sees that the link was closed).
+            wake.notify_one();
         });
         // The plugin notifies receivers itself, after its writes commit (see the mailbox
         // trigger in schema.rs for why).
