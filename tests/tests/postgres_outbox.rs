@@ -1,0 +1,120 @@
+//! The transactional outbox of the PostgreSQL plugin: an application writes its own rows and a
+//! comms message in one transaction of its own (here with psql, as any client would) through
+//! `<schema>.comms_send` / `<schema>.comms_publish`. A rolled-back transaction sends nothing; a
+//! committed one delivers, and wakes the receiver by notification (its safety poll is a minute).
+
+use comms_plugin_api::{
+    host_side::{LoadedTransport, PluginLibrary},
+    Destination, NodeId, Settlement, SettlementOutcome,
+};
+use comms_tests::{artifacts, broker_available, POSTGRES};
+use std::{process::Command, time::Duration};
+
+/// Runs `sql` with psql on the test database and returns its output (unaligned, tuples only).
+fn psql(sql: &str) -> String {
+    let output = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "test",
+            "-X",
+            "-q",
+            "-t",
+            "-A",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
+        .output()
+        .expect("run psql");
+    assert!(output.status.success(), "psql -c {sql}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// A schema of this test's own, dropped when the test ends, passed or not.
+struct Schema(String);
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-X", "-q", "-c"])
+            .arg(format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.0))
+            .output();
+    }
+}
+
+/// Receives one message (within 5 s: a notification, not the one-minute poll) and accepts it.
+async fn receive_one(bob: &LoadedTransport) -> comms_plugin_api::Envelope {
+    let batch = tokio::time::timeout(Duration::from_secs(5), bob.receive(10))
+        .await
+        .expect("the commit woke the receiver")
+        .unwrap();
+    assert_eq!(batch.len(), 1, "exactly one message: {batch:?}");
+    let inbound = batch.into_iter().next().unwrap();
+    bob.settle(vec![Settlement { delivery_tag: inbound.delivery_tag, outcome: SettlementOutcome::ACCEPTED }])
+        .await
+        .unwrap();
+    inbound.envelope
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_transaction_sends_nothing_and_a_committed_one_delivers() {
+    if !broker_available("PostgreSQL", POSTGRES) {
+        return;
+    }
+    let library =
+        PluginLibrary::load(artifacts().postgres_plugin()).unwrap_or_else(|error| panic!("{error}"));
+    let schema =
+        Schema(format!("comms_test_{}_{:06x}_outbox", std::process::id(), rand::random::<u32>() & 0xff_ffff));
+    let s = &schema.0;
+    let config =
+        format!("url = \"postgres://postgres@{POSTGRES}/test\"\nschema = \"{s}\"\npoll_ms = 60000\n");
+    let bob = library.new_transport(&NodeId::new("bob"), "postgres", &config).await.unwrap();
+    psql(&format!("CREATE TABLE \"{s}\".orders (id integer PRIMARY KEY)"));
+
+    // The application's own row and its message, in one transaction that is rolled back.
+    psql(&format!(
+        "BEGIN;
+         INSERT INTO \"{s}\".orders VALUES (1);
+         SELECT \"{s}\".comms_send('bob', convert_to('order 1', 'UTF8'), ARRAY['content-type', 'text/plain'], 'shop');
+         ROLLBACK;"
+    ));
+    // ... and one that commits.
+    let id = psql(&format!(
+        "BEGIN;
+         INSERT INTO \"{s}\".orders VALUES (2);
+         SELECT \"{s}\".comms_send('bob', convert_to('order 2', 'UTF8'), ARRAY['content-type', 'text/plain'], 'shop');
+         COMMIT;"
+    ));
+    let envelope = receive_one(&bob).await;
+    assert_eq!(envelope.payload.as_slice(), b"order 2", "only the committed transaction's message");
+    assert_eq!(envelope.id.to_string(), id.replace('-', ""), "comms_send returns the message id");
+    assert_eq!(envelope.from.as_str(), "shop");
+    assert_eq!(envelope.to, Destination::Node(NodeId::new("bob")));
+    assert_eq!(envelope.header("content-type"), Some("text/plain"));
+    assert_eq!(psql(&format!("SELECT string_agg(id::text, ',') FROM \"{s}\".orders")), "2");
+    assert_eq!(psql(&format!("SELECT count(*) FROM \"{s}\".comms_mailbox")), "0", "nothing else waits");
+
+    // Publications: one row per subscribed node, in the same way.
+    bob.subscribe("orders.*").await.unwrap();
+    psql(&format!("BEGIN; SELECT \"{s}\".comms_publish('orders.created', '\\x2a'::bytea); ROLLBACK;"));
+    let written = psql(&format!("SELECT \"{s}\".comms_publish('orders.created', '\\x2a'::bytea)"));
+    assert_eq!(written, "1", "one subscriber");
+    assert_eq!(psql(&format!("SELECT \"{s}\".comms_publish('orders.eu.created', '\\x2a'::bytea)")), "0");
+    let envelope = receive_one(&bob).await;
+    assert_eq!(envelope.to, Destination::Topic("orders.created".into()));
+    assert_eq!(envelope.payload.as_slice(), b"*");
+
+    // Bad input is refused by the function, inside the caller's transaction.
+    let output = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-X", "-q", "-c"])
+        .arg(format!("SELECT \"{s}\".comms_send('bob', '\\x00'::bytea, ARRAY['odd'])"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stderr).contains("name, value"), "{output:?}");
+    bob.close().await.unwrap();
+}
