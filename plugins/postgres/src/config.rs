@@ -129,8 +129,11 @@ impl PostgresConfig {
             return Err(bad("url", "names no host (add host=... or postgres://HOST/...)"));
         }
         if connection.get_user().is_none() {
-            // libpq's default: the operating system user.
-            connection.user(std::env::var("USER").unwrap_or_else(|_| "postgres".to_string()));
+            // libpq's default, the operating system user; tokio-postgres asks the system for it
+            // when $USER is not set.
+            if let Ok(user) = std::env::var("USER") {
+                connection.user(user);
+            }
         }
         connection.connect_timeout(Duration::from_millis(self.connect_timeout_ms));
         // Operators find the plugin's connections in pg_stat_activity by this name, unless the
@@ -180,7 +183,7 @@ pub(crate) fn describe(connection: &tokio_postgres::Config) -> String {
     let port = connection.get_ports().first().copied().unwrap_or(5432);
     format!(
         "{}@{host}:{port}/{}",
-        connection.get_user().unwrap_or("?"),
+        connection.get_user().unwrap_or("(system user)"),
         connection.get_dbname().unwrap_or("(user's database)")
     )
 }
