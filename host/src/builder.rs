@@ -454,8 +454,11 @@ impl NodeBuilder {
                 if let Some(endpoint) = metrics {
                     let _ = driver.metrics_address.set(endpoint.address());
                     tracing::info!(address = %endpoint.address(), "serving metrics at /metrics");
-                    // It ends by itself when the node stops.
-                    drop(endpoint.serve(&driver));
+                    // Holds the node weakly, and ends by itself when the node stops.
+                    let node = Arc::downgrade(&driver);
+                    let render: crate::metrics::Render =
+                        Arc::new(move || node.upgrade().map(|d| d.metrics_text()));
+                    drop(endpoint.serve(render, driver.shutdown.subscribe()));
                 }
                 Ok(Node::new(driver))
             }

@@ -26,8 +26,8 @@
 //! are looked for), [`static_discovery`] (peers listed in config), [`fault_injection`] (a
 //! seeded faulty network around any transport), [`conformance`] (the suite every transport must
 //! pass), [`security`] (identities, `[security]`, envelope signatures), [`metrics`] (what a node
-//! reports to Prometheus, `[metrics]`), [`error`] (one error type per operation). The `comms`
-//! command is in `main.rs`.
+//! reports to Prometheus, `[metrics]`), [`admin`] (the status every node answers over comms),
+//! [`error`] (one error type per operation). The `comms` command is in `main.rs`.
 //!
 //! Inside, a node is three layers, each depending only on the next: the [`Node`] facade, the
 //! driver (`driver/`: thin I/O loops that take messages from transports, follow discovery, keep
@@ -41,6 +41,7 @@
 #![warn(missing_docs)]
 
 mod acknowledgement;
+pub mod admin;
 pub mod builder;
 pub mod codec;
 pub mod config;

@@ -110,10 +110,27 @@ impl Node {
             .collect()
     }
 
+    /// This node's state: transports with their counts, peers, services, queues (see
+    /// [`crate::admin`]).
+    pub fn status(&self) -> crate::admin::NodeStatus {
+        self.inner.status()
+    }
+
+    /// Asks node `node` for its [`crate::admin::NodeStatus`] over comms (the built-in
+    /// [`crate::admin::STATUS_SERVICE`]), waiting at most `timeout` for the answer (one attempt).
+    pub async fn remote_status(
+        &self,
+        node: impl Into<NodeId>,
+        timeout: Duration,
+    ) -> Result<crate::admin::NodeStatus, RequestError> {
+        let options = RequestOptions { timeout, attempts: 1, ..RequestOptions::default() };
+        self.request_node(node, crate::admin::STATUS_SERVICE, &(), &options).await
+    }
+
     /// This node's metrics in the OpenMetrics text format that Prometheus scrapes (see
     /// [`crate::metrics`]), for an application that serves them itself.
     pub fn metrics_text(&self) -> String {
-        crate::metrics::render(&self.inner)
+        self.inner.metrics_text()
     }
 
     /// Where this node serves its metrics (`[metrics] listen`, or

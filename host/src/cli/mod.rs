@@ -7,6 +7,7 @@ mod new_plugin;
 mod node_commands;
 mod patterns;
 mod plugins;
+mod status;
 
 use clap::{Parser, Subcommand};
 use comms_host::BuildError;
@@ -72,6 +73,21 @@ enum Command {
         /// How long to listen for heartbeats before printing, in milliseconds.
         #[arg(long, default_value_t = 2500)]
         wait_ms: u64,
+    },
+    /// Ask a node for its status over comms (transports and their counts, peers, services,
+    /// queues) and print it.
+    Status {
+        /// The config file of the node to ask from (any node that can reach NODE).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The node to ask.
+        node: String,
+        /// How long to wait for NODE to be known, and then for its answer, in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        wait_ms: u64,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Publish one text message on a topic.
     Publish {
@@ -261,6 +277,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Recv { config, count } => node_commands::recv(&config, count).await,
         Command::Demo { plugin_dir, messages } => demo::run(plugin_dir, messages).await,
         Command::Peers { config, wait_ms } => patterns::peers(&config, wait_ms).await,
+        Command::Status { config, node, wait_ms, json } => status::run(&config, &node, wait_ms, json).await,
         Command::Publish { config, topic, text, wait_ms } => {
             patterns::publish(&config, &topic, &text, wait_ms).await
         }

@@ -17,6 +17,7 @@
 
 mod incoming;
 mod outgoing;
+mod status;
 
 use crate::{
     acknowledgement::{Acknowledgement, SettleLane, Settler},
@@ -169,6 +170,8 @@ pub(crate) struct Driver {
     pub(crate) request_metrics: RequestMetrics,
     /// Where `[metrics] listen` serves, once the endpoint is up.
     pub(crate) metrics_address: OnceLock<SocketAddr>,
+    /// When the node started (for its uptime).
+    pub(crate) started: Instant,
 }
 
 /// The lengths of the node's own queues, for the metrics.
@@ -235,7 +238,13 @@ impl Driver {
             reported_undelivered: Mutex::new(Vec::new()),
             request_metrics: RequestMetrics::default(),
             metrics_address: OnceLock::new(),
+            started: now(),
         });
+        // The framework's own service (not announced): see crate::admin.
+        let status = status::status_handler(driver.spec.codec, Arc::downgrade(&driver));
+        driver.add_service(crate::admin::STATUS_SERVICE, status);
+        let served = Input::Served { name: crate::admin::STATUS_SERVICE.to_string(), limit: 4 };
+        driver.run(driver.handle(served));
         let loops = driver
             .transports
             .iter()

@@ -786,7 +786,9 @@ impl Engine {
 
     /// The record changed (services or topics): a new revision, to discovery and every live peer.
     fn record_changed(&mut self) {
-        self.record.services = self.services.keys().cloned().collect();
+        // The framework's own services are answered, never announced (crate::admin).
+        self.record.services =
+            self.services.keys().filter(|name| !crate::admin::is_reserved(name)).cloned().collect();
         let mut topics: Vec<String> =
             self.subscriptions.values().map(|entry| entry.pattern.clone()).collect();
         topics.sort();
@@ -878,7 +880,8 @@ impl Engine {
             .into_iter()
             .map(|record| record.id.clone())
             .collect();
-        if self.services.contains_key(service) && !self.closing {
+        // The framework's own services (crate::admin) are asked of a named node only.
+        if self.services.contains_key(service) && !self.closing && !crate::admin::is_reserved(service) {
             candidates.push(self.spec.id.clone());
         }
         candidates.sort();
@@ -914,7 +917,7 @@ impl Engine {
 
     /// Whether some live node (this one included) serves `service`.
     pub(crate) fn serves(&self, service: &str) -> bool {
-        (self.services.contains_key(service) && !self.closing)
+        (self.services.contains_key(service) && !self.closing && !crate::admin::is_reserved(service))
             || !self.membership.live(|record| record.services.iter().any(|s| s == service)).is_empty()
     }
 

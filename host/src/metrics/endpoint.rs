@@ -5,17 +5,15 @@
 //! from costing the node anything: a request head of at most 8 KiB, read within 5 s, and at most
 //! 8 connections served at once (more wait in the kernel's accept queue).
 
-use crate::driver::Driver;
-use std::{
-    net::SocketAddr,
-    sync::{Arc, Weak},
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
+    sync::{watch, Semaphore},
 };
+
+/// Renders the metrics text, or `None` once the node is gone.
+pub(crate) type Render = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 /// The largest request head read (request line and headers).
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
@@ -47,10 +45,12 @@ impl MetricsEndpoint {
         self.address
     }
 
-    /// Serves until the node stops. Holds the node weakly: the endpoint never keeps it alive.
-    pub(crate) fn serve(self, driver: &Arc<Driver>) -> tokio::task::JoinHandle<()> {
-        let node = Arc::downgrade(driver);
-        let mut shutdown = driver.shutdown.subscribe();
+    /// Serves what `render` returns until `shutdown` turns true (the node stopped).
+    pub(crate) fn serve(
+        self,
+        render: Render,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
         let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         tokio::spawn(async move {
             loop {
@@ -68,9 +68,9 @@ impl MetricsEndpoint {
                         continue;
                     }
                 };
-                let node = Weak::clone(&node);
+                let render = Arc::clone(&render);
                 tokio::spawn(async move {
-                    if let Err(error) = tokio::time::timeout(CLIENT_TIMEOUT, answer(stream, node)).await {
+                    if let Err(error) = tokio::time::timeout(CLIENT_TIMEOUT, answer(stream, render)).await {
                         tracing::debug!(%error, "metrics endpoint: client too slow");
                     }
                     drop(permit);
@@ -81,12 +81,12 @@ impl MetricsEndpoint {
 }
 
 /// Reads one request and writes its response.
-async fn answer(mut stream: TcpStream, node: Weak<Driver>) {
+async fn answer(mut stream: TcpStream, render: Render) {
     let (status, body) = match read_request_line(&mut stream).await {
         Err(reason) => ("400 Bad Request", format!("{reason}\n")),
         Ok((method, path)) => match (method.as_str(), path.as_str()) {
-            ("GET", "/metrics") => match node.upgrade() {
-                Some(driver) => ("200 OK", super::render(&driver)),
+            ("GET", "/metrics") => match render() {
+                Some(text) => ("200 OK", text),
                 None => ("503 Service Unavailable", "the node has stopped\n".to_string()),
             },
             (_, "/metrics") => ("405 Method Not Allowed", "only GET\n".to_string()),

@@ -29,10 +29,12 @@
 
 mod endpoint;
 
-pub(crate) use endpoint::MetricsEndpoint;
+pub(crate) use endpoint::{MetricsEndpoint, Render};
 
-use crate::{driver::Driver, error::RequestError, PeerStatus};
-use comms_plugin_api::host_side::TransportCounters;
+use crate::{
+    admin::{NodeStatus, TransportStatus},
+    error::RequestError,
+};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
@@ -45,17 +47,13 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use std::{
-    fmt,
-    sync::{Arc, Weak},
-    time::Duration,
-};
+use std::{fmt, time::Duration};
 
 /// Label pairs of one series.
 type Labels = Vec<(&'static str, String)>;
 
 /// A metric read from each transport's counters: its name, its help, how to read it.
-type TransportSeries = (&'static str, &'static str, fn(&TransportCounters) -> u64);
+type TransportSeries = (&'static str, &'static str, fn(&TransportStatus) -> u64);
 
 /// The `service` and `outcome` of a request.
 type RequestLabels = Vec<(&'static str, String)>;
@@ -91,15 +89,16 @@ impl RequestMetrics {
     }
 }
 
-/// The node's metrics, encoded as OpenMetrics text.
-pub(crate) fn render(driver: &Arc<Driver>) -> String {
+/// A node's metrics as OpenMetrics text: `status` (a snapshot of the node) and the request
+/// latencies recorded in `requests`.
+pub(crate) fn render(status: NodeStatus, requests: &RequestMetrics) -> String {
     let mut registry = Registry::default();
     registry.register(
         "comms_request_duration_seconds",
         "How long a call took as the caller saw it, retries included",
-        driver.request_metrics.durations.clone(),
+        requests.durations.clone(),
     );
-    registry.register_collector(Box::new(NodeCollector(Arc::downgrade(driver))));
+    registry.register_collector(Box::new(StatusCollector(status)));
     let mut text = String::new();
     if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &registry) {
         // Writing into a String does not fail; an encoder error would be a bug in a label.
@@ -108,14 +107,9 @@ pub(crate) fn render(driver: &Arc<Driver>) -> String {
     text
 }
 
-/// Reads the node's state on each scrape.
-struct NodeCollector(Weak<Driver>);
-
-impl fmt::Debug for NodeCollector {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("NodeCollector")
-    }
-}
+/// Encodes one snapshot of the node.
+#[derive(Debug)]
+struct StatusCollector(NodeStatus);
 
 /// One metric family: its descriptor, then each series.
 fn family<M: EncodeMetric>(
@@ -147,60 +141,54 @@ fn gauge(value: u64) -> ConstGauge<i64> {
     ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX))
 }
 
-impl Collector for NodeCollector {
+impl Collector for StatusCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
-        let Some(driver) = self.0.upgrade() else { return Ok(()) };
-        let transports: Vec<_> = driver
+        let status = &self.0;
+        let transports: Vec<(Labels, &TransportStatus)> = status
             .transports
             .iter()
-            .map(|t| {
-                let labels: Labels = vec![("transport", t.name.clone()), ("plugin", t.plugin.clone())];
-                (labels, t.loaded.stats(), t.loaded.blocking_poll())
-            })
+            .map(|t| (vec![("transport", t.name.clone()), ("plugin", t.plugin.clone())], t))
             .collect();
         let counters: [TransportSeries; 7] = [
-            ("comms_transport_messages_sent", "Messages the transport took to send", |s| s.messages_sent),
-            ("comms_transport_bytes_sent", "Payload bytes of those messages", |s| s.bytes_sent),
-            ("comms_transport_messages_received", "Messages the transport handed to the node", |s| {
-                s.messages_received
+            ("comms_transport_messages_sent", "Messages the transport took to send", |t| t.messages_sent),
+            ("comms_transport_bytes_sent", "Payload bytes of those messages", |t| t.bytes_sent),
+            ("comms_transport_messages_received", "Messages the transport handed to the node", |t| {
+                t.messages_received
             }),
-            ("comms_transport_bytes_received", "Payload bytes of those messages", |s| s.bytes_received),
-            ("comms_transport_send_errors", "Sends that failed", |s| s.send_errors),
-            ("comms_transport_errors", "Receives that failed and the transport's own errors", |s| s.errors),
-            ("comms_transport_reconnects", "Connections opened again after they were lost", |s| {
-                s.transport.reconnects
-            }),
+            ("comms_transport_bytes_received", "Payload bytes of those messages", |t| t.bytes_received),
+            ("comms_transport_send_errors", "Sends that failed", |t| t.send_errors),
+            ("comms_transport_errors", "Receives that failed and the transport's own errors", |t| t.errors),
+            ("comms_transport_reconnects", "Connections opened again after they were lost", |t| t.reconnects),
         ];
         for (name, help, read) in counters {
-            let series =
-                transports.iter().map(|(labels, stats, _)| (labels.clone(), ConstCounter::new(read(stats))));
+            let series = transports.iter().map(|(labels, t)| (labels.clone(), ConstCounter::new(read(t))));
             family(&mut encoder, name, help, MetricType::Counter, series)?;
         }
         let depths: [TransportSeries; 2] = [
-            ("comms_transport_send_queue_depth", "Messages queued for sending, not yet written", |s| {
-                s.transport.send_queue_depth
+            ("comms_transport_send_queue_depth", "Messages queued for sending, not yet written", |t| {
+                t.send_queue_depth
             }),
-            ("comms_transport_receive_queue_depth", "Messages received, waiting for the node", |s| {
-                s.transport.receive_queue_depth
+            ("comms_transport_receive_queue_depth", "Messages received, waiting for the node", |t| {
+                t.receive_queue_depth
             }),
         ];
         for (name, help, read) in depths {
-            let series = transports.iter().map(|(labels, stats, _)| (labels.clone(), gauge(read(stats))));
+            let series = transports.iter().map(|(labels, t)| (labels.clone(), gauge(read(t))));
             family(&mut encoder, name, help, MetricType::Gauge, series)?;
         }
-        let own = transports.iter().flat_map(|(labels, stats, _)| {
-            stats.transport.counters.iter().map(move |(name, value)| {
+        let own = transports.iter().flat_map(|(labels, t)| {
+            t.counters.iter().map(move |(name, value)| {
                 let mut labels = labels.clone();
                 labels.push(("name", name.clone()));
                 (labels, gauge(*value))
             })
         });
         family(&mut encoder, "comms_transport_stat", "A plugin's own statistics", MetricType::Gauge, own)?;
-        let blocked = transports.iter().filter_map(|(labels, _, blocking)| {
-            let blocking = blocking.as_ref()?;
+        let blocked = transports.iter().filter_map(|(labels, t)| {
+            let (operation, micros) = t.longest_blocking_poll.as_ref()?;
             let mut labels = labels.clone();
-            labels.push(("operation", blocking.operation.to_string()));
-            Some((labels, ConstGauge::new(blocking.duration.as_secs_f64())))
+            labels.push(("operation", operation.clone()));
+            Some((labels, ConstGauge::new(*micros as f64 / 1e6)))
         });
         family(
             &mut encoder,
@@ -210,47 +198,45 @@ impl Collector for NodeCollector {
             blocked,
         )?;
 
-        let peers = driver.peers();
-        let count = |status: PeerStatus| peers.iter().filter(|peer| peer.status == status).count() as u64;
-        let statuses = [PeerStatus::Up, PeerStatus::Down, PeerStatus::Offline]
-            .map(|status| (vec![("status", status.name().to_string())], gauge(count(status))));
+        let statuses = ["up", "down", "offline"].map(|name| {
+            let count = status.peers.iter().filter(|peer| peer.status == name).count() as u64;
+            (vec![("status", name.to_string())], gauge(count))
+        });
         family(&mut encoder, "comms_peers", "Known peers by liveness", MetricType::Gauge, statuses)?;
-
-        let node = driver.queue_depths();
         single(
             &mut encoder,
             "comms_inbox_depth",
             "Messages received and not yet taken by the application",
             MetricType::Gauge,
-            gauge(node.inbox),
+            gauge(status.inbox_depth),
         )?;
         single(
             &mut encoder,
             "comms_requests_waiting",
             "Calls of this node waiting for a response",
             MetricType::Gauge,
-            gauge(node.requests_waiting),
+            gauge(status.requests_waiting),
         )?;
         single(
             &mut encoder,
             "comms_requests_being_served",
             "Requests this node's services are handling",
             MetricType::Gauge,
-            gauge(node.requests_being_served),
+            gauge(status.requests_being_served),
         )?;
         single(
             &mut encoder,
             "comms_rejected_envelopes",
             "Incoming envelopes refused by the signature checks",
             MetricType::Counter,
-            ConstCounter::new(driver.rejected.get()),
+            ConstCounter::new(status.rejected_envelopes),
         )?;
         single(
             &mut encoder,
             "comms_duplicates_dropped",
             "Repeated messages dropped by the dedup window",
             MetricType::Counter,
-            ConstCounter::new(driver.duplicates()),
+            ConstCounter::new(status.duplicates_dropped),
         )
     }
 }

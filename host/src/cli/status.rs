@@ -1,0 +1,66 @@
+//! `comms status NODE`: a node's state, asked over comms (see `comms_host::admin`).
+
+use super::{other, CliError};
+use comms_host::{admin::NodeStatus, Node};
+use std::{path::Path, process::ExitCode, time::Duration};
+
+pub(super) async fn run(config: &Path, target: &str, wait_ms: u64, json: bool) -> Result<ExitCode, CliError> {
+    let node = Node::from_config(config).await?;
+    let wait = Duration::from_millis(wait_ms);
+    let status = match node.wait_for_peer(target, wait).await {
+        Err(error) => Err(other(error)),
+        Ok(()) => node.remote_status(target, wait).await.map_err(other),
+    };
+    let closed = node.close().await;
+    let status = status?;
+    closed.map_err(other)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status).map_err(other)?);
+    } else {
+        print_status(&status);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_status(status: &NodeStatus) {
+    println!("node {} (up {:.1} s)", status.id, status.uptime_ms as f64 / 1000.0);
+    println!(
+        "queues: inbox {}, requests waiting {}, being served {}; refused {}, duplicates {}",
+        status.inbox_depth,
+        status.requests_waiting,
+        status.requests_being_served,
+        status.rejected_envelopes,
+        status.duplicates_dropped
+    );
+    println!(
+        "services: {}",
+        if status.services.is_empty() { "-".into() } else { status.services.join(", ") }
+    );
+    println!("topics: {}", if status.topics.is_empty() { "-".into() } else { status.topics.join(", ") });
+    println!(
+        "\n{:<12} {:<10} {:>10} {:>10} {:>10} {:>10} {:>7} {:>6} {:>6}  address",
+        "transport", "plugin", "sent", "sent B", "received", "recv B", "errors", "sendq", "recvq"
+    );
+    for t in &status.transports {
+        println!(
+            "{:<12} {:<10} {:>10} {:>10} {:>10} {:>10} {:>7} {:>6} {:>6}  {}",
+            t.name,
+            t.plugin,
+            t.messages_sent,
+            t.bytes_sent,
+            t.messages_received,
+            t.bytes_received,
+            t.send_errors + t.errors,
+            t.send_queue_depth,
+            t.receive_queue_depth,
+            t.local_address
+        );
+    }
+    println!("\n{:<24} {:<8} {:>10}", "peer", "status", "last seen");
+    for peer in &status.peers {
+        println!("{:<24} {:<8} {:>8}ms", peer.id, peer.status, peer.last_seen_ms);
+    }
+    if status.peers.is_empty() {
+        println!("(no peers known)");
+    }
+}
