@@ -1,12 +1,13 @@
 //! The PostgreSQL plugin when the server drops its connections: every connection of the plugin is
 //! killed with `pg_terminate_backend` three times while messages flow, and no message whose
 //! `send` returned `Ok` is lost (the plugin reconnects, and a claim lost with its connection is
-//! delivered again when its lease ends).
+//! delivered again when its lease ends). What the plugin logs meanwhile names the server but
+//! never the password of its url.
 
 use comms_plugin_api::{
     host_side::PluginLibrary, Destination, Envelope, MessageId, NodeId, Settlement, SettlementOutcome,
 };
-use comms_tests::{artifacts, broker_available, POSTGRES};
+use comms_tests::{artifacts, broker_available, capture_logs, POSTGRES};
 use std::{
     collections::BTreeSet,
     process::Command,
@@ -53,19 +54,23 @@ impl Drop for Schema {
 
 const MESSAGES: u32 = 300;
 
+const PASSWORD: &str = "s3cret-pw";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_killed_mid_stream_lose_no_acknowledged_message() {
     if !broker_available("PostgreSQL", POSTGRES) {
         return;
     }
+    let logs = capture_logs("comms_postgres=debug");
     let library =
         PluginLibrary::load(artifacts().postgres_plugin()).unwrap_or_else(|error| panic!("{error}"));
     let schema =
         Schema(format!("comms_test_{}_{:06x}_faults", std::process::id(), rand::random::<u32>() & 0xff_ffff));
     // The schema's name is also the connections' application_name: the test kills exactly
     // those. A short lease: a claim whose answer was lost with its connection comes again soon.
+    // The password is ignored by the server (trust authentication) and must appear in no log.
     let config = format!(
-        "url = \"postgres://postgres@{POSTGRES}/test?application_name={0}\"\nschema = \"{0}\"\n\
+        "url = \"postgres://postgres:{PASSWORD}@{POSTGRES}/test?application_name={0}\"\nschema = \"{0}\"\n\
          lease_ms = 1000\npoll_ms = 500\nconnect_attempts = 20\n",
         schema.0
     );
@@ -103,6 +108,9 @@ async fn connections_killed_mid_stream_lose_no_acknowledged_message() {
         }
     });
 
+    // The kills come while messages flow, after 50, 130 and 210 sends: both transports use
+    // their connections again after each one.
+    let (sent, mut watch_sent) = tokio::sync::watch::channel(0usize);
     let sending = async {
         let mut acknowledged = BTreeSet::new();
         for n in 0..MESSAGES {
@@ -115,6 +123,7 @@ async fn connections_killed_mid_stream_lose_no_acknowledged_message() {
             match alice.send("bob", envelope).await {
                 Ok(()) => {
                     acknowledged.insert(n);
+                    sent.send_replace(acknowledged.len());
                 }
                 Err(error) => eprintln!("send {n} failed: {error}"),
             }
@@ -124,7 +133,7 @@ async fn connections_killed_mid_stream_lose_no_acknowledged_message() {
     let killing = async {
         let mut kills = 0;
         for after in [50, 130, 210] {
-            watch_progress.wait_for(|received| *received >= after).await.unwrap();
+            watch_sent.wait_for(|sent| *sent >= after).await.unwrap();
             let killed = psql(&format!(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = '{}'",
                 schema.0
@@ -158,4 +167,8 @@ async fn connections_killed_mid_stream_lose_no_acknowledged_message() {
     alice.close().await.unwrap();
     bob.close().await.unwrap();
     receiving.await.unwrap();
+    let text = logs.text();
+    assert!(text.contains("reconnected to PostgreSQL"), "the reconnects are logged:\n{text}");
+    assert!(text.contains("postgres@127.0.0.1:5432/test"), "naming the server:\n{text}");
+    assert!(!text.contains(PASSWORD), "the password leaked into the logs:\n{text}");
 }

@@ -95,6 +95,8 @@ pub(crate) struct Link {
     closed: std::sync::atomic::AtomicBool,
     /// See [`Link::lazy`].
     durable_commits: bool,
+    /// Whether a connection was made before: the next one is a reconnect.
+    connected_before: std::sync::atomic::AtomicBool,
 }
 
 /// Whether `error` means the connection is gone (and a new one may succeed), as opposed to an
@@ -150,6 +152,7 @@ impl Link {
             counters,
             closed: std::sync::atomic::AtomicBool::new(false),
             durable_commits,
+            connected_before: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -219,11 +222,10 @@ impl Link {
         if self.is_closed() {
             return Err(PluginError::closed(&format!("the PostgreSQL connection to {}", self.described)));
         }
-        let first = self.current.lock().unwrap_or_else(|p| p.into_inner()).is_none();
         let client = self.connect_with_backoff(true).await?;
         let client = Arc::new(Connection { client, prepared: Mutex::new(HashMap::new()) });
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&client));
-        if !first {
+        if self.connected_before.swap(true, std::sync::atomic::Ordering::SeqCst) {
             self.counters.reconnected();
             tracing::info!(server = %self.described, "reconnected to PostgreSQL");
         }
