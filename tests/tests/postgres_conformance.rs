@@ -12,6 +12,11 @@ use comms_plugin_api::{Capabilities, ErrorCode, NodeId};
 use comms_tests::{artifacts, broker_available, scratch_dir, write_config, POSTGRES};
 use std::process::Command;
 
+/// The two runs of the whole suite (loaded here, and `comms check` in a process of its own) take
+/// turns: at once they would need about 120 connections in `concurrent_receivers`, more than
+/// the server's default `max_connections` of 100, and share 2 cores.
+static WHOLE_SUITE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Runs `sql` with psql on the test database; panics with psql's error if it fails.
 fn psql(sql: &str) -> String {
     let output = Command::new("psql")
@@ -66,6 +71,7 @@ async fn postgres_plugin_loaded_dynamically_passes_every_case() {
     }
     let library =
         PluginLibrary::load(artifacts().postgres_plugin()).unwrap_or_else(|error| panic!("{error}"));
+    let _turn = WHOLE_SUITE.lock().await;
     let schema = Schema::new("conformance");
     // A safety poll of 1 s: every wake-up the suite waits for must come from LISTEN/NOTIFY or a
     // lease, or the cases would be slow.
@@ -97,12 +103,14 @@ fn comms_check_passes_on_the_plugin() {
     if !broker_available("PostgreSQL", POSTGRES) {
         return;
     }
+    let plugin = artifacts().postgres_plugin();
+    let _turn = WHOLE_SUITE.blocking_lock();
     let schema = Schema::new("check");
     let dir = scratch_dir("postgres-check");
     let config = write_config(&dir, "postgres.toml", &schema.config(""));
     let output = Command::new(&artifacts().comms_bin)
         .arg("check")
-        .arg(artifacts().postgres_plugin())
+        .arg(plugin)
         .arg("--config")
         .arg(&config)
         .output()
