@@ -4,7 +4,7 @@
 //! native topics and reliable. Each test works in a stream and subject prefix of its own,
 //! deleted at the end.
 
-#[path = "nats_support.rs"]
+#[path = "support/nats.rs"]
 mod support;
 
 use comms_host::{

@@ -2,7 +2,7 @@
 //! `max_deliveries` times moves to `<prefix>.dead-letter.<node>` with the reason and is never
 //! delivered again, while the messages behind it still flow.
 
-#[path = "nats_support.rs"]
+#[path = "support/nats.rs"]
 mod support;
 
 use comms_plugin_api::{

@@ -2,7 +2,7 @@
 //! are seen at once, and a node that stops without withdrawing disappears when its record is
 //! not rewritten for the TTL. Each test uses a key-value bucket of its own, deleted at the end.
 
-#[path = "nats_support.rs"]
+#[path = "support/nats.rs"]
 mod support;
 
 use comms_plugin_api::{

@@ -3,7 +3,7 @@
 //! sent to the Python program's own inbox through a durable consumer of its own. The script is
 //! the one `docs/nats.md` shows.
 
-#[path = "nats_support.rs"]
+#[path = "support/nats.rs"]
 mod support;
 
 use comms_host::{Node, PluginLibrary};

@@ -1,8 +1,8 @@
-//! What the NATS tests share, included by each of them with `#[path = "nats_support.rs"] mod
+//! What the NATS tests share, included by each of them with `#[path = "support/nats.rs"] mod
 //! support;`: names of a test's own on the NATS server, deleted when the test ends, through a
 //! few lines of the NATS text protocol (no client library in the tests crate).
 //!
-//! Compiled on its own too (cargo takes every file here for a test target): it has no tests.
+//! In a subdirectory, so that cargo does not take it for a test target of its own.
 #![allow(dead_code)]
 
 use std::{
