@@ -23,6 +23,7 @@
 //! times `COMMS_BENCH_SCALE` (default 1), median of 3 runs.
 
 use comms_host::{Node, PluginLibrary};
+use comms_tests::bench::one_way::{self, latency_nanos, stamped_payload, summarize, Run};
 use futures::StreamExt;
 use lapin::{
     options::{
@@ -32,43 +33,12 @@ use lapin::{
     types::{AMQPValue, FieldTable},
     BasicProperties, Connection, ConnectionProperties,
 };
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{sync::Arc, time::Duration};
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// Sends in flight at once.
 const WINDOW: usize = 64;
 const RUNS: usize = 3;
-
-fn now_nanos() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-}
-
-fn payload(size: usize) -> Vec<u8> {
-    let mut payload = vec![0x5a; size.max(8)];
-    payload[..8].copy_from_slice(&now_nanos().to_be_bytes());
-    payload
-}
-
-fn latency_of(payload: &[u8]) -> u64 {
-    let sent = u64::from_be_bytes(payload[..8].try_into().unwrap_or([0; 8]));
-    now_nanos().saturating_sub(sent)
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Run {
-    per_second: f64,
-    p50_us: f64,
-    p99_us: f64,
-}
-
-fn summarize(elapsed: Duration, messages: usize, mut latencies: Vec<u64>) -> Run {
-    latencies.sort_unstable();
-    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize] as f64 / 1000.0;
-    Run { per_second: messages as f64 / elapsed.as_secs_f64(), p50_us: at(0.5), p99_us: at(0.99) }
-}
 
 async fn comms_run(library: &PluginLibrary, run: usize, size: usize, messages: usize) -> Run {
     let id = |role: &str| format!("bench-{}-{run}-{size}-{role}", std::process::id());
@@ -87,32 +57,9 @@ async fn comms_run(library: &PluginLibrary, run: usize, size: usize, messages: u
         .build()
         .await
         .expect("sender node");
-    let started = std::time::Instant::now();
-    let receiving = tokio::spawn(async move {
-        let mut latencies = Vec::with_capacity(messages);
-        while latencies.len() < messages {
-            let envelope = receiver.receive_envelope().await.expect("receive");
-            if envelope.payload.len() >= 8 {
-                latencies.push(latency_of(envelope.payload.as_slice()));
-            }
-        }
-        receiver.close().await.expect("close receiver");
-        latencies
-    });
-    let to = id("receiver");
-    futures::stream::iter(0..messages)
-        .for_each_concurrent(WINDOW, |_| {
-            let (sender, to) = (&sender, to.as_str());
-            async move {
-                let headers = vec![("content-type".to_string(), "application/octet-stream".to_string())];
-                sender.send_raw(to, headers, payload(size), None).await.expect("send");
-            }
-        })
-        .await;
-    let latencies = receiving.await.expect("receiver task");
-    let elapsed = started.elapsed();
-    sender.close().await.expect("close sender");
-    summarize(elapsed, messages, latencies)
+    one_way::through_nodes(sender, receiver, &id("receiver"), size, messages, WINDOW)
+        .await
+        .unwrap_or_else(|error| comms_tests::bench::fail("amqp", &error))
 }
 
 async fn raw_run(run: usize, size: usize, messages: usize) -> Run {
@@ -141,7 +88,7 @@ async fn raw_run(run: usize, size: usize, messages: usize) -> Run {
         let mut latencies = Vec::with_capacity(messages);
         while latencies.len() < messages {
             let delivery = consumer.next().await.expect("a delivery").expect("no consumer error");
-            latencies.push(latency_of(&delivery.data));
+            latencies.push(latency_nanos(&delivery.data));
             delivery.ack(BasicAckOptions::default()).await.unwrap();
         }
         latencies
@@ -156,7 +103,7 @@ async fn raw_run(run: usize, size: usize, messages: usize) -> Run {
                     .with_delivery_mode(2);
                 let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
                 let confirm = publisher
-                    .basic_publish("".into(), queue.into(), options, &payload(size), properties)
+                    .basic_publish("".into(), queue.into(), options, &stamped_payload(size), properties)
                     .await;
                 assert!(confirm.unwrap().await.unwrap().is_ack());
             }
@@ -169,11 +116,6 @@ async fn raw_run(run: usize, size: usize, messages: usize) -> Run {
     summarize(elapsed, messages, latencies)
 }
 
-fn median(mut runs: Vec<Run>) -> (Run, f64, f64) {
-    runs.sort_by(|a, b| a.per_second.total_cmp(&b.per_second));
-    (runs[runs.len() / 2], runs[0].per_second, runs[runs.len() - 1].per_second)
-}
-
 fn main() {
     if !comms_tests::broker_available("RabbitMQ", "127.0.0.1:5672") {
         return;
@@ -183,8 +125,7 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let library = PluginLibrary::load(&comms_tests::artifacts().amqp_plugin).expect("load libcomms_amqp.so");
     println!("AMQP, {messages} messages per run, {WINDOW} sends in flight, median of {RUNS} runs\n");
-    println!("| variant | payload | msg/s (min-max) | MB/s | one-way p50 | one-way p99 |");
-    println!("|---|---|---|---|---|---|");
+    one_way::print_header();
     let mut ratios = Vec::new();
     for size in [64usize, 1024] {
         let mut comms = Vec::new();
@@ -203,22 +144,13 @@ fn main() {
                     .expect("a raw run finished within 300 s")
             }));
         }
-        for (name, runs) in [("comms (plugin, Node API)", comms), ("raw lapin", raw)] {
-            let (run, low, high) = median(runs);
-            println!(
-                "| {name} | {size} B | {:.0} ({low:.0}-{high:.0}) | {:.1} | {:.0} µs | {:.0} µs |",
-                run.per_second,
-                run.per_second * size as f64 / 1e6,
-                run.p50_us,
-                run.p99_us
-            );
-            ratios.push((name, size, run.per_second));
-        }
+        ratios.push(("comms", size, one_way::print_row("comms (plugin, Node API)", size, comms)));
+        ratios.push(("raw", size, one_way::print_row("raw lapin", size, raw)));
     }
     println!();
     for size in [64usize, 1024] {
         let rate = |prefix: &str| {
-            ratios.iter().find(|(name, s, _)| *s == size && name.starts_with(prefix)).map_or(0.0, |r| r.2)
+            ratios.iter().find(|(name, s, _)| *s == size && *name == prefix).map_or(0.0, |r| r.2)
         };
         println!("{size} B: comms / raw lapin = {:.2} (aim >= 0.8)", rate("comms") / rate("raw"));
     }

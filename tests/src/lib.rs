@@ -7,6 +7,7 @@
 //! built against other versions of the plugin contract (`tests/fixtures`).
 
 pub mod bench;
+pub mod child_process;
 mod logs;
 
 pub use logs::{capture_logs, CapturedLogs};

@@ -4,6 +4,11 @@
 //! declares ordered, acknowledgements, durable, native topics and reliable. Each test works in a
 //! schema of its own and drops it at the end.
 
+#[path = "support/postgres.rs"]
+mod support;
+
+use support::{psql, Schema};
+
 use comms_host::{
     conformance::{cases, run_suite, SuiteConfig},
     PluginLibrary,
@@ -16,53 +21,6 @@ use std::process::Command;
 /// turns: at once they would need about 120 connections in `concurrent_receivers`, more than
 /// the server's default `max_connections` of 100, and share 2 cores.
 static WHOLE_SUITE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Runs `sql` with psql on the test database; panics with psql's error if it fails.
-fn psql(sql: &str) -> String {
-    let output = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-d",
-            "test",
-            "-X",
-            "-q",
-            "-t",
-            "-A",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-c",
-            sql,
-        ])
-        .output()
-        .expect("run psql");
-    assert!(output.status.success(), "psql -c {sql}: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
-
-/// A schema of this test's own, dropped (with everything in it) when the test ends, passed or not.
-struct Schema(String);
-
-impl Schema {
-    fn new(name: &str) -> Self {
-        Self(format!("comms_test_{}_{:06x}_{name}", std::process::id(), rand::random::<u32>() & 0xff_ffff))
-    }
-
-    fn config(&self, extra: &str) -> String {
-        format!("url = \"postgres://postgres@{POSTGRES}/test\"\nschema = \"{}\"\n{extra}", self.0)
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        let _ = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-X", "-q", "-c"])
-            .arg(format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.0))
-            .output();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_plugin_loaded_dynamically_passes_every_case() {

@@ -3,56 +3,17 @@
 //! before the next heartbeat tick could show them), and a node that stops refreshing its row
 //! disappears after `peer_timeout_ms`.
 
+#[path = "support/postgres.rs"]
+mod support;
+
+use support::{psql, Schema};
+
 use comms_plugin_api::{
     host_side::{LoadedDiscovery, PluginLibrary},
     NodeId, NodeRecord, PeerEvent, PeerEventKind,
 };
 use comms_tests::{artifacts, broker_available, POSTGRES};
-use std::{process::Command, time::Duration};
-
-/// Runs `sql` with psql on the test database; panics with psql's error if it fails.
-fn psql(sql: &str) {
-    let output = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-d",
-            "test",
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-c",
-            sql,
-        ])
-        .output()
-        .expect("run psql");
-    assert!(output.status.success(), "psql -c {sql}: {}", String::from_utf8_lossy(&output.stderr));
-}
-
-/// A schema of this test's own, dropped when the test ends, passed or not.
-struct Schema(String);
-
-impl Schema {
-    fn new(name: &str) -> Self {
-        Self(format!("comms_test_{}_{:06x}_{name}", std::process::id(), rand::random::<u32>() & 0xff_ffff))
-    }
-
-    fn config(&self, extra: &str) -> String {
-        format!("url = \"postgres://postgres@{POSTGRES}/test\"\nschema = \"{}\"\n{extra}", self.0)
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        let _ = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-X", "-q", "-c"])
-            .arg(format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.0))
-            .output();
-    }
-}
+use std::time::Duration;
 
 fn record(id: &str, service: &str) -> NodeRecord {
     let mut value = NodeRecord::new(NodeId::new(id));

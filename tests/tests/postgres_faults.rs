@@ -4,53 +4,20 @@
 //! delivered again when its lease ends). What the plugin logs meanwhile names the server but
 //! never the password of its url.
 
+#[path = "support/postgres.rs"]
+mod support;
+
+use support::{psql, Schema};
+
 use comms_plugin_api::{
     host_side::PluginLibrary, Destination, Envelope, MessageId, NodeId, Settlement, SettlementOutcome,
 };
 use comms_tests::{artifacts, broker_available, capture_logs, POSTGRES};
 use std::{
     collections::BTreeSet,
-    process::Command,
     sync::{Arc, Mutex},
     time::Duration,
 };
-
-/// Runs `sql` with psql on the test database and returns its output (unaligned, tuples only).
-fn psql(sql: &str) -> String {
-    let output = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-d",
-            "test",
-            "-X",
-            "-q",
-            "-t",
-            "-A",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-c",
-            sql,
-        ])
-        .output()
-        .expect("run psql");
-    assert!(output.status.success(), "psql -c {sql}: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
-
-/// A schema of this test's own, dropped when the test ends, passed or not.
-struct Schema(String);
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        let _ = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-X", "-q", "-c"])
-            .arg(format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.0))
-            .output();
-    }
-}
 
 const MESSAGES: u32 = 300;
 
@@ -64,8 +31,7 @@ async fn connections_killed_mid_stream_lose_no_acknowledged_message() {
     let logs = capture_logs("comms_postgres=debug");
     let library =
         PluginLibrary::load(artifacts().postgres_plugin()).unwrap_or_else(|error| panic!("{error}"));
-    let schema =
-        Schema(format!("comms_test_{}_{:06x}_faults", std::process::id(), rand::random::<u32>() & 0xff_ffff));
+    let schema = Schema::new("faults");
     // The schema's name is also the connections' application_name: the test kills exactly
     // those. A short lease: a claim whose answer was lost with its connection comes again soon.
     // The password is ignored by the server (trust authentication) and must appear in no log.

@@ -3,49 +3,17 @@
 //! `<schema>.comms_send` / `<schema>.comms_publish`. A rolled-back transaction sends nothing; a
 //! committed one delivers, and wakes the receiver by notification (its safety poll is a minute).
 
+#[path = "support/postgres.rs"]
+mod support;
+
+use support::{psql, Schema};
+
 use comms_plugin_api::{
     host_side::{LoadedTransport, PluginLibrary},
     Destination, NodeId, Settlement, SettlementOutcome,
 };
 use comms_tests::{artifacts, broker_available, POSTGRES};
 use std::{process::Command, time::Duration};
-
-/// Runs `sql` with psql on the test database and returns its output (unaligned, tuples only).
-fn psql(sql: &str) -> String {
-    let output = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-d",
-            "test",
-            "-X",
-            "-q",
-            "-t",
-            "-A",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-c",
-            sql,
-        ])
-        .output()
-        .expect("run psql");
-    assert!(output.status.success(), "psql -c {sql}: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
-
-/// A schema of this test's own, dropped when the test ends, passed or not.
-struct Schema(String);
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        let _ = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-X", "-q", "-c"])
-            .arg(format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.0))
-            .output();
-    }
-}
 
 /// Receives one message (within 5 s: a notification, not the one-minute poll) and accepts it.
 async fn receive_one(bob: &LoadedTransport) -> comms_plugin_api::Envelope {
@@ -68,8 +36,7 @@ async fn a_rolled_back_transaction_sends_nothing_and_a_committed_one_delivers() 
     }
     let library =
         PluginLibrary::load(artifacts().postgres_plugin()).unwrap_or_else(|error| panic!("{error}"));
-    let schema =
-        Schema(format!("comms_test_{}_{:06x}_outbox", std::process::id(), rand::random::<u32>() & 0xff_ffff));
+    let schema = Schema::new("outbox");
     let s = &schema.0;
     let config =
         format!("url = \"postgres://postgres@{POSTGRES}/test\"\nschema = \"{s}\"\npoll_ms = 60000\n");

@@ -6,7 +6,7 @@
 
 use comms_host::{Node, PeerStatus};
 use comms_plugin_api::{inbound::oversized_reason, wire, Destination, Envelope, MessageId, NodeId};
-use comms_tests::{artifacts, scratch_dir, write_config};
+use comms_tests::{artifacts, child_process::MARK, scratch_dir, write_config};
 use rusqlite::types::ValueRef;
 use serde::{Deserialize, Serialize};
 use std::{
@@ -126,8 +126,6 @@ async fn a_misspelt_key_names_the_key_and_the_file() {
 
 /// Set in a child process of this test binary: the database `sql_child` opens.
 const SQL_CHILD: &str = "COMMS_SQLITE_NODES_SQL_DATABASE";
-/// Output lines of the child that carry a row start with this.
-const MARK: &str = "@@ ";
 
 /// Runs one SQL statement on `database` in a child process (this test binary, see `sql_child`)
 /// and returns its rows, each value as text (NULL as `NULL`, a blob in hex). Never in this

@@ -11,19 +11,19 @@ use comms_host::PluginLibrary;
 use comms_plugin_api::{
     host_side::LoadedTransport, Destination, Envelope, MessageId, NodeId, Settlement, SettlementOutcome,
 };
-use comms_tests::{artifacts, scratch_dir};
+use comms_tests::{
+    artifacts,
+    child_process::{self, finished_ok, read_marked, var, MARK},
+    scratch_dir,
+};
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader},
     path::Path,
-    process::{Child, Command, Stdio},
+    process::Child,
     time::{Duration, Instant},
 };
 
 const ROLE: &str = "COMMS_SQLITE_CHILD_ROLE";
-
-/// Output lines of a child that the parent reads start with this.
-const MARK: &str = "@@ ";
 
 fn config(path: &Path, extra: &str) -> String {
     format!("database = {:?}\n{extra}", path)
@@ -61,38 +61,9 @@ async fn open(node: &str, config: &str) -> LoadedTransport {
 
 /// Starts this test binary as a child in `role`, with `vars`.
 fn spawn_child(role: &str, vars: &[(&str, String)]) -> Child {
-    let mut command = Command::new(std::env::current_exe().expect("the test binary"));
-    command
-        .args(["--exact", "child_process", "--nocapture", "--test-threads", "1"])
-        .env(ROLE, role)
-        .env("COMMS_SQLITE_PLUGIN", &artifacts().sqlite_plugin)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    for (name, value) in vars {
-        command.env(name, value);
-    }
-    command.spawn().expect("start a child process")
-}
-
-/// Reads a child's marked lines until `until` says stop (or the output ends), then returns them.
-fn read_marked(child: &mut Child, mut until: impl FnMut(&str) -> bool) -> Vec<String> {
-    let stdout = child.stdout.as_mut().expect("piped stdout");
-    let mut lines = Vec::new();
-    for line in BufReader::new(stdout).lines() {
-        let line = line.expect("child output");
-        // libtest may print `test child_process ... ` on the same line, before the mark.
-        if let Some(marked) = line.find(MARK).map(|at| &line[at + MARK.len()..]) {
-            lines.push(marked.to_string());
-            if until(marked) {
-                break;
-            }
-        }
-    }
-    lines
-}
-
-fn var(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is set for a child"))
+    let mut vars = vars.to_vec();
+    vars.push(("COMMS_SQLITE_PLUGIN", artifacts().sqlite_plugin.display().to_string()));
+    child_process::spawn(ROLE, role, &vars)
 }
 
 /// The child side: does nothing in a normal test run.
@@ -158,22 +129,6 @@ fn child_process() {
             other => panic!("unknown child role {other}"),
         }
     });
-}
-
-/// Waits for a child and fails the test if it did not exit successfully.
-fn finished_ok(mut child: Child, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "{what} exited with {status}");
-            return;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{what} did not finish within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

@@ -1,5 +1,8 @@
 //! What every benchmark program shares: the `COMMS_BENCH_SCALE` setting, time-limited steps,
-//! failing with a message instead of hanging, percentiles.
+//! failing with a message instead of hanging, percentiles; [`one_way`] the windowed one-way runs
+//! of the broker benchmarks.
+
+pub mod one_way;
 
 use std::{future::Future, time::Duration};
 

@@ -1,0 +1,278 @@
+//! PostgreSQL throughput of comms (`plugins/postgres`, loaded at run time), against a raw
+//! tokio-postgres program doing the same database work, and against Watermill's published
+//! figures for its SQL adapter on PostgreSQL (3,800 msg/s published, 455 msg/s subscribed).
+//!
+//! ```text
+//! cargo bench -p comms-tests --bench postgres
+//! COMMS_BENCH_SCALE=0.2 cargo bench -p comms-tests --bench postgres   # quicker, noisier
+//! ```
+//!
+//! Needs the PostgreSQL at 127.0.0.1:5432 (database `test`, user `postgres`, trust auth); every
+//! run works in a schema of its own and drops it. Payloads of 64 B and 1 KiB, three phases:
+//!
+//! - **publish**: N messages sent with `WINDOW` sends in flight, nobody receiving; rate at which
+//!   the sends completed (each is committed when it completes);
+//! - **subscribe**: a receiver starts and takes those N messages; rate from its start to the
+//!   last message (each claimed, handed over and deleted);
+//! - **one-way**: sender and receiver at once, with one-way latency (p50, p99) under that load.
+//!
+//! Variants:
+//!
+//! - **comms**: [`Node`]s on `libcomms_postgres.so`, default config (the plugin writes queued
+//!   sends in one statement per batch, claims batches with `FOR UPDATE SKIP LOCKED` under a lease,
+//!   and is woken by `LISTEN/NOTIFY`);
+//! - **raw tokio-postgres**: the same tables and statements by hand, as a user who knows the
+//!   pattern writes them: a mailbox table, sends written `WINDOW` rows per `INSERT ... unnest`
+//!   statement (autocommit), a receiver claiming up to 256 rows with `UPDATE ... FOR UPDATE SKIP
+//!   LOCKED RETURNING`, then deleting them; an empty mailbox is polled again after 1 ms.
+//!
+//! Messages per run: 10,000 times `COMMS_BENCH_SCALE`, median of 3 runs. Aims: comms >= 0.9x
+//! raw, and 10x Watermill (38,000 published, 4,550 subscribed msg/s).
+
+use comms_host::{Node, PluginLibrary};
+use comms_tests::bench::one_way::{self, latency_nanos, stamped_payload, summarize, Run};
+use std::time::{Duration, Instant};
+use tokio_postgres::{Client, NoTls};
+
+const CONNECTION: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
+const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+/// Sends in flight at once (comms), rows per insert (raw).
+const WINDOW: usize = 64;
+/// Rows claimed at once by the raw receiver (the plugin's default `batch_size` is the same).
+const CLAIM: i64 = 256;
+const RUNS: usize = 3;
+const STEP_LIMIT: Duration = Duration::from_secs(300);
+/// Watermill's SQL adapter on PostgreSQL, published figures (msg/s).
+const WATERMILL_PUBLISH: f64 = 3_800.0;
+const WATERMILL_SUBSCRIBE: f64 = 455.0;
+
+fn fail(message: &str) -> ! {
+    comms_tests::bench::fail("postgres", message)
+}
+
+async fn connect() -> Result<Client, String> {
+    let (client, connection) =
+        tokio_postgres::connect(CONNECTION, NoTls).await.map_err(|error| format!("connecting: {error}"))?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+fn schema_name(variant: &str, run: usize, size: usize) -> String {
+    format!("comms_bench_{}_{variant}_{run}_{size}", std::process::id())
+}
+
+async fn drop_schema(schema: &str) {
+    if let Ok(client) = connect().await {
+        let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE")).await;
+    }
+}
+
+/// The three phases of one run.
+#[derive(Debug, Clone, Copy)]
+struct Phases {
+    publish: f64,
+    subscribe: f64,
+    one_way: Run,
+}
+
+async fn comms_node(
+    library: &PluginLibrary,
+    id: &str,
+    schema: &str,
+    peer: Option<&str>,
+) -> Result<Node, String> {
+    let config = format!("url = \"{URL}\"\nschema = \"{schema}\"\n");
+    let mut builder = Node::builder(id).liveness(None, Duration::from_secs(5)).transport_library(
+        "postgres",
+        library.clone(),
+        &config,
+    );
+    if let Some(peer) = peer {
+        // A PostgreSQL node's address is its node id.
+        builder = builder.static_peer(peer, [("postgres", peer)]);
+    }
+    builder.build().await.map_err(|error| format!("node {id}: {error}"))
+}
+
+async fn comms_run(
+    library: &PluginLibrary,
+    run: usize,
+    size: usize,
+    messages: usize,
+) -> Result<Phases, String> {
+    let schema = schema_name("comms", run, size);
+    let result = async {
+        let sender = comms_node(library, "sender", &schema, Some("receiver")).await?;
+        let publish = one_way::publish_only(&sender, "receiver", size, messages, WINDOW).await?;
+        let started = Instant::now();
+        let receiver = comms_node(library, "receiver", &schema, None).await?;
+        one_way::receive_only(&receiver, messages).await?;
+        let subscribe = messages as f64 / started.elapsed().as_secs_f64();
+        let one_way = one_way::through_nodes(sender, receiver, "receiver", size, messages, WINDOW).await?;
+        Ok(Phases { publish, subscribe, one_way })
+    }
+    .await;
+    drop_schema(&schema).await;
+    result
+}
+
+/// The raw program's mailbox, in `schema`.
+async fn raw_mailbox(client: &Client, schema: &str) -> Result<(), String> {
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA \"{schema}\";
+             CREATE TABLE \"{schema}\".mailbox (
+                 id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                 recipient    text        NOT NULL,
+                 payload      bytea       NOT NULL,
+                 owner        text,
+                 locked_until timestamptz NOT NULL DEFAULT '-infinity',
+                 attempts     integer     NOT NULL DEFAULT 0);
+             CREATE INDEX ON \"{schema}\".mailbox (recipient, id);"
+        ))
+        .await
+        .map_err(|error| format!("creating the mailbox: {error}"))
+}
+
+/// Sends `messages` payloads in inserts of `WINDOW` rows; the rate at which they committed.
+async fn raw_publish(client: &Client, schema: &str, size: usize, messages: usize) -> Result<f64, String> {
+    let insert = client
+        .prepare(&format!(
+            "INSERT INTO \"{schema}\".mailbox (recipient, payload) SELECT 'receiver', p FROM unnest($1::bytea[]) AS p"
+        ))
+        .await
+        .map_err(|error| format!("preparing the insert: {error}"))?;
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < messages {
+        let rows = WINDOW.min(messages - sent);
+        let payloads: Vec<Vec<u8>> = (0..rows).map(|_| stamped_payload(size)).collect();
+        client.execute(&insert, &[&payloads]).await.map_err(|error| format!("inserting: {error}"))?;
+        sent += rows;
+    }
+    Ok(messages as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Claims, takes and deletes `messages` messages; their one-way latencies.
+async fn raw_receive(client: &Client, schema: &str, messages: usize) -> Result<Vec<u64>, String> {
+    let claim = client
+        .prepare(&format!(
+            "UPDATE \"{schema}\".mailbox m
+             SET owner = 'receiver', locked_until = now() + interval '30 seconds', attempts = m.attempts + 1
+             FROM (SELECT id FROM \"{schema}\".mailbox
+                   WHERE recipient = 'receiver' AND locked_until <= now()
+                   ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) free
+             WHERE m.id = free.id
+             RETURNING m.id, m.payload"
+        ))
+        .await
+        .map_err(|error| format!("preparing the claim: {error}"))?;
+    let delete = client
+        .prepare(&format!("DELETE FROM \"{schema}\".mailbox WHERE id = ANY($1) AND owner = 'receiver'"))
+        .await
+        .map_err(|error| format!("preparing the delete: {error}"))?;
+    let mut latencies = Vec::with_capacity(messages);
+    while latencies.len() < messages {
+        let rows = client.query(&claim, &[&CLAIM]).await.map_err(|error| format!("claiming: {error}"))?;
+        if rows.is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        for row in &rows {
+            ids.push(row.get::<_, i64>(0));
+            latencies.push(latency_nanos(row.get::<_, &[u8]>(1)));
+        }
+        client.execute(&delete, &[&ids]).await.map_err(|error| format!("deleting: {error}"))?;
+    }
+    Ok(latencies)
+}
+
+async fn raw_run(run: usize, size: usize, messages: usize) -> Result<Phases, String> {
+    let schema = schema_name("raw", run, size);
+    let result = async {
+        let sender = connect().await?;
+        raw_mailbox(&sender, &schema).await?;
+        let publish = raw_publish(&sender, &schema, size, messages).await?;
+        let started = Instant::now();
+        let receiver = connect().await?;
+        raw_receive(&receiver, &schema, messages).await?;
+        let subscribe = messages as f64 / started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let receiving = {
+            let schema = schema.clone();
+            tokio::spawn(async move { raw_receive(&receiver, &schema, messages).await })
+        };
+        raw_publish(&sender, &schema, size, messages).await?;
+        let latencies = receiving.await.map_err(|error| format!("receiving task: {error}"))??;
+        let one_way = summarize(started.elapsed(), messages, latencies);
+        Ok(Phases { publish, subscribe, one_way })
+    }
+    .await;
+    drop_schema(&schema).await;
+    result
+}
+
+fn main() {
+    if !comms_tests::broker_available("PostgreSQL", comms_tests::POSTGRES) {
+        return;
+    }
+    let scale = comms_tests::bench::scale("postgres");
+    let messages = comms_tests::bench::scaled(10_000, scale).max(100);
+    let library = PluginLibrary::load(comms_tests::artifacts().postgres_plugin())
+        .unwrap_or_else(|error| fail(&format!("loading the PostgreSQL plugin: {error}")));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    println!("PostgreSQL, {messages} messages per run, {WINDOW} sends in flight, median of {RUNS} runs\n");
+    let mut results = Vec::new();
+    for size in [64usize, 1024] {
+        let (mut comms, mut raw) = (Vec::new(), Vec::new());
+        for run in 0..RUNS {
+            eprintln!("run {run}, {size} B: comms");
+            let step =
+                comms_tests::bench::step("comms", STEP_LIMIT, comms_run(&library, run, size, messages));
+            comms.push(runtime.block_on(step).unwrap_or_else(|error| fail(&error)));
+            eprintln!("run {run}, {size} B: raw tokio-postgres");
+            let step =
+                comms_tests::bench::step("raw tokio-postgres", STEP_LIMIT, raw_run(run, size, messages));
+            raw.push(runtime.block_on(step).unwrap_or_else(|error| fail(&error)));
+        }
+        results.push((size, comms, raw));
+    }
+    println!("Publish and subscribe (msg/s, median of {RUNS}; Watermill on PostgreSQL: {WATERMILL_PUBLISH} / {WATERMILL_SUBSCRIBE})\n");
+    println!("| variant | payload | publish | subscribe | publish / Watermill | subscribe / Watermill |");
+    println!("|---|---|---|---|---|---|");
+    let median_of = |runs: &[Phases], pick: fn(&Phases) -> f64| {
+        let mut values: Vec<f64> = runs.iter().map(pick).collect();
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let mut ratios = Vec::new();
+    for (size, comms, raw) in &results {
+        let mut rates = Vec::new();
+        for (variant, runs) in [("comms (plugin, Node API)", comms), ("raw tokio-postgres", raw)] {
+            let (publish, subscribe) = (median_of(runs, |p| p.publish), median_of(runs, |p| p.subscribe));
+            println!(
+                "| {variant} | {size} B | {publish:.0} | {subscribe:.0} | {:.1}x | {:.1}x |",
+                publish / WATERMILL_PUBLISH,
+                subscribe / WATERMILL_SUBSCRIBE
+            );
+            rates.push((publish, subscribe));
+        }
+        ratios.push((*size, rates[0].0 / rates[1].0, rates[0].1 / rates[1].1));
+    }
+    println!("\nOne-way, sender and receiver at once\n");
+    one_way::print_header();
+    let mut one_way_ratios = Vec::new();
+    for (size, comms, raw) in &results {
+        let comms =
+            one_way::print_row("comms (plugin, Node API)", *size, comms.iter().map(|p| p.one_way).collect());
+        let raw = one_way::print_row("raw tokio-postgres", *size, raw.iter().map(|p| p.one_way).collect());
+        one_way_ratios.push(comms / raw);
+    }
+    println!();
+    for ((size, publish, subscribe), one_way) in ratios.into_iter().zip(one_way_ratios) {
+        println!(
+            "{size} B: comms / raw tokio-postgres: publish {publish:.2}, subscribe {subscribe:.2}, one-way {one_way:.2} (aim >= 0.9)"
+        );
+    }
+}
