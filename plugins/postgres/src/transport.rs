@@ -180,19 +180,29 @@ impl PostgresTransport {
 /// with one statement, so that concurrent senders share one commit (group commit). If that
 /// fails, each send is written on its own, so that one bad send cannot fail the others. After
 /// `close` it writes what was queued before, then ends.
+///
+/// The notification of a batch's receivers runs while the next batch is written (one
+/// notification in flight at most): the connection pipelines the two statements, so a batch
+/// costs one round trip instead of two.
 async fn write_loop(
     mailbox: Arc<Mailbox>,
     mut queue: mpsc::Receiver<PendingSend>,
     batch_size: usize,
     mut closed: watch::Receiver<bool>,
 ) {
+    let mut notifying: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let first = tokio::select! {
             biased;
             first = queue.recv() => first,
             _ = closed.wait_for(|closed| *closed) => queue.try_recv().ok(),
         };
-        let Some(first) = first else { return };
+        let Some(first) = first else {
+            if let Some(last) = notifying.take() {
+                let _ = last.await;
+            }
+            return;
+        };
         let mut batch = vec![first];
         let mut messages = batch[0].outgoing.len();
         while messages < batch_size {
@@ -228,7 +238,13 @@ async fn write_loop(
                 }
             }
         }
-        mailbox.notify(woken).await;
+        if let Some(previous) = notifying.take() {
+            let _ = previous.await;
+        }
+        if !woken.is_empty() {
+            let mailbox = Arc::clone(&mailbox);
+            notifying = Some(tokio::spawn(async move { mailbox.notify(woken).await }));
+        }
     }
 }
 

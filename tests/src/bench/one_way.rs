@@ -145,6 +145,31 @@ pub async fn publish_only(
     Ok(messages as f64 / started.elapsed().as_secs_f64())
 }
 
+/// Sends `messages` payloads of `size` bytes from `sender` to node `to`, `batch` per
+/// [`comms_host::Node::send_raw_many`] call, one call after the other; the rate at which the
+/// sends completed.
+pub async fn publish_batched(
+    sender: &comms_host::Node,
+    to: &str,
+    size: usize,
+    messages: usize,
+    batch: usize,
+) -> Result<f64, String> {
+    let headers = vec![("content-type".to_string(), super::RAW_CONTENT_TYPE.to_string())];
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < messages {
+        let now = batch.min(messages - sent);
+        let payloads: Vec<Vec<u8>> = (0..now).map(|_| stamped_payload(size)).collect();
+        sender
+            .send_raw_many(to, headers.clone(), payloads)
+            .await
+            .map_err(|error| format!("sending messages {sent}..{}: {error}", sent + now))?;
+        sent += now;
+    }
+    Ok(messages as f64 / started.elapsed().as_secs_f64())
+}
+
 /// Takes `messages` messages at `receiver` and returns the rate at which they came.
 pub async fn receive_only(receiver: &comms_host::Node, messages: usize) -> Result<f64, String> {
     let started = Instant::now();
