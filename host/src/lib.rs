@@ -27,6 +27,7 @@
 //! seeded faulty network around any transport), [`conformance`] (the suite every transport must
 //! pass), [`security`] (identities, `[security]`, envelope signatures), [`metrics`] (what a node
 //! reports to Prometheus, `[metrics]`), [`admin`] (the status every node answers over comms),
+//! [`trace_context`] (W3C `traceparent` carried by requests, spans around requests and handlers),
 //! [`error`] (one error type per operation). The `comms` command is in `main.rs`.
 //!
 //! Inside, a node is three layers, each depending only on the next: the [`Node`] facade, the
@@ -63,6 +64,7 @@ mod service;
 mod spec;
 pub mod static_discovery;
 pub mod subscription;
+pub mod trace_context;
 
 pub use builder::NodeBuilder;
 pub use codec::Codec;

@@ -5,11 +5,13 @@ use crate::{
     codec::Codec,
     control,
     received::{decode_received, Received},
+    trace_context::{TraceContext, TRACEPARENT_HEADER},
 };
 use comms_plugin_api::Envelope;
 use futures::future::BoxFuture;
 use serde::{de::DeserializeOwned, Serialize};
 use std::{future::Future, sync::Arc};
+use tracing::Instrument;
 
 /// How a request ended, before it is sent back.
 pub(crate) enum Outcome {
@@ -47,20 +49,31 @@ impl ServiceHandler {
         let handler = Arc::new(handler);
         ServiceHandler(Arc::new(move |envelope: Envelope| {
             let handler = Arc::clone(&handler);
-            Box::pin(async move {
+            // The caller's trace continues here (a new one if the request carries none).
+            let context = envelope
+                .header(TRACEPARENT_HEADER)
+                .and_then(TraceContext::parse)
+                .map_or_else(TraceContext::new_root, |parent| parent.child());
+            let span = tracing::info_span!(
+                "comms.handle",
+                from = %envelope.from,
+                trace_id = %context.trace_id_hex()
+            );
+            let handled = async move {
                 // The node acknowledges the request when its response is sent (the driver).
                 let request: Received<Req> = match decode_received(codec, envelope, Acknowledgement::none()) {
                     Ok(request) => request,
                     Err(error) => return Outcome::BadRequest(error.to_string()),
                 };
-                match handler(request).await {
+                match context.scope(handler(request)).await {
                     Ok(response) => match codec.encode(&response) {
                         Ok(payload) => Outcome::Ok { payload, content_type: codec.content_type() },
                         Err(error) => Outcome::HandlerError(format!("encoding the response: {error}")),
                     },
                     Err(error) => Outcome::HandlerError(error.to_string()),
                 }
-            })
+            };
+            Box::pin(handled.instrument(span))
         }))
     }
 }

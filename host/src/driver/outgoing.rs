@@ -8,11 +8,13 @@ use crate::{
     engine::{Input, Local, RouteError},
     error::{RequestError, SendError},
     request_response::RequestOptions,
+    trace_context::{self, TraceContext, TRACEPARENT_HEADER},
 };
 use comms_plugin_api::{
     Capabilities, Destination, Envelope, NodeId, Outbound, Payload, PluginError, SendFailure, Text,
 };
 use std::{collections::HashSet, sync::Arc};
+use tracing::Instrument;
 
 /// `comms-status` of a response from a replica that cannot take the request (closing, busy, or
 /// it does not serve the service): the caller tries another replica.
@@ -137,7 +139,10 @@ impl Driver {
         options: &RequestOptions,
     ) -> Result<Envelope, RequestError> {
         let started = tokio::time::Instant::now();
-        let result = self.call_with_retries(service, node, payload, options).await;
+        // A child of the request being handled by this task, or a new trace.
+        let context = trace_context::current().map_or_else(TraceContext::new_root, |parent| parent.child());
+        let span = tracing::info_span!("comms.request", service, trace_id = %context.trace_id_hex());
+        let result = self.call_with_retries(service, node, payload, options, context).instrument(span).await;
         self.request_metrics.record(service, &result, started.elapsed());
         result
     }
@@ -149,8 +154,10 @@ impl Driver {
         node: Option<NodeId>,
         payload: Vec<u8>,
         options: &RequestOptions,
+        context: TraceContext,
     ) -> Result<Envelope, RequestError> {
         self.check_open().map_err(|_| RequestError::Closed)?;
+        let traceparent = context.to_string();
         let mut tried = HashSet::new();
         let mut last_error = None;
         let attempts = options.attempts.max(1);
@@ -182,7 +189,12 @@ impl Driver {
                 continue;
             };
             tried.insert(target.clone());
-            let headers = [(CONTENT_TYPE_HEADER, self.spec.codec.content_type())].into_iter().collect();
+            let headers = [
+                (CONTENT_TYPE_HEADER, self.spec.codec.content_type()),
+                (TRACEPARENT_HEADER, traceparent.as_str()),
+            ]
+            .into_iter()
+            .collect();
             let envelope = self.new_envelope(Destination::service(service), headers, payload.clone());
             let id = envelope.id;
             let (waiter, response) = tokio::sync::oneshot::channel();
