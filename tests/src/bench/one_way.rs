@@ -94,22 +94,7 @@ pub async fn through_nodes(
         receiver.close().await.map_err(|error| format!("closing the receiver: {error}"))?;
         Ok::<_, String>(latencies)
     });
-    let headers = vec![("content-type".to_string(), super::RAW_CONTENT_TYPE.to_string())];
-    let sent: Vec<Result<(), String>> = futures::stream::iter(0..messages)
-        .map(|n| {
-            let (sender, headers) = (&sender, headers.clone());
-            async move {
-                sender
-                    .send_raw(to, headers, stamped_payload(size), None)
-                    .await
-                    .map(drop)
-                    .map_err(|error| format!("sending message {n}: {error}"))
-            }
-        })
-        .buffer_unordered(window)
-        .collect()
-        .await;
-    sent.into_iter().collect::<Result<(), String>>()?;
+    publish_only(&sender, to, size, messages, window).await?;
     let latencies = receiving.await.map_err(|error| format!("receiving task: {error}"))??;
     let elapsed = started.elapsed();
     sender.close().await.map_err(|error| format!("closing the sender: {error}"))?;
