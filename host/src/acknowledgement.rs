@@ -41,6 +41,18 @@ enum LaneItem {
 #[derive(Debug, Clone)]
 pub(crate) struct SettleLane {
     queue: mpsc::Sender<LaneItem>,
+    counts: Arc<SettleCounts>,
+}
+
+/// How many deliveries of one transport the node settled, by outcome (metrics and status).
+#[derive(Debug, Default)]
+pub(crate) struct SettleCounts {
+    /// Handled: the broker forgets them.
+    pub(crate) accepted: std::sync::atomic::AtomicU64,
+    /// Given back to be delivered again (a handler failed, a queue was gone, the node closed).
+    pub(crate) requeued: std::sync::atomic::AtomicU64,
+    /// Refused for good (discarded or dead-lettered by the transport).
+    pub(crate) rejected: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for LaneItem {
@@ -82,7 +94,12 @@ impl SettleLane {
                 }
             }
         });
-        Self { queue }
+        Self { queue, counts: Arc::default() }
+    }
+
+    /// The settlements made so far, by outcome.
+    pub(crate) fn counts(&self) -> &SettleCounts {
+        &self.counts
     }
 
     /// Waits until every settlement queued so far has been handed to the transport.
@@ -94,6 +111,12 @@ impl SettleLane {
     }
 
     pub(crate) fn settle(&self, settlement: Settlement) {
+        let count = match settlement.outcome {
+            SettlementOutcome::ACCEPTED => &self.counts.accepted,
+            SettlementOutcome::REJECTED_REQUEUE => &self.counts.requeued,
+            _ => &self.counts.rejected,
+        };
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match self.queue.try_send(LaneItem::Settle(settlement)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(item)) => {

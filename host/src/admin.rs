@@ -92,6 +92,15 @@ pub struct TransportStatus {
     /// The longest poll of a plugin future that blocked the node's thread, if one did: the
     /// operation and how long, in microseconds.
     pub longest_blocking_poll: Option<(String, u64)>,
+    /// Received messages the node acknowledged (handled). Absent from older nodes' answers: 0.
+    #[serde(default)]
+    pub settled_accepted: u64,
+    /// Received messages the node gave back to be delivered again.
+    #[serde(default)]
+    pub settled_requeued: u64,
+    /// Received messages the node refused for good (discarded or dead-lettered).
+    #[serde(default)]
+    pub settled_rejected: u64,
 }
 
 /// One peer of a [`NodeStatus`].

@@ -152,3 +152,74 @@ async fn a_metrics_port_in_use_fails_the_build_naming_the_key() {
     let text = error.to_string();
     assert!(text.contains("metrics.listen") && text.contains(&address.to_string()), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlements_are_counted_by_outcome_on_an_acknowledging_transport() {
+    let dir = scratch_dir("metrics-settled");
+    let database = dir.join("comms.db");
+    // SQLite acknowledges: each message the node takes is settled back to the transport.
+    let table = format!("database = {database:?}\npoll_max_ms = 20\nlease_ms = 60000");
+    let sqlite = comms_host::PluginLibrary::load(&artifacts().sqlite_plugin).unwrap();
+    let node = |id: &'static str, peer: &'static str| {
+        Node::builder(id)
+            .liveness(None, Duration::from_secs(5))
+            .transport_library("sqlite", sqlite.clone(), &table)
+            .static_peer(peer, [("sqlite", peer)])
+            .build()
+    };
+    let receiver = node("receiver", "sender").await.unwrap();
+    let sender = node("sender", "receiver").await.unwrap();
+    for n in 0..5u32 {
+        sender.send("receiver", &n).await.unwrap();
+    }
+    // 0, 2, 3 accepted; 1 given back once, then accepted; 4 refused for good.
+    let mut requeued_once = false;
+    let mut accepted = 0;
+    while accepted < 4 {
+        let mut message = receiver.receive::<u32>().await.unwrap();
+        match message.message {
+            1 if !requeued_once => {
+                requeued_once = true;
+                message.nack();
+            }
+            4 => message.reject(),
+            _ => {
+                accepted += 1;
+                message.ack();
+            }
+        }
+    }
+    let settled = |outcome: &str| {
+        let series = format!(
+            r#"comms_transport_settled_total{{transport="sqlite",plugin="sqlite",outcome="{outcome}"}}"#
+        );
+        value(&receiver.metrics_text(), &series)
+    };
+    // Every delivery the transport made is settled once, framework messages (the sender's
+    // hello) included: accepted + requeued + rejected = received, once the last settlement is in.
+    let received = || {
+        value(
+            &receiver.metrics_text(),
+            r#"comms_transport_messages_received_total{transport="sqlite",plugin="sqlite"}"#,
+        )
+    };
+    let all_settled = || settled("accepted") + settled("requeued") + settled("rejected");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while all_settled() < received() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(all_settled(), received(), "{}", receiver.metrics_text());
+    assert_eq!(settled("requeued"), 1.0);
+    assert_eq!(settled("rejected"), 1.0);
+    assert!(settled("accepted") >= 4.0, "the four messages handled");
+    let status = receiver.status();
+    let transport = &status.transports[0];
+    assert_eq!(
+        (transport.settled_accepted as f64, transport.settled_requeued, transport.settled_rejected),
+        (settled("accepted"), 1, 1),
+        "the status reports the same counts"
+    );
+    sender.close().await.unwrap();
+    receiver.close().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -3,7 +3,7 @@
 
 use super::Driver;
 use crate::admin::{NodeStatus, PeerSummary, TransportStatus};
-use std::sync::Weak;
+use std::sync::{atomic::Ordering, Weak};
 
 impl Driver {
     /// This node's [`NodeStatus`] now.
@@ -36,6 +36,9 @@ impl Driver {
                             let micros = u64::try_from(poll.duration.as_micros()).unwrap_or(u64::MAX);
                             (poll.operation.to_string(), micros)
                         }),
+                        settled_accepted: t.settle_lane.counts().accepted.load(Ordering::Relaxed),
+                        settled_requeued: t.settle_lane.counts().requeued.load(Ordering::Relaxed),
+                        settled_rejected: t.settle_lane.counts().rejected.load(Ordering::Relaxed),
                     }
                 })
                 .collect(),

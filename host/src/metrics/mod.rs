@@ -14,6 +14,7 @@
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `comms_transport_messages_sent_total`, `..._bytes_sent_total`, `..._messages_received_total`, `..._bytes_received_total`, `..._send_errors_total`, `..._errors_total`, `..._reconnects_total` | counter | `transport`, `plugin` |
+//! | `comms_transport_settled_total` (received messages the node acknowledged, gave back or refused) | counter | `transport`, `plugin`, `outcome` (`accepted`, `requeued`, `rejected`) |
 //! | `comms_transport_send_queue_depth`, `comms_transport_receive_queue_depth` | gauge | `transport`, `plugin` |
 //! | `comms_transport_stat` (a plugin's own counters, e.g. `redis.claimed`) | gauge | `transport`, `plugin`, `name` |
 //! | `comms_transport_longest_blocking_poll_seconds` (a plugin future that held the host's thread) | gauge | `transport`, `plugin`, `operation` |
@@ -164,6 +165,26 @@ impl Collector for StatusCollector {
             let series = transports.iter().map(|(labels, t)| (labels.clone(), ConstCounter::new(read(t))));
             family(&mut encoder, name, help, MetricType::Counter, series)?;
         }
+        let settled = transports.iter().flat_map(|(labels, t)| {
+            [
+                ("accepted", t.settled_accepted),
+                ("requeued", t.settled_requeued),
+                ("rejected", t.settled_rejected),
+            ]
+            .into_iter()
+            .map(move |(outcome, value)| {
+                let mut labels = labels.clone();
+                labels.push(("outcome", outcome.to_string()));
+                (labels, ConstCounter::new(value))
+            })
+        });
+        family(
+            &mut encoder,
+            "comms_transport_settled",
+            "Received messages the node settled: accepted, requeued (to be delivered again) or rejected",
+            MetricType::Counter,
+            settled,
+        )?;
         let depths: [TransportSeries; 2] = [
             ("comms_transport_send_queue_depth", "Messages queued for sending, not yet written", |t| {
                 t.send_queue_depth
