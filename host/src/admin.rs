@@ -101,6 +101,9 @@ pub struct TransportStatus {
     /// Received messages the node refused for good (discarded or dead-lettered).
     #[serde(default)]
     pub settled_rejected: u64,
+    /// Calls into the plugin that panicked (caught at the boundary, returned as errors).
+    #[serde(default)]
+    pub plugin_panics: u64,
 }
 
 /// One peer of a [`NodeStatus`].

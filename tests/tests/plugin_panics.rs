@@ -39,6 +39,11 @@ async fn panic_in_send_is_a_send_error() {
         assert_eq!(plugin_error.code, ErrorCode::PANICKED);
         assert!(error.to_string().contains("deliberate panic in send"), "{error}");
     }
+    // Counted, for the status and the metrics.
+    assert_eq!(node.status().transports[0].plugin_panics, 3);
+    let series = r#"comms_transport_plugin_panics_total{transport="loop",plugin="#;
+    let line = node.metrics_text().lines().find(|line| line.starts_with(series)).map(str::to_string);
+    assert!(line.as_deref().is_some_and(|line| line.ends_with(" 3")), "{line:?}");
     node.close().await.unwrap();
 }
 

@@ -39,6 +39,7 @@ impl Driver {
                         settled_accepted: t.settle_lane.counts().accepted.load(Ordering::Relaxed),
                         settled_requeued: t.settle_lane.counts().requeued.load(Ordering::Relaxed),
                         settled_rejected: t.settle_lane.counts().rejected.load(Ordering::Relaxed),
+                        plugin_panics: t.loaded.panics(),
                     }
                 })
                 .collect(),

@@ -13,7 +13,7 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `comms_transport_messages_sent_total`, `..._bytes_sent_total`, `..._messages_received_total`, `..._bytes_received_total`, `..._send_errors_total`, `..._errors_total`, `..._reconnects_total` | counter | `transport`, `plugin` |
+//! | `comms_transport_messages_sent_total`, `..._bytes_sent_total`, `..._messages_received_total`, `..._bytes_received_total`, `..._send_errors_total`, `..._errors_total`, `..._reconnects_total`, `..._plugin_panics_total` | counter | `transport`, `plugin` |
 //! | `comms_transport_settled_total` (received messages the node acknowledged, gave back or refused) | counter | `transport`, `plugin`, `outcome` (`accepted`, `requeued`, `rejected`) |
 //! | `comms_transport_send_queue_depth`, `comms_transport_receive_queue_depth` | gauge | `transport`, `plugin` |
 //! | `comms_transport_stat` (a plugin's own counters, e.g. `redis.claimed`) | gauge | `transport`, `plugin`, `name` |
@@ -150,7 +150,7 @@ impl Collector for StatusCollector {
             .iter()
             .map(|t| (vec![("transport", t.name.clone()), ("plugin", t.plugin.clone())], t))
             .collect();
-        let counters: [TransportSeries; 7] = [
+        let counters: [TransportSeries; 8] = [
             ("comms_transport_messages_sent", "Messages the transport took to send", |t| t.messages_sent),
             ("comms_transport_bytes_sent", "Payload bytes of those messages", |t| t.bytes_sent),
             ("comms_transport_messages_received", "Messages the transport handed to the node", |t| {
@@ -160,6 +160,11 @@ impl Collector for StatusCollector {
             ("comms_transport_send_errors", "Sends that failed", |t| t.send_errors),
             ("comms_transport_errors", "Receives that failed and the transport's own errors", |t| t.errors),
             ("comms_transport_reconnects", "Connections opened again after they were lost", |t| t.reconnects),
+            (
+                "comms_transport_plugin_panics",
+                "Calls into the plugin that panicked (caught, returned as errors)",
+                |t| t.plugin_panics,
+            ),
         ];
         for (name, help, read) in counters {
             let series = transports.iter().map(|(labels, t)| (labels.clone(), ConstCounter::new(read(t))));

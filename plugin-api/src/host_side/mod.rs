@@ -24,8 +24,8 @@ pub use load_error::LoadError;
 pub use poll_watch::BlockingPoll;
 
 use crate::{
-    export::plugin_module, Envelope, Extensions, Inbound, NodeId, NodeRecord, Outbound, PeerEvent, Plugin,
-    PluginDescription, PluginError, Provides, SendFailure, TransportInfo, TransportStats,
+    export::plugin_module, Envelope, ErrorCode, Extensions, Inbound, NodeId, NodeRecord, Outbound, PeerEvent,
+    Plugin, PluginDescription, PluginError, Provides, SendFailure, TransportInfo, TransportStats,
 };
 use comms_core::{
     abi_stable::{
@@ -39,7 +39,10 @@ use comms_core::{
 use poll_watch::PollWatch;
 use std::{
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
 };
 
 /// A loaded plugin library (or a plugin linked into this program), ready to construct
@@ -188,7 +191,7 @@ impl PluginLibrary {
         let mut idiomatic =
             TransportInfo::new(info.capabilities, info.local_address.as_str(), info.max_message_size);
         idiomatic.extensions = Extensions::from_abi(info.extensions);
-        Ok(LoadedTransport { inner, info: idiomatic, watch })
+        Ok(LoadedTransport { inner, info: idiomatic, watch, panics: AtomicU64::new(0) })
     }
 
     /// Constructs a discovery; `config_toml` is the plugin's own table as TOML text.
@@ -220,6 +223,8 @@ pub struct LoadedTransport {
     inner: TransportBox,
     info: TransportInfo,
     watch: Arc<PollWatch>,
+    /// Calls that ended in a panic caught at the boundary ([`ErrorCode::PANICKED`]).
+    panics: AtomicU64,
 }
 
 impl std::fmt::Debug for LoadedTransport {
@@ -229,6 +234,21 @@ impl std::fmt::Debug for LoadedTransport {
 }
 
 impl LoadedTransport {
+    /// An error from the plugin, counted if it is a caught panic.
+    fn failed(&self, error: comms_core::CommsError) -> PluginError {
+        let error = PluginError::from_abi(error);
+        if error.code == ErrorCode::PANICKED {
+            self.panics.fetch_add(1, Ordering::Relaxed);
+        }
+        error
+    }
+
+    /// How many calls into this transport ended in a panic (caught at the boundary and
+    /// returned as an [`ErrorCode::PANICKED`] error).
+    pub fn panics(&self) -> u64 {
+        self.panics.load(Ordering::Relaxed)
+    }
+
     /// What the transport declared when it was constructed.
     pub fn info(&self) -> &TransportInfo {
         &self.info
@@ -237,7 +257,7 @@ impl LoadedTransport {
     /// See [`crate::Transport::send`].
     pub async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
         let call = self.inner.send(RString::from(address), envelope.into_abi());
-        self.watch.watch("send", call).await.into_result().map_err(PluginError::from_abi)
+        self.watch.watch("send", call).await.into_result().map_err(|error| self.failed(error))
     }
 
     /// See [`crate::Transport::send_batch`]: the items that failed, by their index in `batch`
@@ -256,11 +276,11 @@ impl LoadedTransport {
                 .into_iter()
                 .map(|failure| SendFailure {
                     index: failure.index as usize,
-                    error: PluginError::from_abi(failure.error),
+                    error: self.failed(failure.error),
                 })
                 .collect(),
             Err(error) => {
-                let error = PluginError::from_abi(error);
+                let error = self.failed(error);
                 (0..count).map(|index| SendFailure { index, error: error.clone() }).collect()
             }
         }
@@ -270,7 +290,8 @@ impl LoadedTransport {
     /// kind from a newer interface) is settled as discarded and logged, never handed on.
     pub async fn receive(&self, max_batch: u32) -> Result<Vec<Inbound>, PluginError> {
         let call = self.inner.receive(max_batch);
-        let batch = self.watch.watch("receive", call).await.into_result().map_err(PluginError::from_abi)?;
+        let batch =
+            self.watch.watch("receive", call).await.into_result().map_err(|error| self.failed(error))?;
         let mut accepted = Vec::with_capacity(batch.len());
         let mut discarded = RVec::new();
         for inbound in batch {
@@ -301,19 +322,19 @@ impl LoadedTransport {
     /// See [`crate::Transport::settle`].
     pub async fn settle(&self, settlements: Vec<Settlement>) -> Result<(), PluginError> {
         let call = self.inner.settle(RVec::from(settlements));
-        self.watch.watch("settle", call).await.into_result().map_err(PluginError::from_abi)
+        self.watch.watch("settle", call).await.into_result().map_err(|error| self.failed(error))
     }
 
     /// See [`crate::Transport::subscribe`].
     pub async fn subscribe(&self, pattern: &str) -> Result<(), PluginError> {
         let call = self.inner.subscribe(RString::from(pattern));
-        self.watch.watch("subscribe", call).await.into_result().map_err(PluginError::from_abi)
+        self.watch.watch("subscribe", call).await.into_result().map_err(|error| self.failed(error))
     }
 
     /// See [`crate::Transport::unsubscribe`].
     pub async fn unsubscribe(&self, pattern: &str) -> Result<(), PluginError> {
         let call = self.inner.unsubscribe(RString::from(pattern));
-        self.watch.watch("unsubscribe", call).await.into_result().map_err(PluginError::from_abi)
+        self.watch.watch("unsubscribe", call).await.into_result().map_err(|error| self.failed(error))
     }
 
     /// What the transport has done: the counts the boundary keeps and the transport's own.
@@ -329,7 +350,7 @@ impl LoadedTransport {
 
     /// See [`crate::Transport::close`].
     pub async fn close(&self) -> Result<(), PluginError> {
-        self.watch.watch("close", self.inner.close()).await.into_result().map_err(PluginError::from_abi)
+        self.watch.watch("close", self.inner.close()).await.into_result().map_err(|error| self.failed(error))
     }
 }
 
