@@ -248,10 +248,15 @@ impl Discovery for NatsDiscovery {
             return Err(self.closed());
         }
         let what = "listing the node records";
-        let mut keys = self.shared.kv.keys().await.map_err(|error| self.shared.error(what, error))?;
+        let mut listing = self.shared.kv.keys().await.map_err(|error| self.shared.error(what, error))?;
+        // The listing is a live consumer of the bucket: a key written while it runs (a
+        // heartbeat's refresh) can come twice. Each key once, then each record read once.
+        let mut keys = std::collections::BTreeSet::new();
+        while let Some(key) = listing.next().await {
+            keys.insert(key.map_err(|error| self.shared.error(what, error))?);
+        }
         let mut peers = Vec::new();
-        while let Some(key) = keys.next().await {
-            let key = key.map_err(|error| self.shared.error(what, error))?;
+        for key in keys {
             let Some(value) =
                 self.shared.kv.get(key.as_str()).await.map_err(|error| self.shared.error(what, error))?
             else {
