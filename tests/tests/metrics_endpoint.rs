@@ -173,16 +173,20 @@ async fn settlements_are_counted_by_outcome_on_an_acknowledging_transport() {
         sender.send("receiver", &n).await.unwrap();
     }
     // 0, 2, 3 accepted; 1 given back once, then accepted; 4 refused for good.
-    let mut requeued_once = false;
+    let (mut requeued_once, mut rejected) = (false, false);
     let mut accepted = 0;
-    while accepted < 4 {
+    // Until all five are done: the requeued 1 may come back before 4 (or after it).
+    while accepted < 4 || !rejected {
         let mut message = receiver.receive::<u32>().await.unwrap();
         match message.message {
             1 if !requeued_once => {
                 requeued_once = true;
                 message.nack();
             }
-            4 => message.reject(),
+            4 => {
+                rejected = true;
+                message.reject();
+            }
             _ => {
                 accepted += 1;
                 message.ack();
