@@ -31,6 +31,10 @@ impl Capabilities {
     /// the senders behind a broker then comes from envelope signatures). The host refuses a
     /// transport without it when the node's config requires encrypted links.
     pub const ENCRYPTED: Self = Self(1 << 5);
+    /// `send_batch` costs about what one `send` costs (one write, one round trip to confirm the
+    /// whole batch), so the host gathers sends that overlap into batches. Added in 1.1 without
+    /// a layout change: a host that does not know the flag ignores it and sends one by one.
+    pub const BATCHED_SEND: Self = Self(1 << 6);
 
     /// Whether every flag in `other` is set in `self`.
     pub const fn contains(self, other: Self) -> bool {
@@ -44,13 +48,14 @@ impl Capabilities {
 
     /// Names of the flags that are set, for display.
     pub fn names(self) -> Vec<&'static str> {
-        const NAMES: [(Capabilities, &str); 6] = [
+        const NAMES: [(Capabilities, &str); 7] = [
             (Capabilities::ORDERED, "ordered"),
             (Capabilities::ACKNOWLEDGEMENTS, "acknowledgements"),
             (Capabilities::DURABLE, "durable"),
             (Capabilities::NATIVE_TOPICS, "native-topics"),
             (Capabilities::RELIABLE, "reliable"),
             (Capabilities::ENCRYPTED, "encrypted"),
+            (Capabilities::BATCHED_SEND, "batched-send"),
         ];
         NAMES.iter().filter(|(flag, _)| self.contains(*flag)).map(|(_, name)| *name).collect()
     }

@@ -15,14 +15,25 @@
 //! but does not announce them in its record, so they never show up as an application's service
 //! and a request must name the node ([`crate::Node::request_node`]).
 //!
+//! Shutdown: a node whose key is listed in `[admin] keys` ([`crate::NodeBuilder::admin_keys`])
+//! may ask another to close gracefully ([`SHUTDOWN_SERVICE`], [`crate::Node::remote_shutdown`],
+//! `comms shutdown NODE --config admin.toml`). The admin keys need `[security] signatures =
+//! "require"` on the node, so that the caller's id, bound to its key, is proven by the
+//! envelope's signature. The node answers, then closes as [`crate::Node::close`] does (requests in
+//! flight finish, peers are told, queues are flushed); its application sees
+//! [`crate::Node::closed`] complete and `receive` end with [`crate::ReceiveError::Closed`].
+//!
 //! Limits: status is read-only, and any node that can send to this one can read it (with
-//! `[security] allow` only the listed nodes can). Shutdown and reload by remote command are not
-//! offered yet.
+//! `[security] allow` only the listed nodes can). Reload by remote command is not offered yet.
 
 use serde::{Deserialize, Serialize};
 
 /// The service every node answers with its [`NodeStatus`]; the request is `()`.
 pub const STATUS_SERVICE: &str = "comms.status";
+
+/// The service that closes a node when an admin asks; the request is `()`, the answer a line
+/// of text (see the module docs).
+pub const SHUTDOWN_SERVICE: &str = "comms.shutdown";
 
 /// Services named with this prefix belong to the framework and are not announced.
 pub const RESERVED_PREFIX: &str = "comms.";

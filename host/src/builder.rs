@@ -80,6 +80,7 @@ pub struct NodeBuilder {
     security: Security,
     plugin_threads: u32,
     metrics_listen: Option<SocketAddr>,
+    admin_keys: Vec<String>,
 }
 
 impl Node {
@@ -112,6 +113,7 @@ impl NodeBuilder {
                 close_timeout: Duration::from_secs(5),
                 relay: false,
                 dedup_window: 0,
+                admins: None,
             },
             transports: Vec::new(),
             discovery: None,
@@ -121,6 +123,7 @@ impl NodeBuilder {
             security: Security::default(),
             plugin_threads: 0,
             metrics_listen: None,
+            admin_keys: Vec::new(),
         }
     }
 
@@ -207,6 +210,15 @@ impl NodeBuilder {
     /// hash lookup per message; a repeat older than `window` newer messages is delivered again.
     pub fn dedup_window(mut self, window: usize) -> Self {
         self.settings.dedup_window = window;
+        self
+    }
+
+    /// The nodes that may shut this one down remotely ([`crate::admin::SHUTDOWN_SERVICE`],
+    /// `comms shutdown`): public keys in hex, or node ids bound to keys (`[admin] keys`). Needs
+    /// `signatures = "require"` ([`NodeBuilder::security`]), so that a caller's id is proven by
+    /// its signature. Empty (the default): nobody may.
+    pub fn admin_keys(mut self, keys: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.admin_keys = keys.into_iter().map(Into::into).collect();
         self
     }
 
@@ -346,6 +358,30 @@ impl NodeBuilder {
 
     /// Loads the identity, derives the node id from it, checks the security settings; returns
     /// the `[comms_security]` table for transports (noise links only) and the signer.
+    /// `[admin] keys` as an allow list, refused without required signatures (the caller's id
+    /// would then prove nothing) and for `"*"` (every node an admin).
+    fn resolve_admins(&self, signatures: SignatureMode) -> Result<Option<AllowList>, BuildError> {
+        if self.admin_keys.is_empty() {
+            return Ok(None);
+        }
+        if signatures != SignatureMode::Require {
+            return Err(self.config_error(
+                "key `admin.keys`: remote shutdown needs `security.signatures = \"require\"`, so that a \
+                 caller's node id is proven by its signature (and this node's `node.key_file`)"
+                    .into(),
+            ));
+        }
+        if self.admin_keys.iter().any(|key| key == "*") {
+            return Err(self.config_error(
+                "key `admin.keys`: `*` would let every node shut this one down; list the admins' public keys"
+                    .into(),
+            ));
+        }
+        let admins =
+            AllowList::parse(&self.admin_keys, "admin.keys").map_err(|e| self.config_error(e.message))?;
+        Ok(Some(admins))
+    }
+
     fn resolve_security(&mut self) -> Result<(Option<toml::Table>, Option<Signatures>), BuildError> {
         let security = self.security.clone();
         let identity = match (self.identity.take(), &self.key_file) {
@@ -357,6 +393,7 @@ impl NodeBuilder {
         };
         let allow =
             AllowList::parse(&security.allow, "security.allow").map_err(|e| self.config_error(e.message))?;
+        self.settings.admins = self.resolve_admins(security.signatures)?;
         if let Some(identity) = &identity {
             let key = identity.public_key();
             self.id = match PublicKey::of_node(&self.id) {
@@ -399,7 +436,12 @@ impl NodeBuilder {
                         .into(),
                 ))
             }
-            (_, Some(identity)) => Some(Signatures::new(Arc::new(identity), &security, allow)),
+            (_, Some(identity)) => {
+                // Empty: any key bound to the sender's id (docs/security.md); the signature
+                // still has to verify against it.
+                let allow = if security.allow.is_empty() { AllowList::AnyKey } else { allow };
+                Some(Signatures::new(Arc::new(identity), &security, allow))
+            }
         };
         tracing::debug!(
             node = %self.id,

@@ -33,6 +33,9 @@
 //! max_clock_skew_ms = 300000   # signatures: how old / early a signed-at may be
 //! replay_cache_size = 100000   # signatures: recent message ids remembered against replays
 //!
+//! [admin]                      # optional; see comms_host::admin
+//! keys = ["<public key>"]      # who may shut this node down (needs signatures = "require")
+//!
 //! [metrics]                    # optional; see comms_host::metrics
 //! listen = "127.0.0.1:9464"    # serve Prometheus metrics at http://127.0.0.1:9464/metrics
 //!
@@ -76,6 +79,15 @@ struct ConfigFile {
     security: SecuritySection,
     #[serde(default)]
     metrics: MetricsSection,
+    #[serde(default)]
+    admin: AdminSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminSection {
+    #[serde(default)]
+    keys: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -178,6 +190,7 @@ pub fn load(path: &Path) -> Result<NodeBuilder, ConfigError> {
             .unwrap_or(crate::security::DEFAULT_MAX_CLOCK_SKEW),
         replay_cache_size: section.replay_cache_size.unwrap_or(crate::security::DEFAULT_REPLAY_CACHE_SIZE),
     });
+    builder = builder.admin_keys(file.admin.keys.iter().cloned());
     if let Some(address) = file.metrics.listen {
         builder = builder.metrics_listen(address);
     }

@@ -127,6 +127,26 @@ impl Node {
         self.request_node(node, crate::admin::STATUS_SERVICE, &(), &options).await
     }
 
+    /// Asks node `node` to shut down ([`crate::admin::SHUTDOWN_SERVICE`]): it does if this
+    /// node's key is one of its `[admin] keys`, and answers first. One attempt, waiting at most
+    /// `timeout`; a refusal is a [`RequestError::Remote`] that says why.
+    pub async fn remote_shutdown(
+        &self,
+        node: impl Into<NodeId>,
+        timeout: Duration,
+    ) -> Result<String, RequestError> {
+        let options = RequestOptions { timeout, attempts: 1, ..RequestOptions::default() };
+        self.request_node(node, crate::admin::SHUTDOWN_SERVICE, &(), &options).await
+    }
+
+    /// Completes once this node has closed: by [`Node::close`], or at an admin's request
+    /// ([`crate::admin::SHUTDOWN_SERVICE`]).
+    pub async fn closed(&self) {
+        let mut shutdown = self.inner.shutdown.subscribe();
+        // An error means the driver is gone, which is closed too.
+        let _ = shutdown.wait_for(|stopped| *stopped).await;
+    }
+
     /// This node's metrics in the OpenMetrics text format that Prometheus scrapes (see
     /// [`crate::metrics`]), for an application that serves them itself.
     pub fn metrics_text(&self) -> String {

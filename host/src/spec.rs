@@ -6,7 +6,7 @@ use crate::{
     engine::EngineSpec,
     request_response::{Balancing, RequestOptions},
 };
-use comms_plugin_api::NodeId;
+use comms_plugin_api::{security::AllowList, NodeId};
 use std::time::Duration;
 
 /// Messages buffered per subscription. Publications that come at most once (TCP, UDP, memory,
@@ -41,6 +41,8 @@ pub(crate) struct NodeSpec {
     pub(crate) relay: bool,
     /// Message ids remembered to give the application each message once; 0: off.
     pub(crate) dedup_window: usize,
+    /// Keys of the nodes that may shut this one down (`[admin] keys`); `None`: nobody.
+    pub(crate) admins: Option<AllowList>,
 }
 
 impl NodeSpec {

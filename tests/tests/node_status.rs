@@ -1,5 +1,6 @@
 //! Remote status (`comms_host::admin`): a node asked over comms, through the TCP plugin loaded as
-//! users load it, reports what it runs and what it did; `comms status NODE` prints it.
+//! users load it, reports what it runs and what it did; `comms status NODE` prints it and
+//! `comms top` shows it live.
 
 use comms_host::{admin::NodeStatus, Node, PluginLibrary, Received, RequestError};
 use comms_tests::{artifacts, free_address, scratch_dir, write_config};
@@ -125,6 +126,31 @@ fn comms_status_prints_a_running_node_as_a_table_and_as_json() {
         "{}",
         String::from_utf8_lossy(&missing.stderr)
     );
+
+    // `comms top`: frames of every node that is up, this one included, with rates from the
+    // second frame on.
+    let top = Command::new(&artifacts().comms_bin)
+        .args(["top", "--count", "2", "--interval-ms", "400", "--config"])
+        .arg(&client)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&top.stdout);
+    assert!(top.status.success(), "{}{text}", String::from_utf8_lossy(&top.stderr));
+    let frames: Vec<&str> = text.split("\n\n").collect();
+    assert_eq!(frames.len(), 2, "two frames: {text}");
+    for frame in &frames {
+        assert!(frame.starts_with("node "), "{frame}");
+        assert!(frame.contains("in msg/s"), "{frame}");
+    }
+    let server_row = |frame: &str| frame.lines().find(|line| line.starts_with("server ")).map(str::to_string);
+    let first = server_row(frames[0]).expect("the server in the first frame");
+    assert!(frames[0].lines().any(|line| line.starts_with("client ")), "{text}");
+    let second = server_row(frames[1]).expect("the server in the second frame");
+    let columns: Vec<&str> = second.split_whitespace().collect();
+    // The status requests of the first frame reached it: a measured rate, not `-`.
+    assert!(columns[2].parse::<f64>().is_ok_and(|rate| rate > 0.0), "in msg/s of: {second}");
+    assert_eq!(first.split_whitespace().nth(2), Some("-"), "no rate in the first frame: {first}");
+    assert_eq!(columns.last(), Some(&"1/1"), "the server knows the client, up: {second}");
 
     let _ = Command::new("kill").arg(echo.id().to_string()).status();
     assert!(echo.wait().unwrap().success());

@@ -548,6 +548,7 @@ async fn the_conformance_suite_passes_with_encrypted_links_over_tcp_and_uds() {
         assert_eq!(
             report.skipped_names(),
             [
+                "batches_and_sends_at_once",
                 "redelivery_after_reject",
                 "durable_resume",
                 "reliable_delivery",
@@ -591,7 +592,7 @@ fn comms_check_with_a_key_file_runs_over_encrypted_links() {
         stdout.lines().next().is_some_and(|line| line.ends_with("over encrypted links (noise)")),
         "{stdout}"
     );
-    assert_eq!(stdout.lines().last(), Some("13 passed, 0 failed, 5 skipped"), "{stdout}");
+    assert_eq!(stdout.lines().last(), Some("13 passed, 0 failed, 6 skipped"), "{stdout}");
     assert!(!stdout.contains(&node.secret_hex()) && !stderr.contains(&node.secret_hex()));
 
     let (success, stdout, _) = run(&artifacts().memory_plugin);

@@ -8,6 +8,7 @@ mod node_commands;
 mod patterns;
 mod plugins;
 mod status;
+mod top;
 
 use clap::{Parser, Subcommand};
 use comms_host::BuildError;
@@ -89,6 +90,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A live table of the cluster as this node sees it: every node that is up, with msg/s in
+    /// and out, queues, errors and peers, refreshed every interval.
+    Top {
+        /// The config file of the node to watch from.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Time between frames, in milliseconds (at least 100).
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Stop after this many frames (default: until Ctrl-C).
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Ask a node to shut down gracefully (it must list this node's key in `[admin] keys`).
+    Shutdown {
+        /// The config file of the node to ask from: its `node.key_file` is the admin's key, and it
+        /// needs `security.signatures = "require"` or "sign".
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The node to shut down.
+        node: String,
+        /// How long to wait for NODE to be known, and then for its answer, in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        wait_ms: u64,
+    },
     /// Publish one text message on a topic.
     Publish {
         /// The node's config file.
@@ -153,7 +179,8 @@ enum Command {
         #[arg(long, conflicts_with_all = ["config", "key_file", "assume"])]
         list: bool,
         /// Run the cases of these capabilities too, as if the plugin declared them (comma
-        /// separated: ordered, acknowledgements, durable, native-topics, reliable, encrypted).
+        /// separated: ordered, acknowledgements, durable, native-topics, reliable, encrypted,
+        /// batched-send).
         #[arg(long, value_delimiter = ',')]
         assume: Vec<String>,
         /// A TOML file with the plugin's config table (as under [transports.NAME]).
@@ -278,6 +305,8 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Demo { plugin_dir, messages } => demo::run(plugin_dir, messages).await,
         Command::Peers { config, wait_ms } => patterns::peers(&config, wait_ms).await,
         Command::Status { config, node, wait_ms, json } => status::run(&config, &node, wait_ms, json).await,
+        Command::Top { config, interval_ms, count } => top::run(&config, interval_ms, count).await,
+        Command::Shutdown { config, node, wait_ms } => status::shutdown(&config, &node, wait_ms).await,
         Command::Publish { config, topic, text, wait_ms } => {
             patterns::publish(&config, &topic, &text, wait_ms).await
         }

@@ -1,4 +1,5 @@
-//! `comms status NODE`: a node's state, asked over comms (see `comms_host::admin`).
+//! `comms status NODE` (a node's state) and `comms shutdown NODE`, asked over comms (see
+//! `comms_host::admin`).
 
 use super::{other, CliError};
 use comms_host::{admin::NodeStatus, Node};
@@ -19,6 +20,20 @@ pub(super) async fn run(config: &Path, target: &str, wait_ms: u64, json: bool) -
     } else {
         print_status(&status);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) async fn shutdown(config: &Path, target: &str, wait_ms: u64) -> Result<ExitCode, CliError> {
+    let node = Node::from_config(config).await?;
+    let wait = Duration::from_millis(wait_ms);
+    let answer = match node.wait_for_peer(target, wait).await {
+        Err(error) => Err(other(error)),
+        Ok(()) => node.remote_shutdown(target, wait).await.map_err(other),
+    };
+    let closed = node.close().await;
+    let answer = answer?;
+    closed.map_err(other)?;
+    println!("{answer}");
     Ok(ExitCode::SUCCESS)
 }
 

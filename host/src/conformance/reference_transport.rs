@@ -14,8 +14,8 @@
 //! reopening the node takes it over, unsettled messages first.
 
 use comms_plugin_api::{
-    async_trait, Capabilities, Destination, Envelope, ErrorCode, Inbound, NodeId, Plugin, PluginError,
-    Provides, Settlement, SettlementOutcome, Setup, Transport, TransportInfo,
+    async_trait, Capabilities, Destination, Envelope, ErrorCode, Inbound, NodeId, Outbound, Plugin,
+    PluginError, Provides, SendFailure, Settlement, SettlementOutcome, Setup, Transport, TransportInfo,
 };
 use serde::Deserialize;
 use std::{
@@ -63,7 +63,13 @@ pub(crate) enum Fault {
     BlockInReceive,
     /// A send to an address with no mailbox (a closed node) succeeds, and the message is lost.
     AcceptWhileGone,
+    /// `send_batch` keeps the first 512 items of a longer batch and reports none lost (a
+    /// batch writer whose buffer is too small).
+    TruncateLargeBatches,
 }
+
+/// Items a [`Fault::TruncateLargeBatches`] batch keeps.
+const TRUNCATED_BATCH: usize = 512;
 
 /// What a [`Fault::DropWhenFull`] mailbox holds.
 const DROPPING_CAPACITY: usize = 256;
@@ -167,6 +173,7 @@ impl ReferenceTransport {
             Capabilities::DURABLE,
             Capabilities::NATIVE_TOPICS,
             Capabilities::RELIABLE,
+            Capabilities::BATCHED_SEND,
         ];
         let capabilities = match &config.capabilities {
             None => all.into_iter().fold(Capabilities::NONE, Capabilities::union),
@@ -320,6 +327,20 @@ impl Transport for ReferenceTransport {
                 Ok(())
             }
         }
+    }
+
+    /// One by one, as the trait's default does (an in-process send costs no more in a batch).
+    async fn send_batch(&self, mut batch: Vec<Outbound>) -> Vec<SendFailure> {
+        if self.fault == Fault::TruncateLargeBatches {
+            batch.truncate(TRUNCATED_BATCH);
+        }
+        let mut failures = Vec::new();
+        for (index, outbound) in batch.into_iter().enumerate() {
+            if let Err(error) = self.send(&outbound.address, outbound.envelope).await {
+                failures.push(SendFailure { index, error });
+            }
+        }
+        failures
     }
 
     async fn receive(&self, max_batch: usize) -> Result<Vec<Inbound>, PluginError> {
@@ -549,6 +570,7 @@ mod tests {
             report.skipped_names(),
             [
                 "order_per_sender",
+                "batches_and_sends_at_once",
                 "redelivery_after_reject",
                 "durable_resume",
                 "reliable_delivery",
@@ -606,7 +628,7 @@ mod tests {
     /// what went wrong.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn broken_transports_fail_the_cases_that_check_what_they_break() {
-        let expectations: [(&str, &str, &str, &str); 12] = [
+        let expectations: [(&str, &str, &str, &str); 13] = [
             ("drop-every-tenth", "", "concurrent_senders", "senders lost messages"),
             ("drop-every-tenth", "", "concurrent_receivers", "receivers are missing messages"),
             ("swap-pairs", "", "order_per_sender", "arrived after its message"),
@@ -623,6 +645,7 @@ mod tests {
             ("lose-on-close", "", "durable_resume", "missing"),
             ("exact-topics-only", "", "topic_isolation", "of `orders.*` got 0 of 1 messages"),
             ("drop-when-full", "", "reliable_delivery", "did not call receive for the first 1 s"),
+            ("truncate-large-batches", "", "batches_and_sends_at_once", "senders lost messages"),
             (
                 "accept-while-gone",
                 r#"capabilities = ["reliable"]"#,

@@ -292,7 +292,10 @@ mod tests {
                 list.iter().filter(|case| case.needs.contains(flag)).map(|case| case.name).collect();
             assert!(!turned_on.is_empty(), "no conformance case checks the capability {:?}", flag.names());
         }
-        assert_eq!(seen, 6, "ordered, acknowledgements, durable, native-topics, reliable, encrypted");
+        assert_eq!(
+            seen, 7,
+            "ordered, acknowledgements, durable, native-topics, reliable, encrypted, batched-send"
+        );
         let table = case_table();
         for case in &list {
             assert!(table.contains(&format!("| `{}` |", case.name)), "{table}");

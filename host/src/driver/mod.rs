@@ -15,8 +15,10 @@
 //!
 //! The engine sits behind a plain mutex, held only while it decides (never across an await).
 
+mod gathered_sends;
 mod incoming;
 mod outgoing;
+mod remote_shutdown;
 mod status;
 
 use crate::{
@@ -37,6 +39,7 @@ use comms_plugin_api::{
     PeerEventKind, PluginError, Settlement, SettlementOutcome, UNDELIVERED_COUNTER,
 };
 use futures::future::BoxFuture;
+use gathered_sends::GatheredSends;
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -74,6 +77,8 @@ pub(crate) struct NodeTransport {
     pub(crate) settle_lane: SettleLane,
     /// Set while the engine wants no more messages from this transport (backpressure).
     pub(crate) paused: watch::Sender<bool>,
+    /// Sends that overlap go out in one batch (transports with `BATCHED_SEND` only).
+    gathered: Option<Arc<GatheredSends>>,
 }
 
 impl NodeTransport {
@@ -84,13 +89,17 @@ impl NodeTransport {
         faults: Option<FaultInjector>,
     ) -> Self {
         let settle_lane = SettleLane::start(name.clone(), Arc::clone(&loaded));
-        Self { name, plugin, loaded, faults, settle_lane, paused: watch::channel(false).0 }
+        // The fault injector works message by message.
+        let gathers = faults.is_none() && loaded.info().capabilities.contains(Capabilities::BATCHED_SEND);
+        let gathered = gathers.then(|| GatheredSends::new(Arc::clone(&loaded)));
+        Self { name, plugin, loaded, faults, settle_lane, paused: watch::channel(false).0, gathered }
     }
 
     pub(crate) async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
-        match &self.faults {
-            Some(faults) => faults.send(&self.loaded, address, envelope).await,
-            None => self.loaded.send(address, envelope).await,
+        match (&self.faults, &self.gathered) {
+            (Some(faults), _) => faults.send(&self.loaded, address, envelope).await,
+            (None, Some(gathered)) => gathered.send(address, envelope).await,
+            (None, None) => self.loaded.send(address, envelope).await,
         }
     }
 
@@ -244,6 +253,10 @@ impl Driver {
         let status = status::status_handler(driver.spec.codec, Arc::downgrade(&driver));
         driver.add_service(crate::admin::STATUS_SERVICE, status);
         let served = Input::Served { name: crate::admin::STATUS_SERVICE.to_string(), limit: 4 };
+        driver.run(driver.handle(served));
+        let shutdown = remote_shutdown::shutdown_handler(driver.spec.codec, Arc::downgrade(&driver));
+        driver.add_service(crate::admin::SHUTDOWN_SERVICE, shutdown);
+        let served = Input::Served { name: crate::admin::SHUTDOWN_SERVICE.to_string(), limit: 1 };
         driver.run(driver.handle(served));
         let loops = driver
             .transports
@@ -547,7 +560,15 @@ impl Driver {
 
     /// The next item of the inbox; `None` once the node is gone.
     pub(crate) async fn next_inbox_item(self: &Arc<Self>) -> Option<InboxItem> {
-        let item = self.inbox.lock().await.recv().await?;
+        let mut inbox = self.inbox.lock().await;
+        let mut shutdown = self.shutdown.subscribe();
+        let item = tokio::select! {
+            biased;
+            item = inbox.recv() => item,
+            // Closed: what is still queued, then nothing (a wait would never end).
+            _ = shutdown.wait_for(|stopped| *stopped) => inbox.try_recv().ok(),
+        }?;
+        drop(inbox);
         if matches!(item, InboxItem::Message(..)) {
             self.run(self.handle(Input::Taken(Local::Inbox)));
         }

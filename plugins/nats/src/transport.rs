@@ -422,14 +422,16 @@ impl NatsTransport {
 impl Transport for NatsTransport {
     /// Ordered, acknowledged, durable and reliable (a JetStream stream), with native topics
     /// (core NATS). Not `ENCRYPTED`: TLS to the server protects the link to it, not the
-    /// messages from other clients of the server.
+    /// messages from other clients of the server. `BATCHED_SEND`: a batch waits for its
+    /// confirmations together.
     fn info(&self) -> TransportInfo {
         TransportInfo::new(
             Capabilities::ORDERED
                 | Capabilities::ACKNOWLEDGEMENTS
                 | Capabilities::DURABLE
                 | Capabilities::NATIVE_TOPICS
-                | Capabilities::RELIABLE,
+                | Capabilities::RELIABLE
+                | Capabilities::BATCHED_SEND,
             self.shared.inbox.clone(),
             self.shared.max_message_size,
         )

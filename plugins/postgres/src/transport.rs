@@ -27,7 +27,9 @@ pub const CAPABILITIES: Capabilities = Capabilities(
         | Capabilities::ACKNOWLEDGEMENTS.0
         | Capabilities::DURABLE.0
         | Capabilities::NATIVE_TOPICS.0
-        | Capabilities::RELIABLE.0,
+        | Capabilities::RELIABLE.0
+        // A batch is one INSERT.
+        | Capabilities::BATCHED_SEND.0,
 );
 
 /// A send waiting for the writer, with where its answer goes.

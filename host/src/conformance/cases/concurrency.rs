@@ -2,10 +2,10 @@
 //! and per-sender order.
 
 use crate::conformance::harness::{
-    describe_missing, envelope, failed, read_tag, tag_payload, while_sending, CaseError, CaseResult,
+    describe_missing, envelope, failed, read_tag, tag_payload, while_sending, within, CaseError, CaseResult,
     Endpoint, Harness, Inbox, Settling,
 };
-use comms_plugin_api::Destination;
+use comms_plugin_api::{Capabilities, Destination, Outbound};
 use futures::future::{join_all, try_join_all};
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -20,6 +20,11 @@ const RECEIVERS: u32 = 50;
 const MESSAGES_PER_RECEIVER: u32 = 100;
 /// Senders feeding the receivers; each sends `MESSAGES_PER_RECEIVER / FEEDING_SENDERS` to each.
 const FEEDING_SENDERS: u32 = 5;
+
+/// `batches_and_sends_at_once`: tasks sharing one sender, and what each sends in turn: a batch
+/// of this many items (the largest is what a host hands over at once), then one single send.
+const GATHERING_TASKS: u32 = 4;
+const GATHERED_BATCHES: [u32; 5] = [1024, 1, 255, 7, 512];
 
 /// Has each sender send `messages` tagged `[sender, sequence]` to `receiver`, one after the other.
 async fn send_tagged(senders: &[Arc<Endpoint>], receiver: &Endpoint, messages: u32) -> CaseResult {
@@ -158,6 +163,45 @@ pub(super) async fn order_per_sender(h: &Harness) -> CaseResult {
         return Err(failed(format!(
             "sender {sender}'s message {later} arrived after its message {earlier} (the transport declares \
              ordered)"
+        )));
+    }
+    tally.verdict("the receiver", all_sent)
+}
+
+pub(super) async fn batches_and_sends_at_once(h: &Harness) -> CaseResult {
+    let receiver = h.open("the receiver").await?;
+    let mut inbox = h.inbox(&receiver, Settling::AcceptAll);
+    let sender = h.open("the sender").await?;
+    let per_task = GATHERED_BATCHES.iter().map(|batch| batch + 1).sum::<u32>();
+    let tally = Tally::new(GATHERING_TASKS, per_task);
+    let (sender, receiver) = (&sender, &receiver);
+    let tagged = move |task: u32, sequence: u32| {
+        envelope(sender, Destination::Node(receiver.node.clone()), tag_payload(&[task, sequence]))
+    };
+    let sending = try_join_all((0..GATHERING_TASKS).map(|task| async move {
+        let mut sequence = 0;
+        for size in GATHERED_BATCHES {
+            let batch: Vec<Outbound> = (sequence..sequence + size)
+                .map(|n| Outbound { address: receiver.address().into(), envelope: tagged(task, n) })
+                .collect();
+            sequence += size;
+            let what = format!("task {task}'s send_batch of {size} items");
+            let failures = within(&what, h.operation_limit(), sender.transport().send_batch(batch)).await?;
+            if let Some(failure) = failures.first() {
+                return Err(failed(format!("{what}: item {} failed: {}", failure.index, failure.error)));
+            }
+            sender.send_to(receiver, tagged(task, sequence)).await?;
+            sequence += 1;
+        }
+        Ok::<_, CaseError>(())
+    }));
+    let sending = async { sending.await.map(drop) };
+    let (tally, all_sent) = while_sending(sending, tally.receive(&mut inbox, h.deadline())).await?;
+    let ordered = h.capabilities().contains(Capabilities::ORDERED);
+    if let Some((task, later, earlier)) = tally.out_of_order.filter(|_| ordered) {
+        return Err(failed(format!(
+            "task {task}'s message {later} arrived after its message {earlier}: one task's batches and \
+             sends, each awaited before the next, must keep their order (the transport declares ordered)"
         )));
     }
     tally.verdict("the receiver", all_sent)

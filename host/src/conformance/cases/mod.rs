@@ -72,7 +72,7 @@ pub(crate) const NO_BLOCKING_POLLS: Case = case!(
 );
 
 /// Every case, in running order.
-pub(crate) const CASES: [Case; 18] = [
+pub(crate) const CASES: [Case; 19] = [
     CREATE_TRANSPORT,
     case!(
         "envelope_round_trip",
@@ -105,6 +105,13 @@ pub(crate) const CASES: [Case; 18] = [
         batching::batched_send,
         "send_batch to two receivers: every item arrives intact (in batch order per address when \
          ordered), and an oversized item fails alone, reported by its index"
+    ),
+    case!(
+        "batches_and_sends_at_once",
+        Capabilities::BATCHED_SEND,
+        concurrency::batches_and_sends_at_once,
+        "4 tasks sharing one sender each send batches of 1024, 1, 255, 7 and 512 items, a single send \
+         after each: every message arrives once (in each task's order when ordered)"
     ),
     case!(
         "oversized_message",

@@ -1,0 +1,184 @@
+//! Sends that overlap, gathered into one batched call across the plugin boundary.
+//!
+//! For a transport whose I/O runs on the plugin's own runtime (a broker client), every `send`
+//! is one call across the boundary, one confirmation and one wake-up of the sending task from
+//! the plugin's thread. When sends overlap (many tasks sending at once, or one task with many
+//! sends in flight), that cost can be paid once per batch: while [`MAX_CALLS`] calls are in
+//! flight, the sends that come in wait in a bounded queue, and all of them go in one
+//! `send_batch` as soon as a call returns (a group commit, with no timer: a send that finds a
+//! call free goes out at once, exactly as before).
+//!
+//! Used only for transports that declare [`Capabilities::BATCHED_SEND`]: for one whose
+//! `send_batch` sends the items one after the other, gathering would put one after the other
+//! sends that used to overlap.
+//!
+//! Guarantees:
+//! - every caller gets the outcome of its own message;
+//! - queued messages go out in the order they were queued, and a new send waits behind them;
+//!   a task's own messages keep their order, since it awaits each send before the next;
+//! - a caller that stops waiting (its future dropped) does not take back a queued message, as
+//!   with a message already handed to the transport;
+//! - at most [`MAX_QUEUED`] messages wait; a send that finds the queue full goes out alone.
+//!
+//! [`Capabilities::BATCHED_SEND`]: comms_plugin_api::Capabilities::BATCHED_SEND
+
+use comms_plugin_api::{host_side::LoadedTransport, Envelope, ErrorCode, Outbound, PluginError, Text};
+use std::sync::{Arc, Mutex};
+use tokio::sync::oneshot;
+
+/// Messages that may wait for a call to end; also the largest batch handed over at once.
+pub(crate) const MAX_QUEUED: usize = 1024;
+
+/// Calls in flight at once before sends start to wait and gather: enough to keep a broker's
+/// pipeline full (one call waiting for its confirmations while others are written), few enough
+/// that sends under load gather into batches.
+pub(crate) const MAX_CALLS: usize = 4;
+
+type Outcome = Result<(), PluginError>;
+
+/// A message waiting for the call in flight, and where its outcome goes.
+struct Queued {
+    outbound: Outbound,
+    outcome: oneshot::Sender<Outcome>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Calls in flight (lone sends, or batches being drained), at most [`MAX_CALLS`].
+    calls: usize,
+    queue: Vec<Queued>,
+}
+
+/// The gathering of one transport's sends.
+pub(crate) struct GatheredSends {
+    transport: Arc<LoadedTransport>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for GatheredSends {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatheredSends").finish_non_exhaustive()
+    }
+}
+
+/// What a send does, decided under the lock.
+enum Turn {
+    /// Nothing in flight: send now, then hand the queue over.
+    Lead(Envelope),
+    /// A call is in flight: wait for the batch this message joined.
+    Wait(oneshot::Receiver<Outcome>),
+    /// The queue is full: send alone.
+    Alone(Envelope),
+}
+
+impl GatheredSends {
+    pub(crate) fn new(transport: Arc<LoadedTransport>) -> Arc<Self> {
+        Arc::new(Self { transport, state: Mutex::new(State::default()) })
+    }
+
+    /// Sends `envelope` to `address`, in a batch with the sends that overlap it.
+    pub(crate) async fn send(self: &Arc<Self>, address: &str, envelope: Envelope) -> Outcome {
+        let turn = {
+            let mut state = super::lock(&self.state);
+            if state.calls < MAX_CALLS && state.queue.is_empty() {
+                state.calls += 1;
+                Turn::Lead(envelope)
+            } else if state.queue.len() < MAX_QUEUED {
+                let (outcome, waiting) = oneshot::channel();
+                state
+                    .queue
+                    .push(Queued { outbound: Outbound { address: Text::from(address), envelope }, outcome });
+                Turn::Wait(waiting)
+            } else {
+                Turn::Alone(envelope)
+            }
+        };
+        match turn {
+            Turn::Lead(envelope) => {
+                // Handed over when this future ends, also when it is dropped mid-call.
+                let _lead = Lead(Arc::clone(self));
+                self.transport.send(address, envelope).await
+            }
+            Turn::Alone(envelope) => self.transport.send(address, envelope).await,
+            Turn::Wait(waiting) => wait(waiting).await,
+        }
+    }
+
+    /// The call in flight ended: the queue goes out in a task of its own (so that the caller
+    /// that led gets its outcome now), or nothing is in flight any more.
+    fn hand_over(self: &Arc<Self>) {
+        let batch = {
+            let mut state = super::lock(&self.state);
+            if state.queue.is_empty() {
+                state.calls -= 1;
+                return;
+            }
+            std::mem::take(&mut state.queue)
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(Arc::clone(self).drain(batch))),
+            // Outside a runtime (a node dropped after its runtime): the waiters hear that the
+            // send was abandoned.
+            Err(_) => {
+                drop(batch);
+                super::lock(&self.state).calls -= 1;
+            }
+        }
+    }
+
+    /// Sends `batch` and every batch queued meanwhile, until the queue is empty.
+    async fn drain(self: Arc<Self>, mut batch: Vec<Queued>) {
+        loop {
+            self.send_batch(batch).await;
+            batch = {
+                let mut state = super::lock(&self.state);
+                if state.queue.is_empty() {
+                    state.calls -= 1;
+                    return;
+                }
+                std::mem::take(&mut state.queue)
+            };
+        }
+    }
+
+    /// One call for the whole batch; each waiter gets its own item's outcome.
+    async fn send_batch(&self, batch: Vec<Queued>) {
+        let (outbounds, outcomes): (Vec<Outbound>, Vec<_>) =
+            batch.into_iter().map(|queued| (queued.outbound, queued.outcome)).unzip();
+        let mut results: Vec<Outcome> = vec![Ok(()); outcomes.len()];
+        if let [_] = outbounds.as_slice() {
+            for (Outbound { address, envelope }, result) in outbounds.into_iter().zip(&mut results) {
+                *result = self.transport.send(address.as_str(), envelope).await;
+            }
+        } else {
+            for failure in self.transport.send_batch(outbounds).await {
+                if let Some(result) = results.get_mut(failure.index) {
+                    *result = Err(failure.error);
+                }
+            }
+        }
+        for (outcome, result) in outcomes.into_iter().zip(results) {
+            // A caller that stopped waiting needs no answer.
+            let _ = outcome.send(result);
+        }
+    }
+}
+
+/// The outcome of a queued message.
+async fn wait(waiting: oneshot::Receiver<Outcome>) -> Outcome {
+    waiting.await.unwrap_or_else(|_| {
+        Err(PluginError::new(ErrorCode::CLOSED, "the send was abandoned: the node's runtime stopped"))
+    })
+}
+
+/// The lead of a call in flight; hands the queue over when dropped.
+struct Lead(Arc<GatheredSends>);
+
+impl Drop for Lead {
+    fn drop(&mut self) {
+        self.0.hand_over();
+    }
+}
+
+#[cfg(test)]
+mod tests;
