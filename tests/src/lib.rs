@@ -283,6 +283,18 @@ pub async fn delete_redis_keys(prefix: &str) {
     }
 }
 
+/// The conformance cases an ordered, reliable point-to-point transport with plain links (memory,
+/// UDP in reliable mode) skips: those of acknowledgements, durability, native topics, batched
+/// sends and encryption.
+pub const ORDERED_RELIABLE_SKIPS: [&str; 6] = [
+    "batches_and_sends_at_once",
+    "redelivery_after_reject",
+    "durable_resume",
+    "topic_isolation",
+    "topic_fan_out",
+    "encrypted_links",
+];
+
 /// Starts `command` and returns once a line containing `ready` appears on its standard error
 /// (after which its standard error is discarded). Panics if the process ends first.
 pub fn start_and_wait_for(mut command: std::process::Command, ready: &str) -> std::process::Child {

@@ -6,7 +6,7 @@ use comms_host::{
     PluginLibrary,
 };
 use comms_plugin_api::Capabilities;
-use comms_tests::{artifacts, scratch_dir, write_config};
+use comms_tests::{artifacts, scratch_dir, write_config, ORDERED_RELIABLE_SKIPS};
 use std::{
     path::Path,
     process::Command,
@@ -20,16 +20,6 @@ const POINT_TO_POINT_SKIPS: [&str; 7] = [
     "redelivery_after_reject",
     "durable_resume",
     "reliable_delivery",
-    "topic_isolation",
-    "topic_fan_out",
-    "encrypted_links",
-];
-
-/// What the memory transport (ordered and reliable) skips.
-const MEMORY_SKIPS: [&str; 6] = [
-    "batches_and_sends_at_once",
-    "redelivery_after_reject",
-    "durable_resume",
     "topic_isolation",
     "topic_fan_out",
     "encrypted_links",
@@ -69,7 +59,7 @@ async fn third_party_uds_plugin_passes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_plugin_loaded_dynamically_passes() {
     let report = suite(&artifacts().memory_plugin, "").await;
-    assert_passes_skipping(&report, &MEMORY_SKIPS);
+    assert_passes_skipping(&report, &ORDERED_RELIABLE_SKIPS);
     let declared = report.info.as_ref().map(|info| info.capabilities).unwrap_or_default();
     assert_eq!(declared, Capabilities::ORDERED | Capabilities::RELIABLE, "{report}");
 }

@@ -7,7 +7,8 @@ use comms_host::{
     conformance::{run_suite, SuiteConfig, SuiteReport},
     Node, PeerStatus, PluginLibrary,
 };
-use comms_tests::artifacts;
+// Reliable mode is ordered and reliable, with plain links.
+use comms_tests::{artifacts, ORDERED_RELIABLE_SKIPS as SKIPS};
 use std::time::{Duration, Instant};
 
 fn library() -> PluginLibrary {
@@ -17,17 +18,6 @@ fn library() -> PluginLibrary {
 async fn suite(config_toml: &str) -> SuiteReport {
     run_suite(&library(), &SuiteConfig::new(config_toml)).await
 }
-
-/// Cases a transport without acknowledgements, durability, native topics or (with plain links)
-/// encryption skips.
-const SKIPS: [&str; 6] = [
-    "batches_and_sends_at_once",
-    "redelivery_after_reject",
-    "durable_resume",
-    "topic_isolation",
-    "topic_fan_out",
-    "encrypted_links",
-];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reliable_mode_passes_the_conformance_suite() {

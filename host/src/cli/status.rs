@@ -2,19 +2,15 @@
 //! `comms_host::admin`).
 
 use super::{other, CliError};
-use comms_host::{admin::NodeStatus, Node};
+use comms_host::{
+    admin::{NodeStatus, SHUTDOWN_SERVICE, STATUS_SERVICE},
+    Node, RequestOptions,
+};
+use serde::de::DeserializeOwned;
 use std::{path::Path, process::ExitCode, time::Duration};
 
 pub(super) async fn run(config: &Path, target: &str, wait_ms: u64, json: bool) -> Result<ExitCode, CliError> {
-    let node = Node::from_config(config).await?;
-    let wait = Duration::from_millis(wait_ms);
-    let status = match node.wait_for_peer(target, wait).await {
-        Err(error) => Err(other(error)),
-        Ok(()) => node.remote_status(target, wait).await.map_err(other),
-    };
-    let closed = node.close().await;
-    let status = status?;
-    closed.map_err(other)?;
+    let status: NodeStatus = ask(config, target, STATUS_SERVICE, wait_ms).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status).map_err(other)?);
     } else {
@@ -24,17 +20,33 @@ pub(super) async fn run(config: &Path, target: &str, wait_ms: u64, json: bool) -
 }
 
 pub(super) async fn shutdown(config: &Path, target: &str, wait_ms: u64) -> Result<ExitCode, CliError> {
+    let answer: String = ask(config, target, SHUTDOWN_SERVICE, wait_ms).await?;
+    println!("{answer}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Opens the node of `config`, waits for `target` to be known, asks its built-in `service` (one
+/// attempt, both waits bounded by `wait_ms`) and closes the node again.
+async fn ask<T: DeserializeOwned>(
+    config: &Path,
+    target: &str,
+    service: &str,
+    wait_ms: u64,
+) -> Result<T, CliError> {
     let node = Node::from_config(config).await?;
     let wait = Duration::from_millis(wait_ms);
     let answer = match node.wait_for_peer(target, wait).await {
         Err(error) => Err(other(error)),
-        Ok(()) => node.remote_shutdown(target, wait).await.map_err(other),
+        Ok(()) => {
+            let options = RequestOptions { timeout: wait, attempts: 1, ..RequestOptions::default() };
+            node.request_node(target, service, &(), &options).await.map_err(other)
+        }
     };
+    // Closed even after a failure, so the transports are shut down cleanly.
     let closed = node.close().await;
     let answer = answer?;
     closed.map_err(other)?;
-    println!("{answer}");
-    Ok(ExitCode::SUCCESS)
+    Ok(answer)
 }
 
 fn print_status(status: &NodeStatus) {
