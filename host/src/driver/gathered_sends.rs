@@ -36,7 +36,7 @@ pub(crate) const MAX_CALLS: usize = 4;
 
 type Outcome = Result<(), PluginError>;
 
-/// A message waiting for the call in flight, and where its outcome goes.
+/// A message waiting for a call to end, and where its outcome goes.
 struct Queued {
     outbound: Outbound,
     outcome: oneshot::Sender<Outcome>,
@@ -63,9 +63,9 @@ impl std::fmt::Debug for GatheredSends {
 
 /// What a send does, decided under the lock.
 enum Turn {
-    /// Nothing in flight: send now, then hand the queue over.
+    /// A call is free and nobody waits: send now, then hand the queue over.
     Lead(Envelope),
-    /// A call is in flight: wait for the batch this message joined.
+    /// Every call is taken: wait for the batch this message joined.
     Wait(oneshot::Receiver<Outcome>),
     /// The queue is full: send alone.
     Alone(Envelope),
@@ -104,8 +104,8 @@ impl GatheredSends {
         }
     }
 
-    /// The call in flight ended: the queue goes out in a task of its own (so that the caller
-    /// that led gets its outcome now), or nothing is in flight any more.
+    /// A lead's call ended: the queue goes out in a task of its own that keeps the call (so that
+    /// the caller that led gets its outcome now), or the call is free again.
     fn hand_over(self: &Arc<Self>) {
         let batch = {
             let mut state = super::lock(&self.state);
