@@ -23,8 +23,13 @@
 //! flight finish, peers are told, queues are flushed); its application sees
 //! [`crate::Node::closed`] complete and `receive` end with [`crate::ReceiveError::Closed`].
 //!
+//! Reload: an admin may also ask a node to read its config file again and apply it
+//! ([`RELOAD_SERVICE`], [`crate::Node::remote_reload`], `comms reload NODE --config admin.toml`),
+//! as `SIGHUP` does to `comms run`: see [`crate::reload`] for what can change on a running node.
+//! The answer says what changed, or why nothing did.
+//!
 //! Limits: status is read-only, and any node that can send to this one can read it (with
-//! `[security] allow` only the listed nodes can). Reload by remote command is not offered yet.
+//! `[security] allow` only the listed nodes can).
 
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +39,10 @@ pub const STATUS_SERVICE: &str = "comms.status";
 /// The service that closes a node when an admin asks; the request is `()`, the answer a line
 /// of text (see the module docs).
 pub const SHUTDOWN_SERVICE: &str = "comms.shutdown";
+
+/// The service that makes a node read its config file again and apply it when an admin asks
+/// (see [`crate::reload`]); the request is `()`, the answer a line saying what changed.
+pub const RELOAD_SERVICE: &str = "comms.reload";
 
 /// Services named with this prefix belong to the framework and are not announced.
 pub const RESERVED_PREFIX: &str = "comms.";
@@ -78,6 +87,9 @@ pub struct TransportStatus {
     pub name: String,
     /// The plugin that provides it.
     pub plugin: String,
+    /// The plugin's version (empty from a node older than this field).
+    #[serde(default)]
+    pub plugin_version: String,
     /// Where peers reach the node through it.
     pub local_address: String,
     /// Messages taken to send.

@@ -10,7 +10,7 @@ use crate::{
     node::Node,
     plugin_search::{find_plugin, plugin_file_name, search_dirs},
     request_response::{Balancing, RequestOptions},
-    spec::NodeSpec,
+    spec::{NodeSpec, PluginChoice, TransportSpec},
     static_discovery::{StaticDiscoveryConfig, StaticDiscoveryPlugin, StaticPeer, STATIC_DISCOVERY},
 };
 use comms_plugin_api::{
@@ -18,6 +18,10 @@ use comms_plugin_api::{
     security::{AllowList, Identity, LinkMode, LinkSecurity, LinkSecurityConfig, PublicKey},
     Capabilities, ErrorCode, NodeId, NodeRecord, PluginError,
 };
+mod reloading;
+
+pub use crate::spec::PluginSource;
+
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -25,33 +29,12 @@ use std::{
     time::Duration,
 };
 
-/// Where a plugin comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PluginSource {
-    /// Searched for by name in the plugin directories.
-    Name(String),
-    /// An explicit file.
-    Path(PathBuf),
-}
-
 /// Default capacity of the node's inbox (messages received but not yet taken by the application).
 pub const DEFAULT_RECEIVE_QUEUE_CAPACITY: usize = 1024;
 /// Default time between heartbeats.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// Default silence after which a peer is declared down.
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
-
-enum PluginChoice {
-    Source(PluginSource),
-    Library(PluginLibrary),
-}
-
-struct TransportSpec {
-    name: String,
-    plugin: PluginChoice,
-    config_toml: String,
-    faults: Option<FaultConfig>,
-}
 
 /// Builds a [`Node`] in code; [`Node::from_config`] builds one from a file.
 ///
@@ -458,6 +441,8 @@ impl NodeBuilder {
         if self.transports.is_empty() {
             return Err(BuildError::NoTransport);
         }
+        // Before the id is derived from a key file: a reload's builder is compared with this.
+        let applied = self.applied_config();
         let (link_table, signatures) = self.resolve_security()?;
         // The id it ends up with (a key file may have derived it).
         if let Err(message) = NodeSpec::validate_id(&self.id) {
@@ -489,18 +474,29 @@ impl NodeBuilder {
             }
         }
         match self.start_discovery(&dirs, &transports).await {
-            Ok((discovery, record, peers)) => {
+            Ok(found) => {
                 let id = self.id.clone();
-                let driver =
-                    Driver::start(id, self.settings, transports, discovery, record, peers, signatures);
+                let driver = Driver::start(id, self.settings, transports, found, signatures, applied);
                 if let Some(endpoint) = metrics {
                     let _ = driver.metrics_address.set(endpoint.address());
-                    tracing::info!(address = %endpoint.address(), "serving metrics at /metrics");
-                    // Holds the node weakly, and ends by itself when the node stops.
-                    let node = Arc::downgrade(&driver);
-                    let render: crate::metrics::Render =
-                        Arc::new(move || node.upgrade().map(|d| d.metrics_text()));
-                    drop(endpoint.serve(render, driver.shutdown.subscribe()));
+                    tracing::info!(
+                        address = %endpoint.address(),
+                        "serving metrics at /metrics and the status page at /"
+                    );
+                    // Both tasks hold the node weakly, and end by themselves when the node stops.
+                    let view: Arc<dyn crate::metrics::NodeView> = Arc::clone(&driver) as _;
+                    let node = Arc::downgrade(&view);
+                    drop(view);
+                    let history = Arc::new(crate::metrics::History::default());
+                    let sampler = crate::metrics::sample(
+                        node.clone(),
+                        Arc::clone(&history),
+                        driver.shutdown.subscribe(),
+                    );
+                    drop(sampler);
+                    let documents: crate::metrics::Render =
+                        Arc::new(crate::metrics::NodeDocuments::new(node, history));
+                    drop(endpoint.serve(documents, driver.shutdown.subscribe()));
                 }
                 Ok(Node::new(driver))
             }
@@ -533,6 +529,7 @@ impl NodeBuilder {
         };
         let library = self.resolve(spec.plugin, &role, dirs)?;
         let plugin = library.description().name.clone();
+        let version = library.description().version.clone();
         let loaded = library
             .new_transport(&self.id, &spec.name, &config_toml)
             .await
@@ -549,7 +546,7 @@ impl NodeBuilder {
                 spec.name
             )));
         }
-        Ok(NodeTransport::new(spec.name, plugin, Arc::new(loaded), faults))
+        Ok(NodeTransport::new(spec.name, (plugin, version), Arc::new(loaded), faults))
     }
 
     async fn start_discovery(
@@ -557,6 +554,26 @@ impl NodeBuilder {
         dirs: &[PathBuf],
         transports: &[Arc<NodeTransport>],
     ) -> Result<(LoadedDiscovery, NodeRecord, Vec<NodeRecord>), BuildError> {
+        let (discovery, plugin) = self.new_discovery(dirs).await?;
+        let mut record = NodeRecord::new(self.id.clone());
+        record.addresses =
+            transports.iter().map(|t| (t.name.clone(), t.loaded.info().local_address.clone())).collect();
+        // Revisions start from the clock so that a restarted node's records are newer than
+        // those of its previous run that may still be in flight.
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_micros() as u64);
+        crate::control::set_revision(&mut record, start);
+        let start_error =
+            |error| BuildError::Start { role: "discovery".into(), plugin: plugin.clone(), error };
+        discovery.announce(record.clone()).await.map_err(start_error)?;
+        let peers = discovery.peers().await.map_err(start_error)?;
+        Ok((discovery, record, peers))
+    }
+
+    /// Loads and starts the discovery (static peers added to the static one's list); returns
+    /// it with its plugin's name.
+    async fn new_discovery(&mut self, dirs: &[PathBuf]) -> Result<(LoadedDiscovery, String), BuildError> {
         let (choice, mut config_toml) = self
             .discovery
             .take()
@@ -576,20 +593,7 @@ impl NodeBuilder {
             .new_discovery(&self.id, "discovery", &config_toml)
             .await
             .map_err(|error| self.start_error("discovery", "discovery", &plugin, error))?;
-        let mut record = NodeRecord::new(self.id.clone());
-        record.addresses =
-            transports.iter().map(|t| (t.name.clone(), t.loaded.info().local_address.clone())).collect();
-        // Revisions start from the clock so that a restarted node's records are newer than
-        // those of its previous run that may still be in flight.
-        let start = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| since.as_micros() as u64);
-        crate::control::set_revision(&mut record, start);
-        let start_error =
-            |error| BuildError::Start { role: "discovery".into(), plugin: plugin.clone(), error };
-        discovery.announce(record.clone()).await.map_err(start_error)?;
-        let peers = discovery.peers().await.map_err(start_error)?;
-        Ok((discovery, record, peers))
+        Ok((discovery, plugin))
     }
 }
 

@@ -65,7 +65,10 @@ use comms_plugin_api::{
     security::{AllowList, LinkMode},
 };
 use serde::Deserialize;
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,10 +140,41 @@ struct NodeSection {
 }
 
 impl crate::Node {
-    /// Builds the node a config file describes (see [`crate::config`]).
+    /// Builds the node a config file describes (see [`crate::config`]). Such a node reads the
+    /// file again when an admin asks ([`crate::admin::RELOAD_SERVICE`]).
     pub async fn from_config(path: impl AsRef<Path>) -> Result<crate::Node, crate::BuildError> {
-        load(path.as_ref())?.build().await
+        let node = load(path.as_ref())?.build().await?;
+        let reloader: crate::driver::Reloader = Arc::new(|driver| {
+            Box::pin(async move {
+                match reload_file(&driver, None).await {
+                    Ok(report) => Ok(format!("node {} reloaded its config file: {report}", driver.id)),
+                    Err(error) => Err(error.to_string()),
+                }
+            })
+        });
+        let _ = node.driver().reloader.set(reloader);
+        Ok(node)
     }
+
+    /// Reads config file `path` and applies it ([`crate::Node::reload`]); `None`: the file
+    /// this node was built from, read again (what `SIGHUP` to `comms run` and `comms reload`
+    /// do).
+    pub async fn reload_file(&self, path: Option<&Path>) -> Result<crate::ReloadReport, crate::ReloadError> {
+        reload_file(self.driver(), path).await
+    }
+}
+
+/// Reads config file `path` (`None`: the one the node was built from) and applies it.
+async fn reload_file(
+    driver: &Arc<crate::driver::Driver>,
+    path: Option<&Path>,
+) -> Result<crate::ReloadReport, crate::ReloadError> {
+    let path = match path {
+        Some(path) => path.to_path_buf(),
+        None => driver.applied.lock().await.file.clone().ok_or(crate::ReloadError::NoConfigFile)?,
+    };
+    let builder = load(&path).map_err(crate::BuildError::Config)?;
+    builder.apply_to(driver).await
 }
 
 /// Reads `path` into a [`NodeBuilder`].

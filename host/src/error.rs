@@ -49,6 +49,43 @@ pub enum BuildError {
     InvalidSettings(String),
 }
 
+/// Why a reload ([`crate::Node::reload`]) did not apply the new configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new configuration could not be read or its plugins could not start; the node keeps
+    /// running what it ran.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// The new configuration changes what cannot change on a running node; nothing was changed.
+    #[error("the new configuration{} cannot be applied to the running node, which keeps its configuration: {}", in_file(.file), .reasons.join("; "))]
+    Refused {
+        /// The file of the new configuration, if any.
+        file: Option<PathBuf>,
+        /// One reason per key or transport.
+        reasons: Vec<String>,
+    },
+    /// A step failed after others had been applied: `applied` says what the node runs now.
+    #[error("reload failed at {step}: {reason} (applied before it: {applied})")]
+    Failed {
+        /// The step (`transport \`tcp\``, `discovery`).
+        step: String,
+        /// What went wrong.
+        reason: String,
+        /// What had been changed before.
+        applied: crate::reload::ReloadReport,
+    },
+    /// The node was built in code, not from a file, so there is no file to read again.
+    #[error("this node was not built from a config file: nothing to read again")]
+    NoConfigFile,
+    /// The node is closed.
+    #[error("the node is closed")]
+    Closed,
+}
+
+fn in_file(file: &Option<PathBuf>) -> String {
+    file.as_ref().map(|file| format!(" in {}", file.display())).unwrap_or_default()
+}
+
 /// Why a message could not be sent.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {

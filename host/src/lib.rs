@@ -28,7 +28,7 @@
 //! pass), [`security`] (identities, `[security]`, envelope signatures), [`metrics`] (what a node
 //! reports to Prometheus, `[metrics]`), [`admin`] (the status every node answers over comms),
 //! [`trace_context`] (W3C `traceparent` carried by requests, spans around requests and handlers),
-//! [`error`] (one error type per operation). The `comms` command is in `main.rs`.
+//! [`reload`] (what a running node can change: transports, plugins, discovery), [`error`] (one error type per operation). The `comms` command is in `main.rs`.
 //!
 //! Inside, a node is three layers, each depending only on the next: the [`Node`] facade, the
 //! driver (`driver/`: thin I/O loops that take messages from transports, follow discovery, keep
@@ -58,6 +58,7 @@ pub mod metrics;
 pub mod node;
 pub mod plugin_search;
 mod received;
+pub mod reload;
 pub mod request_response;
 pub mod security;
 mod service;
@@ -75,11 +76,13 @@ pub use comms_plugin_api::{
 };
 pub use config::ConfigError;
 pub use error::{
-    BuildError, CloseError, FlushError, ReceiveError, RequestError, SendError, ServeError, WaitError,
+    BuildError, CloseError, FlushError, ReceiveError, ReloadError, RequestError, SendError, ServeError,
+    WaitError,
 };
 pub use membership::{PeerInfo, PeerStatus};
 pub use node::{Node, TransportSummary};
 pub use received::Received;
+pub use reload::ReloadReport;
 pub use request_response::{Balancing, RequestOptions};
 pub use security::{Security, SignatureMode};
 pub use subscription::{HandlerSubscription, Subscription};

@@ -33,6 +33,8 @@ pub struct TransportSummary {
     pub name: String,
     /// The plugin that provides it.
     pub plugin: String,
+    /// The plugin's version (its crate version, unless the plugin says otherwise).
+    pub plugin_version: String,
     /// Where peers reach this node through it.
     pub local_address: String,
     /// What it guarantees.
@@ -74,6 +76,11 @@ impl Node {
         Node { inner, _alive: alive }
     }
 
+    /// The node's state and I/O (for the modules that extend `Node`: builder, config).
+    pub(crate) fn driver(&self) -> &Arc<Driver> {
+        &self.inner
+    }
+
     /// This node's id.
     pub fn id(&self) -> &NodeId {
         &self.inner.id
@@ -99,15 +106,29 @@ impl Node {
     /// This node's transports, in preference order.
     pub fn transports(&self) -> Vec<TransportSummary> {
         self.inner
-            .transports
-            .iter()
-            .map(|t| TransportSummary {
+            .serving_transports()
+            .into_iter()
+            .map(|(_, t)| TransportSummary {
                 name: t.name.clone(),
                 plugin: t.plugin.clone(),
+                plugin_version: t.plugin_version.clone(),
                 local_address: t.loaded.info().local_address.clone(),
                 capabilities: t.loaded.info().capabilities,
             })
             .collect()
+    }
+
+    /// Asks node `node` to read its config file again and apply it
+    /// ([`crate::admin::RELOAD_SERVICE`]): it does if this node's key is in its `[admin] keys`.
+    /// The answer says what changed; a refusal or a failed reload is a
+    /// [`RequestError::Remote`] with the reason.
+    pub async fn remote_reload(
+        &self,
+        node: impl Into<NodeId>,
+        timeout: Duration,
+    ) -> Result<String, RequestError> {
+        let options = RequestOptions { timeout, attempts: 1, ..RequestOptions::default() };
+        self.request_node(node, crate::admin::RELOAD_SERVICE, &(), &options).await
     }
 
     /// This node's state: transports with their counts, peers, services, queues (see
@@ -214,15 +235,28 @@ impl Node {
             // Only this node's signer writes these: an application's own would go out unchecked.
             headers.retain(|name, _| name != SIGNATURE_HEADER && name != SIGNED_AT_HEADER);
         }
+        // Sent while a trace is current (in a handler, or in `TraceContext::scope`): the
+        // message carries it on, so that the receiver's `comms.receive` span names the trace.
+        let context = crate::trace_context::current().map(|context| context.child());
+        if let Some(context) = &context {
+            headers.set(crate::trace_context::TRACEPARENT_HEADER, context.to_string());
+        }
         let mut envelope = self.inner.new_envelope(Destination::Node(to.clone()), headers, payload);
         envelope.correlation_id = correlation_id;
         let id = envelope.id;
         self.inner.check_open()?;
-        // A plugin's future is ready at once while its queue has room, and tokio's fairness
-        // budget cannot see into the plugin's runtime: spend from it here, so that a tight send
-        // loop still lets the other tasks on this worker run.
-        tokio::task::consume_budget().await;
-        self.inner.send_to_node(&to, envelope).await?;
+        let span = tracing::debug_span!("comms.send", %to, %id, trace_id = tracing::field::Empty);
+        if let Some(context) = &context {
+            span.record("trace_id", context.trace_id_hex());
+        }
+        let sent = async {
+            // A plugin's future is ready at once while its queue has room, and tokio's fairness
+            // budget cannot see into the plugin's runtime: spend from it here, so that a tight
+            // send loop still lets the other tasks on this worker run.
+            tokio::task::consume_budget().await;
+            self.inner.send_to_node(&to, envelope).await
+        };
+        tracing::Instrument::instrument(sent, span).await?;
         Ok(id)
     }
 
@@ -293,7 +327,18 @@ impl Node {
 
     async fn next_inbox_item(&self) -> Result<(Envelope, Acknowledgement), ReceiveError> {
         match self.inner.next_inbox_item().await {
-            Some(InboxItem::Message(envelope, acknowledgement)) => Ok((envelope, acknowledgement)),
+            Some(InboxItem::Message(envelope, acknowledgement)) => {
+                // One event per message taken, in a span that names it (and its trace, when the
+                // sender was in one): visible with RUST_LOG=comms_host=debug.
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    let trace = envelope.header(crate::trace_context::TRACEPARENT_HEADER);
+                    let trace_id =
+                        trace.and_then(crate::trace_context::TraceContext::parse).map(|c| c.trace_id_hex());
+                    let span = tracing::debug_span!("comms.receive", from = %envelope.from, id = %envelope.id, trace_id);
+                    span.in_scope(|| tracing::debug!(bytes = envelope.payload.len(), "message taken"));
+                }
+                Ok((envelope, acknowledgement))
+            }
             Some(InboxItem::TransportFailed { transport, error }) => {
                 Err(ReceiveError::Transport { transport, error })
             }
@@ -339,7 +384,8 @@ impl Node {
         validate_pattern(pattern).map_err(|e| SendError::InvalidTopic(e.to_string()))?;
         self.inner.check_open()?;
         let (id, receiver) = self.inner.add_subscription();
-        for transport in self.inner.transports.iter().filter(|t| t.has(Capabilities::NATIVE_TOPICS)) {
+        let transports = self.inner.serving_transports();
+        for (_, transport) in transports.iter().filter(|(_, t)| t.has(Capabilities::NATIVE_TOPICS)) {
             if let Err(error) = transport.loaded.subscribe(pattern).await {
                 self.inner.remove_subscription(id);
                 let peer = NodeId::new(format!("topic:{pattern}"));

@@ -65,6 +65,14 @@ impl<T> Received<T> {
         &mut self.acknowledgement
     }
 
+    /// The trace the sender was in (its `traceparent` header), if any: run the work this message
+    /// starts in [`crate::trace_context::TraceContext::scope`] to continue it.
+    pub fn trace_context(&self) -> Option<crate::trace_context::TraceContext> {
+        self.headers
+            .get(crate::trace_context::TRACEPARENT_HEADER)
+            .and_then(crate::trace_context::TraceContext::parse)
+    }
+
     /// Whether this message still waits for [`Received::ack`], [`Received::nack`] or
     /// [`Received::reject`] (always `false` for transports without acknowledgements).
     pub fn needs_acknowledgement(&self) -> bool {

@@ -1,13 +1,39 @@
 //! What a node is asked to be: the settings from the `[node]` table of a config file or from a
 //! [`crate::NodeBuilder`], checked by one [`NodeSpec::validate`] whichever way they came.
 
+use crate::fault_injection::FaultConfig;
 use crate::{
     codec::Codec,
     engine::EngineSpec,
     request_response::{Balancing, RequestOptions},
 };
-use comms_plugin_api::{security::AllowList, NodeId};
-use std::time::Duration;
+use comms_plugin_api::{host_side::PluginLibrary, security::AllowList, NodeId};
+use std::{path::PathBuf, time::Duration};
+
+/// Where a plugin comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginSource {
+    /// Searched for by name in the plugin directories.
+    Name(String),
+    /// An explicit file.
+    Path(PathBuf),
+}
+
+/// A plugin as a builder names it: a name or file, or a library already loaded or linked.
+#[derive(Debug, Clone)]
+pub(crate) enum PluginChoice {
+    Source(PluginSource),
+    Library(PluginLibrary),
+}
+
+/// One transport of a node: its name, its plugin, its settings and its faults.
+#[derive(Debug, Clone)]
+pub(crate) struct TransportSpec {
+    pub(crate) name: String,
+    pub(crate) plugin: PluginChoice,
+    pub(crate) config_toml: String,
+    pub(crate) faults: Option<FaultConfig>,
+}
 
 /// Messages buffered per subscription. Publications that come at most once (TCP, UDP, memory,
 /// Redis pub/sub, this node's own) for a full subscription are dropped and counted

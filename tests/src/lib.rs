@@ -50,6 +50,8 @@ pub struct Artifacts {
     nats_plugin: OnceLock<PathBuf>,
     /// Built on first use: see [`Artifacts::postgres_plugin`].
     postgres_plugin: OnceLock<PathBuf>,
+    /// Built on first use: see [`Artifacts::tcp_next_plugin`].
+    tcp_next_plugin: OnceLock<PathBuf>,
 }
 
 /// Plugins built against other versions of the plugin contract than the workspace's
@@ -80,6 +82,17 @@ impl Artifacts {
     /// like [`Artifacts::nats_plugin`].
     pub fn postgres_plugin(&self) -> &Path {
         self.postgres_plugin.get_or_init(|| build_shipped_plugin("postgres", "comms_postgres"))
+    }
+
+    /// Builds (once per process) and returns `libcomms_tcp_next.so`: the TCP plugin's source
+    /// built on its own as version 0.1.1 (`tests/fixtures/tcp-next`), the upgrade the hot swap
+    /// test installs.
+    pub fn tcp_next_plugin(&self) -> &Path {
+        self.tcp_next_plugin.get_or_init(|| {
+            let manifest = "tests/fixtures/tcp-next/Cargo.toml";
+            cargo(&["build", "--locked", "--manifest-path", manifest], &target_dir());
+            library(&target_dir().join(profile().0), "comms_tcp_next")
+        })
     }
 
     /// Builds (once per process) and returns the contract fixtures.
@@ -213,6 +226,7 @@ pub fn artifacts() -> &'static Artifacts {
             contract_fixtures: OnceLock::new(),
             nats_plugin: OnceLock::new(),
             postgres_plugin: OnceLock::new(),
+            tcp_next_plugin: OnceLock::new(),
             plugin_dir,
         }
     })
@@ -297,7 +311,16 @@ pub const ORDERED_RELIABLE_SKIPS: [&str; 6] = [
 
 /// Starts `command` and returns once a line containing `ready` appears on its standard error
 /// (after which its standard error is discarded). Panics if the process ends first.
-pub fn start_and_wait_for(mut command: std::process::Command, ready: &str) -> std::process::Child {
+pub fn start_and_wait_for(command: std::process::Command, ready: &str) -> std::process::Child {
+    start_and_follow(command, ready).0
+}
+
+/// [`start_and_wait_for`], with the lines the process writes to its standard error after
+/// `ready`, one by one (the first 1024 not yet taken; later ones are dropped until there is room).
+pub fn start_and_follow(
+    mut command: std::process::Command,
+    ready: &str,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
     use std::io::BufRead;
     let mut child = command.stderr(std::process::Stdio::piped()).spawn().expect("start the process");
     let mut stderr = std::io::BufReader::new(child.stderr.take().expect("piped stderr"));
@@ -307,8 +330,26 @@ pub fn start_and_wait_for(mut command: std::process::Command, ready: &str) -> st
         let read = stderr.read_line(&mut line).expect("read the process's stderr");
         assert!(read > 0, "{command:?} exited before printing `{ready}`");
     }
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    child
+    let (lines, receiver) = std::sync::mpsc::sync_channel(1024);
+    // Read to the end even when nobody listens (lines beyond the channel's room are dropped), so
+    // that the process never blocks on a full pipe.
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = lines.try_send(line);
+        }
+    });
+    (child, receiver)
+}
+
+/// A child process that a failing test does not leave running.
+#[derive(Debug)]
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Whether `python3` runs and can import every module of `modules` (e.g. `["redis"]`). In CI

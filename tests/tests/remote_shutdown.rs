@@ -5,7 +5,7 @@
 
 use comms_host::{Node, NodeId, PluginLibrary, ReceiveError, RequestError, Security, SignatureMode};
 use comms_plugin_api::security::Identity;
-use comms_tests::{artifacts, free_address, scratch_dir, write_config};
+use comms_tests::{artifacts, free_address, scratch_dir, write_config, KillOnDrop};
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -132,16 +132,6 @@ fn config(dir: &Path, name: &str, body: &str) -> PathBuf {
         &format!("{name}.toml"),
         &format!("[node]\nid = {name:?}\nkey_file = \"{name}.key\"\n{plugins}{body}"),
     )
-}
-
-/// A child process that a failing test does not leave running.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

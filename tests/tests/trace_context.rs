@@ -1,7 +1,9 @@
 //! W3C Trace Context across nodes and transports (`comms_host::trace_context`): a client asks
 //! `front` over TCP, whose handler asks `back` over the in-memory transport. One trace id runs
 //! through all three, each hop with a span id of its own; a request made inside an application's
-//! own trace continues it; the handlers' log lines carry the trace id (the `comms.handle` span).
+//! own trace continues it; the handlers' log lines carry the trace id (the `comms.handle` span);
+//! a plain send made inside a trace carries it too, and the receiving side's `comms.receive`
+//! span and `Received::trace_context` name it.
 
 use comms_host::{
     trace_context::{self, TraceContext, TRACEPARENT_HEADER},
@@ -30,7 +32,7 @@ fn seen<T>(request: &Received<T>) -> Seen {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_runs_through_a_request_its_handler_and_the_request_the_handler_makes() {
-    let logs = capture_logs("info");
+    let logs = capture_logs("info,comms_host::node=debug");
     let tcp = PluginLibrary::load(&artifacts().tcp_plugin).unwrap();
     let memory = PluginLibrary::load(&artifacts().memory_plugin).unwrap();
     let liveness = (Some(Duration::from_millis(100)), Duration::from_secs(2));
@@ -113,6 +115,25 @@ async fn one_trace_runs_through_a_request_its_handler_and_the_request_the_handle
             .unwrap_or_else(|| panic!("no handler log line with trace_id {trace_id} in:\n{text}"));
         assert!(line.contains("comms.handle{from=front"), "{line}");
     }
+
+    // A plain send inside a trace carries it: spans on both sides, and the receiver can go on.
+    let id = outer.scope(client.send("front", &"a note".to_string())).await.unwrap();
+    let note = front.receive::<String>().await.unwrap();
+    assert_eq!(note.message, "a note");
+    let carried = note.trace_context().expect("the send carried the trace");
+    assert_eq!(carried.trace_id, outer.trace_id);
+    assert_ne!(carried.span_id, outer.span_id, "the send is a child span");
+    let text = logs.text();
+    let trace_id = outer.trace_id_hex();
+    assert!(
+        text.lines().any(|l| l.contains("comms.receive{from=client")
+            && l.contains(&trace_id)
+            && l.contains(&id.to_string())),
+        "no comms.receive line for {id} with trace_id {trace_id} in:\n{text}"
+    );
+    client.send("front", &"untraced".to_string()).await.unwrap();
+    let untraced = front.receive::<String>().await.unwrap();
+    assert!(untraced.trace_context().is_none(), "a send outside any trace carries none");
 
     client.close().await.unwrap();
     front.close().await.unwrap();

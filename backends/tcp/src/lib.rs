@@ -38,6 +38,17 @@
 //! - **Delivery**: at-most-once, except that a batch whose write failed is written again after
 //!   reconnecting (a duplicate then carries the same message id). A peer that stays unreachable
 //!   for `reconnect_attempts` tries loses what was queued for it and `send` reports it.
+//! - **Graceful close**: a receiver that closes loses nothing a comms peer had written to it,
+//!   within `close_timeout_ms`. `close` frees the listen address at once, tells each peer
+//!   goodbye and reads on (and `receive` hands it over) until the peer closes its side, which
+//!   it does as soon as it sees the goodbye, after at most the batch it is writing; the rest goes
+//!   to the next transport on the address (a hot swap) once it listens, dialled with the
+//!   reconnect backoff (with the defaults about 2.5 s of retries, then the queued messages are
+//!   dropped and counted as undelivered). A connection not drained within `close_timeout_ms`
+//!   (the host stopped calling `receive`, a peer built before this drain keeps writing under
+//!   load, a peer vanished) is cut with a warning, and what was not read from it is lost. A crash
+//!   or a transport dropped without `close` still loses what was in flight: nothing is
+//!   acknowledged end to end.
 //! - **Max message size**: `max_frame_size` (default 16 MiB) including the envelope header.
 //! - **Disconnect**: reconnect with exponential backoff on the next message.
 //! - **Connections**: one outgoing connection per peer address, reused; the listener serves
@@ -117,7 +128,13 @@ pub async fn bind(
 ) -> Result<TcpTransport, PluginError> {
     let listen = settings.listen.clone().unwrap_or_else(|| DEFAULT_LISTEN.to_string());
     let listener = TcpListener::bind(&listen).await.map_err(|error| {
-        PluginError::invalid_config(format!("key `listen`: cannot listen on {listen}: {error}"))
+        let message = format!("key `listen`: cannot listen on {listen}: {error}");
+        // A port in use is not a mistake in the config: it may be free later (a reload starts
+        // the new transport again once the old one has closed).
+        match error.kind() {
+            io::ErrorKind::AddrInUse => PluginError::new(comms_plugin_api::ErrorCode::IO, message),
+            _ => PluginError::invalid_config(message),
+        }
     })?;
     let local_address = listener.local_addr()?.to_string();
     StreamTransport::start(

@@ -115,6 +115,21 @@ enum Command {
         #[arg(long, default_value_t = 5000)]
         wait_ms: u64,
     },
+    /// Ask a node to read its config file again and apply it (the node must list this node's
+    /// key in its `[admin] keys`); prints what changed. `kill -HUP` does the same to a local
+    /// `comms run`.
+    Reload {
+        /// The config file of the node to ask from: its `node.key_file` is the admin's key, and it
+        /// needs `security.signatures = "require"` or "sign".
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The node to reload.
+        node: String,
+        /// How long to wait for NODE to be known, and then for its answer, in milliseconds (a
+        /// transport swap waits for the old one to drain).
+        #[arg(long, default_value_t = 30000)]
+        wait_ms: u64,
+    },
     /// Publish one text message on a topic.
     Publish {
         /// The node's config file.
@@ -307,6 +322,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Status { config, node, wait_ms, json } => status::run(&config, &node, wait_ms, json).await,
         Command::Top { config, interval_ms, count } => top::run(&config, interval_ms, count).await,
         Command::Shutdown { config, node, wait_ms } => status::shutdown(&config, &node, wait_ms).await,
+        Command::Reload { config, node, wait_ms } => status::reload(&config, &node, wait_ms).await,
         Command::Publish { config, topic, text, wait_ms } => {
             patterns::publish(&config, &topic, &text, wait_ms).await
         }

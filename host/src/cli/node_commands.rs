@@ -73,6 +73,15 @@ pub(super) fn print_addresses(node: &Node) {
     }
 }
 
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Completes on Ctrl-C or SIGTERM.
 pub(super) async fn stop_signal() {
     #[cfg(unix)]
@@ -89,11 +98,33 @@ pub(super) async fn stop_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Reads the config file again and applies it on every `SIGHUP` (see `comms_host::reload`),
+/// saying on stderr what changed or why nothing did; never ends by itself.
+async fn reload_on_hangup(node: Node) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut hangups) = signal(SignalKind::hangup()) {
+            while hangups.recv().await.is_some() {
+                match node.reload_file(None).await {
+                    Ok(report) => eprintln!("SIGHUP: config file reloaded: {report}"),
+                    Err(error) => eprintln!("SIGHUP: {error}"),
+                }
+            }
+        }
+    }
+    drop(node);
+    std::future::pending::<()>().await
+}
+
 pub(super) async fn run(config: &Path, echo: bool) -> Result<ExitCode, CliError> {
     let node = Node::from_config(config).await?;
     print_addresses(&node);
     let stop = stop_signal();
     tokio::pin!(stop);
+    let reloads = tokio::spawn(reload_on_hangup(node.clone()));
+    // The node's own handle must not outlive the loop (a node stops when its last handle goes).
+    let _stop_reloads = AbortOnDrop(reloads);
     loop {
         let received = tokio::select! {
             received = node.receive_raw() => received,

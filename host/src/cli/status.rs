@@ -1,9 +1,9 @@
-//! `comms status NODE` (a node's state) and `comms shutdown NODE`, asked over comms (see
-//! `comms_host::admin`).
+//! `comms status NODE` (a node's state), `comms shutdown NODE` and `comms reload NODE`, asked
+//! over comms (see `comms_host::admin`).
 
 use super::{other, CliError};
 use comms_host::{
-    admin::{NodeStatus, SHUTDOWN_SERVICE, STATUS_SERVICE},
+    admin::{NodeStatus, RELOAD_SERVICE, SHUTDOWN_SERVICE, STATUS_SERVICE},
     Node, RequestOptions,
 };
 use serde::de::DeserializeOwned;
@@ -21,6 +21,12 @@ pub(super) async fn run(config: &Path, target: &str, wait_ms: u64, json: bool) -
 
 pub(super) async fn shutdown(config: &Path, target: &str, wait_ms: u64) -> Result<ExitCode, CliError> {
     let answer: String = ask(config, target, SHUTDOWN_SERVICE, wait_ms).await?;
+    println!("{answer}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) async fn reload(config: &Path, target: &str, wait_ms: u64) -> Result<ExitCode, CliError> {
+    let answer: String = ask(config, target, RELOAD_SERVICE, wait_ms).await?;
     println!("{answer}");
     Ok(ExitCode::SUCCESS)
 }

@@ -165,6 +165,7 @@ mod tests {
         let transport = TransportStatus {
             name: "tcp".into(),
             plugin: "tcp".into(),
+            plugin_version: "0.1.0".into(),
             local_address: "127.0.0.1:1".into(),
             messages_sent: sent,
             bytes_sent: 0,

@@ -19,10 +19,12 @@ async fn flag_set(flag: &mut watch::Receiver<bool>) {
 
 /// Moves messages from the transport `index` into the engine.
 pub(super) async fn receive_loop(driver: Arc<Driver>, index: usize) {
-    let transport = Arc::clone(&driver.transports[index]);
+    let Some(transport) = driver.transport(index) else { return };
     let acknowledges = transport.has(Capabilities::ACKNOWLEDGEMENTS);
     let mut shutdown = driver.shutdown.subscribe();
     let mut closing = driver.closing.subscribe();
+    // A transport a reload takes out of service stops as at close (see below).
+    let mut retiring = transport.retiring.subscribe();
     let mut paused = transport.paused.subscribe();
     let mut failures = 0u32;
     loop {
@@ -31,6 +33,7 @@ pub(super) async fn receive_loop(driver: Arc<Driver>, index: usize) {
             _ = paused.wait_for(|paused| !*paused) => {}
             _ = flag_set(&mut shutdown) => return,
             _ = flag_set(&mut closing), if acknowledges => return,
+            _ = flag_set(&mut retiring), if acknowledges => return,
         }
         let received = tokio::select! {
             received = transport.loaded.receive(RECEIVE_BATCH) => received,
@@ -40,6 +43,7 @@ pub(super) async fn receive_loop(driver: Arc<Driver>, index: usize) {
             // everything it took before its transport closes). Without acknowledgements the
             // node drains instead: what the transport buffered is received after it closes.
             _ = flag_set(&mut closing), if acknowledges => return,
+            _ = flag_set(&mut retiring), if acknowledges => return,
         };
         match received {
             Ok(batch) if batch.is_empty() => return,
@@ -66,7 +70,9 @@ pub(super) async fn receive_loop(driver: Arc<Driver>, index: usize) {
                     .collect();
                 driver.run_received(driver.handle_all(inputs)).await;
             }
-            Err(error) if error.code == ErrorCode::CLOSED || *closing.borrow() => return,
+            Err(error) if error.code == ErrorCode::CLOSED || *closing.borrow() || *retiring.borrow() => {
+                return
+            }
             Err(error) => {
                 failures += 1;
                 tracing::warn!(transport = %transport.name, %error, failures, "receive failed; retrying");
@@ -134,16 +140,21 @@ pub(super) async fn timer(driver: Arc<Driver>) {
 }
 
 /// Feeds discovery's events into the engine.
+///
+/// Watches the discovery in service when it starts; a reload that replaces the discovery
+/// starts another watcher, and this one ends when its discovery closes.
 pub(super) async fn watch_discovery(driver: Arc<Driver>) {
+    let discovery = driver.discovery();
     let mut shutdown = driver.shutdown.subscribe();
     loop {
         let event = tokio::select! {
-            event = driver.discovery.next_event() => event,
+            event = discovery.next_event() => event,
             _ = flag_set(&mut shutdown) => return,
         };
         match event {
             Ok(Some(event)) => driver.run(driver.handle(Input::Discovery(event))),
             Ok(None) => return,
+            Err(_) if !Arc::ptr_eq(&discovery, &driver.discovery()) => return,
             Err(error) => {
                 tracing::warn!(%error, "discovery failed; retrying");
                 tokio::select! {

@@ -18,7 +18,8 @@
 mod gathered_sends;
 mod incoming;
 mod outgoing;
-mod remote_shutdown;
+mod reload;
+mod remote_admin;
 mod status;
 
 use crate::{
@@ -55,6 +56,7 @@ use tokio::{
 };
 
 pub(crate) use outgoing::STATUS_UNAVAILABLE;
+pub(crate) use reload::{Attempt, StartFailure};
 
 /// Peer events buffered per `peer_events()` stream; a consumer that falls further behind skips.
 const EVENT_BUFFER: usize = 256;
@@ -71,6 +73,8 @@ static WARNED_SUBSCRIPTION_FULL: AtomicBool = AtomicBool::new(false);
 pub(crate) struct NodeTransport {
     pub(crate) name: String,
     pub(crate) plugin: String,
+    /// The plugin's own version (what `comms status` reports, so that a swap shows).
+    pub(crate) plugin_version: String,
     pub(crate) loaded: Arc<LoadedTransport>,
     pub(crate) faults: Option<FaultInjector>,
     /// Where settlements of received messages go (transports with acknowledgements).
@@ -79,12 +83,17 @@ pub(crate) struct NodeTransport {
     pub(crate) paused: watch::Sender<bool>,
     /// Sends that overlap go out in one batch (transports with `BATCHED_SEND` only).
     gathered: Option<Arc<GatheredSends>>,
+    /// Set when a reload takes this transport out of service: its receive loop stops taking
+    /// (transports with acknowledgements) and sends routed to it wait for its successor.
+    pub(crate) retiring: watch::Sender<bool>,
+    /// The sends under way (a reload waits for them before it closes the transport).
+    in_use: reload::InUse,
 }
 
 impl NodeTransport {
     pub(crate) fn new(
         name: String,
-        plugin: String,
+        (plugin, plugin_version): (String, String),
         loaded: Arc<LoadedTransport>,
         faults: Option<FaultInjector>,
     ) -> Self {
@@ -92,7 +101,18 @@ impl NodeTransport {
         // The fault injector works message by message.
         let gathers = faults.is_none() && loaded.info().capabilities.contains(Capabilities::BATCHED_SEND);
         let gathered = gathers.then(|| GatheredSends::new(Arc::clone(&loaded)));
-        Self { name, plugin, loaded, faults, settle_lane, paused: watch::channel(false).0, gathered }
+        Self {
+            name,
+            plugin,
+            plugin_version,
+            loaded,
+            faults,
+            settle_lane,
+            paused: watch::channel(false).0,
+            gathered,
+            retiring: watch::channel(false).0,
+            in_use: reload::InUse::default(),
+        }
     }
 
     pub(crate) async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
@@ -115,6 +135,48 @@ impl NodeTransport {
         }
     }
 }
+
+/// Every transport the node has run, by index, and the ones in service.
+///
+/// An index is never reused: a reload that replaces a transport appends its successor, so that
+/// a settlement, a pause or a receive loop of the old instance can never reach the new one.
+/// The table grows by one entry per replaced transport (a library is never unloaded anyway).
+#[derive(Debug, Default)]
+pub(crate) struct TransportTable {
+    pub(crate) all: Vec<Arc<NodeTransport>>,
+    /// Indexes into `all` of the transports in service, in preference order.
+    pub(crate) serving: Vec<usize>,
+}
+
+impl TransportTable {
+    fn new(transports: Vec<Arc<NodeTransport>>) -> Self {
+        Self { serving: (0..transports.len()).collect(), all: transports }
+    }
+
+    /// The transports in service with their indexes, in preference order.
+    pub(crate) fn in_service(&self) -> Vec<(usize, Arc<NodeTransport>)> {
+        self.serving.iter().filter_map(|&i| self.all.get(i).map(|t| (i, Arc::clone(t)))).collect()
+    }
+
+    /// What the engine is told: facts of all, the indexes in service, the record's addresses.
+    fn engine_input(&self) -> Input {
+        let addresses = self
+            .in_service()
+            .iter()
+            .map(|(_, t)| (t.name.clone(), t.loaded.info().local_address.clone()))
+            .collect();
+        Input::TransportsChanged {
+            facts: self.all.iter().map(|t| t.facts()).collect(),
+            serving: self.serving.clone(),
+            addresses,
+        }
+    }
+}
+
+/// Reloads a node from its config file: what the admin service [`crate::admin::RELOAD_SERVICE`]
+/// runs. The answer is a line of text either way.
+pub(crate) type Reloader =
+    Arc<dyn Fn(Arc<Driver>) -> BoxFuture<'static, Result<String, String>> + Send + Sync>;
 
 /// What waits in the inbox for `Node::receive`.
 pub(crate) enum InboxItem {
@@ -144,8 +206,15 @@ pub(crate) struct Driver {
     pub(crate) spec: NodeSpec,
     engine: Mutex<Engine>,
     ids: Arc<IdSource>,
-    pub(crate) transports: Vec<Arc<NodeTransport>>,
-    pub(crate) discovery: Arc<LoadedDiscovery>,
+    transports: RwLock<TransportTable>,
+    discovery: RwLock<Arc<LoadedDiscovery>>,
+    /// Counts finished transport swaps: sends that found their transport retiring wait for it.
+    swaps: watch::Sender<u64>,
+    /// One reload at a time, and the configuration it started from.
+    pub(crate) applied: tokio::sync::Mutex<crate::reload::AppliedConfig>,
+    /// Reads the node's config file again and applies it, answering what changed (set for
+    /// nodes built from a file: see [`crate::config`]); what an admin's reload request runs.
+    pub(crate) reloader: OnceLock<Reloader>,
     settler: Arc<dyn Settler>,
     inbox_tx: mpsc::Sender<InboxItem>,
     inbox: tokio::sync::Mutex<mpsc::Receiver<InboxItem>>,
@@ -166,7 +235,8 @@ pub(crate) struct Driver {
     /// Set when `close` starts: no new requests are served, failing transports are not retried.
     pub(crate) closing: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    receive_loops: Mutex<Vec<JoinHandle<()>>>,
+    /// By transport index.
+    receive_loops: Mutex<Vec<(usize, JoinHandle<()>)>>,
     pub(crate) closed: AtomicBool,
     /// Envelope signatures (`[security] signatures`), if on.
     pub(crate) signatures: Option<Signatures>,
@@ -210,10 +280,9 @@ impl Driver {
         id: NodeId,
         spec: NodeSpec,
         transports: Vec<Arc<NodeTransport>>,
-        discovery: LoadedDiscovery,
-        record: NodeRecord,
-        peers: Vec<NodeRecord>,
+        (discovery, record, peers): (LoadedDiscovery, NodeRecord, Vec<NodeRecord>),
         signatures: Option<Signatures>,
+        applied: crate::reload::AppliedConfig,
     ) -> Arc<Self> {
         let ids = Arc::new(IdSource::new(rand::random()));
         let facts = transports.iter().map(|t| t.facts()).collect();
@@ -224,8 +293,11 @@ impl Driver {
             spec,
             engine: Mutex::new(engine),
             ids,
-            transports,
-            discovery: Arc::new(discovery),
+            transports: RwLock::new(TransportTable::new(transports)),
+            discovery: RwLock::new(Arc::new(discovery)),
+            swaps: watch::channel(0).0,
+            applied: tokio::sync::Mutex::new(applied),
+            reloader: OnceLock::new(),
             settler: Arc::new(EngineSettler(me.clone())),
             inbox_tx,
             inbox: tokio::sync::Mutex::new(inbox_rx),
@@ -254,17 +326,18 @@ impl Driver {
         driver.add_service(crate::admin::STATUS_SERVICE, status);
         let served = Input::Served { name: crate::admin::STATUS_SERVICE.to_string(), limit: 4 };
         driver.run(driver.handle(served));
-        let shutdown = remote_shutdown::shutdown_handler(driver.spec.codec, Arc::downgrade(&driver));
+        let shutdown = remote_admin::shutdown_handler(driver.spec.codec, Arc::downgrade(&driver));
         driver.add_service(crate::admin::SHUTDOWN_SERVICE, shutdown);
         let served = Input::Served { name: crate::admin::SHUTDOWN_SERVICE.to_string(), limit: 1 };
         driver.run(driver.handle(served));
-        let loops = driver
-            .transports
-            .iter()
-            .enumerate()
-            .map(|(index, _)| tokio::spawn(incoming::receive_loop(Arc::clone(&driver), index)))
-            .collect();
-        *lock(&driver.receive_loops) = loops;
+        let reload = remote_admin::reload_handler(driver.spec.codec, Arc::downgrade(&driver));
+        driver.add_service(crate::admin::RELOAD_SERVICE, reload);
+        let served = Input::Served { name: crate::admin::RELOAD_SERVICE.to_string(), limit: 1 };
+        driver.run(driver.handle(served));
+        let serving = driver.table().serving.clone();
+        for index in serving {
+            driver.start_receive_loop(index);
+        }
         let tasks = vec![
             tokio::spawn(incoming::watch_discovery(Arc::clone(&driver))),
             tokio::spawn(incoming::timer(Arc::clone(&driver))),
@@ -274,6 +347,37 @@ impl Driver {
             driver.run(driver.handle(Input::Discovery(PeerEvent { kind: PeerEventKind::Joined, record })));
         }
         driver
+    }
+
+    /// The transport table (never held across an await).
+    pub(crate) fn table(&self) -> std::sync::RwLockReadGuard<'_, TransportTable> {
+        self.transports.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The transport at `index` (in service or not).
+    pub(crate) fn transport(&self, index: usize) -> Option<Arc<NodeTransport>> {
+        self.table().all.get(index).cloned()
+    }
+
+    /// The transports in service with their indexes, in preference order.
+    pub(crate) fn serving_transports(&self) -> Vec<(usize, Arc<NodeTransport>)> {
+        self.table().in_service()
+    }
+
+    /// The index of the transport in service called `name`.
+    pub(crate) fn serving_index(&self, name: &str) -> Option<usize> {
+        let table = self.table();
+        table.serving.iter().copied().find(|&index| table.all.get(index).is_some_and(|t| t.name == name))
+    }
+
+    /// The discovery in service.
+    pub(crate) fn discovery(&self) -> Arc<LoadedDiscovery> {
+        Arc::clone(&self.discovery.read().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+
+    fn start_receive_loop(self: &Arc<Self>, index: usize) {
+        let handle = tokio::spawn(incoming::receive_loop(Arc::clone(self), index));
+        lock(&self.receive_loops).push((index, handle));
     }
 
     /// The peers this node knows, with liveness, sorted by id.
@@ -414,7 +518,7 @@ impl Driver {
                     }
                 }
                 Action::Settle { transport, tag, outcome } => {
-                    if let Some(transport) = self.transports.get(transport) {
+                    if let Some(transport) = self.transport(transport) {
                         transport.settle_lane.settle(Settlement { delivery_tag: tag, outcome });
                     }
                 }
@@ -455,13 +559,13 @@ impl Driver {
                     sends.concurrent.push(Box::pin(async move { driver.announce_latest().await }));
                 }
                 Action::Pause { transport } => {
-                    if let Some(transport) = self.transports.get(transport) {
+                    if let Some(transport) = self.transport(transport) {
                         tracing::debug!(transport = %transport.name, "local queues full: taking no more for now");
                         transport.paused.send_replace(true);
                     }
                 }
                 Action::Resume { transport } => {
-                    if let Some(transport) = self.transports.get(transport) {
+                    if let Some(transport) = self.transport(transport) {
                         transport.paused.send_replace(false);
                     }
                 }
@@ -528,7 +632,7 @@ impl Driver {
 
     /// Sends a framework message, bounded in time (a slow or unreachable peer holds up nobody).
     async fn send_control(&self, route: Route, envelope: Envelope) {
-        let Some(transport) = self.transports.get(route.transport) else { return };
+        let Some(transport) = self.transport(route.transport) else { return };
         let limit = self.spec.heartbeat_interval.unwrap_or(Duration::from_secs(1));
         let kind = envelope.header(control::KIND_HEADER).unwrap_or("").to_string();
         let sent = tokio::time::timeout(limit, transport.send(&route.address, self.sealed(envelope))).await;
@@ -550,7 +654,7 @@ impl Driver {
         if revision <= *announced || *self.closing.borrow() {
             return;
         }
-        match self.discovery.announce(record).await {
+        match self.discovery().announce(record).await {
             Ok(()) => *announced = revision,
             Err(error) => tracing::warn!(%error, "announcing the node's record to discovery failed"),
         }
@@ -696,7 +800,8 @@ impl Driver {
     /// contract) are read again after a pause that grows from 1 to 50 ms.
     pub(crate) async fn flush(&self, limit: Duration) -> Result<(), FlushError> {
         let started = tokio::time::Instant::now();
-        for transport in &self.transports {
+        let transports = self.serving_transports();
+        for (_, transport) in &transports {
             if let Some(faults) = &transport.faults {
                 // Held and delayed messages go to the transport first.
                 faults.flush().await;
@@ -705,7 +810,7 @@ impl Driver {
         let mut pause = Duration::from_millis(1);
         let queued = loop {
             let queued: u64 =
-                self.transports.iter().map(|t| t.loaded.stats().transport.send_queue_depth).sum();
+                transports.iter().map(|(_, t)| t.loaded.stats().transport.send_queue_depth).sum();
             let waited = started.elapsed();
             if queued == 0 || waited >= limit {
                 break queued;
@@ -727,10 +832,11 @@ impl Driver {
     /// The messages each transport gave up on (its [`UNDELIVERED_COUNTER`]) since the last call,
     /// for the transports that gave some up.
     fn take_undelivered(&self) -> Vec<(String, u64)> {
+        let all = self.table().all.clone();
         let mut reported = lock(&self.reported_undelivered);
-        reported.resize(self.transports.len(), 0);
+        reported.resize(all.len(), 0);
         let mut news = Vec::new();
-        for (transport, reported) in self.transports.iter().zip(reported.iter_mut()) {
+        for (transport, reported) in all.iter().zip(reported.iter_mut()) {
             let stats = transport.loaded.stats();
             let total = stats
                 .transport
@@ -762,19 +868,19 @@ impl Driver {
             if offline {
                 // Still addressable: the durable inbox takes what is sent meanwhile.
                 let record = self.engine().leaving_record();
-                if let Err(error) = self.discovery.announce(record).await {
+                if let Err(error) = self.discovery().announce(record).await {
                     failures.push(format!("announcing the offline record to discovery: {error}"));
                 }
-            } else if let Err(error) = self.discovery.withdraw(&self.id).await {
+            } else if let Err(error) = self.discovery().withdraw(&self.id).await {
                 failures.push(format!("withdrawing from discovery: {error}"));
             }
         }
         self.say_goodbye(offline).await;
         let loops = std::mem::take(&mut *lock(&self.receive_loops));
-        let (mut acknowledging, draining): (Vec<_>, Vec<_>) = self
-            .transports
-            .iter()
-            .zip(loops)
+        let transports = self.serving_transports();
+        let (mut acknowledging, draining): (Vec<_>, Vec<_>) = loops
+            .into_iter()
+            .filter_map(|(index, handle)| self.transport(index).map(|transport| (transport, handle)))
             .partition(|(transport, _)| transport.has(Capabilities::ACKNOWLEDGEMENTS));
         // The settlements given so far reach each acknowledging transport before it closes;
         // messages still waiting for room go back. Messages the application still holds
@@ -793,7 +899,7 @@ impl Driver {
         if settled.is_err() {
             failures.push("received messages could not be handed back in time".to_string());
         }
-        for transport in &self.transports {
+        for (_, transport) in &transports {
             if let Some(faults) = &transport.faults {
                 // Held and delayed messages go out before the transport closes.
                 faults.flush().await;
@@ -825,7 +931,7 @@ impl Driver {
         for task in tasks {
             let _ = task.await;
         }
-        if let Err(error) = self.discovery.close().await {
+        if let Err(error) = self.discovery().close().await {
             failures.push(format!("discovery: {error}"));
         }
         if failures.is_empty() {
@@ -843,7 +949,7 @@ impl Driver {
         };
         let limit = self.spec.close_timeout.min(Duration::from_secs(1));
         let sends = goodbyes.into_iter().map(|(route, envelope)| async move {
-            let Some(transport) = self.transports.get(route.transport) else { return };
+            let Some(transport) = self.transport(route.transport) else { return };
             let sent =
                 tokio::time::timeout(limit, transport.send(&route.address, self.sealed(envelope))).await;
             if !matches!(sent, Ok(Ok(()))) {

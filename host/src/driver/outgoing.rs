@@ -1,7 +1,10 @@
 //! What goes out: messages to a node, publications, requests with retries, and the answers of
 //! this node's services. The engine says where (routes, replicas, subscribers); this sends.
 
-use super::{Driver, NodeTransport};
+use super::{
+    reload::{retired_error, SendGuard},
+    Driver, NodeTransport,
+};
 use crate::{
     codec::CONTENT_TYPE_HEADER,
     control::{self, KIND_HEADER, STATUS_HEADER},
@@ -37,13 +40,34 @@ impl Driver {
     /// The route to node `to` (the first transport both have; a durable one if `to` is
     /// offline), after greeting it if it has not had this node's record yet, so that it can
     /// answer even a node it has never heard of.
-    async fn greeted_route(&self, to: &NodeId) -> Result<(&NodeTransport, String), SendError> {
-        let (route, greeting) = self.engine().prepare_send(to).map_err(send_error)?;
-        let transport = &self.transports[route.transport];
+    ///
+    /// The transport comes as a [`SendGuard`]: a reload waits for the sends under way before it
+    /// closes a transport, and a send that finds its transport retiring waits for the successor
+    /// and takes the route again ([`Driver::wait_for_swap`]).
+    async fn greeted_route(&self, to: &NodeId) -> Result<(SendGuard, String), SendError> {
+        let mut waited = false;
+        let (route, greeting, transport) = loop {
+            let (route, greeting) = self.engine().prepare_send(to).map_err(send_error)?;
+            let Some(transport) = self.transport(route.transport) else {
+                return Err(SendError::Closed);
+            };
+            match SendGuard::begin(&transport) {
+                Some(guard) => break (route, greeting, guard),
+                // Once only: a second swap meanwhile is not waited for again.
+                None if !waited => {
+                    waited = true;
+                    if greeting.is_some() {
+                        self.engine().greeting_failed(to);
+                    }
+                    self.wait_for_swap(&transport).await;
+                }
+                None => return Err(transport_error(&transport, to, retired_error(&transport))),
+            }
+        };
         if let Some(hello) = greeting {
             if let Err(error) = transport.loaded.send(&route.address, self.sealed(hello)).await {
                 self.engine().greeting_failed(to);
-                return Err(transport_error(transport, to, error));
+                return Err(transport_error(&transport, to, error));
             }
         }
         Ok((transport, route.address))
@@ -53,7 +77,7 @@ impl Driver {
     pub(crate) async fn send_to_node(&self, to: &NodeId, envelope: Envelope) -> Result<(), SendError> {
         let (transport, address) = self.greeted_route(to).await?;
         let sent = transport.send(&address, self.sealed(envelope)).await;
-        sent.map_err(|error| transport_error(transport, to, error))
+        sent.map_err(|error| transport_error(&transport, to, error))
     }
 
     /// Sends `envelopes` to node `to` in one call across the plugin boundary (the transport's
@@ -83,7 +107,7 @@ impl Driver {
             failures = transport.loaded.send_batch(batch).await;
         }
         let Some(first) = failures.first() else { return Ok(()) };
-        let first = Box::new(transport_error(transport, to, first.error.clone()));
+        let first = Box::new(transport_error(&transport, to, first.error.clone()));
         Err(SendError::Batch { total, failed: failures.iter().map(|f| f.index).collect(), first })
     }
 
@@ -96,15 +120,15 @@ impl Driver {
         envelope: Envelope,
     ) -> Result<usize, SendError> {
         let envelope = self.sealed(envelope);
-        let native = self.transports.iter().position(|t| t.has(Capabilities::NATIVE_TOPICS));
-        if let Some(native) = native {
-            let transport = &self.transports[native];
+        let native = self.serving_transports().into_iter().find(|(_, t)| t.has(Capabilities::NATIVE_TOPICS));
+        if let Some((_, transport)) = &native {
             transport.send("", envelope.clone()).await.map_err(|error| SendError::Transport {
                 transport: transport.name.clone(),
                 peer: NodeId::new(format!("topic:{topic}")),
                 error,
             })?;
         }
+        let native = native.map(|(index, _)| index);
         let subscribers: Vec<NodeId> =
             self.engine().subscribers(topic, native).into_iter().map(|route| route.peer).collect();
         let mut delivered = 0;

@@ -14,13 +14,14 @@ impl Driver {
             id: self.id.to_string(),
             uptime_ms: millis(self.started.elapsed()),
             transports: self
-                .transports
-                .iter()
-                .map(|t| {
+                .serving_transports()
+                .into_iter()
+                .map(|(_, t)| {
                     let stats = t.loaded.stats();
                     TransportStatus {
                         name: t.name.clone(),
                         plugin: t.plugin.clone(),
+                        plugin_version: t.plugin_version.clone(),
                         local_address: t.loaded.info().local_address.clone(),
                         messages_sent: stats.messages_sent,
                         bytes_sent: stats.bytes_sent,
@@ -81,5 +82,29 @@ impl Driver {
     /// The node's metrics as OpenMetrics text ([`crate::metrics`]).
     pub(crate) fn metrics_text(&self) -> String {
         crate::metrics::render(self.status(), &self.request_metrics)
+    }
+}
+
+impl crate::metrics::NodeView for Driver {
+    fn status(&self) -> NodeStatus {
+        Driver::status(self)
+    }
+
+    fn metrics_text(&self) -> String {
+        Driver::metrics_text(self)
+    }
+
+    fn peer_transports(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        self.peers()
+            .into_iter()
+            .map(|peer| {
+                let transports = peer.record.addresses.into_iter().map(|(transport, _)| transport).collect();
+                (peer.record.id.to_string(), transports)
+            })
+            .collect()
+    }
+
+    fn latency_totals(&self) -> crate::metrics::LatencyTotals {
+        self.request_metrics.latency_totals()
     }
 }

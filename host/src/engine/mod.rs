@@ -152,6 +152,11 @@ pub(crate) enum Input {
     /// A publication of this node for its own subscriptions (at-most-once: a full subscription
     /// drops it, as from any transport without acknowledgements).
     Local(Envelope),
+    /// The node's transports changed (a reload): `facts` of every transport it has run, by
+    /// index (an index is never reused, so that a late settlement or pause still names the
+    /// instance it was meant for); `serving`: the indexes in service, in preference order;
+    /// `addresses`: the record's new addresses. Announced to discovery and every live peer.
+    TransportsChanged { facts: Vec<TransportFacts>, serving: Vec<usize>, addresses: Vec<(String, String)> },
 }
 
 /// What the node must do.
@@ -279,6 +284,9 @@ pub(crate) struct EngineCounters {
 pub(crate) struct Engine {
     spec: EngineSpec,
     transports: Vec<TransportFacts>,
+    /// The transports in service, by index, in preference order (all of them until a reload
+    /// replaces or removes one).
+    serving: Vec<usize>,
     ids: std::sync::Arc<IdSource>,
     record: NodeRecord,
     membership: Membership,
@@ -315,6 +323,7 @@ impl Engine {
             inbox: Depth::new(spec.inbox_capacity),
             next_heartbeat: spec.heartbeat_interval.map(|interval| now + interval),
             spec,
+            serving: (0..transports.len()).collect(),
             transports,
             ids,
             record,
@@ -351,6 +360,12 @@ impl Engine {
         match input {
             Input::Received { transport, envelope, tag } => self.received(transport, envelope, tag, now),
             Input::Discovery(event) => self.discovery(event, now),
+            Input::TransportsChanged { facts, serving, addresses } => {
+                self.transports = facts;
+                self.serving = serving.into_iter().filter(|index| *index < self.transports.len()).collect();
+                self.record.addresses = addresses;
+                self.record_changed();
+            }
             Input::Tick => self.tick(now),
             Input::Taken(local) => self.taken(local),
             Input::Settled { delivery, outcome } => self.settled(delivery, outcome),
@@ -837,8 +852,8 @@ impl Engine {
         };
         // An offline node is reachable only through a durable inbox, which keeps what is sent.
         let offline = record.is_offline();
-        let preferred = self.transports.iter().enumerate().filter(|(_, t)| !offline || t.durable);
-        for (index, transport) in preferred.chain(self.transports.iter().enumerate()) {
+        let preferred = self.in_service().filter(|(_, t)| !offline || t.durable);
+        for (index, transport) in preferred.chain(self.in_service()) {
             if let Some(address) = record.address_for(&transport.name) {
                 return Ok(Route { transport: index, address: address.to_string(), peer: node.clone() });
             }
@@ -847,8 +862,13 @@ impl Engine {
         Err(RouteError::NoCommonTransport {
             peer: node.clone(),
             peer_transports: names(record.addresses.iter().map(|(t, _)| t.as_str()).collect()),
-            local_transports: names(self.transports.iter().map(|t| t.name.as_str()).collect()),
+            local_transports: names(self.in_service().map(|(_, t)| t.name.as_str()).collect()),
         })
+    }
+
+    /// The transports in service with their indexes, in preference order.
+    fn in_service(&self) -> impl Iterator<Item = (usize, &TransportFacts)> + Clone {
+        self.serving.iter().filter_map(|&index| self.transports.get(index).map(|facts| (index, facts)))
     }
 
     /// The route to `node` for an application message, with this node's record to send first
@@ -959,7 +979,7 @@ impl Engine {
     /// Whether one of this node's transports keeps its inbox while it is away (so it leaves a
     /// record marked offline instead of withdrawing, and peers keep sending to that inbox).
     pub(crate) fn durable(&self) -> bool {
-        self.transports.iter().any(|t| t.durable)
+        self.in_service().any(|(_, t)| t.durable)
     }
 
     /// The goodbye to `peer`; `offline`: this node's inbox keeps what is sent to it.

@@ -1,10 +1,38 @@
 //! A node's metrics in the Prometheus / OpenMetrics text format: [`crate::Node::metrics_text`],
-//! and over HTTP at `GET /metrics` when the config has
+//! and over HTTP at `GET /metrics`, beside a status page at `GET /`, when the config has
 //!
 //! ```toml
 //! [metrics]
 //! listen = "127.0.0.1:9464"    # off when absent; port 0 picks a free port
 //! ```
+//!
+//! | path | what |
+//! |---|---|
+//! | `/` | the status page: one HTML file with its CSS and JavaScript, nothing loaded from elsewhere |
+//! | `/status.json` | the node's [`crate::admin::NodeStatus`] as JSON, plus `peer_transports` (peer id → names of the transports in its record) |
+//! | `/history.json` | `{"interval_ms": 1000, "capacity": 600, "samples": [...]}`, oldest sample first |
+//! | `/metrics` | the OpenMetrics text below |
+//!
+//! The status page shows the cluster as this node sees it and refreshes every 2 s: the node's
+//! id and uptime; its transports (plugin and version, address, messages sent and received,
+//! errors, reconnects, queue depths); its peers (up, down or offline, through which transports,
+//! when last heard from); the services it announces and the topics it subscribes to; and two
+//! plots over the history: messages per second sent and received (over all transports, control
+//! messages included), and the latency of this node's calls (mean and estimated 99th
+//! percentile, in ms). Names that come from peers or the application are shown as text, never
+//! interpreted as markup.
+//!
+//! The history holds one sample per second, at most 600 of them (the last 10 minutes; about
+//! 60 KB), in memory only: it starts empty when the node starts and is taken only while the
+//! endpoint is configured. A sample holds the messages sent and received per second, the calls
+//! that ended per second with their mean, median and 99th percentile (the last two estimated
+//! from the histogram's buckets, so exact to within a factor of 2), the inbox depth and the
+//! peers up.
+//!
+//! Everything the endpoint serves is read-only (only `GET`; nothing changes the node) and
+//! **unauthenticated**: whoever reaches the address can read the node's id, peers, services and
+//! traffic. Keep `listen` on loopback or a private address, behind a proxy that
+//! authenticates if it must be reached from elsewhere.
 //!
 //! Almost everything is read at scrape time from the state the node keeps anyway (the
 //! transports' `stats()`, the peer table, the queues), so an unscraped node pays nothing for
@@ -29,13 +57,17 @@
 //! control messages (hellos, heartbeats), not only the application's.
 
 mod endpoint;
+mod history;
 
-pub(crate) use endpoint::{MetricsEndpoint, Render};
+pub(crate) use endpoint::{Documents, MetricsEndpoint, Render};
+pub(crate) use history::{sample, History};
 
 use crate::{
     admin::{NodeStatus, TransportStatus},
     error::RequestError,
 };
+use history::LatencyCounts;
+pub(crate) use history::LatencyTotals;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
@@ -48,7 +80,13 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use std::{fmt, time::Duration};
+use serde::Serialize;
+use std::{
+    collections::BTreeMap,
+    fmt,
+    sync::{Arc, Weak},
+    time::Duration,
+};
 
 /// Label pairs of one series.
 type Labels = Vec<(&'static str, String)>;
@@ -59,21 +97,34 @@ type TransportSeries = (&'static str, &'static str, fn(&TransportStatus) -> u64)
 /// The `service` and `outcome` of a request.
 type RequestLabels = Vec<(&'static str, String)>;
 
+/// The request histogram's buckets (upper bounds; one more, unbounded, above them).
+const LATENCY_BUCKETS: usize = 16;
+
 /// Buckets from 100 µs to about 3.3 s, doubling: a loopback round trip lands in the first
 /// ones, a request that timed out after retries in the last.
+fn latency_bucket_bounds() -> [f64; LATENCY_BUCKETS] {
+    let mut bounds = [0.0; LATENCY_BUCKETS];
+    for (bound, value) in bounds.iter_mut().zip(exponential_buckets(0.0001, 2.0, LATENCY_BUCKETS as u16)) {
+        *bound = value;
+    }
+    bounds
+}
+
 fn request_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+    Histogram::new(latency_bucket_bounds())
 }
 
 /// The series recorded as requests end (everything else is read at scrape time).
 #[derive(Debug)]
 pub(crate) struct RequestMetrics {
     durations: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    /// The same durations, all services and outcomes together, for the status page's history.
+    overall: LatencyCounts,
 }
 
 impl Default for RequestMetrics {
     fn default() -> Self {
-        Self { durations: Family::new_with_constructor(request_histogram) }
+        Self { durations: Family::new_with_constructor(request_histogram), overall: LatencyCounts::default() }
     }
 }
 
@@ -87,6 +138,76 @@ impl RequestMetrics {
         };
         let labels = vec![("service", service.to_string()), ("outcome", outcome.to_string())];
         self.durations.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        self.overall.observe(elapsed);
+    }
+
+    /// Every call recorded so far, whatever its service and outcome: count, sum and buckets.
+    pub(crate) fn latency_totals(&self) -> LatencyTotals {
+        self.overall.totals()
+    }
+}
+
+/// What the endpoint and the history's sampler read from a node (the node's driver implements
+/// it, so that this module does not depend on the driver).
+pub(crate) trait NodeView: Send + Sync + 'static {
+    /// The node's status now.
+    fn status(&self) -> NodeStatus;
+    /// [`render`] of the node.
+    fn metrics_text(&self) -> String;
+    /// Per peer, the names of the transports in its record.
+    fn peer_transports(&self) -> BTreeMap<String, Vec<String>>;
+    /// Every call recorded so far ([`RequestMetrics::latency_totals`]).
+    fn latency_totals(&self) -> LatencyTotals;
+}
+
+/// What the endpoint serves of one node, read when asked from the node, which it holds weakly
+/// (so that the endpoint never keeps a closed node alive), and from its history.
+pub(crate) struct NodeDocuments {
+    node: Weak<dyn NodeView>,
+    history: Arc<History>,
+}
+
+impl std::fmt::Debug for NodeDocuments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeDocuments").finish_non_exhaustive()
+    }
+}
+
+impl NodeDocuments {
+    pub(crate) fn new(node: Weak<dyn NodeView>, history: Arc<History>) -> Self {
+        Self { node, history }
+    }
+}
+
+/// The JSON document of `GET /status.json`: the node's [`NodeStatus`], and the transports
+/// through which each peer can be reached (the names of the transports in its record), which
+/// the status does not carry.
+#[derive(Debug, Serialize)]
+struct StatusDocument {
+    #[serde(flatten)]
+    status: NodeStatus,
+    peer_transports: BTreeMap<String, Vec<String>>,
+}
+
+impl Documents for NodeDocuments {
+    fn metrics(&self) -> Option<String> {
+        self.node.upgrade().map(|driver| driver.metrics_text())
+    }
+
+    fn status_json(&self) -> Option<String> {
+        let driver = self.node.upgrade()?;
+        let document = StatusDocument { status: driver.status(), peer_transports: driver.peer_transports() };
+        Some(serde_json::to_string(&document).unwrap_or_else(|error| {
+            // Strings and integers only: serializing them does not fail.
+            tracing::warn!(%error, "encoding the status failed");
+            String::from("{}")
+        }))
+    }
+
+    fn history_json(&self) -> Option<String> {
+        // Only while the node runs, like the other documents.
+        self.node.upgrade()?;
+        Some(self.history.to_json())
     }
 }
 

@@ -3,7 +3,7 @@
 use super::{
     connections::{address_key, Admission},
     handshake::{self, OpenError, Opened},
-    protocol, shut_down, Acceptor, Shared,
+    protocol, shut_down, Acceptor, Feeder, Shared,
 };
 use crate::{
     framing::{FrameReader, Frames, ReadStep},
@@ -20,10 +20,13 @@ use tokio::{
     time::Instant,
 };
 
+/// Accepts connections until the transport closes, then drops `acceptor` (the listener: its
+/// address is free again once this ends). `_feeding` is held until then: connections may come.
 pub(super) async fn accept_loop<A: Acceptor>(
     shared: Arc<Shared>,
     mut acceptor: A,
     inbound: mpsc::Sender<Inbound>,
+    _feeding: Feeder,
 ) {
     let mut shutdown = shared.shutdown.subscribe();
     let mut failures = AcceptFailures::default();
@@ -37,8 +40,10 @@ pub(super) async fn accept_loop<A: Acceptor>(
                 failures.recovered();
                 let (admission, evicted) = shared.connections.admit(address_key(&label));
                 shared.counters.evicted.fetch_add(evicted, Relaxed);
+                // Counted before the task starts, so that `receive` never ends before it does.
+                let feeding = Feeder::new(&shared);
                 let connection =
-                    serve_connection(Arc::clone(&shared), stream, label, admission, inbound.clone());
+                    serve_connection(Arc::clone(&shared), stream, label, admission, inbound.clone(), feeding);
                 drop(crate::runtime::spawn(connection));
             }
             Err(error) => {
@@ -109,6 +114,56 @@ enum Closed {
     Refused(String),
 }
 
+/// Why a connection stops waiting (for bytes, or for room in the receive queue).
+enum Stop {
+    /// The transport started closing: say goodbye, then drain.
+    Closing,
+    /// The drain's time (`close_timeout_ms` from `close`) is up: what the peer sent and was not
+    /// read yet is lost.
+    Cut,
+    /// The receive queue is gone (the transport was dropped): nothing can be delivered.
+    Gone,
+}
+
+/// The close of the transport, as one connection sees it. When the transport closes, the
+/// connection tells its peer goodbye and goes on reading and delivering until the peer closes
+/// its side (a comms peer does so as soon as it sees the goodbye, after the batch it may be
+/// writing), so that nothing the peer had written is lost; but only until the close deadline.
+struct Closing {
+    shutdown: watch::Receiver<bool>,
+    /// Set once the goodbye is said: when the drain is cut.
+    drain_until: Option<Instant>,
+}
+
+impl Closing {
+    fn draining(&self) -> bool {
+        self.drain_until.is_some()
+    }
+
+    /// Completes when the transport starts closing (before the drain) or when the drain's time
+    /// is up (during it).
+    async fn next(&mut self) -> Stop {
+        match self.drain_until {
+            None => {
+                shut_down(&mut self.shutdown).await;
+                Stop::Closing
+            }
+            Some(until) => {
+                tokio::time::sleep_until(until).await;
+                Stop::Cut
+            }
+        }
+    }
+
+    /// Says goodbye (within the close deadline: a peer that does not read cannot hold it) and
+    /// starts the drain.
+    async fn start_drain<W: AsyncWrite + Unpin>(&mut self, shared: &Shared, write: &mut W) {
+        let until = shared.close_deadline();
+        self.drain_until = Some(until);
+        let _ = tokio::time::timeout_at(until, write_flushed(write, &protocol::goodbye_frame())).await;
+    }
+}
+
 /// Which bound the read loop of a connection waits against.
 #[derive(Clone, Copy)]
 enum Deadline {
@@ -124,8 +179,9 @@ async fn serve_connection<S: super::ByteStream>(
     label: String,
     admission: Admission,
     inbound: mpsc::Sender<Inbound>,
+    _feeding: Feeder,
 ) {
-    let mut shutdown = shared.shutdown.subscribe();
+    let mut closing = Closing { shutdown: shared.shutdown.subscribe(), drain_until: None };
     let settings = &shared.settings;
     let handshake = tokio::time::timeout(
         Duration::from_millis(settings.handshake_timeout_ms),
@@ -135,6 +191,10 @@ async fn serve_connection<S: super::ByteStream>(
         opened = handshake => opened,
         () = admission.slot().evicted() => {
             return log_closed(&shared, &label, None, Closed::Clean("evicted during its handshake (connection limit)"));
+        }
+        // The peer writes no message before our hello: nothing is lost, it dials again.
+        _ = shut_down(&mut closing.shutdown) => {
+            return log_closed(&shared, &label, None, Closed::Clean("transport closed during the handshake"));
         }
     };
     let Opened { stream, peer, key } = match opened {
@@ -178,6 +238,7 @@ async fn serve_connection<S: super::ByteStream>(
     let timer = tokio::time::sleep_until(last_frame + idle_timeout);
     tokio::pin!(timer);
     let closed = loop {
+        let draining = closing.draining();
         let deadline = match frame_started {
             Some(started) => (started + frame_timeout, Deadline::Frame),
             None => (last_frame + idle_timeout, Deadline::Idle),
@@ -185,7 +246,8 @@ async fn serve_connection<S: super::ByteStream>(
         timer.as_mut().reset(deadline.0);
         let step = tokio::select! {
             step = reader.read_step(&mut read) => step,
-            () = &mut timer => match deadline.1 {
+            // While draining only the close deadline counts.
+            () = &mut timer, if !draining => match deadline.1 {
                 Deadline::Idle => {
                     shared.counters.idle_closed.fetch_add(1, Relaxed);
                     let _ = write_flushed(&mut write, &protocol::goodbye_frame()).await;
@@ -199,14 +261,18 @@ async fn serve_connection<S: super::ByteStream>(
                     ));
                 }
             },
-            () = admission.slot().evicted() => {
+            () = admission.slot().evicted(), if !draining => {
                 let _ = write_flushed(&mut write, &protocol::goodbye_frame()).await;
                 break Closed::Clean("evicted to make room for another connection (connection limit)");
             }
-            _ = shut_down(&mut shutdown) => {
-                let _ = write_flushed(&mut write, &protocol::goodbye_frame()).await;
-                break Closed::Clean("transport closed");
-            }
+            stop = closing.next() => match stop {
+                Stop::Closing => {
+                    closing.start_drain(&shared, &mut write).await;
+                    continue;
+                }
+                Stop::Cut | Stop::Gone => break Closed::Clean(CUT),
+            },
+            () = inbound.closed() => break Closed::Clean(DROPPED),
         };
         let ended = match step {
             Ok(ReadStep::Frames(frames)) => decode(&frames, &mut received),
@@ -215,15 +281,21 @@ async fn serve_connection<S: super::ByteStream>(
                 frame_started.get_or_insert_with(Instant::now);
                 continue;
             }
+            // The end of a drain, or of a connection the peer closed.
             Ok(ReadStep::End) => Some(Closed::Clean("peer closed the connection")),
             Err(error) => Some(Closed::Refused(error.to_string())),
         };
         admission.active();
-        // What came before a bad frame or a goodbye is delivered.
-        if !deliver(&inbound, &mut received, &mut shutdown).await {
-            break Closed::Clean("transport closed");
-        }
-        if let Some(closed) = ended {
+        // What came before a bad frame or a goodbye is delivered; during a drain too.
+        let stopped = loop {
+            match deliver(&inbound, &mut received, &mut closing).await {
+                Ok(()) => break None,
+                Err(Stop::Closing) => closing.start_drain(&shared, &mut write).await,
+                Err(Stop::Cut) => break Some(Closed::Clean(CUT)),
+                Err(Stop::Gone) => break Some(Closed::Clean(DROPPED)),
+            }
+        };
+        if let Some(closed) = stopped.or(ended) {
             break closed;
         }
         // Clocks start after the delivery: waiting for the application is not the peer's fault.
@@ -257,26 +329,33 @@ fn decode(frames: &Frames<'_>, out: &mut Vec<Inbound>) -> Option<Closed> {
     None
 }
 
+/// Why a connection cut by the close deadline was closed.
+const CUT: &str =
+    "cut: close_timeout_ms passed before the peer closed its side (what it sent and was not read is lost)";
+
+/// Why a connection whose transport was dropped (without `close`) was closed.
+const DROPPED: &str = "transport dropped: nothing can be delivered";
+
 /// Hands `received` to the receive queue, waiting for room (a whole batch at a time when it
-/// fits); `false` once the transport is closing.
+/// fits). Stops waiting when [`Closing::next`] says so (or the queue is gone); what was not
+/// delivered then stays in `received`.
 async fn deliver(
     inbound: &mpsc::Sender<Inbound>,
     received: &mut Vec<Inbound>,
-    shutdown: &mut watch::Receiver<bool>,
-) -> bool {
-    let mut items = received.drain(..);
-    while items.len() > 0 {
-        let wanted = items.len().min(inbound.max_capacity());
+    closing: &mut Closing,
+) -> Result<(), Stop> {
+    while !received.is_empty() {
+        let wanted = received.len().min(inbound.max_capacity());
         let permits = tokio::select! {
             permits = inbound.reserve_many(wanted) => permits,
-            _ = shut_down(shutdown) => return false,
+            stop = closing.next() => return Err(stop),
         };
-        let Ok(permits) = permits else { return false };
-        for (permit, item) in permits.zip(items.by_ref()) {
+        let Ok(permits) = permits else { return Err(Stop::Gone) };
+        for (permit, item) in permits.zip(received.drain(..wanted)) {
             permit.send(item);
         }
     }
-    true
+    Ok(())
 }
 
 /// Writes `bytes` and flushes (an encrypted stream buffers what it seals).

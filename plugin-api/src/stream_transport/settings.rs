@@ -73,7 +73,10 @@ pub struct StreamSettings {
     /// from `connect_timeout_ms` because a busy peer may be slow to answer handshakes (they cost
     /// CPU) without being unreachable: giving up early would only add another handshake to do.
     pub handshake_timeout_ms: u64,
-    /// Time `close` waits for queued messages to be written.
+    /// Time `close` may take: to write what is queued for peers, and to drain incoming
+    /// connections (read them until each peer closes its side; one still open then is cut and
+    /// what was not read from it is lost). Also how long a writer that closed its side of a
+    /// connection waits for the peer to close its own before dropping it.
     pub close_timeout_ms: u64,
     /// Bytes that partly received frames of every incoming connection together may hold beyond
     /// one chunk (64 KiB) each; `None`: four times `max_frame_size`. At least `max_frame_size`.

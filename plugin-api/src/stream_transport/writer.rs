@@ -1,5 +1,13 @@
 //! The task that owns one outgoing connection: encodes queued envelopes straight into its write
 //! buffer, writes them in batches, reconnects, says goodbye.
+//!
+//! A peer that closes says goodbye and then reads on until this side closes its half of the
+//! connection (see [`super::StreamTransport::close`]). So the writer looks for the goodbye
+//! before every batch, without waiting: a batch is either written whole before the goodbye was
+//! seen (the peer's drain reads it) or written to the next connection, never given to a
+//! connection the peer is about to drop. A batch whose write fails is written again after
+//! reconnecting, whole (which is how a peer that does not drain, or a cut drain, can yield
+//! duplicates).
 
 use super::{
     encrypted::LinkStream,
@@ -59,8 +67,9 @@ impl<M: StreamMedium> PeerWriter<M> {
                             }
                         };
                         if let Some(reason) = peer_closed {
-                            tracing::debug!(backend = self.shared.backend, peer = %self.address, %reason, "peer closed the connection");
-                            connection = None;
+                            if let Some(open) = connection.take() {
+                                self.leave(open, &reason).await;
+                            }
                         }
                         continue;
                     }
@@ -99,6 +108,15 @@ impl<M: StreamMedium> PeerWriter<M> {
                 }
             }
             let Some(open) = connection.as_mut() else { continue };
+            // Under steady load the queue is never empty, so this is where a goodbye is seen.
+            if let Some(reason) = peer_closed_now(&mut open.read).await {
+                if let Some(open) = connection.take() {
+                    self.leave(open, &reason).await;
+                }
+                // The batch goes to the next connection (dialled with backoff: the peer's
+                // successor on this address may not listen yet).
+                continue;
+            }
             match write_flushed(&mut open.write, &batch).await {
                 Ok(()) => {
                     self.shared.counters.writes.fetch_add(1, Relaxed);
@@ -134,9 +152,23 @@ impl<M: StreamMedium> PeerWriter<M> {
             }
         }
         if let Some(mut open) = connection {
-            let _ = write_flushed(&mut open.write, &protocol::goodbye_frame()).await;
-            let _ = open.write.shutdown().await;
+            if write_flushed(&mut open.write, &protocol::goodbye_frame()).await.is_ok() {
+                self.leave(open, "goodbye said").await;
+            }
         }
+    }
+
+    /// Ends a connection: closes this side (the end a closing peer drains until), then waits
+    /// (up to `close_timeout_ms`) for the peer's end before dropping it. Dropping a socket with
+    /// unread bytes (a goodbye not read whole) would reset the connection, and a reset can
+    /// discard what the peer has received and not read yet.
+    async fn leave(&self, mut open: Connection<M::Stream>, reason: &str) {
+        tracing::debug!(backend = self.shared.backend, peer = %self.address, node = %open.peer, reason, "closing the connection");
+        if open.write.shutdown().await.is_err() {
+            return;
+        }
+        let linger = Duration::from_millis(self.shared.settings.close_timeout_ms);
+        let _ = tokio::time::timeout(linger, read_to_end(&mut open.read)).await;
     }
 
     /// Dials with backoff and exchanges hellos. Once the transport is closing, no more waiting:
@@ -233,6 +265,22 @@ impl<M: StreamMedium> PeerWriter<M> {
             );
         }
     }
+}
+
+/// Whether the peer has closed the connection or said goodbye already, without waiting: a read
+/// that is not ready is given up at once (reading is cancel-safe: nothing is lost by trying).
+async fn peer_closed_now<S: super::ByteStream>(read: &mut ReadHalf<S>) -> Option<String> {
+    tokio::select! {
+        biased;
+        reason = peer_closed(read) => Some(reason),
+        () = std::future::ready(()) => None,
+    }
+}
+
+/// Reads and discards until the peer closes its side (or the connection fails).
+async fn read_to_end<S: super::ByteStream>(read: &mut ReadHalf<S>) {
+    let mut buffer = [0u8; 256];
+    while matches!(read.read(&mut buffer).await, Ok(1..)) {}
 }
 
 /// Completes when the peer closes the connection or says goodbye (an accepting side sends

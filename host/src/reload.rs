@@ -1,0 +1,294 @@
+//! Reloading a running node's configuration: [`crate::Node::reload`],
+//! [`crate::Node::reload_file`], `SIGHUP` to `comms run`, and `comms reload NODE` from an admin.
+//!
+//! What can change on a running node:
+//!
+//! - **a transport's plugin or its settings** (`[transports.NAME]`): the transport is replaced
+//!   by a new instance, from the new plugin file if it names one; nothing queued or received is
+//!   lost on the way (see the driver's `reload` module for how), and `comms status` shows the
+//!   new plugin version;
+//! - **transports added or removed** (a new `[transports.NAME]` table comes last in the
+//!   preference order; a removed one is retired the same way as a replaced one);
+//! - **the discovery** (`[discovery]`, static peers included): the new one is started and
+//!   given this node's record, the old one closed.
+//!
+//! Everything else (the `[node]` settings, `[security]`, `[admin]`, `[metrics]`, the order of
+//! the transports that stay) cannot change while the node runs: a reload that changes it is
+//! refused as a whole, with one reason per key, and the node keeps running the configuration
+//! it had. A reload changes nothing when the configuration is the same.
+//!
+//! Limits:
+//!
+//! - A plugin file is known by its path: to swap in a new build, install it under a new file
+//!   name or directory and point the configuration at it. A file overwritten in place is not
+//!   loaded again (the dynamic loader hands back the library it has mapped), and overwriting a
+//!   mapped library can crash the process.
+//! - A library is never unloaded (abi_stable's rule): each plugin file loaded stays mapped for
+//!   the life of the process.
+//! - A transport that wants the listen address of the one it replaces (the same fixed port)
+//!   starts only after the old one is closed: peers reconnect with their backoff meanwhile, and
+//!   this node's sends wait for the new instance (at most the close timeout, plus its start).
+
+use crate::{fault_injection::FaultConfig, spec::TransportSpec, static_discovery::StaticPeer};
+use std::{fmt, path::PathBuf};
+
+/// What a reload changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReloadReport {
+    /// Transports started, by name.
+    pub added: Vec<String>,
+    /// Transports replaced by a new instance, by name.
+    pub replaced: Vec<String>,
+    /// Transports retired, by name.
+    pub removed: Vec<String>,
+    /// Whether the discovery was replaced.
+    pub discovery_replaced: bool,
+    /// What went wrong without undoing the reload (a retired transport that did not flush in
+    /// time, say).
+    pub warnings: Vec<String>,
+}
+
+impl ReloadReport {
+    /// Whether the reload changed nothing.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.replaced.is_empty()
+            && self.removed.is_empty()
+            && !self.discovery_replaced
+    }
+}
+
+impl fmt::Display for ReloadReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return write!(f, "nothing changed");
+        }
+        let mut parts = Vec::new();
+        let list = |names: &[String]| names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+        if !self.replaced.is_empty() {
+            parts.push(format!("replaced transport {}", list(&self.replaced)));
+        }
+        if !self.added.is_empty() {
+            parts.push(format!("added transport {}", list(&self.added)));
+        }
+        if !self.removed.is_empty() {
+            parts.push(format!("removed transport {}", list(&self.removed)));
+        }
+        if self.discovery_replaced {
+            parts.push("replaced the discovery".to_string());
+        }
+        write!(f, "{}", parts.join("; "))?;
+        for warning in &self.warnings {
+            write!(f, "; warning: {warning}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A plugin as a configuration names it, in a form that can be compared.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct PluginSetup {
+    /// The plugin's name, file, or (linked in code) name and version.
+    pub(crate) plugin: String,
+    pub(crate) config_toml: String,
+    pub(crate) faults: Option<FaultConfig>,
+    /// Discovery only: the static peers.
+    pub(crate) static_peers: Vec<StaticPeer>,
+}
+
+/// The configuration a node runs, as far as a reload compares it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AppliedConfig {
+    /// The file it came from, if any (`SIGHUP` and `comms reload` read it again).
+    pub(crate) file: Option<PathBuf>,
+    /// Settings that cannot change on a running node: the config key, and its value as text.
+    pub(crate) fixed: Vec<(&'static str, String)>,
+    /// The transports by name, in preference order.
+    pub(crate) transports: Vec<(String, PluginSetup)>,
+    /// The same transports as the builder had them (to start one again).
+    pub(crate) specs: Vec<TransportSpec>,
+    pub(crate) discovery: Option<PluginSetup>,
+}
+
+impl AppliedConfig {
+    /// Records that transport `spec.name` now runs `spec` (appended if new).
+    pub(crate) fn set_transport(&mut self, spec: TransportSpec, setup: Option<PluginSetup>) {
+        if let Some(setup) = setup {
+            match self.transports.iter_mut().find(|(name, _)| *name == spec.name) {
+                Some(entry) => entry.1 = setup,
+                None => self.transports.push((spec.name.clone(), setup)),
+            }
+        }
+        match self.specs.iter_mut().find(|s| s.name == spec.name) {
+            Some(entry) => *entry = spec,
+            None => self.specs.push(spec),
+        }
+    }
+
+    /// Records that transport `name` was removed.
+    pub(crate) fn remove_transport(&mut self, name: &str) {
+        self.transports.retain(|(n, _)| n != name);
+        self.specs.retain(|s| s.name != name);
+    }
+}
+
+/// What a reload does, worked out from the running configuration and the new one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ReloadPlan {
+    pub(crate) add: Vec<String>,
+    pub(crate) replace: Vec<String>,
+    pub(crate) remove: Vec<String>,
+    pub(crate) discovery: bool,
+}
+
+/// The plan, or every reason the new configuration cannot be applied live.
+pub(crate) fn plan(running: &AppliedConfig, wanted: &AppliedConfig) -> Result<ReloadPlan, Vec<String>> {
+    let mut refusals = Vec::new();
+    for (key, value) in &wanted.fixed {
+        let before = running.fixed.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+        if before != Some(value) {
+            refusals.push(format!("key `{key}` cannot change on a running node (restart it to change it)"));
+        }
+    }
+    let names = |config: &AppliedConfig| config.transports.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    let (before, after) = (names(running), names(wanted));
+    if after.is_empty() {
+        refusals.push("a node needs at least one transport: the new configuration has none".to_string());
+    }
+    let kept_before: Vec<&String> = before.iter().filter(|n| after.contains(n)).collect();
+    let kept_after: Vec<&String> = after.iter().filter(|n| before.contains(n)).collect();
+    if kept_before != kept_after {
+        refusals.push(format!(
+            "the order of the transports cannot change on a running node (it is {}, the new configuration says {})",
+            quoted(&kept_before),
+            quoted(&kept_after)
+        ));
+    }
+    // Added transports come last in the preference order, so they must be last in the file.
+    if let Some(first_added) = after.iter().position(|n| !before.contains(n)) {
+        if after[first_added..].iter().any(|n| before.contains(n)) {
+            refusals.push(format!(
+                "transport `{}` is new: a running node adds transports last in the preference order, so list \
+                 it after the ones it runs",
+                after[first_added]
+            ));
+        }
+    }
+    if !refusals.is_empty() {
+        return Err(refusals);
+    }
+    let setup = |config: &AppliedConfig, name: &str| {
+        config.transports.iter().find(|(n, _)| n == name).map(|(_, setup)| setup.clone())
+    };
+    Ok(ReloadPlan {
+        add: after.iter().filter(|n| !before.contains(n)).cloned().collect(),
+        replace: kept_after
+            .iter()
+            .filter(|n| setup(running, n) != setup(wanted, n))
+            .map(|n| n.to_string())
+            .collect(),
+        remove: before.iter().filter(|n| !after.contains(n)).cloned().collect(),
+        discovery: running.discovery != wanted.discovery,
+    })
+}
+
+fn quoted(names: &[&String]) -> String {
+    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(plugin: &str, config: &str) -> PluginSetup {
+        PluginSetup {
+            plugin: plugin.into(),
+            config_toml: config.into(),
+            faults: None,
+            static_peers: Vec::new(),
+        }
+    }
+
+    fn config(transports: &[(&str, PluginSetup)]) -> AppliedConfig {
+        AppliedConfig {
+            file: None,
+            fixed: vec![("node.id", "a".into()), ("node.codec", "Binary".into())],
+            transports: transports.iter().map(|(n, s)| (n.to_string(), s.clone())).collect(),
+            specs: Vec::new(),
+            discovery: Some(setup("static", "")),
+        }
+    }
+
+    #[test]
+    fn the_same_configuration_changes_nothing() {
+        let running = config(&[("tcp", setup("tcp", "listen = \"127.0.0.1:7001\""))]);
+        assert_eq!(plan(&running, &running.clone()), Ok(ReloadPlan::default()));
+    }
+
+    #[test]
+    fn a_new_plugin_file_or_new_settings_replace_the_transport() {
+        let running = config(&[("tcp", setup("tcp", "")), ("redis", setup("redis", "url = \"a\""))]);
+        let wanted = config(&[
+            ("tcp", setup("/opt/v2/libcomms_tcp.so", "")),
+            ("redis", setup("redis", "url = \"b\"")),
+        ]);
+        let plan = plan(&running, &wanted).expect("applies");
+        assert_eq!(plan.replace, vec!["tcp", "redis"]);
+        assert!(plan.add.is_empty() && plan.remove.is_empty() && !plan.discovery);
+    }
+
+    #[test]
+    fn faults_count_as_a_change_of_the_transport() {
+        let running = config(&[("tcp", setup("tcp", ""))]);
+        let mut faulty = setup("tcp", "");
+        faulty.faults = Some(FaultConfig { drop: 0.5, ..FaultConfig::default() });
+        assert_eq!(plan(&running, &config(&[("tcp", faulty)])).expect("applies").replace, vec!["tcp"]);
+    }
+
+    #[test]
+    fn transports_are_added_last_and_removed() {
+        let running = config(&[("tcp", setup("tcp", "")), ("udp", setup("udp", ""))]);
+        let wanted = config(&[("tcp", setup("tcp", "")), ("redis", setup("redis", ""))]);
+        let plan = plan(&running, &wanted).expect("applies");
+        assert_eq!((plan.add, plan.remove), (vec!["redis".to_string()], vec!["udp".to_string()]));
+        let first = config(&[("redis", setup("redis", "")), ("tcp", setup("tcp", ""))]);
+        let refused = super::plan(&running, &first).expect_err("a new transport first is refused");
+        assert!(refused[0].contains("`redis` is new"), "{refused:?}");
+    }
+
+    #[test]
+    fn fixed_settings_order_and_an_empty_list_are_refused_with_one_reason_each() {
+        let running = config(&[("tcp", setup("tcp", "")), ("udp", setup("udp", ""))]);
+        let mut wanted = config(&[("udp", setup("udp", "")), ("tcp", setup("tcp", ""))]);
+        wanted.fixed[1].1 = "Json".into();
+        let refused = plan(&running, &wanted).expect_err("refused");
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert!(refused[0].contains("key `node.codec` cannot change"), "{refused:?}");
+        assert!(refused[1].contains("order of the transports"), "{refused:?}");
+        let refused = plan(&running, &config(&[])).expect_err("refused");
+        assert!(refused[0].contains("at least one transport"), "{refused:?}");
+    }
+
+    #[test]
+    fn a_changed_discovery_or_static_peer_replaces_the_discovery() {
+        let running = config(&[("tcp", setup("tcp", ""))]);
+        let mut wanted = running.clone();
+        let peer = StaticPeer {
+            id: "b".into(),
+            addresses: Default::default(),
+            services: Vec::new(),
+            topics: Vec::new(),
+        };
+        wanted.discovery.as_mut().expect("set").static_peers.push(peer);
+        assert!(plan(&running, &wanted).expect("applies").discovery);
+    }
+
+    #[test]
+    fn the_report_says_what_changed() {
+        let report =
+            ReloadReport { replaced: vec!["tcp".into()], discovery_replaced: true, ..Default::default() };
+        assert_eq!(report.to_string(), "replaced transport `tcp`; replaced the discovery");
+        assert_eq!(ReloadReport::default().to_string(), "nothing changed");
+    }
+}
