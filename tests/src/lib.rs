@@ -341,6 +341,36 @@ pub fn start_and_follow(
     (child, receiver)
 }
 
+/// An HTTP response as a test reads it: the status line, the whole head, the body.
+#[derive(Debug)]
+pub struct HttpResponse {
+    /// `HTTP/1.1 200 OK`, say.
+    pub status: String,
+    /// The status line and the headers.
+    pub head: String,
+    /// Everything after the blank line.
+    pub body: String,
+}
+
+/// Sends `request` (raw bytes: the request line, headers and blank line) to `address`, reads
+/// the response to the end of the connection and checks that its `Content-Length`, when there
+/// is one, matches the body.
+pub async fn http(address: std::net::SocketAddr, request: &str) -> HttpResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect to the HTTP endpoint");
+    stream.write_all(request.as_bytes()).await.expect("write the request");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read the response");
+    let response = String::from_utf8(response).expect("a UTF-8 response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("a head and a body");
+    let length = head.lines().find_map(|line| line.strip_prefix("Content-Length: "));
+    if let Some(length) = length {
+        assert_eq!(length.parse::<usize>().expect("a number"), body.len(), "Content-Length matches the body");
+    }
+    let status = head.lines().next().unwrap_or_default().to_string();
+    HttpResponse { status, head: head.to_string(), body: body.to_string() }
+}
+
 /// A child process that a failing test does not leave running.
 #[derive(Debug)]
 pub struct KillOnDrop(pub std::process::Child);

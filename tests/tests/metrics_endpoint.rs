@@ -4,25 +4,12 @@
 use comms_host::{Node, Received, RequestError, RequestOptions};
 use comms_tests::{artifacts, scratch_dir, write_config};
 use std::{net::SocketAddr, time::Duration};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Sends `request` (raw bytes) to the endpoint and returns the status line and the body.
+/// Sends `request` to the endpoint and returns the status line and the body.
 async fn http(address: SocketAddr, request: &str) -> (String, String) {
-    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect to the metrics endpoint");
-    stream.write_all(request.as_bytes()).await.expect("write the request");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.expect("read the response");
-    let response = String::from_utf8(response).expect("a UTF-8 response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("a head and a body");
-    let status = head.lines().next().unwrap_or_default().to_string();
-    let length: usize = head
-        .lines()
-        .find_map(|line| line.strip_prefix("Content-Length: "))
-        .expect("a Content-Length")
-        .parse()
-        .expect("a number");
-    assert_eq!(length, body.len(), "Content-Length matches the body");
-    (status, body.to_string())
+    let response = comms_tests::http(address, request).await;
+    assert!(response.head.contains("Content-Length: "), "a Content-Length:\n{}", response.head);
+    (response.status, response.body)
 }
 
 async fn scrape(address: SocketAddr) -> String {

@@ -17,7 +17,6 @@ use std::{
     },
     time::{Duration, Instant},
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Where Debian's `chromium` package puts the browser.
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -85,16 +84,10 @@ fn dump_dom(url: &str, profile: &Path) -> String {
     dom
 }
 
-/// Sends `request` (raw bytes) to the endpoint and returns the status line, the head and the body.
+/// Sends `request` to the endpoint and returns the status line, the head and the body.
 async fn http(address: SocketAddr, request: &str) -> (String, String, String) {
-    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect to the endpoint");
-    stream.write_all(request.as_bytes()).await.expect("write the request");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.expect("read the response");
-    let response = String::from_utf8(response).expect("a UTF-8 response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("a head and a body");
-    let status = head.lines().next().unwrap_or_default().to_string();
-    (status, head.to_string(), body.to_string())
+    let response = comms_tests::http(address, request).await;
+    (response.status, response.head, response.body)
 }
 
 async fn get(address: SocketAddr, path: &str) -> (String, String, String) {

@@ -160,6 +160,10 @@ impl Driver {
 
     /// Adds a started transport to the node (last in the preference order).
     pub(crate) async fn add_transport(self: &Arc<Self>, transport: NodeTransport) -> Result<(), String> {
+        if *self.closing.borrow() {
+            let _ = transport.loaded.close().await;
+            return Err("the node is closing".into());
+        }
         self.subscribe_all(&transport).await?;
         self.install(transport, None);
         self.finish_swap();
@@ -192,6 +196,11 @@ impl Driver {
         Fut: Future<Output = Result<NodeTransport, StartFailure>>,
     {
         let transport = start(attempt).await?;
+        if *self.closing.borrow() {
+            // A close started meanwhile: it does not know this transport, so nothing would close it.
+            let _ = transport.loaded.close().await;
+            return Err(StartFailure { reason: "the node is closing".into(), may_start_alone: false });
+        }
         self.subscribe_all(&transport)
             .await
             .map_err(|reason| StartFailure { reason, may_start_alone: false })?;
