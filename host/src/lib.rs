@@ -28,6 +28,7 @@
 //! pass), [`security`] (identities, `[security]`, envelope signatures), [`metrics`] (what a node
 //! reports to Prometheus, `[metrics]`), [`admin`] (the status every node answers over comms),
 //! [`trace_context`] (W3C `traceparent` carried by requests, spans around requests and handlers),
+//! `telemetry` (with the cargo feature `otel`: those spans exported over OTLP),
 //! [`reload`] (what a running node can change: transports, plugins, discovery), [`error`] (one error type per operation). The `comms` command is in `main.rs`.
 //!
 //! Inside, a node is three layers, each depending only on the next: the [`Node`] facade, the
@@ -65,6 +66,8 @@ mod service;
 mod spec;
 pub mod static_discovery;
 pub mod subscription;
+#[cfg(feature = "otel")]
+pub mod telemetry;
 pub mod trace_context;
 
 pub use builder::NodeBuilder;

@@ -235,19 +235,16 @@ impl Node {
             // Only this node's signer writes these: an application's own would go out unchecked.
             headers.retain(|name, _| name != SIGNATURE_HEADER && name != SIGNED_AT_HEADER);
         }
-        // Sent while a trace is current (in a handler, or in `TraceContext::scope`): the
-        // message carries it on, so that the receiver's `comms.receive` span names the trace.
-        let context = crate::trace_context::current().map(|context| context.child());
-        if let Some(context) = &context {
-            headers.set(crate::trace_context::TRACEPARENT_HEADER, context.to_string());
-        }
         let mut envelope = self.inner.new_envelope(Destination::Node(to.clone()), headers, payload);
         envelope.correlation_id = correlation_id;
         let id = envelope.id;
         self.inner.check_open()?;
-        let span = tracing::debug_span!("comms.send", %to, %id, trace_id = tracing::field::Empty);
-        if let Some(context) = &context {
-            span.record("trace_id", context.trace_id_hex());
+        let span = tracing::debug_span!("comms.send", %to, %id, "otel.kind" = "producer", trace_id = tracing::field::Empty);
+        // Sent while a trace is current (in a handler, or in `TraceContext::scope`): the
+        // message carries it on, so that the receiver's `comms.receive` span names the trace.
+        if let Some(parent) = crate::trace_context::current() {
+            let context = crate::trace_context::begin(&span, Some(parent));
+            envelope.headers.set(crate::trace_context::TRACEPARENT_HEADER, context.to_string());
         }
         let sent = async {
             // A plugin's future is ready at once while its queue has room, and tokio's fairness

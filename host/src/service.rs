@@ -50,14 +50,15 @@ impl ServiceHandler {
         ServiceHandler(Arc::new(move |envelope: Envelope| {
             let handler = Arc::clone(&handler);
             // The caller's trace continues here (a new one if the request carries none).
-            let context = envelope
-                .header(TRACEPARENT_HEADER)
-                .and_then(TraceContext::parse)
-                .map_or_else(TraceContext::new_root, |parent| parent.child());
             let span = tracing::info_span!(
                 "comms.handle",
                 from = %envelope.from,
-                trace_id = %context.trace_id_hex()
+                "otel.kind" = "server",
+                trace_id = tracing::field::Empty
+            );
+            let context = crate::trace_context::begin(
+                &span,
+                envelope.header(TRACEPARENT_HEADER).and_then(TraceContext::parse),
             );
             let handled = async move {
                 // The node acknowledges the request when its response is sent (the driver).

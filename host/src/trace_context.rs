@@ -12,6 +12,10 @@
 //!   (wrap it in [`TraceContext::scope`]).
 //!
 //! A malformed `traceparent` is ignored (a new trace starts), as the W3C recommendation says.
+//!
+//! With the cargo feature `otel` and an OpenTelemetry layer installed (`crate::telemetry`), the
+//! ids sent are those of the OpenTelemetry spans, so that the exported spans link up across
+//! nodes; without one, comms makes its own ids.
 
 use std::{fmt, future::Future};
 
@@ -78,6 +82,36 @@ impl TraceContext {
 /// The context of the request being handled by this task, if any.
 pub fn current() -> Option<TraceContext> {
     CURRENT.try_with(|context| *context).ok()
+}
+
+/// The hop `span` stands for: the next one after `parent`, or a new trace. When an
+/// OpenTelemetry layer sees the span (feature `otel`), its ids are the span's, and the span is
+/// made a child of `parent`; otherwise new ids are drawn. Records the trace id in the span's
+/// `trace_id` field.
+pub(crate) fn begin(span: &tracing::Span, parent: Option<TraceContext>) -> TraceContext {
+    let context = joined(span, parent)
+        .unwrap_or_else(|| parent.map_or_else(TraceContext::new_root, |parent| parent.child()));
+    span.record("trace_id", tracing::field::display(HexTraceId(context.trace_id)));
+    context
+}
+
+#[cfg(feature = "otel")]
+fn joined(span: &tracing::Span, parent: Option<TraceContext>) -> Option<TraceContext> {
+    crate::telemetry::join_span(span, parent)
+}
+
+#[cfg(not(feature = "otel"))]
+fn joined(_span: &tracing::Span, _parent: Option<TraceContext>) -> Option<TraceContext> {
+    None
+}
+
+/// Writes a trace id as hex without allocating (it is recorded on every traced span).
+struct HexTraceId([u8; 16]);
+
+impl fmt::Display for HexTraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|byte| write!(f, "{byte:02x}"))
+    }
 }
 
 /// The `traceparent` value.

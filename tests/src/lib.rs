@@ -210,6 +210,9 @@ pub fn artifacts() -> &'static Artifacts {
         ];
         let mut build = vec!["build"];
         build.extend(packages.into_iter().flat_map(|package| ["-p", package]));
+        // The features this crate builds the host with, so that the library compiles once and
+        // the `comms` command can export spans (tests/otel_export.rs).
+        build.extend(["--features", "comms-host/otel"]);
         cargo(&build, &target);
         cargo(&["build", "--manifest-path", "examples/third-party-plugin/Cargo.toml"], &target);
         let plugin_dir = target.join(profile);

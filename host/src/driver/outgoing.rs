@@ -164,8 +164,13 @@ impl Driver {
     ) -> Result<Envelope, RequestError> {
         let started = tokio::time::Instant::now();
         // A child of the request being handled by this task, or a new trace.
-        let context = trace_context::current().map_or_else(TraceContext::new_root, |parent| parent.child());
-        let span = tracing::info_span!("comms.request", service, trace_id = %context.trace_id_hex());
+        let span = tracing::info_span!(
+            "comms.request",
+            service,
+            "otel.kind" = "client",
+            trace_id = tracing::field::Empty
+        );
+        let context = trace_context::begin(&span, trace_context::current());
         let result = self.call_with_retries(service, node, payload, options, context).instrument(span).await;
         self.request_metrics.record(service, &result, started.elapsed());
         result
