@@ -20,9 +20,10 @@
 //! Limits:
 //!
 //! - A plugin file is known by its path: to swap in a new build, install it under a new file
-//!   name or directory and point the configuration at it. A file overwritten in place is not
-//!   loaded again (the dynamic loader hands back the library it has mapped), and overwriting a
-//!   mapped library can crash the process.
+//!   name or directory and point the configuration at it. A file replaced at the same path is
+//!   not loaded again (the dynamic loader hands back the library it has mapped), so a reload
+//!   that finds a loaded plugin's file changed on disk (its size, modification time or inode) is
+//!   refused with that reason; writing over a mapped library in place can crash the process.
 //! - A library is never unloaded (abi_stable's rule): each plugin file loaded stays mapped for
 //!   the life of the process.
 //! - A transport that wants the listen address of the one it replaces (the same fixed port)
@@ -87,7 +88,7 @@ impl fmt::Display for ReloadReport {
 }
 
 /// A plugin as a configuration names it, in a form that can be compared.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub(crate) struct PluginSetup {
     /// The plugin's name, file, or (linked in code) name and version.
     pub(crate) plugin: String,
@@ -95,6 +96,48 @@ pub(crate) struct PluginSetup {
     pub(crate) faults: Option<FaultConfig>,
     /// Discovery only: the static peers.
     pub(crate) static_peers: Vec<StaticPeer>,
+    /// The library file the plugin comes from, as it was on disk when the configuration was
+    /// read; `None` for a plugin linked in code, or a file not found.
+    pub(crate) file: Option<PluginFile>,
+}
+
+/// Two setups are the same configuration when they name the same plugin with the same
+/// settings. The file's stamp is not compared: a changed file at the same path cannot be loaded
+/// again, so [`plan`] refuses it instead of replacing the transport with the old library.
+impl PartialEq for PluginSetup {
+    fn eq(&self, other: &Self) -> bool {
+        self.plugin == other.plugin
+            && self.config_toml == other.config_toml
+            && self.faults == other.faults
+            && self.static_peers == other.static_peers
+    }
+}
+
+/// A plugin library file and what identifies its contents on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PluginFile {
+    pub(crate) path: PathBuf,
+    /// Size, modification time and (on Unix) device and inode: a new build copied or renamed
+    /// over the file changes at least one.
+    pub(crate) stamp: (u64, Option<std::time::SystemTime>, u64, u64),
+}
+
+impl PluginFile {
+    /// `path` as it is now; `None` if it cannot be read.
+    pub(crate) fn at(path: &std::path::Path) -> Option<Self> {
+        let metadata = std::fs::metadata(path).ok()?;
+        #[cfg(unix)]
+        let (device, inode) = {
+            use std::os::unix::fs::MetadataExt;
+            (metadata.dev(), metadata.ino())
+        };
+        #[cfg(not(unix))]
+        let (device, inode) = (0, 0);
+        Some(Self {
+            path: path.to_path_buf(),
+            stamp: (metadata.len(), metadata.modified().ok(), device, inode),
+        })
+    }
 }
 
 /// The configuration a node runs, as far as a reload compares it.
@@ -175,12 +218,27 @@ pub(crate) fn plan(running: &AppliedConfig, wanted: &AppliedConfig) -> Result<Re
             ));
         }
     }
-    if !refusals.is_empty() {
-        return Err(refusals);
-    }
     let setup = |config: &AppliedConfig, name: &str| {
         config.transports.iter().find(|(n, _)| n == name).map(|(_, setup)| setup.clone())
     };
+    let mut loaded_files = kept_after
+        .iter()
+        .map(|name| (format!("transport `{name}`"), setup(running, name), setup(wanted, name)))
+        .collect::<Vec<_>>();
+    loaded_files.push(("the discovery".to_string(), running.discovery.clone(), wanted.discovery.clone()));
+    for (what, before, after) in loaded_files {
+        if let Some(path) = file_changed_in_place(before.as_ref(), after.as_ref()) {
+            refusals.push(format!(
+                "the plugin file {} of {what} changed on disk since the node loaded it: a running process cannot \
+                 load a new build from the same path (the loader hands back the library it has mapped); install \
+                 the new build under a new file name and name that file in the configuration",
+                path.display()
+            ));
+        }
+    }
+    if !refusals.is_empty() {
+        return Err(refusals);
+    }
     Ok(ReloadPlan {
         add: after.iter().filter(|n| !before.contains(n)).cloned().collect(),
         replace: kept_after
@@ -191,6 +249,15 @@ pub(crate) fn plan(running: &AppliedConfig, wanted: &AppliedConfig) -> Result<Re
         remove: before.iter().filter(|n| !after.contains(n)).cloned().collect(),
         discovery: running.discovery != wanted.discovery,
     })
+}
+
+/// The path of a loaded plugin file that is named again but is no longer the file loaded.
+fn file_changed_in_place<'a>(
+    before: Option<&PluginSetup>,
+    after: Option<&'a PluginSetup>,
+) -> Option<&'a PathBuf> {
+    let (before, after) = (before?.file.as_ref()?, after?.file.as_ref()?);
+    (before.path == after.path && before.stamp != after.stamp).then_some(&after.path)
 }
 
 fn quoted(names: &[&String]) -> String {
@@ -207,6 +274,7 @@ mod tests {
             config_toml: config.into(),
             faults: None,
             static_peers: Vec::new(),
+            file: None,
         }
     }
 
@@ -282,6 +350,33 @@ mod tests {
         };
         wanted.discovery.as_mut().expect("set").static_peers.push(peer);
         assert!(plan(&running, &wanted).expect("applies").discovery);
+    }
+
+    #[test]
+    fn a_plugin_file_changed_at_the_same_path_is_refused_and_a_new_path_is_a_replacement() {
+        let file = |path: &str, size: u64| PluginFile { path: path.into(), stamp: (size, None, 1, 7) };
+        let with_file =
+            |file: PluginFile| PluginSetup { file: Some(file), ..setup("file /opt/libcomms_tcp.so", "") };
+        let running = config(&[("tcp", with_file(file("/opt/libcomms_tcp.so", 100)))]);
+        assert_eq!(plan(&running, &running.clone()), Ok(ReloadPlan::default()));
+
+        let rebuilt = config(&[("tcp", with_file(file("/opt/libcomms_tcp.so", 120)))]);
+        let refused = plan(&running, &rebuilt).expect_err("a new build at the loaded path is refused");
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(
+            refused[0].contains("/opt/libcomms_tcp.so of transport `tcp` changed on disk"),
+            "{refused:?}"
+        );
+        assert!(refused[0].contains("new file name"), "{refused:?}");
+
+        let elsewhere = PluginSetup {
+            file: Some(file("/opt/v2/libcomms_tcp.so", 120)),
+            ..setup("file /opt/v2/libcomms_tcp.so", "")
+        };
+        assert_eq!(plan(&running, &config(&[("tcp", elsewhere)])).expect("applies").replace, ["tcp"]);
+        // A file that cannot be read now (uninstalled) is no reason to refuse.
+        let gone = config(&[("tcp", PluginSetup { file: None, ..setup("file /opt/libcomms_tcp.so", "") })]);
+        assert_eq!(plan(&running, &gone), Ok(ReloadPlan::default()));
     }
 
     #[test]

@@ -377,3 +377,46 @@ fn comms_reload_and_sighup_apply_the_config_file_of_a_running_node() {
     drop(running);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A newer build installed over a loaded plugin's file (written beside it and renamed into
+/// place, as package managers do) cannot be loaded from that path again: the reload is refused
+/// with the way out, the node keeps running, and the same build under a new file name loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_file_replaced_at_its_loaded_path_is_refused_and_a_new_file_name_is_loaded() {
+    let dir = scratch_dir("reload-same-path");
+    let installed = dir.join("libcomms_tcp.so");
+    std::fs::copy(&artifacts().tcp_plugin, &installed).expect("install 0.1.0");
+    let text = |plugin: &Path| {
+        format!("[node]\nid = \"n\"\n\n[transports.tcp]\npath = {plugin:?}\nlisten = \"127.0.0.1:0\"\n")
+    };
+    let config = write_config(&dir, "node.toml", &text(&installed));
+    let node = Node::from_config(&config).await.expect("node");
+    assert!(node.reload_file(None).await.expect("nothing changed").is_empty());
+
+    let staged = dir.join("libcomms_tcp.so.new");
+    std::fs::copy(artifacts().tcp_next_plugin(), &staged).expect("stage 0.1.1");
+    std::fs::rename(&staged, &installed).expect("rename over the loaded file");
+    match node.reload_file(None).await {
+        Err(ReloadError::Refused { reasons, .. }) => {
+            assert_eq!(reasons.len(), 1, "{reasons:?}");
+            let reason = &reasons[0];
+            assert!(
+                reason.contains(&format!("{} of transport `tcp` changed on disk", installed.display())),
+                "{reason}"
+            );
+            assert!(reason.contains("under a new file name"), "{reason}");
+        }
+        other => panic!("a changed file at the loaded path must be refused: {other:?}"),
+    }
+    assert_eq!(node.transports()[0].plugin_version, "0.1.0", "the loaded build runs on");
+    node.send("n", &1u64).await.expect("the node still sends to itself");
+    assert_eq!(node.receive::<u64>().await.expect("1").message, 1);
+
+    let renamed = dir.join("libcomms_tcp-0.1.1.so");
+    std::fs::copy(artifacts().tcp_next_plugin(), &renamed).expect("install 0.1.1 under a new name");
+    write_config(&dir, "node.toml", &text(&renamed));
+    let report = node.reload_file(None).await.expect("a new file name is loaded");
+    assert_eq!(report.replaced, ["tcp"]);
+    assert_eq!(node.transports()[0].plugin_version, "0.1.1");
+    node.close().await.expect("node closes");
+}

@@ -5,11 +5,12 @@ use super::{search_dirs, NodeBuilder};
 use crate::{
     driver::{Attempt, Driver, StartFailure},
     error::ReloadError,
-    reload::{AppliedConfig, PluginSetup, ReloadReport},
+    plugin_search::find_plugin,
+    reload::{AppliedConfig, PluginFile, PluginSetup, ReloadReport},
     spec::{PluginChoice, PluginSource, TransportSpec},
     static_discovery::STATIC_DISCOVERY,
 };
-use std::sync::Arc;
+use std::{path::PathBuf, sync::Arc};
 
 /// How a configuration names a plugin, for comparing two configurations.
 fn plugin_label(choice: &PluginChoice) -> String {
@@ -26,12 +27,23 @@ fn plugin_label(choice: &PluginChoice) -> String {
     }
 }
 
-fn transport_setup(spec: &TransportSpec) -> PluginSetup {
+/// The library file a plugin choice loads (looked up in `dirs` by name), as it is on disk now.
+fn plugin_file(choice: &PluginChoice, dirs: &[PathBuf]) -> Option<PluginFile> {
+    let path = match choice {
+        PluginChoice::Source(PluginSource::Name(name)) => find_plugin(name, dirs)?,
+        PluginChoice::Source(PluginSource::Path(path)) => path.clone(),
+        PluginChoice::Library(library) => library.path()?.to_path_buf(),
+    };
+    PluginFile::at(&path)
+}
+
+fn transport_setup(spec: &TransportSpec, dirs: &[PathBuf]) -> PluginSetup {
     PluginSetup {
         plugin: plugin_label(&spec.plugin),
         config_toml: spec.config_toml.clone(),
         faults: spec.faults.clone(),
         static_peers: Vec::new(),
+        file: plugin_file(&spec.plugin, dirs),
     }
 }
 
@@ -79,9 +91,12 @@ impl NodeBuilder {
             ("admin.keys", format!("{:?}", self.admin_keys)),
             ("metrics.listen", format!("{:?}", self.metrics_listen)),
         ];
+        let dirs = search_dirs(&self.plugin_dirs);
         let discovery = match &self.discovery {
-            Some((choice, config_toml)) => (plugin_label(choice), config_toml.clone()),
-            None => (format!("name {STATIC_DISCOVERY}"), String::new()),
+            Some((choice, config_toml)) => {
+                (plugin_label(choice), config_toml.clone(), plugin_file(choice, &dirs))
+            }
+            None => (format!("name {STATIC_DISCOVERY}"), String::new(), None),
         };
         AppliedConfig {
             file: self.config_file.clone(),
@@ -89,7 +104,7 @@ impl NodeBuilder {
             transports: self
                 .transports
                 .iter()
-                .map(|spec| (spec.name.clone(), transport_setup(spec)))
+                .map(|spec| (spec.name.clone(), transport_setup(spec, &dirs)))
                 .collect(),
             specs: self.transports.clone(),
             discovery: Some(PluginSetup {
@@ -97,6 +112,7 @@ impl NodeBuilder {
                 config_toml: discovery.1,
                 faults: None,
                 static_peers: self.static_peers.clone(),
+                file: discovery.2,
             }),
         }
     }
