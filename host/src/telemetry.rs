@@ -71,7 +71,8 @@ pub enum TelemetryError {
 }
 
 /// An OTLP span exporter and the [`tracing`] layer that feeds it. Dropping it exports what is
-/// still waiting (at most [`EXPORT_TIMEOUT`] per batch) and stops the export thread.
+/// still waiting and stops the export thread, waiting at most 5 s (the SDK's shutdown limit):
+/// a collector that does not answer delays the end of the process by that much, never more.
 #[derive(Debug)]
 pub struct OtlpTracing {
     provider: SdkTracerProvider,

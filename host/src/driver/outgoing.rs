@@ -51,17 +51,17 @@ impl Driver {
             let Some(transport) = self.transport(route.transport) else {
                 return Err(SendError::Closed);
             };
-            match SendGuard::begin(&transport) {
-                Some(guard) => break (route, greeting, guard),
+            match SendGuard::begin(transport) {
+                Ok(guard) => break (route, greeting, guard),
                 // Once only: a second swap meanwhile is not waited for again.
-                None if !waited => {
+                Err(retiring) if !waited => {
                     waited = true;
                     if greeting.is_some() {
                         self.engine().greeting_failed(to);
                     }
-                    self.wait_for_swap(&transport).await;
+                    self.wait_for_swap(&retiring).await;
                 }
-                None => return Err(transport_error(&transport, to, retired_error(&transport))),
+                Err(retiring) => return Err(transport_error(&retiring, to, retired_error(&retiring))),
             }
         };
         if let Some(hello) = greeting {

@@ -73,17 +73,18 @@ pub(crate) struct InUse {
 pub(crate) struct SendGuard(Arc<NodeTransport>);
 
 impl SendGuard {
-    /// `None` if the transport is being retired.
-    pub(crate) fn begin(transport: &Arc<NodeTransport>) -> Option<SendGuard> {
-        let in_use = &transport.in_use;
+    /// The transport back if it is being retired. Takes the `Arc` rather than cloning it: this
+    /// runs on every send.
+    pub(crate) fn begin(transport: Arc<NodeTransport>) -> Result<SendGuard, Arc<NodeTransport>> {
         // SeqCst on both sides: either this send sees `retiring`, or the retiring side sees
         // this send in the count and waits for it.
-        in_use.sending.fetch_add(1, Ordering::SeqCst);
-        let guard = SendGuard(Arc::clone(transport));
-        if in_use.retiring.load(Ordering::SeqCst) {
-            return None;
+        transport.in_use.sending.fetch_add(1, Ordering::SeqCst);
+        let guard = SendGuard(transport);
+        if guard.0.in_use.retiring.load(Ordering::SeqCst) {
+            // Dropping the guard takes this send out of the count again.
+            return Err(Arc::clone(&guard.0));
         }
-        Some(guard)
+        Ok(guard)
     }
 }
 
