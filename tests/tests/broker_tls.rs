@@ -13,19 +13,21 @@ use comms_host::{
     Node, PluginLibrary, Received,
 };
 use comms_plugin_api::{Capabilities, ErrorCode, NodeId, PluginError};
-use comms_tests::{artifacts, broker_available, scratch_dir, write_config};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use comms_tests::{artifacts, broker_available, scratch_dir};
 use serde::{Deserialize, Serialize};
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::{Duration, Instant},
 };
+use tls_ca::TestCa;
 use tokio::net::{TcpListener, TcpStream};
+
+#[path = "support/tls_ca.rs"]
+mod tls_ca;
 
 const REDIS: &str = "127.0.0.1:6379";
 const RABBITMQ: &str = "127.0.0.1:5672";
@@ -35,47 +37,6 @@ const PASSWORD: &str = "pw-n3ver-shown";
 
 // ---------------------------------------------------------------------------------------------
 // A private CA and a TLS-terminating proxy in front of a broker.
-
-/// A certificate authority made for one test.
-struct TestCa {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl TestCa {
-    fn new(name: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
-        Self { issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap() }
-    }
-
-    /// Writes the CA certificate as PEM into `dir` and returns the path (the `ca_file`).
-    fn write_pem(&self, dir: &Path, name: &str) -> PathBuf {
-        write_config(dir, name, &self.issuer.pem())
-    }
-
-    /// A client certificate signed by this CA, written as PEM files into `dir`: (certificate, key).
-    fn write_client_files(&self, dir: &Path) -> (PathBuf, PathBuf) {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec!["comms-client".to_string()]).unwrap();
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        let certificate = params.signed_by(&key, &self.issuer).unwrap();
-        (
-            write_config(dir, "client.pem", &certificate.pem()),
-            write_config(dir, "client-key.pem", &key.serialize_pem()),
-        )
-    }
-
-    /// A server certificate for `localhost` (a DNS name only: `127.0.0.1` is not in it) and its key.
-    fn localhost(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, "localhost");
-        let certificate = params.signed_by(&key, &self.issuer).unwrap();
-        (vec![certificate.der().clone()], PrivatePkcs8KeyDer::from(key.serialize_der()).into())
-    }
-}
 
 /// Accepts TLS on 127.0.0.1 (any port), forwards the plaintext to the broker at `upstream`.
 struct TlsProxy {

@@ -11,76 +11,16 @@ use comms_plugin_api::{
 use comms_tests::{artifacts, free_address, scratch_dir};
 use std::{
     collections::HashSet,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
 };
+use support::OwnNats;
 
-const NATS_SERVER: &str = "/usr/sbin/nats-server";
-
-/// A `nats-server` child process with JetStream, on a port and store directory of its own.
-struct OwnNats {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl OwnNats {
-    /// Starts one, or returns `None` (and says why) when `nats-server` is not installed; in CI
-    /// that is a failure.
-    fn start(dir: &Path) -> Option<Self> {
-        let port = free_address().rsplit_once(':').unwrap().1.parse().unwrap();
-        let mut nats = Self { child: None, port, dir: dir.to_path_buf() };
-        match nats.spawn() {
-            Ok(()) => Some(nats),
-            Err(error) if std::env::var("CI").as_deref() != Ok("true") => {
-                eprintln!("SKIPPED: cannot start {NATS_SERVER} ({error})");
-                None
-            }
-            Err(error) => {
-                panic!("cannot start {NATS_SERVER}, and in CI a broker test must not skip: {error}")
-            }
-        }
-    }
-
-    fn spawn(&mut self) -> std::io::Result<()> {
-        let child = Command::new(NATS_SERVER)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        self.child = Some(child);
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(started.elapsed() < Duration::from_secs(10), "nats-server did not listen within 10 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
-    }
-
-    /// Kills it as a crash would (SIGKILL: only what it wrote to its store survives).
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for OwnNats {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+#[path = "support/nats.rs"]
+mod support;
 
 fn envelope(to: &str, n: u32) -> Envelope {
     Envelope::new(

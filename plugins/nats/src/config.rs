@@ -9,7 +9,8 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connection {
     /// `nats://host:port` or `tls://host:port` (TLS required); several servers separated by
-    /// commas. User and password may be in the URL (`nats://user:password@host:4222`).
+    /// commas. User and password may be in the URL (`nats://user:password@host:4222`), or a
+    /// token (`nats://token@host:4222`), instead of the keys below.
     pub url: String,
     /// A `.creds` file (JWT and nkey seed, from `nsc`).
     pub creds_file: Option<String>,
@@ -36,6 +37,23 @@ impl Connection {
             max: Duration::from_secs(2),
             attempts: self.connect_attempts.max(1),
         }
+    }
+
+    /// Credentials written in a server URL: `nats://user:password@host` gives a user and a
+    /// password, `nats://token@host` a token (NATS's convention); percent-escapes are decoded.
+    /// The client library reads credentials from its options only, so the transport passes
+    /// these on itself.
+    pub fn url_credentials(&self) -> Option<(String, Option<String>)> {
+        self.url.split(',').find_map(|url| {
+            let rest = url.trim().split_once("://")?.1;
+            let authority = rest.split(['/', '?', '#']).next()?;
+            let (userinfo, _) = authority.rsplit_once('@')?;
+            match userinfo.split_once(':') {
+                Some((user, password)) => Some((percent_decoded(user), Some(percent_decoded(password)))),
+                None if userinfo.is_empty() => None,
+                None => Some((percent_decoded(userinfo), None)),
+            }
+        })
     }
 
     fn validate(&self) -> Result<(), PluginError> {
@@ -66,6 +84,12 @@ impl Connection {
                 "use one of `creds_file`, `user` + `password` and `token`, not several",
             );
         }
+        if methods.contains(&true) && self.url_credentials().is_some() {
+            return bad(
+                "url",
+                "credentials are in the URL and in `creds_file`, `user` or `token`: give them once",
+            );
+        }
         if self.connect_attempts == 0 {
             return bad("connect_attempts", "must be at least 1");
         }
@@ -74,6 +98,30 @@ impl Connection {
         }
         Ok(())
     }
+}
+
+/// `%XX` escapes decoded (a byte each); anything else kept as it is.
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| text.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                decoded.push(byte);
+                i += 3;
+            }
+            None => {
+                decoded.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
 }
 
 fn default_url() -> String {

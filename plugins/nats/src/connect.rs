@@ -56,9 +56,11 @@ pub(crate) fn redacted(connection: &Connection) -> String {
 /// `text` with every secret of `connection` replaced by `***` (a client error may quote a URL).
 pub(crate) fn scrub(connection: &Connection, text: &str) -> String {
     let mut text = text.to_string();
-    let secrets = [connection.password.as_deref(), connection.token.as_deref()];
+    // The URL's own password, or its token (a user name alone), decoded as it is sent.
+    let from_url = connection.url_credentials().map(|(user, password)| password.unwrap_or(user));
+    let secrets = [connection.password.clone(), connection.token.clone(), from_url];
     for secret in secrets.into_iter().flatten().filter(|secret| !secret.is_empty()) {
-        text = text.replace(secret, "***");
+        text = text.replace(&secret, "***");
     }
     for url in connection.url.split(',') {
         let url = url.trim();
@@ -82,6 +84,12 @@ fn options(
     }
     if let Some(token) = &connection.token {
         options = options.token(token.clone());
+    }
+    // Only when no key gives credentials (the config refuses both).
+    match connection.url_credentials() {
+        Some((user, Some(password))) => options = options.user_and_password(user, password),
+        Some((token, None)) => options = options.token(token),
+        None => {}
     }
     if let Some(ca_file) = &prepared.ca_file {
         options = options.add_root_certificates(ca_file.clone()).require_tls(true);
@@ -122,14 +130,24 @@ fn options(
 }
 
 /// Whether retrying cannot help: the server refused the credentials or TLS failed.
-fn is_permanent(kind: ConnectErrorKind) -> bool {
+fn is_permanent(error: &async_nats::ConnectError) -> bool {
     matches!(
-        kind,
+        error.kind(),
         ConnectErrorKind::Authentication
             | ConnectErrorKind::AuthorizationViolation
             | ConnectErrorKind::Tls
             | ConnectErrorKind::ServerParse
-    )
+    ) || tls_handshake_refused(error)
+}
+
+/// A TLS handshake that failed on what the peer presented (an unknown issuer, another host
+/// name): the client library reports it as an I/O error, whose source is an `io::Error` of kind
+/// `InvalidData` (the TLS library's verdict); a refused or reset connection has other kinds.
+fn tls_handshake_refused(error: &async_nats::ConnectError) -> bool {
+    error.kind() == ConnectErrorKind::Io
+        && std::error::Error::source(error)
+            .and_then(|source| source.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData)
 }
 
 /// Connects, retrying `connect_attempts` times with doubling delays. `what` names the caller
@@ -149,7 +167,7 @@ pub(crate) async fn connect(
             async move {
                 match options.connect(servers.as_slice()).await {
                     Ok(client) => Ok(Ok(client)),
-                    Err(error) if is_permanent(error.kind()) => Ok(Err(error)),
+                    Err(error) if is_permanent(&error) => Ok(Err(error)),
                     Err(error) => {
                         tracing::debug!(attempt, url = %redacted(connection),
                             error = %scrub(connection, &error.to_string()), "connecting to NATS failed");
@@ -163,6 +181,9 @@ pub(crate) async fn connect(
         Ok(Ok(client)) => Ok(client),
         Ok(Err(error)) => {
             let hint = match error.kind() {
+                _ if tls_handshake_refused(&error) => {
+                    " (TLS failed: check `ca_file` and the server's certificate)"
+                }
                 ConnectErrorKind::Tls => " (TLS failed: check `ca_file` and the server's certificate)",
                 ConnectErrorKind::ServerParse => " (check `url`)",
                 _ => " (check `creds_file`, `user`/`password` or `token`)",
@@ -214,6 +235,20 @@ mod tests {
         let text = scrub(&connection, "auth failed for nats://me:hunter2@host:4222 with s3cret");
         assert!(!text.contains("hunter2") && !text.contains("s3cret"), "{text}");
         assert_eq!(redacted(&connection), "nats://me:***@host:4222");
+    }
+
+    #[test]
+    fn credentials_in_the_url_are_read_decoded_and_scrubbed() {
+        let mut connection = connection("nats://me:p%40ss%3Aword@host:4222,nats://other:x@host2");
+        connection.user = None;
+        connection.password = None;
+        assert_eq!(connection.url_credentials(), Some(("me".to_string(), Some("p@ss:word".to_string()))));
+        assert!(!scrub(&connection, "server said p@ss:word").contains("p@ss:word"));
+        connection.url = "tls://s3cr3t-token@host:4222/path@x".into();
+        assert_eq!(connection.url_credentials(), Some(("s3cr3t-token".to_string(), None)));
+        assert_eq!(scrub(&connection, "bad token s3cr3t-token"), "bad token ***");
+        connection.url = "nats://host:4222".into();
+        assert_eq!(connection.url_credentials(), None);
     }
 
     #[tokio::test]

@@ -88,3 +88,79 @@ pub(crate) fn jetstream_api(server: &str, subject: &str, body: &str) -> std::io:
         }
     }
 }
+
+const NATS_SERVER: &str = "/usr/sbin/nats-server";
+
+/// A `nats-server` child process with JetStream, on a port and store directory of its own.
+pub(crate) struct OwnNats {
+    child: Option<std::process::Child>,
+    port: u16,
+    dir: std::path::PathBuf,
+    /// Options beyond the address, port and store (authentication, TLS).
+    options: Vec<String>,
+}
+
+impl OwnNats {
+    /// Starts one, or returns `None` (and says why) when `nats-server` is not installed; in CI
+    /// that is a failure.
+    pub(crate) fn start(dir: &std::path::Path) -> Option<Self> {
+        Self::start_with(dir, &[])
+    }
+
+    /// [`OwnNats::start`] with more `nats-server` options (`--user`, `--tls`, ...).
+    pub(crate) fn start_with(dir: &std::path::Path, options: &[&str]) -> Option<Self> {
+        let port = comms_tests::free_address().rsplit_once(':').unwrap().1.parse().unwrap();
+        let options = options.iter().map(|option| option.to_string()).collect();
+        let mut nats = Self { child: None, port, dir: dir.to_path_buf(), options };
+        match nats.spawn() {
+            Ok(()) => Some(nats),
+            Err(error) if std::env::var("CI").as_deref() != Ok("true") => {
+                eprintln!("SKIPPED: cannot start {NATS_SERVER} ({error})");
+                None
+            }
+            Err(error) => {
+                panic!("cannot start {NATS_SERVER}, and in CI a broker test must not skip: {error}")
+            }
+        }
+    }
+
+    /// Starts the process (again, after [`OwnNats::kill`]) and waits until it listens.
+    pub(crate) fn spawn(&mut self) -> std::io::Result<()> {
+        let child = std::process::Command::new(NATS_SERVER)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(&self.dir)
+            .args(&self.options)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        self.child = Some(child);
+        let started = std::time::Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(10), "nats-server did not listen within 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Kills it as a crash would (SIGKILL: only what it wrote to its store survives).
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
