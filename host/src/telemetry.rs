@@ -32,17 +32,14 @@
 
 mod http_client;
 
-use crate::trace_context::TraceContext;
-use opentelemetry::trace::{
-    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider,
-};
+use opentelemetry::trace::TracerProvider;
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::{
     trace::{SdkTracer, SdkTracerProvider},
     Resource,
 };
 use std::time::Duration;
-use tracing_opentelemetry::{OpenTelemetryLayer, OpenTelemetrySpanExt};
+use tracing_opentelemetry::OpenTelemetryLayer;
 
 /// The variable naming the whole URL of the traces endpoint.
 pub const TRACES_ENDPOINT_VARIABLE: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
@@ -160,27 +157,4 @@ impl Drop for OtlpTracing {
             tracing::warn!(%error, endpoint = %self.endpoint, "the OTLP exporter did not shut down cleanly");
         }
     }
-}
-
-/// Makes `span` stand for the next hop after `parent` (a new trace when `None`) in the
-/// OpenTelemetry layer, if one sees the span, and returns its ids; `None` when no layer does
-/// (not installed, or the span is filtered out).
-pub(crate) fn join_span(span: &tracing::Span, parent: Option<TraceContext>) -> Option<TraceContext> {
-    if let Some(parent) = parent {
-        let remote = SpanContext::new(
-            TraceId::from_bytes(parent.trace_id),
-            SpanId::from_bytes(parent.span_id),
-            TraceFlags::new(parent.flags),
-            true,
-            TraceState::default(),
-        );
-        span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote)).ok()?;
-    }
-    let context = span.context();
-    let ids = context.span().span_context().clone();
-    ids.is_valid().then(|| TraceContext {
-        trace_id: ids.trace_id().to_bytes(),
-        span_id: ids.span_id().to_bytes(),
-        flags: ids.trace_flags().to_u8(),
-    })
 }

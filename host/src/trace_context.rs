@@ -19,6 +19,9 @@
 
 use std::{fmt, future::Future};
 
+#[cfg(feature = "otel")]
+mod otel;
+
 /// The header name (lower case, as the W3C recommendation spells it).
 pub const TRACEPARENT_HEADER: &str = "traceparent";
 
@@ -97,7 +100,7 @@ pub(crate) fn begin(span: &tracing::Span, parent: Option<TraceContext>) -> Trace
 
 #[cfg(feature = "otel")]
 fn joined(span: &tracing::Span, parent: Option<TraceContext>) -> Option<TraceContext> {
-    crate::telemetry::join_span(span, parent)
+    otel::join_span(span, parent)
 }
 
 #[cfg(not(feature = "otel"))]

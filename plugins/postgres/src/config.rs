@@ -1,8 +1,11 @@
 //! The plugin's config table (`[transports.postgres]`, or `[discovery]` with
 //! `plugin = "postgres"`), and the connection settings it names.
 
-use comms_plugin_api::{backoff::Backoff, redact::redact_url, serde::Deserialize, PluginError};
-use std::time::Duration;
+use comms_plugin_api::{
+    backoff::Backoff, redact::redact_url, serde::Deserialize, tls::TlsFiles, PluginError,
+};
+use std::{path::PathBuf, time::Duration};
+use tokio_postgres::config::SslMode;
 
 /// The config table of the PostgreSQL transport and discovery. Every key has a default, so an
 /// empty table connects to the local server's `postgres` database over its Unix socket; an
@@ -39,6 +42,15 @@ pub struct PostgresConfig {
     pub heartbeat_ms: u64,
     /// Discovery: a node whose heartbeat is older than this is gone.
     pub peer_timeout_ms: u64,
+    /// PEM file of the CA certificate(s) that signed the server's certificate. Turns TLS on
+    /// (`sslmode=require`): the server's certificate and host name are checked against it, as
+    /// libpq's `verify-full` does.
+    pub ca_file: Option<String>,
+    /// PEM certificate this client presents (with `client_key_file`), for servers that ask
+    /// for one (`clientcert` in `pg_hba.conf`).
+    pub client_cert_file: Option<String>,
+    /// PEM private key of `client_cert_file`.
+    pub client_key_file: Option<String>,
 }
 
 /// Default of [`PostgresConfig::max_message_size`]: 8 MiB.
@@ -63,6 +75,9 @@ impl Default for PostgresConfig {
             connect_attempts: 5,
             heartbeat_ms: 1_000,
             peer_timeout_ms: 5_000,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
         }
     }
 }
@@ -136,12 +151,49 @@ impl PostgresConfig {
             }
         }
         connection.connect_timeout(Duration::from_millis(self.connect_timeout_ms));
+        let files = self.tls_files();
+        // The URL's scheme says nothing about TLS in PostgreSQL (sslmode does): no scheme check.
+        files.validate("", "")?;
+        match (files.ca_file.is_some(), connection.get_ssl_mode()) {
+            (true, SslMode::Disable) => {
+                return Err(bad("ca_file", "TLS is asked for, but the url says sslmode=disable"));
+            }
+            (true, _) => {
+                connection.ssl_mode(SslMode::Require);
+            }
+            (false, SslMode::Require) => {
+                return Err(bad(
+                    "ca_file",
+                    "the url asks for sslmode=require: name the CA that signed the server's certificate \
+                     (it is checked, with the host name, as libpq's verify-full does)",
+                ));
+            }
+            (false, _) if !files.is_empty() => {
+                return Err(bad(
+                    "ca_file",
+                    "needed with `client_cert_file`: TLS to PostgreSQL checks the server",
+                ));
+            }
+            // Without TLS files nothing is encrypted: `prefer` falls back to a plain connection.
+            (false, _) => {
+                connection.ssl_mode(SslMode::Disable);
+            }
+        }
         // Operators find the plugin's connections in pg_stat_activity by this name, unless the
         // url names one.
         if connection.get_application_name().is_none() {
             connection.application_name("comms");
         }
         Ok(connection)
+    }
+
+    /// The certificate files, in the form the plugin API reads them.
+    pub(crate) fn tls_files(&self) -> TlsFiles {
+        TlsFiles {
+            ca_file: self.ca_file.as_ref().map(PathBuf::from),
+            client_cert_file: self.client_cert_file.as_ref().map(PathBuf::from),
+            client_key_file: self.client_key_file.as_ref().map(PathBuf::from),
+        }
     }
 
     /// The reconnect policy: doubling delays from 100 ms up to 2 s, `connect_attempts` tries.

@@ -9,7 +9,12 @@
 //! a notification and the rows it announces come the same way.
 
 use crate::config::{describe, PostgresConfig};
-use comms_plugin_api::{backoff::Backoff, ErrorCode, IncidentCounters, PluginError};
+use comms_plugin_api::{
+    backoff::Backoff,
+    tls::{verification_failure, TlsMaterial},
+    ErrorCode, IncidentCounters, PluginError,
+};
+use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use std::{
     collections::HashMap,
     future::Future,
@@ -79,6 +84,8 @@ impl Connection {
 #[derive(Debug)]
 pub(crate) struct Link {
     settings: tokio_postgres::Config,
+    /// TLS to the server, when `ca_file` is set.
+    tls: Option<Tls>,
     described: String,
     backoff: Backoff,
     current: Mutex<Option<Arc<Connection>>>,
@@ -97,6 +104,81 @@ pub(crate) struct Link {
     durable_commits: bool,
     /// Whether a connection was made before: the next one is a reconnect.
     connected_before: std::sync::atomic::AtomicBool,
+}
+
+/// Why one connection attempt failed.
+enum ConnectFailure {
+    /// The TLS handshake refused a certificate: another attempt would fail the same way.
+    Refused(String),
+    /// Anything else (the server down or restarting, a timeout): worth another attempt.
+    Failed(String),
+}
+
+/// The rustls connector of a link with `ca_file`: roots from that file only (a private CA, as
+/// with libpq's `sslrootcert`), and the client certificate when one is configured.
+#[derive(Clone)]
+struct Tls(tokio_postgres_rustls::MakeRustlsConnect);
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls(rustls)")
+    }
+}
+
+impl Tls {
+    fn new(material: &TlsMaterial) -> Result<Self, PluginError> {
+        let invalid = |key: &str, error: &dyn std::fmt::Display| {
+            PluginError::invalid_config(format!("key `{key}`: {error}"))
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in CertificateDer::pem_slice_iter(material.ca.as_deref().unwrap_or_default()) {
+            let certificate = certificate.map_err(|error| invalid("ca_file", &error))?;
+            roots.add(certificate).map_err(|error| invalid("ca_file", &error))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|error| invalid("ca_file", &error))?
+            .with_root_certificates(roots);
+        let config = match &material.client {
+            Some(identity) => {
+                let chain = CertificateDer::pem_slice_iter(&identity.cert_chain)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|error| invalid("client_cert_file", &error))?;
+                // The key file's content is never quoted: only that it was refused.
+                let key = PrivateKeyDer::from_pem_slice(&identity.key)
+                    .map_err(|_| invalid("client_key_file", &"not a PEM private key"))?;
+                builder.with_client_auth_cert(chain, key).map_err(|error| {
+                    invalid("client_key_file", &format!("does not fit the certificate ({error})"))
+                })?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        Ok(Self(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
+    }
+}
+
+/// The connection's own task: it carries every query of the client and hands notifications
+/// over as wake-ups (a Notify holds at most one: nothing queues up).
+async fn watch_connection<S, T>(mut connection: tokio_postgres::Connection<S, T>, wake: Arc<Notify>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(AsyncMessage::Notification(_))) => wake.notify_one(),
+            Some(Ok(_)) => {}
+            Some(Err(error)) => {
+                tracing::debug!(%error, "PostgreSQL connection ended");
+                break;
+            }
+            None => break,
+        }
+    }
+    // A waiting receiver would hear nothing more: wake it, so that it reconnects (or sees that
+    // the link was closed).
+    wake.notify_one();
 }
 
 /// Whether `error` means the connection is gone (and a new one may succeed), as opposed to an
@@ -141,9 +223,14 @@ impl Link {
         counters: Arc<IncidentCounters>,
     ) -> Result<Self, PluginError> {
         let settings = config.validate()?;
+        let tls = match config.tls_files().read()? {
+            Some(material) => Some(Tls::new(&material)?),
+            None => None,
+        };
         Ok(Self {
             described: describe(&settings),
             settings,
+            tls,
             backoff: config.backoff(),
             current: Mutex::new(None),
             reconnecting: tokio::sync::Mutex::new(()),
@@ -250,49 +337,54 @@ impl Link {
         let result = self
             .backoff
             .retry(|attempt| async move {
-                let connected = self.connect_once(listening).await;
-                if let Err(error) = &connected {
-                    tracing::debug!(server = %self.described, attempt, %error, "connecting to PostgreSQL failed");
+                match self.connect_once(listening).await {
+                    Ok(client) => Ok(Ok(client)),
+                    // A certificate that does not verify: retrying cannot help.
+                    Err(ConnectFailure::Refused(reason)) => Ok(Err(reason)),
+                    Err(ConnectFailure::Failed(error)) => {
+                        tracing::debug!(server = %self.described, attempt, %error, "connecting to PostgreSQL failed");
+                        Err(error)
+                    }
                 }
-                connected
             })
             .await;
-        result.map_err(|(error, attempts)| {
-            PluginError::retryable(
+        match result {
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(reason)) => Err(PluginError::new(
+                ErrorCode::UNREACHABLE,
+                format!(
+                    "cannot connect to PostgreSQL at {}: TLS failed: {reason} (check `ca_file`, the server's \
+                     certificate and the host name in `url`)",
+                    self.described
+                ),
+            )),
+            Err((error, attempts)) => Err(PluginError::retryable(
                 ErrorCode::UNREACHABLE,
                 format!(
                     "cannot connect to PostgreSQL at {} after {attempts} attempts: {error}",
                     self.described
                 ),
-            )
-        })
+            )),
+        }
     }
 
-    async fn connect_once(&self, listening: bool) -> Result<Client, String> {
-        let (client, mut connection) = self
-            .settings
-            .connect(NoTls)
-            .await
-            .map_err(|error| db_error(self, "connecting", error).message)?;
-        let wake = Arc::clone(&self.wake);
-        // The connection's own task: it carries every query of the client and hands
-        // notifications over as wake-ups (a Notify holds at most one: nothing queues up).
-        tokio::spawn(async move {
-            loop {
-                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                    Some(Ok(AsyncMessage::Notification(_))) => wake.notify_one(),
-                    Some(Ok(_)) => {}
-                    Some(Err(error)) => {
-                        tracing::debug!(%error, "PostgreSQL connection ended");
-                        break;
-                    }
-                    None => break,
-                }
+    async fn connect_once(&self, listening: bool) -> Result<Client, ConnectFailure> {
+        let failure = |error: tokio_postgres::Error| match verification_failure(&error) {
+            Some(reason) => ConnectFailure::Refused(reason),
+            None => ConnectFailure::Failed(db_error(self, "connecting", error).message),
+        };
+        let client = match &self.tls {
+            Some(tls) => {
+                let (client, connection) = self.settings.connect(tls.0.clone()).await.map_err(failure)?;
+                tokio::spawn(watch_connection(connection, Arc::clone(&self.wake)));
+                client
             }
-            // A waiting receiver would hear nothing more: wake it, so that it reconnects (or
-            // sees that the link was closed).
-            wake.notify_one();
-        });
+            None => {
+                let (client, connection) = self.settings.connect(NoTls).await.map_err(failure)?;
+                tokio::spawn(watch_connection(connection, Arc::clone(&self.wake)));
+                client
+            }
+        };
         // The plugin notifies receivers itself, after its writes commit (see the mailbox
         // trigger in schema.rs for why).
         let mut statement = String::from("SET comms.notify = 'off';");
@@ -303,10 +395,9 @@ impl Link {
             let channels = self.channels.lock().unwrap_or_else(|p| p.into_inner()).clone();
             statement.extend(channels.iter().map(|channel| format!("LISTEN \"{channel}\";")));
         }
-        client
-            .batch_execute(&statement)
-            .await
-            .map_err(|error| db_error(self, "setting up the connection", error).message)?;
+        client.batch_execute(&statement).await.map_err(|error| {
+            ConnectFailure::Failed(db_error(self, "setting up the connection", error).message)
+        })?;
         Ok(client)
     }
 
