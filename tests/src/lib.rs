@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod child_process;
+pub mod connecting;
 mod logs;
 
 pub use logs::{capture_logs, CapturedLogs};

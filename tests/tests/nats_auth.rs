@@ -12,55 +12,27 @@ mod support;
 #[path = "support/tls_ca.rs"]
 mod tls_ca;
 
-use comms_plugin_api::{
-    host_side::{LoadedTransport, PluginLibrary},
-    Destination, Envelope, ErrorCode, MessageId, NodeId, Payload, PluginError, Settlement, SettlementOutcome,
+use comms_plugin_api::{host_side::PluginLibrary, ErrorCode, NodeId};
+use comms_tests::{
+    artifacts,
+    connecting::{self, RETRYING_START},
+    scratch_dir,
 };
-use comms_tests::{artifacts, scratch_dir};
-use std::time::{Duration, Instant};
 use support::OwnNats;
 use tls_ca::TestCa;
 
 const PASSWORD: &str = "pw-n3ver-shown";
 const TOKEN: &str = "t0ken-n3ver-shown";
-/// Retries at start, so that a refusal that was retried would show in the time taken.
-const ATTEMPTS: &str = "connect_attempts = 6\n";
-/// Five pauses between six attempts would take at least 100 + 200 + 400 + 800 + 1600 ms.
-const RETRIED: Duration = Duration::from_millis(3000);
-
-async fn open(library: &PluginLibrary, node: &str, config: &str) -> Result<LoadedTransport, PluginError> {
-    library.new_transport(&NodeId::new(node), "nats", config).await
-}
-
-/// A message from a transport of node `from` reaches one of node `to`, both opened with `config`.
+/// A message goes through a pair of transports opened with `config`.
 async fn one_message_goes_through(library: &PluginLibrary, config: &str) {
-    let receiver = open(library, "auth-receiver", config).await.unwrap_or_else(|error| panic!("{error}"));
-    let sender = open(library, "auth-sender", config).await.unwrap_or_else(|error| panic!("{error}"));
-    let envelope = Envelope::new(
-        MessageId::from_u128(7),
-        NodeId::new("auth-sender"),
-        Destination::Node(NodeId::new("auth-receiver")),
-        Payload::from(b"through".to_vec()),
-    );
-    sender.send(&receiver.info().local_address, envelope).await.unwrap_or_else(|error| panic!("{error}"));
-    let batch = tokio::time::timeout(Duration::from_secs(10), receiver.receive(16))
-        .await
-        .expect("the message arrives within 10 s")
-        .unwrap_or_else(|error| panic!("{error}"));
-    assert_eq!(batch.len(), 1);
-    assert_eq!(batch[0].envelope.payload.as_slice(), b"through");
-    let settlement = Settlement { delivery_tag: batch[0].delivery_tag, outcome: SettlementOutcome::ACCEPTED };
-    receiver.settle(vec![settlement]).await.unwrap();
+    let (sender, receiver) = connecting::one_message_goes_through(library, "nats", config).await;
     sender.close().await.unwrap();
     receiver.close().await.unwrap();
 }
 
 /// Opening with `config` is refused at once, with `hint` in the error and no secret.
 async fn refused_at_once(library: &PluginLibrary, config: &str, hint: &str) {
-    let started = Instant::now();
-    let error = open(library, "auth-refused", config).await.map(drop).expect_err("must be refused");
-    assert!(started.elapsed() < RETRIED, "a refusal is not retried ({:?}): {error}", started.elapsed());
-    assert_eq!(error.code, ErrorCode::UNREACHABLE, "{error}");
+    let error = connecting::refused_at_once(library, "nats", config).await;
     assert!(error.message.contains("refused the connection"), "{error}");
     assert!(error.message.contains(hint), "the error says what to check ({hint}): {error}");
     for secret in [PASSWORD, TOKEN, "wrong-pw", "wrong-token"] {
@@ -75,18 +47,18 @@ async fn user_and_password_are_required_and_a_wrong_password_is_refused_without_
     let library = PluginLibrary::load(artifacts().nats_plugin()).unwrap_or_else(|error| panic!("{error}"));
     let url = nats.url();
 
-    let right = format!("url = \"{url}\"\nuser = \"comms\"\npassword = \"{PASSWORD}\"\n{ATTEMPTS}");
+    let right = format!("url = \"{url}\"\nuser = \"comms\"\npassword = \"{PASSWORD}\"\n{RETRYING_START}");
     one_message_goes_through(&library, &right).await;
     // The same credentials in the URL.
-    let in_url = format!("url = \"nats://comms:{PASSWORD}@127.0.0.1:{}\"\n{ATTEMPTS}", nats.port());
+    let in_url = format!("url = \"nats://comms:{PASSWORD}@127.0.0.1:{}\"\n{RETRYING_START}", nats.port());
     one_message_goes_through(&library, &in_url).await;
 
     let hint = "check `creds_file`, `user`/`password` or `token`";
-    let wrong = format!("url = \"{url}\"\nuser = \"comms\"\npassword = \"wrong-pw\"\n{ATTEMPTS}");
+    let wrong = format!("url = \"{url}\"\nuser = \"comms\"\npassword = \"wrong-pw\"\n{RETRYING_START}");
     refused_at_once(&library, &wrong, hint).await;
-    let wrong_in_url = format!("url = \"nats://comms:wrong-pw@127.0.0.1:{}\"\n{ATTEMPTS}", nats.port());
+    let wrong_in_url = format!("url = \"nats://comms:wrong-pw@127.0.0.1:{}\"\n{RETRYING_START}", nats.port());
     refused_at_once(&library, &wrong_in_url, hint).await;
-    refused_at_once(&library, &format!("url = \"{url}\"\n{ATTEMPTS}"), hint).await;
+    refused_at_once(&library, &format!("url = \"{url}\"\n{RETRYING_START}"), hint).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,13 +67,15 @@ async fn a_token_is_required_and_a_wrong_one_is_refused_without_showing_it() {
     let Some(nats) = OwnNats::start_with(&dir, &["--auth", TOKEN]) else { return };
     let library = PluginLibrary::load(artifacts().nats_plugin()).unwrap_or_else(|error| panic!("{error}"));
     let url = nats.url();
-    one_message_goes_through(&library, &format!("url = \"{url}\"\ntoken = \"{TOKEN}\"\n{ATTEMPTS}")).await;
+    one_message_goes_through(&library, &format!("url = \"{url}\"\ntoken = \"{TOKEN}\"\n{RETRYING_START}"))
+        .await;
     // NATS's convention: a user name alone in the URL is a token.
-    let in_url = format!("url = \"nats://{TOKEN}@127.0.0.1:{}\"\n{ATTEMPTS}", nats.port());
+    let in_url = format!("url = \"nats://{TOKEN}@127.0.0.1:{}\"\n{RETRYING_START}", nats.port());
     one_message_goes_through(&library, &in_url).await;
     let hint = "check `creds_file`, `user`/`password` or `token`";
-    refused_at_once(&library, &format!("url = \"{url}\"\ntoken = \"wrong-token\"\n{ATTEMPTS}"), hint).await;
-    let wrong_in_url = format!("url = \"nats://wrong-token@127.0.0.1:{}\"\n{ATTEMPTS}", nats.port());
+    refused_at_once(&library, &format!("url = \"{url}\"\ntoken = \"wrong-token\"\n{RETRYING_START}"), hint)
+        .await;
+    let wrong_in_url = format!("url = \"nats://wrong-token@127.0.0.1:{}\"\n{RETRYING_START}", nats.port());
     refused_at_once(&library, &wrong_in_url, hint).await;
     // Credentials given twice are a config error, named as such.
     let twice = format!("url = \"nats://{TOKEN}@127.0.0.1:{}\"\ntoken = \"{TOKEN}\"\n", nats.port());
@@ -131,7 +105,7 @@ async fn tls_with_the_servers_ca_goes_through_and_without_it_is_refused() {
     let Some(nats) = OwnNats::start_with(&dir, &options) else { return };
     let library = PluginLibrary::load(artifacts().nats_plugin()).unwrap_or_else(|error| panic!("{error}"));
     let ca_file = ca.write_pem(&dir, "ca.pem");
-    let credentials = format!("user = \"comms\"\npassword = \"{PASSWORD}\"\n{ATTEMPTS}");
+    let credentials = format!("user = \"comms\"\npassword = \"{PASSWORD}\"\n{RETRYING_START}");
 
     // The certificate names `localhost`: the URL must too.
     let url = format!("tls://localhost:{}", nats.port());

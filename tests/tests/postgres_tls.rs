@@ -13,21 +13,17 @@ mod support;
 #[path = "support/tls_ca.rs"]
 mod tls_ca;
 
-use comms_plugin_api::{
-    host_side::{LoadedTransport, PluginLibrary},
-    Destination, Envelope, ErrorCode, MessageId, NodeId, Payload, PluginError, Settlement, SettlementOutcome,
+use comms_plugin_api::{host_side::PluginLibrary, ErrorCode, NodeId, PluginError};
+use comms_tests::{
+    artifacts, broker_available,
+    connecting::{self, RETRYING_START},
+    scratch_dir, POSTGRES,
 };
-use comms_tests::{artifacts, broker_available, scratch_dir, POSTGRES};
-use std::time::{Duration, Instant};
 use support::{psql, Schema};
 use tls_ca::TestCa;
 
 /// The server's certificate (`ssl_cert_file`), self-signed: the CA to trust.
 const SERVER_CERTIFICATE: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
-/// Retries at start, so that a refusal that was retried would show in the time taken.
-const ATTEMPTS: &str = "connect_attempts = 6\n";
-/// Five pauses between six attempts would take at least 100 + 200 + 400 + 800 + 1600 ms.
-const RETRIED: Duration = Duration::from_millis(3000);
 
 /// Whether the server speaks TLS with the certificate this test trusts; in CI it must.
 fn server_tls_on() -> bool {
@@ -43,25 +39,15 @@ fn server_tls_on() -> bool {
     usable
 }
 
-async fn open(library: &PluginLibrary, node: &str, config: &str) -> Result<LoadedTransport, PluginError> {
-    library.new_transport(&NodeId::new(node), "postgres", config).await
-}
-
 /// `url` for host `host` on the test server's port, named `application` in `pg_stat_activity`.
 fn url(host: &str, application: &str, extra: &str) -> String {
     let port = POSTGRES.rsplit_once(':').map_or("5432", |(_, port)| port);
     format!("postgres://postgres@{host}:{port}/test?application_name={application}{extra}")
 }
 
+/// Opening with `config` is refused at once, saying TLS failed over a certificate.
 async fn refused_at_once(library: &PluginLibrary, config: &str) -> PluginError {
-    let started = Instant::now();
-    let error = open(library, "tls-refused", config).await.map(drop).expect_err("must be refused");
-    assert!(
-        started.elapsed() < RETRIED,
-        "a refused certificate is not retried ({:?}): {error}",
-        started.elapsed()
-    );
-    assert_eq!(error.code, ErrorCode::UNREACHABLE, "{error}");
+    let error = connecting::refused_at_once(library, "postgres", config).await;
     assert!(error.message.contains("TLS failed") && error.message.contains("certificate"), "{error}");
     assert!(error.message.contains("check `ca_file`"), "{error}");
     error
@@ -76,28 +62,12 @@ async fn a_link_with_the_servers_ca_is_encrypted_and_a_wrong_ca_or_host_name_is_
         PluginLibrary::load(artifacts().postgres_plugin()).unwrap_or_else(|error| panic!("{error}"));
     let schema = Schema::new("tls");
     let name = schema.0.clone();
-    let config = |url: &str, extra: &str| format!("url = {url:?}\nschema = {name:?}\n{ATTEMPTS}{extra}");
+    let config =
+        |url: &str, extra: &str| format!("url = {url:?}\nschema = {name:?}\n{RETRYING_START}{extra}");
     let trusted = format!("ca_file = {SERVER_CERTIFICATE:?}\n");
 
     let through_tls = config(&url("localhost", &name, ""), &trusted);
-    let receiver =
-        open(&library, "tls-receiver", &through_tls).await.unwrap_or_else(|error| panic!("{error}"));
-    let sender = open(&library, "tls-sender", &through_tls).await.unwrap_or_else(|error| panic!("{error}"));
-    let envelope = Envelope::new(
-        MessageId::from_u128(1),
-        NodeId::new("tls-sender"),
-        Destination::Node(NodeId::new("tls-receiver")),
-        Payload::from(b"encrypted".to_vec()),
-    );
-    sender.send(&receiver.info().local_address, envelope).await.unwrap_or_else(|error| panic!("{error}"));
-    let batch = tokio::time::timeout(Duration::from_secs(10), receiver.receive(16))
-        .await
-        .expect("the message arrives within 10 s")
-        .unwrap_or_else(|error| panic!("{error}"));
-    assert_eq!(batch.len(), 1);
-    assert_eq!(batch[0].envelope.payload.as_slice(), b"encrypted");
-    let settlement = Settlement { delivery_tag: batch[0].delivery_tag, outcome: SettlementOutcome::ACCEPTED };
-    receiver.settle(vec![settlement]).await.unwrap();
+    let (sender, receiver) = connecting::one_message_goes_through(&library, "postgres", &through_tls).await;
 
     // The server's view: every connection of the plugin (named by application_name) is TLS.
     let count = |ssl: &str| {
@@ -127,7 +97,11 @@ async fn a_link_with_the_servers_ca_is_encrypted_and_a_wrong_ca_or_host_name_is_
         (config(&url("localhost", &name, ""), "client_cert_file = \"client.pem\"\n"), "client_key_file"),
     ];
     for (config, says) in cases {
-        let error = open(&library, "tls-config", &config).await.map(drop).expect_err("a config error");
+        let error = library
+            .new_transport(&NodeId::new("tls-config"), "postgres", &config)
+            .await
+            .map(drop)
+            .expect_err("a config error");
         assert_eq!(error.code, ErrorCode::INVALID_CONFIG, "{error}");
         assert!(error.message.contains(says), "{says}: {error}");
     }

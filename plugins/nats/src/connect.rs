@@ -3,7 +3,9 @@
 
 use crate::config::Connection;
 use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event};
-use comms_plugin_api::{redact::redact_url, ErrorCode, IncidentCounters, PluginError};
+use comms_plugin_api::{
+    redact::redact_url, tls::verification_failure, ErrorCode, IncidentCounters, PluginError,
+};
 use std::{
     path::PathBuf,
     sync::{
@@ -140,14 +142,10 @@ fn is_permanent(error: &async_nats::ConnectError) -> bool {
     ) || tls_handshake_refused(error)
 }
 
-/// A TLS handshake that failed on what the peer presented (an unknown issuer, another host
-/// name): the client library reports it as an I/O error, whose source is an `io::Error` of kind
-/// `InvalidData` (the TLS library's verdict); a refused or reset connection has other kinds.
+/// A TLS handshake that failed over a certificate: the client library reports it as an I/O
+/// error, with the TLS library's verdict inside.
 fn tls_handshake_refused(error: &async_nats::ConnectError) -> bool {
-    error.kind() == ConnectErrorKind::Io
-        && std::error::Error::source(error)
-            .and_then(|source| source.downcast_ref::<std::io::Error>())
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData)
+    verification_failure(error).is_some()
 }
 
 /// Connects, retrying `connect_attempts` times with doubling delays. `what` names the caller
