@@ -322,18 +322,51 @@ impl Node {
         Ok(envelope)
     }
 
+    /// Waits for the next message sent to this node, then takes the messages waiting behind it
+    /// too, `max` in all (at least one), undecoded and each acknowledged at once, as
+    /// [`Node::receive_envelope`] does: the way to drain a burst, with one step through the
+    /// node's engine for the batch instead of one per message. Order is kept. A transport
+    /// failure ends a batch; the next call returns it.
+    pub async fn receive_envelopes(&self, max: usize) -> Result<Vec<Envelope>, ReceiveError> {
+        let items = self.next_inbox_items(max).await?;
+        let (envelopes, acknowledgements): (Vec<Envelope>, Vec<Acknowledgement>) = items.into_iter().unzip();
+        self.inner.accept_all(acknowledgements);
+        Ok(envelopes)
+    }
+
+    /// As [`Node::receive_envelopes`], each message to be acknowledged like any [`Received`]
+    /// (at-least-once with the brokers).
+    pub async fn receive_raw_many(&self, max: usize) -> Result<Vec<Received<Envelope>>, ReceiveError> {
+        let items = self.next_inbox_items(max).await?;
+        Ok(items
+            .into_iter()
+            .map(|(envelope, acknowledgement)| Received::raw(envelope, acknowledgement))
+            .collect())
+    }
+
+    async fn next_inbox_items(&self, max: usize) -> Result<Vec<(Envelope, Acknowledgement)>, ReceiveError> {
+        let mut messages = Vec::new();
+        for item in self.inner.next_inbox_items(max.max(1)).await {
+            match item {
+                InboxItem::Message(envelope, acknowledgement) => {
+                    trace_taken(&envelope);
+                    messages.push((envelope, acknowledgement));
+                }
+                InboxItem::TransportFailed { transport, error } => {
+                    return Err(ReceiveError::Transport { transport, error })
+                }
+            }
+        }
+        if messages.is_empty() {
+            return Err(ReceiveError::Closed);
+        }
+        Ok(messages)
+    }
+
     async fn next_inbox_item(&self) -> Result<(Envelope, Acknowledgement), ReceiveError> {
         match self.inner.next_inbox_item().await {
             Some(InboxItem::Message(envelope, acknowledgement)) => {
-                // One event per message taken, in a span that names it (and its trace, when the
-                // sender was in one): visible with RUST_LOG=comms_host=debug.
-                if tracing::enabled!(tracing::Level::DEBUG) {
-                    let trace = envelope.header(crate::trace_context::TRACEPARENT_HEADER);
-                    let trace_id =
-                        trace.and_then(crate::trace_context::TraceContext::parse).map(|c| c.trace_id_hex());
-                    let span = tracing::debug_span!("comms.receive", from = %envelope.from, id = %envelope.id, trace_id);
-                    span.in_scope(|| tracing::debug!(bytes = envelope.payload.len(), "message taken"));
-                }
+                trace_taken(&envelope);
                 Ok((envelope, acknowledgement))
             }
             Some(InboxItem::TransportFailed { transport, error }) => {
@@ -559,5 +592,16 @@ impl Node {
             return Ok(());
         }
         self.inner.close().await
+    }
+}
+
+/// One event per message taken, in a span that names it (and its trace, when the sender was in
+/// one): visible with RUST_LOG=comms_host=debug.
+fn trace_taken(envelope: &Envelope) {
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let trace = envelope.header(crate::trace_context::TRACEPARENT_HEADER);
+        let trace_id = trace.and_then(crate::trace_context::TraceContext::parse).map(|c| c.trace_id_hex());
+        let span = tracing::debug_span!("comms.receive", from = %envelope.from, id = %envelope.id, trace_id);
+        span.in_scope(|| tracing::debug!(bytes = envelope.payload.len(), "message taken"));
     }
 }

@@ -289,6 +289,11 @@ impl Headers {
         Self::default()
     }
 
+    /// No headers yet, with room for `count` pairs (a decoder that knows how many come).
+    pub fn with_capacity(count: usize) -> Self {
+        Self(RVec::with_capacity(count))
+    }
+
     /// How many pairs there are.
     pub fn len(&self) -> usize {
         self.0.len()

@@ -179,7 +179,9 @@ fn decode_with(
         None
     };
     let count = reader.u16("header count")?;
-    let mut headers = Headers::new();
+    // At most what the bytes left could hold (4 bytes a pair at least): a forged count does
+    // not reserve memory the frame does not back.
+    let mut headers = Headers::with_capacity(usize::from(count).min(reader.bytes.len() / 4));
     for _ in 0..count {
         headers.push(reader.string("header name")?, reader.string("header value")?);
     }

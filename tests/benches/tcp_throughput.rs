@@ -7,7 +7,8 @@
 //! COMMS_BENCH_SCALE=0.1 cargo bench -p comms-tests --bench tcp_throughput   # quicker, noisier
 //! ```
 //!
-//! `COMMS_BENCH_ONLY=az` runs only the variants with those letters (e.g. under a profiler).
+//! `COMMS_BENCH_ONLY=az` runs only the variants with those letters (e.g. under a profiler), and
+//! `COMMS_BENCH_PAYLOADS=64` only that payload size (a comma-separated list of byte counts).
 //!
 //! `COMMS_BENCH_PLUGIN_THREADS=N` gives the loaded plugin's runtime N worker threads (default:
 //! the plugin's own default).
@@ -34,7 +35,8 @@
 //! - **e**: as d, with batched sends: `LoadedTransport::send_batch` with [`BATCH`] messages per
 //!   call (one call across the plugin boundary, one wake of the connection's writer);
 //! - **f**: as a, the sender handing [`BATCH`] messages at a time to [`Node::send_raw_many`]
-//!   (what an application producing bursts would do);
+//!   and the receiver taking up to [`BATCH`] at a time with [`Node::receive_envelopes`] (what
+//!   an application producing and draining bursts would do);
 //! - **z**: libzmq 4.3 through the `zmq` crate, the peer a user would pick instead: PUSH/PULL
 //!   for throughput, REQ/REP for round trips, each socket driven by a thread of its own (its API
 //!   blocks), default high-water marks, each received message in its own `Vec<u8>`.
@@ -379,6 +381,14 @@ impl ZmqPair {
     }
 }
 
+/// The payload sizes to measure: [`PAYLOAD_SIZES`], or those `COMMS_BENCH_PAYLOADS` lists.
+fn payload_sizes() -> Vec<usize> {
+    match std::env::var("COMMS_BENCH_PAYLOADS") {
+        Ok(list) => list.split(',').filter_map(|size| size.trim().parse().ok()).collect(),
+        Err(_) => PAYLOAD_SIZES.to_vec(),
+    }
+}
+
 /// The threads of this process, by name, from `/proc/self/task` (Linux).
 fn threads_by_name() -> Vec<(String, usize)> {
     let mut counts = std::collections::BTreeMap::new();
@@ -503,7 +513,7 @@ async fn run(settings: Settings, dynamic: PluginLibrary) -> Result<(Vec<Row>, Ve
     }
     let threads = threads_by_name();
     let mut rows = Vec::new();
-    for size in PAYLOAD_SIZES {
+    for size in payload_sizes() {
         let payload: Vec<u8> = (0..size).map(|i| i as u8).collect();
         let count = settings.throughput_messages(size);
         for variant in &mut variants {
@@ -604,7 +614,7 @@ fn print_report(settings: &Settings, rows: &[Row], threads: &[(String, usize)]) 
         ratio if ratio >= aim => "met",
         _ => "not met",
     };
-    for size in PAYLOAD_SIZES {
+    for size in payload_sizes() {
         let (a, b, c) = (rate("a:", size), rate("b:", size), rate("c:", size));
         let (d, e, f, z) = (rate("d:", size), rate("e:", size), rate("f:", size), rate("z:", size));
         println!(
@@ -628,7 +638,7 @@ fn print_report(settings: &Settings, rows: &[Row], threads: &[(String, usize)]) 
             .find(|row| row.payload == size && row.variant.starts_with(prefix))
             .map_or(f64::NAN, |row| row.p50_micros)
     };
-    for size in PAYLOAD_SIZES {
+    for size in payload_sizes() {
         let (a, c, z) = (p50("a:", size), p50("c:", size), p50("z:", size));
         println!(
             "{:>7} round trip p50: a/c = {:.2} (aim <= 2: {}), a/z = {:.2} (aim <= 1: {})",

@@ -184,6 +184,14 @@ pub(crate) enum InboxItem {
     TransportFailed { transport: String, error: PluginError },
 }
 
+/// The application's side of the inbox.
+struct Inbox {
+    queue: mpsc::Receiver<InboxItem>,
+    /// A transport failure taken from the queue behind messages a batch returned: the next
+    /// take returns it first, so a failure is never lost and never overtakes a message.
+    held_back: Option<InboxItem>,
+}
+
 /// A publication waiting in a subscription's queue.
 pub(crate) type Queued = (Envelope, Acknowledgement);
 
@@ -217,7 +225,7 @@ pub(crate) struct Driver {
     pub(crate) reloader: OnceLock<Reloader>,
     settler: Arc<dyn Settler>,
     inbox_tx: mpsc::Sender<InboxItem>,
-    inbox: tokio::sync::Mutex<mpsc::Receiver<InboxItem>>,
+    inbox: tokio::sync::Mutex<Inbox>,
     subscriptions: Mutex<HashMap<u64, mpsc::Sender<Queued>>>,
     next_subscription: AtomicU64,
     services: RwLock<HashMap<String, Handler>>,
@@ -300,7 +308,7 @@ impl Driver {
             reloader: OnceLock::new(),
             settler: Arc::new(EngineSettler(me.clone())),
             inbox_tx,
-            inbox: tokio::sync::Mutex::new(inbox_rx),
+            inbox: tokio::sync::Mutex::new(Inbox { queue: inbox_rx, held_back: None }),
             subscriptions: Mutex::new(HashMap::new()),
             next_subscription: AtomicU64::new(1),
             services: RwLock::new(HashMap::new()),
@@ -579,7 +587,12 @@ impl Driver {
     /// Returns how to settle it when its queue is gone (the node was dropped, or the
     /// subscription ended meanwhile).
     fn deliver(self: &Arc<Self>, to: Local, envelope: Envelope, delivery: u64) -> Option<SettlementOutcome> {
-        let acknowledgement = Acknowledgement::pending(Arc::clone(&self.settler), delivery);
+        // Delivery 0: nothing to settle (a transport without acknowledgements), and no handle
+        // on the settler to take and drop per message.
+        let acknowledgement = match delivery {
+            0 => Acknowledgement::none(),
+            _ => Acknowledgement::pending(Arc::clone(&self.settler), delivery),
+        };
         match to {
             Local::Inbox => match self.inbox_tx.try_send(InboxItem::Message(envelope, acknowledgement)) {
                 Ok(()) => None,
@@ -664,19 +677,58 @@ impl Driver {
 
     /// The next item of the inbox; `None` once the node is gone.
     pub(crate) async fn next_inbox_item(self: &Arc<Self>) -> Option<InboxItem> {
+        let mut items = self.next_inbox_items(1).await;
+        items.pop()
+    }
+
+    /// Waits for the next item of the inbox, then takes the messages waiting behind it, `max` in
+    /// all (at least one), with one engine call for the batch: a transport failure comes alone
+    /// (it ends a batch and is returned by the next call). Empty once the node is gone.
+    pub(crate) async fn next_inbox_items(self: &Arc<Self>, max: usize) -> Vec<InboxItem> {
         let mut inbox = self.inbox.lock().await;
-        let mut shutdown = self.shutdown.subscribe();
-        let item = tokio::select! {
-            biased;
-            item = inbox.recv() => item,
-            // Closed: what is still queued, then nothing (a wait would never end).
-            _ = shutdown.wait_for(|stopped| *stopped) => inbox.try_recv().ok(),
-        }?;
-        drop(inbox);
-        if matches!(item, InboxItem::Message(..)) {
-            self.run(self.handle(Input::Taken(Local::Inbox)));
+        let first = match inbox.held_back.take() {
+            Some(item) => item,
+            None => {
+                let mut shutdown = self.shutdown.subscribe();
+                let first = tokio::select! {
+                    biased;
+                    item = inbox.queue.recv() => item,
+                    // Closed: what is still queued, then nothing (a wait would never end).
+                    _ = shutdown.wait_for(|stopped| *stopped) => inbox.queue.try_recv().ok(),
+                };
+                let Some(first) = first else { return Vec::new() };
+                first
+            }
+        };
+        if !matches!(first, InboxItem::Message(..)) {
+            return vec![first];
         }
-        Some(item)
+        let mut items = vec![first];
+        while items.len() < max {
+            match inbox.queue.try_recv() {
+                Ok(item @ InboxItem::Message(..)) => items.push(item),
+                Ok(failure) => {
+                    inbox.held_back = Some(failure);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        drop(inbox);
+        self.run(self.handle_all(items.iter().map(|_| Input::Taken(Local::Inbox))));
+        items
+    }
+
+    /// Settles deliveries taken from the inbox as accepted, with one engine call.
+    pub(crate) fn accept_all(self: &Arc<Self>, acknowledgements: Vec<Acknowledgement>) {
+        let settled: Vec<Input> = acknowledgements
+            .into_iter()
+            .filter_map(Acknowledgement::defuse)
+            .map(|delivery| Input::Settled { delivery, outcome: SettlementOutcome::ACCEPTED })
+            .collect();
+        if !settled.is_empty() {
+            self.run(self.handle_all(settled));
+        }
     }
 
     /// Reports a transport's failure to the application (dropped if the inbox is full: then
@@ -700,6 +752,7 @@ impl Driver {
             self.run(self.handle(Input::Unsubscribed { id }));
         }
     }
+
 
     /// Ends every subscription's stream (the node stopped).
     pub(crate) fn clear_subscriptions(&self) {

@@ -86,25 +86,32 @@ impl NodePair {
         Self { sender, receiver, receiver_id: comms_host::NodeId::new(receiver_id), headers }
     }
 
-    /// A task that takes `count` messages at the receiver, each checked for its size; it ends
-    /// with the time the last one arrived.
+    /// A task that takes `count` messages at the receiver, each checked for its size, one at a
+    /// time (`batch` `None`) or up to `batch` per [`comms_host::Node::receive_envelopes`] call;
+    /// it ends with the time the last one arrived.
     fn count_received(
         &self,
         count: usize,
         expected: usize,
+        batch: Option<usize>,
     ) -> tokio::task::JoinHandle<Result<std::time::Instant, String>> {
         let receiver = self.receiver.clone();
         tokio::spawn(async move {
-            for n in 0..count {
-                let envelope = receiver
-                    .receive_envelope()
-                    .await
-                    .map_err(|error| format!("receiving message {n}: {error}"))?;
-                if envelope.payload.len() != expected {
-                    return Err(format!(
-                        "message {n} has {} bytes, expected {expected}",
-                        envelope.payload.len()
-                    ));
+            let mut n = 0;
+            while n < count {
+                let envelopes = match batch {
+                    None => receiver.receive_envelope().await.map(|envelope| vec![envelope]),
+                    Some(batch) => receiver.receive_envelopes(batch.min(count - n)).await,
+                }
+                .map_err(|error| format!("receiving message {n}: {error}"))?;
+                for envelope in envelopes {
+                    if envelope.payload.len() != expected {
+                        return Err(format!(
+                            "message {n} has {} bytes, expected {expected}",
+                            envelope.payload.len()
+                        ));
+                    }
+                    n += 1;
                 }
             }
             Ok(std::time::Instant::now())
@@ -114,7 +121,7 @@ impl NodePair {
     /// Sends `count` messages of `payload` one after another; the time until the receiver has
     /// them all (each checked for its size).
     pub async fn throughput(&self, count: usize, payload: &[u8]) -> Result<Duration, String> {
-        let counter = self.count_received(count, payload.len());
+        let counter = self.count_received(count, payload.len(), None);
         let start = std::time::Instant::now();
         for n in 0..count {
             self.sender
@@ -127,14 +134,16 @@ impl NodePair {
     }
 
     /// As [`NodePair::throughput`], the sender handing `batch` messages at a time to
-    /// [`comms_host::Node::send_raw_many`] (one crossing of the plugin boundary per batch).
+    /// [`comms_host::Node::send_raw_many`] (one crossing of the plugin boundary per batch) and
+    /// the receiver taking up to `batch` at a time with
+    /// [`comms_host::Node::receive_envelopes`] (one step through its engine per batch).
     pub async fn throughput_batched(
         &self,
         count: usize,
         payload: &[u8],
         batch: usize,
     ) -> Result<Duration, String> {
-        let counter = self.count_received(count, payload.len());
+        let counter = self.count_received(count, payload.len(), Some(batch));
         let start = std::time::Instant::now();
         let mut sent = 0;
         while sent < count {
