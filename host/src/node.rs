@@ -404,7 +404,10 @@ impl Node {
 
     /// Subscribes to topics matching `pattern` (`*` one segment, `>` the rest). Peers learn of
     /// it through discovery and the next heartbeat (sent at once). Dropping the subscription
-    /// unsubscribes.
+    /// unsubscribes, at the transports with native topics too once no other subscription of
+    /// this node has the same pattern (a transport that keeps subscriptions across restarts,
+    /// such as SQLite or NATS with `durable_topics`, then stops keeping messages for it); a node
+    /// that closes leaves them subscribed there, for its next run.
     ///
     /// Messages wait in a bounded buffer ([`crate::subscription::SUBSCRIPTION_BUFFER`]); while it
     /// is full, publications that come at most once are dropped and counted
@@ -414,13 +417,11 @@ impl Node {
         validate_pattern(pattern).map_err(|e| SendError::InvalidTopic(e.to_string()))?;
         self.inner.check_open()?;
         let (id, receiver) = self.inner.add_subscription();
-        let transports = self.inner.serving_transports();
-        for (_, transport) in transports.iter().filter(|(_, t)| t.has(Capabilities::NATIVE_TOPICS)) {
-            if let Err(error) = transport.loaded.subscribe(pattern).await {
-                self.inner.remove_subscription(id);
-                let peer = NodeId::new(format!("topic:{pattern}"));
-                return Err(SendError::Transport { transport: transport.name.clone(), peer, error });
-            }
+        if let Err((transport, error)) = self.inner.native_subscriptions.subscribe(&self.inner, pattern).await
+        {
+            self.inner.remove_subscription(id);
+            let peer = NodeId::new(format!("topic:{pattern}"));
+            return Err(SendError::Transport { transport, peer, error });
         }
         // Discovery and every live peer hear of it before this returns.
         let actions = self.inner.handle(Input::Subscribed { id, pattern: pattern.to_string() });

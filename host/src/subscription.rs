@@ -51,6 +51,23 @@ impl<T: DeserializeOwned> Subscription<T> {
         &self.pattern
     }
 
+    /// Ends the subscription, as dropping it does, and returns once the transports with native
+    /// topics have unsubscribed the pattern (when no other subscription of this node has it):
+    /// from then on a broker keeps and sends nothing more for it. A transport's refusal is
+    /// [`crate::SendError::Transport`]; the subscription is over either way.
+    pub async fn unsubscribe(mut self) -> Result<(), crate::SendError> {
+        let pattern = std::mem::take(&mut self.pattern);
+        self.node.remove_subscription(self.id);
+        let failures = crate::driver::NativeSubscriptions::release_now(&self.node, &pattern).await;
+        match failures.into_iter().next() {
+            None => Ok(()),
+            Some((transport, error)) => {
+                let peer = comms_plugin_api::NodeId::new(format!("topic:{pattern}"));
+                Err(crate::SendError::Transport { transport, peer, error })
+            }
+        }
+    }
+
     /// How many publications this subscription missed because its buffer
     /// ([`SUBSCRIPTION_BUFFER`] messages) was full when they arrived.
     pub fn dropped(&self) -> u64 {
@@ -98,8 +115,14 @@ impl<T> Unpin for Subscription<T> {}
 
 impl<T> Drop for Subscription<T> {
     fn drop(&mut self) {
-        // Peers hear that the topic is gone (if a runtime is there to tell them).
-        self.node.remove_subscription(self.id);
+        // Empty: `unsubscribe` has ended it already (a pattern is never empty).
+        let pattern = std::mem::take(&mut self.pattern);
+        if pattern.is_empty() {
+            return;
+        }
+        // Peers hear that the topic is gone, and the transports with native topics (if a
+        // runtime is there to tell them).
+        self.node.end_subscription(self.id, pattern);
     }
 }
 

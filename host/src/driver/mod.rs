@@ -17,6 +17,8 @@
 
 mod gathered_sends;
 mod incoming;
+mod native_topics;
+pub(crate) use native_topics::NativeSubscriptions;
 mod outgoing;
 mod reload;
 mod remote_admin;
@@ -228,6 +230,8 @@ pub(crate) struct Driver {
     inbox: tokio::sync::Mutex<Inbox>,
     subscriptions: Mutex<HashMap<u64, mpsc::Sender<Queued>>>,
     next_subscription: AtomicU64,
+    /// The patterns subscribed at the transports with native topics.
+    pub(crate) native_subscriptions: NativeSubscriptions,
     services: RwLock<HashMap<String, Handler>>,
     /// Requests being handled by this node's services.
     in_flight: watch::Sender<usize>,
@@ -311,6 +315,7 @@ impl Driver {
             inbox: tokio::sync::Mutex::new(Inbox { queue: inbox_rx, held_back: None }),
             subscriptions: Mutex::new(HashMap::new()),
             next_subscription: AtomicU64::new(1),
+            native_subscriptions: NativeSubscriptions::default(),
             services: RwLock::new(HashMap::new()),
             in_flight: watch::channel(0).0,
             waiting: Mutex::new(HashMap::new()),
@@ -753,6 +758,12 @@ impl Driver {
         }
     }
 
+    /// Ends a subscription to `pattern` that was subscribed at the transports (see
+    /// [`native_topics`]).
+    pub(crate) fn end_subscription(self: &Arc<Self>, id: u64, pattern: String) {
+        self.remove_subscription(id);
+        NativeSubscriptions::release(self, pattern);
+    }
 
     /// Ends every subscription's stream (the node stopped).
     pub(crate) fn clear_subscriptions(&self) {

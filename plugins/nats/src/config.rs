@@ -137,7 +137,33 @@ fn default_url() -> String {
 /// prefix = "comms"          # subjects: comms.inbox.<node>, comms.dead-letter.<node>, comms.topic.<topic>
 /// ack_wait_ms = 30000       # a message taken and not settled is delivered again after this long
 /// max_deliveries = 10       # deliveries without acceptance before it goes to the dead letters
+/// durable_topics = false    # true: topics through the stream `<stream>-topics`, a durable consumer
+///                           # per (node, pattern), at-least-once
 /// ```
+///
+/// ## Durable topics (`durable_topics = true`)
+///
+/// Off by default: topics are core NATS subjects, at-most-once, and a subscriber that is down
+/// misses what is published meanwhile. On:
+///
+/// - the stream `<stream>-topics` (file storage, **interest retention**) captures
+///   `<prefix>.topic.>`: a publication is kept until every subscription that existed when it
+///   was published has acknowledged it, and not at all when there is none. `publish` (a send
+///   with an empty address) returns once the stream stored it;
+/// - each `subscribe(pattern)` creates (or binds again) the durable pull consumer
+///   `<node>_<hash>` ([`crate::subject::topic_consumer`]) filtering on
+///   `<prefix>.topic.<pattern>`; its messages are settled like the inbox's (acknowledged when
+///   the host accepts them, delivered again after `ack_wait_ms`, dead-lettered after
+///   `max_deliveries`). The consumer outlives `close` and a crash: the node that comes back
+///   with the same id and subscribes again gets what was published meanwhile;
+///   `unsubscribe(pattern)` deletes it;
+/// - limits: the stream drops a message older than `topic_max_age_ms`, and its oldest ones
+///   beyond `topic_max_bytes`, acknowledged or not; the server deletes a consumer nobody pulled
+///   from for `topic_inactive_threshold_ms` (a subscriber gone for good stops holding
+///   messages then; one that comes back later starts afresh and has missed the interval).
+///
+/// A node without the option, on the same `prefix`, still receives the publications of durable
+/// nodes on the core subjects, and its own publications are stored for durable subscribers.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(crate = "comms_plugin_api::serde", default)]
 pub struct NatsTransportConfig {
@@ -182,6 +208,22 @@ pub struct NatsTransportConfig {
     pub max_message_size: Option<u64>,
     /// Bound of `close` (default 5,000 ms).
     pub close_timeout_ms: u64,
+    /// Topics through the JetStream stream `<stream>-topics` with a durable consumer per
+    /// subscription (at-least-once, kept while the subscriber is away) instead of core NATS
+    /// subjects (at-most-once). Default false. See the type's documentation.
+    pub durable_topics: bool,
+    /// With `durable_topics`: how long the topic stream keeps a message that some subscription
+    /// has not acknowledged (default 86,400,000 ms: a day).
+    pub topic_max_age_ms: u64,
+    /// With `durable_topics`: size of the topic stream, at most; beyond it the oldest messages
+    /// are dropped (default 1 GiB).
+    pub topic_max_bytes: u64,
+    /// With `durable_topics`: a topic consumer nobody has pulled from for this long is deleted
+    /// by the server, and so stops holding messages (default 86,400,000 ms: a day). A longer
+    /// time keeps the subscriptions of nodes that are away longer, and what is published for
+    /// them; a shorter one frees the stream sooner from subscribers that never come back. At
+    /// least twice `fetch_expires_ms`, so that a running node's consumer never expires.
+    pub topic_inactive_threshold_ms: u64,
 }
 
 impl Default for NatsTransportConfig {
@@ -204,8 +246,20 @@ impl Default for NatsTransportConfig {
             fetch_expires_ms: 5_000,
             max_message_size: None,
             close_timeout_ms: 5_000,
+            durable_topics: false,
+            topic_max_age_ms: 86_400_000,
+            topic_max_bytes: 1 << 30,
+            topic_inactive_threshold_ms: 86_400_000,
         }
     }
+}
+
+/// Smallest `topic_max_bytes`.
+const MIN_TOPIC_BYTES: u64 = 1 << 20;
+
+/// The name of the topic stream of the deployment whose stream is `stream` (`durable_topics`).
+pub fn topics_stream_name(stream: &str) -> String {
+    format!("{stream}-topics")
 }
 
 /// Whether `name` is usable as a stream or bucket name (and a subject token).
@@ -262,6 +316,34 @@ impl NatsTransportConfig {
         }
         if self.max_message_size == Some(0) {
             return bad("max_message_size", "must be above 0");
+        }
+        if self.durable_topics {
+            // The stream's name is `<stream>-topics`: still a plain name.
+            if !is_plain_name(&topics_stream_name(&self.stream)) {
+                return bad(
+                    "stream",
+                    "with `durable_topics`, at most 57 characters (the topic stream is `<stream>-topics`)",
+                );
+            }
+            if self.topic_max_age_ms < 1_000 {
+                return bad("topic_max_age_ms", "must be at least 1000");
+            }
+            if self.topic_max_bytes < MIN_TOPIC_BYTES || self.topic_max_bytes > i64::MAX as u64 {
+                return bad(
+                    "topic_max_bytes",
+                    "must be at least 1048576 (1 MiB, the room of one large message)",
+                );
+            }
+            if self.topic_inactive_threshold_ms < 2 * self.fetch_expires_ms {
+                return bad(
+                    "topic_inactive_threshold_ms",
+                    &format!(
+                        "must be at least twice `fetch_expires_ms` ({} ms), or the server would delete the \
+                         consumer of a running node between two pulls",
+                        2 * self.fetch_expires_ms
+                    ),
+                );
+            }
         }
         Ok(())
     }
@@ -383,6 +465,15 @@ mod tests {
         check("password = \"x\"", "password");
         check("token = \"t\"\nuser = \"u\"\npassword = \"p\"", "creds_file");
         check("ack_wait_ms = 0", "ack_wait_ms");
+        check("durable_topics = true\ntopic_max_age_ms = 10", "topic_max_age_ms");
+        check("durable_topics = true\ntopic_max_bytes = 1000", "topic_max_bytes");
+        check("durable_topics = true\ntopic_inactive_threshold_ms = 5000", "topic_inactive_threshold_ms");
+        check(&format!("durable_topics = true\nstream = \"{}\"", "s".repeat(60)), "stream");
+        // The topic keys are read, and checked, only with durable topics on.
+        let config: NatsTransportConfig = parse_config("topic_max_age_ms = 10").expect("parses");
+        config.validate().expect("durable topics off: the topic keys are not used");
+        let error = parse_config::<NatsTransportConfig>("durable_topic = true").expect_err("unknown key");
+        assert!(error.message.contains("durable_topic"), "{}", error.message);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! prefix = "comms"                 # subjects comms.inbox.<node>, comms.dead-letter.<node>, comms.topic.<topic>
 //! ack_wait_ms = 30000              # redeliver what a consumer took and never settled after this long
 //! max_deliveries = 10              # deliveries without acceptance before a message is dead-lettered
+//! durable_topics = false           # true: topic subscriptions kept by JetStream while a node is away
 //! # creds_file = "/etc/comms/app.creds"  or  user + password  or  token
 //! # ca_file = "/etc/comms/ca.pem"        # private CA of a TLS server
 //! ```
@@ -24,14 +25,15 @@
 //! with file storage and work-queue retention (a message is deleted once acknowledged). A
 //! node's address is its inbox subject `<prefix>.inbox.<node>` ([`subject::token`] escapes the
 //! node id), read through the durable pull consumer named after the node. `send` publishes
-//! with the headers of [`format`] and the payload as the body.
+//! with the headers of [`format`](mod@format) and the payload as the body.
 //!
 //! - **Delivery: at-least-once.** A message is acknowledged only when the host settles it
 //!   `ACCEPTED`, i.e. after it is in the host's queue. `REJECTED_REQUEUE` is a negative
 //!   acknowledgement: delivered again at once. A message taken and never settled (the node
 //!   crashed, the acknowledgement was lost) is delivered again by the server after
 //!   `ack_wait_ms`. A transport that closes hands its unsettled messages back (negative
-//!   acknowledgements), so the next instance of the node gets them at once. A redelivered
+//!   acknowledgements), so the next instance of the node gets them without waiting for
+//!   `ack_wait_ms` (at most `fetch_expires_ms` later: see `Shared::hand_back`). A redelivered
 //!   message keeps its message id.
 //! - **Dead letters** (`<prefix>.dead-letter.<node>`, in the same stream): a message that is
 //!   not a comms message, one whose payload is above `max_message_size`, one the host settles
@@ -59,6 +61,18 @@
 //! Nothing is stored: a subscriber that is disconnected, or too slow (the client drops
 //! messages for a full subscription), misses what is published meanwhile.
 //!
+//! ## Durable topics (`durable_topics = true`): JetStream, at-least-once
+//!
+//! Publications go through the stream `<stream>-topics` (interest retention: kept until every
+//! subscription that existed when it was published acknowledged it) and `publish` returns once
+//! it stored them. Each `subscribe(pattern)` creates or binds the durable pull consumer
+//! [`subject::topic_consumer`]`(node, pattern)`, read and settled like the inbox (acknowledged
+//! when the host accepts, delivered again after `ack_wait_ms` or a requeue, dead-lettered after
+//! `max_deliveries`). `close` and a crash keep the consumer: the node that subscribes again
+//! with the same id gets what was published meanwhile. `unsubscribe` deletes it. Bounded by
+//! `topic_max_age_ms`, `topic_max_bytes` and `topic_inactive_threshold_ms`
+//! ([`NatsTransportConfig`]). Nodes with and without the option share the same subjects.
+//!
 //! ## Discovery
 //!
 //! See [`discovery`]: records in a JetStream key-value bucket, rewritten by heartbeats and
@@ -84,6 +98,7 @@
 pub mod config;
 mod connect;
 pub mod discovery;
+mod durable_topics;
 pub mod format;
 pub mod subject;
 mod transport;

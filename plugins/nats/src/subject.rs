@@ -7,7 +7,8 @@
 //! | topic `t` (and pattern `p`, wildcards unchanged) | `<prefix>.topic.<t>` |
 //!
 //! A node id may hold any character but control characters; [`token`] turns it into one
-//! subject token (and key-value key, and consumer name).
+//! subject token (and key-value key, and consumer name). With `durable_topics`, the consumer of
+//! node `n`'s subscription to pattern `p` is [`topic_consumer`]`(n, p)`.
 
 use comms_plugin_api::{topics, ErrorCode, PluginError};
 
@@ -32,13 +33,28 @@ pub fn token(id: &str) -> String {
         while token.as_bytes()[cut - 1] == b'=' || (cut >= 2 && token.as_bytes()[cut - 2] == b'=') {
             cut -= 1;
         }
-        let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-        });
+        let hash = fnv1a(id);
         token.truncate(cut);
         token.push_str(&format!("=H{hash:016x}"));
     }
     token
+}
+
+/// The 64-bit FNV-1a hash of `text`'s bytes: stable across versions and machines (the names it
+/// is part of must stay the same for a node that comes back).
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The durable consumer name of `node`'s subscription to the topic pattern `pattern`
+/// (`durable_topics`): `<token(node)>_<16 hex digits>`, the digits being the 64-bit FNV-1a hash
+/// of the pattern. Deterministic, so that the node gets the same consumer back when it
+/// subscribes again; a valid consumer name whatever the pattern holds (`.`, `*`, `>`). The
+/// hash has a fixed length, so names of different nodes never collide.
+pub fn topic_consumer(node: &str, pattern: &str) -> String {
+    format!("{}_{:016x}", token(node), fnv1a(pattern))
 }
 
 /// The inbox subject of `node`: its address.
@@ -96,5 +112,23 @@ mod tests {
         assert!(topic("comms", "a..b").is_err());
         assert_eq!(topic_of("comms", "comms.topic.orders.eu"), Some("orders.eu"));
         assert_eq!(topic_of("comms", "other.topic.orders"), None);
+    }
+
+    #[test]
+    fn topic_consumer_names_are_stable_valid_and_distinct() {
+        // Pinned: a node that comes back must find the consumer an older build made.
+        assert_eq!(topic_consumer("node-1", "orders.>"), format!("node-1_{:016x}", fnv1a("orders.>")));
+        assert_eq!(fnv1a(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a("a"), 0xaf63_dc4c_8601_ec8c);
+        let names = [
+            topic_consumer("a", "orders.*"),
+            topic_consumer("a", "orders.>"),
+            topic_consumer("b", "orders.*"),
+            topic_consumer("a.b", "x"),
+        ];
+        for (i, name) in names.iter().enumerate() {
+            assert!(name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_=".contains(&b)), "{name}");
+            assert!(names[i + 1..].iter().all(|other| other != name), "{names:?}");
+        }
     }
 }

@@ -1,10 +1,12 @@
 //! The NATS transport: a durable pull consumer per node on the deployment's JetStream stream,
-//! confirmed publishes, settlement by acknowledgement, and core NATS subjects for topics. See
-//! the crate documentation for the guarantees.
+//! confirmed publishes, settlement by acknowledgement, and core NATS subjects for topics (or,
+//! with `durable_topics`, a durable pull consumer per subscription on the topic stream, read and
+//! settled like the inbox). See the crate documentation for the guarantees.
 
 use crate::{
     config::NatsTransportConfig,
     connect::{self, redacted},
+    durable_topics,
     format::{self, header},
     subject,
 };
@@ -38,8 +40,9 @@ use tokio::{
     time::Instant,
 };
 
-/// Delivery tags of topic messages have this bit set: they are not stream messages and need
-/// no acknowledgement.
+/// Delivery tags of core NATS topic messages have this bit set: they are not stream messages
+/// and need no acknowledgement. (Durable topic messages are stream messages: their tags do not
+/// have it.)
 const TOPIC_TAG: u64 = 1 << 63;
 
 /// Room left for the headers below the server's `max_payload` when `max_message_size` is not
@@ -49,16 +52,30 @@ const HEADER_ALLOWANCE: u64 = 64 * 1024;
 /// Topic messages waiting for `receive` besides the stream's.
 const TOPIC_QUEUE: usize = 1024;
 
+/// Added to the remaining life of this transport's last pull request when it hands messages
+/// back at close (see [`Shared::hand_back`]): the server times the request from when it got it.
+const PULL_EXPIRY_MARGIN: Duration = Duration::from_millis(200);
+
 /// How long a send retries a publish the server did not confirm (a restart, a lost
 /// connection) before it fails.
 const SEND_RETRY_LIMIT: Duration = Duration::from_secs(30);
+
+/// Which stream a consumer reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The deployment's stream: this node's inbox.
+    Inbox,
+    /// The topic stream (`durable_topics`): one of this node's subscriptions.
+    Topics,
+}
 
 /// A stream message handed to the host and not settled yet.
 #[derive(Debug)]
 struct InFlight {
     /// Where its acknowledgement goes.
     reply: Subject,
-    /// Its sequence in the stream, to copy it to the dead letters.
+    /// The stream it is in, and its sequence there, to copy it to the dead letters.
+    source: Source,
     sequence: u64,
 }
 
@@ -68,6 +85,8 @@ struct Shared {
     client: Client,
     jetstream: jetstream::Context,
     stream: jetstream::stream::Stream,
+    /// The topic stream, with `durable_topics`.
+    topic_stream: Option<jetstream::stream::Stream>,
     inbox: String,
     dead_letter: String,
     in_flight: Mutex<HashMap<u64, InFlight>>,
@@ -75,6 +94,8 @@ struct Shared {
     permits: Semaphore,
     next_tag: AtomicU64,
     inbound: mpsc::Sender<Inbound>,
+    /// When the last pull request of any of this transport's readers expires on the server.
+    pulls_until: Mutex<Option<Instant>>,
     shutdown: watch::Sender<bool>,
     incidents: Arc<IncidentCounters>,
     dead_letters: AtomicU64,
@@ -98,6 +119,33 @@ impl Shared {
 
     fn closed_error(&self) -> PluginError {
         PluginError::closed(&format!("the nats transport of node `{}`", self.node))
+    }
+
+    /// A pull request is about to be made that lasts until `expires` from now.
+    fn pulling(&self, expires: Duration) {
+        let until = Instant::now() + expires;
+        let mut latest = lock(&self.pulls_until);
+        if latest.is_none_or(|latest| latest < until) {
+            *latest = Some(until);
+        }
+    }
+
+    /// Hands a message this transport took back to the server (a negative acknowledgement), for
+    /// the next consumer of the same durable consumer, at close. A pull request of ours may
+    /// still be waiting on the server although its reader stopped (the server does not drop it
+    /// when the reply subscription goes away): nats-server 2.9 would deliver the message to it,
+    /// where it is lost until `ack_wait_ms`. So while one may be waiting, the message comes
+    /// back once it has expired (a delayed negative acknowledgement), at most
+    /// `fetch_expires_ms` later.
+    async fn hand_back(&self, reply: Subject) {
+        let waiting = lock(&self.pulls_until).and_then(|until| until.checked_duration_since(Instant::now()));
+        let answer = match waiting {
+            Some(left) => {
+                Bytes::from(format!("-NAK {{\"delay\":{}}}", (left + PULL_EXPIRY_MARGIN).as_nanos()))
+            }
+            None => Bytes::from_static(b"-NAK"),
+        };
+        let _ = self.client.publish(reply, answer).await;
     }
 
     fn scrub(&self, text: &str) -> String {
@@ -222,10 +270,18 @@ impl Shared {
     /// Moves the stream message `sequence` to the dead letters: the settle path, where only its
     /// sequence is at hand.
     async fn discard(&self, in_flight: InFlight, reason: &str) -> Result<(), PluginError> {
-        let message = self.stream.get_raw_message(in_flight.sequence).await.map_err(|error| {
+        let stream = match in_flight.source {
+            Source::Inbox => &self.stream,
+            Source::Topics => self.topic_stream.as_ref().unwrap_or(&self.stream),
+        };
+        let message = stream.get_raw_message(in_flight.sequence).await.map_err(|error| {
             PluginError::new(
                 ErrorCode::OTHER,
-                format!("reading message {} of the stream to dead-letter it: {error}", in_flight.sequence),
+                format!(
+                    "reading message {} of the stream `{}` to dead-letter it: {error}",
+                    in_flight.sequence,
+                    stream.cached_info().config.name
+                ),
             )
         })?;
         self.move_to_dead_letter(
@@ -245,7 +301,8 @@ pub struct NatsTransport {
     shared: Arc<Shared>,
     receiver: tokio::sync::Mutex<mpsc::Receiver<Inbound>>,
     reader: Mutex<Option<Task>>,
-    /// Topic pattern -> the task that forwards its subscription's messages.
+    /// Topic pattern -> the task that forwards its subscription's messages (a core NATS
+    /// subscription, or with `durable_topics` the reader of its durable consumer).
     topics: Mutex<HashMap<String, Task>>,
 }
 
@@ -271,6 +328,18 @@ impl NatsTransport {
         let what = format!("the nats transport of node `{node}`");
         let incidents = Arc::new(IncidentCounters::default());
         let client = connect::connect(&config.connection(), &what, &incidents).await?;
+        if !client.server_info().jetstream {
+            let needs =
+                if config.durable_topics { "its inboxes and `durable_topics = true`" } else { "its inboxes" };
+            return Err(PluginError::new(
+                ErrorCode::UNSUPPORTED,
+                format!(
+                    "{what}: the NATS server at {} does not have JetStream enabled (start it with `-js`), which \
+                     {needs} need",
+                    redacted(&config.connection())
+                ),
+            ));
+        }
         let max_payload = client.server_info().max_payload as u64;
         let ceiling = max_payload.saturating_sub(HEADER_ALLOWANCE).max(max_payload / 2);
         let max_message_size = match config.max_message_size {
@@ -329,6 +398,10 @@ impl NatsTransport {
                 setup_error(&format!("{what}: creating the consumer of `{inbox}`"), create_error)
             })?,
         };
+        let topic_stream = match config.durable_topics {
+            true => Some(durable_topics::open_stream(&jetstream, &config, &what).await?),
+            false => None,
+        };
         let (inbound, receiver) = mpsc::channel(config.max_unsettled + TOPIC_QUEUE);
         let shared = Arc::new(Shared {
             dead_letter: subject::dead_letter(&config.prefix, node.as_str()),
@@ -338,16 +411,18 @@ impl NatsTransport {
             client,
             jetstream,
             stream,
+            topic_stream,
             in_flight: Mutex::default(),
             next_tag: AtomicU64::new(1),
             inbound,
+            pulls_until: Mutex::default(),
             shutdown: watch::channel(false).0,
             incidents,
             dead_letters: AtomicU64::new(0),
             max_message_size,
             config,
         });
-        let reader = runtime::spawn(read_loop(Arc::clone(&shared), consumer));
+        let reader = runtime::spawn(read_loop(Arc::clone(&shared), consumer, Source::Inbox));
         Ok(Self {
             shared,
             receiver: tokio::sync::Mutex::new(receiver),
@@ -361,8 +436,9 @@ impl NatsTransport {
         &self.shared.inbox
     }
 
-    /// Checks an item and turns it into subject, headers and payload; `None` subject: a topic
-    /// message for core NATS.
+    /// Checks an item and turns it into subject, headers and payload, and whether it goes to a
+    /// stream (with a confirmation) rather than core NATS (a topic message without
+    /// `durable_topics`).
     fn prepare(
         &self,
         address: &str,
@@ -391,7 +467,8 @@ impl NatsTransport {
                     format!("topic `{topic}` contains a wildcard; wildcards are for subscriptions"),
                 ));
             }
-            return Ok((false, subject::topic(&self.shared.config.prefix, topic)?, headers, payload));
+            let subject = subject::topic(&self.shared.config.prefix, topic)?;
+            return Ok((self.shared.config.durable_topics, subject, headers, payload));
         }
         let expected = format!("{}.inbox.", self.shared.config.prefix);
         let valid = address.strip_prefix(&expected).is_some_and(|token| {
@@ -439,7 +516,8 @@ impl Transport for NatsTransport {
 
     /// Publishes to the inbox subject `address` and returns once the stream stored the message;
     /// with an empty `address`, publishes a topic message on core NATS (returns once the client
-    /// buffered it).
+    /// buffered it), or with `durable_topics` through the topic stream (returns once it stored
+    /// the message).
     async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
         let (stored, subject, headers, payload) = self.prepare(address, &envelope)?;
         if stored {
@@ -541,13 +619,30 @@ impl Transport for NatsTransport {
     }
 
     /// Subscribes on core NATS (`<prefix>.topic.<pattern>`, wildcards as they are) and returns
-    /// once the server has the subscription.
+    /// once the server has the subscription. With `durable_topics`: creates (or binds again) the
+    /// subscription's durable consumer on the topic stream and starts reading it; what was kept
+    /// for it while this node was away comes first.
     async fn subscribe(&self, pattern: &str) -> Result<(), PluginError> {
         if self.shared.is_closed() {
             return Err(self.shared.closed_error());
         }
         let subject = subject::topic(&self.shared.config.prefix, pattern)?;
         if lock(&self.topics).contains_key(pattern) {
+            return Ok(());
+        }
+        if let Some(stream) = &self.shared.topic_stream {
+            let consumer = durable_topics::bind_consumer(
+                stream,
+                &self.shared.config,
+                self.shared.node.as_str(),
+                pattern,
+                &subject,
+            )
+            .await?;
+            let task = runtime::spawn(read_loop(Arc::clone(&self.shared), consumer, Source::Topics));
+            if let Some(mut previous) = lock(&self.topics).insert(pattern.to_string(), task) {
+                previous.abort();
+            }
             return Ok(());
         }
         let subscriber = self.shared.client.subscribe(subject.clone()).await.map_err(|error| {
@@ -565,9 +660,21 @@ impl Transport for NatsTransport {
         Ok(())
     }
 
+    /// Ends the subscription to `pattern`. With `durable_topics`, deletes its durable consumer
+    /// (also one this node made in an earlier run): nothing is kept for it any more. Messages it
+    /// already handed to the host are still settled as usual.
     async fn unsubscribe(&self, pattern: &str) -> Result<(), PluginError> {
         if self.shared.is_closed() {
             return Err(self.shared.closed_error());
+        }
+        if let Some(stream) = &self.shared.topic_stream {
+            subject::topic(&self.shared.config.prefix, pattern)?;
+            let task = lock(&self.topics).remove(pattern);
+            if let Some(mut task) = task {
+                task.abort();
+                task.wait().await;
+            }
+            return durable_topics::delete_consumer(stream, self.shared.node.as_str(), pattern).await;
         }
         let task = lock(&self.topics).remove(pattern);
         if let Some(mut task) = task {
@@ -598,27 +705,34 @@ impl Transport for NatsTransport {
     }
 
     /// Stops reading, hands the messages the host has not settled back to the stream (a
-    /// negative acknowledgement: the next consumer of the inbox gets them at once), and closes
-    /// the connection after the server has every acknowledgement (within `close_timeout_ms`).
+    /// negative acknowledgement: the next consumer of the inbox, or of a durable topic
+    /// subscription, gets them without waiting for `ack_wait_ms`, see `Shared::hand_back`),
+    /// and closes the connection after the server has every acknowledgement (within
+    /// `close_timeout_ms`). Durable topic consumers are kept.
     async fn close(&self) -> Result<(), PluginError> {
         if self.shared.shutdown.send_replace(true) {
             return Ok(());
         }
         let limit = Duration::from_millis(self.shared.config.close_timeout_ms);
-        let reader = lock(&self.reader).take();
-        if let Some(mut reader) = reader {
-            if tokio::time::timeout(limit, reader.wait()).await.is_err() {
+        // The readers stop on their own at the shutdown signal, with everything they handed to
+        // the host in `in_flight`; core NATS forwarders hold nothing to hand back.
+        let mut readers: Vec<Task> = lock(&self.topics).drain().map(|(_, task)| task).collect();
+        readers.extend(lock(&self.reader).take());
+        let stopped = tokio::time::timeout(limit, async {
+            for reader in &mut readers {
+                reader.wait().await;
+            }
+        })
+        .await;
+        if stopped.is_err() {
+            for reader in &mut readers {
                 reader.abort();
             }
-        }
-        let topics: Vec<Task> = lock(&self.topics).drain().map(|(_, task)| task).collect();
-        for mut task in topics {
-            task.abort();
         }
         let handed_back: Vec<InFlight> =
             lock(&self.shared.in_flight).drain().map(|(_, entry)| entry).collect();
         for entry in handed_back {
-            let _ = self.shared.client.publish(entry.reply, Bytes::from_static(b"-NAK")).await;
+            self.shared.hand_back(entry.reply).await;
         }
         self.receiver.lock().await.close();
         let flushed = tokio::time::timeout(limit, self.shared.client.flush()).await;
@@ -638,8 +752,10 @@ impl Transport for NatsTransport {
     }
 }
 
-/// Pulls the inbox, as much at a time as the host may still hold unsettled.
-async fn read_loop(shared: Arc<Shared>, consumer: PullConsumer) {
+/// Pulls a consumer (the inbox, or a durable topic subscription), as much at a time as the host
+/// may still hold unsettled.
+async fn read_loop(shared: Arc<Shared>, consumer: PullConsumer, source: Source) {
+    let name = consumer.cached_info().name.clone();
     let mut shutdown = shared.shutdown.subscribe();
     let expires = Duration::from_millis(shared.config.fetch_expires_ms);
     let mut delay = Duration::from_millis(50);
@@ -651,6 +767,7 @@ async fn read_loop(shared: Arc<Shared>, consumer: PullConsumer) {
         };
         drop(permit);
         let room = shared.permits.available_permits().clamp(1, shared.config.fetch_batch);
+        shared.pulling(expires);
         let batch = tokio::select! {
             batch = consumer.batch().max_messages(room).expires(expires).messages() => batch,
             _ = closing(&mut shutdown) => return,
@@ -659,8 +776,8 @@ async fn read_loop(shared: Arc<Shared>, consumer: PullConsumer) {
             Ok(batch) => batch,
             Err(error) => {
                 shared.incidents.failed();
-                tracing::warn!(inbox = %shared.inbox, error = %shared.scrub(&error.to_string()),
-                    "pulling from the inbox failed; retrying");
+                tracing::warn!(consumer = %name, error = %shared.scrub(&error.to_string()),
+                    "pulling from the consumer failed; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = closing(&mut shutdown) => return,
@@ -679,12 +796,12 @@ async fn read_loop(shared: Arc<Shared>, consumer: PullConsumer) {
                 None => break,
                 Some(Ok(message)) => {
                     delay = Duration::from_millis(50);
-                    if !take(&shared, message, &mut shutdown).await {
+                    if !take(&shared, message, source, &mut shutdown).await {
                         return;
                     }
                 }
                 Some(Err(error)) => {
-                    tracing::debug!(inbox = %shared.inbox, error = %shared.scrub(&error.to_string()),
+                    tracing::debug!(consumer = %name, error = %shared.scrub(&error.to_string()),
                         "a pull request ended with an error");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -700,7 +817,12 @@ async fn read_loop(shared: Arc<Shared>, consumer: PullConsumer) {
 
 /// Hands one stream message to the host, or moves it to the dead letters; `false` once the
 /// transport is closing.
-async fn take(shared: &Shared, message: jetstream::Message, shutdown: &mut watch::Receiver<bool>) -> bool {
+async fn take(
+    shared: &Shared,
+    message: jetstream::Message,
+    source: Source,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
     let (delivered, sequence) = match message.info() {
         Ok(info) => (info.delivered, info.stream_sequence),
         // Not a JetStream delivery (nothing to acknowledge): ignore it.
@@ -716,11 +838,18 @@ async fn take(shared: &Shared, message: jetstream::Message, shutdown: &mut watch
     } else {
         inbound::oversized_reason(message.payload.len(), shared.max_message_size)
     };
-    let decoded = match refusal {
-        Some(reason) => Err(reason),
-        None => {
-            format::decode(message.headers.as_ref(), &message.payload, Destination::node(shared.node.clone()))
+    let default_to = match source {
+        Source::Inbox => Some(Destination::node(shared.node.clone())),
+        Source::Topics => {
+            subject::topic_of(&shared.config.prefix, message.subject.as_str()).map(Destination::topic)
         }
+    };
+    let decoded = match (refusal, default_to) {
+        (Some(reason), _) => Err(reason),
+        (None, None) => {
+            Err(format!("subject `{}` is not a topic subject of this deployment", message.subject))
+        }
+        (None, Some(default_to)) => format::decode(message.headers.as_ref(), &message.payload, default_to),
     };
     let envelope = match decoded {
         Ok(envelope) => envelope,
@@ -741,11 +870,22 @@ async fn take(shared: &Shared, message: jetstream::Message, shutdown: &mut watch
             return true;
         }
     };
+    // One permit per message the host holds unsettled, given back when it is settled. Readers
+    // of several consumers share the permits: a reader may have pulled more than is left, and
+    // then waits here for the host to settle something.
+    let permit = tokio::select! {
+        biased;
+        _ = closing(shutdown) => None,
+        permit = shared.permits.acquire() => permit.ok(),
+    };
+    let Some(permit) = permit else {
+        // Closing: hand it back rather than leave it until ack_wait_ms.
+        shared.hand_back(reply).await;
+        return false;
+    };
+    permit.forget();
     let tag = shared.next_tag.fetch_add(1, Ordering::Relaxed) & !TOPIC_TAG;
-    lock(&shared.in_flight).insert(tag, InFlight { reply, sequence });
-    if let Ok(permit) = shared.permits.try_acquire() {
-        permit.forget();
-    }
+    lock(&shared.in_flight).insert(tag, InFlight { reply, source, sequence });
     let inbound = Inbound { envelope, delivery_tag: tag };
     tokio::select! {
         sent = shared.inbound.send(inbound) => sent.is_ok(),

@@ -53,6 +53,8 @@ impl Drop for Deployment {
     fn drop(&mut self) {
         // Best effort: the server may be gone (a fault test stopped it).
         let _ = jetstream_api(&self.server, &format!("$JS.API.STREAM.DELETE.{}", self.stream), "");
+        // The topic stream of `durable_topics = true`, if the test made one.
+        let _ = jetstream_api(&self.server, &format!("$JS.API.STREAM.DELETE.{}-topics", self.stream), "");
         let _ = jetstream_api(&self.server, &format!("$JS.API.STREAM.DELETE.KV_{}", self.bucket), "");
     }
 }
