@@ -162,7 +162,8 @@ fn comms_shutdown_stops_a_running_node() {
     );
     let mut command = Command::new(&artifacts().comms_bin);
     command.args(["run", "--config"]).arg(&server);
-    let mut running = KillOnDrop(comms_tests::start_and_wait_for(command, "transport `tcp`"));
+    let (child, server_log) = comms_tests::start_and_follow(command, "transport `tcp`");
+    let mut running = KillOnDrop(child);
 
     let output = Command::new(&artifacts().comms_bin)
         .args(["shutdown", server_id.as_str(), "--config"])
@@ -170,7 +171,17 @@ fn comms_shutdown_stops_a_running_node() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{}{stdout}", String::from_utf8_lossy(&output.stderr));
+    if !output.status.success() {
+        // What the server said and whether it still runs: a refused connection means it stopped
+        // listening.
+        let server_state = running.0.try_wait().unwrap();
+        let server_lines: Vec<String> = server_log.try_iter().collect();
+        panic!(
+            "comms shutdown failed: {}{stdout}\nthe server ({server_state:?} = still running if None) \
+             logged: {server_lines:#?}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
     assert_eq!(stdout.trim(), format!("node {server_id} is shutting down"));
 
     // The `comms run` process ends by itself, successfully.

@@ -299,7 +299,8 @@ pub(crate) struct Engine {
     next_delivery: DeliveryId,
     parked: ParkedQueue,
     paused: HashSet<usize>,
-    /// Peers this node has sent its record to (a heartbeat precedes the first message).
+    /// Peers that got this node's record in order before its first application message to them
+    /// (a HELLO sent on the same path just before it: see `prepare_send`).
     greeted: HashSet<NodeId>,
     next_heartbeat: Option<Instant>,
     closing: bool,
@@ -834,7 +835,10 @@ impl Engine {
         let Ok(route) = self.route(peer) else { return };
         let message = RecordMessage { reply, ..RecordMessage::of(&self.record) };
         let envelope = self.control_envelope(peer, kind, message.encode());
-        self.greeted.insert(peer.clone());
+        // Not counted as a greeting: a control message goes out in a task of its own, so an
+        // application message sent meanwhile could reach the peer first, and the peer could not
+        // answer it (it would not know this node's address yet). The first application message
+        // carries its own greeting, in order (`prepare_send`).
         self.out.push(Action::SendControl { route, envelope });
     }
 
