@@ -417,6 +417,10 @@ impl Node {
         validate_pattern(pattern).map_err(|e| SendError::InvalidTopic(e.to_string()))?;
         self.inner.check_open()?;
         let (id, receiver) = self.inner.add_subscription();
+        // The engine knows the subscription before a transport is subscribed: a broker that kept
+        // messages for it (SQLite, NATS with `durable_topics`) may deliver them at once, and a
+        // publication with no subscription to go to is acknowledged away.
+        let actions = self.inner.handle(Input::Subscribed { id, pattern: pattern.to_string() });
         if let Err((transport, error)) = self.inner.native_subscriptions.subscribe(&self.inner, pattern).await
         {
             self.inner.remove_subscription(id);
@@ -424,7 +428,6 @@ impl Node {
             return Err(SendError::Transport { transport, peer, error });
         }
         // Discovery and every live peer hear of it before this returns.
-        let actions = self.inner.handle(Input::Subscribed { id, pattern: pattern.to_string() });
         self.inner.run_and_wait(actions).await;
         Ok(Subscription::new(Arc::clone(&self.inner), id, pattern.to_string(), receiver))
     }

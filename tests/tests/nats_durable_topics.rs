@@ -424,6 +424,43 @@ async fn a_node_deletes_the_consumer_when_its_last_subscription_ends_and_keeps_i
     publisher.close().await.unwrap();
 }
 
+/// Through the `Node` API: the backlog kept for a node's subscription while it was away
+/// reaches the application when it subscribes again. (The consumer starts delivering as soon as
+/// the transport subscribes; the node must know the subscription by then, or it would take
+/// those messages for nobody's and acknowledge them away.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_subscribes_again_gets_the_backlog_through_its_subscription() {
+    if !broker_available("NATS", NATS) {
+        return;
+    }
+    let deployment = Deployment::new(NATS, "durable_node_backlog");
+    let build = || {
+        comms_host::Node::builder("returner")
+            .transport_library("nats", library(), &durable(&deployment))
+            .build()
+    };
+    let node = build().await.unwrap();
+    let subscription = node.subscribe::<u32>("news.>").await.unwrap();
+    node.close().await.unwrap();
+    drop(subscription);
+    let publisher = open(&library(), "publisher", &durable(&deployment)).await;
+    publish(&publisher, "news.today", 0..50).await;
+
+    let node = build().await.unwrap();
+    let mut subscription = node.subscribe::<u32>("news.>").await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 50 {
+        let next = tokio::time::timeout(Duration::from_secs(10), subscription.next_envelope())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of the 50 kept messages came: {got:?}", got.len()))
+            .expect("a message");
+        got.push(u32::from_be_bytes(next.payload.as_slice().try_into().expect("4 bytes")));
+    }
+    assert_eq!(got, (0..50).collect::<Vec<_>>(), "the whole backlog, in order");
+    node.close().await.unwrap();
+    publisher.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_and_durable_nodes_both_receive_each_others_publications() {
     if !broker_available("NATS", NATS) {
