@@ -92,7 +92,7 @@ async fn a_newer_schema_is_refused_and_left_untouched() {
     let transport =
         library.new_transport(&node, "postgres", &config).await.unwrap_or_else(|error| panic!("{error}"));
     transport.close().await.unwrap();
-    assert_eq!(psql(&format!("SELECT version FROM \"{}\".comms_schema_version", schema.0)), "1");
+    assert_eq!(psql(&format!("SELECT version FROM \"{}\".comms_schema_version", schema.0)), "2");
     psql(&format!("UPDATE \"{}\".comms_schema_version SET version = 99", schema.0));
     let error = match library.new_transport(&node, "postgres", &config).await {
         Ok(_) => panic!("a schema of version 99 was opened"),

@@ -85,3 +85,67 @@ async fn a_rolled_back_transaction_sends_nothing_and_a_committed_one_delivers() 
     assert!(String::from_utf8_lossy(&output.stderr).contains("name, value"), "{output:?}");
     bob.close().await.unwrap();
 }
+
+/// Topic copies written while a node is away (by `comms_publish` from SQL and by a publishing
+/// transport) wait for its application to subscribe again; direct messages do not wait; ending a
+/// subscription hands over what waited for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_copies_written_while_a_node_is_away_wait_for_its_subscription() {
+    if !broker_available("PostgreSQL", POSTGRES) {
+        return;
+    }
+    let library =
+        PluginLibrary::load(artifacts().postgres_plugin()).unwrap_or_else(|error| panic!("{error}"));
+    let schema = Schema::new("held");
+    let s = &schema.0;
+    let config =
+        format!("url = \"postgres://postgres@{POSTGRES}/test\"\nschema = \"{s}\"\npoll_ms = 60000\n");
+    let away = library.new_transport(&NodeId::new("away"), "postgres", &config).await.unwrap();
+    away.subscribe("orders.*").await.unwrap();
+    away.subscribe("audit.>").await.unwrap();
+    away.close().await.unwrap();
+
+    let publisher = library.new_transport(&NodeId::new("publisher"), "postgres", &config).await.unwrap();
+    let mut message = comms_plugin_api::Envelope::new(
+        comms_plugin_api::MessageId::from_u128(1),
+        NodeId::new("publisher"),
+        Destination::Topic("orders.eu".into()),
+        b"from a transport".to_vec(),
+    );
+    publisher.send("", message.clone()).await.unwrap();
+    assert_eq!(psql(&format!("SELECT \"{s}\".comms_publish('audit.log', '\\x01'::bytea)")), "1");
+    assert_eq!(psql(&format!("SELECT \"{s}\".comms_publish('orders.us', '\\x02'::bytea)")), "1");
+    message.id = comms_plugin_api::MessageId::from_u128(2);
+    message.to = Destination::Node(NodeId::new("away"));
+    publisher.send("away", message).await.unwrap();
+
+    let away = library.new_transport(&NodeId::new("away"), "postgres", &config).await.unwrap();
+    let direct = receive_one(&away).await;
+    assert_eq!(direct.to, Destination::Node(NodeId::new("away")), "only the direct message comes at once");
+    assert!(tokio::time::timeout(Duration::from_millis(500), away.receive(10)).await.is_err());
+
+    // Subscribing again releases that pattern's copies, in order, and only those.
+    away.subscribe("orders.*").await.unwrap();
+    let mut released = Vec::new();
+    while released.len() < 2 {
+        let batch = tokio::time::timeout(Duration::from_secs(5), away.receive(10))
+            .await
+            .expect("the subscription woke the receiver")
+            .unwrap();
+        for inbound in batch {
+            let accepted =
+                Settlement { delivery_tag: inbound.delivery_tag, outcome: SettlementOutcome::ACCEPTED };
+            away.settle(vec![accepted]).await.unwrap();
+            released.push(inbound.envelope.to);
+        }
+    }
+    assert_eq!(released, [Destination::Topic("orders.eu".into()), Destination::Topic("orders.us".into())]);
+    assert!(tokio::time::timeout(Duration::from_millis(500), away.receive(10)).await.is_err());
+
+    // Ending a subscription hands over the copies that waited for it, so none waits for ever.
+    away.unsubscribe("audit.>").await.unwrap();
+    assert_eq!(receive_one(&away).await.to, Destination::Topic("audit.log".into()));
+    assert_eq!(psql(&format!("SELECT count(*) FROM \"{s}\".comms_mailbox")), "0");
+    publisher.close().await.unwrap();
+    away.close().await.unwrap();
+}

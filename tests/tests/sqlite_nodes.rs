@@ -87,6 +87,8 @@ async fn nodes_from_config_files_discover_each_other_send_and_publish() {
     };
     until(&alice, "bob offline", offline).await;
     alice.send("bob", &Greeting { text: "while you were out".into(), n: 4 }).await.unwrap();
+    // bob's subscription outlives him too: his copy of this publication waits for him.
+    alice.publish("orders.eu.updated", &Greeting { text: "order changed".into(), n: 6 }).await.unwrap();
     let carol = Node::from_config(node_config(&dir, "carol")).await.unwrap();
     until(&carol, "bob offline", offline).await;
     carol.send("bob", &Greeting { text: "from a newcomer".into(), n: 5 }).await.unwrap();
@@ -100,6 +102,17 @@ async fn nodes_from_config_files_discover_each_other_send_and_publish() {
     }
     numbers.sort();
     assert_eq!(numbers, vec![4, 5]);
+    // The direct messages came, so bob's mailbox has been read; the topic copy waited for his
+    // application to subscribe again (before, it arrived first and was dropped as a publication
+    // nobody here subscribed to).
+    let mut orders = bob.subscribe::<Greeting>("orders.>").await.unwrap();
+    let mut event = tokio::time::timeout(WAIT, orders.next())
+        .await
+        .expect("the kept copy, within 10 s")
+        .unwrap()
+        .unwrap();
+    event.ack();
+    assert_eq!(event.message.n, 6);
 
     carol.close().await.unwrap();
     alice.close().await.unwrap();

@@ -12,7 +12,13 @@ use rusqlite::{
     types::{Type, ValueRef},
     Connection, OptionalExtension, TransactionBehavior,
 };
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The rows a receiver may claim: not leased (or with a lease of a foreign type), and either
+/// not a topic copy held for a subscription or one whose pattern this connection subscribes to
+/// now (`temp.comms_live_pattern`, see [`SqliteMailbox::new`]). `?2` is now (Unix ms).
+const CLAIMABLE: &str = "(locked_until <= ?2 OR typeof(locked_until) <> 'integer')
+    AND (pattern IS NULL OR pattern IN (SELECT pattern FROM temp.comms_live_pattern))";
 
 /// One message to write.
 #[derive(Debug)]
@@ -126,13 +132,20 @@ fn sql_type(value: ValueRef<'_>) -> &'static str {
 }
 
 impl SqliteMailbox {
+    /// The mailbox of `recipient` through `connection`, which it keeps for itself: the patterns
+    /// this instance subscribes to live in a temporary table of that connection (gone with it),
+    /// which is what lets topic copies wait for the application to subscribe again after a
+    /// restart (schema version 3).
     pub(crate) fn new(
         connection: Connection,
         config: SqliteConfig,
         recipient: String,
         owner: String,
-    ) -> Self {
-        Self { connection, config, recipient, owner }
+    ) -> rusqlite::Result<Self> {
+        connection.execute_batch(
+            "CREATE TEMP TABLE IF NOT EXISTS comms_live_pattern (pattern TEXT PRIMARY KEY) WITHOUT ROWID",
+        )?;
+        Ok(Self { connection, config, recipient, owner })
     }
 
     pub(crate) fn config(&self) -> &SqliteConfig {
@@ -163,16 +176,34 @@ impl SqliteMailbox {
                      ON CONFLICT DO NOTHING",
                     )?
                     .execute(params![self.recipient, change.pattern, now])?;
+                transaction
+                    .prepare_cached(
+                        "INSERT INTO temp.comms_live_pattern (pattern) VALUES (?1) ON CONFLICT DO NOTHING",
+                    )?
+                    .execute(params![change.pattern])?;
+                // The copies that waited for this subscription can be claimed now.
+                recipients.insert(self.recipient.clone());
             } else {
                 transaction
                     .prepare_cached("DELETE FROM comms_subscription WHERE node_id = ?1 AND pattern = ?2")?
+                    .execute(params![self.recipient, change.pattern])?;
+                transaction
+                    .prepare_cached("DELETE FROM temp.comms_live_pattern WHERE pattern = ?1")?
+                    .execute(params![change.pattern])?;
+                // Copies still waiting for a subscription the node has ended would wait for ever:
+                // they are delivered as they are (and dropped by the host if nothing matches).
+                transaction
+                    .prepare_cached(
+                        "UPDATE comms_mailbox SET pattern = NULL WHERE recipient = ?1 AND pattern = ?2",
+                    )?
                     .execute(params![self.recipient, change.pattern])?;
             }
         }
         let mut subscriptions: Option<Vec<(String, String)>> = None;
         {
             let mut insert = transaction.prepare_cached(
-                "INSERT INTO comms_mailbox (recipient, envelope, enqueued_at, replace_key) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO comms_mailbox (recipient, envelope, enqueued_at, replace_key, pattern)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             for message in outgoing {
                 match message {
@@ -186,7 +217,7 @@ impl SqliteMailbox {
                                 )?
                                 .execute(params![recipient, key, now])?;
                         }
-                        insert.execute(params![recipient, encoded, now, replace_key])?;
+                        insert.execute(params![recipient, encoded, now, replace_key, None::<&str>])?;
                         recipients.insert(recipient.clone());
                     }
                     Outgoing::Topic { topic, encoded } => {
@@ -196,14 +227,17 @@ impl SqliteMailbox {
                             let rows = select.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
                             subscriptions = Some(rows.collect::<rusqlite::Result<_>>()?);
                         }
-                        let subscribers: BTreeSet<&String> = subscriptions
-                            .iter()
-                            .flatten()
-                            .filter(|(_, pattern)| topic_pattern::matches(pattern, topic))
-                            .map(|(node, _)| node)
-                            .collect();
-                        for node in subscribers {
-                            insert.execute(params![node, encoded, now, None::<&str>])?;
+                        // One copy per subscribed node, held for the first of its matching
+                        // patterns in byte order.
+                        let mut subscribers: BTreeMap<&String, &String> = BTreeMap::new();
+                        for (node, pattern) in subscriptions.iter().flatten() {
+                            if topic_pattern::matches(pattern, topic) {
+                                let held_for = subscribers.entry(node).or_insert(pattern);
+                                *held_for = (*held_for).min(pattern);
+                            }
+                        }
+                        for (node, pattern) in subscribers {
+                            insert.execute(params![node, encoded, now, None::<&str>, pattern])?;
                             recipients.insert(node.clone());
                         }
                     }
@@ -270,10 +304,9 @@ impl SqliteMailbox {
         // Look before taking the write lock: idle receivers must not queue up for it.
         let available: bool = self
             .connection
-            .prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM comms_mailbox WHERE recipient = ?1
-                 AND (locked_until <= ?2 OR typeof(locked_until) <> 'integer'))",
-            )?
+            .prepare_cached(&format!(
+                "SELECT EXISTS (SELECT 1 FROM comms_mailbox WHERE recipient = ?1 AND {CLAIMABLE})"
+            ))?
             .query_row(params![self.recipient, now], |row| row.get(0))?;
         if !available {
             let next_lease_expiry = self.next_lease_expiry(now)?;
@@ -294,11 +327,10 @@ impl SqliteMailbox {
         // claim (and so every later claim, for ever).
         let mut refused: Vec<(i64, String)> = Vec::new();
         {
-            let mut select = transaction.prepare_cached(
+            let mut select = transaction.prepare_cached(&format!(
                 "SELECT id, envelope, attempts, locked_until FROM comms_mailbox
-                 WHERE recipient = ?1 AND (locked_until <= ?2 OR typeof(locked_until) <> 'integer')
-                 ORDER BY id LIMIT ?3",
-            )?;
+                 WHERE recipient = ?1 AND {CLAIMABLE} ORDER BY id LIMIT ?3"
+            ))?;
             let mut rows = select.query(params![self.recipient, now, limit])?;
             while let Some(row) = rows.next()? {
                 let id: i64 = row.get(0)?;
@@ -313,23 +345,22 @@ impl SqliteMailbox {
             claimed.dead_lettered += dead_letter(&transaction, *id, None, now, reason)?;
         }
         if let (Some(first), Some(last)) = (claimed.messages.first(), claimed.messages.last()) {
-            // One statement for the whole batch. The free rows of this mailbox between the first
-            // and the last good one are exactly the good ones: the SELECT took every free row up
-            // to `last` (oldest first, same `now`), the refused ones were just moved out, and the
-            // write lock keeps everyone else out.
+            // One statement for the whole batch. The claimable rows of this mailbox between the
+            // first and the last good one are exactly the good ones: the SELECT took every
+            // claimable row up to `last` (oldest first, same `now`, same live patterns), the
+            // refused ones were just moved out, and the write lock keeps everyone else out.
             let leased = transaction
-                .prepare_cached(
-                    "UPDATE comms_mailbox SET owner = ?1, locked_until = ?2, attempts = attempts + 1
-                     WHERE recipient = ?3 AND id BETWEEN ?4 AND ?5
-                     AND (locked_until <= ?6 OR typeof(locked_until) <> 'integer')",
-                )?
+                .prepare_cached(&format!(
+                    "UPDATE comms_mailbox SET owner = ?3, locked_until = ?4, attempts = attempts + 1
+                     WHERE recipient = ?1 AND id BETWEEN ?5 AND ?6 AND {CLAIMABLE}"
+                ))?
                 .execute(params![
+                    self.recipient,
+                    now,
                     self.owner,
                     locked_until,
-                    self.recipient,
                     first.delivery_tag as i64,
                     last.delivery_tag as i64,
-                    now
                 ])?;
             debug_assert_eq!(leased, claimed.messages.len(), "the range held other rows");
         }

@@ -52,6 +52,13 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     "ALTER TABLE comms_mailbox ADD COLUMN replace_key TEXT;
     CREATE INDEX comms_mailbox_replaceable ON comms_mailbox (recipient, replace_key)
         WHERE replace_key IS NOT NULL;",
+    // Version 3: a topic copy names the subscription it was written for (the recipient's
+    // pattern that matched; the first in byte order when several did). A receiver claims it only
+    // once its process has subscribed to that pattern again, so that the copies written while a
+    // node was away wait for the application's subscription instead of arriving before it and
+    // being dropped as publications nobody subscribes to. NULL (direct messages, rows of older
+    // writers and of programs that do not set it): claimed at once, as before.
+    "ALTER TABLE comms_mailbox ADD COLUMN pattern TEXT;",
 ];
 
 /// The schema version this plugin writes and reads.

@@ -352,6 +352,12 @@ async fn topics_reach_each_matching_node_once_and_subscriptions_outlive_a_restar
     message.to = Destination::Topic("orders.eu".into());
     publisher.send("", message.clone()).await.unwrap();
     let both = transport("both", &config).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), both.receive(10)).await.is_err(),
+        "the copy waits until the restarted node subscribes again"
+    );
+    // Held for the first matching pattern in byte order.
+    both.subscribe("orders.*").await.unwrap();
     assert_eq!(receive_ids(&both, 10).await.len(), 1, "one copy although two patterns match");
     assert!(
         tokio::time::timeout(Duration::from_millis(300), both.receive(10)).await.is_err(),
@@ -661,4 +667,47 @@ async fn a_version_1_file_is_migrated_and_keeps_its_messages() {
     assert_eq!(got.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [1]);
     accept_all(&receiver, &got).await;
     receiver.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn topic_copies_written_while_a_node_is_away_wait_for_its_subscription_and_direct_ones_do_not() {
+    let (path, config) = database("held-topics", "");
+    let publisher = transport("publisher", &config).await.unwrap();
+    let away = transport("away", &config).await.unwrap();
+    away.subscribe("orders.*").await.unwrap();
+    away.subscribe("audit.>").await.unwrap();
+    away.close().await.unwrap();
+    for (n, topic) in [(1, "orders.eu"), (2, "audit.log"), (3, "orders.us")] {
+        let mut message = envelope(n, "x", 2);
+        message.to = Destination::Topic(topic.into());
+        publisher.send("", message).await.unwrap();
+    }
+    publisher.send("away", envelope(4, "away", 2)).await.unwrap();
+
+    let away = transport("away", &config).await.unwrap();
+    let direct = receive_ids(&away, 10).await;
+    assert_eq!(
+        direct.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        [4],
+        "only the direct message comes before any subscription"
+    );
+    accept_all(&away, &direct).await;
+    assert!(tokio::time::timeout(Duration::from_millis(300), away.receive(10)).await.is_err());
+
+    // Subscribing again releases that pattern's copies, in order, and only those.
+    away.subscribe("orders.*").await.unwrap();
+    let orders = receive_ids(&away, 10).await;
+    assert_eq!(orders.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [1, 3]);
+    accept_all(&away, &orders).await;
+    assert!(tokio::time::timeout(Duration::from_millis(300), away.receive(10)).await.is_err());
+
+    // Ending a subscription hands over the copies that waited for it (the host drops what no
+    // subscription matches), so none waits for ever.
+    away.unsubscribe("audit.>").await.unwrap();
+    let audit = receive_ids(&away, 10).await;
+    assert_eq!(audit.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [2]);
+    accept_all(&away, &audit).await;
+    assert_eq!(count(&path, "SELECT COUNT(*) FROM comms_mailbox"), 0);
+    publisher.close().await.unwrap();
+    away.close().await.unwrap();
 }

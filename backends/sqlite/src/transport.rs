@@ -68,7 +68,10 @@ impl SqliteTransport {
         let canonical = std::fs::canonicalize(&config.database)
             .map_or_else(|_| config.path_text(), |path| path.display().to_string());
         let mailbox =
-            SqliteMailbox::new(connection, config.clone(), node.as_str().to_string(), lease_owner(&node));
+            SqliteMailbox::new(connection, config.clone(), node.as_str().to_string(), lease_owner(&node))
+                .map_err(|error| {
+                    schema::db_error("creating the table of live subscriptions", &config, error)
+                })?;
         let (commands, receiver) = mpsc::channel(config.send_queue);
         worker::spawn(mailbox, canonical.clone(), receiver)?;
         let polling = PollState {

@@ -21,7 +21,7 @@ RETURNING id, envelope, attempts"""
 DEAD_LETTER = """INSERT INTO comms_dead_letter (id, recipient, envelope, enqueued_at, attempts, dead_at, reason)
 SELECT id, recipient, envelope, enqueued_at, attempts, ?2, ?3 FROM comms_mailbox WHERE id = ?1"""
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Framework messages that carry the sender's whole record: a newer one replaces an older one of the
 # same kind from the same sender that nobody has claimed yet (docs/sqlite.md "Retention").
@@ -91,11 +91,17 @@ class SqliteTransport:
 
         def write():
             rows = self.db.execute("SELECT node_id, pattern FROM comms_subscription").fetchall()
-            # One row per subscribed node, however many of its patterns match.
-            for node in sorted({node for node, pattern in rows if topics.matches(pattern, envelope.to)}):
+            # One row per subscribed node, however many of its patterns match, naming the first
+            # matching pattern in byte order: a comms node claims the copy once it subscribes to
+            # that pattern (schema version 3).
+            held_for = {}
+            for node, pattern in rows:
+                if topics.matches(pattern, envelope.to):
+                    held_for[node] = min(held_for.get(node, pattern), pattern)
+            for node in sorted(held_for):
                 self.db.execute(
-                    "INSERT INTO comms_mailbox (recipient, envelope, enqueued_at) VALUES (?, ?, ?)",
-                    (node, encoded, now_ms()))
+                    "INSERT INTO comms_mailbox (recipient, envelope, enqueued_at, pattern) VALUES (?, ?, ?, ?)",
+                    (node, encoded, now_ms(), held_for[node]))
         self._immediate(write)
 
     def subscribe(self, pattern: str) -> None:

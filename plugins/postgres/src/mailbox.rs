@@ -81,20 +81,21 @@ impl Statements {
             insert_topic: format!(
                 "WITH batch AS (
                      SELECT * FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS b(topic, envelope, n))
-                 INSERT INTO {mailbox} (recipient, envelope)
-                 SELECT s.node_id, b.envelope FROM batch b
+                 INSERT INTO {mailbox} (recipient, envelope, pattern)
+                 SELECT s.node_id, b.envelope, s.pattern FROM batch b
                  CROSS JOIN LATERAL (
-                     SELECT DISTINCT node_id FROM \"{schema}\".comms_subscription
-                     WHERE b.topic ~ pattern_regex) s
+                     SELECT node_id, min(pattern COLLATE \"C\") AS pattern
+                     FROM \"{schema}\".comms_subscription
+                     WHERE b.topic ~ pattern_regex GROUP BY node_id) s
                  ORDER BY b.n, s.node_id
                  RETURNING recipient"
             ),
             // SKIP LOCKED: concurrent receivers of one node id take different rows instead of
-            // waiting for each other; `attempts` counts this delivery.
-            // SKIP LOCKED: concurrent receivers of one node id take different rows instead of
             // waiting for each other; `attempts` counts this delivery. When nothing is claimed,
             // one row with a NULL id says in how many milliseconds the earliest lease held by
-            // someone else on this mailbox ends (NULL if none), saving a round trip.
+            // someone else on this mailbox ends (NULL if none), saving a round trip. A topic copy
+            // is taken only once this instance subscribes to its pattern again ($5, see
+            // `Mailbox::live_patterns`).
             claim: format!(
                 "WITH claimed AS (
                      UPDATE {mailbox} m
@@ -102,6 +103,7 @@ impl Statements {
                          attempts = m.attempts + 1
                      FROM (SELECT id FROM {mailbox}
                            WHERE recipient = $1 AND locked_until <= now()
+                             AND (pattern IS NULL OR pattern = ANY($5::text[]))
                            ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED) free
                      WHERE m.id = free.id
                      RETURNING m.id, m.envelope, m.attempts)
@@ -131,7 +133,13 @@ impl Statements {
                 "INSERT INTO \"{schema}\".comms_subscription (node_id, pattern, pattern_regex)
                  VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
             ),
-            unsubscribe: format!("DELETE FROM \"{schema}\".comms_subscription WHERE node_id = $1 AND pattern = $2"),
+            // Copies still waiting for the subscription that ends would wait for ever: they are
+            // delivered as they are (the host drops what no subscription matches).
+            unsubscribe: format!(
+                "WITH ended AS (
+                     DELETE FROM \"{schema}\".comms_subscription WHERE node_id = $1 AND pattern = $2)
+                 UPDATE {mailbox} SET pattern = NULL WHERE recipient = $1 AND pattern = $2"
+            ),
         }
     }
 }
@@ -151,6 +159,10 @@ pub(crate) struct Mailbox {
     owner: String,
     limits: RowLimits,
     lease_ms: f64,
+    /// The patterns this instance subscribes to now: the topic copies it may claim. Restarted
+    /// empty, so that what waited for a subscription while the node was away waits until the
+    /// application subscribes again.
+    live_patterns: std::sync::Mutex<Vec<String>>,
 }
 
 impl Mailbox {
@@ -171,7 +183,12 @@ impl Mailbox {
             owner,
             limits,
             lease_ms: lease_ms as f64,
+            live_patterns: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    fn live_patterns(&self) -> Vec<String> {
+        self.live_patterns.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Woken by notifications for this node and by reconnects of the receiving connection.
@@ -250,11 +267,15 @@ impl Mailbox {
     /// dead-letter table with their reason.
     pub(crate) async fn claim(&self, max: usize) -> Result<Claimed, PluginError> {
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let live = &self.live_patterns();
         let rows = self
             .link
             .run("claiming messages", |client| async move {
                 client
-                    .query(&self.statements.claim, &[&self.recipient, &self.owner, &self.lease_ms, &limit])
+                    .query(
+                        &self.statements.claim,
+                        &[&self.recipient, &self.owner, &self.lease_ms, &limit, live],
+                    )
                     .await
             })
             .await?;
@@ -342,7 +363,8 @@ impl Mailbox {
         Ok(released)
     }
 
-    /// Adds or removes a subscription of this node.
+    /// Adds or removes a subscription of this node; then wakes its receivers, for the copies
+    /// that waited for this subscription (or, once it ends, no longer wait).
     pub(crate) async fn subscription(&self, pattern: &str, subscribe: bool) -> Result<(), PluginError> {
         if subscribe {
             let regex = lease::pattern_regex(pattern);
@@ -351,15 +373,23 @@ impl Mailbox {
                 .run("subscribing", |client| async move {
                     client.execute(&self.statements.subscribe, &[&self.recipient, &pattern, regex]).await
                 })
-                .await
-                .map(drop)
+                .await?;
+            let mut live = self.live_patterns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !live.iter().any(|known| known == pattern) {
+                live.push(pattern.to_string());
+            }
         } else {
+            self.live_patterns
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .retain(|known| known != pattern);
             self.writer
                 .run("unsubscribing", |client| async move {
                     client.execute(&self.statements.unsubscribe, &[&self.recipient, &pattern]).await
                 })
-                .await
-                .map(drop)
+                .await?;
         }
+        self.notify(vec![self.recipient.clone()]).await;
+        Ok(())
     }
 }

@@ -147,6 +147,29 @@ BEGIN
     RETURN written;
 END $$;
 "#,
+    // Version 2: a topic copy names the subscription it was written for (the recipient's
+    // matching pattern, the first in byte order when several match). A receiver claims it only
+    // once its instance has subscribed to that pattern again, so that the copies written while a
+    // node was away wait for the application's subscription instead of arriving before it and
+    // being dropped as publications nobody subscribes to. NULL (direct messages, rows written
+    // before this version or by programs that do not set it): claimed at once, as before.
+    r#"
+ALTER TABLE "{schema}".comms_mailbox ADD COLUMN pattern text;
+
+CREATE OR REPLACE FUNCTION "{schema}".comms_publish(
+    topic text, payload bytea, headers text[] DEFAULT '{}', sender text DEFAULT 'sql'
+) RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    encoded bytea := "{schema}".comms_envelope(1, topic, sender, payload, headers);
+    written integer;
+BEGIN
+    INSERT INTO "{schema}".comms_mailbox (recipient, envelope, pattern)
+    SELECT s.node_id, encoded, min(s.pattern COLLATE "C") FROM "{schema}".comms_subscription s
+    WHERE topic ~ s.pattern_regex GROUP BY s.node_id;
+    GET DIAGNOSTICS written = ROW_COUNT;
+    RETURN written;
+END $$;
+"#,
 ];
 
 /// The schema version this plugin writes and reads.
