@@ -125,6 +125,7 @@ mod plugin;
 pub mod redact;
 pub mod runtime;
 pub mod security;
+pub mod socket_address;
 pub mod stream_transport;
 mod text;
 #[cfg(feature = "tls")]

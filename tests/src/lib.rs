@@ -41,6 +41,10 @@ pub struct Artifacts {
     pub sqlite_plugin: PathBuf,
     /// `libcomms_udp.so`.
     pub udp_plugin: PathBuf,
+    /// `libcomms_kademlia.so`: discovery by a Kademlia DHT.
+    pub kademlia_plugin: PathBuf,
+    /// `libcomms_gossip.so`: discovery by SWIM-style gossip.
+    pub gossip_plugin: PathBuf,
     /// `libcomms_uds.so`, built from `examples/third-party-plugin` on its own.
     pub uds_plugin: PathBuf,
     /// `libcomms_fixture_panicking.so`.
@@ -207,6 +211,8 @@ pub fn artifacts() -> &'static Artifacts {
             "comms-amqp",
             "comms-sqlite",
             "comms-udp",
+            "comms-kademlia",
+            "comms-gossip",
             "comms-fixture-panicking",
         ];
         let mut build = vec!["build"];
@@ -225,6 +231,8 @@ pub fn artifacts() -> &'static Artifacts {
             amqp_plugin: library(&plugin_dir, "comms_amqp"),
             sqlite_plugin: library(&plugin_dir, "comms_sqlite"),
             udp_plugin: library(&plugin_dir, "comms_udp"),
+            kademlia_plugin: library(&plugin_dir, "comms_kademlia"),
+            gossip_plugin: library(&plugin_dir, "comms_gossip"),
             uds_plugin: library(&plugin_dir, "comms_uds"),
             panicking_plugin: library(&plugin_dir, "comms_fixture_panicking"),
             contract_fixtures: OnceLock::new(),
@@ -373,6 +381,25 @@ pub async fn http(address: std::net::SocketAddr, request: &str) -> HttpResponse 
     }
     let status = head.lines().next().unwrap_or_default().to_string();
     HttpResponse { status, head: head.to_string(), body: body.to_string() }
+}
+
+/// The next event of `discovery` about node `id` (events about other nodes are skipped);
+/// panics if none comes within `limit` or the discovery closes.
+pub async fn next_event_about(
+    discovery: &comms_plugin_api::host_side::LoadedDiscovery,
+    id: &str,
+    limit: std::time::Duration,
+) -> comms_plugin_api::PeerEvent {
+    tokio::time::timeout(limit, async {
+        loop {
+            let event = discovery.next_event().await.expect("the discovery works").expect("discovery open");
+            if event.record.id.as_str() == id {
+                return event;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no event about {id} within {limit:?}"))
 }
 
 /// A child process that a failing test does not leave running.

@@ -7,9 +7,9 @@ mod support;
 
 use comms_plugin_api::{
     host_side::{LoadedDiscovery, PluginLibrary},
-    NodeId, NodeRecord, PeerEvent, PeerEventKind,
+    NodeId, NodeRecord, PeerEventKind,
 };
-use comms_tests::{artifacts, broker_available, NATS};
+use comms_tests::{artifacts, broker_available, next_event_about, NATS};
 use std::time::Duration;
 use support::Deployment;
 
@@ -26,20 +26,6 @@ async fn open(library: &PluginLibrary, id: &str, config: &str) -> LoadedDiscover
     library.new_discovery(&NodeId::new(id), "nats", config).await.unwrap_or_else(|error| panic!("{error}"))
 }
 
-/// The next event about `id` (events about other nodes of the test are skipped).
-async fn next_about(discovery: &LoadedDiscovery, id: &str, limit: Duration) -> PeerEvent {
-    tokio::time::timeout(limit, async {
-        loop {
-            let event = discovery.next_event().await.unwrap().expect("discovery open");
-            if event.record.id.as_str() == id {
-                return event;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no event about {id} within {limit:?}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_find_each_other_and_a_stopped_node_disappears() {
     if !broker_available("NATS", NATS) {
@@ -53,15 +39,15 @@ async fn two_nodes_find_each_other_and_a_stopped_node_disappears() {
 
     watcher.announce(record("watcher", "audit")).await.unwrap();
     alice.announce(record("alice", "billing")).await.unwrap();
-    let joined = next_about(&watcher, "alice", Duration::from_secs(3)).await;
+    let joined = next_event_about(&watcher, "alice", Duration::from_secs(3)).await;
     assert_eq!(joined.kind, PeerEventKind::Joined);
     assert_eq!(joined.record, record("alice", "billing"), "the record arrives intact");
-    assert_eq!(next_about(&alice, "watcher", Duration::from_secs(3)).await.kind, PeerEventKind::Joined);
+    assert_eq!(next_event_about(&alice, "watcher", Duration::from_secs(3)).await.kind, PeerEventKind::Joined);
     assert_eq!(watcher.peers().await.unwrap(), vec![record("alice", "billing")]);
     assert_eq!(alice.peers().await.unwrap(), vec![record("watcher", "audit")], "a node is not its own peer");
 
     alice.announce(record("alice", "shipping")).await.unwrap();
-    let updated = next_about(&watcher, "alice", Duration::from_secs(3)).await;
+    let updated = next_event_about(&watcher, "alice", Duration::from_secs(3)).await;
     assert_eq!(
         (updated.kind, updated.record.services),
         (PeerEventKind::Updated, vec!["shipping".to_string()])
@@ -69,7 +55,7 @@ async fn two_nodes_find_each_other_and_a_stopped_node_disappears() {
 
     // Heartbeats keep the record alive well past its TTL: nothing about alice comes meanwhile.
     let quiet =
-        tokio::time::timeout(Duration::from_millis(2000), next_about(&watcher, "alice", Duration::MAX));
+        tokio::time::timeout(Duration::from_millis(2000), next_event_about(&watcher, "alice", Duration::MAX));
     assert!(quiet.await.is_err(), "an event about alice although her heartbeat runs");
     assert_eq!(
         watcher.peers().await.unwrap().len(),
@@ -78,7 +64,7 @@ async fn two_nodes_find_each_other_and_a_stopped_node_disappears() {
     );
 
     alice.withdraw(&NodeId::new("alice")).await.unwrap();
-    let left = next_about(&watcher, "alice", Duration::from_millis(800)).await;
+    let left = next_event_about(&watcher, "alice", Duration::from_millis(800)).await;
     assert_eq!(left.kind, PeerEventKind::Left, "withdraw is seen at once");
     assert!(watcher.peers().await.unwrap().is_empty());
     alice.close().await.unwrap();
@@ -86,10 +72,10 @@ async fn two_nodes_find_each_other_and_a_stopped_node_disappears() {
     // A node that stops without withdrawing (as if it crashed) leaves when its TTL runs out.
     let bob = open(&library, "bob", &config).await;
     bob.announce(record("bob", "search")).await.unwrap();
-    assert_eq!(next_about(&watcher, "bob", Duration::from_secs(3)).await.kind, PeerEventKind::Joined);
+    assert_eq!(next_event_about(&watcher, "bob", Duration::from_secs(3)).await.kind, PeerEventKind::Joined);
     bob.close().await.unwrap();
     let started = tokio::time::Instant::now();
-    let left = next_about(&watcher, "bob", Duration::from_secs(5)).await;
+    let left = next_event_about(&watcher, "bob", Duration::from_secs(5)).await;
     assert_eq!(left.kind, PeerEventKind::Left);
     assert!(started.elapsed() >= Duration::from_millis(300), "bob left before his record could expire");
     assert_eq!(left.record, record("bob", "search"), "Left carries the last record");

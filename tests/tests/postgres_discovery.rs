@@ -10,9 +10,9 @@ use support::{psql, Schema};
 
 use comms_plugin_api::{
     host_side::{LoadedDiscovery, PluginLibrary},
-    NodeId, NodeRecord, PeerEvent, PeerEventKind,
+    NodeId, NodeRecord, PeerEventKind,
 };
-use comms_tests::{artifacts, broker_available, POSTGRES};
+use comms_tests::{artifacts, broker_available, next_event_about, POSTGRES};
 use std::time::Duration;
 
 fn record(id: &str, service: &str) -> NodeRecord {
@@ -31,20 +31,6 @@ async fn open(library: &PluginLibrary, id: &str, config: &str) -> LoadedDiscover
         .unwrap_or_else(|error| panic!("{error}"))
 }
 
-/// The next event about `id` (events about other nodes of the test are skipped).
-async fn next_about(discovery: &LoadedDiscovery, id: &str, limit: Duration) -> PeerEvent {
-    tokio::time::timeout(limit, async {
-        loop {
-            let event = discovery.next_event().await.unwrap().expect("discovery open");
-            if event.record.id.as_str() == id {
-                return event;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no event about {id} within {limit:?}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_find_each_other_and_changes_arrive_by_notification() {
     if !broker_available("PostgreSQL", POSTGRES) {
@@ -61,30 +47,30 @@ async fn two_nodes_find_each_other_and_changes_arrive_by_notification() {
 
     alice.announce(record("alice", "billing")).await.unwrap();
     bob.announce(record("bob", "search")).await.unwrap();
-    let joined = next_about(&bob, "alice", soon).await;
+    let joined = next_event_about(&bob, "alice", soon).await;
     assert_eq!(joined.kind, PeerEventKind::Joined);
     assert_eq!(joined.record, record("alice", "billing"), "the record arrives intact");
-    assert_eq!(next_about(&alice, "bob", soon).await.kind, PeerEventKind::Joined);
+    assert_eq!(next_event_about(&alice, "bob", soon).await.kind, PeerEventKind::Joined);
     assert_eq!(alice.peers().await.unwrap(), vec![record("bob", "search")]);
     assert_eq!(bob.peers().await.unwrap(), vec![record("alice", "billing")], "a node is not its own peer");
 
     alice.announce(record("alice", "shipping")).await.unwrap();
-    let updated = next_about(&bob, "alice", soon).await;
+    let updated = next_event_about(&bob, "alice", soon).await;
     assert_eq!(
         (updated.kind, updated.record.services),
         (PeerEventKind::Updated, vec!["shipping".to_string()])
     );
 
     alice.withdraw(&NodeId::new("alice")).await.unwrap();
-    let left = next_about(&bob, "alice", soon).await;
+    let left = next_event_about(&bob, "alice", soon).await;
     assert_eq!(left.kind, PeerEventKind::Left, "withdraw is seen at once");
     assert!(bob.peers().await.unwrap().is_empty());
 
     // Closing removes the node's row: its peers see it leave at once.
     alice.announce(record("alice", "billing")).await.unwrap();
-    assert_eq!(next_about(&bob, "alice", soon).await.kind, PeerEventKind::Joined);
+    assert_eq!(next_event_about(&bob, "alice", soon).await.kind, PeerEventKind::Joined);
     alice.close().await.unwrap();
-    assert_eq!(next_about(&bob, "alice", soon).await.kind, PeerEventKind::Left);
+    assert_eq!(next_event_about(&bob, "alice", soon).await.kind, PeerEventKind::Left);
 
     bob.close().await.unwrap();
     assert!(bob.next_event().await.unwrap().is_none(), "next_event ends once closed");
@@ -102,7 +88,7 @@ async fn a_node_that_stops_refreshing_its_row_expires_and_a_live_one_does_not() 
     let watcher = open(&library, "watcher", &config).await;
     let alice = open(&library, "alice", &config).await;
     alice.announce(record("alice", "billing")).await.unwrap();
-    assert_eq!(next_about(&watcher, "alice", Duration::from_secs(3)).await.kind, PeerEventKind::Joined);
+    assert_eq!(next_event_about(&watcher, "alice", Duration::from_secs(3)).await.kind, PeerEventKind::Joined);
 
     // Carol is a node that crashed: her row was written once (as any program may write it) and
     // is never refreshed.
@@ -112,13 +98,13 @@ async fn a_node_that_stops_refreshing_its_row_expires_and_a_live_one_does_not() 
          \"topics\":[],\"metadata\":[]}}', now())",
         schema.0
     ));
-    let joined = next_about(&watcher, "carol", Duration::from_secs(3)).await;
+    let joined = next_event_about(&watcher, "carol", Duration::from_secs(3)).await;
     assert_eq!(
         (joined.kind, joined.record.services.clone()),
         (PeerEventKind::Joined, vec!["search".to_string()])
     );
     let started = tokio::time::Instant::now();
-    let left = next_about(&watcher, "carol", Duration::from_secs(5)).await;
+    let left = next_event_about(&watcher, "carol", Duration::from_secs(5)).await;
     assert_eq!(left.kind, PeerEventKind::Left);
     assert!(started.elapsed() >= Duration::from_millis(400), "carol left before her row could expire");
     assert_eq!(left.record, joined.record, "Left carries the last record");

@@ -3,9 +3,9 @@
 
 use comms_plugin_api::{
     host_side::{LoadedDiscovery, PluginLibrary},
-    NodeId, NodeRecord, PeerEvent, PeerEventKind,
+    NodeId, NodeRecord, PeerEventKind,
 };
-use comms_tests::{artifacts, broker_available};
+use comms_tests::{artifacts, broker_available, next_event_about};
 use std::time::Duration;
 
 const REDIS: &str = "127.0.0.1:6379";
@@ -29,20 +29,6 @@ async fn open(library: &PluginLibrary, id: &str, config: &str) -> LoadedDiscover
     library.new_discovery(&NodeId::new(id), "redis", config).await.unwrap_or_else(|error| panic!("{error}"))
 }
 
-/// The next event about `id` (events about other nodes of the test are skipped).
-async fn next_about(discovery: &LoadedDiscovery, id: &str, limit: Duration) -> PeerEvent {
-    tokio::time::timeout(limit, async {
-        loop {
-            let event = discovery.next_event().await.unwrap().expect("discovery open");
-            if event.record.id.as_str() == id {
-                return event;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no event about {id} within {limit:?}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_update_withdraw_and_expiry() {
     if !broker_available("Redis", REDIS) {
@@ -57,14 +43,14 @@ async fn join_update_withdraw_and_expiry() {
     let alice = open(&library, "alice", &watcher_config).await;
 
     alice.announce(record("alice", "billing")).await.unwrap();
-    let joined = next_about(&watcher, "alice", Duration::from_secs(3)).await;
+    let joined = next_event_about(&watcher, "alice", Duration::from_secs(3)).await;
     assert_eq!(joined.kind, PeerEventKind::Joined);
     assert_eq!(joined.record, record("alice", "billing"), "the record arrives intact");
     assert_eq!(watcher.peers().await.unwrap(), vec![record("alice", "billing")]);
     assert!(alice.peers().await.unwrap().is_empty(), "a node is not its own peer");
 
     alice.announce(record("alice", "shipping")).await.unwrap();
-    let updated = next_about(&watcher, "alice", Duration::from_secs(3)).await;
+    let updated = next_event_about(&watcher, "alice", Duration::from_secs(3)).await;
     assert_eq!(
         (updated.kind, updated.record.services),
         (PeerEventKind::Updated, vec!["shipping".to_string()])
@@ -75,7 +61,7 @@ async fn join_update_withdraw_and_expiry() {
     assert_eq!(watcher.peers().await.unwrap().len(), 1, "alice expired although her heartbeat runs");
 
     alice.withdraw(&NodeId::new("alice")).await.unwrap();
-    let left = next_about(&watcher, "alice", Duration::from_millis(600)).await;
+    let left = next_event_about(&watcher, "alice", Duration::from_millis(600)).await;
     assert_eq!(left.kind, PeerEventKind::Left, "withdraw is seen at once");
     assert!(watcher.peers().await.unwrap().is_empty());
     alice.close().await.unwrap();
@@ -83,10 +69,10 @@ async fn join_update_withdraw_and_expiry() {
     // A node that stops without withdrawing (as if it crashed) leaves when its TTL runs out.
     let bob = open(&library, "bob", &watcher_config).await;
     bob.announce(record("bob", "search")).await.unwrap();
-    assert_eq!(next_about(&watcher, "bob", Duration::from_secs(3)).await.kind, PeerEventKind::Joined);
+    assert_eq!(next_event_about(&watcher, "bob", Duration::from_secs(3)).await.kind, PeerEventKind::Joined);
     bob.close().await.unwrap();
     let started = tokio::time::Instant::now();
-    let left = next_about(&watcher, "bob", Duration::from_secs(5)).await;
+    let left = next_event_about(&watcher, "bob", Duration::from_secs(5)).await;
     assert_eq!(left.kind, PeerEventKind::Left);
     assert!(started.elapsed() >= Duration::from_millis(300), "bob left before his record could expire");
     assert_eq!(left.record, record("bob", "search"), "Left carries the last record");

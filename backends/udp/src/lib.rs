@@ -73,8 +73,9 @@ use comms_plugin_api::{
     inbound::receive_batch,
     queued,
     security::{noise::NoiseIdentity, LinkSecurity, PublicKey},
-    wire, Capabilities, Envelope, ErrorCode, Inbound, IncidentCounters, NodeId, Outbound, Plugin,
-    PluginError, Provides, SendFailure, Setup, SharedBuffer, Transport, TransportInfo, TransportStats,
+    socket_address, wire, Capabilities, Envelope, ErrorCode, Inbound, IncidentCounters, NodeId, Outbound,
+    Plugin, PluginError, Provides, SendFailure, Setup, SharedBuffer, Transport, TransportInfo,
+    TransportStats,
 };
 use reliability::{Endpoint, Event, SendError, MIN_DATAGRAM};
 use secure::{SecureConfig, SecureEvent, SecureLayer, SecureStats};
@@ -312,7 +313,14 @@ impl UdpTransport {
         })?;
         let local_address = match &settings.advertise {
             Some(advertise) => advertise.clone(),
-            None => advertised_address(socket.local_addr()?),
+            // The IP the kernel sends LAN multicast from (the beacons' default groups): the
+            // interface the peers on the LAN share with this node.
+            None => socket_address::advertised(
+                socket.local_addr()?,
+                std::net::Ipv4Addr::new(239, 255, 67, 1),
+                std::net::Ipv6Addr::new(0xff0e, 0, 0, 0, 0, 0, 0x4353, 1),
+            )
+            .to_string(),
         };
         let mut capabilities =
             if config.reliable { Capabilities::RELIABLE | Capabilities::ORDERED } else { Capabilities::NONE };
@@ -449,31 +457,6 @@ async fn bind_socket(listen: &str) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
-/// What to tell peers when no `advertise` is configured: an unspecified IP is replaced by the IP
-/// the kernel would send LAN multicast from (found by connecting a UDP socket, which sends nothing).
-/// For IPv6 that is the source address for a global-scope group, unless it is link-local (which
-/// would need the receiver's own interface index to be usable): then loopback, and `advertise`
-/// has to say what peers should use.
-fn advertised_address(bound: SocketAddr) -> String {
-    if !bound.ip().is_unspecified() {
-        return bound.to_string();
-    }
-    let (any, probe, loopback): (&str, &str, std::net::IpAddr) = match bound {
-        SocketAddr::V4(_) => ("0.0.0.0:0", "239.255.67.1:9", std::net::Ipv4Addr::LOCALHOST.into()),
-        SocketAddr::V6(_) => ("[::]:0", "[ff0e::4353:1]:9", std::net::Ipv6Addr::LOCALHOST.into()),
-    };
-    let routed = std::net::UdpSocket::bind(any)
-        .and_then(|socket| socket.connect(probe).and_then(|()| socket.local_addr()));
-    let usable = |ip: std::net::IpAddr| match ip {
-        std::net::IpAddr::V4(ip) => !ip.is_unspecified(),
-        std::net::IpAddr::V6(ip) => !ip.is_unspecified() && !ip.is_unicast_link_local(),
-    };
-    match routed {
-        Ok(routed) if usable(routed.ip()) => SocketAddr::new(routed.ip(), bound.port()).to_string(),
-        _ => SocketAddr::new(loopback, bound.port()).to_string(),
-    }
-}
-
 /// A per-start number that differs between restarts of the same node on the same address.
 fn epoch_for(node_id: &NodeId, address: &str) -> u32 {
     use std::hash::BuildHasher;
@@ -481,21 +464,9 @@ fn epoch_for(node_id: &NodeId, address: &str) -> u32 {
     state.hash_one((node_id.as_str(), address, std::time::SystemTime::now())) as u32
 }
 
+/// A peer's address as the host gave it (`host:port`).
 async fn resolve(address: &str) -> Result<SocketAddr, PluginError> {
-    if let Ok(socket) = address.parse() {
-        return Ok(socket);
-    }
-    let invalid = |why: String| {
-        PluginError::new(
-            ErrorCode::INVALID_ADDRESS,
-            format!("udp address `{address}` is not host:port: {why}"),
-        )
-    };
-    tokio::net::lookup_host(address)
-        .await
-        .map_err(|error| invalid(error.to_string()))?
-        .next()
-        .ok_or_else(|| invalid("it resolves to nothing".into()))
+    socket_address::resolve("udp address", address).await
 }
 
 #[async_trait]

@@ -1,0 +1,181 @@
+//! The Kademlia discovery plugin as users load it (`libcomms_kademlia.so`): in-process nodes on
+//! loopback with the TCP transport find each other and a service through the DHT, and call it.
+
+use comms_host::{Node, PluginLibrary, Received};
+use comms_tests::artifacts;
+use std::time::{Duration, Instant};
+
+/// A loopback address with a UDP port that is free right now.
+fn free_udp_address() -> String {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind an ephemeral UDP port");
+    socket.local_addr().expect("local address").to_string()
+}
+
+fn load(path: &std::path::Path) -> PluginLibrary {
+    PluginLibrary::load(path).unwrap_or_else(|error| panic!("{error}"))
+}
+
+fn discovery_config(listen: &str, seed: &str) -> String {
+    format!(
+        "listen = \"{listen}\"\nseeds = [\"{seed}\"]\nfind_services = [\"kad.echo\"]\n\
+         find_interval_ms = 200\nbootstrap_retry_ms = 100\nrequest_timeout_ms = 500\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_nodes_find_each_other_and_a_service_through_the_dht_and_call_it() {
+    const NODES: usize = 8;
+    const SERVER: usize = 5;
+    let tcp = load(&artifacts().tcp_plugin);
+    let kademlia = load(&artifacts().kademlia_plugin);
+    let seed = free_udp_address();
+    let started = Instant::now();
+    let mut nodes = Vec::new();
+    for n in 0..NODES {
+        let listen = if n == 0 { seed.clone() } else { "127.0.0.1:0".to_string() };
+        let node = Node::builder(format!("kad-{n}").as_str())
+            .transport_library("tcp", tcp.clone(), "")
+            .discovery_library(kademlia.clone(), &discovery_config(&listen, &seed))
+            .build()
+            .await
+            .unwrap_or_else(|error| panic!("node kad-{n}: {error}"));
+        nodes.push(node);
+    }
+    nodes[SERVER]
+        .serve("kad.echo", |request: Received<String>| async move {
+            Ok::<_, String>(format!("{} from kad-{SERVER}", request.message))
+        })
+        .await
+        .unwrap();
+
+    // Every node learns every other node's record (all are contacts in a network this small)
+    // and the server's service.
+    let deadline = Duration::from_secs(20);
+    for (n, node) in nodes.iter().enumerate() {
+        loop {
+            let peers = node.peers();
+            let others = peers.iter().filter(|peer| peer.record.id.as_str() != format!("kad-{n}")).count();
+            let serves = peers.iter().any(|peer| {
+                peer.record.id.as_str() == format!("kad-{SERVER}")
+                    && peer.record.services.iter().any(|service| service == "kad.echo")
+            });
+            if others == NODES - 1 && (serves || n == SERVER) {
+                break;
+            }
+            assert!(
+                started.elapsed() < deadline,
+                "kad-{n} knows {others} of {} peers (service seen: {serves}) after {deadline:?}",
+                NODES - 1
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    eprintln!(
+        "{NODES} nodes knew each other and the service {:?} after the first started",
+        started.elapsed()
+    );
+
+    for (n, node) in nodes.iter().enumerate() {
+        if n == SERVER {
+            continue;
+        }
+        let answer: String = node.request("kad.echo", &format!("hello {n}")).await.unwrap();
+        assert_eq!(answer, format!("hello {n} from kad-{SERVER}"));
+    }
+
+    // A node that closes says GOODBYE: the others drop it from their view.
+    let leaving = nodes.remove(7);
+    leaving.close().await.unwrap();
+    let closed_at = Instant::now();
+    for node in &nodes {
+        while node
+            .peers()
+            .iter()
+            .any(|peer| peer.record.id.as_str() == "kad-7" && peer.status == comms_host::PeerStatus::Up)
+        {
+            assert!(closed_at.elapsed() < Duration::from_secs(10), "kad-7 never left {}", node.id());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for node in nodes {
+        node.close().await.unwrap();
+    }
+}
+
+/// 50 `comms run --echo` processes join the DHT through one seed (this test's node); the time
+/// until that node knows every one of them is printed, then each echoes a message back. k = 32 so that a node's table can hold all 50
+/// (its fullest bucket holds about half of them), and a 1 s bucket refresh, so that the seed's
+/// own lookups reach every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_processes_are_all_found_through_the_dht() {
+    const PROCESSES: usize = 50;
+    let artifacts = artifacts();
+    let dir = comms_tests::scratch_dir("kademlia-processes");
+    let seed = free_udp_address();
+    let settings = "k = 32\nrefresh_interval_ms = 1000\nbootstrap_retry_ms = 200\nrequest_timeout_ms = 500\n";
+    let observer = Node::builder("kad-observer")
+        .transport_library("tcp", load(&artifacts.tcp_plugin), "")
+        .discovery_library(load(&artifacts.kademlia_plugin), &format!("listen = \"{seed}\"\n{settings}"))
+        .build()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    // Killed when the test ends, passed or not.
+    let mut children: Vec<comms_tests::KillOnDrop> = Vec::new();
+    for n in 0..PROCESSES {
+        let config = comms_tests::write_config(
+            &dir,
+            &format!("proc-{n}.toml"),
+            &format!(
+                "[node]\nid = \"kad-proc-{n}\"\nplugin_dirs = [{:?}]\n\n[transports.tcp]\n\n\
+                 [discovery]\nplugin = \"kademlia\"\nlisten = \"127.0.0.1:0\"\nseeds = [\"{seed}\"]\n{settings}",
+                artifacts.plugin_dir.to_str().unwrap()
+            ),
+        );
+        let child = std::process::Command::new(&artifacts.comms_bin)
+            .args(["run", "--echo", "--config"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start comms run");
+        children.push(comms_tests::KillOnDrop(child));
+    }
+    let spawned = started.elapsed();
+    let deadline = Duration::from_secs(60);
+    loop {
+        let known =
+            observer.peers().iter().filter(|peer| peer.record.id.as_str().starts_with("kad-proc-")).count();
+        if known == PROCESSES {
+            break;
+        }
+        for child in &mut children {
+            assert!(child.0.try_wait().unwrap().is_none(), "a comms process exited early");
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "the seed knows {known} of {PROCESSES} processes after {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "{PROCESSES} processes (spawned in {spawned:?}) were all known to the seed {:?} after the first was started",
+        started.elapsed()
+    );
+    // Both ways: each process, found through the DHT, echoes a message back to the seed, which
+    // it knows as its first contact.
+    for n in 0..PROCESSES {
+        observer.send(format!("kad-proc-{n}").as_str(), &format!("ping {n}")).await.unwrap();
+    }
+    let mut echoed = std::collections::BTreeSet::new();
+    while echoed.len() < PROCESSES {
+        let echo = tokio::time::timeout(Duration::from_secs(30), observer.receive::<String>())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {PROCESSES} echoes within 30 s", echoed.len()))
+            .unwrap();
+        echoed.insert(echo.message);
+    }
+    eprintln!("and all {PROCESSES} echoed a message {:?} after the first was started", started.elapsed());
+    drop(children);
+    observer.close().await.unwrap();
+}
