@@ -9,8 +9,8 @@ use crate::{
     protocol::MAX_DATAGRAM,
 };
 use comms_plugin_api::{
-    async_trait, inbound::receive_batch, socket_address, Discovery, ErrorCode, NodeId, NodeRecord, PeerEvent,
-    PluginError,
+    async_trait, inbound::receive_batch, log_rate::LogRateLimit, socket_address, Discovery, ErrorCode,
+    NodeId, NodeRecord, PeerEvent, PluginError,
 };
 use serde::Deserialize;
 use std::{
@@ -267,8 +267,14 @@ fn forward(events: &mpsc::Sender<PeerEvent>, local: SocketAddr, event: Event) {
     match event {
         Event::Peer(event) => {
             let kind = event.kind;
+            // Rate-limited: a flood of records (a hostile peer's) must not flood the log too.
+            static EVENTS_DROPPED: LogRateLimit = LogRateLimit::standard();
             if events.try_send(event).is_err() {
-                tracing::warn!("kademlia {local}: the event queue is full; a {kind:?} event was dropped");
+                if let Some(repeats) = EVENTS_DROPPED.check() {
+                    tracing::warn!(
+                        "kademlia {local}: the event queue is full; a {kind:?} event was dropped{repeats}"
+                    );
+                }
             }
         }
         Event::Lookup(report) => tracing::debug!(
