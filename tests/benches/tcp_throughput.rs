@@ -10,6 +10,8 @@
 //! `COMMS_BENCH_ONLY=az` runs only the variants with those letters (e.g. under a profiler), and
 //! `COMMS_BENCH_PAYLOADS=64` only that payload size (a comma-separated list of byte counts).
 //!
+//! `COMMS_BENCH_PING_PONGS=N` sets the number of round trips whatever the scale.
+//!
 //! `COMMS_BENCH_PLUGIN_THREADS=N` gives the loaded plugin's runtime N worker threads (default:
 //! the plugin's own default).
 //!
@@ -115,7 +117,13 @@ struct Settings {
 impl Settings {
     fn from_env() -> Self {
         let scale = comms_tests::bench::scale("tcp_throughput");
-        Self { scale, ping_pongs: scaled(5_000, scale), step_limit: STEP_LIMIT.mul_f64(scale.max(1.0)) }
+        // COMMS_BENCH_PING_PONGS=N: that many round trips whatever the scale (a small scale and
+        // many round trips make a run about round trips, e.g. to count wake-ups per round trip).
+        let ping_pongs = std::env::var("COMMS_BENCH_PING_PONGS")
+            .ok()
+            .and_then(|count| count.parse().ok())
+            .unwrap_or_else(|| scaled(5_000, scale));
+        Self { scale, ping_pongs, step_limit: STEP_LIMIT.mul_f64(scale.max(1.0)) }
     }
 
     /// Messages per throughput round for one payload size.

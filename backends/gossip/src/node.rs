@@ -9,8 +9,7 @@
 //! It is generic over the address type, so simulations use integers.
 //!
 //! ```
-//! use comms_gossip::node::{Config, GossipNode};
-//! use comms_plugin_api::NodeRecord;
+//! use comms_gossip::node::{Config, GossipNode, NodeRecord};
 //! use std::time::Instant;
 //!
 //! let now = Instant::now();
@@ -69,7 +68,8 @@ use crate::{
         COUNT_BYTES, MAX_UPDATES_PER_DATAGRAM,
     },
 };
-use comms_plugin_api::NodeRecord;
+/// The record a member carries (re-exported: the type [`GossipNode::set_record`] takes).
+pub use comms_plugin_api::NodeRecord;
 use rand::{rngs::StdRng, seq::IteratorRandom, Rng, SeedableRng};
 use std::{
     collections::{HashSet, VecDeque},
