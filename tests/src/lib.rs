@@ -260,6 +260,36 @@ pub fn free_address() -> String {
     listener.local_addr().expect("local address").to_string()
 }
 
+/// A loopback address with a UDP port that is free right now.
+pub fn free_udp_address() -> String {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind an ephemeral UDP port");
+    socket.local_addr().expect("local address").to_string()
+}
+
+/// `count` nodes named `<prefix>-<n>`, each with the loaded TCP plugin (loopback, any port) and
+/// the discovery plugin `discovery`, node `n` configured with `discovery_config(n)`; built one
+/// after the other, in order.
+pub async fn nodes_with_discovery(
+    prefix: &str,
+    count: usize,
+    discovery: &comms_host::PluginLibrary,
+    discovery_config: impl Fn(usize) -> String,
+) -> Vec<comms_host::Node> {
+    let tcp =
+        comms_host::PluginLibrary::load(&artifacts().tcp_plugin).unwrap_or_else(|error| panic!("{error}"));
+    let mut nodes = Vec::with_capacity(count);
+    for n in 0..count {
+        let node = comms_host::Node::builder(format!("{prefix}-{n}").as_str())
+            .transport_library("tcp", tcp.clone(), "")
+            .discovery_library(discovery.clone(), &discovery_config(n))
+            .build()
+            .await
+            .unwrap_or_else(|error| panic!("node {prefix}-{n}: {error}"));
+        nodes.push(node);
+    }
+    nodes
+}
+
 /// Writes a config file and returns its path.
 pub fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);

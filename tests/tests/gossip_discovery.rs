@@ -6,17 +6,11 @@
 
 use comms_host::{Node, PeerStatus, PluginLibrary, Received};
 use comms_plugin_api::{NodeId, NodeRecord, PeerEventKind};
-use comms_tests::{artifacts, next_event_about};
+use comms_tests::{artifacts, free_udp_address, next_event_about, nodes_with_discovery};
 use std::time::{Duration, Instant};
 
 /// Fast periods so the test takes seconds: suspicion timeout 4 · 1 · 200 ms = 0.8 s.
 const SETTINGS: &str = "protocol_period_ms = 200\nprobe_timeout_ms = 100\n";
-
-/// A loopback address with a UDP port that is free right now.
-fn free_udp_address() -> String {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind an ephemeral UDP port");
-    socket.local_addr().expect("local address").to_string()
-}
 
 fn load(path: &std::path::Path) -> PluginLibrary {
     PluginLibrary::load(path).unwrap_or_else(|error| panic!("{error}"))
@@ -39,7 +33,6 @@ async fn until(what: &str, limit: Duration, condition: impl Fn() -> bool) {
 async fn eight_nodes_find_each_other_through_one_seed_call_a_service_and_see_a_leave() {
     const NODES: usize = 8;
     const SERVER: usize = 5;
-    let tcp = load(&artifacts().tcp_plugin);
     let gossip = load(&artifacts().gossip_plugin);
     let seed = free_udp_address();
     // The plugin on its own, beside the nodes: what gossip reports, apart from what the hosts
@@ -50,17 +43,12 @@ async fn eight_nodes_find_each_other_through_one_seed_call_a_service_and_see_a_l
         .unwrap_or_else(|error| panic!("{error}"));
     watcher.announce(NodeRecord::new("gossip-watcher")).await.unwrap();
     let started = Instant::now();
-    let mut nodes = Vec::new();
-    for n in 0..NODES {
-        let listen = if n == 0 { seed.clone() } else { "127.0.0.1:0".to_string() };
-        let node = Node::builder(format!("gossip-{n}").as_str())
-            .transport_library("tcp", tcp.clone(), "")
-            .discovery_library(gossip.clone(), &discovery_config(&listen, &seed))
-            .build()
-            .await
-            .unwrap_or_else(|error| panic!("node gossip-{n}: {error}"));
-        nodes.push(node);
-    }
+    // Node 0 is the seed.
+    let mut nodes = nodes_with_discovery("gossip", NODES, &gossip, |n| {
+        let listen = if n == 0 { seed.as_str() } else { "127.0.0.1:0" };
+        discovery_config(listen, &seed)
+    })
+    .await;
     nodes[SERVER]
         .serve("gossip.echo", |request: Received<String>| async move {
             Ok::<_, String>(format!("{} from gossip-{SERVER}", request.message))

@@ -2,14 +2,8 @@
 //! loopback with the TCP transport find each other and a service through the DHT, and call it.
 
 use comms_host::{Node, PluginLibrary, Received};
-use comms_tests::artifacts;
+use comms_tests::{artifacts, free_udp_address, nodes_with_discovery};
 use std::time::{Duration, Instant};
-
-/// A loopback address with a UDP port that is free right now.
-fn free_udp_address() -> String {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind an ephemeral UDP port");
-    socket.local_addr().expect("local address").to_string()
-}
 
 fn load(path: &std::path::Path) -> PluginLibrary {
     PluginLibrary::load(path).unwrap_or_else(|error| panic!("{error}"))
@@ -26,21 +20,15 @@ fn discovery_config(listen: &str, seed: &str) -> String {
 async fn eight_nodes_find_each_other_and_a_service_through_the_dht_and_call_it() {
     const NODES: usize = 8;
     const SERVER: usize = 5;
-    let tcp = load(&artifacts().tcp_plugin);
     let kademlia = load(&artifacts().kademlia_plugin);
     let seed = free_udp_address();
     let started = Instant::now();
-    let mut nodes = Vec::new();
-    for n in 0..NODES {
-        let listen = if n == 0 { seed.clone() } else { "127.0.0.1:0".to_string() };
-        let node = Node::builder(format!("kad-{n}").as_str())
-            .transport_library("tcp", tcp.clone(), "")
-            .discovery_library(kademlia.clone(), &discovery_config(&listen, &seed))
-            .build()
-            .await
-            .unwrap_or_else(|error| panic!("node kad-{n}: {error}"));
-        nodes.push(node);
-    }
+    // Node 0 is the seed.
+    let mut nodes = nodes_with_discovery("kad", NODES, &kademlia, |n| {
+        let listen = if n == 0 { seed.as_str() } else { "127.0.0.1:0" };
+        discovery_config(listen, &seed)
+    })
+    .await;
     nodes[SERVER]
         .serve("kad.echo", |request: Received<String>| async move {
             Ok::<_, String>(format!("{} from kad-{SERVER}", request.message))
