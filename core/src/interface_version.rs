@@ -8,4 +8,4 @@
 pub const INTERFACE_MAJOR: u16 = 1;
 
 /// The contract's minor version: grows with every compatible addition.
-pub const INTERFACE_MINOR: u16 = 1;
+pub const INTERFACE_MINOR: u16 = 2;

@@ -25,7 +25,7 @@
 //!
 //! ## Versioning
 //!
-//! The contract has a version of its own, [`INTERFACE_VERSION`] (`major.minor`, now 1.1),
+//! The contract has a version of its own, [`INTERFACE_VERSION`] (`major.minor`, now 1.2),
 //! independent of the crates' versions. Same major loads: a plugin built for an older minor
 //! always loads into a newer host, and a plugin built for a newer minor loads into an older host,
 //! which ignores what it does not know. A different major never loads.
@@ -58,7 +58,7 @@ pub use host_services::{
     LogRecord, SocketResult,
 };
 pub use interface_version::{INTERFACE_MAJOR, INTERFACE_MINOR};
-pub use module::{PluginInfo, PluginModule, PluginModuleRef, PluginSetup, Provides};
+pub use module::{PluginInfo, PluginModule, PluginModuleRef, PluginSetup, Provides, LINK_SECURITY_EXTENSION};
 pub use transport::{StatCounter, Transport, TransportBox, TransportInfo, TransportStats, Transport_TO};
 pub use version::{Compatibility, InterfaceVersion, INTERFACE_VERSION};
 

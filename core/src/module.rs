@@ -21,6 +21,8 @@ impl Provides {
     pub const TRANSPORT: Self = Self(1 << 0);
     /// `new_discovery` works.
     pub const DISCOVERY: Self = Self(1 << 1);
+    /// `new_layer` works: the plugin wraps another transport (contract 1.2).
+    pub const LAYER: Self = Self(1 << 2);
 
     /// Whether every flag in `other` is set in `self`.
     pub const fn contains(self, other: Self) -> bool {
@@ -45,7 +47,7 @@ pub struct PluginInfo {
     pub version: RString,
     /// One line for `comms plugins list`.
     pub description: RString,
-    /// Transport, discovery or both.
+    /// Transport, discovery, layer, or several.
     pub provides: Provides,
     /// Attributes added by later minor versions of the contract (none in 1.0).
     pub extensions: RVec<Extension>,
@@ -64,9 +66,17 @@ pub struct PluginSetup {
     /// The contract version of the host, so that a plugin built for a newer minor knows which
     /// of its additions the host will use.
     pub host_interface: InterfaceVersion,
-    /// Attributes added by later minor versions of the contract (none in 1.0).
+    /// Attributes added by later minor versions of the contract: [`LINK_SECURITY_EXTENSION`]
+    /// (1.2).
     pub extensions: RVec<Extension>,
 }
+
+/// [`PluginSetup::extensions`] key (added in 1.2): the node's link security for a discovery
+/// plugin, so that it can authenticate what it exchanges with the node's identity. The value is
+/// the same TOML table (UTF-8 text) that a transport gets under the `comms_security` key of its
+/// config; present only when the node asks for authenticated links (`[security] links =
+/// "noise"`). A discovery that does not know the key runs as before.
+pub const LINK_SECURITY_EXTENSION: &str = "comms.link_security";
 
 /// The root module of a plugin library: exported once per library (comms-plugin-api's
 /// `export_plugin!` does it).
@@ -89,6 +99,11 @@ pub struct PluginModule {
     /// program (it shares the program's log already).
     #[sabi(last_prefix_field)]
     pub attach_host: extern "C" fn(host: HostServicesBox),
+    /// Constructs a layer: a transport that wraps `inner` (any transport, or another layer) and
+    /// is itself a transport. The layer owns `inner` from then on: it calls it, and closes it in
+    /// its own `close`. Added in 1.2; `None` for a plugin built for 1.0 or 1.1.
+    pub new_layer:
+        extern "C" fn(setup: PluginSetup, inner: TransportBox) -> FfiFuture<CommsResult<TransportBox>>,
 }
 
 impl RootModule for PluginModuleRef {

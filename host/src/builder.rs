@@ -5,12 +5,12 @@ use crate::{
     codec::Codec,
     driver::{Driver, NodeTransport},
     error::{BuildError, ConfigError},
-    fault_injection::{FaultConfig, FaultInjector},
+    fault_injection::FaultConfig,
     metrics::MetricsEndpoint,
     node::Node,
     plugin_search::{find_plugin, plugin_file_name, search_dirs},
     request_response::{Balancing, RequestOptions},
-    spec::{NodeSpec, PluginChoice, TransportSpec},
+    spec::{LayerSpec, NodeSpec, PluginChoice, TransportSpec, FAULTS_LAYER},
     static_discovery::{StaticDiscoveryConfig, StaticDiscoveryPlugin, StaticPeer, STATIC_DISCOVERY},
 };
 use comms_plugin_api::{
@@ -240,7 +240,7 @@ impl NodeBuilder {
     /// Adds a transport from a plugin name or file.
     pub fn transport_from(mut self, name: String, source: PluginSource, config_toml: String) -> Self {
         let plugin = PluginChoice::Source(source);
-        self.transports.push(TransportSpec { name, plugin, config_toml, faults: None });
+        self.transports.push(TransportSpec { name, plugin, config_toml, layers: Vec::new() });
         self
     }
 
@@ -257,18 +257,42 @@ impl NodeBuilder {
             name: name.into(),
             plugin,
             config_toml: config_toml.into(),
-            faults: None,
+            layers: Vec::new(),
         });
         self
     }
 
-    /// Injects faults into what the most recently added transport sends (see
-    /// [`crate::fault_injection`]).
-    pub fn faults(mut self, faults: FaultConfig) -> Self {
+    /// Stacks a layer from plugin `plugin` (searched for by name; `"faults"` is built in) on the
+    /// most recently added transport, configured by the TOML text `config_toml`. The first layer
+    /// added is the outermost: the node hands messages to it, and the last one added hands them
+    /// to the transport. See [`comms_plugin_api::layer`].
+    pub fn layer(self, plugin: &str, config_toml: &str) -> Self {
+        self.layer_from(PluginSource::Name(plugin.to_string()), config_toml.to_string())
+    }
+
+    /// [`NodeBuilder::layer`] from a plugin name or file.
+    pub fn layer_from(self, source: PluginSource, config_toml: String) -> Self {
+        self.push_layer(PluginChoice::Source(source), config_toml)
+    }
+
+    /// [`NodeBuilder::layer`] from a plugin library already loaded, or linked into this program.
+    pub fn layer_library(self, library: PluginLibrary, config_toml: &str) -> Self {
+        self.push_layer(PluginChoice::Library(library), config_toml.to_string())
+    }
+
+    fn push_layer(mut self, plugin: PluginChoice, config_toml: String) -> Self {
         if let Some(last) = self.transports.last_mut() {
-            last.faults = Some(faults);
+            last.layers.push(LayerSpec { plugin, config_toml });
         }
         self
+    }
+
+    /// Injects faults into what the most recently added transport sends: the built-in `faults`
+    /// layer (see [`crate::fault_injection`]), under the layers added so far.
+    pub fn faults(self, faults: FaultConfig) -> Self {
+        // Serializing a struct of numbers cannot fail; an empty table would mean no faults.
+        let config_toml = toml::to_string(&faults).unwrap_or_default();
+        self.layer_library(crate::fault_injection::library(), &config_toml)
     }
 
     /// Adds a peer to static discovery: its id and `(transport, address)` pairs.
@@ -315,6 +339,11 @@ impl NodeBuilder {
                 if name == STATIC_DISCOVERY && role == "discovery" =>
             {
                 return Ok(PluginLibrary::linked::<StaticDiscoveryPlugin>())
+            }
+            PluginChoice::Source(PluginSource::Name(name))
+                if name == FAULTS_LAYER && role.starts_with("layer") =>
+            {
+                return Ok(crate::fault_injection::library())
             }
             PluginChoice::Source(PluginSource::Path(path)) => path,
             PluginChoice::Source(PluginSource::Name(name)) => {
@@ -473,7 +502,7 @@ impl NodeBuilder {
                 }
             }
         }
-        match self.start_discovery(&dirs, &transports).await {
+        match self.start_discovery(&dirs, &transports, link_table.as_ref()).await {
             Ok(found) => {
                 let id = self.id.clone();
                 let driver = Driver::start(id, self.settings, transports, found, signatures, applied);
@@ -515,13 +544,6 @@ impl NodeBuilder {
     ) -> Result<NodeTransport, BuildError> {
         let role = format!("transport `{}`", spec.name);
         let table = format!("transports.{}", spec.name);
-        let faults = match spec.faults {
-            Some(faults) => Some(
-                FaultInjector::new(faults)
-                    .map_err(|message| self.config_error(format!("[{table}] faults: {message}")))?,
-            ),
-            None => None,
-        };
         let config_toml = match link_table {
             None => spec.config_toml,
             Some(link_table) => crate::security::with_link_security(&spec.config_toml, link_table)
@@ -530,10 +552,29 @@ impl NodeBuilder {
         let library = self.resolve(spec.plugin, &role, dirs)?;
         let plugin = library.description().name.clone();
         let version = library.description().version.clone();
-        let loaded = library
+        let mut loaded = library
             .new_transport(&self.id, &spec.name, &config_toml)
             .await
             .map_err(|error| self.start_error(&table, &role, &plugin, error))?;
+        // Innermost first: the last layer listed wraps the transport itself.
+        for (position, layer) in spec.layers.into_iter().enumerate().rev() {
+            let layer_role = format!("layer {position} of transport `{}`", spec.name);
+            let layer_table = format!("{table}.layers[{position}]");
+            let library = match self.resolve(layer.plugin, &layer_role, dirs) {
+                Ok(library) => library,
+                Err(error) => {
+                    let _ = loaded.close().await;
+                    return Err(error);
+                }
+            };
+            let name = library.description().name.clone();
+            let instance = format!("{}.{name}", spec.name);
+            // The layer closes the transport below it when it cannot be made.
+            loaded = library
+                .new_layer(&self.id, &instance, &layer.config_toml, loaded)
+                .await
+                .map_err(|error| self.start_error(&layer_table, &layer_role, &name, error))?;
+        }
         if link_table.is_some() && !loaded.info().capabilities.contains(Capabilities::ENCRYPTED) {
             let _ = loaded.close().await;
             let hint = match plugin.as_str() {
@@ -546,15 +587,16 @@ impl NodeBuilder {
                 spec.name
             )));
         }
-        Ok(NodeTransport::new(spec.name, (plugin, version), Arc::new(loaded), faults))
+        Ok(NodeTransport::new(spec.name, (plugin, version), Arc::new(loaded)))
     }
 
     async fn start_discovery(
         &mut self,
         dirs: &[PathBuf],
         transports: &[Arc<NodeTransport>],
+        link_table: Option<&toml::Table>,
     ) -> Result<(LoadedDiscovery, NodeRecord, Vec<NodeRecord>), BuildError> {
-        let (discovery, plugin) = self.new_discovery(dirs).await?;
+        let (discovery, plugin) = self.new_discovery(dirs, link_table).await?;
         let mut record = NodeRecord::new(self.id.clone());
         record.addresses =
             transports.iter().map(|t| (t.name.clone(), t.loaded.info().local_address.clone())).collect();
@@ -571,9 +613,13 @@ impl NodeBuilder {
         Ok((discovery, record, peers))
     }
 
-    /// Loads and starts the discovery (static peers added to the static one's list); returns
-    /// it with its plugin's name.
-    async fn new_discovery(&mut self, dirs: &[PathBuf]) -> Result<(LoadedDiscovery, String), BuildError> {
+    /// Loads and starts the discovery (static peers added to the static one's list), handing it
+    /// the link security table when links are authenticated; returns it with its plugin's name.
+    pub(crate) async fn new_discovery(
+        &mut self,
+        dirs: &[PathBuf],
+        link_table: Option<&toml::Table>,
+    ) -> Result<(LoadedDiscovery, String), BuildError> {
         let (choice, mut config_toml) = self
             .discovery
             .take()
@@ -590,7 +636,12 @@ impl NodeBuilder {
         let library = self.resolve(choice, "discovery", dirs)?;
         let plugin = library.description().name.clone();
         let discovery = library
-            .new_discovery(&self.id, "discovery", &config_toml)
+            .new_discovery_with(
+                &self.id,
+                "discovery",
+                &config_toml,
+                link_table.map(|t| t.to_string()).as_deref(),
+            )
             .await
             .map_err(|error| self.start_error("discovery", "discovery", &plugin, error))?;
         Ok((discovery, plugin))

@@ -23,7 +23,9 @@
 //! plugin = "tcp"               # optional, defaults to the table name (libcomms_tcp.so)
 //! # path = "/opt/comms/libcomms_tcp.so"   # or an explicit file
 //! listen = "127.0.0.1:7001"    # every other key is the plugin's own config
+//! # layers = ["compress", { plugin = "chunk", part_size = 65536 }]   # outermost first; see docs/layers.md
 //! # faults = { drop = 0.1, delay_ms = 5, jitter_ms = 5, duplicate = 0.01, reorder = 0.05, seed = 7 }
+//! #                            # the built-in `faults` layer, under the others
 //!
 //! [security]                   # optional; see docs/security.md
 //! links = "plain"              # or "noise": every transport must encrypt and authenticate links
@@ -259,16 +261,19 @@ pub fn load(path: &Path) -> Result<NodeBuilder, ConfigError> {
         };
         let at = format!("transports.{name}");
         let mut table = table;
+        let layers = match table.remove("layers") {
+            None => Vec::new(),
+            Some(value) => layer_entries(value, base, &at).map_err(error)?,
+        };
         let faults = match table.remove("faults") {
             None => None,
-            Some(value) => Some(
-                value
-                    .try_into::<FaultConfig>()
-                    .map_err(|e| error(format!("key `{at}.faults`: {}", e.message())))?,
-            ),
+            Some(value) => Some(fault_config(value, &at).map_err(error)?),
         };
         let (source, config) = split_plugin_keys(table, &name, base, &at).map_err(error)?;
         builder = builder.transport_from(name, source, config);
+        for (source, config) in layers {
+            builder = builder.layer_from(source, config);
+        }
         if let Some(faults) = faults {
             builder = builder.faults(faults);
         }
@@ -277,6 +282,66 @@ pub fn load(path: &Path) -> Result<NodeBuilder, ConfigError> {
         split_plugin_keys(file.discovery, STATIC_DISCOVERY, base, "discovery").map_err(error)?;
     builder = builder.discovery_from(source, config);
     Ok(builder)
+}
+
+/// The entries of a transport's `layers` key: a plugin name, or a table with `plugin` or `path`
+/// and the layer's own keys.
+pub(crate) fn layer_entries(
+    value: toml::Value,
+    base: &Path,
+    at: &str,
+) -> Result<Vec<(PluginSource, String)>, String> {
+    let toml::Value::Array(entries) = value else {
+        return Err(format!(
+            "key `{at}.layers`: expected a list like [\"compress\", {{ plugin = \"chunk\" }}], found {}",
+            value.type_str()
+        ));
+    };
+    let mut layers = Vec::with_capacity(entries.len());
+    for (position, entry) in entries.into_iter().enumerate() {
+        let entry_at = format!("{at}.layers[{position}]");
+        layers.push(match entry {
+            toml::Value::String(name) => (PluginSource::Name(name), String::new()),
+            toml::Value::Table(table) => {
+                if !table.contains_key("plugin") && !table.contains_key("path") {
+                    return Err(format!(
+                        "key `{entry_at}.plugin`: missing (name the layer's plugin, or give `path`)"
+                    ));
+                }
+                split_plugin_keys(table, "", base, &entry_at)?
+            }
+            other => {
+                return Err(format!(
+                    "key `{entry_at}`: expected a plugin name or a table, found {}",
+                    other.type_str()
+                ))
+            }
+        });
+    }
+    Ok(layers)
+}
+
+/// A transport's `faults` key: the settings of the built-in fault-injection layer, checked here
+/// so that an error names the key and the file.
+fn fault_config(value: toml::Value, at: &str) -> Result<FaultConfig, String> {
+    let text = match value {
+        toml::Value::Table(table) => {
+            toml::to_string(&table).map_err(|e| format!("key `{at}.faults`: {e}"))?
+        }
+        other => {
+            return Err(format!(
+                "key `{at}.faults`: expected a table like {{ drop = 0.1 }}, found {}",
+                other.type_str()
+            ))
+        }
+    };
+    let faults: FaultConfig = parse_config(&text).map_err(|e| format!("key `{at}.faults`: {}", e.message))?;
+    // The layer names its keys relative to its table: `key `drop`: ...`.
+    faults.validate().map_err(|message| match message.strip_prefix("key `") {
+        Some(rest) => format!("key `{at}.faults.{rest}"),
+        None => format!("key `{at}.faults`: {message}"),
+    })?;
+    Ok(faults)
 }
 
 /// Takes the host's own keys (`plugin`, `path`) out of a plugin table; the rest is the plugin's.

@@ -30,7 +30,7 @@
 //!   starts only after the old one is closed: peers reconnect with their backoff meanwhile, and
 //!   this node's sends wait for the new instance (at most the close timeout, plus its start).
 
-use crate::{fault_injection::FaultConfig, spec::TransportSpec, static_discovery::StaticPeer};
+use crate::{spec::TransportSpec, static_discovery::StaticPeer};
 use std::{fmt, path::PathBuf};
 
 /// What a reload changed.
@@ -93,7 +93,9 @@ pub(crate) struct PluginSetup {
     /// The plugin's name, file, or (linked in code) name and version.
     pub(crate) plugin: String,
     pub(crate) config_toml: String,
-    pub(crate) faults: Option<FaultConfig>,
+    /// Transports only: each layer's plugin (as [`PluginSetup::plugin`]) and settings, outermost
+    /// first.
+    pub(crate) layers: Vec<(String, String)>,
     /// Discovery only: the static peers.
     pub(crate) static_peers: Vec<StaticPeer>,
     /// The library file the plugin comes from, as it was on disk when the configuration was
@@ -108,7 +110,7 @@ impl PartialEq for PluginSetup {
     fn eq(&self, other: &Self) -> bool {
         self.plugin == other.plugin
             && self.config_toml == other.config_toml
-            && self.faults == other.faults
+            && self.layers == other.layers
             && self.static_peers == other.static_peers
     }
 }
@@ -272,7 +274,7 @@ mod tests {
         PluginSetup {
             plugin: plugin.into(),
             config_toml: config.into(),
-            faults: None,
+            layers: Vec::new(),
             static_peers: Vec::new(),
             file: None,
         }
@@ -307,10 +309,10 @@ mod tests {
     }
 
     #[test]
-    fn faults_count_as_a_change_of_the_transport() {
+    fn layers_count_as_a_change_of_the_transport() {
         let running = config(&[("tcp", setup("tcp", ""))]);
         let mut faulty = setup("tcp", "");
-        faulty.faults = Some(FaultConfig { drop: 0.5, ..FaultConfig::default() });
+        faulty.layers = vec![("linked faults 0.1.0".into(), "drop = 0.5".into())];
         assert_eq!(plan(&running, &config(&[("tcp", faulty)])).expect("applies").replace, vec!["tcp"]);
     }
 

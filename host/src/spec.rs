@@ -1,7 +1,6 @@
 //! What a node is asked to be: the settings from the `[node]` table of a config file or from a
 //! [`crate::NodeBuilder`], checked by one [`NodeSpec::validate`] whichever way they came.
 
-use crate::fault_injection::FaultConfig;
 use crate::{
     codec::Codec,
     engine::EngineSpec,
@@ -26,14 +25,26 @@ pub(crate) enum PluginChoice {
     Library(PluginLibrary),
 }
 
-/// One transport of a node: its name, its plugin, its settings and its faults.
+/// One transport of a node: its name, its plugin, its settings and its layers.
 #[derive(Debug, Clone)]
 pub(crate) struct TransportSpec {
     pub(crate) name: String,
     pub(crate) plugin: PluginChoice,
     pub(crate) config_toml: String,
-    pub(crate) faults: Option<FaultConfig>,
+    /// Layers over the transport, the outermost (the one the node calls) first.
+    pub(crate) layers: Vec<LayerSpec>,
 }
+
+/// A layer over a transport (see [`comms_plugin_api::layer`]): its plugin and its own settings.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerSpec {
+    pub(crate) plugin: PluginChoice,
+    pub(crate) config_toml: String,
+}
+
+/// The fault-injection layer is built into the host (like static discovery): `faults` in a
+/// transport's `layers`, and its `faults` key, need no library file.
+pub(crate) const FAULTS_LAYER: &str = "faults";
 
 /// Messages buffered per subscription. Publications that come at most once (TCP, UDP, memory,
 /// Redis pub/sub, this node's own) for a full subscription are dropped and counted

@@ -6,6 +6,8 @@
 //! is needed otherwise, and no ABI type appears in this module's public items.
 
 use crate::{
+    host_side::LoadedTransport,
+    layer::InnerTransport,
     runtime::{guard_call, guard_future},
     Discovery, Envelope, Extensions, NodeId, NodeRecord, Outbound, PeerEvent, Plugin, Setup, Text, Transport,
 };
@@ -32,6 +34,7 @@ pub(crate) fn plugin_module<P: Plugin>() -> PluginModuleRef {
         new_transport: new_transport::<P>,
         new_discovery: new_discovery::<P>,
         attach_host: attach_host::<P>,
+        new_layer: new_layer::<P>,
     }
     .leak_into_prefix()
 }
@@ -98,6 +101,24 @@ extern "C" fn new_discovery<P: Plugin>(setup: PluginSetup) -> FfiFuture<CommsRes
     guard_future("the discovery constructor", async move {
         let discovery = P::new_discovery(setup_from_abi(setup)).await?;
         Ok(Discovery_TO::from_value(DiscoveryAdapter(discovery), TD_Opaque))
+    })
+}
+
+extern "C" fn new_layer<P: Plugin>(
+    setup: PluginSetup,
+    inner: TransportBox,
+) -> FfiFuture<CommsResult<TransportBox>> {
+    guard_future("the layer constructor", async move {
+        let inner = LoadedTransport::from_box(inner, &format!("the transport below layer `{}`", P::NAME))?;
+        let inner: Arc<dyn Transport> = Arc::new(InnerTransport::new(inner));
+        // The layer owns the inner transport only once it exists: until then, this does.
+        match P::new_layer(setup_from_abi(setup), Arc::clone(&inner)).await {
+            Ok(layer) => Ok(Transport_TO::from_value(TransportAdapter::new(layer), TD_Opaque)),
+            Err(error) => {
+                let _ = inner.close().await;
+                Err(error)
+            }
+        }
     })
 }
 

@@ -118,6 +118,7 @@ pub mod framing;
 pub mod host_driven;
 pub mod host_side;
 pub mod inbound;
+pub mod layer;
 pub mod log_rate;
 mod logging;
 pub mod node_limits;

@@ -6,8 +6,8 @@ use crate::{
     Discovery, Extensions, NodeId, PluginError, Transport,
 };
 use async_trait::async_trait;
-use comms_core::InterfaceVersion;
 pub use comms_core::Provides;
+use comms_core::{InterfaceVersion, LINK_SECURITY_EXTENSION};
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 
@@ -40,9 +40,22 @@ impl Setup {
 
     /// The link security the host asks for: `None` for plain links (the default), or the
     /// loaded identity and allow-list for Noise links. A transport that supports encrypted links
-    /// must honour it and then declare [`crate::Capabilities::ENCRYPTED`].
+    /// must honour it and then declare [`crate::Capabilities::ENCRYPTED`]. A discovery gets it
+    /// too from a 1.2 host (in the setup's extension [`LINK_SECURITY_EXTENSION`]), to
+    /// authenticate what it exchanges by the node's identity.
     pub fn link_security(&self) -> Result<Option<LinkSecurity>, PluginError> {
         let (_, security) = self.split_security()?;
+        let security = match security {
+            Some(table) => Some(table),
+            None => match self.extensions.get(LINK_SECURITY_EXTENSION) {
+                None => None,
+                Some(bytes) => Some(String::from_utf8(bytes.to_vec()).map_err(|_| {
+                    PluginError::invalid_config(format!(
+                        "extension `{LINK_SECURITY_EXTENSION}`: not UTF-8 text"
+                    ))
+                })?),
+            },
+        };
         match security {
             Some(table) => LinkSecurity::from_config(&parse_config::<LinkSecurityConfig>(&table)?),
             None => Ok(None),
@@ -77,7 +90,7 @@ pub struct PluginDescription {
     pub version: String,
     /// One line.
     pub description: String,
-    /// Transport, discovery or both.
+    /// Transport, discovery, layer, or several.
     pub provides: Provides,
     /// The contract version the plugin was built for.
     pub interface_version: InterfaceVersion,
@@ -110,5 +123,14 @@ pub trait Plugin: Send + Sync + 'static {
     async fn new_discovery(setup: Setup) -> Result<Arc<dyn Discovery>, PluginError> {
         let _ = setup;
         Err(PluginError::unsupported(format!("plugin `{}` provides no discovery", Self::NAME)))
+    }
+
+    /// Builds a layer over `inner`, the transport (or lower layer) below it: see
+    /// [`crate::layer`]. The layer owns `inner` and closes it in its own `close`. Needs a host
+    /// speaking contract 1.2 or newer (an older one never calls it). The default says the plugin
+    /// has none.
+    async fn new_layer(setup: Setup, inner: Arc<dyn Transport>) -> Result<Arc<dyn Transport>, PluginError> {
+        let _ = (setup, inner);
+        Err(PluginError::unsupported(format!("plugin `{}` provides no layer", Self::NAME)))
     }
 }

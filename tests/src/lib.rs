@@ -45,6 +45,12 @@ pub struct Artifacts {
     pub kademlia_plugin: PathBuf,
     /// `libcomms_gossip.so`: discovery by SWIM-style gossip.
     pub gossip_plugin: PathBuf,
+    /// `libcomms_compress.so`: the zstd compression layer.
+    pub compress_plugin: PathBuf,
+    /// `libcomms_chunk.so`: the layer that splits large messages into parts.
+    pub chunk_plugin: PathBuf,
+    /// `libcomms_faults.so`: the fault-injection layer.
+    pub faults_plugin: PathBuf,
     /// `libcomms_uds.so`, built from `examples/third-party-plugin` on its own.
     pub uds_plugin: PathBuf,
     /// `libcomms_fixture_panicking.so`.
@@ -67,7 +73,7 @@ pub struct ContractFixtures {
     /// (`tests/fixtures/contract-v1`) alone, with its own lockfile. Must load and pass the
     /// conformance suite in every 1.x host.
     pub v1_plugin: PathBuf,
-    /// The same transport built for contract 1.2 (the next minor): one more optional `Transport` method
+    /// The same transport built for contract 1.3 (the next minor): one more optional `Transport` method
     /// (`flush`) and root-module field (`config_help`). Loads; the host will not use those.
     pub next_minor_plugin: PathBuf,
     /// Built for contract 2.0: refused.
@@ -213,6 +219,9 @@ pub fn artifacts() -> &'static Artifacts {
             "comms-udp",
             "comms-kademlia",
             "comms-gossip",
+            "comms-compress",
+            "comms-chunk",
+            "comms-faults-plugin",
             "comms-fixture-panicking",
         ];
         let mut build = vec!["build"];
@@ -233,6 +242,9 @@ pub fn artifacts() -> &'static Artifacts {
             udp_plugin: library(&plugin_dir, "comms_udp"),
             kademlia_plugin: library(&plugin_dir, "comms_kademlia"),
             gossip_plugin: library(&plugin_dir, "comms_gossip"),
+            compress_plugin: library(&plugin_dir, "comms_compress"),
+            chunk_plugin: library(&plugin_dir, "comms_chunk"),
+            faults_plugin: library(&plugin_dir, "comms_faults"),
             uds_plugin: library(&plugin_dir, "comms_uds"),
             panicking_plugin: library(&plugin_dir, "comms_fixture_panicking"),
             contract_fixtures: OnceLock::new(),
@@ -338,6 +350,18 @@ pub async fn delete_redis_keys(prefix: &str) {
         let _: i64 = redis::cmd("DEL").arg(chunk).query_async(&mut connection).await.expect("DEL");
     }
 }
+
+/// What a point-to-point transport without acknowledgements, durability, reliability, native
+/// topics or encryption skips (TCP with plain links).
+pub const POINT_TO_POINT_SKIPS: [&str; 7] = [
+    "batches_and_sends_at_once",
+    "redelivery_after_reject",
+    "durable_resume",
+    "reliable_delivery",
+    "topic_isolation",
+    "topic_fan_out",
+    "encrypted_links",
+];
 
 /// The conformance cases an ordered, reliable point-to-point transport with plain links (memory,
 /// UDP in reliable mode) skips: those of acknowledgements, durability, native topics, batched

@@ -6,24 +6,12 @@ use comms_host::{
     PluginLibrary,
 };
 use comms_plugin_api::Capabilities;
-use comms_tests::{artifacts, scratch_dir, write_config, ORDERED_RELIABLE_SKIPS};
+use comms_tests::{artifacts, scratch_dir, write_config, ORDERED_RELIABLE_SKIPS, POINT_TO_POINT_SKIPS};
 use std::{
     path::Path,
     process::Command,
     time::{Duration, Instant},
 };
-
-/// What a point-to-point transport without acknowledgements, durability, reliability, native
-/// topics or encryption skips.
-const POINT_TO_POINT_SKIPS: [&str; 7] = [
-    "batches_and_sends_at_once",
-    "redelivery_after_reject",
-    "durable_resume",
-    "reliable_delivery",
-    "topic_isolation",
-    "topic_fan_out",
-    "encrypted_links",
-];
 
 async fn suite(plugin: &Path, config_toml: &str) -> SuiteReport {
     let library = PluginLibrary::load(plugin).unwrap_or_else(|error| panic!("{error}"));

@@ -90,8 +90,8 @@ fn comms_check_passes_the_frozen_v1_plugin() {
 #[tokio::test]
 async fn a_plugin_built_for_a_newer_minor_loads_works_and_the_host_names_what_it_will_not_use() {
     let path = &artifacts().contract_fixtures().next_minor_plugin;
-    let library = PluginLibrary::load(path).expect("a plugin built for contract 1.2 loads into a 1.1 host");
-    assert_eq!(library.description().interface_version.to_string(), "1.2");
+    let library = PluginLibrary::load(path).expect("a plugin built for contract 1.3 loads into a 1.2 host");
+    assert_eq!(library.description().interface_version.to_string(), "1.3");
 
     let b = Node::builder("b").transport_library("fixture", library.clone(), "").build().await.unwrap();
     let b_address = b.transports()[0].local_address.clone();
@@ -102,10 +102,10 @@ async fn a_plugin_built_for_a_newer_minor_loads_works_and_the_host_names_what_it
         .await
         .unwrap();
     for i in 0..50u32 {
-        a.send("b", &format!("through contract 1.2, {i}")).await.unwrap();
+        a.send("b", &format!("through contract 1.3, {i}")).await.unwrap();
     }
     for i in 0..50u32 {
-        assert_eq!(b.receive::<String>().await.unwrap().message, format!("through contract 1.2, {i}"));
+        assert_eq!(b.receive::<String>().await.unwrap().message, format!("through contract 1.3, {i}"));
     }
     for node in [a, b] {
         node.close().await.unwrap();
@@ -128,8 +128,8 @@ fn loading_a_newer_minor_logs_once_what_the_host_will_not_use_and_inspect_shows_
     let logged: Vec<&str> = stderr.lines().filter(|line| line.contains("will not use")).collect();
     assert_eq!(logged.len(), 1, "logged once: {stderr}");
     assert!(logged[0].contains(NEXT_MINOR_ADDITIONS), "{}", logged[0]);
-    assert!(logged[0].contains("1.2") && logged[0].contains(&path.display().to_string()), "{}", logged[0]);
-    assert!(stdout.contains("interface:   1.2 (newer than this host's 1.1)"), "{stdout}");
+    assert!(logged[0].contains("1.3") && logged[0].contains(&path.display().to_string()), "{}", logged[0]);
+    assert!(stdout.contains("interface:   1.3 (newer than this host's 1.2)"), "{stdout}");
     assert!(stdout.contains(&format!("not used:    {NEXT_MINOR_ADDITIONS}")), "{stdout}");
 }
 

@@ -41,7 +41,11 @@ fn transport_setup(spec: &TransportSpec, dirs: &[PathBuf]) -> PluginSetup {
     PluginSetup {
         plugin: plugin_label(&spec.plugin),
         config_toml: spec.config_toml.clone(),
-        faults: spec.faults.clone(),
+        layers: spec
+            .layers
+            .iter()
+            .map(|layer| (plugin_label(&layer.plugin), layer.config_toml.clone()))
+            .collect(),
         static_peers: Vec::new(),
         file: plugin_file(&spec.plugin, dirs),
     }
@@ -110,7 +114,7 @@ impl NodeBuilder {
             discovery: Some(PluginSetup {
                 plugin: discovery.0,
                 config_toml: discovery.1,
-                faults: None,
+                layers: Vec::new(),
                 static_peers: self.static_peers.clone(),
                 file: discovery.2,
             }),
@@ -194,7 +198,7 @@ impl NodeBuilder {
         }
         if plan.discovery {
             let (discovery, plugin) = self
-                .new_discovery(&dirs)
+                .new_discovery(&dirs, link_table)
                 .await
                 .map_err(|error| failed("replacing the discovery".into(), error.to_string(), &report))?;
             let peers = discovery.peers().await.map_err(|error| {

@@ -2,7 +2,9 @@
 //! against any plugin file; `comms check --list`: its cases as a Markdown table.
 //!
 //! `F` holds the plugin's own config table (what would be under `[transports.NAME]`); without
-//! it the plugin runs with its defaults, which must allow several instances at once. With `K` (a
+//! it the plugin runs with its defaults, which must allow several instances at once. A `layers`
+//! key in it, as in a node's transport table, stacks layers over every instance, so that the
+//! suite checks the stack (e.g. `layers = [{ path = "libcomms_chunk.so" }]`). With `K` (a
 //! key file from `comms keygen`) the suite runs over encrypted links, as with `[security] links =
 //! "noise"`: see [`SuiteConfig::with_noise_links`]. Prints a
 //! line per case as it finishes (`PASS name`, `FAIL name: reason`, `SKIP name: reason`), then
@@ -60,7 +62,10 @@ pub(super) async fn run(
         None => String::new(),
         Some(path) => read_config(path)?,
     };
-    let mut suite = SuiteConfig::new(config_toml);
+    let base = config.and_then(Path::parent).unwrap_or(Path::new("."));
+    let mut suite = SuiteConfig::new(config_toml).with_layers_from_config(base, &[]).map_err(|message| {
+        other(format!("{}: {message}", config.map_or("plugin config".into(), |p| p.display().to_string())))
+    })?;
     suite.assume = assume;
     let mut links = "plain links";
     if let Some(key_file) = key_file {
@@ -72,8 +77,13 @@ pub(super) async fn run(
         [] => String::new(),
         names => format!(", assuming {}", names.join(" and ")),
     };
+    let stack: String = suite
+        .layers
+        .iter()
+        .map(|layer| format!("layer `{}` over ", layer.library.description().name))
+        .collect();
     println!(
-        "checking plugin `{}` {} from {} over {links}{assuming}",
+        "checking {stack}plugin `{}` {} from {} over {links}{assuming}",
         description.name,
         description.version,
         file.display()

@@ -198,7 +198,8 @@ enum Command {
         /// batched-send).
         #[arg(long, value_delimiter = ',')]
         assume: Vec<String>,
-        /// A TOML file with the plugin's config table (as under [transports.NAME]).
+        /// A TOML file with the plugin's config table (as under [transports.NAME]); a `layers`
+        /// key in it stacks layers over every instance, so the suite checks the stack.
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Run the suite over encrypted (Noise) links, every node using this key file (from

@@ -17,6 +17,9 @@ fn provides(description: &PluginDescription) -> String {
     if description.provides.contains(Provides::DISCOVERY) {
         parts.push("discovery");
     }
+    if description.provides.contains(Provides::LAYER) {
+        parts.push("layer");
+    }
     parts.join("+")
 }
 

@@ -325,6 +325,7 @@ pub(crate) fn describe_blocking(plugin: &str, blocked: &BlockingPoll) -> String 
 pub(crate) struct Harness {
     library: PluginLibrary,
     config_toml: String,
+    layers: Vec<super::SuiteLayer>,
     node_key: Option<PublicKey>,
     info: Option<TransportInfo>,
     assume: Capabilities,
@@ -348,6 +349,7 @@ impl Harness {
         Self {
             library: library.clone(),
             config_toml: config.config_toml.clone(),
+            layers: config.layers.clone(),
             node_key: config.node_key,
             info,
             assume: config.assume,
@@ -483,7 +485,17 @@ impl Harness {
         let created =
             within(&what, self.operation_limit(), self.library.new_transport(&node, &instance, config_toml))
                 .await?;
-        let transport = created.map_err(|error| failed(format!("{what} failed: {error}")))?;
+        let mut transport = created.map_err(|error| failed(format!("{what} failed: {error}")))?;
+        // Innermost first, as a node stacks them.
+        for layer in self.layers.iter().rev() {
+            let name = &layer.library.description().name;
+            let what = format!("stacking layer `{name}` for {role} (node {node})");
+            let instance = format!("{instance}.{name}");
+            let stacked = layer.library.new_layer(&node, &instance, &layer.config_toml, transport);
+            transport = within(&what, self.operation_limit(), stacked)
+                .await?
+                .map_err(|error| failed(format!("{what} failed: {error}")))?;
+        }
         let endpoint =
             Arc::new(Endpoint { node, role: role.to_string(), transport, closed: AtomicBool::new(false) });
         self.opened.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::clone(&endpoint));

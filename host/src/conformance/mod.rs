@@ -1,6 +1,6 @@
 //! The conformance suite: one set of cases every transport plugin must pass.
 //!
-//! It runs against a [`PluginLibrary`](crate::PluginLibrary) (a loaded `.so` or a plugin linked into the program) and
+//! It runs against a [`PluginLibrary`] (a loaded `.so` or a plugin linked into the program) and
 //! the plugin's config table as TOML text, exactly as `comms check FILE [--config F]` does and as
 //! the workspace's tests do for every in-tree backend:
 //!
@@ -84,11 +84,16 @@ mod reference_transport;
 pub use report::{CaseOutcome, CaseReport, SuiteReport};
 pub use runner::{case_table, cases, run_suite, run_suite_with_progress, CaseDescription};
 
+use crate::spec::PluginSource;
 use comms_plugin_api::{
+    host_side::PluginLibrary,
     security::{Identity, LinkMode, LinkSecurityConfig, PublicKey},
     Capabilities,
 };
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 /// How long a case waits to make sure that nothing (more) arrives.
 pub const QUIET_PERIOD: Duration = Duration::from_millis(500);
@@ -119,7 +124,36 @@ pub struct SuiteConfig {
     /// ([`BLOCKING_POLL`](comms_plugin_api::host_side::poll_watch::BLOCKING_POLL), 100 ms) are
     /// only noted, because a busy machine can hold a thread that long by itself.
     pub blocking_poll_limit: Duration,
+    /// Layers stacked over every transport instance, the outermost first: the suite then checks
+    /// the stack as the node would use it (`layers` in `comms check --config`).
+    pub layers: Vec<SuiteLayer>,
 }
+
+/// A layer of [`SuiteConfig::layers`]: its library and its own config text.
+#[derive(Debug, Clone)]
+pub struct SuiteLayer {
+    /// The layer's plugin library.
+    pub library: PluginLibrary,
+    /// Its config table as TOML text.
+    pub config_toml: String,
+}
+
+/// The same library (file, or name and version when linked) with the same settings.
+impl PartialEq for SuiteLayer {
+    fn eq(&self, other: &Self) -> bool {
+        let identity = |layer: &Self| {
+            let description = layer.library.description();
+            (
+                layer.library.path().map(Path::to_path_buf),
+                description.name.clone(),
+                description.version.clone(),
+            )
+        };
+        identity(self) == identity(other) && self.config_toml == other.config_toml
+    }
+}
+
+impl Eq for SuiteLayer {}
 
 impl SuiteConfig {
     /// The default config with the given plugin config text.
@@ -147,6 +181,46 @@ impl SuiteConfig {
         Ok(self)
     }
 
+    /// Takes a `layers` key out of the plugin config text, in the syntax of a node's transport
+    /// table (`layers = ["compress", { path = "libcomms_chunk.so", part_size = 65536 }]`), and
+    /// loads those layers into [`SuiteConfig::layers`]: `comms check` on a stack. Names are
+    /// looked for in `plugin_dirs` and the default plugin directories (`"faults"` is built in),
+    /// relative paths are taken from `base`. Errors name the key and the file or name that
+    /// could not be loaded.
+    pub fn with_layers_from_config(mut self, base: &Path, plugin_dirs: &[PathBuf]) -> Result<Self, String> {
+        let mut table: toml::Table = toml::from_str(&self.config_toml)
+            .map_err(|error| format!("plugin config: {}", error.message()))?;
+        let Some(value) = table.remove("layers") else { return Ok(self) };
+        let dirs = crate::plugin_search::search_dirs(plugin_dirs);
+        for (position, (source, config_toml)) in crate::config::layer_entries(value, base, "check")
+            .map_err(|message| message.replace("check.", ""))?
+            .into_iter()
+            .enumerate()
+        {
+            let library = match source {
+                PluginSource::Name(name) if name == crate::spec::FAULTS_LAYER => {
+                    crate::fault_injection::library()
+                }
+                PluginSource::Name(name) => {
+                    let path = crate::plugin_search::find_plugin(&name, &dirs).ok_or_else(|| {
+                        format!(
+                            "key `layers[{position}]`: no plugin `{name}` ({}) in {}",
+                            crate::plugin_search::plugin_file_name(&name),
+                            dirs.iter().map(|dir| dir.display().to_string()).collect::<Vec<_>>().join(", ")
+                        )
+                    })?;
+                    PluginLibrary::load(&path)
+                        .map_err(|error| format!("key `layers[{position}]`: {error}"))?
+                }
+                PluginSource::Path(path) => PluginLibrary::load(&path)
+                    .map_err(|error| format!("key `layers[{position}]`: {error}"))?,
+            };
+            self.layers.push(SuiteLayer { library, config_toml });
+        }
+        self.config_toml = toml::to_string(&table).map_err(|error| format!("plugin config: {error}"))?;
+        Ok(self)
+    }
+
     /// Whether the case called `name` is selected by [`SuiteConfig::filter`].
     pub fn selects(&self, name: &str) -> bool {
         self.filter.as_deref().is_none_or(|filter| name.contains(filter))
@@ -164,6 +238,7 @@ impl Default for SuiteConfig {
             node_key: None,
             assume: Capabilities::NONE,
             blocking_poll_limit: BLOCKING_POLL_LIMIT,
+            layers: Vec::new(),
         }
     }
 }

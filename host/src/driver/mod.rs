@@ -29,7 +29,6 @@ use crate::{
     control,
     engine::{membership::Source, Action, DropReason, Engine, IdSource, Input, Local, Route, TransportFacts},
     error::{undelivered_sentence, CloseError, FlushError, SendError, WaitError},
-    fault_injection::FaultInjector,
     metrics::RequestMetrics,
     security::{RejectedCounter, Signatures, SIGNATURE_HEADER},
     service::Handler,
@@ -78,7 +77,6 @@ pub(crate) struct NodeTransport {
     /// The plugin's own version (what `comms status` reports, so that a swap shows).
     pub(crate) plugin_version: String,
     pub(crate) loaded: Arc<LoadedTransport>,
-    pub(crate) faults: Option<FaultInjector>,
     /// Where settlements of received messages go (transports with acknowledgements).
     pub(crate) settle_lane: SettleLane,
     /// Set while the engine wants no more messages from this transport (backpressure).
@@ -97,18 +95,15 @@ impl NodeTransport {
         name: String,
         (plugin, plugin_version): (String, String),
         loaded: Arc<LoadedTransport>,
-        faults: Option<FaultInjector>,
     ) -> Self {
         let settle_lane = SettleLane::start(name.clone(), Arc::clone(&loaded));
-        // The fault injector works message by message.
-        let gathers = faults.is_none() && loaded.info().capabilities.contains(Capabilities::BATCHED_SEND);
+        let gathers = loaded.info().capabilities.contains(Capabilities::BATCHED_SEND);
         let gathered = gathers.then(|| GatheredSends::new(Arc::clone(&loaded)));
         Self {
             name,
             plugin,
             plugin_version,
             loaded,
-            faults,
             settle_lane,
             paused: watch::channel(false).0,
             gathered,
@@ -118,10 +113,9 @@ impl NodeTransport {
     }
 
     pub(crate) async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
-        match (&self.faults, &self.gathered) {
-            (Some(faults), _) => faults.send(&self.loaded, address, envelope).await,
-            (None, Some(gathered)) => gathered.send(address, envelope).await,
-            (None, None) => self.loaded.send(address, envelope).await,
+        match &self.gathered {
+            Some(gathered) => gathered.send(address, envelope).await,
+            None => self.loaded.send(address, envelope).await,
         }
     }
 
@@ -865,12 +859,6 @@ impl Driver {
     pub(crate) async fn flush(&self, limit: Duration) -> Result<(), FlushError> {
         let started = tokio::time::Instant::now();
         let transports = self.serving_transports();
-        for (_, transport) in &transports {
-            if let Some(faults) = &transport.faults {
-                // Held and delayed messages go to the transport first.
-                faults.flush().await;
-            }
-        }
         let mut pause = Duration::from_millis(1);
         let queued = loop {
             let queued: u64 =
@@ -964,10 +952,6 @@ impl Driver {
             failures.push("received messages could not be handed back in time".to_string());
         }
         for (_, transport) in &transports {
-            if let Some(faults) = &transport.faults {
-                // Held and delayed messages go out before the transport closes.
-                faults.flush().await;
-            }
             if let Err(error) = transport.loaded.close().await {
                 failures.push(format!("transport `{}`: {error}", transport.name));
             }

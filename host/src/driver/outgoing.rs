@@ -13,9 +13,7 @@ use crate::{
     request_response::RequestOptions,
     trace_context::{self, TraceContext, TRACEPARENT_HEADER},
 };
-use comms_plugin_api::{
-    Capabilities, Destination, Envelope, NodeId, Outbound, Payload, PluginError, SendFailure, Text,
-};
+use comms_plugin_api::{Capabilities, Destination, Envelope, NodeId, Outbound, Payload, PluginError, Text};
 use std::{collections::HashSet, sync::Arc};
 use tracing::Instrument;
 
@@ -90,22 +88,12 @@ impl Driver {
     ) -> Result<(), SendError> {
         let total = envelopes.len();
         let (transport, address) = self.greeted_route(to).await?;
-        let mut failures = Vec::new();
-        if transport.faults.is_some() {
-            // The fault injector works message by message.
-            for (index, envelope) in envelopes.into_iter().enumerate() {
-                if let Err(error) = transport.send(&address, self.sealed(envelope)).await {
-                    failures.push(SendFailure { index, error });
-                }
-            }
-        } else {
-            let address = Text::from(address.as_str());
-            let batch = envelopes
-                .into_iter()
-                .map(|envelope| Outbound { address: address.clone(), envelope: self.sealed(envelope) })
-                .collect();
-            failures = transport.loaded.send_batch(batch).await;
-        }
+        let address = Text::from(address.as_str());
+        let batch = envelopes
+            .into_iter()
+            .map(|envelope| Outbound { address: address.clone(), envelope: self.sealed(envelope) })
+            .collect();
+        let failures = transport.loaded.send_batch(batch).await;
         let Some(first) = failures.first() else { return Ok(()) };
         let first = Box::new(transport_error(&transport, to, first.error.clone()));
         Err(SendError::Batch { total, failed: failures.iter().map(|f| f.index).collect(), first })

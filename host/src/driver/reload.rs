@@ -319,10 +319,6 @@ impl Driver {
                 problems.push("settlements could not be handed to the transport in time".to_string());
             }
         }
-        if let Some(faults) = &transport.faults {
-            // Held and delayed messages go out before the transport closes.
-            faults.flush().await;
-        }
         if let Err(error) = transport.loaded.close().await {
             problems.push(format!("closing it: {error}"));
         }

@@ -36,6 +36,9 @@ use comms_core::{
     Compatibility, DiscoveryBox, InterfaceVersion, PluginModuleRef, PluginSetup, Settlement,
     SettlementOutcome, TransportBox, INTERFACE_VERSION,
 };
+
+/// The contract version that added layers ([`PluginLibrary::new_layer`]).
+const LAYERS_SINCE: InterfaceVersion = InterfaceVersion { major: 1, minor: 2 };
 use poll_watch::PollWatch;
 use std::{
     path::{Path, PathBuf},
@@ -187,11 +190,43 @@ impl PluginLibrary {
             .await
             .into_result()
             .map_err(PluginError::from_abi)?;
-        let info = inner.info().into_result().map_err(PluginError::from_abi)?;
-        let mut idiomatic =
-            TransportInfo::new(info.capabilities, info.local_address.as_str(), info.max_message_size);
-        idiomatic.extensions = Extensions::from_abi(info.extensions);
-        Ok(LoadedTransport { inner, info: idiomatic, watch, panics: AtomicU64::new(0) })
+        LoadedTransport::new(inner, watch)
+    }
+
+    /// Constructs a layer of this library over `inner` (contract 1.2, see [`crate::layer`]):
+    /// a transport that wraps `inner` and owns it from then on. `config_toml` is the layer's own
+    /// table as TOML text. A library that provides no layer, or was built for a contract older
+    /// than 1.2, is refused with an error naming it and its contract version; `inner` is closed
+    /// whenever the layer is not made.
+    pub async fn new_layer(
+        &self,
+        node_id: &NodeId,
+        instance_name: &str,
+        config_toml: &str,
+        inner: LoadedTransport,
+    ) -> Result<LoadedTransport, PluginError> {
+        let name = &self.description.name;
+        let constructor = match self.module.new_layer() {
+            Some(constructor) if self.description.provides.contains(Provides::LAYER) => constructor,
+            found => {
+                let _ = inner.close().await;
+                let built_for = self.description.interface_version;
+                return Err(PluginError::unsupported(match found {
+                    None if built_for < LAYERS_SINCE => format!(
+                        "plugin `{name}` is built for comms plugin interface {built_for}; layers need {LAYERS_SINCE} or newer"
+                    ),
+                    _ => format!("plugin `{name}` provides no layer"),
+                }));
+            }
+        };
+        let setup = Self::setup(node_id, instance_name, config_toml);
+        let watch = self.watch();
+        let layer = watch
+            .watch("the layer constructor", constructor(setup, inner.into_box()))
+            .await
+            .into_result()
+            .map_err(PluginError::from_abi)?;
+        LoadedTransport::new(layer, watch)
     }
 
     /// Constructs a discovery; `config_toml` is the plugin's own table as TOML text.
@@ -201,13 +236,33 @@ impl PluginLibrary {
         instance_name: &str,
         config_toml: &str,
     ) -> Result<LoadedDiscovery, PluginError> {
+        self.new_discovery_with(node_id, instance_name, config_toml, None).await
+    }
+
+    /// [`PluginLibrary::new_discovery`], handing the discovery the node's link security table
+    /// (TOML text, as transports get it under [`crate::security::SETUP_KEY`]) in the setup's
+    /// extension `comms.link_security` (contract 1.2), so that it can authenticate by the
+    /// node's identity. A discovery that does not read it runs as before.
+    pub async fn new_discovery_with(
+        &self,
+        node_id: &NodeId,
+        instance_name: &str,
+        config_toml: &str,
+        link_security_toml: Option<&str>,
+    ) -> Result<LoadedDiscovery, PluginError> {
         if !self.description.provides.contains(Provides::DISCOVERY) {
             return Err(PluginError::unsupported(format!(
                 "plugin `{}` provides no discovery",
                 self.description.name
             )));
         }
-        let setup = Self::setup(node_id, instance_name, config_toml);
+        let mut setup = Self::setup(node_id, instance_name, config_toml);
+        if let Some(table) = link_security_toml {
+            setup.extensions.push(comms_core::Extension {
+                key: comms_core::LINK_SECURITY_EXTENSION.into(),
+                value: table.as_bytes().to_vec().into(),
+            });
+        }
         let watch = self.watch();
         let inner = watch
             .watch("the discovery constructor", (self.module.new_discovery())(setup))
@@ -234,6 +289,25 @@ impl std::fmt::Debug for LoadedTransport {
 }
 
 impl LoadedTransport {
+    fn new(inner: TransportBox, watch: Arc<PollWatch>) -> Result<Self, PluginError> {
+        let info = inner.info().into_result().map_err(PluginError::from_abi)?;
+        let mut idiomatic =
+            TransportInfo::new(info.capabilities, info.local_address.as_str(), info.max_message_size);
+        idiomatic.extensions = Extensions::from_abi(info.extensions);
+        Ok(LoadedTransport { inner, info: idiomatic, watch, panics: AtomicU64::new(0) })
+    }
+
+    /// A transport object handed over the boundary (the inner transport of a layer), called
+    /// with idiomatic types; `owner` names it in the warnings about blocking polls.
+    pub(crate) fn from_box(inner: TransportBox, owner: &str) -> Result<Self, PluginError> {
+        Self::new(inner, PollWatch::new(owner))
+    }
+
+    /// The transport object itself, to hand it to a layer.
+    fn into_box(self) -> TransportBox {
+        self.inner
+    }
+
     /// An error from the plugin, counted if it is a caught panic.
     fn failed(&self, error: comms_core::CommsError) -> PluginError {
         let error = PluginError::from_abi(error);
