@@ -83,6 +83,17 @@ pub trait Discovery: Send + Sync {
     /// Stops background work and releases resources.
     #[sabi(last_prefix_field)]
     fn close(&self) -> FfiFuture<CommsResult<()>>;
+
+    /// Looks for the nodes that provide `service` now, beyond what [`Discovery::peers`] and
+    /// [`Discovery::next_event`] reported: a discovery that does not hold every record (a DHT)
+    /// looks them up. The host calls it when it knows no provider of a service it is asked to
+    /// call, and learns the records returned. Added in 1.2; the default (what the host gets from
+    /// a discovery built for 1.0 or 1.1, and right for one that reports every record anyway)
+    /// finds nothing more.
+    fn find_service(&self, service: RString) -> FfiFuture<CommsResult<RVec<NodeRecord>>> {
+        let _ = service;
+        async_ffi::FutureExt::into_ffi(async { CommsResult::ROk(RVec::new()) })
+    }
 }
 
 /// A boxed discovery object as plugins return it.

@@ -149,4 +149,12 @@ pub trait Discovery: Send + Sync + 'static {
     async fn next_event(&self) -> Result<Option<PeerEvent>, PluginError>;
     /// Stops background work.
     async fn close(&self) -> Result<(), PluginError>;
+    /// The nodes that provide `service`, looked up now: for a discovery that does not hold every
+    /// record (a DHT). The host calls it when it knows no provider of a service it is asked to
+    /// call, and learns the records returned (contract 1.2; an older host never calls it). The
+    /// default finds nothing beyond what `peers` and `next_event` report.
+    async fn find_service(&self, service: &str) -> Result<Vec<NodeRecord>, PluginError> {
+        let _ = service;
+        Ok(Vec::new())
+    }
 }

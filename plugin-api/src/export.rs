@@ -318,6 +318,13 @@ impl comms_core::Discovery for DiscoveryAdapter {
         let discovery = Arc::clone(&self.0);
         guard_future("close", async move { discovery.close().await })
     }
+
+    fn find_service(&self, service: RString) -> FfiFuture<CommsResult<RVec<comms_core::NodeRecord>>> {
+        let discovery = Arc::clone(&self.0);
+        guard_future("find_service", async move {
+            Ok(discovery.find_service(service.as_str()).await?.into_iter().map(NodeRecord::into_abi).collect())
+        })
+    }
 }
 
 /// Exports a [`Plugin`] as this library's root module, so the comms host can load it.

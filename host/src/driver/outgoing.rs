@@ -13,7 +13,9 @@ use crate::{
     request_response::RequestOptions,
     trace_context::{self, TraceContext, TRACEPARENT_HEADER},
 };
-use comms_plugin_api::{Capabilities, Destination, Envelope, NodeId, Outbound, Payload, PluginError, Text};
+use comms_plugin_api::{
+    Capabilities, Destination, Envelope, NodeId, Outbound, Payload, PeerEvent, PeerEventKind, PluginError, Text,
+};
 use std::{collections::HashSet, sync::Arc};
 use tracing::Instrument;
 
@@ -164,6 +166,23 @@ impl Driver {
         result
     }
 
+    /// Asks the discovery for the providers of `service` (a DHT looks them up; most discoveries
+    /// report every record anyway and find nothing more) and learns what it finds, within
+    /// `limit`. A failure is logged: the request then waits for the providers as before.
+    async fn find_providers(self: &Arc<Self>, service: &str, limit: std::time::Duration) {
+        let discovery = self.discovery();
+        match tokio::time::timeout(limit, discovery.find_service(service)).await {
+            Ok(Ok(records)) => {
+                for record in records.into_iter().filter(|record| record.id != self.id) {
+                    let event = PeerEvent { kind: PeerEventKind::Updated, record };
+                    self.run(self.handle(Input::Discovery(event)));
+                }
+            }
+            Ok(Err(error)) => tracing::debug!(service, %error, "the discovery could not look up providers"),
+            Err(_) => tracing::debug!(service, "the discovery's provider lookup timed out"),
+        }
+    }
+
     /// [`Driver::call`] without the metrics.
     async fn call_with_retries(
         self: &Arc<Self>,
@@ -191,6 +210,8 @@ impl Driver {
             };
             let mut target = choose(&tried);
             if target.is_none() && node.is_none() && attempt == 0 {
+                // A discovery that does not hold every record (a DHT) looks the providers up.
+                self.find_providers(service, options.timeout).await;
                 // A node that has just started may not have heard from the replicas yet (their
                 // answers to its hellos come within a round trip): the first attempt waits.
                 let what = || format!("a replica of `{service}`");

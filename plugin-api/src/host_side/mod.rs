@@ -506,6 +506,15 @@ impl LoadedDiscovery {
         Ok(peers.into_iter().map(NodeRecord::from_abi).collect())
     }
 
+    /// See [`crate::Discovery::find_service`]; a discovery built for a contract before 1.2 finds
+    /// nothing.
+    pub async fn find_service(&self, service: &str) -> Result<Vec<NodeRecord>, PluginError> {
+        let call = self.inner.find_service(RString::from(service));
+        let records =
+            self.watch.watch("find_service", call).await.into_result().map_err(PluginError::from_abi)?;
+        Ok(records.into_iter().map(NodeRecord::from_abi).collect())
+    }
+
     /// See [`crate::Discovery::next_event`].
     pub async fn next_event(&self) -> Result<Option<PeerEvent>, PluginError> {
         let call = self.inner.next_event();
