@@ -322,7 +322,12 @@ impl comms_core::Discovery for DiscoveryAdapter {
     fn find_service(&self, service: RString) -> FfiFuture<CommsResult<RVec<comms_core::NodeRecord>>> {
         let discovery = Arc::clone(&self.0);
         guard_future("find_service", async move {
-            Ok(discovery.find_service(service.as_str()).await?.into_iter().map(NodeRecord::into_abi).collect())
+            Ok(discovery
+                .find_service(service.as_str())
+                .await?
+                .into_iter()
+                .map(NodeRecord::into_abi)
+                .collect())
         })
     }
 }

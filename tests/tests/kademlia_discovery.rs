@@ -167,3 +167,181 @@ async fn fifty_processes_are_all_found_through_the_dht() {
     drop(children);
     observer.close().await.unwrap();
 }
+
+/// A node with encrypted links (`[security] links = "noise"`, TCP) whose key file is `<label>.key`
+/// in `dir`, allowing `allow` (public keys in hex), with Kademlia `discovery`; returns it.
+async fn noise_node(
+    dir: &std::path::Path,
+    label: &str,
+    identity: &comms_plugin_api::security::Identity,
+    allow: &[String],
+    kademlia: &PluginLibrary,
+    discovery: &str,
+) -> Node {
+    let key_file = dir.join(format!("{label}.key"));
+    identity.save_new(&key_file).unwrap();
+    let security = comms_host::Security {
+        links: comms_plugin_api::security::LinkMode::Noise,
+        allow: allow.to_vec(),
+        ..comms_host::Security::default()
+    };
+    let node = Node::builder(label)
+        .key_file(key_file)
+        .security(security)
+        .transport_library("tcp", load(&artifacts().tcp_plugin), "")
+        .discovery_library(kademlia.clone(), discovery)
+        .build()
+        .await
+        .unwrap_or_else(|error| panic!("{label}: {error}"));
+    assert_eq!(node.id(), &identity.node_id(Some(label)), "the node id is bound to its key");
+    node
+}
+
+/// A discovery loaded on its own as node `id` with link security (an allowed member, like the
+/// nodes): what the plugin itself reports, apart from what hosts learn from each other's hellos.
+async fn noise_watcher(
+    dir: &std::path::Path,
+    id: &str,
+    identity: &comms_plugin_api::security::Identity,
+    allow: &[String],
+    library: &PluginLibrary,
+    discovery: &str,
+) -> comms_plugin_api::host_side::LoadedDiscovery {
+    let key_file = dir.join("watcher.key");
+    identity.save_new(&key_file).unwrap();
+    let allow: Vec<String> = allow.iter().map(|key| format!("\"{key}\"")).collect();
+    let link = format!("links = \"noise\"\nkey_file = {key_file:?}\nallow = [{}]\n", allow.join(", "));
+    let watcher = library
+        .new_discovery_with(&comms_plugin_api::NodeId::new(id), "kademlia", discovery, Some(&link))
+        .await
+        .unwrap_or_else(|error| panic!("{error}"));
+    watcher.announce(comms_plugin_api::NodeRecord::new(id)).await.unwrap();
+    watcher
+}
+
+/// Reads `watcher`'s events until it has heard of every one of `insiders` and of `server`
+/// offering `service`; fails if any event is about `outsider`.
+async fn watch_insiders(
+    watcher: &comms_plugin_api::host_side::LoadedDiscovery,
+    insiders: &[String],
+    (server, service): (&str, &str),
+    outsider: &str,
+) {
+    let mut heard = std::collections::HashSet::new();
+    let mut serves = false;
+    let watching = async {
+        while heard.len() < insiders.len() || !serves {
+            let event = watcher.next_event().await.expect("the discovery works").expect("open");
+            let id = event.record.id.to_string();
+            assert_ne!(id, outsider, "the watcher heard of the outsider: {event:?}");
+            if insiders.contains(&id) && event.kind != comms_plugin_api::PeerEventKind::Left {
+                heard.insert(id.clone());
+            }
+            serves |= id == server && event.record.services.iter().any(|s| s == service);
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(20), watching).await.is_err() {
+        let peers = watcher.peers().await.unwrap();
+        panic!("within 20 s the watcher heard of {heard:?} of the insiders (service seen: {serves}); it knows {peers:?}");
+    }
+}
+
+/// With `[security] links = "noise"` the host hands Kademlia the node's identity and allow list:
+/// three allowed nodes find each other and a service through the DHT and call it; a fourth node
+/// whose key the others do not allow (it allows them, and serves and looks up the same service)
+/// bootstraps through the same seed but is never learned by them, nor learns them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticated_kademlia_keeps_a_node_with_a_key_not_allowed_out() {
+    use comms_plugin_api::security::Identity;
+    let dir = comms_tests::scratch_dir("kademlia-noise");
+    let kademlia = load(&artifacts().kademlia_plugin);
+    let seed = free_udp_address();
+    let identities: Vec<Identity> = (0..5).map(|_| Identity::generate()).collect();
+    let keys: Vec<String> = identities.iter().map(|identity| identity.public_key().to_hex()).collect();
+    // Nodes 0, 1 and 2 and the watcher (4) allow each other; the outsider (3) is not allowed.
+    let insiders = &[&keys[..3], &keys[4..]].concat();
+    let ids: Vec<String> =
+        (0..5).map(|n| identities[n].node_id(Some(&format!("knoise-{n}"))).to_string()).collect();
+    let outsider_id = &ids[3];
+    let config = |listen: &str| discovery_config(listen, &seed).replace("kad.echo", "knoise.echo");
+    let started = Instant::now();
+    let seed_node = noise_node(&dir, "knoise-0", &identities[0], insiders, &kademlia, &config(&seed)).await;
+    // The outsider bootstraps first (it allows every key; the insiders do not allow its key), so
+    // its pings and its STOREs (a provider of the service) reach the seed before the insiders'.
+    let outsider =
+        noise_node(&dir, "knoise-3", &identities[3], &keys, &kademlia, &config("127.0.0.1:0")).await;
+    outsider
+        .serve("knoise.echo", |request: Received<String>| async move {
+            Ok::<_, String>(format!("{} from the outsider", request.message))
+        })
+        .await
+        .unwrap();
+    let watcher =
+        noise_watcher(&dir, &ids[4], &identities[4], insiders, &kademlia, &config("127.0.0.1:0")).await;
+    let mut nodes = vec![seed_node];
+    for (n, identity) in identities.iter().enumerate().take(3).skip(1) {
+        let label = format!("knoise-{n}");
+        nodes.push(noise_node(&dir, &label, identity, insiders, &kademlia, &config("127.0.0.1:0")).await);
+    }
+    nodes[2]
+        .serve("knoise.echo", |request: Received<String>| async move {
+            Ok::<_, String>(format!("{} from knoise-2", request.message))
+        })
+        .await
+        .unwrap();
+    // By event: the plugin (an allowed node on its own) hears of the three nodes and the
+    // service, and of nothing about the outsider meanwhile.
+    watch_insiders(&watcher, &ids[..3], (&ids[2], "knoise.echo"), outsider_id).await;
+    let deadline = Duration::from_secs(20);
+    for (n, node) in nodes.iter().enumerate() {
+        loop {
+            let peers = node.peers();
+            let known = |id: &String| peers.iter().any(|peer| peer.record.id.as_str() == id);
+            let serves = peers.iter().any(|peer| {
+                peer.record.id.as_str() == ids[2] && peer.record.services.iter().any(|s| s == "knoise.echo")
+            });
+            if (0..3).filter(|m| *m != n).all(|m| known(&ids[m])) && (serves || n == 2) {
+                break;
+            }
+            assert!(
+                started.elapsed() < deadline,
+                "knoise-{n} does not know the insiders and the service: {peers:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    eprintln!(
+        "3 authenticated Kademlia nodes knew each other and the service {:?} after the first started",
+        started.elapsed()
+    );
+    for (n, node) in nodes.iter().enumerate().take(2) {
+        let answer: String =
+            tokio::time::timeout(Duration::from_secs(10), node.request("knoise.echo", &format!("hello {n}")))
+                .await
+                .expect("an answer within 10 s")
+                .unwrap();
+        assert_eq!(answer, format!("hello {n} from knoise-2"));
+    }
+    // The outsider's pings and STOREs reached the seed before the insiders bootstrapped, and the
+    // insiders have since looked the service up: had anyone accepted it, they would know it.
+    assert!(watcher.peers().await.unwrap().iter().all(|peer| peer.id.as_str() != outsider_id));
+    for node in &nodes {
+        let peers = node.peers();
+        assert!(
+            peers.iter().all(|peer| peer.record.id.as_str() != outsider_id),
+            "{} knows the outsider: {peers:?}",
+            node.id()
+        );
+    }
+    let outsider_peers = outsider.peers();
+    assert!(
+        outsider_peers.iter().all(|peer| !ids[..3].contains(&peer.record.id.to_string())),
+        "the outsider learned an insider: {outsider_peers:?}"
+    );
+    watcher.close().await.unwrap();
+    outsider.close().await.unwrap();
+    for node in nodes {
+        node.close().await.unwrap();
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -3,9 +3,12 @@
 //!
 //! The driver moves datagrams between the socket and the state machine, wakes it at
 //! [`GossipNode::next_timeout`], and hands membership changes to the host through a bounded
-//! queue. All protocol decisions are the state machine's.
+//! queue. All protocol decisions are the state machine's. With link security (the node runs
+//! with `security.links = "noise"`) it also gives the state machine the wall-clock time that
+//! authenticated datagrams carry and are checked against.
 
 use crate::{
+    auth::{LinkSecurity, WallClock},
     membership::{MemberEvent, RecordError},
     node::{Config, GossipNode},
     protocol::MAX_DATAGRAM,
@@ -33,6 +36,7 @@ pub const EVENT_CAPACITY: usize = 1024;
 const RECEIVE_BATCH: usize = 64;
 
 static MALFORMED: LogRateLimit = LogRateLimit::standard();
+static UNAUTHENTICATED: LogRateLimit = LogRateLimit::standard();
 static EVENTS_DROPPED: LogRateLimit = LogRateLimit::standard();
 
 /// The `[discovery]` table of a node whose `plugin = "gossip"`. Every key is optional.
@@ -149,9 +153,21 @@ impl std::fmt::Debug for GossipDiscovery {
 }
 
 impl GossipDiscovery {
-    /// Binds the socket, resolves the seeds and starts the driver. Must run inside a tokio
-    /// runtime. The node joins the group with its first [`Discovery::announce`].
+    /// Binds the socket, resolves the seeds and starts the driver, in plaintext. Must run inside
+    /// a tokio runtime. The node joins the group with its first [`Discovery::announce`].
     pub async fn start(node_id: NodeId, settings: GossipSettings) -> Result<Self, PluginError> {
+        Self::start_with(node_id, settings, None).await
+    }
+
+    /// [`GossipDiscovery::start`], authenticated when `security` is given (the node's link
+    /// security, `security.links = "noise"`): datagrams signed by this node's identity, only
+    /// those of allowed keys accepted, records signed by their owners (see
+    /// [`crate::node`]). `node_id` must be bound to the identity's key.
+    pub async fn start_with(
+        node_id: NodeId,
+        settings: GossipSettings,
+        security: Option<LinkSecurity>,
+    ) -> Result<Self, PluginError> {
         let config = settings.config()?;
         let listen = settings.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
         let bind_to = resolve("listen", listen).await?;
@@ -176,7 +192,12 @@ impl GossipDiscovery {
         for seed in &settings.seeds {
             seeds.push(resolve("seeds", seed).await?);
         }
-        let node = GossipNode::new(node_id.as_str(), local, config, rand::random(), Instant::now());
+        let now = Instant::now();
+        let mut node = GossipNode::new(node_id.as_str(), local, config, rand::random(), now);
+        if let Some(security) = security {
+            node.authenticate(security, now, WallClock::system_unix_ms())
+                .map_err(|why| PluginError::invalid_config(format!("gossip: authenticated gossip: {why}")))?;
+        }
         let (sender, receiver) = mpsc::channel(EVENT_CAPACITY);
         let shared = Arc::new(Shared {
             node: Mutex::new(node),
@@ -187,7 +208,10 @@ impl GossipDiscovery {
             shutdown: watch::channel(false).0,
         });
         let task = tokio::spawn(drive(shared.clone(), sender));
-        tracing::debug!("gossip {node_id}: listening on {bound}, advertised as {local}");
+        tracing::debug!(
+            "gossip {node_id}: listening on {bound}, advertised as {local}{}",
+            if shared.node().is_authenticated() { ", authenticated" } else { "" }
+        );
         Ok(Self {
             shared,
             local,
@@ -295,6 +319,7 @@ async fn drive(shared: Arc<Shared>, events: mpsc::Sender<PeerEvent>) {
         let (transmits, changes, deadline) = {
             let mut node = shared.node();
             let now = Instant::now();
+            node.set_wall_clock(now, WallClock::system_unix_ms());
             if node.next_timeout() <= now {
                 node.handle_timeout(now);
             }
@@ -317,6 +342,7 @@ async fn drive(shared: Arc<Shared>, events: mpsc::Sender<PeerEvent>) {
             received = shared.socket.recv_from(&mut buffer) => match received {
                 Ok((n, from)) => {
                     let mut node = shared.node();
+                    node.set_wall_clock(Instant::now(), WallClock::system_unix_ms());
                     receive(&mut node, from, &buffer[..n]);
                     for _ in 0..RECEIVE_BATCH {
                         match shared.socket.try_recv_from(&mut buffer) {
@@ -336,7 +362,8 @@ async fn drive(shared: Arc<Shared>, events: mpsc::Sender<PeerEvent>) {
 
 fn receive(node: &mut GossipNode<SocketAddr>, from: SocketAddr, datagram: &[u8]) {
     if let Err(error) = node.handle_datagram(from, datagram, Instant::now()) {
-        if let Some(repeats) = MALFORMED.check() {
+        let limit = if error.is_authentication() { &UNAUTHENTICATED } else { &MALFORMED };
+        if let Some(repeats) = limit.check() {
             tracing::warn!(
                 "gossip: dropped a datagram of {} bytes from {from}: {error}{repeats}",
                 datagram.len()

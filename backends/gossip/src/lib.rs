@@ -59,7 +59,9 @@
 //! the piggybacked updates (`Alive` with the record, `Suspect`, `Dead`, `Left`, each with the
 //! member's id and incarnation). Field by field in [`protocol`]. Hostile input (garbage,
 //! truncation, trailing bytes, oversized datagrams, absurd counts or incarnations) is refused
-//! with an error and changes nothing; a rate-limited warning is logged.
+//! with an error and changes nothing; a rate-limited warning is logged. Authenticated members
+//! (below) speak version 2: every `Alive` signed by its member, and a trailer with the sender's
+//! id, clock and signature.
 //!
 //! ## Guarantees and limits
 //!
@@ -90,15 +92,36 @@
 //!   pending. Table requests (joins, syncs) are answered at most once per source address per
 //!   period and 16 times per period in all, which bounds the traffic a stranger can make a node
 //!   send (a table is the largest answer).
-//! - **Security**: none yet. Gossip is plaintext and **unauthenticated** (no Noise, no
-//!   signatures): anyone who can send UDP datagrams to a member can read the records and forge
-//!   updates (announce fake members up to `max_members`, change other members' records, suspect
-//!   or kill them; a node refutes what is said about itself, but not what is said about
-//!   others), and can make members probe arbitrary addresses. Run it on a network you trust.
+//! - **Authentication** (when the node runs with `[security] links = "noise"`: the host hands
+//!   the plugin the node's identity and allow list; [`auth`], [`protocol`]): every datagram
+//!   carries the sender's node id (bound to its public key), its clock and its Ed25519
+//!   signature, and is refused whole, before anything in it is decoded, unless the key is on
+//!   `security.allow`, the signature verifies (with `security.network_key_file`, the network key
+//!   is part of what is signed: a node of another network is refused even with an allowed key)
+//!   and the time is within 5 minutes of ours (an older datagram replayed is refused). Every
+//!   `Alive` (a member's record, address and incarnation) carries the signature of the member it
+//!   is about, checked when it is news: no member can forge or alter another's record. A `Join`
+//!   carries only its sender's own record, and a table reply (which ends a join's retries) comes
+//!   from an allowed member. Refused datagrams are counted (`Stats::unauthenticated`) and logged
+//!   (rate-limited).
+//! - **Limits of authentication**: nothing is encrypted (records can be read on the network).
+//!   An allowed member can still gossip `Suspect`, `Dead` or `Left` about another member (which
+//!   refutes it when it hears of it, as it does any false suspicion) and make members probe an
+//!   address. A datagram replayed within the 5-minute window is accepted again: updates are
+//!   idempotent, so it only restates what its sender said, and the answer to a replayed `Ping`
+//!   or `Join` goes to the replayer's address (table answers stay rate-limited). Plaintext and
+//!   authenticated members do not understand each other. An `Alive` takes at most
+//!   `max_datagram` − 648 bytes, its 64-byte signature included (752 bytes by default).
+//! - **Without link security** gossip is plaintext and **unauthenticated**: anyone who can send
+//!   UDP datagrams to a member can read the records and forge updates (announce fake members up
+//!   to `max_members`, change other members' records, suspect or kill them; a node refutes what
+//!   is said about itself, but not what is said about others), and can make members probe
+//!   arbitrary addresses. Run it so only on a network you trust.
 //! - **Addresses**: one address family per group (an IPv4 socket cannot reach IPv6 seeds).
 
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod discovery;
 pub mod dissemination;
 pub mod failure_detector;
@@ -124,7 +147,8 @@ impl Plugin for GossipPlugin {
     const PROVIDES: Provides = Provides::DISCOVERY;
 
     async fn new_discovery(setup: Setup) -> Result<Arc<dyn Discovery>, PluginError> {
-        Ok(Arc::new(GossipDiscovery::start(setup.node_id.clone(), setup.config()?).await?))
+        let security = setup.link_security()?;
+        Ok(Arc::new(GossipDiscovery::start_with(setup.node_id.clone(), setup.config()?, security).await?))
     }
 }
 

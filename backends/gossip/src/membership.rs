@@ -26,10 +26,24 @@
 //! evicts the oldest tombstone, or is refused and counted. An `Alive` whose id fails
 //! `NodeId::check`, or whose record fails `NodeRecord::check` or does not fit in one update of
 //! the configured datagram size, is refused and counted.
+//!
+//! ## Authenticated mode
+//!
+//! With [`Membership::authenticate`] (the node runs with `security.links = "noise"`), this
+//! node's `Alive` carries its signature ([`crate::protocol::sign_alive`]), re-made whenever its
+//! incarnation changes, and an `Alive` about another member is accepted only with that member's
+//! signature by an allowed key bound to its id ([`crate::protocol::verify_alive`]): a member
+//! relays other members' records but cannot forge or alter them. The signature is checked only
+//! when the update is news (a higher incarnation or an unknown member); stale copies are dropped
+//! unchecked, as in plaintext mode. An `Alive` about this node that fails the check is ignored
+//! (nobody else accepts it either), not refuted.
 
-use crate::protocol::{
-    encode_update, finish_datagram, Address, RecordBytes, Update, COUNT_BYTES, MAX_INCARNATION,
-    MAX_UPDATES_PER_DATAGRAM,
+use crate::{
+    auth::LinkSecurity,
+    protocol::{
+        encode_update, finish_datagram, sign_alive, verify_alive, Address, RecordBytes, Update, COUNT_BYTES,
+        MAX_INCARNATION, MAX_UPDATES_PER_DATAGRAM,
+    },
 };
 use comms_plugin_api::{NodeId, NodeRecord, PeerEventKind};
 use std::{
@@ -107,6 +121,9 @@ pub struct MembershipStats {
     pub table_full: u64,
     /// Refutations of updates about this node.
     pub refutations: u64,
+    /// `Alive` updates refused in authenticated mode: not signed by the member they are about
+    /// (with an allowed key bound to its id).
+    pub unauthenticated: u64,
 }
 
 /// This node's own state.
@@ -116,7 +133,7 @@ struct Local<A> {
     address: A,
     incarnation: u64,
     record: Option<NodeRecord>,
-    /// `record` as carried on the wire.
+    /// `record` as carried on the wire (without a signature).
     wire: Option<RecordBytes>,
     alive: Option<Vec<u8>>,
     left: bool,
@@ -133,6 +150,8 @@ pub struct Membership<A> {
     live: usize,
     max_members: usize,
     max_update_bytes: usize,
+    /// Authenticated mode: sign our `Alive`, check the others'.
+    security: Option<LinkSecurity>,
     stats: MembershipStats,
 }
 
@@ -194,7 +213,48 @@ impl<A: Address> Membership<A> {
             live: 0,
             max_members: max_members.max(1),
             max_update_bytes,
+            security: None,
             stats: MembershipStats::default(),
+        }
+    }
+
+    /// Switches to authenticated mode (see the [module documentation](self)) with records whose
+    /// `Alive` takes at most `max_update_bytes`, signature included. Call before the first
+    /// [`Membership::set_local_record`].
+    pub fn authenticate(&mut self, security: LinkSecurity, max_update_bytes: usize) {
+        self.security = Some(security);
+        self.max_update_bytes = max_update_bytes;
+        if let Some(wire) = self.local.wire.clone() {
+            self.local.alive = Some(self.encode_local_alive(self.local.incarnation, &wire));
+        }
+    }
+
+    /// Whether `Alive` updates are signed and checked.
+    pub fn is_authenticated(&self) -> bool {
+        self.security.is_some()
+    }
+
+    /// This node's `Alive` at `incarnation` with `wire`, signed in authenticated mode.
+    fn encode_local_alive(&self, incarnation: u64, wire: &RecordBytes) -> Vec<u8> {
+        let (id, address) = (self.local.id.clone(), self.local.address);
+        let record = match &self.security {
+            Some(security) => sign_alive(security, &id, incarnation, address, wire),
+            None => wire.clone(),
+        };
+        encode_update(&Update::Alive { id, incarnation, address, record })
+    }
+
+    /// The record of an `Alive` without its signature: checked in authenticated mode (`None`,
+    /// counted, if the signature is not its member's).
+    fn checked_record(&mut self, update: &Update<A>) -> Option<RecordBytes> {
+        let Update::Alive { record, .. } = update else { return None };
+        let Some(security) = &self.security else { return Some(record.clone()) };
+        match verify_alive(security, update) {
+            Ok(record) => Some(record),
+            Err(_) => {
+                self.stats.unauthenticated += 1;
+                None
+            }
         }
     }
 
@@ -247,12 +307,7 @@ impl<A: Address> Membership<A> {
             self.local.incarnation
         };
         let wire = RecordBytes::from_record(&record);
-        let alive = encode_update(&Update::Alive {
-            id: self.local.id.clone(),
-            incarnation,
-            address: self.local.address,
-            record: wire.clone(),
-        });
+        let alive = self.encode_local_alive(incarnation, &wire);
         if alive.len() > self.max_update_bytes {
             return Err(RecordError::TooLarge { bytes: alive.len(), limit: self.max_update_bytes });
         }
@@ -279,13 +334,8 @@ impl<A: Address> Membership<A> {
     fn refute(&mut self, seen: u64) {
         self.stats.refutations += 1;
         self.local.incarnation = self.local.incarnation.max(seen).saturating_add(1).min(MAX_INCARNATION);
-        if let Some(wire) = &self.local.wire {
-            self.local.alive = Some(encode_update(&Update::Alive {
-                id: self.local.id.clone(),
-                incarnation: self.local.incarnation,
-                address: self.local.address,
-                record: wire.clone(),
-            }));
+        if let Some(wire) = self.local.wire.clone() {
+            self.local.alive = Some(self.encode_local_alive(self.local.incarnation, &wire));
         }
     }
 
@@ -311,11 +361,13 @@ impl<A: Address> Membership<A> {
             return outcome;
         }
         match update {
-            Update::Alive { id, incarnation, address, record } => {
+            Update::Alive { id, incarnation, address, .. } => {
                 let known = self.members.get(id.as_str()).map(|m| (m.incarnation, m.status));
                 if known.is_some_and(|(current, _)| *incarnation <= current) {
                     return outcome;
                 }
+                // News: only now is the owner's signature checked (authenticated mode).
+                let Some(record) = self.checked_record(update) else { return outcome };
                 let alive = encode_update(update);
                 let new_record = match record.to_record(id) {
                     Ok(new_record)
@@ -411,10 +463,21 @@ impl<A: Address> Membership<A> {
             return; // not a member (yet, or any more): nothing to defend
         }
         let contradicts = match update {
-            Update::Alive { incarnation, address, record, .. } => {
-                *incarnation > self.local.incarnation
-                    || (*incarnation == self.local.incarnation
-                        && (*address != self.local.address || self.local.wire.as_ref() != Some(record)))
+            Update::Alive { incarnation, address, .. } => {
+                // Our own `Alive` gossiped back to us: nothing to check.
+                let ours = *incarnation == self.local.incarnation
+                    && self.local.alive.as_deref() == Some(encode_update(update).as_slice());
+                let newer_or_same = *incarnation >= self.local.incarnation && !ours;
+                // Authenticated mode: only what this node signed can be about it; what fails
+                // the check is ignored, not refuted (nobody else accepts it either).
+                match newer_or_same.then(|| self.checked_record(update)).flatten() {
+                    None => false,
+                    Some(record) => {
+                        *incarnation > self.local.incarnation
+                            || *address != self.local.address
+                            || self.local.wire.as_ref() != Some(&record)
+                    }
+                }
             }
             Update::Suspect { incarnation, .. }
             | Update::Dead { incarnation, .. }

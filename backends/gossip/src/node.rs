@@ -58,14 +58,29 @@
 //!   dropped. A reply is the whole table, so this bounds how much traffic a stranger can make
 //!   this node send (to itself or, with a forged source address, to someone else).
 //! - relayed probes: see [`crate::failure_detector`].
+//!
+//! ## Authenticated mode
+//!
+//! [`GossipNode::authenticate`] (the plugin calls it when the node runs with
+//! `security.links = "noise"`) makes every datagram this node queues sealed
+//! ([`crate::protocol::seal`]: version 2, its id, its clock, its signature) and every datagram
+//! it handles opened ([`crate::protocol::open`]) before anything in it is decoded: a datagram
+//! from a key that is not allowed, with a bad signature, a time more than 5 minutes from ours
+//! (a replay) or in plaintext is refused whole, changes nothing and is counted
+//! ([`Stats::unauthenticated`]). `Alive` records carry their owner's signature (see
+//! [`crate::membership`]), and a `Join` must carry the sender's own `Alive` only. So a table
+//! reply (which ends a join's retries) comes from an allowed member. The node reads no clock:
+//! the caller sets wall-clock time with [`GossipNode::set_wall_clock`], and it advances with the
+//! `Instant`s handed in. Plaintext and authenticated members do not understand each other.
 
 use crate::{
+    auth::{self, AuthError, LinkSecurity, PublicKey, WallClock},
     dissemination::{retransmit_limit, Dissemination},
     failure_detector::{AckFor, FailureDetector},
     membership::{MemberEvent, Membership, RecordError, Status},
     protocol::{
-        decode, encode_update, finish_datagram, start_datagram, Address, Body, DecodeError, Update,
-        COUNT_BYTES, MAX_UPDATES_PER_DATAGRAM,
+        decode, encode_update, finish_datagram, open, seal, start_datagram, Address, Body, DecodeError,
+        Update, COUNT_BYTES, MAX_UPDATES_PER_DATAGRAM,
     },
 };
 /// The record a member carries (re-exported: the type [`GossipNode::set_record`] takes).
@@ -79,6 +94,9 @@ use std::{
 /// Room kept in every datagram for the header, the body (a `PingReq` naming a 255-byte id and
 /// an IPv6 address) and the update count: a record's `Alive` update may take the rest.
 pub const BODY_ALLOWANCE: usize = 320;
+/// Room kept in every datagram of an authenticated member for the trailer of the longest node
+/// id (255 bytes): the same on every member, so the largest record is too.
+pub const AUTH_ALLOWANCE: usize = 255 + auth::TRAILER;
 /// Datagrams waiting for the caller to send them.
 pub const MAX_TRANSMITS_QUEUED: usize = 4096;
 /// Events waiting for the caller.
@@ -193,8 +211,11 @@ pub struct Stats {
     pub probe_datagrams_sent: u64,
     /// Datagrams accepted.
     pub datagrams_received: u64,
-    /// Datagrams refused by the decoder.
+    /// Datagrams refused by the decoder (authentication failures included).
     pub malformed: u64,
+    /// Of which refused by authentication (authenticated mode): plaintext, not signed by an
+    /// allowed key, outside the time window, or a `Join` carrying another member's record.
+    pub unauthenticated: u64,
     /// Direct probes started.
     pub probes: u64,
     /// Ping-requests sent.
@@ -235,7 +256,18 @@ pub struct GossipNode<A> {
     has_table: bool,
     /// Early syncs left, see [`EARLY_SYNCS`].
     early_syncs: u32,
+    /// Authenticated mode.
+    auth: Option<Auth>,
+    /// The latest time handed in (the time of datagrams queued by calls that take none).
+    latest: Instant,
     stats: Stats,
+}
+
+/// What an authenticated member seals and opens datagrams with.
+#[derive(Debug, Clone)]
+struct Auth {
+    security: LinkSecurity,
+    clock: WallClock,
 }
 
 impl<A: Address> GossipNode<A> {
@@ -276,8 +308,57 @@ impl<A: Address> GossipNode<A> {
             served: HashSet::new(),
             has_table: false,
             early_syncs: 0,
+            auth: None,
+            latest: now,
             stats: Stats::default(),
             config,
+        }
+    }
+
+    /// Switches to authenticated mode (see the [module documentation](self)) with this node's
+    /// identity and allow list; the wall clock reads `unix_ms` (milliseconds since the Unix
+    /// epoch) at `now`. Call before [`GossipNode::set_record`]. Refused if this node's id is not
+    /// bound to the identity's public key.
+    pub fn authenticate(&mut self, security: LinkSecurity, now: Instant, unix_ms: u64) -> Result<(), String> {
+        let id = self.membership.local_id();
+        let key = security.identity.public_key();
+        if PublicKey::of_node(&comms_plugin_api::NodeId::new(id)) != Some(key) {
+            return Err(format!("the node id `{id}` is not bound to this node's public key {key}"));
+        }
+        if id.len() > u8::MAX as usize {
+            return Err(format!("the node id `{id}` is longer than 255 bytes"));
+        }
+        let max_update_bytes = self.config.max_datagram.saturating_sub(AUTH_ALLOWANCE + BODY_ALLOWANCE);
+        self.membership.authenticate(security.clone(), max_update_bytes);
+        self.auth = Some(Auth { security, clock: WallClock::new(now, unix_ms) });
+        Ok(())
+    }
+
+    /// Whether datagrams are sealed and opened (authenticated mode).
+    pub fn is_authenticated(&self) -> bool {
+        self.auth.is_some()
+    }
+
+    /// Sets the wall clock (authenticated mode): `unix_ms` milliseconds since the Unix epoch at
+    /// `now`. Datagrams carry it; those more than 5 minutes from it are refused.
+    pub fn set_wall_clock(&mut self, now: Instant, unix_ms: u64) {
+        self.touch(now);
+        if let Some(auth) = &mut self.auth {
+            auth.clock.set(now, unix_ms);
+        }
+    }
+
+    fn touch(&mut self, now: Instant) {
+        self.latest = self.latest.max(now);
+    }
+
+    /// Bytes of a datagram left for the message once the trailer (authenticated mode) is in.
+    fn payload_limit(&self) -> usize {
+        match &self.auth {
+            Some(_) => {
+                self.config.max_datagram.saturating_sub(self.membership.local_id().len() + auth::TRAILER)
+            }
+            None => self.config.max_datagram,
         }
     }
 
@@ -285,6 +366,7 @@ impl<A: Address> GossipNode<A> {
     /// gossips the new record with a higher incarnation. Sends a join to the seeds if it knows
     /// no member yet.
     pub fn set_record(&mut self, record: NodeRecord, now: Instant) -> Result<(), RecordError> {
+        self.touch(now);
         if self.membership.set_local_record(record)? {
             self.gossip_local_alive();
             if !self.has_table {
@@ -297,6 +379,7 @@ impl<A: Address> GossipNode<A> {
     /// Sets the seeds (their gossip addresses; this node's own is skipped) and, if this node has
     /// a record, asks them for the member table.
     pub fn join(&mut self, seeds: &[A], now: Instant) {
+        self.touch(now);
         let own = self.membership.local_address();
         self.has_table = false;
         self.early_syncs = EARLY_SYNCS;
@@ -324,14 +407,21 @@ impl<A: Address> GossipNode<A> {
         }
     }
 
-    /// Handles one received datagram; `Err` (counted in [`Stats::malformed`]) if it is not a
-    /// valid gossip datagram, which changes nothing.
+    /// Handles one received datagram; `Err` (counted in [`Stats::malformed`], and in
+    /// [`Stats::unauthenticated`] if authentication refused it) if it is not a valid gossip
+    /// datagram, which changes nothing.
     pub fn handle_datagram(&mut self, from: A, bytes: &[u8], now: Instant) -> Result<(), DecodeError> {
+        self.touch(now);
         if bytes.len() > self.config.max_datagram {
             self.stats.malformed += 1;
             return Err(DecodeError::Malformed("datagram: larger than max_datagram"));
         }
-        let message = decode::<A>(bytes).inspect_err(|_| self.stats.malformed += 1)?;
+        let message = self.open(bytes, now).inspect_err(|error| {
+            self.stats.malformed += 1;
+            if error.is_authentication() {
+                self.stats.unauthenticated += 1;
+            }
+        })?;
         self.stats.datagrams_received += 1;
         // A table transfer is not news: re-gossiping a whole table learned at a join would put
         // every member in the piggyback queue of every newcomer.
@@ -380,9 +470,26 @@ impl<A: Address> GossipNode<A> {
         Ok(())
     }
 
+    /// Decodes a datagram: in authenticated mode, only once its trailer checks out, and a
+    /// `Join` only with the sender's own `Alive`.
+    fn open(&self, bytes: &[u8], now: Instant) -> Result<crate::protocol::Message<A>, DecodeError> {
+        let Some(auth) = &self.auth else { return decode::<A>(bytes) };
+        let (sender, message) = open::<A>(&auth.security, bytes, auth.clock.unix_ms(now))?;
+        if message.body == Body::Join
+            && !message
+                .updates
+                .iter()
+                .all(|update| matches!(update, Update::Alive { id, .. } if id == sender))
+        {
+            return Err(DecodeError::Auth(AuthError::WrongSender));
+        }
+        Ok(message)
+    }
+
     /// Runs what is due at `now`: suspicion timeouts, the indirect probe, the end of the period
     /// (suspect an unanswered target, retry the join, sync, start the next probe).
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.touch(now);
         for (id, incarnation) in self.membership.expired_suspicions(now) {
             self.stats.deaths_declared += 1;
             self.apply(&Update::Dead { id, incarnation }, now, true);
@@ -564,7 +671,7 @@ impl<A: Address> GossipNode<A> {
     /// Sends the whole member table to `to`, in as many datagrams as it takes.
     fn send_state(&mut self, to: A, respond: bool) {
         let start = start_datagram::<A>(&Body::State { respond });
-        for datagram in self.membership.snapshot_datagrams(&start, self.config.max_datagram) {
+        for datagram in self.membership.snapshot_datagrams(&start, self.payload_limit()) {
             self.queue(to, datagram, false);
         }
     }
@@ -572,7 +679,7 @@ impl<A: Address> GossipNode<A> {
     /// Sends `body` to `to` with `first` (if it fits) and as many queued updates as fit.
     fn send_with_gossip(&mut self, to: A, body: &Body<A>, first: Option<Vec<u8>>) {
         let start = start_datagram(body);
-        let mut room = self.config.max_datagram.saturating_sub(start.len() + COUNT_BYTES);
+        let mut room = self.payload_limit().saturating_sub(start.len() + COUNT_BYTES);
         let mut updates = Vec::new();
         if let Some(first) = first.filter(|first| first.len() <= room) {
             room -= first.len();
@@ -590,6 +697,13 @@ impl<A: Address> GossipNode<A> {
             self.stats.transmits_dropped += 1;
             return;
         }
+        let datagram = match &self.auth {
+            Some(auth) => {
+                let unix_ms = auth.clock.unix_ms(self.latest);
+                seal(&auth.security, self.membership.local_id(), datagram, unix_ms)
+            }
+            None => datagram,
+        };
         self.stats.datagrams_sent += 1;
         if probe {
             self.stats.probe_datagrams_sent += 1;

@@ -38,15 +38,49 @@
 //! size. A record is decoded ([`RecordBytes::to_record`], refusing anything but exactly one
 //! record) only when its update is news to the member table. Whether an update's id and record are acceptable is the member table's decision
 //! (`membership.rs`).
+//!
+//! ## Authenticated datagrams (version 2)
+//!
+//! Members whose node runs with `security.links = "noise"` speak version 2: the same datagram
+//! with version byte `2`, in which every `Alive`'s record byte string is the record followed by
+//! a signature, and a trailer after the last update:
+//!
+//! ```text
+//! [2]  magic 0xC6 0x55
+//! u8   version 2
+//! body, count, updates    as in version 1; in an Alive, record = Record bytes, then [64] the
+//!                         signature by the member the Alive is about of the Alive update
+//!                         carrying the Record bytes alone (ALIVE_CONTEXT)
+//! [n]  sender's node id (bound to its public key: `<label>-<64 hex digits>`)
+//! u8   n
+//! u64  sender's clock, milliseconds since the Unix epoch, big-endian
+//! [64] Ed25519 signature of everything above (DATAGRAM_CONTEXT)
+//! ```
+//!
+//! A signature covers a context string ([`DATAGRAM_CONTEXT`] or [`ALIVE_CONTEXT`], naming the
+//! protocol and version), then `0`, or `1` and the network key (`security.network_key_file`),
+//! then the bytes (see [`crate::auth`]). [`open`] refuses a datagram, before decoding anything,
+//! unless the sender's id is bound to a key on the allow list, the signature verifies and the
+//! time is within 5 minutes of the receiver's clock; [`verify_alive`] refuses an `Alive` not
+//! signed by its own member. 73 bytes plus the sender's id per datagram, 64 per `Alive`.
 
+use crate::auth::{self, AuthError, LinkSecurity, SIGNATURE};
 use comms_plugin_api::{NodeId, NodeRecord};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::{fmt, hash::Hash};
 
 /// First bytes of every datagram.
 pub const MAGIC: [u8; 2] = [0xC6, 0x55];
-/// The format version this crate writes and reads.
+/// The format version this crate writes and reads (plaintext).
 pub const VERSION: u8 = 1;
+/// The version of authenticated datagrams: a version-1 datagram whose `Alive` records carry
+/// their owner's signature, followed by the sender's authentication trailer (see
+/// [Authenticated datagrams](self#authenticated-datagrams-version-2)).
+pub const AUTH_VERSION: u8 = 2;
+/// What the signature of a datagram's trailer covers first (then the network key marker).
+pub const DATAGRAM_CONTEXT: &[u8] = b"comms-gossip/2 datagram";
+/// What the owner's signature of an `Alive` covers first (then the network key marker).
+pub const ALIVE_CONTEXT: &[u8] = b"comms-gossip/2 alive";
 /// Magic and version.
 pub const HEADER: usize = 3;
 /// The smallest `max_datagram` accepted: room for a ping and a modest record.
@@ -282,15 +316,36 @@ pub enum DecodeError {
     Incarnation(u64),
     /// Bytes after the last update.
     TrailingBytes(usize),
+    /// A plaintext datagram at a member that requires authenticated ones.
+    Plaintext,
+    /// An authenticated datagram (or an `Alive` in one) that fails authentication.
+    Auth(AuthError),
+}
+
+impl DecodeError {
+    /// Whether the datagram was refused for its authentication (not its format).
+    pub fn is_authentication(&self) -> bool {
+        matches!(self, DecodeError::Plaintext | DecodeError::Auth(_))
+    }
 }
 
 impl fmt::Display for DecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DecodeError::NotGossip => write!(f, "not a gossip datagram (bad magic)"),
+            DecodeError::Version(AUTH_VERSION) => write!(
+                f,
+                "an authenticated gossip datagram (version {AUTH_VERSION}); this member runs plaintext gossip \
+                 (security.links = \"plain\")"
+            ),
             DecodeError::Version(version) => {
                 write!(f, "gossip format version {version}; this node speaks {VERSION}")
             }
+            DecodeError::Plaintext => write!(
+                f,
+                "a plaintext gossip datagram; this member requires authenticated ones (security.links = \"noise\")"
+            ),
+            DecodeError::Auth(error) => write!(f, "unauthenticated: {error}"),
             DecodeError::Malformed(what) => write!(f, "malformed {what}"),
             DecodeError::TooManyUpdates(count) => {
                 write!(f, "{count} updates in one datagram; at most {MAX_UPDATES_PER_DATAGRAM}")
@@ -352,10 +407,14 @@ pub fn encode<A: Address>(message: &Message<A>) -> Vec<u8> {
 
 /// Decodes a datagram; see the [module documentation](self) for what is refused.
 pub fn decode<A: Address>(bytes: &[u8]) -> Result<Message<A>, DecodeError> {
+    decode_version(bytes, VERSION)
+}
+
+fn decode_version<A: Address>(bytes: &[u8], version: u8) -> Result<Message<A>, DecodeError> {
     if bytes.len() < HEADER || bytes[..2] != MAGIC {
         return Err(DecodeError::NotGossip);
     }
-    if bytes[2] != VERSION {
+    if bytes[2] != version {
         return Err(DecodeError::Version(bytes[2]));
     }
     let (body, rest) =
@@ -380,6 +439,77 @@ pub fn decode<A: Address>(bytes: &[u8]) -> Result<Message<A>, DecodeError> {
         return Err(DecodeError::TrailingBytes(rest.len()));
     }
     Ok(Message { body, updates })
+}
+
+/// Seals a datagram (built by [`start_datagram`] and [`finish_datagram`]) as sent by member
+/// `id` at `unix_ms`: sets its version to [`AUTH_VERSION`] and appends the authentication
+/// trailer.
+pub fn seal(security: &LinkSecurity, id: &str, mut datagram: Vec<u8>, unix_ms: u64) -> Vec<u8> {
+    if let Some(version) = datagram.get_mut(2) {
+        *version = AUTH_VERSION;
+    }
+    auth::seal(security, DATAGRAM_CONTEXT, id, datagram, unix_ms)
+}
+
+/// Checks and decodes an authenticated datagram at `unix_ms`: the trailer first (signature,
+/// allowed key, time window; nothing is decoded before it passes), then the datagram as
+/// [`decode`] does. Returns the sender's id and the message. `Alive` updates are checked later,
+/// by [`verify_alive`], and only when they are news.
+pub fn open<'a, A: Address>(
+    security: &LinkSecurity,
+    bytes: &'a [u8],
+    unix_ms: u64,
+) -> Result<(&'a str, Message<A>), DecodeError> {
+    if bytes.len() < HEADER || bytes[..2] != MAGIC {
+        return Err(DecodeError::NotGossip);
+    }
+    match bytes[2] {
+        AUTH_VERSION => {}
+        VERSION => return Err(DecodeError::Plaintext),
+        other => return Err(DecodeError::Version(other)),
+    }
+    let (sender, payload) =
+        auth::open(security, DATAGRAM_CONTEXT, bytes, unix_ms).map_err(DecodeError::Auth)?;
+    Ok((sender, decode_version(payload, AUTH_VERSION)?))
+}
+
+/// The record of an `Alive` signed by its owner: `record` followed by the owner's signature of
+/// the `Alive` update carrying `record` alone (id, incarnation, address and record).
+pub fn sign_alive<A: Address>(
+    security: &LinkSecurity,
+    id: &str,
+    incarnation: u64,
+    address: A,
+    record: &RecordBytes,
+) -> RecordBytes {
+    let unsigned =
+        encode_update(&Update::Alive { id: id.to_string(), incarnation, address, record: record.clone() });
+    let mut signed = record.0.clone();
+    signed.extend_from_slice(&auth::sign(security, ALIVE_CONTEXT, &unsigned));
+    RecordBytes(signed)
+}
+
+/// Checks the owner's signature of an `Alive` from an authenticated datagram (the member it is
+/// about must have signed it, with an allowed key bound to its id); returns its record without
+/// the signature. Any other update is refused.
+pub fn verify_alive<A: Address>(
+    security: &LinkSecurity,
+    update: &Update<A>,
+) -> Result<RecordBytes, DecodeError> {
+    let Update::Alive { id, incarnation, address, record } = update else {
+        return Err(DecodeError::Malformed("update: not an Alive"));
+    };
+    let split = record.0.len().checked_sub(SIGNATURE).ok_or(DecodeError::Auth(AuthError::Malformed))?;
+    let (bytes, signature) = record.0.split_at(split);
+    let unsigned = RecordBytes(bytes.to_vec());
+    let content = encode_update(&Update::Alive {
+        id: id.clone(),
+        incarnation: *incarnation,
+        address: *address,
+        record: unsigned.clone(),
+    });
+    auth::verify(security, ALIVE_CONTEXT, id, &content, signature).map_err(DecodeError::Auth)?;
+    Ok(unsigned)
 }
 
 #[cfg(test)]
@@ -477,6 +607,136 @@ mod tests {
             };
             let _ = decode::<SocketAddr>(&bytes);
             let _ = decode::<u32>(&bytes);
+        }
+    }
+
+    mod authenticated {
+        use super::*;
+        use crate::auth::{AllowList, Identity, NetworkKey, WINDOW_MS};
+
+        const NOW: u64 = 1_700_000_000_000;
+
+        fn identity(n: u8) -> Identity {
+            Identity::from_secret_bytes(&[n; 32])
+        }
+
+        /// Node `n`'s security, allowing nodes `allowed`.
+        fn security(n: u8, allowed: &[u8], network: Option<u8>) -> LinkSecurity {
+            let keys = allowed.iter().map(|m| identity(*m).public_key()).collect();
+            LinkSecurity::new(identity(n), AllowList::Keys(keys), network.map(|k| NetworkKey([k; 32])))
+        }
+
+        fn id(n: u8) -> String {
+            identity(n).node_id(Some(&format!("n{n}"))).to_string()
+        }
+
+        fn ping() -> Vec<u8> {
+            finish_datagram(start_datagram::<u32>(&Body::Ping { seq: 7, target: id(2) }), &[])
+        }
+
+        #[test]
+        fn a_sealed_datagram_opens_at_an_allowed_receiver_and_names_its_sender() {
+            let sealed = seal(&security(1, &[], None), &id(1), ping(), NOW);
+            assert_eq!(sealed[2], AUTH_VERSION);
+            let (sender, message) = open::<u32>(&security(2, &[1], None), &sealed, NOW + 1000).unwrap();
+            assert_eq!(sender, id(1));
+            assert_eq!(message.body, Body::Ping { seq: 7, target: id(2) });
+            // Within the window either way (clocks differ).
+            assert!(open::<u32>(&security(2, &[1], None), &sealed, NOW - WINDOW_MS).is_ok());
+        }
+
+        #[test]
+        fn forged_replayed_unknown_and_foreign_network_datagrams_are_refused() {
+            let receiver = security(2, &[1], None);
+            let sealed = seal(&security(1, &[], None), &id(1), ping(), NOW);
+            // Forged: any byte changed (the body, the sender id, the time, the signature).
+            for at in [4, sealed.len() - 80, sealed.len() - 70, sealed.len() - 1] {
+                let mut forged = sealed.clone();
+                forged[at] ^= 1;
+                assert!(
+                    matches!(open::<u32>(&receiver, &forged, NOW), Err(DecodeError::Auth(_))),
+                    "byte {at} changed"
+                );
+            }
+            // Signed by node 3 while claiming node 1's id.
+            let claimed = seal(&security(3, &[], None), &id(1), ping(), NOW);
+            assert_eq!(
+                open::<u32>(&security(2, &[1, 3], None), &claimed, NOW).unwrap_err(),
+                DecodeError::Auth(AuthError::BadSignature)
+            );
+            // Replayed: the same datagram more than 5 minutes later (or from the future).
+            assert_eq!(
+                open::<u32>(&receiver, &sealed, NOW + WINDOW_MS + 1).unwrap_err(),
+                DecodeError::Auth(AuthError::Stale)
+            );
+            assert_eq!(
+                open::<u32>(&receiver, &sealed, NOW - WINDOW_MS - 1).unwrap_err(),
+                DecodeError::Auth(AuthError::Stale)
+            );
+            // A key that is not on the allow list, and an id bound to no key.
+            let stranger = seal(&security(9, &[], None), &id(9), ping(), NOW);
+            assert_eq!(
+                open::<u32>(&receiver, &stranger, NOW).unwrap_err(),
+                DecodeError::Auth(AuthError::NotAllowed)
+            );
+            let unbound = seal(&security(1, &[], None), "plain-id", ping(), NOW);
+            assert_eq!(
+                open::<u32>(&receiver, &unbound, NOW).unwrap_err(),
+                DecodeError::Auth(AuthError::Unbound)
+            );
+            // An allowed key of another network (or without the network key).
+            let member = security(2, &[1], Some(5));
+            let foreign = seal(&security(1, &[], Some(6)), &id(1), ping(), NOW);
+            assert_eq!(
+                open::<u32>(&member, &foreign, NOW).unwrap_err(),
+                DecodeError::Auth(AuthError::BadSignature)
+            );
+            assert!(open::<u32>(&member, &sealed, NOW).is_err(), "no network key");
+            let ours = seal(&security(1, &[], Some(5)), &id(1), ping(), NOW);
+            assert!(open::<u32>(&member, &ours, NOW).is_ok());
+            // Plaintext and authenticated members do not mix.
+            assert_eq!(open::<u32>(&receiver, &ping(), NOW).unwrap_err(), DecodeError::Plaintext);
+            assert_eq!(decode::<u32>(&sealed).unwrap_err(), DecodeError::Version(AUTH_VERSION));
+            // Truncated anywhere: refused, never a panic.
+            for cut in 0..sealed.len() {
+                assert!(open::<u32>(&receiver, &sealed[..cut], NOW).is_err(), "cut at {cut}");
+            }
+        }
+
+        #[test]
+        fn an_alive_must_be_signed_by_the_member_it_is_about() {
+            let receiver = security(3, &[1, 2], None);
+            let mut record = NodeRecord::new(id(1).as_str());
+            record.services = vec!["billing".into()];
+            let wire = RecordBytes::from_record(&record);
+            let alive = |record: RecordBytes, incarnation| Update::Alive {
+                id: id(1),
+                incarnation,
+                address: 11u32,
+                record,
+            };
+            // Valid: signed by node 1, about node 1.
+            let signed = sign_alive(&security(1, &[], None), &id(1), 4, 11u32, &wire);
+            assert_eq!(verify_alive(&receiver, &alive(signed.clone(), 4)), Ok(wire.clone()));
+            // Node 1's record signed by node 2 (an allowed member relaying a forgery).
+            let forged = sign_alive(&security(2, &[], None), &id(1), 4, 11u32, &wire);
+            assert_eq!(
+                verify_alive(&receiver, &alive(forged, 4)),
+                Err(DecodeError::Auth(AuthError::BadSignature))
+            );
+            // Node 1's signature, with the incarnation, address or record changed.
+            assert!(verify_alive(&receiver, &alive(signed.clone(), 5)).is_err());
+            let moved = Update::Alive { id: id(1), incarnation: 4, address: 12u32, record: signed.clone() };
+            assert!(verify_alive(&receiver, &moved).is_err());
+            let mut altered = signed.clone();
+            altered.0[0] ^= 1;
+            assert!(verify_alive(&receiver, &alive(altered, 4)).is_err());
+            // Unsigned, or by a key the receiver does not allow.
+            assert!(verify_alive(&receiver, &alive(wire.clone(), 4)).is_err());
+            assert_eq!(
+                verify_alive(&security(3, &[2], None), &alive(signed, 4)),
+                Err(DecodeError::Auth(AuthError::NotAllowed))
+            );
         }
     }
 }

@@ -2,10 +2,13 @@
 //!
 //! All protocol logic is in [`crate::node`]; this module binds the socket, resolves the seeds,
 //! moves datagrams between the socket and the state machine, wakes it at its next timeout, and
-//! turns its peer events into the host's event stream.
+//! turns its peer events into the host's event stream. With link security (the node runs with
+//! `security.links = "noise"`) it also gives the state machine the wall-clock time that
+//! authenticated datagrams carry and are checked against.
 
 use crate::{
-    node::{Config, DhtNode, Event},
+    auth::{LinkSecurity, WallClock},
+    node::{Config, DhtNode, Event, LookupPurpose},
     protocol::MAX_DATAGRAM,
 };
 use comms_plugin_api::{
@@ -20,7 +23,7 @@ use std::{
 };
 use tokio::{
     net::UdpSocket,
-    sync::{mpsc, watch, Notify},
+    sync::{mpsc, oneshot, watch, Notify},
     task::JoinHandle,
 };
 
@@ -138,12 +141,32 @@ struct Shared {
     node: Mutex<DhtNode<SocketAddr>>,
     /// Something was queued: the driver has datagrams to send.
     wake: Notify,
+    /// Callers of `find_service` waiting for their lookup, by service (at most
+    /// [`MAX_WAITING_LOOKUPS`]).
+    waiting: Mutex<Vec<(String, oneshot::Sender<Vec<NodeRecord>>)>>,
 }
+
+/// `find_service` calls that may wait for a lookup at once; more get the providers known now.
+const MAX_WAITING_LOOKUPS: usize = 256;
 
 impl Shared {
     fn node(&self) -> MutexGuard<'_, DhtNode<SocketAddr>> {
         // The state machine stays usable after a panic elsewhere: availability matters more.
         self.node.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn waiting(&self) -> MutexGuard<'_, Vec<(String, oneshot::Sender<Vec<NodeRecord>>)>> {
+        self.waiting.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Hands the providers a lookup of `service` found to every caller waiting for one.
+    fn found(&self, service: &str, providers: &[NodeRecord]) {
+        let mut waiting = self.waiting();
+        let (done, still): (Vec<_>, Vec<_>) = waiting.drain(..).partition(|(name, _)| name == service);
+        *waiting = still;
+        for (_, caller) in done {
+            let _ = caller.send(providers.to_vec());
+        }
     }
 }
 
@@ -172,9 +195,21 @@ async fn resolve(key: &str, address: &str) -> Result<SocketAddr, PluginError> {
 }
 
 impl KademliaDiscovery {
-    /// Binds the socket, resolves the seeds and starts the driver. Must run inside a tokio
-    /// runtime.
+    /// Binds the socket, resolves the seeds and starts the driver, in plaintext. Must run inside
+    /// a tokio runtime.
     pub async fn start(own: NodeId, settings: KademliaSettings) -> Result<Self, PluginError> {
+        Self::start_with(own, settings, None).await
+    }
+
+    /// [`KademliaDiscovery::start`], authenticated when `security` is given (the node's link
+    /// security, `security.links = "noise"`): datagrams signed by this node's identity, only
+    /// those of allowed keys accepted, records signed by their nodes (see [`crate::node`]).
+    /// `own` must be bound to the identity's key.
+    pub async fn start_with(
+        own: NodeId,
+        settings: KademliaSettings,
+        security: Option<LinkSecurity>,
+    ) -> Result<Self, PluginError> {
         let config = settings.node_config()?;
         let listen = settings.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
         let listen_address = resolve("listen", listen).await?;
@@ -191,11 +226,17 @@ impl KademliaDiscovery {
         let local = socket.local_addr().map_err(PluginError::from)?;
         let now = Instant::now();
         let mut node = DhtNode::new(own.as_str(), config, now);
+        if let Some(security) = security {
+            node.authenticate(security, now, WallClock::system_unix_ms()).map_err(|why| {
+                PluginError::invalid_config(format!("kademlia: authenticated datagrams: {why}"))
+            })?;
+        }
         // A node is not its own seed (a shared config may list every node).
         seeds.retain(|seed| *seed != local);
         node.bootstrap(seeds, now);
         node.set_find_services(settings.find_services.clone(), now);
-        let shared = Arc::new(Shared { node: Mutex::new(node), wake: Notify::new() });
+        let shared =
+            Arc::new(Shared { node: Mutex::new(node), wake: Notify::new(), waiting: Mutex::new(Vec::new()) });
         let (sender, receiver) = mpsc::channel(EVENT_CAPACITY);
         let shutdown = watch::channel(false).0;
         let task = tokio::spawn(drive(socket, shared.clone(), sender, shutdown.subscribe(), local));
@@ -250,6 +291,30 @@ impl Discovery for KademliaDiscovery {
         Ok(receive_batch(&mut events, 1, &mut closing).await.pop())
     }
 
+    /// Looks the providers of `service` up in the DHT now (the host asks when it knows none)
+    /// and returns those found; if too many lookups are running, the providers known already.
+    async fn find_service(&self, service: &str) -> Result<Vec<NodeRecord>, PluginError> {
+        let known = |node: &DhtNode<SocketAddr>| -> Vec<NodeRecord> {
+            let offers = |record: &NodeRecord| record.services.iter().any(|name| name == service);
+            node.known_records().into_iter().filter(offers).collect()
+        };
+        let (sender, found) = oneshot::channel();
+        {
+            let mut node = self.shared.node();
+            let mut waiting = self.shared.waiting();
+            if waiting.len() >= MAX_WAITING_LOOKUPS || node.find_service(service, Instant::now()).is_none() {
+                return Ok(known(&node));
+            }
+            waiting.push((service.to_string(), sender));
+        }
+        self.shared.wake.notify_one();
+        let mut closing = self.shutdown.subscribe();
+        tokio::select! {
+            found = found => Ok(found.unwrap_or_default()),
+            _ = closing.wait_for(|closed| *closed) => Ok(Vec::new()),
+        }
+    }
+
     async fn close(&self) -> Result<(), PluginError> {
         // GOODBYE to every contact (and removal of our values): peers see us leave now rather
         // than when our records expire. The driver sends what is queued before it stops.
@@ -263,7 +328,7 @@ impl Discovery for KademliaDiscovery {
     }
 }
 
-fn forward(events: &mpsc::Sender<PeerEvent>, local: SocketAddr, event: Event) {
+fn forward(shared: &Shared, events: &mpsc::Sender<PeerEvent>, local: SocketAddr, event: Event) {
     match event {
         Event::Peer(event) => {
             let kind = event.kind;
@@ -277,15 +342,20 @@ fn forward(events: &mpsc::Sender<PeerEvent>, local: SocketAddr, event: Event) {
                 }
             }
         }
-        Event::Lookup(report) => tracing::debug!(
-            "kademlia {local}: {:?} lookup of {} finished: {} queries, {} answers, {} provider(s), {:?}",
-            report.purpose,
-            report.target,
-            report.queries,
-            report.answers,
-            report.providers.len(),
-            report.duration
-        ),
+        Event::Lookup(report) => {
+            if let LookupPurpose::FindService(service) = &report.purpose {
+                shared.found(service, &report.providers);
+            }
+            tracing::debug!(
+                "kademlia {local}: {:?} lookup of {} finished: {} queries, {} answers, {} provider(s), {:?}",
+                report.purpose,
+                report.target,
+                report.queries,
+                report.answers,
+                report.providers.len(),
+                report.duration
+            );
+        }
     }
 }
 
@@ -297,12 +367,13 @@ fn step(
 ) -> (Vec<(SocketAddr, Vec<u8>)>, Option<Instant>) {
     let mut node = shared.node();
     let now = Instant::now();
+    node.set_wall_clock(now, WallClock::system_unix_ms());
     if node.next_timeout().is_some_and(|at| at <= now) {
         node.handle_timeout(now);
     }
     let transmits: Vec<_> = std::iter::from_fn(|| node.poll_transmit()).collect();
     while let Some(event) = node.poll_event() {
-        forward(events, local, event);
+        forward(shared, events, local, event);
     }
     (transmits, node.next_timeout())
 }
@@ -311,6 +382,22 @@ async fn send_all(socket: &UdpSocket, local: SocketAddr, transmits: Vec<(SocketA
     for (to, datagram) in transmits {
         if let Err(error) = socket.send_to(&datagram, to).await {
             tracing::debug!("kademlia {local}: sending to {to} failed: {error}");
+        }
+    }
+}
+
+/// Hands one datagram to the state machine; logs (rate-limited) why one was refused for its
+/// authentication. (Malformed plaintext datagrams are only counted, as before.)
+fn receive(node: &mut DhtNode<SocketAddr>, local: SocketAddr, from: SocketAddr, datagram: &[u8]) {
+    static UNAUTHENTICATED: LogRateLimit = LogRateLimit::standard();
+    if let Err(error) = node.handle_datagram_checked(from, datagram, Instant::now()) {
+        if error.is_authentication() {
+            if let Some(repeats) = UNAUTHENTICATED.check() {
+                tracing::warn!(
+                    "kademlia {local}: dropped a datagram of {} bytes from {from}: {error}{repeats}",
+                    datagram.len()
+                );
+            }
         }
     }
 }
@@ -345,10 +432,11 @@ async fn drive(
             received = socket.recv_from(&mut buffer) => match received {
                 Ok((n, from)) => {
                     let mut node = shared.node();
-                    node.handle_datagram(from, &buffer[..n], Instant::now());
+                    node.set_wall_clock(Instant::now(), WallClock::system_unix_ms());
+                    receive(&mut node, local, from, &buffer[..n]);
                     for _ in 0..RECEIVE_BATCH {
                         match socket.try_recv_from(&mut buffer) {
-                            Ok((n, from)) => node.handle_datagram(from, &buffer[..n], Instant::now()),
+                            Ok((n, from)) => receive(&mut node, local, from, &buffer[..n]),
                             Err(_) => break,
                         }
                     }
@@ -403,6 +491,48 @@ mod tests {
         })
         .await
         .unwrap_or_else(|_| panic!("no event about {id}"))
+    }
+
+    /// `find_service` (what the host calls when it knows no provider) runs a lookup and returns
+    /// what it found, for a node that looks up nothing by itself; a service nobody provides
+    /// ends with nothing, not a hang.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn find_service_looks_the_providers_up_on_demand() {
+        let settings = |seeds: Vec<String>| KademliaSettings {
+            listen: Some("127.0.0.1:0".into()),
+            seeds,
+            bootstrap_retry_ms: Some(100),
+            request_timeout_ms: Some(200),
+            ..Default::default()
+        };
+        let seed = KademliaDiscovery::start(NodeId::new("seed"), settings(vec![])).await.unwrap();
+        let seeds = vec![seed.local_address().to_string()];
+        let provider =
+            KademliaDiscovery::start(NodeId::new("provider"), settings(seeds.clone())).await.unwrap();
+        let client = KademliaDiscovery::start(NodeId::new("client"), settings(seeds)).await.unwrap();
+        seed.announce(record("seed", &[])).await.unwrap();
+        provider.announce(record("provider", &["echo"])).await.unwrap();
+        client.announce(record("client", &[])).await.unwrap();
+        // The provider's STORE reaches the nodes closest to the key soon after it joined: each
+        // call is one lookup, repeated until one finds it.
+        let started = Instant::now();
+        let found = loop {
+            let found = client.find_service("echo").await.unwrap();
+            if !found.is_empty() {
+                break found;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "no lookup found the provider");
+        };
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(
+            (found[0].id.as_str(), found[0].services.as_slice()),
+            ("provider", &["echo".to_string()][..])
+        );
+        let nobody = tokio::time::timeout(Duration::from_secs(10), client.find_service("nobody")).await;
+        assert_eq!(nobody.expect("a lookup ends").unwrap(), Vec::<NodeRecord>::new());
+        for discovery in [client, provider, seed] {
+            discovery.close().await.unwrap();
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,7 +47,8 @@
 //!
 //! Version 1, magic byte `0xDB`, one message per datagram of at most
 //! [`protocol::MAX_DATAGRAM`] bytes: PING / PONG, FIND (node or value) / FOUND, STORE / STORED,
-//! GOODBYE. The byte layout is in [`protocol`].
+//! GOODBYE. The byte layout is in [`protocol`]. Authenticated nodes (below) speak version 2:
+//! every record signed by its node, and a trailer with the sender's id, clock and signature.
 //!
 //! ## Guarantees and limits
 //!
@@ -65,14 +66,36 @@
 //! - **Hostile input**: a datagram that does not parse is counted and dropped, never a panic;
 //!   responses count only from the address the request went to and with its 64-bit random
 //!   transaction id.
-//! - **No authentication yet**: datagrams are plaintext and unsigned. Anyone who can send UDP to
-//!   a node can publish or remove records under any node id and poison
-//!   lookups with made-up contacts (bounded by the limits above, and contacts enter the routing
-//!   table only by answering from their own address). Noise-authenticated datagrams and signed
-//!   records are not implemented: run it on a network you trust.
+//! - **Authentication** (when the node runs with `[security] links = "noise"`: the host hands
+//!   the plugin the node's identity and allow list; [`auth`], [`protocol`]): every datagram
+//!   carries the sender's node id (bound to its public key, and whose SHA-256 must be the
+//!   datagram's sender key), its clock and its Ed25519 signature, and is refused whole, before
+//!   anything in it is parsed, unless the key is on `security.allow`, the signature verifies
+//!   (with `security.network_key_file`, the network key is part of what is signed: a node of
+//!   another network is refused even with an allowed key) and the time is within 5 minutes of
+//!   ours (an older datagram replayed is refused). Records travel signed by the node they
+//!   describe: a STORE or a FOUND value that its own node did not sign (a provider of a service
+//!   published in another node's name) is refused, and only a node itself can remove its
+//!   values. A request from a key the routing table does
+//!   not have at that address makes the node PING the address first; the key enters the table
+//!   when a fresh signed PONG comes back from there, so a datagram replayed from elsewhere cannot
+//!   move a contact. Refused datagrams are counted (`Stats::unauthenticated`) and logged
+//!   (rate-limited).
+//! - **Limits of authentication**: nothing is encrypted (records can be read on the network).
+//!   An allowed node can still answer lookups with made-up contacts (they enter routing tables
+//!   only by answering from their own address) and refuse to keep values. A datagram replayed
+//!   within the 5-minute window is accepted again: a STORE re-stores the same signed value, but a
+//!   removal (`withdraw`, `close`) replayed after the node published again removes its value
+//!   until its next republication. Plaintext and authenticated nodes do not understand each
+//!   other. The 2,048-byte record limit includes the 64-byte signature.
+//! - **Without link security** datagrams are plaintext and unsigned: anyone who can send UDP to
+//!   a node can publish or remove records under any node id and poison lookups with made-up
+//!   contacts (bounded by the limits above, and contacts enter the routing table only by
+//!   answering from their own address). Run it so only on a network you trust.
 
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod discovery;
 pub mod key;
 pub mod lookup;
@@ -100,7 +123,8 @@ impl Plugin for KademliaPlugin {
     const WORKER_THREADS: usize = 1;
 
     async fn new_discovery(setup: Setup) -> Result<Arc<dyn comms_plugin_api::Discovery>, PluginError> {
-        Ok(Arc::new(KademliaDiscovery::start(setup.node_id.clone(), setup.config()?).await?))
+        let security = setup.link_security()?;
+        Ok(Arc::new(KademliaDiscovery::start_with(setup.node_id.clone(), setup.config()?, security).await?))
     }
 }
 

@@ -48,13 +48,33 @@
 //!   fails [`crate::routing_table::MAX_FAILURES`] requests in a row (or one, when a newcomer
 //!   waits for its place in a full bucket) is dropped from the table, and the newcomer takes
 //!   its place.
+//!
+//! ## Authenticated mode
+//!
+//! [`DhtNode::authenticate`] (the plugin calls it when the node runs with
+//! `security.links = "noise"`) seals every datagram this node sends
+//! ([`crate::protocol::seal`]: version 2, its node id, its clock, its signature) and opens every
+//! datagram it handles ([`crate::protocol::open`]) before anything in it is parsed: a datagram
+//! from a key that is not allowed, with a bad signature, a sender key that is not its signer's,
+//! a time more than 5 minutes from ours (a replay) or in plaintext is refused whole, changes
+//! nothing and is counted ([`Stats::unauthenticated`]). Records travel signed by their own node
+//! ([`crate::protocol::sign_record`]), so a node can store, hand over or return only records
+//! their nodes signed: nobody can publish a provider of a service in another node's name.
+//! Since a datagram replayed within the window from another address would otherwise put its
+//! signer's key at that address in the routing table, a *request* from a key the table does not
+//! have at that address only makes this node PING the address; the key goes into the table
+//! when a fresh, signed PONG comes back from there (responses count only with their random
+//! transaction id, so they cannot be replayed). The node reads no clock: the caller sets the
+//! wall-clock time with [`DhtNode::set_wall_clock`], and it advances with the `Instant`s handed
+//! in. Plaintext and authenticated nodes do not understand each other.
 
 use crate::{
+    auth::{self, LinkSecurity, PublicKey, WallClock},
     key::Key,
     lookup::Lookup,
     protocol::{
-        decode_record, encode_record, Body, Contact, Message, RecordTooLarge, Value, WireAddress, HEADER,
-        MAX_DATAGRAM,
+        decode_value, encode_record, open, seal, sign_record, Body, Contact, DecodeError, Message,
+        RecordTooLarge, Value, WireAddress, HEADER, MAX_DATAGRAM,
     },
     routing_table::{Insert, RoutingTable},
     store::{RecordStore, StoreLimits, StoreOutcome},
@@ -178,8 +198,11 @@ pub struct Stats {
     pub sent: u64,
     /// Datagrams received that parsed.
     pub received: u64,
-    /// Datagrams that did not parse.
+    /// Datagrams that did not parse (authentication failures included).
     pub malformed: u64,
+    /// Of which refused by authentication (authenticated mode): plaintext, not signed by an
+    /// allowed key, outside the time window, or carrying a record its node did not sign.
+    pub unauthenticated: u64,
     /// Responses that matched no request (late, or forged).
     pub unsolicited: u64,
     /// Requests that timed out.
@@ -200,6 +223,8 @@ enum RequestKind {
     /// A new contact's own record.
     FetchRecord,
     Store,
+    /// Authenticated mode: does the key that sent a request answer at its address?
+    Verify,
 }
 
 #[derive(Debug, Clone)]
@@ -264,7 +289,20 @@ pub struct DhtNode<A> {
     next_sweep: Instant,
     known: HashMap<Key, Known>,
     evicting: HashSet<Key>,
+    /// Authenticated mode.
+    auth: Option<Auth>,
+    /// Keys whose address is being checked (authenticated mode).
+    verifying: HashSet<Key>,
+    /// The latest time handed in (the time of datagrams sent).
+    latest: Instant,
     stats: Stats,
+}
+
+/// What an authenticated node seals and opens datagrams with.
+#[derive(Debug, Clone)]
+struct Auth {
+    security: LinkSecurity,
+    clock: WallClock,
 }
 
 impl<A: WireAddress> DhtNode<A> {
@@ -298,9 +336,48 @@ impl<A: WireAddress> DhtNode<A> {
             next_sweep: now + config.sweep_interval,
             known: HashMap::new(),
             evicting: HashSet::new(),
+            auth: None,
+            verifying: HashSet::new(),
+            latest: now,
             stats: Stats::default(),
             config,
         }
+    }
+
+    /// Switches to authenticated mode (see the [module documentation](self)) with this node's
+    /// identity and allow list; the wall clock reads `unix_ms` (milliseconds since the Unix
+    /// epoch) at `now`. Call before [`DhtNode::publish`]. Refused if this node's id is not bound
+    /// to the identity's public key.
+    pub fn authenticate(&mut self, security: LinkSecurity, now: Instant, unix_ms: u64) -> Result<(), String> {
+        let (id, key) = (&self.own_id, security.identity.public_key());
+        if PublicKey::of_node(&comms_plugin_api::NodeId::new(id.as_str())) != Some(key) {
+            return Err(format!("the node id `{id}` is not bound to this node's public key {key}"));
+        }
+        if id.len() > u8::MAX as usize {
+            return Err(format!("the node id `{id}` is longer than 255 bytes"));
+        }
+        self.store.set_signed(true);
+        self.auth = Some(Auth { security, clock: WallClock::new(now, unix_ms) });
+        self.touch(now);
+        Ok(())
+    }
+
+    /// Whether datagrams are sealed and opened (authenticated mode).
+    pub fn is_authenticated(&self) -> bool {
+        self.auth.is_some()
+    }
+
+    /// Sets the wall clock (authenticated mode): `unix_ms` milliseconds since the Unix epoch at
+    /// `now`. Datagrams carry it; those more than 5 minutes from it are refused.
+    pub fn set_wall_clock(&mut self, now: Instant, unix_ms: u64) {
+        self.touch(now);
+        if let Some(auth) = &mut self.auth {
+            auth.clock.set(now, unix_ms);
+        }
+    }
+
+    fn touch(&mut self, now: Instant) {
+        self.latest = self.latest.max(now);
     }
 
     /// Our key.
@@ -321,6 +398,11 @@ impl<A: WireAddress> DhtNode<A> {
     /// Contacts in the routing table.
     pub fn contact_count(&self) -> usize {
         self.table.len()
+    }
+
+    /// The address of contact `key` in the routing table.
+    pub fn contact_address(&self, key: &Key) -> Option<A> {
+        self.table.address_of(key)
     }
 
     /// Values kept for others.
@@ -350,6 +432,7 @@ impl<A: WireAddress> DhtNode<A> {
 
     /// Joins the network through `seeds` (addresses of any nodes in it).
     pub fn bootstrap(&mut self, seeds: Vec<A>, now: Instant) {
+        self.touch(now);
         self.seeds = seeds;
         self.bootstrapped = false;
         self.ping_seeds(now);
@@ -366,7 +449,11 @@ impl<A: WireAddress> DhtNode<A> {
     /// Publishes (or replaces) our record: under our node key and under the key of each service
     /// it lists, at the k closest nodes; republished before it expires.
     pub fn publish(&mut self, record: NodeRecord, now: Instant) -> Result<(), RecordTooLarge> {
-        let bytes = encode_record(&record)?;
+        self.touch(now);
+        let bytes = match &self.auth {
+            Some(auth) => sign_record(&auth.security, encode_record(&record)?)?,
+            None => encode_record(&record)?,
+        };
         let changed = self.own_record.as_ref().is_none_or(|(_, old)| *old != bytes);
         self.own_record = Some((record, bytes.clone()));
         if changed && self.config.learn_contact_records {
@@ -414,6 +501,7 @@ impl<A: WireAddress> DhtNode<A> {
     /// Removes our record: asks the nodes closest to each of its keys (as our table knows
     /// them) to drop it, and says GOODBYE to every contact, which drops our contact record.
     pub fn withdraw(&mut self, now: Instant) {
+        self.touch(now);
         let keys = self.publication_keys();
         if let Some((_, bytes)) = self.own_record.take() {
             for key in keys {
@@ -433,6 +521,7 @@ impl<A: WireAddress> DhtNode<A> {
     /// Looks up the providers of `service` now; returns the lookup's id. The providers found
     /// become known records, and an [`Event::Lookup`] reports the lookup.
     pub fn find_service(&mut self, service: &str, now: Instant) -> Option<u64> {
+        self.touch(now);
         self.start_lookup(
             Key::for_service(service),
             LookupPurpose::FindService(service.to_string()),
@@ -444,6 +533,7 @@ impl<A: WireAddress> DhtNode<A> {
     /// Services whose providers are looked up every [`Config::find_interval`] (the first time
     /// at once).
     pub fn set_find_services(&mut self, services: Vec<String>, now: Instant) {
+        self.touch(now);
         self.find_services = services;
         self.next_find = (!self.find_services.is_empty()).then_some(now);
     }
@@ -478,6 +568,7 @@ impl<A: WireAddress> DhtNode<A> {
 
     /// Fires whatever is due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.touch(now);
         let mut expired: Vec<u64> = self
             .requests
             .iter()
@@ -552,46 +643,69 @@ impl<A: WireAddress> DhtNode<A> {
         }
     }
 
-    /// Handles one datagram from `from`. Anything that does not parse is counted and dropped.
+    /// Handles one datagram from `from`. Anything that does not parse (or, in authenticated
+    /// mode, fails authentication) is counted and dropped.
     pub fn handle_datagram(&mut self, from: A, bytes: &[u8], now: Instant) {
-        let message = match Message::<A>::decode(bytes) {
+        let _ = self.handle_datagram_checked(from, bytes, now);
+    }
+
+    /// [`DhtNode::handle_datagram`], saying why a datagram was dropped.
+    pub fn handle_datagram_checked(
+        &mut self,
+        from: A,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Result<(), DecodeError> {
+        self.touch(now);
+        let decoded = match &self.auth {
+            Some(auth) => {
+                open::<A>(&auth.security, bytes, auth.clock.unix_ms(now)).map(|(_, message)| message)
+            }
+            None => Message::<A>::decode(bytes),
+        };
+        let message = match decoded {
             Ok(message) => message,
-            Err(_) => {
+            Err(error) => {
                 self.stats.malformed += 1;
-                return;
+                if error.is_authentication() {
+                    self.stats.unauthenticated += 1;
+                }
+                return Err(error);
             }
         };
         self.stats.received += 1;
         if message.sender == self.own {
-            return;
+            return Ok(());
         }
         let sender = Contact { key: message.sender, address: from };
         match message.body {
             Body::Ping => {
-                self.heard_from(sender, now);
+                self.heard_request_from(sender, now);
                 self.respond(from, message.txid, Body::Pong);
             }
             Body::Find { target, values } => {
-                self.heard_from(sender, now);
+                self.heard_request_from(sender, now);
                 let body = self.found(&target, values, &message.sender, now);
                 self.respond(from, message.txid, body);
             }
             Body::Store { key, ttl_ms, record } => {
-                self.heard_from(sender, now);
+                self.heard_request_from(sender, now);
                 let ttl = Duration::from_millis(ttl_ms as u64);
                 let outcome = self.store.put(from, message.sender, key, ttl, record.clone(), now);
                 let accepted = matches!(outcome, StoreOutcome::Stored | StoreOutcome::Removed);
                 if !accepted {
                     self.stats.stores_refused += 1;
                 }
-                // A contact pushing its changed record: update what we know of it.
+                // A contact pushing its changed record: update what we know of it, or learn it
+                // (a contact whose record did not exist yet when we fetched it pushes it once it
+                // publishes: without this, its record would stay unknown here until it changed).
                 let from_contact = self.table.address_of(&key) == Some(from);
                 if outcome == StoreOutcome::Stored
                     && key == message.sender
                     && from_contact
-                    && self.known.contains_key(&key)
+                    && (self.config.learn_contact_records || self.known.contains_key(&key))
                 {
-                    if let Ok(record) = decode_record(&record) {
+                    if let Ok(record) = decode_value(&record, self.auth.is_some()) {
                         self.learn(record, None, true);
                     }
                 }
@@ -600,7 +714,7 @@ impl<A: WireAddress> DhtNode<A> {
             Body::Goodbye => {
                 // Only from the contact's own address: a forger elsewhere cannot evict it.
                 if self.table.address_of(&message.sender) != Some(from) {
-                    return;
+                    return Ok(());
                 }
                 self.drop_contact(&message.sender, now);
                 if let Some(known) = self.known.remove(&message.sender) {
@@ -611,6 +725,21 @@ impl<A: WireAddress> DhtNode<A> {
             Body::Pong | Body::Found { .. } | Body::Stored { .. } => {
                 self.handle_response(sender, message, now)
             }
+        }
+        Ok(())
+    }
+
+    /// `contact` sent a request. In plaintext it goes into the routing table; in authenticated
+    /// mode too if the table has it at that address, otherwise it is asked to answer a PING
+    /// there first (see the [module documentation](self)).
+    fn heard_request_from(&mut self, contact: Contact<A>, now: Instant) {
+        if self.auth.is_none() || self.table.address_of(&contact.key) == Some(contact.address) {
+            return self.heard_from(contact, now);
+        }
+        if self.verifying.insert(contact.key)
+            && !self.request(contact.address, Some(contact.key), RequestKind::Verify, Body::Ping, now)
+        {
+            self.verifying.remove(&contact.key);
         }
     }
 
@@ -634,6 +763,9 @@ impl<A: WireAddress> DhtNode<A> {
                 self.evicting.remove(&sender.key);
                 self.table.drop_pending(&sender.key);
             }
+            (RequestKind::Verify, _) => {
+                self.verifying.remove(&sender.key);
+            }
             (RequestKind::Bootstrap, _) => {
                 if !self.bootstrapped {
                     self.bootstrapped = true;
@@ -655,9 +787,10 @@ impl<A: WireAddress> DhtNode<A> {
                 }
             }
             (RequestKind::FetchRecord, Body::Found { values, .. }) => {
+                let signed = self.auth.is_some();
                 let own = values
                     .iter()
-                    .filter_map(|value| decode_record(&value.record).ok())
+                    .filter_map(|value| decode_value(&value.record, signed).ok())
                     .find(|record| Key::for_node(record.id.as_str()) == sender.key);
                 if let Some(record) = own {
                     if self.table.contains(&sender.key) {
@@ -731,6 +864,12 @@ impl<A: WireAddress> DhtNode<A> {
     /// A request timed out or was answered by someone else.
     fn request_failed(&mut self, request: Request<A>, now: Instant) {
         let Some(key) = request.key else { return };
+        if request.kind == RequestKind::Verify {
+            // Nobody with that key at that address (a replay from elsewhere, or it went away):
+            // whatever the table has for the key stays as it was.
+            self.verifying.remove(&key);
+            return;
+        }
         if request.kind == RequestKind::Evict {
             self.evicting.remove(&key);
         }
@@ -833,7 +972,11 @@ impl<A: WireAddress> DhtNode<A> {
             .collect();
         let mut values = Vec::new();
         if with_values {
-            let mut room = MAX_DATAGRAM - HEADER - 2 - contacts.len() * (32 + 19);
+            let trailer = match &self.auth {
+                Some(_) => self.own_id.len() + auth::TRAILER,
+                None => 0,
+            };
+            let mut room = MAX_DATAGRAM - trailer - HEADER - 2 - contacts.len() * (32 + 19);
             let mut add = |value: Value| {
                 if value.encoded_len() <= room && values.len() < u8::MAX as usize {
                     room -= value.encoded_len();
@@ -931,7 +1074,7 @@ impl<A: WireAddress> DhtNode<A> {
             LookupPurpose::FindService(service) => {
                 let service = service.clone();
                 for value in running.lookup.take_values() {
-                    let Ok(record) = decode_record(&value.record) else { continue };
+                    let Ok(record) = decode_value(&value.record, self.auth.is_some()) else { continue };
                     if !record.services.contains(&service) {
                         continue;
                     }
@@ -988,6 +1131,12 @@ impl<A: WireAddress> DhtNode<A> {
             return;
         }
         self.stats.sent += 1;
-        self.transmits.push_back((to, message.encode()));
+        let datagram = match &self.auth {
+            Some(auth) => {
+                seal(&auth.security, &self.own_id, message.encode(), auth.clock.unix_ms(self.latest))
+            }
+            None => message.encode(),
+        };
+        self.transmits.push_back((to, datagram));
     }
 }

@@ -33,7 +33,35 @@
 //!
 //! Decoding never panics and never allocates more than the datagram's length: hostile input is
 //! a [`DecodeError`] naming what is wrong.
+//!
+//! ## Authenticated datagrams (version 2)
+//!
+//! Nodes that run with `security.links = "noise"` speak version 2: the same message with
+//! version byte `2`, in which every record (a STORE's, a FOUND's values) is the record followed
+//! by its own node's signature of it, and a trailer after the message:
+//!
+//! ```text
+//! u8   magic 0xDB
+//! u8   version 2
+//! ...  kind, transaction id, sender key, body as in version 1; each record is:
+//!        record bytes (as above), [64] signature by the node the record names (RECORD_CONTEXT)
+//!        (at most MAX_RECORD bytes in all)
+//! [n]  sender's node id (bound to its public key: `<label>-<64 hex digits>`; the sender key
+//!      must be its SHA-256)
+//! u8   n
+//! u64  sender's clock, milliseconds since the Unix epoch
+//! [64] Ed25519 signature of everything above (DATAGRAM_CONTEXT)
+//! ```
+//!
+//! A signature covers a context string ([`DATAGRAM_CONTEXT`] or [`RECORD_CONTEXT`], naming the
+//! protocol and version), then `0`, or `1` and the network key (`security.network_key_file`),
+//! then the bytes (see [`crate::auth`]). [`open`] refuses a datagram, before parsing anything,
+//! unless the sender's id is bound to a key on the allow list, the signature verifies and the
+//! time is within 5 minutes of the receiver's clock; then the sender key must be that id's and
+//! every record must carry its own node's signature ([`verify_record`]). 73 bytes plus the
+//! sender's id per datagram, 64 per record.
 
+use crate::auth::{self, AuthError, LinkSecurity, SIGNATURE};
 use crate::key::{Key, KEY_BYTES};
 use comms_plugin_api::{NodeId, NodeRecord};
 use std::{
@@ -44,8 +72,16 @@ use std::{
 
 /// First byte of every datagram.
 pub const MAGIC: u8 = 0xDB;
-/// The format version this code speaks.
+/// The format version this code speaks (plaintext).
 pub const VERSION: u8 = 1;
+/// The version of authenticated datagrams: a version-1 message whose records carry their
+/// owner's signature, followed by the sender's authentication trailer (see
+/// [Authenticated datagrams](self#authenticated-datagrams-version-2)).
+pub const AUTH_VERSION: u8 = 2;
+/// What the signature of a datagram's trailer covers first (then the network key marker).
+pub const DATAGRAM_CONTEXT: &[u8] = b"comms-kademlia/2 datagram";
+/// What the owner's signature of a record covers first (then the network key marker).
+pub const RECORD_CONTEXT: &[u8] = b"comms-kademlia/2 record";
 /// The largest datagram sent or accepted.
 pub const MAX_DATAGRAM: usize = 8192;
 /// The largest encoded record.
@@ -80,6 +116,17 @@ pub enum DecodeError {
     Invalid(&'static str),
     /// Bytes left over after the message.
     TrailingBytes(usize),
+    /// A plaintext datagram at a node that requires authenticated ones.
+    Plaintext,
+    /// An authenticated datagram, or a record in one, that fails authentication.
+    Auth(AuthError),
+}
+
+impl DecodeError {
+    /// Whether the datagram was refused for its authentication (not its format).
+    pub fn is_authentication(&self) -> bool {
+        matches!(self, DecodeError::Plaintext | DecodeError::Auth(_))
+    }
 }
 
 impl fmt::Display for DecodeError {
@@ -88,7 +135,17 @@ impl fmt::Display for DecodeError {
             DecodeError::Truncated => write!(f, "truncated"),
             DecodeError::TooLarge(n) => write!(f, "{n} bytes is over the limit"),
             DecodeError::BadMagic(byte) => write!(f, "bad magic byte {byte:#04x}"),
+            DecodeError::UnsupportedVersion(AUTH_VERSION) => write!(
+                f,
+                "an authenticated datagram (version {AUTH_VERSION}); this node runs plaintext kademlia \
+                 (security.links = \"plain\")"
+            ),
             DecodeError::UnsupportedVersion(version) => write!(f, "unsupported version {version}"),
+            DecodeError::Plaintext => write!(
+                f,
+                "a plaintext datagram; this node requires authenticated ones (security.links = \"noise\")"
+            ),
+            DecodeError::Auth(error) => write!(f, "unauthenticated: {error}"),
             DecodeError::UnknownKind(kind) => write!(f, "unknown message kind {kind}"),
             DecodeError::Invalid(what) => write!(f, "invalid {what}"),
             DecodeError::TrailingBytes(n) => write!(f, "{n} trailing bytes"),
@@ -332,6 +389,10 @@ impl<A: WireAddress> Message<A> {
 
     /// Parses a datagram.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        Self::decode_version(bytes, VERSION)
+    }
+
+    fn decode_version(bytes: &[u8], expected: u8) -> Result<Self, DecodeError> {
         if bytes.len() > MAX_DATAGRAM {
             return Err(DecodeError::TooLarge(bytes.len()));
         }
@@ -341,7 +402,7 @@ impl<A: WireAddress> Message<A> {
             return Err(DecodeError::BadMagic(magic));
         }
         let version = r.u8()?;
-        if version != VERSION {
+        if version != expected {
             return Err(DecodeError::UnsupportedVersion(version));
         }
         let kind = r.u8()?;
@@ -495,6 +556,85 @@ pub fn decode_record(bytes: &[u8]) -> Result<NodeRecord, DecodeError> {
     Ok(record)
 }
 
+/// Seals an encoded message as sent by node `id` at `unix_ms`: sets its version to
+/// [`AUTH_VERSION`] and appends the authentication trailer.
+pub fn seal(security: &LinkSecurity, id: &str, mut datagram: Vec<u8>, unix_ms: u64) -> Vec<u8> {
+    if let Some(version) = datagram.get_mut(1) {
+        *version = AUTH_VERSION;
+    }
+    auth::seal(security, DATAGRAM_CONTEXT, id, datagram, unix_ms)
+}
+
+/// Checks and parses an authenticated datagram at `unix_ms`: the trailer first (signature,
+/// allowed key, time window; nothing is parsed before it passes), then the message, whose
+/// sender key must be the key of the node that signed it, and whose records (a STORE's, a
+/// FOUND's values) must each carry the signature of the node they describe, by an allowed key
+/// ([`verify_record`]). Returns the sender's node id and the message.
+pub fn open<'a, A: WireAddress>(
+    security: &LinkSecurity,
+    bytes: &'a [u8],
+    unix_ms: u64,
+) -> Result<(&'a str, Message<A>), DecodeError> {
+    if bytes.len() > MAX_DATAGRAM {
+        return Err(DecodeError::TooLarge(bytes.len()));
+    }
+    match bytes {
+        [MAGIC, AUTH_VERSION, ..] => {}
+        [MAGIC, VERSION, ..] => return Err(DecodeError::Plaintext),
+        [MAGIC, version, ..] => return Err(DecodeError::UnsupportedVersion(*version)),
+        [other, ..] => return Err(DecodeError::BadMagic(*other)),
+        [] => return Err(DecodeError::Truncated),
+    }
+    let (sender, payload) =
+        auth::open(security, DATAGRAM_CONTEXT, bytes, unix_ms).map_err(DecodeError::Auth)?;
+    let message = Message::<A>::decode_version(payload, AUTH_VERSION)?;
+    if message.sender != Key::for_node(sender) {
+        return Err(DecodeError::Auth(AuthError::WrongSender));
+    }
+    match &message.body {
+        Body::Store { record, .. } => verify_record(security, record)?,
+        Body::Found { values, .. } => {
+            for value in values {
+                verify_record(security, &value.record)?;
+            }
+        }
+        _ => {}
+    }
+    Ok((sender, message))
+}
+
+/// An encoded record (see [`encode_record`]) followed by its node's signature of it: how
+/// records travel between authenticated nodes. At most [`MAX_RECORD`] bytes in all.
+pub fn sign_record(security: &LinkSecurity, record: Vec<u8>) -> Result<Vec<u8>, RecordTooLarge> {
+    let mut signed = record;
+    let signature = auth::sign(security, RECORD_CONTEXT, &signed);
+    signed.extend_from_slice(&signature);
+    match signed.len() {
+        size if size > MAX_RECORD => Err(RecordTooLarge { size }),
+        _ => Ok(signed),
+    }
+}
+
+/// Checks that a signed record (see [`sign_record`]) carries the signature of the node it
+/// describes (its id's key, which must be allowed). Reads only the id before checking.
+pub fn verify_record(security: &LinkSecurity, signed: &[u8]) -> Result<(), DecodeError> {
+    let split = signed.len().checked_sub(SIGNATURE).ok_or(DecodeError::Auth(AuthError::Malformed))?;
+    let (record, signature) = signed.split_at(split);
+    let id = Reader::new(record).bytes()?;
+    let id = std::str::from_utf8(id).map_err(|_| DecodeError::Invalid("UTF-8 string"))?;
+    auth::verify(security, RECORD_CONTEXT, id, record, signature).map_err(DecodeError::Auth)?;
+    Ok(())
+}
+
+/// Decodes a record as carried in a STORE or FOUND: signed (authenticated nodes; the signature,
+/// checked when the datagram was opened, is skipped) or not.
+pub fn decode_value(value: &[u8], signed: bool) -> Result<NodeRecord, DecodeError> {
+    match signed {
+        true => decode_record(&value[..value.len().checked_sub(SIGNATURE).ok_or(DecodeError::Truncated)?]),
+        false => decode_record(value),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -572,5 +712,112 @@ mod tests {
         let mut big = record();
         big.metadata.push(("blob".into(), "x".repeat(MAX_RECORD)));
         assert!(encode_record(&big).is_err());
+    }
+
+    mod authenticated {
+        use super::*;
+        use crate::auth::{AllowList, Identity, NetworkKey, WINDOW_MS};
+
+        const NOW: u64 = 1_700_000_000_000;
+
+        fn identity(n: u8) -> Identity {
+            Identity::from_secret_bytes(&[n; 32])
+        }
+
+        fn id(n: u8) -> String {
+            identity(n).node_id(Some(&format!("n{n}"))).to_string()
+        }
+
+        fn security(n: u8, allowed: &[u8], network: Option<u8>) -> LinkSecurity {
+            let keys = allowed.iter().map(|m| identity(*m).public_key()).collect();
+            LinkSecurity::new(identity(n), AllowList::Keys(keys), network.map(|k| NetworkKey([k; 32])))
+        }
+
+        /// Node `n`'s record offering `echo`, signed by `signer`.
+        fn provider(n: u8, signer: u8) -> Vec<u8> {
+            let mut record = NodeRecord::new(NodeId::new(id(n)));
+            record.services = vec!["echo".into()];
+            sign_record(&security(signer, &[], None), encode_record(&record).unwrap()).unwrap()
+        }
+
+        /// A datagram from node `n` (signed with `signer`'s key, sender key of `sender`).
+        fn sealed(signer: u8, n: u8, sender: u8, body: Body<u32>, unix_ms: u64) -> Vec<u8> {
+            let message = Message::<u32> { txid: 5, sender: Key::for_node(&id(sender)), body };
+            seal(&security(signer, &[], None), &id(n), message.encode(), unix_ms)
+        }
+
+        fn store(record: Vec<u8>) -> Body<u32> {
+            Body::Store { key: Key::for_service("echo"), ttl_ms: 1000, record }
+        }
+
+        #[test]
+        fn sealed_messages_with_signed_records_open_at_an_allowed_receiver() {
+            let receiver = security(2, &[1, 3], None);
+            for body in [
+                Body::Ping,
+                store(provider(1, 1)),
+                Body::Found {
+                    contacts: vec![Contact { key: Key::for_node(&id(3)), address: 3 }],
+                    values: vec![
+                        Value { ttl_ms: 9, record: provider(3, 3) },
+                        Value { ttl_ms: 9, record: provider(1, 1) },
+                    ],
+                },
+            ] {
+                let bytes = sealed(1, 1, 1, body.clone(), NOW);
+                assert_eq!(bytes[1], AUTH_VERSION);
+                let (sender, message) = open::<u32>(&receiver, &bytes, NOW + WINDOW_MS).unwrap();
+                assert_eq!((sender, message.body), (id(1).as_str(), body));
+            }
+            let record = decode_value(&provider(3, 3), true).unwrap();
+            assert_eq!(
+                (record.id.as_str(), record.services.as_slice()),
+                (id(3).as_str(), &["echo".to_string()][..])
+            );
+        }
+
+        #[test]
+        fn forged_replayed_unknown_foreign_and_impersonating_datagrams_are_refused() {
+            let receiver = security(2, &[1, 3], None);
+            let auth = |error| Err::<(), _>(DecodeError::Auth(error));
+            let check = |bytes: &[u8], at| open::<u32>(&receiver, bytes, at).map(|_| ());
+            let ping = sealed(1, 1, 1, Body::Ping, NOW);
+            for at in [3, ping.len() - 75, ping.len() - 1] {
+                let mut forged = ping.clone();
+                forged[at] ^= 1;
+                assert!(matches!(check(&forged, NOW), Err(DecodeError::Auth(_))), "byte {at} changed");
+            }
+            assert_eq!(check(&ping, NOW + WINDOW_MS + 1), auth(AuthError::Stale), "replayed later");
+            assert_eq!(check(&sealed(9, 9, 9, Body::Ping, NOW), NOW), auth(AuthError::NotAllowed));
+            // Node 1 speaking with node 3's key in the header, or node 3's id and node 1's key.
+            assert_eq!(check(&sealed(1, 1, 3, Body::Ping, NOW), NOW), auth(AuthError::WrongSender));
+            assert_eq!(check(&sealed(1, 3, 3, Body::Ping, NOW), NOW), auth(AuthError::BadSignature));
+            // Node 3's record (a provider of echo) signed by node 1, in a STORE or a FOUND.
+            assert_eq!(
+                check(&sealed(1, 1, 1, store(provider(3, 1)), NOW), NOW),
+                auth(AuthError::BadSignature)
+            );
+            let found =
+                Body::Found { contacts: vec![], values: vec![Value { ttl_ms: 9, record: provider(3, 1) }] };
+            assert_eq!(check(&sealed(1, 1, 1, found, NOW), NOW), auth(AuthError::BadSignature));
+            // A record of a node that is not allowed, signed by itself.
+            assert_eq!(check(&sealed(1, 1, 1, store(provider(9, 9)), NOW), NOW), auth(AuthError::NotAllowed));
+            // An unsigned record.
+            let mut plain = NodeRecord::new(NodeId::new(id(1)));
+            plain.services = vec!["echo".into()];
+            assert!(check(&sealed(1, 1, 1, store(encode_record(&plain).unwrap()), NOW), NOW).is_err());
+            // Another network's allowed key, and plaintext: refused both ways.
+            let member = security(2, &[1], Some(7));
+            let foreign = Message::<u32> { txid: 1, sender: Key::for_node(&id(1)), body: Body::Ping };
+            let foreign = seal(&security(1, &[], Some(8)), &id(1), foreign.encode(), NOW);
+            assert_eq!(open::<u32>(&member, &foreign, NOW).map(|_| ()), auth(AuthError::BadSignature));
+            let plaintext =
+                Message::<u32> { txid: 1, sender: Key::for_node(&id(1)), body: Body::Ping }.encode();
+            assert_eq!(check(&plaintext, NOW), Err(DecodeError::Plaintext));
+            assert_eq!(Message::<u32>::decode(&ping), Err(DecodeError::UnsupportedVersion(AUTH_VERSION)));
+            for cut in 0..ping.len() {
+                assert!(check(&ping[..cut], NOW).is_err(), "cut at {cut}");
+            }
+        }
     }
 }

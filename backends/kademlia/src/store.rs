@@ -11,10 +11,15 @@
 //! [`StoreLimits::max_ttl`], and at most [`StoreLimits::stores_per_window`] STOREs per sender
 //! address per [`StoreLimits::window`] (tracked for at most [`StoreLimits::max_senders`]
 //! addresses at once; a STORE from one more is refused until a window ends).
+//!
+//! Between authenticated nodes ([`RecordStore::set_signed`]) a value is a record followed by its
+//! node's signature, checked when the STORE's datagram was opened
+//! ([`crate::protocol::open`]): a node can store (and so publish as a provider of a service)
+//! only what the record's own node signed.
 
 use crate::{
     key::Key,
-    protocol::{decode_record, Value},
+    protocol::{decode_value, Value},
 };
 use std::{
     collections::HashMap,
@@ -91,12 +96,19 @@ pub struct RecordStore<A> {
     records: usize,
     bytes: usize,
     senders: HashMap<A, Rate>,
+    /// Values are signed records (authenticated nodes).
+    signed: bool,
 }
 
 impl<A: Copy + Eq + Hash> RecordStore<A> {
     /// An empty store.
     pub fn new(limits: StoreLimits) -> Self {
-        Self { limits, entries: HashMap::new(), records: 0, bytes: 0, senders: HashMap::new() }
+        Self { limits, entries: HashMap::new(), records: 0, bytes: 0, senders: HashMap::new(), signed: false }
+    }
+
+    /// Values are signed records (see the [module documentation](self)).
+    pub fn set_signed(&mut self, signed: bool) {
+        self.signed = signed;
     }
 
     /// Values kept.
@@ -137,7 +149,7 @@ impl<A: Copy + Eq + Hash> RecordStore<A> {
                 false => StoreOutcome::Invalid("nothing of the sender's to remove"),
             };
         }
-        let publisher = match validate(key, &record) {
+        let publisher = match validate_value(key, &record, self.signed) {
             Ok(publisher) => publisher,
             Err(why) => return StoreOutcome::Invalid(why),
         };
@@ -246,7 +258,11 @@ impl<A: Copy + Eq + Hash> RecordStore<A> {
 /// Whether `record` may be stored under `key`: it must be the record's node key or the service
 /// key of one of its services. Returns the publisher (the record's node key).
 pub fn validate(key: Key, record: &[u8]) -> Result<Key, &'static str> {
-    let record = decode_record(record).map_err(|_| "a malformed record")?;
+    validate_value(key, record, false)
+}
+
+fn validate_value(key: Key, record: &[u8], signed: bool) -> Result<Key, &'static str> {
+    let record = decode_value(record, signed).map_err(|_| "a malformed record")?;
     let publisher = Key::for_node(record.id.as_str());
     if key == publisher || record.services.iter().any(|service| Key::for_service(service) == key) {
         Ok(publisher)

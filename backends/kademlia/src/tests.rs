@@ -549,6 +549,32 @@ fn a_peer_flooding_stores_is_rate_limited_and_the_store_stays_bounded() {
 }
 
 #[test]
+fn a_contact_that_publishes_after_its_record_was_fetched_is_learned_from_its_push() {
+    let now = Instant::now();
+    let mut a = DhtNode::<u32>::new("a", Config::default(), now);
+    let mut b = DhtNode::<u32>::new("b", Config::default(), now);
+    a.publish(record("a", &[]), now).unwrap();
+    b.bootstrap(vec![1], now); // a is at address 1, b at 2
+    let exchange = |a: &mut DhtNode<u32>, b: &mut DhtNode<u32>| {
+        for _ in 0..8 {
+            while let Some((_, bytes)) = b.poll_transmit() {
+                a.handle_datagram(2, &bytes, now);
+            }
+            while let Some((_, bytes)) = a.poll_transmit() {
+                b.handle_datagram(1, &bytes, now);
+            }
+        }
+    };
+    exchange(&mut a, &mut b);
+    assert_eq!(a.contact_count(), 1);
+    assert!(a.known_records().is_empty(), "b had no record when a fetched it");
+    // b publishes: it pushes its record to its contacts, and a learns it then.
+    b.publish(record("b", &[]), now).unwrap();
+    exchange(&mut a, &mut b);
+    assert_eq!(a.known_records().iter().map(|r| r.id.to_string()).collect::<Vec<_>>(), ["b"]);
+}
+
+#[test]
 fn forged_and_late_responses_are_ignored() {
     let now = Instant::now();
     let mut node = DhtNode::<u32>::new("a", Config::default(), now);
@@ -567,4 +593,165 @@ fn forged_and_late_responses_are_ignored() {
     // The same answer again is late: ignored.
     node.handle_datagram(2, &pong(ping.txid), now);
     assert_eq!(node.stats().unsolicited, 3);
+}
+
+mod authenticated {
+    use super::*;
+    use crate::{
+        auth::{AllowList, AuthError, Identity, LinkSecurity},
+        protocol::{seal, sign_record, DecodeError},
+    };
+
+    const UNIX_MS: u64 = 1_700_000_000_000;
+
+    fn identity(n: u8) -> Identity {
+        Identity::from_secret_bytes(&[n + 1; 32])
+    }
+
+    fn id(n: u8) -> String {
+        identity(n).node_id(Some(&format!("n{n}"))).to_string()
+    }
+
+    fn security(n: u8, allowed: &[u8]) -> LinkSecurity {
+        let keys = allowed.iter().map(|m| identity(*m).public_key()).collect();
+        LinkSecurity::new(identity(n), AllowList::Keys(keys), None)
+    }
+
+    fn config() -> Config {
+        Config { request_timeout: Duration::from_millis(500), ..Config::default() }
+    }
+
+    /// A sealed message from node `n` (address `n`), signed by `signer`.
+    fn sealed(signer: u8, n: u8, body: Body<u32>, unix_ms: u64) -> Vec<u8> {
+        let message = Message::<u32> { txid: 77, sender: Key::for_node(&id(n)), body };
+        seal(&security(signer, &[]), &id(n), message.encode(), unix_ms)
+    }
+
+    #[test]
+    fn allowed_nodes_find_a_signed_provider_and_an_outsider_is_never_learned() {
+        const MEMBERS: u8 = 6;
+        const PROVIDER: u8 = 3;
+        const OUTSIDER: u8 = MEMBERS;
+        let members: Vec<u8> = (0..MEMBERS).collect();
+        let mut sim = Sim::new(11);
+        for n in 0..=OUTSIDER {
+            let address = sim.add(&id(n), config());
+            assert_eq!(address, n as u32);
+            // The outsider allows everyone: only the members' allow lists keep it out.
+            let allowed = if n == OUTSIDER { (0..=OUTSIDER).collect() } else { members.clone() };
+            let now = sim.now;
+            sim.node(address).authenticate(security(n, &allowed), now, UNIX_MS).unwrap();
+        }
+        for n in 0..=OUTSIDER {
+            let now = sim.now;
+            let node = sim.node(n as u32);
+            if n > 0 {
+                node.bootstrap(vec![0], now);
+            }
+            let services = if n == PROVIDER || n == OUTSIDER { vec!["echo".to_string()] } else { vec![] };
+            node.publish(record(&id(n), &services), now).unwrap();
+            sim.after(n as u32);
+            sim.run_for(Duration::from_millis(50));
+        }
+        sim.run_for(Duration::from_secs(3));
+        for n in 0..MEMBERS {
+            let now = sim.now;
+            sim.node(n as u32).find_service("echo", now);
+            sim.after(n as u32);
+        }
+        sim.run_for(Duration::from_secs(3));
+        let finds: Vec<_> = sim
+            .reports
+            .iter()
+            .filter(|(_, report)| matches!(report.purpose, LookupPurpose::FindService(_)))
+            .collect();
+        assert_eq!(finds.len(), MEMBERS as usize);
+        for (n, report) in finds {
+            let found: Vec<String> = report.providers.iter().map(|r| r.id.to_string()).collect();
+            assert_eq!(found, [id(PROVIDER)], "node {n} finds the member provider, never the outsider");
+        }
+        for n in 0..MEMBERS {
+            let node = sim.node(n as u32);
+            assert_eq!(
+                node.contact_count(),
+                MEMBERS as usize - 1,
+                "node {n}: every other member is a contact"
+            );
+            assert_eq!(node.known_records().len(), MEMBERS as usize - 1, "node {n}: and its record is known");
+            assert!(node.contact_address(&Key::for_node(&id(OUTSIDER))).is_none(), "not in node {n}'s table");
+            assert!(node.known_records().iter().all(|r| r.id.as_str() != id(OUTSIDER)));
+        }
+        assert!(sim.peer_events.iter().all(|(n, _, peer)| *n == OUTSIDER as u32 || *peer != id(OUTSIDER)));
+        assert!(sim.node(0).stats().unauthenticated > 0, "the outsider's datagrams were refused at its seed");
+        assert!(sim.node(OUTSIDER as u32).known_records().is_empty());
+    }
+
+    #[test]
+    fn forged_provider_records_and_replayed_requests_change_nothing() {
+        let now = Instant::now();
+        let mut seed = DhtNode::<u32>::new(&id(0), config(), now);
+        seed.authenticate(security(0, &[1, 2]), now, UNIX_MS).unwrap();
+        // Node 1 stores node 2's record (a provider of echo) that node 1 signed: refused whole.
+        let mut two = record(&id(2), &["echo".to_string()]);
+        two.metadata = vec![("forged".into(), "by n1".into())];
+        let forged = sign_record(&security(1, &[]), encode_record(&two).unwrap()).unwrap();
+        let store = Body::Store { key: Key::for_service("echo"), ttl_ms: 60_000, record: forged };
+        let error = seed.handle_datagram_checked(1, &sealed(1, 1, store, UNIX_MS), now).unwrap_err();
+        assert_eq!(error, DecodeError::Auth(AuthError::BadSignature));
+        assert_eq!((seed.stored_count(), seed.contact_count()), (0, 0));
+        assert!(seed.poll_transmit().is_none(), "no answer, no contact");
+        // Node 1's own record: stored. Node 1 joins the table once it answers a PING at its
+        // address (the request alone could be a replay from elsewhere).
+        let own = sign_record(&security(1, &[]), encode_record(&record(&id(1), &["echo".into()])).unwrap())
+            .unwrap();
+        let store = Body::Store { key: Key::for_service("echo"), ttl_ms: 60_000, record: own };
+        seed.handle_datagram_checked(1, &sealed(1, 1, store, UNIX_MS), now).unwrap();
+        assert_eq!(seed.stored_count(), 1);
+        let sent: Vec<(u32, Vec<u8>)> = std::iter::from_fn(|| seed.poll_transmit()).collect();
+        assert_eq!(sent.len(), 2, "STORED, and a PING to check the address");
+        let ping = sent.iter().find_map(|(to, bytes)| {
+            let (_, message) = crate::protocol::open::<u32>(&security(1, &[0]), bytes, UNIX_MS).ok()?;
+            (*to == 1 && message.body == Body::Ping).then_some(message.txid)
+        });
+        let pong = Message::<u32> {
+            txid: ping.expect("a PING to node 1"),
+            sender: Key::for_node(&id(1)),
+            body: Body::Pong,
+        };
+        let pong = seal(&security(1, &[]), &id(1), pong.encode(), UNIX_MS);
+        assert_eq!(seed.contact_count(), 0);
+        seed.handle_datagram_checked(1, &pong, now).unwrap();
+        assert_eq!(seed.contact_address(&Key::for_node(&id(1))), Some(1));
+        while seed.poll_transmit().is_some() {}
+        // Node 1's PING replayed from address 99 (within the time window): the seed only
+        // checks address 99, and node 1 stays at address 1.
+        let replayed = sealed(1, 1, Body::Ping, UNIX_MS);
+        seed.handle_datagram_checked(99, &replayed, now).unwrap();
+        let sent: Vec<u32> = std::iter::from_fn(|| seed.poll_transmit()).map(|(to, _)| to).collect();
+        assert_eq!(sent, [99, 99], "a PONG and a PING to check the address");
+        seed.handle_timeout(now + Duration::from_secs(1));
+        assert_eq!(
+            seed.contact_address(&Key::for_node(&id(1))),
+            Some(1),
+            "unchanged after the check timed out"
+        );
+        // The same PING 6 minutes later: too old, refused whole.
+        let later = now + Duration::from_secs(360);
+        seed.set_wall_clock(later, UNIX_MS + 360_000);
+        let error = seed.handle_datagram_checked(1, &replayed, later).unwrap_err();
+        assert_eq!(error, DecodeError::Auth(AuthError::Stale));
+        // A node whose key is not allowed, and a plaintext node.
+        let stranger = sign_record(&security(9, &[]), encode_record(&record(&id(9), &[])).unwrap()).unwrap();
+        let body = Body::Store { key: Key::for_node(&id(9)), ttl_ms: 60_000, record: stranger };
+        let error =
+            seed.handle_datagram_checked(9, &sealed(9, 9, body, UNIX_MS + 360_000), later).unwrap_err();
+        assert_eq!(error, DecodeError::Auth(AuthError::NotAllowed));
+        let plain = Message::<u32> { txid: 1, sender: Key::for_node("plain"), body: Body::Ping }.encode();
+        assert_eq!(seed.handle_datagram_checked(5, &plain, later), Err(DecodeError::Plaintext));
+        assert_eq!(seed.stats().unauthenticated, 4);
+        assert_eq!(seed.stored_count(), 1);
+        assert!(DhtNode::<u32>::new("plain", config(), now)
+            .authenticate(security(0, &[]), now, UNIX_MS)
+            .is_err());
+    }
 }

@@ -14,6 +14,13 @@
 //! max_message_size = 4194304  # largest payload accepted; default 4 MiB
 //! peer_timeout_ms = 10000     # reliable mode: give up on a peer that acknowledges nothing for
 //!                             # this long; default 10 s
+//! # NAT traversal (see below); all off by default:
+//! # rendezvous = "203.0.113.1:7000"  # behind NAT: register with this rendezvous node
+//! # rendezvous_name = "alice"        # the name to register under; default the node id
+//! # keepalive_ms = 15000             # registration / NAT binding keepalive; default 15 s
+//! # punch_timeout_ms = 3000          # hole punching before relaying; default 3 s
+//! # rendezvous_server = true         # on a public node: serve as rendezvous and relay
+//! # relay_rate = 2000                # rendezvous: relayed datagrams/s per registered node
 //! ```
 //!
 //! An unknown key is an error naming it. With `[discovery] plugin = "udp"` (no other key needed)
@@ -31,6 +38,19 @@
 //! refused and logged, and envelopes whose sender id is not bound to the peer's key are dropped.
 //! The transport then declares `ENCRYPTED`. Sealing adds [`secure::OVERHEAD`] bytes per datagram,
 //! taken from `max_datagram`. Beacons stay plaintext. See [`secure`].
+//!
+//! ## NAT traversal
+//!
+//! A node behind NAT sets `rendezvous` to a reachable node that has `rendezvous_server = true`.
+//! It registers there (again every `keepalive_ms`, which keeps its NAT binding open) and
+//! advertises `<rendezvous_name>@<rendezvous ip:port>` (unless `advertise` is set), an address
+//! static discovery can list. Sending to such an address asks the rendezvous for the peer's
+//! reflexive address, punches a hole with datagrams to it from both sides and, once a punch
+//! arrives, sends directly; if none arrives within `punch_timeout_ms`, datagrams are relayed
+//! through the rendezvous (only between registered nodes, rate-limited). Messages sent while the
+//! path is set up are held (bounded) and go out on it. The rendezvous reaches its registered
+//! nodes at the same addresses. Encrypted links are not supported together with NAT traversal
+//! yet: setting both is a config error. Protocol, datagram format and bounds: [`nat`].
 //!
 //! ## How it works
 //!
@@ -61,10 +81,14 @@
 //!   messages wait for the host.
 //! - **Close**: waits up to 2 s for unacknowledged datagrams to be acknowledged.
 //! - Discovery: multicast beacons, see [`beacon`].
+//! - NAT traversal: a node uses one rendezvous; a node behind NAT reaches peers behind NAT only
+//!   through its own rendezvous; relayed datagrams are at most the rendezvous's `max_datagram`
+//!   (keep it the same on all nodes); no encrypted links (see [`nat`]).
 
 #![warn(missing_docs)]
 
 pub mod beacon;
+pub mod nat;
 pub mod reliability;
 pub mod secure;
 
@@ -77,6 +101,7 @@ use comms_plugin_api::{
     Plugin, PluginError, Provides, SendFailure, Setup, SharedBuffer, Transport, TransportInfo,
     TransportStats,
 };
+use nat::{Nat, Peer};
 use reliability::{Endpoint, Event, SendError, MIN_DATAGRAM};
 use secure::{SecureConfig, SecureEvent, SecureLayer, SecureStats};
 use serde::Deserialize;
@@ -104,6 +129,12 @@ pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 10_000;
 pub const MIN_PEER_TIMEOUT_MS: u64 = 200;
 /// Default largest payload.
 pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 4 << 20;
+/// NAT traversal: default time between registrations with the rendezvous, in milliseconds.
+pub const DEFAULT_KEEPALIVE_MS: u64 = 15_000;
+/// NAT traversal: default time hole punching may take before relaying, in milliseconds.
+pub const DEFAULT_PUNCH_TIMEOUT_MS: u64 = 3_000;
+/// NAT traversal: default datagrams per second a rendezvous relays for each registered node.
+pub const DEFAULT_RELAY_RATE: u32 = 2_000;
 /// The largest UDP payload over IPv4.
 pub const MAX_UDP_PAYLOAD: usize = 65_507;
 /// Room for the envelope's own fields beyond the payload.
@@ -151,6 +182,25 @@ pub struct UdpSettings {
     /// taken for gone (its queue dropped, the next send to it failing once with `UNREACHABLE`);
     /// default [`DEFAULT_PEER_TIMEOUT_MS`].
     pub peer_timeout_ms: Option<u64>,
+    /// NAT traversal, for a node behind NAT: the rendezvous (`host:port`) to register with.
+    /// The node then advertises `<rendezvous_name>@<rendezvous>` unless `advertise` says
+    /// otherwise. See [`nat`].
+    pub rendezvous: Option<String>,
+    /// NAT traversal: the name to register under; default the node id.
+    pub rendezvous_name: Option<String>,
+    /// NAT traversal: serve as the rendezvous (and relay) for nodes behind NAT; default false.
+    #[serde(default)]
+    pub rendezvous_server: bool,
+    /// NAT traversal, with `rendezvous`: milliseconds between registrations (the NAT binding's
+    /// keepalive) and between keepalives on an idle direct path; default
+    /// [`DEFAULT_KEEPALIVE_MS`].
+    pub keepalive_ms: Option<u64>,
+    /// NAT traversal, with `rendezvous`: milliseconds of hole punching before datagrams are
+    /// relayed through the rendezvous; default [`DEFAULT_PUNCH_TIMEOUT_MS`].
+    pub punch_timeout_ms: Option<u64>,
+    /// NAT traversal, with `rendezvous_server`: datagrams per second each registered node may
+    /// have relayed; default [`DEFAULT_RELAY_RATE`].
+    pub relay_rate: Option<u32>,
 }
 
 impl UdpSettings {
@@ -210,6 +260,81 @@ impl UdpSettings {
     }
 }
 
+impl UdpSettings {
+    /// Whether any NAT traversal key is set.
+    fn nat_configured(&self) -> bool {
+        self.rendezvous.is_some()
+            || self.rendezvous_server
+            || self.rendezvous_name.is_some()
+            || self.keepalive_ms.is_some()
+            || self.punch_timeout_ms.is_some()
+            || self.relay_rate.is_some()
+    }
+
+    /// The NAT traversal state machine's config (`max_datagram` is the reliability core's, the
+    /// largest payload the rendezvous relays), or an error naming the key that is out of range
+    /// or set without what it needs.
+    pub fn nat_config(&self, max_datagram: usize) -> Result<nat::Config, PluginError> {
+        let client = self.rendezvous.is_some();
+        if client && self.rendezvous_server {
+            return Err(PluginError::invalid_config(
+                "keys `rendezvous` and `rendezvous_server`: a node is either behind NAT (registers with a \
+                 rendezvous) or the rendezvous, not both",
+            ));
+        }
+        for (key, set) in [
+            ("rendezvous_name", self.rendezvous_name.is_some()),
+            ("keepalive_ms", self.keepalive_ms.is_some()),
+            ("punch_timeout_ms", self.punch_timeout_ms.is_some()),
+        ] {
+            if set && !client {
+                return Err(PluginError::invalid_config(format!(
+                    "key `{key}` needs `rendezvous` (the rendezvous node to register with)"
+                )));
+            }
+        }
+        if self.relay_rate.is_some() && !self.rendezvous_server {
+            return Err(PluginError::invalid_config("key `relay_rate` needs `rendezvous_server = true`"));
+        }
+        let keepalive = self.keepalive_ms.unwrap_or(DEFAULT_KEEPALIVE_MS);
+        if !(100..=3_600_000).contains(&keepalive) {
+            return Err(PluginError::invalid_config(format!(
+                "key `keepalive_ms`: {keepalive} is outside 100..=3600000"
+            )));
+        }
+        let punch_timeout = self.punch_timeout_ms.unwrap_or(DEFAULT_PUNCH_TIMEOUT_MS);
+        if !(100..=600_000).contains(&punch_timeout) {
+            return Err(PluginError::invalid_config(format!(
+                "key `punch_timeout_ms`: {punch_timeout} is outside 100..=600000"
+            )));
+        }
+        let relay_rate = self.relay_rate.unwrap_or(DEFAULT_RELAY_RATE);
+        if relay_rate == 0 {
+            return Err(PluginError::invalid_config("key `relay_rate`: must be at least 1"));
+        }
+        if let Some(name) = &self.rendezvous_name {
+            if name.is_empty() || name.len() > nat::MAX_NAME {
+                return Err(PluginError::invalid_config(format!(
+                    "key `rendezvous_name`: must be 1 to {} bytes",
+                    nat::MAX_NAME
+                )));
+            }
+        }
+        let defaults = nat::Config::default();
+        let keepalive = Duration::from_millis(keepalive);
+        Ok(nat::Config {
+            keepalive,
+            punch_timeout: Duration::from_millis(punch_timeout),
+            // Several keepalives may be lost before a path or a registration is forgotten.
+            path_idle: defaults.path_idle.max(4 * keepalive),
+            registration_timeout: defaults.registration_timeout.max(4 * keepalive),
+            relay_rate,
+            max_relay_payload: max_datagram,
+            ..defaults
+        })
+    }
+}
+
 /// The plugin: provides a transport.
 #[derive(Debug)]
 pub struct UdpPlugin;
@@ -236,9 +361,14 @@ impl Plugin for UdpPlugin {
 export_plugin!(UdpPlugin);
 
 struct Shared {
-    endpoint: Mutex<Endpoint<SocketAddr>>,
+    endpoint: Mutex<Endpoint<Peer>>,
     /// Encrypted links: below the endpoint. Locked after `endpoint` when both are needed.
     secure: Option<Mutex<SecureLayer<SocketAddr>>>,
+    /// NAT traversal (never together with `secure`). Locked after `endpoint` when both are
+    /// needed.
+    nat: Option<Mutex<Nat>>,
+    /// A rendezvous server's own addresses: `name@` one of them names a node registered here.
+    own_addresses: Vec<SocketAddr>,
     /// Something was queued: the driver has datagrams to write.
     wake: Notify,
     /// Datagrams were acknowledged: a full send queue may have room.
@@ -251,7 +381,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn endpoint(&self) -> std::sync::MutexGuard<'_, Endpoint<SocketAddr>> {
+    fn endpoint(&self) -> std::sync::MutexGuard<'_, Endpoint<Peer>> {
         // The state machine has no invariant a panicking holder could break halfway that matters
         // more than staying available.
         self.endpoint.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -260,6 +390,11 @@ impl Shared {
     fn secure(&self) -> Option<std::sync::MutexGuard<'_, SecureLayer<SocketAddr>>> {
         let secure = self.secure.as_ref()?;
         Some(secure.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+
+    fn nat(&self) -> Option<std::sync::MutexGuard<'_, Nat>> {
+        let nat = self.nat.as_ref()?;
+        Some(nat.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
 
     fn has_pending_sends(&self) -> bool {
@@ -298,6 +433,26 @@ impl UdpTransport {
         security: Option<LinkSecurity>,
     ) -> Result<Self, PluginError> {
         let config = settings.reliability_config_for(security.is_some())?;
+        if settings.nat_configured() && security.is_some() {
+            return Err(PluginError::invalid_config(
+                "keys `rendezvous` / `rendezvous_server`: NAT traversal does not support encrypted links \
+                 (security.links = \"noise\") yet; use plain links or a transport without NAT traversal",
+            ));
+        }
+        let nat_config =
+            if settings.nat_configured() { Some(settings.nat_config(config.max_datagram)?) } else { None };
+        let rendezvous = match &settings.rendezvous {
+            Some(rendezvous) => Some(socket_address::resolve("key `rendezvous`", rendezvous).await?),
+            None => None,
+        };
+        let rendezvous_name =
+            settings.rendezvous_name.clone().unwrap_or_else(|| node_id.as_str().to_string());
+        if rendezvous.is_some() && rendezvous_name.len() > nat::MAX_NAME {
+            return Err(PluginError::invalid_config(format!(
+                "key `rendezvous_name`: the node id is longer than {} bytes; set a shorter name",
+                nat::MAX_NAME
+            )));
+        }
         let secure = match &security {
             Some(security) => {
                 let noise = NoiseIdentity::new(security).map_err(|error| {
@@ -311,17 +466,31 @@ impl UdpTransport {
         let socket = bind_socket(&listen).await.map_err(|error| {
             PluginError::invalid_config(format!("key `listen`: cannot bind UDP socket {listen}: {error}"))
         })?;
-        let local_address = match &settings.advertise {
-            Some(advertise) => advertise.clone(),
+        let local_address = match (&settings.advertise, rendezvous) {
+            (Some(advertise), _) => advertise.clone(),
+            // Behind NAT: reached through the rendezvous, by name.
+            (None, Some(rendezvous)) => format!("{rendezvous_name}@{rendezvous}"),
             // The IP the kernel sends LAN multicast from (the beacons' default groups): the
             // interface the peers on the LAN share with this node.
-            None => socket_address::advertised(
+            (None, None) => socket_address::advertised(
                 socket.local_addr()?,
                 std::net::Ipv4Addr::new(239, 255, 67, 1),
                 std::net::Ipv6Addr::new(0xff0e, 0, 0, 0, 0, 0, 0x4353, 1),
             )
             .to_string(),
         };
+        let now = Instant::now();
+        let nat = match (nat_config, rendezvous) {
+            (Some(nat_config), Some(rendezvous)) => Some(Mutex::new(
+                Nat::client(nat_config, rendezvous, rendezvous_name.as_bytes(), now).map_err(|error| {
+                    PluginError::invalid_config(format!("key `rendezvous_name`: {error}"))
+                })?,
+            )),
+            (Some(nat_config), None) => Some(Mutex::new(Nat::server(nat_config, now))),
+            (None, _) => None,
+        };
+        let mut own_addresses = vec![socket.local_addr()?];
+        own_addresses.extend(local_address.parse::<SocketAddr>().ok());
         let mut capabilities =
             if config.reliable { Capabilities::RELIABLE | Capabilities::ORDERED } else { Capabilities::NONE };
         if secure.is_some() {
@@ -336,6 +505,8 @@ impl UdpTransport {
         let shared = Arc::new(Shared {
             endpoint: Mutex::new(Endpoint::new(config, epoch)),
             secure,
+            nat,
+            own_addresses,
             wake: Notify::new(),
             space: Notify::new(),
             shutdown: watch::channel(false).0,
@@ -365,6 +536,58 @@ impl UdpTransport {
         self.shared.secure().map(|secure| secure.stats().clone())
     }
 
+    /// Counters of NAT traversal; `None` without `rendezvous` or `rendezvous_server`.
+    pub fn nat_stats(&self) -> Option<nat::Stats> {
+        self.shared.nat().map(|nat| nat.stats().clone())
+    }
+
+    /// The peer an address names: `host:port`, or, with NAT traversal, `name@rendezvous`.
+    async fn resolve_peer(&self, address: &str) -> Result<Peer, PluginError> {
+        if self.shared.nat.is_some() {
+            if let Some((name, rendezvous)) = nat::split_address(address) {
+                return self.resolve_nat_peer(address, name, rendezvous).await;
+            }
+        }
+        Ok(Peer::Addr(resolve(address).await?))
+    }
+
+    async fn resolve_nat_peer(
+        &self,
+        address: &str,
+        name: &str,
+        rendezvous: &str,
+    ) -> Result<Peer, PluginError> {
+        let rendezvous = socket_address::resolve("udp address", rendezvous).await?;
+        let Some(mut nat) = self.shared.nat() else { return Err(PluginError::closed("udp transport")) };
+        let unreachable = |why: String| {
+            PluginError::retryable(ErrorCode::UNREACHABLE, format!("udp send to {address}: {why}"))
+        };
+        match nat.rendezvous() {
+            Some(mine) if mine == rendezvous => nat
+                .peer(Instant::now(), name.as_bytes())
+                .map(Peer::Nat)
+                .map_err(|error| unreachable(error.to_string())),
+            Some(mine) => Err(PluginError::new(
+                ErrorCode::UNREACHABLE,
+                format!(
+                    "udp send to {address}: the peer is behind the rendezvous {rendezvous}, and this node \
+                     registers with {mine} (one rendezvous per node)"
+                ),
+            )),
+            // The rendezvous itself: straight to where the node registered from.
+            None if self.shared.own_addresses.contains(&rendezvous) => nat
+                .registered(name.as_bytes())
+                .map(Peer::Addr)
+                .ok_or_else(|| unreachable(format!("no node is registered here as `{name}`"))),
+            None => Err(PluginError::new(
+                ErrorCode::UNREACHABLE,
+                format!(
+                    "udp send to {address}: the peer is behind the rendezvous {rendezvous}, not this one"
+                ),
+            )),
+        }
+    }
+
     /// What `send` refuses before resolving the address.
     fn check_sendable(&self, address: &str, envelope: &Envelope) -> Result<(), PluginError> {
         if self.shared.closing.load(Ordering::Acquire) {
@@ -389,7 +612,7 @@ impl UdpTransport {
     async fn enqueue(
         &self,
         address: &str,
-        to: SocketAddr,
+        to: Peer,
         envelope: &Envelope,
         bytes: &mut Vec<u8>,
     ) -> Result<(), PluginError> {
@@ -477,7 +700,7 @@ impl Transport for UdpTransport {
 
     async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
         self.check_sendable(address, &envelope)?;
-        let to = resolve(address).await?;
+        let to = self.resolve_peer(address).await?;
         let mut bytes = Vec::new();
         self.enqueue(address, to, &envelope, &mut bytes).await?;
         self.shared.wake.notify_one();
@@ -488,7 +711,7 @@ impl Transport for UdpTransport {
     /// once for the whole batch.
     async fn send_batch(&self, batch: Vec<Outbound>) -> Vec<SendFailure> {
         let mut failures = Vec::new();
-        let mut resolved: Vec<(comms_plugin_api::Text, Result<SocketAddr, PluginError>)> = Vec::new();
+        let mut resolved: Vec<(comms_plugin_api::Text, Result<Peer, PluginError>)> = Vec::new();
         let mut bytes = Vec::new();
         for (index, Outbound { address, envelope }) in batch.into_iter().enumerate() {
             let sent = match self.check_sendable(&address, &envelope) {
@@ -496,7 +719,7 @@ impl Transport for UdpTransport {
                     let position = match resolved.iter().position(|(known, _)| *known == address) {
                         Some(position) => position,
                         None => {
-                            let to = resolve(&address).await;
+                            let to = self.resolve_peer(&address).await;
                             resolved.push((address.clone(), to));
                             resolved.len() - 1
                         }
@@ -550,6 +773,25 @@ impl Transport for UdpTransport {
             .into_iter()
             .map(|(name, value)| (name.to_string(), value)),
         );
+        if let Some(nat) = self.nat_stats() {
+            stats.errors += nat.malformed + nat.bad_punches;
+            stats.counters.extend(
+                [
+                    ("udp.nat.direct_paths", nat.direct_paths),
+                    ("udp.nat.relayed_paths", nat.relayed_paths),
+                    ("udp.nat.relayed_out", nat.relayed_out),
+                    ("udp.nat.relayed_in", nat.relayed_in),
+                    ("udp.nat.held_dropped", nat.held_dropped),
+                    ("udp.nat.unresolved", nat.unresolved),
+                    ("udp.nat.registrations", nat.registrations),
+                    ("udp.nat.relayed", nat.relayed),
+                    ("udp.nat.refused", nat.refused),
+                    ("udp.nat.malformed", nat.malformed),
+                ]
+                .into_iter()
+                .map(|(name, value)| (name.to_string(), value)),
+            );
+        }
         stats
     }
 
@@ -586,10 +828,17 @@ impl Transport for UdpTransport {
 }
 
 /// Counts and logs an event of the endpoint.
-fn report(shared: &Shared, local: &str, event: Event<SocketAddr>) {
+fn report(shared: &Shared, local: &str, event: Event<Peer>) {
     let Event::GaveUp { peer, dropped_messages, undelivered, silent_for } = event;
     // `send` returned Ok for these: `Node::flush` and `close` report them through `stats`.
     shared.incidents.undelivered(undelivered);
+    let peer = match peer {
+        Peer::Nat(id) => match shared.nat().and_then(|nat| nat.name(id)) {
+            Some(name) => format!("`{name}` (behind NAT)"),
+            None => peer.to_string(),
+        },
+        Peer::Addr(_) => peer.to_string(),
+    };
     tracing::warn!(
         "udp {local}: giving up on peer {peer}: nothing acknowledged for {} ms; \
          {dropped_messages} queued message(s) dropped; the next send to it fails once",
@@ -602,9 +851,10 @@ async fn drive(socket: UdpSocket, shared: Arc<Shared>, inbound: mpsc::Sender<Inb
     let mut shutdown = shared.shutdown.subscribe();
     let mut buffer = vec![0u8; MAX_UDP_PAYLOAD + 1];
     loop {
-        let (transmits, messages, events, timeout) = {
+        let (transmits, messages, events, nat_events, timeout) = {
             let mut endpoint = shared.endpoint();
             let mut secure = shared.secure();
+            let mut nat = shared.nat();
             let now = Instant::now();
             if endpoint.poll_timeout().is_some_and(|at| at <= now) {
                 endpoint.handle_timeout(now);
@@ -614,18 +864,31 @@ async fn drive(socket: UdpSocket, shared: Arc<Shared>, inbound: mpsc::Sender<Inb
                     secure.handle_timeout(now);
                 }
             }
-            let transmits = collect_transmits(&mut endpoint, secure.as_deref_mut(), now);
+            if let Some(nat) = nat.as_mut() {
+                if nat.poll_timeout().is_some_and(|at| at <= now) {
+                    nat.handle_timeout(now);
+                }
+            }
+            let transmits = collect_transmits(&mut endpoint, secure.as_deref_mut(), nat.as_deref_mut(), now);
             let messages: Vec<_> = std::iter::from_fn(|| endpoint.poll_message()).collect();
             let events: Vec<_> = std::iter::from_fn(|| endpoint.poll_event()).collect();
+            let nat_events: Vec<_> = match nat.as_mut() {
+                Some(nat) => std::iter::from_fn(|| nat.poll_event()).collect(),
+                None => Vec::new(),
+            };
             let timeout = endpoint
                 .poll_timeout()
                 .into_iter()
                 .chain(secure.as_ref().and_then(|secure| secure.poll_timeout()))
+                .chain(nat.as_ref().and_then(|nat| nat.poll_timeout()))
                 .min();
-            (transmits, messages, events, timeout)
+            (transmits, messages, events, nat_events, timeout)
         };
         for event in events {
             report(&shared, &local, event);
+        }
+        for event in nat_events {
+            log_nat_event(&local, event);
         }
         shared.space.notify_waiters();
         let more = transmits.len() == TRANSMIT_BATCH;
@@ -669,15 +932,22 @@ async fn drive(socket: UdpSocket, shared: Arc<Shared>, inbound: mpsc::Sender<Inb
                 Ok((n, from)) => {
                     let mut endpoint = shared.endpoint();
                     let mut secure = shared.secure();
+                    let mut nat = shared.nat();
                     let mut handle = |from: SocketAddr, datagram: &[u8]| {
                         let now = Instant::now();
-                        match secure.as_mut() {
-                            None => endpoint.handle_datagram(now, from, datagram),
-                            Some(secure) => {
+                        match (secure.as_mut(), nat.as_mut()) {
+                            (Some(secure), _) => {
                                 if let Some(plaintext) = secure.handle_datagram(now, from, datagram) {
-                                    endpoint.handle_datagram(now, from, &plaintext);
+                                    endpoint.handle_datagram(now, Peer::Addr(from), &plaintext);
                                 }
                             }
+                            (None, Some(nat)) if datagram.first() == Some(&nat::MAGIC) => {
+                                if let Some((peer, relayed)) = nat.handle_datagram(now, from, datagram) {
+                                    endpoint.handle_datagram(now, Peer::Nat(peer), relayed);
+                                }
+                            }
+                            (None, Some(nat)) => endpoint.handle_datagram(now, nat.classify(now, from), datagram),
+                            (None, None) => endpoint.handle_datagram(now, Peer::Addr(from), datagram),
                         }
                     };
                     handle(from, &buffer[..n]);
@@ -700,9 +970,12 @@ async fn drive(socket: UdpSocket, shared: Arc<Shared>, inbound: mpsc::Sender<Inb
 
 /// Up to [`TRANSMIT_BATCH`] datagrams to write: the endpoint's, sealed by the secure layer if
 /// links are encrypted (which also adds its own handshake datagrams).
+/// With NAT traversal, the datagrams for peers behind NAT go through it (direct, relayed or
+/// held while the path is set up), and it adds its own (registrations, punches, relaying).
 fn collect_transmits(
-    endpoint: &mut Endpoint<SocketAddr>,
+    endpoint: &mut Endpoint<Peer>,
     mut secure: Option<&mut SecureLayer<SocketAddr>>,
+    mut nat: Option<&mut Nat>,
     now: Instant,
 ) -> Vec<(SocketAddr, Vec<u8>)> {
     let mut transmits = Vec::new();
@@ -711,19 +984,46 @@ fn collect_transmits(
             transmits.push(transmit);
             continue;
         }
-        match (endpoint.poll_transmit(now), secure.as_mut()) {
-            (Some((to, datagram)), Some(secure)) => secure.send(now, to, &datagram),
-            (Some(transmit), None) => transmits.push(transmit),
-            (None, _) => break,
+        if let Some(transmit) = nat.as_mut().and_then(|nat| nat.poll_transmit()) {
+            transmits.push(transmit);
+            continue;
+        }
+        match (endpoint.poll_transmit(now), secure.as_mut(), nat.as_mut()) {
+            (Some((Peer::Addr(to), datagram)), Some(secure), _) => secure.send(now, to, &datagram),
+            (Some((Peer::Addr(to), datagram)), None, _) => transmits.push((to, datagram)),
+            (Some((Peer::Nat(peer), datagram)), _, Some(nat)) => nat.send(now, peer, datagram),
+            // Only NAT traversal makes such peers.
+            (Some((Peer::Nat(_), _)), _, None) => {}
+            (None, ..) => break,
         }
     }
     transmits
 }
 
+fn log_nat_event(local: &str, event: nat::Event) {
+    match event {
+        nat::Event::Registered { reflexive } => {
+            tracing::info!("udp {local}: registered with the rendezvous; reflexive address {reflexive}")
+        }
+        nat::Event::Direct { name, address, .. } => {
+            tracing::info!("udp {local}: direct path to `{name}` at {address} (hole punched)")
+        }
+        nat::Event::Relayed { name, .. } => {
+            tracing::info!("udp {local}: no direct path to `{name}`: relaying through the rendezvous")
+        }
+        nat::Event::Unresolved { name, dropped, .. } => tracing::warn!(
+            "udp {local}: the rendezvous did not introduce `{name}` in time (not registered?); \
+             {dropped} datagram(s) dropped, the next one asks again"
+        ),
+    }
+}
+
 /// With encrypted links: whether the envelope's sender id is bound to the key the peer at `from`
 /// authenticated with (otherwise it is dropped, counted and reported).
-fn sender_is_bound(shared: &Shared, from: SocketAddr, envelope: &Envelope) -> bool {
+fn sender_is_bound(shared: &Shared, from: Peer, envelope: &Envelope) -> bool {
     let Some(mut secure) = shared.secure() else { return true };
+    // Encrypted links are refused together with NAT traversal, so every peer is an address.
+    let Peer::Addr(from) = from else { return false };
     match secure.peer_key(&from) {
         Some(key) if PublicKey::of_node(&envelope.from) == Some(key) => true,
         Some(key) => {

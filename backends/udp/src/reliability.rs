@@ -1098,6 +1098,10 @@ impl<A: Copy + Eq + Hash + fmt::Debug> Endpoint<A> {
         if any_acked {
             peer.mark_lost();
         }
+        if peer.in_flight.is_empty() {
+            // Nothing waits for the peer any more: an idle peer is not a silent one.
+            peer.waiting_since = None;
+        }
         peer.queue_fast_retransmissions(now, config);
     }
 

@@ -207,3 +207,92 @@ async fn a_batch_is_sent_in_order_and_failures_keep_their_index() {
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
+
+async fn nat_node(id: &str, config: &str) -> UdpTransport {
+    let settings: UdpSettings =
+        comms_plugin_api::config::parse_config(&format!("listen = \"127.0.0.1:0\"\n{config}")).unwrap();
+    UdpTransport::bind(NodeId::new(id), settings).await.unwrap()
+}
+
+async fn receive_one(transport: &UdpTransport) -> Envelope {
+    let got = tokio::time::timeout(Duration::from_secs(5), transport.receive(1)).await.unwrap().unwrap();
+    got.into_iter().next().unwrap().envelope
+}
+
+#[tokio::test]
+async fn nat_traversal_on_loopback_registers_punches_and_reaches_registered_nodes() {
+    let server = nat_node("r", "rendezvous_server = true").await;
+    let rendezvous = server.info().local_address;
+    let a = nat_node("a", &format!("rendezvous = \"{rendezvous}\"")).await;
+    let b = nat_node("b", &format!("rendezvous = \"{rendezvous}\"\nrendezvous_name = \"bee\"")).await;
+    assert_eq!(a.info().local_address, format!("a@{rendezvous}"), "advertised through the rendezvous");
+    assert_eq!(b.info().local_address, format!("bee@{rendezvous}"));
+    // Sent before anything is registered or punched: held, then delivered.
+    for n in 0..5u128 {
+        a.send(&b.info().local_address, envelope(n, vec![n as u8; 3000])).await.unwrap();
+    }
+    for n in 0..5u128 {
+        assert_eq!(receive_one(&b).await, envelope(n, vec![n as u8; 3000]));
+    }
+    b.send(&a.info().local_address, envelope(9, b"back".to_vec())).await.unwrap();
+    assert_eq!(receive_one(&a).await, envelope(9, b"back".to_vec()));
+    for side in [&a, &b] {
+        let side: &UdpTransport = side;
+        let stats = side.nat_stats().unwrap();
+        assert_eq!((stats.direct_paths, stats.relayed_out), (1, 0), "{stats:?}");
+        assert_eq!(counter(&Transport::stats(side), "udp.nat.direct_paths"), Some(1));
+    }
+    // The rendezvous reaches a registered node by its name too.
+    server.send(&format!("a@{rendezvous}"), envelope(10, b"from r".to_vec())).await.unwrap();
+    assert_eq!(receive_one(&a).await, envelope(10, b"from r".to_vec()));
+    let error = server.send(&format!("nobody@{rendezvous}"), envelope(11, vec![])).await.unwrap_err();
+    assert_eq!(error.code, ErrorCode::UNREACHABLE);
+    // Another rendezvous than the node's own: refused.
+    let error = a.send("x@127.0.0.1:9", envelope(12, vec![])).await.unwrap_err();
+    assert!(error.message.contains("rendezvous"), "{error}");
+    assert_eq!(server.nat_stats().unwrap().relayed, 0);
+    for node in [a, b, server] {
+        node.close().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn nat_keys_are_checked() {
+    let bind = |config: &str| {
+        let settings: Result<UdpSettings, _> = comms_plugin_api::config::parse_config(config);
+        async move { UdpTransport::bind(NodeId::new("n"), settings?).await }
+    };
+    for (config, key) in [
+        ("rendezvous = \"127.0.0.1:1\"\nrendezvous_server = true", "rendezvous_server"),
+        ("keepalive_ms = 1000", "keepalive_ms"),
+        ("punch_timeout_ms = 1000", "punch_timeout_ms"),
+        ("rendezvous_name = \"x\"", "rendezvous_name"),
+        ("relay_rate = 10", "relay_rate"),
+        ("rendezvous = \"127.0.0.1:1\"\nkeepalive_ms = 1", "keepalive_ms"),
+        ("rendezvous = \"127.0.0.1:1\"\npunch_timeout_ms = 0", "punch_timeout_ms"),
+        ("rendezvous_server = true\nrelay_rate = 0", "relay_rate"),
+        ("rendezvous = \"127.0.0.1:1\"\nrendezvous_name = \"\"", "rendezvous_name"),
+        ("rendezvous = \"not an address\"", "rendezvous"),
+    ] {
+        let error = bind(&format!("listen = \"127.0.0.1:0\"\n{config}")).await.unwrap_err();
+        assert!(error.message.contains(key), "{config}: {error}");
+    }
+    // Without the keys: no NAT traversal, no counters.
+    let plain = bind("listen = \"127.0.0.1:0\"").await.unwrap();
+    assert!(plain.nat_stats().is_none());
+    assert_eq!(counter(&Transport::stats(&plain), "udp.nat.direct_paths"), None);
+}
+
+#[tokio::test]
+async fn nat_traversal_with_encrypted_links_is_refused() {
+    use comms_plugin_api::security::{AllowList, Identity};
+    let security = LinkSecurity::new(Identity::generate(), AllowList::AnyKey, None);
+    for config in ["rendezvous = \"127.0.0.1:1\"", "rendezvous_server = true"] {
+        let settings: UdpSettings =
+            comms_plugin_api::config::parse_config(&format!("listen = \"127.0.0.1:0\"\n{config}")).unwrap();
+        let error = UdpTransport::bind_with_security(NodeId::new("n"), settings, Some(security.clone()))
+            .await
+            .unwrap_err();
+        assert!(error.message.contains("encrypted links"), "{error}");
+    }
+}

@@ -62,6 +62,7 @@ const PARAMETER_NAMES: &[(&str, &str, &[&str])] = &[
     ("Discovery", "peers", &[]),
     ("Discovery", "next_event", &[]),
     ("Discovery", "close", &[]),
+    ("Discovery", "find_service", &["service"]),
     ("HostServices", "max_log_level", &[]),
     ("HostServices", "log_enabled", &["level", "target"]),
     ("HostServices", "worker_threads", &[]),

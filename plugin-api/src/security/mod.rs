@@ -5,6 +5,8 @@
 //! - [`link`]: what the host tells a transport plugin about link security ([`LinkSecurity`]):
 //!   the mode in force (plain or Noise), this node's identity and the allow-list of peer keys
 //!   (or a shared network key).
+//! - `signed` (feature `noise`): datagrams and records signed by node identities, for protocols
+//!   without a link to authenticate (the gossip and Kademlia discoveries).
 //! - [`noise`] (feature `noise`): the Noise XX handshake that authenticates a link by those identities and keys
 //!   the encryption of everything after it; medium-independent (streams and datagrams).
 //!
@@ -35,6 +37,8 @@ pub mod link;
 pub mod noise;
 #[cfg(feature = "noise")]
 mod secret_file;
+#[cfg(feature = "noise")]
+pub mod signed;
 
 /// Built without the cargo feature `noise`: only the size limit of Noise messages, from which
 /// the stream protocol's frame limits are computed (a plain node still recognises and refuses a

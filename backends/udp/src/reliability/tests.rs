@@ -776,3 +776,18 @@ fn without_proof_a_new_epoch_is_adopted_once_the_old_one_was_silent_for_peer_tim
     assert_eq!(kind(&b.poll_transmit(silent).expect("an ack").1), KIND_ACK);
     assert_eq!(b.stats().epoch_changes, 1);
 }
+
+#[test]
+fn a_peer_that_acknowledged_everything_is_not_given_up_while_idle() {
+    let mut net = Network::new(Config::default(), CLEAN, 5);
+    net.endpoints[0].send(net.now, 2, b"one").unwrap();
+    net.run_until(1_000, |net| net.received[1].len() == 1 && !net.endpoints[0].has_pending_sends());
+    // Idle for longer than peer_timeout: nothing waits for the peer, so nothing is given up.
+    for _ in 0..15_000 {
+        net.step();
+    }
+    assert_eq!(net.endpoints[0].stats().gave_up, 0);
+    assert_eq!(net.endpoints[0].poll_event(), None);
+    net.endpoints[0].send(net.now, 2, b"two").unwrap();
+    net.run_until(1_000, |net| net.received[1].len() == 2);
+}
