@@ -6,7 +6,10 @@
 
 use comms_host::{Node, PeerStatus, PluginLibrary, Received};
 use comms_plugin_api::{NodeId, NodeRecord, PeerEventKind};
-use comms_tests::{artifacts, free_udp_address, next_event_about, nodes_with_discovery};
+use comms_tests::{
+    artifacts, free_udp_address, next_event_about, nodes_with_discovery,
+    noise_discovery::{noise_node, noise_watcher, watch_insiders},
+};
 use std::time::{Duration, Instant};
 
 /// Fast periods so the test takes seconds: suspicion timeout 4 · 1 · 200 ms = 0.8 s.
@@ -213,84 +216,6 @@ async fn a_process_killed_with_sigkill_is_reported_left_by_the_failure_detector(
     seed_node.close().await.unwrap();
 }
 
-/// A node with encrypted links (`[security] links = "noise"`, TCP) whose key file is `<label>.key`
-/// in `dir`, allowing `allow` (public keys in hex), with gossip `discovery`; returns it and its id.
-async fn noise_node(
-    dir: &std::path::Path,
-    label: &str,
-    identity: &comms_plugin_api::security::Identity,
-    allow: &[String],
-    gossip: &PluginLibrary,
-    discovery: &str,
-) -> Node {
-    let key_file = dir.join(format!("{label}.key"));
-    identity.save_new(&key_file).unwrap();
-    let security = comms_host::Security {
-        links: comms_plugin_api::security::LinkMode::Noise,
-        allow: allow.to_vec(),
-        ..comms_host::Security::default()
-    };
-    let node = Node::builder(label)
-        .key_file(key_file)
-        .security(security)
-        .transport_library("tcp", load(&artifacts().tcp_plugin), "")
-        .discovery_library(gossip.clone(), discovery)
-        .build()
-        .await
-        .unwrap_or_else(|error| panic!("{label}: {error}"));
-    assert_eq!(node.id(), &identity.node_id(Some(label)), "the node id is bound to its key");
-    node
-}
-
-/// A discovery loaded on its own as node `id` with link security (an allowed member, like the
-/// nodes): what the plugin itself reports, apart from what hosts learn from each other's hellos.
-async fn noise_watcher(
-    dir: &std::path::Path,
-    id: &str,
-    identity: &comms_plugin_api::security::Identity,
-    allow: &[String],
-    library: &PluginLibrary,
-    discovery: &str,
-) -> comms_plugin_api::host_side::LoadedDiscovery {
-    let key_file = dir.join("watcher.key");
-    identity.save_new(&key_file).unwrap();
-    let allow: Vec<String> = allow.iter().map(|key| format!("\"{key}\"")).collect();
-    let link = format!("links = \"noise\"\nkey_file = {key_file:?}\nallow = [{}]\n", allow.join(", "));
-    let watcher = library
-        .new_discovery_with(&comms_plugin_api::NodeId::new(id), "gossip", discovery, Some(&link))
-        .await
-        .unwrap_or_else(|error| panic!("{error}"));
-    watcher.announce(comms_plugin_api::NodeRecord::new(id)).await.unwrap();
-    watcher
-}
-
-/// Reads `watcher`'s events until it has heard of every one of `insiders` and of `server`
-/// offering `service`; fails if any event is about `outsider`.
-async fn watch_insiders(
-    watcher: &comms_plugin_api::host_side::LoadedDiscovery,
-    insiders: &[String],
-    (server, service): (&str, &str),
-    outsider: &str,
-) {
-    let mut heard = std::collections::HashSet::new();
-    let mut serves = false;
-    let watching = async {
-        while heard.len() < insiders.len() || !serves {
-            let event = watcher.next_event().await.expect("the discovery works").expect("open");
-            let id = event.record.id.to_string();
-            assert_ne!(id, outsider, "the watcher heard of the outsider: {event:?}");
-            if insiders.contains(&id) && event.kind != comms_plugin_api::PeerEventKind::Left {
-                heard.insert(id.clone());
-            }
-            serves |= id == server && event.record.services.iter().any(|s| s == service);
-        }
-    };
-    if tokio::time::timeout(Duration::from_secs(20), watching).await.is_err() {
-        let peers = watcher.peers().await.unwrap();
-        panic!("within 20 s the watcher heard of {heard:?} of the insiders (service seen: {serves}); it knows {peers:?}");
-    }
-}
-
 /// With `[security] links = "noise"` the host hands gossip the node's identity and allow list:
 /// three allowed nodes find each other and a service and call it; a fourth node whose key the
 /// others do not allow (it allows them, and serves the same service) joins through the same
@@ -325,6 +250,7 @@ async fn authenticated_gossip_keeps_a_node_with_a_key_not_allowed_out() {
         .unwrap();
     let watcher = noise_watcher(
         &dir,
+        "gossip",
         &ids[4],
         &identities[4],
         insiders,

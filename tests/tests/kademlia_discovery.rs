@@ -2,7 +2,10 @@
 //! loopback with the TCP transport find each other and a service through the DHT, and call it.
 
 use comms_host::{Node, PluginLibrary, Received};
-use comms_tests::{artifacts, free_udp_address, nodes_with_discovery};
+use comms_tests::{
+    artifacts, free_udp_address, nodes_with_discovery,
+    noise_discovery::{noise_node, noise_watcher, watch_insiders},
+};
 use std::time::{Duration, Instant};
 
 fn load(path: &std::path::Path) -> PluginLibrary {
@@ -168,84 +171,6 @@ async fn fifty_processes_are_all_found_through_the_dht() {
     observer.close().await.unwrap();
 }
 
-/// A node with encrypted links (`[security] links = "noise"`, TCP) whose key file is `<label>.key`
-/// in `dir`, allowing `allow` (public keys in hex), with Kademlia `discovery`; returns it.
-async fn noise_node(
-    dir: &std::path::Path,
-    label: &str,
-    identity: &comms_plugin_api::security::Identity,
-    allow: &[String],
-    kademlia: &PluginLibrary,
-    discovery: &str,
-) -> Node {
-    let key_file = dir.join(format!("{label}.key"));
-    identity.save_new(&key_file).unwrap();
-    let security = comms_host::Security {
-        links: comms_plugin_api::security::LinkMode::Noise,
-        allow: allow.to_vec(),
-        ..comms_host::Security::default()
-    };
-    let node = Node::builder(label)
-        .key_file(key_file)
-        .security(security)
-        .transport_library("tcp", load(&artifacts().tcp_plugin), "")
-        .discovery_library(kademlia.clone(), discovery)
-        .build()
-        .await
-        .unwrap_or_else(|error| panic!("{label}: {error}"));
-    assert_eq!(node.id(), &identity.node_id(Some(label)), "the node id is bound to its key");
-    node
-}
-
-/// A discovery loaded on its own as node `id` with link security (an allowed member, like the
-/// nodes): what the plugin itself reports, apart from what hosts learn from each other's hellos.
-async fn noise_watcher(
-    dir: &std::path::Path,
-    id: &str,
-    identity: &comms_plugin_api::security::Identity,
-    allow: &[String],
-    library: &PluginLibrary,
-    discovery: &str,
-) -> comms_plugin_api::host_side::LoadedDiscovery {
-    let key_file = dir.join("watcher.key");
-    identity.save_new(&key_file).unwrap();
-    let allow: Vec<String> = allow.iter().map(|key| format!("\"{key}\"")).collect();
-    let link = format!("links = \"noise\"\nkey_file = {key_file:?}\nallow = [{}]\n", allow.join(", "));
-    let watcher = library
-        .new_discovery_with(&comms_plugin_api::NodeId::new(id), "kademlia", discovery, Some(&link))
-        .await
-        .unwrap_or_else(|error| panic!("{error}"));
-    watcher.announce(comms_plugin_api::NodeRecord::new(id)).await.unwrap();
-    watcher
-}
-
-/// Reads `watcher`'s events until it has heard of every one of `insiders` and of `server`
-/// offering `service`; fails if any event is about `outsider`.
-async fn watch_insiders(
-    watcher: &comms_plugin_api::host_side::LoadedDiscovery,
-    insiders: &[String],
-    (server, service): (&str, &str),
-    outsider: &str,
-) {
-    let mut heard = std::collections::HashSet::new();
-    let mut serves = false;
-    let watching = async {
-        while heard.len() < insiders.len() || !serves {
-            let event = watcher.next_event().await.expect("the discovery works").expect("open");
-            let id = event.record.id.to_string();
-            assert_ne!(id, outsider, "the watcher heard of the outsider: {event:?}");
-            if insiders.contains(&id) && event.kind != comms_plugin_api::PeerEventKind::Left {
-                heard.insert(id.clone());
-            }
-            serves |= id == server && event.record.services.iter().any(|s| s == service);
-        }
-    };
-    if tokio::time::timeout(Duration::from_secs(20), watching).await.is_err() {
-        let peers = watcher.peers().await.unwrap();
-        panic!("within 20 s the watcher heard of {heard:?} of the insiders (service seen: {serves}); it knows {peers:?}");
-    }
-}
-
 /// With `[security] links = "noise"` the host hands Kademlia the node's identity and allow list:
 /// three allowed nodes find each other and a service through the DHT and call it; a fourth node
 /// whose key the others do not allow (it allows them, and serves and looks up the same service)
@@ -277,7 +202,8 @@ async fn authenticated_kademlia_keeps_a_node_with_a_key_not_allowed_out() {
         .await
         .unwrap();
     let watcher =
-        noise_watcher(&dir, &ids[4], &identities[4], insiders, &kademlia, &config("127.0.0.1:0")).await;
+        noise_watcher(&dir, "kademlia", &ids[4], &identities[4], insiders, &kademlia, &config("127.0.0.1:0"))
+            .await;
     let mut nodes = vec![seed_node];
     for (n, identity) in identities.iter().enumerate().take(3).skip(1) {
         let label = format!("knoise-{n}");

@@ -14,7 +14,8 @@ use crate::{
     trace_context::{self, TraceContext, TRACEPARENT_HEADER},
 };
 use comms_plugin_api::{
-    Capabilities, Destination, Envelope, NodeId, Outbound, Payload, PeerEvent, PeerEventKind, PluginError, Text,
+    Capabilities, Destination, Envelope, NodeId, Outbound, Payload, PeerEvent, PeerEventKind, PluginError,
+    Text,
 };
 use std::{collections::HashSet, sync::Arc};
 use tracing::Instrument;
