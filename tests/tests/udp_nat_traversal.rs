@@ -26,6 +26,9 @@
 //!   the messages each way), and no relay frame reaches the rendezvous.
 //! - Symmetric NATs (`masquerade fully-random`: a new random port per destination): the punch
 //!   cannot get through, every message still arrives, and relay frames are counted.
+//! - The same with encrypted links (`[security] links = "noise"`, node ids bound to keys): the
+//!   Noise session runs end to end through the relay (the node behind NAT A checks its
+//!   `udp.handshakes` and `udp.nat.relayed_out` counters).
 //!
 //! The namespaces are deleted by a guard, also on panic; names carry the process id. Needs
 //! root, `ip` and `nft`: in CI (`CI=true`) a missing one is a failure, elsewhere the test skips
@@ -45,6 +48,10 @@ const B_ID: &str = "nat-b";
 const RENDEZVOUS: &str = "10.78.0.1:7000";
 /// Tells the re-executed test binary that it is the node behind NAT A.
 const CHILD_CONFIG_VARIABLE: &str = "COMMS_UDP_NAT_CHILD_CONFIG";
+/// The echo node's id, for the node behind NAT A (bound to a key with encrypted links).
+const CHILD_PEER_VARIABLE: &str = "COMMS_UDP_NAT_CHILD_PEER";
+/// Set for the node behind NAT A when links are encrypted and relayed: it checks its counters.
+const CHILD_SEALED_VARIABLE: &str = "COMMS_UDP_NAT_CHILD_SEALED";
 const EXCHANGE_DEADLINE: Duration = Duration::from_secs(60);
 
 fn in_ci() -> bool {
@@ -268,13 +275,54 @@ fn network_or_skip(tag: char, nat: Nat) -> Option<Network> {
     }
 }
 
-/// A node behind NAT: registered with the rendezvous, the other private node listed by its
-/// address through the rendezvous.
-fn private_config(id: &str, other: &str) -> String {
-    format!(
-        "[node]\nid = \"{id}\"\n\n[transports.udp]\nrendezvous = \"{RENDEZVOUS}\"\n\n\
-         [discovery]\npeers = [{{ id = \"{other}\", addresses = {{ udp = \"{other}@{RENDEZVOUS}\" }} }}]\n"
-    )
+/// The ids of the two private nodes and, with encrypted links, the `[node]` and `[security]`
+/// lines that give each its key.
+struct Nodes {
+    a: String,
+    b: String,
+    keys: Option<[String; 3]>,
+}
+
+impl Nodes {
+    fn plain() -> Self {
+        Nodes { a: A_ID.into(), b: B_ID.into(), keys: None }
+    }
+
+    /// Nodes with key files in `dir`, ids bound to them, allowing any key.
+    fn encrypted(dir: &Path) -> Self {
+        let mut ids = Vec::new();
+        let keys = ["nat-rendezvous", A_ID, B_ID].map(|label| {
+            let identity = comms_plugin_api::security::Identity::generate();
+            let key_file = dir.join(format!("{label}.key"));
+            identity.save_new(&key_file).unwrap();
+            ids.push(identity.node_id(Some(label)).to_string());
+            format!("key_file = {key_file:?}")
+        });
+        Nodes { a: ids[1].clone(), b: ids[2].clone(), keys: Some(keys) }
+    }
+
+    /// `[node]` of the node with this label, plus `[security]` with encrypted links.
+    fn node_section(&self, index: usize, label: &str) -> String {
+        match &self.keys {
+            Some(keys) => format!(
+                "[node]\nid = \"{label}\"\n{}\n\n[security]\nlinks = \"noise\"\nallow = [\"*\"]\n\n",
+                keys[index]
+            ),
+            None => format!("[node]\nid = \"{label}\"\n\n"),
+        }
+    }
+
+    /// A node behind NAT: registered with the rendezvous under its label, the other private
+    /// node listed by its address through the rendezvous.
+    fn private_config(&self, a_side: bool) -> String {
+        let (index, label, other_label, other) =
+            if a_side { (1, A_ID, B_ID, &self.b) } else { (2, B_ID, A_ID, &self.a) };
+        format!(
+            "{}[transports.udp]\nrendezvous = \"{RENDEZVOUS}\"\nrendezvous_name = \"{label}\"\n\n\
+             [discovery]\npeers = [{{ id = \"{other}\", addresses = {{ udp = \"{other_label}@{RENDEZVOUS}\" }} }}]\n",
+            self.node_section(index, label)
+        )
+    }
 }
 
 fn tail(path: &Path) -> String {
@@ -291,15 +339,19 @@ struct Counts {
 
 /// Runs the rendezvous, the echo node behind NAT B and the sender behind NAT A until the sender
 /// has all its echoes; returns the counters.
-fn exchange(network: &Network, label: &str) -> Counts {
+fn exchange(network: &Network, label: &str, encrypted: bool) -> Counts {
     let artifacts = artifacts();
     let dir = scratch_dir(label);
     let [public, _, _, pa, pb] = &network.names;
+    let nodes = if encrypted { Nodes::encrypted(&dir) } else { Nodes::plain() };
 
     let rendezvous_config = write_config(
         &dir,
         "rendezvous.toml",
-        &format!("[node]\nid = \"nat-rendezvous\"\n\n[transports.udp]\nlisten = \"{RENDEZVOUS}\"\nrendezvous_server = true\n"),
+        &format!(
+            "{}[transports.udp]\nlisten = \"{RENDEZVOUS}\"\nrendezvous_server = true\n",
+            nodes.node_section(0, "nat-rendezvous")
+        ),
     );
     let mut command = Command::new("ip");
     command
@@ -311,7 +363,7 @@ fn exchange(network: &Network, label: &str) -> Counts {
         .stdout(Stdio::null());
     let _rendezvous = Running(start_and_wait_for(command, "transport `udp`"));
 
-    let echo_config = write_config(&dir, "echo.toml", &private_config(B_ID, A_ID));
+    let echo_config = write_config(&dir, "echo.toml", &nodes.private_config(false));
     let echo_output = dir.join("echo.out");
     let mut command = Command::new("ip");
     command
@@ -323,7 +375,7 @@ fn exchange(network: &Network, label: &str) -> Counts {
         .stdout(std::fs::File::create(&echo_output).unwrap());
     let _echo = Running(start_and_wait_for(command, "transport `udp`"));
 
-    let sender_config = write_config(&dir, "sender.toml", &private_config(A_ID, B_ID));
+    let sender_config = write_config(&dir, "sender.toml", &nodes.private_config(true));
     let sender_log = dir.join("sender.log");
     let log = std::fs::File::create(&sender_log).unwrap();
     let started = Instant::now();
@@ -333,6 +385,8 @@ fn exchange(network: &Network, label: &str) -> Counts {
             .arg(std::env::current_exe().unwrap())
             .args(["--exact", "node_behind_nat_a", "--ignored", "--nocapture", "--test-threads", "1"])
             .env(CHILD_CONFIG_VARIABLE, &sender_config)
+            .env(CHILD_PEER_VARIABLE, &nodes.b)
+            .env(CHILD_SEALED_VARIABLE, if encrypted { "1" } else { "" })
             .env("COMMS_PLUGIN_PATH", &artifacts.plugin_dir)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -366,7 +420,7 @@ fn exchange(network: &Network, label: &str) -> Counts {
     assert!(status.success(), "the node behind NAT A failed; its log ends:\n{}", tail(&sender_log));
     let printed = std::fs::read_to_string(&echo_output).unwrap_or_default();
     let received: Vec<&str> =
-        printed.lines().filter_map(|line| line.strip_prefix(&format!("{A_ID}: ") as &str)).collect();
+        printed.lines().filter_map(|line| line.strip_prefix(&format!("{}: ", nodes.a) as &str)).collect();
     let expected: Vec<String> = (0..MESSAGES).map(message).collect();
     assert_eq!(received, expected, "the echo node received every message once and in order");
     counts
@@ -379,7 +433,7 @@ fn message(n: usize) -> String {
 #[test]
 fn behind_cone_nats_the_punch_gets_through_and_traffic_goes_direct() {
     let Some(network) = network_or_skip('c', Nat::Cone) else { return };
-    let counts = exchange(&network, "udp-nat-cone");
+    let counts = exchange(&network, "udp-nat-cone", false);
     assert_eq!(counts.relay, 0, "nothing was relayed through the rendezvous");
     assert!(
         counts.direct_ab >= MESSAGES as u64 && counts.direct_ba >= MESSAGES as u64,
@@ -394,10 +448,19 @@ fn behind_cone_nats_the_punch_gets_through_and_traffic_goes_direct() {
 fn behind_symmetric_nats_punching_fails_and_the_rendezvous_relays() {
     let Some(network) = network_or_skip('s', Nat::Symmetric) else { return };
     let dropped_before = Network::counter(&network.names[1], "unsolicited").unwrap_or(0);
-    let counts = exchange(&network, "udp-nat-symmetric");
+    let counts = exchange(&network, "udp-nat-symmetric", false);
     assert!(counts.relay >= MESSAGES as u64, "the messages were relayed: {} relay frames", counts.relay);
     let dropped = Network::counter(&network.names[1], "unsolicited").unwrap_or(0) - dropped_before;
     assert!(dropped > 0, "NAT A dropped the punches that hit no mapping");
+    drop(network);
+}
+
+#[test]
+fn behind_symmetric_nats_encrypted_links_run_end_to_end_through_the_relay() {
+    let Some(network) = network_or_skip('e', Nat::Symmetric) else { return };
+    // The node behind NAT A checks that its session was set up and its datagrams relayed.
+    let counts = exchange(&network, "udp-nat-encrypted", true);
+    assert!(counts.relay >= MESSAGES as u64, "the messages were relayed: {} relay frames", counts.relay);
     drop(network);
 }
 
@@ -413,11 +476,12 @@ fn node_behind_nat_a() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async move {
         let deadline = tokio::time::Instant::now() + EXCHANGE_DEADLINE;
+        let peer = std::env::var(CHILD_PEER_VARIABLE).unwrap_or_else(|_| B_ID.to_string());
         let node = Node::from_config(&config).await.unwrap_or_else(|error| panic!("{error}"));
         eprintln!("transports: {:?}", node.transports());
         let started = Instant::now();
         for n in 0..MESSAGES {
-            node.send(B_ID, &message(n)).await.unwrap();
+            node.send(peer.as_str(), &message(n)).await.unwrap();
         }
         let mut echoed = Vec::new();
         while echoed.len() < MESSAGES {
@@ -425,12 +489,32 @@ fn node_behind_nat_a() {
                 .await
                 .unwrap_or_else(|_| panic!("only {} of {MESSAGES} echoes arrived", echoed.len()))
                 .unwrap();
-            assert_eq!(received.from.as_str(), B_ID);
+            assert_eq!(received.from.as_str(), peer);
             echoed.push(received.message);
         }
         eprintln!("{MESSAGES} messages echoed in {:?}", started.elapsed());
         let expected: Vec<String> = (0..MESSAGES).map(message).collect();
         assert_eq!(echoed, expected, "every echo arrives once and in order");
+        if std::env::var(CHILD_SEALED_VARIABLE).is_ok_and(|sealed| sealed == "1") {
+            let metrics = node.metrics_text();
+            let stat = |name: &str| {
+                metrics
+                    .lines()
+                    .find(|line| {
+                        line.starts_with("comms_transport_stat{")
+                            && line.contains(&format!("name=\"{name}\""))
+                    })
+                    .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            eprintln!(
+                "udp.handshakes {}, udp.nat.relayed_out {}",
+                stat("udp.handshakes"),
+                stat("udp.nat.relayed_out")
+            );
+            assert!(stat("udp.handshakes") >= 1.0, "a Noise session was set up:\n{metrics}");
+            assert!(stat("udp.nat.relayed_out") >= MESSAGES as f64, "the datagrams were relayed:\n{metrics}");
+        }
         node.close().await.unwrap();
     });
 }

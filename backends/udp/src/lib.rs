@@ -49,8 +49,12 @@
 //! arrives, sends directly; if none arrives within `punch_timeout_ms`, datagrams are relayed
 //! through the rendezvous (only between registered nodes, rate-limited). Messages sent while the
 //! path is set up are held (bounded) and go out on it. The rendezvous reaches its registered
-//! nodes at the same addresses. Encrypted links are not supported together with NAT traversal
-//! yet: setting both is a config error. Protocol, datagram format and bounds: [`nat`].
+//! nodes at the same addresses. With encrypted links, the Noise session runs end to end between
+//! the two nodes over whichever path the datagrams take (the rendezvous relays sealed datagrams
+//! it cannot read); the NAT traversal datagrams themselves (registrations, introductions,
+//! punches) are not sealed, so a forged one can misdirect a path (the messages on it are then
+//! not delivered and the peer is given up on), never read or inject a message. Protocol, datagram format and bounds:
+//! [`nat`].
 //!
 //! ## How it works
 //!
@@ -362,10 +366,11 @@ export_plugin!(UdpPlugin);
 
 struct Shared {
     endpoint: Mutex<Endpoint<Peer>>,
-    /// Encrypted links: below the endpoint. Locked after `endpoint` when both are needed.
-    secure: Option<Mutex<SecureLayer<SocketAddr>>>,
-    /// NAT traversal (never together with `secure`). Locked after `endpoint` when both are
-    /// needed.
+    /// Encrypted links: below the endpoint, keyed like it (a peer behind NAT keeps its session
+    /// whichever path its datagrams take). Locked after `endpoint` when both are needed.
+    secure: Option<Mutex<SecureLayer<Peer>>>,
+    /// NAT traversal: below `secure` (it carries sealed datagrams; its own signalling is not
+    /// sealed). Locked after `endpoint` and `secure` when they are needed too.
     nat: Option<Mutex<Nat>>,
     /// A rendezvous server's own addresses: `name@` one of them names a node registered here.
     own_addresses: Vec<SocketAddr>,
@@ -387,7 +392,7 @@ impl Shared {
         self.endpoint.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn secure(&self) -> Option<std::sync::MutexGuard<'_, SecureLayer<SocketAddr>>> {
+    fn secure(&self) -> Option<std::sync::MutexGuard<'_, SecureLayer<Peer>>> {
         let secure = self.secure.as_ref()?;
         Some(secure.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
@@ -433,14 +438,10 @@ impl UdpTransport {
         security: Option<LinkSecurity>,
     ) -> Result<Self, PluginError> {
         let config = settings.reliability_config_for(security.is_some())?;
-        if settings.nat_configured() && security.is_some() {
-            return Err(PluginError::invalid_config(
-                "keys `rendezvous` / `rendezvous_server`: NAT traversal does not support encrypted links \
-                 (security.links = \"noise\") yet; use plain links or a transport without NAT traversal",
-            ));
-        }
+        // The rendezvous relays sealed datagrams when links are encrypted.
+        let sealed_datagram = config.max_datagram + if security.is_some() { secure::OVERHEAD } else { 0 };
         let nat_config =
-            if settings.nat_configured() { Some(settings.nat_config(config.max_datagram)?) } else { None };
+            if settings.nat_configured() { Some(settings.nat_config(sealed_datagram)?) } else { None };
         let rendezvous = match &settings.rendezvous {
             Some(rendezvous) => Some(socket_address::resolve("key `rendezvous`", rendezvous).await?),
             None => None,
@@ -832,18 +833,23 @@ fn report(shared: &Shared, local: &str, event: Event<Peer>) {
     let Event::GaveUp { peer, dropped_messages, undelivered, silent_for } = event;
     // `send` returned Ok for these: `Node::flush` and `close` report them through `stats`.
     shared.incidents.undelivered(undelivered);
-    let peer = match peer {
-        Peer::Nat(id) => match shared.nat().and_then(|nat| nat.name(id)) {
-            Some(name) => format!("`{name}` (behind NAT)"),
-            None => peer.to_string(),
-        },
-        Peer::Addr(_) => peer.to_string(),
-    };
+    let peer = peer_label(shared, peer);
     tracing::warn!(
         "udp {local}: giving up on peer {peer}: nothing acknowledged for {} ms; \
          {dropped_messages} queued message(s) dropped; the next send to it fails once",
         silent_for.as_millis()
     );
+}
+
+/// A peer for logs: its address, or the name of a peer behind NAT. Locks `nat`.
+fn peer_label(shared: &Shared, peer: Peer) -> String {
+    match peer {
+        Peer::Nat(id) => match shared.nat().and_then(|nat| nat.name(id)) {
+            Some(name) => format!("`{name}` (behind NAT)"),
+            None => peer.to_string(),
+        },
+        Peer::Addr(_) => peer.to_string(),
+    }
 }
 
 /// Moves datagrams between the socket and the state machines until shutdown.
@@ -935,19 +941,25 @@ async fn drive(socket: UdpSocket, shared: Arc<Shared>, inbound: mpsc::Sender<Inb
                     let mut nat = shared.nat();
                     let mut handle = |from: SocketAddr, datagram: &[u8]| {
                         let now = Instant::now();
-                        match (secure.as_mut(), nat.as_mut()) {
-                            (Some(secure), _) => {
-                                if let Some(plaintext) = secure.handle_datagram(now, from, datagram) {
-                                    endpoint.handle_datagram(now, Peer::Addr(from), &plaintext);
+                        // NAT traversal first: its own datagrams stop there, a relay frame gives
+                        // the datagram inside and the peer behind NAT that sent it.
+                        let (peer, datagram) = match nat.as_mut() {
+                            Some(nat) if datagram.first() == Some(&nat::MAGIC) => {
+                                match nat.handle_datagram(now, from, datagram) {
+                                    Some((peer, relayed)) => (Peer::Nat(peer), relayed),
+                                    None => return,
                                 }
                             }
-                            (None, Some(nat)) if datagram.first() == Some(&nat::MAGIC) => {
-                                if let Some((peer, relayed)) = nat.handle_datagram(now, from, datagram) {
-                                    endpoint.handle_datagram(now, Peer::Nat(peer), relayed);
+                            Some(nat) => (nat.classify(now, from), datagram),
+                            None => (Peer::Addr(from), datagram),
+                        };
+                        match secure.as_mut() {
+                            Some(secure) => {
+                                if let Some(plaintext) = secure.handle_datagram(now, peer, datagram) {
+                                    endpoint.handle_datagram(now, peer, &plaintext);
                                 }
                             }
-                            (None, Some(nat)) => endpoint.handle_datagram(now, nat.classify(now, from), datagram),
-                            (None, None) => endpoint.handle_datagram(now, Peer::Addr(from), datagram),
+                            None => endpoint.handle_datagram(now, peer, datagram),
                         }
                     };
                     handle(from, &buffer[..n]);
@@ -970,31 +982,43 @@ async fn drive(socket: UdpSocket, shared: Arc<Shared>, inbound: mpsc::Sender<Inb
 
 /// Up to [`TRANSMIT_BATCH`] datagrams to write: the endpoint's, sealed by the secure layer if
 /// links are encrypted (which also adds its own handshake datagrams).
-/// With NAT traversal, the datagrams for peers behind NAT go through it (direct, relayed or
-/// held while the path is set up), and it adds its own (registrations, punches, relaying).
+/// With NAT traversal, the datagrams (sealed or not) for peers behind NAT go through it (direct,
+/// relayed or held while the path is set up), and it adds its own (registrations, punches,
+/// relaying).
 fn collect_transmits(
     endpoint: &mut Endpoint<Peer>,
-    mut secure: Option<&mut SecureLayer<SocketAddr>>,
+    mut secure: Option<&mut SecureLayer<Peer>>,
     mut nat: Option<&mut Nat>,
     now: Instant,
 ) -> Vec<(SocketAddr, Vec<u8>)> {
     let mut transmits = Vec::new();
+    fn route(
+        to: Peer,
+        datagram: Vec<u8>,
+        nat: Option<&mut &mut Nat>,
+        transmits: &mut Vec<(SocketAddr, Vec<u8>)>,
+        now: Instant,
+    ) {
+        match (to, nat) {
+            (Peer::Addr(to), _) => transmits.push((to, datagram)),
+            (Peer::Nat(peer), Some(nat)) => nat.send(now, peer, datagram),
+            // Only NAT traversal makes such peers.
+            (Peer::Nat(_), None) => {}
+        }
+    }
     while transmits.len() < TRANSMIT_BATCH {
-        if let Some(transmit) = secure.as_mut().and_then(|secure| secure.poll_transmit()) {
-            transmits.push(transmit);
+        if let Some((to, datagram)) = secure.as_mut().and_then(|secure| secure.poll_transmit()) {
+            route(to, datagram, nat.as_mut(), &mut transmits, now);
             continue;
         }
         if let Some(transmit) = nat.as_mut().and_then(|nat| nat.poll_transmit()) {
             transmits.push(transmit);
             continue;
         }
-        match (endpoint.poll_transmit(now), secure.as_mut(), nat.as_mut()) {
-            (Some((Peer::Addr(to), datagram)), Some(secure), _) => secure.send(now, to, &datagram),
-            (Some((Peer::Addr(to), datagram)), None, _) => transmits.push((to, datagram)),
-            (Some((Peer::Nat(peer), datagram)), _, Some(nat)) => nat.send(now, peer, datagram),
-            // Only NAT traversal makes such peers.
-            (Some((Peer::Nat(_), _)), _, None) => {}
-            (None, ..) => break,
+        match (endpoint.poll_transmit(now), secure.as_mut()) {
+            (Some((to, datagram)), Some(secure)) => secure.send(now, to, &datagram),
+            (Some((to, datagram)), None) => route(to, datagram, nat.as_mut(), &mut transmits, now),
+            (None, _) => break,
         }
     }
     transmits
@@ -1022,8 +1046,6 @@ fn log_nat_event(local: &str, event: nat::Event) {
 /// authenticated with (otherwise it is dropped, counted and reported).
 fn sender_is_bound(shared: &Shared, from: Peer, envelope: &Envelope) -> bool {
     let Some(mut secure) = shared.secure() else { return true };
-    // Encrypted links are refused together with NAT traversal, so every peer is an address.
-    let Peer::Addr(from) = from else { return false };
     match secure.peer_key(&from) {
         Some(key) if PublicKey::of_node(&envelope.from) == Some(key) => true,
         Some(key) => {
@@ -1041,24 +1063,28 @@ fn log_secure_events(shared: &Shared, local: &str) {
         None => return,
     };
     for event in events {
+        let label = |peer: Peer| peer_label(shared, peer);
         match event {
             SecureEvent::Established { peer, key, initiator } => tracing::debug!(
-                "udp {local}: encrypted session with {peer} (key {key}, {})",
+                "udp {local}: encrypted session with {} (key {key}, {})",
+                label(peer),
                 if initiator { "we dialled" } else { "they dialled" }
             ),
             SecureEvent::Refused { peer, key: Some(key), reason } => {
-                tracing::warn!("udp {local}: refused peer {peer} with key {key}: {reason}")
+                tracing::warn!("udp {local}: refused peer {} with key {key}: {reason}", label(peer))
             }
             SecureEvent::Refused { peer, key: None, reason } => {
-                tracing::warn!("udp {local}: refused peer {peer}: {reason}")
+                tracing::warn!("udp {local}: refused peer {}: {reason}", label(peer))
             }
             SecureEvent::Plaintext { peer } => tracing::warn!(
-                "udp {local}: dropped plaintext datagrams from {peer}: this node requires encrypted links \
-                 (security.links = \"noise\")"
+                "udp {local}: dropped plaintext datagrams from {}: this node requires encrypted links \
+                 (security.links = \"noise\")",
+                label(peer)
             ),
             SecureEvent::HandshakeTimeout { peer, tries, dropped } => tracing::warn!(
-                "udp {local}: no encrypted session with {peer} after {tries} handshake attempts; \
-                 {dropped} datagram(s) dropped"
+                "udp {local}: no encrypted session with {} after {tries} handshake attempts; \
+                 {dropped} datagram(s) dropped",
+                label(peer)
             ),
         }
     }

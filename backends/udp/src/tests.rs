@@ -1,4 +1,5 @@
 use super::*;
+use comms_plugin_api::security::{AllowList, Identity};
 use comms_plugin_api::{host_side::PluginLibrary, Destination, MessageId, Payload, UNDELIVERED_COUNTER};
 
 fn envelope(n: u128, payload: Vec<u8>) -> Envelope {
@@ -283,16 +284,91 @@ async fn nat_keys_are_checked() {
     assert_eq!(counter(&Transport::stats(&plain), "udp.nat.direct_paths"), None);
 }
 
+/// A node with encrypted links whose id is bound to its key (`label` for logs).
+async fn secure_nat_node(label: &str, identity: Identity, config: &str) -> (UdpTransport, NodeId) {
+    let node_id = identity.node_id(Some(label));
+    let security = LinkSecurity::new(identity, AllowList::AnyKey, None);
+    let settings: UdpSettings =
+        comms_plugin_api::config::parse_config(&format!("listen = \"127.0.0.1:0\"\n{config}")).unwrap();
+    let transport =
+        UdpTransport::bind_with_security(node_id.clone(), settings, Some(security)).await.unwrap();
+    (transport, node_id)
+}
+
+fn envelope_from(from: &NodeId, n: u128, payload: Vec<u8>) -> Envelope {
+    let mut envelope = envelope(n, payload);
+    envelope.from = from.clone();
+    envelope
+}
+
 #[tokio::test]
-async fn nat_traversal_with_encrypted_links_is_refused() {
-    use comms_plugin_api::security::{AllowList, Identity};
-    let security = LinkSecurity::new(Identity::generate(), AllowList::AnyKey, None);
-    for config in ["rendezvous = \"127.0.0.1:1\"", "rendezvous_server = true"] {
-        let settings: UdpSettings =
-            comms_plugin_api::config::parse_config(&format!("listen = \"127.0.0.1:0\"\n{config}")).unwrap();
-        let error = UdpTransport::bind_with_security(NodeId::new("n"), settings, Some(security.clone()))
-            .await
-            .unwrap_err();
-        assert!(error.message.contains("encrypted links"), "{error}");
+async fn nat_traversal_with_encrypted_links_seals_end_to_end() {
+    let (server, server_id) = secure_nat_node("r", Identity::generate(), "rendezvous_server = true").await;
+    let rendezvous = server.info().local_address;
+    let (a, a_id) = secure_nat_node(
+        "a",
+        Identity::generate(),
+        &format!("rendezvous = \"{rendezvous}\"\nrendezvous_name = \"a\""),
+    )
+    .await;
+    let (b, b_id) = secure_nat_node(
+        "b",
+        Identity::generate(),
+        &format!("rendezvous = \"{rendezvous}\"\nrendezvous_name = \"b\""),
+    )
+    .await;
+    assert!(a.info().capabilities.contains(Capabilities::ENCRYPTED));
+    // Larger than one datagram: fragments, each sealed, through the NAT path.
+    for n in 0..5u128 {
+        a.send(&b.info().local_address, envelope_from(&a_id, n, vec![n as u8; 3000])).await.unwrap();
+    }
+    for n in 0..5u128 {
+        assert_eq!(receive_one(&b).await, envelope_from(&a_id, n, vec![n as u8; 3000]));
+    }
+    b.send(&a.info().local_address, envelope_from(&b_id, 9, b"back".to_vec())).await.unwrap();
+    assert_eq!(receive_one(&a).await, envelope_from(&b_id, 9, b"back".to_vec()));
+    // The rendezvous reaches a registered node by its name, over a session of its own.
+    server.send(&format!("a@{rendezvous}"), envelope_from(&server_id, 10, b"from r".to_vec())).await.unwrap();
+    assert_eq!(receive_one(&a).await, envelope_from(&server_id, 10, b"from r".to_vec()));
+    for side in [&a, &b] {
+        let side: &UdpTransport = side;
+        let nat = side.nat_stats().unwrap();
+        assert_eq!((nat.direct_paths, nat.relayed_out), (1, 0), "{nat:?}");
+        let secure = side.secure_stats().unwrap();
+        assert!(secure.handshakes >= 1, "{secure:?}");
+        assert_eq!((secure.tampered, secure.plaintext, secure.unbound_node_id), (0, 0, 0), "{secure:?}");
+    }
+    // An envelope claiming another node's id over a's session is dropped, as on any link.
+    a.send(&b.info().local_address, envelope_from(&server_id, 11, b"forged".to_vec())).await.unwrap();
+    a.send(&b.info().local_address, envelope_from(&a_id, 12, b"after".to_vec())).await.unwrap();
+    assert_eq!(receive_one(&b).await, envelope_from(&a_id, 12, b"after".to_vec()));
+    assert_eq!(b.secure_stats().unwrap().unbound_node_id, 1);
+    for node in [a, b, server] {
+        node.close().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_plaintext_node_behind_nat_is_refused_by_an_encrypted_one() {
+    let (server, _) = secure_nat_node("r", Identity::generate(), "rendezvous_server = true").await;
+    let rendezvous = server.info().local_address;
+    let (secure, _) = secure_nat_node(
+        "s",
+        Identity::generate(),
+        &format!("rendezvous = \"{rendezvous}\"\nrendezvous_name = \"s\""),
+    )
+    .await;
+    let plain = nat_node("p", &format!("rendezvous = \"{rendezvous}\"\nrendezvous_name = \"p\"")).await;
+    plain.send(&secure.info().local_address, envelope(1, b"plain".to_vec())).await.unwrap();
+    // The rendezvous still introduces them (its signalling is not sealed); the datagrams that
+    // arrive are plaintext, and dropped.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while secure.secure_stats().unwrap().plaintext == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no plaintext datagram was dropped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(tokio::time::timeout(Duration::from_millis(300), secure.receive(1)).await.is_err());
+    for node in [secure, plain, server] {
+        node.close().await.unwrap();
     }
 }
