@@ -24,6 +24,8 @@
 //!   not loaded again (the dynamic loader hands back the library it has mapped), so a reload
 //!   that finds a loaded plugin's file changed on disk (its size, modification time or inode) is
 //!   refused with that reason; writing over a mapped library in place can crash the process.
+//!   The same holds for each layer file of a transport's stack (a layer is compared with the one
+//!   named at the same place in the stack before).
 //! - A library is never unloaded (abi_stable's rule): each plugin file loaded stays mapped for
 //!   the life of the process.
 //! - A transport that wants the listen address of the one it replaces (the same fixed port)
@@ -96,6 +98,9 @@ pub(crate) struct PluginSetup {
     /// Transports only: each layer's plugin (as [`PluginSetup::plugin`]) and settings, outermost
     /// first.
     pub(crate) layers: Vec<(String, String)>,
+    /// Transports only: each layer's library file as [`PluginSetup::file`], in the order of
+    /// `layers`.
+    pub(crate) layer_files: Vec<Option<PluginFile>>,
     /// Discovery only: the static peers.
     pub(crate) static_peers: Vec<StaticPeer>,
     /// The library file the plugin comes from, as it was on disk when the configuration was
@@ -223,11 +228,21 @@ pub(crate) fn plan(running: &AppliedConfig, wanted: &AppliedConfig) -> Result<Re
     let setup = |config: &AppliedConfig, name: &str| {
         config.transports.iter().find(|(n, _)| n == name).map(|(_, setup)| setup.clone())
     };
-    let mut loaded_files = kept_after
-        .iter()
-        .map(|name| (format!("transport `{name}`"), setup(running, name), setup(wanted, name)))
-        .collect::<Vec<_>>();
-    loaded_files.push(("the discovery".to_string(), running.discovery.clone(), wanted.discovery.clone()));
+    let mut loaded_files = Vec::new();
+    for name in &kept_after {
+        let (Some(before), Some(after)) = (setup(running, name), setup(wanted, name)) else { continue };
+        loaded_files.push((format!("transport `{name}`"), before.file.clone(), after.file.clone()));
+        // A layer is the same plugin when it is named the same at the same place in the stack.
+        for (index, (before_layer, after_layer)) in before.layers.iter().zip(&after.layers).enumerate() {
+            if before_layer.0 == after_layer.0 {
+                let file = |setup: &PluginSetup| setup.layer_files.get(index).cloned().flatten();
+                let what = format!("layer `{}` of transport `{name}`", after_layer.0);
+                loaded_files.push((what, file(&before), file(&after)));
+            }
+        }
+    }
+    let discovery_file = |config: &AppliedConfig| config.discovery.as_ref().and_then(|d| d.file.clone());
+    loaded_files.push(("the discovery".to_string(), discovery_file(running), discovery_file(wanted)));
     for (what, before, after) in loaded_files {
         if let Some(path) = file_changed_in_place(before.as_ref(), after.as_ref()) {
             refusals.push(format!(
@@ -255,10 +270,10 @@ pub(crate) fn plan(running: &AppliedConfig, wanted: &AppliedConfig) -> Result<Re
 
 /// The path of a loaded plugin file that is named again but is no longer the file loaded.
 fn file_changed_in_place<'a>(
-    before: Option<&PluginSetup>,
-    after: Option<&'a PluginSetup>,
+    before: Option<&PluginFile>,
+    after: Option<&'a PluginFile>,
 ) -> Option<&'a PathBuf> {
-    let (before, after) = (before?.file.as_ref()?, after?.file.as_ref()?);
+    let (before, after) = (before?, after?);
     (before.path == after.path && before.stamp != after.stamp).then_some(&after.path)
 }
 
@@ -275,6 +290,7 @@ mod tests {
             plugin: plugin.into(),
             config_toml: config.into(),
             layers: Vec::new(),
+            layer_files: Vec::new(),
             static_peers: Vec::new(),
             file: None,
         }
@@ -314,6 +330,32 @@ mod tests {
         let mut faulty = setup("tcp", "");
         faulty.layers = vec![("linked faults 0.1.0".into(), "drop = 0.5".into())];
         assert_eq!(plan(&running, &config(&[("tcp", faulty)])).expect("applies").replace, vec!["tcp"]);
+    }
+
+    #[test]
+    fn a_layer_file_changed_at_the_same_path_is_refused() {
+        let file =
+            |size: u64| PluginFile { path: "/opt/libcomms_chunk.so".into(), stamp: (size, None, 1, 9) };
+        let stacked = |size: u64| PluginSetup {
+            layers: vec![("name compress".into(), String::new()), ("name chunk".into(), String::new())],
+            layer_files: vec![None, Some(file(size))],
+            ..setup("tcp", "")
+        };
+        let running = config(&[("tcp", stacked(100))]);
+        assert_eq!(plan(&running, &config(&[("tcp", stacked(100))])), Ok(ReloadPlan::default()));
+        let refused =
+            plan(&running, &config(&[("tcp", stacked(120))])).expect_err("a rebuilt layer is refused");
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(
+            refused[0]
+                .contains("/opt/libcomms_chunk.so of layer `name chunk` of transport `tcp` changed on disk"),
+            "{refused:?}"
+        );
+        // The layer removed from the stack: no longer loaded from that file, nothing to refuse.
+        let mut without = stacked(120);
+        without.layers.pop();
+        without.layer_files.pop();
+        assert_eq!(plan(&running, &config(&[("tcp", without)])).expect("applies").replace, vec!["tcp"]);
     }
 
     #[test]

@@ -420,3 +420,34 @@ async fn a_plugin_file_replaced_at_its_loaded_path_is_refused_and_a_new_file_nam
     assert_eq!(node.transports()[0].plugin_version, "0.1.1");
     node.close().await.expect("node closes");
 }
+
+/// The same for a layer: a new build renamed over a loaded layer's file is refused, naming the
+/// layer and its transport, and the stack runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_file_replaced_at_its_loaded_path_is_refused() {
+    let dir = scratch_dir("reload-layer-same-path");
+    let installed = dir.join("libcomms_compress.so");
+    std::fs::copy(&artifacts().compress_plugin, &installed).expect("install the compress layer");
+    let text = format!(
+        "[node]\nid = \"n\"\n\n[transports.tcp]\nlisten = \"127.0.0.1:0\"\nlayers = [{{ path = {installed:?} }}]\n"
+    );
+    let config = write_config(&dir, "node.toml", &text);
+    let node = Node::from_config(&config).await.expect("node");
+    assert!(node.reload_file(None).await.expect("nothing changed").is_empty());
+
+    // Another build at the same path (a different file: the chunk layer), renamed into place.
+    let staged = dir.join("libcomms_compress.so.new");
+    std::fs::copy(&artifacts().chunk_plugin, &staged).expect("stage");
+    std::fs::rename(&staged, &installed).expect("rename over the loaded file");
+    match node.reload_file(None).await {
+        Err(ReloadError::Refused { reasons, .. }) => {
+            assert_eq!(reasons.len(), 1, "{reasons:?}");
+            assert!(reasons[0].contains("of layer `file "), "{reasons:?}");
+            assert!(reasons[0].contains("of transport `tcp` changed on disk"), "{reasons:?}");
+        }
+        other => panic!("a changed layer file at the loaded path must be refused: {other:?}"),
+    }
+    node.send("n", &"still compressed".repeat(100)).await.expect("the node still sends to itself");
+    assert_eq!(node.receive::<String>().await.expect("echo").message, "still compressed".repeat(100));
+    node.close().await.expect("node closes");
+}

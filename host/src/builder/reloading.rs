@@ -46,6 +46,7 @@ fn transport_setup(spec: &TransportSpec, dirs: &[PathBuf]) -> PluginSetup {
             .iter()
             .map(|layer| (plugin_label(&layer.plugin), layer.config_toml.clone()))
             .collect(),
+        layer_files: spec.layers.iter().map(|layer| plugin_file(&layer.plugin, dirs)).collect(),
         static_peers: Vec::new(),
         file: plugin_file(&spec.plugin, dirs),
     }
@@ -115,6 +116,7 @@ impl NodeBuilder {
                 plugin: discovery.0,
                 config_toml: discovery.1,
                 layers: Vec::new(),
+                layer_files: Vec::new(),
                 static_peers: self.static_peers.clone(),
                 file: discovery.2,
             }),
