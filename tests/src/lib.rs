@@ -10,6 +10,7 @@ pub mod bench;
 pub mod child_process;
 pub mod connecting;
 mod logs;
+pub mod nat_network;
 pub mod noise_discovery;
 
 pub use logs::{capture_logs, CapturedLogs};

@@ -20,12 +20,15 @@
 //! needs nothing beyond the base netfilter modules.
 
 use comms_host::Node;
-use comms_tests::{artifacts, scratch_dir, start_and_wait_for, write_config};
+use comms_tests::{
+    artifacts,
+    nat_network::{in_ci, run, run_test_process_in, tail, Running},
+    scratch_dir, start_and_wait_for, write_config,
+};
 use std::{
     collections::hash_map::DefaultHasher,
     hash::{Hash, Hasher},
-    path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -64,28 +67,6 @@ fn hash(text: &str) -> u64 {
     let mut hasher = DefaultHasher::new();
     text.hash(&mut hasher);
     hasher.finish()
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|ci| ci == "true")
-}
-
-/// Runs a setup command; the error names the command and what it printed.
-fn run(program: &str, args: &[&str]) -> Result<(), String> {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|error| format!("cannot run `{program}`: {error}"))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{program} {}` failed ({}): {}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
-    }
 }
 
 /// Two namespaces joined by a veth pair, deleted on drop (which also deletes the veth pair and
@@ -195,17 +176,6 @@ impl Drop for Namespaces {
     }
 }
 
-/// A child process killed on drop, so that a failing test leaves nothing running (and nothing
-/// keeping a deleted namespace alive).
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Namespaces with the loss rules, or why they cannot be had. In CI that is a failure.
 fn namespaces_or_skip(tag: char) -> Option<Namespaces> {
     let missing = [("ip", "-V"), ("nft", "--version")].into_iter().find(|(tool, version)| {
@@ -232,12 +202,6 @@ fn namespaces_or_skip(tag: char) -> Option<Namespaces> {
     }
 }
 
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|line| line.len() < 2000).collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
 #[test]
 fn two_namespaces_discover_each_other_and_exchange_mebibyte_messages_under_loss() {
     let Some(namespaces) = namespaces_or_skip('4') else { return };
@@ -259,31 +223,17 @@ fn two_namespaces_discover_each_other_and_exchange_mebibyte_messages_under_loss(
 
     let sender_config = write_config(&dir, "sender.toml", &node_config(SENDER_ID));
     let sender_log = dir.join("sender.log");
-    let log = std::fs::File::create(&sender_log).unwrap();
     let started = Instant::now();
-    let mut sender = Running(
-        Command::new("ip")
-            .args(["netns", "exec", namespace_a])
-            .arg(std::env::current_exe().unwrap())
-            .args(["--exact", "node_in_namespace_a", "--ignored", "--nocapture", "--test-threads", "1"])
-            .env(CHILD_CONFIG_VARIABLE, &sender_config)
-            .env("COMMS_PLUGIN_PATH", &artifacts.plugin_dir)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
+    let status = run_test_process_in(
+        namespace_a,
+        "node_in_namespace_a",
+        &[
+            (CHILD_CONFIG_VARIABLE, sender_config.as_ref()),
+            ("COMMS_PLUGIN_PATH", artifacts.plugin_dir.as_ref()),
+        ],
+        &sender_log,
+        EXCHANGE_DEADLINE + Duration::from_secs(30),
     );
-    let status = loop {
-        if let Some(status) = sender.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < EXCHANGE_DEADLINE + Duration::from_secs(30),
-            "the node in namespace A did not finish; its log ends:\n{}",
-            tail(&sender_log)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
     let dropped = [namespace_a, namespace_b].map(|namespace| Namespaces::dropped(namespace));
     eprintln!(
         "node in namespace A finished in {:?} ({status}); UDP packets dropped by nft: {dropped:?}\n{}",

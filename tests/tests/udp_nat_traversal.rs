@@ -35,10 +35,14 @@
 //! and says why.
 
 use comms_host::Node;
-use comms_tests::{artifacts, scratch_dir, start_and_wait_for, write_config};
+use comms_tests::{
+    artifacts,
+    nat_network::{network_or_skip, run_test_process_in, tail, Nat, Network, Plan, Running},
+    scratch_dir, start_and_wait_for, write_config,
+};
 use std::{
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -54,224 +58,21 @@ const CHILD_PEER_VARIABLE: &str = "COMMS_UDP_NAT_CHILD_PEER";
 const CHILD_SEALED_VARIABLE: &str = "COMMS_UDP_NAT_CHILD_SEALED";
 const EXCHANGE_DEADLINE: Duration = Duration::from_secs(60);
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|ci| ci == "true")
-}
-
-fn run(program: &str, args: &[&str]) -> Result<(), String> {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|error| format!("cannot run `{program}`: {error}"))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{program} {}` failed ({}): {}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
-    }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Nat {
-    /// `masquerade`: port-preserving, the same mapping for every destination.
-    Cone,
-    /// `masquerade fully-random`: a new random port per destination.
-    Symmetric,
-}
-
-/// The five namespaces, deleted on drop (with their veth pairs and nftables tables).
-struct Network {
-    /// pub, na, nb, pa, pb.
-    names: [String; 5],
-    files: Vec<std::path::PathBuf>,
-}
-
-impl Network {
-    fn create(tag: char, nat: Nat) -> Result<Self, String> {
-        let pid = std::process::id();
-        let names = ["pub", "na", "nb", "pa", "pb"].map(|role| format!("comms-nat-{pid}{tag}-{role}"));
-        let mut network = Self { names, files: Vec::new() };
-        for name in &network.names {
-            run("ip", &["netns", "add", name])?;
-            run("ip", &["-n", name, "link", "set", "lo", "up"])?;
-        }
-        let [public, na, nb, pa, pb] = network.names.clone();
-        // Interface names: at most 15 bytes.
-        let veth = |suffix: &str| format!("cn{pid}{tag}{suffix}");
-        for (side, nat_ns, private_ns, subnet) in [("a", &na, &pa, 1), ("b", &nb, &pb, 2)] {
-            let (private, nat_inside, nat_outside, router) = (
-                veth(&format!("{side}0")),
-                veth(&format!("{side}1")),
-                veth(&format!("{side}2")),
-                veth(&format!("{side}3")),
-            );
-            run(
-                "ip",
-                &[
-                    "link",
-                    "add",
-                    &private,
-                    "netns",
-                    private_ns,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &nat_inside,
-                    "netns",
-                    nat_ns,
-                ],
-            )?;
-            run(
-                "ip",
-                &[
-                    "link",
-                    "add",
-                    &nat_outside,
-                    "netns",
-                    nat_ns,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &router,
-                    "netns",
-                    &public,
-                ],
-            )?;
-            let private_ip = format!("192.168.{subnet}.2/24");
-            let nat_inside_ip = format!("192.168.{subnet}.1/24");
-            let nat_outside_ip = format!("10.78.{subnet}.2/24");
-            let router_ip = format!("10.78.{subnet}.1/24");
-            for (namespace, interface, address) in [
-                (private_ns, &private, &private_ip),
-                (nat_ns, &nat_inside, &nat_inside_ip),
-                (nat_ns, &nat_outside, &nat_outside_ip),
-                (&public, &router, &router_ip),
-            ] {
-                run("ip", &["-n", namespace, "addr", "add", address, "dev", interface])?;
-                run("ip", &["-n", namespace, "link", "set", interface, "up"])?;
-            }
-            run("ip", &["-n", private_ns, "route", "add", "default", "via", &format!("192.168.{subnet}.1")])?;
-            run("ip", &["-n", nat_ns, "route", "add", "default", "via", &format!("10.78.{subnet}.1")])?;
-            run("ip", &["netns", "exec", nat_ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-            let masquerade = match nat {
-                Nat::Cone => "masquerade",
-                Nat::Symmetric => "masquerade fully-random",
-            };
-            let rules = format!(
-                "table ip comms_nat {{\n\
-                 \x20 chain postrouting {{\n    type nat hook postrouting priority 100; policy accept;\n    \
-                 oifname \"{nat_outside}\" {masquerade}\n  }}\n\
-                 \x20 chain input {{\n    type filter hook input priority 0; policy accept;\n    \
-                 iifname \"{nat_outside}\" meta l4proto udp counter drop comment \"unsolicited\"\n  }}\n}}\n"
-            );
-            network.load_rules(nat_ns, &rules)?;
-        }
-        run("ip", &["-n", &public, "addr", "add", "10.78.0.1/32", "dev", "lo"])?;
-        run("ip", &["netns", "exec", &public, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-        let counters = "table ip comms_nat_count {\n\
+/// The five namespaces of this test (`comms-nat-*`, `10.78.x.x`, apart from the TCP test's)
+/// and the counters in `pub`.
+fn plan() -> Plan {
+    Plan {
+        prefix: "comms-nat",
+        veth: "cn",
+        octet: 78,
+        protocol: "udp",
+        counters: "table ip comms_nat_count {\n\
              \x20 chain forward {\n    type filter hook forward priority 0; policy accept;\n    \
              ip saddr 10.78.1.2 ip daddr 10.78.2.2 meta l4proto udp counter comment \"direct-ab\"\n    \
              ip saddr 10.78.2.2 ip daddr 10.78.1.2 meta l4proto udp counter comment \"direct-ba\"\n  }\n\
              \x20 chain input {\n    type filter hook input priority 0; policy accept;\n    \
-             udp dport 7000 @th,64,16 0xcf08 counter comment \"relay\"\n  }\n}\n";
-        network.load_rules(&public, counters)?;
-        network.wait_until_links_are_up()?;
-        Ok(network)
-    }
-
-    fn load_rules(&mut self, namespace: &str, rules: &str) -> Result<(), String> {
-        let path = std::env::temp_dir().join(format!("{namespace}.nft"));
-        std::fs::write(&path, rules).map_err(|error| format!("cannot write {}: {error}", path.display()))?;
-        self.files.push(path.clone());
-        run("ip", &["netns", "exec", namespace, "nft", "-f", &path.to_string_lossy()])
-    }
-
-    /// Waits until every veth is up (the kernel brings a veth's carrier up asynchronously; until
-    /// then it drops what is sent).
-    fn wait_until_links_are_up(&self) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for namespace in &self.names {
-            loop {
-                let output = Command::new("ip")
-                    .args(["-n", namespace, "-o", "link", "show", "type", "veth"])
-                    .output()
-                    .map_err(|error| format!("cannot run `ip`: {error}"))?;
-                let links = String::from_utf8_lossy(&output.stdout);
-                if links.lines().all(|link| link.contains("state UP")) {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    return Err(format!("the veths in {namespace} did not come up: {links}"));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        Ok(())
-    }
-
-    /// The packets counted by the rule with `comment` in `namespace`.
-    fn counter(namespace: &str, comment: &str) -> Option<u64> {
-        let output =
-            Command::new("ip").args(["netns", "exec", namespace, "nft", "list", "ruleset"]).output().ok()?;
-        let text = String::from_utf8_lossy(&output.stdout);
-        let line = text.lines().find(|line| line.contains(&format!("comment \"{comment}\"")))?;
-        line.split("counter packets ").nth(1)?.split_whitespace().next()?.parse().ok()
-    }
-}
-
-impl Drop for Network {
-    fn drop(&mut self) {
-        for name in &self.names {
-            if let Err(error) = run("ip", &["netns", "delete", name]) {
-                eprintln!("cleanup: {error}");
-            }
-        }
-        for file in &self.files {
-            let _ = std::fs::remove_file(file);
-        }
-    }
-}
-
-/// A child process killed on drop.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn network_or_skip(tag: char, nat: Nat) -> Option<Network> {
-    let missing = [("ip", "-V"), ("nft", "--version")].into_iter().find(|(tool, version)| {
-        !Command::new(tool)
-            .arg(version)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    let result = match missing {
-        Some((tool, _)) => Err(format!("`{tool}` is not installed (.ci/run installs nftables)")),
-        None => Network::create(tag, nat),
-    };
-    match result {
-        Ok(network) => Some(network),
-        Err(why) if in_ci() => {
-            panic!("network namespaces with NAT cannot be set up, and in CI this test must not skip: {why}")
-        }
-        Err(why) => {
-            eprintln!(
-                "SKIPPED: network namespaces with NAT cannot be set up (needs root, ip and nft): {why}"
-            );
-            None
-        }
+             udp dport 7000 @th,64,16 0xcf08 counter comment \"relay\"\n  }\n}\n"
+            .to_string(),
     }
 }
 
@@ -325,12 +126,6 @@ impl Nodes {
     }
 }
 
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
 struct Counts {
     direct_ab: u64,
     direct_ba: u64,
@@ -377,33 +172,19 @@ fn exchange(network: &Network, label: &str, encrypted: bool) -> Counts {
 
     let sender_config = write_config(&dir, "sender.toml", &nodes.private_config(true));
     let sender_log = dir.join("sender.log");
-    let log = std::fs::File::create(&sender_log).unwrap();
     let started = Instant::now();
-    let mut sender = Running(
-        Command::new("ip")
-            .args(["netns", "exec", pa])
-            .arg(std::env::current_exe().unwrap())
-            .args(["--exact", "node_behind_nat_a", "--ignored", "--nocapture", "--test-threads", "1"])
-            .env(CHILD_CONFIG_VARIABLE, &sender_config)
-            .env(CHILD_PEER_VARIABLE, &nodes.b)
-            .env(CHILD_SEALED_VARIABLE, if encrypted { "1" } else { "" })
-            .env("COMMS_PLUGIN_PATH", &artifacts.plugin_dir)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
+    let status = run_test_process_in(
+        pa,
+        "node_behind_nat_a",
+        &[
+            (CHILD_CONFIG_VARIABLE, sender_config.as_ref()),
+            (CHILD_PEER_VARIABLE, nodes.b.as_ref()),
+            (CHILD_SEALED_VARIABLE, (if encrypted { "1" } else { "" }).as_ref()),
+            ("COMMS_PLUGIN_PATH", artifacts.plugin_dir.as_ref()),
+        ],
+        &sender_log,
+        EXCHANGE_DEADLINE + Duration::from_secs(30),
     );
-    let status = loop {
-        if let Some(status) = sender.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < EXCHANGE_DEADLINE + Duration::from_secs(30),
-            "the node behind NAT A did not finish; its log ends:\n{}",
-            tail(&sender_log)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
     let counts = Counts {
         direct_ab: Network::counter(public, "direct-ab").unwrap_or(0),
         direct_ba: Network::counter(public, "direct-ba").unwrap_or(0),
@@ -432,7 +213,7 @@ fn message(n: usize) -> String {
 
 #[test]
 fn behind_cone_nats_the_punch_gets_through_and_traffic_goes_direct() {
-    let Some(network) = network_or_skip('c', Nat::Cone) else { return };
+    let Some(network) = network_or_skip(&plan(), 'c', Nat::Cone) else { return };
     let counts = exchange(&network, "udp-nat-cone", false);
     assert_eq!(counts.relay, 0, "nothing was relayed through the rendezvous");
     assert!(
@@ -446,7 +227,7 @@ fn behind_cone_nats_the_punch_gets_through_and_traffic_goes_direct() {
 
 #[test]
 fn behind_symmetric_nats_punching_fails_and_the_rendezvous_relays() {
-    let Some(network) = network_or_skip('s', Nat::Symmetric) else { return };
+    let Some(network) = network_or_skip(&plan(), 's', Nat::Symmetric) else { return };
     let dropped_before = Network::counter(&network.names[1], "unsolicited").unwrap_or(0);
     let counts = exchange(&network, "udp-nat-symmetric", false);
     assert!(counts.relay >= MESSAGES as u64, "the messages were relayed: {} relay frames", counts.relay);
@@ -457,7 +238,7 @@ fn behind_symmetric_nats_punching_fails_and_the_rendezvous_relays() {
 
 #[test]
 fn behind_symmetric_nats_encrypted_links_run_end_to_end_through_the_relay() {
-    let Some(network) = network_or_skip('e', Nat::Symmetric) else { return };
+    let Some(network) = network_or_skip(&plan(), 'e', Nat::Symmetric) else { return };
     // The node behind NAT A checks that its session was set up and its datagrams relayed.
     let counts = exchange(&network, "udp-nat-encrypted", true);
     assert!(counts.relay >= MESSAGES as u64, "the messages were relayed: {} relay frames", counts.relay);

@@ -216,3 +216,172 @@ async fn payloads_of_every_size_arrive_intact() {
     sender.close().await.unwrap();
     receiver.close().await.unwrap();
 }
+
+mod nat_traversal {
+    //! NAT traversal on loopback: a rendezvous and two nodes registered by name, messages both
+    //! ways through `name@rendezvous` addresses, punched or relayed, plain or encrypted.
+
+    use super::{envelope, LIMIT};
+    use crate::{start, with_nat, TcpConfig};
+    use comms_plugin_api::{
+        config::parse_config,
+        security::{AllowList, Identity, LinkSecurity},
+        NodeId, Transport,
+    };
+    use std::sync::Arc;
+
+    async fn node(
+        id: &NodeId,
+        config: &str,
+        security: Option<LinkSecurity>,
+        punch: bool,
+    ) -> Arc<dyn Transport> {
+        let config: TcpConfig = parse_config(&format!("listen = \"127.0.0.1:0\"\n{config}")).unwrap();
+        let (transport, nat) = start(id.clone(), config, security, punch).await.unwrap();
+        with_nat(transport, nat)
+    }
+
+    fn counter(transport: &dyn Transport, name: &str) -> u64 {
+        transport.stats().counters.iter().find(|(n, _)| n == name).map_or(0, |(_, value)| *value)
+    }
+
+    /// Receives one message; its id.
+    async fn receive_one(transport: &dyn Transport) -> u128 {
+        let batch =
+            tokio::time::timeout(LIMIT, transport.receive(1)).await.expect("a message in time").unwrap();
+        batch[0].envelope.id.as_u128()
+    }
+
+    /// `a` and `b` behind the rendezvous `r` exchange messages; the counters of `r`, `a`, `b`.
+    async fn exchange(punch: bool, noise: bool) -> [Arc<dyn Transport>; 3] {
+        let identities: Vec<Identity> = (0..3).map(|_| Identity::generate()).collect();
+        let ids: Vec<NodeId> = identities
+            .iter()
+            .zip(["r", "a", "b"])
+            .map(|(identity, label)| if noise { identity.node_id(Some(label)) } else { NodeId::new(label) })
+            .collect();
+        let security = |n: usize| {
+            noise.then(|| {
+                let allow = AllowList::parse(&["*".to_string()], "allow").unwrap();
+                LinkSecurity::new(Identity::from_secret_bytes(&identities[n].secret_bytes()), allow, None)
+            })
+        };
+        let rendezvous = node(&ids[0], "rendezvous_server = true", security(0), punch).await;
+        let at = rendezvous.info().local_address.clone();
+        let config = |name: &str| {
+            format!("rendezvous = \"{at}\"\nrendezvous_name = \"{name}\"\npunch_timeout_ms = 500")
+        };
+        let a = node(&ids[1], &config("a"), security(1), punch).await;
+        let b = node(&ids[2], &config("b"), security(2), punch).await;
+        assert_eq!(
+            a.info().local_address,
+            format!("a@{at}"),
+            "a node behind NAT advertises its name at the rendezvous"
+        );
+        for n in 0..5 {
+            a.send(&format!("b@{at}"), envelope(n, 100)).await.unwrap();
+            assert_eq!(receive_one(&*b).await, n);
+            b.send(&b.info().local_address.replace("b@", "a@"), envelope(100 + n, 100)).await.unwrap();
+            assert_eq!(receive_one(&*a).await, 100 + n);
+        }
+        [rendezvous, a, b]
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nodes_registered_by_name_reach_each_other_over_punched_connections() {
+        let [rendezvous, a, b] = exchange(true, false).await;
+        assert_eq!(
+            (counter(&*a, "tcp.nat.punched"), counter(&*b, "tcp.nat.punched")),
+            (2, 2),
+            "each direction punched, counted on both ends"
+        );
+        assert_eq!(counter(&*rendezvous, "tcp.nat.relays"), 0);
+        assert_eq!(counter(&*rendezvous, "tcp.nat.introductions"), 2);
+        assert_eq!(counter(&*rendezvous, "tcp.nat.registrations"), 2);
+        for transport in [a, b, rendezvous] {
+            transport.close().await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_punching_the_rendezvous_relays_and_encrypted_links_work_through_it() {
+        let [rendezvous, a, b] = exchange(false, true).await;
+        assert!(a.info().capabilities.contains(comms_plugin_api::Capabilities::ENCRYPTED));
+        assert_eq!(counter(&*rendezvous, "tcp.nat.relays"), 2, "one relay per direction");
+        assert_eq!(counter(&*rendezvous, "tcp.nat.relays_open"), 2);
+        assert_eq!((counter(&*a, "tcp.nat.relayed"), counter(&*b, "tcp.nat.relayed")), (2, 2));
+        assert_eq!(counter(&*a, "tcp.nat.punched"), 0);
+        for transport in [a, b] {
+            transport.close().await.unwrap();
+        }
+        super::eventually("the relays end with their connections", || {
+            counter(&*rendezvous, "tcp.nat.relays_open") == 0
+        })
+        .await;
+        rendezvous.close().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn encrypted_links_work_over_punched_connections_and_unknown_names_fail() {
+        let [rendezvous, a, b] = exchange(true, true).await;
+        assert_eq!(counter(&*a, "tcp.nat.punched"), 2);
+        let at = rendezvous.info().local_address.clone();
+        // A name nobody registered: the writer gives up, the next send says so.
+        let quick =
+            node(&NodeId::new("q"), &format!("rendezvous = \"{at}\"\nreconnect_attempts = 1"), None, true)
+                .await;
+        quick.send(&format!("nobody@{at}"), envelope(1, 10)).await.unwrap();
+        super::eventually("the dial fails", || counter(&*quick, "tcp.nat.dials_failed") >= 1).await;
+        // A rendezvous this node is not registered with is refused.
+        quick.send("x@192.0.2.1:9", envelope(2, 10)).await.unwrap();
+        super::eventually("the writer gives up", || quick.stats().errors >= 2).await;
+        for transport in [quick, a, b, rendezvous] {
+            transport.close().await.unwrap();
+        }
+    }
+
+    fn config_error(text: &str) -> String {
+        let config = match parse_config::<TcpConfig>(text) {
+            Ok(config) => config,
+            Err(error) => return error.message,
+        };
+        config.validate(&NodeId::new("node")).unwrap_err().message
+    }
+
+    #[test]
+    fn bad_nat_keys_are_errors_naming_the_key() {
+        let good = parse_config::<TcpConfig>(
+            "rendezvous = \"127.0.0.1:7000\"\npunch_timeout_ms = 1000\nmax_connections = 9",
+        )
+        .unwrap();
+        assert_eq!(good.nat.rendezvous.as_deref(), Some("127.0.0.1:7000"));
+        assert_eq!((good.nat.punch_timeout_ms, good.stream.max_connections), (Some(1000), 9));
+        good.validate(&NodeId::new("node")).unwrap();
+        for (text, starts) in [
+            ("rendezvous = 7000", "key `rendezvous`:"),
+            ("rendezvous_server = \"yes\"", "key `rendezvous_server`:"),
+            ("rendezvous = \"h:1\"\npunch_timeout_ms = -5", "key `punch_timeout_ms`:"),
+            ("rendezvous = \"h:1\"\npunch_timeout_ms = 50", "key `punch_timeout_ms`: 50 is not within"),
+            ("rendezvous = \"h:1\"\nrendezvous_server = true", "key `rendezvous_server`: not together"),
+            ("rendezvous_name = \"x\"", "key `rendezvous_name`: needs `rendezvous`"),
+            ("punch_timeout_ms = 500", "key `punch_timeout_ms`: needs `rendezvous`"),
+            ("rendezvous = \"h:1\"\nrendezvous_name = \"\"", "key `rendezvous_name`: a name registered"),
+            ("rendezvous = \"h:1\"\nrendezvous_name = \"a@b\"", "key `rendezvous_name`:"),
+            ("max_connections = 0", "key `max_connections`: must be greater than 0"),
+            ("max_connections = -1", "key `max_connections`:"),
+            ("rendezvous_sever = true", "unknown field `rendezvous_sever`"),
+            ("idle_timeout = 5", "unknown field `idle_timeout`"),
+        ] {
+            let error = config_error(text);
+            assert!(error.starts_with(starts), "{text:?}: {error}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unresolvable_rendezvous_is_an_error_naming_the_key() {
+        let config: TcpConfig =
+            parse_config("listen = \"127.0.0.1:0\"\nrendezvous = \"no-such-host.invalid:7000\"").unwrap();
+        let error = start(NodeId::new("n"), config, None, true).await.unwrap_err();
+        assert!(error.message.starts_with("key `rendezvous`: cannot resolve"), "{}", error.message);
+    }
+}
