@@ -38,7 +38,9 @@ pub async fn receive_batch<T>(
         _ = closing.wait_for(|closing| *closing) => queue.try_recv().ok(),
     };
     let Some(first) = first else { return Vec::new() };
-    let mut batch = Vec::with_capacity(max_batch.clamp(1, 256));
+    // Sized to what is waiting, not to `max_batch`: a batch of 256 envelopes is tens of KiB,
+    // and allocating that for every message of a request/response exchange costs fresh pages.
+    let mut batch = Vec::with_capacity((queue.len() + 1).min(max_batch.max(1)));
     batch.push(first);
     while batch.len() < max_batch {
         match queue.try_recv() {

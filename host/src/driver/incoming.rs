@@ -27,23 +27,33 @@ pub(super) async fn receive_loop(driver: Arc<Driver>, index: usize) {
     let mut retiring = transport.retiring.subscribe();
     let mut paused = transport.paused.subscribe();
     let mut failures = 0u32;
+    // Whether to stop taking from the transport: at shutdown, and for a transport with
+    // acknowledgements also when the node closes or a reload retires the transport (it keeps
+    // what this node has not taken yet and hands it to the next consumer, so the node stops
+    // taking at once and settles everything it took before its transport closes; without
+    // acknowledgements the node drains instead: what the transport buffered is received after it
+    // closes). One future for the whole loop: a message then costs one registration with these
+    // flags, not one per flag per call.
+    let stop = async {
+        tokio::select! {
+            _ = flag_set(&mut shutdown) => {}
+            _ = flag_set(&mut closing), if acknowledges => {}
+            _ = flag_set(&mut retiring), if acknowledges => {}
+        }
+    };
+    tokio::pin!(stop);
     loop {
         // Backpressure: the engine has no room for more from this transport yet.
-        tokio::select! {
-            _ = paused.wait_for(|paused| !*paused) => {}
-            _ = flag_set(&mut shutdown) => return,
-            _ = flag_set(&mut closing), if acknowledges => return,
-            _ = flag_set(&mut retiring), if acknowledges => return,
+        if *paused.borrow_and_update() {
+            tokio::select! {
+                _ = paused.wait_for(|paused| !*paused) => {}
+                () = &mut stop => return,
+            }
         }
         let received = tokio::select! {
+            biased;
+            () = &mut stop => return,
             received = transport.loaded.receive(RECEIVE_BATCH) => received,
-            _ = flag_set(&mut shutdown) => return,
-            // A transport with acknowledgements keeps what this node has not taken yet and
-            // hands it to the next consumer, so a closing node stops taking at once (and settles
-            // everything it took before its transport closes). Without acknowledgements the
-            // node drains instead: what the transport buffered is received after it closes.
-            _ = flag_set(&mut closing), if acknowledges => return,
-            _ = flag_set(&mut retiring), if acknowledges => return,
         };
         match received {
             Ok(batch) if batch.is_empty() => return,
@@ -70,7 +80,11 @@ pub(super) async fn receive_loop(driver: Arc<Driver>, index: usize) {
                     .collect();
                 driver.run_received(driver.handle_all(inputs)).await;
             }
-            Err(error) if error.code == ErrorCode::CLOSED || *closing.borrow() || *retiring.borrow() => {
+            Err(error)
+                if error.code == ErrorCode::CLOSED
+                    || *driver.closing.borrow()
+                    || *transport.retiring.borrow() =>
+            {
                 return
             }
             Err(error) => {
@@ -78,6 +92,7 @@ pub(super) async fn receive_loop(driver: Arc<Driver>, index: usize) {
                 tracing::warn!(transport = %transport.name, %error, failures, "receive failed; retrying");
                 driver.report_failure(&transport.name, error);
                 let delay = Duration::from_millis(50u64.saturating_mul(1 << failures.min(7)));
+                let (mut closing, mut shutdown) = (driver.closing.subscribe(), driver.shutdown.subscribe());
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = flag_set(&mut closing) => return,
