@@ -65,14 +65,18 @@ fn header_value<'a>(what: &str, value: &'a str) -> Result<&'a str, PluginError> 
     Ok(value)
 }
 
-/// The headers of `envelope`.
-pub fn encode(envelope: &Envelope) -> Result<HeaderMap, PluginError> {
+/// The headers of `envelope`. `Comms-Version` is left out (absent means 1), and so are
+/// `Comms-To-Kind` and `Comms-To` when `destination_implied` (a node message published on that
+/// node's own inbox, whose reader takes the inbox's node when they are absent): fewer header
+/// bytes for the server to parse and store per message.
+pub fn encode(envelope: &Envelope, destination_implied: bool) -> Result<HeaderMap, PluginError> {
     let mut headers = HeaderMap::new();
-    headers.insert(header::VERSION, FORMAT_VERSION);
     headers.insert(header::ID, envelope.id.to_string());
     headers.insert(header::FROM, header_value("sender", envelope.from.as_str())?);
-    headers.insert(header::TO_KIND, kind_name(&envelope.to));
-    headers.insert(header::TO, header_value("destination", envelope.to.name())?);
+    if !destination_implied {
+        headers.insert(header::TO_KIND, kind_name(&envelope.to));
+        headers.insert(header::TO, header_value("destination", envelope.to.name())?);
+    }
     if let Some(correlation) = envelope.correlation_id {
         headers.insert(header::CORRELATION_ID, correlation.to_string());
     }
@@ -163,10 +167,25 @@ mod tests {
         .with_correlation_id(Some(MessageId::from_u128(7)))
         .with_header("name", "välue\n\"quoted\"")
         .with_header("name", "twice");
-        let headers = encode(&envelope).expect("encodes");
+        let headers = encode(&envelope, false).expect("encodes");
         let back =
             decode(Some(&headers), envelope.payload.as_slice(), Destination::node("x")).expect("decodes");
         assert_eq!(back, envelope);
+    }
+
+    #[test]
+    fn a_destination_implied_by_the_inbox_is_left_out_and_read_back() {
+        let envelope = Envelope::new(MessageId::from_u128(0xabc), "alice", Destination::node("bob"), vec![1]);
+        let headers = encode(&envelope, true).expect("encodes");
+        for left_out in [header::VERSION, header::TO_KIND, header::TO] {
+            assert!(headers.get(left_out).is_none(), "{left_out} is not written");
+        }
+        // The reader of bob's inbox takes bob as the destination.
+        let back = decode(Some(&headers), &[1], Destination::node("bob")).expect("decodes");
+        assert_eq!(back, envelope);
+        // Not implied (e.g. a relay's inbox): written.
+        let headers = encode(&envelope, false).expect("encodes");
+        assert_eq!(headers.get(header::TO).map(|value| value.as_str()), Some("bob"));
     }
 
     #[test]
@@ -190,6 +209,6 @@ mod tests {
     #[test]
     fn a_line_break_in_a_destination_is_refused_not_a_panic() {
         let envelope = Envelope::new(MessageId::from_u128(1), "a", Destination::service("x\r\ny"), vec![]);
-        assert_eq!(encode(&envelope).expect_err("refused").code, ErrorCode::MALFORMED);
+        assert_eq!(encode(&envelope, false).expect_err("refused").code, ErrorCode::MALFORMED);
     }
 }

@@ -451,7 +451,12 @@ impl NatsTransport {
         if size as u64 > self.shared.max_message_size {
             return Err(self.shared.too_large(size));
         }
-        let headers = format::encode(envelope)?;
+        // A node message on that node's own inbox: the reader knows the destination from it.
+        let destination_implied = match &envelope.to {
+            Destination::Node(node) => address == subject::inbox(&self.shared.config.prefix, node.as_str()),
+            _ => false,
+        };
+        let headers = format::encode(envelope, destination_implied)?;
         let payload = Bytes::copy_from_slice(envelope.payload.as_slice());
         if address.is_empty() {
             let Destination::Topic(topic) = &envelope.to else {
