@@ -308,3 +308,43 @@ pub fn run_test_process_in(
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The node behind NAT A of the NAT traversal tests, in the process [`run_test_process_in`]
+/// started: a node from `config` sends each of `messages` to `peer` and waits until every echo
+/// came back from `peer`, once and in order, within `deadline`; then `check` looks at the node
+/// (e.g. its metrics) before it closes.
+pub fn echo_through_the_nat(
+    config: &std::ffi::OsStr,
+    peer: &str,
+    messages: &[String],
+    deadline: Duration,
+    check: impl FnOnce(&comms_host::Node),
+) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    runtime.block_on(async move {
+        let deadline = tokio::time::Instant::now() + deadline;
+        let node = comms_host::Node::from_config(config).await.unwrap_or_else(|error| panic!("{error}"));
+        eprintln!("transports: {:?}", node.transports());
+        let started = Instant::now();
+        for message in messages {
+            node.send(peer, message).await.expect("send");
+        }
+        let mut echoed = Vec::new();
+        while echoed.len() < messages.len() {
+            let received = tokio::time::timeout_at(deadline, node.receive::<String>())
+                .await
+                .unwrap_or_else(|_| panic!("only {} of {} echoes arrived", echoed.len(), messages.len()))
+                .expect("receive");
+            assert_eq!(received.from.as_str(), peer);
+            echoed.push(received.message);
+        }
+        eprintln!("{} messages echoed in {:?}", messages.len(), started.elapsed());
+        assert_eq!(echoed, messages, "every echo arrives once and in order");
+        check(&node);
+        node.close().await.expect("close");
+    });
+}

@@ -21,10 +21,11 @@
 //! Needs root, `ip` and `nft`: in CI (`CI=true`) a missing one is a failure, elsewhere the test
 //! skips and says why.
 
-use comms_host::Node;
 use comms_tests::{
     artifacts,
-    nat_network::{network_or_skip, run_test_process_in, tail, Nat, Network, Plan, Running},
+    nat_network::{
+        echo_through_the_nat, network_or_skip, run_test_process_in, tail, Nat, Network, Plan, Running,
+    },
     scratch_dir, start_and_follow, start_and_wait_for, write_config,
 };
 use std::{
@@ -201,27 +202,6 @@ fn node_behind_nat_a() {
         eprintln!("not started by the NAT traversal test: nothing to do");
         return;
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    runtime.block_on(async move {
-        let deadline = tokio::time::Instant::now() + EXCHANGE_DEADLINE;
-        let node = Node::from_config(&config).await.unwrap_or_else(|error| panic!("{error}"));
-        eprintln!("transports: {:?}", node.transports());
-        let started = Instant::now();
-        for n in 0..MESSAGES {
-            node.send(B_ID, &message(n)).await.unwrap();
-        }
-        let mut echoed = Vec::new();
-        while echoed.len() < MESSAGES {
-            let received = tokio::time::timeout_at(deadline, node.receive::<String>())
-                .await
-                .unwrap_or_else(|_| panic!("only {} of {MESSAGES} echoes arrived", echoed.len()))
-                .unwrap();
-            assert_eq!(received.from.as_str(), B_ID);
-            echoed.push(received.message);
-        }
-        eprintln!("{MESSAGES} messages echoed in {:?}", started.elapsed());
-        let expected: Vec<String> = (0..MESSAGES).map(message).collect();
-        assert_eq!(echoed, expected, "every echo arrives once and in order");
-        node.close().await.unwrap();
-    });
+    let messages: Vec<String> = (0..MESSAGES).map(message).collect();
+    echo_through_the_nat(&config, B_ID, &messages, EXCHANGE_DEADLINE, |_| {});
 }

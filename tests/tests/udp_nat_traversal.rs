@@ -34,10 +34,11 @@
 //! root, `ip` and `nft`: in CI (`CI=true`) a missing one is a failure, elsewhere the test skips
 //! and says why.
 
-use comms_host::Node;
 use comms_tests::{
     artifacts,
-    nat_network::{network_or_skip, run_test_process_in, tail, Nat, Network, Plan, Running},
+    nat_network::{
+        echo_through_the_nat, network_or_skip, run_test_process_in, tail, Nat, Network, Plan, Running,
+    },
     scratch_dir, start_and_wait_for, write_config,
 };
 use std::{
@@ -254,48 +255,29 @@ fn node_behind_nat_a() {
         eprintln!("not started by the NAT traversal test: nothing to do");
         return;
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    runtime.block_on(async move {
-        let deadline = tokio::time::Instant::now() + EXCHANGE_DEADLINE;
-        let peer = std::env::var(CHILD_PEER_VARIABLE).unwrap_or_else(|_| B_ID.to_string());
-        let node = Node::from_config(&config).await.unwrap_or_else(|error| panic!("{error}"));
-        eprintln!("transports: {:?}", node.transports());
-        let started = Instant::now();
-        for n in 0..MESSAGES {
-            node.send(peer.as_str(), &message(n)).await.unwrap();
+    let peer = std::env::var(CHILD_PEER_VARIABLE).unwrap_or_else(|_| B_ID.to_string());
+    let sealed = std::env::var(CHILD_SEALED_VARIABLE).is_ok_and(|sealed| sealed == "1");
+    let messages: Vec<String> = (0..MESSAGES).map(message).collect();
+    echo_through_the_nat(&config, &peer, &messages, EXCHANGE_DEADLINE, |node| {
+        if !sealed {
+            return;
         }
-        let mut echoed = Vec::new();
-        while echoed.len() < MESSAGES {
-            let received = tokio::time::timeout_at(deadline, node.receive::<String>())
-                .await
-                .unwrap_or_else(|_| panic!("only {} of {MESSAGES} echoes arrived", echoed.len()))
-                .unwrap();
-            assert_eq!(received.from.as_str(), peer);
-            echoed.push(received.message);
-        }
-        eprintln!("{MESSAGES} messages echoed in {:?}", started.elapsed());
-        let expected: Vec<String> = (0..MESSAGES).map(message).collect();
-        assert_eq!(echoed, expected, "every echo arrives once and in order");
-        if std::env::var(CHILD_SEALED_VARIABLE).is_ok_and(|sealed| sealed == "1") {
-            let metrics = node.metrics_text();
-            let stat = |name: &str| {
-                metrics
-                    .lines()
-                    .find(|line| {
-                        line.starts_with("comms_transport_stat{")
-                            && line.contains(&format!("name=\"{name}\""))
-                    })
-                    .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-                    .unwrap_or(0.0)
-            };
-            eprintln!(
-                "udp.handshakes {}, udp.nat.relayed_out {}",
-                stat("udp.handshakes"),
-                stat("udp.nat.relayed_out")
-            );
-            assert!(stat("udp.handshakes") >= 1.0, "a Noise session was set up:\n{metrics}");
-            assert!(stat("udp.nat.relayed_out") >= MESSAGES as f64, "the datagrams were relayed:\n{metrics}");
-        }
-        node.close().await.unwrap();
+        let metrics = node.metrics_text();
+        let stat = |name: &str| {
+            metrics
+                .lines()
+                .find(|line| {
+                    line.starts_with("comms_transport_stat{") && line.contains(&format!("name=\"{name}\""))
+                })
+                .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        eprintln!(
+            "udp.handshakes {}, udp.nat.relayed_out {}",
+            stat("udp.handshakes"),
+            stat("udp.nat.relayed_out")
+        );
+        assert!(stat("udp.handshakes") >= 1.0, "a Noise session was set up:\n{metrics}");
+        assert!(stat("udp.nat.relayed_out") >= MESSAGES as f64, "the datagrams were relayed:\n{metrics}");
     });
 }
