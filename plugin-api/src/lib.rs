@@ -109,6 +109,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod datagram_carrier;
 mod discovery;
 mod envelope;
 mod error;

@@ -7,7 +7,7 @@
 use comms_host::{Node, PeerStatus, PluginLibrary, Received};
 use comms_plugin_api::{NodeId, NodeRecord, PeerEventKind};
 use comms_tests::{
-    artifacts, free_udp_address, next_event_about, nodes_with_discovery,
+    artifacts, free_address, free_udp_address, next_event_about, nodes_with_discovery,
     noise_discovery::{noise_node, noise_watcher, watch_insiders},
 };
 use std::time::{Duration, Instant};
@@ -34,24 +34,40 @@ async fn until(what: &str, limit: Duration, condition: impl Fn() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_nodes_find_each_other_through_one_seed_call_a_service_and_see_a_leave() {
+    eight_nodes_join_call_and_leave(false).await;
+}
+
+/// The same with the gossip datagrams over TCP connections (`carrier = "tcp"`), as where UDP
+/// does not pass: probes, joins, updates and the leave all go that way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_nodes_gossip_over_tcp_find_each_other_call_a_service_and_see_a_leave() {
+    eight_nodes_join_call_and_leave(true).await;
+}
+
+async fn eight_nodes_join_call_and_leave(over_tcp: bool) {
     const NODES: usize = 8;
     const SERVER: usize = 5;
     let gossip = load(&artifacts().gossip_plugin);
-    let seed = free_udp_address();
+    let (seed, carrier) =
+        if over_tcp { (free_address(), "carrier = \"tcp\"\n") } else { (free_udp_address(), "") };
+    let config = |listen: &str| format!("{carrier}{}", discovery_config(listen, &seed));
     // The plugin on its own, beside the nodes: what gossip reports, apart from what the hosts
     // learn from each other's hellos and goodbyes.
     let watcher = gossip
-        .new_discovery(&NodeId::new("gossip-watcher"), "gossip", &discovery_config("127.0.0.1:0", &seed))
+        .new_discovery(&NodeId::new("gossip-watcher"), "gossip", &config("127.0.0.1:0"))
         .await
         .unwrap_or_else(|error| panic!("{error}"));
     watcher.announce(NodeRecord::new("gossip-watcher")).await.unwrap();
     let started = Instant::now();
     // Node 0 is the seed.
     let mut nodes = nodes_with_discovery("gossip", NODES, &gossip, |n| {
-        let listen = if n == 0 { seed.as_str() } else { "127.0.0.1:0" };
-        discovery_config(listen, &seed)
+        config(if n == 0 { seed.as_str() } else { "127.0.0.1:0" })
     })
     .await;
+    if over_tcp {
+        // The seed's gossip really listens on TCP (a UDP carrier would refuse this).
+        std::net::TcpStream::connect(&seed).expect("the seed's gossip listens on TCP");
+    }
     nodes[SERVER]
         .serve("gossip.echo", |request: Received<String>| async move {
             Ok::<_, String>(format!("{} from gossip-{SERVER}", request.message))

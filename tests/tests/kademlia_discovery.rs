@@ -3,7 +3,7 @@
 
 use comms_host::{Node, PluginLibrary, Received};
 use comms_tests::{
-    artifacts, free_udp_address, nodes_with_discovery,
+    artifacts, free_address, free_udp_address, nodes_with_discovery,
     noise_discovery::{noise_node, noise_watcher, watch_insiders},
 };
 use std::time::{Duration, Instant};
@@ -21,17 +21,41 @@ fn discovery_config(listen: &str, seed: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_nodes_find_each_other_and_a_service_through_the_dht_and_call_it() {
+    eight_nodes_find_each_other_and_call_a_service(Carrier::Udp).await;
+}
+
+/// The same with the DHT's datagrams over TCP connections (`carrier = "tcp"`), as where UDP
+/// does not pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_nodes_find_each_other_and_a_service_through_the_dht_over_tcp() {
+    eight_nodes_find_each_other_and_call_a_service(Carrier::Tcp).await;
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Carrier {
+    Udp,
+    Tcp,
+}
+
+async fn eight_nodes_find_each_other_and_call_a_service(carrier: Carrier) {
     const NODES: usize = 8;
     const SERVER: usize = 5;
     let kademlia = load(&artifacts().kademlia_plugin);
-    let seed = free_udp_address();
+    let (seed, carrier_line) = match carrier {
+        Carrier::Udp => (free_udp_address(), ""),
+        Carrier::Tcp => (free_address(), "carrier = \"tcp\"\n"),
+    };
     let started = Instant::now();
     // Node 0 is the seed.
     let mut nodes = nodes_with_discovery("kad", NODES, &kademlia, |n| {
         let listen = if n == 0 { seed.as_str() } else { "127.0.0.1:0" };
-        discovery_config(listen, &seed)
+        format!("{carrier_line}{}", discovery_config(listen, &seed))
     })
     .await;
+    if carrier == Carrier::Tcp {
+        // The seed's DHT really listens on TCP (a UDP carrier would refuse this).
+        std::net::TcpStream::connect(&seed).expect("the seed's DHT listens on TCP");
+    }
     nodes[SERVER]
         .serve("kad.echo", |request: Received<String>| async move {
             Ok::<_, String>(format!("{} from kad-{SERVER}", request.message))
@@ -62,8 +86,9 @@ async fn eight_nodes_find_each_other_and_a_service_through_the_dht_and_call_it()
         }
     }
     eprintln!(
-        "{NODES} nodes knew each other and the service {:?} after the first started",
-        started.elapsed()
+        "{NODES} nodes knew each other and the service {:?} after the first started (carrier {})",
+        started.elapsed(),
+        if carrier == Carrier::Tcp { "tcp" } else { "udp" }
     );
 
     for (n, node) in nodes.iter().enumerate() {

@@ -14,8 +14,11 @@ use crate::{
     protocol::MAX_DATAGRAM,
 };
 use comms_plugin_api::{
-    async_trait, log_rate::LogRateLimit, serde::Deserialize, socket_address, Discovery, ErrorCode, NodeId,
-    NodeRecord, PeerEvent, PluginError,
+    async_trait,
+    datagram_carrier::{Carrier, DatagramCarrier},
+    log_rate::LogRateLimit,
+    serde::Deserialize,
+    socket_address, Discovery, ErrorCode, NodeId, NodeRecord, PeerEvent, PluginError,
 };
 use std::{
     net::SocketAddr,
@@ -23,7 +26,6 @@ use std::{
     time::{Duration, Instant},
 };
 use tokio::{
-    net::UdpSocket,
     sync::{mpsc, watch, Notify},
     task::JoinHandle,
 };
@@ -43,8 +45,12 @@ static EVENTS_DROPPED: LogRateLimit = LogRateLimit::standard();
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(crate = "comms_plugin_api::serde", deny_unknown_fields)]
 pub struct GossipSettings {
-    /// UDP address to bind; default [`DEFAULT_LISTEN`].
+    /// Address to bind (UDP, or TCP with `carrier = "tcp"`); default [`DEFAULT_LISTEN`].
     pub listen: Option<String>,
+    /// `"udp"` (default) or `"tcp"`: the gossip datagrams framed over TCP connections, where UDP
+    /// does not pass (see [`comms_plugin_api::datagram_carrier`]). Every member uses the same.
+    #[serde(default)]
+    pub carrier: Carrier,
     /// The gossip address other members are told (`host:port`); default: the bound address, or
     /// for an unspecified IP (`0.0.0.0`, `[::]`) the IP of the interface with the default route.
     pub advertise: Option<String>,
@@ -106,7 +112,7 @@ impl GossipSettings {
 
 struct Shared {
     node: Mutex<GossipNode<SocketAddr>>,
-    socket: UdpSocket,
+    socket: DatagramCarrier,
     seeds: Vec<SocketAddr>,
     /// The node announced itself at least once (and so joined through the seeds).
     announced: Mutex<bool>,
@@ -171,12 +177,16 @@ impl GossipDiscovery {
         let config = settings.config()?;
         let listen = settings.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
         let bind_to = resolve("listen", listen).await?;
-        let socket = UdpSocket::bind(bind_to).await.map_err(|error| {
-            PluginError::new(
-                ErrorCode::INVALID_ADDRESS,
-                format!("gossip: binding UDP {bind_to} (key `listen`) failed: {error}"),
-            )
-        })?;
+        let socket =
+            DatagramCarrier::bind(settings.carrier, bind_to, config.max_datagram).await.map_err(|error| {
+                PluginError::new(
+                    ErrorCode::INVALID_ADDRESS,
+                    format!(
+                        "gossip: binding {} {bind_to} (keys `listen`, `carrier`) failed: {error}",
+                        settings.carrier
+                    ),
+                )
+            })?;
         let bound = socket.local_addr().map_err(PluginError::from)?;
         let local = match settings.advertise.as_deref() {
             Some(advertise) => resolve("advertise", advertise).await?,
@@ -188,6 +198,8 @@ impl GossipDiscovery {
                 std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1),
             ),
         };
+        // Over TCP, the address members reply to (a UDP datagram carries it as its source).
+        socket.set_reply_address(local);
         let mut seeds = Vec::with_capacity(settings.seeds.len());
         for seed in &settings.seeds {
             seeds.push(resolve("seeds", seed).await?);

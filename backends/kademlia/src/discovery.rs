@@ -12,8 +12,11 @@ use crate::{
     protocol::MAX_DATAGRAM,
 };
 use comms_plugin_api::{
-    async_trait, inbound::receive_batch, log_rate::LogRateLimit, socket_address, Discovery, ErrorCode,
-    NodeId, NodeRecord, PeerEvent, PluginError,
+    async_trait,
+    datagram_carrier::{Carrier, DatagramCarrier},
+    inbound::receive_batch,
+    log_rate::LogRateLimit,
+    socket_address, Discovery, ErrorCode, NodeId, NodeRecord, PeerEvent, PluginError,
 };
 use serde::Deserialize;
 use std::{
@@ -22,7 +25,6 @@ use std::{
     time::{Duration, Instant},
 };
 use tokio::{
-    net::UdpSocket,
     sync::{mpsc, oneshot, watch, Notify},
     task::JoinHandle,
 };
@@ -39,8 +41,13 @@ const RECEIVE_BATCH: usize = 64;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KademliaSettings {
-    /// UDP address to bind; default [`DEFAULT_LISTEN`].
+    /// Address to bind (UDP, or TCP with `carrier = "tcp"`); default [`DEFAULT_LISTEN`].
     pub listen: Option<String>,
+    /// `"udp"` (default) or `"tcp"`: the datagrams of the protocol framed over TCP connections,
+    /// where UDP does not pass (see [`comms_plugin_api::datagram_carrier`]). Every node of a
+    /// network uses the same.
+    #[serde(default)]
+    pub carrier: Carrier,
     /// `host:port` of nodes already in the network; none for the first node.
     #[serde(default)]
     pub seeds: Vec<String>,
@@ -217,12 +224,15 @@ impl KademliaDiscovery {
         for seed in &settings.seeds {
             seeds.push(resolve("seeds", seed).await?);
         }
-        let socket = UdpSocket::bind(listen_address).await.map_err(|error| {
-            let mut error = PluginError::from(error);
-            error.message =
-                format!("kademlia: binding UDP {listen_address} (key `listen`): {}", error.message);
-            error
-        })?;
+        let socket =
+            DatagramCarrier::bind(settings.carrier, listen_address, MAX_DATAGRAM).await.map_err(|error| {
+                let mut error = PluginError::from(error);
+                error.message = format!(
+                    "kademlia: binding {} {listen_address} (keys `listen`, `carrier`): {}",
+                    settings.carrier, error.message
+                );
+                error
+            })?;
         let local = socket.local_addr().map_err(PluginError::from)?;
         let now = Instant::now();
         let mut node = DhtNode::new(own.as_str(), config, now);
@@ -378,7 +388,7 @@ fn step(
     (transmits, node.next_timeout())
 }
 
-async fn send_all(socket: &UdpSocket, local: SocketAddr, transmits: Vec<(SocketAddr, Vec<u8>)>) {
+async fn send_all(socket: &DatagramCarrier, local: SocketAddr, transmits: Vec<(SocketAddr, Vec<u8>)>) {
     for (to, datagram) in transmits {
         if let Err(error) = socket.send_to(&datagram, to).await {
             tracing::debug!("kademlia {local}: sending to {to} failed: {error}");
@@ -404,7 +414,7 @@ fn receive(node: &mut DhtNode<SocketAddr>, local: SocketAddr, from: SocketAddr, 
 
 /// Moves datagrams between the socket and the state machine until shutdown.
 async fn drive(
-    socket: UdpSocket,
+    socket: DatagramCarrier,
     shared: Arc<Shared>,
     events: mpsc::Sender<PeerEvent>,
     mut shutdown: watch::Receiver<bool>,
