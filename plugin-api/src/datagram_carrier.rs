@@ -227,20 +227,10 @@ impl TcpShared {
     }
 }
 
-/// The hello: `u8` family (4 or 6), the IP's bytes, `u16` port.
+/// The hello: the reply address in [`crate::socket_address::encode_binary`]'s form.
 fn encode_hello(address: SocketAddr) -> Vec<u8> {
     let mut hello = Vec::with_capacity(19);
-    match address.ip() {
-        IpAddr::V4(ip) => {
-            hello.push(4);
-            hello.extend_from_slice(&ip.octets());
-        }
-        IpAddr::V6(ip) => {
-            hello.push(6);
-            hello.extend_from_slice(&ip.octets());
-        }
-    }
-    hello.extend_from_slice(&address.port().to_be_bytes());
+    crate::socket_address::encode_binary(&mut hello, address);
     hello
 }
 

@@ -53,9 +53,36 @@ pub fn advertised(bound: SocketAddr, toward_v4: Ipv4Addr, toward_v6: Ipv6Addr) -
     }
 }
 
+/// Appends `address` in the binary form the plugins' own protocols write (Kademlia, TCP NAT
+/// traversal, the discoveries' TCP carrier): `u8` family (4 or 6), the IP's 4 or 16 bytes, `u16`
+/// big-endian port. Each protocol reads it with its own reader and its own checks.
+pub fn encode_binary(out: &mut Vec<u8>, address: SocketAddr) {
+    match address.ip() {
+        IpAddr::V4(ip) => {
+            out.push(4);
+            out.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.push(6);
+            out.extend_from_slice(&ip.octets());
+        }
+    }
+    out.extend_from_slice(&address.port().to_be_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_binary_form_is_family_ip_and_port() {
+        let mut out = Vec::new();
+        encode_binary(&mut out, "10.1.2.3:258".parse().unwrap());
+        assert_eq!(out, [4, 10, 1, 2, 3, 1, 2]);
+        out.clear();
+        encode_binary(&mut out, "[::1]:7".parse().unwrap());
+        assert_eq!((out.len(), out[0], out[16], &out[17..]), (19, 6, 1, &[0u8, 7][..]));
+    }
 
     #[tokio::test]
     async fn literal_addresses_parse_and_bad_ones_name_the_key() {

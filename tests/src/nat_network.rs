@@ -236,9 +236,8 @@ impl Drop for Running {
     }
 }
 
-/// The network of `plan`, or `None` (with the reason printed) where it cannot be set up outside
-/// CI; in CI that is a panic.
-pub fn network_or_skip(plan: &Plan, tag: char, nat: Nat) -> Option<Network> {
+/// Why the namespace tests cannot run here, if `ip` or `nft` is missing.
+pub fn missing_tool() -> Option<String> {
     let missing = [("ip", "-V"), ("nft", "--version")].into_iter().find(|(tool, version)| {
         !Command::new(tool)
             .arg(version)
@@ -247,8 +246,14 @@ pub fn network_or_skip(plan: &Plan, tag: char, nat: Nat) -> Option<Network> {
             .status()
             .is_ok_and(|s| s.success())
     });
-    let result = match missing {
-        Some((tool, _)) => Err(format!("`{tool}` is not installed (.ci/run installs nftables)")),
+    missing.map(|(tool, _)| format!("`{tool}` is not installed (.ci/run installs nftables)"))
+}
+
+/// The network of `plan`, or `None` (with the reason printed) where it cannot be set up outside
+/// CI; in CI that is a panic.
+pub fn network_or_skip(plan: &Plan, tag: char, nat: Nat) -> Option<Network> {
+    let result = match missing_tool() {
+        Some(why) => Err(why),
         None => Network::create(plan, tag, nat),
     };
     match result {

@@ -22,7 +22,7 @@
 use comms_host::Node;
 use comms_tests::{
     artifacts,
-    nat_network::{in_ci, run, run_test_process_in, tail, Running},
+    nat_network::{in_ci, missing_tool, run, run_test_process_in, tail, Running},
     scratch_dir, start_and_wait_for, write_config,
 };
 use std::{
@@ -178,16 +178,8 @@ impl Drop for Namespaces {
 
 /// Namespaces with the loss rules, or why they cannot be had. In CI that is a failure.
 fn namespaces_or_skip(tag: char) -> Option<Namespaces> {
-    let missing = [("ip", "-V"), ("nft", "--version")].into_iter().find(|(tool, version)| {
-        !Command::new(tool)
-            .arg(version)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    let result = match missing {
-        Some((tool, _)) => Err(format!("`{tool}` is not installed (.ci/run installs nftables)")),
+    let result = match missing_tool() {
+        Some(why) => Err(why),
         None => Namespaces::create(tag),
     };
     match result {

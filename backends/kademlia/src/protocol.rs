@@ -230,17 +230,7 @@ pub trait WireAddress: Copy + Eq + Hash + Ord + fmt::Debug {
 
 impl WireAddress for SocketAddr {
     fn encode(&self, out: &mut Vec<u8>) {
-        match self.ip() {
-            IpAddr::V4(ip) => {
-                out.push(4);
-                out.extend_from_slice(&ip.octets());
-            }
-            IpAddr::V6(ip) => {
-                out.push(6);
-                out.extend_from_slice(&ip.octets());
-            }
-        }
-        out.extend_from_slice(&self.port().to_be_bytes());
+        comms_plugin_api::socket_address::encode_binary(out, *self);
     }
 
     fn decode(reader: &mut Reader<'_>) -> Result<Self, DecodeError> {

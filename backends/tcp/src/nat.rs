@@ -271,17 +271,7 @@ fn push_name(out: &mut Vec<u8>, name: &[u8]) {
 }
 
 fn push_address(out: &mut Vec<u8>, address: SocketAddr) {
-    match address.ip() {
-        IpAddr::V4(ip) => {
-            out.push(4);
-            out.extend_from_slice(&ip.octets());
-        }
-        IpAddr::V6(ip) => {
-            out.push(6);
-            out.extend_from_slice(&ip.octets());
-        }
-    }
-    out.extend_from_slice(&address.port().to_be_bytes());
+    comms_plugin_api::socket_address::encode_binary(out, address);
 }
 
 /// The message as it goes on the wire: `u16` length, then the body.
