@@ -245,10 +245,11 @@ mod nat_traversal {
         transport.stats().counters.iter().find(|(n, _)| n == name).map_or(0, |(_, value)| *value)
     }
 
-    /// Receives one message; its id.
+    /// Receives one message; its id. The first one waits for an introduction, a relay or a
+    /// punch and a Noise handshake: generous, for a loaded 2-core CI machine.
     async fn receive_one(transport: &dyn Transport) -> u128 {
         let batch =
-            tokio::time::timeout(LIMIT, transport.receive(1)).await.expect("a message in time").unwrap();
+            tokio::time::timeout(3 * LIMIT, transport.receive(1)).await.expect("a message in time").unwrap();
         batch[0].envelope.id.as_u128()
     }
 
@@ -273,6 +274,12 @@ mod nat_traversal {
         };
         let a = node(&ids[1], &config("a"), security(1), punch).await;
         let b = node(&ids[2], &config("b"), security(2), punch).await;
+        // Both registered before the first dial (a dial to a name not registered yet fails and
+        // is retried with the reconnect backoff, which a test need not wait out).
+        super::eventually("a and b registered at the rendezvous", || {
+            counter(&*rendezvous, "tcp.nat.registrations") >= 2
+        })
+        .await;
         assert_eq!(
             a.info().local_address,
             format!("a@{at}"),
