@@ -517,10 +517,10 @@ mod tests {
         let CaseOutcome::Failed(why) = &report.case("no_blocking_polls").expect("reported").outcome else {
             panic!("no_blocking_polls must fail:\n{report}");
         };
+        // The plugin sleeps 1 s; a loaded machine measures more (1.4 s seen in CI).
         assert!(
-            why.starts_with(
-                "plugin reference blocked a thread for 1.0 s in receive: use tokio::time or spawn_blocking"
-            ),
+            why.starts_with("plugin reference blocked a thread for ")
+                && why.contains(" s in receive: use tokio::time or spawn_blocking"),
             "{why}"
         );
         assert!(why.contains("(in envelope_round_trip; the cases after it were not run)"), "{why}");
