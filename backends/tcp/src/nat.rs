@@ -877,7 +877,7 @@ pub struct ClientStats {
     pub relayed: u64,
     /// Dials that failed before punching.
     pub dials_failed: u64,
-    /// Punch greetings with an unknown token or the wrong role.
+    /// Punch greetings with an unknown token or the wrong role, or before the punch was ready.
     pub bad_punches: u64,
     /// Messages that did not parse or were not expected.
     pub malformed: u64,
@@ -1079,6 +1079,12 @@ impl Client {
                 None
             }
         }
+    }
+
+    /// A punched connection arrived before this node's punch with its token was ready to take
+    /// it: refused and counted, the peer tries again.
+    pub fn early_greeting(&mut self) {
+        self.stats.bad_punches += 1;
     }
 
     /// Whether the punch with `token` still goes on (not punched, not relayed, before its

@@ -609,6 +609,15 @@ impl NatClient {
             self.malformed.fetch_add(1, Relaxed);
             return;
         };
+        // The introduction reaches the state before its punch task has registered its route.
+        // Taking the greeting then would mark the punch done and drop the connection (the peer,
+        // having punched, would send into a closed connection): refuse it instead, untouched,
+        // and the peer's next attempt finds the route.
+        if !lock(&self.routes).contains_key(&token) {
+            tracing::debug!(%peer, "tcp nat: punched connection before its punch was ready refused");
+            lock(&self.state).early_greeting();
+            return;
+        }
         if lock(&self.state).handle_greeting(token, role, Instant::now()).is_none() {
             tracing::debug!(%peer, "tcp nat: punched connection with an unknown token refused");
             return;
@@ -738,6 +747,9 @@ impl NatClient {
                         if let Some(stream) = self.greet(stream, token, &greeting, deadline).await {
                             break Some(stream);
                         }
+                        // Refused after connecting (the peer's punch not ready yet): pause
+                        // as after a reset, not a tight loop of connections.
+                        tokio::time::sleep(PUNCH_INTERVAL).await;
                     }
                     Ok(None) => {}
                     Err(_) => break None,
