@@ -32,7 +32,7 @@ use serde::Deserialize;
 use std::{
     collections::HashMap,
     io,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex, OnceLock,
@@ -235,21 +235,18 @@ fn encode_hello(address: SocketAddr) -> Vec<u8> {
 }
 
 async fn read_hello(stream: &mut TcpStream) -> io::Result<SocketAddr> {
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, "not a datagram carrier hello");
-    let ip = match stream.read_u8().await? {
-        4 => {
-            let mut octets = [0u8; 4];
-            stream.read_exact(&mut octets).await?;
-            IpAddr::from(octets)
-        }
-        6 => {
-            let mut octets = [0u8; 16];
-            stream.read_exact(&mut octets).await?;
-            IpAddr::from(octets)
-        }
-        _ => return Err(bad()),
+    // Family byte first: it says how many bytes the rest of the hello has.
+    let mut hello = [0u8; 19];
+    hello[0] = stream.read_u8().await?;
+    let length = match hello[0] {
+        4 => 1 + 4 + 2,
+        6 => 1 + 16 + 2,
+        _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "not a datagram carrier hello")),
     };
-    Ok(SocketAddr::new(ip, stream.read_u16().await?))
+    stream.read_exact(&mut hello[1..length]).await?;
+    let (address, _) = crate::socket_address::decode_binary(&hello[..length])
+        .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, format!("bad hello: {error:?}")))?;
+    Ok(address)
 }
 
 async fn write_loop(shared: Arc<TcpShared>, to: SocketAddr, mut datagrams: mpsc::Receiver<Vec<u8>>) {

@@ -70,6 +70,35 @@ pub fn encode_binary(out: &mut Vec<u8>, address: SocketAddr) {
     out.extend_from_slice(&address.port().to_be_bytes());
 }
 
+/// Why [`decode_binary`] could not read an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinaryAddressError {
+    /// Fewer bytes than the family needs.
+    Truncated,
+    /// A family byte other than 4 or 6.
+    UnknownFamily(u8),
+}
+
+/// Reads one address in [`encode_binary`]'s form from the start of `bytes`; the address and
+/// the bytes after it. Protocols add their own checks (e.g. no unspecified IP).
+pub fn decode_binary(bytes: &[u8]) -> Result<(SocketAddr, &[u8]), BinaryAddressError> {
+    let truncated = BinaryAddressError::Truncated;
+    let (&family, rest) = bytes.split_first().ok_or(truncated)?;
+    let (ip, rest) = match family {
+        4 => {
+            let (octets, rest) = rest.split_first_chunk::<4>().ok_or(truncated)?;
+            (IpAddr::from(*octets), rest)
+        }
+        6 => {
+            let (octets, rest) = rest.split_first_chunk::<16>().ok_or(truncated)?;
+            (IpAddr::from(*octets), rest)
+        }
+        other => return Err(BinaryAddressError::UnknownFamily(other)),
+    };
+    let (port, rest) = rest.split_first_chunk::<2>().ok_or(truncated)?;
+    Ok((SocketAddr::new(ip, u16::from_be_bytes(*port)), rest))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,6 +111,20 @@ mod tests {
         out.clear();
         encode_binary(&mut out, "[::1]:7".parse().unwrap());
         assert_eq!((out.len(), out[0], out[16], &out[17..]), (19, 6, 1, &[0u8, 7][..]));
+    }
+
+    #[test]
+    fn the_binary_form_reads_back_and_short_or_unknown_input_is_refused() {
+        for address in ["10.1.2.3:258", "[2001:db8::9]:65535"] {
+            let address: SocketAddr = address.parse().unwrap();
+            let mut out = Vec::new();
+            encode_binary(&mut out, address);
+            out.push(0xAA);
+            assert_eq!(decode_binary(&out), Ok((address, &[0xAA][..])));
+            assert_eq!(decode_binary(&out[..out.len() - 2]), Err(BinaryAddressError::Truncated));
+        }
+        assert_eq!(decode_binary(&[]), Err(BinaryAddressError::Truncated));
+        assert_eq!(decode_binary(&[5, 1, 2, 3, 4, 0, 1]), Err(BinaryAddressError::UnknownFamily(5)));
     }
 
     #[tokio::test]

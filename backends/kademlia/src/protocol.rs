@@ -64,11 +64,7 @@
 use crate::auth::{self, AuthError, LinkSecurity, SIGNATURE};
 use crate::key::{Key, KEY_BYTES};
 use comms_plugin_api::{NodeId, NodeRecord};
-use std::{
-    fmt,
-    hash::Hash,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-};
+use std::{fmt, hash::Hash, net::SocketAddr};
 
 /// First byte of every datagram.
 pub const MAGIC: u8 = 0xDB;
@@ -234,16 +230,16 @@ impl WireAddress for SocketAddr {
     }
 
     fn decode(reader: &mut Reader<'_>) -> Result<Self, DecodeError> {
-        let ip = match reader.u8()? {
-            4 => IpAddr::V4(Ipv4Addr::from(reader.array::<4>()?)),
-            6 => IpAddr::V6(Ipv6Addr::from(reader.array::<16>()?)),
-            _ => return Err(DecodeError::Invalid("address family")),
-        };
-        let port = reader.u16()?;
-        if port == 0 || ip.is_unspecified() {
+        use comms_plugin_api::socket_address::{decode_binary, BinaryAddressError};
+        let (address, rest) = decode_binary(reader.0).map_err(|error| match error {
+            BinaryAddressError::Truncated => DecodeError::Truncated,
+            BinaryAddressError::UnknownFamily(_) => DecodeError::Invalid("address family"),
+        })?;
+        reader.0 = rest;
+        if address.port() == 0 || address.ip().is_unspecified() {
             return Err(DecodeError::Invalid("address (unspecified IP or port 0)"));
         }
-        Ok(SocketAddr::new(ip, port))
+        Ok(address)
     }
 }
 

@@ -68,7 +68,7 @@ use std::{
     collections::{hash_map::RandomState, HashMap, VecDeque},
     fmt,
     hash::BuildHasher,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
@@ -227,13 +227,9 @@ impl<'a> Reader<'a> {
     }
 
     fn address(&mut self) -> Option<SocketAddr> {
-        let ip = match self.u8()? {
-            4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(self.take(4)?).ok()?)),
-            6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(self.take(16)?).ok()?)),
-            _ => return None,
-        };
-        let port = u16::from_be_bytes(self.take(2)?.try_into().ok()?);
-        Some(SocketAddr::new(ip, port))
+        let (address, rest) = comms_plugin_api::socket_address::decode_binary(self.0).ok()?;
+        self.0 = rest;
+        Some(address)
     }
 }
 

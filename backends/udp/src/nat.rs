@@ -92,7 +92,7 @@ use std::{
     collections::{hash_map::RandomState, HashMap, VecDeque},
     fmt,
     hash::BuildHasher,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
@@ -450,19 +450,9 @@ impl<'a> Reader<'a> {
     }
 
     fn address(&mut self) -> Option<SocketAddr> {
-        let ip = match self.u8()? {
-            4 => {
-                let bytes: [u8; 4] = self.take(4)?.try_into().ok()?;
-                IpAddr::V4(Ipv4Addr::from(bytes))
-            }
-            6 => {
-                let bytes: [u8; 16] = self.take(16)?.try_into().ok()?;
-                IpAddr::V6(Ipv6Addr::from(bytes))
-            }
-            _ => return None,
-        };
-        let port: [u8; 2] = self.take(2)?.try_into().ok()?;
-        Some(SocketAddr::new(ip, u16::from_be_bytes(port)))
+        let (address, rest) = comms_plugin_api::socket_address::decode_binary(self.0).ok()?;
+        self.0 = rest;
+        Some(address)
     }
 
     /// The rest, at least one byte.
@@ -507,20 +497,6 @@ fn push_name(out: &mut Vec<u8>, name: &[u8]) {
     out.extend_from_slice(&name[..name.len().min(MAX_NAME)]);
 }
 
-fn push_address(out: &mut Vec<u8>, address: SocketAddr) {
-    match address.ip() {
-        IpAddr::V4(ip) => {
-            out.push(4);
-            out.extend_from_slice(&ip.octets());
-        }
-        IpAddr::V6(ip) => {
-            out.push(6);
-            out.extend_from_slice(&ip.octets());
-        }
-    }
-    out.extend_from_slice(&address.port().to_be_bytes());
-}
-
 fn encode(message: &Message<'_>) -> Vec<u8> {
     let mut out = vec![MAGIC];
     match message {
@@ -530,7 +506,7 @@ fn encode(message: &Message<'_>) -> Vec<u8> {
         }
         Message::Registered { address } => {
             out.push(KIND_REGISTERED);
-            push_address(&mut out, *address);
+            comms_plugin_api::socket_address::encode_binary(&mut out, *address);
         }
         Message::Connect { name } => {
             out.push(KIND_CONNECT);
@@ -539,7 +515,7 @@ fn encode(message: &Message<'_>) -> Vec<u8> {
         Message::PeerInfo { token, address, name } => {
             out.push(KIND_PEER);
             out.extend_from_slice(&token.to_be_bytes());
-            push_address(&mut out, *address);
+            comms_plugin_api::socket_address::encode_binary(&mut out, *address);
             push_name(&mut out, name);
         }
         Message::UnknownPeer { name } => {

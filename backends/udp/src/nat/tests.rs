@@ -7,6 +7,7 @@
 use super::*;
 use crate::reliability::{self, Endpoint};
 use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr};
 
 const RENDEZVOUS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1)), 7000);
 const LATENCY: Duration = Duration::from_millis(5);
