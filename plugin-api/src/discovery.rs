@@ -136,6 +136,28 @@ impl PeerEvent {
     }
 }
 
+/// What changed between two reads of a registry, both keyed by node id: `Joined` and `Updated`
+/// in id order, then `Left` (with the last record known) in id order. For discoveries that
+/// read the whole set of live peers each time (the database registries).
+pub fn snapshot_changes(
+    known: &std::collections::BTreeMap<String, NodeRecord>,
+    live: &std::collections::BTreeMap<String, NodeRecord>,
+) -> Vec<PeerEvent> {
+    let appeared_or_changed = live.iter().filter_map(|(id, record)| {
+        let kind = match known.get(id) {
+            None => PeerEventKind::Joined,
+            Some(old) if old != record => PeerEventKind::Updated,
+            Some(_) => return None,
+        };
+        Some(PeerEvent { kind, record: record.clone() })
+    });
+    let gone = known
+        .iter()
+        .filter(|(id, _)| !live.contains_key(*id))
+        .map(|(_, record)| PeerEvent { kind: PeerEventKind::Left, record: record.clone() });
+    appeared_or_changed.chain(gone).collect()
+}
+
 /// Finds peers. Implement this, then export it with [`crate::export_plugin!`].
 #[async_trait]
 pub trait Discovery: Send + Sync + 'static {
@@ -156,5 +178,42 @@ pub trait Discovery: Send + Sync + 'static {
     async fn find_service(&self, service: &str) -> Result<Vec<NodeRecord>, PluginError> {
         let _ = service;
         Ok(Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn records(entries: &[(&str, &str)]) -> BTreeMap<String, NodeRecord> {
+        entries
+            .iter()
+            .map(|(id, address)| {
+                let mut record = NodeRecord::new(*id);
+                record.addresses.push(("tcp".into(), (*address).into()));
+                (id.to_string(), record)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn snapshot_changes_name_who_joined_changed_and_left_in_id_order() {
+        let known = records(&[("a", "1"), ("b", "1"), ("c", "1")]);
+        let live = records(&[("a", "1"), ("b", "2"), ("d", "1"), ("0", "1")]);
+        let changes: Vec<(PeerEventKind, String, String)> = snapshot_changes(&known, &live)
+            .into_iter()
+            .map(|event| (event.kind, event.record.id.to_string(), event.record.addresses[0].1.clone()))
+            .collect();
+        let expected = [
+            (PeerEventKind::Joined, "0", "1"),
+            (PeerEventKind::Updated, "b", "2"),
+            (PeerEventKind::Joined, "d", "1"),
+            (PeerEventKind::Left, "c", "1"),
+        ];
+        let expected: Vec<(PeerEventKind, String, String)> =
+            expected.iter().map(|(kind, id, address)| (*kind, id.to_string(), address.to_string())).collect();
+        assert_eq!(changes, expected);
+        assert!(snapshot_changes(&live, &live).is_empty(), "no change, no event");
     }
 }

@@ -138,7 +138,9 @@ pub mod wire;
 
 pub use async_trait::async_trait;
 pub use comms_core::{InterfaceVersion, INTERFACE_VERSION};
-pub use discovery::{Discovery, NodeRecord, PeerEvent, PeerEventKind, OFFLINE_KEY, OFFLINE_VALUE};
+pub use discovery::{
+    snapshot_changes, Discovery, NodeRecord, PeerEvent, PeerEventKind, OFFLINE_KEY, OFFLINE_VALUE,
+};
 pub use envelope::{
     Destination, Envelope, Extensions, HeaderPairs, Headers, MessageId, NodeId, Payload, SharedBuffer,
 };

@@ -10,9 +10,7 @@ use crate::{
     config::SqliteConfig,
     schema::{self, db_error, now_ms},
 };
-use comms_plugin_api::{
-    async_trait, Discovery, ErrorCode, NodeId, NodeRecord, PeerEvent, PeerEventKind, PluginError,
-};
+use comms_plugin_api::{async_trait, Discovery, ErrorCode, NodeId, NodeRecord, PeerEvent, PluginError};
 use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
 use std::{
@@ -280,21 +278,7 @@ async fn watch(shared: Arc<Shared>, events: mpsc::Sender<PeerEvent>, mut closed:
                 continue;
             }
         };
-        let mut changes = Vec::new();
-        for (id, record) in &live {
-            match known.get(id) {
-                None => changes.push(PeerEvent { kind: PeerEventKind::Joined, record: record.clone() }),
-                Some(old) if old != record => {
-                    changes.push(PeerEvent { kind: PeerEventKind::Updated, record: record.clone() })
-                }
-                Some(_) => {}
-            }
-        }
-        for (id, record) in &known {
-            if !live.contains_key(id) {
-                changes.push(PeerEvent { kind: PeerEventKind::Left, record: record.clone() });
-            }
-        }
+        let changes = comms_plugin_api::snapshot_changes(&known, &live);
         known = live;
         for change in changes {
             tokio::select! {

@@ -14,7 +14,7 @@ use crate::{config::PostgresConfig, link::Link, schema};
 use comms_plugin_api::{
     async_trait,
     serde::{Deserialize, Serialize},
-    Discovery, IncidentCounters, NodeId, NodeRecord, PeerEvent, PeerEventKind, PluginError,
+    Discovery, IncidentCounters, NodeId, NodeRecord, PeerEvent, PluginError,
 };
 use std::{
     collections::BTreeMap,
@@ -288,21 +288,7 @@ async fn watch(shared: Arc<Shared>, events: mpsc::Sender<PeerEvent>, mut closed:
                 continue;
             }
         };
-        let mut changes = Vec::new();
-        for (id, record) in &live {
-            match known.get(id) {
-                None => changes.push(PeerEvent { kind: PeerEventKind::Joined, record: record.clone() }),
-                Some(old) if old != record => {
-                    changes.push(PeerEvent { kind: PeerEventKind::Updated, record: record.clone() })
-                }
-                Some(_) => {}
-            }
-        }
-        for (id, record) in &known {
-            if !live.contains_key(id) {
-                changes.push(PeerEvent { kind: PeerEventKind::Left, record: record.clone() });
-            }
-        }
+        let changes = comms_plugin_api::snapshot_changes(&known, &live);
         known = live;
         for change in changes {
             tokio::select! {
