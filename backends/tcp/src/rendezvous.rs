@@ -786,3 +786,61 @@ impl NatClient {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The listener's hand-over of a punched connection, at the moment the loopback tests
+    //! cannot choose: before the punch task is ready for it.
+    use super::*;
+
+    async fn connection(listener: &TcpListener) -> (TcpStream, TcpStream, SocketAddr) {
+        let dialled = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, peer) = listener.accept().await.unwrap();
+        (dialled, accepted, peer)
+    }
+
+    #[tokio::test]
+    async fn a_punched_connection_before_its_punch_is_ready_is_refused_and_the_punch_goes_on() {
+        let unused: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let setup = ClientSetup {
+            config: nat::Config::default(),
+            name: "b".into(),
+            rendezvous_text: unused.to_string(),
+            rendezvous: unused,
+            local: "127.0.0.1:0".parse().unwrap(),
+            connect_timeout: Duration::from_secs(1),
+            punch: true,
+        };
+        let client = NatClient::new(setup, mpsc::channel(1).0).unwrap();
+        // The introduction has reached the state machine; the punch task has not started.
+        let token = 7;
+        let introduction = nat::encode(&Message::Introduce {
+            token,
+            role: Role::Target,
+            address: unused,
+            name: b"a".to_vec(),
+        });
+        assert!(lock(&client.state).handle_message(&introduction[2..], Instant::now()));
+        let greeting = nat::encode(&Message::Punch { token, role: Role::Dialler });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+
+        let (mut dialler, accepted, peer) = connection(&listener).await;
+        client.routed(accepted, peer, &greeting[2..]);
+        assert!(lock(&client.state).punching(token, Instant::now()), "the punch is not marked done");
+        assert_eq!((client.stats().punched, client.stats().bad_punches), (0, 1));
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), dialler.read_to_end(&mut rest)).await;
+        assert!(matches!(closed, Ok(Ok(0))), "the early connection is closed: {closed:?}");
+
+        // The punch task is ready: the peer's next attempt is handed to it.
+        let (route, routed) = oneshot::channel();
+        lock(&client.routes).insert(token, route);
+        let (_dialler, accepted, peer) = connection(&listener).await;
+        let accepted_port = accepted.local_addr().unwrap().port();
+        client.routed(accepted, peer, &greeting[2..]);
+        let handed = routed.await.expect("the connection goes to the punch");
+        assert_eq!(handed.local_addr().unwrap().port(), accepted_port);
+        assert!(!lock(&client.state).punching(token, Instant::now()));
+        assert_eq!((client.stats().punched, client.stats().bad_punches), (1, 1));
+    }
+}
