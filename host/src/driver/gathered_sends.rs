@@ -5,8 +5,14 @@
 //! the plugin's thread. When sends overlap (many tasks sending at once, or one task with many
 //! sends in flight), that cost can be paid once per batch: while [`MAX_CALLS`] calls are in
 //! flight, the sends that come in wait in a bounded queue, and all of them go in one
-//! `send_batch` as soon as a call returns (a group commit, with no timer: a send that finds a
-//! call free goes out at once, exactly as before).
+//! `send_batch` as soon as a call returns (a group commit, with no timer).
+//!
+//! A send that finds a call free leads it: it yields to the scheduler once, and the sends made
+//! meanwhile join its call. That is the moment a batch's answers come back: its senders send
+//! again together, and without the yield the first [`MAX_CALLS`] of them would each take a call
+//! alone while the rest wait for one of those to end. Measured with the PostgreSQL plugin and 64
+//! sends in flight (2026-12-05), the plugin then committed batches of 63 and of 1 to 5 in turn,
+//! a log flush each; with the yield, 64 at a time. A lone send pays one yield.
 //!
 //! Used only for transports that declare [`Capabilities::BATCHED_SEND`]: for one whose
 //! `send_batch` sends the items one after the other, gathering would put one after the other
@@ -46,6 +52,8 @@ struct Queued {
 struct State {
     /// Calls in flight (lone sends, or batches being drained), at most [`MAX_CALLS`].
     calls: usize,
+    /// A lead has taken a call and lets the sends that come at the same moment join it.
+    forming: bool,
     queue: Vec<Queued>,
 }
 
@@ -80,8 +88,9 @@ impl GatheredSends {
     pub(crate) async fn send(self: &Arc<Self>, address: &str, envelope: Envelope) -> Outcome {
         let turn = {
             let mut state = super::lock(&self.state);
-            if state.calls < MAX_CALLS && state.queue.is_empty() {
+            if state.calls < MAX_CALLS && state.queue.is_empty() && !state.forming {
                 state.calls += 1;
+                state.forming = true;
                 Turn::Lead(envelope)
             } else if state.queue.len() < MAX_QUEUED {
                 let (outcome, waiting) = oneshot::channel();
@@ -97,7 +106,28 @@ impl GatheredSends {
             Turn::Lead(envelope) => {
                 // Handed over when this future ends, also when it is dropped mid-call.
                 let _lead = Lead(Arc::clone(self));
-                self.transport.send(address, envelope).await
+                // Sends that are ready at the same moment (the senders a batch just answered,
+                // coming back) join this call instead of taking the other calls one by one.
+                tokio::task::yield_now().await;
+                let joined = {
+                    let mut state = super::lock(&self.state);
+                    state.forming = false;
+                    std::mem::take(&mut state.queue)
+                };
+                if joined.is_empty() {
+                    return self.transport.send(address, envelope).await;
+                }
+                let mut outbounds = Vec::with_capacity(1 + joined.len());
+                outbounds.push(Outbound { address: Text::from(address), envelope });
+                let mut outcomes = Vec::with_capacity(joined.len());
+                for queued in joined {
+                    outbounds.push(queued.outbound);
+                    outcomes.push(queued.outcome);
+                }
+                let mut results = self.call(outbounds).await.into_iter();
+                let own = results.next().unwrap_or(Ok(()));
+                answer(outcomes, results);
+                own
             }
             Turn::Alone(envelope) => self.transport.send(address, envelope).await,
             Turn::Wait(waiting) => wait(waiting).await,
@@ -109,6 +139,8 @@ impl GatheredSends {
     fn hand_over(self: &Arc<Self>) {
         let batch = {
             let mut state = super::lock(&self.state);
+            // A lead dropped while its batch formed.
+            state.forming = false;
             if state.queue.is_empty() {
                 state.calls -= 1;
                 return;
@@ -145,22 +177,32 @@ impl GatheredSends {
     async fn send_batch(&self, batch: Vec<Queued>) {
         let (outbounds, outcomes): (Vec<Outbound>, Vec<_>) =
             batch.into_iter().map(|queued| (queued.outbound, queued.outcome)).unzip();
-        let mut results: Vec<Outcome> = vec![Ok(()); outcomes.len()];
-        if let [_] = outbounds.as_slice() {
-            for (Outbound { address, envelope }, result) in outbounds.into_iter().zip(&mut results) {
-                *result = self.transport.send(address.as_str(), envelope).await;
-            }
-        } else {
-            for failure in self.transport.send_batch(outbounds).await {
-                if let Some(result) = results.get_mut(failure.index) {
-                    *result = Err(failure.error);
-                }
+        let results = self.call(outbounds).await;
+        answer(outcomes, results);
+    }
+
+    /// One call for `outbounds` (`send` for one, `send_batch` for more); the outcome of each.
+    async fn call(&self, mut outbounds: Vec<Outbound>) -> Vec<Outcome> {
+        if outbounds.len() == 1 {
+            if let Some(Outbound { address, envelope }) = outbounds.pop() {
+                return vec![self.transport.send(address.as_str(), envelope).await];
             }
         }
-        for (outcome, result) in outcomes.into_iter().zip(results) {
-            // A caller that stopped waiting needs no answer.
-            let _ = outcome.send(result);
+        let mut results: Vec<Outcome> = vec![Ok(()); outbounds.len()];
+        for failure in self.transport.send_batch(outbounds).await {
+            if let Some(result) = results.get_mut(failure.index) {
+                *result = Err(failure.error);
+            }
         }
+        results
+    }
+}
+
+/// Gives each waiter its outcome.
+fn answer(outcomes: Vec<oneshot::Sender<Outcome>>, results: impl IntoIterator<Item = Outcome>) {
+    for (outcome, result) in outcomes.into_iter().zip(results) {
+        // A caller that stopped waiting needs no answer.
+        let _ = outcome.send(result);
     }
 }
 

@@ -142,14 +142,52 @@ async fn a_lone_send_goes_out_at_once_and_alone() {
     assert_eq!(recorder.calls(), [Call::Send(1), Call::Send(2)]);
 }
 
-/// Starts [`MAX_CALLS`] sends (ids `1..=MAX_CALLS`) and waits until all are held in the plugin.
+/// Starts [`MAX_CALLS`] sends (ids `1..=MAX_CALLS`) one after the other, each once the one
+/// before is held in the plugin (sends started at the same moment would go out together).
 async fn fill_the_calls(
     gathered: &Arc<GatheredSends>,
     recorder: &Recorder,
 ) -> Vec<tokio::task::JoinHandle<Result<(), PluginError>>> {
-    let leads: Vec<_> = (1..=MAX_CALLS as u128).map(|n| spawn_send(gathered, n)).collect();
-    recorder.started(MAX_CALLS).await;
+    let mut leads = Vec::new();
+    for n in 1..=MAX_CALLS {
+        leads.push(spawn_send(gathered, n as u128));
+        recorder.started(n).await;
+    }
     leads
+}
+
+#[tokio::test]
+async fn sends_made_at_the_same_moment_go_out_in_one_call_each_with_its_outcome() {
+    let (gathered, recorder) = gathering("same moment").await;
+    // All spawned before any runs (one thread): the first takes a call and lets the others join.
+    let sends: Vec<_> = [1, 2, REFUSED, 4].into_iter().map(|n| spawn_send(&gathered, n)).collect();
+    recorder.gate.add_permits(1);
+    let outcomes: Vec<_> = futures::future::join_all(sends).await.into_iter().map(Result::unwrap).collect();
+    assert_eq!(recorder.calls(), [Call::Batch(vec![1, 2, REFUSED, 4])], "one call for the four");
+    for (n, outcome) in [1, 2, REFUSED, 4].into_iter().zip(&outcomes) {
+        match n {
+            REFUSED => assert_eq!(outcome.as_ref().unwrap_err().code, ErrorCode::TOO_LARGE),
+            _ => assert!(outcome.is_ok(), "message {n}: {outcome:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_lead_dropped_while_its_call_forms_still_hands_the_joined_sends_over() {
+    let (gathered, recorder) = gathering("dropped forming").await;
+    let lead = spawn_send(&gathered, 1);
+    let joined = spawn_send(&gathered, 2);
+    // Both are polled once: the lead yields with the call forming, the second joins it.
+    queued(&gathered, 1).await;
+    lead.abort();
+    assert!(lead.await.unwrap_err().is_cancelled());
+    recorder.gate.add_permits(1);
+    joined.await.unwrap().unwrap();
+    assert_eq!(recorder.calls(), [Call::Send(2)], "the joined send went out, the dropped lead's did not");
+    // Idle again: the next send goes out alone.
+    recorder.gate.add_permits(1);
+    gathered.send("there", envelope(3)).await.unwrap();
+    assert_eq!(recorder.calls().last(), Some(&Call::Send(3)));
 }
 
 /// Waits until `count` messages are queued.
