@@ -105,7 +105,7 @@ impl GatheredSends {
         match turn {
             Turn::Lead(envelope) => {
                 // Handed over when this future ends, also when it is dropped mid-call.
-                let _lead = Lead(Arc::clone(self));
+                let lead = Lead(Some(Arc::clone(self)));
                 // Sends that are ready at the same moment (the senders a batch just answered,
                 // coming back) join this call instead of taking the other calls one by one.
                 tokio::task::yield_now().await;
@@ -117,17 +117,14 @@ impl GatheredSends {
                 if joined.is_empty() {
                     return self.transport.send(address, envelope).await;
                 }
-                let mut outbounds = Vec::with_capacity(1 + joined.len());
-                outbounds.push(Outbound { address: Text::from(address), envelope });
-                let mut outcomes = Vec::with_capacity(joined.len());
-                for queued in joined {
-                    outbounds.push(queued.outbound);
-                    outcomes.push(queued.outcome);
-                }
-                let mut results = self.call(outbounds).await.into_iter();
-                let own = results.next().unwrap_or(Ok(()));
-                answer(outcomes, results);
-                own
+                // The call goes on in a task of its own, which keeps this call: a caller that
+                // stops waiting does not take back the messages that joined it (nor its own).
+                let (outcome, waiting) = oneshot::channel();
+                let mut batch = Vec::with_capacity(1 + joined.len());
+                batch.push(Queued { outbound: Outbound { address: Text::from(address), envelope }, outcome });
+                batch.extend(joined);
+                lead.drain_in_task(batch);
+                wait(waiting).await
             }
             Turn::Alone(envelope) => self.transport.send(address, envelope).await,
             Turn::Wait(waiting) => wait(waiting).await,
@@ -147,6 +144,12 @@ impl GatheredSends {
             }
             std::mem::take(&mut state.queue)
         };
+        self.drain_in_task(batch);
+    }
+
+    /// Sends `batch` and every batch queued meanwhile in a task of its own, which keeps the
+    /// call that is handed to it.
+    fn drain_in_task(self: &Arc<Self>, batch: Vec<Queued>) {
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => drop(runtime.spawn(Arc::clone(self).drain(batch))),
             // Outside a runtime (a node dropped after its runtime): the waiters hear that the
@@ -177,32 +180,22 @@ impl GatheredSends {
     async fn send_batch(&self, batch: Vec<Queued>) {
         let (outbounds, outcomes): (Vec<Outbound>, Vec<_>) =
             batch.into_iter().map(|queued| (queued.outbound, queued.outcome)).unzip();
-        let results = self.call(outbounds).await;
-        answer(outcomes, results);
-    }
-
-    /// One call for `outbounds` (`send` for one, `send_batch` for more); the outcome of each.
-    async fn call(&self, mut outbounds: Vec<Outbound>) -> Vec<Outcome> {
-        if outbounds.len() == 1 {
-            if let Some(Outbound { address, envelope }) = outbounds.pop() {
-                return vec![self.transport.send(address.as_str(), envelope).await];
+        let mut results: Vec<Outcome> = vec![Ok(()); outcomes.len()];
+        if let [_] = outbounds.as_slice() {
+            for (Outbound { address, envelope }, result) in outbounds.into_iter().zip(&mut results) {
+                *result = self.transport.send(address.as_str(), envelope).await;
+            }
+        } else {
+            for failure in self.transport.send_batch(outbounds).await {
+                if let Some(result) = results.get_mut(failure.index) {
+                    *result = Err(failure.error);
+                }
             }
         }
-        let mut results: Vec<Outcome> = vec![Ok(()); outbounds.len()];
-        for failure in self.transport.send_batch(outbounds).await {
-            if let Some(result) = results.get_mut(failure.index) {
-                *result = Err(failure.error);
-            }
+        for (outcome, result) in outcomes.into_iter().zip(results) {
+            // A caller that stopped waiting needs no answer.
+            let _ = outcome.send(result);
         }
-        results
-    }
-}
-
-/// Gives each waiter its outcome.
-fn answer(outcomes: Vec<oneshot::Sender<Outcome>>, results: impl IntoIterator<Item = Outcome>) {
-    for (outcome, result) in outcomes.into_iter().zip(results) {
-        // A caller that stopped waiting needs no answer.
-        let _ = outcome.send(result);
     }
 }
 
@@ -214,11 +207,22 @@ async fn wait(waiting: oneshot::Receiver<Outcome>) -> Outcome {
 }
 
 /// The lead of a call in flight; hands the queue over when dropped.
-struct Lead(Arc<GatheredSends>);
+struct Lead(Option<Arc<GatheredSends>>);
+
+impl Lead {
+    /// Hands the call and `batch` to a task of their own (see [`GatheredSends::drain_in_task`]).
+    fn drain_in_task(mut self, batch: Vec<Queued>) {
+        if let Some(gathered) = self.0.take() {
+            gathered.drain_in_task(batch);
+        }
+    }
+}
 
 impl Drop for Lead {
     fn drop(&mut self) {
-        self.0.hand_over();
+        if let Some(gathered) = self.0.take() {
+            gathered.hand_over();
+        }
     }
 }
 

@@ -173,6 +173,24 @@ async fn sends_made_at_the_same_moment_go_out_in_one_call_each_with_its_outcome(
 }
 
 #[tokio::test]
+async fn a_lead_that_stops_waiting_does_not_take_back_the_sends_that_joined_its_call() {
+    let (gathered, recorder) = gathering("lead stops waiting").await;
+    let lead = spawn_send(&gathered, 1);
+    let joined = spawn_send(&gathered, 2);
+    recorder.started(1).await;
+    assert_eq!(recorder.calls(), [Call::Batch(vec![1, 2])]);
+    // The lead's caller gives up while the call is held in the plugin.
+    lead.abort();
+    assert!(lead.await.unwrap_err().is_cancelled());
+    recorder.gate.add_permits(1);
+    assert!(joined.await.unwrap().is_ok(), "the call went on and answered the send that joined it");
+    // The call was given back: the next send goes out alone.
+    recorder.gate.add_permits(1);
+    gathered.send("there", envelope(3)).await.unwrap();
+    assert_eq!(recorder.calls().last(), Some(&Call::Send(3)));
+}
+
+#[tokio::test]
 async fn a_lead_dropped_while_its_call_forms_still_hands_the_joined_sends_over() {
     let (gathered, recorder) = gathering("dropped forming").await;
     let lead = spawn_send(&gathered, 1);
