@@ -184,10 +184,8 @@ async fn a_lead_that_stops_waiting_does_not_take_back_the_sends_that_joined_its_
     assert!(lead.await.unwrap_err().is_cancelled());
     recorder.gate.add_permits(1);
     assert!(joined.await.unwrap().is_ok(), "the call went on and answered the send that joined it");
-    // The call was given back: the next send goes out alone.
-    recorder.gate.add_permits(1);
-    gathered.send("there", envelope(3)).await.unwrap();
-    assert_eq!(recorder.calls().last(), Some(&Call::Send(3)));
+    // The call was given back.
+    goes_out_alone(&gathered, &recorder, 3).await;
 }
 
 #[tokio::test]
@@ -202,10 +200,14 @@ async fn a_lead_dropped_while_its_call_forms_still_hands_the_joined_sends_over()
     recorder.gate.add_permits(1);
     joined.await.unwrap().unwrap();
     assert_eq!(recorder.calls(), [Call::Send(2)], "the joined send went out, the dropped lead's did not");
-    // Idle again: the next send goes out alone.
+    goes_out_alone(&gathered, &recorder, 3).await;
+}
+
+/// Checks that the gathering is idle again: message `n` goes out alone, in a call of its own.
+async fn goes_out_alone(gathered: &Arc<GatheredSends>, recorder: &Recorder, n: u128) {
     recorder.gate.add_permits(1);
-    gathered.send("there", envelope(3)).await.unwrap();
-    assert_eq!(recorder.calls().last(), Some(&Call::Send(3)));
+    gathered.send("there", envelope(n)).await.unwrap();
+    assert_eq!(recorder.calls().last(), Some(&Call::Send(n)));
 }
 
 /// Waits until `count` messages are queued.
@@ -238,10 +240,7 @@ async fn sends_that_overlap_busy_calls_go_out_in_one_batch_in_order_each_with_it
             _ => assert!(outcome.is_ok(), "message {n}: {outcome:?}"),
         }
     }
-    // Idle again: the next send goes out alone.
-    recorder.gate.add_permits(1);
-    gathered.send("there", envelope(20)).await.unwrap();
-    assert_eq!(recorder.calls().last(), Some(&Call::Send(20)));
+    goes_out_alone(&gathered, &recorder, 20).await;
 }
 
 #[tokio::test]
