@@ -1,8 +1,9 @@
 //! Contract 1.1's host-driven I/O with the loaded TCP plugin: polled from a host tokio runtime,
 //! the plugin hands its connected sockets to the host's reactor (and its tasks to the host's
 //! executor); polled from anywhere else, it keeps them; messages flow, in order, either way. The
-//! third-party Unix-socket plugin, built on its own, does the same, and so does the Redis plugin
-//! with its connections to Redis.
+//! third-party Unix-socket plugin, built on its own, does the same, and so do the Redis plugin
+//! with its connections to Redis and the PostgreSQL plugin (built on its own too) with its
+//! connections to PostgreSQL.
 //!
 //! The count of host-driven sockets belongs to a plugin library, which this process loads once:
 //! each library is checked by one test, in steps.
@@ -11,7 +12,10 @@ use comms_plugin_api::{
     host_side::{LoadedTransport, PluginLibrary},
     Destination, Envelope, MessageId, NodeId, Settlement, SettlementOutcome,
 };
-use comms_tests::{artifacts, broker_available};
+use comms_tests::{artifacts, broker_available, POSTGRES};
+
+#[path = "support/postgres.rs"]
+mod postgres_support;
 
 const REDIS: &str = "127.0.0.1:6379";
 
@@ -149,4 +153,32 @@ fn the_redis_plugin_hands_its_connections_to_the_host_from_a_host_runtime() {
     }
     runtime.block_on(check.close()).unwrap();
     runtime.block_on(comms_tests::delete_redis_keys(&prefix));
+}
+
+#[test]
+fn the_postgres_plugin_hands_its_connections_to_the_host_from_a_host_runtime() {
+    if !broker_available("PostgreSQL", POSTGRES) {
+        return;
+    }
+    let library = PluginLibrary::load(artifacts().postgres_plugin()).unwrap();
+    let schema = postgres_support::Schema::new("host_driven");
+    let config = schema.config("poll_ms = 200\n");
+
+    // No host runtime: the plugin keeps its connections, and messages flow all the same.
+    let during = futures::executor::block_on(exchange_with(&library, &config, &config));
+    assert_eq!(during, 0, "no host runtime: the plugin keeps its sockets");
+
+    // From a host runtime: the receiver's connection (claims, settlements, LISTEN) and the
+    // sender's two (the same, and the one its writer commits on) are the host's while open;
+    // closed (the count back to the one of a fresh transport) once the transports are.
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let during = runtime.block_on(exchange_with(&library, &config, &config));
+    assert_eq!(during, 3, "the host drives the receiver's connection and both of the sender's");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let check = runtime.block_on(library.new_transport(&NodeId::new("check"), "postgres", &config)).unwrap();
+    while host_driven_sockets(&check) != 1 {
+        assert!(std::time::Instant::now() < deadline, "host-driven sockets were not closed");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    runtime.block_on(check.close()).unwrap();
 }

@@ -78,6 +78,10 @@ async fn a_link_with_the_servers_ca_is_encrypted_and_a_wrong_ca_or_host_name_is_
     };
     assert_ne!(count("true"), "0", "the plugin's connections are encrypted");
     assert_eq!(count("false"), "0", "no connection of the plugin is in the clear");
+    // And TLS runs over sockets the host's reactor drives (this test runs on a host runtime).
+    let stats = sender.stats();
+    let host_driven = stats.transport.counters.iter().find(|(name, _)| name == "io.host_driven_sockets");
+    assert!(host_driven.is_some_and(|(_, count)| *count >= 2), "host-driven sockets: {host_driven:?}");
     sender.close().await.unwrap();
     receiver.close().await.unwrap();
 

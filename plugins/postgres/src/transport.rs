@@ -8,9 +8,9 @@ use crate::{
     schema,
 };
 use comms_plugin_api::{
-    async_trait, framework, queued, topics, wire, Capabilities, Destination, Envelope, ErrorCode, Inbound,
-    IncidentCounters, NodeId, Outbound, PluginError, SendFailure, Settlement, SettlementOutcome, Transport,
-    TransportInfo, TransportStats,
+    async_trait, framework, host_driven, queued, runtime, topics, wire, Capabilities, Destination, Envelope,
+    ErrorCode, Inbound, IncidentCounters, NodeId, Outbound, PluginError, SendFailure, Settlement,
+    SettlementOutcome, Transport, TransportInfo, TransportStats,
 };
 use std::{
     sync::{
@@ -54,7 +54,7 @@ pub struct PostgresTransport {
     /// kind of rows on the same connection).
     receiving: Mutex<()>,
     /// Ends when the writer has written everything queued before `close`.
-    writer_done: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    writer_done: Mutex<Option<runtime::Task>>,
 }
 
 /// A lease owner unique to this instance: node id, process id, a time stamp and a counter.
@@ -108,8 +108,10 @@ impl PostgresTransport {
         ));
         let (sends, queue) = mpsc::channel(config.send_queue);
         let closed = watch::channel(false).0;
+        // On the host's executor, as the writing connection's task (see `Link`): a batch's
+        // commit then wakes no thread of the plugin's runtime on its way.
         let writer =
-            tokio::spawn(write_loop(Arc::clone(&mailbox), queue, config.batch_size, closed.subscribe()));
+            runtime::spawn(write_loop(Arc::clone(&mailbox), queue, config.batch_size, closed.subscribe()));
         Ok(Self {
             node,
             config,
@@ -192,7 +194,7 @@ async fn write_loop(
     batch_size: usize,
     mut closed: watch::Receiver<bool>,
 ) {
-    let mut notifying: Option<tokio::task::JoinHandle<()>> = None;
+    let mut notifying: Option<runtime::Task> = None;
     loop {
         let first = tokio::select! {
             biased;
@@ -200,8 +202,8 @@ async fn write_loop(
             _ = closed.wait_for(|closed| *closed) => queue.try_recv().ok(),
         };
         let Some(first) = first else {
-            if let Some(last) = notifying.take() {
-                let _ = last.await;
+            if let Some(mut last) = notifying.take() {
+                last.wait().await;
             }
             return;
         };
@@ -240,12 +242,12 @@ async fn write_loop(
                 }
             }
         }
-        if let Some(previous) = notifying.take() {
-            let _ = previous.await;
+        if let Some(mut previous) = notifying.take() {
+            previous.wait().await;
         }
         if !woken.is_empty() {
             let mailbox = Arc::clone(&mailbox);
-            notifying = Some(tokio::spawn(async move { mailbox.notify(woken).await }));
+            notifying = Some(runtime::spawn(async move { mailbox.notify(woken).await }));
         }
     }
 }
@@ -380,9 +382,12 @@ impl Transport for PostgresTransport {
     }
 
     /// Sends waiting for the writer; reconnects; background errors (lost connections).
+    /// `io.host_driven_sockets`: connections of this plugin library to PostgreSQL that the
+    /// host's reactor drives now (see `Link`).
     fn stats(&self) -> TransportStats {
         let mut stats = self.counters.stats();
         stats.send_queue_depth = queued(&self.sends);
+        stats.counters.push(("io.host_driven_sockets".to_string(), host_driven::host_driven_sockets()));
         stats
     }
 
@@ -393,8 +398,8 @@ impl Transport for PostgresTransport {
         if self.closed.send_replace(true) {
             return Ok(());
         }
-        if let Some(writer) = self.writer_done.lock().await.take() {
-            let _ = writer.await;
+        if let Some(mut writer) = self.writer_done.lock().await.take() {
+            writer.wait().await;
         }
         let released = self.mailbox.release().await;
         self.mailbox.close();
