@@ -477,12 +477,19 @@ impl<M: StreamMedium> StreamTransport<M> {
     /// and everything they delivered was returned. Cancel-safe.
     pub async fn receive(&self, max_batch: usize) -> Result<Vec<Inbound>, PluginError> {
         let mut inbound = self.inbound.lock().await;
-        let mut feeders = self.shared.feeders.subscribe();
-        let first = tokio::select! {
-            biased;
-            first = inbound.recv() => first,
-            // No feeder left: whatever they delivered is in the queue already.
-            _ = feeders.wait_for(|feeders| *feeders == 0) => inbound.try_recv().ok(),
+        // What is waiting already is taken without setting up the wait (the common case when
+        // messages arrive faster than the host takes them).
+        let first = match inbound.try_recv() {
+            Ok(first) => Some(first),
+            Err(_) => {
+                let mut feeders = self.shared.feeders.subscribe();
+                tokio::select! {
+                    biased;
+                    first = inbound.recv() => first,
+                    // No feeder left: whatever they delivered is in the queue already.
+                    _ = feeders.wait_for(|feeders| *feeders == 0) => inbound.try_recv().ok(),
+                }
+            }
         };
         let Some(first) = first else { return Ok(Vec::new()) };
         let mut batch = Vec::with_capacity(max_batch.clamp(1, 256));

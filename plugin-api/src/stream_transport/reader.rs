@@ -11,6 +11,8 @@ use crate::{
     Inbound,
 };
 use std::{
+    future::Future,
+    pin::Pin,
     sync::{atomic::Ordering::Relaxed, Arc},
     time::Duration,
 };
@@ -140,18 +142,22 @@ impl Closing {
         self.drain_until.is_some()
     }
 
-    /// Completes when the transport starts closing (before the drain) or when the drain's time
-    /// is up (during it).
-    async fn next(&mut self) -> Stop {
+    /// The next stop: the transport starting to close (before the drain), or the drain's time
+    /// running out (during it). A future of its own, borrowing nothing: a connection keeps it
+    /// across its reads and asks for the next one only after it completed.
+    fn next_stop(&self) -> NextStop {
         match self.drain_until {
             None => {
-                shut_down(&mut self.shutdown).await;
-                Stop::Closing
+                let mut shutdown = self.shutdown.clone();
+                Box::pin(async move {
+                    shut_down(&mut shutdown).await;
+                    Stop::Closing
+                })
             }
-            Some(until) => {
+            Some(until) => Box::pin(async move {
                 tokio::time::sleep_until(until).await;
                 Stop::Cut
-            }
+            }),
         }
     }
 
@@ -163,6 +169,9 @@ impl Closing {
         let _ = tokio::time::timeout_at(until, write_flushed(write, &protocol::goodbye_frame())).await;
     }
 }
+
+/// A connection's wait for its next [`Stop`] (see [`Closing::next_stop`]).
+type NextStop = Pin<Box<dyn Future<Output = Stop> + Send>>;
 
 /// Which bound the read loop of a connection waits against.
 #[derive(Clone, Copy)]
@@ -235,44 +244,71 @@ async fn serve_connection<S: super::ByteStream>(
     // When the frame under way (if any) started, and when the last one ended.
     let mut frame_started: Option<Instant> = None;
     let mut last_frame = Instant::now();
+    // The waits that end a connection are made once and kept across its reads (made anew for
+    // every read they cost as much as the read's own work, in a profile of the round trip), and
+    // are polled only when the read waits: a wait polled again takes a lock, so a busy reader
+    // would pay for them on every read. Every 64th step polls them first, so that a peer that
+    // never stops sending cannot keep the connection from closing. The timer is moved only
+    // when its deadline comes nearer (a frame under way); a deadline that frames since moved
+    // on is checked when the timer fires.
     let timer = tokio::time::sleep_until(last_frame + idle_timeout);
     tokio::pin!(timer);
+    let evicted = admission.slot().evicted();
+    tokio::pin!(evicted);
+    let mut stop = closing.next_stop();
+    let mut steps = 0u32;
     let closed = loop {
+        steps = steps.wrapping_add(1);
+        let waits_first = steps % 64 == 0;
         let draining = closing.draining();
         let deadline = match frame_started {
             Some(started) => (started + frame_timeout, Deadline::Frame),
             None => (last_frame + idle_timeout, Deadline::Idle),
         };
-        timer.as_mut().reset(deadline.0);
+        if deadline.0 < timer.deadline() {
+            timer.as_mut().reset(deadline.0);
+        }
         let step = tokio::select! {
-            step = reader.read_step(&mut read) => step,
+            biased;
+            step = reader.read_step(&mut read), if !waits_first => step,
             // While draining only the close deadline counts.
-            () = &mut timer, if !draining => match deadline.1 {
-                Deadline::Idle => {
-                    shared.counters.idle_closed.fetch_add(1, Relaxed);
-                    let _ = write_flushed(&mut write, &protocol::goodbye_frame()).await;
-                    break Closed::Clean("idle for idle_timeout_ms");
+            () = &mut timer, if !draining => {
+                if Instant::now() < deadline.0 {
+                    timer.as_mut().reset(deadline.0);
+                    continue;
                 }
-                Deadline::Frame => {
-                    shared.counters.frame_timeouts.fetch_add(1, Relaxed);
-                    break Closed::Refused(format!(
-                        "a frame was not received whole within frame_read_timeout_ms ({} bytes of it arrived)",
-                        reader.pending_bytes()
-                    ));
+                match deadline.1 {
+                    Deadline::Idle => {
+                        shared.counters.idle_closed.fetch_add(1, Relaxed);
+                        let _ = write_flushed(&mut write, &protocol::goodbye_frame()).await;
+                        break Closed::Clean("idle for idle_timeout_ms");
+                    }
+                    Deadline::Frame => {
+                        shared.counters.frame_timeouts.fetch_add(1, Relaxed);
+                        break Closed::Refused(format!(
+                            "a frame was not received whole within frame_read_timeout_ms ({} bytes of it arrived)",
+                            reader.pending_bytes()
+                        ));
+                    }
                 }
             },
-            () = admission.slot().evicted(), if !draining => {
+            () = &mut evicted, if !draining => {
                 let _ = write_flushed(&mut write, &protocol::goodbye_frame()).await;
                 break Closed::Clean("evicted to make room for another connection (connection limit)");
             }
-            stop = closing.next() => match stop {
+            reason = &mut stop => match reason {
                 Stop::Closing => {
                     closing.start_drain(&shared, &mut write).await;
+                    stop = closing.next_stop();
                     continue;
                 }
                 Stop::Cut | Stop::Gone => break Closed::Clean(CUT),
             },
-            () = inbound.closed() => break Closed::Clean(DROPPED),
+            // A dropped transport also starts the close (its `Drop`), so the queue's end matters
+            // only during the drain, which it then ends at once.
+            () = inbound.closed(), if draining => break Closed::Clean(DROPPED),
+            // None of the waits is over: back to reading.
+            () = std::future::ready(()), if waits_first => continue,
         };
         let ended = match step {
             Ok(ReadStep::Frames(frames)) => decode(&frames, &mut received),
@@ -288,9 +324,12 @@ async fn serve_connection<S: super::ByteStream>(
         admission.active();
         // What came before a bad frame or a goodbye is delivered; during a drain too.
         let stopped = loop {
-            match deliver(&inbound, &mut received, &mut closing).await {
+            match deliver(&inbound, &mut received, &mut stop).await {
                 Ok(()) => break None,
-                Err(Stop::Closing) => closing.start_drain(&shared, &mut write).await,
+                Err(Stop::Closing) => {
+                    closing.start_drain(&shared, &mut write).await;
+                    stop = closing.next_stop();
+                }
                 Err(Stop::Cut) => break Some(Closed::Clean(CUT)),
                 Err(Stop::Gone) => break Some(Closed::Clean(DROPPED)),
             }
@@ -337,20 +376,27 @@ const CUT: &str =
 const DROPPED: &str = "transport dropped: nothing can be delivered";
 
 /// Hands `received` to the receive queue, waiting for room (a whole batch at a time when it
-/// fits). Stops waiting when [`Closing::next`] says so (or the queue is gone); what was not
-/// delivered then stays in `received`.
+/// fits). Stops waiting when `stop` completes (or the queue is gone); what was not delivered
+/// then stays in `received`.
 async fn deliver(
     inbound: &mpsc::Sender<Inbound>,
     received: &mut Vec<Inbound>,
-    closing: &mut Closing,
+    stop: &mut NextStop,
 ) -> Result<(), Stop> {
     while !received.is_empty() {
         let wanted = received.len().min(inbound.max_capacity());
-        let permits = tokio::select! {
-            permits = inbound.reserve_many(wanted) => permits,
-            stop = closing.next() => return Err(stop),
+        // Room is usually there: taken without setting up the wait.
+        let permits = match inbound.try_reserve_many(wanted) {
+            Ok(permits) => permits,
+            Err(mpsc::error::TrySendError::Closed(())) => return Err(Stop::Gone),
+            Err(mpsc::error::TrySendError::Full(())) => {
+                let permits = tokio::select! {
+                    permits = inbound.reserve_many(wanted) => permits,
+                    reason = &mut *stop => return Err(reason),
+                };
+                permits.map_err(|_| Stop::Gone)?
+            }
         };
-        let Ok(permits) = permits else { return Err(Stop::Gone) };
         for (permit, item) in permits.zip(received.drain(..wanted)) {
             permit.send(item);
         }
