@@ -3,7 +3,7 @@
 //! A plugin future runs its code inside the host's `poll`. A plugin that calls
 //! `std::thread::sleep` or blocking I/O there holds the host's thread: timers, other tasks and
 //! every other transport on that thread stall. The watch measures each poll (two reads of a
-//! coarse clock, see [`CoarseClock`]) and logs a poll longer than [`BLOCKING_POLL`] once per
+//! coarse clock: it is read on every poll) and logs a poll longer than [`BLOCKING_POLL`] once per
 //! occurrence, naming the plugin and the operation; the conformance suite reads the longest one
 //! to fail such a plugin.
 
