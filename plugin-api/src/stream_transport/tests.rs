@@ -179,3 +179,133 @@ async fn a_drain_nobody_receives_is_cut_at_close_timeout() {
     sending.abort();
     let _ = a.close().await;
 }
+
+/// A peer that never stops sending: every read of its stream is ready at once with whole
+/// envelope frames (after its hello), until [`Flood::LASTS`] has passed, when it ends. What the
+/// transport writes back is watched for the GOODBYE.
+struct Flood {
+    /// Whole frames, served again and again from `offset`.
+    frames: Vec<u8>,
+    offset: usize,
+    /// The hello, what is left of it.
+    hello: Vec<u8>,
+    ends_at: std::time::Instant,
+    seen: Arc<FloodSeen>,
+}
+
+#[derive(Default)]
+struct FloodSeen {
+    /// When the transport wrote a GOODBYE while the flood still ran.
+    goodbye: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Flood {
+    const LASTS: Duration = Duration::from_secs(3);
+
+    fn new(seen: Arc<FloodSeen>) -> Self {
+        let mut frames = Vec::new();
+        for n in 0..1000 {
+            super::protocol::append_envelope_frame(&envelope(n), &mut frames).unwrap();
+        }
+        Self {
+            frames,
+            offset: 0,
+            hello: super::protocol::hello_frame(&NodeId::new("a")),
+            ends_at: std::time::Instant::now() + Self::LASTS,
+            seen,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Flood {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.hello.is_empty() {
+            let n = self.hello.len().min(buf.remaining());
+            buf.put_slice(&self.hello[..n]);
+            self.hello.drain(..n);
+        } else if std::time::Instant::now() < self.ends_at {
+            let this = &mut *self;
+            let part = &this.frames[this.offset..];
+            let n = part.len().min(buf.remaining());
+            buf.put_slice(&part[..n]);
+            this.offset = (this.offset + n) % this.frames.len();
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for Flood {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let now = std::time::Instant::now();
+        if buf == super::protocol::goodbye_frame() && now < self.ends_at {
+            self.seen.goodbye.lock().unwrap().get_or_insert(now);
+        }
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Hands out one [`Flood`], then waits for ever.
+struct FloodAcceptor(Option<Flood>);
+
+impl Acceptor for FloodAcceptor {
+    type Stream = Flood;
+
+    async fn accept(&mut self) -> std::io::Result<(Flood, String)> {
+        match self.0.take() {
+            Some(flood) => Ok((flood, "flood".to_string())),
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// A close reaches a connection whose peer never stops sending (its bytes are always there, so
+/// the read never waits): the peer is told goodbye at once, while it still sends, and the close
+/// ends. The reader polls the waits that end a connection when its read waits, at every 64th
+/// step, and when the receive queue is full (here the drain cannot keep up with the flood, so
+/// the queue fills too: this test does not tell the 64th step from the queue's wait; it fails
+/// if neither notices the close, or if the close hangs on a flooding peer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_stops_sending_is_told_goodbye_at_once_on_close() {
+    let seen = Arc::new(FloodSeen::default());
+    let settings = StreamSettings {
+        receive_queue_capacity: 1 << 21,
+        close_timeout_ms: 300,
+        ..StreamSettings::default()
+    };
+    let acceptor = FloodAcceptor(Some(Flood::new(Arc::clone(&seen))));
+    let transport =
+        StreamTransport::start("tcp", NodeId::new("b"), settings, None, Tcp, acceptor, "flood".to_string());
+    let transport = Arc::new(transport.unwrap());
+    let received = Arc::new(AtomicUsize::new(0));
+    let drained = drain(&transport, &received);
+    eventually("the flood arrives", || received.load(Relaxed) > 0).await;
+    let closing = std::time::Instant::now();
+    let _ = tokio::time::timeout(LIMIT, transport.close()).await.expect("close ends");
+    let goodbye =
+        seen.goodbye.lock().unwrap().expect("the flooding peer was told goodbye while it still sent");
+    let after = goodbye.saturating_duration_since(closing);
+    assert!(after < Duration::from_millis(250), "the goodbye came {after:?} after the close began");
+    tokio::time::timeout(LIMIT, drained).await.expect("receiving ends after the close").unwrap();
+}
