@@ -13,7 +13,10 @@ use crate::{
 use std::{
     future::Future,
     pin::Pin,
-    sync::{atomic::Ordering::Relaxed, Arc},
+    sync::{
+        atomic::{AtomicBool, Ordering::Relaxed},
+        Arc,
+    },
     time::Duration,
 };
 use tokio::{
@@ -247,8 +250,9 @@ async fn serve_connection<S: super::ByteStream>(
     // The waits that end a connection are made once and kept across its reads (made anew for
     // every read they cost as much as the read's own work, in a profile of the round trip), and
     // are polled only when the read waits: a wait polled again takes a lock, so a busy reader
-    // would pay for them on every read. Every 64th step polls them first, so that a peer that
-    // never stops sending cannot keep the connection from closing. The timer is moved only
+    // would pay for them on every read. After 64 reads in a row that did not wait, the reader
+    // yields and then polls them first, so that a peer that never stops sending cannot keep
+    // the connection from closing (nor hold the thread). The timer is moved only
     // when its deadline comes nearer (a frame under way); a deadline that frames since moved
     // on is checked when the timer fires.
     let timer = tokio::time::sleep_until(last_frame + idle_timeout);
@@ -256,10 +260,23 @@ async fn serve_connection<S: super::ByteStream>(
     let evicted = admission.slot().evicted();
     tokio::pin!(evicted);
     let mut stop = closing.next_stop();
-    let mut steps = 0u32;
+    // Steps in a row whose read did not wait.
+    let mut ready_steps = 0u32;
+    let read_waited = AtomicBool::new(false);
     let closed = loop {
-        steps = steps.wrapping_add(1);
-        let waits_first = steps % 64 == 0;
+        if read_waited.swap(false, Relaxed) {
+            ready_steps = 0;
+        } else {
+            ready_steps += 1;
+        }
+        let waits_first = ready_steps >= 64;
+        if waits_first {
+            ready_steps = 0;
+            // Also gives the thread to other tasks: a peer whose bytes are always there would
+            // otherwise hold it, and a wait polled after the task's cooperative budget ran out
+            // does not see what it waits for.
+            tokio::task::yield_now().await;
+        }
         let draining = closing.draining();
         let deadline = match frame_started {
             Some(started) => (started + frame_timeout, Deadline::Frame),
@@ -270,7 +287,7 @@ async fn serve_connection<S: super::ByteStream>(
         }
         let step = tokio::select! {
             biased;
-            step = reader.read_step(&mut read), if !waits_first => step,
+            step = noting_a_wait(reader.read_step(&mut read), &read_waited), if !waits_first => step,
             // While draining only the close deadline counts.
             () = &mut timer, if !draining => {
                 if Instant::now() < deadline.0 {
@@ -366,6 +383,19 @@ fn decode(frames: &Frames<'_>, out: &mut Vec<Inbound>) -> Option<Closed> {
         }
     }
     None
+}
+
+/// `future`, setting `waited` when it returns pending.
+async fn noting_a_wait<F: Future>(future: F, waited: &AtomicBool) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx| {
+        let poll = future.as_mut().poll(cx);
+        if poll.is_pending() {
+            waited.store(true, Relaxed);
+        }
+        poll
+    })
+    .await
 }
 
 /// Why a connection cut by the close deadline was closed.
