@@ -220,8 +220,9 @@ pub struct StreamTransport<M: StreamMedium> {
     /// The accept loop; `close` waits for it so that the listener is released on return.
     acceptor: Mutex<Option<Task>>,
     inbound: tokio::sync::Mutex<mpsc::Receiver<Inbound>>,
-    /// The sending side of `inbound`, kept only to count what waits in it.
-    inbound_depth: mpsc::Sender<Inbound>,
+    /// The sending side of `inbound`, kept only to count what waits in it; weak, so that the
+    /// queue ends (`recv` gives `None`) once every feeder has dropped its sender.
+    inbound_depth: mpsc::WeakSender<Inbound>,
     closed: AtomicBool,
 }
 
@@ -273,7 +274,7 @@ impl<M: StreamMedium> StreamTransport<M> {
             connections,
             frame_budget: Arc::new(crate::framing::FrameBudget::new(budget)),
         });
-        let inbound_depth = inbound_tx.clone();
+        let inbound_depth = inbound_tx.downgrade();
         let feeding = Feeder::new(&shared);
         let acceptor =
             crate::runtime::spawn(reader::accept_loop(Arc::clone(&shared), acceptor, inbound_tx, feeding));
@@ -446,7 +447,11 @@ impl<M: StreamMedium> StreamTransport<M> {
         let counters = &self.shared.counters;
         let mut stats = counters.incidents.stats();
         stats.send_queue_depth = counters.send_queue_depth.load(Relaxed);
-        stats.receive_queue_depth = queued(&self.inbound_depth);
+        stats.receive_queue_depth = match self.inbound_depth.upgrade() {
+            Some(sender) => queued(&sender),
+            // Every feeder has ended: what is left is counted on the receiving side.
+            None => self.inbound.try_lock().map_or(0, |inbound| inbound.len() as u64),
+        };
         let backend = self.shared.backend;
         stats.counters.extend([
             (format!("{backend}.writes"), counters.writes.load(Relaxed)),
@@ -478,18 +483,11 @@ impl<M: StreamMedium> StreamTransport<M> {
     pub async fn receive(&self, max_batch: usize) -> Result<Vec<Inbound>, PluginError> {
         let mut inbound = self.inbound.lock().await;
         // What is waiting already is taken without setting up the wait (the common case when
-        // messages arrive faster than the host takes them).
+        // messages arrive faster than the host takes them). `None`: every feeder (the listener,
+        // each incoming connection) has dropped its sender and what they delivered was taken.
         let first = match inbound.try_recv() {
             Ok(first) => Some(first),
-            Err(_) => {
-                let mut feeders = self.shared.feeders.subscribe();
-                tokio::select! {
-                    biased;
-                    first = inbound.recv() => first,
-                    // No feeder left: whatever they delivered is in the queue already.
-                    _ = feeders.wait_for(|feeders| *feeders == 0) => inbound.try_recv().ok(),
-                }
-            }
+            Err(_) => inbound.recv().await,
         };
         let Some(first) = first else { return Ok(Vec::new()) };
         let mut batch = Vec::with_capacity(max_batch.clamp(1, 256));
