@@ -18,10 +18,10 @@
 //!
 //! Timers, connecting and accepting stay with the plugin's runtime: they are not per message.
 
-use crate::stream_transport::ByteStream;
+use crate::{stable_waker::StableWaker, stream_transport::ByteStream};
 use comms_core::{
     abi_stable::std_types::{ROption, RResult, RSlice, RSliceMut},
-    async_ffi::{ContextExt, FfiPoll},
+    async_ffi::FfiPoll,
     HostServicesBox, HostSocketBox,
 };
 use std::{
@@ -105,7 +105,11 @@ pub fn adopt<S: AdoptableStream>(stream: S) -> io::Result<HostDrivenStream<S>> {
         return match host.adopt_socket(fd) {
             ROption::RSome(socket) => {
                 HOST_DRIVEN_SOCKETS.fetch_add(1, Relaxed);
-                Ok(HostDrivenStream::Host(HostSocketStream { socket }))
+                Ok(HostDrivenStream::Host(HostSocketStream {
+                    socket,
+                    reading: StableWaker::new(),
+                    writing: StableWaker::new(),
+                }))
             }
             // SAFETY: the host declined, so `fd` is still this plugin's, open and unused.
             ROption::RNone => {
@@ -136,6 +140,11 @@ impl<S> HostDrivenStream<S> {
 /// A socket the host drives, read and written through the host's services.
 pub struct HostSocketStream {
     socket: HostSocketBox,
+    /// The wakers of the task that reads and of the task that writes, as the host's reactor
+    /// sees them: the same at every call, so that it keeps the one it has instead of cloning
+    /// the waker at every registration (see [`crate::stable_waker`]).
+    reading: StableWaker,
+    writing: StableWaker,
 }
 
 impl std::fmt::Debug for HostSocketStream {
@@ -169,7 +178,11 @@ impl AsyncRead for HostSocketStream {
         // tokio's own sockets do) and de-initializes nothing; `assume_init` covers what it wrote.
         let unfilled = unsafe { buf.unfilled_mut() };
         let len = unfilled.len();
-        let read = cx.with_ffi_context(|cx| self.socket.poll_read(cx, RSliceMut::from_mut_slice(unfilled)));
+        let this = self.get_mut();
+        let socket = &this.socket;
+        let read = this
+            .reading
+            .with_context(cx.waker(), |cx| socket.poll_read(cx, RSliceMut::from_mut_slice(unfilled)));
         match io_poll(read) {
             Poll::Ready(Ok(n)) => {
                 let n = n.min(len);
@@ -186,7 +199,9 @@ impl AsyncRead for HostSocketStream {
 
 impl AsyncWrite for HostSocketStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        io_poll(cx.with_ffi_context(|cx| self.socket.poll_write(cx, RSlice::from_slice(buf))))
+        let this = self.get_mut();
+        let socket = &this.socket;
+        io_poll(this.writing.with_context(cx.waker(), |cx| socket.poll_write(cx, RSlice::from_slice(buf))))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -128,6 +128,7 @@ pub mod redact;
 pub mod runtime;
 pub mod security;
 pub mod socket_address;
+mod stable_waker;
 pub mod stream_transport;
 mod text;
 #[cfg(feature = "tls")]

@@ -22,9 +22,9 @@ use std::{
     pin::Pin,
     sync::{
         atomic::{AtomicUsize, Ordering},
-        OnceLock,
+        Arc, OnceLock,
     },
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
 };
 use tokio::runtime::{Builder, Handle, Runtime};
 
@@ -211,7 +211,7 @@ where
             () = future => {}
         }
     };
-    let task = FfiFuture::new(GuardedTask { inner: Some(Box::pin(task)) });
+    let task = FfiFuture::new(GuardedTask { inner: Some(Box::pin(task)), waker: None });
     let task = match crate::host_driven::host() {
         Some(host) => host.spawn(task).into_option(),
         None => Some(task),
@@ -227,6 +227,28 @@ where
 /// panic logged and turned into the end of the task.
 struct GuardedTask {
     inner: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// The waker of the task this future is the root of: made at its first poll and given to
+    /// the inner future at every poll. Through the boundary a task gets a new waker at every
+    /// poll (`async_ffi` wraps the host's for the call), and the clones of that are new
+    /// allocations, none the same as another: every wait the task registered again cloned it,
+    /// and the host sockets' stable wakers ([`crate::stable_waker`]) could never tell that it
+    /// wakes the same task. This one is reference-counted, so its clones are the same waker
+    /// (`Waker::will_wake` holds). The root of a task is polled by that task alone, whose
+    /// waker stays the same.
+    waker: Option<Waker>,
+}
+
+/// A task's waker whose clones share it (see [`GuardedTask`]).
+struct TaskWaker(Waker);
+
+impl std::task::Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.wake_by_ref();
+    }
 }
 
 impl Future for GuardedTask {
@@ -235,9 +257,11 @@ impl Future for GuardedTask {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         let Some(inner) = this.inner.as_mut() else { return Poll::Ready(()) };
+        let waker = this.waker.get_or_insert_with(|| Waker::from(Arc::new(TaskWaker(cx.waker().clone()))));
+        let mut cx = Context::from_waker(waker);
         let outcome = {
             let _runtime = enter_runtime();
-            catch_unwind(AssertUnwindSafe(|| inner.as_mut().poll(cx)))
+            catch_unwind(AssertUnwindSafe(|| inner.as_mut().poll(&mut cx)))
         };
         match outcome {
             Ok(Poll::Pending) => Poll::Pending,
