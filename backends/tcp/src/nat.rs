@@ -357,7 +357,8 @@ pub struct Config {
     /// Node: time between registrations on the signalling connection (they keep its NAT
     /// mapping open). Default 25 s.
     pub keepalive: Duration,
-    /// Node: how long a dial waits for the rendezvous's introduction. Default 3 s.
+    /// Node: how long a dial waits for the rendezvous's introduction, and how long a
+    /// registration waits for its answer before it is sent again. Default 3 s.
     pub introduction_timeout: Duration,
     /// Rendezvous: how long a relay half waits for the other. Default 5 s.
     pub relay_wait: Duration,
@@ -949,8 +950,19 @@ impl Client {
     /// The signalling connection is open and its opening ([`Client::register_opening`]) sent.
     pub fn handle_connected(&mut self, now: Instant) {
         self.connected = true;
+        self.registration_sent(now);
+    }
+
+    /// A registration went out: the next one is due after a keepalive, or sooner while the
+    /// rendezvous has not answered any (an answer lost on its way must not leave the node
+    /// unregistered, refusing every dial, for a whole keepalive).
+    fn registration_sent(&mut self, now: Instant) {
         self.stats.registrations_sent += 1;
-        self.next_register = Some(now + self.config.keepalive);
+        let wait = match self.reflexive {
+            Some(_) => self.config.keepalive,
+            None => self.config.introduction_timeout.min(self.config.keepalive),
+        };
+        self.next_register = Some(now + wait);
     }
 
     /// The signalling connection closed: not registered until it is open again; waiting dials
@@ -994,6 +1006,10 @@ impl Client {
     pub fn handle_message(&mut self, body: &[u8], now: Instant) -> bool {
         match parse(body) {
             Some(Message::Registered { address }) => {
+                if self.reflexive.is_none() && self.connected {
+                    // The first answer: renew after a keepalive from now on.
+                    self.next_register = Some(now + self.config.keepalive);
+                }
                 if self.reflexive != Some(address) {
                     self.events.push_back(Event::Registered { reflexive: address });
                 }
@@ -1119,8 +1135,7 @@ impl Client {
         if let Some(next) = self.next_register {
             if next <= now && self.connected {
                 self.transmits.push_back(encode(&Message::Register { name: self.name.to_vec() }));
-                self.stats.registrations_sent += 1;
-                self.next_register = Some(now + self.config.keepalive);
+                self.registration_sent(now);
             }
         }
         self.expire(now);

@@ -296,13 +296,33 @@ impl NatServer {
         }
     }
 
-    async fn serve(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr, opening: Vec<u8>) {
+    async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, opening: Vec<u8>) {
         let conn = self.next_conn.fetch_add(1, Relaxed);
-        let disposition = lock(&self.state).handle_message(conn, peer, &opening, Instant::now());
-        match disposition {
-            Disposition::Keep => {
-                let (sender, receiver) = mpsc::channel(SIGNAL_QUEUE);
-                lock(&self.signalling).insert(conn, sender);
+        let (sender, receiver) = mpsc::channel(SIGNAL_QUEUE);
+        // What the opening queues (a registration's answer, a relay request to the target) may
+        // be handed out by another task's flush (the timer's, another connection's) as soon as
+        // the state is unlocked. So the connection is made known where that flush looks for it
+        // (a signalling writer, a held relay half) before the state is unlocked: otherwise the
+        // answer would be dropped (the node waiting a keepalive to register again) or the
+        // target's relay half would find no dialler's half to splice with.
+        let (disposition, stream) = {
+            let mut state = lock(&self.state);
+            let disposition = state.handle_message(conn, peer, &opening, Instant::now());
+            let stream = match disposition {
+                Disposition::Keep => {
+                    lock(&self.signalling).insert(conn, sender);
+                    Some(stream)
+                }
+                Disposition::Hold => {
+                    lock(&self.held).insert(conn, stream);
+                    None
+                }
+                Disposition::Splice { .. } | Disposition::Close => Some(stream),
+            };
+            (disposition, stream)
+        };
+        match (disposition, stream) {
+            (Disposition::Keep, Some(stream)) => {
                 self.flush();
                 let (mut reader, writer) = stream.into_split();
                 let writing = plugin_runtime().spawn(write_messages(writer, receiver));
@@ -318,11 +338,7 @@ impl NatServer {
                 lock(&self.state).handle_closed(conn);
                 self.flush();
             }
-            Disposition::Hold => {
-                lock(&self.held).insert(conn, stream);
-                self.flush();
-            }
-            Disposition::Splice { dial, token } => {
+            (Disposition::Splice { dial, token }, Some(mut stream)) => {
                 self.flush();
                 let held = lock(&self.held).remove(&dial);
                 if let Some(mut dialler) = held {
@@ -334,10 +350,10 @@ impl NatServer {
                 lock(&self.state).relay_ended(token);
                 self.flush();
             }
-            Disposition::Close => {
-                // Answer what the state machine queued (a refusal) before closing.
-                self.flush();
-            }
+            // A held relay half (the target's half splices it, or the timer closes it), or a
+            // closed connection: hand out what the state machine queued (a relay request, a
+            // refusal) before closing.
+            _ => self.flush(),
         }
     }
 }
@@ -797,6 +813,62 @@ mod tests {
         let dialled = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (accepted, peer) = listener.accept().await.unwrap();
         (dialled, accepted, peer)
+    }
+
+    /// Every node that registers is answered, however the rendezvous's other work interleaves
+    /// with it: here another thread hands out queued messages without pause (as the timer and
+    /// the other connections do) while many nodes register at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_registration_is_answered_while_other_connections_flush() {
+        const NODES: usize = 200;
+        let server = NatServer::new(nat::Config::default());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flusher = {
+            let (server, stop) = (Arc::clone(&server), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(Relaxed) {
+                    server.flush();
+                }
+            })
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = listener.local_addr().unwrap();
+        let accepting = {
+            let server = Arc::clone(&server);
+            tokio::spawn(async move {
+                loop {
+                    let (mut stream, peer) = listener.accept().await.unwrap();
+                    let server = Arc::clone(&server);
+                    tokio::spawn(async move {
+                        let opening = read_opening(&mut stream).await.unwrap();
+                        server.serve(stream, peer, opening).await;
+                    });
+                }
+            })
+        };
+        let nodes: Vec<_> = (0..NODES)
+            .map(|n| {
+                tokio::spawn(async move {
+                    let mut stream = TcpStream::connect(at).await.unwrap();
+                    let name = format!("node-{n}").into_bytes();
+                    stream.write_all(&nat::opening(&Message::Register { name })).await.unwrap();
+                    let answer = tokio::time::timeout(Duration::from_secs(5), read_message(&mut stream)).await;
+                    (matches!(answer, Ok(Ok(ref body)) if matches!(nat::parse(body), Some(Message::Registered { .. }))), stream)
+                })
+            })
+            .collect();
+        let mut unanswered = 0;
+        let mut streams = Vec::new();
+        for node in nodes {
+            let (answered, stream) = node.await.unwrap();
+            unanswered += usize::from(!answered);
+            streams.push(stream);
+        }
+        stop.store(true, Relaxed);
+        flusher.join().unwrap();
+        accepting.abort();
+        assert_eq!(unanswered, 0, "registrations the rendezvous did not answer, of {NODES}");
+        assert_eq!(server.stats().registrations, NODES as u64);
     }
 
     #[tokio::test]

@@ -205,6 +205,38 @@ fn registration_tells_the_node_its_reflexive_address_and_is_renewed() {
 }
 
 #[test]
+fn a_registration_whose_answer_is_lost_is_sent_again_before_the_keepalive() {
+    let config = small();
+    let mut server = Server::new(config.clone());
+    let mut node = Client::new(config.clone(), b"a").unwrap();
+    let (from, mut now) = (World::address(A), Instant::now());
+    let opening = node.register_opening();
+    assert_eq!(server.handle_message(A, from, body(&opening[4..]), now), Disposition::Keep);
+    node.handle_connected(now);
+    // The answer is lost on its way (the node is registered at the rendezvous, and does not
+    // know it): dials are refused meanwhile.
+    assert_eq!(transmits(&mut server).len(), 1);
+    assert_eq!(node.dial(b"b", now), Err(DialError::NotRegistered));
+    let again = node.poll_timeout().unwrap();
+    assert_eq!(again, now + config.introduction_timeout, "not a keepalive ({:?}) later", config.keepalive);
+    now = again;
+    node.handle_timeout(now);
+    let frame = node.poll_transmit().expect("the registration is sent again");
+    assert_eq!(server.handle_message(A, from, body(&frame), now), Disposition::Keep);
+    for (conn, frame) in std::iter::from_fn(|| server.poll_transmit()) {
+        assert_eq!(conn, A);
+        assert!(node.handle_message(body(&frame), now));
+    }
+    assert_eq!(events(&mut node), [Event::Registered { reflexive: from }]);
+    assert_eq!(node.stats().registrations_sent, 2);
+    // Answered: renewed every keepalive from now on.
+    assert_eq!(node.poll_timeout(), Some(now + config.keepalive));
+    node.handle_timeout(now + config.keepalive);
+    assert!(node.poll_transmit().is_some());
+    assert_eq!(node.poll_timeout(), Some(now + 2 * config.keepalive));
+}
+
+#[test]
 fn an_introduction_gives_both_sides_the_token_their_role_and_the_other_address() {
     let mut world = World::new(small());
     events(&mut world.a);
