@@ -58,7 +58,9 @@
 //!   *from its listen port* (`SO_REUSEADDR` and `SO_REUSEPORT` on the listener and on these
 //!   sockets), so the rendezvous sees, and tells the node, the NAT's mapping of the listen port.
 //!   It keeps a second connection from a **dial port** of its own, whose mapping the rendezvous
-//!   learns too. Both are renewed every 25 s and reopened (backoff 0.1 to 5 s) when lost.
+//!   learns too. Both are renewed every 25 s and reopened (backoff 0.1 to 5 s) when lost; a
+//!   registration the rendezvous has not answered within 3 s is sent again (dials wait for the
+//!   answer).
 //! - **Telling connections apart**: every NAT traversal connection starts with the four bytes
 //!   `C7 4E 41 54`; a comms connection starts with the length of its first frame, whose first
 //!   byte is 0. The listener peeks at the first byte and hands the connection over accordingly.

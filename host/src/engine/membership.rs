@@ -127,11 +127,40 @@ pub(crate) struct Membership {
     heard: usize,
     /// `None`: liveness is off, peers never expire.
     timeout: Option<Duration>,
+    /// No peer goes down or is forgotten before this: at or before the earliest such instant
+    /// (see [`Membership::next_expiry`]).
+    expiry_bound: Option<Instant>,
+}
+
+/// When `entry` goes down (while up) or is forgotten (a heard peer while down), if ever.
+fn expiry_of(entry: &PeerEntry, timeout: Duration) -> Option<Instant> {
+    match entry.down_since {
+        None => Some(entry.last_seen + timeout),
+        Some(since) if !entry.announced => Some(since + timeout * FORGET_AFTER_TIMEOUTS),
+        Some(_) => None,
+    }
+}
+
+/// Brings `bound` forward to `entry`'s expiry, if that is earlier. Called after every change to
+/// an entry, so that the bound never passes the earliest expiry. An entry whose expiry moves
+/// later, or that is removed, leaves the bound early: the timer then ticks early once, and
+/// [`Membership::expire`] sets the bound exactly.
+fn bound_expiry(bound: &mut Option<Instant>, timeout: Option<Duration>, entry: &PeerEntry) {
+    if let Some(expiry) = timeout.and_then(|timeout| expiry_of(entry, timeout)) {
+        *bound = Some(bound.map_or(expiry, |bound| bound.min(expiry)));
+    }
 }
 
 impl Membership {
     pub(crate) fn new(local: NodeId, timeout: Option<Duration>) -> Self {
-        Self { local, peers: HashMap::new(), heard: 0, timeout }
+        Self { local, peers: HashMap::new(), heard: 0, timeout, expiry_bound: None }
+    }
+
+    /// Brings the expiry bound forward to the entry of `id`'s, if that is earlier.
+    fn bound_expiry_of(&mut self, id: &NodeId) {
+        if let Some(entry) = self.peers.get(id) {
+            bound_expiry(&mut self.expiry_bound, self.timeout, entry);
+        }
     }
 
     /// How long a heard peer stays in the table once down; `None`: liveness is off, peers
@@ -144,6 +173,21 @@ impl Membership {
     /// other makes it up. `Err` with the reason (for the log) when it is refused: an invalid id,
     /// a record over `MAX_RECORD_BYTES`, or no room (see the module documentation).
     pub(crate) fn learn(
+        &mut self,
+        record: NodeRecord,
+        source: Source,
+        now: Instant,
+        events: &mut Vec<PeerEvent>,
+    ) -> Result<Learned, String> {
+        let id = record.id.clone();
+        let learned = self.learn_record(record, source, now, events);
+        if learned.is_ok() {
+            self.bound_expiry_of(&id);
+        }
+        learned
+    }
+
+    fn learn_record(
         &mut self,
         record: NodeRecord,
         source: Source,
@@ -269,6 +313,7 @@ impl Membership {
             Some(entry) => {
                 entry.last_seen = now;
                 Self::revive(entry, events);
+                bound_expiry(&mut self.expiry_bound, self.timeout, entry);
                 true
             }
             None => false,
@@ -283,6 +328,7 @@ impl Membership {
             if was_up {
                 events.push(PeerEvent { kind: PeerEventKind::Left, record: entry.record.clone() });
             }
+            self.bound_expiry_of(id);
         }
     }
 
@@ -314,21 +360,22 @@ impl Membership {
         for id in &forgotten {
             self.remove(id);
         }
+        self.expiry_bound = self.earliest_expiry();
         forgotten
     }
 
-    /// When the next peer would go down or be removed, if any can.
+    /// When [`Membership::expire`] is next due: at or before the instant the next peer would go
+    /// down or be removed (exactly that after an `expire`; earlier when a peer was heard from
+    /// since, which moved its own expiry later). Taken after every message, so it is kept as it
+    /// changes instead of found by a walk over the table.
     pub(crate) fn next_expiry(&self) -> Option<Instant> {
+        self.timeout.and(self.expiry_bound)
+    }
+
+    /// The instant the next peer would go down or be removed, if any can: a walk over the table.
+    fn earliest_expiry(&self) -> Option<Instant> {
         let timeout = self.timeout?;
-        let forget_after = self.forget_after()?;
-        self.peers
-            .values()
-            .filter_map(|entry| match entry.down_since {
-                None => Some(entry.last_seen + timeout),
-                Some(since) if !entry.announced => Some(since + forget_after),
-                Some(_) => None,
-            })
-            .min()
+        self.peers.values().filter_map(|entry| expiry_of(entry, timeout)).min()
     }
 
     /// How many peers are known, and how many of them only from their own heartbeats.
@@ -470,6 +517,81 @@ mod tests {
             kinds(&events),
             vec![(Joined, "d".into()), (Left, "d".into()), (Left, "e".into()), (Joined, "d".into())]
         );
+    }
+
+    /// The timer sleeps until `next_expiry`, which is kept as peers change rather than found
+    /// by a walk over the table: it must never pass the earliest expiry (a peer would then stay
+    /// up past its timeout), and an `expire` makes it exact. Random changes, simulated time.
+    #[test]
+    fn the_next_expiry_never_passes_the_earliest_and_expire_makes_it_exact() {
+        let timeout = Duration::from_millis(100);
+        let mut now = Instant::now();
+        let mut membership = Membership::new(NodeId::new("me"), Some(timeout));
+        let mut events = Vec::new();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let (mut ticks, mut went_down) = (0, 0);
+        for step in 0..20_000 {
+            now += Duration::from_millis(next(15));
+            // The engine's timer: a tick once the bound is due.
+            if membership.next_expiry().is_some_and(|due| due <= now) {
+                ticks += 1;
+                let _ = membership.expire(now, &mut events);
+                assert_eq!(membership.next_expiry(), membership.earliest_expiry(), "exact after expire");
+            }
+            let id = NodeId::new(format!("peer-{}", next(40)));
+            match next(6) {
+                0 | 1 => {
+                    let mut peer = record(id.as_str(), &[]);
+                    if next(5) == 0 {
+                        peer.mark_offline();
+                    }
+                    let source = if next(2) == 0 { Source::Discovery } else { Source::Heard };
+                    let _ = membership.learn(peer, source, now, &mut events);
+                }
+                2 | 3 => {
+                    membership.heard_from(&id, now, &mut events);
+                }
+                4 => membership.goodbye(&id, next(2) == 0, now, &mut events),
+                _ => membership.withdrawn(&id, &mut events),
+            }
+            let (bound, exact) = (membership.next_expiry(), membership.earliest_expiry());
+            assert!(
+                exact.is_none_or(|exact| bound.is_some_and(|bound| bound <= exact)),
+                "step {step}: the timer would sleep until {bound:?}, past the earliest expiry {exact:?}"
+            );
+            // No peer is up past its timeout by more than a step (the ticks keep up).
+            for info in membership.snapshot(now) {
+                if info.status == PeerStatus::Up && info.last_seen > timeout + Duration::from_millis(15) {
+                    panic!("step {step}: {} up, silent for {:?}", info.record.id, info.last_seen);
+                }
+            }
+            went_down += events.iter().filter(|event| event.kind == PeerEventKind::Left).count();
+            events.clear();
+        }
+        // The walk ran at the ticks only, and the ticks were not one per change.
+        assert!(ticks > 100 && ticks < 10_000, "{ticks} ticks");
+        assert!(went_down > 100, "peers went down ({went_down})");
+    }
+
+    #[test]
+    fn a_peer_heard_from_again_after_its_goodbye_is_timed_again() {
+        let (timeout, now) = (Duration::from_millis(100), Instant::now());
+        let mut membership = Membership::new(NodeId::new("me"), Some(timeout));
+        let mut events = Vec::new();
+        membership.learn(record("a", &[]), Source::Discovery, now, &mut events).unwrap();
+        assert_eq!(membership.next_expiry(), Some(now + timeout));
+        membership.goodbye(&NodeId::new("a"), false, now, &mut events);
+        let _ = membership.expire(now, &mut events);
+        assert_eq!(membership.next_expiry(), None, "down and reported by discovery: kept, never expires");
+        let back = now + Duration::from_millis(10);
+        membership.heard_from(&NodeId::new("a"), back, &mut events);
+        assert_eq!(membership.next_expiry(), Some(back + timeout), "up again: down after a silent timeout");
     }
 
     #[test]
