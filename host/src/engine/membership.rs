@@ -30,7 +30,7 @@
 use crate::control::revision;
 use comms_plugin_api::{NodeId, NodeRecord, PeerEvent, PeerEventKind};
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     time::{Duration, Instant},
 };
 
@@ -130,6 +130,24 @@ pub(crate) struct Membership {
     /// No peer goes down or is forgotten before this: at or before the earliest such instant
     /// (see [`Membership::next_expiry`]).
     expiry_bound: Option<Instant>,
+    /// The peers (any status) whose records list each service, so that a request finds the
+    /// replicas of its service without a walk over the table.
+    by_service: HashMap<String, BTreeSet<NodeId>>,
+}
+
+/// Moves `id` in `index` from the services of its old record to those of its new one.
+fn reindex(index: &mut HashMap<String, BTreeSet<NodeId>>, id: &NodeId, old: &[String], new: &[String]) {
+    for service in old.iter().filter(|service| !new.contains(service)) {
+        if let Some(ids) = index.get_mut(service) {
+            ids.remove(id);
+            if ids.is_empty() {
+                index.remove(service);
+            }
+        }
+    }
+    for service in new.iter().filter(|service| !old.contains(service)) {
+        index.entry(service.clone()).or_default().insert(id.clone());
+    }
 }
 
 /// When `entry` goes down (while up) or is forgotten (a heard peer while down), if ever.
@@ -153,7 +171,14 @@ fn bound_expiry(bound: &mut Option<Instant>, timeout: Option<Duration>, entry: &
 
 impl Membership {
     pub(crate) fn new(local: NodeId, timeout: Option<Duration>) -> Self {
-        Self { local, peers: HashMap::new(), heard: 0, timeout, expiry_bound: None }
+        Self {
+            local,
+            peers: HashMap::new(),
+            heard: 0,
+            timeout,
+            expiry_bound: None,
+            by_service: HashMap::new(),
+        }
     }
 
     /// Brings the expiry bound forward to the entry of `id`'s, if that is earlier.
@@ -209,6 +234,7 @@ impl Membership {
                 if !announced {
                     self.heard += 1;
                 }
+                reindex(&mut self.by_service, &record.id, &[], &record.services);
                 let entry = PeerEntry { record, status, last_seen: now, announced, down_since };
                 self.peers.insert(entry.record.id.clone(), entry);
                 Ok(Learned::New)
@@ -229,6 +255,9 @@ impl Membership {
                 }
                 entry.last_seen = now;
                 let changed = entry.record != record;
+                if entry.record.services != record.services {
+                    reindex(&mut self.by_service, &record.id, &entry.record.services, &record.services);
+                }
                 entry.record = record;
                 let before = entry.status;
                 entry.set_status(status, now);
@@ -291,6 +320,7 @@ impl Membership {
 
     fn remove(&mut self, id: &NodeId) -> Option<PeerEntry> {
         let entry = self.peers.remove(id)?;
+        reindex(&mut self.by_service, id, &entry.record.services, &[]);
         if !entry.announced {
             self.heard -= 1;
         }
@@ -399,6 +429,24 @@ impl Membership {
             .collect();
         live.sort_by(|a, b| a.id.cmp(&b.id));
         live
+    }
+
+    /// The up peers whose records list `service`, sorted by id: from the index, without a walk
+    /// over the table.
+    pub(crate) fn live_serving(&self, service: &str) -> Vec<&NodeRecord> {
+        let Some(ids) = self.by_service.get(service) else { return Vec::new() };
+        ids.iter()
+            .filter_map(|id| self.peers.get(id))
+            .filter(|entry| entry.status == PeerStatus::Up)
+            .map(|entry| &entry.record)
+            .collect()
+    }
+
+    /// Whether an up peer's record lists `service`.
+    pub(crate) fn any_live_serving(&self, service: &str) -> bool {
+        self.by_service.get(service).is_some_and(|ids| {
+            ids.iter().any(|id| self.peers.get(id).is_some_and(|entry| entry.status == PeerStatus::Up))
+        })
     }
 
     /// The table, sorted by id.
@@ -577,6 +625,63 @@ mod tests {
         // The walk ran at the ticks only, and the ticks were not one per change.
         assert!(ticks > 100 && ticks < 10_000, "{ticks} ticks");
         assert!(went_down > 100, "peers went down ({went_down})");
+    }
+
+    /// The replicas of a service come from an index kept as records change: under random
+    /// joins, record changes, goodbyes, expiry and withdrawals it always says what a walk over
+    /// the table says.
+    #[test]
+    fn the_replicas_of_a_service_from_the_index_are_those_a_walk_finds() {
+        let timeout = Duration::from_millis(100);
+        let mut now = Instant::now();
+        let mut membership = Membership::new(NodeId::new("me"), Some(timeout));
+        let mut events = Vec::new();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let services = ["echo", "store", "auth", "none"];
+        let mut found = 0;
+        for step in 0..20_000 {
+            now += Duration::from_millis(next(10));
+            let id = NodeId::new(format!("peer-{}", next(30)));
+            match next(7) {
+                0..=2 => {
+                    let offered: Vec<&str> = services[..3].iter().copied().filter(|_| next(2) == 0).collect();
+                    let mut peer = record(id.as_str(), &offered);
+                    if next(6) == 0 {
+                        peer.mark_offline();
+                    }
+                    let source = if next(2) == 0 { Source::Discovery } else { Source::Heard };
+                    let _ = membership.learn(peer, source, now, &mut events);
+                }
+                3 => {
+                    membership.heard_from(&id, now, &mut events);
+                }
+                4 => membership.goodbye(&id, next(2) == 0, now, &mut events),
+                5 => membership.withdrawn(&id, &mut events),
+                _ => {
+                    let _ = membership.expire(now, &mut events);
+                }
+            }
+            for service in services {
+                let walked = membership.live(|record| record.services.iter().any(|s| s == service));
+                let indexed = membership.live_serving(service);
+                assert_eq!(
+                    indexed.iter().map(|r| &r.id).collect::<Vec<_>>(),
+                    walked.iter().map(|r| &r.id).collect::<Vec<_>>(),
+                    "step {step}: the replicas of {service}"
+                );
+                assert_eq!(membership.any_live_serving(service), !walked.is_empty());
+                found += walked.len();
+            }
+        }
+        assert!(found > 10_000, "replicas were found ({found})");
+        assert!(membership.by_service.values().all(|ids| !ids.is_empty()), "no empty sets kept");
+        assert!(membership.by_service.len() <= 3);
     }
 
     #[test]

@@ -905,12 +905,8 @@ impl Engine {
     /// Live replicas of `service` (this node included when it serves it), one chosen by the
     /// node's balancing; replicas in `tried` only when there is no other.
     pub(crate) fn choose_replica(&mut self, service: &str, tried: &HashSet<NodeId>) -> Option<Route> {
-        let mut candidates: Vec<NodeId> = self
-            .membership
-            .live(|record| record.services.iter().any(|s| s == service))
-            .into_iter()
-            .map(|record| record.id.clone())
-            .collect();
+        let mut candidates: Vec<NodeId> =
+            self.membership.live_serving(service).into_iter().map(|record| record.id.clone()).collect();
         // The framework's own services (crate::admin) are asked of a named node only.
         if self.services.contains_key(service) && !self.closing && !crate::admin::is_reserved(service) {
             candidates.push(self.spec.id.clone());
@@ -949,7 +945,7 @@ impl Engine {
     /// Whether some live node (this one included) serves `service`.
     pub(crate) fn serves(&self, service: &str) -> bool {
         (self.services.contains_key(service) && !self.closing && !crate::admin::is_reserved(service))
-            || !self.membership.live(|record| record.services.iter().any(|s| s == service)).is_empty()
+            || self.membership.any_live_serving(service)
     }
 
     /// Whether `node` is known (up, down or offline).
