@@ -130,23 +130,61 @@ pub(crate) struct Membership {
     /// No peer goes down or is forgotten before this: at or before the earliest such instant
     /// (see [`Membership::next_expiry`]).
     expiry_bound: Option<Instant>,
-    /// The peers (any status) whose records list each service, so that a request finds the
-    /// replicas of its service without a walk over the table.
-    by_service: HashMap<String, BTreeSet<NodeId>>,
+    /// The peers by the services and topics their records list.
+    index: RecordIndex,
 }
 
-/// Moves `id` in `index` from the services of its old record to those of its new one.
-fn reindex(index: &mut HashMap<String, BTreeSet<NodeId>>, id: &NodeId, old: &[String], new: &[String]) {
-    for service in old.iter().filter(|service| !new.contains(service)) {
-        if let Some(ids) = index.get_mut(service) {
+/// The peers (any status) by what their records list, so that a request finds the replicas of
+/// its service, and a publication the subscribers of its topic, without a walk over the table.
+#[derive(Debug, Default)]
+struct RecordIndex {
+    by_service: HashMap<String, BTreeSet<NodeId>>,
+    /// Topic patterns without wildcards: each matches only itself.
+    by_topic: HashMap<String, BTreeSet<NodeId>>,
+    /// The peers with at least one pattern with a wildcard (`*`, `>`): matched one by one.
+    with_wildcards: BTreeSet<NodeId>,
+}
+
+fn has_wildcard(pattern: &str) -> bool {
+    pattern.split('.').any(|segment| segment == "*" || segment == ">")
+}
+
+fn services(record: Option<&NodeRecord>) -> Vec<&String> {
+    record.map(|record| record.services.iter().collect()).unwrap_or_default()
+}
+
+/// The topic patterns without wildcards.
+fn exact_topics(record: Option<&NodeRecord>) -> Vec<&String> {
+    record
+        .map(|record| record.topics.iter().filter(|pattern| !has_wildcard(pattern)).collect())
+        .unwrap_or_default()
+}
+
+/// Moves `id` in `index` from the keys `old` to the keys `new`.
+fn move_keys(index: &mut HashMap<String, BTreeSet<NodeId>>, id: &NodeId, old: &[&String], new: &[&String]) {
+    for key in old.iter().filter(|key| !new.contains(key)) {
+        if let Some(ids) = index.get_mut(key.as_str()) {
             ids.remove(id);
             if ids.is_empty() {
-                index.remove(service);
+                index.remove(key.as_str());
             }
         }
     }
-    for service in new.iter().filter(|service| !old.contains(service)) {
-        index.entry(service.clone()).or_default().insert(id.clone());
+    for key in new.iter().filter(|key| !old.contains(key)) {
+        index.entry((*key).clone()).or_default().insert(id.clone());
+    }
+}
+
+impl RecordIndex {
+    /// The record of `id` goes from `old` to `new` (`None`: not in the table).
+    fn update(&mut self, id: &NodeId, old: Option<&NodeRecord>, new: Option<&NodeRecord>) {
+        move_keys(&mut self.by_service, id, &services(old), &services(new));
+        move_keys(&mut self.by_topic, id, &exact_topics(old), &exact_topics(new));
+        if new.is_some_and(|record| record.topics.iter().any(|pattern| has_wildcard(pattern))) {
+            self.with_wildcards.insert(id.clone());
+        } else {
+            self.with_wildcards.remove(id);
+        }
     }
 }
 
@@ -177,7 +215,7 @@ impl Membership {
             heard: 0,
             timeout,
             expiry_bound: None,
-            by_service: HashMap::new(),
+            index: RecordIndex::default(),
         }
     }
 
@@ -234,7 +272,7 @@ impl Membership {
                 if !announced {
                     self.heard += 1;
                 }
-                reindex(&mut self.by_service, &record.id, &[], &record.services);
+                self.index.update(&record.id, None, Some(&record));
                 let entry = PeerEntry { record, status, last_seen: now, announced, down_since };
                 self.peers.insert(entry.record.id.clone(), entry);
                 Ok(Learned::New)
@@ -255,8 +293,8 @@ impl Membership {
                 }
                 entry.last_seen = now;
                 let changed = entry.record != record;
-                if entry.record.services != record.services {
-                    reindex(&mut self.by_service, &record.id, &entry.record.services, &record.services);
+                if entry.record.services != record.services || entry.record.topics != record.topics {
+                    self.index.update(&record.id, Some(&entry.record), Some(&record));
                 }
                 entry.record = record;
                 let before = entry.status;
@@ -320,7 +358,7 @@ impl Membership {
 
     fn remove(&mut self, id: &NodeId) -> Option<PeerEntry> {
         let entry = self.peers.remove(id)?;
-        reindex(&mut self.by_service, id, &entry.record.services, &[]);
+        self.index.update(id, Some(&entry.record), None);
         if !entry.announced {
             self.heard -= 1;
         }
@@ -434,7 +472,7 @@ impl Membership {
     /// The up peers whose records list `service`, sorted by id: from the index, without a walk
     /// over the table.
     pub(crate) fn live_serving(&self, service: &str) -> Vec<&NodeRecord> {
-        let Some(ids) = self.by_service.get(service) else { return Vec::new() };
+        let Some(ids) = self.index.by_service.get(service) else { return Vec::new() };
         ids.iter()
             .filter_map(|id| self.peers.get(id))
             .filter(|entry| entry.status == PeerStatus::Up)
@@ -444,9 +482,30 @@ impl Membership {
 
     /// Whether an up peer's record lists `service`.
     pub(crate) fn any_live_serving(&self, service: &str) -> bool {
-        self.by_service.get(service).is_some_and(|ids| {
+        self.index.by_service.get(service).is_some_and(|ids| {
             ids.iter().any(|id| self.peers.get(id).is_some_and(|entry| entry.status == PeerStatus::Up))
         })
+    }
+
+    /// The up peers with a topic pattern matching `topic` for which `keep` holds, sorted by id:
+    /// those with the topic itself from the index, and those with wildcard patterns one by one.
+    pub(crate) fn live_subscribed(
+        &self,
+        topic: &str,
+        keep: impl Fn(&NodeRecord) -> bool,
+    ) -> Vec<&NodeRecord> {
+        let exact = self.index.by_topic.get(topic).into_iter().flatten();
+        let candidates: BTreeSet<&NodeId> = exact.chain(&self.index.with_wildcards).collect();
+        candidates
+            .into_iter()
+            .filter_map(|id| self.peers.get(id))
+            .filter(|entry| {
+                entry.status == PeerStatus::Up
+                    && entry.record.topics.iter().any(|pattern| crate::topics::matches(pattern, topic))
+                    && keep(&entry.record)
+            })
+            .map(|entry| &entry.record)
+            .collect()
     }
 
     /// The table, sorted by id.
@@ -627,11 +686,11 @@ mod tests {
         assert!(went_down > 100, "peers went down ({went_down})");
     }
 
-    /// The replicas of a service come from an index kept as records change: under random
-    /// joins, record changes, goodbyes, expiry and withdrawals it always says what a walk over
-    /// the table says.
+    /// The replicas of a service and the subscribers of a topic come from an index kept as
+    /// records change: under random joins, record changes, goodbyes, expiry and withdrawals it
+    /// always says what a walk over the table says.
     #[test]
-    fn the_replicas_of_a_service_from_the_index_are_those_a_walk_finds() {
+    fn replicas_and_subscribers_from_the_index_are_those_a_walk_finds() {
         let timeout = Duration::from_millis(100);
         let mut now = Instant::now();
         let mut membership = Membership::new(NodeId::new("me"), Some(timeout));
@@ -644,7 +703,10 @@ mod tests {
             seed % n
         };
         let services = ["echo", "store", "auth", "none"];
+        let patterns = ["orders.eu", "orders.*", "orders.>", "audit", ">", "*.us"];
+        let topics = ["orders.eu", "orders.us", "orders.eu.late", "audit", "audit.us", "other"];
         let mut found = 0;
+        let mut subscribed = 0;
         for step in 0..20_000 {
             now += Duration::from_millis(next(10));
             let id = NodeId::new(format!("peer-{}", next(30)));
@@ -652,6 +714,7 @@ mod tests {
                 0..=2 => {
                     let offered: Vec<&str> = services[..3].iter().copied().filter(|_| next(2) == 0).collect();
                     let mut peer = record(id.as_str(), &offered);
+                    peer.topics = patterns.iter().filter(|_| next(3) == 0).map(|p| p.to_string()).collect();
                     if next(6) == 0 {
                         peer.mark_offline();
                     }
@@ -678,10 +741,26 @@ mod tests {
                 assert_eq!(membership.any_live_serving(service), !walked.is_empty());
                 found += walked.len();
             }
+            for topic in topics {
+                // As the engine asks: some peers left out (those a native transport reaches).
+                let keep = |record: &NodeRecord| !record.id.as_str().ends_with('7');
+                let walked = membership.live(|record| {
+                    record.topics.iter().any(|pattern| crate::topics::matches(pattern, topic)) && keep(record)
+                });
+                let indexed = membership.live_subscribed(topic, keep);
+                assert_eq!(
+                    indexed.iter().map(|r| &r.id).collect::<Vec<_>>(),
+                    walked.iter().map(|r| &r.id).collect::<Vec<_>>(),
+                    "step {step}: the subscribers of {topic}"
+                );
+                subscribed += walked.len();
+            }
         }
+        assert!(subscribed > 10_000, "subscribers were found ({subscribed})");
+        assert!(membership.index.by_topic.values().all(|ids| !ids.is_empty()));
         assert!(found > 10_000, "replicas were found ({found})");
-        assert!(membership.by_service.values().all(|ids| !ids.is_empty()), "no empty sets kept");
-        assert!(membership.by_service.len() <= 3);
+        assert!(membership.index.by_service.values().all(|ids| !ids.is_empty()), "no empty sets kept");
+        assert!(membership.index.by_service.len() <= 3);
     }
 
     #[test]

@@ -923,9 +923,8 @@ impl Engine {
         let native_name = native.and_then(|index| self.transports.get(index)).map(|t| t.name.as_str());
         let ids: Vec<NodeId> = self
             .membership
-            .live(|record| {
-                record.topics.iter().any(|pattern| crate::topics::matches(pattern, topic))
-                    && native_name.is_none_or(|name| record.address_for(name).is_none())
+            .live_subscribed(topic, |record| {
+                native_name.is_none_or(|name| record.address_for(name).is_none())
             })
             .into_iter()
             .map(|record| record.id.clone())
