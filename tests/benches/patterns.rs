@@ -563,23 +563,11 @@ fn main() {
     let tcp_plugin = &comms_tests::artifacts().tcp_plugin;
     let library = PluginLibrary::load(tcp_plugin)
         .unwrap_or_else(|error| fail(&format!("loading {}: {error}", tcp_plugin.display())));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap_or_else(|error| fail(&format!("starting the tokio runtime: {error}")));
     let started = Instant::now();
-    // Spawned, so that the benchmark itself runs on the two workers and not on the main thread.
-    let outcome = runtime.block_on(async move { tokio::spawn(run(settings, library)).await });
-    let (requests, fan_outs) = match outcome {
-        Ok(Ok(rows)) => rows,
-        Ok(Err(error)) => fail(&error),
-        Err(error) => fail(&format!("the benchmark task panicked: {error}")),
-    };
+    let (requests, fan_outs) = comms_tests::bench::run_on_two_workers("patterns", run(settings, library));
     print_report(&settings, &requests, &fan_outs);
     println!();
     println!("measured in {:.1} s", started.elapsed().as_secs_f64());
-    runtime.shutdown_timeout(Duration::from_secs(1));
 }
 
 /// Ends the benchmark with a message, without waiting for tasks that may be stuck.

@@ -267,18 +267,8 @@ fn main() {
     let memory_plugin = &comms_tests::artifacts().memory_plugin;
     let library = PluginLibrary::load(memory_plugin)
         .unwrap_or_else(|error| fail(&format!("loading {}: {error}", memory_plugin.display())));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap_or_else(|error| fail(&format!("starting the tokio runtime: {error}")));
     let started = Instant::now();
-    let outcome = runtime.block_on(async move { tokio::spawn(run(library, messages, limit)).await });
-    let rows = match outcome {
-        Ok(Ok(rows)) => rows,
-        Ok(Err(error)) => fail(&error),
-        Err(error) => fail(&format!("the benchmark task panicked: {error}")),
-    };
+    let rows = comms_tests::bench::run_on_two_workers("peer_table", run(library, messages, limit));
     println!();
     println!(
         "Two nodes on the memory transport, {messages} messages of 64 B per round, median of {ROUNDS} rounds \
@@ -295,7 +285,6 @@ fn main() {
     }
     println!();
     println!("measured in {:.1} s", started.elapsed().as_secs_f64());
-    runtime.shutdown_timeout(Duration::from_secs(1));
 }
 
 /// Ends the benchmark with a message, without waiting for tasks that may be stuck.

@@ -259,25 +259,9 @@ fn print_report(settings: &Settings, rows: &[Row]) {
 
 fn main() {
     let settings = Settings::from_env();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap_or_else(|error| fail(&format!("starting the tokio runtime: {error}")));
     let started = Instant::now();
-    let outcome = runtime.block_on(async move { tokio::spawn(run(settings)).await });
-    let rows = match outcome {
-        Ok(Ok(rows)) => rows,
-        Ok(Err(error)) => fail(&error),
-        Err(error) => fail(&format!("the benchmark task panicked: {error}")),
-    };
+    let rows = comms_tests::bench::run_on_two_workers("tcp_security", run(settings));
     print_report(&settings, &rows);
     println!();
     println!("measured in {:.1} s", started.elapsed().as_secs_f64());
-    runtime.shutdown_timeout(Duration::from_secs(1));
-}
-
-/// Ends the benchmark with a message, without waiting for tasks that may be stuck.
-fn fail(message: &str) -> ! {
-    comms_tests::bench::fail("tcp_security", message)
 }

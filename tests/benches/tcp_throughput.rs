@@ -701,23 +701,11 @@ fn main() {
         std::env::var("COMMS_BENCH_PLUGIN_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     let dynamic = PluginLibrary::load_with_threads(&tcp_plugin, plugin_threads)
         .unwrap_or_else(|error| fail(&format!("loading {}: {error}", tcp_plugin.display())));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap_or_else(|error| fail(&format!("starting the tokio runtime: {error}")));
     let started = Instant::now();
-    // Spawned, so that the benchmark itself runs on the two workers and not on the main thread.
-    let outcome = runtime.block_on(async move { tokio::spawn(run(settings, dynamic)).await });
-    let (rows, threads) = match outcome {
-        Ok(Ok(outcome)) => outcome,
-        Ok(Err(error)) => fail(&error),
-        Err(error) => fail(&format!("the benchmark task panicked: {error}")),
-    };
+    let (rows, threads) = comms_tests::bench::run_on_two_workers("tcp_throughput", run(settings, dynamic));
     print_report(&settings, &rows, &threads);
     println!();
     println!("measured in {:.1} s", started.elapsed().as_secs_f64());
-    runtime.shutdown_timeout(Duration::from_secs(1));
 }
 
 /// Ends the benchmark with a message, without waiting for tasks that may be stuck.

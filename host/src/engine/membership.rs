@@ -535,6 +535,16 @@ mod tests {
         record
     }
 
+    /// A number below its argument at each call, from a xorshift sequence started at `seed`.
+    fn pseudo_random(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |below| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % below
+        }
+    }
+
     fn kinds(events: &[PeerEvent]) -> Vec<(PeerEventKind, String)> {
         events.iter().map(|event| (event.kind, event.record.id.to_string())).collect()
     }
@@ -635,13 +645,7 @@ mod tests {
         let mut now = Instant::now();
         let mut membership = Membership::new(NodeId::new("me"), Some(timeout));
         let mut events = Vec::new();
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = pseudo_random(0x2545_f491_4f6c_dd1du64);
         let (mut ticks, mut went_down) = (0, 0);
         for step in 0..20_000 {
             now += Duration::from_millis(next(15));
@@ -695,13 +699,7 @@ mod tests {
         let mut now = Instant::now();
         let mut membership = Membership::new(NodeId::new("me"), Some(timeout));
         let mut events = Vec::new();
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = pseudo_random(0x9e37_79b9_7f4a_7c15u64);
         let services = ["echo", "store", "auth", "none"];
         let patterns = ["orders.eu", "orders.*", "orders.>", "audit", ">", "*.us"];
         let topics = ["orders.eu", "orders.us", "orders.eu.late", "audit", "audit.us", "other"];

@@ -29,6 +29,29 @@ pub fn fail(bench: &str, message: &str) -> ! {
     std::process::exit(1)
 }
 
+/// Runs `work` on a tokio runtime of 2 workers, spawned (so that the benchmark itself runs on
+/// the workers and not on the main thread), and shuts the runtime down (waiting 1 s at most for
+/// tasks that may be stuck); its result, or the end of the program with a message naming
+/// `bench`.
+pub fn run_on_two_workers<T: Send + 'static>(
+    bench: &str,
+    work: impl Future<Output = Result<T, String>> + Send + 'static,
+) -> T {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|error| fail(bench, &format!("starting the tokio runtime: {error}")));
+    let outcome = runtime.block_on(async move { tokio::spawn(work).await });
+    let value = match outcome {
+        Ok(Ok(value)) => value,
+        Ok(Err(error)) => fail(bench, &error),
+        Err(error) => fail(bench, &format!("the benchmark task panicked: {error}")),
+    };
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    value
+}
+
 /// Runs one step of a benchmark under a time limit; the error names the step.
 pub async fn step<T>(
     what: &str,
