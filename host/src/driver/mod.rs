@@ -637,7 +637,7 @@ impl Driver {
             };
             driver.respond(&reply_to, result).await;
             acknowledgement.accept();
-            driver.run(driver.handle(Input::Taken(Local::Service(service))));
+            driver.run(driver.handle(Input::Taken { from: Local::Service(service), count: 1 }));
             driver.in_flight.send_modify(|n| *n -= 1);
         });
     }
@@ -702,7 +702,10 @@ impl Driver {
         if !matches!(first, InboxItem::Message(..)) {
             return vec![first];
         }
-        let mut items = vec![first];
+        // Room for what waits now (not `max`: a large `max` with little waiting would cost a
+        // large allocation per call).
+        let mut items = Vec::with_capacity(max.clamp(1, inbox.queue.len() + 1));
+        items.push(first);
         while items.len() < max {
             match inbox.queue.try_recv() {
                 Ok(item @ InboxItem::Message(..)) => items.push(item),
@@ -714,7 +717,7 @@ impl Driver {
             }
         }
         drop(inbox);
-        self.run(self.handle_all(items.iter().map(|_| Input::Taken(Local::Inbox))));
+        self.run(self.handle(Input::Taken { from: Local::Inbox, count: items.len() }));
         items
     }
 

@@ -305,6 +305,6 @@ impl Driver {
 
     /// A subscription took one message from its queue: the engine may hand it the next.
     pub(crate) fn taken(self: &Arc<Self>, local: Local) {
-        self.run(self.handle(Input::Taken(local)));
+        self.run(self.handle(Input::Taken { from: local, count: 1 }));
     }
 }

@@ -200,11 +200,16 @@ impl RecordIndex {
     }
 }
 
+/// How long a peer heard from (not announced by discovery) is remembered after it went down.
+fn forget_after(timeout: Duration) -> Duration {
+    timeout * FORGET_AFTER_TIMEOUTS
+}
+
 /// When `entry` goes down (while up) or is forgotten (a heard peer while down), if ever.
 fn expiry_of(entry: &PeerEntry, timeout: Duration) -> Option<Instant> {
     match entry.down_since {
         None => Some(entry.last_seen + timeout),
-        Some(since) if !entry.announced => Some(since + timeout * FORGET_AFTER_TIMEOUTS),
+        Some(since) if !entry.announced => Some(since + forget_after(timeout)),
         Some(_) => None,
     }
 }
@@ -241,7 +246,7 @@ impl Membership {
     /// How long a heard peer stays in the table once down; `None`: liveness is off, peers
     /// are never down (the heard ones stay bounded by [`HEARD_PEER_LIMIT`]).
     fn forget_after(&self) -> Option<Duration> {
-        self.timeout.map(|timeout| timeout * FORGET_AFTER_TIMEOUTS)
+        self.timeout.map(forget_after)
     }
 
     /// `source` reports `record`: a record that says the node is offline makes it offline, any

@@ -131,8 +131,9 @@ pub(crate) enum Input {
     Discovery(PeerEvent),
     /// Time passed: heartbeats, expiry, parked messages whose wait is over.
     Tick,
-    /// The application took one message from the queue of a destination, or a handler finished.
-    Taken(Local),
+    /// The application took `count` messages from the queue of a destination (a batch is one
+    /// input), or a handler finished (`count` 1).
+    Taken { from: Local, count: usize },
     /// The application (or a handler, or a forward) is done with a delivery.
     Settled { delivery: DeliveryId, outcome: SettlementOutcome },
     /// A subscription was made.
@@ -371,7 +372,7 @@ impl Engine {
                 self.record_changed();
             }
             Input::Tick => self.tick(now),
-            Input::Taken(local) => self.taken(local),
+            Input::Taken { from, count } => self.taken(from, count),
             Input::Settled { delivery, outcome } => self.settled(delivery, outcome),
             Input::Subscribed { id, pattern } => {
                 let depth = Depth::new(self.spec.subscription_capacity);
@@ -682,9 +683,9 @@ impl Engine {
     }
 
     /// One message left a local queue: the oldest parked one for it, if any, takes its place.
-    fn taken(&mut self, local: Local) {
+    fn taken(&mut self, local: Local, count: usize) {
         let Some(depth) = self.depth_mut(&local) else { return };
-        depth.used = depth.used.saturating_sub(1);
+        depth.used = depth.used.saturating_sub(count);
         while self.depth_mut(&local).is_some_and(|depth| depth.has_room()) {
             let Some(parked) = self.parked.take_first_for(&local) else { break };
             if let Some(depth) = self.depth_mut(&local) {

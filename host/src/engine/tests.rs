@@ -104,7 +104,7 @@ fn a_message_is_settled_when_the_application_is_done_with_it_not_when_it_is_queu
     assert_eq!(deliveries.len(), 1);
     assert!(settled(&actions).is_empty(), "queued is not handled: nothing settled yet");
     let delivery = deliveries[0].1;
-    engine.handle(Input::Taken(Local::Inbox), now);
+    engine.handle(Input::Taken { from: Local::Inbox, count: 1 }, now);
     let actions = engine.handle(Input::Settled { delivery, outcome: SettlementOutcome::ACCEPTED }, now);
     assert_eq!(settled(&actions), vec![(41, SettlementOutcome::ACCEPTED)]);
     // A nack (or a drop without ack) hands it back.
@@ -205,9 +205,48 @@ fn a_parked_message_takes_the_first_free_place_in_order() {
     for n in 0..3 {
         engine.handle(received(AT_LEAST_ONCE, from("a", Destination::node("me"), n), n as u64), now);
     }
-    let actions = engine.handle(Input::Taken(Local::Inbox), now + Duration::from_millis(10));
+    let actions =
+        engine.handle(Input::Taken { from: Local::Inbox, count: 1 }, now + Duration::from_millis(10));
     assert_eq!(delivered(&actions).len(), 1, "the third message moved in");
     assert!(engine.next_deadline().is_none_or(|d| d > now + Duration::from_millis(500)), "nothing is parked");
+}
+
+#[test]
+fn a_batch_taken_at_once_moves_in_as_many_parked_messages_in_order_and_no_more() {
+    let now = Instant::now();
+    let mut engine = engine(now);
+    let mut actions = Vec::new();
+    for n in 0..5 {
+        actions.extend(
+            engine.handle(received(AT_LEAST_ONCE, from("a", Destination::node("me"), n), n as u64), now),
+        );
+    }
+    assert_eq!(delivered(&actions).len(), 2, "the inbox holds 2; 3 are parked");
+    let actions = engine.handle(Input::Taken { from: Local::Inbox, count: 2 }, now);
+    let moved: Vec<MessageId> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Deliver { envelope, .. } => Some(envelope.id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        moved,
+        vec![MessageId::from_u128(2), MessageId::from_u128(3)],
+        "two places, the first two parked"
+    );
+    let actions = engine.handle(Input::Taken { from: Local::Inbox, count: 1 }, now);
+    assert_eq!(delivered(&actions).len(), 1, "the last one moves in with the next place");
+    // The application took all 2 queued (say a count came twice): the inbox is empty, not
+    // more than empty.
+    engine.handle(Input::Taken { from: Local::Inbox, count: 5 }, now);
+    let mut actions = Vec::new();
+    for n in 5..8 {
+        actions.extend(
+            engine.handle(received(AT_LEAST_ONCE, from("a", Destination::node("me"), n), n as u64), now),
+        );
+    }
+    assert_eq!(delivered(&actions).len(), 2, "still 2 places, no more");
 }
 
 #[test]
@@ -221,10 +260,10 @@ fn a_full_inbox_on_an_at_most_once_transport_pauses_that_transport_until_the_app
     assert_eq!(delivered(&actions).len(), 2);
     assert_eq!(actions.iter().filter(|a| matches!(a, Action::Pause { transport: AT_MOST_ONCE })).count(), 1);
     assert!(!actions.iter().any(|a| matches!(a, Action::Dropped { .. })), "nothing lost");
-    let actions = engine.handle(Input::Taken(Local::Inbox), now);
+    let actions = engine.handle(Input::Taken { from: Local::Inbox, count: 1 }, now);
     assert_eq!(delivered(&actions).len(), 1);
     assert!(!actions.iter().any(|a| matches!(a, Action::Resume { .. })), "one still waits");
-    let actions = engine.handle(Input::Taken(Local::Inbox), now);
+    let actions = engine.handle(Input::Taken { from: Local::Inbox, count: 1 }, now);
     assert_eq!(delivered(&actions).len(), 1);
     assert!(actions.contains(&Action::Resume { transport: AT_MOST_ONCE }));
 }
@@ -243,7 +282,7 @@ fn a_service_at_its_limit_refuses_at_once_and_takes_requests_again_when_a_handle
     );
     assert_eq!(settled(&second), vec![(2, SettlementOutcome::ACCEPTED)], "answered: settled");
     engine.handle(Input::Settled { delivery: 1, outcome: SettlementOutcome::ACCEPTED }, now);
-    engine.handle(Input::Taken(Local::Service("slow".into())), now);
+    engine.handle(Input::Taken { from: Local::Service("slow".into()), count: 1 }, now);
     let third = engine.handle(received(AT_LEAST_ONCE, from("a", Destination::service("slow"), 3), 3), now);
     assert_eq!(delivered(&third).len(), 1);
     let unknown = engine.handle(received(AT_MOST_ONCE, from("a", Destination::service("nope"), 4), 0), now);
