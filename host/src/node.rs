@@ -328,29 +328,38 @@ impl Node {
     /// node's engine for the batch instead of one per message. Order is kept. A transport
     /// failure ends a batch; the next call returns it.
     pub async fn receive_envelopes(&self, max: usize) -> Result<Vec<Envelope>, ReceiveError> {
-        let items = self.next_inbox_items(max).await?;
-        let (envelopes, acknowledgements): (Vec<Envelope>, Vec<Acknowledgement>) = items.into_iter().unzip();
-        self.inner.accept_all(acknowledgements);
+        let mut deliveries = Vec::new();
+        let envelopes = self
+            .next_inbox_items(max, |envelope, acknowledgement| {
+                deliveries.extend(acknowledgement.defuse());
+                envelope
+            })
+            .await?;
+        self.inner.accept_all(deliveries);
         Ok(envelopes)
     }
 
     /// As [`Node::receive_envelopes`], each message to be acknowledged like any [`Received`]
     /// (at-least-once with the brokers).
     pub async fn receive_raw_many(&self, max: usize) -> Result<Vec<Received<Envelope>>, ReceiveError> {
-        let items = self.next_inbox_items(max).await?;
-        Ok(items
-            .into_iter()
-            .map(|(envelope, acknowledgement)| Received::raw(envelope, acknowledgement))
-            .collect())
+        self.next_inbox_items(max, Received::raw).await
     }
 
-    async fn next_inbox_items(&self, max: usize) -> Result<Vec<(Envelope, Acknowledgement)>, ReceiveError> {
-        let mut messages = Vec::new();
-        for item in self.inner.next_inbox_items(max.max(1)).await {
+    /// The next messages of the inbox (see [`Node::receive_envelopes`]), each made into what
+    /// the caller returns as it is taken: one vector per batch, sized once, and no envelope
+    /// moved through another one on the way.
+    async fn next_inbox_items<T>(
+        &self,
+        max: usize,
+        mut each: impl FnMut(Envelope, Acknowledgement) -> T,
+    ) -> Result<Vec<T>, ReceiveError> {
+        let items = self.inner.next_inbox_items(max.max(1)).await;
+        let mut messages = Vec::with_capacity(items.len());
+        for item in items {
             match item {
                 InboxItem::Message(envelope, acknowledgement) => {
                     trace_taken(&envelope);
-                    messages.push((envelope, acknowledgement));
+                    messages.push(each(envelope, acknowledgement));
                 }
                 InboxItem::TransportFailed { transport, error } => {
                     return Err(ReceiveError::Transport { transport, error })

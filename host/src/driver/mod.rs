@@ -27,7 +27,10 @@ mod status;
 use crate::{
     acknowledgement::{Acknowledgement, SettleLane, Settler},
     control,
-    engine::{membership::Source, Action, DropReason, Engine, IdSource, Input, Local, Route, TransportFacts},
+    engine::{
+        membership::Source, Action, DeliveryId, DropReason, Engine, IdSource, Input, Local, Route,
+        TransportFacts,
+    },
     error::{undelivered_sentence, CloseError, FlushError, SendError, WaitError},
     metrics::RequestMetrics,
     security::{RejectedCounter, Signatures, SIGNATURE_HEADER},
@@ -721,14 +724,13 @@ impl Driver {
         items
     }
 
-    /// Settles deliveries taken from the inbox as accepted, with one engine call.
-    pub(crate) fn accept_all(self: &Arc<Self>, acknowledgements: Vec<Acknowledgement>) {
-        let settled: Vec<Input> = acknowledgements
-            .into_iter()
-            .filter_map(Acknowledgement::defuse)
-            .map(|delivery| Input::Settled { delivery, outcome: SettlementOutcome::ACCEPTED })
-            .collect();
-        if !settled.is_empty() {
+    /// Settles deliveries taken from the inbox (their defused acknowledgements) as accepted,
+    /// with one engine call.
+    pub(crate) fn accept_all(self: &Arc<Self>, deliveries: Vec<DeliveryId>) {
+        if !deliveries.is_empty() {
+            let settled = deliveries
+                .into_iter()
+                .map(|delivery| Input::Settled { delivery, outcome: SettlementOutcome::ACCEPTED });
             self.run(self.handle_all(settled));
         }
     }
