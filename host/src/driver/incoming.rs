@@ -5,7 +5,7 @@
 use super::{now, Driver};
 use crate::engine::Input;
 use comms_plugin_api::{
-    log_rate::LogRateLimit, Capabilities, Envelope, ErrorCode, Settlement, SettlementOutcome,
+    log_rate::LogRateLimit, Capabilities, Envelope, ErrorCode, Inbound, Settlement, SettlementOutcome,
 };
 use std::{sync::Arc, time::Duration};
 use tokio::sync::watch;
@@ -50,34 +50,30 @@ pub(super) async fn receive_loop(driver: Arc<Driver>, index: usize) {
                 () = &mut stop => return,
             }
         }
+        // Each message becomes the engine's input as it comes out of the plugin's batch.
+        let mut taken = 0usize;
+        let each = |inbound: Inbound| {
+            taken += 1;
+            if !admitted(&driver, &transport.name, &inbound.envelope) {
+                if acknowledges {
+                    // Refused for good: never delivered again.
+                    let outcome = SettlementOutcome::REJECTED_DISCARD;
+                    transport.settle_lane.settle(Settlement { delivery_tag: inbound.delivery_tag, outcome });
+                }
+                return None;
+            }
+            Some(Input::Received { transport: index, envelope: inbound.envelope, tag: inbound.delivery_tag })
+        };
         let received = tokio::select! {
             biased;
             () = &mut stop => return,
-            received = transport.loaded.receive(RECEIVE_BATCH) => received,
+            received = transport.loaded.receive_each(RECEIVE_BATCH, each) => received,
         };
         match received {
-            Ok(batch) if batch.is_empty() => return,
-            Ok(batch) => {
+            // Empty from the plugin: the transport is closed and nothing more will come.
+            Ok(_) if taken == 0 => return,
+            Ok(inputs) => {
                 failures = 0;
-                let inputs: Vec<Input> = batch
-                    .into_iter()
-                    .filter(|inbound| {
-                        let admitted = admitted(&driver, &transport.name, &inbound.envelope);
-                        if !admitted && acknowledges {
-                            // Refused for good: never delivered again.
-                            let outcome = SettlementOutcome::REJECTED_DISCARD;
-                            transport
-                                .settle_lane
-                                .settle(Settlement { delivery_tag: inbound.delivery_tag, outcome });
-                        }
-                        admitted
-                    })
-                    .map(|inbound| Input::Received {
-                        transport: index,
-                        envelope: inbound.envelope,
-                        tag: inbound.delivery_tag,
-                    })
-                    .collect();
                 driver.run_received(driver.handle_all(inputs)).await;
             }
             Err(error)

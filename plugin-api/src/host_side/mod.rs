@@ -338,13 +338,7 @@ impl LoadedTransport {
     /// (empty: every item was taken). A failure of the call as a whole fails every item.
     pub async fn send_batch(&self, batch: Vec<Outbound>) -> Vec<SendFailure> {
         let count = batch.len();
-        let batch: RVec<comms_core::Outbound> = batch
-            .into_iter()
-            .map(|item| comms_core::Outbound {
-                address: item.address.into_abi(),
-                envelope: item.envelope.into_abi(),
-            })
-            .collect();
+        let batch = outbound_into_abi(batch);
         match self.watch.watch("send_batch", self.inner.send_batch(batch)).await.into_result() {
             Ok(failures) => failures
                 .into_iter()
@@ -361,36 +355,56 @@ impl LoadedTransport {
     }
 
     /// See [`crate::Transport::receive`]. A message this host cannot represent (a destination
-    /// kind from a newer interface) is settled as discarded and logged, never handed on.
+    /// kind from a newer interface) is settled as discarded and logged, never handed on; a
+    /// batch of nothing else is not returned (empty means closed), the next one is waited for.
     pub async fn receive(&self, max_batch: u32) -> Result<Vec<Inbound>, PluginError> {
-        let call = self.inner.receive(max_batch);
-        let batch =
-            self.watch.watch("receive", call).await.into_result().map_err(|error| self.failed(error))?;
-        let mut accepted = Vec::with_capacity(batch.len());
-        let mut discarded = RVec::new();
-        for inbound in batch {
-            let delivery_tag = inbound.delivery_tag;
-            match Envelope::from_abi(inbound.envelope) {
-                Ok(envelope) => accepted.push(Inbound { envelope, delivery_tag }),
-                Err(error) => {
-                    // One per message a newer peer sends: rate-limited.
-                    static UNREPRESENTABLE: crate::log_rate::LogRateLimit =
-                        crate::log_rate::LogRateLimit::standard();
-                    if let Some(repeats) = UNREPRESENTABLE.check() {
-                        tracing::warn!(%error, "discarding a message this host cannot represent{repeats}");
+        self.receive_each(max_batch, Some).await
+    }
+
+    /// As [`LoadedTransport::receive`], each message made by `each` into what the caller keeps
+    /// (or left out, `None`) as it comes out of the plugin's batch: one vector per batch, and no
+    /// vector of [`Inbound`]s on the way. `each` is called at least once unless the transport
+    /// is closed (an empty batch from the plugin).
+    pub async fn receive_each<T>(
+        &self,
+        max_batch: u32,
+        mut each: impl FnMut(Inbound) -> Option<T>,
+    ) -> Result<Vec<T>, PluginError> {
+        loop {
+            let call = self.inner.receive(max_batch);
+            let batch =
+                self.watch.watch("receive", call).await.into_result().map_err(|error| self.failed(error))?;
+            let received = batch.len();
+            let mut accepted = Vec::with_capacity(received);
+            let mut discarded = RVec::new();
+            for inbound in batch {
+                let delivery_tag = inbound.delivery_tag;
+                match Envelope::from_abi(inbound.envelope) {
+                    Ok(envelope) => accepted.extend(each(Inbound { envelope, delivery_tag })),
+                    Err(error) => {
+                        // One per message a newer peer sends: rate-limited.
+                        static UNREPRESENTABLE: crate::log_rate::LogRateLimit =
+                            crate::log_rate::LogRateLimit::standard();
+                        if let Some(repeats) = UNREPRESENTABLE.check() {
+                            tracing::warn!(%error, "discarding a message this host cannot represent{repeats}");
+                        }
+                        discarded
+                            .push(Settlement { delivery_tag, outcome: SettlementOutcome::REJECTED_DISCARD });
                     }
-                    discarded.push(Settlement { delivery_tag, outcome: SettlementOutcome::REJECTED_DISCARD });
                 }
             }
+            let all_discarded = received > 0 && discarded.len() == received;
+            if !discarded.is_empty() {
+                self.watch
+                    .watch("settle", self.inner.settle(discarded))
+                    .await
+                    .into_result()
+                    .map_err(PluginError::from_abi)?;
+            }
+            if !all_discarded {
+                return Ok(accepted);
+            }
         }
-        if !discarded.is_empty() {
-            self.watch
-                .watch("settle", self.inner.settle(discarded))
-                .await
-                .into_result()
-                .map_err(PluginError::from_abi)?;
-        }
-        Ok(accepted)
     }
 
     /// See [`crate::Transport::settle`].
@@ -531,5 +545,128 @@ impl LoadedDiscovery {
     /// See [`crate::Discovery::close`].
     pub async fn close(&self) -> Result<(), PluginError> {
         self.watch.watch("close", self.inner.close()).await.into_result().map_err(PluginError::from_abi)
+    }
+}
+
+/// A batch in the boundary's types, in the same buffer: the two `Outbound` types have the same
+/// layout, so the conversion happens in place and the vector is handed over as it is (no second
+/// vector of a batch's envelopes, no second move of each).
+fn outbound_into_abi(batch: Vec<Outbound>) -> RVec<comms_core::Outbound> {
+    let batch: Vec<comms_core::Outbound> = batch
+        .into_iter()
+        .map(|item| comms_core::Outbound {
+            address: item.address.into_abi(),
+            envelope: item.envelope.into_abi(),
+        })
+        .collect();
+    RVec::from(batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Destination, MessageId};
+    use comms_core::{abi_stable::std_types::RResult::ROk, async_ffi::FfiFuture, CommsResult};
+
+    #[test]
+    fn a_batch_goes_to_the_boundary_in_its_own_buffer() {
+        let batch: Vec<Outbound> = (0..300u128)
+            .map(|n| Outbound {
+                address: format!("127.0.0.1:{n}").into(),
+                envelope: Envelope::new(MessageId::from_u128(n), "a", Destination::node("b"), vec![n as u8]),
+            })
+            .collect();
+        let buffer = batch.as_ptr() as usize;
+        let converted = outbound_into_abi(batch);
+        assert_eq!(converted.as_ptr() as usize, buffer, "converted in place, not copied");
+        assert_eq!(converted.len(), 300);
+        assert_eq!(converted[299].address.as_str(), "127.0.0.1:299");
+        assert_eq!(converted[299].envelope.id, MessageId::from_u128(299));
+    }
+
+    /// A transport in the boundary's own types (as a plugin of a newer contract could answer):
+    /// hands out the batches it was given, then an empty one (closed); records settlements.
+    struct Scripted {
+        batches: std::sync::Mutex<Vec<RVec<comms_core::Inbound>>>,
+        settled: Arc<std::sync::Mutex<Vec<Settlement>>>,
+    }
+
+    fn ready<T: Send + 'static>(value: T) -> FfiFuture<T> {
+        use comms_core::async_ffi::FutureExt;
+        async move { value }.into_ffi()
+    }
+
+    impl comms_core::Transport for Scripted {
+        fn info(&self) -> CommsResult<comms_core::TransportInfo> {
+            ROk(comms_core::TransportInfo {
+                capabilities: crate::Capabilities::ACKNOWLEDGEMENTS,
+                local_address: "scripted".into(),
+                max_message_size: 1024,
+                extensions: RVec::new(),
+            })
+        }
+        fn send(&self, _: RString, _: comms_core::Envelope) -> FfiFuture<CommsResult<()>> {
+            ready(ROk(()))
+        }
+        fn send_batch(
+            &self,
+            _: RVec<comms_core::Outbound>,
+        ) -> FfiFuture<CommsResult<RVec<comms_core::SendFailure>>> {
+            ready(ROk(RVec::new()))
+        }
+        fn receive(&self, _: u32) -> FfiFuture<CommsResult<RVec<comms_core::Inbound>>> {
+            let mut batches = self.batches.lock().unwrap();
+            let next = if batches.is_empty() { RVec::new() } else { batches.remove(0) };
+            ready(ROk(next))
+        }
+        fn settle(&self, settlements: RVec<Settlement>) -> FfiFuture<CommsResult<()>> {
+            self.settled.lock().unwrap().extend(settlements);
+            ready(ROk(()))
+        }
+        fn subscribe(&self, _: RString) -> FfiFuture<CommsResult<()>> {
+            ready(ROk(()))
+        }
+        fn unsubscribe(&self, _: RString) -> FfiFuture<CommsResult<()>> {
+            ready(ROk(()))
+        }
+        fn stats(&self) -> comms_core::TransportStats {
+            comms_core::TransportStats::default()
+        }
+        fn close(&self) -> FfiFuture<CommsResult<()>> {
+            ready(ROk(()))
+        }
+    }
+
+    fn inbound(kind: u8, tag: u64) -> comms_core::Inbound {
+        let mut envelope =
+            Envelope::new(MessageId::from_u128(tag.into()), "newer", Destination::node("me"), vec![1])
+                .into_abi();
+        envelope.to.kind = kind;
+        comms_core::Inbound { envelope, delivery_tag: tag }
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_only_unrepresentable_messages_is_settled_and_never_read_as_closed() {
+        const NEWER_KIND: u8 = 200;
+        let settled = Arc::default();
+        let scripted = Scripted {
+            batches: std::sync::Mutex::new(vec![
+                RVec::from(vec![inbound(NEWER_KIND, 1), inbound(NEWER_KIND, 2)]),
+                RVec::from(vec![inbound(NEWER_KIND, 3), inbound(comms_core::Destination::NODE, 4)]),
+            ]),
+            settled: Arc::clone(&settled),
+        };
+        let transport = LoadedTransport::from_box(
+            comms_core::Transport_TO::from_value(scripted, comms_core::abi_stable::sabi_trait::TD_Opaque),
+            "a scripted transport",
+        )
+        .unwrap();
+        let batch = transport.receive(16).await.unwrap();
+        let tags: Vec<u64> = batch.iter().map(|inbound| inbound.delivery_tag).collect();
+        assert_eq!(tags, vec![4], "the first batch had nothing to hand on: the next one came");
+        let discarded: Vec<u64> = settled.lock().unwrap().iter().map(|s| s.delivery_tag).collect();
+        assert_eq!(discarded, vec![1, 2, 3], "every unrepresentable message was settled");
+        assert!(settled.lock().unwrap().iter().all(|s| s.outcome == SettlementOutcome::REJECTED_DISCARD));
+        assert!(transport.receive(16).await.unwrap().is_empty(), "then closed");
     }
 }
