@@ -334,9 +334,10 @@ impl Node {
                 deliveries.extend(acknowledgement.defuse());
                 envelope
             })
-            .await?;
+            .await;
+        // Whatever was taken is settled, also if the batch ended in an error.
         self.inner.accept_all(deliveries);
-        Ok(envelopes)
+        envelopes
     }
 
     /// As [`Node::receive_envelopes`], each message to be acknowledged like any [`Received`]
