@@ -30,6 +30,7 @@
 //! |---|---|---|
 //! | `noise` | identities ([`security`]), the Noise handshake, encrypted [`stream_transport`] links | a transport that declares [`Capabilities::ENCRYPTED`] |
 //! | `tls` | module `tls`: the certificate keys of TLS URLs and their checks | a plugin talking TLS to a server (a broker, a database) |
+//! | `own-allocator` | module `allocator`: mimalloc as the library's global allocator, a heap of its own | a plugin library moving messages (every in-tree one turns it on) |
 //!
 //! Without `noise`, [`Setup::link_security`] returns `Ok(None)` when the host wants plain links
 //! and an error naming the feature when it asks for encrypted ones, and
@@ -107,6 +108,8 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "own-allocator")]
+pub mod allocator;
 pub mod backoff;
 pub mod config;
 pub mod datagram_carrier;

@@ -26,7 +26,9 @@
 //! - **a**: the TCP plugin as users get it, `libcomms_tcp.so` loaded with
 //!   [`PluginLibrary::load`], driven through the full [`Node`] API;
 //! - **b**: the same plugin crate linked statically ([`PluginLibrary::linked`]), through the same
-//!   `Node` API: the difference between a and b is the cost of loading it dynamically;
+//!   `Node` API: the difference between a and b is the cost of loading it dynamically, and of
+//!   the allocator (linked, the crate's default feature `own-allocator` is off, so b allocates
+//!   with the program's allocator, glibc's, where the loaded library uses its own heap);
 //! - **c**: plain tokio, no comms: a `TcpStream` pair (`TCP_NODELAY` on, like the plugin), frames
 //!   written by hand as a `u32` big-endian length and the body, a 64 KiB `BufWriter` on the
 //!   sending side (flushed at the end of a burst, or after each ping), a 64 KiB `BufReader` on the
