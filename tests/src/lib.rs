@@ -274,6 +274,32 @@ pub fn free_address() -> String {
     listener.local_addr().expect("local address").to_string()
 }
 
+/// Two nodes named `sender` and `receiver` over the TCP plugin loaded from the built artifacts,
+/// on loopback, each a static peer of the other. `configure` adjusts each builder (the plugin's
+/// threads, the inbox) before it is built.
+pub async fn tcp_node_pair(
+    sender: &str,
+    receiver: &str,
+    configure: impl Fn(comms_host::NodeBuilder) -> comms_host::NodeBuilder,
+) -> (comms_host::Node, comms_host::Node) {
+    let dir = artifacts().plugin_dir.clone();
+    let receiver_address = free_address();
+    let sending = configure(comms_host::Node::builder(sender).plugin_dir(&dir))
+        .transport("tcp", "tcp", r#"listen = "127.0.0.1:0""#)
+        .static_peer(receiver, [("tcp", receiver_address.as_str())])
+        .build()
+        .await
+        .unwrap_or_else(|error| panic!("building node {sender}: {error}"));
+    let sender_address = sending.transports()[0].local_address.clone();
+    let receiving = configure(comms_host::Node::builder(receiver).plugin_dir(&dir))
+        .transport("tcp", "tcp", &format!("listen = \"{receiver_address}\""))
+        .static_peer(sender, [("tcp", sender_address.as_str())])
+        .build()
+        .await
+        .unwrap_or_else(|error| panic!("building node {receiver}: {error}"));
+    (sending, receiving)
+}
+
 /// A loopback address with a UDP port that is free right now.
 pub fn free_udp_address() -> String {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind an ephemeral UDP port");

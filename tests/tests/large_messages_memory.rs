@@ -8,8 +8,7 @@
 //! allocate from their own heap (`comms_plugin_api::allocator`, cargo feature
 //! `own-allocator`), which keeps freed memory for the next buffers.
 
-use comms_host::Node;
-use comms_tests::{artifacts, bench::NodePair};
+use comms_tests::bench::NodePair;
 
 /// Minor page faults of this process so far (`/proc/self/stat`, field 10).
 fn minor_page_faults() -> u64 {
@@ -19,32 +18,12 @@ fn minor_page_faults() -> u64 {
     after_name.split(' ').nth(7).expect("field 10 of /proc/self/stat").parse().expect("a fault count")
 }
 
-async fn pair() -> NodePair {
-    let dir = artifacts().tcp_plugin.parent().expect("plugin directory").to_path_buf();
-    let receiver_address = comms_tests::free_address();
-    let sender = Node::builder("large-sender")
-        .plugin_dir(&dir)
-        .transport("tcp", "tcp", r#"listen = "127.0.0.1:0""#)
-        .static_peer("large-receiver", [("tcp", receiver_address.as_str())])
-        .build()
-        .await
-        .unwrap();
-    let sender_address = sender.transports()[0].local_address.clone();
-    let receiver = Node::builder("large-receiver")
-        .plugin_dir(&dir)
-        .transport("tcp", "tcp", &format!("listen = \"{receiver_address}\""))
-        .static_peer("large-sender", [("tcp", sender_address.as_str())])
-        .build()
-        .await
-        .unwrap();
-    NodePair::new(sender, receiver, "large-receiver")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_of_64_kib_messages_reuses_memory_instead_of_faulting_in_fresh_pages() {
     const PAGES_PER_MESSAGE: u64 = 64 * 1024 / 4096;
     const MESSAGES: usize = 2_000;
-    let nodes = pair().await;
+    let (sender, receiver) = comms_tests::tcp_node_pair("large-sender", "large-receiver", |node| node).await;
+    let nodes = NodePair::new(sender, receiver, "large-receiver");
     let payload = vec![7u8; 64 * 1024];
     // Connections made and buffers grown first: what is measured is the steady state.
     nodes.throughput(200, &payload).await.expect("the warm-up messages arrive");

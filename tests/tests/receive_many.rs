@@ -12,27 +12,10 @@ fn raw() -> Vec<(String, String)> {
     vec![("content-type".to_string(), "application/octet-stream".to_string())]
 }
 
-/// Two nodes over TCP; the receiver's inbox holds `inbox` messages.
+/// Two nodes over TCP; each node's inbox holds `inbox` messages.
 async fn tcp_pair(inbox: usize) -> (Node, Node) {
-    let dir = artifacts().plugin_dir.clone();
-    let receiver_address = comms_tests::free_address();
-    let sender = Node::builder("drain-sender")
-        .plugin_dir(&dir)
-        .transport("tcp", "tcp", r#"listen = "127.0.0.1:0""#)
-        .static_peer("drain-receiver", [("tcp", receiver_address.as_str())])
-        .build()
+    comms_tests::tcp_node_pair("drain-sender", "drain-receiver", |node| node.receive_queue_capacity(inbox))
         .await
-        .unwrap();
-    let sender_address = sender.transports()[0].local_address.clone();
-    let receiver = Node::builder("drain-receiver")
-        .plugin_dir(&dir)
-        .receive_queue_capacity(inbox)
-        .transport("tcp", "tcp", &format!("listen = \"{receiver_address}\""))
-        .static_peer("drain-sender", [("tcp", sender_address.as_str())])
-        .build()
-        .await
-        .unwrap();
-    (sender, receiver)
 }
 
 /// Waits until `node`'s inbox holds `depth` messages.

@@ -17,26 +17,7 @@ fn threads_named(prefix: &str) -> usize {
 
 /// Two nodes over TCP; the builder loads the plugin by name with `plugin_threads`.
 async fn pair(threads: u32) -> (Node, Node) {
-    let dir = artifacts().tcp_plugin.parent().expect("plugin directory").to_path_buf();
-    let receiver_address = comms_tests::free_address();
-    let sender = Node::builder("burst-sender")
-        .plugin_dir(&dir)
-        .plugin_threads(threads)
-        .transport("tcp", "tcp", r#"listen = "127.0.0.1:0""#)
-        .static_peer("burst-receiver", [("tcp", receiver_address.as_str())])
-        .build()
-        .await
-        .unwrap();
-    let sender_address = sender.transports()[0].local_address.clone();
-    let receiver = Node::builder("burst-receiver")
-        .plugin_dir(&dir)
-        .plugin_threads(threads)
-        .transport("tcp", "tcp", &format!("listen = \"{receiver_address}\""))
-        .static_peer("burst-sender", [("tcp", sender_address.as_str())])
-        .build()
-        .await
-        .unwrap();
-    (sender, receiver)
+    comms_tests::tcp_node_pair("burst-sender", "burst-receiver", |node| node.plugin_threads(threads)).await
 }
 
 // One test per process area: the thread budget is decided by the first load of the library, so
