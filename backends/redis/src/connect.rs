@@ -10,7 +10,30 @@ use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
     Client, RedisError, TlsCertificates,
 };
-use std::time::Duration;
+use std::{future::Future, time::Duration};
+
+/// Runs `opening` as a task of the plugin's runtime. redis-rs builds a new rustls config in
+/// every TLS connect, and that reads and parses the system's root certificates synchronously
+/// (`load_native_certs`, even when `ca_file` replaces them): one poll of the transport's
+/// constructor held the host's thread for 12 ms in a debug build here, and once for 0.6 s on a
+/// loaded machine. A task of its own holds a plugin thread instead, never the caller's (the
+/// host's).
+async fn opened_apart<T: Send + 'static>(
+    opening: impl Future<Output = Result<T, RedisError>> + Send + 'static,
+) -> Result<T, RedisError> {
+    match tokio::spawn(opening).await {
+        Ok(opened) => opened,
+        Err(failed) => {
+            Err(RedisError::from(std::io::Error::other(format!("opening the connection failed: {failed}"))))
+        }
+    }
+}
+
+/// A pub/sub connection of `client` (topics, discovery notifications), opened apart from the
+/// caller's thread as [`opened_apart`] says.
+pub(crate) async fn pubsub(client: Client) -> Result<redis::aio::PubSub, RedisError> {
+    opened_apart(async move { client.get_async_pubsub().await }).await
+}
 
 /// Most time one connection attempt may take, the Redis handshake included.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -108,7 +131,7 @@ impl RedisUrl {
                     .await
                     .map(Connection::Direct)
             } else {
-                ConnectionManager::new_with_config(client.clone(), config.clone())
+                opened_apart(ConnectionManager::new_with_config(client.clone(), config.clone()))
                     .await
                     .map(Connection::Managed)
             };

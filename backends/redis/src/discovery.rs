@@ -7,7 +7,10 @@
 //!   `{"event":"withdraw","id":".."}`.
 
 use crate::{
-    config::RedisDiscoveryConfig, connect::RedisUrl, connection::Connection, topic_pattern::escape_into,
+    config::RedisDiscoveryConfig,
+    connect::{self, RedisUrl},
+    connection::Connection,
+    topic_pattern::escape_into,
     transport::closing,
 };
 use comms_plugin_api::{
@@ -371,7 +374,7 @@ async fn watch_peers(shared: Arc<Shared>) {
 async fn subscribe_notifications(shared: &Shared) -> Option<redis::aio::PubSubStream> {
     let client = shared.url.client().ok()?;
     let limit = Duration::from_millis(shared.config.command_timeout_ms);
-    let mut pubsub = match tokio::time::timeout(limit, client.get_async_pubsub()).await {
+    let mut pubsub = match tokio::time::timeout(limit, connect::pubsub(client)).await {
         Ok(Ok(pubsub)) => pubsub,
         Ok(Err(error)) => {
             tracing::debug!(error = %shared.url.scrub(&error.to_string()), "subscribing to discovery notifications failed");

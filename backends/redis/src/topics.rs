@@ -6,6 +6,7 @@
 //! drops a subscriber whose output buffer overflows (`client-output-buffer-limit pubsub`).
 
 use crate::{
+    connect,
     topic_pattern::{glob, matches, topic_of},
     transport::{closing, Shared},
 };
@@ -39,7 +40,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 async fn connect(shared: &Shared) -> Result<(PubSubSink, PubSubStream), PluginError> {
     let client = shared.url.client()?;
     let limit = Duration::from_millis(shared.config.command_timeout_ms);
-    match tokio::time::timeout(limit, client.get_async_pubsub()).await {
+    match tokio::time::timeout(limit, connect::pubsub(client)).await {
         Ok(Ok(pubsub)) => Ok(pubsub.split()),
         Ok(Err(error)) => Err(shared.url.error("opening the pub/sub connection for topics", &error)),
         Err(_) => Err(PluginError::retryable(
