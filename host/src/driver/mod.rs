@@ -8,6 +8,8 @@
 //! - [`incoming`]: one receive loop per transport, the discovery loop and the timer. Each turns
 //!   what happened into an [`Input`].
 //! - [`outgoing`]: sending, publishing, requests with retries, answering requests.
+//! - [`inbox`]: the queue between the engine and `Node::receive*`, which takes the messages of
+//!   one engine step as one chunk.
 //! - here: [`Driver::run`] carries out the engine's [`Action`]s. Local deliveries and
 //!   settlements happen at once; sends to peers (control messages, forwards, refusals) go out
 //!   in a task of their own, so that a slow link never holds up the loop that took the message
@@ -16,6 +18,8 @@
 //! The engine sits behind a plain mutex, held only while it decides (never across an await).
 
 mod gathered_sends;
+mod inbox;
+pub(crate) use inbox::InboxItem;
 mod incoming;
 mod native_topics;
 pub(crate) use native_topics::NativeSubscriptions;
@@ -64,10 +68,6 @@ pub(crate) use reload::{Attempt, StartFailure};
 
 /// Peer events buffered per `peer_events()` stream; a consumer that falls further behind skips.
 const EVENT_BUFFER: usize = 256;
-
-/// Room in the inbox beyond the engine's count of messages, for transport failures reported to
-/// the application.
-const INBOX_SLACK: usize = 16;
 
 /// Logged once per process: a subscription dropped a publication because it was full.
 static WARNED_SUBSCRIPTION_FULL: AtomicBool = AtomicBool::new(false);
@@ -177,20 +177,6 @@ impl TransportTable {
 pub(crate) type Reloader =
     Arc<dyn Fn(Arc<Driver>) -> BoxFuture<'static, Result<String, String>> + Send + Sync>;
 
-/// What waits in the inbox for `Node::receive`.
-pub(crate) enum InboxItem {
-    Message(Envelope, Acknowledgement),
-    TransportFailed { transport: String, error: PluginError },
-}
-
-/// The application's side of the inbox.
-struct Inbox {
-    queue: mpsc::Receiver<InboxItem>,
-    /// A transport failure taken from the queue behind messages a batch returned: the next
-    /// take returns it first, so a failure is never lost and never overtakes a message.
-    held_back: Option<InboxItem>,
-}
-
 /// A publication waiting in a subscription's queue.
 pub(crate) type Queued = (Envelope, Acknowledgement);
 
@@ -223,8 +209,8 @@ pub(crate) struct Driver {
     /// nodes built from a file: see [`crate::config`]); what an admin's reload request runs.
     pub(crate) reloader: OnceLock<Reloader>,
     settler: Arc<dyn Settler>,
-    inbox_tx: mpsc::Sender<InboxItem>,
-    inbox: tokio::sync::Mutex<Inbox>,
+    inbox_tx: inbox::InboxSender,
+    inbox: tokio::sync::Mutex<inbox::InboxReceiver>,
     subscriptions: Mutex<HashMap<u64, mpsc::Sender<Queued>>>,
     next_subscription: AtomicU64,
     /// The patterns subscribed at the transports with native topics.
@@ -296,7 +282,7 @@ impl Driver {
         let ids = Arc::new(IdSource::new(rand::random()));
         let facts = transports.iter().map(|t| t.facts()).collect();
         let engine = Engine::new(spec.engine_spec(id.clone()), facts, record, Arc::clone(&ids), now());
-        let (inbox_tx, inbox_rx) = mpsc::channel(spec.receive_queue_capacity + INBOX_SLACK);
+        let (inbox_tx, inbox_rx) = inbox::inbox(spec.receive_queue_capacity);
         let driver = Arc::new_cyclic(|me: &Weak<Driver>| Driver {
             id,
             spec,
@@ -309,7 +295,7 @@ impl Driver {
             reloader: OnceLock::new(),
             settler: Arc::new(EngineSettler(me.clone())),
             inbox_tx,
-            inbox: tokio::sync::Mutex::new(Inbox { queue: inbox_rx, held_back: None }),
+            inbox: tokio::sync::Mutex::new(inbox_rx),
             subscriptions: Mutex::new(HashMap::new()),
             next_subscription: AtomicU64::new(1),
             native_subscriptions: NativeSubscriptions::default(),
@@ -402,9 +388,8 @@ impl Driver {
 
     /// The lengths of the node's own queues now.
     pub(crate) fn queue_depths(&self) -> QueueDepths {
-        let free = self.inbox_tx.capacity();
         QueueDepths {
-            inbox: self.inbox_tx.max_capacity().saturating_sub(free) as u64,
+            inbox: self.inbox_tx.waiting() as u64,
             requests_waiting: lock(&self.waiting).len() as u64,
             requests_being_served: *self.in_flight.borrow() as u64,
         }
@@ -520,8 +505,13 @@ impl Driver {
         sends: &mut Sends,
         settle_later: &mut Vec<(u64, SettlementOutcome)>,
     ) {
+        // The messages for the inbox go in as one chunk, after the other actions of this step.
+        let mut to_inbox = Vec::new();
         for action in actions {
             match action {
+                Action::Deliver { to: Local::Inbox, envelope, delivery } => {
+                    to_inbox.push(InboxItem::Message(envelope, self.acknowledgement(delivery)));
+                }
                 Action::Deliver { to, envelope, delivery } => {
                     if let Some(outcome) = self.deliver(to, envelope, delivery) {
                         settle_later.push((delivery, outcome));
@@ -583,27 +573,36 @@ impl Driver {
                 Action::RecordRefused { source, reason } => log_record_refused(source, &reason),
             }
         }
+        if let Err(refused) = self.inbox_tx.put(to_inbox) {
+            // The engine counted the room, so the inbox is gone: the node was dropped.
+            tracing::debug!("inbox closed; messages handed back");
+            for item in refused {
+                if let InboxItem::Message(_, acknowledgement) = item {
+                    settle_later.extend(
+                        acknowledgement
+                            .defuse()
+                            .map(|delivery| (delivery, SettlementOutcome::REJECTED_REQUEUE)),
+                    );
+                }
+            }
+        }
     }
 
-    /// Puts a message in a local queue (the engine counted the room) or starts its handler.
-    /// Returns how to settle it when its queue is gone (the node was dropped, or the
-    /// subscription ended meanwhile).
-    fn deliver(self: &Arc<Self>, to: Local, envelope: Envelope, delivery: u64) -> Option<SettlementOutcome> {
-        // Delivery 0: nothing to settle (a transport without acknowledgements), and no handle
-        // on the settler to take and drop per message.
-        let acknowledgement = match delivery {
+    /// The acknowledgement of a delivery. Delivery 0: nothing to settle (a transport without
+    /// acknowledgements), and no handle on the settler to take and drop per message.
+    fn acknowledgement(&self, delivery: u64) -> Acknowledgement {
+        match delivery {
             0 => Acknowledgement::none(),
             _ => Acknowledgement::pending(Arc::clone(&self.settler), delivery),
-        };
+        }
+    }
+
+    /// Puts a message in a subscription's queue (the engine counted the room) or starts its
+    /// handler (the inbox takes its messages a step at a time: see [`Driver::execute`]). Returns
+    /// how to settle it when its queue is gone (the subscription ended meanwhile).
+    fn deliver(self: &Arc<Self>, to: Local, envelope: Envelope, delivery: u64) -> Option<SettlementOutcome> {
+        let acknowledgement = self.acknowledgement(delivery);
         match to {
-            Local::Inbox => match self.inbox_tx.try_send(InboxItem::Message(envelope, acknowledgement)) {
-                Ok(()) => None,
-                Err(refused) => {
-                    tracing::debug!("inbox closed; message handed back");
-                    let InboxItem::Message(_, acknowledgement) = refused.into_inner() else { return None };
-                    acknowledgement.defuse().map(|_| SettlementOutcome::REJECTED_REQUEUE)
-                }
-            },
             Local::Subscription(id) => {
                 let queue = lock(&self.subscriptions).get(&id).cloned();
                 let refused = match queue {
@@ -617,6 +616,14 @@ impl Driver {
             Local::Service(name) => {
                 self.start_handler(name, envelope, acknowledgement);
                 None
+            }
+            Local::Inbox => {
+                let refused = self.inbox_tx.put(vec![InboxItem::Message(envelope, acknowledgement)]).err()?;
+                tracing::debug!("inbox closed; message handed back");
+                let Some(InboxItem::Message(_, acknowledgement)) = refused.into_iter().next() else {
+                    return None;
+                };
+                acknowledgement.defuse().map(|_| SettlementOutcome::REJECTED_REQUEUE)
             }
         }
     }
@@ -688,39 +695,16 @@ impl Driver {
     /// (it ends a batch and is returned by the next call). Empty once the node is gone.
     pub(crate) async fn next_inbox_items(self: &Arc<Self>, max: usize) -> Vec<InboxItem> {
         let mut inbox = self.inbox.lock().await;
-        let first = match inbox.held_back.take() {
-            Some(item) => item,
-            None => {
-                let mut shutdown = self.shutdown.subscribe();
-                let first = tokio::select! {
-                    biased;
-                    item = inbox.queue.recv() => item,
-                    // Closed: what is still queued, then nothing (a wait would never end).
-                    _ = shutdown.wait_for(|stopped| *stopped) => inbox.queue.try_recv().ok(),
-                };
-                let Some(first) = first else { return Vec::new() };
-                first
-            }
+        // Closed: what is still queued, then nothing (a wait would never end). Subscribed only
+        // if the take has to wait.
+        let stopped = async {
+            let _ = self.shutdown.subscribe().wait_for(|stopped| *stopped).await;
         };
-        if !matches!(first, InboxItem::Message(..)) {
-            return vec![first];
-        }
-        // Room for what waits now (not `max`: a large `max` with little waiting would cost a
-        // large allocation per call).
-        let mut items = Vec::with_capacity(max.clamp(1, inbox.queue.len() + 1));
-        items.push(first);
-        while items.len() < max {
-            match inbox.queue.try_recv() {
-                Ok(item @ InboxItem::Message(..)) => items.push(item),
-                Ok(failure) => {
-                    inbox.held_back = Some(failure);
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
+        let items = inbox.take(max, stopped).await;
         drop(inbox);
-        self.run(self.handle(Input::Taken { from: Local::Inbox, count: items.len() }));
+        if matches!(items.first(), Some(InboxItem::Message(..))) {
+            self.run(self.handle(Input::Taken { from: Local::Inbox, count: items.len() }));
+        }
         items
     }
 
@@ -739,7 +723,7 @@ impl Driver {
     /// the application is not reading anyway, and the log has it).
     pub(crate) fn report_failure(&self, transport: &str, error: PluginError) {
         let _ =
-            self.inbox_tx.try_send(InboxItem::TransportFailed { transport: transport.to_string(), error });
+            self.inbox_tx.put(vec![InboxItem::TransportFailed { transport: transport.to_string(), error }]);
     }
 
     /// A new subscription's id and queue.
