@@ -73,6 +73,7 @@ mod handshake;
 pub mod protocol;
 mod queue;
 mod reader;
+mod receive_queue;
 mod settings;
 mod writer;
 
@@ -82,11 +83,8 @@ use handshake::NoiseIdentity;
 
 use crate::runtime::Task;
 use crate::{
-    async_trait,
-    security::LinkSecurity,
-    transport::{queued, IncidentCounters},
-    Capabilities, Envelope, ErrorCode, Inbound, NodeId, Outbound, PluginError, SendFailure, Transport,
-    TransportInfo, TransportStats,
+    async_trait, security::LinkSecurity, transport::IncidentCounters, Capabilities, Envelope, ErrorCode,
+    Inbound, NodeId, Outbound, PluginError, SendFailure, Transport, TransportInfo, TransportStats,
 };
 use queue::{PeerQueue, Queued};
 use std::{
@@ -101,7 +99,7 @@ use std::{
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    sync::{mpsc, watch},
+    sync::watch,
     time::Instant,
 };
 
@@ -219,10 +217,9 @@ pub struct StreamTransport<M: StreamMedium> {
     writers: Mutex<Vec<Task>>,
     /// The accept loop; `close` waits for it so that the listener is released on return.
     acceptor: Mutex<Option<Task>>,
-    inbound: tokio::sync::Mutex<mpsc::Receiver<Inbound>>,
-    /// The sending side of `inbound`, kept only to count what waits in it; weak, so that the
-    /// queue ends (`recv` gives `None`) once every feeder has dropped its sender.
-    inbound_depth: mpsc::WeakSender<Inbound>,
+    inbound: tokio::sync::Mutex<receive_queue::ReceiveQueue>,
+    /// How many messages wait in `inbound`.
+    inbound_depth: receive_queue::QueueDepth,
     closed: AtomicBool,
 }
 
@@ -255,7 +252,8 @@ impl<M: StreamMedium> StreamTransport<M> {
         let noise =
             security.as_ref().map(|security| handshake::noise_identity(&local_node, security)).transpose()?;
         let (shutdown, _) = watch::channel(false);
-        let (inbound_tx, inbound_rx) = mpsc::channel(settings.receive_queue_capacity);
+        let (inbound_tx, inbound_rx, inbound_depth) =
+            receive_queue::receive_queue(settings.receive_queue_capacity);
         let local_address = settings.advertise.clone().unwrap_or(local_address);
         let connections = Arc::new(connections::ConnectionTable::new(
             settings.max_connections,
@@ -274,7 +272,6 @@ impl<M: StreamMedium> StreamTransport<M> {
             connections,
             frame_budget: Arc::new(crate::framing::FrameBudget::new(budget)),
         });
-        let inbound_depth = inbound_tx.downgrade();
         let feeding = Feeder::new(&shared);
         let acceptor =
             crate::runtime::spawn(reader::accept_loop(Arc::clone(&shared), acceptor, inbound_tx, feeding));
@@ -442,16 +439,12 @@ impl<M: StreamMedium> StreamTransport<M> {
 
     /// Queue depths, reconnects (a connection to a peer dialled again after it was lost), errors
     /// (connections refused or closed for bad input, failed writes, peers given up) and the
-    /// counters listed in the module documentation. Cheap: atomics and one channel's length.
+    /// counters listed in the module documentation. Cheap: atomics only.
     pub fn stats(&self) -> TransportStats {
         let counters = &self.shared.counters;
         let mut stats = counters.incidents.stats();
         stats.send_queue_depth = counters.send_queue_depth.load(Relaxed);
-        stats.receive_queue_depth = match self.inbound_depth.upgrade() {
-            Some(sender) => queued(&sender),
-            // Every feeder has ended: what is left is counted on the receiving side.
-            None => self.inbound.try_lock().map_or(0, |inbound| inbound.len() as u64),
-        };
+        stats.receive_queue_depth = self.inbound_depth.get();
         let backend = self.shared.backend;
         stats.counters.extend([
             (format!("{backend}.writes"), counters.writes.load(Relaxed)),
@@ -481,24 +474,9 @@ impl<M: StreamMedium> StreamTransport<M> {
     /// empty batch (the end) only once the listener and every incoming connection have finished
     /// and everything they delivered was returned. Cancel-safe.
     pub async fn receive(&self, max_batch: usize) -> Result<Vec<Inbound>, PluginError> {
-        let mut inbound = self.inbound.lock().await;
-        // What is waiting already is taken without setting up the wait (the common case when
-        // messages arrive faster than the host takes them). `None`: every feeder (the listener,
-        // each incoming connection) has dropped its sender and what they delivered was taken.
-        let first = match inbound.try_recv() {
-            Ok(first) => Some(first),
-            Err(_) => inbound.recv().await,
-        };
-        let Some(first) = first else { return Ok(Vec::new()) };
-        let mut batch = Vec::with_capacity(max_batch.clamp(1, 256));
-        batch.push(first);
-        while batch.len() < max_batch {
-            match inbound.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        Ok(batch)
+        // An empty batch: every feeder (the listener, each incoming connection) has dropped its
+        // sender and what they delivered was taken.
+        Ok(self.inbound.lock().await.take(max_batch).await)
     }
 
     /// Closes gracefully, within `close_timeout_ms`:

@@ -3,7 +3,9 @@
 use super::{
     connections::{address_key, Admission},
     handshake::{self, OpenError, Opened},
-    protocol, shut_down, Acceptor, Feeder, Shared,
+    protocol,
+    receive_queue::{ChunkSender, Gone},
+    shut_down, Acceptor, Feeder, Shared,
 };
 use crate::{
     framing::{FrameReader, Frames, ReadStep},
@@ -21,7 +23,7 @@ use std::{
 };
 use tokio::{
     io::{split, AsyncWrite, AsyncWriteExt},
-    sync::{mpsc, watch},
+    sync::watch,
     time::Instant,
 };
 
@@ -30,7 +32,7 @@ use tokio::{
 pub(super) async fn accept_loop<A: Acceptor>(
     shared: Arc<Shared>,
     mut acceptor: A,
-    inbound: mpsc::Sender<Inbound>,
+    inbound: ChunkSender,
     _feeding: Feeder,
 ) {
     let mut shutdown = shared.shutdown.subscribe();
@@ -190,7 +192,7 @@ async fn serve_connection<S: super::ByteStream>(
     stream: S,
     label: String,
     admission: Admission,
-    inbound: mpsc::Sender<Inbound>,
+    inbound: ChunkSender,
     _feeding: Feeder,
 ) {
     let mut closing = Closing { shutdown: shared.shutdown.subscribe(), drain_until: None };
@@ -405,31 +407,29 @@ const CUT: &str =
 /// Why a connection whose transport was dropped (without `close`) was closed.
 const DROPPED: &str = "transport dropped: nothing can be delivered";
 
-/// Hands `received` to the receive queue, waiting for room (a whole batch at a time when it
-/// fits). Stops waiting when `stop` completes (or the queue is gone); what was not delivered
-/// then stays in `received`.
+/// Hands `received` to the receive queue as one chunk, waiting for room (in parts when it is
+/// larger than the queue). Stops waiting when `stop` completes (or the queue is gone); what was
+/// not delivered then stays in `received`.
 async fn deliver(
-    inbound: &mpsc::Sender<Inbound>,
+    inbound: &ChunkSender,
     received: &mut Vec<Inbound>,
     stop: &mut NextStop,
 ) -> Result<(), Stop> {
     while !received.is_empty() {
-        let wanted = received.len().min(inbound.max_capacity());
+        let wanted = received.len().min(inbound.capacity());
         // Room is usually there: taken without setting up the wait.
-        let permits = match inbound.try_reserve_many(wanted) {
-            Ok(permits) => permits,
-            Err(mpsc::error::TrySendError::Closed(())) => return Err(Stop::Gone),
-            Err(mpsc::error::TrySendError::Full(())) => {
-                let permits = tokio::select! {
-                    permits = inbound.reserve_many(wanted) => permits,
-                    reason = &mut *stop => return Err(reason),
-                };
-                permits.map_err(|_| Stop::Gone)?
+        if !inbound.try_reserve(wanted).map_err(|Gone| Stop::Gone)? {
+            tokio::select! {
+                reserved = inbound.reserve(wanted) => reserved.map_err(|Gone| Stop::Gone)?,
+                reason = &mut *stop => return Err(reason),
             }
-        };
-        for (permit, item) in permits.zip(received.drain(..wanted)) {
-            permit.send(item);
         }
+        let chunk = if wanted == received.len() {
+            std::mem::take(received)
+        } else {
+            received.drain(..wanted).collect()
+        };
+        inbound.put(chunk).map_err(|Gone| Stop::Gone)?;
     }
     Ok(())
 }
