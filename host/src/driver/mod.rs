@@ -423,7 +423,8 @@ impl Driver {
         let may_advance = inputs.iter().any(|input| {
             matches!(input, Input::Received { .. } | Input::Local(_) | Input::Discovery(_) | Input::Closing)
         });
-        self.process(may_advance, |engine, now, actions| {
+        // Usually one action per input (a received message's delivery).
+        self.process(may_advance, inputs.len(), |engine, now, actions| {
             for input in inputs {
                 engine.handle_into(input, now, actions);
             }
@@ -431,17 +432,19 @@ impl Driver {
     }
 
     /// Runs `decide` on the engine, carries out the local actions it returns under the same
-    /// lock, and returns the sends.
+    /// lock, and returns the sends. `expected_actions` sizes the actions' vector once (growing
+    /// it moves every action again).
     fn process(
         self: &Arc<Self>,
         may_advance_deadline: bool,
+        expected_actions: usize,
         decide: impl FnOnce(&mut Engine, Instant, &mut Vec<Action>),
     ) -> Sends {
         let mut engine = self.engine();
         // Read under the lock, so that the engine sees time only move forward.
         let now = now();
         let before = if may_advance_deadline { engine.next_deadline() } else { None };
-        let mut actions = Vec::new();
+        let mut actions = Vec::with_capacity(expected_actions);
         decide(&mut engine, now, &mut actions);
         let mut sends = Sends::default();
         // A delivery that finds its queue gone is settled here, under the same lock.
@@ -505,11 +508,16 @@ impl Driver {
         sends: &mut Sends,
         settle_later: &mut Vec<(u64, SettlementOutcome)>,
     ) {
-        // The messages for the inbox go in as one chunk, after the other actions of this step.
+        // The messages for the inbox go in as one chunk, after the other actions of this step;
+        // sized once, at the first of them.
         let mut to_inbox = Vec::new();
+        let count = actions.len();
         for action in actions {
             match action {
                 Action::Deliver { to: Local::Inbox, envelope, delivery } => {
+                    if to_inbox.capacity() == 0 {
+                        to_inbox.reserve_exact(count);
+                    }
                     to_inbox.push(InboxItem::Message(envelope, self.acknowledgement(delivery)));
                 }
                 Action::Deliver { to, envelope, delivery } => {
@@ -930,7 +938,7 @@ impl Driver {
             for (_, handle) in acknowledging.iter_mut() {
                 let _ = handle.await;
             }
-            let sends = self.process(false, |engine, _, actions| actions.extend(engine.drain_parked()));
+            let sends = self.process(false, 0, |engine, _, actions| actions.extend(engine.drain_parked()));
             self.run(sends);
             for (transport, _) in &acknowledging {
                 transport.settle_lane.flush().await;

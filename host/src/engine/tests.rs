@@ -122,6 +122,29 @@ fn a_message_is_settled_when_the_application_is_done_with_it_not_when_it_is_queu
 }
 
 #[test]
+fn handle_into_appends_each_input_s_actions_in_order_after_what_the_buffer_held() {
+    let now = Instant::now();
+    let mut engine = engine(now);
+    let mut actions = vec![Action::Pause { transport: 7 }];
+    for (n, tag) in [(1, 41), (2, 42)] {
+        engine.handle_into(
+            received(AT_LEAST_ONCE, from("a", Destination::node("me"), n), tag),
+            now,
+            &mut actions,
+        );
+    }
+    assert!(matches!(actions[0], Action::Pause { transport: 7 }), "what the buffer held stays first");
+    let ids: Vec<u128> = actions[1..]
+        .iter()
+        .map(|action| match action {
+            Action::Deliver { envelope, .. } => envelope.id.as_u128(),
+            _ => panic!("only deliveries expected"),
+        })
+        .collect();
+    assert_eq!(ids, vec![1, 2]);
+}
+
+#[test]
 fn a_publication_to_several_subscriptions_is_settled_once_all_are_done() {
     let now = Instant::now();
     let mut engine = engine(now);

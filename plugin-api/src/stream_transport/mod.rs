@@ -319,6 +319,7 @@ impl<M: StreamMedium> StreamTransport<M> {
         let mut failures = Vec::new();
         // Per address, in the order addresses first appear: its items' indexes and the items.
         let mut peers: Vec<(crate::Text, Vec<usize>, Vec<Queued>)> = Vec::new();
+        let count = batch.len();
         for (index, Outbound { address, envelope }) in batch.into_iter().enumerate() {
             let item = match self.prepare(envelope) {
                 Ok(item) => item,
@@ -331,7 +332,10 @@ impl<M: StreamMedium> StreamTransport<M> {
             let position = match peers.iter().position(|(peer, _, _)| *peer == address) {
                 Some(position) => position,
                 None => {
-                    peers.push((address, Vec::new(), Vec::new()));
+                    // Sized once for the first peer (growing a vector moves its items again);
+                    // a batch to many peers lets the others grow.
+                    let room = if peers.is_empty() { count - index } else { 0 };
+                    peers.push((address, Vec::with_capacity(room), Vec::with_capacity(room)));
                     peers.len() - 1
                 }
             };
