@@ -581,19 +581,23 @@ impl Driver {
                 Action::RecordRefused { source, reason } => log_record_refused(source, &reason),
             }
         }
-        if let Err(refused) = self.inbox_tx.put(to_inbox) {
-            // The engine counted the room, so the inbox is gone: the node was dropped.
-            tracing::debug!("inbox closed; messages handed back");
-            for item in refused {
-                if let InboxItem::Message(_, acknowledgement) = item {
-                    settle_later.extend(
-                        acknowledgement
-                            .defuse()
-                            .map(|delivery| (delivery, SettlementOutcome::REJECTED_REQUEUE)),
-                    );
-                }
-            }
-        }
+        settle_later.extend(self.put_in_inbox(to_inbox));
+    }
+
+    /// Puts messages the engine delivered to the inbox in it, as one chunk. The engine counted
+    /// the room, so a refusal means the inbox is gone (the node was dropped): returns how to
+    /// settle each message handed back.
+    fn put_in_inbox(&self, chunk: Vec<InboxItem>) -> Vec<(u64, SettlementOutcome)> {
+        let Err(refused) = self.inbox_tx.put(chunk) else { return Vec::new() };
+        tracing::debug!("inbox closed; messages handed back");
+        refused
+            .into_iter()
+            .filter_map(|item| match item {
+                InboxItem::Message(_, acknowledgement) => acknowledgement.defuse(),
+                InboxItem::TransportFailed { .. } => None,
+            })
+            .map(|delivery| (delivery, SettlementOutcome::REJECTED_REQUEUE))
+            .collect()
     }
 
     /// The acknowledgement of a delivery. Delivery 0: nothing to settle (a transport without
@@ -626,12 +630,8 @@ impl Driver {
                 None
             }
             Local::Inbox => {
-                let refused = self.inbox_tx.put(vec![InboxItem::Message(envelope, acknowledgement)]).err()?;
-                tracing::debug!("inbox closed; message handed back");
-                let Some(InboxItem::Message(_, acknowledgement)) = refused.into_iter().next() else {
-                    return None;
-                };
-                acknowledgement.defuse().map(|_| SettlementOutcome::REJECTED_REQUEUE)
+                let handed_back = self.put_in_inbox(vec![InboxItem::Message(envelope, acknowledgement)]);
+                handed_back.first().map(|(_, outcome)| *outcome)
             }
         }
     }
