@@ -248,12 +248,25 @@ impl Discovery for NatsDiscovery {
             return Err(self.closed());
         }
         let what = "listing the node records";
-        let mut listing = self.shared.kv.keys().await.map_err(|error| self.shared.error(what, error))?;
-        // The listing is a live consumer of the bucket: a key written while it runs (a
-        // heartbeat's refresh) can come twice. Each key once, then each record read once.
+        // The keys come from the stream's own subject list (one request to the server), not from
+        // `kv.keys()`: that one is a consumer that stops once the server reports nothing
+        // pending, and under load (nats-server 2.9.10) it ended before delivering any key: CI saw
+        // `peers()` empty right after the join event of the record it should list. A subject
+        // whose last message is a delete marker is listed too; `get` answers `None` for it.
+        let prefix = self.shared.kv.prefix.as_str();
+        let mut subjects = self
+            .shared
+            .kv
+            .stream
+            .info_with_subjects(format!("{prefix}>"))
+            .await
+            .map_err(|error| self.shared.error(what, error))?;
         let mut keys = std::collections::BTreeSet::new();
-        while let Some(key) = listing.next().await {
-            keys.insert(key.map_err(|error| self.shared.error(what, error))?);
+        while let Some(subject) = subjects.next().await {
+            let (subject, _) = subject.map_err(|error| self.shared.error(what, error))?;
+            if let Some(key) = subject.strip_prefix(prefix) {
+                keys.insert(key.to_string());
+            }
         }
         let mut peers = Vec::new();
         for key in keys {
