@@ -248,11 +248,12 @@ impl Discovery for NatsDiscovery {
             return Err(self.closed());
         }
         let what = "listing the node records";
-        // The keys come from the stream's own subject list (one request to the server), not from
-        // `kv.keys()`: that one is a consumer that stops once the server reports nothing
-        // pending, and under load (nats-server 2.9.10) it ended before delivering any key: CI saw
-        // `peers()` empty right after the join event of the record it should list. A subject
-        // whose last message is a delete marker is listed too; `get` answers `None` for it.
+        // The keys come from the stream's own subject list (`STREAM.INFO` with a subject filter,
+        // paged), not from `kv.keys()`: that one is a consumer that stops once the server
+        // reports nothing pending, and under load (nats-server 2.9.10) it ended before
+        // delivering any key: CI saw `peers()` empty right after the join event of the record
+        // it should list. A subject whose last message is a delete marker is listed too; `get`
+        // answers `None` for it.
         let prefix = self.shared.kv.prefix.as_str();
         let mut subjects = self
             .shared
