@@ -119,22 +119,32 @@ impl NodePair {
         batch: Option<usize>,
     ) -> tokio::task::JoinHandle<Result<std::time::Instant, String>> {
         let receiver = self.receiver.clone();
+        // Each message is looked at where it lies (as an application reading payloads would),
+        // not moved out of the received vector, and a single receive builds no vector.
+        let check = move |n: usize, envelope: &comms_host::Envelope| {
+            if envelope.payload.len() == expected {
+                Ok(())
+            } else {
+                Err(format!("message {n} has {} bytes, expected {expected}", envelope.payload.len()))
+            }
+        };
         tokio::spawn(async move {
             let mut n = 0;
             while n < count {
-                let envelopes = match batch {
-                    None => receiver.receive_envelope().await.map(|envelope| vec![envelope]),
-                    Some(batch) => receiver.receive_envelopes(batch.min(count - n)).await,
-                }
-                .map_err(|error| format!("receiving message {n}: {error}"))?;
-                for envelope in envelopes {
-                    if envelope.payload.len() != expected {
-                        return Err(format!(
-                            "message {n} has {} bytes, expected {expected}",
-                            envelope.payload.len()
-                        ));
+                let received = |error| format!("receiving message {n}: {error}");
+                match batch {
+                    None => {
+                        check(n, &receiver.receive_envelope().await.map_err(received)?)?;
+                        n += 1;
                     }
-                    n += 1;
+                    Some(batch) => {
+                        let envelopes =
+                            receiver.receive_envelopes(batch.min(count - n)).await.map_err(received)?;
+                        for envelope in &envelopes {
+                            check(n, envelope)?;
+                            n += 1;
+                        }
+                    }
                 }
             }
             Ok(std::time::Instant::now())
