@@ -66,7 +66,7 @@ pub(crate) fn attach_host(plugin: &'static str, default_threads: usize, host: Ho
         0 => default_threads,
         asked => asked as usize,
     };
-    crate::runtime::request_worker_threads(threads);
+    crate::runtime::request_worker_threads(plugin, threads);
     let max_level = level_filter(host.max_log_level());
     let forwarder = HostLog { host, max_level };
     if tracing::subscriber::set_global_default(forwarder).is_ok() {

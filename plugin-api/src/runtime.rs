@@ -36,9 +36,24 @@ pub const DEFAULT_WORKER_THREADS: usize = 2;
 /// The worker threads the host asked for (0: not asked), set before the runtime starts.
 static REQUESTED_WORKER_THREADS: AtomicUsize = AtomicUsize::new(0);
 
-/// Sets the number of worker threads of this library's runtime, if it has not started yet.
-pub(crate) fn request_worker_threads(threads: usize) {
+/// The plugin's name ([`crate::Plugin::NAME`]), set when the host loads the library.
+static PLUGIN_NAME: OnceLock<&'static str> = OnceLock::new();
+
+/// Sets the number of worker threads of this library's runtime, if it has not started yet, and
+/// the plugin's name its threads carry.
+pub(crate) fn request_worker_threads(plugin: &'static str, threads: usize) {
+    let _ = PLUGIN_NAME.set(plugin);
     REQUESTED_WORKER_THREADS.store(threads, Ordering::Relaxed);
+}
+
+/// The name of this library's runtime threads: `comms-<plugin>` (`comms-tcp`, `comms-redis`), so
+/// that `top -H` or `/proc/<pid>/task` tell whose threads they are; `comms-plugin` before the
+/// host has loaded the library. Linux keeps the first 15 bytes of a thread's name.
+fn thread_name() -> String {
+    match PLUGIN_NAME.get() {
+        Some(plugin) => format!("comms-{plugin}"),
+        None => "comms-plugin".to_string(),
+    }
 }
 
 /// The runtime of this plugin library (one per loaded library), created on first use with the
@@ -56,7 +71,7 @@ pub fn plugin_runtime() -> &'static Handle {
             .get_or_init(|| {
                 Builder::new_multi_thread()
                     .worker_threads(threads)
-                    .thread_name("comms-plugin")
+                    .thread_name(thread_name())
                     .enable_all()
                     .build()
                     .expect("the plugin runtime could not start (out of threads or file descriptors)")
