@@ -17,7 +17,7 @@
 //! close_timeout_ms = 5000      # how long close waits for requests in flight, and flush for sends
 //! relay = false                # forward messages for other nodes (a bridge between backends)
 //! dedup_window = 0             # >0: drop repeats among the last N message ids (each message once)
-//! plugin_threads = 0           # worker threads per plugin library (0: the plugin's default; 2, TCP 1)
+//! plugin_threads = 0           # worker threads per plugin library (0: the plugin's default, 1 or 2)
 //!
 //! [transports.tcp]             # a transport named "tcp"; peers' addresses use this name
 //! plugin = "tcp"               # optional, defaults to the table name (libcomms_tcp.so)

@@ -216,6 +216,8 @@ impl Plugin for ChunkPlugin {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str = "layer: large messages as parts, reassembled with bounded memory";
     const PROVIDES: Provides = Provides::LAYER;
+    // The layer runs in its callers' polls; the runtime keeps one timer (expiry) per layer.
+    const WORKER_THREADS: usize = 1;
 
     async fn new_layer(setup: Setup, inner: Arc<dyn Transport>) -> Result<Arc<dyn Transport>, PluginError> {
         let config: ChunkConfig = setup.config()?;

@@ -129,6 +129,8 @@ impl Plugin for CompressPlugin {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str = "layer: zstd compression of payloads above a threshold";
     const PROVIDES: Provides = Provides::LAYER;
+    // (De)compression runs on the runtime's blocking threads; its workers only await them.
+    const WORKER_THREADS: usize = 1;
 
     async fn new_layer(setup: Setup, inner: Arc<dyn Transport>) -> Result<Arc<dyn Transport>, PluginError> {
         let config: CompressConfig = setup.config()?;

@@ -145,6 +145,8 @@ impl Plugin for GossipPlugin {
     const DESCRIPTION: &'static str =
         "SWIM-style gossip discovery over UDP: probes, suspicion, piggybacked updates";
     const PROVIDES: Provides = Provides::DISCOVERY;
+    // One task per discovery drives its UDP socket and the protocol: one worker is plenty.
+    const WORKER_THREADS: usize = 1;
 
     async fn new_discovery(setup: Setup) -> Result<Arc<dyn Discovery>, PluginError> {
         let security = setup.link_security()?;

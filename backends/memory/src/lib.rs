@@ -150,6 +150,8 @@ impl Plugin for MemoryPlugin {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str = "in-memory transport: nodes of one process, no network (for tests)";
     const PROVIDES: Provides = Provides::TRANSPORT;
+    // Delivery is a hand-over between channels in this process; the runtime only keeps timers.
+    const WORKER_THREADS: usize = 1;
 
     async fn new_transport(setup: Setup) -> Result<Arc<dyn Transport>, PluginError> {
         Ok(Arc::new(MemoryTransport::register(&setup.node_id, setup.config()?)?))

@@ -158,6 +158,9 @@ impl Plugin for SqlitePlugin {
     const DESCRIPTION: &'static str =
         "SQLite transport and discovery: processes sharing one database file, durable, no server";
     const PROVIDES: Provides = Provides(Provides::TRANSPORT.0 | Provides::DISCOVERY.0);
+    // Each transport's database work runs on a thread of its own (`comms-sqlite-db`), and
+    // opening on the runtime's blocking threads; the workers only await them.
+    const WORKER_THREADS: usize = 1;
 
     async fn new_transport(setup: Setup) -> Result<Arc<dyn Transport>, PluginError> {
         let config: SqliteConfig = setup.config()?;
