@@ -26,6 +26,8 @@
 //! wait for messages that do not come, with the default `poll_max_ms = 100`.
 //!
 //! Counts: 20,000 messages per round and 1,000 ping-pongs, times `COMMS_BENCH_SCALE`.
+//! `COMMS_BENCH_PLUGIN_THREADS=N` gives the plugin's runtime N worker threads (default: the
+//! plugin's own, 1).
 
 use comms_host::{Node, NodeId, PluginLibrary};
 use comms_tests::artifacts;
@@ -336,8 +338,10 @@ impl Row {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let library =
-        PluginLibrary::load(&artifacts().sqlite_plugin).unwrap_or_else(|error| fail(&error.to_string()));
+    // COMMS_BENCH_PLUGIN_THREADS: workers of the plugin's runtime (0, the default: its own, 1).
+    let threads = std::env::var("COMMS_BENCH_PLUGIN_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let library = PluginLibrary::load_with_threads(&artifacts().sqlite_plugin, threads)
+        .unwrap_or_else(|error| fail(&error.to_string()));
     let count = scaled(20_000);
     let pings = scaled(1_000);
     let _ = stamp();

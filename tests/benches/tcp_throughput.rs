@@ -78,11 +78,14 @@
 //! f: >= 1.0 at 64 B and 1 KiB), f/c and a/c against the hand-written baseline (aim >= 0.8 at
 //! 64 KiB), d/c, e/c and e/d (what batching buys at the boundary); then the round-trip ratios
 //! (comms p50 against raw tokio, aim <= 2, and against libzmq, aim <= 1); then the threads of
-//! the process, by name.
+//! the process, by name, and those of another process (this program run again) in which two
+//! nodes load every in-tree plugin library (`comms_tests::every_plugin`; needs Redis and
+//! RabbitMQ, else it says so).
 
 use comms_host::{Node, PluginLibrary};
 use comms_tests::bench::{percentile_micros, scaled, step, NodePair, TransportPair};
 use std::{
+    collections::BTreeMap,
     io,
     time::{Duration, Instant},
 };
@@ -401,18 +404,6 @@ fn payload_sizes() -> Vec<usize> {
     }
 }
 
-/// The threads of this process, by name, from `/proc/self/task` (Linux).
-fn threads_by_name() -> Vec<(String, usize)> {
-    let mut counts = std::collections::BTreeMap::new();
-    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-        for task in tasks.flatten() {
-            let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            *counts.entry(name.trim().to_string()).or_insert(0) += 1;
-        }
-    }
-    counts.into_iter().collect()
-}
-
 /// One column of the comparison.
 enum Harness {
     /// Two nodes: single awaited sends (`None`) or `send_raw_many` batches of that many.
@@ -481,7 +472,10 @@ struct Row {
     round_range: (f64, f64),
 }
 
-async fn run(settings: Settings, dynamic: PluginLibrary) -> Result<(Vec<Row>, Vec<(String, usize)>), String> {
+async fn run(
+    settings: Settings,
+    dynamic: PluginLibrary,
+) -> Result<(Vec<Row>, BTreeMap<String, usize>), String> {
     let limit = settings.step_limit;
     let linked = PluginLibrary::linked::<comms_tcp::TcpPlugin>();
     let listen = r#"listen = "127.0.0.1:0""#;
@@ -523,7 +517,7 @@ async fn run(settings: Settings, dynamic: PluginLibrary) -> Result<(Vec<Row>, Ve
     if let Ok(only) = std::env::var("COMMS_BENCH_ONLY") {
         variants.retain(|variant| only.contains(&variant.label[..1]));
     }
-    let threads = threads_by_name();
+    let threads = comms_tests::threads::by_name();
     let mut rows = Vec::new();
     for size in payload_sizes() {
         let payload: Vec<u8> = (0..size).map(|i| i as u8).collect();
@@ -586,7 +580,7 @@ async fn run(settings: Settings, dynamic: PluginLibrary) -> Result<(Vec<Row>, Ve
     Ok((rows, threads))
 }
 
-fn print_report(settings: &Settings, rows: &[Row], threads: &[(String, usize)]) {
+fn print_report(settings: &Settings, rows: &[Row], threads: &BTreeMap<String, usize>) {
     println!();
     println!(
         "TCP over loopback; throughput: median of {ROUNDS} rounds of {} (64 B) / {} (1 KiB) / {} (64 KiB) \
@@ -662,9 +656,11 @@ fn print_report(settings: &Settings, rows: &[Row], threads: &[(String, usize)]) 
         );
     }
     println!();
-    let total: usize = threads.iter().map(|(_, count)| count).sum();
-    let list: Vec<String> = threads.iter().map(|(name, count)| format!("{name} x{count}")).collect();
-    println!("threads in this process with every variant running: {total} ({})", list.join(", "));
+    println!(
+        "threads in this process with every variant running: {}",
+        comms_tests::threads::describe(threads)
+    );
+    println!("threads with every in-tree plugin loaded (another process): {}", every_plugin_threads());
     println!();
     println!("throughput spread between rounds (slowest .. fastest msg/s):");
     for row in rows {
@@ -689,7 +685,55 @@ fn size_label(bytes: usize) -> String {
     }
 }
 
+/// Set in the child process that measures [`every_plugin_threads`].
+const EVERY_PLUGIN_CHILD: &str = "COMMS_BENCH_EVERY_PLUGIN_CHILD";
+
+/// The threads of a fresh process (this program, run again) with two nodes that load every
+/// in-tree plugin library (`comms_tests::every_plugin`), or why they were not measured.
+fn every_plugin_threads() -> String {
+    let child = std::process::Command::new(std::env::current_exe().unwrap_or_default())
+        .env(EVERY_PLUGIN_CHILD, "1")
+        .stderr(std::process::Stdio::inherit())
+        .output();
+    match child {
+        Ok(output) => String::from_utf8_lossy(&output.stdout).trim().to_string(),
+        Err(error) => format!("not measured: cannot run this program again: {error}"),
+    }
+}
+
+/// The child's part: start the nodes, print one line, stop. The plugins' runtimes are started
+/// by the nodes' first use of them, so the count is taken with the nodes running.
+fn every_plugin_child() {
+    let redis = comms_tests::REDIS;
+    let brokers = [redis, "127.0.0.1:5672"];
+    if let Some(down) = brokers.iter().find(|address| std::net::TcpStream::connect(address).is_err()) {
+        println!("not measured: no broker at {down} (Redis and RabbitMQ are needed)");
+        return;
+    }
+    let line = comms_tests::bench::run_on_two_workers("tcp_throughput", async {
+        let before = comms_tests::threads::by_name();
+        let everything = comms_tests::every_plugin::EveryPlugin::start("bench-threads").await?;
+        // Opening SQLite and RabbitMQ connections runs on blocking threads, which end after
+        // 10 s idle (tokio's keep-alive): counted once they have, as a running node has them.
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        let now = comms_tests::threads::by_name();
+        everything.close().await?;
+        let mut started = comms_tests::threads::started_between(&before, &now);
+        // The application's runtime (its blocking threads) is the application's to size.
+        started.remove("tokio-rt-worker");
+        Ok(format!(
+            "{} started by two nodes; {} in that process",
+            comms_tests::threads::describe(&started),
+            now.values().sum::<usize>()
+        ))
+    });
+    println!("{line}");
+}
+
 fn main() {
+    if std::env::var_os(EVERY_PLUGIN_CHILD).is_some() {
+        return every_plugin_child();
+    }
     let settings = Settings::from_env();
     let tcp_plugin = match std::env::var_os("COMMS_BENCH_TCP_PLUGIN") {
         Some(path) => std::path::PathBuf::from(path),

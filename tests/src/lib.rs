@@ -9,9 +9,11 @@
 pub mod bench;
 pub mod child_process;
 pub mod connecting;
+pub mod every_plugin;
 mod logs;
 pub mod nat_network;
 pub mod noise_discovery;
+pub mod threads;
 
 pub use logs::{capture_logs, CapturedLogs};
 

@@ -4,17 +4,6 @@ use comms_host::{Node, SendError};
 use comms_tests::artifacts;
 use std::time::Duration;
 
-/// Threads of this process whose name starts with `prefix` (Linux: `/proc/self/task`).
-fn threads_named(prefix: &str) -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .expect("/proc/self/task")
-        .flatten()
-        .filter(|task| {
-            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|name| name.starts_with(prefix))
-        })
-        .count()
-}
-
 /// Two nodes over TCP; the builder loads the plugin by name with `plugin_threads`.
 async fn pair(threads: u32) -> (Node, Node) {
     comms_tests::tcp_node_pair("burst-sender", "burst-receiver", |node| node.plugin_threads(threads)).await
@@ -28,7 +17,9 @@ async fn a_burst_arrives_whole_and_in_order_and_plugins_keep_to_their_thread_bud
     // `plugin_threads = 0` leaves it to the plugin: the TCP plugin asks for one worker
     // (`Plugin::WORKER_THREADS`; the host drives its sockets), not the general default of two.
     // Static discovery, linked into the host, runs on the host's runtime and starts none.
-    assert_eq!(threads_named("comms-plugin"), 1, "plugin runtime workers in this process");
+    // The plugin's runtime threads carry its name (`comms-tcp`).
+    let threads = comms_tests::threads::by_name();
+    assert_eq!(threads.get("comms-tcp"), Some(&1), "plugin runtime workers in this process: {threads:?}");
 
     let messages: Vec<u32> = (0..5_000).collect();
     let ids = sender.send_many("burst-receiver", messages.chunks(1_000).flatten()).await.unwrap();
