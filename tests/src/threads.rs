@@ -19,11 +19,6 @@ pub fn by_name() -> BTreeMap<String, usize> {
     counts
 }
 
-/// How many threads of this process have a name starting with `prefix`.
-pub fn named(prefix: &str) -> usize {
-    by_name().iter().filter(|(name, _)| name.starts_with(prefix)).map(|(_, count)| count).sum()
-}
-
 /// `after` less `before`, name by name (names with no more threads than before left out).
 pub fn started_between(
     before: &BTreeMap<String, usize>,
