@@ -716,15 +716,12 @@ fn every_plugin_child() {
         // Opening SQLite and RabbitMQ connections runs on blocking threads, which end after
         // 10 s idle (tokio's keep-alive): counted once they have, as a running node has them.
         tokio::time::sleep(Duration::from_secs(11)).await;
-        let now = comms_tests::threads::by_name();
+        let started = comms_tests::every_plugin::plugin_threads_started(&before);
+        let in_process: usize = comms_tests::threads::by_name().values().sum();
         everything.close().await?;
-        let mut started = comms_tests::threads::started_between(&before, &now);
-        // The application's runtime (its blocking threads) is the application's to size.
-        started.remove("tokio-rt-worker");
         Ok(format!(
-            "{} started by two nodes; {} in that process",
-            comms_tests::threads::describe(&started),
-            now.values().sum::<usize>()
+            "{} started by two nodes; {in_process} in that process",
+            comms_tests::threads::describe(&started)
         ))
     });
     println!("{line}");

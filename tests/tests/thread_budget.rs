@@ -6,7 +6,11 @@
 //! does not). A plugin that starts more threads than it declares, or a default that grows, fails
 //! here with the counts by name.
 
-use comms_tests::{broker_available, every_plugin::EveryPlugin, threads, REDIS};
+use comms_tests::{
+    broker_available,
+    every_plugin::{plugin_threads_started, EveryPlugin},
+    threads, REDIS,
+};
 use std::{
     collections::BTreeMap,
     time::{Duration, Instant},
@@ -37,15 +41,6 @@ fn budget() -> BTreeMap<String, usize> {
     .into_iter()
     .map(|(name, count)| (name.to_string(), count))
     .collect()
-}
-
-/// The threads started since `before`, without the application's runtime's (`tokio-rt-worker`:
-/// the host runs on the application's runtime and uses its blocking threads, which are the
-/// application's to size).
-fn plugin_threads_started(before: &BTreeMap<String, usize>) -> BTreeMap<String, usize> {
-    let mut started = threads::started_between(before, &threads::by_name());
-    started.remove("tokio-rt-worker");
-    started
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
