@@ -21,6 +21,9 @@
 //! Each message carries its send time; the receiver reports one-way latency under that load
 //! (p50, p99) and throughput from the first send to the last receive. Messages per run: 20,000
 //! times `COMMS_BENCH_SCALE`, median of 3 runs. The aim is comms >= 0.9x raw.
+//!
+//! `COMMS_BENCH_PLUGIN_THREADS=N` gives the plugin's runtime N worker threads (default: the
+//! plugin's own, 2).
 
 use async_nats::{
     jetstream::{self, consumer::pull, stream},
@@ -153,7 +156,8 @@ fn main() {
     }
     let scale = comms_tests::bench::scale("nats");
     let messages = comms_tests::bench::scaled(20_000, scale).max(100);
-    let library = PluginLibrary::load(comms_tests::artifacts().nats_plugin())
+    let threads = comms_tests::bench::plugin_threads("nats");
+    let library = PluginLibrary::load_with_threads(comms_tests::artifacts().nats_plugin(), threads)
         .unwrap_or_else(|error| fail(&format!("loading the NATS plugin: {error}")));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     println!(

@@ -30,6 +30,9 @@
 //!
 //! Messages per run: 10,000 times `COMMS_BENCH_SCALE`, median of 3 runs. Aims: comms >= 0.9x
 //! raw, and 10x Watermill (38,000 published, 4,550 subscribed msg/s).
+//!
+//! `COMMS_BENCH_PLUGIN_THREADS=N` gives the plugin's runtime N worker threads (default: the
+//! plugin's own, 2).
 
 use comms_host::{Node, PluginLibrary};
 use comms_tests::bench::one_way::{self, latency_nanos, stamped_payload, summarize, Run};
@@ -224,7 +227,8 @@ fn main() {
     }
     let scale = comms_tests::bench::scale("postgres");
     let messages = comms_tests::bench::scaled(10_000, scale).max(100);
-    let library = PluginLibrary::load(comms_tests::artifacts().postgres_plugin())
+    let threads = comms_tests::bench::plugin_threads("postgres");
+    let library = PluginLibrary::load_with_threads(comms_tests::artifacts().postgres_plugin(), threads)
         .unwrap_or_else(|error| fail(&format!("loading the PostgreSQL plugin: {error}")));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     println!("PostgreSQL, {messages} messages per run, {WINDOW} sends in flight, median of {RUNS} runs\n");

@@ -27,6 +27,9 @@
 //! the last receive, median of 3 rounds. Latency: ping-pong (send, the other side answers into
 //! the sender's inbox), p50 and p99 of the round trip. Counts: 50,000 (64 B) / 30,000 (1 KiB)
 //! per round and 2,000 ping-pongs, times `COMMS_BENCH_SCALE`. The aim is comms >= 0.9x raw.
+//!
+//! `COMMS_BENCH_PLUGIN_THREADS=N` gives the plugin's runtime N worker threads (default: the
+//! plugin's own, 2).
 
 use comms_host::{Node, NodeId, PluginLibrary};
 use redis::{aio::MultiplexedConnection, streams::StreamReadReply, Value};
@@ -291,8 +294,9 @@ async fn main() {
     if std::net::TcpStream::connect("127.0.0.1:6379").is_err() {
         fail("no Redis at 127.0.0.1:6379");
     }
-    let library =
-        PluginLibrary::load(&comms_tests::artifacts().redis_plugin).unwrap_or_else(|e| fail(&e.to_string()));
+    let threads = comms_tests::bench::plugin_threads("redis");
+    let library = PluginLibrary::load_with_threads(&comms_tests::artifacts().redis_plugin, threads)
+        .unwrap_or_else(|e| fail(&e.to_string()));
     let client = redis::Client::open(URL).unwrap_or_else(|e| fail(&e.to_string()));
     let prefix = format!("comms-bench-{}", std::process::id());
     let mut rows = Vec::new();

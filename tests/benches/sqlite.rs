@@ -338,8 +338,7 @@ impl Row {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    // COMMS_BENCH_PLUGIN_THREADS: workers of the plugin's runtime (0, the default: its own, 1).
-    let threads = std::env::var("COMMS_BENCH_PLUGIN_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let threads = comms_tests::bench::plugin_threads("sqlite");
     let library = PluginLibrary::load_with_threads(&artifacts().sqlite_plugin, threads)
         .unwrap_or_else(|error| fail(&error.to_string()));
     let count = scaled(20_000);

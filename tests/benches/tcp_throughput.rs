@@ -739,9 +739,7 @@ fn main() {
             comms_tests::artifacts().tcp_plugin.clone()
         }
     };
-    // COMMS_BENCH_PLUGIN_THREADS: workers of the loaded plugin's runtime (0: its default).
-    let plugin_threads =
-        std::env::var("COMMS_BENCH_PLUGIN_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let plugin_threads = comms_tests::bench::plugin_threads("tcp_throughput");
     let dynamic = PluginLibrary::load_with_threads(&tcp_plugin, plugin_threads)
         .unwrap_or_else(|error| fail(&format!("loading {}: {error}", tcp_plugin.display())));
     let started = Instant::now();

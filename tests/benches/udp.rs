@@ -9,13 +9,20 @@
 //!
 //! Loopback has no loss; reliable mode still pays for acks and its window. (The rate under 5 %
 //! loss between two network namespaces is printed by `tests/tests/udp_namespaces.rs`.)
+//!
+//! `COMMS_BENCH_PLUGIN_THREADS=N` gives the plugin's runtime N worker threads (default: the
+//! plugin's own, 2).
 
 use comms_host::{Node, PluginLibrary, Security};
 use comms_plugin_api::security::{Identity, LinkMode};
 use std::time::{Duration, Instant};
 
 fn library() -> PluginLibrary {
-    PluginLibrary::load(&comms_tests::artifacts().udp_plugin).unwrap_or_else(|error| fail(&error.to_string()))
+    PluginLibrary::load_with_threads(
+        &comms_tests::artifacts().udp_plugin,
+        comms_tests::bench::plugin_threads("udp"),
+    )
+    .unwrap_or_else(|error| fail(&error.to_string()))
 }
 
 fn fail(message: &str) -> ! {

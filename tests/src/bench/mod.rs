@@ -18,6 +18,18 @@ pub fn scale(bench: &str) -> f64 {
     }
 }
 
+/// The `COMMS_BENCH_PLUGIN_THREADS` setting: worker threads for the loaded plugin's runtime, for
+/// [`comms_host::PluginLibrary::load_with_threads`] (0, the default: the plugin's own default).
+/// Ends the program with a message when it is not a number.
+pub fn plugin_threads(bench: &str) -> u32 {
+    match std::env::var("COMMS_BENCH_PLUGIN_THREADS") {
+        Err(_) => 0,
+        Ok(text) => text.trim().parse().unwrap_or_else(|_| {
+            fail(bench, &format!("COMMS_BENCH_PLUGIN_THREADS must be a number of threads, not `{text}`"))
+        }),
+    }
+}
+
 /// `count` times `scale`, at least 1.
 pub fn scaled(count: usize, scale: f64) -> usize {
     ((count as f64 * scale).round() as usize).max(1)
