@@ -23,7 +23,7 @@
 //! times `COMMS_BENCH_SCALE`, median of 3 runs. The aim is comms >= 0.9x raw.
 //!
 //! `COMMS_BENCH_PLUGIN_THREADS=N` gives the plugin's runtime N worker threads (default: the
-//! plugin's own, 2).
+//! plugin's own, 1).
 
 use async_nats::{
     jetstream::{self, consumer::pull, stream},
