@@ -33,12 +33,13 @@
 //! - the next instant a peer may expire is a bound kept as entries change: at or before the
 //!   earliest expiry, exact after each [`Membership::expire`];
 //! - the replicas of a service, and the subscribers of a topic, come from an index of the
-//!   records (`RecordIndex`). Patterns with a wildcard are not indexed: the peers that have one
-//!   are matched one by one.
+//!   records (`RecordIndex`); patterns with a wildcard are in a tree of their segments
+//!   (`PatternIndex`), which a publication walks along its topic's segments.
 //!
 //! `expire`, heartbeats to every peer, and the lists of all peers (`live`, `snapshot`) walk it.
 //! `tests/benches/peer_table.rs` measures a message's cost with 2 and with 1,002 peers known.
 
+use super::pattern_index::PatternIndex;
 use crate::control::revision;
 use comms_plugin_api::{NodeId, NodeRecord, PeerEvent, PeerEventKind};
 use std::{
@@ -153,8 +154,8 @@ struct RecordIndex {
     by_service: HashMap<String, BTreeSet<NodeId>>,
     /// Topic patterns without wildcards: each matches only itself.
     by_topic: HashMap<String, BTreeSet<NodeId>>,
-    /// The peers with at least one pattern with a wildcard (`*`, `>`): matched one by one.
-    with_wildcards: BTreeSet<NodeId>,
+    /// Topic patterns with a wildcard (`*`, `>`), in a tree of their segments.
+    by_wildcard_pattern: PatternIndex,
 }
 
 fn has_wildcard(pattern: &str) -> bool {
@@ -165,10 +166,10 @@ fn services(record: Option<&NodeRecord>) -> Vec<&String> {
     record.map(|record| record.services.iter().collect()).unwrap_or_default()
 }
 
-/// The topic patterns without wildcards.
-fn exact_topics(record: Option<&NodeRecord>) -> Vec<&String> {
+/// The topic patterns with (`true`) or without (`false`) wildcards.
+fn topics(record: Option<&NodeRecord>, wildcards: bool) -> Vec<&String> {
     record
-        .map(|record| record.topics.iter().filter(|pattern| !has_wildcard(pattern)).collect())
+        .map(|record| record.topics.iter().filter(|pattern| has_wildcard(pattern) == wildcards).collect())
         .unwrap_or_default()
 }
 
@@ -191,11 +192,13 @@ impl RecordIndex {
     /// The record of `id` goes from `old` to `new` (`None`: not in the table).
     fn update(&mut self, id: &NodeId, old: Option<&NodeRecord>, new: Option<&NodeRecord>) {
         move_keys(&mut self.by_service, id, &services(old), &services(new));
-        move_keys(&mut self.by_topic, id, &exact_topics(old), &exact_topics(new));
-        if new.is_some_and(|record| record.topics.iter().any(|pattern| has_wildcard(pattern))) {
-            self.with_wildcards.insert(id.clone());
-        } else {
-            self.with_wildcards.remove(id);
+        move_keys(&mut self.by_topic, id, &topics(old, false), &topics(new, false));
+        let (old, new) = (topics(old, true), topics(new, true));
+        for pattern in old.iter().filter(|pattern| !new.contains(pattern)) {
+            self.by_wildcard_pattern.remove(pattern, id);
+        }
+        for pattern in new.iter().filter(|pattern| !old.contains(pattern)) {
+            self.by_wildcard_pattern.insert(pattern, id);
         }
     }
 }
@@ -505,14 +508,16 @@ impl Membership {
     }
 
     /// The up peers with a topic pattern matching `topic` for which `keep` holds, sorted by id:
-    /// those with the topic itself from the index, and those with wildcard patterns one by one.
+    /// those with the topic itself and those with a wildcard pattern that matches it, from the
+    /// index (their patterns are checked again here).
     pub(crate) fn live_subscribed(
         &self,
         topic: &str,
         keep: impl Fn(&NodeRecord) -> bool,
     ) -> Vec<&NodeRecord> {
-        let exact = self.index.by_topic.get(topic).into_iter().flatten();
-        let candidates: BTreeSet<&NodeId> = exact.chain(&self.index.with_wildcards).collect();
+        let mut candidates: BTreeSet<&NodeId> =
+            self.index.by_topic.get(topic).into_iter().flatten().collect();
+        self.index.by_wildcard_pattern.matching(topic, &mut candidates);
         candidates
             .into_iter()
             .filter_map(|id| self.peers.get(id))
@@ -718,7 +723,7 @@ mod tests {
         let mut events = Vec::new();
         let mut next = pseudo_random(0x9e37_79b9_7f4a_7c15u64);
         let services = ["echo", "store", "auth", "none"];
-        let patterns = ["orders.eu", "orders.*", "orders.>", "audit", ">", "*.us"];
+        let patterns = ["orders.eu", "orders.*", "orders.>", "audit", ">", "*.us", "orders.*.late", "*.*"];
         let topics = ["orders.eu", "orders.us", "orders.eu.late", "audit", "audit.us", "other"];
         let mut found = 0;
         let mut subscribed = 0;

@@ -37,6 +37,7 @@
 
 pub(crate) mod membership;
 mod parked;
+mod pattern_index;
 pub(crate) mod pending;
 
 use crate::control::{self, RecordMessage, KIND_HEADER};
