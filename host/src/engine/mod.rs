@@ -43,8 +43,8 @@ pub(crate) mod pending;
 use crate::control::{self, RecordMessage, KIND_HEADER};
 use crate::dedup::DedupWindow;
 use comms_plugin_api::{
-    node_limits::MAX_RECORD_BYTES, Destination, Envelope, Headers, MessageId, NodeId, NodeRecord, PeerEvent,
-    PeerEventKind, SettlementOutcome,
+    node_limits::MAX_RECORD_BYTES, Destination, Envelope, Headers, MessageId, NodeId, NodeRecord, Payload,
+    PeerEvent, PeerEventKind, SettlementOutcome,
 };
 use membership::{Learned, Membership, PeerStatus, Source};
 use parked::{Parked, ParkedQueue};
@@ -835,16 +835,23 @@ impl Engine {
 
     fn heartbeat_everyone(&mut self) {
         let peers: Vec<NodeId> = self.membership.live(|_| true).into_iter().map(|r| r.id.clone()).collect();
+        // Encoded once for the round: every peer's heartbeat shares the one buffer.
+        let record = Payload::from(RecordMessage::of(&self.record).encode());
         for peer in peers {
-            self.send_record(&peer, control::HEARTBEAT, false);
+            self.send_encoded_record(&peer, control::HEARTBEAT, record.clone());
         }
     }
 
     /// Sends this node's record to `peer` as a `kind` message.
     fn send_record(&mut self, peer: &NodeId, kind: &str, reply: bool) {
-        let Ok(route) = self.route(peer) else { return };
         let message = RecordMessage { reply, ..RecordMessage::of(&self.record) };
-        let envelope = self.control_envelope(peer, kind, message.encode());
+        self.send_encoded_record(peer, kind, message.encode().into());
+    }
+
+    /// Sends `record` (a [`RecordMessage`], encoded) to `peer` as a `kind` message.
+    fn send_encoded_record(&mut self, peer: &NodeId, kind: &str, record: Payload) {
+        let Ok(route) = self.route(peer) else { return };
+        let envelope = self.control_envelope(peer, kind, record);
         // Not counted as a greeting: a control message goes out in a task of its own, so an
         // application message sent meanwhile could reach the peer first, and the peer could not
         // answer it (it would not know this node's address yet). The first application message
@@ -852,7 +859,7 @@ impl Engine {
         self.out.push(Action::SendControl { route, envelope });
     }
 
-    fn control_envelope(&self, to: &NodeId, kind: &str, payload: Vec<u8>) -> Envelope {
+    fn control_envelope(&self, to: &NodeId, kind: &str, payload: impl Into<Payload>) -> Envelope {
         let headers: Headers = [(KIND_HEADER, kind)].into_iter().collect();
         Envelope::new(self.ids.next(), self.spec.id.clone(), Destination::Node(to.clone()), payload)
             .with_headers(headers)
