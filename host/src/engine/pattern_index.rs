@@ -2,10 +2,10 @@
 //! patterns may match its topic by walking the topic's segments, not every such peer.
 //!
 //! A tree of segments: a pattern is stored along its segments, `*` as a branch of its own, and
-//! ends either where its last segment ends or at a `>` (which takes one or more remaining
-//! segments, so the segments after a misplaced `>` are never looked at). Looking up a topic
-//! follows, segment by segment, the branch of that literal segment and the `*` branch, and
-//! collects the `>` ends passed on the way and the ends reached where the topic ends.
+//! ends either where its last segment ends or, for a last segment `>` (one or more remaining
+//! segments), in the `>` ends of the branch before it. Looking up a topic follows, segment by
+//! segment, the branch of that literal segment and the `*` branch, and collects the `>` ends
+//! passed on the way and the ends reached where the topic ends.
 //!
 //! This is exactly [`crate::topics::matches`], for any pattern string, valid or not: a segment
 //! such as `a*` is compared literally there and is a literal branch here. Callers check each
@@ -15,9 +15,13 @@
 //! Cost: a lookup visits each branch of the tree at most once, and only branches along the
 //! topic (for ordinary patterns, a path or two), so never more than the walk over every
 //! pattern it replaces. Branches left empty by a removal are removed, so the tree holds what
-//! the peers' records list, no more. A pattern of more than [`MAX_TREE_SEGMENTS`] segments
-//! (only a peer probing the node sends one) is kept aside and matched one by one, which keeps
-//! the recursion of lookups and removals shallow whatever a record holds.
+//! the peers' records list, no more. Each pattern has a place of its own in the tree, so that
+//! removing one pattern of a peer never removes another. Two kinds of pattern are kept aside
+//! and matched one by one instead (only a peer that does not check its patterns sends them):
+//! - one with `>` before its last segment, which `matches` ends at, so that `a.>` and `a.>.b`
+//!   would share a place;
+//! - one of more than [`MAX_TREE_SEGMENTS`] segments, which keeps the recursion of lookups and
+//!   removals shallow whatever a record holds.
 
 use comms_plugin_api::NodeId;
 use std::collections::{BTreeSet, HashMap};
@@ -29,8 +33,8 @@ const MAX_TREE_SEGMENTS: usize = 32;
 #[derive(Debug, Default)]
 pub(super) struct PatternIndex {
     tree: Branch,
-    /// Patterns of more than [`MAX_TREE_SEGMENTS`] segments, with their peer.
-    long: BTreeSet<(String, NodeId)>,
+    /// The patterns kept aside ([`kept_aside`]), with their peer.
+    aside: BTreeSet<(String, NodeId)>,
 }
 
 /// One segment position of the tree.
@@ -49,8 +53,8 @@ struct Branch {
 impl PatternIndex {
     /// Adds `id` under `pattern`.
     pub(super) fn insert(&mut self, pattern: &str, id: &NodeId) {
-        if pattern.split('.').count() > MAX_TREE_SEGMENTS {
-            self.long.insert((pattern.to_string(), id.clone()));
+        if kept_aside(&pattern.split('.').collect::<Vec<_>>()) {
+            self.aside.insert((pattern.to_string(), id.clone()));
             return;
         }
         let mut branch = &mut self.tree;
@@ -70,8 +74,8 @@ impl PatternIndex {
     /// Removes `id` from under `pattern`, and the branches that leaves empty.
     pub(super) fn remove(&mut self, pattern: &str, id: &NodeId) {
         let segments: Vec<&str> = pattern.split('.').collect();
-        if segments.len() > MAX_TREE_SEGMENTS {
-            self.long.remove(&(pattern.to_string(), id.clone()));
+        if kept_aside(&segments) {
+            self.aside.remove(&(pattern.to_string(), id.clone()));
             return;
         }
         self.tree.remove_along(&segments, id);
@@ -80,7 +84,7 @@ impl PatternIndex {
     /// Whether no pattern is stored.
     #[cfg(test)]
     fn is_empty(&self) -> bool {
-        self.tree.is_empty() && self.long.is_empty()
+        self.tree.is_empty() && self.aside.is_empty()
     }
 
     /// Adds to `found` the peers with a pattern stored here that matches `topic`, and those
@@ -88,8 +92,14 @@ impl PatternIndex {
     pub(super) fn matching<'a>(&'a self, topic: &str, found: &mut BTreeSet<&'a NodeId>) {
         let segments: Vec<&str> = topic.split('.').collect();
         self.tree.matching_along(&segments, found);
-        found.extend(self.long.iter().map(|(_, id)| id));
+        found.extend(self.aside.iter().map(|(_, id)| id));
     }
+}
+
+/// Whether a pattern of these segments is kept out of the tree (see the module's docs).
+fn kept_aside(segments: &[&str]) -> bool {
+    let before_last = &segments[..segments.len().saturating_sub(1)];
+    segments.len() > MAX_TREE_SEGMENTS || before_last.contains(&">")
 }
 
 impl Branch {
@@ -154,7 +164,8 @@ mod tests {
     }
 
     /// Every pattern under its own id, looked up with every topic: the index finds exactly the
-    /// patterns `matches` accepts, invalid patterns included.
+    /// patterns `matches` accepts, invalid patterns included, and those kept aside (`a.>.c`)
+    /// whatever the topic.
     #[test]
     fn finds_exactly_what_matches_accepts() {
         let patterns = [
@@ -167,8 +178,11 @@ mod tests {
             index.insert(pattern, &NodeId::new(pattern));
         }
         for topic in topics {
-            let mut expected: Vec<String> =
-                patterns.iter().filter(|pattern| matches(pattern, topic)).map(|p| p.to_string()).collect();
+            let mut expected: Vec<String> = patterns
+                .iter()
+                .filter(|pattern| matches(pattern, topic) || **pattern == "a.>.c")
+                .map(|p| p.to_string())
+                .collect();
             expected.sort();
             assert_eq!(found(&index, topic), expected, "topic {topic}");
         }
@@ -188,6 +202,21 @@ mod tests {
         index.remove(&long, &NodeId::new("prober"));
         index.remove(&short, &NodeId::new("deep"));
         assert!(index.is_empty(), "{index:?}");
+    }
+
+    /// `a.>.b` (invalid: `>` before the end) matches what `a.>` matches; removing one of them
+    /// from a peer that lists both leaves the other.
+    #[test]
+    fn a_pattern_with_an_early_tail_wildcard_does_not_share_a_place() {
+        let (peer, other) = (NodeId::new("peer"), NodeId::new("other"));
+        for (keep, drop) in [("a.>", "a.>.b"), ("a.>.b", "a.>")] {
+            let mut index = PatternIndex::default();
+            index.insert(keep, &peer);
+            index.insert(drop, &peer);
+            index.insert("a.>", &other);
+            index.remove(drop, &peer);
+            assert_eq!(found(&index, "a.x"), ["other", "peer"], "{keep} kept, {drop} removed");
+        }
     }
 
     #[test]
