@@ -716,7 +716,7 @@ fn every_plugin_child() {
         // Opening SQLite and RabbitMQ connections runs on blocking threads, which end after
         // 10 s idle (tokio's keep-alive): counted once they have, as a running node has them.
         tokio::time::sleep(Duration::from_secs(11)).await;
-        let started = comms_tests::every_plugin::plugin_threads_started(&before);
+        let started = comms_tests::threads::plugin_threads_started(&before);
         let in_process: usize = comms_tests::threads::by_name().values().sum();
         everything.close().await?;
         Ok(format!(

@@ -12,7 +12,7 @@
 
 use crate::{artifacts, scratch_dir, write_config};
 use comms_host::Node;
-use std::{collections::BTreeMap, path::PathBuf};
+use std::path::PathBuf;
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -89,13 +89,4 @@ impl EveryPlugin {
         let _ = connection.close(0, "done".into()).await;
         Ok(())
     }
-}
-
-/// The threads started since `before` (a [`crate::threads::by_name`]), by name, without the
-/// application's runtime's (`tokio-rt-worker`: the host runs on the application's runtime and
-/// uses its blocking threads, which are the application's to size).
-pub fn plugin_threads_started(before: &BTreeMap<String, usize>) -> BTreeMap<String, usize> {
-    let mut started = crate::threads::started_between(before, &crate::threads::by_name());
-    started.remove("tokio-rt-worker");
-    started
 }

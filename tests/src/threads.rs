@@ -39,3 +39,12 @@ pub fn describe(threads: &BTreeMap<String, usize>) -> String {
     let names: Vec<String> = threads.iter().map(|(name, count)| format!("{name} x{count}")).collect();
     format!("{total} ({})", names.join(", "))
 }
+
+/// The threads started since `before` (a [`by_name`]), by name, without the
+/// application's runtime's (`tokio-rt-worker`: the host runs on the application's runtime and
+/// uses its blocking threads, which are the application's to size).
+pub fn plugin_threads_started(before: &BTreeMap<String, usize>) -> BTreeMap<String, usize> {
+    let mut started = started_between(before, &by_name());
+    started.remove("tokio-rt-worker");
+    started
+}

@@ -37,19 +37,14 @@ async fn two_transports_and_a_discovery_run_on_one_plugin_worker() {
     // Resolving the server's address runs on a blocking thread of the plugin's runtime, which
     // carries its name and ends after 10 s idle: the count settles once it has.
     let budget = BTreeMap::from([("comms-nats".to_string(), 1)]);
-    let plugin_threads = || {
-        let mut started = threads::started_between(&before, &threads::by_name());
-        started.retain(|name, _| name.starts_with("comms-"));
-        started
-    };
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut started = plugin_threads();
+    let mut started = threads::plugin_threads_started(&before);
     while started != budget && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        started = plugin_threads();
+        started = threads::plugin_threads_started(&before);
     }
     eprintln!("plugin threads started: {}", threads::describe(&started));
-    assert_eq!(started, budget, "plugin threads started, by name (left), against the budget (right)");
+    assert_eq!(started, budget, "threads started, by name (left), against the budget (right)");
 
     discovery.close().await.unwrap_or_else(|error| panic!("{error}"));
     for transport in transports {

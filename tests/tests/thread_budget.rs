@@ -8,8 +8,9 @@
 
 use comms_tests::{
     broker_available,
-    every_plugin::{plugin_threads_started, EveryPlugin},
-    threads, REDIS,
+    every_plugin::EveryPlugin,
+    threads::{self, plugin_threads_started},
+    REDIS,
 };
 use std::{
     collections::BTreeMap,
