@@ -28,6 +28,9 @@
 //!   statement (autocommit), a receiver claiming up to 256 rows with `UPDATE ... FOR UPDATE SKIP
 //!   LOCKED RETURNING`, then deleting them; an empty mailbox is polled again after 1 ms.
 //!
+//! `COMMS_BENCH_PAYLOADS=64` measures that payload size only (a comma-separated list of byte
+//! counts).
+//!
 //! Messages per run: 10,000 times `COMMS_BENCH_SCALE`, median of 3 runs. Aims: comms >= 0.9x
 //! raw, and 10x Watermill (38,000 published, 4,550 subscribed msg/s).
 //!
@@ -233,7 +236,7 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     println!("PostgreSQL, {messages} messages per run, {WINDOW} sends in flight, median of {RUNS} runs\n");
     let mut results = Vec::new();
-    for size in [64usize, 1024] {
+    for size in comms_tests::bench::payload_sizes("postgres", &[64, 1024]) {
         let (mut comms, mut raw) = (Vec::new(), Vec::new());
         for run in 0..RUNS {
             eprintln!("run {run}, {size} B: comms");

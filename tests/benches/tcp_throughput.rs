@@ -112,9 +112,11 @@ const MAX_FRAME_BYTES: u32 = 16 * 1024 * 1024;
 const STEP_LIMIT: Duration = Duration::from_secs(60);
 
 /// Counts and limits, from the environment.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Settings {
     scale: f64,
+    /// [`PAYLOAD_SIZES`], or those `COMMS_BENCH_PAYLOADS` lists.
+    sizes: Vec<usize>,
     ping_pongs: usize,
     step_limit: Duration,
 }
@@ -128,7 +130,8 @@ impl Settings {
             .ok()
             .and_then(|count| count.parse().ok())
             .unwrap_or_else(|| scaled(5_000, scale));
-        Self { scale, ping_pongs, step_limit: STEP_LIMIT.mul_f64(scale.max(1.0)) }
+        let sizes = comms_tests::bench::payload_sizes("tcp_throughput", &PAYLOAD_SIZES);
+        Self { scale, sizes, ping_pongs, step_limit: STEP_LIMIT.mul_f64(scale.max(1.0)) }
     }
 
     /// Messages per throughput round for one payload size.
@@ -396,14 +399,6 @@ impl ZmqPair {
     }
 }
 
-/// The payload sizes to measure: [`PAYLOAD_SIZES`], or those `COMMS_BENCH_PAYLOADS` lists.
-fn payload_sizes() -> Vec<usize> {
-    match std::env::var("COMMS_BENCH_PAYLOADS") {
-        Ok(list) => list.split(',').filter_map(|size| size.trim().parse().ok()).collect(),
-        Err(_) => PAYLOAD_SIZES.to_vec(),
-    }
-}
-
 /// One column of the comparison.
 enum Harness {
     /// Two nodes: single awaited sends (`None`) or `send_raw_many` batches of that many.
@@ -519,7 +514,7 @@ async fn run(
     }
     let threads = comms_tests::threads::by_name();
     let mut rows = Vec::new();
-    for size in payload_sizes() {
+    for &size in &settings.sizes {
         let payload: Vec<u8> = (0..size).map(|i| i as u8).collect();
         let count = settings.throughput_messages(size);
         for variant in &mut variants {
@@ -620,7 +615,7 @@ fn print_report(settings: &Settings, rows: &[Row], threads: &BTreeMap<String, us
         ratio if ratio >= aim => "met",
         _ => "not met",
     };
-    for size in payload_sizes() {
+    for &size in &settings.sizes {
         let (a, b, c) = (rate("a:", size), rate("b:", size), rate("c:", size));
         let (d, e, f, z) = (rate("d:", size), rate("e:", size), rate("f:", size), rate("z:", size));
         println!(
@@ -644,7 +639,7 @@ fn print_report(settings: &Settings, rows: &[Row], threads: &BTreeMap<String, us
             .find(|row| row.payload == size && row.variant.starts_with(prefix))
             .map_or(f64::NAN, |row| row.p50_micros)
     };
-    for size in payload_sizes() {
+    for &size in &settings.sizes {
         let (a, c, z) = (p50("a:", size), p50("c:", size), p50("z:", size));
         println!(
             "{:>7} round trip p50: a/c = {:.2} (aim <= 2: {}), a/z = {:.2} (aim <= 1: {})",
@@ -743,7 +738,8 @@ fn main() {
     let dynamic = PluginLibrary::load_with_threads(&tcp_plugin, plugin_threads)
         .unwrap_or_else(|error| fail(&format!("loading {}: {error}", tcp_plugin.display())));
     let started = Instant::now();
-    let (rows, threads) = comms_tests::bench::run_on_two_workers("tcp_throughput", run(settings, dynamic));
+    let (rows, threads) =
+        comms_tests::bench::run_on_two_workers("tcp_throughput", run(settings.clone(), dynamic));
     print_report(&settings, &rows, &threads);
     println!();
     println!("measured in {:.1} s", started.elapsed().as_secs_f64());

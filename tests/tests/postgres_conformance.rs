@@ -11,11 +11,14 @@ use support::{psql, Schema};
 
 use comms_host::{
     conformance::{cases, run_suite, SuiteConfig},
-    PluginLibrary,
+    Node, PluginLibrary,
 };
 use comms_plugin_api::{Capabilities, ErrorCode, NodeId};
 use comms_tests::{artifacts, broker_available, scratch_dir, write_config, POSTGRES};
-use std::process::Command;
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
 
 /// The two runs of the whole suite (loaded here, and `comms check` in a process of its own) take
 /// turns: at once they would need about 120 connections in `concurrent_receivers`, more than
@@ -106,6 +109,59 @@ async fn a_newer_schema_is_refused_and_left_untouched() {
         "99",
         "untouched"
     );
+}
+
+/// A hello, heartbeat or goodbye replaces the older one waiting in the same mailbox (the
+/// plugin's replacing insert), so heartbeats to a node that never runs do not pile up; an
+/// application message is never replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_waits_for_a_node_that_never_runs_stays_bounded() {
+    if !broker_available("PostgreSQL", POSTGRES) {
+        return;
+    }
+    let library =
+        PluginLibrary::load(artifacts().postgres_plugin()).unwrap_or_else(|error| panic!("{error}"));
+    let schema = Schema::new("ghost");
+    let s = &schema.0;
+    let alice = Node::builder("alice")
+        .liveness(Some(Duration::from_millis(20)), Duration::from_secs(2))
+        .transport_library("postgres", library.clone(), &schema.config(""))
+        .static_peer("ghost", [("postgres", "ghost")])
+        .build()
+        .await
+        .unwrap_or_else(|error| panic!("{error}"));
+    for n in 0..3u8 {
+        alice.send_raw("ghost", Vec::<(String, String)>::new(), vec![n], None).await.unwrap();
+    }
+    // Every row ever written draws a new id: wait until 50 more were written (heartbeats).
+    let written =
+        || -> i64 { psql(&format!("SELECT last_value FROM \"{s}\".comms_mailbox_id_seq")).parse().unwrap() };
+    let first = written();
+    let started = Instant::now();
+    while written() < first + 50 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "alice wrote {} rows in 20 s",
+            written() - first
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let waiting = || {
+        psql(&format!(
+            "SELECT coalesce(replace_key, 'application') || '=' || count(*) FROM \"{s}\".comms_mailbox
+             WHERE recipient = 'ghost' GROUP BY replace_key ORDER BY 1"
+        ))
+    };
+    let expected = "application=3\nheartbeat:alice=1\nhello:alice=1";
+    // Two heartbeats written in one batch both stay until the next one replaces them: look
+    // again for a moment before calling it a pile.
+    let mut seen = waiting();
+    while seen != expected && started.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        seen = waiting();
+    }
+    assert_eq!(seen, expected, "every application message, the newest heartbeat and hello");
+    alice.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

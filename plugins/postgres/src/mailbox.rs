@@ -45,6 +45,7 @@ pub(crate) struct Claimed {
 #[derive(Debug)]
 pub(crate) struct Statements {
     insert_direct: String,
+    insert_replacing: String,
     insert_topic: String,
     claim: String,
     dead_letter: String,
@@ -60,9 +61,17 @@ impl Statements {
     pub(crate) fn new(schema: &str) -> Self {
         let mailbox = format!("\"{schema}\".comms_mailbox");
         Self {
-            // One statement for a whole batch: replaced framework messages go, the new rows come,
-            // in batch order (identity values are drawn in the order of `ORDER BY n`).
+            // One statement for a whole batch, in batch order (identity values are drawn in the
+            // order of `ORDER BY n`). Most batches hold application messages only: they take this
+            // one, without the replacement's join.
             insert_direct: format!(
+                "INSERT INTO {mailbox} (recipient, envelope)
+                 SELECT recipient, envelope FROM unnest($1::text[], $2::bytea[])
+                     WITH ORDINALITY AS b(recipient, envelope, n)
+                 ORDER BY n"
+            ),
+            // A batch with a framework message: replaced framework messages go, the new rows come.
+            insert_replacing: format!(
                 "WITH batch AS (
                      SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[])
                          WITH ORDINALITY AS b(recipient, envelope, replace_key, n)),
@@ -144,6 +153,19 @@ impl Statements {
     }
 }
 
+/// For each message of `outgoing`: whether a later one in the batch replaces it (a framework
+/// message with the same replacement key for the same node).
+fn superseded_in_batch(outgoing: &[&Outgoing]) -> Vec<bool> {
+    let mut newest = std::collections::HashSet::new();
+    let mut superseded = vec![false; outgoing.len()];
+    for (index, message) in outgoing.iter().enumerate().rev() {
+        if let Outgoing::Direct { recipient, replace_key: Some(key), .. } = message {
+            superseded[index] = !newest.insert((recipient.as_str(), key.as_str()));
+        }
+    }
+    superseded
+}
+
 /// The mailbox of one node, seen through one transport instance's connection.
 #[derive(Debug)]
 pub(crate) struct Mailbox {
@@ -202,7 +224,9 @@ impl Mailbox {
         self.writer.close();
     }
 
-    /// Writes `outgoing`: all direct messages in one statement, all publications in another.
+    /// Writes `outgoing`: all direct messages in one statement, all publications in another. A
+    /// framework message followed in the batch by one with the same replacement key for the
+    /// same node is not written: the later one replaces it.
     /// Returns the nodes that got messages, for [`Mailbox::notify`].
     pub(crate) async fn write(&self, outgoing: &[&Outgoing]) -> Result<Vec<String>, PluginError> {
         let mut recipients = Vec::new();
@@ -210,8 +234,10 @@ impl Mailbox {
         let mut keys = Vec::new();
         let mut topics = Vec::new();
         let mut published: Vec<&[u8]> = Vec::new();
-        for message in outgoing {
+        let superseded = superseded_in_batch(outgoing);
+        for (message, superseded) in outgoing.iter().zip(superseded) {
             match message {
+                Outgoing::Direct { .. } if superseded => {}
                 Outgoing::Direct { recipient, encoded, replace_key } => {
                     recipients.push(recipient.as_str());
                     envelopes.push(encoded);
@@ -223,11 +249,18 @@ impl Mailbox {
                 }
             }
         }
-        if !recipients.is_empty() {
+        if keys.iter().any(Option::is_some) {
             let (recipients, envelopes, keys) = (&recipients, &envelopes, &keys);
             self.writer
                 .run("writing messages", |client| async move {
-                    client.execute(&self.statements.insert_direct, &[recipients, envelopes, keys]).await
+                    client.execute(&self.statements.insert_replacing, &[recipients, envelopes, keys]).await
+                })
+                .await?;
+        } else if !recipients.is_empty() {
+            let (recipients, envelopes) = (&recipients, &envelopes);
+            self.writer
+                .run("writing messages", |client| async move {
+                    client.execute(&self.statements.insert_direct, &[recipients, envelopes]).await
                 })
                 .await?;
         }
@@ -242,6 +275,9 @@ impl Mailbox {
                 .await?;
             woken.extend(rows.iter().map(|row| row.get::<_, String>(0)));
         }
+        // One notification per node, however many messages it got.
+        woken.sort_unstable();
+        woken.dedup();
         Ok(woken)
     }
 
@@ -391,5 +427,33 @@ impl Mailbox {
         }
         self.notify(vec![self.recipient.clone()]).await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn direct(recipient: &str, key: Option<&str>) -> Outgoing {
+        Outgoing::Direct {
+            recipient: recipient.to_string(),
+            encoded: Vec::new(),
+            replace_key: key.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn only_the_last_framework_message_per_node_and_key_in_a_batch_is_written() {
+        let batch = [
+            direct("bob", Some("heartbeat:alice")),
+            direct("bob", None),
+            direct("carol", Some("heartbeat:alice")),
+            direct("bob", Some("hello:alice")),
+            direct("bob", Some("heartbeat:alice")),
+            direct("bob", None),
+            Outgoing::Topic { topic: "news".to_string(), encoded: Vec::new() },
+        ];
+        let batch: Vec<&Outgoing> = batch.iter().collect();
+        assert_eq!(superseded_in_batch(&batch), [true, false, false, false, false, false, false]);
     }
 }

@@ -30,6 +30,23 @@ pub fn plugin_threads(bench: &str) -> u32 {
     }
 }
 
+/// The payload sizes to measure: `defaults`, or the comma-separated byte counts of
+/// `COMMS_BENCH_PAYLOADS` (`COMMS_BENCH_PAYLOADS=64` measures 64 B only). Ends the program with
+/// a message when an entry is not a number.
+pub fn payload_sizes(bench: &str, defaults: &[usize]) -> Vec<usize> {
+    match std::env::var("COMMS_BENCH_PAYLOADS") {
+        Err(_) => defaults.to_vec(),
+        Ok(list) => list
+            .split(',')
+            .map(|size| {
+                size.trim().parse().unwrap_or_else(|_| {
+                    fail(bench, &format!("COMMS_BENCH_PAYLOADS must list byte counts, not `{list}`"))
+                })
+            })
+            .collect(),
+    }
+}
+
 /// `count` times `scale`, at least 1.
 pub fn scaled(count: usize, scale: f64) -> usize {
     ((count as f64 * scale).round() as usize).max(1)
