@@ -24,9 +24,13 @@
 //! - **raw pipelined**: the same receiver; the sender writes `XADD`s in pipelines of 256.
 //!
 //! Throughput: one sender sends N messages, one receiver takes them; time from the first send to
-//! the last receive, median of 3 rounds. Latency: ping-pong (send, the other side answers into
-//! the sender's inbox), p50 and p99 of the round trip. Counts: 50,000 (64 B) / 30,000 (1 KiB)
-//! per round and 2,000 ping-pongs, times `COMMS_BENCH_SCALE`. The aim is comms >= 0.9x raw.
+//! the last receive, median of 5 rounds. The variants take turns round by round (after a
+//! warm-up of each), so that the machine's changes of speed during a run fall on all of them
+//! alike; each ratio is printed with the range of its rounds' own ratios (comms and raw of the
+//! same round), which shows how far one run can be trusted. Latency: ping-pong (send, the other
+//! side answers into the sender's inbox), p50 and p99 of the round trip. Counts: 50,000 (64 B)
+//! / 30,000 (1 KiB) per round and 2,000 ping-pongs, times `COMMS_BENCH_SCALE`. The aim is
+//! comms >= 0.9x raw.
 //!
 //! `COMMS_BENCH_PLUGIN_THREADS=N` gives the plugin's runtime N worker threads (default: the
 //! plugin's own, 2).
@@ -36,7 +40,7 @@ use redis::{aio::MultiplexedConnection, streams::StreamReadReply, Value};
 use std::time::{Duration, Instant};
 
 const PAYLOAD_SIZES: [usize; 2] = [64, 1024];
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const BATCH: usize = 256;
 const URL: &str = "redis://127.0.0.1:6379";
 const STEP_LIMIT: Duration = Duration::from_secs(120);
@@ -281,6 +285,29 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[index].as_secs_f64() * 1e6
 }
 
+/// The four ways of moving the same messages, measured in turn.
+#[derive(Debug, Clone, Copy)]
+enum Variant {
+    CommsConfirm,
+    CommsQueued,
+    RawSequential,
+    RawPipelined,
+}
+
+impl Variant {
+    const ALL: [Variant; 4] =
+        [Self::CommsConfirm, Self::CommsQueued, Self::RawSequential, Self::RawPipelined];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::CommsConfirm => "comms confirm",
+            Self::CommsQueued => "comms queued",
+            Self::RawSequential => "raw sequential",
+            Self::RawPipelined => "raw pipelined",
+        }
+    }
+}
+
 struct Row {
     variant: &'static str,
     payload: usize,
@@ -300,49 +327,80 @@ async fn main() {
     let client = redis::Client::open(URL).unwrap_or_else(|e| fail(&e.to_string()));
     let prefix = format!("comms-bench-{}", std::process::id());
     let mut rows = Vec::new();
+    // The ratio of each round's pair (comms / raw, same round), min..max, per payload size.
+    let mut round_ratios = Vec::new();
     for payload_size in PAYLOAD_SIZES {
         let payload = vec![0xa5u8; payload_size];
         let count = scaled(if payload_size <= 64 { 50_000 } else { 30_000 });
         let pings = scaled(2_000);
-        for variant in ["comms confirm", "comms queued", "raw sequential", "raw pipelined"] {
-            eprintln!("{variant}, {payload_size} B: {count} messages x {ROUNDS} rounds, {pings} ping-pongs");
-            let mut durations = Vec::new();
-            let mut rtts = Vec::new();
-            if variant.starts_with("comms") {
-                let tag = format!("{}-{payload_size}", variant.replace(' ', "-"));
-                let pair = step(
-                    "starting nodes",
-                    CommsPair::start(&library, &prefix, &tag, variant == "comms confirm"),
-                )
+        eprintln!(
+            "{payload_size} B: {count} messages x {ROUNDS} rounds of every variant, in turn; {pings} ping-pongs each"
+        );
+        let tag = |variant: Variant| format!("{}-{payload_size}", variant.label().replace(' ', "-"));
+        let confirm =
+            step("starting nodes", CommsPair::start(&library, &prefix, &tag(Variant::CommsConfirm), true))
                 .await;
-                step("warm-up", pair.throughput(count / 10, &payload)).await;
-                for _ in 0..ROUNDS {
-                    durations.push(step("throughput", pair.throughput(count, &payload)).await);
+        let queued =
+            step("starting nodes", CommsPair::start(&library, &prefix, &tag(Variant::CommsQueued), false))
+                .await;
+        let run = |variant: Variant, count: usize| {
+            let (confirm, queued, client, prefix, payload) = (&confirm, &queued, &client, &prefix, &payload);
+            async move {
+                match variant {
+                    Variant::CommsConfirm => confirm.throughput(count, payload).await,
+                    Variant::CommsQueued => queued.throughput(count, payload).await,
+                    Variant::RawSequential => raw_throughput(client, prefix, count, payload, false).await,
+                    Variant::RawPipelined => raw_throughput(client, prefix, count, payload, true).await,
                 }
-                step("ping-pong", pair.ping_pong(pings, &payload, &mut rtts)).await;
-                pair.close().await;
-            } else {
-                let pipelined = variant == "raw pipelined";
-                step("warm-up", raw_throughput(&client, &prefix, count / 10, &payload, pipelined)).await;
-                for _ in 0..ROUNDS {
-                    durations.push(
-                        step("throughput", raw_throughput(&client, &prefix, count, &payload, pipelined))
-                            .await,
-                    );
-                }
-                step("ping-pong", raw_ping_pong(&client, &prefix, pings, &payload, &mut rtts)).await;
             }
-            durations.sort();
+        };
+        // Every variant runs its round before any runs the next, so that a change in the
+        // machine's speed during the run falls on all of them alike.
+        for variant in Variant::ALL {
+            step("warm-up", run(variant, count / 10)).await;
+        }
+        let mut durations: [Vec<Duration>; 4] = Default::default();
+        for _ in 0..ROUNDS {
+            for variant in Variant::ALL {
+                durations[variant as usize].push(step("throughput", run(variant, count)).await);
+            }
+        }
+        let spread = |comms: Variant, raw: Variant| {
+            let ratios: Vec<f64> = (0..ROUNDS)
+                .map(|round| {
+                    durations[raw as usize][round].as_secs_f64()
+                        / durations[comms as usize][round].as_secs_f64()
+                })
+                .collect();
+            (ratios.iter().copied().fold(f64::INFINITY, f64::min), ratios.iter().copied().fold(0.0, f64::max))
+        };
+        round_ratios.push((
+            payload_size,
+            spread(Variant::CommsConfirm, Variant::RawSequential),
+            spread(Variant::CommsQueued, Variant::RawPipelined),
+        ));
+        for variant in Variant::ALL {
+            let mut rtts = Vec::new();
+            match variant {
+                Variant::CommsConfirm => {
+                    step("ping-pong", confirm.ping_pong(pings, &payload, &mut rtts)).await
+                }
+                Variant::CommsQueued => step("ping-pong", queued.ping_pong(pings, &payload, &mut rtts)).await,
+                _ => step("ping-pong", raw_ping_pong(&client, &prefix, pings, &payload, &mut rtts)).await,
+            }
+            let mut taken = durations[variant as usize].clone();
+            taken.sort();
             rtts.sort();
-            let rate = count as f64 / durations[ROUNDS / 2].as_secs_f64();
             rows.push(Row {
-                variant,
+                variant: variant.label(),
                 payload: payload_size,
-                rate,
+                rate: count as f64 / taken[ROUNDS / 2].as_secs_f64(),
                 p50: percentile(&rtts, 0.5),
                 p99: percentile(&rtts, 0.99),
             });
         }
+        confirm.close().await;
+        queued.close().await;
     }
     // Delete what the benchmark left (streams of closed nodes, raw inboxes).
     if let Ok(mut connection) = client.get_multiplexed_async_connection().await {
@@ -370,14 +428,19 @@ async fn main() {
         );
     }
     println!();
-    for payload in PAYLOAD_SIZES {
-        let rate = |variant: &str| {
-            rows.iter().find(|r| r.variant == variant && r.payload == payload).map_or(0.0, |r| r.rate)
+    for (payload, confirmed, queued) in round_ratios {
+        let rate = |variant: Variant| {
+            rows.iter().find(|r| r.variant == variant.label() && r.payload == payload).map_or(0.0, |r| r.rate)
         };
         println!(
-            "{payload} B: comms confirm / raw sequential = {:.2}, comms queued / raw pipelined = {:.2} (aim >= 0.9)",
-            rate("comms confirm") / rate("raw sequential"),
-            rate("comms queued") / rate("raw pipelined")
+            "{payload} B: comms confirm / raw sequential = {:.2} (rounds {:.2}..{:.2}), comms queued / raw pipelined = \
+             {:.2} (rounds {:.2}..{:.2}) (aim >= 0.9)",
+            rate(Variant::CommsConfirm) / rate(Variant::RawSequential),
+            confirmed.0,
+            confirmed.1,
+            rate(Variant::CommsQueued) / rate(Variant::RawPipelined),
+            queued.0,
+            queued.1
         );
     }
 }
