@@ -95,7 +95,7 @@ async fn a_newer_schema_is_refused_and_left_untouched() {
     let transport =
         library.new_transport(&node, "postgres", &config).await.unwrap_or_else(|error| panic!("{error}"));
     transport.close().await.unwrap();
-    assert_eq!(psql(&format!("SELECT version FROM \"{}\".comms_schema_version", schema.0)), "2");
+    assert_eq!(psql(&format!("SELECT version FROM \"{}\".comms_schema_version", schema.0)), "3");
     psql(&format!("UPDATE \"{}\".comms_schema_version SET version = 99", schema.0));
     let error = match library.new_transport(&node, "postgres", &config).await {
         Ok(_) => panic!("a schema of version 99 was opened"),
@@ -109,6 +109,77 @@ async fn a_newer_schema_is_refused_and_left_untouched() {
         "99",
         "untouched"
     );
+}
+
+/// Takes `count` messages from `transport` (claims them without settling), or fails after 10 s.
+async fn take(transport: &comms_plugin_api::host_side::LoadedTransport, count: usize) -> Vec<Vec<u8>> {
+    let taking = async {
+        let mut payloads = Vec::new();
+        while payloads.len() < count {
+            let batch = transport
+                .receive((count - payloads.len()) as u32)
+                .await
+                .unwrap_or_else(|error| panic!("{error}"));
+            assert!(!batch.is_empty(), "an open transport's receive returned nothing");
+            payloads.extend(batch.into_iter().map(|inbound| inbound.envelope.payload.as_slice().to_vec()));
+        }
+        payloads
+    };
+    tokio::time::timeout(Duration::from_secs(10), taking)
+        .await
+        .unwrap_or_else(|_| panic!("{count} messages not taken within 10 s"))
+}
+
+/// Schema version 3 dropped version 1's index on `owner`: a schema of version 2 is migrated,
+/// and a closing receiver still frees at once the messages it claimed and did not settle (now
+/// found through `recipient`), and only its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_2_schema_is_migrated_and_a_closing_receiver_frees_what_it_claimed() {
+    if !broker_available("PostgreSQL", POSTGRES) {
+        return;
+    }
+    let library =
+        PluginLibrary::load(artifacts().postgres_plugin()).unwrap_or_else(|error| panic!("{error}"));
+    let schema = Schema::new("release");
+    let s = &schema.0;
+    // Leases far longer than the test: a claimed message comes back only if its receiver frees it.
+    let config = schema.config("lease_ms = 600000\n");
+    let open = |node: &'static str| {
+        let (library, config) = (library.clone(), config.clone());
+        async move { library.new_transport(&NodeId::new(node), "postgres", &config).await }
+    };
+    open("alice").await.unwrap_or_else(|error| panic!("{error}")).close().await.unwrap();
+    psql(&format!(
+        "UPDATE \"{s}\".comms_schema_version SET version = 2;
+         CREATE INDEX comms_mailbox_by_owner ON \"{s}\".comms_mailbox (owner) WHERE owner IS NOT NULL"
+    ));
+    let alice = open("alice").await.unwrap_or_else(|error| panic!("{error}"));
+    assert_eq!(psql(&format!("SELECT version FROM \"{s}\".comms_schema_version")), "3");
+    let owner_index = format!(
+        "SELECT count(*) FROM pg_indexes WHERE schemaname = '{s}' AND indexname = 'comms_mailbox_by_owner'"
+    );
+    assert_eq!(psql(&owner_index), "0", "migration 3 drops the index on owner");
+
+    for (node, payload) in [("alice", "01"), ("alice", "02"), ("alice", "03"), ("bob", "04")] {
+        psql(&format!("SELECT \"{s}\".comms_send('{node}', '\\x{payload}'::bytea)"));
+    }
+    let bob = open("bob").await.unwrap_or_else(|error| panic!("{error}"));
+    assert_eq!(take(&bob, 1).await, [vec![4u8]]);
+    let mut taken = take(&alice, 3).await;
+    taken.sort();
+    assert_eq!(taken, [vec![1u8], vec![2], vec![3]]);
+    alice.close().await.unwrap();
+
+    let again = open("alice").await.unwrap_or_else(|error| panic!("{error}"));
+    let mut retaken = take(&again, 3).await;
+    retaken.sort();
+    assert_eq!(retaken, taken, "the closed receiver's claims are free again at once");
+    let bobs = psql(&format!(
+        "SELECT count(*) FROM \"{s}\".comms_mailbox WHERE recipient = 'bob' AND owner IS NOT NULL"
+    ));
+    assert_eq!(bobs, "1", "alice's close leaves bob's claim alone");
+    again.close().await.unwrap();
+    bob.close().await.unwrap();
 }
 
 /// A hello, heartbeat or goodbye replaces the older one waiting in the same mailbox (the

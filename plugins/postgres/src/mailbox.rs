@@ -137,7 +137,11 @@ impl Statements {
             requeue: format!(
                 "UPDATE {mailbox} SET owner = NULL, locked_until = '-infinity' WHERE id = ANY($1) AND owner = $2"
             ),
-            release: format!("UPDATE {mailbox} SET owner = NULL, locked_until = '-infinity' WHERE owner = $1"),
+            // Every row this instance claimed is in the mailbox of its node: the (recipient, id)
+            // index finds them (schema version 3 has no index on owner).
+            release: format!(
+                "UPDATE {mailbox} SET owner = NULL, locked_until = '-infinity' WHERE recipient = $1 AND owner = $2"
+            ),
             subscribe: format!(
                 "INSERT INTO \"{schema}\".comms_subscription (node_id, pattern, pattern_regex)
                  VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
@@ -390,7 +394,7 @@ impl Mailbox {
         let released = self
             .link
             .run("releasing leases", |client| async move {
-                client.execute(&self.statements.release, &[&self.owner]).await
+                client.execute(&self.statements.release, &[&self.recipient, &self.owner]).await
             })
             .await?;
         if released > 0 {

@@ -170,6 +170,15 @@ BEGIN
     RETURN written;
 END $$;
 "#,
+    // Version 3: no index on `owner`. Every claim sets `owner` on the rows it takes, so the
+    // index took a new entry for each claimed row (and a dead one once the row was settled):
+    // work on every message for a statement that runs once per transport instance, at its close
+    // (`release`, which now finds the instance's rows through `recipient`, as claims do).
+    // Without it a node takes messages from a backlog about 15 % faster (benchmark `postgres`,
+    // subscribe: 0.97 of raw tokio-postgres against 0.85, README).
+    r#"
+DROP INDEX IF EXISTS "{schema}".comms_mailbox_by_owner;
+"#,
 ];
 
 /// The schema version this plugin writes and reads.
