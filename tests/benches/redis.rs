@@ -19,8 +19,9 @@
 //!   plugin writes queued messages in pipelines;
 //! - **raw sequential**: redis-rs, a multiplexed connection, one `XADD` of the same fields the
 //!   plugin writes (`v`, `id`, `from`, `headers`, `payload`) awaited after the other (what
-//!   `confirm` does per message); the receiver on its own connection doing
-//!   `XREADGROUP COUNT 256 BLOCK` then `XACK` + `XDEL` in one pipeline per batch;
+//!   `confirm` does per message); the receiver on two connections of its own (as the plugin's
+//!   receiving node): `XREADGROUP COUNT 256 BLOCK` on one, then `XACK` + `XDEL` in one pipeline
+//!   per batch on the other;
 //! - **raw pipelined**: the same receiver; the sender writes `XADD`s in pipelines of 256.
 //!
 //! Throughput: one sender sends N messages, one receiver takes them; time from the first send to
@@ -220,7 +221,10 @@ async fn raw_throughput(
 ) -> Result<Duration, String> {
     let key = format!("{prefix}:raw:{}", rand::random::<u32>());
     let mut inbox = RawInbox::open(client, key.clone()).await?;
-    let mut sender = RawInbox { key, commands: inbox.commands.clone(), reading: inbox.reading.clone() };
+    // The sender is another program than the receiver, as the comms sender is another node:
+    // a connection of its own, not the one that carries the receiver's `XACK`s.
+    let commands = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
+    let mut sender = RawInbox { key, commands, reading: inbox.reading.clone() };
     let counter = tokio::spawn(async move {
         let mut received = 0;
         while received < count {
