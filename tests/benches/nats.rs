@@ -23,7 +23,8 @@
 //! times `COMMS_BENCH_SCALE`, median of 3 runs. The aim is comms >= 0.9x raw.
 //!
 //! `COMMS_BENCH_PLUGIN_THREADS=N` gives the plugin's runtime N worker threads (default: the
-//! plugin's own, 1).
+//! plugin's own, 1). `COMMS_BENCH_ONLY=comms` (or `raw`) runs one variant alone, e.g. to count
+//! the CPU time it takes of the client and of the server.
 
 use async_nats::{
     jetstream::{self, consumer::pull, stream},
@@ -164,20 +165,29 @@ fn main() {
         "NATS JetStream, {messages} messages per run, {WINDOW} sends in flight, median of {RUNS} runs\n"
     );
     one_way::print_header();
+    let only = std::env::var("COMMS_BENCH_ONLY").unwrap_or_default();
+    let (run_comms, run_raw) = (only != "raw", only != "comms");
     let mut ratios = Vec::new();
     for size in [64usize, 1024] {
         let (mut comms, mut raw) = (Vec::new(), Vec::new());
         for run in 0..RUNS {
-            eprintln!("run {run}, {size} B: comms");
-            let step =
-                comms_tests::bench::step("comms", STEP_LIMIT, comms_run(&library, run, size, messages));
-            comms.push(runtime.block_on(step).unwrap_or_else(|error| fail(&error)));
-            eprintln!("run {run}, {size} B: raw async-nats");
-            let step = comms_tests::bench::step("raw async-nats", STEP_LIMIT, raw_run(run, size, messages));
-            raw.push(runtime.block_on(step).unwrap_or_else(|error| fail(&error)));
+            if run_comms {
+                eprintln!("run {run}, {size} B: comms");
+                let step =
+                    comms_tests::bench::step("comms", STEP_LIMIT, comms_run(&library, run, size, messages));
+                comms.push(runtime.block_on(step).unwrap_or_else(|error| fail(&error)));
+            }
+            if run_raw {
+                eprintln!("run {run}, {size} B: raw async-nats");
+                let step =
+                    comms_tests::bench::step("raw async-nats", STEP_LIMIT, raw_run(run, size, messages));
+                raw.push(runtime.block_on(step).unwrap_or_else(|error| fail(&error)));
+            }
         }
-        let comms = one_way::print_row("comms (plugin, Node API)", size, comms);
-        let raw = one_way::print_row("raw async-nats", size, raw);
+        // A variant left out (COMMS_BENCH_ONLY) gives no row, and its ratio is NaN.
+        let comms =
+            if run_comms { one_way::print_row("comms (plugin, Node API)", size, comms) } else { f64::NAN };
+        let raw = if run_raw { one_way::print_row("raw async-nats", size, raw) } else { f64::NAN };
         ratios.push((size, comms / raw));
     }
     println!();

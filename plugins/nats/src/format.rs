@@ -16,7 +16,7 @@
 //! version or kind, headers that are not such JSON) is malformed: the transport moves it to the
 //! dead letters and never hands it to the host.
 
-use async_nats::HeaderMap;
+use async_nats::{header::HeaderName, HeaderMap};
 use comms_plugin_api::{Destination, Envelope, ErrorCode, MessageId, NodeId, Payload, PluginError};
 
 /// The format version this code writes and reads.
@@ -46,6 +46,20 @@ pub mod header {
     pub const DEAD_LETTER_SEQUENCE: &str = "Comms-Dead-Letter-Sequence";
 }
 
+/// The header names the transport writes on every message, made once: a name built from a
+/// `&str` is validated and copied into an allocation each time it is used, and these are used
+/// for every message sent.
+mod name {
+    use super::{header, HeaderName};
+
+    pub(super) const ID: HeaderName = HeaderName::from_static(header::ID);
+    pub(super) const FROM: HeaderName = HeaderName::from_static(header::FROM);
+    pub(super) const TO_KIND: HeaderName = HeaderName::from_static(header::TO_KIND);
+    pub(super) const TO: HeaderName = HeaderName::from_static(header::TO);
+    pub(super) const CORRELATION_ID: HeaderName = HeaderName::from_static(header::CORRELATION_ID);
+    pub(super) const HEADERS: HeaderName = HeaderName::from_static(header::HEADERS);
+}
+
 fn kind_name(destination: &Destination) -> &'static str {
     match destination {
         Destination::Node(_) => "node",
@@ -71,14 +85,14 @@ fn header_value<'a>(what: &str, value: &'a str) -> Result<&'a str, PluginError> 
 /// bytes for the server to parse and store per message.
 pub fn encode(envelope: &Envelope, destination_implied: bool) -> Result<HeaderMap, PluginError> {
     let mut headers = HeaderMap::new();
-    headers.insert(header::ID, envelope.id.to_string());
-    headers.insert(header::FROM, header_value("sender", envelope.from.as_str())?);
+    headers.insert(name::ID, envelope.id.to_string());
+    headers.insert(name::FROM, header_value("sender", envelope.from.as_str())?);
     if !destination_implied {
-        headers.insert(header::TO_KIND, kind_name(&envelope.to));
-        headers.insert(header::TO, header_value("destination", envelope.to.name())?);
+        headers.insert(name::TO_KIND, kind_name(&envelope.to));
+        headers.insert(name::TO, header_value("destination", envelope.to.name())?);
     }
     if let Some(correlation) = envelope.correlation_id {
-        headers.insert(header::CORRELATION_ID, correlation.to_string());
+        headers.insert(name::CORRELATION_ID, correlation.to_string());
     }
     if !envelope.headers.is_empty() {
         let pairs: Vec<[&str; 2]> = envelope.headers.iter().map(|(name, value)| [name, value]).collect();
@@ -86,7 +100,7 @@ pub fn encode(envelope: &Envelope, destination_implied: bool) -> Result<HeaderMa
         let json = serde_json::to_string(&pairs).map_err(|error| {
             PluginError::new(ErrorCode::MALFORMED, format!("cannot encode the headers: {error}"))
         })?;
-        headers.insert(header::HEADERS, json);
+        headers.insert(name::HEADERS, json);
     }
     Ok(headers)
 }
@@ -99,8 +113,38 @@ pub fn parse_id(text: &str) -> Option<MessageId> {
     u128::from_str_radix(text, 16).ok().map(MessageId::from_u128)
 }
 
-fn get<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).map(|value| value.as_str())
+/// The comms headers of a received message (the first value of each), found in one pass over
+/// its headers: looking each name up would build (and allocate) a name per lookup.
+#[derive(Default)]
+struct Fields<'a> {
+    version: Option<&'a str>,
+    id: Option<&'a str>,
+    from: Option<&'a str>,
+    to_kind: Option<&'a str>,
+    to: Option<&'a str>,
+    correlation_id: Option<&'a str>,
+    headers: Option<&'a str>,
+}
+
+impl<'a> Fields<'a> {
+    fn of(headers: &'a HeaderMap) -> Self {
+        let mut fields = Fields::default();
+        for (name, values) in headers.iter() {
+            let Some(value) = values.first() else { continue };
+            let slot = match AsRef::<str>::as_ref(name) {
+                header::VERSION => &mut fields.version,
+                header::ID => &mut fields.id,
+                header::FROM => &mut fields.from,
+                header::TO_KIND => &mut fields.to_kind,
+                header::TO => &mut fields.to,
+                header::CORRELATION_ID => &mut fields.correlation_id,
+                header::HEADERS => &mut fields.headers,
+                _ => continue,
+            };
+            *slot = Some(value.as_str());
+        }
+        fields
+    }
 }
 
 /// The envelope of a message received with `headers` and `payload`; `default_to` is the
@@ -111,18 +155,17 @@ pub fn decode(
     payload: &[u8],
     default_to: Destination,
 ) -> Result<Envelope, String> {
-    let empty = HeaderMap::new();
-    let headers = headers.unwrap_or(&empty);
-    match get(headers, header::VERSION) {
+    let fields = headers.map(Fields::of).unwrap_or_default();
+    match fields.version {
         None | Some(FORMAT_VERSION) => {}
         Some(other) => return Err(format!("header `{}` is `{other}`; this reader knows 1", header::VERSION)),
     }
-    let id = get(headers, header::ID).ok_or_else(|| format!("header `{}` is missing", header::ID))?;
+    let id = fields.id.ok_or_else(|| format!("header `{}` is missing", header::ID))?;
     let id = parse_id(id).ok_or_else(|| format!("header `{}` is not 1 to 32 hex digits", header::ID))?;
-    let from = get(headers, header::FROM).ok_or_else(|| format!("header `{}` is missing", header::FROM))?;
+    let from = fields.from.ok_or_else(|| format!("header `{}` is missing", header::FROM))?;
     let from = NodeId::new(from);
     from.check().map_err(|error| format!("header `{}`: {error}", header::FROM))?;
-    let to = match (get(headers, header::TO_KIND), get(headers, header::TO)) {
+    let to = match (fields.to_kind, fields.to) {
         (None, None) => default_to,
         (kind, Some(name)) => match kind.unwrap_or("node") {
             "node" => Destination::node(NodeId::new(name)),
@@ -132,7 +175,7 @@ pub fn decode(
         },
         (Some(_), None) => return Err(format!("header `{}` without `{}`", header::TO_KIND, header::TO)),
     };
-    let correlation = match get(headers, header::CORRELATION_ID) {
+    let correlation = match fields.correlation_id {
         None => None,
         Some(text) => Some(
             parse_id(text)
@@ -141,7 +184,7 @@ pub fn decode(
     };
     let mut envelope =
         Envelope::new(id, from, to, Payload::copy_from_slice(payload)).with_correlation_id(correlation);
-    if let Some(json) = get(headers, header::HEADERS) {
+    if let Some(json) = fields.headers {
         let pairs: Vec<(String, String)> = serde_json::from_str(json).map_err(|error| {
             format!("header `{}` is not a JSON array of [name, value] pairs: {error}", header::HEADERS)
         })?;

@@ -40,6 +40,18 @@ pub fn token(id: &str) -> String {
     token
 }
 
+/// Whether `candidate` is [`token`]`(id)`, without building the token when `id` needs none of
+/// its escapes (the common case, checked for every message sent).
+pub fn is_token_of(id: &str, candidate: &str) -> bool {
+    let plain = id.len() <= MAX_TOKEN
+        && id.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_');
+    if plain {
+        id == candidate
+    } else {
+        token(id) == candidate
+    }
+}
+
 /// The 64-bit FNV-1a hash of `text`'s bytes: stable across versions and machines (the names it
 /// is part of must stay the same for a node that comes back).
 fn fnv1a(text: &str) -> u64 {
@@ -101,6 +113,19 @@ mod tests {
         assert!(shortened.len() <= MAX_TOKEN && shortened.contains("=H"), "{shortened}");
         assert_ne!(shortened, token(&"x.".repeat(201)));
         assert!(shortened.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_=".contains(&b)));
+    }
+
+    #[test]
+    fn a_token_is_recognised_without_being_built_and_only_its_own() {
+        let long_plain = "n".repeat(MAX_TOKEN + 5);
+        for id in ["node-1_a", "a.b c*>", "é", "", long_plain.as_str(), &"x.".repeat(200)] {
+            assert!(is_token_of(id, &token(id)), "{id}");
+            assert!(!is_token_of(id, &format!("{}x", token(id))), "{id}");
+        }
+        // The escaped form of an id is not the token of the id spelled that way, and back.
+        assert!(!is_token_of("a.b", "a.b"));
+        assert!(!is_token_of("a=2Eb", "a=2Eb"), "`=` is escaped too");
+        assert!(!is_token_of("a=2Eb", &token("a.b")));
     }
 
     #[test]

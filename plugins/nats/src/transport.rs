@@ -88,6 +88,8 @@ struct Shared {
     /// The topic stream, with `durable_topics`.
     topic_stream: Option<jetstream::stream::Stream>,
     inbox: String,
+    /// `<prefix>.inbox.`: what every inbox address starts with.
+    inbox_prefix: String,
     dead_letter: String,
     in_flight: Mutex<HashMap<u64, InFlight>>,
     /// Messages the host may hold unsettled; the reader takes one per message it delivers.
@@ -406,6 +408,7 @@ impl NatsTransport {
         let shared = Arc::new(Shared {
             dead_letter: subject::dead_letter(&config.prefix, node.as_str()),
             permits: Semaphore::new(config.max_unsettled),
+            inbox_prefix: format!("{}.inbox.", config.prefix),
             inbox,
             node,
             client,
@@ -451,9 +454,12 @@ impl NatsTransport {
         if size as u64 > self.shared.max_message_size {
             return Err(self.shared.too_large(size));
         }
+        let inbox_prefix = &self.shared.inbox_prefix;
         // A node message on that node's own inbox: the reader knows the destination from it.
         let destination_implied = match &envelope.to {
-            Destination::Node(node) => address == subject::inbox(&self.shared.config.prefix, node.as_str()),
+            Destination::Node(node) => address
+                .strip_prefix(inbox_prefix)
+                .is_some_and(|token| subject::is_token_of(node.as_str(), token)),
             _ => false,
         };
         let headers = format::encode(envelope, destination_implied)?;
@@ -475,14 +481,13 @@ impl NatsTransport {
             let subject = subject::topic(&self.shared.config.prefix, topic)?;
             return Ok((self.shared.config.durable_topics, subject, headers, payload));
         }
-        let expected = format!("{}.inbox.", self.shared.config.prefix);
-        let valid = address.strip_prefix(&expected).is_some_and(|token| {
+        let valid = address.strip_prefix(inbox_prefix).is_some_and(|token| {
             !token.is_empty() && !token.contains(['.', '*', '>']) && !token.chars().any(char::is_whitespace)
         });
         if !valid {
             return Err(PluginError::new(
                 ErrorCode::INVALID_ADDRESS,
-                format!("`{address}` is not a nats inbox address (`{expected}<node>`)"),
+                format!("`{address}` is not a nats inbox address (`{inbox_prefix}<node>`)"),
             ));
         }
         Ok((true, address.to_string(), headers, payload))
@@ -537,7 +542,7 @@ impl Transport for NatsTransport {
     async fn send_batch(&self, batch: Vec<Outbound>) -> Vec<SendFailure> {
         let mut failures = Vec::new();
         let mut pending = Vec::with_capacity(batch.len());
-        for (index, outbound) in batch.into_iter().enumerate() {
+        for (index, outbound) in batch.iter().enumerate() {
             let (stored, subject, headers, payload) =
                 match self.prepare(&outbound.address, &outbound.envelope) {
                     Ok(prepared) => prepared,
@@ -552,21 +557,25 @@ impl Transport for NatsTransport {
                 }
                 continue;
             }
-            let sent = self
-                .shared
-                .jetstream
-                .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
-                .await;
-            pending.push((index, subject, headers, payload, sent));
+            pending
+                .push((index, self.shared.jetstream.publish_with_headers(subject, headers, payload).await));
         }
-        for (index, subject, headers, payload, sent) in pending {
+        for (index, sent) in pending {
             let confirmed = match sent {
                 Ok(ack) => ack.await.is_ok(),
                 Err(_) => false,
             };
-            // Whatever failed is sent again on its own, with the retries and errors of `send`.
+            // Whatever failed is prepared again and sent on its own, with the retries and errors
+            // of `send` (keeping a copy of every item for this rare case would cost every send).
             if !confirmed {
-                if let Err(error) = self.shared.publish_confirmed(&subject, &headers, &payload).await {
+                let outbound = &batch[index];
+                let sent = match self.prepare(&outbound.address, &outbound.envelope) {
+                    Ok((_, subject, headers, payload)) => {
+                        self.shared.publish_confirmed(&subject, &headers, &payload).await
+                    }
+                    Err(error) => Err(error),
+                };
+                if let Err(error) = sent {
                     failures.push(SendFailure { index, error });
                 }
             }
@@ -878,10 +887,15 @@ async fn take(
     // One permit per message the host holds unsettled, given back when it is settled. Readers
     // of several consumers share the permits: a reader may have pulled more than is left, and
     // then waits here for the host to settle something.
-    let permit = tokio::select! {
-        biased;
-        _ = closing(shutdown) => None,
-        permit = shared.permits.acquire() => permit.ok(),
+    // Waiting (with the shutdown watched) only when no permit is free: the common case costs
+    // no future per message.
+    let permit = match shared.permits.try_acquire() {
+        Ok(permit) => Some(permit),
+        Err(_) => tokio::select! {
+            biased;
+            _ = closing(shutdown) => None,
+            permit = shared.permits.acquire() => permit.ok(),
+        },
     };
     let Some(permit) = permit else {
         // Closing: hand it back rather than leave it until ack_wait_ms.
@@ -892,6 +906,12 @@ async fn take(
     let tag = shared.next_tag.fetch_add(1, Ordering::Relaxed) & !TOPIC_TAG;
     lock(&shared.in_flight).insert(tag, InFlight { reply, source, sequence });
     let inbound = Inbound { envelope, delivery_tag: tag };
+    // The queue has room for every permit, so this waits only for topic messages ahead of it.
+    let inbound = match shared.inbound.try_send(inbound) {
+        Ok(()) => return true,
+        Err(mpsc::error::TrySendError::Closed(_)) => return false,
+        Err(mpsc::error::TrySendError::Full(inbound)) => inbound,
+    };
     tokio::select! {
         sent = shared.inbound.send(inbound) => sent.is_ok(),
         _ = closing(shutdown) => false,
