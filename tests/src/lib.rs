@@ -188,11 +188,37 @@ fn profile() -> (&'static str, &'static [&'static str]) {
     }
 }
 
-/// Runs the cargo that runs the tests, with the tests' profile, in the repository root; panics
-/// if it fails.
+/// Whether `name` is one of the variables cargo sets for the test it runs (the package's
+/// manifest, name and version, `OUT_DIR`, ...), which a shell that runs cargo does not have.
+///
+/// Build scripts ask to be run again when such a variable changes (ring's and aws-lc-sys's watch
+/// `CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`, `OUT_DIR`): a cargo started with the test's values
+/// rebuilt them and everything above them (TLS, the host, every plugin: about a minute), and
+/// the next `cargo test` rebuilt them back.
+fn set_by_cargo_for_the_test(name: &str) -> bool {
+    ["CARGO_MANIFEST_", "CARGO_PKG_", "CARGO_BIN_"].iter().any(|prefix| name.starts_with(prefix))
+        || [
+            "CARGO_CRATE_NAME",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+            "CARGO_RUSTC_CURRENT_DIR",
+            "OUT_DIR",
+        ]
+        .contains(&name)
+}
+
+/// Runs the cargo that runs the tests, with the tests' profile, in the repository root, in the
+/// environment the tests were started from (see [`set_by_cargo_for_the_test`]); panics if it
+/// fails.
 pub fn cargo(args: &[&str], target: &Path) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let status = Command::new(&cargo)
+    let mut command = Command::new(&cargo);
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(set_by_cargo_for_the_test) {
+            command.env_remove(name);
+        }
+    }
+    let status = command
         .args(args)
         .args(profile().1)
         .arg("--target-dir")
@@ -517,4 +543,41 @@ pub fn python_available(modules: &[&str]) -> bool {
     }
     eprintln!("SKIPPED: {problem} (outside CI these tests skip)");
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::set_by_cargo_for_the_test;
+
+    #[test]
+    fn the_builds_a_test_starts_drop_the_tests_package_variables_and_keep_the_users_settings() {
+        // What `cargo test` sets for the test process, which build scripts watch.
+        for name in [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_PATH",
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+            "CARGO_CRATE_NAME",
+            "CARGO_BIN_EXE_comms",
+            "CARGO_TARGET_TMPDIR",
+            "OUT_DIR",
+        ] {
+            assert!(set_by_cargo_for_the_test(name), "{name} is the test's, not the user's");
+        }
+        // What the user (or CI) set for every build: a nested cargo must see the same.
+        for name in [
+            "CARGO",
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "CARGO_INCREMENTAL",
+            "CARGO_BUILD_JOBS",
+            "CARGO_TERM_COLOR",
+            "CARGO_NET_OFFLINE",
+            "CARGO_PROFILE_DEV_DEBUG",
+            "RUSTFLAGS",
+            "PATH",
+        ] {
+            assert!(!set_by_cargo_for_the_test(name), "{name} is the user's setting and must be kept");
+        }
+    }
 }
