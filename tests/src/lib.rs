@@ -208,7 +208,7 @@ fn set_by_cargo_for_the_test(name: &str) -> bool {
 }
 
 /// Runs the cargo that runs the tests, with the tests' profile, in the repository root, in the
-/// environment the tests were started from (see [`set_by_cargo_for_the_test`]); panics if it
+/// environment the tests were started from (see `set_by_cargo_for_the_test`); panics if it
 /// fails.
 pub fn cargo(args: &[&str], target: &Path) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
