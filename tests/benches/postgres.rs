@@ -16,7 +16,10 @@
 //!   writes them (then "subscribe" takes both batches);
 //! - **subscribe**: a receiver starts and takes those N messages; rate from its start to the
 //!   last message (each claimed, handed over and deleted);
-//! - **one-way**: sender and receiver at once, with one-way latency (p50, p99) under that load.
+//! - **one-way**: sender and receiver at once, with one-way latency (p50, p99) under that load;
+//!   comms also in the raw program's shape: `WINDOW` messages per `send_raw_many` call, one call
+//!   after the other, and the receiver taking up to `CLAIM` at a time with
+//!   [`Node::receive_envelopes`].
 //!
 //! Variants:
 //!
@@ -83,6 +86,9 @@ struct Phases {
     publish_batched: f64,
     subscribe: f64,
     one_way: Run,
+    /// comms only: one-way with `WINDOW` messages per `send_raw_many` call and the receiver
+    /// taking up to `CLAIM` at a time (the raw program's `one_way`).
+    one_way_batched: Run,
 }
 
 async fn comms_node(
@@ -120,7 +126,13 @@ async fn comms_run(
         one_way::receive_only(&receiver, 2 * messages).await?;
         let subscribe = 2.0 * messages as f64 / started.elapsed().as_secs_f64();
         let one_way = one_way::through_nodes(sender, receiver, "receiver", size, messages, WINDOW).await?;
-        Ok(Phases { publish, publish_batched, subscribe, one_way })
+        let sender = comms_node(library, "sender", &schema, Some("receiver")).await?;
+        let receiver = comms_node(library, "receiver", &schema, None).await?;
+        let take = CLAIM as usize;
+        let one_way_batched =
+            one_way::through_nodes_batched(sender, receiver, "receiver", size, messages, WINDOW, take)
+                .await?;
+        Ok(Phases { publish, publish_batched, subscribe, one_way, one_way_batched })
     }
     .await;
     drop_schema(&schema).await;
@@ -217,7 +229,7 @@ async fn raw_run(run: usize, size: usize, messages: usize) -> Result<Phases, Str
         raw_publish(&sender, &schema, size, messages).await?;
         let latencies = receiving.await.map_err(|error| format!("receiving task: {error}"))??;
         let one_way = summarize(started.elapsed(), messages, latencies);
-        Ok(Phases { publish, publish_batched: publish, subscribe, one_way })
+        Ok(Phases { publish, publish_batched: publish, subscribe, one_way, one_way_batched: one_way })
     }
     .await;
     drop_schema(&schema).await;
@@ -277,16 +289,21 @@ fn main() {
     one_way::print_header();
     let mut one_way_ratios = Vec::new();
     for (size, comms, raw) in &results {
-        let comms =
+        let batched_variant = format!("comms, {WINDOW} per call, up to {CLAIM} taken at once");
+        let single =
             one_way::print_row("comms (plugin, Node API)", *size, comms.iter().map(|p| p.one_way).collect());
+        let batched =
+            one_way::print_row(&batched_variant, *size, comms.iter().map(|p| p.one_way_batched).collect());
         let raw = one_way::print_row("raw tokio-postgres", *size, raw.iter().map(|p| p.one_way).collect());
-        one_way_ratios.push(comms / raw);
+        one_way_ratios.push((single / raw, batched / raw));
     }
     println!();
-    for ((size, publish, batched, subscribe), one_way) in ratios.into_iter().zip(one_way_ratios) {
+    for ((size, publish, batched, subscribe), (one_way, one_way_batched)) in
+        ratios.into_iter().zip(one_way_ratios)
+    {
         println!(
             "{size} B: comms / raw tokio-postgres: publish {publish:.2} ({WINDOW} per call {batched:.2}), subscribe \
-             {subscribe:.2}, one-way {one_way:.2} (aim >= 0.9)"
+             {subscribe:.2}, one-way {one_way:.2} ({WINDOW} per call {one_way_batched:.2}) (aim >= 0.9)"
         );
     }
 }

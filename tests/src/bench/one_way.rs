@@ -72,7 +72,8 @@ pub fn print_row(variant: &str, size: usize, runs: Vec<Run>) -> f64 {
 
 /// Sends `messages` stamped payloads of `size` bytes from `sender` to node `to` with `window`
 /// sends in flight ([`comms_host::Node::send_raw`], each complete when the transport says the
-/// message is stored), while `receiver` takes them all; closes both nodes.
+/// message is stored), while `receiver` takes them all, one [`comms_host::Node::receive_envelope`]
+/// each; closes both nodes.
 pub async fn through_nodes(
     sender: comms_host::Node,
     receiver: comms_host::Node,
@@ -82,19 +83,60 @@ pub async fn through_nodes(
     window: usize,
 ) -> Result<Run, String> {
     let started = Instant::now();
-    let receiving = tokio::spawn(async move {
+    let receiving = receive_in_background(receiver, messages, 1);
+    publish_only(&sender, to, size, messages, window).await?;
+    finish(started, sender, receiving, messages).await
+}
+
+/// As [`through_nodes`], in the shape of a program that writes and reads in batches: the sender
+/// sends `batch` per [`comms_host::Node::send_raw_many`] call, one call after the other (see
+/// [`publish_batched`]), and the receiver takes up to `take` at a time with
+/// [`comms_host::Node::receive_envelopes`].
+pub async fn through_nodes_batched(
+    sender: comms_host::Node,
+    receiver: comms_host::Node,
+    to: &str,
+    size: usize,
+    messages: usize,
+    batch: usize,
+    take: usize,
+) -> Result<Run, String> {
+    let started = Instant::now();
+    let receiving = receive_in_background(receiver, messages, take);
+    publish_batched(&sender, to, size, messages, batch).await?;
+    finish(started, sender, receiving, messages).await
+}
+
+type Receiving = tokio::task::JoinHandle<Result<Vec<u64>, String>>;
+
+/// Takes `messages` stamped messages at `receiver` (one `receive_envelope` each when `take` is
+/// 1, else `receive_envelopes(take)`), then closes it; their one-way latencies.
+fn receive_in_background(receiver: comms_host::Node, messages: usize, take: usize) -> Receiving {
+    tokio::spawn(async move {
         let mut latencies = Vec::with_capacity(messages);
         while latencies.len() < messages {
-            let envelope = receiver
-                .receive_envelope()
-                .await
-                .map_err(|error| format!("receiving message {}: {error}", latencies.len()))?;
-            latencies.push(latency_nanos(envelope.payload.as_slice()));
+            let failed = |error| format!("receiving message {}: {error}", latencies.len());
+            if take == 1 {
+                let envelope = receiver.receive_envelope().await.map_err(failed)?;
+                latencies.push(latency_nanos(envelope.payload.as_slice()));
+            } else {
+                let wanted = take.min(messages - latencies.len());
+                let envelopes = receiver.receive_envelopes(wanted).await.map_err(failed)?;
+                latencies.extend(envelopes.iter().map(|envelope| latency_nanos(envelope.payload.as_slice())));
+            }
         }
         receiver.close().await.map_err(|error| format!("closing the receiver: {error}"))?;
-        Ok::<_, String>(latencies)
-    });
-    publish_only(&sender, to, size, messages, window).await?;
+        Ok(latencies)
+    })
+}
+
+/// Waits for the receiver, closes the sender and sums the run up.
+async fn finish(
+    started: Instant,
+    sender: comms_host::Node,
+    receiving: Receiving,
+    messages: usize,
+) -> Result<Run, String> {
     let latencies = receiving.await.map_err(|error| format!("receiving task: {error}"))??;
     let elapsed = started.elapsed();
     sender.close().await.map_err(|error| format!("closing the sender: {error}"))?;
