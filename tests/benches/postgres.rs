@@ -29,7 +29,12 @@
 //! - **raw tokio-postgres**: the same tables and statements by hand, as a user who knows the
 //!   pattern writes them: a mailbox table, sends written `WINDOW` rows per `INSERT ... unnest`
 //!   statement (autocommit), a receiver claiming up to 256 rows with `UPDATE ... FOR UPDATE SKIP
-//!   LOCKED RETURNING`, then deleting them; an empty mailbox is polled again after 1 ms.
+//!   LOCKED RETURNING`, then deleting them; an empty mailbox is polled again after 1 ms;
+//! - **raw tokio-postgres, woken**: the same program doing the wake-up work that comms does (and
+//!   that a receiver needs so as not to poll an idle mailbox): each insert is followed by a
+//!   `pg_notify` of the mailbox's channel in a statement of its own, pipelined with the insert
+//!   (one round trip), and the receiver `LISTEN`s on its connection and claims again when
+//!   notified instead of after 1 ms (with a 5 s safety poll, the plugin's default `poll_ms`).
 //!
 //! `COMMS_BENCH_PAYLOADS=64` measures that payload size only (a comma-separated list of byte
 //! counts).
@@ -42,8 +47,12 @@
 
 use comms_host::{Node, PluginLibrary};
 use comms_tests::bench::one_way::{self, latency_nanos, stamped_payload, summarize, Run};
-use std::time::{Duration, Instant};
-use tokio_postgres::{Client, NoTls};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 const CONNECTION: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
 const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -66,6 +75,42 @@ async fn connect() -> Result<Client, String> {
         tokio_postgres::connect(CONNECTION, NoTls).await.map_err(|error| format!("connecting: {error}"))?;
     tokio::spawn(connection);
     Ok(client)
+}
+
+/// A connection whose notifications wake the returned [`Notify`] (which holds one wake-up at most,
+/// so a notification that comes while the receiver claims is not missed).
+async fn connect_woken() -> Result<(Client, Arc<Notify>), String> {
+    let (client, mut connection) =
+        tokio_postgres::connect(CONNECTION, NoTls).await.map_err(|error| format!("connecting: {error}"))?;
+    let woken = Arc::new(Notify::new());
+    let wake = Arc::clone(&woken);
+    tokio::spawn(async move {
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            match message {
+                Ok(AsyncMessage::Notification(_)) => wake.notify_one(),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    Ok((client, woken))
+}
+
+/// How the raw receiver learns that its mailbox holds something new.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Wake {
+    /// It claims again 1 ms after finding the mailbox empty; nobody notifies.
+    Poll,
+    /// Every insert notifies the mailbox's channel; an empty mailbox waits for a notification.
+    Notify,
+}
+
+/// The safety poll of the woken raw receiver (the plugin's default `poll_ms`).
+const SAFETY_POLL: Duration = Duration::from_secs(5);
+
+/// The notification channel of the raw program's mailbox in `schema`.
+fn channel(schema: &str) -> String {
+    format!("{schema}_mailbox")
 }
 
 fn schema_name(variant: &str, run: usize, size: usize) -> String {
@@ -157,27 +202,54 @@ async fn raw_mailbox(client: &Client, schema: &str) -> Result<(), String> {
         .map_err(|error| format!("creating the mailbox: {error}"))
 }
 
-/// Sends `messages` payloads in inserts of `WINDOW` rows; the rate at which they committed.
-async fn raw_publish(client: &Client, schema: &str, size: usize, messages: usize) -> Result<f64, String> {
+/// Sends `messages` payloads in inserts of `WINDOW` rows (each followed by a notification when
+/// `wake` is [`Wake::Notify`]); the rate at which they committed.
+async fn raw_publish(
+    client: &Client,
+    schema: &str,
+    size: usize,
+    messages: usize,
+    wake: Wake,
+) -> Result<f64, String> {
     let insert = client
         .prepare(&format!(
             "INSERT INTO \"{schema}\".mailbox (recipient, payload) SELECT 'receiver', p FROM unnest($1::bytea[]) AS p"
         ))
         .await
         .map_err(|error| format!("preparing the insert: {error}"))?;
+    let notify = client
+        .prepare("SELECT pg_notify($1, '')")
+        .await
+        .map_err(|error| format!("preparing the notification: {error}"))?;
+    let channel = channel(schema);
     let started = Instant::now();
     let mut sent = 0;
     while sent < messages {
         let rows = WINDOW.min(messages - sent);
         let payloads: Vec<Vec<u8>> = (0..rows).map(|_| stamped_payload(size)).collect();
-        client.execute(&insert, &[&payloads]).await.map_err(|error| format!("inserting: {error}"))?;
+        let (rows_parameter, channel_parameter) = ([&payloads as _], [&channel as _]);
+        let inserting = client.execute(&insert, &rows_parameter);
+        if wake == Wake::Notify {
+            // Both statements go out at once (the client pipelines them) and the server runs
+            // them in order, each its own transaction: the notification follows the commit.
+            let notifying = client.query_one(&notify, &channel_parameter);
+            futures::try_join!(inserting, notifying).map_err(|error| format!("inserting: {error}"))?;
+        } else {
+            inserting.await.map_err(|error| format!("inserting: {error}"))?;
+        }
         sent += rows;
     }
     Ok(messages as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Claims, takes and deletes `messages` messages; their one-way latencies.
-async fn raw_receive(client: &Client, schema: &str, messages: usize) -> Result<Vec<u64>, String> {
+/// Claims, takes and deletes `messages` messages; their one-way latencies. An empty mailbox is
+/// claimed again after 1 ms, or, with `woken`, once a notification (or the safety poll) comes.
+async fn raw_receive(
+    client: &Client,
+    schema: &str,
+    messages: usize,
+    woken: Option<&Notify>,
+) -> Result<Vec<u64>, String> {
     let claim = client
         .prepare(&format!(
             "UPDATE \"{schema}\".mailbox m
@@ -198,7 +270,12 @@ async fn raw_receive(client: &Client, schema: &str, messages: usize) -> Result<V
     while latencies.len() < messages {
         let rows = client.query(&claim, &[&CLAIM]).await.map_err(|error| format!("claiming: {error}"))?;
         if rows.is_empty() {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            match woken {
+                Some(woken) => {
+                    let _ = tokio::time::timeout(SAFETY_POLL, woken.notified()).await;
+                }
+                None => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
             continue;
         }
         let mut ids = Vec::with_capacity(rows.len());
@@ -211,22 +288,31 @@ async fn raw_receive(client: &Client, schema: &str, messages: usize) -> Result<V
     Ok(latencies)
 }
 
-async fn raw_run(run: usize, size: usize, messages: usize) -> Result<Phases, String> {
-    let schema = schema_name("raw", run, size);
+async fn raw_run(run: usize, size: usize, messages: usize, wake: Wake) -> Result<Phases, String> {
+    let variant = match wake {
+        Wake::Poll => "raw",
+        Wake::Notify => "rawwoken",
+    };
+    let schema = schema_name(variant, run, size);
     let result = async {
         let sender = connect().await?;
         raw_mailbox(&sender, &schema).await?;
-        let publish = raw_publish(&sender, &schema, size, messages).await?;
+        let publish = raw_publish(&sender, &schema, size, messages, wake).await?;
         let started = Instant::now();
-        let receiver = connect().await?;
-        raw_receive(&receiver, &schema, messages).await?;
+        let (receiver, woken) = connect_woken().await?;
+        if wake == Wake::Notify {
+            let listen = format!("LISTEN \"{}\"", channel(&schema));
+            receiver.batch_execute(&listen).await.map_err(|error| format!("listening: {error}"))?;
+        }
+        let woken = (wake == Wake::Notify).then_some(woken);
+        raw_receive(&receiver, &schema, messages, woken.as_deref()).await?;
         let subscribe = messages as f64 / started.elapsed().as_secs_f64();
         let started = Instant::now();
         let receiving = {
             let schema = schema.clone();
-            tokio::spawn(async move { raw_receive(&receiver, &schema, messages).await })
+            tokio::spawn(async move { raw_receive(&receiver, &schema, messages, woken.as_deref()).await })
         };
-        raw_publish(&sender, &schema, size, messages).await?;
+        raw_publish(&sender, &schema, size, messages, wake).await?;
         let latencies = receiving.await.map_err(|error| format!("receiving task: {error}"))??;
         let one_way = summarize(started.elapsed(), messages, latencies);
         Ok(Phases { publish, publish_batched: publish, subscribe, one_way, one_way_batched: one_way })
@@ -249,18 +335,22 @@ fn main() {
     println!("PostgreSQL, {messages} messages per run, {WINDOW} sends in flight, median of {RUNS} runs\n");
     let mut results = Vec::new();
     for size in comms_tests::bench::payload_sizes("postgres", &[64, 1024]) {
-        let (mut comms, mut raw) = (Vec::new(), Vec::new());
+        let (mut comms, mut raw, mut woken) = (Vec::new(), Vec::new(), Vec::new());
         for run in 0..RUNS {
             eprintln!("run {run}, {size} B: comms");
             let step =
                 comms_tests::bench::step("comms", STEP_LIMIT, comms_run(&library, run, size, messages));
             comms.push(runtime.block_on(step).unwrap_or_else(|error| fail(&error)));
-            eprintln!("run {run}, {size} B: raw tokio-postgres");
-            let step =
-                comms_tests::bench::step("raw tokio-postgres", STEP_LIMIT, raw_run(run, size, messages));
-            raw.push(runtime.block_on(step).unwrap_or_else(|error| fail(&error)));
+            for (wake, name, runs) in [
+                (Wake::Poll, "raw tokio-postgres", &mut raw),
+                (Wake::Notify, "raw tokio-postgres, woken", &mut woken),
+            ] {
+                eprintln!("run {run}, {size} B: {name}");
+                let step = comms_tests::bench::step(name, STEP_LIMIT, raw_run(run, size, messages, wake));
+                runs.push(runtime.block_on(step).unwrap_or_else(|error| fail(&error)));
+            }
         }
-        results.push((size, comms, raw));
+        results.push((size, comms, raw, woken));
     }
     println!("Publish and subscribe (msg/s, median of {RUNS}; Watermill on PostgreSQL: {WATERMILL_PUBLISH} / {WATERMILL_SUBSCRIBE})\n");
     println!("| variant | payload | publish | publish, {WINDOW} per call | subscribe | publish / Watermill | subscribe / Watermill |");
@@ -270,10 +360,15 @@ fn main() {
         values.sort_by(f64::total_cmp);
         values[values.len() / 2]
     };
+    // Per size, per raw variant: comms / raw for publish, publish in batches, subscribe.
     let mut ratios = Vec::new();
-    for (size, comms, raw) in &results {
+    for (size, comms, raw, woken) in &results {
         let mut rates = Vec::new();
-        for (variant, runs) in [("comms (plugin, Node API)", comms), ("raw tokio-postgres", raw)] {
+        for (variant, runs) in [
+            ("comms (plugin, Node API)", comms),
+            ("raw tokio-postgres", raw),
+            ("raw tokio-postgres, woken", woken),
+        ] {
             let (publish, subscribe) = (median_of(runs, |p| p.publish), median_of(runs, |p| p.subscribe));
             let batched = median_of(runs, |p| p.publish_batched);
             println!(
@@ -283,27 +378,33 @@ fn main() {
             );
             rates.push((publish, batched, subscribe));
         }
-        ratios.push((*size, rates[0].0 / rates[1].0, rates[0].1 / rates[1].1, rates[0].2 / rates[1].2));
+        let against = |raw: (f64, f64, f64)| (rates[0].0 / raw.0, rates[0].1 / raw.1, rates[0].2 / raw.2);
+        ratios.push((*size, [against(rates[1]), against(rates[2])]));
     }
     println!("\nOne-way, sender and receiver at once\n");
     one_way::print_header();
     let mut one_way_ratios = Vec::new();
-    for (size, comms, raw) in &results {
+    for (size, comms, raw, woken) in &results {
         let batched_variant = format!("comms, {WINDOW} per call, up to {CLAIM} taken at once");
         let single =
             one_way::print_row("comms (plugin, Node API)", *size, comms.iter().map(|p| p.one_way).collect());
         let batched =
             one_way::print_row(&batched_variant, *size, comms.iter().map(|p| p.one_way_batched).collect());
         let raw = one_way::print_row("raw tokio-postgres", *size, raw.iter().map(|p| p.one_way).collect());
-        one_way_ratios.push((single / raw, batched / raw));
+        let woken =
+            one_way::print_row("raw tokio-postgres, woken", *size, woken.iter().map(|p| p.one_way).collect());
+        one_way_ratios.push([(single / raw, batched / raw), (single / woken, batched / woken)]);
     }
     println!();
-    for ((size, publish, batched, subscribe), (one_way, one_way_batched)) in
-        ratios.into_iter().zip(one_way_ratios)
-    {
-        println!(
-            "{size} B: comms / raw tokio-postgres: publish {publish:.2} ({WINDOW} per call {batched:.2}), subscribe \
-             {subscribe:.2}, one-way {one_way:.2} ({WINDOW} per call {one_way_batched:.2}) (aim >= 0.9)"
-        );
+    for ((size, rates), one_way) in ratios.into_iter().zip(one_way_ratios) {
+        for (baseline, (publish, batched, subscribe), (one_way, one_way_batched)) in [
+            ("raw tokio-postgres", rates[0], one_way[0]),
+            ("raw tokio-postgres, woken", rates[1], one_way[1]),
+        ] {
+            println!(
+                "{size} B: comms / {baseline}: publish {publish:.2} ({WINDOW} per call {batched:.2}), subscribe \
+                 {subscribe:.2}, one-way {one_way:.2} ({WINDOW} per call {one_way_batched:.2}) (aim >= 0.9)"
+            );
+        }
     }
 }
