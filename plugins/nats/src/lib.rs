@@ -124,8 +124,8 @@ impl Plugin for NatsPlugin {
         "NATS JetStream: a stream per deployment with a durable consumer per node (at-least-once), core NATS topics, node records in a key-value bucket";
     const PROVIDES: Provides = Provides(Provides::TRANSPORT.0 | Provides::DISCOVERY.0);
     // async-nats drives each connection from one task (its connection handler), and the
-    // transport's own tasks only wait on it: one worker moves as much as two
-    // (`cargo bench -p comms-tests --bench nats` with `COMMS_BENCH_PLUGIN_THREADS`, README).
+    // transport's own tasks only wait on it: one worker moves as much as two (`cargo bench -p
+    // comms-tests --bench nats` with `COMMS_BENCH_PLUGIN_THREADS`, docs/benchmarks.md).
     const WORKER_THREADS: usize = 1;
 
     async fn new_transport(setup: Setup) -> Result<Arc<dyn Transport>, PluginError> {

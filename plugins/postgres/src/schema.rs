@@ -175,7 +175,7 @@ END $$;
     // work on every message for a statement that runs once per transport instance, at its close
     // (`release`, which now finds the instance's rows through `recipient`, as claims do).
     // Without it a node takes messages from a backlog about 15 % faster (benchmark `postgres`,
-    // subscribe: 0.97 of raw tokio-postgres against 0.85, README).
+    // subscribe: 0.97 of raw tokio-postgres against 0.85, docs/benchmarks.md).
     r#"
 DROP INDEX IF EXISTS "{schema}".comms_mailbox_by_owner;
 "#,
