@@ -127,6 +127,7 @@ pub mod log_rate;
 mod logging;
 pub mod node_limits;
 mod plugin;
+pub mod record_json;
 pub mod redact;
 pub mod runtime;
 pub mod security;

@@ -32,47 +32,9 @@ use tokio::{
 /// Events waiting for `next_event` before the watcher waits.
 const EVENT_QUEUE: usize = 256;
 
-/// A node record as stored in Redis (and as another program can write it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecordJson {
-    /// Node id.
-    pub id: String,
-    /// `[transport, address]` pairs.
-    #[serde(default)]
-    pub addresses: Vec<(String, String)>,
-    /// Services served.
-    #[serde(default)]
-    pub services: Vec<String>,
-    /// Topic patterns subscribed to.
-    #[serde(default)]
-    pub topics: Vec<String>,
-    /// `[name, value]` pairs.
-    #[serde(default)]
-    pub metadata: Vec<(String, String)>,
-}
-
-impl From<&NodeRecord> for RecordJson {
-    fn from(record: &NodeRecord) -> Self {
-        Self {
-            id: record.id.to_string(),
-            addresses: record.addresses.clone(),
-            services: record.services.clone(),
-            topics: record.topics.clone(),
-            metadata: record.metadata.clone(),
-        }
-    }
-}
-
-impl From<RecordJson> for NodeRecord {
-    fn from(json: RecordJson) -> Self {
-        let mut record = NodeRecord::new(NodeId::new(json.id));
-        record.addresses = json.addresses;
-        record.services = json.services;
-        record.topics = json.topics;
-        record.metadata = json.metadata;
-        record
-    }
-}
+/// A node record as stored (and as another program can write it): the keyed shape of
+/// [`comms_plugin_api::record_json`].
+pub use comms_plugin_api::record_json::RecordJson;
 
 /// A notification on `<prefix>:nodes`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

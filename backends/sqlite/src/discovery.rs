@@ -10,9 +10,11 @@ use crate::{
     config::SqliteConfig,
     schema::{self, db_error, now_ms},
 };
-use comms_plugin_api::{async_trait, Discovery, ErrorCode, NodeId, NodeRecord, PeerEvent, PluginError};
+use comms_plugin_api::{
+    async_trait, record_json::RegistryRowRecord, Discovery, ErrorCode, NodeId, NodeRecord, PeerEvent,
+    PluginError,
+};
 use rusqlite::{params, Connection};
-use serde::{Deserialize, Serialize};
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
@@ -25,50 +27,6 @@ const EVENT_QUEUE: usize = 1024;
 
 /// Rows whose heartbeat is older than this many peer timeouts are deleted.
 const GARBAGE_AFTER_TIMEOUTS: i64 = 10;
-
-/// A record as stored in `comms_registry.record`.
-#[derive(Debug, Serialize, Deserialize)]
-struct StoredRecord {
-    addresses: Vec<StoredAddress>,
-    services: Vec<String>,
-    topics: Vec<String>,
-    metadata: Vec<(String, String)>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct StoredAddress {
-    transport: String,
-    address: String,
-}
-
-impl StoredRecord {
-    fn from_record(record: &NodeRecord) -> Self {
-        Self {
-            addresses: record
-                .addresses
-                .iter()
-                .map(|(transport, address)| StoredAddress {
-                    transport: transport.clone(),
-                    address: address.clone(),
-                })
-                .collect(),
-            services: record.services.clone(),
-            topics: record.topics.clone(),
-            metadata: record.metadata.clone(),
-        }
-    }
-
-    fn into_record(self, id: String) -> NodeRecord {
-        {
-            let mut value = NodeRecord::new(NodeId::new(id));
-            value.addresses = self.addresses.into_iter().map(|a| (a.transport, a.address)).collect();
-            value.services = self.services;
-            value.topics = self.topics;
-            value.metadata = self.metadata;
-            value
-        }
-    }
-}
 
 struct Shared {
     config: SqliteConfig,
@@ -121,7 +79,7 @@ impl Shared {
             if own.contains(&id) {
                 continue;
             }
-            match serde_json::from_str::<StoredRecord>(&json) {
+            match serde_json::from_str::<RegistryRowRecord>(&json) {
                 Ok(stored) => {
                     peers.insert(id.clone(), stored.into_record(id));
                 }
@@ -150,9 +108,11 @@ impl Shared {
     }
 }
 
+/// The `record` column: the row shape of [`comms_plugin_api::record_json`] (the PostgreSQL
+/// plugin writes the same).
 fn encode(record: &NodeRecord) -> String {
     // Plain strings and vectors: serializing them cannot fail.
-    serde_json::to_string(&StoredRecord::from_record(record)).unwrap_or_default()
+    serde_json::to_string(&RegistryRowRecord::from(record)).unwrap_or_default()
 }
 
 /// Runs `work` in a `BEGIN IMMEDIATE` transaction: the write lock is taken (waiting up to the

@@ -12,9 +12,8 @@
 
 use crate::{config::PostgresConfig, link::Link, schema};
 use comms_plugin_api::{
-    async_trait,
-    serde::{Deserialize, Serialize},
-    Discovery, IncidentCounters, NodeId, NodeRecord, PeerEvent, PluginError,
+    async_trait, record_json::RegistryRowRecord, Discovery, IncidentCounters, NodeId, NodeRecord, PeerEvent,
+    PluginError,
 };
 use std::{
     collections::BTreeMap,
@@ -29,53 +28,11 @@ const EVENT_QUEUE: usize = 1024;
 /// Rows whose heartbeat is older than this many peer timeouts are deleted.
 const GARBAGE_AFTER_TIMEOUTS: f64 = 10.0;
 
-/// A record as stored in `comms_registry.record` (the same JSON as the SQLite plugin's).
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(crate = "comms_plugin_api::serde")]
-struct StoredRecord {
-    addresses: Vec<StoredAddress>,
-    services: Vec<String>,
-    topics: Vec<String>,
-    metadata: Vec<(String, String)>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(crate = "comms_plugin_api::serde")]
-struct StoredAddress {
-    transport: String,
-    address: String,
-}
-
-impl StoredRecord {
-    fn from_record(record: &NodeRecord) -> Self {
-        Self {
-            addresses: record
-                .addresses
-                .iter()
-                .map(|(transport, address)| StoredAddress {
-                    transport: transport.clone(),
-                    address: address.clone(),
-                })
-                .collect(),
-            services: record.services.clone(),
-            topics: record.topics.clone(),
-            metadata: record.metadata.clone(),
-        }
-    }
-
-    fn into_record(self, id: String) -> NodeRecord {
-        let mut value = NodeRecord::new(NodeId::new(id));
-        value.addresses = self.addresses.into_iter().map(|a| (a.transport, a.address)).collect();
-        value.services = self.services;
-        value.topics = self.topics;
-        value.metadata = self.metadata;
-        value
-    }
-}
-
+/// The `record` column: the row shape of [`comms_plugin_api::record_json`] (the SQLite plugin
+/// writes the same).
 fn encode(record: &NodeRecord) -> String {
     // Plain strings and vectors: serializing them cannot fail.
-    serde_json::to_string(&StoredRecord::from_record(record)).unwrap_or_default()
+    serde_json::to_string(&RegistryRowRecord::from(record)).unwrap_or_default()
 }
 
 /// The SQL of one schema.
@@ -143,7 +100,7 @@ impl Shared {
             if own.contains(&id) {
                 continue;
             }
-            let record = match serde_json::from_str::<StoredRecord>(&json) {
+            let record = match serde_json::from_str::<RegistryRowRecord>(&json) {
                 Ok(stored) => stored.into_record(id.clone()),
                 Err(error) => {
                     tracing::debug!(node = %id, %error, "unreadable registry row ignored");
