@@ -1,5 +1,6 @@
 //! Handing received messages to the host in batches: the receive loop every backend needs.
 
+use crate::{wire, Envelope};
 use tokio::sync::{mpsc, watch};
 
 /// The reason a backend records with a dead letter the receiving node refused for good (it
@@ -19,6 +20,44 @@ pub fn oversized_reason(payload_len: usize, max_message_size: u64) -> Option<Str
     (payload_len as u64 > max_message_size).then(|| {
         format!("message too large: {payload_len} bytes of payload, this transport accepts at most {max_message_size}")
     })
+}
+
+/// The dead-letter reason of a stored message delivered `max_attempts` times without being
+/// accepted, on the backends that count deliveries themselves (the database tables).
+pub const MAX_ATTEMPTS_REASON: &str = "delivered max_attempts times without being accepted";
+
+/// The start of the dead-letter reason of stored bytes that are not a wire-encoded envelope;
+/// the decoder's error follows after `": "`.
+pub const MALFORMED_REASON: &str = "not a valid wire-encoded envelope";
+
+/// What a message stored by a backend that counts its deliveries must satisfy to be delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredMessageLimits {
+    /// Deliveries allowed: delivery `max_attempts` is made, the next one dead-letters.
+    pub max_attempts: u64,
+    /// The receiving transport's `max_message_size`.
+    pub max_message_size: u64,
+}
+
+/// The envelope in `bytes`, a stored message about to be delivered for the `delivery`-th time
+/// (1 for the first), or the reason it goes to the dead letters instead: [`MAX_ATTEMPTS_REASON`],
+/// [`MALFORMED_REASON`] with the decoder's error, or [`oversized_reason`]. Any program can write
+/// into a table, so the bytes are checked like any input, and each fault has its own reason:
+/// an operator reading the dead letters can tell a writer of another wire version, an oversized
+/// message and a message that kept failing apart.
+pub fn check_stored_message(
+    bytes: &[u8],
+    delivery: u64,
+    limits: &StoredMessageLimits,
+) -> Result<Envelope, String> {
+    if delivery > limits.max_attempts {
+        return Err(MAX_ATTEMPTS_REASON.to_string());
+    }
+    let envelope = wire::decode_envelope(bytes).map_err(|error| format!("{MALFORMED_REASON}: {error}"))?;
+    match oversized_reason(envelope.payload.len(), limits.max_message_size) {
+        Some(reason) => Err(reason),
+        None => Ok(envelope),
+    }
 }
 
 /// Waits for at least one item from `queue` and returns it with up to `max_batch - 1` more that
@@ -60,6 +99,27 @@ mod tests {
         assert_eq!(oversized_reason(16, 16), None);
         let reason = oversized_reason(17, 16).expect("one byte over is refused");
         assert!(reason.contains("17 bytes") && reason.contains("at most 16"), "{reason}");
+    }
+
+    #[test]
+    fn a_stored_message_is_delivered_max_attempts_times_and_each_fault_has_its_reason() {
+        let limits = StoredMessageLimits { max_attempts: 3, max_message_size: 4 };
+        let envelope = crate::Envelope::new(
+            crate::MessageId::from_u128(1),
+            crate::NodeId::new("a"),
+            crate::Destination::Node(crate::NodeId::new("b")),
+            b"1234".to_vec(),
+        );
+        let mut good = Vec::new();
+        wire::encode_envelope(&envelope, &mut good).unwrap();
+        assert_eq!(check_stored_message(&good, 1, &limits).unwrap().payload.as_slice(), b"1234");
+        assert!(check_stored_message(&good, 3, &limits).is_ok(), "the third delivery of three");
+        assert_eq!(check_stored_message(&good, 4, &limits).unwrap_err(), MAX_ATTEMPTS_REASON);
+        assert_eq!(check_stored_message(&good, u64::MAX, &limits).unwrap_err(), MAX_ATTEMPTS_REASON);
+        let truncated = check_stored_message(&good[..good.len() - 1], 1, &limits).unwrap_err();
+        assert!(truncated.starts_with(&format!("{MALFORMED_REASON}: ")), "{truncated}");
+        let small = StoredMessageLimits { max_message_size: 3, ..limits };
+        assert_eq!(check_stored_message(&good, 1, &small).unwrap_err(), oversized_reason(4, 3).unwrap());
     }
 
     #[tokio::test]

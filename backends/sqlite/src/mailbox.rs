@@ -6,7 +6,10 @@
 use crate::{config::SqliteConfig, schema::now_ms, topic_pattern};
 #[cfg(doc)]
 use comms_plugin_api::framework;
-use comms_plugin_api::{inbound, wire, Envelope, Inbound, Settlement, SettlementOutcome};
+use comms_plugin_api::{
+    inbound::{self, StoredMessageLimits},
+    Envelope, Inbound, Settlement, SettlementOutcome,
+};
 use rusqlite::{
     params,
     types::{Type, ValueRef},
@@ -78,16 +81,6 @@ pub(crate) struct SqliteMailbox {
     owner: String,
 }
 
-const REASON_ATTEMPTS: &str = "delivered max_attempts times without being accepted";
-const REASON_MALFORMED: &str = "not a valid wire-encoded envelope";
-
-/// What a claimed row must satisfy to be delivered.
-#[derive(Debug, Clone, Copy)]
-struct RowLimits {
-    max_attempts: i64,
-    max_message_size: u64,
-}
-
 /// The envelope of a claimed row, or why the row goes to the dead-letter table instead. Any
 /// program can write into the table, so nothing is assumed about the values' types. The reason
 /// names what is wrong: an operator reading `comms_dead_letter` can tell a broken writer
@@ -97,7 +90,7 @@ fn check_row(
     envelope: ValueRef<'_>,
     attempts: ValueRef<'_>,
     locked_until: ValueRef<'_>,
-    limits: &RowLimits,
+    limits: &StoredMessageLimits,
 ) -> Result<Envelope, String> {
     let attempts = match attempts {
         ValueRef::Integer(attempts) => attempts,
@@ -106,18 +99,16 @@ fn check_row(
     if !matches!(locked_until, ValueRef::Integer(_)) {
         return Err(format!("locked_until column holds {}, not an INTEGER", sql_type(locked_until)));
     }
-    // This claim would be delivery number `attempts + 1`.
-    if attempts.saturating_add(1) > limits.max_attempts {
-        return Err(REASON_ATTEMPTS.to_string());
+    // This claim would be delivery number `attempts + 1` (checked first: a row that kept
+    // failing is moved whatever else is wrong with it).
+    let delivery = u64::try_from(attempts.saturating_add(1)).unwrap_or(0);
+    if delivery > limits.max_attempts {
+        return Err(inbound::MAX_ATTEMPTS_REASON.to_string());
     }
     let ValueRef::Blob(bytes) = envelope else {
         return Err(format!("envelope column holds {}, not a BLOB in the wire encoding", sql_type(envelope)));
     };
-    let envelope = wire::decode_envelope(bytes).map_err(|error| format!("{REASON_MALFORMED}: {error}"))?;
-    match inbound::oversized_reason(envelope.payload.len(), limits.max_message_size) {
-        Some(reason) => Err(reason),
-        None => Ok(envelope),
-    }
+    inbound::check_stored_message(bytes, delivery, limits)
 }
 
 /// The SQL name of a value's type, as `typeof()` would say it (upper case).
@@ -313,8 +304,8 @@ impl SqliteMailbox {
             return Ok(Claimed { data_version, looked: true, next_lease_expiry, ..Claimed::default() });
         }
 
-        let limits = RowLimits {
-            max_attempts: i64::from(self.config.max_attempts),
+        let limits = StoredMessageLimits {
+            max_attempts: u64::from(self.config.max_attempts),
             max_message_size: self.config.max_message_size,
         };
         let limit = i64::try_from(max.min(self.config.batch_size)).unwrap_or(i64::MAX);
@@ -425,9 +416,9 @@ fn dead_letter(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use comms_plugin_api::{Destination, MessageId, NodeId};
+    use comms_plugin_api::{wire, Destination, MessageId, NodeId};
 
-    const LIMITS: RowLimits = RowLimits { max_attempts: 3, max_message_size: 4 };
+    const LIMITS: StoredMessageLimits = StoredMessageLimits { max_attempts: 3, max_message_size: 4 };
 
     fn encoded(payload: &[u8]) -> Vec<u8> {
         let envelope = Envelope::new(
@@ -462,9 +453,17 @@ mod tests {
             reason(ValueRef::Text(b"x"), zero, zero),
             "envelope column holds TEXT, not a BLOB in the wire encoding"
         );
-        assert_eq!(reason(blob, ValueRef::Integer(3), zero), REASON_ATTEMPTS, "a fourth delivery of three");
+        assert_eq!(
+            reason(blob, ValueRef::Integer(3), zero),
+            inbound::MAX_ATTEMPTS_REASON,
+            "a fourth delivery of three"
+        );
         assert!(check_row(blob, ValueRef::Integer(2), zero, &LIMITS).is_ok(), "the third delivery");
-        assert_eq!(reason(blob, ValueRef::Integer(i64::MAX), zero), REASON_ATTEMPTS, "no overflow");
+        assert_eq!(
+            reason(blob, ValueRef::Integer(i64::MAX), zero),
+            inbound::MAX_ATTEMPTS_REASON,
+            "no overflow"
+        );
         assert_eq!(
             reason(ValueRef::Blob(&encoded(b"12345")), zero, zero),
             inbound::oversized_reason(5, 4).unwrap()

@@ -4,38 +4,24 @@
 //!
 //! Everything here is a pure function, tested below without a server.
 
-use comms_plugin_api::{inbound, wire, Envelope};
+use comms_plugin_api::{
+    inbound::{self, StoredMessageLimits},
+    Envelope,
+};
 use std::time::Duration;
 
-/// Why a message was delivered `max_attempts` times and is now a dead letter.
-pub(crate) const REASON_ATTEMPTS: &str = "delivered max_attempts times without being accepted";
-/// The prefix of the reason for bytes that are not a wire envelope.
-pub(crate) const REASON_MALFORMED: &str = "not a valid wire-encoded envelope";
-
-/// What a claimed row must satisfy to be delivered.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct RowLimits {
-    /// Deliveries allowed; the claim that would be delivery `max_attempts + 1` dead-letters.
-    pub(crate) max_attempts: i32,
-    /// The receiver's `max_message_size`.
-    pub(crate) max_message_size: u64,
-}
-
-/// The envelope of a claimed row, or why the row goes to the dead-letter table instead.
+/// The envelope of a claimed row, or why the row goes to the dead-letter table instead
+/// ([`inbound::check_stored_message`], whose reasons every database backend shares).
 ///
-/// `attempts` is the row's count *after* the claim (the claim counts itself), so the
-/// `max_attempts`-th delivery is still made and the next claim moves the row. Any program can
-/// write into the table, so the bytes are checked like any input: the wire decoder's error and
-/// the size limit are reasons of their own (the same texts as the other backends use).
-pub(crate) fn check_row(envelope: &[u8], attempts: i32, limits: &RowLimits) -> Result<Envelope, String> {
-    if attempts > limits.max_attempts {
-        return Err(REASON_ATTEMPTS.to_string());
-    }
-    let envelope = wire::decode_envelope(envelope).map_err(|error| format!("{REASON_MALFORMED}: {error}"))?;
-    match inbound::oversized_reason(envelope.payload.len(), limits.max_message_size) {
-        Some(reason) => Err(reason),
-        None => Ok(envelope),
-    }
+/// `attempts` is the row's count *after* the claim (the claim counts itself): it is the number
+/// of this delivery, so the `max_attempts`-th delivery is still made and the next claim moves
+/// the row.
+pub(crate) fn check_row(
+    envelope: &[u8],
+    attempts: i32,
+    limits: &StoredMessageLimits,
+) -> Result<Envelope, String> {
+    inbound::check_stored_message(envelope, u64::try_from(attempts).unwrap_or(0), limits)
 }
 
 /// How long an idle receiver waits before it looks at its mailbox on its own: until the earliest
@@ -80,9 +66,12 @@ pub(crate) fn pattern_regex(pattern: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use comms_plugin_api::{Destination, MessageId, NodeId};
+    use comms_plugin_api::{
+        inbound::{MALFORMED_REASON, MAX_ATTEMPTS_REASON},
+        wire, Destination, MessageId, NodeId,
+    };
 
-    const LIMITS: RowLimits = RowLimits { max_attempts: 3, max_message_size: 4 };
+    const LIMITS: StoredMessageLimits = StoredMessageLimits { max_attempts: 3, max_message_size: 4 };
 
     fn encoded(payload: &[u8]) -> Vec<u8> {
         let envelope = Envelope::new(
@@ -101,8 +90,8 @@ mod tests {
         let good = encoded(b"1234");
         assert_eq!(check_row(&good, 1, &LIMITS).unwrap().payload.as_slice(), b"1234");
         assert!(check_row(&good, 3, &LIMITS).is_ok(), "the third delivery of three");
-        assert_eq!(check_row(&good, 4, &LIMITS).unwrap_err(), REASON_ATTEMPTS);
-        assert_eq!(check_row(&good, i32::MAX, &LIMITS).unwrap_err(), REASON_ATTEMPTS);
+        assert_eq!(check_row(&good, 4, &LIMITS).unwrap_err(), MAX_ATTEMPTS_REASON);
+        assert_eq!(check_row(&good, i32::MAX, &LIMITS).unwrap_err(), MAX_ATTEMPTS_REASON);
     }
 
     #[test]
@@ -116,7 +105,7 @@ mod tests {
             check_row(&encoded(b"12345"), 1, &LIMITS).unwrap_err(),
             inbound::oversized_reason(5, 4).unwrap()
         );
-        assert!(check_row(b"", 1, &LIMITS).unwrap_err().starts_with(REASON_MALFORMED));
+        assert!(check_row(b"", 1, &LIMITS).unwrap_err().starts_with(MALFORMED_REASON));
     }
 
     #[test]

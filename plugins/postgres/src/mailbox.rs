@@ -2,11 +2,8 @@
 //! is a transaction of its own (autocommit) and safe on a connection that other operations
 //! share; and each is safe to run again after a lost connection (see [`Link::run`]).
 
-use crate::{
-    lease::{self, RowLimits},
-    link::Link,
-};
-use comms_plugin_api::{Inbound, PluginError};
+use crate::{lease, link::Link};
+use comms_plugin_api::{inbound::StoredMessageLimits, Inbound, PluginError};
 
 /// One message to write.
 #[derive(Debug)]
@@ -183,7 +180,7 @@ pub(crate) struct Mailbox {
     /// Written into `owner` of claimed rows: unique per transport instance, so a settlement
     /// never touches a row that has since been claimed by someone else.
     owner: String,
-    limits: RowLimits,
+    limits: StoredMessageLimits,
     lease_ms: f64,
     /// The patterns this instance subscribes to now: the topic copies it may claim. Restarted
     /// empty, so that what waited for a subscription while the node was away waits until the
@@ -198,7 +195,7 @@ impl Mailbox {
         schema: &str,
         recipient: String,
         owner: String,
-        limits: RowLimits,
+        limits: StoredMessageLimits,
         lease_ms: u64,
     ) -> Self {
         Self {

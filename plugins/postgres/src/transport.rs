@@ -2,15 +2,15 @@
 
 use crate::{
     config::PostgresConfig,
-    lease::{self, RowLimits},
+    lease,
     link::Link,
     mailbox::{Claimed, Mailbox, Outgoing},
     schema,
 };
 use comms_plugin_api::{
-    async_trait, framework, host_driven, queued, runtime, topics, wire, Capabilities, Destination, Envelope,
-    ErrorCode, Inbound, IncidentCounters, NodeId, Outbound, PluginError, SendFailure, Settlement,
-    SettlementOutcome, Transport, TransportInfo, TransportStats,
+    async_trait, framework, host_driven, inbound::StoredMessageLimits, queued, runtime, topics, wire,
+    Capabilities, Destination, Envelope, ErrorCode, Inbound, IncidentCounters, NodeId, Outbound, PluginError,
+    SendFailure, Settlement, SettlementOutcome, Transport, TransportInfo, TransportStats,
 };
 use std::{
     sync::{
@@ -93,8 +93,8 @@ impl PostgresTransport {
             .await?
             .get::<_, String>(0);
         link.listen(channel).await?;
-        let limits = RowLimits {
-            max_attempts: i32::try_from(config.max_attempts).unwrap_or(i32::MAX),
+        let limits = StoredMessageLimits {
+            max_attempts: u64::from(config.max_attempts),
             max_message_size: config.max_message_size,
         };
         let mailbox = Arc::new(Mailbox::new(
