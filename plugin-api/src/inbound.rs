@@ -1,4 +1,6 @@
-//! Handing received messages to the host in batches: the receive loop every backend needs.
+//! Receiving: the checks every backend makes of a message it takes in (its size and, where the
+//! backend counts deliveries itself, how often it was delivered and whether it decodes), and the
+//! receive loop that hands messages to the host in batches.
 
 use crate::{wire, Envelope};
 use tokio::sync::{mpsc, watch};
