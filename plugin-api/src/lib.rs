@@ -126,6 +126,7 @@ pub mod layer;
 pub mod log_rate;
 mod logging;
 pub mod node_limits;
+pub mod peer_events;
 mod plugin;
 pub mod record_json;
 pub mod redact;

@@ -8,8 +8,10 @@
 
 use crate::{config::AmqpDiscoveryConfig, connection};
 use comms_plugin_api::{
-    async_trait, redact::redact_url, Discovery, ErrorCode, NodeId, NodeRecord, PeerEvent, PeerEventKind,
-    PluginError,
+    async_trait,
+    peer_events::{peer_event_queue, PeerEventQueue, PeerEventSender, QueueFull},
+    redact::redact_url,
+    Discovery, ErrorCode, NodeId, NodeRecord, PeerEvent, PeerEventKind, PluginError,
 };
 use futures::StreamExt;
 use lapin::{
@@ -29,15 +31,14 @@ use std::{
     },
     time::Duration,
 };
-use tokio::{
-    sync::{mpsc, watch},
-    time::Instant,
-};
+use tokio::{sync::watch, time::Instant};
 
 /// Version of the announcement format below.
 pub const ANNOUNCEMENT_VERSION: u32 = 1;
 
-/// Peer events waiting for `next_event` before new ones are dropped (the peer list stays right).
+/// Nodes whose events may wait for `next_event` (one event per node: see
+/// [`comms_plugin_api::peer_events`]); an event about one more node is dropped and logged (the
+/// peer list stays right).
 const EVENT_CAPACITY: usize = 1024;
 
 /// One message on the discovery exchange (JSON, content type `application/json`).
@@ -189,8 +190,8 @@ struct Inner {
     broker: connection::Broker,
     own: Mutex<Option<NodeRecord>>,
     table: Mutex<PeerTable>,
-    events_tx: mpsc::Sender<PeerEvent>,
-    events_rx: tokio::sync::Mutex<mpsc::Receiver<PeerEvent>>,
+    events_tx: PeerEventSender,
+    events_rx: PeerEventQueue,
     /// The channel announcements are published on, while connected.
     channel: watch::Sender<Option<Channel>>,
     closed: AtomicBool,
@@ -209,7 +210,7 @@ impl AmqpDiscovery {
     pub async fn connect(node: NodeId, config: AmqpDiscoveryConfig) -> Result<Self, PluginError> {
         config.validate()?;
         let broker = connection::Broker::new(&config.url, &config.tls_files())?;
-        let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
+        let (events_tx, events_rx) = peer_event_queue(EVENT_CAPACITY);
         let inner = Arc::new(Inner {
             url: redact_url(&config.url),
             broker,
@@ -218,7 +219,7 @@ impl AmqpDiscovery {
             own: Mutex::new(None),
             table: Mutex::new(PeerTable::default()),
             events_tx,
-            events_rx: tokio::sync::Mutex::new(events_rx),
+            events_rx,
             channel: watch::channel(None).0,
             closed: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
@@ -289,8 +290,11 @@ async fn open_session(inner: &Inner, generation: u64) -> Result<Session, PluginE
 
 impl Inner {
     fn emit(&self, event: PeerEvent) {
-        if self.events_tx.try_send(event).is_err() {
-            tracing::warn!("AMQP discovery: peer events are not being read; an event was dropped");
+        if let Err(QueueFull(event)) = self.events_tx.push(event) {
+            tracing::warn!(
+                node = %event.record.id,
+                "AMQP discovery: peer events are not being read; an event was dropped"
+            );
         }
     }
 
@@ -462,16 +466,7 @@ impl Discovery for AmqpDiscovery {
     }
 
     async fn next_event(&self) -> Result<Option<PeerEvent>, PluginError> {
-        let inner = &self.inner;
-        let mut events = inner.events_rx.lock().await;
-        let mut shutdown = inner.shutdown.subscribe();
-        if *shutdown.borrow() {
-            return Ok(None);
-        }
-        tokio::select! {
-            event = events.recv() => Ok(event),
-            _ = connection::closing(&mut shutdown) => Ok(None),
-        }
+        Ok(self.inner.events_rx.next(self.inner.shutdown.subscribe()).await)
     }
 
     async fn close(&self) -> Result<(), PluginError> {

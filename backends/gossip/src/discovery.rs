@@ -17,6 +17,7 @@ use comms_plugin_api::{
     async_trait,
     datagram_carrier::{Carrier, DatagramCarrier},
     log_rate::LogRateLimit,
+    peer_events::{peer_event_queue, PeerEventQueue, PeerEventSender},
     serde::Deserialize,
     socket_address, Discovery, ErrorCode, NodeId, NodeRecord, PeerEvent, PluginError,
 };
@@ -26,13 +27,15 @@ use std::{
     time::{Duration, Instant},
 };
 use tokio::{
-    sync::{mpsc, watch, Notify},
+    sync::{watch, Notify},
     task::JoinHandle,
 };
 
 /// Listen address when the config names none: any free port on every IPv4 interface.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:0";
-/// Events waiting for the host; further ones are dropped and logged (`peers` stays exact).
+/// Nodes whose events may wait for the host (one event each, the latest:
+/// [`comms_plugin_api::peer_events`]); an event about one more node is dropped and logged
+/// (`peers` stays exact).
 pub const EVENT_CAPACITY: usize = 1024;
 /// Datagrams read per turn of the driver before it lets the state machine send.
 const RECEIVE_BATCH: usize = 64;
@@ -144,7 +147,7 @@ pub struct GossipDiscovery {
     shared: Arc<Shared>,
     local: SocketAddr,
     node_id: NodeId,
-    events: tokio::sync::Mutex<mpsc::Receiver<PeerEvent>>,
+    events: PeerEventQueue,
     task: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -210,7 +213,7 @@ impl GossipDiscovery {
             node.authenticate(security, now, WallClock::system_unix_ms())
                 .map_err(|why| PluginError::invalid_config(format!("gossip: authenticated gossip: {why}")))?;
         }
-        let (sender, receiver) = mpsc::channel(EVENT_CAPACITY);
+        let (sender, receiver) = peer_event_queue(EVENT_CAPACITY);
         let shared = Arc::new(Shared {
             node: Mutex::new(node),
             socket,
@@ -224,13 +227,7 @@ impl GossipDiscovery {
             "gossip {node_id}: listening on {bound}, advertised as {local}{}",
             if shared.node().is_authenticated() { ", authenticated" } else { "" }
         );
-        Ok(Self {
-            shared,
-            local,
-            node_id,
-            events: tokio::sync::Mutex::new(receiver),
-            task: Mutex::new(Some(task)),
-        })
+        Ok(Self { shared, local, node_id, events: receiver, task: Mutex::new(Some(task)) })
     }
 
     /// The gossip address other members are told.
@@ -280,9 +277,7 @@ impl Discovery for GossipDiscovery {
     }
 
     async fn next_event(&self) -> Result<Option<PeerEvent>, PluginError> {
-        let mut closing = self.shared.shutdown.subscribe();
-        let mut events = self.events.lock().await;
-        Ok(comms_plugin_api::inbound::receive_batch(&mut events, 1, &mut closing).await.pop())
+        Ok(self.events.next(self.shared.shutdown.subscribe()).await)
     }
 
     /// Leaves gracefully (if this node is still a member) and stops the driver.
@@ -312,17 +307,18 @@ async fn resolve(key: &str, address: &str) -> Result<SocketAddr, PluginError> {
     socket_address::resolve(&format!("gossip: key `{key}`"), address).await
 }
 
-fn emit(events: &mpsc::Sender<PeerEvent>, event: MemberEvent) {
+fn emit(events: &PeerEventSender, event: MemberEvent) {
     let kind = event.kind;
-    if events.try_send(PeerEvent { kind, record: event.record }).is_err() {
+    if let Err(full) = events.push(PeerEvent { kind, record: event.record }) {
         if let Some(repeats) = EVENTS_DROPPED.check() {
-            tracing::warn!("gossip: the event queue is full; a {kind:?} event was dropped{repeats}");
+            let node = &full.0.record.id;
+            tracing::warn!(%node, "gossip: the event queue is full; a {kind:?} event was dropped{repeats}");
         }
     }
 }
 
 /// Moves datagrams between the socket and the state machine until shutdown.
-async fn drive(shared: Arc<Shared>, events: mpsc::Sender<PeerEvent>) {
+async fn drive(shared: Arc<Shared>, events: PeerEventSender) {
     let mut shutdown = shared.shutdown.subscribe();
     let max_datagram = shared.node().config().max_datagram;
     // One byte more than accepted, so that an oversized datagram is seen as such.

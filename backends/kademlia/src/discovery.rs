@@ -14,8 +14,8 @@ use crate::{
 use comms_plugin_api::{
     async_trait,
     datagram_carrier::{Carrier, DatagramCarrier},
-    inbound::receive_batch,
     log_rate::LogRateLimit,
+    peer_events::{peer_event_queue, PeerEventQueue, PeerEventSender},
     socket_address, Discovery, ErrorCode, NodeId, NodeRecord, PeerEvent, PluginError,
 };
 use serde::Deserialize;
@@ -25,14 +25,15 @@ use std::{
     time::{Duration, Instant},
 };
 use tokio::{
-    sync::{mpsc, oneshot, watch, Notify},
+    sync::{oneshot, watch, Notify},
     task::JoinHandle,
 };
 
 /// Listen address when the config names none.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:0";
-/// Peer events waiting for the host (further ones are dropped and logged; `peers()` stays
-/// exact).
+/// Nodes whose peer events may wait for the host (one event each, the latest:
+/// [`comms_plugin_api::peer_events`]; an event about one more node is dropped and logged, and
+/// `peers()` stays exact).
 pub const EVENT_CAPACITY: usize = 1024;
 /// Datagrams read per turn of the driver before it sends again.
 const RECEIVE_BATCH: usize = 64;
@@ -182,7 +183,7 @@ pub struct KademliaDiscovery {
     shared: Arc<Shared>,
     local: SocketAddr,
     own: NodeId,
-    events: tokio::sync::Mutex<mpsc::Receiver<PeerEvent>>,
+    events: PeerEventQueue,
     shutdown: watch::Sender<bool>,
     task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -247,17 +248,10 @@ impl KademliaDiscovery {
         node.set_find_services(settings.find_services.clone(), now);
         let shared =
             Arc::new(Shared { node: Mutex::new(node), wake: Notify::new(), waiting: Mutex::new(Vec::new()) });
-        let (sender, receiver) = mpsc::channel(EVENT_CAPACITY);
+        let (sender, receiver) = peer_event_queue(EVENT_CAPACITY);
         let shutdown = watch::channel(false).0;
         let task = tokio::spawn(drive(socket, shared.clone(), sender, shutdown.subscribe(), local));
-        Ok(Self {
-            shared,
-            local,
-            own,
-            events: tokio::sync::Mutex::new(receiver),
-            shutdown,
-            task: Mutex::new(Some(task)),
-        })
+        Ok(Self { shared, local, own, events: receiver, shutdown, task: Mutex::new(Some(task)) })
     }
 
     /// The bound UDP address (what other nodes list in `seeds`).
@@ -296,9 +290,7 @@ impl Discovery for KademliaDiscovery {
     }
 
     async fn next_event(&self) -> Result<Option<PeerEvent>, PluginError> {
-        let mut closing = self.shutdown.subscribe();
-        let mut events = self.events.lock().await;
-        Ok(receive_batch(&mut events, 1, &mut closing).await.pop())
+        Ok(self.events.next(self.shutdown.subscribe()).await)
     }
 
     /// Looks the providers of `service` up in the DHT now (the host asks when it knows none)
@@ -338,15 +330,17 @@ impl Discovery for KademliaDiscovery {
     }
 }
 
-fn forward(shared: &Shared, events: &mpsc::Sender<PeerEvent>, local: SocketAddr, event: Event) {
+fn forward(shared: &Shared, events: &PeerEventSender, local: SocketAddr, event: Event) {
     match event {
         Event::Peer(event) => {
             let kind = event.kind;
             // Rate-limited: a flood of records (a hostile peer's) must not flood the log too.
             static EVENTS_DROPPED: LogRateLimit = LogRateLimit::standard();
-            if events.try_send(event).is_err() {
+            if let Err(full) = events.push(event) {
                 if let Some(repeats) = EVENTS_DROPPED.check() {
+                    let node = &full.0.record.id;
                     tracing::warn!(
+                        %node,
                         "kademlia {local}: the event queue is full; a {kind:?} event was dropped{repeats}"
                     );
                 }
@@ -372,7 +366,7 @@ fn forward(shared: &Shared, events: &mpsc::Sender<PeerEvent>, local: SocketAddr,
 /// One turn of the state machine: fire due timers, take what it wants sent and reported.
 fn step(
     shared: &Shared,
-    events: &mpsc::Sender<PeerEvent>,
+    events: &PeerEventSender,
     local: SocketAddr,
 ) -> (Vec<(SocketAddr, Vec<u8>)>, Option<Instant>) {
     let mut node = shared.node();
@@ -416,7 +410,7 @@ fn receive(node: &mut DhtNode<SocketAddr>, local: SocketAddr, from: SocketAddr, 
 async fn drive(
     socket: DatagramCarrier,
     shared: Arc<Shared>,
-    events: mpsc::Sender<PeerEvent>,
+    events: PeerEventSender,
     mut shutdown: watch::Receiver<bool>,
     local: SocketAddr,
 ) {

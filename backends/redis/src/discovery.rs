@@ -14,8 +14,10 @@ use crate::{
     transport::closing,
 };
 use comms_plugin_api::{
-    async_trait, backoff::Backoff, Discovery, ErrorCode, NodeId, NodeRecord, PeerEvent, PeerEventKind,
-    PluginError,
+    async_trait,
+    backoff::Backoff,
+    peer_events::{peer_event_queue, PeerEventQueue, PeerEventSender},
+    Discovery, ErrorCode, NodeId, NodeRecord, PeerEvent, PeerEventKind, PluginError,
 };
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -24,12 +26,10 @@ use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
-use tokio::{
-    sync::{mpsc, watch},
-    task::JoinHandle,
-};
+use tokio::{sync::watch, task::JoinHandle};
 
-/// Events waiting for `next_event` before the watcher waits.
+/// Nodes whose events may wait for `next_event` before the watcher waits (one event per node:
+/// see [`comms_plugin_api::peer_events`]).
 const EVENT_QUEUE: usize = 256;
 
 /// A node record as stored (and as another program can write it): the keyed shape of
@@ -51,7 +51,7 @@ struct Shared {
     connection: Connection,
     /// This node's record while announced; the heartbeat re-writes it.
     own: Mutex<Option<String>>,
-    events: mpsc::Sender<PeerEvent>,
+    events: PeerEventSender,
     shutdown: watch::Sender<bool>,
 }
 
@@ -144,7 +144,7 @@ impl Shared {
 /// The Redis discovery: see the module documentation.
 pub struct RedisDiscovery {
     shared: Arc<Shared>,
-    events: tokio::sync::Mutex<mpsc::Receiver<PeerEvent>>,
+    events: PeerEventQueue,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -165,7 +165,7 @@ impl RedisDiscovery {
         let what = format!("the redis discovery of node `{node}`");
         let timeout = Duration::from_millis(config.command_timeout_ms);
         let connection = url.connect(&what, &config.connect_backoff(), timeout).await?;
-        let (events, receiver) = mpsc::channel(EVENT_QUEUE);
+        let (events, receiver) = peer_event_queue(EVENT_QUEUE);
         let shared = Arc::new(Shared {
             url,
             config,
@@ -179,7 +179,7 @@ impl RedisDiscovery {
             tokio::spawn(heartbeat(Arc::clone(&shared))),
             tokio::spawn(watch_peers(Arc::clone(&shared))),
         ];
-        Ok(Self { shared, events: tokio::sync::Mutex::new(receiver), tasks: Mutex::new(tasks) })
+        Ok(Self { shared, events: receiver, tasks: Mutex::new(tasks) })
     }
 
     fn closed(&self) -> PluginError {
@@ -234,15 +234,7 @@ impl Discovery for RedisDiscovery {
     }
 
     async fn next_event(&self) -> Result<Option<PeerEvent>, PluginError> {
-        if self.shared.is_closed() {
-            return Ok(None);
-        }
-        let mut events = self.events.lock().await;
-        let mut shutdown = self.shared.shutdown.subscribe();
-        tokio::select! {
-            event = events.recv() => Ok(event),
-            _ = closing(&mut shutdown) => Ok(None),
-        }
+        Ok(self.events.next(self.shared.shutdown.subscribe()).await)
     }
 
     /// Stops the heartbeat and the watcher. The record is not deleted (that is `withdraw`): a
@@ -326,7 +318,7 @@ async fn watch_peers(shared: Arc<Shared>) {
         };
         for event in events {
             tokio::select! {
-                sent = shared.events.send(event) => if sent.is_err() { return },
+                sent = shared.events.send(event) => if !sent { return },
                 _ = closing(&mut shutdown) => return,
             }
         }

@@ -11,8 +11,10 @@ use crate::{
     schema::{self, db_error, now_ms},
 };
 use comms_plugin_api::{
-    async_trait, record_json::RegistryRowRecord, Discovery, ErrorCode, NodeId, NodeRecord, PeerEvent,
-    PluginError,
+    async_trait,
+    peer_events::{peer_event_queue, PeerEventQueue, PeerEventSender},
+    record_json::RegistryRowRecord,
+    Discovery, ErrorCode, NodeId, NodeRecord, PeerEvent, PluginError,
 };
 use rusqlite::{params, Connection};
 use std::{
@@ -20,9 +22,10 @@ use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-/// Events waiting for `next_event` before the watcher waits.
+/// Nodes whose events may wait for `next_event` before the watcher waits (one event per node:
+/// see [`comms_plugin_api::peer_events`]).
 const EVENT_QUEUE: usize = 1024;
 
 /// Rows whose heartbeat is older than this many peer timeouts are deleted.
@@ -149,7 +152,7 @@ fn upsert(connection: &Connection, records: &[(String, String)], heartbeat_at: i
 /// Discovery through the `comms_registry` table of the shared file; see the module docs.
 pub struct SqliteDiscovery {
     shared: Arc<Shared>,
-    events: tokio::sync::Mutex<mpsc::Receiver<PeerEvent>>,
+    events: PeerEventQueue,
     closed: watch::Sender<bool>,
     watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -179,15 +182,10 @@ impl SqliteDiscovery {
             announced: Mutex::default(),
             node,
         });
-        let (sender, events) = mpsc::channel(EVENT_QUEUE);
+        let (sender, events) = peer_event_queue(EVENT_QUEUE);
         let closed = watch::channel(false).0;
         let watcher = tokio::spawn(watch(Arc::clone(&shared), sender, closed.subscribe()));
-        Ok(Self {
-            shared,
-            events: tokio::sync::Mutex::new(events),
-            closed,
-            watcher: Mutex::new(Some(watcher)),
-        })
+        Ok(Self { shared, events, closed, watcher: Mutex::new(Some(watcher)) })
     }
 
     fn check_open(&self) -> Result<(), PluginError> {
@@ -202,7 +200,7 @@ impl SqliteDiscovery {
 }
 
 /// The heartbeat and watch loop.
-async fn watch(shared: Arc<Shared>, events: mpsc::Sender<PeerEvent>, mut closed: watch::Receiver<bool>) {
+async fn watch(shared: Arc<Shared>, events: PeerEventSender, mut closed: watch::Receiver<bool>) {
     let mut known: BTreeMap<String, NodeRecord> = BTreeMap::new();
     let mut ticker = tokio::time::interval(Duration::from_millis(shared.config.heartbeat_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -242,7 +240,7 @@ async fn watch(shared: Arc<Shared>, events: mpsc::Sender<PeerEvent>, mut closed:
         known = live;
         for change in changes {
             tokio::select! {
-                sent = events.send(change) => if sent.is_err() { return },
+                sent = events.send(change) => if !sent { return },
                 _ = closed.wait_for(|closed| *closed) => return,
             }
         }
@@ -291,18 +289,7 @@ impl Discovery for SqliteDiscovery {
     }
 
     async fn next_event(&self) -> Result<Option<PeerEvent>, PluginError> {
-        let mut closed = self.closed.subscribe();
-        if *closed.borrow() {
-            return Ok(None);
-        }
-        let mut events = tokio::select! {
-            events = self.events.lock() => events,
-            _ = closed.wait_for(|closed| *closed) => return Ok(None),
-        };
-        tokio::select! {
-            event = events.recv() => Ok(event),
-            _ = closed.wait_for(|closed| *closed) => Ok(None),
-        }
+        Ok(self.events.next(self.closed.subscribe()).await)
     }
 
     /// Stops the heartbeat and removes the rows of the nodes this instance announced, so that

@@ -33,12 +33,17 @@
 //!
 //! Limits: a record must encode into one datagram ([`MAX_BEACON`] bytes); at most
 //! [`MAX_PEERS`] peers are tracked (beacons from further nodes are ignored until one leaves);
-//! at most [`EVENT_CAPACITY`] events wait for the host (further events are dropped and logged;
+//! events about at most [`EVENT_CAPACITY`] nodes wait for the host (one per node, the latest:
+//! [`comms_plugin_api::peer_events`]; an event about one more node is dropped and logged, and
 //! [`Discovery::peers`] stays exact). One address family per beacon: an IPv6 group needs nodes
 //! that listen on IPv6 too, and the transport addresses in the records are whatever the
 //! transports advertise (see the transport's `listen` and `advertise`).
 
-use comms_plugin_api::{async_trait, Discovery, NodeId, NodeRecord, PeerEvent, PeerEventKind, PluginError};
+use comms_plugin_api::{
+    async_trait,
+    peer_events::{peer_event_queue, PeerEventQueue, PeerEventSender},
+    Discovery, NodeId, NodeRecord, PeerEvent, PeerEventKind, PluginError,
+};
 use serde::Deserialize;
 use std::{
     collections::HashMap,
@@ -46,18 +51,13 @@ use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
-use tokio::{
-    net::UdpSocket,
-    sync::{mpsc, watch},
-    task::JoinHandle,
-    time::Instant,
-};
+use tokio::{net::UdpSocket, sync::watch, task::JoinHandle, time::Instant};
 
 /// The largest beacon.
 pub const MAX_BEACON: usize = 60_000;
 /// Peers tracked at once.
 pub const MAX_PEERS: usize = 4096;
-/// Events waiting for the host.
+/// Nodes whose events may wait for the host (one event each).
 pub const EVENT_CAPACITY: usize = 1024;
 const MAGIC: &[u8; 4] = b"CMB1";
 const KIND_ANNOUNCE: u8 = 1;
@@ -111,7 +111,7 @@ pub struct MulticastBeacon {
     target: SocketAddr,
     interval: Duration,
     state: Arc<Mutex<State>>,
-    events: tokio::sync::Mutex<mpsc::Receiver<PeerEvent>>,
+    events: PeerEventQueue,
     shutdown: watch::Sender<bool>,
     task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -187,7 +187,7 @@ impl MulticastBeacon {
         let socket = Arc::new(UdpSocket::from_std(socket.into()).map_err(fail)?);
         let interval = Duration::from_millis(settings.interval_ms);
         let state = Arc::new(Mutex::new(State { own: None, peers: HashMap::new() }));
-        let (sender, receiver) = mpsc::channel(EVENT_CAPACITY);
+        let (sender, receiver) = peer_event_queue(EVENT_CAPACITY);
         let shutdown = watch::channel(false).0;
         let task = tokio::spawn(run(
             socket.clone(),
@@ -198,15 +198,7 @@ impl MulticastBeacon {
             sender,
             shutdown.subscribe(),
         ));
-        Ok(Self {
-            socket,
-            target,
-            interval,
-            state,
-            events: tokio::sync::Mutex::new(receiver),
-            shutdown,
-            task: Mutex::new(Some(task)),
-        })
+        Ok(Self { socket, target, interval, state, events: receiver, shutdown, task: Mutex::new(Some(task)) })
     }
 }
 
@@ -278,9 +270,7 @@ impl Discovery for MulticastBeacon {
     }
 
     async fn next_event(&self) -> Result<Option<PeerEvent>, PluginError> {
-        let mut closing = self.shutdown.subscribe();
-        let mut events = self.events.lock().await;
-        Ok(comms_plugin_api::inbound::receive_batch(&mut events, 1, &mut closing).await.pop())
+        Ok(self.events.next(self.shutdown.subscribe()).await)
     }
 
     async fn close(&self) -> Result<(), PluginError> {
@@ -297,9 +287,10 @@ impl Discovery for MulticastBeacon {
     }
 }
 
-fn emit(events: &mpsc::Sender<PeerEvent>, kind: PeerEventKind, record: NodeRecord) {
-    if events.try_send(PeerEvent { kind, record }).is_err() {
-        tracing::warn!("udp discovery: the event queue is full; a {kind:?} event was dropped");
+fn emit(events: &PeerEventSender, kind: PeerEventKind, record: NodeRecord) {
+    if let Err(full) = events.push(PeerEvent { kind, record }) {
+        let node = &full.0.record.id;
+        tracing::warn!(%node, "udp discovery: the event queue is full; a {kind:?} event was dropped");
     }
 }
 
@@ -309,7 +300,7 @@ async fn run(
     interval: Duration,
     missed: u32,
     state: Arc<Mutex<State>>,
-    events: mpsc::Sender<PeerEvent>,
+    events: PeerEventSender,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut ticker = tokio::time::interval(interval);
@@ -336,11 +327,7 @@ async fn run(
 }
 
 /// Drops peers whose beacons stopped, and encodes this node's beacon (if it announced).
-fn expire_and_encode(
-    state: &Mutex<State>,
-    events: &mpsc::Sender<PeerEvent>,
-    interval: Duration,
-) -> Option<Vec<u8>> {
+fn expire_and_encode(state: &Mutex<State>, events: &PeerEventSender, interval: Duration) -> Option<Vec<u8>> {
     let mut state = lock(state);
     let now = Instant::now();
     let expired: Vec<NodeId> =
@@ -356,7 +343,7 @@ fn expire_and_encode(
 /// Updates the peer table from one received beacon.
 fn handle_beacon(
     state: &Mutex<State>,
-    events: &mpsc::Sender<PeerEvent>,
+    events: &PeerEventSender,
     missed: u32,
     bytes: &[u8],
     from: SocketAddr,
@@ -541,6 +528,34 @@ mod tests {
         a.close().await.unwrap();
         assert!(a.next_event().await.unwrap().is_none(), "closed");
         b.close().await.unwrap();
+    }
+
+    /// More changes than events could wait for, while the host does not read: it still learns
+    /// where every peer is now (with a queue of events, the last ones were dropped).
+    #[tokio::test]
+    async fn a_host_that_reads_late_gets_every_peers_latest_state() {
+        let state = Mutex::new(State { own: None, peers: HashMap::new() });
+        let (events, queue) = peer_event_queue(EVENT_CAPACITY);
+        let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let beacon = |kind: u8, id: &str, version: usize| {
+            let mut value = record(id);
+            value.metadata = vec![("version".into(), version.to_string().into())];
+            encode(kind, Duration::from_millis(50), &value).unwrap()
+        };
+        handle_beacon(&state, &events, 3, &beacon(KIND_ANNOUNCE, "gone", 0), from);
+        let last = 2 * EVENT_CAPACITY;
+        for version in 1..=last {
+            handle_beacon(&state, &events, 3, &beacon(KIND_ANNOUNCE, "busy", version), from);
+        }
+        handle_beacon(&state, &events, 3, &beacon(KIND_WITHDRAW, "gone", 0), from);
+
+        let (_open, closing) = watch::channel(false);
+        let gone = queue.next(closing.clone()).await.unwrap();
+        assert_eq!((gone.kind, gone.record.id.as_str()), (PeerEventKind::Left, "gone"));
+        let busy = queue.next(closing).await.unwrap();
+        assert_eq!((busy.kind, busy.record.id.as_str()), (PeerEventKind::Joined, "busy"));
+        assert_eq!(busy.record.metadata, vec![("version".into(), last.to_string().into())]);
+        assert!(queue.is_empty());
     }
 
     #[test]

@@ -21,6 +21,7 @@ use async_nats::jetstream::{
 use bytes::Bytes;
 use comms_plugin_api::{
     async_trait,
+    peer_events::{peer_event_queue, PeerEventQueue, PeerEventSender},
     runtime::{self, Task},
     Discovery, ErrorCode, IncidentCounters, NodeId, NodeRecord, PeerEvent, PeerEventKind, PluginError,
 };
@@ -30,12 +31,10 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
-use tokio::{
-    sync::{mpsc, watch},
-    time::Instant,
-};
+use tokio::{sync::watch, time::Instant};
 
-/// Events waiting for `next_event` before the watcher waits.
+/// Nodes whose events may wait for `next_event` before the watcher waits (one event per node:
+/// see [`comms_plugin_api::peer_events`]).
 const EVENT_QUEUE: usize = 256;
 
 /// A node record as stored (and as another program can write it): the keyed shape of
@@ -56,7 +55,7 @@ struct Shared {
     kv: kv::Store,
     /// This node's record while announced (and not offline); the heartbeat rewrites it.
     own: Mutex<Option<Bytes>>,
-    events: mpsc::Sender<PeerEvent>,
+    events: PeerEventSender,
     shutdown: watch::Sender<bool>,
 }
 
@@ -96,7 +95,7 @@ impl Shared {
 /// Discovery through a JetStream key-value bucket: see the module documentation.
 pub struct NatsDiscovery {
     shared: Arc<Shared>,
-    events: tokio::sync::Mutex<mpsc::Receiver<PeerEvent>>,
+    events: PeerEventQueue,
     tasks: Mutex<Vec<Task>>,
 }
 
@@ -145,7 +144,7 @@ impl NatsDiscovery {
         context.get_or_create_stream(stream).await.map_err(|error| bucket_error(&error))?;
         let store =
             context.get_key_value(config.bucket.clone()).await.map_err(|error| bucket_error(&error))?;
-        let (events, receiver) = mpsc::channel(EVENT_QUEUE);
+        let (events, receiver) = peer_event_queue(EVENT_QUEUE);
         let shared = Arc::new(Shared {
             config,
             node,
@@ -159,7 +158,7 @@ impl NatsDiscovery {
             runtime::spawn(heartbeat(Arc::clone(&shared))),
             runtime::spawn(watch_records(Arc::clone(&shared))),
         ];
-        Ok(Self { shared, events: tokio::sync::Mutex::new(receiver), tasks: Mutex::new(tasks) })
+        Ok(Self { shared, events: receiver, tasks: Mutex::new(tasks) })
     }
 
     fn closed(&self) -> PluginError {
@@ -247,15 +246,7 @@ impl Discovery for NatsDiscovery {
     }
 
     async fn next_event(&self) -> Result<Option<PeerEvent>, PluginError> {
-        if self.shared.is_closed() {
-            return Ok(None);
-        }
-        let mut events = self.events.lock().await;
-        let mut shutdown = self.shared.shutdown.subscribe();
-        tokio::select! {
-            event = events.recv() => Ok(event),
-            _ = closing(&mut shutdown) => Ok(None),
-        }
+        Ok(self.events.next(self.shared.shutdown.subscribe()).await)
     }
 
     /// Stops the heartbeat and the watcher. The record stays until withdrawn or expired.
@@ -381,7 +372,7 @@ async fn watch_records(shared: Arc<Shared>) {
             };
             for event in events {
                 tokio::select! {
-                    sent = shared.events.send(event) => if sent.is_err() { return },
+                    sent = shared.events.send(event) => if !sent { return },
                     _ = closing(&mut shutdown) => return,
                 }
             }

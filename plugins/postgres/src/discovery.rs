@@ -12,17 +12,20 @@
 
 use crate::{config::PostgresConfig, link::Link, schema};
 use comms_plugin_api::{
-    async_trait, record_json::RegistryRowRecord, Discovery, IncidentCounters, NodeId, NodeRecord, PeerEvent,
-    PluginError,
+    async_trait,
+    peer_events::{peer_event_queue, PeerEventQueue, PeerEventSender},
+    record_json::RegistryRowRecord,
+    Discovery, IncidentCounters, NodeId, NodeRecord, PeerEvent, PluginError,
 };
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-/// Events waiting for `next_event` before the watcher waits.
+/// Nodes whose events may wait for `next_event` before the watcher waits (one event per node:
+/// see [`comms_plugin_api::peer_events`]).
 const EVENT_QUEUE: usize = 1024;
 
 /// Rows whose heartbeat is older than this many peer timeouts are deleted.
@@ -155,7 +158,7 @@ impl Shared {
 #[derive(Debug)]
 pub struct PostgresDiscovery {
     shared: Arc<Shared>,
-    events: tokio::sync::Mutex<mpsc::Receiver<PeerEvent>>,
+    events: PeerEventQueue,
     closed: watch::Sender<bool>,
     watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -185,15 +188,10 @@ impl PostgresDiscovery {
             announced: Mutex::default(),
             node,
         });
-        let (sender, events) = mpsc::channel(EVENT_QUEUE);
+        let (sender, events) = peer_event_queue(EVENT_QUEUE);
         let closed = watch::channel(false).0;
         let watcher = tokio::spawn(watch(Arc::clone(&shared), sender, closed.subscribe()));
-        Ok(Self {
-            shared,
-            events: tokio::sync::Mutex::new(events),
-            closed,
-            watcher: Mutex::new(Some(watcher)),
-        })
+        Ok(Self { shared, events, closed, watcher: Mutex::new(Some(watcher)) })
     }
 
     fn check_open(&self) -> Result<(), PluginError> {
@@ -208,7 +206,7 @@ impl PostgresDiscovery {
 }
 
 /// The heartbeat and watch loop.
-async fn watch(shared: Arc<Shared>, events: mpsc::Sender<PeerEvent>, mut closed: watch::Receiver<bool>) {
+async fn watch(shared: Arc<Shared>, events: PeerEventSender, mut closed: watch::Receiver<bool>) {
     let mut known: BTreeMap<String, NodeRecord> = BTreeMap::new();
     let mut ticker = tokio::time::interval(Duration::from_millis(shared.config.heartbeat_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -249,7 +247,7 @@ async fn watch(shared: Arc<Shared>, events: mpsc::Sender<PeerEvent>, mut closed:
         known = live;
         for change in changes {
             tokio::select! {
-                sent = events.send(change) => if sent.is_err() { return },
+                sent = events.send(change) => if !sent { return },
                 _ = closed.wait_for(|closed| *closed) => return,
             }
         }
@@ -290,18 +288,7 @@ impl Discovery for PostgresDiscovery {
     }
 
     async fn next_event(&self) -> Result<Option<PeerEvent>, PluginError> {
-        let mut closed = self.closed.subscribe();
-        if *closed.borrow() {
-            return Ok(None);
-        }
-        let mut events = tokio::select! {
-            events = self.events.lock() => events,
-            _ = closed.wait_for(|closed| *closed) => return Ok(None),
-        };
-        tokio::select! {
-            event = events.recv() => Ok(event),
-            _ = closed.wait_for(|closed| *closed) => Ok(None),
-        }
+        Ok(self.events.next(self.closed.subscribe()).await)
     }
 
     /// Stops the heartbeat and removes the rows of the nodes this instance announced, so that
