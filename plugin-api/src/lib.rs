@@ -130,6 +130,8 @@ pub mod peer_events;
 mod plugin;
 pub mod record_json;
 pub mod redact;
+#[cfg(feature = "registry")]
+pub mod registry;
 pub mod runtime;
 pub mod security;
 pub mod socket_address;

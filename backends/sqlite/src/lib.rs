@@ -111,7 +111,8 @@
 //!
 //! [`SqliteDiscovery`]: `comms_registry` holds one row per announced node with its record (JSON)
 //! and a heartbeat time stamp refreshed every `heartbeat_ms`; a node whose heartbeat is older
-//! than `peer_timeout_ms` is gone.
+//! than `peer_timeout_ms` is gone (the discovery is `comms_plugin_api::registry`'s, over
+//! [`SqliteRegistry`]'s statements).
 //!
 //! See `docs/sqlite.md` for the schema, costs and measured numbers.
 
@@ -128,7 +129,7 @@ mod wake;
 mod worker;
 
 pub use config::{SqliteConfig, Synchronous, DEFAULT_MAX_MESSAGE_SIZE, LARGEST_MAX_MESSAGE_SIZE};
-pub use discovery::SqliteDiscovery;
+pub use discovery::{SqliteDiscovery, SqliteRegistry};
 pub use schema::SCHEMA_VERSION;
 pub use transport::{SqliteTransport, CAPABILITIES};
 
@@ -170,7 +171,7 @@ impl Plugin for SqlitePlugin {
 
     async fn new_discovery(setup: Setup) -> Result<Arc<dyn Discovery>, PluginError> {
         let config: SqliteConfig = setup.config()?;
-        Ok(Arc::new(SqliteDiscovery::open(setup.node_id.clone(), config).await?))
+        Ok(Arc::new(discovery::open(setup.node_id.clone(), config).await?))
     }
 }
 

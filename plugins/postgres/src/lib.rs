@@ -67,7 +67,7 @@ mod schema;
 mod transport;
 
 pub use config::{PostgresConfig, DEFAULT_MAX_MESSAGE_SIZE, LARGEST_MAX_MESSAGE_SIZE};
-pub use discovery::PostgresDiscovery;
+pub use discovery::{PostgresDiscovery, PostgresRegistry};
 pub use schema::SCHEMA_VERSION;
 pub use transport::{PostgresTransport, CAPABILITIES};
 
@@ -95,7 +95,7 @@ impl Plugin for PostgresPlugin {
 
     async fn new_discovery(setup: Setup) -> Result<Arc<dyn Discovery>, PluginError> {
         let config: PostgresConfig = setup.config()?;
-        Ok(Arc::new(PostgresDiscovery::open(setup.node_id.clone(), config).await?))
+        Ok(Arc::new(discovery::open(setup.node_id.clone(), config).await?))
     }
 }
 
