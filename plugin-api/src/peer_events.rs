@@ -160,8 +160,8 @@ pub struct PeerEventQueue {
 
 impl PeerEventQueue {
     /// The next event, waiting for one. `None` once `closing` is `true` (at once, even with
-    /// events waiting: a closed discovery has nothing more to say), or once every sender is gone
-    /// and no event waits. Cancel-safe: an event is taken only when it is returned.
+    /// events waiting: a closed discovery has nothing more to say), once every sender is gone
+    /// and no event waits, or once the sender of `closing` is gone while waiting. Cancel-safe: an event is taken only when it is returned.
     ///
     /// This is the whole of `next_event` for a discovery built on this queue:
     /// `Ok(self.events.next(self.closed.subscribe()).await)`.
@@ -181,7 +181,12 @@ impl PeerEventQueue {
             }
             tokio::select! {
                 () = arrived => {}
-                _ = closing.changed() => {}
+                changed = closing.changed() => {
+                    // The owner of the flag is gone: nobody can close any more, nor read on.
+                    if changed.is_err() {
+                        return None;
+                    }
+                }
             }
         }
     }
@@ -320,6 +325,16 @@ mod tests {
         assert_eq!(next.await, None);
         sender.push(event(Kind::Joined, "after", "x")).unwrap();
         assert_eq!(queue.next(closed).await, None);
+
+        // A `closing` whose sender is gone ends a waiting `next` too (instead of waking it
+        // again and again).
+        let (sender, queue) = peer_event_queue(4);
+        let (closing, closed) = open();
+        let mut next = pin!(queue.next(closed));
+        assert!(!finished(next.as_mut()), "nothing waits yet");
+        drop(closing);
+        assert_eq!(next.await, None);
+        drop(sender);
 
         // The senders gone: what waits is handed over, then `None`.
         let (sender, queue) = peer_event_queue(4);
