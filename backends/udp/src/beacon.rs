@@ -539,7 +539,7 @@ mod tests {
         let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let beacon = |kind: u8, id: &str, version: usize| {
             let mut value = record(id);
-            value.metadata = vec![("version".into(), version.to_string().into())];
+            value.metadata = vec![("version".into(), version.to_string())];
             encode(kind, Duration::from_millis(50), &value).unwrap()
         };
         handle_beacon(&state, &events, 3, &beacon(KIND_ANNOUNCE, "gone", 0), from);
@@ -554,7 +554,7 @@ mod tests {
         assert_eq!((gone.kind, gone.record.id.as_str()), (PeerEventKind::Left, "gone"));
         let busy = queue.next(closing).await.unwrap();
         assert_eq!((busy.kind, busy.record.id.as_str()), (PeerEventKind::Joined, "busy"));
-        assert_eq!(busy.record.metadata, vec![("version".into(), last.to_string().into())]);
+        assert_eq!(busy.record.metadata, vec![("version".into(), last.to_string())]);
         assert!(queue.is_empty());
     }
 
