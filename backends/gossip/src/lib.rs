@@ -87,8 +87,9 @@
 //!   oldest tombstone or is refused); one record per datagram (`max_datagram` − 320 bytes on
 //!   the wire, about 1 KiB by default; `announce` fails with `TOO_LARGE` beyond it) and
 //!   `NodeRecord::check`; at most `max_members` updates queued for piggybacking (the most sent
-//!   is dropped first); 4096 datagrams waiting to be sent; 1024 events waiting for the host
-//!   (further events are dropped and logged; `peers` stays exact); 1024 relayed probes
+//!   is dropped first); 4096 datagrams waiting to be sent; events waiting for the host about
+//!   1024 nodes, one per node, the latest (`comms_plugin_api::peer_events`; an event about one
+//!   more node is dropped and logged; `peers` stays exact); 1024 relayed probes
 //!   pending. Table requests (joins, syncs) are answered at most once per source address per
 //!   period and 16 times per period in all, which bounds the traffic a stranger can make a node
 //!   send (a table is the largest answer).
