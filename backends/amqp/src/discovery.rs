@@ -9,6 +9,7 @@
 use crate::{config::AmqpDiscoveryConfig, connection};
 use comms_plugin_api::{
     async_trait,
+    log_rate::LogRateLimit,
     peer_events::{peer_event_queue, PeerEventQueue, PeerEventSender, QueueFull},
     redact::redact_url,
     Discovery, ErrorCode, NodeId, NodeRecord, PeerEvent, PeerEventKind, PluginError,
@@ -290,11 +291,16 @@ async fn open_session(inner: &Inner, generation: u64) -> Result<Session, PluginE
 
 impl Inner {
     fn emit(&self, event: PeerEvent) {
+        // Rate-limited: announcements from many unknown nodes (a hostile publisher's) must not
+        // flood the log too.
+        static EVENTS_DROPPED: LogRateLimit = LogRateLimit::standard();
         if let Err(QueueFull(event)) = self.events_tx.push(event) {
-            tracing::warn!(
-                node = %event.record.id,
-                "AMQP discovery: peer events are not being read; an event was dropped"
-            );
+            if let Some(repeats) = EVENTS_DROPPED.check() {
+                tracing::warn!(
+                    node = %event.record.id,
+                    "AMQP discovery: peer events are not being read; an event was dropped{repeats}"
+                );
+            }
         }
     }
 
