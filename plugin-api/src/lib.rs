@@ -14,6 +14,10 @@
 //! - **Shared wire logic.** [`framing`] (length-prefixed frames with a size limit), [`wire`]
 //!   (the documented envelope encoding), [`backoff`] and a complete [`stream_transport`] (hello,
 //!   batching writer, reconnect, bounded queues) so that backends do not each write their own.
+//! - **Shared discovery logic.** [`peer_events`] (the queue between a discovery's background
+//!   work and `next_event`: one event per node, the latest) and, with cargo feature `registry`,
+//!   module `registry` (the whole discovery over a table of node records, given its
+//!   statements).
 //! - **Encrypted links** (cargo feature `noise`). [`security`]: node identities, the Noise
 //!   handshake, and [`stream_transport`] links encrypted and authenticated by them when the host
 //!   asks for it.
@@ -31,6 +35,7 @@
 //! | `noise` | identities ([`security`]), the Noise handshake, encrypted [`stream_transport`] links | a transport that declares [`Capabilities::ENCRYPTED`] |
 //! | `tls` | module `tls`: the certificate keys of TLS URLs and their checks | a plugin talking TLS to a server (a broker, a database) |
 //! | `own-allocator` | module `allocator`: mimalloc as the library's global allocator, a heap of its own | a plugin library moving messages (every in-tree one turns it on) |
+//! | `registry` | module `registry`: discovery through a table of node records (stored as JSON) | a database-backed discovery (SQLite, PostgreSQL) |
 //!
 //! Without `noise`, [`Setup::link_security`] returns `Ok(None)` when the host wants plain links
 //! and an error naming the feature when it asks for encrypted ones, and
