@@ -9,7 +9,11 @@
 //! node that stops without withdrawing is seen leaving when its heartbeat is `peer_timeout_ms`
 //! old (at the next heartbeat after that).
 
-use crate::{config::PostgresConfig, link::Link, schema};
+use crate::{
+    config::PostgresConfig,
+    link::{Link, Purpose},
+    schema,
+};
 use comms_plugin_api::{
     async_trait,
     registry::{RegistryDiscovery, RegistryStore, RegistryTimes},
@@ -62,7 +66,7 @@ pub struct PostgresRegistry {
 /// notifications, and starts the heartbeat and watch task.
 pub(crate) async fn open(node: NodeId, config: PostgresConfig) -> Result<PostgresDiscovery, PluginError> {
     // Heartbeats need no flush: a lost one is written again a heartbeat later.
-    let link = Link::open(&config, false, Arc::new(IncidentCounters::default())).await?;
+    let link = Link::open(&config, Purpose::Registry, Arc::new(IncidentCounters::default())).await?;
     {
         let mut dedicated = link.dedicated().await?;
         schema::migrate(&link, &mut dedicated, &config.schema).await?;

@@ -92,6 +92,52 @@ impl Connection {
     }
 }
 
+/// What a link's connections are for, which decides how each is set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// Sends and subscriptions: a statement returns once its commit is flushed to the server's
+    /// disk (`synchronous_commit`, the server's default), so a send that returned survives a
+    /// crash of the server.
+    Sending,
+    /// Claims and settlements of one mailbox. Their commits are not waited for
+    /// (`synchronous_commit = off`): losing one in a crash of the server only means a message is
+    /// delivered again, and a flush costs milliseconds that every message would pay twice more.
+    /// Their plans are pinned to index walks (see [`Purpose::session_settings`]).
+    Receiving,
+    /// Heartbeats and reads of the registry: commits not waited for, as for `Receiving`.
+    Registry,
+}
+
+impl Purpose {
+    /// The statements that set up a new connection.
+    ///
+    /// Every connection: the plugin notifies receivers itself, after its writes commit (see the
+    /// mailbox trigger in schema.rs for why).
+    ///
+    /// Receiving: no sequential scans and no sorts, so that a claim walks the mailbox's
+    /// (recipient, id) index, stops after one batch and updates the rows it took through the
+    /// primary key, whatever the planner believes about the table. The plugin's statements are
+    /// prepared once per connection, and PostgreSQL keeps a generic plan made while the table
+    /// was small (or never analyzed: autovacuum off) for good. Measured with the benchmark's
+    /// one-way phase (2026-12-07, backlogs of up to 15,000 rows), such plans read the whole
+    /// backlog on every claim, to sort it or to find the claimed rows again (a claim of 256
+    /// took 15 to 58 ms instead of about 1); in three alternating pairs of four runs of 30,000
+    /// messages comms went from 13,500 to 19,900 msg/s to 18,200 to 26,500 (raw tokio-postgres
+    /// 16,100 to 32,600). Every statement on this connection has an index to use. JIT off: a
+    /// disabled plan kind counts as a huge cost, which would otherwise buy a compilation (a
+    /// quarter of a second) for any statement left with one.
+    fn session_settings(self) -> &'static str {
+        match self {
+            Purpose::Sending => "SET comms.notify = 'off';",
+            Purpose::Receiving => {
+                "SET comms.notify = 'off'; SET synchronous_commit = off; \
+                 SET enable_seqscan = off; SET enable_sort = off; SET jit = off;"
+            }
+            Purpose::Registry => "SET comms.notify = 'off'; SET synchronous_commit = off;",
+        }
+    }
+}
+
 /// The connection of one instance; see the module docs.
 #[derive(Debug)]
 pub(crate) struct Link {
@@ -112,8 +158,8 @@ pub(crate) struct Link {
     counters: Arc<IncidentCounters>,
     /// Set once closed: no reconnect after that.
     closed: std::sync::atomic::AtomicBool,
-    /// See [`Link::lazy`].
-    durable_commits: bool,
+    /// What the connections are set up for.
+    purpose: Purpose,
     /// Whether a connection was made before: the next one is a reconnect.
     connected_before: std::sync::atomic::AtomicBool,
 }
@@ -229,16 +275,11 @@ pub(crate) fn db_error(link: &Link, what: &str, error: tokio_postgres::Error) ->
 }
 
 impl Link {
-    /// A link that connects on first use (with backoff: `connect_attempts` tries).
-    ///
-    /// `durable_commits`: whether a statement returns only once its commit is flushed to the
-    /// server's disk (`synchronous_commit`, the server's default) or as soon as it is committed
-    /// (`synchronous_commit = off`). The second is for statements whose loss in a crash of the
-    /// server only means a message is delivered again (claims, settlements, heartbeats): a
-    /// flush costs milliseconds, and every message would otherwise cost three.
+    /// A link that connects on first use (with backoff: `connect_attempts` tries), its
+    /// connections set up for `purpose`.
     pub(crate) fn lazy(
         config: &PostgresConfig,
-        durable_commits: bool,
+        purpose: Purpose,
         counters: Arc<IncidentCounters>,
     ) -> Result<Self, PluginError> {
         let settings = config.validate()?;
@@ -257,7 +298,7 @@ impl Link {
             wake: Arc::new(Notify::new()),
             counters,
             closed: std::sync::atomic::AtomicBool::new(false),
-            durable_commits,
+            purpose,
             connected_before: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -265,10 +306,10 @@ impl Link {
     /// A link that is connected now, so that a server that cannot be reached fails the open.
     pub(crate) async fn open(
         config: &PostgresConfig,
-        durable_commits: bool,
+        purpose: Purpose,
         counters: Arc<IncidentCounters>,
     ) -> Result<Self, PluginError> {
-        let link = Self::lazy(config, durable_commits, counters)?;
+        let link = Self::lazy(config, purpose, counters)?;
         link.client().await?;
         Ok(link)
     }
@@ -405,12 +446,7 @@ impl Link {
                 }
             },
         };
-        // The plugin notifies receivers itself, after its writes commit (see the mailbox
-        // trigger in schema.rs for why).
-        let mut statement = String::from("SET comms.notify = 'off';");
-        if !self.durable_commits {
-            statement.push_str("SET synchronous_commit = off;");
-        }
+        let mut statement = self.purpose.session_settings().to_string();
         if listening {
             let channels = self.channels.lock().unwrap_or_else(|p| p.into_inner()).clone();
             statement.extend(channels.iter().map(|channel| format!("LISTEN \"{channel}\";")));

@@ -102,16 +102,22 @@ impl Statements {
             // someone else on this mailbox ends (NULL if none), saving a round trip. A topic copy
             // is taken only once this instance subscribes to its pattern again ($5, see
             // `Mailbox::live_patterns`).
+            //
+            // The cost of a claim must not grow with the backlog: the free rows are found by
+            // walking the (recipient, id) index in order and stopping after $4, and the rows
+            // taken are then updated through the primary key. The receiving connection pins the
+            // plan to that (`Purpose::Receiving` in link.rs); `= ANY(ARRAY(...))` rather than a
+            // join leaves the planner no hash join to build over the whole table.
             claim: format!(
                 "WITH claimed AS (
                      UPDATE {mailbox} m
                      SET owner = $2, locked_until = now() + $3::float8 * interval '1 millisecond',
                          attempts = m.attempts + 1
-                     FROM (SELECT id FROM {mailbox}
-                           WHERE recipient = $1 AND locked_until <= now()
-                             AND (pattern IS NULL OR pattern = ANY($5::text[]))
-                           ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED) free
-                     WHERE m.id = free.id
+                     WHERE m.id = ANY(ARRAY(
+                         SELECT id FROM {mailbox}
+                         WHERE recipient = $1 AND locked_until <= now()
+                           AND (pattern IS NULL OR pattern = ANY($5::text[]))
+                         ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED))
                      RETURNING m.id, m.envelope, m.attempts)
                  SELECT id, envelope, attempts, NULL::float8 FROM claimed
                  UNION ALL
@@ -434,6 +440,88 @@ impl Mailbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{config::PostgresConfig, link::Purpose, schema};
+    use comms_plugin_api::IncidentCounters;
+    use std::sync::Arc;
+
+    /// The tests' PostgreSQL server (trust authentication, database `test`), as the comms tests
+    /// use it. Unreachable: a failure in CI (`CI=true`), a skip with a reason elsewhere.
+    fn server_available() -> bool {
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], 5432));
+        if std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_secs(2)).is_ok() {
+            return true;
+        }
+        assert!(
+            std::env::var("CI").map_or(true, |ci| ci != "true"),
+            "PostgreSQL at {address} is not reachable, and in CI a database test must not skip"
+        );
+        eprintln!("SKIPPED: PostgreSQL at {address} is not reachable (outside CI database tests skip)");
+        false
+    }
+
+    /// The claim prepared as `claim` on `client` is run once with these arguments.
+    const CLAIM_BOB: &str = "claim('bob', 'bob@test', 30000, 64, '{}')";
+
+    /// The plan of one execution of the prepared claim, as `EXPLAIN ANALYZE` shows it.
+    async fn claim_plan(client: &tokio_postgres::Client) -> String {
+        let explain = format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) EXECUTE {CLAIM_BOB}");
+        let rows = client.query(explain.as_str(), &[]).await.unwrap();
+        rows.iter().map(|row| row.get::<_, String>(0)).collect::<Vec<_>>().join("\n")
+    }
+
+    /// A claim walks the mailbox's index and stops after one batch, with the plan PostgreSQL
+    /// made while the mailbox was empty (the generic plan it keeps for a prepared statement) as
+    /// with one made from statistics of a large backlog. Without the receiving connection's
+    /// settings the first reads the whole table to find the claimed rows (a sequential scan),
+    /// and a plan made without statistics sorts the whole backlog.
+    #[tokio::test]
+    async fn a_claim_reads_one_batch_however_large_the_backlog() {
+        if !server_available() {
+            return;
+        }
+        let schema = format!("comms_claim_plan_{}", std::process::id());
+        let config = PostgresConfig {
+            url: "postgres://postgres@127.0.0.1:5432/test".to_string(),
+            schema: schema.clone(),
+            ..PostgresConfig::default()
+        };
+        let link = Link::lazy(&config, Purpose::Receiving, Arc::new(IncidentCounters::default())).unwrap();
+        let mut client = link.dedicated().await.unwrap();
+        client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE")).await.unwrap();
+        schema::migrate(&link, &mut client, &schema).await.unwrap();
+        // Prepared by name, as the plugin's connection prepares it (tokio-postgres names its
+        // statements itself), so that EXPLAIN can run that prepared statement.
+        let statements = Statements::new(&schema);
+        let prepare = format!("PREPARE claim(text, text, float8, bigint, text[]) AS {}", statements.claim);
+        client.batch_execute(&prepare).await.unwrap();
+        // Six claims of an empty mailbox: from the sixth on PostgreSQL may keep a generic plan.
+        for _ in 0..6 {
+            let found = client.simple_query(&format!("EXECUTE {CLAIM_BOB}")).await.unwrap();
+            let rows =
+                found.iter().filter(|message| matches!(message, tokio_postgres::SimpleQueryMessage::Row(_)));
+            assert_eq!(rows.count(), 1, "an empty mailbox: the one row saying when a lease ends");
+        }
+        client
+            .batch_execute(&format!(
+                "INSERT INTO \"{schema}\".comms_mailbox (recipient, envelope)
+                 SELECT 'bob', '\\x00' FROM generate_series(1, 5000)"
+            ))
+            .await
+            .unwrap();
+        let planned_when_empty = claim_plan(&client).await;
+        client.batch_execute(&format!("ANALYZE \"{schema}\".comms_mailbox")).await.unwrap();
+        let planned_from_statistics = claim_plan(&client).await;
+        client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.unwrap();
+        for plan in [planned_when_empty, planned_from_statistics] {
+            assert!(!plan.contains("Seq Scan") && !plan.contains("Sort"), "reads the whole backlog:\n{plan}");
+            // The index walk stopped after the batch, having passed over the batch the plan
+            // before claimed at most.
+            assert!(plan.contains("Limit (actual rows=64 loops=1)"), "{plan}");
+            for line in plan.lines().filter_map(|line| line.trim().strip_prefix("Rows Removed by Filter: ")) {
+                assert!(line.parse::<u32>().unwrap() <= 64, "read past more than one batch:\n{plan}");
+            }
+        }
+    }
 
     fn direct(recipient: &str, key: Option<&str>) -> Outgoing {
         Outgoing::Direct {

@@ -3,7 +3,7 @@
 use crate::{
     config::PostgresConfig,
     lease,
-    link::Link,
+    link::{Link, Purpose},
     mailbox::{Claimed, Mailbox, Outgoing},
     schema,
 };
@@ -71,11 +71,11 @@ impl PostgresTransport {
     /// this node's notifications and starts the writer.
     pub async fn open(node: NodeId, config: PostgresConfig) -> Result<Self, PluginError> {
         let counters = Arc::new(IncidentCounters::default());
-        // Two connections: the receiving one (claims and settlements, which need no flush: see
-        // Link::lazy) listens and is opened now; the sending one, whose commits are flushed
+        // Two connections (see `Purpose`): the receiving one (claims and settlements, which
+        // need no flush) listens and is opened now; the sending one, whose commits are flushed
         // before `send` returns, on the first send.
-        let link = Link::open(&config, false, Arc::clone(&counters)).await?;
-        let writer = Link::lazy(&config, true, Arc::clone(&counters))?;
+        let link = Link::open(&config, Purpose::Receiving, Arc::clone(&counters)).await?;
+        let writer = Link::lazy(&config, Purpose::Sending, Arc::clone(&counters))?;
         {
             let mut dedicated = link.dedicated().await?;
             schema::migrate(&link, &mut dedicated, &config.schema).await?;
