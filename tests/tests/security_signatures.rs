@@ -14,7 +14,10 @@ use comms_plugin_api::{
     Destination, Payload,
 };
 use comms_tests::{artifacts, broker_available, scratch_dir, write_config};
-use redis::{aio::MultiplexedConnection, streams::StreamReadReply};
+use redis::{
+    aio::MultiplexedConnection,
+    streams::{StreamRangeReply, StreamReadReply},
+};
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -133,10 +136,12 @@ async fn signed_nodes_exchange_messages_and_requests_over_redis() {
     .unwrap();
     let serves = || alice.peers().iter().any(|peer| peer.record.services.iter().any(|s| s == "math.add"));
     until("alice learning of math.add", serves).await;
-    // A heartbeat bob sent before serving may still be on its way and briefly hide the service:
-    // wait for the next ones.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    until("alice knowing of math.add from bob's latest heartbeat", serves).await;
+    // A heartbeat bob sent before serving may still be on its way and briefly hide the service.
+    // Bob's messages reach alice in the order he sent them (one stream, one reader), so once a
+    // message bob sends now has arrived, every heartbeat sent before it has been applied.
+    bob.send(alice.id().clone(), &"served".to_string()).await.unwrap();
+    assert_eq!(receive_text(&alice).await.message, "served");
+    assert!(serves(), "alice knows of math.add from bob's latest record");
     for a in 0..10 {
         let sum: i64 =
             tokio::time::timeout(WAIT, alice.request("math.add", &Add { a, b: 1 })).await.unwrap().unwrap();
@@ -153,8 +158,8 @@ async fn signed_nodes_exchange_messages_and_requests_over_redis() {
         assert!(names.contains(&SIGNATURE_HEADER) && names.contains(&SIGNED_AT_HEADER), "{names:?}");
     }
     // Native topics (Redis pub/sub) carry signed publications too.
+    // Returns once Redis confirmed the PSUBSCRIBE: a publication from then on reaches bob.
     let mut topic = bob.subscribe::<String>("news.*").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
     alice.publish("news.today", &"extra".to_string()).await.unwrap();
     let published = tokio::time::timeout(WAIT, topic.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(published.message, "extra");
@@ -183,10 +188,21 @@ async fn messages_forged_with_broker_access_are_refused_and_never_delivered() {
     // Capture a genuine message on its way through Redis: a blocking XREAD is served the entry
     // the moment it is added (heartbeats pass by too; skip them).
     let inbox = format!("{prefix}:inbox:{}", bob.id());
+    // The tap reads what comes after the inbox's last entry now, however late its XREAD starts.
+    let newest: StreamRangeReply = redis::cmd("XREVRANGE")
+        .arg(&inbox)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut connection().await)
+        .await
+        .unwrap();
+    let after = newest.ids.first().map_or_else(|| "0".to_string(), |entry| entry.id.clone());
     let tap_inbox = inbox.clone();
     let tap = tokio::spawn(async move {
         let mut tap = connection().await;
-        let mut last = "$".to_string();
+        let mut last = after;
         loop {
             let reply: Option<StreamReadReply> = redis::cmd("XREAD")
                 .arg("BLOCK")
@@ -214,7 +230,6 @@ async fn messages_forged_with_broker_access_are_refused_and_never_delivered() {
             }
         }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
     alice.send(bob.id().clone(), &"genuine 1".to_string()).await.unwrap();
     assert_eq!(receive_text(&bob).await.message, "genuine 1");
     let captured = tokio::time::timeout(WAIT, tap).await.unwrap().unwrap();
