@@ -25,7 +25,9 @@
 //! - A peer reported by discovery (the static list of the config file, a discovery plugin) is
 //!   kept while discovery reports it, down or offline, so that it stays addressable (a durable
 //!   inbox takes what is sent to it). At most [`PEER_LIMIT`] peers are known in all; discovery
-//!   reporting more is refused.
+//!   reporting more is refused. When discovery stops reporting a peer that was itself heard
+//!   from within the peer timeout, the peer stays as a heard one (see
+//!   [`Membership::withdrawn`]).
 //!
 //! ## Cost
 //!
@@ -94,6 +96,8 @@ struct PeerEntry {
     record: NodeRecord,
     status: PeerStatus,
     last_seen: Instant,
+    /// When the peer itself was last heard from (any message of its own), if ever.
+    heard_at: Option<Instant>,
     /// Reported by discovery (kept while discovery reports it), not only heard from.
     announced: bool,
     /// When it last went down or offline; `None` while up.
@@ -293,7 +297,8 @@ impl Membership {
                     self.heard += 1;
                 }
                 self.index.update(&record.id, None, Some(&record));
-                let entry = PeerEntry { record, status, last_seen: now, announced, down_since };
+                let heard_at = (source == Source::Heard).then_some(now);
+                let entry = PeerEntry { record, status, last_seen: now, heard_at, announced, down_since };
                 self.peers.insert(entry.record.id.clone(), entry);
                 Ok(Learned::New)
             }
@@ -301,6 +306,9 @@ impl Membership {
                 if source == Source::Discovery && !entry.announced {
                     entry.announced = true;
                     self.heard -= 1;
+                }
+                if source == Source::Heard {
+                    entry.heard_at = Some(now);
                 }
                 let stale = matches!((revision(&entry.record), revision(&record)), (Some(known), Some(new)) if new < known);
                 if stale {
@@ -400,6 +408,7 @@ impl Membership {
         match self.peers.get_mut(id) {
             Some(entry) => {
                 entry.last_seen = now;
+                entry.heard_at = Some(now);
                 Self::revive(entry, events);
                 bound_expiry(&mut self.expiry_bound, self.timeout, entry);
                 true
@@ -420,8 +429,30 @@ impl Membership {
         }
     }
 
-    /// Discovery says `id` left (withdrew or expired): forgotten.
-    pub(crate) fn withdrawn(&mut self, id: &NodeId, events: &mut Vec<PeerEvent>) {
+    /// Discovery says `id` left (withdrew, expired, or stopped answering discovery's own
+    /// requests): forgotten, unless the peer itself was heard from within the peer timeout.
+    /// Such a peer stays, as one known only from its own messages, and goes down as any of
+    /// those does once it falls silent: discovery's view can be wrong while the peer talks to
+    /// this node (a Kademlia contact that missed two requests on a loaded machine was withdrawn
+    /// while its messages kept coming, and a message from it then could not be answered).
+    /// With liveness off nothing would ever take such a peer down, so it is forgotten.
+    pub(crate) fn withdrawn(&mut self, id: &NodeId, now: Instant, events: &mut Vec<PeerEvent>) {
+        let Some(entry) = self.peers.get_mut(id) else { return };
+        let heard_lately = self
+            .timeout
+            .zip(entry.heard_at)
+            .is_some_and(|(timeout, heard_at)| now.saturating_duration_since(heard_at) <= timeout);
+        if heard_lately
+            && entry.status == PeerStatus::Up
+            && (!entry.announced || self.heard < HEARD_PEER_LIMIT)
+        {
+            if entry.announced {
+                entry.announced = false;
+                self.heard += 1;
+            }
+            self.bound_expiry_of(id);
+            return;
+        }
         if let Some(entry) = self.remove(id).filter(|entry| entry.status == PeerStatus::Up) {
             events.push(PeerEvent { kind: PeerEventKind::Left, record: entry.record });
         }
@@ -691,7 +722,7 @@ mod tests {
                     membership.heard_from(&id, now, &mut events);
                 }
                 4 => membership.goodbye(&id, next(2) == 0, now, &mut events),
-                _ => membership.withdrawn(&id, &mut events),
+                _ => membership.withdrawn(&id, now, &mut events),
             }
             let (bound, exact) = (membership.next_expiry(), membership.earliest_expiry());
             assert!(
@@ -756,7 +787,7 @@ mod tests {
                     membership.heard_from(&id, now, &mut events);
                 }
                 4 => membership.goodbye(&id, next(2) == 0, now, &mut events),
-                5 => membership.withdrawn(&id, &mut events),
+                5 => membership.withdrawn(&id, now, &mut events),
                 _ => {
                     let _ = membership.expire(now, &mut events);
                 }
@@ -810,6 +841,40 @@ mod tests {
     }
 
     #[test]
+    fn a_withdrawn_peer_that_talks_to_this_node_stays_until_it_falls_silent() {
+        let timeout = Duration::from_millis(100);
+        let start = Instant::now();
+        let mut membership = Membership::new(NodeId::new("me"), Some(timeout));
+        let mut events = Vec::new();
+        for id in ["talks", "reported", "talked-long-ago"] {
+            membership.learn(record(id, &["echo"]), Source::Discovery, start, &mut events).unwrap();
+        }
+        let heard = start + Duration::from_millis(150);
+        membership.heard_from(&NodeId::new("talked-long-ago"), start, &mut events);
+        membership.heard_from(&NodeId::new("talks"), heard, &mut events);
+        events.clear();
+        let withdrawn = heard + Duration::from_millis(50);
+        for id in ["talks", "reported", "talked-long-ago"] {
+            membership.withdrawn(&NodeId::new(id), withdrawn, &mut events);
+        }
+        let left: Vec<&str> = events.iter().map(|event| event.record.id.as_str()).collect();
+        assert_eq!(left, ["reported", "talked-long-ago"], "only the one heard within the timeout stays");
+        let serving: Vec<&str> = membership.live_serving("echo").iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(serving, ["talks"], "still up, and still a replica of its services");
+        // It is now a peer known from its own messages: down once silent for the timeout, then
+        // forgotten as such a peer is.
+        events.clear();
+        assert!(membership.expire(heard + timeout, &mut events).is_empty() && events.is_empty());
+        let silent = heard + timeout + Duration::from_millis(1);
+        let _ = membership.expire(silent, &mut events);
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!((events[0].kind, events[0].record.id.as_str()), (PeerEventKind::Left, "talks"));
+        let forgotten = membership.expire(silent + forget_after(timeout), &mut events);
+        assert_eq!(forgotten, [NodeId::new("talks")]);
+        assert!(membership.snapshot(silent).is_empty());
+    }
+
+    #[test]
     fn own_records_are_ignored_and_withdrawal_removes() {
         let now = Instant::now();
         let mut membership = Membership::new(NodeId::new("me"), None);
@@ -818,7 +883,7 @@ mod tests {
         membership.learn(record("b", &[]), Source::Discovery, now, &mut events).unwrap();
         let _ = membership.expire(now + Duration::from_secs(3600), &mut events);
         assert_eq!(membership.live(|_| true).len(), 1, "no timeout: never expires");
-        membership.withdrawn(&NodeId::new("b"), &mut events);
+        membership.withdrawn(&NodeId::new("b"), now, &mut events);
         assert!(membership.snapshot(now).is_empty());
     }
 }

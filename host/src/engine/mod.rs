@@ -788,7 +788,7 @@ impl Engine {
         let mut events = Vec::new();
         match event.kind {
             PeerEventKind::Left => {
-                self.membership.withdrawn(&event.record.id, &mut events);
+                self.membership.withdrawn(&event.record.id, now, &mut events);
                 self.greeted.remove(&event.record.id);
             }
             PeerEventKind::Joined | PeerEventKind::Updated => {
