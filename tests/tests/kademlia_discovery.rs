@@ -8,6 +8,12 @@ use comms_tests::{
 };
 use std::time::{Duration, Instant};
 
+/// The tests of this file run one at a time. Each checks that nodes find each other within a
+/// deadline, and the fifty processes of one of them, run beside another's eight nodes on the
+/// 2-core CI machine, starved both: requests to contacts timed out, contacts were dropped
+/// (two missed requests in a row) and learned again, and the deadlines passed.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn load(path: &std::path::Path) -> PluginLibrary {
     PluginLibrary::load(path).unwrap_or_else(|error| panic!("{error}"))
 }
@@ -21,6 +27,7 @@ fn discovery_config(listen: &str, seed: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_nodes_find_each_other_and_a_service_through_the_dht_and_call_it() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     eight_nodes_find_each_other_and_call_a_service(Carrier::Udp).await;
 }
 
@@ -28,6 +35,7 @@ async fn eight_nodes_find_each_other_and_a_service_through_the_dht_and_call_it()
 /// does not pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_nodes_find_each_other_and_a_service_through_the_dht_over_tcp() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     eight_nodes_find_each_other_and_call_a_service(Carrier::Tcp).await;
 }
 
@@ -124,6 +132,7 @@ async fn eight_nodes_find_each_other_and_call_a_service(carrier: Carrier) {
 /// own lookups reach every node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_processes_are_all_found_through_the_dht() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     const PROCESSES: usize = 50;
     let artifacts = artifacts();
     let dir = comms_tests::scratch_dir("kademlia-processes");
@@ -202,6 +211,7 @@ async fn fifty_processes_are_all_found_through_the_dht() {
 /// bootstraps through the same seed but is never learned by them, nor learns them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authenticated_kademlia_keeps_a_node_with_a_key_not_allowed_out() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     use comms_plugin_api::security::Identity;
     let dir = comms_tests::scratch_dir("kademlia-noise");
     let kademlia = load(&artifacts().kademlia_plugin);
