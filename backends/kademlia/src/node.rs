@@ -45,9 +45,10 @@
 //! - **Refresh**: every [`Config::refresh_interval`], a lookup of a random key in each bucket not
 //!   looked into since.
 //! - **Failures**: a request unanswered for [`Config::request_timeout`] fails; a contact that
-//!   fails [`crate::routing_table::MAX_FAILURES`] requests in a row (or one, when a newcomer
-//!   waits for its place in a full bucket) is dropped from the table, and the newcomer takes
-//!   its place.
+//!   fails [`crate::routing_table::MAX_FAILURES`] requests in a row and has been silent for
+//!   two request timeouts (or fails one, when a newcomer waits for its place in a full bucket)
+//!   is dropped from the table, and the newcomer takes its place. Requests that time out
+//!   together (a node starved of CPU for a moment) do not drop a contact heard from lately.
 //!
 //! ## Authenticated mode
 //!
@@ -874,8 +875,11 @@ impl<A: WireAddress> DhtNode<A> {
             self.evicting.remove(&key);
         }
         // An eviction ping is the contact's last chance: the candidate waits for its place.
-        let removed =
-            if request.kind == RequestKind::Evict { self.table.remove(&key) } else { self.table.fail(&key) };
+        let removed = if request.kind == RequestKind::Evict {
+            self.table.remove(&key)
+        } else {
+            self.table.fail(&key, now, self.config.request_timeout * 2)
+        };
         if let Some((_, promoted)) = removed {
             self.forget_contact(&key);
             if let Some(promoted) = promoted {

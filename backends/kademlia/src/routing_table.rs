@@ -12,7 +12,11 @@ use crate::{
     key::{Key, KEY_BITS},
     protocol::Contact,
 };
-use std::{collections::HashMap, hash::Hash, time::Instant};
+use std::{
+    collections::HashMap,
+    hash::Hash,
+    time::{Duration, Instant},
+};
 
 #[derive(Debug, Clone)]
 struct Entry<A> {
@@ -152,16 +156,29 @@ impl<A: Copy + Eq + Hash> RoutingTable<A> {
         Some((removed, promoted))
     }
 
-    /// Contact `key` did not answer a request: it is removed (as by [`RoutingTable::remove`])
-    /// after [`MAX_FAILURES`] in a row, or at once if a candidate waits for its place; a lost
-    /// datagram alone does not cost a live contact its place. Returns what `remove` returns
-    /// when it was removed.
-    pub fn fail(&mut self, key: &Key) -> Option<(Contact<A>, Option<Contact<A>>)> {
+    /// Contact `key` did not answer a request that timed out at `now`: it is removed (as by
+    /// [`RoutingTable::remove`]) once it has failed [`MAX_FAILURES`] requests in a row *and*
+    /// has been silent for at least `silence` (the caller passes two request timeouts), or at
+    /// once if a candidate waits for its place. Returns what `remove` returns when it was
+    /// removed.
+    ///
+    /// A lost datagram alone does not cost a live contact its place, and neither do requests
+    /// that time out together: two lookups that asked the contact at the same moment fail at
+    /// the same moment, which on a loaded machine (a process starved of CPU for a second)
+    /// says no more than one failure does. Counted alone, they dropped live contacts, and the
+    /// table churned (dropped, learned again) for as long as the load lasted.
+    pub fn fail(
+        &mut self,
+        key: &Key,
+        now: Instant,
+        silence: Duration,
+    ) -> Option<(Contact<A>, Option<Contact<A>>)> {
         let index = self.own.bucket_index(key)?;
         let bucket = &mut self.buckets[index];
         let entry = bucket.entries.iter_mut().find(|e| e.contact.key == *key)?;
         entry.failures += 1;
-        if entry.failures >= MAX_FAILURES || bucket.pending.is_some() {
+        let silent_long_enough = now.saturating_duration_since(entry.last_seen) >= silence;
+        if (entry.failures >= MAX_FAILURES && silent_long_enough) || bucket.pending.is_some() {
             return self.remove(key);
         }
         None
@@ -269,10 +286,37 @@ mod tests {
         assert_eq!(table.remove(&key(1)).unwrap().1.map(|c| c.address), Some(4));
         assert_eq!(table.len(), 2);
         assert_eq!(table.insert(Contact { key: own, address: 0 }, now), Insert::Ignored);
-        // One failure is forgiven, two in a row are not.
-        assert!(table.fail(&key(2)).is_none());
-        assert!(table.fail(&key(2)).is_some());
+        // One failure is forgiven, two in a row are not, once the contact was silent long enough.
+        let silence = Duration::from_secs(2);
+        assert!(table.fail(&key(2), now + silence, silence).is_none());
+        assert!(table.fail(&key(2), now + silence, silence).is_some());
         assert!(!table.contains(&key(2)));
         assert_eq!(table.closest(&key(4), 1)[0].address, 4);
+    }
+
+    #[test]
+    fn requests_that_fail_together_do_not_drop_a_contact_heard_from_lately() {
+        let mut table = RoutingTable::<u32>::new(Key::ZERO, 20);
+        let start = Instant::now();
+        let silence = Duration::from_secs(2);
+        let contact = Contact { key: Key::for_node("b"), address: 2 };
+        table.insert(contact, start);
+        // Heard at 0 s; three requests sent then all time out at 1 s (a starved process): the
+        // contact was silent for half the required time, so it stays, failures and all.
+        for _ in 0..3 {
+            assert!(table.fail(&contact.key, start + silence / 2, silence).is_none());
+        }
+        assert!(table.contains(&contact.key));
+        // Heard again: the count starts over.
+        table.insert(contact, start + silence);
+        assert!(table.fail(&contact.key, start + 3 * silence, silence).is_none(), "one failure is forgiven");
+        assert!(table.contains(&contact.key));
+        // A second failure in a row, 2 s of silence after it was last heard: dropped.
+        assert_eq!(
+            table.fail(&contact.key, start + 3 * silence, silence).map(|(removed, _)| removed),
+            Some(contact)
+        );
+        assert!(!table.contains(&contact.key));
+        assert_eq!(table.len(), 0);
     }
 }
