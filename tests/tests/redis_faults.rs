@@ -5,19 +5,19 @@
 
 use comms_plugin_api::{
     host_side::{LoadedTransport, PluginLibrary},
-    Destination, Envelope, ErrorCode, MessageId, NodeId, Payload, Settlement, SettlementOutcome,
+    Destination, ErrorCode, NodeId, Settlement, SettlementOutcome,
 };
 use comms_tests::{artifacts, free_address, scratch_dir};
 use std::{
     collections::HashSet,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc, Mutex,
-    },
     time::{Duration, Instant},
 };
+
+#[path = "support/restart_mid_stream.rs"]
+mod restart_mid_stream;
+use restart_mid_stream::{envelope, OwnServer, Restart};
 
 /// A `redis-server` child process with persistence on, on a port of its own.
 struct OwnRedis {
@@ -79,177 +79,37 @@ impl Drop for OwnRedis {
     }
 }
 
-fn envelope(to: &str, n: u32) -> Envelope {
-    Envelope::new(
-        MessageId::from_u128(u128::from(n) + 1),
-        NodeId::new("restart-sender"),
-        Destination::Node(NodeId::new(to)),
-        Payload::from(n.to_be_bytes().to_vec()),
-    )
-}
-
+/// A transport of the Redis plugin for node `node`.
 async fn open(library: &PluginLibrary, node: &str, config: &str) -> LoadedTransport {
-    library.new_transport(&NodeId::new(node), "redis", config).await.unwrap_or_else(|error| panic!("{error}"))
+    restart_mid_stream::open(library, "redis", node, config).await
 }
 
-/// Messages sent in all; Redis is killed once this many sends have returned.
-const MESSAGES: u32 = 600;
-const KILL_AFTER: usize = 200;
+impl OwnServer for OwnRedis {
+    fn kill(&mut self) {
+        OwnRedis::kill(self);
+    }
+
+    fn spawn(&mut self) -> std::io::Result<()> {
+        OwnRedis::spawn(self)
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted_mid_stream_loses_no_acknowledged_message() {
     let dir = scratch_dir("redis-restart");
     let Some(redis) = OwnRedis::start(&dir) else { return };
-    let redis = Arc::new(Mutex::new(redis));
-    let url = redis.lock().unwrap().url();
     let library = PluginLibrary::load(&artifacts().redis_plugin).unwrap_or_else(|error| panic!("{error}"));
-    let config = format!("url = \"{url}\"\nclaim_idle_ms = 1000\nblock_ms = 200\n");
-    let receiver = Arc::new(open(&library, "restart-receiver", &config).await);
-    let sender = open(&library, "restart-sender", &config).await;
-    let address = receiver.info().local_address.clone();
-    // A second inbox nobody reads until Redis is back: what it holds survives only on disk.
-    let parked = open(&library, "restart-parked", &config).await;
-    let parked_address = parked.info().local_address.clone();
-    parked.close().await.unwrap();
-    let mut parked_sent = Vec::new();
-
-    // The receiver takes everything and accepts it, as a host does.
-    let received = Arc::new(Mutex::new(HashSet::new()));
-    let duplicates = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let receiving = tokio::spawn({
-        let (receiver, received, duplicates, stop) =
-            (Arc::clone(&receiver), Arc::clone(&received), Arc::clone(&duplicates), Arc::clone(&stop));
-        async move {
-            while !stop.load(Ordering::Relaxed) {
-                let batch =
-                    match tokio::time::timeout(Duration::from_millis(200), receiver.receive(256)).await {
-                        Err(_) => continue,
-                        Ok(Ok(batch)) if batch.is_empty() => return,
-                        Ok(Ok(batch)) => batch,
-                        Ok(Err(error)) => {
-                            eprintln!("receive failed (expected while Redis is down): {error}");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                let mut settlements = Vec::new();
-                for inbound in batch {
-                    let n = u32::from_be_bytes(inbound.envelope.payload.as_slice().try_into().unwrap());
-                    if !received.lock().unwrap().insert(n) {
-                        duplicates.fetch_add(1, Ordering::Relaxed);
-                    }
-                    settlements.push(Settlement {
-                        delivery_tag: inbound.delivery_tag,
-                        outcome: SettlementOutcome::ACCEPTED,
-                    });
-                }
-                if let Err(error) = receiver.settle(settlements).await {
-                    eprintln!("settle failed (those messages come again): {error}");
-                }
-            }
-        }
-    });
-
-    // Kill Redis once a third of the sends returned; bring it back half a second later.
-    let acknowledged = Arc::new(AtomicUsize::new(0));
-    let restarting = std::thread::spawn({
-        let (redis, acknowledged) = (Arc::clone(&redis), Arc::clone(&acknowledged));
-        move || {
-            let started = Instant::now();
-            while acknowledged.load(Ordering::Relaxed) < KILL_AFTER {
-                assert!(started.elapsed() < Duration::from_secs(30), "sends stalled before the restart");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            redis.lock().unwrap().kill();
-            std::thread::sleep(Duration::from_millis(500));
-            redis.lock().unwrap().spawn().unwrap();
-        }
-    });
-
-    let mut sent = Vec::new();
-    let mut refused = Vec::new();
-    for n in 0..MESSAGES {
-        match tokio::time::timeout(
-            Duration::from_secs(20),
-            sender.send(&address, envelope("restart-receiver", n)),
-        )
-        .await
-        {
-            Ok(Ok(())) => {
-                sent.push(n);
-                acknowledged.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(Err(error)) => refused.push((n, error)),
-            Err(_) => panic!("send {n} did not return within 20 s (Redis down and never back?)"),
-        }
-        if n % 4 == 0 {
-            let to_parked = sender.send(&parked_address, envelope("restart-parked", n));
-            match tokio::time::timeout(Duration::from_secs(20), to_parked).await {
-                Ok(Ok(())) => parked_sent.push(n),
-                Ok(Err(error)) => refused.push((n, error)),
-                Err(_) => panic!("send {n} to the parked inbox did not return within 20 s"),
-            }
-        }
-    }
-    restarting.join().unwrap();
-
-    let started = Instant::now();
-    loop {
-        let missing: Vec<u32> = {
-            let received = received.lock().unwrap();
-            sent.iter().copied().filter(|n| !received.contains(n)).collect()
-        };
-        if missing.is_empty() {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "{} of {} acknowledged messages never arrived after the restart (first: {:?})",
-            missing.len(),
-            sent.len(),
-            &missing[..missing.len().min(10)]
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    stop.store(true, Ordering::Relaxed);
-    receiving.await.unwrap();
-    eprintln!(
-        "{} sent and acknowledged, {} refused, {} duplicates (same message id, delivered again)",
-        sent.len(),
-        refused.len(),
-        duplicates.load(Ordering::Relaxed)
-    );
-    // Sends wait for the reconnect rather than fail.
-    assert!(refused.is_empty(), "sends failed across the restart: {:?}", &refused[..refused.len().min(3)]);
-    sender.close().await.unwrap();
-    receiver.close().await.unwrap();
-
-    // The parked node comes back after the crash and finds everything it was sent.
-    let parked = open(&library, "restart-parked", &config).await;
-    let mut parked_received = HashSet::new();
-    let started = Instant::now();
-    while parked_sent.iter().any(|n| !parked_received.contains(n)) {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the parked inbox lost {} of {} acknowledged messages in the Redis crash",
-            parked_sent.iter().filter(|n| !parked_received.contains(*n)).count(),
-            parked_sent.len()
-        );
-        if let Ok(Ok(batch)) = tokio::time::timeout(Duration::from_millis(500), parked.receive(256)).await {
-            let mut settlements = Vec::new();
-            for inbound in batch {
-                parked_received
-                    .insert(u32::from_be_bytes(inbound.envelope.payload.as_slice().try_into().unwrap()));
-                settlements.push(Settlement {
-                    delivery_tag: inbound.delivery_tag,
-                    outcome: SettlementOutcome::ACCEPTED,
-                });
-            }
-            parked.settle(settlements).await.unwrap();
-        }
-    }
-    parked.close().await.unwrap();
+    let config = format!("url = \"{}\"\nclaim_idle_ms = 1000\nblock_ms = 200\n", redis.url());
+    let case = Restart {
+        plugin: "redis",
+        server_name: "Redis",
+        library: &library,
+        config: &config,
+        send_limit: Duration::from_secs(20),
+        // The receiving connection's XREADGROUP fails while Redis is down; the next one reconnects.
+        receive_may_fail: true,
+    };
+    restart_mid_stream::nothing_acknowledged_is_lost(case, redis).await;
 }
 
 #[tokio::test]
