@@ -36,6 +36,7 @@
 //! | `tls` | module `tls`: the certificate keys of TLS URLs and their checks | a plugin talking TLS to a server (a broker, a database) |
 //! | `own-allocator` | module `allocator`: mimalloc as the library's global allocator, a heap of its own | a plugin library moving messages (every in-tree one turns it on) |
 //! | `registry` | module `registry`: discovery through a table of node records (stored as JSON) | a database-backed discovery (SQLite, PostgreSQL) |
+//! | `testing` | module `testing`: an in-process pair of linked transports that records what crossed it | a layer's unit tests (as a dev-dependency feature) |
 //!
 //! Without `noise`, [`Setup::link_security`] returns `Ok(None)` when the host wants plain links
 //! and an error naming the feature when it asks for encrypted ones, and
@@ -142,6 +143,8 @@ pub mod security;
 pub mod socket_address;
 mod stable_waker;
 pub mod stream_transport;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod text;
 #[cfg(feature = "tls")]
 pub mod tls;

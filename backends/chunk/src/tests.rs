@@ -5,104 +5,16 @@ use crate::{
     ChunkConfig, ChunkLayer,
 };
 use comms_plugin_api::{
-    async_trait, config::parse_config, Capabilities, Destination, Envelope, ErrorCode, Inbound, MessageId,
-    Outbound, PluginError, Settlement, SettlementOutcome, Transport, TransportInfo,
+    config::parse_config,
+    testing::{link_pair, Link},
+    Capabilities, Destination, Envelope, ErrorCode, Inbound, MessageId, Outbound, Settlement,
+    SettlementOutcome, Transport, TransportInfo,
 };
-use std::{
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
-    },
-    time::Duration,
-};
-use tokio::sync::mpsc;
-
-/// One end of an in-process link: what it sends lands in the other end's queue. Records what
-/// went over it (the "wire"), what was settled, and whether it was closed.
-struct Link {
-    info: TransportInfo,
-    inbound: tokio::sync::Mutex<mpsc::Receiver<Inbound>>,
-    peer: mpsc::Sender<Inbound>,
-    next_tag: Arc<AtomicU64>,
-    wire: Mutex<Vec<Envelope>>,
-    settled: Mutex<Vec<Settlement>>,
-    closed: AtomicBool,
-}
-
-fn link_pair(capabilities: Capabilities, max_message_size: u64) -> (Arc<Link>, Arc<Link>) {
-    let (to_a, from_b) = mpsc::channel(1024);
-    let (to_b, from_a) = mpsc::channel(1024);
-    let tags = Arc::new(AtomicU64::new(1));
-    let end = |inbound, peer, address: &str| {
-        Arc::new(Link {
-            info: TransportInfo::new(capabilities, address, max_message_size),
-            inbound: tokio::sync::Mutex::new(inbound),
-            peer,
-            next_tag: Arc::clone(&tags),
-            wire: Mutex::new(Vec::new()),
-            settled: Mutex::new(Vec::new()),
-            closed: AtomicBool::new(false),
-        })
-    };
-    (end(from_b, to_b, "link://a"), end(from_a, to_a, "link://b"))
-}
-
-impl Link {
-    fn wire(&self) -> Vec<Envelope> {
-        self.wire.lock().unwrap().clone()
-    }
-
-    fn settled(&self) -> Vec<Settlement> {
-        self.settled.lock().unwrap().clone()
-    }
-}
-
-#[async_trait]
-impl Transport for Link {
-    fn info(&self) -> TransportInfo {
-        self.info.clone()
-    }
-
-    async fn send(&self, _address: &str, envelope: Envelope) -> Result<(), PluginError> {
-        if envelope.payload.len() as u64 > self.info.max_message_size {
-            return Err(PluginError::new(ErrorCode::TOO_LARGE, "too large for the link"));
-        }
-        self.wire.lock().unwrap().push(envelope.clone());
-        let acknowledging = self.info.capabilities.contains(Capabilities::ACKNOWLEDGEMENTS);
-        let delivery_tag = if acknowledging { self.next_tag.fetch_add(1, Ordering::Relaxed) } else { 0 };
-        self.peer
-            .send(Inbound { envelope, delivery_tag })
-            .await
-            .map_err(|_| PluginError::new(ErrorCode::UNREACHABLE, "peer gone"))
-    }
-
-    async fn receive(&self, max_batch: usize) -> Result<Vec<Inbound>, PluginError> {
-        let mut inbound = self.inbound.lock().await;
-        let Some(first) = inbound.recv().await else { return Ok(Vec::new()) };
-        let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match inbound.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        Ok(batch)
-    }
-
-    async fn settle(&self, settlements: Vec<Settlement>) -> Result<(), PluginError> {
-        self.settled.lock().unwrap().extend(settlements);
-        Ok(())
-    }
-
-    async fn close(&self) -> Result<(), PluginError> {
-        self.closed.store(true, Ordering::Relaxed);
-        Ok(())
-    }
-}
+use std::{sync::Arc, time::Duration};
 
 fn layer(inner: &Arc<Link>, config: &str) -> ChunkLayer {
     let config: ChunkConfig = parse_config(config).unwrap();
-    let settings = config.resolve(&inner.info).unwrap();
+    let settings = config.resolve(&inner.info()).unwrap();
     ChunkLayer::new(Arc::clone(inner) as Arc<dyn Transport>, settings)
 }
 
@@ -295,7 +207,7 @@ async fn close_requeues_held_parts_and_closes_the_inner_transport() {
     receiver.close().await.unwrap();
     let requeue = SettlementOutcome::REJECTED_REQUEUE;
     assert_eq!(b.settled(), [1, 2].map(|delivery_tag| Settlement { delivery_tag, outcome: requeue }));
-    assert!(b.closed.load(Ordering::Relaxed));
+    assert!(b.is_closed());
 }
 
 #[test]

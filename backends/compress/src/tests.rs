@@ -2,96 +2,12 @@
 
 use crate::{codec, CompressConfig, CompressLayer, HEADER};
 use comms_plugin_api::{
-    async_trait, config::parse_config, Capabilities, Destination, Envelope, ErrorCode, Inbound, MessageId,
-    Outbound, PluginError, Settlement, SettlementOutcome, Transport, TransportInfo,
+    config::parse_config,
+    testing::{link_pair, Link},
+    Capabilities, Destination, Envelope, ErrorCode, Inbound, MessageId, Outbound, Settlement,
+    SettlementOutcome, Transport,
 };
-use std::{
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
-    },
-    time::Duration,
-};
-use tokio::sync::mpsc;
-
-/// One end of an in-process link: what it sends lands in the other end's queue. Records what
-/// went over it (the "wire"), what was settled, and whether it was closed.
-struct Link {
-    info: TransportInfo,
-    inbound: tokio::sync::Mutex<mpsc::Receiver<Inbound>>,
-    peer: mpsc::Sender<Inbound>,
-    next_tag: Arc<AtomicU64>,
-    wire: Mutex<Vec<Envelope>>,
-    settled: Mutex<Vec<Settlement>>,
-    closed: AtomicBool,
-}
-
-fn link_pair(capabilities: Capabilities, max_message_size: u64) -> (Arc<Link>, Arc<Link>) {
-    let (to_a, from_b) = mpsc::channel(64);
-    let (to_b, from_a) = mpsc::channel(64);
-    let tags = Arc::new(AtomicU64::new(1));
-    let end = |inbound, peer, address: &str| {
-        Arc::new(Link {
-            info: TransportInfo::new(capabilities, address, max_message_size),
-            inbound: tokio::sync::Mutex::new(inbound),
-            peer,
-            next_tag: Arc::clone(&tags),
-            wire: Mutex::new(Vec::new()),
-            settled: Mutex::new(Vec::new()),
-            closed: AtomicBool::new(false),
-        })
-    };
-    (end(from_b, to_b, "link://a"), end(from_a, to_a, "link://b"))
-}
-
-impl Link {
-    fn wire(&self) -> Vec<Envelope> {
-        self.wire.lock().unwrap().clone()
-    }
-}
-
-#[async_trait]
-impl Transport for Link {
-    fn info(&self) -> TransportInfo {
-        self.info.clone()
-    }
-
-    async fn send(&self, _address: &str, envelope: Envelope) -> Result<(), PluginError> {
-        if envelope.payload.len() as u64 > self.info.max_message_size {
-            return Err(PluginError::new(ErrorCode::TOO_LARGE, "too large for the link"));
-        }
-        self.wire.lock().unwrap().push(envelope.clone());
-        let acknowledging = self.info.capabilities.contains(Capabilities::ACKNOWLEDGEMENTS);
-        let delivery_tag = if acknowledging { self.next_tag.fetch_add(1, Ordering::Relaxed) } else { 0 };
-        self.peer
-            .send(Inbound { envelope, delivery_tag })
-            .await
-            .map_err(|_| PluginError::new(ErrorCode::UNREACHABLE, "peer gone"))
-    }
-
-    async fn receive(&self, max_batch: usize) -> Result<Vec<Inbound>, PluginError> {
-        let mut inbound = self.inbound.lock().await;
-        let Some(first) = inbound.recv().await else { return Ok(Vec::new()) };
-        let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match inbound.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        Ok(batch)
-    }
-
-    async fn settle(&self, settlements: Vec<Settlement>) -> Result<(), PluginError> {
-        self.settled.lock().unwrap().extend(settlements);
-        Ok(())
-    }
-
-    async fn close(&self) -> Result<(), PluginError> {
-        self.closed.store(true, Ordering::Relaxed);
-        Ok(())
-    }
-}
+use std::{sync::Arc, time::Duration};
 
 fn layer(inner: &Arc<Link>, config: &str) -> CompressLayer {
     let config: CompressConfig = parse_config(config).unwrap();
@@ -186,7 +102,7 @@ async fn a_zip_bomb_and_an_unknown_method_are_refused_and_settled_as_discarded()
     assert_eq!(counter(&receiver, "compress.decompress_failures"), 3);
     assert_eq!(receiver.stats().errors, 3, "refusals count as errors");
     let discarded = Settlement { delivery_tag: 0, outcome: SettlementOutcome::REJECTED_DISCARD };
-    let settled = b.settled.lock().unwrap().clone();
+    let settled = b.settled();
     assert_eq!(
         settled,
         [1, 2, 3].map(|delivery_tag| Settlement { delivery_tag, ..discarded }),
@@ -196,7 +112,7 @@ async fn a_zip_bomb_and_an_unknown_method_are_refused_and_settled_as_discarded()
         .settle(vec![Settlement { delivery_tag: 4, outcome: SettlementOutcome::ACCEPTED }])
         .await
         .unwrap();
-    assert_eq!(b.settled.lock().unwrap().len(), 4, "the host's settlement reaches the inner transport");
+    assert_eq!(b.settled().len(), 4, "the host's settlement reaches the inner transport");
 }
 
 #[tokio::test]
@@ -229,7 +145,7 @@ async fn a_header_already_there_is_left_alone_and_close_closes_the_inner_transpo
     let received = receive_one(&receiver).await.envelope;
     assert_eq!(received.payload.as_slice(), b"abc".repeat(10_000).as_slice());
     sender.close().await.unwrap();
-    assert!(a.closed.load(Ordering::Relaxed));
+    assert!(a.is_closed());
 }
 
 #[test]
