@@ -311,7 +311,7 @@ mod tests {
         table.insert(contact, start + silence);
         assert!(table.fail(&contact.key, start + 3 * silence, silence).is_none(), "one failure is forgiven");
         assert!(table.contains(&contact.key));
-        // A second failure in a row, 2 s of silence after it was last heard: dropped.
+        // A second failure in a row, 4 s after it was last heard (2 s are required): dropped.
         assert_eq!(
             table.fail(&contact.key, start + 3 * silence, silence).map(|(removed, _)| removed),
             Some(contact)
