@@ -235,7 +235,9 @@ impl Node {
             // Only this node's signer writes these: an application's own would go out unchecked.
             headers.retain(|name, _| name != SIGNATURE_HEADER && name != SIGNED_AT_HEADER);
         }
-        let mut envelope = self.inner.new_envelope(Destination::Node(to.clone()), headers, payload);
+        // Boxed from the start (see `Driver::send_to_node`): this future then holds a pointer,
+        // not the envelope.
+        let mut envelope = Box::new(self.inner.new_envelope(Destination::Node(to.clone()), headers, payload));
         envelope.correlation_id = correlation_id;
         let id = envelope.id;
         self.inner.check_open()?;
@@ -251,7 +253,7 @@ impl Node {
             // budget cannot see into the plugin's runtime: spend from it here, so that a tight
             // send loop still lets the other tasks on this worker run.
             tokio::task::consume_budget().await;
-            self.inner.send_to_node(&to, envelope).await
+            self.inner.send_boxed_to_node(&to, envelope).await
         };
         tracing::Instrument::instrument(sent, span).await?;
         Ok(id)

@@ -72,11 +72,11 @@ impl std::fmt::Debug for GatheredSends {
 /// What a send does, decided under the lock.
 enum Turn {
     /// A call is free and nobody waits: send now, then hand the queue over.
-    Lead(Envelope),
+    Lead(Box<Envelope>),
     /// Every call is taken: wait for the batch this message joined.
     Wait(oneshot::Receiver<Outcome>),
     /// The queue is full: send alone.
-    Alone(Envelope),
+    Alone(Box<Envelope>),
 }
 
 impl GatheredSends {
@@ -85,7 +85,7 @@ impl GatheredSends {
     }
 
     /// Sends `envelope` to `address`, in a batch with the sends that overlap it.
-    pub(crate) async fn send(self: &Arc<Self>, address: &str, envelope: Envelope) -> Outcome {
+    pub(crate) async fn send(self: &Arc<Self>, address: &str, envelope: Box<Envelope>) -> Outcome {
         let turn = {
             let mut state = super::lock(&self.state);
             if state.calls < MAX_CALLS && state.queue.is_empty() && !state.forming {
@@ -94,9 +94,10 @@ impl GatheredSends {
                 Turn::Lead(envelope)
             } else if state.queue.len() < MAX_QUEUED {
                 let (outcome, waiting) = oneshot::channel();
-                state
-                    .queue
-                    .push(Queued { outbound: Outbound { address: Text::from(address), envelope }, outcome });
+                state.queue.push(Queued {
+                    outbound: Outbound { address: Text::from(address), envelope: *envelope },
+                    outcome,
+                });
                 Turn::Wait(waiting)
             } else {
                 Turn::Alone(envelope)
@@ -115,18 +116,21 @@ impl GatheredSends {
                     std::mem::take(&mut state.queue)
                 };
                 if joined.is_empty() {
-                    return self.transport.send(address, envelope).await;
+                    return self.transport.send(address, *envelope).await;
                 }
                 // The call goes on in a task of its own, which keeps this call: a caller that
                 // stops waiting does not take back the messages that joined it (nor its own).
                 let (outcome, waiting) = oneshot::channel();
                 let mut batch = Vec::with_capacity(1 + joined.len());
-                batch.push(Queued { outbound: Outbound { address: Text::from(address), envelope }, outcome });
+                batch.push(Queued {
+                    outbound: Outbound { address: Text::from(address), envelope: *envelope },
+                    outcome,
+                });
                 batch.extend(joined);
                 lead.drain_in_task(batch);
                 wait(waiting).await
             }
-            Turn::Alone(envelope) => self.transport.send(address, envelope).await,
+            Turn::Alone(envelope) => self.transport.send(address, *envelope).await,
             Turn::Wait(waiting) => wait(waiting).await,
         }
     }

@@ -115,10 +115,12 @@ impl NodeTransport {
         }
     }
 
-    pub(crate) async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
+    /// Sends `envelope` (boxed: see [`Driver::send_to_node`]) through this transport, gathered
+    /// with the sends that overlap it when the transport takes batches.
+    pub(crate) async fn send(&self, address: &str, envelope: Box<Envelope>) -> Result<(), PluginError> {
         match &self.gathered {
             Some(gathered) => gathered.send(address, envelope).await,
-            None => self.loaded.send(address, envelope).await,
+            None => self.loaded.send(address, *envelope).await,
         }
     }
 
@@ -665,7 +667,9 @@ impl Driver {
         let Some(transport) = self.transport(route.transport) else { return };
         let limit = self.spec.heartbeat_interval.unwrap_or(Duration::from_secs(1));
         let kind = envelope.header(control::KIND_HEADER).unwrap_or("").to_string();
-        let sent = tokio::time::timeout(limit, transport.send(&route.address, self.sealed(envelope))).await;
+        let sent =
+            tokio::time::timeout(limit, transport.send(&route.address, Box::new(self.sealed(envelope))))
+                .await;
         let failure = match sent {
             Ok(Ok(())) => return,
             Ok(Err(error)) => error.to_string(),
@@ -795,13 +799,18 @@ impl Driver {
     /// (relayed) and envelopes already signed (a publication sent to several subscribers) are
     /// left as they are.
     pub(crate) fn sealed(&self, mut envelope: Envelope) -> Envelope {
+        self.seal(&mut envelope);
+        envelope
+    }
+
+    /// [`Driver::sealed`], in place.
+    pub(crate) fn seal(&self, envelope: &mut Envelope) {
         if let Some(signatures) = &self.signatures {
             let signed = envelope.header(SIGNATURE_HEADER).is_some();
             if envelope.from == self.id && !signed {
-                signatures.seal(&mut envelope);
+                signatures.seal(envelope);
             }
         }
-        envelope
     }
 
     pub(crate) fn check_open(&self) -> Result<(), SendError> {
@@ -996,7 +1005,8 @@ impl Driver {
         let sends = goodbyes.into_iter().map(|(route, envelope)| async move {
             let Some(transport) = self.transport(route.transport) else { return };
             let sent =
-                tokio::time::timeout(limit, transport.send(&route.address, self.sealed(envelope))).await;
+                tokio::time::timeout(limit, transport.send(&route.address, Box::new(self.sealed(envelope))))
+                    .await;
             if !matches!(sent, Ok(Ok(()))) {
                 tracing::debug!(peer = %route.peer, "goodbye not sent");
             }

@@ -49,6 +49,8 @@ impl Driver {
         let mut waited = false;
         let (route, greeting, transport) = loop {
             let (route, greeting) = self.engine().prepare_send(to).map_err(send_error)?;
+            // Boxed, so that this future holds a pointer across its waits (see `send_to_node`).
+            let greeting = greeting.map(Box::new);
             let Some(transport) = self.transport(route.transport) else {
                 return Err(SendError::Closed);
             };
@@ -60,13 +62,15 @@ impl Driver {
                     if greeting.is_some() {
                         self.engine().greeting_failed(to);
                     }
-                    self.wait_for_swap(&retiring).await;
+                    // Rare (a reload under way): boxed, so that every send's future does not
+                    // carry room for it (see `Driver::send_to_node`).
+                    Box::pin(self.wait_for_swap(&retiring)).await;
                 }
                 Err(retiring) => return Err(transport_error(&retiring, to, retired_error(&retiring))),
             }
         };
         if let Some(hello) = greeting {
-            if let Err(error) = transport.loaded.send(&route.address, self.sealed(hello)).await {
+            if let Err(error) = transport.loaded.send(&route.address, self.sealed(*hello)).await {
                 self.engine().greeting_failed(to);
                 return Err(transport_error(&transport, to, error));
             }
@@ -75,9 +79,29 @@ impl Driver {
     }
 
     /// Sends to node `to` (see [`Driver::greeted_route`]).
-    pub(crate) async fn send_to_node(&self, to: &NodeId, envelope: Envelope) -> Result<(), SendError> {
+    ///
+    /// The envelope is boxed before the future is made. An async function keeps its arguments
+    /// in its future for as long as it runs, and an envelope is about 200 bytes: passed by value
+    /// down the send path, each level held a copy, and a send's future came to about 2 KiB, too
+    /// large for the system allocator's per-thread cache when a caller spawns it or keeps many
+    /// in flight. Boxed, each level holds a pointer.
+    pub(crate) fn send_to_node<'a>(
+        &'a self,
+        to: &'a NodeId,
+        envelope: Envelope,
+    ) -> impl std::future::Future<Output = Result<(), SendError>> + 'a {
+        self.send_boxed_to_node(to, Box::new(envelope))
+    }
+
+    /// [`Driver::send_to_node`], for a caller that boxed the envelope itself.
+    pub(crate) async fn send_boxed_to_node(
+        &self,
+        to: &NodeId,
+        mut envelope: Box<Envelope>,
+    ) -> Result<(), SendError> {
         let (transport, address) = self.greeted_route(to).await?;
-        let sent = transport.send(&address, self.sealed(envelope)).await;
+        self.seal(&mut envelope);
+        let sent = transport.send(&address, envelope).await;
         sent.map_err(|error| transport_error(&transport, to, error))
     }
 
@@ -113,7 +137,7 @@ impl Driver {
         let envelope = self.sealed(envelope);
         let native = self.serving_transports().into_iter().find(|(_, t)| t.has(Capabilities::NATIVE_TOPICS));
         if let Some((_, transport)) = &native {
-            transport.send("", envelope.clone()).await.map_err(|error| SendError::Transport {
+            transport.send("", Box::new(envelope.clone())).await.map_err(|error| SendError::Transport {
                 transport: transport.name.clone(),
                 peer: NodeId::new(format!("topic:{topic}")),
                 error,

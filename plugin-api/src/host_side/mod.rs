@@ -329,9 +329,18 @@ impl LoadedTransport {
     }
 
     /// See [`crate::Transport::send`].
-    pub async fn send(&self, address: &str, envelope: Envelope) -> Result<(), PluginError> {
+    ///
+    /// The call is made when this future is made, not when it is first polled: the future then
+    /// holds the plugin's future, not the envelope (about 200 bytes), and a send's future stays
+    /// small enough for the system allocator's per-thread cache. The plugin does no work before
+    /// its future is polled, and a future dropped unpolled sends nothing.
+    pub fn send<'a>(
+        &'a self,
+        address: &str,
+        envelope: Envelope,
+    ) -> impl std::future::Future<Output = Result<(), PluginError>> + Send + 'a {
         let call = self.inner.send(RString::from(address), envelope.into_abi());
-        self.watch.watch("send", call).await.into_result().map_err(|error| self.failed(error))
+        async move { self.watch.watch("send", call).await.into_result().map_err(|error| self.failed(error)) }
     }
 
     /// See [`crate::Transport::send_batch`]: the items that failed, by their index in `batch`

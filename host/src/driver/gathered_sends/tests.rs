@@ -119,13 +119,14 @@ async fn gathering(test: &str) -> (Arc<GatheredSends>, Arc<Recorder>) {
     (GatheredSends::new(Arc::new(transport)), recorder)
 }
 
-fn envelope(n: u128) -> Envelope {
-    Envelope::new(
+/// Boxed, as the driver hands envelopes to [`GatheredSends::send`].
+fn envelope(n: u128) -> Box<Envelope> {
+    Box::new(Envelope::new(
         MessageId::from_u128(n),
         NodeId::new("a"),
         Destination::Node(NodeId::new("b")),
         Payload::from(vec![7]),
-    )
+    ))
 }
 
 fn spawn_send(gathered: &Arc<GatheredSends>, n: u128) -> tokio::task::JoinHandle<Result<(), PluginError>> {
