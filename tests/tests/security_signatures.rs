@@ -200,8 +200,13 @@ async fn messages_forged_with_broker_access_are_refused_and_never_delivered() {
         .unwrap();
     let after = newest.ids.first().map_or_else(|| "0".to_string(), |entry| entry.id.clone());
     let tap_inbox = inbox.clone();
+    // The receiver deletes an entry once it has it (`XACK`, `XDEL`), so the tap must be reading
+    // before the message is sent: its connection is named, and the send waits until Redis lists
+    // that connection in `XREAD`.
+    let tap_name = format!("comms-signatures-tap-{}", std::process::id());
+    let mut tap = connection().await;
+    redis::cmd("CLIENT").arg("SETNAME").arg(&tap_name).query_async::<()>(&mut tap).await.unwrap();
     let tap = tokio::spawn(async move {
-        let mut tap = connection().await;
         let mut last = after;
         loop {
             let reply: Option<StreamReadReply> = redis::cmd("XREAD")
@@ -230,6 +235,18 @@ async fn messages_forged_with_broker_access_are_refused_and_never_delivered() {
             }
         }
     });
+    let mut watcher = connection().await;
+    let started = tokio::time::Instant::now();
+    loop {
+        let clients: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut watcher).await.unwrap();
+        let reading =
+            |client: &str| client.contains(&format!(" name={tap_name} ")) && client.contains(" cmd=xread");
+        if clients.lines().any(reading) {
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "the tap was not reading within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     alice.send(bob.id().clone(), &"genuine 1".to_string()).await.unwrap();
     assert_eq!(receive_text(&bob).await.message, "genuine 1");
     let captured = tokio::time::timeout(WAIT, tap).await.unwrap().unwrap();
