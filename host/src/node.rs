@@ -410,8 +410,11 @@ impl Node {
         let payload = self.inner.spec.codec.encode(message)?;
         let envelope =
             self.inner.new_envelope(Destination::topic(topic), self.content_type_header(), payload);
+        // Made before the wait, so that this future holds the publication's future, which holds
+        // the envelope boxed, and not the envelope as well (see `Driver::send_to_node`).
+        let publishing = self.inner.publish(topic, envelope);
         tokio::task::consume_budget().await;
-        self.inner.publish(topic, envelope).await
+        publishing.await
     }
 
     /// Subscribes to topics matching `pattern` (`*` one segment, `>` the rest). Peers learn of

@@ -129,15 +129,24 @@ impl Driver {
     /// Publishes through a transport with native topics when there is one, directly to every
     /// live peer whose patterns match otherwise, and to this node's own subscriptions. Returns
     /// how many nodes it was handed to directly.
-    pub(crate) async fn publish(
+    ///
+    /// The envelope is sealed and boxed before the future is made (see [`Driver::send_to_node`]).
+    pub(crate) fn publish<'a>(
+        self: &'a Arc<Self>,
+        topic: &'a str,
+        envelope: Envelope,
+    ) -> impl std::future::Future<Output = Result<usize, SendError>> + 'a {
+        self.publish_sealed(topic, Box::new(self.sealed(envelope)))
+    }
+
+    async fn publish_sealed(
         self: &Arc<Self>,
         topic: &str,
-        envelope: Envelope,
+        envelope: Box<Envelope>,
     ) -> Result<usize, SendError> {
-        let envelope = self.sealed(envelope);
         let native = self.serving_transports().into_iter().find(|(_, t)| t.has(Capabilities::NATIVE_TOPICS));
         if let Some((_, transport)) = &native {
-            transport.send("", Box::new(envelope.clone())).await.map_err(|error| SendError::Transport {
+            transport.send("", envelope.clone()).await.map_err(|error| SendError::Transport {
                 transport: transport.name.clone(),
                 peer: NodeId::new(format!("topic:{topic}")),
                 error,
@@ -149,7 +158,7 @@ impl Driver {
         let mut delivered = 0;
         let mut first_error = None;
         for subscriber in subscribers {
-            match self.send_to_node(&subscriber, envelope.clone()).await {
+            match self.send_boxed_to_node(&subscriber, envelope.clone()).await {
                 Ok(()) => delivered += 1,
                 Err(error) => {
                     tracing::debug!(%error, peer = %subscriber, "publishing to a subscriber failed");
@@ -160,7 +169,7 @@ impl Driver {
         // With native topics the broker delivers to this node's own subscriptions too.
         if native.is_none() && !self.engine().subscribed_locally(topic).is_empty() {
             delivered += 1;
-            self.run(self.handle(Input::Local(envelope)));
+            self.run(self.handle(Input::Local(*envelope)));
         }
         match first_error {
             Some(error) if delivered == 0 => Err(error),
