@@ -14,6 +14,13 @@
 //! sends in flight (2026-12-05), the plugin then committed batches of 63 and of 1 to 5 in turn,
 //! a log flush each; with the yield, 64 at a time. A lone send pays one yield.
 //!
+//! The lead makes the batched call from its own task, so that the batch's answer wakes the task
+//! that waits for it; only if the lead's caller stops waiting mid-call does the call go on in a
+//! task of its own. A batch that queued behind busy calls goes out from a task of its own. With
+//! the PostgreSQL plugin and 64 sends in flight, the call made from a task of its own (one thread
+//! crossing more each way) published 76k to 84k msg/s, the call made from the lead's task 86k to
+//! 101k (2026-12-07, alternating runs; docs/benchmarks.md).
+//!
 //! Used only for transports that declare [`Capabilities::BATCHED_SEND`]: for one whose
 //! `send_batch` sends the items one after the other, gathering would put one after the other
 //! sends that used to overlap.
@@ -118,8 +125,6 @@ impl GatheredSends {
                 if joined.is_empty() {
                     return self.transport.send(address, *envelope).await;
                 }
-                // The call goes on in a task of its own, which keeps this call: a caller that
-                // stops waiting does not take back the messages that joined it (nor its own).
                 let (outcome, waiting) = oneshot::channel();
                 let mut batch = Vec::with_capacity(1 + joined.len());
                 batch.push(Queued {
@@ -127,7 +132,7 @@ impl GatheredSends {
                     outcome,
                 });
                 batch.extend(joined);
-                lead.drain_in_task(batch);
+                lead.call_here(batch).await;
                 wait(waiting).await
             }
             Turn::Alone(envelope) => self.transport.send(address, *envelope).await,
@@ -214,10 +219,53 @@ async fn wait(waiting: oneshot::Receiver<Outcome>) -> Outcome {
 struct Lead(Option<Arc<GatheredSends>>);
 
 impl Lead {
-    /// Hands the call and `batch` to a task of their own (see [`GatheredSends::drain_in_task`]).
-    fn drain_in_task(mut self, batch: Vec<Queued>) {
-        if let Some(gathered) = self.0.take() {
-            gathered.drain_in_task(batch);
+    /// Makes the call for `batch` in the leading send's own future, so that the batch's answer
+    /// wakes the sending task directly; then hands the queue over. Should the caller stop
+    /// waiting mid-call, the call goes on in a task of its own ([`CallInFlight`]): a caller
+    /// that stops waiting takes back nothing that joined it (nor its own message).
+    fn call_here(mut self, batch: Vec<Queued>) -> CallInFlight {
+        let gathered = self.0.take().expect("a lead holds its gathering until it calls");
+        let call = {
+            let gathered = Arc::clone(&gathered);
+            Box::pin(async move {
+                gathered.send_batch(batch).await;
+                gathered.hand_over();
+            })
+        };
+        CallInFlight { call: Some(call), gathered }
+    }
+}
+
+/// A lead's call, polled by the leading send; finished in a task of its own if that send's
+/// future is dropped first.
+struct CallInFlight {
+    call: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    gathered: Arc<GatheredSends>,
+}
+
+impl std::future::Future for CallInFlight {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if let Some(call) = self.call.as_mut() {
+            std::task::ready!(call.as_mut().poll(cx));
+            self.call = None;
+        }
+        std::task::Poll::Ready(())
+    }
+}
+
+impl Drop for CallInFlight {
+    fn drop(&mut self) {
+        let Some(call) = self.call.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(call)),
+            // Outside a runtime (a node dropped after its runtime): the waiters hear that the
+            // send was abandoned, and the call is free again.
+            Err(_) => {
+                drop(call);
+                super::lock(&self.gathered.state).calls -= 1;
+            }
         }
     }
 }

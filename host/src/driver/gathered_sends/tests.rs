@@ -25,6 +25,8 @@ enum Call {
 /// What one test's transport saw, and the gate its calls wait at.
 struct Recorder {
     calls: Mutex<Vec<Call>>,
+    /// The task each call was made from (the plugin's future is polled by its caller).
+    tasks: Mutex<Vec<Option<tokio::task::Id>>>,
     /// How many calls have started.
     started: watch::Sender<usize>,
     gate: Semaphore,
@@ -58,6 +60,7 @@ impl Recording {
     /// Records the call, then waits at the gate (each call takes one permit for good).
     async fn call(&self, call: Call) {
         self.0.calls.lock().unwrap().push(call);
+        self.0.tasks.lock().unwrap().push(tokio::task::try_id());
         self.0.started.send_modify(|n| *n += 1);
         self.0.gate.acquire().await.expect("the gate stays open").forget();
     }
@@ -109,6 +112,7 @@ impl Plugin for RecordingPlugin {
 async fn gathering(test: &str) -> (Arc<GatheredSends>, Arc<Recorder>) {
     let recorder = Arc::new(Recorder {
         calls: Mutex::new(Vec::new()),
+        tasks: Mutex::new(Vec::new()),
         started: watch::channel(0).0,
         gate: Semaphore::new(0),
     });
@@ -187,6 +191,20 @@ async fn a_lead_that_stops_waiting_does_not_take_back_the_sends_that_joined_its_
     assert!(joined.await.unwrap().is_ok(), "the call went on and answered the send that joined it");
     // The call was given back.
     goes_out_alone(&gathered, &recorder, 3).await;
+}
+
+#[tokio::test]
+async fn a_lead_makes_the_batched_call_from_its_own_task() {
+    let (gathered, recorder) = gathering("lead's own task").await;
+    let lead = spawn_send(&gathered, 1);
+    let joined = spawn_send(&gathered, 2);
+    recorder.started(1).await;
+    assert_eq!(recorder.calls(), [Call::Batch(vec![1, 2])]);
+    // No task of its own between the sender and the plugin: the batch's answer wakes the task
+    // that waits for it (one thread crossing fewer per batch).
+    assert_eq!(*recorder.tasks.lock().unwrap(), [Some(lead.id())], "the call was made from the lead's task");
+    recorder.gate.add_permits(1);
+    assert!(lead.await.unwrap().is_ok() && joined.await.unwrap().is_ok());
 }
 
 #[tokio::test]
