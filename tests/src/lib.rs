@@ -302,6 +302,18 @@ pub fn free_address() -> String {
     listener.local_addr().expect("local address").to_string()
 }
 
+/// An address on loopback where every connection is refused, for as long as the returned socket
+/// lives: the socket holds the port bound without listening. A port from [`free_address`] is
+/// free again once it returns: another test's listener may take it, or a dial to it may connect
+/// to itself (its ephemeral source port being that same port), and a peer meant to be
+/// unreachable then answers.
+pub fn refusing_address() -> (tokio::net::TcpSocket, String) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+    socket.bind(([127, 0, 0, 1], 0).into()).expect("bind an ephemeral port");
+    let address = socket.local_addr().expect("local address").to_string();
+    (socket, address)
+}
+
 /// Two nodes named `sender` and `receiver` over the TCP plugin loaded from the built artifacts,
 /// on loopback, each a static peer of the other. `configure` adjusts each builder (the plugin's
 /// threads, the inbox) before it is built.

@@ -132,7 +132,7 @@ async fn a_peer_that_comes_back_is_reconnected() {
 #[tokio::test]
 async fn an_unreachable_peer_fails_the_send_after_the_retries_instead_of_hanging() {
     let tcp = PluginLibrary::load(&artifacts().tcp_plugin).unwrap();
-    let closed_port = comms_tests::free_address();
+    let (_held, closed_port) = comms_tests::refusing_address();
     let sender = Node::builder("sender")
         .transport_library(
             "tcp",

@@ -8,25 +8,27 @@
 //! start, heartbeats, the goodbye) are given up on too, and are not counted.
 
 use comms_host::{FlushError, Node, PluginLibrary};
-use comms_tests::{artifacts, free_address, scratch_dir, write_config};
+use comms_tests::{artifacts, refusing_address, scratch_dir, write_config};
 
 /// Gives up on an unreachable peer after 3 quick attempts (20 + 40 ms of backoff).
 const QUICK_GIVE_UP: &str = "reconnect_attempts = 3\nreconnect_initial_backoff_ms = 20\n";
 
-async fn node_with_an_unreachable_peer(id: &str) -> Node {
+/// The node, and the socket that keeps its peer's address refusing.
+async fn node_with_an_unreachable_peer(id: &str) -> (Node, tokio::net::TcpSocket) {
     let tcp = PluginLibrary::load(&artifacts().tcp_plugin).unwrap();
-    let nobody = free_address();
-    Node::builder(id)
+    let (held, nobody) = refusing_address();
+    let node = Node::builder(id)
         .transport_library("tcp", tcp, QUICK_GIVE_UP)
         .static_peer("ghost", [("tcp", nobody.as_str())])
         .build()
         .await
-        .unwrap()
+        .unwrap();
+    (node, held)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flush_reports_each_message_given_up_on_once_and_close_then_has_nothing_more() {
-    let node = node_with_an_unreachable_peer("flusher").await;
+    let (node, _held) = node_with_an_unreachable_peer("flusher").await;
     for i in 0..100 {
         node.send("ghost", &format!("message {i}")).await.expect("queued: send says Ok");
     }
@@ -44,7 +46,7 @@ async fn flush_reports_each_message_given_up_on_once_and_close_then_has_nothing_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_reports_the_messages_given_up_on_with_their_count() {
-    let node = node_with_an_unreachable_peer("closer").await;
+    let (node, _held) = node_with_an_unreachable_peer("closer").await;
     for i in 0..25 {
         node.send("ghost", &format!("message {i}")).await.expect("queued: send says Ok");
     }
@@ -81,6 +83,7 @@ async fn messages_that_were_delivered_leave_flush_and_close_clean() {
 fn comms_send_to_a_node_nobody_listens_for_fails_and_says_so() {
     let artifacts = artifacts();
     let dir = scratch_dir("send-undelivered");
+    let (_held, nobody) = refusing_address();
     let config = write_config(
         &dir,
         "sender.toml",
@@ -88,7 +91,7 @@ fn comms_send_to_a_node_nobody_listens_for_fails_and_says_so() {
             "[node]\nid = \"sender\"\nplugin_dirs = [{:?}]\n\n[transports.tcp]\n{QUICK_GIVE_UP}\n\
              [discovery]\npeers = [{{ id = \"h3-a\", addresses = {{ tcp = {:?} }} }}]\n",
             artifacts.plugin_dir.to_str().unwrap(),
-            free_address()
+            nobody
         ),
     );
     let output = std::process::Command::new(&artifacts.comms_bin)
