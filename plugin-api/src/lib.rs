@@ -125,6 +125,7 @@ mod error;
 pub mod export;
 pub mod framework;
 pub mod framing;
+pub mod hex;
 pub mod host_driven;
 pub mod host_side;
 pub mod inbound;

@@ -21,6 +21,8 @@ fn record(id: &str, service: &str) -> NodeRecord {
         value.services = vec![service.into()];
         value.topics = vec!["orders.>".into()];
         value.metadata = vec![("zone".into(), "eu".into())];
+        // Attributes of a later contract: a discovery stores and returns them.
+        value.extensions.set("later-contract", vec![0, 1, 0xff]);
         value
     }
 }

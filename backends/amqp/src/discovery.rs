@@ -11,6 +11,7 @@ use comms_plugin_api::{
     async_trait,
     log_rate::LogRateLimit,
     peer_events::{peer_event_queue, PeerEventQueue, PeerEventSender, QueueFull},
+    record_json::ExtensionsJson,
     redact::redact_url,
     Discovery, ErrorCode, NodeId, NodeRecord, PeerEvent, PeerEventKind, PluginError,
 };
@@ -66,6 +67,9 @@ pub struct Announcement {
     /// Silence after which peers consider the node gone.
     #[serde(default)]
     pub expires_in_ms: u64,
+    /// `[key, hex]` pairs (the record's extensions), left out when there are none.
+    #[serde(default, skip_serializing_if = "ExtensionsJson::is_empty")]
+    pub extensions: ExtensionsJson,
 }
 
 /// One address in an [`Announcement`].
@@ -95,6 +99,7 @@ impl Announcement {
             topics: record.topics.clone(),
             metadata: record.metadata.clone(),
             expires_in_ms: expires_in.as_millis() as u64,
+            extensions: ExtensionsJson(record.extensions.clone()),
         }
     }
 
@@ -108,6 +113,7 @@ impl Announcement {
             topics: Vec::new(),
             metadata: Vec::new(),
             expires_in_ms: 0,
+            extensions: ExtensionsJson::default(),
         }
     }
 
@@ -119,6 +125,7 @@ impl Announcement {
             value.services = self.services.clone();
             value.topics = self.topics.clone();
             value.metadata = self.metadata.clone();
+            value.extensions = self.extensions.0.clone();
             value
         }
     }
@@ -511,6 +518,17 @@ mod tests {
         // A minimal withdrawal from another program.
         let minimal: Announcement = serde_json::from_str(r#"{"v":1,"kind":"withdraw","id":"a"}"#).unwrap();
         assert_eq!(minimal.kind, "withdraw");
+    }
+
+    /// A discovery stores and returns a record's extensions; an announcement without them is
+    /// written as before (above).
+    #[test]
+    fn announcements_carry_the_records_extensions() {
+        let mut with = record("a", "echo");
+        with.extensions.set("future", vec![1, 2, 3]);
+        let json = serde_json::to_string(&Announcement::announce(&with, Duration::from_secs(3))).unwrap();
+        assert!(json.ends_with(r#""expires_in_ms":3000,"extensions":[["future","010203"]]}"#), "{json}");
+        assert_eq!(serde_json::from_str::<Announcement>(&json).unwrap().record(), with);
     }
 
     #[test]

@@ -383,6 +383,8 @@ fn record(id: &str) -> NodeRecord {
         value.services = vec!["billing".into()];
         value.topics = vec!["orders.>".into()];
         value.metadata = vec![("zone".into(), "eu".into())];
+        // Attributes of a later contract: a discovery stores and returns them.
+        value.extensions.set("later-contract", vec![0, 1, 0xff]);
         value
     }
 }

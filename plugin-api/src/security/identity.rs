@@ -17,6 +17,7 @@
 //!
 //! Secret material never appears in `Debug` output, errors or logs.
 
+pub use crate::hex::{hex_decode, hex_encode};
 use crate::NodeId;
 use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
 use std::{fmt, path::Path, str::FromStr};
@@ -182,29 +183,6 @@ impl Identity {
     pub fn secret_bytes(&self) -> [u8; 32] {
         self.signing.to_bytes()
     }
-}
-
-/// Lowercase hex of `bytes`.
-pub fn hex_encode(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut text = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        text.push(DIGITS[(byte >> 4) as usize] as char);
-        text.push(DIGITS[(byte & 15) as usize] as char);
-    }
-    text
-}
-
-/// Decodes hex (either case) of any even length; `None` if it is not hex.
-pub fn hex_decode(text: &str) -> Option<Vec<u8>> {
-    fn digit(c: u8) -> Option<u8> {
-        (c as char).to_digit(16).map(|d| d as u8)
-    }
-    let bytes = text.as_bytes();
-    if bytes.len() % 2 != 0 {
-        return None;
-    }
-    bytes.chunks(2).map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?)).collect()
 }
 
 fn hex_decode_32(text: &str) -> Option<[u8; 32]> {
