@@ -31,6 +31,22 @@ use crate::{Destination, Envelope};
 /// `response`). Application messages do not carry it.
 pub const KIND_HEADER: &str = "comms-kind";
 
+/// Reserved header of a part of a message that the chunk layer cut into parts:
+/// `<the message's id, 32 hex digits> <index from 0> <count> <the message's length in bytes>`
+/// (the chunk layer's docs give the format). Named here because transports read it: a message
+/// given up on counts once, by its last part ([`crate::counts_as_undelivered`]).
+pub const PART_HEADER: &str = "comms-chunk";
+
+/// Whether `envelope` is a part of a cut message ([`PART_HEADER`]) and not its last part. A
+/// header that does not parse is not taken for a part.
+pub fn is_part_before_the_last(envelope: &Envelope) -> bool {
+    let Some(value) = envelope.header(PART_HEADER) else {
+        return false;
+    };
+    let mut fields = value.split(' ').skip(1).map(str::parse::<u64>);
+    matches!((fields.next(), fields.next()), (Some(Ok(index)), Some(Ok(count))) if index.saturating_add(1) < count)
+}
+
 /// The kinds whose payload is the sender's whole current record, so that only the newest one
 /// from a sender matters to a receiver that has not read the older ones yet.
 pub const RECORD_KINDS: [&str; 3] = ["hello", "heartbeat", "goodbye"];

@@ -107,9 +107,17 @@ pub const UNDELIVERED_COUNTER: &str = "undelivered";
 /// - publications (to a topic): each reaches the subscribers alive at the time, at most once,
 ///   as with NATS (a subscriber that dies takes the loss).
 ///
-/// Counting them would make every close after a peer died an error.
+/// Counting them would make every close after a peer died an error. And a message the chunk
+/// layer cut into parts counts once, by its last part
+/// ([`framework::is_part_before_the_last`](crate::framework::is_part_before_the_last)): a
+/// transport gives up on a peer's queue from its oldest message on, so the last part goes
+/// with any part before it. (A transport that lost an early part and delivered the last one
+/// would leave the message uncounted; the receiver drops the incomplete message when its
+/// reassembly times out.)
 pub fn counts_as_undelivered(envelope: &Envelope) -> bool {
-    matches!(envelope.to, Destination::Node(_)) && envelope.header(crate::framework::KIND_HEADER).is_none()
+    matches!(envelope.to, Destination::Node(_))
+        && envelope.header(crate::framework::KIND_HEADER).is_none()
+        && !crate::framework::is_part_before_the_last(envelope)
 }
 
 /// Moves envelopes between nodes. Implement this, then export it with [`crate::export_plugin!`].
@@ -237,5 +245,23 @@ mod tests {
         let counters = IncidentCounters::default();
         counters.undelivered(3);
         assert_eq!(counters.stats().counters, vec![(UNDELIVERED_COUNTER.to_string(), 3)]);
+    }
+
+    #[test]
+    fn a_cut_message_counts_once_by_its_last_part() {
+        let part = |header: &str| {
+            Envelope::new(MessageId::from_u128(1), "a", Destination::node("b"), vec![1])
+                .with_header(crate::framework::PART_HEADER, header)
+        };
+        let id = "0000000000000000000000000000002a";
+        let counted: Vec<bool> =
+            (0..3).map(|index| counts_as_undelivered(&part(&format!("{id} {index} 3 3000")))).collect();
+        assert_eq!(counted, [false, false, true]);
+        assert!(counts_as_undelivered(&part(&format!("{id} 0 1 10"))), "a message of one part");
+        assert!(
+            counts_as_undelivered(&part("not a part header")),
+            "unreadable: counted, never lost from view"
+        );
+        assert!(counts_as_undelivered(&part(&format!("{id} x 3 3000"))));
     }
 }

@@ -57,6 +57,35 @@ async fn close_reports_the_messages_given_up_on_with_their_count() {
     assert!(text.contains("transport `tcp` gave up on 25"), "{text}");
 }
 
+/// Over the chunk layer the TCP transport queues parts, not messages: a message given up on
+/// still counts once (by its last part), not once per part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_cut_into_parts_counts_once() {
+    let tcp = PluginLibrary::load(&artifacts().tcp_plugin).unwrap();
+    let chunk = PluginLibrary::load(&artifacts().chunk_plugin).unwrap();
+    let (_held, nobody) = refusing_address();
+    let node = Node::builder("cutter")
+        .transport_library("tcp", tcp, QUICK_GIVE_UP)
+        .layer_library(chunk, "part_size = 1024")
+        .static_peer("ghost", [("tcp", nobody.as_str())])
+        .build()
+        .await
+        .unwrap();
+    for i in 0..10u8 {
+        // 3,000 bytes: three parts of 1,000.
+        node.send_raw("ghost", Vec::new(), vec![i; 3000], None).await.expect("queued: send says Ok");
+    }
+    // A small message goes whole.
+    node.send("ghost", &"small").await.expect("queued");
+    match node.flush().await {
+        Err(FlushError::Undelivered { count, .. }) => {
+            assert_eq!(count, 11, "ten messages of three parts and one whole message, each once");
+        }
+        other => panic!("expected 11 undelivered messages, got {other:?}"),
+    }
+    node.close().await.expect("nothing left to report");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_that_were_delivered_leave_flush_and_close_clean() {
     let tcp = PluginLibrary::load(&artifacts().tcp_plugin).unwrap();

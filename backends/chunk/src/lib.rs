@@ -86,8 +86,9 @@
 //!   broker queue (service replicas), parts are spread among them and never complete. A broker's
 //!   prefetch (AMQP `prefetch`) must exceed the parts of one message, or the receiver waits for
 //!   parts the broker will not push until it settles the ones it holds (they expire instead).
-//! - The inner transport's `undelivered` counter, and its other per-message counters, count
-//!   parts, not messages.
+//! - The inner transport's `undelivered` counter counts a message given up on once, by its last
+//!   part ([`comms_plugin_api::counts_as_undelivered`]; a transport built with an older
+//!   comms-plugin-api counts each part). Its other per-message counters count parts.
 //! - Two chunk layers on one transport are refused at `send` for messages the lower one would
 //!   cut again.
 

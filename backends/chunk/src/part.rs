@@ -8,8 +8,9 @@
 use comms_plugin_api::{Envelope, MessageId};
 use std::{fmt, ops::Range};
 
-/// The header every part carries: `<original id, 32 hex digits> <index> <count> <total length>`.
-pub const HEADER: &str = "comms-chunk";
+/// The header every part carries: `<original id, 32 hex digits> <index> <count> <total length>`
+/// (defined in comms-plugin-api, whose transports read it to count a message given up on once).
+pub const HEADER: &str = comms_plugin_api::framework::PART_HEADER;
 
 /// Parts of a message cut into several are at least this long (all but the last). A sender
 /// with a part size of at least [`crate::MIN_PART_SIZE`] never cuts shorter ones; the receiver
