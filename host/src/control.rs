@@ -18,7 +18,7 @@
 //! Requests are envelopes addressed to a [`Destination::Service`](comms_plugin_api::Destination);
 //! publications to a [`Destination::Topic`](comms_plugin_api::Destination).
 
-use comms_plugin_api::{NodeId, NodeRecord};
+use comms_plugin_api::{record_json::ExtensionsJson, NodeId, NodeRecord};
 use serde::{Deserialize, Serialize};
 
 /// Reserved header naming a framework message's kind.
@@ -132,6 +132,10 @@ pub struct RecordMessage {
     /// The sender is leaving, and its inbox keeps what is sent to it.
     #[serde(default)]
     pub offline: bool,
+    /// The record's extensions (attributes of later contract versions): `[key, hex]` pairs,
+    /// left out when there are none.
+    #[serde(default, skip_serializing_if = "ExtensionsJson::is_empty")]
+    pub extensions: ExtensionsJson,
 }
 
 /// The version of [`RecordMessage`] this release writes.
@@ -148,6 +152,7 @@ impl RecordMessage {
             metadata: record.metadata.clone(),
             reply: false,
             offline: false,
+            extensions: ExtensionsJson(record.extensions.clone()),
         }
     }
 
@@ -158,6 +163,7 @@ impl RecordMessage {
         record.services = self.services;
         record.topics = self.topics;
         record.metadata = self.metadata;
+        record.extensions = self.extensions.0;
         record
     }
 
@@ -191,6 +197,7 @@ impl From<Announcement> for RecordMessage {
             metadata: legacy.metadata,
             reply: false,
             offline: false,
+            extensions: ExtensionsJson::default(),
         }
     }
 }
@@ -217,6 +224,19 @@ mod tests {
         let read = RecordMessage::decode(from_the_future).expect("unknown fields are ignored");
         assert_eq!(read.services, vec!["x".to_string()]);
         assert!(RecordMessage::decode(br#"{"services":[]}"#).is_err(), "a version is required");
+    }
+
+    /// A record's extensions travel with it; a record without them is written as before.
+    #[test]
+    fn record_messages_carry_the_records_extensions() {
+        let mut record = NodeRecord::new("alice");
+        record.extensions.set("later-contract", vec![0, 1, 0xff]);
+        let encoded = RecordMessage::of(&record).encode();
+        let text = String::from_utf8(encoded.clone()).unwrap();
+        assert!(text.ends_with(r#""extensions":[["later-contract","0001ff"]]}"#), "{text}");
+        assert_eq!(RecordMessage::decode(&encoded).unwrap().into_record(NodeId::new("alice")), record);
+        let without = String::from_utf8(RecordMessage::of(&NodeRecord::new("bob")).encode()).unwrap();
+        assert!(!without.contains("extensions"), "{without}");
     }
 
     /// Bytes of a heartbeat as release 0.1 wrote them (postcard). Every later release must read
