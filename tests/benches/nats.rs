@@ -23,7 +23,8 @@
 //! times `COMMS_BENCH_SCALE`, median of 3 runs. The aim is comms >= 0.9x raw.
 //!
 //! `COMMS_BENCH_PLUGIN_THREADS=N` gives the plugin's runtime N worker threads (default: the
-//! plugin's own, 1). `COMMS_BENCH_ONLY=comms` (or `raw`) runs one variant alone, e.g. to count
+//! plugin's own, 1). `COMMS_BENCH_NATS_PLUGIN=/path/to/libcomms_nats.so` measures that build of
+//! the plugin instead of building `plugins/nats` (to compare two builds in alternating runs). `COMMS_BENCH_ONLY=comms` (or `raw`) runs one variant alone, e.g. to count
 //! the CPU time it takes of the client and of the server.
 
 use async_nats::{
@@ -158,7 +159,11 @@ fn main() {
     let scale = comms_tests::bench::scale("nats");
     let messages = comms_tests::bench::scaled(20_000, scale).max(100);
     let threads = comms_tests::bench::plugin_threads("nats");
-    let library = PluginLibrary::load_with_threads(comms_tests::artifacts().nats_plugin(), threads)
+    let plugin = match std::env::var_os("COMMS_BENCH_NATS_PLUGIN") {
+        Some(path) => std::path::PathBuf::from(path),
+        None => comms_tests::artifacts().nats_plugin().to_path_buf(),
+    };
+    let library = PluginLibrary::load_with_threads(&plugin, threads)
         .unwrap_or_else(|error| fail(&format!("loading the NATS plugin: {error}")));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     println!(

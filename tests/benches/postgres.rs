@@ -34,7 +34,14 @@
 //!   that a receiver needs so as not to poll an idle mailbox): each insert is followed by a
 //!   `pg_notify` of the mailbox's channel in a statement of its own, pipelined with the insert
 //!   (one round trip), and the receiver `LISTEN`s on its connection and claims again when
-//!   notified instead of after 1 ms (with a 5 s safety poll, the plugin's default `poll_ms`).
+//!   notified instead of after 1 ms (with a 5 s safety poll, the plugin's default `poll_ms`);
+//! - **raw tokio-postgres, woken, message fields**: the woken program carrying what a comms
+//!   message carries besides its payload, as the raw NATS program of `benches/nats.rs` carries
+//!   comms' headers: each row also holds a message id (16 bytes) and the sender and headers as
+//!   a JSON object (`json`), as the columns of Watermill's SQL schema do (`uuid`, `payload`,
+//!   `metadata`); the sender writes them per message and the receiver reads and parses them.
+//!   The two variants before it store bare payloads: what a program that needs no id, sender
+//!   or headers gets away with.
 //!
 //! `COMMS_BENCH_PAYLOADS=64` measures that payload size only (a comma-separated list of byte
 //! counts).
@@ -44,9 +51,14 @@
 //!
 //! `COMMS_BENCH_PLUGIN_THREADS=N` gives the plugin's runtime N worker threads (default: the
 //! plugin's own, 2).
+//! `COMMS_BENCH_POSTGRES_PLUGIN=/path/to/libcomms_postgres.so` measures that build of the plugin
+//! instead of building `plugins/postgres` (to compare two builds in alternating runs).
 
 use comms_host::{Node, PluginLibrary};
-use comms_tests::bench::one_way::{self, latency_nanos, stamped_payload, summarize, Run};
+use comms_tests::bench::{
+    one_way::{self, latency_nanos, stamped_payload, summarize, Run},
+    RAW_CONTENT_TYPE,
+};
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -103,6 +115,23 @@ enum Wake {
     Poll,
     /// Every insert notifies the mailbox's channel; an empty mailbox waits for a notification.
     Notify,
+}
+
+/// What a raw row carries besides its recipient and payload.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fields {
+    /// Nothing: the payload alone.
+    Bare,
+    /// A message id and the sender and headers (JSON), as a comms envelope carries them.
+    Message,
+}
+
+/// The sender and headers of a raw message with [`Fields::Message`], as its `metadata` column
+/// holds them.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Metadata {
+    from: String,
+    headers: Vec<(String, String)>,
 }
 
 /// The safety poll of the woken raw receiver (the plugin's default `poll_ms`).
@@ -185,13 +214,18 @@ async fn comms_run(
 }
 
 /// The raw program's mailbox, in `schema`.
-async fn raw_mailbox(client: &Client, schema: &str) -> Result<(), String> {
+async fn raw_mailbox(client: &Client, schema: &str, fields: Fields) -> Result<(), String> {
+    let message_fields = match fields {
+        Fields::Bare => "",
+        Fields::Message => "message_id bytea NOT NULL, metadata json NOT NULL,",
+    };
     client
         .batch_execute(&format!(
             "CREATE SCHEMA \"{schema}\";
              CREATE TABLE \"{schema}\".mailbox (
                  id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
                  recipient    text        NOT NULL,
+                 {message_fields}
                  payload      bytea       NOT NULL,
                  owner        text,
                  locked_until timestamptz NOT NULL DEFAULT '-infinity',
@@ -209,25 +243,47 @@ async fn raw_publish(
     schema: &str,
     size: usize,
     messages: usize,
-    wake: Wake,
+    (wake, fields): (Wake, Fields),
 ) -> Result<f64, String> {
-    let insert = client
-        .prepare(&format!(
+    let insert = match fields {
+        Fields::Bare => format!(
             "INSERT INTO \"{schema}\".mailbox (recipient, payload) SELECT 'receiver', p FROM unnest($1::bytea[]) AS p"
-        ))
-        .await
-        .map_err(|error| format!("preparing the insert: {error}"))?;
+        ),
+        Fields::Message => format!(
+            "INSERT INTO \"{schema}\".mailbox (recipient, message_id, metadata, payload)
+             SELECT 'receiver', i, m::json, p FROM unnest($1::bytea[], $2::text[], $3::bytea[]) AS r(i, m, p)"
+        ),
+    };
+    let insert = client.prepare(&insert).await.map_err(|error| format!("preparing the insert: {error}"))?;
     let notify = client
         .prepare("SELECT pg_notify($1, '')")
         .await
         .map_err(|error| format!("preparing the notification: {error}"))?;
     let channel = channel(schema);
+    // Ids as comms makes them: unique per process run, then counted.
+    let id_prefix: u64 = rand::random();
     let started = Instant::now();
     let mut sent = 0;
     while sent < messages {
         let rows = WINDOW.min(messages - sent);
         let payloads: Vec<Vec<u8>> = (0..rows).map(|_| stamped_payload(size)).collect();
-        let (rows_parameter, channel_parameter) = ([&payloads as _], [&channel as _]);
+        let (ids, metadata): (Vec<[u8; 16]>, Vec<String>) = match fields {
+            Fields::Bare => Default::default(),
+            Fields::Message => (sent..sent + rows)
+                .map(|n| {
+                    let id = (u128::from(id_prefix) << 64 | n as u128).to_be_bytes();
+                    let headers = vec![("content-type".to_string(), RAW_CONTENT_TYPE.to_string())];
+                    let metadata = Metadata { from: "sender".to_string(), headers };
+                    (id, serde_json::to_string(&metadata).expect("metadata is JSON"))
+                })
+                .unzip(),
+        };
+        let ids_parameter: Vec<&[u8]> = ids.iter().map(|id| id.as_slice()).collect();
+        let channel_parameter = [&channel as _];
+        let rows_parameter: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = match fields {
+            Fields::Bare => vec![&payloads],
+            Fields::Message => vec![&ids_parameter, &metadata, &payloads],
+        };
         let inserting = client.execute(&insert, &rows_parameter);
         if wake == Wake::Notify {
             // Both statements go out at once (the client pipelines them) and the server runs
@@ -249,7 +305,12 @@ async fn raw_receive(
     schema: &str,
     messages: usize,
     woken: Option<&Notify>,
+    fields: Fields,
 ) -> Result<Vec<u64>, String> {
+    let returned = match fields {
+        Fields::Bare => "m.id, m.payload",
+        Fields::Message => "m.id, m.payload, m.message_id, m.metadata::text",
+    };
     let claim = client
         .prepare(&format!(
             "UPDATE \"{schema}\".mailbox m
@@ -258,7 +319,7 @@ async fn raw_receive(
                    WHERE recipient = 'receiver' AND locked_until <= now()
                    ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) free
              WHERE m.id = free.id
-             RETURNING m.id, m.payload"
+             RETURNING {returned}"
         ))
         .await
         .map_err(|error| format!("preparing the claim: {error}"))?;
@@ -282,22 +343,47 @@ async fn raw_receive(
         for row in &rows {
             ids.push(row.get::<_, i64>(0));
             latencies.push(latency_nanos(row.get::<_, &[u8]>(1)));
+            if fields == Fields::Message {
+                // What the application gets besides the payload: the id, the sender, the headers.
+                if row.get::<_, &[u8]>(2).len() != 16 {
+                    return Err("a message id that is not 16 bytes".to_string());
+                }
+                let metadata: Metadata = serde_json::from_str(row.get::<_, &str>(3))
+                    .map_err(|error| format!("reading a message's metadata: {error}"))?;
+                if metadata.from.is_empty() {
+                    return Err("a message without its sender".to_string());
+                }
+            }
         }
         client.execute(&delete, &[&ids]).await.map_err(|error| format!("deleting: {error}"))?;
     }
     Ok(latencies)
 }
 
-async fn raw_run(run: usize, size: usize, messages: usize, wake: Wake) -> Result<Phases, String> {
-    let variant = match wake {
-        Wake::Poll => "raw",
-        Wake::Notify => "rawwoken",
+/// The raw program's variants: how its receiver wakes, what its rows carry, its name.
+const RAW_VARIANTS: [(Wake, Fields, &str); 3] = [
+    (Wake::Poll, Fields::Bare, "raw tokio-postgres"),
+    (Wake::Notify, Fields::Bare, "raw tokio-postgres, woken"),
+    (Wake::Notify, Fields::Message, "raw tokio-postgres, woken, message fields"),
+];
+
+async fn raw_run(
+    run: usize,
+    size: usize,
+    messages: usize,
+    (wake, fields, _): (Wake, Fields, &str),
+) -> Result<Phases, String> {
+    // Short: the notification channel's name is the schema's and at most 63 bytes.
+    let variant = match (wake, fields) {
+        (Wake::Poll, _) => "raw",
+        (Wake::Notify, Fields::Bare) => "rawwoken",
+        (Wake::Notify, Fields::Message) => "rawfields",
     };
     let schema = schema_name(variant, run, size);
     let result = async {
         let sender = connect().await?;
-        raw_mailbox(&sender, &schema).await?;
-        let publish = raw_publish(&sender, &schema, size, messages, wake).await?;
+        raw_mailbox(&sender, &schema, fields).await?;
+        let publish = raw_publish(&sender, &schema, size, messages, (wake, fields)).await?;
         let started = Instant::now();
         let (receiver, woken) = connect_woken().await?;
         if wake == Wake::Notify {
@@ -305,14 +391,16 @@ async fn raw_run(run: usize, size: usize, messages: usize, wake: Wake) -> Result
             receiver.batch_execute(&listen).await.map_err(|error| format!("listening: {error}"))?;
         }
         let woken = (wake == Wake::Notify).then_some(woken);
-        raw_receive(&receiver, &schema, messages, woken.as_deref()).await?;
+        raw_receive(&receiver, &schema, messages, woken.as_deref(), fields).await?;
         let subscribe = messages as f64 / started.elapsed().as_secs_f64();
         let started = Instant::now();
         let receiving = {
             let schema = schema.clone();
-            tokio::spawn(async move { raw_receive(&receiver, &schema, messages, woken.as_deref()).await })
+            tokio::spawn(
+                async move { raw_receive(&receiver, &schema, messages, woken.as_deref(), fields).await },
+            )
         };
-        raw_publish(&sender, &schema, size, messages, wake).await?;
+        raw_publish(&sender, &schema, size, messages, (wake, fields)).await?;
         let latencies = receiving.await.map_err(|error| format!("receiving task: {error}"))??;
         let one_way = summarize(started.elapsed(), messages, latencies);
         Ok(Phases { publish, publish_batched: publish, subscribe, one_way, one_way_batched: one_way })
@@ -329,28 +417,43 @@ fn main() {
     let scale = comms_tests::bench::scale("postgres");
     let messages = comms_tests::bench::scaled(10_000, scale).max(100);
     let threads = comms_tests::bench::plugin_threads("postgres");
-    let library = PluginLibrary::load_with_threads(comms_tests::artifacts().postgres_plugin(), threads)
+    let plugin = match std::env::var_os("COMMS_BENCH_POSTGRES_PLUGIN") {
+        Some(path) => std::path::PathBuf::from(path),
+        None => comms_tests::artifacts().postgres_plugin().to_path_buf(),
+    };
+    let library = PluginLibrary::load_with_threads(&plugin, threads)
         .unwrap_or_else(|error| fail(&format!("loading the PostgreSQL plugin: {error}")));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     println!("PostgreSQL, {messages} messages per run, {WINDOW} sends in flight, median of {RUNS} runs\n");
-    let mut results = Vec::new();
+    // Per size: comms' runs, then each raw variant's runs (in `RAW_VARIANTS`' order).
+    let mut results: Vec<(usize, Vec<Phases>, Vec<Vec<Phases>>)> = Vec::new();
     for size in comms_tests::bench::payload_sizes("postgres", &[64, 1024]) {
-        let (mut comms, mut raw, mut woken) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut comms, mut raw) = (Vec::new(), vec![Vec::new(); RAW_VARIANTS.len()]);
         for run in 0..RUNS {
-            eprintln!("run {run}, {size} B: comms");
-            let step =
-                comms_tests::bench::step("comms", STEP_LIMIT, comms_run(&library, run, size, messages));
-            comms.push(runtime.block_on(step).unwrap_or_else(|error| fail(&error)));
-            for (wake, name, runs) in [
-                (Wake::Poll, "raw tokio-postgres", &mut raw),
-                (Wake::Notify, "raw tokio-postgres, woken", &mut woken),
-            ] {
+            // Each run starts with another variant: the server's background work (checkpoints,
+            // autovacuum) that a variant's writes leave falls on a different one each run.
+            let mut order: Vec<usize> = (0..=RAW_VARIANTS.len()).collect();
+            let variants = order.len();
+            order.rotate_left(run % variants);
+            for variant in order {
+                let Some(raw_variant) = variant.checked_sub(1).map(|index| RAW_VARIANTS[index]) else {
+                    eprintln!("run {run}, {size} B: comms");
+                    let step = comms_tests::bench::step(
+                        "comms",
+                        STEP_LIMIT,
+                        comms_run(&library, run, size, messages),
+                    );
+                    comms.push(runtime.block_on(step).unwrap_or_else(|error| fail(&error)));
+                    continue;
+                };
+                let name = raw_variant.2;
                 eprintln!("run {run}, {size} B: {name}");
-                let step = comms_tests::bench::step(name, STEP_LIMIT, raw_run(run, size, messages, wake));
-                runs.push(runtime.block_on(step).unwrap_or_else(|error| fail(&error)));
+                let step =
+                    comms_tests::bench::step(name, STEP_LIMIT, raw_run(run, size, messages, raw_variant));
+                raw[variant - 1].push(runtime.block_on(step).unwrap_or_else(|error| fail(&error)));
             }
         }
-        results.push((size, comms, raw, woken));
+        results.push((size, comms, raw));
     }
     println!("Publish and subscribe (msg/s, median of {RUNS}; Watermill on PostgreSQL: {WATERMILL_PUBLISH} / {WATERMILL_SUBSCRIBE})\n");
     println!("| variant | payload | publish | publish, {WINDOW} per call | subscribe | publish / Watermill | subscribe / Watermill |");
@@ -362,13 +465,11 @@ fn main() {
     };
     // Per size, per raw variant: comms / raw for publish, publish in batches, subscribe.
     let mut ratios = Vec::new();
-    for (size, comms, raw, woken) in &results {
+    for (size, comms, raw) in &results {
+        let variants = std::iter::once(("comms (plugin, Node API)", comms))
+            .chain(RAW_VARIANTS.iter().map(|variant| variant.2).zip(raw));
         let mut rates = Vec::new();
-        for (variant, runs) in [
-            ("comms (plugin, Node API)", comms),
-            ("raw tokio-postgres", raw),
-            ("raw tokio-postgres, woken", woken),
-        ] {
+        for (variant, runs) in variants {
             let (publish, subscribe) = (median_of(runs, |p| p.publish), median_of(runs, |p| p.subscribe));
             let batched = median_of(runs, |p| p.publish_batched);
             println!(
@@ -378,29 +479,34 @@ fn main() {
             );
             rates.push((publish, batched, subscribe));
         }
-        let against = |raw: (f64, f64, f64)| (rates[0].0 / raw.0, rates[0].1 / raw.1, rates[0].2 / raw.2);
-        ratios.push((*size, [against(rates[1]), against(rates[2])]));
+        let against = |raw: &(f64, f64, f64)| (rates[0].0 / raw.0, rates[0].1 / raw.1, rates[0].2 / raw.2);
+        ratios.push((*size, rates[1..].iter().map(against).collect::<Vec<_>>()));
     }
     println!("\nOne-way, sender and receiver at once\n");
     one_way::print_header();
     let mut one_way_ratios = Vec::new();
-    for (size, comms, raw, woken) in &results {
+    for (size, comms, raw) in &results {
         let batched_variant = format!("comms, {WINDOW} per call, up to {CLAIM} taken at once");
         let single =
             one_way::print_row("comms (plugin, Node API)", *size, comms.iter().map(|p| p.one_way).collect());
         let batched =
             one_way::print_row(&batched_variant, *size, comms.iter().map(|p| p.one_way_batched).collect());
-        let raw = one_way::print_row("raw tokio-postgres", *size, raw.iter().map(|p| p.one_way).collect());
-        let woken =
-            one_way::print_row("raw tokio-postgres, woken", *size, woken.iter().map(|p| p.one_way).collect());
-        one_way_ratios.push([(single / raw, batched / raw), (single / woken, batched / woken)]);
+        let against: Vec<(f64, f64)> = RAW_VARIANTS
+            .iter()
+            .zip(raw)
+            .map(|(variant, runs)| {
+                let raw = one_way::print_row(variant.2, *size, runs.iter().map(|p| p.one_way).collect());
+                (single / raw, batched / raw)
+            })
+            .collect();
+        one_way_ratios.push(against);
     }
     println!();
     for ((size, rates), one_way) in ratios.into_iter().zip(one_way_ratios) {
-        for (baseline, (publish, batched, subscribe), (one_way, one_way_batched)) in [
-            ("raw tokio-postgres", rates[0], one_way[0]),
-            ("raw tokio-postgres, woken", rates[1], one_way[1]),
-        ] {
+        for ((variant, (publish, batched, subscribe)), (one_way, one_way_batched)) in
+            RAW_VARIANTS.iter().zip(rates).zip(one_way)
+        {
+            let baseline = variant.2;
             println!(
                 "{size} B: comms / {baseline}: publish {publish:.2} ({WINDOW} per call {batched:.2}), subscribe \
                  {subscribe:.2}, one-way {one_way:.2} ({WINDOW} per call {one_way_batched:.2}) (aim >= 0.9)"
