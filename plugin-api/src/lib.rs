@@ -139,6 +139,7 @@ pub mod record_json;
 pub mod redact;
 #[cfg(feature = "registry")]
 pub mod registry;
+pub mod requeue_delay;
 pub mod runtime;
 pub mod security;
 pub mod socket_address;

@@ -69,3 +69,32 @@ async fn a_message_requeued_past_max_deliveries_becomes_a_dead_letter() {
     assert!(answer.contains(&format!("\"subject\":\"{subject}\"")), "no dead letter on {subject}: {answer}");
     receiver.close().await.unwrap();
 }
+
+/// With `requeue_delay_ms`, a message the receiver requeues comes again after its delay, doubled
+/// at each delivery (a negative acknowledgement with a delay), not at once and not only after
+/// `ack_wait_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeued_message_comes_again_after_its_delay_doubled_per_delivery() {
+    if !broker_available("NATS", NATS) {
+        return;
+    }
+    let library = PluginLibrary::load(artifacts().nats_plugin()).unwrap_or_else(|error| panic!("{error}"));
+    let deployment = Deployment::new(NATS, "requeue_delay");
+    let config = deployment.transport_config("requeue_delay_ms = 300\nack_wait_ms = 30000\n");
+    let node = "rd-receiver";
+    let receiver = library.new_transport(&NodeId::new(node), "nats", &config).await.unwrap();
+    let address = receiver.info().local_address.clone();
+    let gaps = comms_tests::requeue_delay::gaps_between_deliveries(
+        &receiver,
+        (node, &address),
+        3,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    // At once (the old behaviour) would be a few milliseconds; the ack wait 30 s.
+    assert!(gaps[0] >= Duration::from_millis(300), "after the 1st delivery: {gaps:?}");
+    assert!(gaps[1] >= Duration::from_millis(600), "after the 2nd, doubled: {gaps:?}");
+    assert!(gaps.iter().all(|gap| *gap < Duration::from_secs(5)), "well before ack_wait_ms: {gaps:?}");
+    receiver.close().await.unwrap();
+}

@@ -273,3 +273,33 @@ async fn config_errors_name_the_key_and_an_unreachable_server_fails_clearly_with
         started.elapsed()
     );
 }
+
+/// With `requeue_delay_ms`, a message the receiver requeues can be claimed again after its delay,
+/// doubled at each delivery, not at once: and an idle receiver takes it then, by the lease it saw
+/// end, not at its safety poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeued_message_comes_again_after_its_delay_doubled_per_delivery() {
+    if !broker_available("PostgreSQL", POSTGRES) {
+        return;
+    }
+    let library = comms_plugin_api::host_side::PluginLibrary::load(artifacts().postgres_plugin()).unwrap();
+    let schema = Schema::new("requeue_delay");
+    let config = schema.config("requeue_delay_ms = 300\npoll_ms = 20000\n");
+    let node = "rd-receiver";
+    let receiver = library.new_transport(&NodeId::new(node), "postgres", &config).await.unwrap();
+    let gaps = comms_tests::requeue_delay::gaps_between_deliveries(
+        &receiver,
+        (node, node),
+        3,
+        Duration::from_secs(15),
+    )
+    .await
+    .unwrap();
+    // At once (the old behaviour) would be a few milliseconds; the safety poll 20 s.
+    assert!(gaps[0] >= Duration::from_millis(300), "after the 1st delivery: {gaps:?}");
+    assert!(gaps[1] >= Duration::from_millis(600), "after the 2nd, doubled: {gaps:?}");
+    assert!(gaps.iter().all(|gap| *gap < Duration::from_secs(5)), "well before the safety poll: {gaps:?}");
+    let waiting = psql(&format!("SELECT count(*) FROM \"{}\".comms_mailbox", schema.0));
+    assert_eq!(waiting, "0", "the last delivery was accepted");
+    receiver.close().await.unwrap();
+}

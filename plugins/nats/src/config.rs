@@ -2,7 +2,12 @@
 //! `[discovery]` ([`NatsDiscoveryConfig`]). Every key has a default, so an empty table works
 //! against a local NATS server; a key neither struct reads is an error that names it.
 
-use comms_plugin_api::{backoff::Backoff, serde::Deserialize, PluginError};
+use comms_plugin_api::{
+    backoff::Backoff,
+    requeue_delay::{self, RequeueDelay},
+    serde::Deserialize,
+    PluginError,
+};
 use std::time::Duration;
 
 /// How to reach and authenticate to the NATS server: the keys both tables share.
@@ -137,6 +142,8 @@ fn default_url() -> String {
 /// prefix = "comms"          # subjects: comms.inbox.<node>, comms.dead-letter.<node>, comms.topic.<topic>
 /// ack_wait_ms = 30000       # a message taken and not settled is delivered again after this long
 /// max_deliveries = 10       # deliveries without acceptance before it goes to the dead letters
+/// requeue_delay_ms = 0      # a nacked message comes again after this, doubled per delivery (0: at once)
+/// requeue_delay_max_ms = 300000  # ... up to this
 /// durable_topics = false    # true: topics through the stream `<stream>-topics`, a durable consumer
 ///                           # per (node, pattern), at-least-once
 /// ```
@@ -196,6 +203,13 @@ pub struct NatsTransportConfig {
     /// Deliveries of a message that the host never accepted before it is moved to the dead
     /// letters (default 10).
     pub max_deliveries: u32,
+    /// How long a message the application gave back (`nack`) waits before the server delivers
+    /// it again, after its first delivery; doubled at each later delivery, up to
+    /// `requeue_delay_max_ms` (`comms_plugin_api::requeue_delay`; a negative acknowledgement
+    /// with a delay). Default 0: at once.
+    pub requeue_delay_ms: u64,
+    /// Upper bound of that delay (default 300,000 ms, at most a day).
+    pub requeue_delay_max_ms: u64,
     /// Messages handed to the host and not yet settled, at most (default 1,000).
     pub max_unsettled: usize,
     /// Messages asked for in one pull request, at most (default 256).
@@ -241,6 +255,8 @@ impl Default for NatsTransportConfig {
             prefix: "comms".to_string(),
             ack_wait_ms: 30_000,
             max_deliveries: 10,
+            requeue_delay_ms: 0,
+            requeue_delay_max_ms: requeue_delay::DEFAULT_MAX_MS,
             max_unsettled: 1_000,
             fetch_batch: 256,
             fetch_expires_ms: 5_000,
@@ -275,6 +291,11 @@ fn is_subject_prefix(prefix: &str) -> bool {
 }
 
 impl NatsTransportConfig {
+    /// When a requeued message comes again.
+    pub fn requeue_delay(&self) -> RequeueDelay {
+        RequeueDelay::from_millis(self.requeue_delay_ms, self.requeue_delay_max_ms)
+    }
+
     /// The connection keys.
     pub fn connection(&self) -> Connection {
         Connection {
@@ -304,6 +325,9 @@ impl NatsTransportConfig {
         }
         if self.max_deliveries == 0 {
             return bad("max_deliveries", "must be at least 1");
+        }
+        if let Err((key, why)) = RequeueDelay::check(self.requeue_delay_ms, self.requeue_delay_max_ms) {
+            return bad(key, &why);
         }
         if self.max_unsettled == 0 {
             return bad("max_unsettled", "must be at least 1");

@@ -77,6 +77,8 @@ struct InFlight {
     /// The stream it is in, and its sequence there, to copy it to the dead letters.
     source: Source,
     sequence: u64,
+    /// Its deliveries so far, this one included: picks its requeue delay.
+    delivered: u64,
 }
 
 struct Shared {
@@ -110,6 +112,15 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Completes once `shutdown` is set.
+/// The answer that hands a message back to the server: delivered again at once, or after
+/// `delay` (JetStream's `-NAK` with a delay in nanoseconds, nats-server 2.7.1 and later).
+fn negative_acknowledgement(delay: Duration) -> Bytes {
+    if delay.is_zero() {
+        return Bytes::from_static(b"-NAK");
+    }
+    Bytes::from(format!("-NAK {{\"delay\": {}}}", delay.as_nanos()))
+}
+
 async fn closing(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|closed| *closed).await;
 }
@@ -594,11 +605,13 @@ impl Transport for NatsTransport {
     }
 
     /// `ACCEPTED`: acknowledged (the stream deletes it). `REJECTED_REQUEUE`: negatively
-    /// acknowledged, delivered again at once. `REJECTED_DISCARD`: copied to the dead letters
-    /// with the reason, then terminated.
+    /// acknowledged, delivered again at once or, with `requeue_delay_ms`, after its delay (a
+    /// `-NAK` with a delay). `REJECTED_DISCARD`: copied to the dead letters with the reason,
+    /// then terminated.
     async fn settle(&self, settlements: Vec<Settlement>) -> Result<(), PluginError> {
         let mut replies = Vec::new();
         let mut discarded = Vec::new();
+        let delay = self.shared.config.requeue_delay();
         {
             let mut in_flight = lock(&self.shared.in_flight);
             for settlement in settlements {
@@ -607,9 +620,12 @@ impl Transport for NatsTransport {
                 }
                 let Some(entry) = in_flight.remove(&settlement.delivery_tag) else { continue };
                 match settlement.outcome {
-                    SettlementOutcome::REJECTED_REQUEUE => replies.push((entry.reply, &b"-NAK"[..])),
+                    SettlementOutcome::REJECTED_REQUEUE => {
+                        let answer = negative_acknowledgement(delay.after(entry.delivered));
+                        replies.push((entry.reply, answer));
+                    }
                     SettlementOutcome::REJECTED_DISCARD => discarded.push(entry),
-                    _ => replies.push((entry.reply, &b"+ACK"[..])),
+                    _ => replies.push((entry.reply, Bytes::from_static(b"+ACK"))),
                 }
             }
         }
@@ -618,7 +634,7 @@ impl Transport for NatsTransport {
         for (reply, answer) in replies {
             // Buffered by the client and written in order; a lost acknowledgement only means
             // the message is delivered again after ack_wait_ms.
-            if let Err(error) = self.shared.client.publish(reply, Bytes::from_static(answer)).await {
+            if let Err(error) = self.shared.client.publish(reply, answer).await {
                 result = Err(PluginError::new(ErrorCode::OTHER, format!("acknowledging a message: {error}")));
             }
         }
@@ -904,7 +920,8 @@ async fn take(
     };
     permit.forget();
     let tag = shared.next_tag.fetch_add(1, Ordering::Relaxed) & !TOPIC_TAG;
-    lock(&shared.in_flight).insert(tag, InFlight { reply, source, sequence });
+    let delivered = u64::try_from(delivered).unwrap_or(1);
+    lock(&shared.in_flight).insert(tag, InFlight { reply, source, sequence, delivered });
     let inbound = Inbound { envelope, delivery_tag: tag };
     // The queue has room for every permit, so this waits only for topic messages ahead of it.
     let inbound = match shared.inbound.try_send(inbound) {
@@ -951,5 +968,19 @@ async fn forward_topic(shared: Arc<Shared>, mut subscriber: async_nats::Subscrib
             sent = shared.inbound.send(inbound) => if sent.is_err() { return },
             _ = closing(&mut shutdown) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_requeue_without_a_delay_is_a_plain_nak_and_with_one_carries_it_in_nanoseconds() {
+        assert_eq!(negative_acknowledgement(Duration::ZERO), Bytes::from_static(b"-NAK"));
+        assert_eq!(
+            negative_acknowledgement(Duration::from_millis(1_500)),
+            Bytes::from_static(b"-NAK {\"delay\": 1500000000}")
+        );
     }
 }

@@ -2,7 +2,12 @@
 //! `plugin = "postgres"`), and the connection settings it names.
 
 use comms_plugin_api::{
-    backoff::Backoff, redact::redact_url, serde::Deserialize, tls::TlsFiles, PluginError,
+    backoff::Backoff,
+    redact::redact_url,
+    requeue_delay::{self, RequeueDelay},
+    serde::Deserialize,
+    tls::TlsFiles,
+    PluginError,
 };
 use std::{path::PathBuf, time::Duration};
 use tokio_postgres::config::SslMode;
@@ -25,6 +30,12 @@ pub struct PostgresConfig {
     pub lease_ms: u64,
     /// Deliveries of one message before it goes to `comms_dead_letter` instead.
     pub max_attempts: u32,
+    /// How long a message the application gave back (`nack`) waits before it can be claimed
+    /// again, after its first delivery; doubled at each later delivery, up to
+    /// `requeue_delay_max_ms` (`comms_plugin_api::requeue_delay`). 0: at once.
+    pub requeue_delay_ms: u64,
+    /// Upper bound of that delay (at most one day).
+    pub requeue_delay_max_ms: u64,
     /// Largest number of messages claimed by one query, and of sends written by one statement.
     pub batch_size: usize,
     /// The safety poll of an idle receiver: it is woken by `LISTEN/NOTIFY`, and looks at its
@@ -67,6 +78,8 @@ impl Default for PostgresConfig {
             schema: "comms".to_string(),
             lease_ms: 30_000,
             max_attempts: 10,
+            requeue_delay_ms: 0,
+            requeue_delay_max_ms: requeue_delay::DEFAULT_MAX_MS,
             batch_size: 256,
             poll_ms: 5_000,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
@@ -135,6 +148,8 @@ impl PostgresConfig {
         if self.peer_timeout_ms <= self.heartbeat_ms {
             return Err(bad("peer_timeout_ms", "must be greater than heartbeat_ms"));
         }
+        RequeueDelay::check(self.requeue_delay_ms, self.requeue_delay_max_ms)
+            .map_err(|(key, why)| bad(key, why))?;
         check_schema_name(&self.schema)?;
         let mut connection: tokio_postgres::Config = self.url.parse().map_err(|error| {
             // tokio-postgres' parse errors quote no part of the string, so no password leaks.
@@ -194,6 +209,11 @@ impl PostgresConfig {
             client_cert_file: self.client_cert_file.as_ref().map(PathBuf::from),
             client_key_file: self.client_key_file.as_ref().map(PathBuf::from),
         }
+    }
+
+    /// When a requeued message can be claimed again.
+    pub(crate) fn requeue_delay(&self) -> RequeueDelay {
+        RequeueDelay::from_millis(self.requeue_delay_ms, self.requeue_delay_max_ms)
     }
 
     /// The reconnect policy: doubling delays from 100 ms up to 2 s, `connect_attempts` tries.
@@ -260,6 +280,9 @@ mod tests {
         assert!(config.validate().unwrap_err().message.starts_with("key `lease_ms`"));
         let config = PostgresConfig { peer_timeout_ms: 10, ..Default::default() };
         assert!(config.validate().unwrap_err().message.starts_with("key `peer_timeout_ms`"));
+        let config =
+            PostgresConfig { requeue_delay_ms: 1_000, requeue_delay_max_ms: 500, ..Default::default() };
+        assert!(config.validate().unwrap_err().message.starts_with("key `requeue_delay_ms`"));
     }
 
     #[test]

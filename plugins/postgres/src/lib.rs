@@ -11,6 +11,8 @@
 //! schema = "comms"               # the plugin's tables live here; created if missing (default comms)
 //! lease_ms = 30000               # a received, unsettled message is delivered again after this
 //! max_attempts = 10              # deliveries before a message goes to comms_dead_letter
+//! requeue_delay_ms = 0           # a nacked message waits this long, doubled per delivery (0: at once)
+//! requeue_delay_max_ms = 300000  # ... up to this
 //! batch_size = 256               # rows per claim, messages per write
 //! poll_ms = 5000                 # safety poll of an idle receiver (LISTEN/NOTIFY wakes it)
 //! max_message_size = 8388608     # largest payload in bytes (default 8 MiB)

@@ -2,6 +2,7 @@
 //! is a transaction of its own (autocommit) and safe on a connection that other operations
 //! share; and each is safe to run again after a lost connection (see [`Link::run`]).
 
+use crate::config::PostgresConfig;
 use crate::{lease, link::Link};
 use comms_plugin_api::{inbound::StoredMessageLimits, Inbound, PluginError};
 
@@ -48,6 +49,7 @@ pub(crate) struct Statements {
     dead_letter: String,
     accept: String,
     requeue: String,
+    requeue_delayed: String,
     release: String,
     subscribe: String,
     unsubscribe: String,
@@ -140,6 +142,16 @@ impl Statements {
             requeue: format!(
                 "UPDATE {mailbox} SET owner = NULL, locked_until = '-infinity' WHERE id = ANY($1) AND owner = $2"
             ),
+            // A row's delay is picked by its deliveries so far (`attempts`) from $3, the delays
+            // in milliseconds after the first, second, ... delivery (`RequeueDelay::after`); the
+            // last one holds for any later delivery. The claim takes it once `locked_until` is
+            // past, and an idle receiver sleeps until then (the claim's next expiry).
+            requeue_delayed: format!(
+                "UPDATE {mailbox} SET owner = NULL,
+                     locked_until = now() + ($3::float8[])[least(greatest(attempts, 1), cardinality($3::float8[]))]
+                                            * interval '1 millisecond'
+                 WHERE id = ANY($1) AND owner = $2"
+            ),
             // Every row this instance claimed is in the mailbox of its node: the (recipient, id)
             // index finds them (schema version 3 has no index on owner).
             release: format!(
@@ -188,6 +200,9 @@ pub(crate) struct Mailbox {
     owner: String,
     limits: StoredMessageLimits,
     lease_ms: f64,
+    /// Milliseconds a requeued message waits, after its 1st, 2nd, ... delivery (the last for any
+    /// later one); empty: requeued messages are free at once.
+    requeue_delays_ms: Vec<f64>,
     /// The patterns this instance subscribes to now: the topic copies it may claim. Restarted
     /// empty, so that what waited for a subscription while the node was away waits until the
     /// application subscribes again.
@@ -195,23 +210,36 @@ pub(crate) struct Mailbox {
 }
 
 impl Mailbox {
+    /// The mailbox of node `recipient` in `config`'s schema, claimed as `owner`, with `config`'s
+    /// leases, delivery limits and requeue delays.
     pub(crate) fn new(
         link: Link,
         writer: Link,
-        schema: &str,
+        config: &PostgresConfig,
         recipient: String,
         owner: String,
-        limits: StoredMessageLimits,
-        lease_ms: u64,
     ) -> Self {
+        let limits = StoredMessageLimits {
+            max_attempts: u64::from(config.max_attempts),
+            max_message_size: config.max_message_size,
+        };
+        let requeue_delay = config.requeue_delay();
+        // A message is delivered at most `max_attempts` times, and after 31 doublings any delay
+        // is at its cap: the table needs no more entries than that.
+        let deliveries = limits.max_attempts.clamp(1, 32);
+        let requeue_delays_ms = match requeue_delay.is_immediate() {
+            true => Vec::new(),
+            false => (1..=deliveries).map(|n| requeue_delay.after(n).as_secs_f64() * 1000.0).collect(),
+        };
         Self {
             link,
             writer,
-            statements: Statements::new(schema),
+            statements: Statements::new(&config.schema),
             recipient,
             owner,
             limits,
-            lease_ms: lease_ms as f64,
+            lease_ms: config.lease_ms as f64,
+            requeue_delays_ms,
             live_patterns: std::sync::Mutex::new(Vec::new()),
         }
     }
@@ -378,12 +406,18 @@ impl Mailbox {
             .map(drop)
     }
 
-    /// Frees rejected messages at once (their node's receivers are notified).
+    /// Frees rejected messages, at once or after their requeue delay (their node's receivers are
+    /// notified either way: an idle one then sleeps until the delay is over).
     pub(crate) async fn requeue(&self, ids: &[i64]) -> Result<(), PluginError> {
+        let delays = &self.requeue_delays_ms;
         let requeued = self
             .link
             .run("requeueing messages", |client| async move {
-                client.execute(&self.statements.requeue, &[&ids, &self.owner]).await
+                if delays.is_empty() {
+                    client.execute(&self.statements.requeue, &[&ids, &self.owner]).await
+                } else {
+                    client.execute(&self.statements.requeue_delayed, &[&ids, &self.owner, delays]).await
+                }
             })
             .await?;
         if requeued > 0 {

@@ -8,9 +8,9 @@ use crate::{
     schema,
 };
 use comms_plugin_api::{
-    async_trait, framework, host_driven, inbound::StoredMessageLimits, queued, runtime, topics, wire,
-    Capabilities, Destination, Envelope, ErrorCode, Inbound, IncidentCounters, NodeId, Outbound, PluginError,
-    SendFailure, Settlement, SettlementOutcome, Transport, TransportInfo, TransportStats,
+    async_trait, framework, host_driven, queued, runtime, topics, wire, Capabilities, Destination, Envelope,
+    ErrorCode, Inbound, IncidentCounters, NodeId, Outbound, PluginError, SendFailure, Settlement,
+    SettlementOutcome, Transport, TransportInfo, TransportStats,
 };
 use std::{
     sync::{
@@ -93,19 +93,8 @@ impl PostgresTransport {
             .await?
             .get::<_, String>(0);
         link.listen(channel).await?;
-        let limits = StoredMessageLimits {
-            max_attempts: u64::from(config.max_attempts),
-            max_message_size: config.max_message_size,
-        };
-        let mailbox = Arc::new(Mailbox::new(
-            link,
-            writer,
-            &config.schema,
-            node.as_str().to_string(),
-            lease_owner(&node),
-            limits,
-            config.lease_ms,
-        ));
+        let mailbox =
+            Arc::new(Mailbox::new(link, writer, &config, node.as_str().to_string(), lease_owner(&node)));
         let (sends, queue) = mpsc::channel(config.send_queue);
         let closed = watch::channel(false).0;
         // On the host's executor, as the writing connection's task (see `Link`): a batch's
