@@ -50,8 +50,8 @@ impl<T> Received<T> {
     }
 
     /// Not handled: the broker delivers it again (to this node or another consumer of its
-    /// inbox), after a delay that depends on the backend: at once by default on NATS and
-    /// PostgreSQL, or after their `requeue_delay_ms`, doubled at each delivery.
+    /// inbox), after a delay that depends on the backend: at once by default on NATS,
+    /// PostgreSQL and SQLite, or after their `requeue_delay_ms`, doubled at each delivery.
     pub fn nack(&mut self) {
         self.acknowledgement.requeue();
     }

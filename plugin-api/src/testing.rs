@@ -17,6 +17,12 @@
 //! A layer's unit tests wrap each end in the layer and check what the far layer hands up, what
 //! went over the link between them ([`Link::wire`]) and what reached the transport below
 //! ([`Link::settled`], [`Link::is_closed`]).
+//!
+//! [`gaps_between_deliveries`] measures a loaded transport's requeue delay.
+
+mod requeue_delay;
+
+pub use requeue_delay::gaps_between_deliveries;
 
 use crate::{
     async_trait, Capabilities, Envelope, ErrorCode, Inbound, PluginError, Settlement, Transport,

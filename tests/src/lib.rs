@@ -13,7 +13,6 @@ pub mod every_plugin;
 mod logs;
 pub mod nat_network;
 pub mod noise_discovery;
-pub mod requeue_delay;
 pub mod threads;
 
 pub use logs::{capture_logs, CapturedLogs};

@@ -84,7 +84,7 @@ async fn a_requeued_message_comes_again_after_its_delay_doubled_per_delivery() {
     let node = "rd-receiver";
     let receiver = library.new_transport(&NodeId::new(node), "nats", &config).await.unwrap();
     let address = receiver.info().local_address.clone();
-    let gaps = comms_tests::requeue_delay::gaps_between_deliveries(
+    let gaps = comms_plugin_api::testing::gaps_between_deliveries(
         &receiver,
         (node, &address),
         3,

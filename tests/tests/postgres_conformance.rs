@@ -287,7 +287,7 @@ async fn a_requeued_message_comes_again_after_its_delay_doubled_per_delivery() {
     let config = schema.config("requeue_delay_ms = 300\npoll_ms = 20000\n");
     let node = "rd-receiver";
     let receiver = library.new_transport(&NodeId::new(node), "postgres", &config).await.unwrap();
-    let gaps = comms_tests::requeue_delay::gaps_between_deliveries(
+    let gaps = comms_plugin_api::testing::gaps_between_deliveries(
         &receiver,
         (node, node),
         3,

@@ -1,6 +1,9 @@
 //! The plugin's config table (`[transports.sqlite]`, or `[discovery]` with `plugin = "sqlite"`).
 
-use comms_plugin_api::PluginError;
+use comms_plugin_api::{
+    requeue_delay::{self, RequeueDelay},
+    PluginError,
+};
 use serde::Deserialize;
 use std::{path::PathBuf, time::Duration};
 
@@ -34,6 +37,12 @@ pub struct SqliteConfig {
     pub lease_ms: u64,
     /// Deliveries of one message before it is moved to the dead-letter table instead.
     pub max_attempts: u32,
+    /// How long a message the application gave back (`nack`) waits before it can be claimed
+    /// again, after its first delivery; doubled at each later delivery, up to
+    /// `requeue_delay_max_ms` ([`comms_plugin_api::requeue_delay`]). 0: at once.
+    pub requeue_delay_ms: u64,
+    /// Upper bound of that delay (at most one day).
+    pub requeue_delay_max_ms: u64,
     /// Largest number of messages claimed in one query, and of sends committed in one
     /// transaction.
     pub batch_size: usize,
@@ -74,6 +83,8 @@ impl Default for SqliteConfig {
             busy_timeout_ms: 5_000,
             lease_ms: 30_000,
             max_attempts: 10,
+            requeue_delay_ms: 0,
+            requeue_delay_max_ms: requeue_delay::DEFAULT_MAX_MS,
             batch_size: 256,
             poll_min_ms: 1,
             poll_max_ms: 100,
@@ -117,7 +128,15 @@ impl SqliteConfig {
         if self.peer_timeout_ms <= self.heartbeat_ms {
             return bad("peer_timeout_ms", "must be greater than heartbeat_ms");
         }
+        if let Err((key, why)) = RequeueDelay::check(self.requeue_delay_ms, self.requeue_delay_max_ms) {
+            return bad(key, &why);
+        }
         Ok(())
+    }
+
+    /// When a requeued message can be claimed again.
+    pub(crate) fn requeue_delay(&self) -> RequeueDelay {
+        RequeueDelay::from_millis(self.requeue_delay_ms, self.requeue_delay_max_ms)
     }
 
     pub(crate) fn busy_timeout(&self) -> Duration {

@@ -11,6 +11,8 @@
 //! busy_timeout_ms = 5000          # wait this long for another writer's lock (default 5000)
 //! lease_ms = 30000                # a received, unsettled message is redelivered after this (default 30000)
 //! max_attempts = 10               # deliveries before a message goes to comms_dead_letter (default 10)
+//! requeue_delay_ms = 0            # a nacked message waits this long, doubled per delivery (0: at once)
+//! requeue_delay_max_ms = 300000   # ... up to this
 //! batch_size = 256                # rows per claim, sends per commit (default 256)
 //! poll_min_ms = 1                 # poll interval right after traffic (default 1)
 //! poll_max_ms = 100               # poll interval when idle: the bound on added latency (default 100)
@@ -66,7 +68,8 @@
 //!   when the host settles it `ACCEPTED`, which the host does after routing it into its own queue.
 //!   A message received but not settled (the process crashed, or took longer than `lease_ms`) is
 //!   delivered again after the lease, with the same message id. `REJECTED_REQUEUE` makes it
-//!   available again at once; `REJECTED_DISCARD`, a row that cannot be delivered (a column of
+//!   available again at once, or with `requeue_delay_ms` after the delay for its deliveries so
+//!   far ([`comms_plugin_api::requeue_delay`]); `REJECTED_DISCARD`, a row that cannot be delivered (a column of
 //!   an unexpected type, bytes that are not a wire envelope, a payload over this transport's
 //!   `max_message_size`), or a message delivered `max_attempts` times without being accepted
 //!   moves it to the `comms_dead_letter` table with a reason naming the cause; the rows behind it

@@ -8,6 +8,7 @@ use crate::{config::SqliteConfig, schema::now_ms, topic_pattern};
 use comms_plugin_api::framework;
 use comms_plugin_api::{
     inbound::{self, StoredMessageLimits},
+    requeue_delay::RequeueDelay,
     Envelope, Inbound, Settlement, SettlementOutcome,
 };
 use rusqlite::{
@@ -235,7 +236,7 @@ impl SqliteMailbox {
                 }
             }
             for settlement in settlements {
-                if settle_one(&transaction, &self.owner, settlement, now)? {
+                if settle_one(&transaction, (&self.owner, self.config.requeue_delay()), settlement, now)? {
                     // A requeued message is available again, and this commit is on the
                     // receiver's own connection, which PRAGMA data_version does not count.
                     recipients.insert(self.recipient.clone());
@@ -247,10 +248,11 @@ impl SqliteMailbox {
     }
 }
 
-/// Applies one settlement; `true` if it made a message available again (requeued).
+/// Applies one settlement of a message leased to `owner`; `true` if it made a message available
+/// again (requeued: at once, or once its requeue delay is over).
 fn settle_one(
     transaction: &rusqlite::Transaction<'_>,
-    owner: &str,
+    (owner, requeue_delay): (&str, RequeueDelay),
     settlement: &Settlement,
     now: i64,
 ) -> rusqlite::Result<bool> {
@@ -263,14 +265,25 @@ fn settle_one(
         SettlementOutcome::REJECTED_DISCARD => {
             dead_letter(transaction, id, Some(owner), now, comms_plugin_api::inbound::DISCARDED_BY_RECEIVER)?
         }
-        // REJECTED_REQUEUE, and any outcome a newer host may invent: deliver it again.
+        // REJECTED_REQUEUE, and any outcome a newer host may invent: deliver it again, at once
+        // (`locked_until` 0) or after the delay for its deliveries so far.
         _ => {
             requeue = true;
+            let free_at = if requeue_delay.is_immediate() {
+                0
+            } else {
+                let attempts: Option<i64> = transaction
+                    .prepare_cached("SELECT attempts FROM comms_mailbox WHERE id = ?1 AND owner = ?2")?
+                    .query_row(params![id, owner], |row| row.get(0))
+                    .optional()?;
+                let delay = requeue_delay.after(attempts.map_or(1, |n| u64::try_from(n).unwrap_or(1)));
+                now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))
+            };
             transaction
                 .prepare_cached(
-                    "UPDATE comms_mailbox SET locked_until = 0, owner = NULL WHERE id = ?1 AND owner = ?2",
+                    "UPDATE comms_mailbox SET locked_until = ?3, owner = NULL WHERE id = ?1 AND owner = ?2",
                 )?
-                .execute(params![id, owner])?
+                .execute(params![id, owner, free_at])?
         }
     };
     if changed == 0 {

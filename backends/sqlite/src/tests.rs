@@ -160,6 +160,32 @@ async fn a_requeued_message_comes_again_at_once_to_a_receive_already_waiting() {
     receiver.close().await.unwrap();
 }
 
+/// With `requeue_delay_ms`, a requeued message can be claimed again after its delay, doubled at
+/// each delivery, not at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeued_message_comes_again_after_its_delay_doubled_per_delivery() {
+    let (path, config) = database(
+        "requeue-delay",
+        "requeue_delay_ms = 300
+lease_ms = 60000",
+    );
+    let receiver = transport("receiver", &config).await.unwrap();
+    let gaps = comms_plugin_api::testing::gaps_between_deliveries(
+        &receiver,
+        ("receiver", "receiver"),
+        3,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    // At once (the default) would be a few milliseconds; the lease 60 s.
+    assert!(gaps[0] >= Duration::from_millis(300), "after the 1st delivery: {gaps:?}");
+    assert!(gaps[1] >= Duration::from_millis(600), "after the 2nd, doubled: {gaps:?}");
+    assert!(gaps.iter().all(|gap| *gap < Duration::from_secs(5)), "well before the lease: {gaps:?}");
+    assert_eq!(count(&path, "SELECT COUNT(*) FROM comms_mailbox"), 0, "the last delivery was accepted");
+    receiver.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn close_hands_unsettled_messages_to_the_next_instance_at_once() {
     let (_, config) = database("release", "lease_ms = 60000");

@@ -1,7 +1,7 @@
 //! The requeue delay of a transport whose broker holds a message back
-//! (`comms_plugin_api::requeue_delay`), measured the same way for every plugin that offers it.
+//! ([`crate::requeue_delay`]), measured the same way for every plugin that offers it.
 
-use comms_plugin_api::{
+use crate::{
     host_side::LoadedTransport, Destination, Envelope, MessageId, NodeId, Payload, Settlement,
     SettlementOutcome,
 };
@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 /// `deliveries` times, requeuing it every time but the last (accepted), and returns the time
 /// between each delivery and the next (`deliveries - 1` of them). Each wait for the next
 /// delivery is limited to `limit`.
+///
+/// With a requeue delay of `d`, the gaps are at least `d`, `2d`, `4d`, ...; without one, a few
+/// milliseconds each.
 pub async fn gaps_between_deliveries(
     transport: &LoadedTransport,
     (node, address): (&str, &str),
