@@ -25,7 +25,8 @@ pub fn oversized_reason(payload_len: usize, max_message_size: u64) -> Option<Str
 }
 
 /// The dead-letter reason of a stored message delivered `max_attempts` times without being
-/// accepted, on the backends that count deliveries themselves (the database tables).
+/// accepted, on the backends that count deliveries (the database tables, and Redis by its
+/// pending entries' delivery counts).
 pub const MAX_ATTEMPTS_REASON: &str = "delivered max_attempts times without being accepted";
 
 /// The start of the dead-letter reason of stored bytes that are not a wire-encoded envelope;

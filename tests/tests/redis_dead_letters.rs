@@ -161,3 +161,53 @@ async fn an_entry_the_host_discards_goes_to_the_dead_letter_stream() {
     receiver.close().await.unwrap();
     clean(&mut connection, &prefix).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_requeued_past_max_attempts_becomes_a_dead_letter() {
+    if !broker_available("Redis", "127.0.0.1:6379") {
+        return;
+    }
+    let prefix = unique_prefix();
+    let mut connection = raw().await;
+    let receiver =
+        open("receiver", &format!("prefix = \"{prefix}\"\nmax_attempts = 3\nblock_ms = 100\n")).await;
+    let inbox = receiver.info().local_address.clone();
+    for n in [1u32, 2] {
+        let envelope = Envelope::new(
+            MessageId::from_u128(u128::from(n)),
+            NodeId::new("sender"),
+            Destination::Node(NodeId::new("receiver")),
+            Payload::from(n.to_be_bytes().to_vec()),
+        );
+        receiver.send(&inbox, envelope).await.unwrap();
+    }
+    // Message 1 is requeued at every delivery: 3 of them, then it goes to the dead letters.
+    // Message 2 is accepted whenever it comes.
+    let (mut deliveries_of_1, mut deliveries_of_2) = (0, 0);
+    while let Ok(batch) = tokio::time::timeout(Duration::from_millis(1500), receiver.receive(16)).await {
+        for inbound in batch.expect("receive") {
+            let n = u32::from_be_bytes(inbound.envelope.payload.as_slice().try_into().unwrap());
+            let outcome = if n == 1 {
+                deliveries_of_1 += 1;
+                SettlementOutcome::REJECTED_REQUEUE
+            } else {
+                deliveries_of_2 += 1;
+                SettlementOutcome::ACCEPTED
+            };
+            receiver.settle(vec![Settlement { delivery_tag: inbound.delivery_tag, outcome }]).await.unwrap();
+        }
+        // A transport that never gives up on message 1 would keep this loop busy for ever.
+        if deliveries_of_1 > 10 {
+            break;
+        }
+    }
+    assert_eq!(deliveries_of_1, 3, "message 1: max_attempts deliveries, then none");
+    assert_eq!(deliveries_of_2, 1, "message 2 is not held up by message 1");
+    let dead = dead_letters(&mut connection, &inbox, 1).await;
+    let fields = &dead.ids[0].map;
+    assert_eq!(text(fields, "error"), comms_plugin_api::inbound::MAX_ATTEMPTS_REASON);
+    assert_eq!(text(fields, "field:id"), format!("{:032x}", 1));
+    settled(&mut connection, &inbox).await;
+    receiver.close().await.unwrap();
+    clean(&mut connection, &prefix).await;
+}

@@ -56,6 +56,10 @@ pub struct RedisTransportConfig {
     /// claimable entry is claimed in one pass (as fast as `max_unsettled` lets the host take
     /// them), and a pass runs every `claim_idle_ms / 2`.
     pub claim_idle_ms: u64,
+    /// Deliveries of one entry (Redis' delivery count of the group's pending entry) before it
+    /// goes to `<inbox>:dead-letter` instead of to the host again: an entry requeued, or left
+    /// unsettled by consumers that crash on it, every time.
+    pub max_attempts: u32,
     /// Consumers of the inbox's group (other instances of this node, usually crashed ones) that
     /// have not read for this long and have nothing pending are removed from the group
     /// (`XGROUP DELCONSUMER`), in milliseconds; 0 keeps them. Their pending entries are claimed
@@ -89,6 +93,7 @@ impl Default for RedisTransportConfig {
             send_queue: 1024,
             confirm_sends: true,
             claim_idle_ms: DEFAULT_CLAIM_IDLE_MS,
+            max_attempts: 10,
             consumer_idle_ms: 60_000,
             max_inbox_len: 1_000_000,
             connect_attempts: 5,
@@ -150,6 +155,7 @@ impl RedisTransportConfig {
         positive("max_unsettled", self.max_unsettled as u64)?;
         positive("send_queue", self.send_queue as u64)?;
         positive("claim_idle_ms", self.claim_idle_ms)?;
+        positive("max_attempts", u64::from(self.max_attempts))?;
         // A live consumer reads at least every `block_ms`; leave it ample room.
         if self.consumer_idle_ms != 0 && self.consumer_idle_ms < 4 * self.block_ms {
             return Err(PluginError::invalid_config(format!(

@@ -8,6 +8,7 @@
 //! prefix = "comms"                 # keys: comms:inbox:<node id>, channels: comms:topic:<topic>
 //! confirm_sends = true             # send returns once Redis stored the message
 //! claim_idle_ms = 5000             # redeliver what a crashed consumer took after this long
+//! max_attempts = 10                # deliveries of one entry before it goes to the dead letters
 //!
 //! [discovery]
 //! plugin = "redis"

@@ -677,15 +677,26 @@ async fn read_loop(shared: Arc<Shared>, mut connection: Connection) {
                     }
                 }
             }
+            // Entries claimed again were delivered before: those past `max_attempts` go to the
+            // dead letters instead.
+            let (entries, exhausted) = past_max_attempts(&shared, &mut connection, entries).await?;
             // While a claim pass is unfinished, go on with it rather than block on new entries.
-            if entries.is_empty() && !claiming {
-                entries = read_new(&shared, &mut connection, room).await?;
+            if entries.is_empty() && exhausted.is_empty() && !claiming {
+                return Ok((read_new(&shared, &mut connection, room).await?, exhausted));
             }
-            Ok::<_, redis::RedisError>(entries)
+            Ok::<_, redis::RedisError>((entries, exhausted))
         };
         match read.await {
-            Ok(entries) => {
+            Ok((entries, exhausted)) => {
                 delay = Duration::from_millis(50);
+                if !exhausted.is_empty() {
+                    let reasons =
+                        exhausted.into_iter().map(|id| (id, inbound::MAX_ATTEMPTS_REASON.to_string()));
+                    if let Err(error) = dead_letter(&shared, reasons.collect()).await {
+                        // They stay pending: claimed again after claim_idle_ms, and moved then.
+                        tracing::warn!(%error, "inbox entries past max_attempts not moved yet");
+                    }
+                }
                 if !deliver(&shared, entries, &mut shutdown).await {
                     return;
                 }
@@ -742,6 +753,42 @@ async fn claim_requeued(
             Err(error)
         }
     }
+}
+
+/// Splits entries claimed again into those to deliver and the ids of those already delivered
+/// `max_attempts` times. Redis counts the deliveries of a pending entry: `XREADGROUP` makes it 1,
+/// and each `XCLAIM` or `XAUTOCLAIM` adds one, so a claimed entry whose count is above
+/// `max_attempts` is on a delivery past the limit. One pipelined `XPENDING` per entry, only for
+/// entries claimed again (requeued, or left by a consumer): new entries cost nothing more.
+async fn past_max_attempts(
+    shared: &Shared,
+    connection: &mut Connection,
+    entries: Vec<StreamId>,
+) -> Result<(Vec<StreamId>, Vec<String>), redis::RedisError> {
+    if entries.is_empty() {
+        return Ok((entries, Vec::new()));
+    }
+    let mut pipe = redis::pipe();
+    for entry in &entries {
+        pipe.cmd("XPENDING")
+            .arg(&shared.inbox)
+            .arg(&shared.config.group)
+            .arg(&entry.id)
+            .arg(&entry.id)
+            .arg(1);
+    }
+    // Each answer: the entry's (id, consumer, idle ms, deliveries), or nothing if it is no
+    // longer pending (then its count is unknown and it is delivered as it is).
+    let counts: Vec<Vec<(String, String, u64, u64)>> = pipe.query_async(connection).await?;
+    let limit = u64::from(shared.config.max_attempts);
+    let (mut deliver, mut exhausted) = (Vec::with_capacity(entries.len()), Vec::new());
+    for (entry, count) in entries.into_iter().zip(counts) {
+        match count.first() {
+            Some((_, _, _, deliveries)) if *deliveries > limit => exhausted.push(entry.id),
+            _ => deliver.push(entry),
+        }
+    }
+    Ok((deliver, exhausted))
 }
 
 /// What one call of [`claim_idle`] took, and where the pass goes on (`None`: it is finished).
