@@ -18,11 +18,12 @@
 //! went over the link between them ([`Link::wire`]) and what reached the transport below
 //! ([`Link::settled`], [`Link::is_closed`]).
 //!
-//! [`gaps_between_deliveries`] measures a loaded transport's requeue delay.
+//! [`gaps_between_deliveries`] measures a loaded transport's requeue delay, and
+//! [`deliveries_of_a_message_always_requeued`] its limit on deliveries.
 
-mod requeue_delay;
+mod requeue;
 
-pub use requeue_delay::gaps_between_deliveries;
+pub use requeue::{deliveries_of_a_message_always_requeued, gaps_between_deliveries};
 
 use crate::{
     async_trait, Capabilities, Envelope, ErrorCode, Inbound, PluginError, Settlement, Transport,

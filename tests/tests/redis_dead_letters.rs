@@ -172,35 +172,17 @@ async fn an_entry_requeued_past_max_attempts_becomes_a_dead_letter() {
     let receiver =
         open("receiver", &format!("prefix = \"{prefix}\"\nmax_attempts = 3\nblock_ms = 100\n")).await;
     let inbox = receiver.info().local_address.clone();
-    for n in [1u32, 2] {
-        let envelope = Envelope::new(
-            MessageId::from_u128(u128::from(n)),
-            NodeId::new("sender"),
-            Destination::Node(NodeId::new("receiver")),
-            Payload::from(n.to_be_bytes().to_vec()),
-        );
-        receiver.send(&inbox, envelope).await.unwrap();
-    }
     // Message 1 is requeued at every delivery: 3 of them, then it goes to the dead letters.
     // Message 2 is accepted whenever it comes.
-    let (mut deliveries_of_1, mut deliveries_of_2) = (0, 0);
-    while let Ok(batch) = tokio::time::timeout(Duration::from_millis(1500), receiver.receive(16)).await {
-        for inbound in batch.expect("receive") {
-            let n = u32::from_be_bytes(inbound.envelope.payload.as_slice().try_into().unwrap());
-            let outcome = if n == 1 {
-                deliveries_of_1 += 1;
-                SettlementOutcome::REJECTED_REQUEUE
-            } else {
-                deliveries_of_2 += 1;
-                SettlementOutcome::ACCEPTED
-            };
-            receiver.settle(vec![Settlement { delivery_tag: inbound.delivery_tag, outcome }]).await.unwrap();
-        }
-        // A transport that never gives up on message 1 would keep this loop busy for ever.
-        if deliveries_of_1 > 10 {
-            break;
-        }
-    }
+    let (deliveries_of_1, deliveries_of_2) =
+        comms_plugin_api::testing::deliveries_of_a_message_always_requeued(
+            &receiver,
+            ("receiver", &inbox),
+            3,
+            Duration::from_millis(1500),
+        )
+        .await
+        .unwrap();
     assert_eq!(deliveries_of_1, 3, "message 1: max_attempts deliveries, then none");
     assert_eq!(deliveries_of_2, 1, "message 2 is not held up by message 1");
     let dead = dead_letters(&mut connection, &inbox, 1).await;
