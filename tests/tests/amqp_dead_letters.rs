@@ -8,7 +8,7 @@
 
 use comms_plugin_api::{
     host_side::{LoadedTransport, PluginLibrary},
-    inbound::oversized_reason,
+    inbound::{oversized_reason, MAX_ATTEMPTS_REASON},
     NodeId, Settlement, SettlementOutcome,
 };
 use comms_tests::{artifacts, broker_available};
@@ -154,9 +154,16 @@ async fn a_message_the_host_discards_is_kept_in_the_dead_letter_queue() {
     if !broker_available("RabbitMQ", "127.0.0.1:5672") {
         return;
     }
+    for (queue_type, keys) in [("classic", ""), ("quorum", "inbox_queue_type = \"quorum\"\n")] {
+        eprintln!("{queue_type} inbox");
+        the_host_discards_a_message(keys).await;
+    }
+}
+
+async fn the_host_discards_a_message(keys: &str) {
     let names = Names::new("discarded");
     let (_connection, channel) = channel().await;
-    let receiver = names.open("").await;
+    let receiver = names.open(keys).await;
     let inbox = receiver.info().local_address.clone();
     publish(&channel, &inbox, b"refuse me", with_id("b1")).await;
     let batch = tokio::time::timeout(Duration::from_secs(10), receiver.receive(10)).await.unwrap().unwrap();
@@ -179,6 +186,46 @@ async fn a_message_the_host_discards_is_kept_in_the_dead_letter_queue() {
     };
     assert_eq!((field("reason"), field("queue")), ("rejected".to_string(), inbox.clone()));
     receiver.close().await.unwrap();
+    names.clean_up(&channel).await;
+}
+
+/// A quorum inbox counts each message's deliveries: one requeued every time comes
+/// `max_attempts` times, then it is in the dead-letter queue with the shared reason, and the
+/// message behind it is not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_requeued_past_max_attempts_on_a_quorum_inbox_becomes_a_dead_letter() {
+    if !broker_available("RabbitMQ", "127.0.0.1:5672") {
+        return;
+    }
+    let names = Names::new("attempts");
+    let (_connection, channel) = channel().await;
+    let receiver = names.open("inbox_queue_type = \"quorum\"\nmax_attempts = 3\n").await;
+    let inbox = receiver.info().local_address.clone();
+    let (deliveries_of_1, deliveries_of_2) =
+        comms_plugin_api::testing::deliveries_of_a_message_always_requeued(
+            &receiver,
+            (&names.node, &inbox),
+            3,
+            Duration::from_millis(1500),
+        )
+        .await
+        .unwrap();
+    assert_eq!(deliveries_of_1, 3, "message 1: max_attempts deliveries, then none");
+    assert_eq!(deliveries_of_2, 1, "message 2 is not held up by message 1");
+    let dead = get(&channel, &names.queue).await;
+    assert_eq!(dead.properties.message_id().as_ref().map(|id| id.to_string()), Some(format!("{:032x}", 1)));
+    assert_eq!(header(&dead, "comms-dead-letter-reason"), MAX_ATTEMPTS_REASON);
+    assert_eq!(header(&dead, "comms-dead-letter-queue"), inbox);
+    receiver.close().await.unwrap();
+    // Settled for good: nothing is left in the inbox, and the dead letter is there once.
+    assert!(channel
+        .basic_get(inbox.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .is_none());
+    let again =
+        channel.basic_get(names.queue.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap();
+    assert!(again.is_none(), "one dead letter, not more: {again:?}");
     names.clean_up(&channel).await;
 }
 

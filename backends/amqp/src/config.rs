@@ -18,6 +18,22 @@ pub const DEFAULT_DEAD_LETTER: &str = "comms.dead-letter";
 /// Default of [`AmqpConfig::discovery_exchange`] and [`AmqpDiscoveryConfig::exchange`].
 pub const DEFAULT_DISCOVERY_EXCHANGE: &str = "comms.discovery";
 
+/// Default of [`AmqpConfig::max_attempts`] on a quorum inbox: as SQLite, Redis and PostgreSQL.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
+
+/// What kind of queue the inbox is (`x-queue-type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// RabbitMQ's classic queue: one copy on one broker node; it does not count a message's
+    /// deliveries, so a message requeued every time comes back for ever.
+    #[default]
+    Classic,
+    /// A quorum queue (RabbitMQ 3.8 and later): replicated (Raft), and it counts each message's
+    /// deliveries (header `x-delivery-count`), which `max_attempts` reads.
+    Quorum,
+}
+
 /// The `[transports.amqp]` table.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -49,6 +65,15 @@ pub struct AmqpConfig {
     /// with what is in it. Default: kept until deleted by hand. Every node sharing an inbox
     /// must use the same value.
     pub inbox_expires_ms: Option<u64>,
+    /// `classic` (default) or `quorum`: what kind of queue the inbox is declared as. Every node
+    /// sharing an inbox must use the same value, and an existing inbox keeps its kind (changing
+    /// it means deleting the queue).
+    pub inbox_queue_type: QueueType,
+    /// With `inbox_queue_type = "quorum"`: a message delivered this many times and never
+    /// accepted (requeued each time, or left by consumers that crashed on it) goes to the dead
+    /// letters, with the reason `delivered max_attempts times without being accepted`. Default
+    /// 10. A classic queue does not count deliveries, so there it is an error.
+    pub max_attempts: Option<u32>,
     /// Exchange that dead letters go to (a message refused for good: not a comms message,
     /// above `max_message_size`, or settled REJECTED_DISCARD), declared at start (`fanout`,
     /// durable) if missing. It is also the inbox's `x-dead-letter-exchange`, so the broker's own
@@ -88,6 +113,8 @@ impl Default for AmqpConfig {
             prefetch: 256,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             inbox_expires_ms: None,
+            inbox_queue_type: QueueType::Classic,
+            max_attempts: None,
             dead_letter_exchange: DEFAULT_DEAD_LETTER.to_string(),
             dead_letter_queue: DEFAULT_DEAD_LETTER.to_string(),
             dead_letter_queue_max_length: 100_000,
@@ -121,6 +148,15 @@ impl AmqpConfig {
         if self.inbox_expires_ms == Some(0) {
             return Err(PluginError::invalid_config("key `inbox_expires_ms`: must be greater than 0"));
         }
+        if let Some(attempts) = self.max_attempts {
+            if self.inbox_queue_type == QueueType::Classic {
+                return Err(PluginError::invalid_config(
+                    "key `max_attempts`: needs `inbox_queue_type = \"quorum\"` (a classic queue does not count \
+                     a message's deliveries)",
+                ));
+            }
+            positive("max_attempts", u64::from(attempts))?;
+        }
         if self.topic_exchange.is_empty() {
             return Err(PluginError::invalid_config("key `topic_exchange`: must not be empty"));
         }
@@ -147,6 +183,15 @@ impl AmqpConfig {
     /// Delays between connection attempts at start.
     pub fn backoff(&self) -> Backoff {
         backoff(self.connect_attempts, self.reconnect_initial_delay_ms, self.reconnect_max_delay_ms)
+    }
+
+    /// The deliveries after which a message goes to the dead letters; `None` on a classic inbox,
+    /// which cannot count them.
+    pub fn delivery_limit(&self) -> Option<u32> {
+        match self.inbox_queue_type {
+            QueueType::Classic => None,
+            QueueType::Quorum => Some(self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS)),
+        }
     }
 }
 
@@ -280,6 +325,25 @@ mod tests {
         let error = parse_config::<AmqpConfig>("prefetch = 0").unwrap().validate().unwrap_err();
         assert_eq!(error.code, ErrorCode::INVALID_CONFIG);
         assert!(error.message.contains("`prefetch`"), "{error}");
+    }
+
+    #[test]
+    fn max_attempts_needs_a_quorum_inbox_and_defaults_to_ten_there() {
+        assert_eq!(AmqpConfig::default().delivery_limit(), None);
+        let quorum: AmqpConfig = parse_config("inbox_queue_type = \"quorum\"").unwrap();
+        quorum.validate().unwrap();
+        assert_eq!(quorum.delivery_limit(), Some(DEFAULT_MAX_ATTEMPTS));
+        let three: AmqpConfig = parse_config("inbox_queue_type = \"quorum\"\nmax_attempts = 3").unwrap();
+        assert_eq!(three.delivery_limit(), Some(3));
+        for (text, key) in [
+            ("max_attempts = 3", "key `max_attempts`: needs `inbox_queue_type = \"quorum\"`"),
+            ("inbox_queue_type = \"quorum\"\nmax_attempts = 0", "key `max_attempts`: must be greater than 0"),
+        ] {
+            let error = parse_config::<AmqpConfig>(text).unwrap().validate().unwrap_err();
+            assert!(error.message.contains(key), "{text}: {error}");
+        }
+        let error = parse_config::<AmqpConfig>("inbox_queue_type = \"stream\"").unwrap_err();
+        assert!(error.message.contains("stream"), "{error}");
     }
 
     #[test]

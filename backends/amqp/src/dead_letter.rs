@@ -5,6 +5,7 @@
 //! | not a comms message (no or bad `message_id`, malformed `comms-*` headers) | republished to `dead_letter_exchange`, original acknowledged | what is wrong, e.g. ``message_id `x` is not up to 32 hex digits`` |
 //! | body above `max_message_size` | the same | [`comms_plugin_api::inbound::oversized_reason`] |
 //! | settled `REJECTED_DISCARD` by the receiving node | `basic.reject`: the broker dead-letters it to the queue's `x-dead-letter-exchange` | none (the broker's `x-death` header says `rejected`) |
+//! | delivered `max_attempts` times and never accepted (a quorum inbox only, counted by the broker in [`DELIVERY_COUNT_HEADER`]) | republished to `dead_letter_exchange`, original acknowledged | [`MAX_ATTEMPTS_REASON`] |
 //!
 //! `basic.reject` cannot add a header, so for the causes the plugin knows it publishes a copy
 //! (body and properties unchanged, plus the headers [`DEAD_LETTER_REASON_HEADER`] and
@@ -22,7 +23,7 @@ use crate::{
     connection,
     format::{DEAD_LETTER_QUEUE_HEADER, DEAD_LETTER_REASON_HEADER},
 };
-use comms_plugin_api::{ErrorCode, PluginError};
+use comms_plugin_api::{inbound::MAX_ATTEMPTS_REASON, ErrorCode, PluginError};
 use lapin::{
     message::Delivery,
     options::{
@@ -95,6 +96,28 @@ pub(crate) fn queue_arguments(config: &AmqpConfig, arguments: &mut FieldTable) {
             AMQPValue::LongString(LongString::from(config.dead_letter_exchange.as_str())),
         );
     }
+}
+
+/// The header in which a quorum queue counts a message's earlier deliveries that were not
+/// accepted (requeued, or unsettled when their consumer went away).
+pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+
+/// [`MAX_ATTEMPTS_REASON`] if `delivery` was delivered `max_attempts` times before (by its
+/// quorum queue's count) and never accepted: it goes to the dead letters instead of to the
+/// application a further time.
+pub(crate) fn past_delivery_limit(delivery: &Delivery, max_attempts: u32) -> Option<String> {
+    let earlier = delivery.properties.headers().as_ref()?.inner().get(DELIVERY_COUNT_HEADER)?;
+    let earlier = match earlier {
+        AMQPValue::LongLongInt(n) => *n,
+        AMQPValue::LongInt(n) => i64::from(*n),
+        AMQPValue::LongUInt(n) => i64::from(*n),
+        AMQPValue::ShortInt(n) => i64::from(*n),
+        AMQPValue::ShortUInt(n) => i64::from(*n),
+        AMQPValue::ShortShortInt(n) => i64::from(*n),
+        AMQPValue::ShortShortUInt(n) => i64::from(*n),
+        _ => return None,
+    };
+    (earlier >= i64::from(max_attempts)).then(|| MAX_ATTEMPTS_REASON.to_string())
 }
 
 /// Where a refused delivery is taken from and sent to.

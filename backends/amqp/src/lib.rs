@@ -11,6 +11,8 @@
 //! prefetch = 256                  # unacknowledged messages pushed ahead per queue (basic.qos)
 //! max_message_size = 16777216     # largest payload sent and received, bytes
 //! # inbox_expires_ms = 86400000   # x-expires: delete an inbox unused this long (default: keep)
+//! inbox_queue_type = "classic"    # or "quorum" (replicated; counts deliveries for max_attempts)
+//! # max_attempts = 10             # quorum inbox only: delivered this often, never accepted -> dead letter
 //! dead_letter_exchange = "comms.dead-letter"  # refused messages go here, with the reason
 //! dead_letter_queue = "comms.dead-letter"     # and are kept in this queue
 //! discovery_exchange = "comms.discovery"      # declared at start, for foreign announcements
@@ -48,7 +50,9 @@
 //!   `basic.reject` (the broker dead-letters it to `dead_letter_exchange`).
 //! - **Dead letters**: a message that is not a comms message, or above `max_message_size`, is
 //!   never delivered: a copy with the reason in header `comms-dead-letter-reason` goes to
-//!   `dead_letter_exchange` and the queue `dead_letter_queue` keeps it ([`dead_letter`]).
+//!   `dead_letter_exchange` and the queue `dead_letter_queue` keeps it ([`dead_letter`]). So
+//!   is a message delivered `max_attempts` times and never accepted, on a quorum inbox
+//!   (`inbox_queue_type = "quorum"`), which counts deliveries; a classic one cannot.
 //! - The broker-side format (properties and headers) is in [`format`](mod@format) and `docs/amqp.md`.
 //!
 //! ## Guarantees and limits
@@ -94,7 +98,8 @@
 //! | no inbox queue at the address (node never started) | [`ErrorCode::UNREACHABLE`], retryable; logged once per address |
 //! | payload above `max_message_size` | [`ErrorCode::TOO_LARGE`] |
 //! | no connection within `send_timeout_ms` | [`ErrorCode::UNREACHABLE`] / [`ErrorCode::TIMEOUT`], retryable |
-//! | inbox exists with other `x-expires` / dead-letter arguments, or a dead-letter exchange / queue declared otherwise | [`ErrorCode::INVALID_CONFIG`] |
+//! | `max_attempts` with a classic inbox | [`ErrorCode::INVALID_CONFIG`] naming the key |
+//! | inbox exists with other `x-expires` / queue type / dead-letter arguments, or a dead-letter exchange / queue declared otherwise | [`ErrorCode::INVALID_CONFIG`] |
 //! | operations after `close` | [`ErrorCode::CLOSED`] |
 
 #![warn(missing_docs)]
@@ -112,8 +117,8 @@ mod unroutable;
 
 pub use comms_plugin_api::tls::TlsFiles;
 pub use config::{
-    AmqpConfig, AmqpDiscoveryConfig, DEFAULT_DEAD_LETTER, DEFAULT_DISCOVERY_EXCHANGE,
-    DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_URL,
+    AmqpConfig, AmqpDiscoveryConfig, QueueType, DEFAULT_DEAD_LETTER, DEFAULT_DISCOVERY_EXCHANGE,
+    DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_URL,
 };
 pub use discovery::AmqpDiscovery;
 pub use transport::AmqpTransport;

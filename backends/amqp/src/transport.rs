@@ -3,7 +3,7 @@
 
 use crate::{
     acks::{self, AckAction, AckTracker, Source},
-    config::AmqpConfig,
+    config::{AmqpConfig, QueueType},
     connection, dead_letter, format, topics,
     unroutable::{self, UnroutableLog},
 };
@@ -197,6 +197,26 @@ fn shortstr(text: &str, what: &str) -> Result<ShortString, PluginError> {
     })
 }
 
+/// The inbox's `queue.declare` arguments: its expiry, kind and dead-letter exchange.
+fn inbox_arguments(config: &AmqpConfig) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    if let Some(expires) = config.inbox_expires_ms {
+        arguments.insert("x-expires".into(), AMQPValue::LongLongInt(expires as i64));
+    }
+    dead_letter::queue_arguments(config, &mut arguments);
+    if config.inbox_queue_type == QueueType::Quorum {
+        arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        if !config.dead_letter_exchange.is_empty() {
+            // The broker's own dead letters (REJECTED_DISCARD) leave the queue only once the
+            // dead-letter queue confirmed them; RabbitMQ needs `reject-publish` for it, which
+            // changes nothing here (the inbox has no length limit).
+            arguments.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+            arguments.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+        }
+    }
+    arguments
+}
+
 /// Opens a connection and everything on it, and starts the consumers. One attempt.
 async fn establish(inner: &Arc<Inner>) -> Result<Arc<Link>, PluginError> {
     let name = format!("comms {} transport", inner.node);
@@ -258,20 +278,16 @@ async fn set_up(inner: &Inner, connection: &Connection) -> Result<(LinkParts, Co
     }
 
     let inbox = connection.create_channel().await.map_err(fail("opening a channel"))?;
-    let mut arguments = FieldTable::default();
-    if let Some(expires) = config.inbox_expires_ms {
-        arguments.insert("x-expires".into(), AMQPValue::LongLongInt(expires as i64));
-    }
-    dead_letter::queue_arguments(config, &mut arguments);
     let queue = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    let arguments = inbox_arguments(config);
     inbox.queue_declare(inner.inbox_queue.as_str().into(), queue, arguments).await.map_err(|error| {
         let mut error = connection::amqp_error(url, &format!("declaring the inbox queue `{}`", inner.inbox_queue), &error);
         if error.message.contains("PRECONDITION_FAILED") {
             error.code = ErrorCode::INVALID_CONFIG;
             error.retryable = false;
             error.message.push_str(
-                " (the queue exists with other arguments: keys `inbox_expires_ms` and `dead_letter_exchange` must \
-                 match how it was first declared; an inbox made before comms declared a dead-letter exchange \
+                " (the queue exists with other arguments: keys `inbox_expires_ms`, `inbox_queue_type` and \
+                 `dead_letter_exchange` must match how it was first declared; an inbox made before comms declared a dead-letter exchange \
                  by default needs `dead_letter_exchange = \"\"`, or delete the queue)",
             );
         }
@@ -410,7 +426,11 @@ async fn inbound(inner: &Inner, link: &Link, source: Source, mut delivery: Deliv
     let tag = delivery.delivery_tag;
     // A program that is not comms (or a node with a larger limit) can publish any size.
     let refused =
-        comms_plugin_api::inbound::oversized_reason(delivery.data.len(), inner.config.max_message_size);
+        comms_plugin_api::inbound::oversized_reason(delivery.data.len(), inner.config.max_message_size)
+            .or_else(|| match (source, inner.config.delivery_limit()) {
+                (Source::Inbox, Some(limit)) => dead_letter::past_delivery_limit(&delivery, limit),
+                _ => None,
+            });
     let parsed = match refused {
         Some(reason) => Err(reason),
         None => {
