@@ -104,8 +104,10 @@ impl Artifacts {
     /// test installs.
     pub fn tcp_next_plugin(&self) -> &Path {
         self.tcp_next_plugin.get_or_init(|| {
-            let manifest = "tests/fixtures/tcp-next/Cargo.toml";
-            cargo(&["build", "--locked", "--manifest-path", manifest], &target_dir());
+            build_once_per_run("tcp-next", || {
+                let manifest = "tests/fixtures/tcp-next/Cargo.toml";
+                cargo(&["build", "--locked", "--manifest-path", manifest], &target_dir());
+            });
             library(&target_dir().join(profile().0), "comms_tcp_next")
         })
     }
@@ -120,33 +122,88 @@ impl Artifacts {
         self.contract_fixtures.get_or_init(|| {
             let fixtures = target_dir().join("fixtures");
             let (profile, _) = profile();
-            cargo(
-                &["build", "--locked", "--manifest-path", "tests/fixtures/v1-plugin/Cargo.toml"],
-                &fixtures,
-            );
-            let variant = |feature: &str, plugin_name: &str| {
-                let manifest = "tests/fixtures/mismatched-plugin/Cargo.toml";
-                cargo(&["build", "--locked", "--manifest-path", manifest, "--features", feature], &fixtures);
-                let built = library(&fixtures.join(profile), "comms_fixture_mismatched");
-                let copy = library(&fixtures.join(feature), "comms_fixture_mismatched");
-                copy_library(&built, &copy, plugin_name);
-                copy
-            };
+            let variants = [
+                ("next-minor", "fixture-next-minor"),
+                ("next-major", "fixture-next-major"),
+                ("wrong-layout", "fixture-wrong-layout"),
+            ];
+            build_once_per_run("contract-fixtures", || {
+                cargo(
+                    &["build", "--locked", "--manifest-path", "tests/fixtures/v1-plugin/Cargo.toml"],
+                    &fixtures,
+                );
+                for (feature, plugin_name) in variants {
+                    let manifest = "tests/fixtures/mismatched-plugin/Cargo.toml";
+                    cargo(
+                        &["build", "--locked", "--manifest-path", manifest, "--features", feature],
+                        &fixtures,
+                    );
+                    let built = library(&fixtures.join(profile), "comms_fixture_mismatched");
+                    copy_library(
+                        &built,
+                        &library(&fixtures.join(feature), "comms_fixture_mismatched"),
+                        plugin_name,
+                    );
+                }
+            });
+            let variant = |feature: &str| library(&fixtures.join(feature), "comms_fixture_mismatched");
             ContractFixtures {
                 v1_plugin: library(&fixtures.join(profile), "comms_fixture_v1"),
-                next_minor_plugin: variant("next-minor", "fixture-next-minor"),
-                next_major_plugin: variant("next-major", "fixture-next-major"),
-                wrong_layout_plugin: variant("wrong-layout", "fixture-wrong-layout"),
+                next_minor_plugin: variant("next-minor"),
+                next_major_plugin: variant("next-major"),
+                wrong_layout_plugin: variant("wrong-layout"),
             }
         })
     }
 }
 
+/// Runs `build` (cargo builds of what the tests load) once per test run and at most once at a
+/// time, across processes.
+///
+/// `cargo test` runs one test binary after the other, and each builds what it needs once
+/// (cargo finds it up to date: about a second). `cargo nextest run` (the README's test command)
+/// runs every test in a process of its own, two at a time: the builds of two processes would
+/// race (one copying a fixture variant while the other rebuilds it), and a second per test adds
+/// up over 800 tests. So the build holds a file lock in the target directory, and under nextest
+/// it leaves a stamp named after the run (`NEXTEST_RUN_ID`) that the run's other processes
+/// find and skip the build for.
+fn build_once_per_run(what: &str, build: impl FnOnce()) {
+    let dir = target_dir().join("test-builds");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|error| panic!("cannot create {}: {error}", dir.display()));
+    let lock_path = dir.join(format!("{what}.lock"));
+    let lock = std::fs::File::create(&lock_path)
+        .unwrap_or_else(|error| panic!("cannot create {}: {error}", lock_path.display()));
+    // Released when `lock` is closed, at the end of this function (or if the process dies).
+    // SAFETY: flock only reads the descriptor, which `lock` keeps open for the call.
+    let locked = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+    if locked != 0 {
+        panic!("cannot lock {}: {}", lock_path.display(), std::io::Error::last_os_error());
+    }
+    let Some(run) = std::env::var_os("NEXTEST_RUN_ID") else { return build() };
+    let stamp = dir.join(format!("{what}.run-{}", run.to_string_lossy()));
+    if stamp.exists() {
+        return;
+    }
+    build();
+    // The stamps of earlier runs are of no use any more.
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        let earlier = format!("{what}.run-");
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&earlier) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    std::fs::write(&stamp, b"").unwrap_or_else(|error| panic!("cannot write {}: {error}", stamp.display()));
+}
+
 /// Builds `plugins/<directory>` with its own lockfile (`--locked`) into the shared target
 /// directory, where it reuses whatever the workspace already compiled with the same versions.
 fn build_shipped_plugin(directory: &str, library_name: &str) -> PathBuf {
-    let manifest = format!("plugins/{directory}/Cargo.toml");
-    cargo(&["build", "--locked", "--manifest-path", &manifest], &target_dir());
+    build_once_per_run(directory, || {
+        let manifest = format!("plugins/{directory}/Cargo.toml");
+        cargo(&["build", "--locked", "--manifest-path", &manifest], &target_dir());
+    });
     library(&target_dir().join(profile().0), library_name)
 }
 
@@ -259,8 +316,10 @@ pub fn artifacts() -> &'static Artifacts {
         // The features this crate builds the host with, so that the library compiles once and
         // the `comms` command can export spans (tests/otel_export.rs).
         build.extend(["--features", "comms-host/otel"]);
-        cargo(&build, &target);
-        cargo(&["build", "--manifest-path", "examples/third-party-plugin/Cargo.toml"], &target);
+        build_once_per_run("workspace-plugins", || {
+            cargo(&build, &target);
+            cargo(&["build", "--manifest-path", "examples/third-party-plugin/Cargo.toml"], &target);
+        });
         let plugin_dir = target.join(profile);
         Artifacts {
             comms_bin: plugin_dir.join(format!("comms{}", std::env::consts::EXE_SUFFIX)),
