@@ -1,10 +1,11 @@
 //! Helpers shared by the cross-crate tests and benchmarks.
 //!
 //! The tests load plugin libraries exactly as users do, so they need the `.so` files and the
-//! `comms` binary on disk. [`artifacts`] builds them once per test binary with the same cargo
-//! and profile that runs the tests: the workspace plugins and the third-party example plugin (a
-//! separate cargo project); [`Artifacts::contract_fixtures`] builds, on first use, the plugins
-//! built against other versions of the plugin contract (`tests/fixtures`).
+//! `comms` binary on disk. [`artifacts`] builds them with the same cargo and profile that runs
+//! the tests (once per test binary under `cargo test`, once per run under `cargo nextest run`):
+//! the workspace plugins and the third-party example plugin (a separate cargo project);
+//! [`Artifacts::contract_fixtures`] builds, on first use, the plugins built against other
+//! versions of the plugin contract (`tests/fixtures`).
 
 pub mod bench;
 pub mod child_process;
