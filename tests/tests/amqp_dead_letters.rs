@@ -70,6 +70,24 @@ impl Names {
     }
 }
 
+/// A test's own names, a confirm-mode channel of its own, and a transport opened with `keys`
+/// whose inbox is `inbox`.
+struct Setup {
+    names: Names,
+    _connection: Connection,
+    channel: Channel,
+    receiver: LoadedTransport,
+    inbox: String,
+}
+
+async fn set_up(test: &str, keys: &str) -> Setup {
+    let names = Names::new(test);
+    let (_connection, channel) = channel().await;
+    let receiver = names.open(keys).await;
+    let inbox = receiver.info().local_address.clone();
+    Setup { names, _connection, channel, receiver, inbox }
+}
+
 async fn channel() -> (Connection, Channel) {
     let connection = Connection::connect(URL, ConnectionProperties::default()).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
@@ -113,10 +131,8 @@ async fn refused_messages_are_kept_in_the_dead_letter_queue_with_their_reason() 
     if !broker_available("RabbitMQ", "127.0.0.1:5672") {
         return;
     }
-    let names = Names::new("refused");
-    let (_connection, channel) = channel().await;
-    let receiver = names.open("max_message_size = 1024\n").await;
-    let inbox = receiver.info().local_address.clone();
+    let Setup { names, _connection, channel, receiver, inbox } =
+        set_up("refused", "max_message_size = 1024\n").await;
 
     // Not a comms message (no message_id), one above the limit, then one that fits.
     publish(&channel, &inbox, b"anonymous", BasicProperties::default()).await;
@@ -161,10 +177,7 @@ async fn a_message_the_host_discards_is_kept_in_the_dead_letter_queue() {
 }
 
 async fn the_host_discards_a_message(keys: &str) {
-    let names = Names::new("discarded");
-    let (_connection, channel) = channel().await;
-    let receiver = names.open(keys).await;
-    let inbox = receiver.info().local_address.clone();
+    let Setup { names, _connection, channel, receiver, inbox } = set_up("discarded", keys).await;
     publish(&channel, &inbox, b"refuse me", with_id("b1")).await;
     let batch = tokio::time::timeout(Duration::from_secs(10), receiver.receive(10)).await.unwrap().unwrap();
     assert_eq!(batch.len(), 1);
@@ -197,10 +210,8 @@ async fn a_message_requeued_past_max_attempts_on_a_quorum_inbox_becomes_a_dead_l
     if !broker_available("RabbitMQ", "127.0.0.1:5672") {
         return;
     }
-    let names = Names::new("attempts");
-    let (_connection, channel) = channel().await;
-    let receiver = names.open("inbox_queue_type = \"quorum\"\nmax_attempts = 3\n").await;
-    let inbox = receiver.info().local_address.clone();
+    let Setup { names, _connection, channel, receiver, inbox } =
+        set_up("attempts", "inbox_queue_type = \"quorum\"\nmax_attempts = 3\n").await;
     let (deliveries_of_1, deliveries_of_2) =
         comms_plugin_api::testing::deliveries_of_a_message_always_requeued(
             &receiver,
