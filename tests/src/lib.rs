@@ -297,26 +297,40 @@ pub fn artifacts() -> &'static Artifacts {
     ARTIFACTS.get_or_init(|| {
         let target = target_dir();
         let (profile, _) = profile();
-        let packages = [
-            "comms-host",
-            "comms-tcp",
-            "comms-memory",
-            "comms-redis",
-            "comms-amqp",
-            "comms-sqlite",
-            "comms-udp",
-            "comms-kademlia",
-            "comms-gossip",
-            "comms-compress",
-            "comms-chunk",
-            "comms-faults-plugin",
-            "comms-fixture-panicking",
-        ];
-        let mut build = vec!["build"];
-        build.extend(packages.into_iter().flat_map(|package| ["-p", package]));
-        // The features this crate builds the host with, so that the library compiles once and
-        // the `comms` command can export spans (tests/otel_export.rs).
-        build.extend(["--features", "comms-host/otel"]);
+        // The tests' build (debug): exactly what the README's test command,
+        // `cargo nextest run --workspace`, builds before it runs a test (it runs
+        // `cargo test --workspace --no-run`), so that this finds it all up to date. Any other
+        // set of packages unifies other features (the tests crate asks comms-plugin-api for
+        // `testing`, a dev-dependency for more) and rebuilds every plugin, and the next
+        // `cargo nextest run` rebuilds them back: two minutes of a CI run, with every test that
+        // needs a plugin waiting for it.
+        //
+        // The benchmarks' build (release): only the plugins and the `comms` command, with the
+        // features the tests crate builds the host with (`otel`, so that the library compiles
+        // once), rather than every test binary in release.
+        let build: Vec<&str> = if cfg!(debug_assertions) {
+            vec!["test", "--workspace", "--no-run"]
+        } else {
+            let packages = [
+                "comms-host",
+                "comms-tcp",
+                "comms-memory",
+                "comms-redis",
+                "comms-amqp",
+                "comms-sqlite",
+                "comms-udp",
+                "comms-kademlia",
+                "comms-gossip",
+                "comms-compress",
+                "comms-chunk",
+                "comms-faults-plugin",
+                "comms-fixture-panicking",
+            ];
+            let mut build = vec!["build"];
+            build.extend(packages.into_iter().flat_map(|package| ["-p", package]));
+            build.extend(["--features", "comms-host/otel"]);
+            build
+        };
         build_once_per_run("workspace-plugins", || {
             cargo(&build, &target);
             cargo(&["build", "--manifest-path", "examples/third-party-plugin/Cargo.toml"], &target);
