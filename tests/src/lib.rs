@@ -291,51 +291,75 @@ fn library(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{}{name}{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX))
 }
 
+/// The plugins of the workspace the tests load: package, library name.
+const WORKSPACE_PLUGINS: [(&str, &str); 12] = [
+    // Only ever a cdylib, without tests: `cargo test` does not build it (see `artifacts`).
+    ("comms-faults-plugin", "comms_faults"),
+    ("comms-tcp", "comms_tcp"),
+    ("comms-memory", "comms_memory"),
+    ("comms-redis", "comms_redis"),
+    ("comms-amqp", "comms_amqp"),
+    ("comms-sqlite", "comms_sqlite"),
+    ("comms-udp", "comms_udp"),
+    ("comms-kademlia", "comms_kademlia"),
+    ("comms-gossip", "comms_gossip"),
+    ("comms-compress", "comms_compress"),
+    ("comms-chunk", "comms_chunk"),
+    ("comms-fixture-panicking", "comms_fixture_panicking"),
+];
+
+/// Puts the file `from` at `to` as cargo copies up what it built: a hard link (a copy where
+/// that fails), made beside `to` and renamed over it, so that a process that has the old file
+/// loaded keeps its mapping.
+fn link_up(from: &Path, to: &Path) {
+    let beside = to.with_extension("linking");
+    let _ = std::fs::remove_file(&beside);
+    if std::fs::hard_link(from, &beside).is_err() {
+        std::fs::copy(from, &beside).unwrap_or_else(|error| {
+            panic!("cannot copy {} to {}: {error}", from.display(), beside.display())
+        });
+    }
+    std::fs::rename(&beside, to)
+        .unwrap_or_else(|error| panic!("cannot rename {} to {}: {error}", beside.display(), to.display()));
+}
+
 /// Builds (once per process) and returns every artifact the tests need.
 pub fn artifacts() -> &'static Artifacts {
     static ARTIFACTS: OnceLock<Artifacts> = OnceLock::new();
     ARTIFACTS.get_or_init(|| {
         let target = target_dir();
         let (profile, _) = profile();
+        let plugin_dir = target.join(profile);
         // The tests' build (debug): exactly what the README's test command,
         // `cargo nextest run --workspace`, builds before it runs a test (it runs
         // `cargo test --workspace --no-run`), so that this finds it all up to date. Any other
         // set of packages unifies other features (the tests crate asks comms-plugin-api for
         // `testing`, a dev-dependency for more) and rebuilds every plugin, and the next
         // `cargo nextest run` rebuilds them back: two minutes of a CI run, with every test that
-        // needs a plugin waiting for it.
+        // needs a plugin waiting for it. That build leaves the plugins in `deps/` (cargo copies
+        // up only what was asked for by name, and the `comms` binary, which tests use): they
+        // are linked up beside the binary, where a `cargo build` would put them. It does not
+        // build the faults plugin at all (a cdylib without tests), whose own build shares
+        // nothing with it that features could change.
         //
         // The benchmarks' build (release): only the plugins and the `comms` command, with the
         // features the tests crate builds the host with (`otel`, so that the library compiles
         // once), rather than every test binary in release.
-        let build: Vec<&str> = if cfg!(debug_assertions) {
-            vec!["test", "--workspace", "--no-run"]
-        } else {
-            let packages = [
-                "comms-host",
-                "comms-tcp",
-                "comms-memory",
-                "comms-redis",
-                "comms-amqp",
-                "comms-sqlite",
-                "comms-udp",
-                "comms-kademlia",
-                "comms-gossip",
-                "comms-compress",
-                "comms-chunk",
-                "comms-faults-plugin",
-                "comms-fixture-panicking",
-            ];
-            let mut build = vec!["build"];
-            build.extend(packages.into_iter().flat_map(|package| ["-p", package]));
-            build.extend(["--features", "comms-host/otel"]);
-            build
-        };
         build_once_per_run("workspace-plugins", || {
-            cargo(&build, &target);
+            if cfg!(debug_assertions) {
+                cargo(&["test", "--workspace", "--no-run"], &target);
+                let (faults, tested) = WORKSPACE_PLUGINS.split_first().expect("plugins");
+                cargo(&["build", "-p", faults.0], &target);
+                for (_, name) in tested {
+                    link_up(&library(&plugin_dir.join("deps"), name), &library(&plugin_dir, name));
+                }
+            } else {
+                let mut build = vec!["build", "--features", "comms-host/otel", "-p", "comms-host"];
+                build.extend(WORKSPACE_PLUGINS.iter().flat_map(|(package, _)| ["-p", *package]));
+                cargo(&build, &target);
+            }
             cargo(&["build", "--manifest-path", "examples/third-party-plugin/Cargo.toml"], &target);
         });
-        let plugin_dir = target.join(profile);
         Artifacts {
             comms_bin: plugin_dir.join(format!("comms{}", std::env::consts::EXE_SUFFIX)),
             tcp_plugin: library(&plugin_dir, "comms_tcp"),
