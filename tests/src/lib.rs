@@ -312,6 +312,13 @@ const WORKSPACE_PLUGINS: [(&str, &str); 12] = [
 /// that fails), made beside `to` and renamed over it, so that a process that has the old file
 /// loaded keeps its mapping.
 fn link_up(from: &Path, to: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let identity = |path: &Path| std::fs::metadata(path).ok().map(|file| (file.dev(), file.ino()));
+    // Already linked (cargo rebuilt nothing since): renaming a link over another link to the
+    // same file does nothing at all, and would leave the new link behind.
+    if identity(to).is_some() && identity(to) == identity(from) {
+        return;
+    }
     let beside = to.with_extension("linking");
     let _ = std::fs::remove_file(&beside);
     if std::fs::hard_link(from, &beside).is_err() {
@@ -657,7 +664,32 @@ pub fn python_available(modules: &[&str]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::set_by_cargo_for_the_test;
+    use super::{link_up, scratch_dir, set_by_cargo_for_the_test};
+    use std::{io::Read, os::unix::fs::MetadataExt};
+
+    #[test]
+    fn a_plugin_linked_up_replaces_the_old_file_and_leaves_a_process_that_has_it_open_the_old_one() {
+        let dir = scratch_dir("link-up");
+        let (built, installed) = (dir.join("deps-libplugin.so"), dir.join("libplugin.so"));
+        std::fs::write(&installed, b"the old build").unwrap();
+        // As a loaded library's mapping would: an open file that must keep its content.
+        let mut open = std::fs::File::open(&installed).unwrap();
+        std::fs::write(&built, b"the new build").unwrap();
+
+        link_up(&built, &installed);
+        assert_eq!(std::fs::read(&installed).unwrap(), b"the new build");
+        let mut seen = Vec::new();
+        open.read_to_end(&mut seen).unwrap();
+        assert_eq!(seen, b"the old build", "the old file was written over, not replaced");
+        // Linked, not copied: no second copy of a library of tens of megabytes.
+        assert_eq!(std::fs::metadata(&installed).unwrap().ino(), std::fs::metadata(&built).unwrap().ino());
+        // Linking again (the next run, nothing rebuilt) leaves nothing beside it.
+        link_up(&built, &installed);
+        let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, ["deps-libplugin.so", "libplugin.so"]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn the_builds_a_test_starts_drop_the_tests_package_variables_and_keep_the_users_settings() {

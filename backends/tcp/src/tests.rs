@@ -60,14 +60,21 @@ async fn statistics_count_what_was_sent_and_received() {
     assert!(sender.send_batch(batch).await.is_empty());
     assert_eq!(receive_ids(&receiver, 300).await, (0..300).collect::<Vec<_>>(), "in order");
 
-    let sent = sender.stats();
-    assert_eq!((sent.messages_sent, sent.bytes_sent, sent.send_errors), (300, 30_000, 0));
     let counter = |stats: &comms_plugin_api::host_side::TransportCounters, name: &str| {
         stats.transport.counters.iter().find(|(n, _)| n == name).map(|(_, value)| *value)
     };
+    // The writer counts a write when the write returns, which can be after the receiver has
+    // read its bytes (seen in CI: `tcp.writes` 0 with all 300 received).
+    eventually("the writer counts its writes and its queue empties", || {
+        let stats = sender.stats();
+        stats.transport.send_queue_depth == 0
+            && counter(&stats, "tcp.writes").is_some_and(|writes| writes > 0)
+    })
+    .await;
+    let sent = sender.stats();
+    assert_eq!((sent.messages_sent, sent.bytes_sent, sent.send_errors), (300, 30_000, 0));
     let writes = counter(&sent, "tcp.writes").expect("tcp.writes");
     assert!((1..=300).contains(&writes), "{writes} writes for 300 messages");
-    eventually("the send queue empties", || sender.stats().transport.send_queue_depth == 0).await;
     assert_eq!((sent.transport.reconnects, sent.errors), (0, 0));
 
     let received = receiver.stats();
