@@ -13,7 +13,6 @@
 
 use comms_host::{Node, PluginLibrary};
 use comms_tests::{artifacts, broker_available, scratch_dir};
-use futures::StreamExt;
 use std::{
     collections::BTreeSet,
     io::{BufRead, BufReader},
@@ -27,8 +26,6 @@ use std::{
 const MESSAGES: usize = 1500;
 /// Lines the test reads from the first `comms recv` before it stops reading and kills it.
 const READ_BEFORE_KILL: usize = 40;
-/// Sends in flight while the inbox is filled.
-const SENDS_IN_FLIGHT: usize = 64;
 /// How long the second `comms recv` may take to print everything the first did not.
 const DEADLINE: Duration = Duration::from_secs(120);
 
@@ -78,17 +75,8 @@ fn fill_inbox(backend: &Backend, receiver: &str) {
             .build()
             .await
             .unwrap();
-        // Many sends in flight: one after the other, each waits for its own publisher confirm
-        // (RabbitMQ writes a persistent message to disk first: tens of milliseconds on this
-        // machine), and filling the inbox took two minutes.
-        let sends = (0..MESSAGES).map(|n| {
-            let sender = &sender;
-            async move { sender.send(receiver, &text(n)).await }
-        });
-        let results =
-            futures::stream::iter(sends).buffer_unordered(SENDS_IN_FLIGHT).collect::<Vec<_>>().await;
-        for result in results {
-            result.unwrap();
+        for n in 0..MESSAGES {
+            sender.send(receiver, &text(n)).await.unwrap();
         }
         sender.close().await.unwrap();
     });
