@@ -1,15 +1,16 @@
-//! What the AMQP transport refuses, on the RabbitMQ of this machine: a message that is not a
-//! comms message, or above `max_message_size`, is republished to the dead-letter exchange with
-//! its reason in `comms-dead-letter-reason` and kept in the dead-letter queue; one the host
-//! discards is dead-lettered by the broker into the same queue. And the exchanges a program
-//! that is not comms publishes to exist as soon as a transport started.
+//! What the AMQP transport refuses or holds back, on the RabbitMQ of this machine: a message that
+//! is not a comms message, or above `max_message_size`, is republished to the dead-letter
+//! exchange with its reason in `comms-dead-letter-reason` and kept in the dead-letter queue; one
+//! the host discards is dead-lettered by the broker into the same queue; one it requeues comes
+//! again after `requeue_delay_ms`. And the exchanges a program that is not comms publishes to
+//! exist as soon as a transport started.
 //!
 //! The foreign messages are published with lapin, as any AMQP program could.
 
 use comms_plugin_api::{
     host_side::{LoadedTransport, PluginLibrary},
     inbound::{oversized_reason, MAX_ATTEMPTS_REASON},
-    NodeId, Settlement, SettlementOutcome,
+    Destination, Envelope, Inbound, MessageId, NodeId, Payload, Settlement, SettlementOutcome,
 };
 use comms_tests::{artifacts, broker_available};
 use lapin::{
@@ -237,6 +238,82 @@ async fn a_message_requeued_past_max_attempts_on_a_quorum_inbox_becomes_a_dead_l
     let again =
         channel.basic_get(names.queue.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap();
     assert!(again.is_none(), "one dead letter, not more: {again:?}");
+    names.clean_up(&channel).await;
+}
+
+/// With `requeue_delay_ms` on a quorum inbox (which counts deliveries), a message the receiver
+/// requeues comes again after its delay, doubled at each delivery, not at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeued_message_comes_again_after_its_delay_doubled_per_delivery_on_a_quorum_inbox() {
+    if !broker_available("RabbitMQ", "127.0.0.1:5672") {
+        return;
+    }
+    let Setup { names, _connection, channel, receiver, inbox } =
+        set_up("requeue-delay", "inbox_queue_type = \"quorum\"\nrequeue_delay_ms = 300\n").await;
+    let gaps = comms_plugin_api::testing::gaps_between_deliveries(
+        &receiver,
+        (&names.node, &inbox),
+        3,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    // At once (without the delay) would be a few milliseconds.
+    assert!(gaps[0] >= Duration::from_millis(300), "after the 1st delivery: {gaps:?}");
+    assert!(gaps[1] >= Duration::from_millis(600), "after the 2nd, doubled: {gaps:?}");
+    receiver.close().await.unwrap();
+    names.clean_up(&channel).await;
+}
+
+/// Takes `count` messages from `transport`, waiting at most 10 s.
+async fn take(transport: &LoadedTransport, count: u32) -> Vec<Inbound> {
+    let mut taken = Vec::new();
+    while taken.len() < count as usize {
+        let batch = tokio::time::timeout(Duration::from_secs(10), transport.receive(count))
+            .await
+            .unwrap_or_else(|_| panic!("{} of {count} messages came within 10 s", taken.len()))
+            .unwrap();
+        taken.extend(batch);
+    }
+    taken
+}
+
+fn settlement(inbound: &Inbound, outcome: SettlementOutcome) -> Vec<Settlement> {
+    vec![Settlement { delivery_tag: inbound.delivery_tag, outcome }]
+}
+
+/// The plugin holds a requeued message unacknowledged for its delay. Accepting the message
+/// behind it meanwhile must not delete it (a batched `basic.ack` takes every earlier
+/// unacknowledged message with it), and it comes again once its delay is over, not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_message_comes_again_after_its_delay_although_a_later_one_was_accepted_meanwhile() {
+    if !broker_available("RabbitMQ", "127.0.0.1:5672") {
+        return;
+    }
+    let Setup { names, _connection, channel, receiver, inbox } =
+        set_up("held", "requeue_delay_ms = 400\n").await;
+    let node = NodeId::new(&names.node);
+    for n in [1u8, 2] {
+        let to = Destination::node(node.clone());
+        let envelope =
+            Envelope::new(MessageId::from_u128(n.into()), node.clone(), to, Payload::from(vec![n]));
+        receiver.send(&inbox, envelope).await.unwrap();
+    }
+    let taken = take(&receiver, 2).await;
+    let ids: Vec<MessageId> = taken.iter().map(|inbound| inbound.envelope.id).collect();
+    assert_eq!(ids, [MessageId::from_u128(1), MessageId::from_u128(2)]);
+    receiver.settle(settlement(&taken[0], SettlementOutcome::REJECTED_REQUEUE)).await.unwrap();
+    let requeued = Instant::now();
+    receiver.settle(settlement(&taken[1], SettlementOutcome::ACCEPTED)).await.unwrap();
+    let again = take(&receiver, 1).await;
+    let waited = requeued.elapsed();
+    assert_eq!(again[0].envelope.id, MessageId::from_u128(1), "the held message, not lost with the ack of 2");
+    assert!(waited >= Duration::from_millis(400), "not before its delay: {waited:?}");
+    receiver.settle(settlement(&again[0], SettlementOutcome::ACCEPTED)).await.unwrap();
+    receiver.close().await.unwrap();
+    // Both accepted once: nothing is left in the inbox.
+    let left = channel.basic_get(inbox.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap();
+    assert!(left.is_none(), "{left:?}");
     names.clean_up(&channel).await;
 }
 

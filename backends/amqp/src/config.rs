@@ -1,7 +1,13 @@
 //! The config tables of the transport and the discovery. Every key is optional; an unknown key
 //! is an error naming it.
 
-use comms_plugin_api::{backoff::Backoff, redact::redact_url, tls::TlsFiles, PluginError};
+use comms_plugin_api::{
+    backoff::Backoff,
+    redact::redact_url,
+    requeue_delay::{self, RequeueDelay},
+    tls::TlsFiles,
+    PluginError,
+};
 use serde::Deserialize;
 use std::{path::PathBuf, time::Duration};
 
@@ -20,6 +26,12 @@ pub const DEFAULT_DISCOVERY_EXCHANGE: &str = "comms.discovery";
 
 /// Default of [`AmqpConfig::max_attempts`] on a quorum inbox: as SQLite, Redis and PostgreSQL.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
+
+/// Largest accepted `requeue_delay_max_ms`: 15 minutes. The transport holds a requeued message
+/// unacknowledged for its delay, and RabbitMQ closes the channel of a delivery left
+/// unacknowledged for its `consumer_timeout` (30 minutes by default): half of it is left for
+/// the handler.
+pub const LARGEST_REQUEUE_DELAY_MS: u64 = 900_000;
 
 /// What kind of queue the inbox is (`x-queue-type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -74,6 +86,15 @@ pub struct AmqpConfig {
     /// letters, with the reason `delivered max_attempts times without being accepted`. Default
     /// 10. A classic queue does not count deliveries, so there it is an error.
     pub max_attempts: Option<u32>,
+    /// A message settled REJECTED_REQUEUE (the application's `nack`) comes again after this
+    /// long instead of at once: the transport holds it unacknowledged for the delay, then
+    /// hands it back (`basic.nack(requeue)`). On a quorum inbox, which counts deliveries, the
+    /// delay doubles at each delivery up to `requeue_delay_max_ms`
+    /// ([`comms_plugin_api::requeue_delay`]); a classic queue does not count them, so there
+    /// every delay is this one. 0 (default): at once.
+    pub requeue_delay_ms: u64,
+    /// Upper bound of that delay, at most [`LARGEST_REQUEUE_DELAY_MS`].
+    pub requeue_delay_max_ms: u64,
     /// Exchange that dead letters go to (a message refused for good: not a comms message,
     /// above `max_message_size`, or settled REJECTED_DISCARD), declared at start (`fanout`,
     /// durable) if missing. It is also the inbox's `x-dead-letter-exchange`, so the broker's own
@@ -115,6 +136,8 @@ impl Default for AmqpConfig {
             inbox_expires_ms: None,
             inbox_queue_type: QueueType::Classic,
             max_attempts: None,
+            requeue_delay_ms: 0,
+            requeue_delay_max_ms: requeue_delay::DEFAULT_MAX_MS,
             dead_letter_exchange: DEFAULT_DEAD_LETTER.to_string(),
             dead_letter_queue: DEFAULT_DEAD_LETTER.to_string(),
             dead_letter_queue_max_length: 100_000,
@@ -157,6 +180,16 @@ impl AmqpConfig {
             }
             positive("max_attempts", u64::from(attempts))?;
         }
+        if let Err((key, why)) = RequeueDelay::check(self.requeue_delay_ms, self.requeue_delay_max_ms) {
+            return Err(PluginError::invalid_config(format!("key `{key}`: {why}")));
+        }
+        if self.requeue_delay_max_ms > LARGEST_REQUEUE_DELAY_MS {
+            return Err(PluginError::invalid_config(format!(
+                "key `requeue_delay_max_ms`: must be at most {LARGEST_REQUEUE_DELAY_MS} (15 minutes): a requeued \
+                 message is held unacknowledged for its delay, and RabbitMQ closes the channel of a delivery \
+                 unacknowledged for its consumer_timeout (30 minutes by default)"
+            )));
+        }
         if self.topic_exchange.is_empty() {
             return Err(PluginError::invalid_config("key `topic_exchange`: must not be empty"));
         }
@@ -183,6 +216,11 @@ impl AmqpConfig {
     /// Delays between connection attempts at start.
     pub fn backoff(&self) -> Backoff {
         backoff(self.connect_attempts, self.reconnect_initial_delay_ms, self.reconnect_max_delay_ms)
+    }
+
+    /// When a requeued message comes again.
+    pub fn requeue_delay(&self) -> RequeueDelay {
+        RequeueDelay::from_millis(self.requeue_delay_ms, self.requeue_delay_max_ms)
     }
 
     /// The deliveries after which a message goes to the dead letters; `None` on a classic inbox,
@@ -344,6 +382,22 @@ mod tests {
         }
         let error = parse_config::<AmqpConfig>("inbox_queue_type = \"stream\"").unwrap_err();
         assert!(error.message.contains("stream"), "{error}");
+    }
+
+    #[test]
+    fn requeue_delay_keys_are_checked_and_held_well_within_the_consumer_timeout() {
+        assert!(AmqpConfig::default().requeue_delay().is_immediate());
+        let config: AmqpConfig = parse_config("requeue_delay_ms = 500\nrequeue_delay_max_ms = 2000").unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.requeue_delay().after(3), Duration::from_millis(2_000));
+        for (text, key) in [
+            ("requeue_delay_ms = 5000\nrequeue_delay_max_ms = 1000", "key `requeue_delay_ms`"),
+            ("requeue_delay_max_ms = 900001", "key `requeue_delay_max_ms`: must be at most 900000"),
+        ] {
+            let error = parse_config::<AmqpConfig>(text).unwrap().validate().unwrap_err();
+            assert_eq!(error.code, ErrorCode::INVALID_CONFIG);
+            assert!(error.message.contains(key), "{text}: {error}");
+        }
     }
 
     #[test]

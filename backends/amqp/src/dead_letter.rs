@@ -102,10 +102,9 @@ pub(crate) fn queue_arguments(config: &AmqpConfig, arguments: &mut FieldTable) {
 /// accepted (requeued, or unsettled when their consumer went away).
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 
-/// [`MAX_ATTEMPTS_REASON`] if `delivery` was delivered `max_attempts` times before (by its
-/// quorum queue's count) and never accepted: it goes to the dead letters instead of to the
-/// application a further time.
-pub(crate) fn past_delivery_limit(delivery: &Delivery, max_attempts: u32) -> Option<String> {
+/// How often `delivery` was delivered before and not accepted, by its quorum queue's count
+/// ([`DELIVERY_COUNT_HEADER`]); `None` where the queue does not count (a classic queue).
+pub(crate) fn earlier_deliveries(delivery: &Delivery) -> Option<u64> {
     let earlier = delivery.properties.headers().as_ref()?.inner().get(DELIVERY_COUNT_HEADER)?;
     let earlier = match earlier {
         AMQPValue::LongLongInt(n) => *n,
@@ -117,7 +116,15 @@ pub(crate) fn past_delivery_limit(delivery: &Delivery, max_attempts: u32) -> Opt
         AMQPValue::ShortShortUInt(n) => i64::from(*n),
         _ => return None,
     };
-    (earlier >= i64::from(max_attempts)).then(|| MAX_ATTEMPTS_REASON.to_string())
+    u64::try_from(earlier).ok()
+}
+
+/// [`MAX_ATTEMPTS_REASON`] if `delivery` was delivered `max_attempts` times before (by its
+/// quorum queue's count) and never accepted: it goes to the dead letters instead of to the
+/// application a further time.
+pub(crate) fn past_delivery_limit(delivery: &Delivery, max_attempts: u32) -> Option<String> {
+    let earlier = earlier_deliveries(delivery)?;
+    (earlier >= u64::from(max_attempts)).then(|| MAX_ATTEMPTS_REASON.to_string())
 }
 
 /// Where a refused delivery is taken from and sent to.

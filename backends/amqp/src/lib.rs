@@ -13,6 +13,8 @@
 //! # inbox_expires_ms = 86400000   # x-expires: delete an inbox unused this long (default: keep)
 //! inbox_queue_type = "classic"    # or "quorum" (replicated; counts deliveries for max_attempts)
 //! # max_attempts = 10             # quorum inbox only: delivered this often, never accepted -> dead letter
+//! requeue_delay_ms = 0            # a nacked message is held this long, then requeued (0: at once)
+//! requeue_delay_max_ms = 300000   # quorum inbox: doubled per delivery up to this (at most 900000)
 //! dead_letter_exchange = "comms.dead-letter"  # refused messages go here, with the reason
 //! dead_letter_queue = "comms.dead-letter"     # and are kept in this queue
 //! discovery_exchange = "comms.discovery"      # declared at start, for foreign announcements
@@ -47,7 +49,9 @@
 //!   prefetch `prefetch`; deliveries wait in a bounded buffer (2 x `prefetch`) for `receive`.
 //!   The host's settlement is the acknowledgement: ACCEPTED → `basic.ack` (a contiguous run
 //!   as one `multiple` ack), REJECTED_REQUEUE → `basic.nack(requeue)`, REJECTED_DISCARD →
-//!   `basic.reject` (the broker dead-letters it to `dead_letter_exchange`).
+//!   `basic.reject` (the broker dead-letters it to `dead_letter_exchange`). With
+//!   `requeue_delay_ms`, a requeued message is held unacknowledged for its delay first (it takes
+//!   a `prefetch` slot meanwhile; a lost connection or a close hands it back at once).
 //! - **Dead letters**: a message that is not a comms message, or above `max_message_size`, is
 //!   never delivered: a copy with the reason in header `comms-dead-letter-reason` goes to
 //!   `dead_letter_exchange` and the queue `dead_letter_queue` keeps it ([`dead_letter`]). So
@@ -118,7 +122,7 @@ mod unroutable;
 pub use comms_plugin_api::tls::TlsFiles;
 pub use config::{
     AmqpConfig, AmqpDiscoveryConfig, QueueType, DEFAULT_DEAD_LETTER, DEFAULT_DISCOVERY_EXCHANGE,
-    DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_URL,
+    DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_URL, LARGEST_REQUEUE_DELAY_MS,
 };
 pub use discovery::AmqpDiscovery;
 pub use transport::AmqpTransport;

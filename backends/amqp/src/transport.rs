@@ -424,6 +424,9 @@ async fn consume(inner: Arc<Inner>, link: Arc<Link>, source: Source, mut consume
 /// not a comms message or is too large.
 async fn inbound(inner: &Inner, link: &Link, source: Source, mut delivery: Delivery) -> Option<Inbound> {
     let tag = delivery.delivery_tag;
+    // Which delivery of the message this is, for the requeue delay: counted by a quorum inbox
+    // only (a classic queue's count is unknown, taken as the first).
+    let delivery_number = dead_letter::earlier_deliveries(&delivery).map_or(1, |earlier| earlier + 1);
     // A program that is not comms (or a node with a larger limit) can publish any size.
     let refused =
         comms_plugin_api::inbound::oversized_reason(delivery.data.len(), inner.config.max_message_size)
@@ -449,7 +452,7 @@ async fn inbound(inner: &Inner, link: &Link, source: Source, mut delivery: Deliv
             if trackers.generation != link.generation {
                 return None;
             }
-            trackers.get(source).delivered(tag);
+            trackers.get(source).delivered(tag, delivery_number);
             Some(Inbound { envelope, delivery_tag: acks::encode(link.generation, source, tag) })
         }
         Err(reason) => {
@@ -465,6 +468,33 @@ async fn inbound(inner: &Inner, link: &Link, source: Source, mut delivery: Deliv
             dead_letter::refuse(refusal, delivery, &reason).await;
             None
         }
+    }
+}
+
+/// Hands a message the host requeued back to its queue once `delay` is over
+/// (`basic.nack(requeue)`). Until then it stays unacknowledged: it takes one of the queue's
+/// `prefetch` slots, and if the connection is lost or the transport closes meanwhile, the
+/// broker requeues it at once (as any unsettled delivery), and nothing is sent here.
+async fn requeue_later(inner: Arc<Inner>, link: Arc<Link>, source: Source, tag: u64, delay: Duration) {
+    let mut shutdown = inner.shutdown.subscribe();
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = connection::closing(&mut shutdown) => return,
+    }
+    // In order with the settlements planned around it: no multiple ack can be planned between
+    // the release and the nack.
+    let _order = inner.settling.lock().await;
+    let held = {
+        let mut trackers = inner.trackers.lock().unwrap_or_else(|p| p.into_inner());
+        trackers.generation == link.generation && trackers.get(source).release(tag)
+    };
+    if !held {
+        return;
+    }
+    let options = BasicNackOptions { multiple: false, requeue: true };
+    if let Err(error) = link.channel(source).basic_nack(tag, options).await {
+        tracing::debug!(url = %inner.url, %error, "requeueing a held message failed; the broker delivers it again once the connection is replaced");
+        inner.report_failure(&link);
     }
 }
 
@@ -694,7 +724,8 @@ impl Transport for AmqpTransport {
     }
 
     /// ACCEPTED becomes `basic.ack` (one `multiple` ack for a contiguous run), REJECTED_REQUEUE
-    /// `basic.nack(requeue)`, REJECTED_DISCARD `basic.reject` (dead-lettered if configured).
+    /// `basic.nack(requeue)` (with `requeue_delay_ms`: once the delay is over, the message held
+    /// unacknowledged until then), REJECTED_DISCARD `basic.reject` (dead-lettered if configured).
     /// Settlements of a connection that has since been lost are ignored: the broker delivers
     /// those messages again.
     async fn settle(&self, settlements: Vec<Settlement>) -> Result<(), PluginError> {
@@ -715,7 +746,7 @@ impl Transport for AmqpTransport {
                     let (generation, from, tag) = acks::decode(settlement.delivery_tag);
                     (generation == link.generation && from == source).then_some((tag, settlement.outcome))
                 });
-                plans.push((source, trackers.get(source).plan(mine)));
+                plans.push((source, trackers.get(source).plan(mine, inner.config.requeue_delay())));
             }
             plans
         };
@@ -729,6 +760,10 @@ impl Transport for AmqpTransport {
                     }
                     AckAction::Requeue(tag) => {
                         channel.basic_nack(tag, BasicNackOptions { multiple: false, requeue: true }).await
+                    }
+                    AckAction::RequeueAfter { tag, delay } => {
+                        tokio::spawn(requeue_later(Arc::clone(inner), Arc::clone(&link), source, tag, delay));
+                        Ok(())
                     }
                     AckAction::Discard(tag) => {
                         channel.basic_reject(tag, BasicRejectOptions { requeue: false }).await
