@@ -1,6 +1,7 @@
-//! What the Redis transport refuses on receipt, on the Redis of this machine: entries written
-//! by another program with a payload above `max_message_size`, and entries the host discards,
-//! go to `<inbox>:dead-letter` with their reason and never reach the application.
+//! What the Redis transport refuses on receipt or holds back, on the Redis of this machine:
+//! entries written by another program with a payload above `max_message_size`, and entries the
+//! host discards, go to `<inbox>:dead-letter` with their reason and never reach the application;
+//! entries the host requeues come again after `requeue_delay_ms`, and not before.
 //!
 //! The foreign entries are written with redis-rs, as any program could.
 
@@ -191,5 +192,78 @@ async fn an_entry_requeued_past_max_attempts_becomes_a_dead_letter() {
     assert_eq!(text(fields, "field:id"), format!("{:032x}", 1));
     settled(&mut connection, &inbox).await;
     receiver.close().await.unwrap();
+    clean(&mut connection, &prefix).await;
+}
+
+/// With `requeue_delay_ms`, an entry the receiver requeues comes again after its delay, doubled
+/// at each delivery (Redis counts the deliveries of a pending entry), not at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeued_entry_comes_again_after_its_delay_doubled_per_delivery() {
+    if !broker_available("Redis", "127.0.0.1:6379") {
+        return;
+    }
+    let prefix = unique_prefix();
+    let mut connection = raw().await;
+    let config = format!("prefix = \"{prefix}\"\nrequeue_delay_ms = 300\nblock_ms = 100\n");
+    let receiver = open("receiver", &config).await;
+    let inbox = receiver.info().local_address.clone();
+    let gaps = comms_plugin_api::testing::gaps_between_deliveries(
+        &receiver,
+        ("receiver", &inbox),
+        3,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    // At once (without the delay) would be a few milliseconds.
+    assert!(gaps[0] >= Duration::from_millis(300), "after the 1st delivery: {gaps:?}");
+    assert!(gaps[1] >= Duration::from_millis(600), "after the 2nd, doubled: {gaps:?}");
+    settled(&mut connection, &inbox).await;
+    receiver.close().await.unwrap();
+    clean(&mut connection, &prefix).await;
+}
+
+/// A requeue delay longer than `claim_idle_ms`: the held entry stays pending under its consumer
+/// all that time, and no claim pass delivers it before its delay is over: neither its own
+/// consumer's nor that of another instance of the same node (which claims entries idle past
+/// `claim_idle_ms`, as those of a crashed instance are).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_held_longer_than_claim_idle_ms_is_not_claimed_before_its_delay() {
+    if !broker_available("Redis", "127.0.0.1:6379") {
+        return;
+    }
+    let prefix = unique_prefix();
+    let mut connection = raw().await;
+    let config =
+        format!("prefix = \"{prefix}\"\nrequeue_delay_ms = 2500\nclaim_idle_ms = 600\nblock_ms = 100\n");
+    let first = open("receiver", &config).await;
+    let inbox = first.info().local_address.clone();
+    let node = NodeId::new("receiver");
+    let envelope =
+        Envelope::new(MessageId::from_u128(1), node.clone(), Destination::node(node), Payload::from(vec![1]));
+    first.send(&inbox, envelope).await.unwrap();
+    let taken = tokio::time::timeout(Duration::from_secs(10), first.receive(1)).await.unwrap().unwrap();
+    let settle = |outcome| vec![Settlement { delivery_tag: taken[0].delivery_tag, outcome }];
+    first.settle(settle(SettlementOutcome::REJECTED_REQUEUE)).await.unwrap();
+    let requeued = Instant::now();
+    // Another instance of the same node: same inbox, same group, claim passes every 300 ms.
+    let second = open("receiver", &config).await;
+    let (again, holder) = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::select! {
+            again = first.receive(1) => (again.unwrap(), &first),
+            again = second.receive(1) => (again.unwrap(), &second),
+        }
+    })
+    .await
+    .expect("the requeued entry comes again");
+    let waited = requeued.elapsed();
+    assert_eq!(again[0].envelope.id, MessageId::from_u128(1));
+    assert!(waited >= Duration::from_millis(2500), "claimed before its delay: after {waited:?}");
+    let accept =
+        vec![Settlement { delivery_tag: again[0].delivery_tag, outcome: SettlementOutcome::ACCEPTED }];
+    holder.settle(accept).await.unwrap();
+    settled(&mut connection, &inbox).await;
+    first.close().await.unwrap();
+    second.close().await.unwrap();
     clean(&mut connection, &prefix).await;
 }

@@ -1,7 +1,12 @@
 //! The config tables of the Redis transport and the Redis discovery, with their defaults and
 //! validation. Unknown keys are errors naming the key.
 
-use comms_plugin_api::{backoff::Backoff, tls::TlsFiles, PluginError};
+use comms_plugin_api::{
+    backoff::Backoff,
+    requeue_delay::{self, RequeueDelay},
+    tls::TlsFiles,
+    PluginError,
+};
 use serde::Deserialize;
 use std::{path::PathBuf, time::Duration};
 
@@ -60,6 +65,14 @@ pub struct RedisTransportConfig {
     /// goes to `<inbox>:dead-letter` instead of to the host again: an entry requeued, or left
     /// unsettled by consumers that crash on it, every time.
     pub max_attempts: u32,
+    /// A message settled `REJECTED_REQUEUE` (the application's `nack`) is delivered again after
+    /// this long, doubled at each later delivery up to `requeue_delay_max_ms`
+    /// ([`comms_plugin_api::requeue_delay`]), in milliseconds; 0: at once. Meanwhile the entry
+    /// stays pending under this consumer (kept from looking idle, so no claim pass takes it
+    /// early); if the process dies, another consumer claims it after `claim_idle_ms`.
+    pub requeue_delay_ms: u64,
+    /// Upper bound of that delay, in milliseconds (at most a day).
+    pub requeue_delay_max_ms: u64,
     /// Consumers of the inbox's group (other instances of this node, usually crashed ones) that
     /// have not read for this long and have nothing pending are removed from the group
     /// (`XGROUP DELCONSUMER`), in milliseconds; 0 keeps them. Their pending entries are claimed
@@ -94,6 +107,8 @@ impl Default for RedisTransportConfig {
             confirm_sends: true,
             claim_idle_ms: DEFAULT_CLAIM_IDLE_MS,
             max_attempts: 10,
+            requeue_delay_ms: 0,
+            requeue_delay_max_ms: requeue_delay::DEFAULT_MAX_MS,
             consumer_idle_ms: 60_000,
             max_inbox_len: 1_000_000,
             connect_attempts: 5,
@@ -156,6 +171,9 @@ impl RedisTransportConfig {
         positive("send_queue", self.send_queue as u64)?;
         positive("claim_idle_ms", self.claim_idle_ms)?;
         positive("max_attempts", u64::from(self.max_attempts))?;
+        if let Err((key, why)) = RequeueDelay::check(self.requeue_delay_ms, self.requeue_delay_max_ms) {
+            return Err(PluginError::invalid_config(format!("key `{key}`: {why}")));
+        }
         // A live consumer reads at least every `block_ms`; leave it ample room.
         if self.consumer_idle_ms != 0 && self.consumer_idle_ms < 4 * self.block_ms {
             return Err(PluginError::invalid_config(format!(
@@ -172,6 +190,11 @@ impl RedisTransportConfig {
     /// The backoff of the connection attempts at start.
     pub fn connect_backoff(&self) -> Backoff {
         connect_backoff(self.connect_attempts, self.connect_backoff_ms)
+    }
+
+    /// When a requeued message is delivered again.
+    pub fn requeue_delay(&self) -> RequeueDelay {
+        RequeueDelay::from_millis(self.requeue_delay_ms, self.requeue_delay_max_ms)
     }
 
     /// The certificate files of a `rediss://` connection.
@@ -317,6 +340,9 @@ mod tests {
         assert!(error.message.contains("key `url`") && error.message.contains("#insecure"), "{error}");
         let config: RedisTransportConfig = parse_config("read_batch = 0").unwrap();
         assert!(config.validate().unwrap_err().message.contains("read_batch"));
+        let config: RedisTransportConfig =
+            parse_config("requeue_delay_ms = 5000\nrequeue_delay_max_ms = 1000").unwrap();
+        assert!(config.validate().unwrap_err().message.contains("key `requeue_delay_ms`"));
         let config: RedisDiscoveryConfig = parse_config("ttl_ms = 1000\nheartbeat_ms = 1000").unwrap();
         assert!(config.validate().unwrap_err().message.contains("heartbeat_ms"));
     }

@@ -9,6 +9,8 @@
 //! confirm_sends = true             # send returns once Redis stored the message
 //! claim_idle_ms = 5000             # redeliver what a crashed consumer took after this long
 //! max_attempts = 10                # deliveries of one entry before it goes to the dead letters
+//! requeue_delay_ms = 0             # a nacked message comes again after this, doubled per delivery (0: at once)
+//! requeue_delay_max_ms = 300000    # ... up to this
 //!
 //! [discovery]
 //! plugin = "redis"
@@ -30,7 +32,9 @@
 //!
 //! - **Delivery: at-least-once.** An entry is acknowledged (`XACK`, then `XDEL`) only when the
 //!   host settles it `ACCEPTED`, i.e. after it is in the host's queue. `REJECTED_REQUEUE`
-//!   delivers it again at once (`XCLAIM`); entries a consumer took and never settled (it
+//!   delivers it again (`XCLAIM`) at once, or with `requeue_delay_ms` after its delay (doubled
+//!   at each delivery, by Redis' count of the pending entry:
+//!   [`comms_plugin_api::requeue_delay`]); entries a consumer took and never settled (it
 //!   crashed, or the acknowledgement was lost) are claimed by a consumer of the same inbox
 //!   after `claim_idle_ms` (`XAUTOCLAIM`, every idle entry in one pass); a consumer that
 //!   closes hands its unsettled entries back so that the next one takes them at once. A
@@ -98,6 +102,7 @@ mod connect;
 mod connection;
 pub mod dead_letter;
 pub mod discovery;
+mod requeued;
 pub mod stream_entry;
 mod tls;
 pub mod topic_pattern;

@@ -5,6 +5,7 @@ use crate::{
     config::RedisTransportConfig,
     connect::{is_connection_error, RedisUrl},
     connection::Connection,
+    requeued::Requeued,
     stream_entry,
     topics::TopicSubscriber,
 };
@@ -97,8 +98,8 @@ pub(crate) struct Shared {
     consumer: String,
     commands: Connection,
     in_flight: Mutex<InFlight>,
-    /// Entries settled `REJECTED_REQUEUE`, to be claimed again by the reader.
-    requeued: Mutex<Vec<String>>,
+    /// Entries settled `REJECTED_REQUEUE`, to be claimed again by the reader once due.
+    requeued: Mutex<Requeued>,
     /// Messages the host may hold unsettled; the reader takes one per entry it delivers.
     permits: Semaphore,
     next_tag: AtomicU64,
@@ -333,7 +334,7 @@ impl Transport for RedisTransport {
 
     /// `ACCEPTED`: `XACK` and `XDEL`. `REJECTED_DISCARD`: moved to the dead-letter stream
     /// (copied, then `XACK` and `XDEL`), logged. `REJECTED_REQUEUE`: the entry stays pending and
-    /// is claimed and delivered again at once.
+    /// is claimed and delivered again at once, or once its `requeue_delay_ms` is over.
     async fn settle(&self, settlements: Vec<Settlement>) -> Result<(), PluginError> {
         let mut done = Vec::new();
         let mut requeue = Vec::new();
@@ -357,7 +358,7 @@ impl Transport for RedisTransport {
         }
         let settled = done.len() + requeue.len() + discarded.len();
         if !requeue.is_empty() {
-            lock(&self.shared.requeued).extend(requeue);
+            hold_requeued(&self.shared, requeue).await;
         }
         let mut result = if done.is_empty() { Ok(()) } else { acknowledge(&self.shared, &done).await };
         if !discarded.is_empty() {
@@ -429,7 +430,7 @@ impl Transport for RedisTransport {
             in_flight.by_entry.clear();
             in_flight.by_tag.drain().map(|(_, entry)| entry).collect()
         };
-        handed_back.extend(lock(&self.shared.requeued).drain(..));
+        handed_back.extend(lock(&self.shared.requeued).drain());
         self.receiver.lock().await.close();
         if let Err(error) = hand_back(&self.shared, &handed_back).await {
             problems.push(format!(
@@ -647,14 +648,22 @@ async fn read_loop(shared: Arc<Shared>, mut connection: Connection) {
     let mut shutdown = shared.shutdown.subscribe();
     let claim_every = Duration::from_millis((shared.config.claim_idle_ms / 2).max(50));
     let mut next_claim = Instant::now();
+    let mut next_keep = Instant::now();
     // Where an unfinished claim pass goes on: a pass claims every idle entry before the reader
     // waits `claim_every` again, however many `read_batch`es that takes.
     let mut claim_cursor: Option<String> = None;
     let mut delay = Duration::from_millis(50);
     while !shared.is_closed() {
+        // Requeued entries waiting for their delay are kept from looking idle, also while the
+        // host holds all it may.
+        if Instant::now() >= next_keep {
+            keep_held(&shared, &mut connection).await;
+            next_keep = Instant::now() + claim_every;
+        }
         // Prefetch limit: wait until the host settled something.
         let permit = tokio::select! {
             permit = shared.permits.acquire() => permit,
+            _ = tokio::time::sleep_until(next_keep) => continue,
             _ = closing(&mut shutdown) => return,
         };
         drop(permit);
@@ -682,7 +691,14 @@ async fn read_loop(shared: Arc<Shared>, mut connection: Connection) {
             let (entries, exhausted) = past_max_attempts(&shared, &mut connection, entries).await?;
             // While a claim pass is unfinished, go on with it rather than block on new entries.
             if entries.is_empty() && exhausted.is_empty() && !claiming {
-                return Ok((read_new(&shared, &mut connection, room).await?, exhausted));
+                // Blocks no longer than until the next requeued entry is due.
+                let until_due = lock(&shared.requeued)
+                    .next_due()
+                    .map(|due| due.saturating_duration_since(Instant::now()));
+                let block = until_due.map_or(shared.config.block_ms, |until| {
+                    (until.as_millis() as u64).clamp(1, shared.config.block_ms)
+                });
+                return Ok((read_new(&shared, &mut connection, room, block).await?, exhausted));
             }
             Ok::<_, redis::RedisError>((entries, exhausted))
         };
@@ -729,11 +745,7 @@ async fn claim_requeued(
     connection: &mut Connection,
     room: usize,
 ) -> Result<Vec<StreamId>, redis::RedisError> {
-    let ids: Vec<String> = {
-        let mut requeued = lock(&shared.requeued);
-        let take = requeued.len().min(room);
-        requeued.drain(..take).collect()
-    };
+    let ids = lock(&shared.requeued).take_due(Instant::now(), room);
     if ids.is_empty() {
         return Ok(Vec::new());
     }
@@ -749,7 +761,9 @@ async fn claim_requeued(
         Ok(reply) => Ok(reply.ids),
         Err(error) => {
             // Try again next time.
-            lock(&shared.requeued).extend(ids);
+            let now = Instant::now();
+            let mut requeued = lock(&shared.requeued);
+            ids.into_iter().for_each(|id| requeued.hold(id, now));
             Err(error)
         }
     }
@@ -768,27 +782,80 @@ async fn past_max_attempts(
     if entries.is_empty() {
         return Ok((entries, Vec::new()));
     }
-    let mut pipe = redis::pipe();
-    for entry in &entries {
-        pipe.cmd("XPENDING")
-            .arg(&shared.inbox)
-            .arg(&shared.config.group)
-            .arg(&entry.id)
-            .arg(&entry.id)
-            .arg(1);
-    }
-    // Each answer: the entry's (id, consumer, idle ms, deliveries), or nothing if it is no
-    // longer pending (then its count is unknown and it is delivered as it is).
-    let counts: Vec<Vec<(String, String, u64, u64)>> = pipe.query_async(connection).await?;
+    let ids: Vec<&str> = entries.iter().map(|entry| entry.id.as_str()).collect();
+    let counts = delivery_counts(shared, connection, &ids).await?;
     let limit = u64::from(shared.config.max_attempts);
     let (mut deliver, mut exhausted) = (Vec::with_capacity(entries.len()), Vec::new());
     for (entry, count) in entries.into_iter().zip(counts) {
-        match count.first() {
-            Some((_, _, _, deliveries)) if *deliveries > limit => exhausted.push(entry.id),
+        match count {
+            // No longer pending: its count is unknown, and it is delivered as it is.
+            Some(deliveries) if deliveries > limit => exhausted.push(entry.id),
             _ => deliver.push(entry),
         }
     }
     Ok((deliver, exhausted))
+}
+
+/// Redis' delivery count of each pending entry of `ids` (`None` for one no longer pending): one
+/// pipelined `XPENDING` per entry.
+async fn delivery_counts(
+    shared: &Shared,
+    connection: &mut Connection,
+    ids: &[&str],
+) -> Result<Vec<Option<u64>>, redis::RedisError> {
+    let mut pipe = redis::pipe();
+    for id in ids {
+        pipe.cmd("XPENDING").arg(&shared.inbox).arg(&shared.config.group).arg(id).arg(id).arg(1);
+    }
+    // Each answer: the entry's (id, consumer, idle ms, deliveries), or nothing.
+    let answers: Vec<Vec<(String, String, u64, u64)>> = pipe.query_async(connection).await?;
+    Ok(answers.into_iter().map(|answer| answer.first().map(|(_, _, _, deliveries)| *deliveries)).collect())
+}
+
+/// Hands requeued entries to the reader: due at once, or after their requeue delay for the
+/// delivery they are on (Redis' count; the first delay if it cannot be read).
+async fn hold_requeued(shared: &Shared, entries: Vec<String>) {
+    let delay = shared.config.requeue_delay();
+    let counts = if delay.is_immediate() {
+        Vec::new()
+    } else {
+        let ids: Vec<&str> = entries.iter().map(String::as_str).collect();
+        let mut connection = shared.commands.clone();
+        delivery_counts(shared, &mut connection, &ids).await.unwrap_or_else(|error| {
+            tracing::debug!(error = %shared.url.scrub(&error.to_string()),
+                "reading the delivery counts of requeued entries failed; they wait the first delay");
+            Vec::new()
+        })
+    };
+    let now = Instant::now();
+    let mut requeued = lock(&shared.requeued);
+    for (index, id) in entries.into_iter().enumerate() {
+        let deliveries = counts.get(index).copied().flatten().unwrap_or(1);
+        requeued.hold(id, now + delay.after(deliveries));
+    }
+}
+
+/// Keeps the requeued entries still waiting for their delay from looking idle (`XCLAIM` to
+/// this consumer with `JUSTID`, which resets their idle time and counts no delivery), so that
+/// no claim pass, this instance's or another's, delivers them before they are due.
+async fn keep_held(shared: &Shared, connection: &mut Connection) {
+    let held = lock(&shared.requeued).held(Instant::now());
+    if held.is_empty() {
+        return;
+    }
+    let touched: Result<Value, _> = redis::cmd("XCLAIM")
+        .arg(&shared.inbox)
+        .arg(&shared.config.group)
+        .arg(&shared.consumer)
+        .arg(0)
+        .arg(&held)
+        .arg("JUSTID")
+        .query_async(connection)
+        .await;
+    if let Err(error) = touched {
+        tracing::debug!(error = %shared.url.scrub(&error.to_string()),
+            "refreshing the requeued entries failed; trying again at the next claim pass");
+    }
 }
 
 /// What one call of [`claim_idle`] took, and where the pass goes on (`None`: it is finished).
@@ -827,11 +894,13 @@ async fn claim_idle(
             .query_async(connection)
             .await?;
         {
-            // Entries this consumer still has with the host are not lost, only slow.
+            // Entries this consumer still has with the host are not lost, only slow; requeued
+            // ones come again when due.
             let in_flight = lock(&shared.in_flight);
-            claimed.extend(
-                reply.claimed.into_iter().filter(|entry| !in_flight.by_entry.contains_key(&entry.id)),
-            );
+            let requeued = lock(&shared.requeued);
+            claimed.extend(reply.claimed.into_iter().filter(|entry| {
+                !in_flight.by_entry.contains_key(&entry.id) && !requeued.contains(&entry.id)
+            }));
         }
         cursor = reply.next_stream_id;
         if cursor == STREAM_START {
@@ -905,6 +974,7 @@ async fn read_new(
     shared: &Shared,
     connection: &mut Connection,
     room: usize,
+    block_ms: u64,
 ) -> Result<Vec<StreamId>, redis::RedisError> {
     let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
         .arg("GROUP")
@@ -913,7 +983,7 @@ async fn read_new(
         .arg("COUNT")
         .arg(room.max(1))
         .arg("BLOCK")
-        .arg(shared.config.block_ms)
+        .arg(block_ms)
         .arg("STREAMS")
         .arg(&shared.inbox)
         .arg(">")
