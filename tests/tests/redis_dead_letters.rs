@@ -267,3 +267,71 @@ async fn an_entry_held_longer_than_claim_idle_ms_is_not_claimed_before_its_delay
     second.close().await.unwrap();
     clean(&mut connection, &prefix).await;
 }
+
+/// An entry held for its requeue delay keeps its place in `max_unsettled` (as an AMQP message
+/// held unacknowledged keeps its prefetch slot), so the entries held at once are bounded: with
+/// `max_unsettled = 2` and both requeued, the third entry waits until the first two come again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_held_for_their_delay_count_against_max_unsettled() {
+    if !broker_available("Redis", "127.0.0.1:6379") {
+        return;
+    }
+    let prefix = unique_prefix();
+    let mut connection = raw().await;
+    let config = format!(
+        "prefix = \"{prefix}\"\nrequeue_delay_ms = 1500\nmax_unsettled = 2\nread_batch = 2\nblock_ms = 100\n"
+    );
+    let receiver = open("receiver", &config).await;
+    let inbox = receiver.info().local_address.clone();
+    let node = NodeId::new("receiver");
+    for n in 1..=3u8 {
+        let to = Destination::node(node.clone());
+        let envelope =
+            Envelope::new(MessageId::from_u128(n.into()), node.clone(), to, Payload::from(vec![n]));
+        receiver.send(&inbox, envelope).await.unwrap();
+    }
+    let mut first = Vec::new();
+    while first.len() < 2 {
+        first.extend(
+            tokio::time::timeout(Duration::from_secs(10), receiver.receive(2)).await.unwrap().unwrap(),
+        );
+    }
+    let requeue = first
+        .iter()
+        .map(|inbound| Settlement {
+            delivery_tag: inbound.delivery_tag,
+            outcome: SettlementOutcome::REJECTED_REQUEUE,
+        })
+        .collect();
+    receiver.settle(requeue).await.unwrap();
+    let requeued = Instant::now();
+    // Both permits are kept by the held entries: entry 3 is not read meanwhile.
+    let early = tokio::time::timeout(Duration::from_millis(1000), receiver.receive(2)).await;
+    assert!(early.is_err(), "delivered while two entries were held with max_unsettled = 2: {early:?}");
+    let mut ids = Vec::new();
+    while ids.len() < 3 {
+        let batch =
+            tokio::time::timeout(Duration::from_secs(10), receiver.receive(2)).await.unwrap().unwrap();
+        if ids.is_empty() {
+            assert!(
+                requeued.elapsed() >= Duration::from_millis(1500),
+                "before the delay: {:?}",
+                requeued.elapsed()
+            );
+        }
+        let accept = batch
+            .iter()
+            .map(|inbound| Settlement {
+                delivery_tag: inbound.delivery_tag,
+                outcome: SettlementOutcome::ACCEPTED,
+            })
+            .collect();
+        ids.extend(batch.iter().map(|inbound| inbound.envelope.id));
+        receiver.settle(accept).await.unwrap();
+    }
+    ids.sort();
+    assert_eq!(ids, (1..=3).map(MessageId::from_u128).collect::<Vec<_>>());
+    settled(&mut connection, &inbox).await;
+    receiver.close().await.unwrap();
+    clean(&mut connection, &prefix).await;
+}

@@ -69,7 +69,8 @@ pub struct RedisTransportConfig {
     /// this long, doubled at each later delivery up to `requeue_delay_max_ms`
     /// ([`comms_plugin_api::requeue_delay`]), in milliseconds; 0: at once. Meanwhile the entry
     /// stays pending under this consumer (kept from looking idle, so no claim pass takes it
-    /// early); if the process dies, another consumer claims it after `claim_idle_ms`.
+    /// early) and keeps its place in `max_unsettled`; if the process dies, another consumer
+    /// claims it after `claim_idle_ms`.
     pub requeue_delay_ms: u64,
     /// Upper bound of that delay, in milliseconds (at most a day).
     pub requeue_delay_max_ms: u64,

@@ -5,7 +5,7 @@ use crate::{
     config::RedisTransportConfig,
     connect::{is_connection_error, RedisUrl},
     connection::Connection,
-    requeued::Requeued,
+    requeued::{self, Requeued},
     stream_entry,
     topics::TopicSubscriber,
 };
@@ -357,6 +357,8 @@ impl Transport for RedisTransport {
             }
         }
         let settled = done.len() + requeue.len() + discarded.len();
+        // An entry held for a requeue delay keeps its permit until it is taken again.
+        let kept = if self.shared.config.requeue_delay().is_immediate() { 0 } else { requeue.len() };
         if !requeue.is_empty() {
             hold_requeued(&self.shared, requeue).await;
         }
@@ -366,7 +368,7 @@ impl Transport for RedisTransport {
             let moved = dead_letter(&self.shared, discarded).await;
             result = result.and(moved);
         }
-        self.shared.permits.add_permits(settled);
+        self.shared.permits.add_permits(settled - kept);
         result
     }
 
@@ -660,13 +662,18 @@ async fn read_loop(shared: Arc<Shared>, mut connection: Connection) {
             keep_held(&shared, &mut connection).await;
             next_keep = Instant::now() + claim_every;
         }
-        // Prefetch limit: wait until the host settled something.
-        let permit = tokio::select! {
-            permit = shared.permits.acquire() => permit,
+        // Prefetch limit: wait until the host settled something, or a requeued entry that kept
+        // its permit comes due.
+        let held_until = match shared.config.requeue_delay().is_immediate() {
+            true => None,
+            false => lock(&shared.requeued).next_due(),
+        };
+        tokio::select! {
+            permit = shared.permits.acquire() => drop(permit),
+            _ = tokio::time::sleep_until(held_until.unwrap_or(next_keep)), if held_until.is_some() => {}
             _ = tokio::time::sleep_until(next_keep) => continue,
             _ = closing(&mut shutdown) => return,
-        };
-        drop(permit);
+        }
         let room = shared.permits.available_permits().min(shared.config.read_batch);
         let read = async {
             let mut entries = claim_requeued(&shared, &mut connection, room).await?;
@@ -745,10 +752,11 @@ async fn claim_requeued(
     connection: &mut Connection,
     room: usize,
 ) -> Result<Vec<StreamId>, redis::RedisError> {
-    let ids = lock(&shared.requeued).take_due(Instant::now(), room);
-    if ids.is_empty() {
+    let taken = lock(&shared.requeued).take_due(Instant::now(), room);
+    if taken.entries.is_empty() {
         return Ok(Vec::new());
     }
+    let ids: Vec<&str> = taken.entries.iter().map(|entry| entry.id.as_str()).collect();
     let reply: Result<StreamClaimReply, _> = redis::cmd("XCLAIM")
         .arg(&shared.inbox)
         .arg(&shared.config.group)
@@ -758,12 +766,16 @@ async fn claim_requeued(
         .query_async(connection)
         .await;
     match reply {
-        Ok(reply) => Ok(reply.ids),
+        Ok(reply) => {
+            // Delivering takes them again.
+            shared.permits.add_permits(taken.permits);
+            Ok(reply.ids)
+        }
         Err(error) => {
             // Try again next time.
             let now = Instant::now();
-            let mut requeued = lock(&shared.requeued);
-            ids.into_iter().for_each(|id| requeued.hold(id, now));
+            let mut waiting = lock(&shared.requeued);
+            taken.entries.into_iter().for_each(|entry| waiting.hold(requeued::Entry { due: now, ..entry }));
             Err(error)
         }
     }
@@ -828,10 +840,11 @@ async fn hold_requeued(shared: &Shared, entries: Vec<String>) {
         })
     };
     let now = Instant::now();
-    let mut requeued = lock(&shared.requeued);
+    let mut waiting = lock(&shared.requeued);
     for (index, id) in entries.into_iter().enumerate() {
         let deliveries = counts.get(index).copied().flatten().unwrap_or(1);
-        requeued.hold(id, now + delay.after(deliveries));
+        let due = now + delay.after(deliveries);
+        waiting.hold(requeued::Entry { id, due, keeps_permit: !delay.is_immediate() });
     }
 }
 
