@@ -8,7 +8,7 @@
 use comms_plugin_api::{
     host_side::{LoadedTransport, PluginLibrary},
     inbound::oversized_reason,
-    Destination, Envelope, MessageId, NodeId, Payload, Settlement, SettlementOutcome,
+    Destination, Envelope, Inbound, MessageId, NodeId, Payload, Settlement, SettlementOutcome,
 };
 use comms_tests::{artifacts, broker_available};
 use redis::{aio::MultiplexedConnection, streams::StreamRangeReply, Value};
@@ -66,6 +66,11 @@ fn text(fields: &std::collections::HashMap<String, Value>, name: &str) -> String
     }
 }
 
+/// The same settlement for every message of `batch`.
+fn settle_all(batch: &[Inbound], outcome: SettlementOutcome) -> Vec<Settlement> {
+    batch.iter().map(|inbound| Settlement { delivery_tag: inbound.delivery_tag, outcome }).collect()
+}
+
 /// Waits for the inbox to hold no entry and nothing pending: everything settled.
 async fn settled(connection: &mut MultiplexedConnection, inbox: &str) {
     let started = Instant::now();
@@ -113,8 +118,7 @@ async fn an_oversized_entry_is_dead_lettered_with_the_shared_reason_and_never_de
     let batch = tokio::time::timeout(Duration::from_secs(10), receiver.receive(10)).await.unwrap().unwrap();
     assert_eq!(batch.len(), 1, "only the message that fits is delivered");
     assert_eq!((batch[0].envelope.id, batch[0].envelope.payload.len()), (MessageId::from_u128(0xa2), 16));
-    let accept = Settlement { delivery_tag: batch[0].delivery_tag, outcome: SettlementOutcome::ACCEPTED };
-    receiver.settle(vec![accept]).await.unwrap();
+    receiver.settle(settle_all(&batch, SettlementOutcome::ACCEPTED)).await.unwrap();
 
     let dead = dead_letters(&mut connection, &inbox, 1).await;
     let fields = &dead.ids[0].map;
@@ -148,9 +152,7 @@ async fn an_entry_the_host_discards_goes_to_the_dead_letter_stream() {
     sender.send(&inbox, envelope).await.unwrap();
     let batch = tokio::time::timeout(Duration::from_secs(10), receiver.receive(10)).await.unwrap().unwrap();
     assert_eq!(batch.len(), 1);
-    let discard =
-        Settlement { delivery_tag: batch[0].delivery_tag, outcome: SettlementOutcome::REJECTED_DISCARD };
-    receiver.settle(vec![discard]).await.unwrap();
+    receiver.settle(settle_all(&batch, SettlementOutcome::REJECTED_DISCARD)).await.unwrap();
 
     let dead = dead_letters(&mut connection, &inbox, 1).await;
     let fields = &dead.ids[0].map;
@@ -243,8 +245,7 @@ async fn an_entry_held_longer_than_claim_idle_ms_is_not_claimed_before_its_delay
         Envelope::new(MessageId::from_u128(1), node.clone(), Destination::node(node), Payload::from(vec![1]));
     first.send(&inbox, envelope).await.unwrap();
     let taken = tokio::time::timeout(Duration::from_secs(10), first.receive(1)).await.unwrap().unwrap();
-    let settle = |outcome| vec![Settlement { delivery_tag: taken[0].delivery_tag, outcome }];
-    first.settle(settle(SettlementOutcome::REJECTED_REQUEUE)).await.unwrap();
+    first.settle(settle_all(&taken, SettlementOutcome::REJECTED_REQUEUE)).await.unwrap();
     let requeued = Instant::now();
     // Another instance of the same node: same inbox, same group, claim passes every 300 ms.
     let second = open("receiver", &config).await;
@@ -259,9 +260,7 @@ async fn an_entry_held_longer_than_claim_idle_ms_is_not_claimed_before_its_delay
     let waited = requeued.elapsed();
     assert_eq!(again[0].envelope.id, MessageId::from_u128(1));
     assert!(waited >= Duration::from_millis(2500), "claimed before its delay: after {waited:?}");
-    let accept =
-        vec![Settlement { delivery_tag: again[0].delivery_tag, outcome: SettlementOutcome::ACCEPTED }];
-    holder.settle(accept).await.unwrap();
+    holder.settle(settle_all(&again, SettlementOutcome::ACCEPTED)).await.unwrap();
     settled(&mut connection, &inbox).await;
     first.close().await.unwrap();
     second.close().await.unwrap();
@@ -296,14 +295,7 @@ async fn entries_held_for_their_delay_count_against_max_unsettled() {
             tokio::time::timeout(Duration::from_secs(10), receiver.receive(2)).await.unwrap().unwrap(),
         );
     }
-    let requeue = first
-        .iter()
-        .map(|inbound| Settlement {
-            delivery_tag: inbound.delivery_tag,
-            outcome: SettlementOutcome::REJECTED_REQUEUE,
-        })
-        .collect();
-    receiver.settle(requeue).await.unwrap();
+    receiver.settle(settle_all(&first, SettlementOutcome::REJECTED_REQUEUE)).await.unwrap();
     let requeued = Instant::now();
     // Both permits are kept by the held entries: entry 3 is not read meanwhile.
     let early = tokio::time::timeout(Duration::from_millis(1000), receiver.receive(2)).await;
@@ -319,15 +311,8 @@ async fn entries_held_for_their_delay_count_against_max_unsettled() {
                 requeued.elapsed()
             );
         }
-        let accept = batch
-            .iter()
-            .map(|inbound| Settlement {
-                delivery_tag: inbound.delivery_tag,
-                outcome: SettlementOutcome::ACCEPTED,
-            })
-            .collect();
         ids.extend(batch.iter().map(|inbound| inbound.envelope.id));
-        receiver.settle(accept).await.unwrap();
+        receiver.settle(settle_all(&batch, SettlementOutcome::ACCEPTED)).await.unwrap();
     }
     ids.sort();
     assert_eq!(ids, (1..=3).map(MessageId::from_u128).collect::<Vec<_>>());
