@@ -506,17 +506,20 @@ async fn acknowledge(shared: &Shared, entries: &[String]) -> Result<(), PluginEr
         })
 }
 
+/// `XCLAIM` of the inbox entries `ids` to this consumer, whatever their idle time; the caller
+/// adds the options (`IDLE`, `JUSTID`).
+fn claim_to_self<T: redis::ToRedisArgs>(shared: &Shared, ids: T) -> redis::Cmd {
+    let mut command = redis::cmd("XCLAIM");
+    command.arg(&shared.inbox).arg(&shared.config.group).arg(&shared.consumer).arg(0).arg(ids);
+    command
+}
+
 /// Makes `entries` claimable by the next consumer at once (`XCLAIM ... IDLE`), and removes this
 /// consumer from the group when it holds nothing.
 async fn hand_back(shared: &Shared, entries: &[String]) -> Result<(), PluginError> {
     let mut connection = shared.commands.clone();
     if !entries.is_empty() {
-        let result: Result<Value, _> = redis::cmd("XCLAIM")
-            .arg(&shared.inbox)
-            .arg(&shared.config.group)
-            .arg(&shared.consumer)
-            .arg(0)
-            .arg(entries)
+        let result: Result<Value, _> = claim_to_self(shared, entries)
             .arg("IDLE")
             .arg(HANDED_BACK_IDLE_MS)
             .arg("JUSTID")
@@ -757,14 +760,7 @@ async fn claim_requeued(
         return Ok(Vec::new());
     }
     let ids: Vec<&str> = taken.entries.iter().map(|entry| entry.id.as_str()).collect();
-    let reply: Result<StreamClaimReply, _> = redis::cmd("XCLAIM")
-        .arg(&shared.inbox)
-        .arg(&shared.config.group)
-        .arg(&shared.consumer)
-        .arg(0)
-        .arg(&ids)
-        .query_async(connection)
-        .await;
+    let reply: Result<StreamClaimReply, _> = claim_to_self(shared, &ids).query_async(connection).await;
     match reply {
         Ok(reply) => {
             // Delivering takes them again.
@@ -856,15 +852,7 @@ async fn keep_held(shared: &Shared, connection: &mut Connection) {
     if held.is_empty() {
         return;
     }
-    let touched: Result<Value, _> = redis::cmd("XCLAIM")
-        .arg(&shared.inbox)
-        .arg(&shared.config.group)
-        .arg(&shared.consumer)
-        .arg(0)
-        .arg(&held)
-        .arg("JUSTID")
-        .query_async(connection)
-        .await;
+    let touched: Result<Value, _> = claim_to_self(shared, &held).arg("JUSTID").query_async(connection).await;
     if let Err(error) = touched {
         tracing::debug!(error = %shared.url.scrub(&error.to_string()),
             "refreshing the requeued entries failed; trying again at the next claim pass");
