@@ -203,16 +203,23 @@ async fn the_host_discards_a_message(keys: &str) {
     names.clean_up(&channel).await;
 }
 
-/// A quorum inbox counts each message's deliveries: one requeued every time comes
-/// `max_attempts` times, then it is in the dead-letter queue with the shared reason, and the
-/// message behind it is not held up.
+/// A message requeued every time comes `max_attempts` times, then it is in the dead-letter queue
+/// with the shared reason, and the message behind it is not held up: on a quorum inbox, whose
+/// broker counts deliveries, and on a classic one, where the transport counts the redeliveries
+/// it gets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_requeued_past_max_attempts_on_a_quorum_inbox_becomes_a_dead_letter() {
+async fn a_message_requeued_past_max_attempts_becomes_a_dead_letter() {
     if !broker_available("RabbitMQ", "127.0.0.1:5672") {
         return;
     }
-    let Setup { names, _connection, channel, receiver, inbox } =
-        set_up("attempts", "inbox_queue_type = \"quorum\"\nmax_attempts = 3\n").await;
+    for queue_type in ["quorum", "classic"] {
+        eprintln!("{queue_type} inbox");
+        requeued_past_max_attempts(&format!("inbox_queue_type = \"{queue_type}\"\nmax_attempts = 3\n")).await;
+    }
+}
+
+async fn requeued_past_max_attempts(keys: &str) {
+    let Setup { names, _connection, channel, receiver, inbox } = set_up("attempts", keys).await;
     let (deliveries_of_1, deliveries_of_2) =
         comms_plugin_api::testing::deliveries_of_a_message_always_requeued(
             &receiver,
@@ -241,28 +248,32 @@ async fn a_message_requeued_past_max_attempts_on_a_quorum_inbox_becomes_a_dead_l
     names.clean_up(&channel).await;
 }
 
-/// With `requeue_delay_ms` on a quorum inbox (which counts deliveries), a message the receiver
-/// requeues comes again after its delay, doubled at each delivery, not at once.
+/// With `requeue_delay_ms`, a message the receiver requeues comes again after its delay,
+/// doubled at each delivery, not at once: counted by the broker on a quorum inbox, by the
+/// transport on a classic one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_requeued_message_comes_again_after_its_delay_doubled_per_delivery_on_a_quorum_inbox() {
+async fn a_requeued_message_comes_again_after_its_delay_doubled_per_delivery() {
     if !broker_available("RabbitMQ", "127.0.0.1:5672") {
         return;
     }
-    let Setup { names, _connection, channel, receiver, inbox } =
-        set_up("requeue-delay", "inbox_queue_type = \"quorum\"\nrequeue_delay_ms = 300\n").await;
-    let gaps = comms_plugin_api::testing::gaps_between_deliveries(
-        &receiver,
-        (&names.node, &inbox),
-        3,
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
-    // At once (without the delay) would be a few milliseconds.
-    assert!(gaps[0] >= Duration::from_millis(300), "after the 1st delivery: {gaps:?}");
-    assert!(gaps[1] >= Duration::from_millis(600), "after the 2nd, doubled: {gaps:?}");
-    receiver.close().await.unwrap();
-    names.clean_up(&channel).await;
+    for queue_type in ["quorum", "classic"] {
+        eprintln!("{queue_type} inbox");
+        let keys = format!("inbox_queue_type = \"{queue_type}\"\nrequeue_delay_ms = 300\n");
+        let Setup { names, _connection, channel, receiver, inbox } = set_up("requeue-delay", &keys).await;
+        let gaps = comms_plugin_api::testing::gaps_between_deliveries(
+            &receiver,
+            (&names.node, &inbox),
+            3,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        // At once (without the delay) would be a few milliseconds.
+        assert!(gaps[0] >= Duration::from_millis(300), "{queue_type}, after the 1st delivery: {gaps:?}");
+        assert!(gaps[1] >= Duration::from_millis(600), "{queue_type}, after the 2nd, doubled: {gaps:?}");
+        receiver.close().await.unwrap();
+        names.clean_up(&channel).await;
+    }
 }
 
 /// Takes `count` messages from `transport`, waiting at most 10 s.

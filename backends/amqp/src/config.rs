@@ -24,7 +24,7 @@ pub const DEFAULT_DEAD_LETTER: &str = "comms.dead-letter";
 /// Default of [`AmqpConfig::discovery_exchange`] and [`AmqpDiscoveryConfig::exchange`].
 pub const DEFAULT_DISCOVERY_EXCHANGE: &str = "comms.discovery";
 
-/// Default of [`AmqpConfig::max_attempts`] on a quorum inbox: as SQLite, Redis and PostgreSQL.
+/// Default of [`AmqpConfig::max_attempts`]: as SQLite, Redis, PostgreSQL and NATS.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
 
 /// Largest accepted `requeue_delay_max_ms`: 15 minutes. The transport holds a requeued message
@@ -37,12 +37,14 @@ pub const LARGEST_REQUEUE_DELAY_MS: u64 = 900_000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueType {
-    /// RabbitMQ's classic queue: one copy on one broker node; it does not count a message's
-    /// deliveries, so a message requeued every time comes back for ever.
+    /// RabbitMQ's classic queue: one copy on one broker node. It does not count a message's
+    /// deliveries, only marks them redelivered: the transport counts those it gets itself, in
+    /// memory ([`crate::redeliveries`]).
     #[default]
     Classic,
     /// A quorum queue (RabbitMQ 3.8 and later): replicated (Raft), and it counts each message's
-    /// deliveries (header `x-delivery-count`), which `max_attempts` reads.
+    /// deliveries (header `x-delivery-count`), which `max_attempts` reads: across restarts and
+    /// across every consumer of the inbox.
     Quorum,
 }
 
@@ -81,17 +83,17 @@ pub struct AmqpConfig {
     /// sharing an inbox must use the same value, and an existing inbox keeps its kind (changing
     /// it means deleting the queue).
     pub inbox_queue_type: QueueType,
-    /// With `inbox_queue_type = "quorum"`: a message delivered this many times and never
-    /// accepted (requeued each time, or left by consumers that crashed on it) goes to the dead
-    /// letters, with the reason `delivered max_attempts times without being accepted`. Default
-    /// 10. A classic queue does not count deliveries, so there it is an error.
+    /// A message delivered this many times and never accepted (requeued each time, or left by
+    /// consumers that crashed on it) goes to the dead letters, with the reason `delivered
+    /// max_attempts times without being accepted`. Default 10. A quorum inbox counts the
+    /// deliveries; on a classic inbox, which does not, each process counts the redeliveries it
+    /// gets (see [`crate::redeliveries`] for what that count misses).
     pub max_attempts: Option<u32>,
     /// A message settled REJECTED_REQUEUE (the application's `nack`) comes again after this
     /// long instead of at once: the transport holds it unacknowledged for the delay, then
-    /// hands it back (`basic.nack(requeue)`). On a quorum inbox, which counts deliveries, the
-    /// delay doubles at each delivery up to `requeue_delay_max_ms`
-    /// ([`comms_plugin_api::requeue_delay`]); a classic queue does not count them, so there
-    /// every delay is this one. 0 (default): at once.
+    /// hands it back (`basic.nack(requeue)`). The delay doubles at each delivery (counted as
+    /// for `max_attempts`) up to `requeue_delay_max_ms` ([`comms_plugin_api::requeue_delay`]).
+    /// 0 (default): at once.
     pub requeue_delay_ms: u64,
     /// Upper bound of that delay, at most [`LARGEST_REQUEUE_DELAY_MS`].
     pub requeue_delay_max_ms: u64,
@@ -172,12 +174,6 @@ impl AmqpConfig {
             return Err(PluginError::invalid_config("key `inbox_expires_ms`: must be greater than 0"));
         }
         if let Some(attempts) = self.max_attempts {
-            if self.inbox_queue_type == QueueType::Classic {
-                return Err(PluginError::invalid_config(
-                    "key `max_attempts`: needs `inbox_queue_type = \"quorum\"` (a classic queue does not count \
-                     a message's deliveries)",
-                ));
-            }
             positive("max_attempts", u64::from(attempts))?;
         }
         if let Err((key, why)) = RequeueDelay::check(self.requeue_delay_ms, self.requeue_delay_max_ms) {
@@ -223,13 +219,9 @@ impl AmqpConfig {
         RequeueDelay::from_millis(self.requeue_delay_ms, self.requeue_delay_max_ms)
     }
 
-    /// The deliveries after which a message goes to the dead letters; `None` on a classic inbox,
-    /// which cannot count them.
-    pub fn delivery_limit(&self) -> Option<u32> {
-        match self.inbox_queue_type {
-            QueueType::Classic => None,
-            QueueType::Quorum => Some(self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS)),
-        }
+    /// The deliveries after which a message goes to the dead letters.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS)
     }
 }
 
@@ -366,20 +358,18 @@ mod tests {
     }
 
     #[test]
-    fn max_attempts_needs_a_quorum_inbox_and_defaults_to_ten_there() {
-        assert_eq!(AmqpConfig::default().delivery_limit(), None);
-        let quorum: AmqpConfig = parse_config("inbox_queue_type = \"quorum\"").unwrap();
-        quorum.validate().unwrap();
-        assert_eq!(quorum.delivery_limit(), Some(DEFAULT_MAX_ATTEMPTS));
-        let three: AmqpConfig = parse_config("inbox_queue_type = \"quorum\"\nmax_attempts = 3").unwrap();
-        assert_eq!(three.delivery_limit(), Some(3));
-        for (text, key) in [
-            ("max_attempts = 3", "key `max_attempts`: needs `inbox_queue_type = \"quorum\"`"),
-            ("inbox_queue_type = \"quorum\"\nmax_attempts = 0", "key `max_attempts`: must be greater than 0"),
-        ] {
-            let error = parse_config::<AmqpConfig>(text).unwrap().validate().unwrap_err();
-            assert!(error.message.contains(key), "{text}: {error}");
+    fn max_attempts_defaults_to_ten_on_either_kind_of_inbox_and_must_be_positive() {
+        assert_eq!(AmqpConfig::default().max_attempts(), DEFAULT_MAX_ATTEMPTS);
+        for text in ["inbox_queue_type = \"quorum\"", "inbox_queue_type = \"classic\""] {
+            let config: AmqpConfig = parse_config(text).unwrap();
+            config.validate().unwrap();
+            assert_eq!(config.max_attempts(), DEFAULT_MAX_ATTEMPTS, "{text}");
         }
+        let three: AmqpConfig = parse_config("max_attempts = 3").unwrap();
+        three.validate().unwrap();
+        assert_eq!(three.max_attempts(), 3);
+        let error = parse_config::<AmqpConfig>("max_attempts = 0").unwrap().validate().unwrap_err();
+        assert!(error.message.contains("key `max_attempts`: must be greater than 0"), "{error}");
         let error = parse_config::<AmqpConfig>("inbox_queue_type = \"stream\"").unwrap_err();
         assert!(error.message.contains("stream"), "{error}");
     }

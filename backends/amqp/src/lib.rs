@@ -11,10 +11,10 @@
 //! prefetch = 256                  # unacknowledged messages pushed ahead per queue (basic.qos)
 //! max_message_size = 16777216     # largest payload sent and received, bytes
 //! # inbox_expires_ms = 86400000   # x-expires: delete an inbox unused this long (default: keep)
-//! inbox_queue_type = "classic"    # or "quorum" (replicated; counts deliveries for max_attempts)
-//! # max_attempts = 10             # quorum inbox only: delivered this often, never accepted -> dead letter
+//! inbox_queue_type = "classic"    # or "quorum" (replicated; the broker counts deliveries)
+//! max_attempts = 10               # delivered this often, never accepted -> dead letter
 //! requeue_delay_ms = 0            # a nacked message is held this long, then requeued (0: at once)
-//! requeue_delay_max_ms = 300000   # quorum inbox: doubled per delivery up to this (at most 900000)
+//! requeue_delay_max_ms = 300000   # doubled per delivery up to this (at most 900000)
 //! dead_letter_exchange = "comms.dead-letter"  # refused messages go here, with the reason
 //! dead_letter_queue = "comms.dead-letter"     # and are kept in this queue
 //! discovery_exchange = "comms.discovery"      # declared at start, for foreign announcements
@@ -55,8 +55,9 @@
 //! - **Dead letters**: a message that is not a comms message, or above `max_message_size`, is
 //!   never delivered: a copy with the reason in header `comms-dead-letter-reason` goes to
 //!   `dead_letter_exchange` and the queue `dead_letter_queue` keeps it ([`dead_letter`]). So
-//!   is a message delivered `max_attempts` times and never accepted, on a quorum inbox
-//!   (`inbox_queue_type = "quorum"`), which counts deliveries; a classic one cannot.
+//!   is a message delivered `max_attempts` times and never accepted: a quorum inbox
+//!   (`inbox_queue_type = "quorum"`) counts deliveries in the broker; for a classic one the
+//!   transport counts the redeliveries it gets ([`redeliveries`], with what that misses).
 //! - The broker-side format (properties and headers) is in [`format`](mod@format) and `docs/amqp.md`.
 //!
 //! ## Guarantees and limits
@@ -102,7 +103,7 @@
 //! | no inbox queue at the address (node never started) | [`ErrorCode::UNREACHABLE`], retryable; logged once per address |
 //! | payload above `max_message_size` | [`ErrorCode::TOO_LARGE`] |
 //! | no connection within `send_timeout_ms` | [`ErrorCode::UNREACHABLE`] / [`ErrorCode::TIMEOUT`], retryable |
-//! | `max_attempts` with a classic inbox | [`ErrorCode::INVALID_CONFIG`] naming the key |
+//! | `max_attempts = 0` | [`ErrorCode::INVALID_CONFIG`] naming the key |
 //! | inbox exists with other `x-expires` / queue type / dead-letter arguments, or a dead-letter exchange / queue declared otherwise | [`ErrorCode::INVALID_CONFIG`] |
 //! | operations after `close` | [`ErrorCode::CLOSED`] |
 
@@ -114,6 +115,7 @@ pub mod connection;
 pub mod dead_letter;
 pub mod discovery;
 pub mod format;
+pub mod redeliveries;
 mod tls;
 pub mod topics;
 mod transport;

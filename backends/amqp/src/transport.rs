@@ -4,7 +4,9 @@
 use crate::{
     acks::{self, AckAction, AckTracker, Source},
     config::{AmqpConfig, QueueType},
-    connection, dead_letter, format, topics,
+    connection, dead_letter, format,
+    redeliveries::Redeliveries,
+    topics,
     unroutable::{self, UnroutableLog},
 };
 use comms_plugin_api::{
@@ -111,6 +113,9 @@ struct Inner {
     /// comms patterns subscribed to; bound again after a reconnect.
     patterns: Mutex<BTreeSet<String>>,
     trackers: Mutex<Trackers>,
+    /// A classic inbox's redeliveries, counted by this process (a quorum inbox counts them
+    /// itself).
+    redeliveries: Mutex<Redeliveries>,
     /// Keeps the order of settlements on the wire the order they were planned in.
     settling: tokio::sync::Mutex<()>,
     /// Sends hold it shared; `close` takes it exclusively to wait for them.
@@ -156,6 +161,7 @@ impl AmqpTransport {
             shutdown: watch::channel(false).0,
             incidents: IncidentCounters::default(),
             unroutable: UnroutableLog::default(),
+            redeliveries: Mutex::default(),
             config,
         });
         comms_plugin_api::demote_to_debug(unroutable::LAPIN_RETURNS_TARGET);
@@ -424,14 +430,17 @@ async fn consume(inner: Arc<Inner>, link: Arc<Link>, source: Source, mut consume
 /// not a comms message or is too large.
 async fn inbound(inner: &Inner, link: &Link, source: Source, mut delivery: Delivery) -> Option<Inbound> {
     let tag = delivery.delivery_tag;
-    // Which delivery of the message this is, for the requeue delay: counted by a quorum inbox
-    // only (a classic queue's count is unknown, taken as the first).
-    let delivery_number = dead_letter::earlier_deliveries(&delivery).map_or(1, |earlier| earlier + 1);
+    let earlier = earlier_deliveries(inner, source, &delivery);
+    // Which delivery of the message this is, for the requeue delay (a topic queue's count is
+    // unknown: taken as the first).
+    let delivery_number = earlier.map_or(1, |earlier| earlier + 1);
     // A program that is not comms (or a node with a larger limit) can publish any size.
     let refused =
         comms_plugin_api::inbound::oversized_reason(delivery.data.len(), inner.config.max_message_size)
-            .or_else(|| match (source, inner.config.delivery_limit()) {
-                (Source::Inbox, Some(limit)) => dead_letter::past_delivery_limit(&delivery, limit),
+            .or_else(|| match (source, earlier) {
+                (Source::Inbox, Some(earlier)) => {
+                    dead_letter::past_delivery_limit(earlier, inner.config.max_attempts())
+                }
                 _ => None,
             });
     let parsed = match refused {
@@ -465,10 +474,34 @@ async fn inbound(inner: &Inner, link: &Link, source: Source, mut delivery: Deliv
                 },
                 exchange: &inner.config.dead_letter_exchange,
             };
+            if source == Source::Inbox {
+                // Settled for good: its count, if this process keeps one, is of no use any more.
+                if let Some(id) = message_id(&delivery) {
+                    inner.redeliveries().forget(id);
+                }
+            }
             dead_letter::refuse(refusal, delivery, &reason).await;
             None
         }
     }
+}
+
+/// How often `delivery`'s message was delivered before and not accepted: counted by the broker
+/// on a quorum inbox, by this process on a classic one ([`Redeliveries`]); `None` where nothing
+/// counts (a topic queue, or a message without a readable id, which is refused anyway).
+fn earlier_deliveries(inner: &Inner, source: Source, delivery: &Delivery) -> Option<u64> {
+    match (source, inner.config.inbox_queue_type) {
+        // A first delivery: nothing to count (and no lock taken on the common path).
+        (Source::Inbox, QueueType::Classic) if !delivery.redelivered => Some(0),
+        (Source::Inbox, QueueType::Classic) => Some(inner.redeliveries().redelivered(message_id(delivery)?)),
+        _ => dead_letter::earlier_deliveries(delivery),
+    }
+}
+
+/// The id of `delivery`'s message, if it has a readable one.
+fn message_id(delivery: &Delivery) -> Option<u128> {
+    let id = delivery.properties.message_id().as_ref()?;
+    Some(format::parse_message_id(id.as_str())?.as_u128())
 }
 
 /// Hands a message the host requeued back to its queue once `delay` is over
@@ -562,6 +595,11 @@ fn reconnect_delay(config: &AmqpConfig, attempt: u32) -> Duration {
 }
 
 impl Inner {
+    /// The classic inbox's count of redeliveries.
+    fn redeliveries(&self) -> std::sync::MutexGuard<'_, Redeliveries> {
+        self.redeliveries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn closed_error(&self) -> PluginError {
         PluginError::closed(&format!("AMQP transport `{}`", self.inbox_queue))
     }
