@@ -482,6 +482,12 @@ pub fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
+/// The transport's own counter `name` in its `stats()` (0 when it has none).
+pub fn counter(transport: &comms_plugin_api::host_side::LoadedTransport, name: &str) -> u64 {
+    let stats = transport.stats().transport;
+    stats.counters.iter().find(|(counter, _)| counter == name).map_or(0, |(_, value)| *value)
+}
+
 /// Whether the broker at `address` (`host:port`) answers a TCP connection. In CI (`CI=true`) an
 /// unreachable broker is a failure, never a silent skip; elsewhere the caller skips the test and
 /// this prints why.

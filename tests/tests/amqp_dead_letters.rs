@@ -12,7 +12,7 @@ use comms_plugin_api::{
     inbound::{oversized_reason, MAX_ATTEMPTS_REASON},
     Destination, Envelope, Inbound, MessageId, NodeId, Payload, Settlement, SettlementOutcome,
 };
-use comms_tests::{artifacts, broker_available};
+use comms_tests::{artifacts, broker_available, counter};
 use lapin::{
     message::BasicGetMessage,
     options::{
@@ -316,11 +316,14 @@ async fn a_held_message_comes_again_after_its_delay_although_a_later_one_was_acc
     receiver.settle(settlement(&taken[0], SettlementOutcome::REJECTED_REQUEUE)).await.unwrap();
     let requeued = Instant::now();
     receiver.settle(settlement(&taken[1], SettlementOutcome::ACCEPTED)).await.unwrap();
+    // Held: counted apart, and still unsettled.
+    assert_eq!((counter(&receiver, "amqp.held"), counter(&receiver, "amqp.unsettled")), (1, 1));
     let again = take(&receiver, 1).await;
     let waited = requeued.elapsed();
     assert_eq!(again[0].envelope.id, MessageId::from_u128(1), "the held message, not lost with the ack of 2");
     assert!(waited >= Duration::from_millis(400), "not before its delay: {waited:?}");
     receiver.settle(settlement(&again[0], SettlementOutcome::ACCEPTED)).await.unwrap();
+    assert_eq!((counter(&receiver, "amqp.held"), counter(&receiver, "amqp.unsettled")), (0, 0));
     receiver.close().await.unwrap();
     // Both accepted once: nothing is left in the inbox.
     let left = channel.basic_get(inbox.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap();

@@ -12,7 +12,7 @@ use comms_plugin_api::{
     host_side::{LoadedTransport, PluginLibrary},
     Destination, Envelope, MessageId, NodeId, Settlement, SettlementOutcome,
 };
-use comms_tests::{artifacts, free_address, scratch_dir, write_config};
+use comms_tests::{artifacts, counter, free_address, scratch_dir, write_config};
 use std::{
     path::Path,
     sync::Arc,
@@ -82,11 +82,6 @@ fn assert_identical(received: &[u8], len: usize) {
         stamp(expected, index * MIB);
         assert!(block == expected, "block {index} (bytes from {}) differs", index * MIB);
     }
-}
-
-fn counter(transport: &LoadedTransport, name: &str) -> u64 {
-    let stats = transport.stats().transport;
-    stats.counters.iter().find(|(counter, _)| counter == name).map_or(0, |(_, value)| *value)
 }
 
 /// Sends one message of `len` bytes from `sender` to `receiver` and checks what arrives.

@@ -6,7 +6,7 @@ use comms_plugin_api::{
     host_side::{LoadedTransport, PluginLibrary},
     Destination, Envelope, MessageId, NodeId,
 };
-use comms_tests::{artifacts, capture_logs};
+use comms_tests::{artifacts, capture_logs, counter};
 use std::{path::Path, time::Duration};
 
 fn library(path: &Path) -> PluginLibrary {
@@ -32,11 +32,6 @@ async fn receive_one(transport: &LoadedTransport) -> Envelope {
         tokio::time::timeout(Duration::from_secs(30), transport.receive(1)).await.unwrap().unwrap();
     assert_eq!(batch.len(), 1);
     batch.remove(0).envelope
-}
-
-fn counter(transport: &LoadedTransport, name: &str) -> u64 {
-    let stats = transport.stats().transport;
-    stats.counters.iter().find(|(counter, _)| counter == name).map_or(0, |(_, value)| *value)
 }
 
 /// Peak resident memory of this process, in bytes.

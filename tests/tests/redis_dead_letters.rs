@@ -10,7 +10,7 @@ use comms_plugin_api::{
     inbound::oversized_reason,
     Destination, Envelope, Inbound, MessageId, NodeId, Payload, Settlement, SettlementOutcome,
 };
-use comms_tests::{artifacts, broker_available};
+use comms_tests::{artifacts, broker_available, counter};
 use redis::{aio::MultiplexedConnection, streams::StreamRangeReply, Value};
 use std::time::{Duration, Instant};
 
@@ -297,6 +297,9 @@ async fn entries_held_for_their_delay_count_against_max_unsettled() {
     }
     receiver.settle(settle_all(&first, SettlementOutcome::REJECTED_REQUEUE)).await.unwrap();
     let requeued = Instant::now();
+    // Counted apart, and still unsettled (they keep their permits).
+    assert_eq!(counter(&receiver, "redis.held"), 2);
+    assert_eq!(counter(&receiver, "redis.unsettled"), 2);
     // Both permits are kept by the held entries: entry 3 is not read meanwhile.
     let early = tokio::time::timeout(Duration::from_millis(1000), receiver.receive(2)).await;
     assert!(early.is_err(), "delivered while two entries were held with max_unsettled = 2: {early:?}");
@@ -316,6 +319,7 @@ async fn entries_held_for_their_delay_count_against_max_unsettled() {
     }
     ids.sort();
     assert_eq!(ids, (1..=3).map(MessageId::from_u128).collect::<Vec<_>>());
+    assert_eq!((counter(&receiver, "redis.held"), counter(&receiver, "redis.unsettled")), (0, 0));
     settled(&mut connection, &inbox).await;
     receiver.close().await.unwrap();
     clean(&mut connection, &prefix).await;

@@ -4,7 +4,7 @@
 
 use comms_host::{Node, PluginLibrary};
 use comms_plugin_api::{host_side::LoadedTransport, Destination, Envelope, MessageId, NodeId};
-use comms_tests::artifacts;
+use comms_tests::{artifacts, counter};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::time::Duration;
 use tokio::{
@@ -171,12 +171,6 @@ const LIMIT: Duration = Duration::from_secs(20);
 async fn tcp_transport(node: &str, config: &str) -> LoadedTransport {
     let tcp = PluginLibrary::load(&artifacts().tcp_plugin).unwrap();
     tcp.new_transport(&NodeId::new(node), "tcp", config).await.unwrap()
-}
-
-/// The transport's own counter `name` (0 when it has none).
-fn counter(transport: &LoadedTransport, name: &str) -> u64 {
-    let stats = transport.stats().transport;
-    stats.counters.iter().find(|(counter, _)| counter == name).map_or(0, |(_, value)| *value)
 }
 
 /// Polls `holds` every 10 ms until it is true; fails with `what` after [`LIMIT`].

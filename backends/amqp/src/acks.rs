@@ -106,9 +106,14 @@ impl AckTracker {
         held
     }
 
-    /// Deliveries not settled yet.
+    /// Deliveries not settled yet (held ones included).
     pub fn outstanding(&self) -> usize {
         self.outstanding.len()
+    }
+
+    /// Requeued deliveries held for their delay.
+    pub fn held(&self) -> usize {
+        self.held.len()
     }
 
     /// What to send for `settlements` (AMQP tags). Tags not outstanding (unknown, settled
@@ -247,12 +252,14 @@ mod tests {
             ]
         );
         assert_eq!(t.outstanding(), 3, "held messages are still unacknowledged");
+        assert_eq!(t.held(), 2);
         // Accepting 3 while 1 and 2 are held: a multiple ack would delete them too.
         assert_eq!(t.plan([(3, S::ACCEPTED)], delay), vec![AckAction::Ack { tag: 3, multiple: false }]);
         // A held message is settled already: a second settlement is ignored.
         assert_eq!(t.plan([(1, S::ACCEPTED)], delay), vec![]);
         assert!(t.release(1));
         assert!(!t.release(1), "released once");
+        assert_eq!(t.held(), 1);
         t.reset();
         assert!(!t.release(2), "the channel is gone: the broker has requeued it already");
         assert_eq!(t.outstanding(), 0);

@@ -883,10 +883,18 @@ impl Transport for AmqpTransport {
     }
 
     /// Deliveries waiting for `receive`, lost connections and failed reconnect attempts, and
-    /// restored connections.
+    /// restored connections; `amqp.unsettled`: deliveries handed to the host and not settled
+    /// yet, held ones included; `amqp.held`: of those, requeued ones held for their delay.
     fn stats(&self) -> TransportStats {
         let mut stats = self.inner.incidents.stats();
         stats.receive_queue_depth = queued(&self.inner.inbound_tx);
+        let (unsettled, held) = {
+            let trackers = self.inner.trackers.lock().unwrap_or_else(|p| p.into_inner());
+            let (inbox, topics) = (&trackers.inbox, &trackers.topics);
+            (inbox.outstanding() + topics.outstanding(), inbox.held() + topics.held())
+        };
+        stats.counters.push(("amqp.unsettled".to_string(), unsettled as u64));
+        stats.counters.push(("amqp.held".to_string(), held as u64));
         stats
     }
 

@@ -76,6 +76,11 @@ impl Requeued {
         self.entries.iter().filter(|entry| entry.due > now).map(|entry| entry.id.clone()).collect()
     }
 
+    /// How many entries wait for a requeue delay (each keeps its permit).
+    pub(crate) fn held_for_delay(&self) -> usize {
+        self.entries.iter().filter(|entry| entry.keeps_permit).count()
+    }
+
     /// Whether entry `id` is waiting here (a claim pass must not deliver it).
     pub(crate) fn contains(&self, id: &str) -> bool {
         self.entries.iter().any(|entry| entry.id == id)
@@ -125,10 +130,12 @@ mod tests {
         requeued.hold(entry("1-0", now, true));
         requeued.hold(entry("2-0", now, false));
         requeued.hold(entry("3-0", now, true));
+        assert_eq!(requeued.held_for_delay(), 2);
         // No room at all (every permit is taken, two of them by these entries): the two that
         // keep a permit still come, and free it.
         let taken = requeued.take_due(now, 0);
         assert_eq!((ids(&taken), taken.permits), (vec!["1-0", "3-0"], 2));
+        assert_eq!(requeued.held_for_delay(), 0);
         assert_eq!(requeued.take_due(now, 1), Taken { entries: vec![entry("2-0", now, false)], permits: 0 });
     }
 

@@ -387,7 +387,9 @@ impl Transport for RedisTransport {
     }
 
     /// Queued sends, received entries waiting for `receive`, failed Redis commands and the
-    /// recoveries after them; `redis.unsettled`: entries delivered and not yet settled;
+    /// recoveries after them; `redis.unsettled`: entries delivered and not yet settled, or
+    /// requeued and held for their delay (they keep their place in `max_unsettled`);
+    /// `redis.held`: of those, the held ones;
     /// `io.host_driven_sockets`: sockets of this plugin library the host's reactor drives now.
     fn stats(&self) -> TransportStats {
         let mut stats = self.shared.incidents.stats();
@@ -398,6 +400,8 @@ impl Transport for RedisTransport {
         let unsettled =
             self.shared.config.max_unsettled.saturating_sub(self.shared.permits.available_permits());
         stats.counters.push(("redis.unsettled".to_string(), unsettled as u64));
+        let held = lock(&self.shared.requeued).held_for_delay();
+        stats.counters.push(("redis.held".to_string(), held as u64));
         stats.counters.push(("io.host_driven_sockets".to_string(), host_driven::host_driven_sockets()));
         stats
     }
