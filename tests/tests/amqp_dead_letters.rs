@@ -2,7 +2,8 @@
 //! is not a comms message, or above `max_message_size`, is republished to the dead-letter
 //! exchange with its reason in `comms-dead-letter-reason` and kept in the dead-letter queue; one
 //! the host discards is dead-lettered by the broker into the same queue; one it requeues comes
-//! again after `requeue_delay_ms`. And the exchanges a program that is not comms publishes to
+//! again after `requeue_delay_ms`, and goes to the dead letters after `max_attempts` deliveries
+//! (an inbox of either kind, and the topic queue). And the exchanges a program that is not comms publishes to
 //! exist as soon as a transport started.
 //!
 //! The foreign messages are published with lapin, as any AMQP program could.
@@ -245,6 +246,46 @@ async fn requeued_past_max_attempts(keys: &str) {
     let again =
         channel.basic_get(names.queue.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap();
     assert!(again.is_none(), "one dead letter, not more: {again:?}");
+    names.clean_up(&channel).await;
+}
+
+/// The topic queue (exclusive to its connection, so always classic) has the delivery limit too:
+/// a publication the subscriber requeues every time comes `max_attempts` times, then it is in the
+/// dead-letter queue with the shared reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_requeued_past_max_attempts_becomes_a_dead_letter() {
+    if !broker_available("RabbitMQ", "127.0.0.1:5672") {
+        return;
+    }
+    let Setup { names, _connection, channel, receiver, .. } =
+        set_up("topic-attempts", "max_attempts = 3\n").await;
+    let topic = format!("t.{}", names.node);
+    receiver.subscribe(&topic).await.unwrap();
+    let node = NodeId::new(&names.node);
+    let to = Destination::topic(topic.clone());
+    receiver
+        .send("", Envelope::new(MessageId::from_u128(7), node, to, Payload::from(vec![7])))
+        .await
+        .unwrap();
+    let mut deliveries = 0;
+    while let Ok(batch) = tokio::time::timeout(Duration::from_millis(1500), receiver.receive(16)).await {
+        for inbound in batch.unwrap() {
+            assert_eq!(inbound.envelope.id, MessageId::from_u128(7));
+            deliveries += 1;
+            receiver.settle(settlement(&inbound, SettlementOutcome::REJECTED_REQUEUE)).await.unwrap();
+        }
+        // A transport without the limit would requeue it for ever.
+        if deliveries > 9 {
+            break;
+        }
+    }
+    assert_eq!(deliveries, 3, "max_attempts deliveries, then none");
+    let dead = get(&channel, &names.queue).await;
+    assert_eq!(dead.properties.message_id().as_ref().map(|id| id.to_string()), Some(format!("{:032x}", 7)));
+    assert_eq!(header(&dead, "comms-dead-letter-reason"), MAX_ATTEMPTS_REASON);
+    let queue = header(&dead, "comms-dead-letter-queue");
+    assert!(queue.starts_with(&format!("comms.topics.{}.", names.node)), "from the topic queue: {queue}");
+    receiver.close().await.unwrap();
     names.clean_up(&channel).await;
 }
 

@@ -86,8 +86,8 @@ pub struct AmqpConfig {
     /// A message delivered this many times and never accepted (requeued each time, or left by
     /// consumers that crashed on it) goes to the dead letters, with the reason `delivered
     /// max_attempts times without being accepted`. Default 10. A quorum inbox counts the
-    /// deliveries; on a classic inbox, which does not, each process counts the redeliveries it
-    /// gets (see [`crate::redeliveries`] for what that count misses).
+    /// deliveries; on a classic inbox, which does not, and on the topic queue, each process
+    /// counts the redeliveries it gets (see [`crate::redeliveries`] for what that count misses).
     pub max_attempts: Option<u32>,
     /// A message settled REJECTED_REQUEUE (the application's `nack`) comes again after this
     /// long instead of at once: the transport holds it unacknowledged for the delay, then

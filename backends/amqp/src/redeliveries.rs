@@ -1,10 +1,11 @@
-//! How often a message came again to this process, for a classic inbox, which does not count.
+//! How often a message came again to this process, for a classic queue (the default inbox, and
+//! every topic queue), which does not count.
 //!
 //! A quorum queue counts a message's deliveries that were not accepted (header
 //! `x-delivery-count`): `max_attempts` and the doubling of `requeue_delay_ms` read that count. A
 //! classic queue only marks a delivery as `redelivered`: it was delivered before and not
 //! accepted (requeued with `basic.nack`, or left unacknowledged by a consumer whose channel
-//! closed). So for a classic inbox the plugin counts those itself: [`Redeliveries`] keeps, per
+//! closed). So for a classic queue the plugin counts those itself: [`Redeliveries`] keeps, per
 //! message id, how many redeliveries of the message this process has seen.
 //!
 //! What that count is, and is not (stated in docs/amqp.md):

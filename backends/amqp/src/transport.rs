@@ -431,18 +431,12 @@ async fn consume(inner: Arc<Inner>, link: Arc<Link>, source: Source, mut consume
 async fn inbound(inner: &Inner, link: &Link, source: Source, mut delivery: Delivery) -> Option<Inbound> {
     let tag = delivery.delivery_tag;
     let earlier = earlier_deliveries(inner, source, &delivery);
-    // Which delivery of the message this is, for the requeue delay (a topic queue's count is
-    // unknown: taken as the first).
+    // Which delivery of the message this is, for the requeue delay.
     let delivery_number = earlier.map_or(1, |earlier| earlier + 1);
     // A program that is not comms (or a node with a larger limit) can publish any size.
     let refused =
         comms_plugin_api::inbound::oversized_reason(delivery.data.len(), inner.config.max_message_size)
-            .or_else(|| match (source, earlier) {
-                (Source::Inbox, Some(earlier)) => {
-                    dead_letter::past_delivery_limit(earlier, inner.config.max_attempts())
-                }
-                _ => None,
-            });
+            .or_else(|| dead_letter::past_delivery_limit(earlier?, inner.config.max_attempts()));
     let parsed = match refused {
         Some(reason) => Err(reason),
         None => {
@@ -474,11 +468,9 @@ async fn inbound(inner: &Inner, link: &Link, source: Source, mut delivery: Deliv
                 },
                 exchange: &inner.config.dead_letter_exchange,
             };
-            if source == Source::Inbox {
-                // Settled for good: its count, if this process keeps one, is of no use any more.
-                if let Some(id) = message_id(&delivery) {
-                    inner.redeliveries().forget(id);
-                }
+            // Settled for good: its count, if this process keeps one, is of no use any more.
+            if let Some(id) = message_id(&delivery) {
+                inner.redeliveries().forget(id);
             }
             dead_letter::refuse(refusal, delivery, &reason).await;
             None
@@ -487,14 +479,15 @@ async fn inbound(inner: &Inner, link: &Link, source: Source, mut delivery: Deliv
 }
 
 /// How often `delivery`'s message was delivered before and not accepted: counted by the broker
-/// on a quorum inbox, by this process on a classic one ([`Redeliveries`]); `None` where nothing
-/// counts (a topic queue, or a message without a readable id, which is refused anyway).
+/// on a quorum inbox, by this process on a classic one and on the topic queue (always classic:
+/// it is exclusive to its connection) ([`Redeliveries`]); `None` for a message without a
+/// readable id, which is refused anyway.
 fn earlier_deliveries(inner: &Inner, source: Source, delivery: &Delivery) -> Option<u64> {
     match (source, inner.config.inbox_queue_type) {
+        (Source::Inbox, QueueType::Quorum) => dead_letter::earlier_deliveries(delivery),
         // A first delivery: nothing to count (and no lock taken on the common path).
-        (Source::Inbox, QueueType::Classic) if !delivery.redelivered => Some(0),
-        (Source::Inbox, QueueType::Classic) => Some(inner.redeliveries().redelivered(message_id(delivery)?)),
-        _ => dead_letter::earlier_deliveries(delivery),
+        _ if !delivery.redelivered => Some(0),
+        _ => Some(inner.redeliveries().redelivered(message_id(delivery)?)),
     }
 }
 
