@@ -5,7 +5,7 @@
 //! | not a comms message (no or bad `message_id`, malformed `comms-*` headers) | republished to `dead_letter_exchange`, original acknowledged | what is wrong, e.g. ``message_id `x` is not up to 32 hex digits`` |
 //! | body above `max_message_size` | the same | [`comms_plugin_api::inbound::oversized_reason`] |
 //! | settled `REJECTED_DISCARD` by the receiving node | `basic.reject`: the broker dead-letters it to the queue's `x-dead-letter-exchange` | none (the broker's `x-death` header says `rejected`) |
-//! | delivered `max_attempts` times and never accepted (counted by a quorum inbox in [`DELIVERY_COUNT_HEADER`], by the plugin on a classic one: [`crate::redeliveries`]) | republished to `dead_letter_exchange`, original acknowledged | [`MAX_ATTEMPTS_REASON`] |
+//! | delivered `max_attempts` times and never accepted (counted by a quorum inbox in [`DELIVERY_COUNT_HEADER`], by the plugin on a classic one and on the topic queue: [`crate::redeliveries`]) | republished to `dead_letter_exchange`, original acknowledged | [`MAX_ATTEMPTS_REASON`] |
 //!
 //! `basic.reject` cannot add a header, so for the causes the plugin knows it publishes a copy
 //! (body and properties unchanged, plus the headers [`DEAD_LETTER_REASON_HEADER`] and
@@ -120,7 +120,7 @@ pub(crate) fn earlier_deliveries(delivery: &Delivery) -> Option<u64> {
 }
 
 /// [`MAX_ATTEMPTS_REASON`] if a message was delivered `max_attempts` times before (`earlier`:
-/// its queue's count, or this process' on a classic inbox) and never accepted: it goes to the
+/// its queue's count, or this process' on a classic queue) and never accepted: it goes to the
 /// dead letters instead of to the application a further time.
 pub(crate) fn past_delivery_limit(earlier: u64, max_attempts: u32) -> Option<String> {
     (earlier >= u64::from(max_attempts)).then(|| MAX_ATTEMPTS_REASON.to_string())

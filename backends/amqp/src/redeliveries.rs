@@ -19,7 +19,9 @@
 //!   quorum inbox, whose broker counts, catches it.
 //! - Bounded: the least recently counted ids are forgotten beyond [`Redeliveries::capacity`],
 //!   so a flood of distinct requeued messages can only delay the dead-lettering of some, never
-//!   grow the memory.
+//!   grow the memory. That is also the only way an id leaves: the count of a message accepted or
+//!   dead-lettered is of no use any more, but if its dead-lettering failed (the broker then
+//!   delivers it again) the count still says it is past `max_attempts`.
 //!
 //! Sans-IO: the caller says which message came again, this says how often it came before.
 
@@ -89,13 +91,6 @@ impl Redeliveries {
         }
         count
     }
-
-    /// Message `id` is settled for good (accepted or refused): its count is of no use any more.
-    pub fn forget(&mut self, id: u128) {
-        if let Some((_, last)) = self.counts.remove(&id) {
-            self.order.remove(&last);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -111,17 +106,6 @@ mod tests {
         assert_eq!(seen.redelivered(8), 1, "counted per message");
         assert_eq!(seen.redelivered(7), 3);
         assert_eq!(seen.len(), 2);
-    }
-
-    #[test]
-    fn a_message_settled_for_good_is_forgotten() {
-        let mut seen = Redeliveries::default();
-        seen.redelivered(7);
-        seen.redelivered(7);
-        seen.forget(7);
-        seen.forget(9);
-        assert!(seen.is_empty());
-        assert_eq!(seen.redelivered(7), 1, "counted from the start again");
     }
 
     #[test]

@@ -113,8 +113,8 @@ struct Inner {
     /// comms patterns subscribed to; bound again after a reconnect.
     patterns: Mutex<BTreeSet<String>>,
     trackers: Mutex<Trackers>,
-    /// A classic inbox's redeliveries, counted by this process (a quorum inbox counts them
-    /// itself).
+    /// Redeliveries on a classic inbox and on the topic queue, counted by this process (a
+    /// quorum inbox counts them itself).
     redeliveries: Mutex<Redeliveries>,
     /// Keeps the order of settlements on the wire the order they were planned in.
     settling: tokio::sync::Mutex<()>,
@@ -468,10 +468,6 @@ async fn inbound(inner: &Inner, link: &Link, source: Source, mut delivery: Deliv
                 },
                 exchange: &inner.config.dead_letter_exchange,
             };
-            // Settled for good: its count, if this process keeps one, is of no use any more.
-            if let Some(id) = message_id(&delivery) {
-                inner.redeliveries().forget(id);
-            }
             dead_letter::refuse(refusal, delivery, &reason).await;
             None
         }
@@ -588,7 +584,7 @@ fn reconnect_delay(config: &AmqpConfig, attempt: u32) -> Duration {
 }
 
 impl Inner {
-    /// The classic inbox's count of redeliveries.
+    /// The count of redeliveries on classic queues.
     fn redeliveries(&self) -> std::sync::MutexGuard<'_, Redeliveries> {
         self.redeliveries.lock().unwrap_or_else(|p| p.into_inner())
     }
